@@ -1,0 +1,81 @@
+"""The one place that decides which backend computes a sparse linear, per call.
+
+Backends never change the math (kernels/reference.py defines it), only where and how fast it
+runs. The reason for each choice is logged once per distinct reason.
+"""
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+
+log = logging.getLogger("rt_lynx")
+
+REQUESTS = ("auto", "cuda", "reference")
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str      # "cusparselt" or "reference"
+    reason: str
+
+
+_logged_reasons: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    # Logging is a side effect torch.compile cannot trace; the eager calls report it.
+    if torch.compiler.is_compiling() or message in _logged_reasons:
+        return
+    _logged_reasons.add(message)
+    log.info("RT-Lynx: %s", message)
+
+
+def _fast_kernels():
+    """The cuSPARSELt module, or the reason it cannot be used in this install."""
+    try:
+        from . import cusparselt
+    except ImportError as error:  # a partial install: keep working on the reference path
+        return None, f"fast kernels not importable ({error})"
+    return cusparselt, ""
+
+
+def fast_path_availability(device: torch.device) -> tuple[bool, str]:
+    """Whether the fast sparse kernels can run on `device` at all (built, Hopper, self-test)."""
+    if device.type != "cuda":
+        return False, f"{device.type} device: the fast kernels need a CUDA GPU"
+    module, why_not = _fast_kernels()
+    if module is None:
+        return False, why_not
+    return module.availability(device)
+
+
+def select_backend(x2d: torch.Tensor, weight: torch.Tensor, requested: str, n: int, m: int) -> BackendChoice:
+    if requested not in REQUESTS:
+        raise ValueError(f"unknown backend {requested!r}; choose one of {REQUESTS}")
+    if requested == "reference":
+        return BackendChoice("reference", "reference backend requested")
+    if (n, m) != (2, 4):
+        return BackendChoice("reference", f"{n}:{m} has no sparse tensor core kernel (2:4 only)")
+    available, why_not = fast_path_availability(x2d.device)
+    if not available:
+        return BackendChoice("reference", why_not)
+    module, _ = _fast_kernels()
+    supported, why_not = module.supports(x2d, weight)
+    if not supported:
+        return BackendChoice("reference", why_not)
+    return BackendChoice("cusparselt", "cuSPARSELt 2:4 sparse tensor cores")
+
+
+def sparse_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compensate: bool,
+                  requested: str = "auto", n: int = 2, m: int = 4) -> torch.Tensor:
+    """y = s * (sparse_n:m(x) @ W^T) + b on the best backend for this call (x2d is M x K)."""
+    choice = select_backend(x2d, weight, requested, n, m)
+    shape = f"{tuple(x2d.shape)} x {tuple(weight.shape)} {str(x2d.dtype).removeprefix('torch.')}"
+    if choice.name == "cusparselt":
+        _log_once(f"{shape}: {choice.reason}")
+        module, _ = _fast_kernels()
+        return module.sparse_linear(x2d, weight, bias, compensate)
+    _log_once(f"{shape}: reference PyTorch path ({choice.reason})")
+    return reference.sparse_linear_reference(x2d, weight, bias, compensate, n, m)

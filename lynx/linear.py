@@ -1,0 +1,90 @@
+"""How one RT-Lynx linear layer computes.
+
+    y = s * (sparse(x) @ W^T) + b  +  up(down(x)) * scale
+        |------ kernels.sparse_linear ------|   |-- optional Lynx LoRA, on the DENSE x --|
+
+sparse(x) keeps the n largest |x| of each m consecutive input features (2:4 by default); s is
+the per-token norm compensation ||x|| / ||sparse(x)|| (or 1 when switched off). Inputs with
+fewer than `min_tokens` rows (e.g. a modulation vector per image) are computed dense.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import REQUESTS, sparse_linear
+
+
+@dataclass(frozen=True)
+class LynxConfig:
+    n: int = 2
+    m: int = 4
+    compensate: bool = True
+    backend: str = "auto"
+    min_tokens: int = 32
+
+    def __post_init__(self):
+        if not 0 < self.n < self.m:
+            raise ValueError(f"pattern {self.n}:{self.m}: need 0 < n < m")
+        if self.backend not in REQUESTS:
+            raise ValueError(f"backend {self.backend!r}: choose one of {REQUESTS}")
+        if self.min_tokens < 1:
+            raise ValueError("min_tokens must be at least 1")
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+@dataclass
+class LowRankBranch:
+    """x -> up(down(x)) * scale; down is (rank, in_features), up is (out_features, rank)."""
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    _device_copy: tuple = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.down.dim() != 2 or self.up.dim() != 2 or self.down.shape[0] != self.up.shape[1]:
+            raise ValueError(f"low-rank branch shapes do not chain: down {tuple(self.down.shape)}, "
+                             f"up {tuple(self.up.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def _weights_for(self, x: torch.Tensor):
+        # Kept on the compute device once, not copied on every call.
+        key = (x.device, x.dtype)
+        if not self._device_copy or self._device_copy[0] != key:
+            self._device_copy = (key, self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype))
+        return self._device_copy[1], self._device_copy[2]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = self._weights_for(x)
+        return F.linear(F.linear(x, down), up) * self.scale
+
+
+def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
+                lora: LowRankBranch | None = None, dense: bool = False) -> torch.Tensor:
+    """The Lynx product for x of shape (..., in_features); `dense=True` gives plain F.linear
+    (plus the LoRA branch, which only makes sense with the sparse product, so it is skipped)."""
+    in_features = x.shape[-1]
+    if weight.shape[-1] != in_features:
+        raise ValueError(f"input has {in_features} features, weight expects {weight.shape[-1]}")
+    if weight.dtype != x.dtype:  # weights stored in another dtype (e.g. fp8) compute in x's
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    tokens = x.numel() // in_features if in_features else 0
+    if dense or tokens < config.min_tokens:
+        return F.linear(x, weight, bias)
+    if in_features % config.m:
+        raise ValueError(f"in_features={in_features} is not a multiple of {config.m}: "
+                         f"this layer cannot be {config.pattern} sparse")
+    y = sparse_linear(x.reshape(-1, in_features), weight, bias, config.compensate,
+                      config.backend, config.n, config.m)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    if lora is not None:
+        y = y + lora(x)
+    return y

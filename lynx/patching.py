@@ -1,0 +1,138 @@
+"""Turning a diffusion model's selected linears into Lynx linears without touching its weights.
+
+A `LynxPlan` holds, per selected layer, a `LynxLinearForward`: a callable that replaces that
+module's `forward` and computes with the module's own weight and bias. ComfyUI installs these
+through ModelPatcher object patches (so they live on a clone and are undone on unpatch);
+outside ComfyUI `installed(plan)` installs them for the duration of a `with` block.
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..kernels import fast_path_availability
+from .linear import LowRankBranch, LynxConfig, lynx_linear
+from .lora import LynxLoRA, check_fits
+from .policies import ArchitecturePolicy, LayerDecision, SelectionOptions, detect_architecture, select_layers
+
+# (module, input) -> (weight, bias, release): the weight and bias to compute with, and a callback
+# (or None) to run once the product is done. ComfyUI supplies one that casts/offloads as it would.
+WeightProvider = Callable[[nn.Module, torch.Tensor], tuple]
+
+
+def module_weights(module: nn.Module, x: torch.Tensor):
+    return module.weight, module.bias, None
+
+
+@dataclass
+class LynxRuntime:
+    """State shared by the patched layers of one patched model."""
+    dense_warmup_steps: int = 0
+    # Index of the sampling step being computed; set per model call by the sampler-side wrapper.
+    step_index: int | None = None
+
+    def dense_now(self) -> bool:
+        return self.step_index is not None and self.step_index < self.dense_warmup_steps
+
+
+class LynxLinearForward:
+    """The forward of one patched linear: y = lynx_linear(x, module's weight, module's bias)."""
+
+    def __init__(self, module: nn.Linear, name: str, config: LynxConfig, runtime: LynxRuntime,
+                 weights: WeightProvider = module_weights, lora: LowRankBranch | None = None):
+        self.module = module
+        self.name = name
+        self.config = config
+        self.runtime = runtime
+        self.weights = weights
+        self.lora = lora
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias, release = self.weights(self.module, x)
+        y = lynx_linear(x, weight, bias, self.config, self.lora, dense=self.runtime.dense_now())
+        if release is not None:
+            release()
+        return y
+
+    def with_lora(self, lora: LowRankBranch | None) -> "LynxLinearForward":
+        return LynxLinearForward(self.module, self.name, self.config, self.runtime, self.weights, lora)
+
+
+@dataclass
+class LynxPlan:
+    policy: ArchitecturePolicy
+    config: LynxConfig
+    runtime: LynxRuntime
+    decisions: list[LayerDecision]
+    forwards: dict[str, LynxLinearForward] = field(default_factory=dict)
+    lora_note: str = ""
+
+    @property
+    def sparse_layer_shapes(self) -> dict[str, tuple[int, int]]:
+        return {d.name: (d.in_features, d.out_features) for d in self.decisions if d.sparse}
+
+    def summary(self, device: torch.device | None = None) -> str:
+        sparse = [d for d in self.decisions if d.sparse]
+        dense = [d for d in self.decisions if not d.sparse]
+        reasons: dict[str, int] = {}
+        for d in dense:
+            reasons[d.reason] = reasons.get(d.reason, 0) + 1
+        kept = "; ".join(f"{count} {reason}" for reason, count in reasons.items())
+        text = (f"RT-Lynx: {self.policy.name}, {len(sparse)} linears sparsified {self.config.pattern}"
+                f"{' + norm compensation' if self.config.compensate else ''}, "
+                f"{len(dense)} kept dense{f' ({kept})' if kept else ''}")
+        if self.runtime.dense_warmup_steps:
+            text += f", first {self.runtime.dense_warmup_steps} steps dense"
+        if self.lora_note:
+            text += f", {self.lora_note}"
+        text += f", backend {self.config.backend}"
+        if device is not None and self.config.backend != "reference":
+            available, why_not = fast_path_availability(device)
+            text += " -> cuSPARSELt sparse tensor cores" if available else f" -> reference ({why_not})"
+        return text
+
+
+def plan_model(model: nn.Module, config: LynxConfig = LynxConfig(),
+               selection: SelectionOptions | None = None, runtime: LynxRuntime | None = None,
+               weights: WeightProvider = module_weights) -> LynxPlan:
+    """Decide which linears of `model` (the diffusion model itself) become Lynx linears."""
+    policy = detect_architecture(model)
+    selection = selection or SelectionOptions(m=config.m)
+    if selection.m != config.m:
+        raise ValueError(f"selection groups of {selection.m} but pattern {config.pattern}")
+    runtime = runtime or LynxRuntime()
+    decisions = select_layers(model, policy, selection)
+    modules = dict(model.named_modules())
+    forwards = {d.name: LynxLinearForward(modules[d.name], d.name, config, runtime, weights)
+                for d in decisions if d.sparse}
+    return LynxPlan(policy, config, runtime, decisions, forwards)
+
+
+def attach_lora(plan: LynxPlan, lora: LynxLoRA, strength: float) -> LynxPlan:
+    """A new plan whose layers carry the file's compensation branch (the old plan is unchanged)."""
+    check_fits(lora, plan.policy.name, plan.config.pattern, plan.config.compensate, plan.sparse_layer_shapes)
+    forwards = {name: fwd.with_lora(lora.branch(name, strength) if name in lora.layers else fwd.lora)
+                for name, fwd in plan.forwards.items()}
+    note = (f"Lynx LoRA rank {lora.rank} x{strength:g} on {len(lora.layers)}/{len(plan.forwards)} layers")
+    return LynxPlan(plan.policy, plan.config, plan.runtime, plan.decisions, forwards, note)
+
+
+@contextmanager
+def installed(model: nn.Module, plan: LynxPlan):
+    """Run `model` with the plan's forwards in place; restores the modules on exit."""
+    modules = dict(model.named_modules())
+    previous = {}
+    try:
+        for name, forward in plan.forwards.items():
+            module = modules[name]
+            previous[name] = module.__dict__.get("forward")
+            module.forward = forward
+        yield model
+    finally:
+        for name, old in previous.items():
+            if old is None:
+                del modules[name].forward
+            else:
+                modules[name].forward = old
