@@ -37,6 +37,17 @@ class LynxRuntime:
         return self.step_index is not None and self.step_index < self.dense_warmup_steps
 
 
+def sampling_step_index(sample_sigmas: torch.Tensor | None, sigma: torch.Tensor) -> int | None:
+    """Index of the sampling step that evaluates the model at `sigma`, given the schedule
+    (descending sigmas, one more than steps). Evaluations between two schedule points (second-order
+    samplers) belong to the step they started from. None when the schedule is unknown."""
+    if sample_sigmas is None or sample_sigmas.numel() < 2:
+        return None
+    current = sigma.detach().float().max().to(sample_sigmas.device)
+    at_or_above = (sample_sigmas.float() >= current * (1 - 1e-4)).sum().item()
+    return max(int(at_or_above) - 1, 0)
+
+
 class LynxLinearForward:
     """The forward of one patched linear: y = lynx_linear(x, module's weight, module's bias)."""
 

@@ -1,0 +1,101 @@
+"""How a LynxPlan is installed on a ComfyUI ModelPatcher, with ComfyUI's own mechanisms.
+
+- Each patched linear gets its `forward` replaced through an object patch
+  ("diffusion_model.<layer>.forward"): ComfyUI applies object patches when the clone is loaded
+  and restores them when another clone of the model is, so the loaded model is never changed
+  in place and two patched clones do not interfere. The module tree, its weights, lowvram
+  casting and ComfyUI's own LoRA weight patches stay as they are; the new forward asks ComfyUI
+  for the weight exactly as the original forward would.
+- The plan rides along as a ModelPatcher attachment, so "Load Lynx LoRA" can find it.
+- Dense warm-up steps need the step index: an APPLY_MODEL wrapper reads it off the schedule.
+
+ComfyUI is imported only inside functions: importing the pack must not need it.
+"""
+import inspect
+import logging
+
+from ..lynx import LynxPlan, LynxRuntime, sampling_step_index
+
+log = logging.getLogger("rt_lynx")
+
+ATTACHMENT_KEY = "rt_lynx"
+WRAPPER_KEY = "rt_lynx_sampling_step"
+LYNX_LORA_SUBFOLDER = "lynx"
+
+
+def _cast_api():
+    """ComfyUI's weight-cast function and whether it takes `offloadable` (newer versions, which
+    then return an offload stream that must be handed back through uncast_bias_weight)."""
+    import comfy.ops
+    cast = comfy.ops.cast_bias_weight
+    return comfy.ops, "offloadable" in inspect.signature(cast).parameters
+
+
+def comfy_linear_weights(module, x):
+    """The weight and bias a ComfyUI Linear would compute with for input x (lowvram casting,
+    weight functions of LoRA patches, scaled fp8 weights), plus the callback that finishes."""
+    ops, offloadable = _cast_api()
+    release = None
+    if module.comfy_cast_weights or len(module.weight_function) > 0 or len(module.bias_function) > 0:
+        if offloadable:
+            weight, bias, stream = ops.cast_bias_weight(module, x, offloadable=True)
+            release = lambda: ops.uncast_bias_weight(module, weight, bias, stream)  # noqa: E731
+        else:
+            weight, bias = ops.cast_bias_weight(module, x)
+    else:
+        weight, bias = module.weight, module.bias
+    scale = getattr(module, "scale_weight", None)  # ComfyUI's scaled fp8 checkpoints
+    if scale is not None:
+        weight = weight.to(x.dtype) * scale.to(device=weight.device, dtype=x.dtype)
+    return weight, bias, release
+
+
+def _sampling_step_wrapper(runtime: LynxRuntime):
+    def wrapper(executor, *args, **kwargs):
+        # BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...)
+        sigma = args[1] if len(args) > 1 else kwargs["t"]
+        options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+        runtime.step_index = sampling_step_index(options.get("sample_sigmas"), sigma)
+        if runtime.step_index is None:
+            log.warning("RT-Lynx: the sampler gave no schedule; dense warm-up steps are ignored")
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            runtime.step_index = None
+    return wrapper
+
+
+def install_plan(model, plan: LynxPlan):
+    """A clone of the ModelPatcher `model` that computes with `plan`."""
+    from comfy.patcher_extension import WrappersMP
+
+    patched = model.clone()
+    for name, forward in plan.forwards.items():
+        patched.add_object_patch(f"diffusion_model.{name}.forward", forward)
+    patched.set_attachments(ATTACHMENT_KEY, plan)
+    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    if plan.runtime.dense_warmup_steps:
+        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, _sampling_step_wrapper(plan.runtime))
+    return patched
+
+
+def installed_plan(model) -> LynxPlan | None:
+    return model.get_attachment(ATTACHMENT_KEY)
+
+
+def lynx_lora_names() -> list[str]:
+    """LoRA files ComfyUI knows, those in loras/lynx first (where the calibration writes)."""
+    import folder_paths
+    names = folder_paths.get_filename_list("loras")
+    prefix = LYNX_LORA_SUBFOLDER + "/"
+    return sorted(names, key=lambda n: (not n.replace("\\", "/").startswith(prefix), n))
+
+
+def lynx_lora_folder() -> str:
+    """loras/lynx under ComfyUI's first loras folder, registered as folder type "lynx_loras"."""
+    import os
+
+    import folder_paths
+    path = os.path.join(folder_paths.get_folder_paths("loras")[0], LYNX_LORA_SUBFOLDER)
+    folder_paths.add_model_folder_path("lynx_loras", path)  # idempotent
+    return path

@@ -1,0 +1,64 @@
+"""The "RT-Lynx Sparsify Model" node."""
+import logging
+
+from ..kernels import REQUESTS, fast_path_availability
+from ..lynx import LynxConfig, LynxRuntime, SelectionOptions, plan_model
+from .comfy_glue import comfy_linear_weights, install_plan, installed_plan
+
+log = logging.getLogger("rt_lynx")
+
+PATTERNS = ["2:4"]
+
+
+class RTLynxSparsifyModel:
+    CATEGORY = "RT-Lynx"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+    DESCRIPTION = ("Sparsifies the inputs of the transformer's linear layers online to 2:4 and runs them on "
+                   "sparse tensor cores (FLUX.1, Qwen-Image, Z-Image). Bypass the node for the dense model.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "pattern": (PATTERNS, {"default": "2:4", "tooltip": "Keep n of every m consecutive input features."}),
+            "compensation": ("BOOLEAN", {"default": True, "tooltip":
+                             "Rescale each token's kept activations to its dense L2 norm."}),
+            "skip_first_blocks": ("INT", {"default": 0, "min": 0, "max": 200,
+                                  "tooltip": "Keep the first k transformer blocks dense."}),
+            "skip_last_blocks": ("INT", {"default": 0, "min": 0, "max": 200,
+                                 "tooltip": "Keep the last k transformer blocks dense."}),
+            "dense_warmup_steps": ("INT", {"default": 0, "min": 0, "max": 1000,
+                                   "tooltip": "Run the first s sampling steps dense, then sparse."}),
+            "default_dense_layers": ("BOOLEAN", {"default": True, "tooltip":
+                                     "Keep the layers each architecture keeps dense for quality "
+                                     "(FLUX single-block linear2; Z-Image attention out and MLP up)."}),
+            "include_layers": ("STRING", {"default": "", "tooltip":
+                               "Regex on layer names; only matching layers are sparsified. Empty: all."}),
+            "exclude_layers": ("STRING", {"default": "", "tooltip":
+                               "Regex on layer names; matching layers stay dense. Empty: none."}),
+            "backend": (list(REQUESTS), {"default": "auto", "tooltip":
+                        "auto: sparse tensor cores when available, else the PyTorch reference path. "
+                        "cuda: fail unless the fast kernels run here. reference: always PyTorch."}),
+        }}
+
+    def patch(self, model, pattern, compensation, skip_first_blocks, skip_last_blocks, dense_warmup_steps,
+              default_dense_layers, include_layers, exclude_layers, backend):
+        if installed_plan(model) is not None:
+            raise ValueError("this model is already patched by RT-Lynx Sparsify Model; use one per model")
+        n, m = (int(v) for v in pattern.split(":"))
+        config = LynxConfig(n=n, m=m, compensate=compensation, backend=backend)
+        selection = SelectionOptions(skip_first_blocks=skip_first_blocks, skip_last_blocks=skip_last_blocks,
+                                     include=include_layers, exclude=exclude_layers,
+                                     use_default_dense_layers=default_dense_layers, m=m)
+        if backend == "cuda":
+            available, why_not = fast_path_availability(model.load_device)
+            if not available:
+                raise RuntimeError(f"RT-Lynx backend 'cuda' cannot run here: {why_not}. "
+                                   f"Choose 'auto' to fall back to the PyTorch reference path.")
+        plan = plan_model(model.get_model_object("diffusion_model"), config, selection,
+                          LynxRuntime(dense_warmup_steps=dense_warmup_steps), weights=comfy_linear_weights)
+        summary = plan.summary(model.load_device)
+        log.info(summary)
+        print(summary)
+        return (install_plan(model, plan),)

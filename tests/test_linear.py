@@ -1,0 +1,82 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rt_lynx_pack.kernels import norm_compensation_scale, sparse_linear, sparsify_nm
+from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, lynx_linear
+
+
+def make(tokens_shape=(2, 40), k=64, n=48, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*tokens_shape, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    return x, w, b
+
+
+def expected(x, w, b, compensate):
+    x64 = x.double()
+    kept = sparsify_nm(x64)
+    y = kept @ w.double().t()
+    if compensate:
+        y = y * norm_compensation_scale(x64, kept).double()
+    return y + b.double()
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+def test_lynx_linear_matches_float64_math(compensate, dtype, tol):
+    x, w, b = make(dtype=dtype)
+    y = lynx_linear(x, w, b, LynxConfig(compensate=compensate, backend="reference"))
+    assert y.shape == (2, 40, 48) and y.dtype == dtype
+    ref = expected(x, w, b, compensate)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("shape", [(80,), (3, 5, 7), (1, 2, 3, 11)])
+def test_any_leading_dims(shape):
+    x, w, b = make(tokens_shape=shape)
+    y = lynx_linear(x, w, b, LynxConfig(min_tokens=1))
+    torch.testing.assert_close(y.double(), expected(x, w, b, True), rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_stored_weights_compute_in_the_input_dtype():
+    x, w, b = make(dtype=torch.bfloat16)
+    w8 = w.float().to(torch.float8_e4m3fn)
+    y = lynx_linear(x, w8, b, LynxConfig())
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, lynx_linear(x, w8.to(torch.bfloat16), b, LynxConfig()))
+
+
+def test_few_tokens_and_dense_mode_are_exactly_dense():
+    x, w, b = make(tokens_shape=(1, 3))
+    assert torch.equal(lynx_linear(x, w, b, LynxConfig(min_tokens=4)), F.linear(x, w, b))
+    x, w, b = make()
+    assert torch.equal(lynx_linear(x, w, b, LynxConfig(), dense=True), F.linear(x, w, b))
+
+
+def test_lora_branch_runs_on_the_dense_input():
+    x, w, b = make()
+    g = torch.Generator().manual_seed(5)
+    down, up = torch.randn(8, 64, generator=g), torch.randn(48, 8, generator=g)
+    branch = LowRankBranch(down, up, scale=0.25)
+    y = lynx_linear(x, w, b, LynxConfig(), lora=branch)
+    ref = expected(x, w, b, True) + (x.double() @ down.double().t() @ up.double().t()) * 0.25
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_bad_input_is_refused_clearly():
+    x, w, b = make()
+    with pytest.raises(ValueError, match="weight expects"):
+        lynx_linear(x, w[:, :32], b, LynxConfig())
+    x6 = torch.randn(64, 6)
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        lynx_linear(x6, torch.randn(8, 6), None, LynxConfig())
+    with pytest.raises(ValueError, match="backend"):
+        LynxConfig(backend="tpu")
+    with pytest.raises(ValueError, match="0 < n < m"):
+        LynxConfig(n=4, m=4)
+    with pytest.raises(ValueError, match="unknown backend"):
+        sparse_linear(x.reshape(-1, 64), w, b, True, "fast")
+    with pytest.raises(ValueError, match="do not chain"):
+        LowRankBranch(torch.randn(8, 64), torch.randn(48, 4), 1.0)

@@ -1,0 +1,139 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from helpers import flux_like_shapes, qwen_image_like_shapes, tree_from_linears
+from rt_lynx_pack.lynx import (LynxConfig, LynxLoRA, LynxLoRAMismatch, LynxRuntime, PACK_VERSION, attach_lora,
+                               installed, load_lynx_lora, plan_model, save_lynx_lora)
+from rt_lynx_pack.lynx.tiny_dit import TinyDiTConfig, TinyFluxDiT, random_inputs
+
+
+def random_lora(plan, rank=4, seed=0, architecture=None, compensation=True):
+    g = torch.Generator().manual_seed(seed)
+    layers = {name: (torch.randn(rank, k, generator=g) * 0.1, torch.randn(n, rank, generator=g) * 0.1)
+              for name, (k, n) in plan.sparse_layer_shapes.items()}
+    return LynxLoRA(architecture or plan.policy.name, rank, alpha=2.0 * rank, pattern="2:4",
+                    compensation=compensation, layers=layers)
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    config = TinyDiTConfig(hidden=64, heads=2)
+    model = TinyFluxDiT(config).eval()
+    inputs = random_inputs(config, 2, 48, 16, torch.Generator().manual_seed(1))
+    return model, inputs
+
+
+def test_round_trip_keeps_tensors_and_metadata(tmp_path, tiny):
+    plan = plan_model(tiny[0])
+    lora = random_lora(plan)
+    path = tmp_path / "tiny.safetensors"
+    save_lynx_lora(lora, str(path), dtype=torch.float32)
+    loaded = load_lynx_lora(str(path))
+    assert (loaded.architecture, loaded.rank, loaded.alpha, loaded.pattern, loaded.compensation) == \
+        ("flux", 4, 8.0, "2:4", True)
+    assert loaded.layers.keys() == lora.layers.keys()
+    for name, (down, up) in lora.layers.items():
+        assert torch.equal(loaded.layers[name][0], down) and torch.equal(loaded.layers[name][1], up)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["rt_lynx.pack_version"] == PACK_VERSION
+
+
+def test_files_for_another_model_are_refused_with_keys(tmp_path, tiny):
+    plan = plan_model(tiny[0])
+    qwen_plan = plan_model(tree_from_linears(qwen_image_like_shapes()))
+    with pytest.raises(LynxLoRAMismatch, match=r"architecture 'qwen_image'.*not sparsified layers.*transformer_blocks"):
+        attach_lora(plan, random_lora(qwen_plan), 1.0)
+    wrong_rank = random_lora(plan)
+    name = next(iter(wrong_rank.layers))
+    wrong_rank.layers[name] = (torch.randn(4, 32), wrong_rank.layers[name][1])
+    with pytest.raises(LynxLoRAMismatch, match="wrong shape: " + name.replace(".", r"\.")):
+        attach_lora(plan, wrong_rank, 1.0)
+    with pytest.raises(LynxLoRAMismatch, match="without norm compensation"):
+        attach_lora(plan, random_lora(plan, compensation=False), 1.0)
+    # An ordinary LoRA file is not a Lynx LoRA.
+    save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(LynxLoRAMismatch, match="not a Lynx LoRA"):
+        load_lynx_lora(str(tmp_path / "plain.safetensors"))
+
+
+def test_unpaired_keys_are_refused(tmp_path, tiny):
+    plan = plan_model(tiny[0])
+    lora = random_lora(plan)
+    path = str(tmp_path / "broken.safetensors")
+    save_lynx_lora(lora, path)
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    del tensors[next(k for k in tensors if k.endswith(".lynx_up"))]
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(LynxLoRAMismatch, match="without their pair"):
+        load_lynx_lora(path)
+
+
+def test_attached_branch_adds_scaled_low_rank_term(tiny):
+    model, inputs = tiny
+    plan = plan_model(model)
+    lora = random_lora(plan)
+    with_lora = attach_lora(plan, lora, strength=0.5)
+    assert all(f.lora is None for f in plan.forwards.values())  # the old plan is untouched
+    name = "double_blocks.0.img_attn.qkv"
+    layer = dict(model.named_modules())[name]
+    x = torch.randn(2, 40, layer.in_features)
+    base = plan.forwards[name](x)
+    down, up = lora.layers[name]
+    torch.testing.assert_close(with_lora.forwards[name](x), base + F.linear(F.linear(x, down), up) * (8.0 / 4 * 0.5))
+    assert "Lynx LoRA rank 4 x0.5" in with_lora.summary()
+
+
+def test_installed_restores_modules_and_plans_do_not_interfere(tiny):
+    model, inputs = tiny
+    with torch.no_grad():
+        dense = model(*inputs)
+        plan_a = plan_model(model, LynxConfig(compensate=True))
+        plan_b = plan_model(model, LynxConfig(compensate=False))
+        with installed(model, plan_a):
+            out_a = model(*inputs)
+        with installed(model, plan_b):
+            out_b = model(*inputs)
+        with installed(model, plan_a):
+            assert torch.equal(model(*inputs), out_a)
+        assert torch.equal(model(*inputs), dense)
+    assert not (torch.equal(out_a, dense) or torch.equal(out_a, out_b))
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_dense_warmup_steps_give_the_dense_output(tiny):
+    model, inputs = tiny
+    runtime = LynxRuntime(dense_warmup_steps=2)
+    plan = plan_model(model, runtime=runtime)
+    with torch.no_grad():
+        dense = model(*inputs)
+        with installed(model, plan):
+            outputs = []
+            for step in range(3):
+                runtime.step_index = step
+                outputs.append(model(*inputs))
+    assert torch.equal(outputs[0], dense) and torch.equal(outputs[1], dense)
+    assert not torch.equal(outputs[2], dense)
+    assert "first 2 steps dense" in plan.summary()
+
+
+def test_summary_counts_layers_and_reasons():
+    plan = plan_model(tree_from_linears(flux_like_shapes()))
+    text = plan.summary(torch.device("cpu"))
+    assert text.startswith("RT-Lynx: flux, 18 linears sparsified 2:4 + norm compensation, 2 kept dense")
+    assert "reference (cpu device" in text
+
+
+def test_sampling_step_index_follows_the_schedule():
+    from rt_lynx_pack.lynx import sampling_step_index
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert [sampling_step_index(sigmas, torch.tensor([s])) for s in (1.0, 0.75, 0.5, 0.25)] == [0, 1, 2, 3]
+    assert sampling_step_index(sigmas, torch.tensor([0.6, 0.6])) == 1  # a second-order midpoint of step 1
+    assert sampling_step_index(None, torch.tensor([0.5])) is None
