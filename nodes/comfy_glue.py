@@ -92,10 +92,13 @@ def lynx_lora_names() -> list[str]:
 
 
 def lynx_lora_folder() -> str:
-    """loras/lynx under ComfyUI's first loras folder, registered as folder type "lynx_loras"."""
+    """models/loras/lynx, registered as folder type "lynx_loras" (model file extensions only)."""
     import os
 
     import folder_paths
     path = os.path.join(folder_paths.get_folder_paths("loras")[0], LYNX_LORA_SUBFOLDER)
-    folder_paths.add_model_folder_path("lynx_loras", path)  # idempotent
+    if "lynx_loras" in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path("lynx_loras", path)  # idempotent
+    else:
+        folder_paths.folder_names_and_paths["lynx_loras"] = ([path], folder_paths.supported_pt_extensions)
     return path

@@ -1,0 +1,165 @@
+"""The nodes inside a real ComfyUI: registration, patching a FLUX model loaded by ComfyUI's own
+loader, sampling with ComfyUI's sampler, bypass, clones, ComfyUI LoRAs, lowvram, Lynx LoRA node."""
+import asyncio
+import pathlib
+
+import pytest
+import torch
+
+from comfyui_env import import_comfyui
+
+import_comfyui()
+
+import comfy.model_management  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+
+from comfyui_models import load_flux, sample  # noqa: E402
+from rt_lynx_pack.kernels import sparse_linear_reference  # noqa: E402
+from rt_lynx_pack.lynx import LynxLinearForward, LynxLoRAMismatch, save_lynx_lora  # noqa: E402
+from rt_lynx_pack.lynx.tiny_dit import TinyFluxDiT  # noqa: E402
+from rt_lynx_pack.nodes import RTLynxLoadLoRA, RTLynxSparsifyModel  # noqa: E402
+from rt_lynx_pack.nodes.comfy_glue import installed_plan  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+QKV = "double_blocks.0.img_attn.qkv"
+
+
+def sparsify(model, **overrides):
+    options = dict(pattern="2:4", compensation=True, skip_first_blocks=0, skip_last_blocks=0, dense_warmup_steps=0,
+                   default_dense_layers=True, include_layers="", exclude_layers="", backend="auto")
+    options.update(overrides)
+    return RTLynxSparsifyModel().patch(model, **options)[0]
+
+
+@pytest.fixture(scope="module")
+def flux():
+    patcher = load_flux()
+    yield patcher
+    comfy.model_management.unload_all_models()
+
+
+def lynx_forwards_installed(patcher):
+    return [n for n, m in patcher.model.diffusion_model.named_modules()
+            if isinstance(m.__dict__.get("forward"), LynxLinearForward)]
+
+
+def test_comfyui_loads_the_pack_as_a_custom_node():
+    assert asyncio.run(nodes.load_custom_node(str(ROOT)))
+    assert nodes.NODE_CLASS_MAPPINGS["RTLynxSparsifyModel"].__name__ == "RTLynxSparsifyModel"
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["RTLynxSparsifyModel"] == "RT-Lynx Sparsify Model"
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["RTLynxLoadLoRA"] == "Load Lynx LoRA"
+    for name in ("RTLynxSparsifyModel", "RTLynxLoadLoRA"):
+        spec = nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
+        assert spec["required"]["model"] == ("MODEL",)
+
+
+def test_policy_names_match_comfyui_flux(flux):
+    comfy_linears = {n for n, m in flux.model.diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    tiny = {n for n, m in TinyFluxDiT().named_modules() if isinstance(m, torch.nn.Linear)}
+    # The embedded tiny DiT uses ComfyUI's names (2 double + 4 single blocks vs 1 + 1 here).
+    assert {n for n in tiny if not n.startswith(("double_blocks.1", "single_blocks.1", "single_blocks.2",
+                                                 "single_blocks.3"))} <= comfy_linears
+
+
+def test_patched_clone_samples_and_bypass_is_bit_identical(flux, capsys):
+    dense_before = sample(flux)
+    lynx = sparsify(flux)
+    assert "RT-Lynx: flux, 9 linears sparsified 2:4 + norm compensation, 1 kept dense" in capsys.readouterr().out
+    assert lynx is not flux and installed_plan(flux) is None
+    lynx_out = sample(lynx)
+    assert torch.isfinite(lynx_out).all()
+    assert not torch.equal(lynx_out, dense_before)
+    dense_after = sample(flux)
+    assert torch.equal(dense_before, dense_after)
+    assert lynx_forwards_installed(flux) == []  # the original model is restored
+
+
+def test_two_patched_clones_do_not_interfere(flux):
+    with_comp = sparsify(flux, compensation=True)
+    without_comp = sparsify(flux, compensation=False)
+    a1 = sample(with_comp)
+    b1 = sample(without_comp)
+    a2 = sample(with_comp)
+    assert torch.equal(a1, a2) and not torch.equal(a1, b1)
+
+
+def test_dense_warmup_covering_all_steps_is_dense(flux):
+    dense = sample(flux, steps=2)
+    assert torch.equal(sample(sparsify(flux, dense_warmup_steps=2), steps=2), dense)
+    half = sample(sparsify(flux, dense_warmup_steps=1), steps=2)
+    assert not torch.equal(half, dense)
+    assert not torch.equal(half, sample(sparsify(flux), steps=2))
+
+
+def test_layer_uses_the_weight_comfyui_would_use_with_a_lora_patch_and_lowvram(flux):
+    comfy.model_management.unload_all_models()  # patch_model below is called directly, not by the loader
+    lynx = sparsify(flux)
+    layer = flux.model.diffusion_model.get_submodule(QKV)
+    diff = torch.randn_like(layer.weight) * 0.01
+    lynx.add_patches({f"diffusion_model.{QKV}.weight": (diff,)}, 1.0)
+    x = torch.randn(2, 40, 3072)
+    expected = sparse_linear_reference(x.reshape(-1, 3072), layer.weight + diff, layer.bias, True).reshape(2, 40, -1)
+    for lowvram_bytes in (0, 1):  # full load merges the patch; lowvram casts it per call
+        lynx.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=lowvram_bytes)
+        try:
+            assert isinstance(layer.__dict__.get("forward"), LynxLinearForward)
+            assert layer.comfy_cast_weights == bool(lowvram_bytes)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+        finally:
+            lynx.unpatch_model(device_to=torch.device("cpu"))
+    assert lynx_forwards_installed(flux) == []
+
+
+def test_comfyui_torch_compile_wrapper_runs_the_lynx_layers_without_graph_breaks(flux):
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+
+    def compiled_sample(patcher):
+        compiled = patcher.clone()
+        set_torch_compile_wrapper(compiled, backend="aot_eager")
+        torch._dynamo.reset()
+        counters.clear()
+        out = sample(compiled)
+        return out, sum(counters["graph_break"].values())
+
+    _, dense_breaks = compiled_sample(flux)
+    lynx = sparsify(flux)
+    out, lynx_breaks = compiled_sample(lynx)
+    torch.testing.assert_close(out, sample(lynx), rtol=1e-4, atol=1e-4)
+    assert lynx_breaks == dense_breaks, dict(counters["graph_break"])
+
+
+def test_lynx_lora_node_loads_a_file_and_refuses_others(flux, tmp_path):
+    from rt_lynx_pack.lynx import LynxLoRA
+    lynx = sparsify(flux)
+    plan = installed_plan(lynx)
+    g = torch.Generator().manual_seed(3)
+    layers = {n: (torch.randn(4, k, generator=g) * 0.01, torch.randn(o, 4, generator=g) * 0.01)
+              for n, (k, o) in plan.sparse_layer_shapes.items()}
+    (tmp_path / "lynx").mkdir()
+    save_lynx_lora(LynxLoRA("flux", 4, 4.0, "2:4", True, layers), str(tmp_path / "lynx" / "tiny_flux.safetensors"))
+    save_lynx_lora(LynxLoRA("qwen_image", 4, 4.0, "2:4", True, {"transformer_blocks.0.attn.to_q":
+                                                                 (torch.zeros(4, 3072), torch.zeros(3072, 4))}),
+                   str(tmp_path / "lynx" / "qwen.safetensors"))
+    folder_paths.add_model_folder_path("loras", str(tmp_path), is_default=True)
+    names = RTLynxLoadLoRA.INPUT_TYPES()["required"]["lora_name"][0]
+    assert names[:2] == ["lynx/qwen.safetensors", "lynx/tiny_flux.safetensors"]
+
+    with_lora = RTLynxLoadLoRA().load(lynx, "lynx/tiny_flux.safetensors", 1.0)[0]
+    base, out = sample(lynx), sample(with_lora)
+    assert torch.isfinite(out).all() and not torch.equal(base, out)
+    assert torch.equal(sample(RTLynxLoadLoRA().load(lynx, "lynx/tiny_flux.safetensors", 0.0)[0]), base)
+    with pytest.raises(LynxLoRAMismatch, match=r"architecture 'qwen_image'.*transformer_blocks\.0\.attn\.to_q"):
+        RTLynxLoadLoRA().load(lynx, "lynx/qwen.safetensors", 1.0)
+    with pytest.raises(ValueError, match="connect that node first"):
+        RTLynxLoadLoRA().load(flux, "lynx/tiny_flux.safetensors", 1.0)
+
+
+def test_bad_requests_are_refused_clearly(flux):
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here"):
+        sparsify(flux, backend="cuda")
+    with pytest.raises(ValueError, match="already patched"):
+        sparsify(sparsify(flux))
+    with pytest.raises(ValueError, match="invalid layer filter"):
+        sparsify(flux, include_layers="(")
