@@ -24,31 +24,35 @@ class BackendChoice:
 _logged_reasons: set[str] = set()
 
 
-def _log_once(message: str) -> None:
-    # Logging is a side effect torch.compile cannot trace; the eager calls report it.
-    if torch.compiler.is_compiling() or message in _logged_reasons:
+def _report(choice: BackendChoice, x2d: torch.Tensor, weight: torch.Tensor) -> None:
+    """Log the choice once per distinct shape and reason (eager only: logging is a side effect
+    torch.compile cannot trace, and the eager warm-up call reports it)."""
+    if torch.compiler.is_compiling():
         return
-    _logged_reasons.add(message)
-    log.info("RT-Lynx: %s", message)
+    where = "sparse tensor cores" if choice.name == "cusparselt" else "reference PyTorch path"
+    message = (f"{tuple(x2d.shape)} x {tuple(weight.shape)} {str(x2d.dtype).removeprefix('torch.')}: "
+               f"{where} ({choice.reason})")
+    if message not in _logged_reasons:
+        _logged_reasons.add(message)
+        log.info("RT-Lynx: %s", message)
 
 
-def _fast_kernels():
-    """The cuSPARSELt module, or the reason it cannot be used in this install."""
-    try:
-        from . import cusparselt
-    except ImportError as error:  # a partial install: keep working on the reference path
-        return None, f"fast kernels not importable ({error})"
-    return cusparselt, ""
+try:
+    from . import cusparselt as _fast
+    _fast_import_error = ""
+except ImportError as error:  # a partial install: keep working on the reference path
+    _fast, _fast_import_error = None, f"fast kernels not importable ({error})"
 
 
+@torch.compiler.assume_constant_result
 def fast_path_availability(device: torch.device) -> tuple[bool, str]:
-    """Whether the fast sparse kernels can run on `device` at all (built, Hopper, self-test)."""
+    """Whether the fast sparse kernels can run on `device` at all (built, Hopper, self-test).
+    A constant for torch.compile: it is decided once per device, outside the traced graph."""
     if device.type != "cuda":
         return False, f"{device.type} device: the fast kernels need a CUDA GPU"
-    module, why_not = _fast_kernels()
-    if module is None:
-        return False, why_not
-    return module.availability(device)
+    if _fast is None:
+        return False, _fast_import_error
+    return _fast.availability(device)
 
 
 def select_backend(x2d: torch.Tensor, weight: torch.Tensor, requested: str, n: int, m: int) -> BackendChoice:
@@ -61,8 +65,7 @@ def select_backend(x2d: torch.Tensor, weight: torch.Tensor, requested: str, n: i
     available, why_not = fast_path_availability(x2d.device)
     if not available:
         return BackendChoice("reference", why_not)
-    module, _ = _fast_kernels()
-    supported, why_not = module.supports(x2d, weight)
+    supported, why_not = _fast.supports(x2d, weight)
     if not supported:
         return BackendChoice("reference", why_not)
     return BackendChoice("cusparselt", "cuSPARSELt 2:4 sparse tensor cores")
@@ -72,10 +75,7 @@ def sparse_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                   requested: str = "auto", n: int = 2, m: int = 4) -> torch.Tensor:
     """y = s * (sparse_n:m(x) @ W^T) + b on the best backend for this call (x2d is M x K)."""
     choice = select_backend(x2d, weight, requested, n, m)
-    shape = f"{tuple(x2d.shape)} x {tuple(weight.shape)} {str(x2d.dtype).removeprefix('torch.')}"
+    _report(choice, x2d, weight)
     if choice.name == "cusparselt":
-        _log_once(f"{shape}: {choice.reason}")
-        module, _ = _fast_kernels()
-        return module.sparse_linear(x2d, weight, bias, compensate)
-    _log_once(f"{shape}: reference PyTorch path ({choice.reason})")
+        return _fast.sparse_linear(x2d, weight, bias, compensate)
     return reference.sparse_linear_reference(x2d, weight, bias, compensate, n, m)

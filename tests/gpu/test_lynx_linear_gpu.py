@@ -1,0 +1,77 @@
+"""The whole Lynx linear on a Hopper GPU through the dispatch: fast path chosen, same math as
+the reference backend, traced by torch.compile without graph breaks, fallbacks for odd shapes."""
+import pytest
+import torch
+
+from kernel_helpers import require_fast_path
+from rt_lynx_pack.kernels import select_backend, sparse_linear_reference
+from rt_lynx_pack.lynx import LynxConfig, installed, lynx_linear, plan_model
+from rt_lynx_pack.lynx.tiny_dit import TinyDiTConfig, TinyFluxDiT, random_inputs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_path():
+    return require_fast_path()
+
+
+def relative_error(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead", [(1, 4608), (2, 333), (3, 5, 7)])
+def test_lynx_linear_takes_the_fast_path_and_matches_the_reference(dtype, lead):
+    g = torch.Generator(device="cuda").manual_seed(sum(lead))
+    x = torch.randn(*lead, 3072, device="cuda", generator=g).to(dtype) ** 3
+    w = (torch.randn(1024, 3072, device="cuda", generator=g) / 55).to(dtype)
+    b = torch.randn(1024, device="cuda", generator=g).to(dtype)
+    assert select_backend(x.reshape(-1, 3072), w, "auto", 2, 4).name == "cusparselt"
+    y = lynx_linear(x, w, b, LynxConfig(min_tokens=1))
+    want = sparse_linear_reference(x.reshape(-1, 3072).float(), w.float(), b.float(), True).reshape(*lead, 1024)
+    assert y.shape == want.shape and y.dtype == dtype
+    assert relative_error(y, want) < 1e-2
+
+
+def test_compiled_lynx_linear_has_no_graph_break_and_matches_eager():
+    x = torch.randn(2, 512, 3072, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(3072, 3072, device="cuda", dtype=torch.bfloat16) / 55
+    b = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
+    config = LynxConfig()
+    eager = lynx_linear(x, w, b, config)
+    compiled = torch.compile(lambda x: lynx_linear(x, w, b, config), fullgraph=True)
+    assert relative_error(compiled(x), eager) < 1e-3
+    x2 = torch.randn(1, 4100, 3072, device="cuda", dtype=torch.bfloat16)  # another token count
+    assert relative_error(compiled(x2), lynx_linear(x2, w, b, config)) < 1e-3
+
+
+def test_shapes_the_kernel_cannot_take_fall_back_to_the_reference():
+    x = torch.randn(256, 96, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(64, 96, device="cuda", dtype=torch.bfloat16)
+    choice = select_backend(x, w, "auto", 2, 4)
+    assert choice.name == "reference" and "96" in choice.reason
+    y = lynx_linear(x, w, None, LynxConfig())
+    assert torch.equal(y, sparse_linear_reference(x, w, None, True))
+    x32 = torch.randn(256, 128, device="cuda")
+    assert select_backend(x32, torch.randn(64, 128, device="cuda"), "auto", 2, 4).name == "reference"
+
+
+def test_fp8_stored_weights_run_on_the_fast_path():
+    x = torch.randn(512, 3072, device="cuda", dtype=torch.bfloat16)
+    w8 = (torch.randn(3072, 3072, device="cuda") / 55).to(torch.float8_e4m3fn)
+    y = lynx_linear(x, w8, None, LynxConfig())
+    want = sparse_linear_reference(x.float(), w8.float(), None, True)
+    assert relative_error(y, want) < 1e-2
+
+
+def test_tiny_dit_on_the_gpu_matches_the_reference_backend():
+    torch.manual_seed(0)
+    config = TinyDiTConfig(hidden=512, heads=8)
+    model = TinyFluxDiT(config).cuda().to(torch.bfloat16).eval()
+    inputs = random_inputs(config, 2, 1024, 64, torch.Generator().manual_seed(1), "cuda", torch.bfloat16)
+    with torch.inference_mode():
+        with installed(model, plan_model(model, LynxConfig(backend="auto"))):
+            fast = model(*inputs)
+        with installed(model, plan_model(model, LynxConfig(backend="reference"))):
+            reference = model(*inputs)
+    assert torch.isfinite(fast).all()
+    assert relative_error(fast, reference) < 2e-2
