@@ -21,20 +21,20 @@ class BackendChoice:
     reason: str
 
 
-_logged_reasons: set[str] = set()
+_logged_messages: set[str] = set()
 
 
-def _report(choice: BackendChoice, x2d: torch.Tensor, weight: torch.Tensor) -> None:
-    """Log the choice once per distinct shape and reason (eager only: logging is a side effect
-    torch.compile cannot trace, and the eager warm-up call reports it)."""
-    if torch.compiler.is_compiling():
+def log_once(message: str) -> None:
+    """Log a message the first time it occurs (eager only: logging is a side effect that
+    torch.compile cannot trace; the eager warm-up call reports it)."""
+    if torch.compiler.is_compiling() or message in _logged_messages:
         return
-    where = "sparse tensor cores" if choice.name == "cusparselt" else "reference PyTorch path"
-    message = (f"{tuple(x2d.shape)} x {tuple(weight.shape)} {str(x2d.dtype).removeprefix('torch.')}: "
-               f"{where} ({choice.reason})")
-    if message not in _logged_reasons:
-        _logged_reasons.add(message)
-        log.info("RT-Lynx: %s", message)
+    _logged_messages.add(message)
+    log.info("RT-Lynx: %s", message)
+
+
+def _describe(x2d: torch.Tensor, weight: torch.Tensor) -> str:
+    return f"{tuple(x2d.shape)} x {tuple(weight.shape)} {str(x2d.dtype).removeprefix('torch.')}"
 
 
 try:
@@ -75,7 +75,9 @@ def sparse_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                   requested: str = "auto", n: int = 2, m: int = 4) -> torch.Tensor:
     """y = s * (sparse_n:m(x) @ W^T) + b on the best backend for this call (x2d is M x K)."""
     choice = select_backend(x2d, weight, requested, n, m)
-    _report(choice, x2d, weight)
+    if not torch.compiler.is_compiling():
+        where = "sparse tensor cores" if choice.name == "cusparselt" else "reference PyTorch path"
+        log_once(f"{_describe(x2d, weight)}: {where} ({choice.reason})")
     if choice.name == "cusparselt":
         return _fast.sparse_linear(x2d, weight, bias, compensate)
     return reference.sparse_linear_reference(x2d, weight, bias, compensate, n, m)

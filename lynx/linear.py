@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..kernels import REQUESTS, sparse_linear
+from ..kernels import REQUESTS, log_once, sparse_linear
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,11 @@ def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     tokens = x.numel() // in_features if in_features else 0
-    if dense or tokens < config.min_tokens:
+    if dense:
+        return F.linear(x, weight, bias)
+    if tokens < config.min_tokens:
+        if not torch.compiler.is_compiling():
+            log_once(f"{tokens} tokens x {in_features} features: dense (fewer than {config.min_tokens} tokens)")
         return F.linear(x, weight, bias)
     if in_features % config.m:
         raise ValueError(f"in_features={in_features} is not a multiple of {config.m}: "

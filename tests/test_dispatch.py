@@ -17,7 +17,7 @@ def test_cpu_and_unsupported_patterns_use_the_reference_with_a_reason():
 
 def test_dispatch_logs_each_reason_once(caplog):
     x, w, b = torch.randn(64, 128), torch.randn(32, 128), torch.randn(32)
-    dispatch._logged_reasons.clear()
+    dispatch._logged_messages.clear()
     with caplog.at_level(logging.INFO, logger="rt_lynx"):
         for _ in range(3):
             y = sparse_linear(x, w, b, True, "auto")
