@@ -1,0 +1,561 @@
+// RT-Lynx CUDA ops: fused 2:4 sparsify+compress, cached cuSPARSELt sparse GEMM, fused epilogue.
+//
+// The op schemas are defined in Python (kernels/cusparselt.py, namespace rt_lynx) together with
+// their fake kernels; this file registers the CUDA implementations.
+//
+// Y = X W^T with X (M x K) the sparse operand A (compressed by our kernel, rows padded to 64) and
+// W (N x K, row-major, no copy) as B with op TRANSPOSE; D is M_padded x N row-major.
+#include <torch/extension.h>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <cusparseLt.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "lynx_kernels.h"
+
+namespace rt_lynx {
+namespace {
+
+#define RT_LYNX_CSLT_CHECK(expr)                                                          \
+  do {                                                                                    \
+    const cusparseStatus_t status_ = (expr);                                              \
+    require(status_ == CUSPARSE_STATUS_SUCCESS, "cuSPARSELt call ", #expr,            \
+                " failed: ", cusparseLtGetErrorString(status_), " (status ",              \
+                static_cast<int>(status_), ")");                                          \
+  } while (0)
+
+constexpr int64_t kRowPad = 64;  // the compressed layout tiles rows by 64
+
+int64_t round_up_rows(int64_t rows) { return (rows + kRowPad - 1) / kRowPad * kRowPad; }
+
+// Elements (of the 16-bit dtype) of a compressed M_padded x K matrix: M*K/2 values + M*K/8 bytes.
+int64_t compressed_numel(int64_t padded_rows, int64_t cols) { return padded_rows * cols * 9 / 16; }
+
+cusparseLtHandle_t* handle_for_device(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, std::unique_ptr<cusparseLtHandle_t>> handles;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = handles.find(device);
+  if (it != handles.end()) return it->second.get();
+  auto handle = std::make_unique<cusparseLtHandle_t>();
+  RT_LYNX_CSLT_CHECK(cusparseLtInit(handle.get()));
+  return handles.emplace(device, std::move(handle)).first->second.get();
+}
+
+struct PlanKey {
+  int device;
+  int64_t padded_rows, k, n;
+  bool bf16;
+  bool operator==(const PlanKey& o) const {
+    return device == o.device && padded_rows == o.padded_rows && k == o.k && n == o.n &&
+           bf16 == o.bf16;
+  }
+};
+
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& key) const {
+    size_t h = std::hash<int64_t>()(key.padded_rows);
+    h = h * 1000003u ^ std::hash<int64_t>()(key.k);
+    h = h * 1000003u ^ std::hash<int64_t>()(key.n);
+    h = h * 1000003u ^ std::hash<int>()(key.device * 2 + (key.bf16 ? 1 : 0));
+    return h;
+  }
+};
+
+// Descriptors, algorithm selection and plan for one (M_padded, K, N, dtype, device).
+struct GemmPlan {
+  PlanKey key{};
+  cusparseLtHandle_t* handle = nullptr;
+  cusparseLtMatDescriptor_t mat_a{}, mat_b{}, mat_d{};
+  cusparseLtMatmulDescriptor_t matmul{};
+  cusparseLtMatmulAlgSelection_t alg_selection{};
+  cusparseLtMatmulPlan_t plan{};
+  bool descriptors_ready = false, selection_ready = false, plan_ready = false;
+  size_t workspace_bytes = 0;
+  int alg_id = -1, split_k = 1, split_k_mode = 0;
+  std::string chosen_by;
+
+  GemmPlan() = default;
+  GemmPlan(const GemmPlan&) = delete;
+  GemmPlan& operator=(const GemmPlan&) = delete;
+  ~GemmPlan() {
+    // Destroy errors are ignored: nothing useful can be done about them here.
+    if (plan_ready) cusparseLtMatmulPlanDestroy(&plan);
+    if (selection_ready) cusparseLtMatmulAlgSelectionDestroy(&alg_selection);
+    if (descriptors_ready) {
+      cusparseLtMatDescriptorDestroy(&mat_a);
+      cusparseLtMatDescriptorDestroy(&mat_b);
+      cusparseLtMatDescriptorDestroy(&mat_d);
+    }
+  }
+
+  void init_descriptors() {
+    const cudaDataType type = key.bf16 ? CUDA_R_16BF : CUDA_R_16F;
+    RT_LYNX_CSLT_CHECK(cusparseLtStructuredDescriptorInit(
+        handle, &mat_a, key.padded_rows, key.k, key.k, 16, type, CUSPARSE_ORDER_ROW,
+        CUSPARSELT_SPARSITY_50_PERCENT));
+    RT_LYNX_CSLT_CHECK(cusparseLtDenseDescriptorInit(handle, &mat_b, key.n, key.k, key.k, 16,
+                                                     type, CUSPARSE_ORDER_ROW));
+    RT_LYNX_CSLT_CHECK(cusparseLtDenseDescriptorInit(handle, &mat_d, key.padded_rows, key.n,
+                                                     key.n, 16, type, CUSPARSE_ORDER_ROW));
+    descriptors_ready = true;
+    RT_LYNX_CSLT_CHECK(cusparseLtMatmulDescriptorInit(
+        handle, &matmul, CUSPARSE_OPERATION_NON_TRANSPOSE, CUSPARSE_OPERATION_TRANSPOSE, &mat_a,
+        &mat_b, &mat_d, &mat_d, CUSPARSE_COMPUTE_32F));
+    size_t compressed_bytes = 0, compress_buffer_bytes = 0;
+    RT_LYNX_CSLT_CHECK(cusparseLtSpMMACompressedSize2(handle, &mat_a, &compressed_bytes,
+                                                      &compress_buffer_bytes));
+    const size_t ours = static_cast<size_t>(compressed_numel(key.padded_rows, key.k)) * 2;
+    require(compressed_bytes <= ours, "cuSPARSELt wants ", compressed_bytes,
+                " bytes for a compressed ", key.padded_rows, "x", key.k,
+                " matrix, the layout this build writes has ", ours,
+                ": unsupported cuSPARSELt version");
+  }
+
+  // (Re)initialises the selection; alg < 0 keeps cuSPARSELt's default, split <= 1 and
+  // split_mode <= 0 keep no split-K.
+  void init_selection(int alg, int split, int split_mode) {
+    if (plan_ready) {
+      RT_LYNX_CSLT_CHECK(cusparseLtMatmulPlanDestroy(&plan));
+      plan_ready = false;
+    }
+    if (selection_ready) {
+      RT_LYNX_CSLT_CHECK(cusparseLtMatmulAlgSelectionDestroy(&alg_selection));
+      selection_ready = false;
+    }
+    RT_LYNX_CSLT_CHECK(cusparseLtMatmulAlgSelectionInit(handle, &alg_selection, &matmul,
+                                                        CUSPARSELT_MATMUL_ALG_DEFAULT));
+    selection_ready = true;
+    if (alg >= 0) {
+      RT_LYNX_CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(
+          handle, &alg_selection, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg, sizeof(alg)));
+    }
+    if (split > 1) {
+      RT_LYNX_CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(
+          handle, &alg_selection, CUSPARSELT_MATMUL_SPLIT_K, &split, sizeof(split)));
+      if (split_mode > 0) {
+        RT_LYNX_CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(
+            handle, &alg_selection, CUSPARSELT_MATMUL_SPLIT_K_MODE, &split_mode,
+            sizeof(split_mode)));
+      }
+    }
+    init_plan();
+  }
+
+  void init_plan() {
+    if (plan_ready) {
+      RT_LYNX_CSLT_CHECK(cusparseLtMatmulPlanDestroy(&plan));
+      plan_ready = false;
+    }
+    RT_LYNX_CSLT_CHECK(cusparseLtMatmulPlanInit(handle, &plan, &matmul, &alg_selection));
+    plan_ready = true;
+    RT_LYNX_CSLT_CHECK(cusparseLtMatmulGetWorkspace(handle, &plan, &workspace_bytes));
+  }
+
+  void read_selection() {
+    RT_LYNX_CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(
+        handle, &alg_selection, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg_id, sizeof(alg_id)));
+    RT_LYNX_CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(
+        handle, &alg_selection, CUSPARSELT_MATMUL_SPLIT_K, &split_k, sizeof(split_k)));
+    RT_LYNX_CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(
+        handle, &alg_selection, CUSPARSELT_MATMUL_SPLIT_K_MODE, &split_k_mode,
+        sizeof(split_k_mode)));
+  }
+
+  // One launch on `stream`; the workspace comes from torch's caching allocator.
+  void run(const void* a, const void* b, void* d, cudaStream_t stream, const at::Device& device,
+           bool search = false) {
+    at::Tensor workspace;
+    void* workspace_ptr = nullptr;
+    if (workspace_bytes > 0) {
+      workspace = at::empty({static_cast<int64_t>(workspace_bytes)},
+                            at::TensorOptions().dtype(at::kByte).device(device));
+      workspace_ptr = workspace.data_ptr();
+    }
+    const float alpha = 1.f, beta = 0.f;
+    if (search) {
+      RT_LYNX_CSLT_CHECK(cusparseLtMatmulSearch(handle, &plan, &alpha, a, b, &beta, d, d,
+                                                workspace_ptr, &stream, 1));
+    } else {
+      RT_LYNX_CSLT_CHECK(cusparseLtMatmul(handle, &plan, &alpha, a, b, &beta, d, d,
+                                          workspace_ptr, &stream, 1));
+    }
+  }
+};
+
+// A 2:4 matrix with random patterns and random non-zero values, a weight, and the cuBLAS dense
+// product: every candidate algorithm must reproduce it before it is used.
+struct PlanCheckData {
+  at::Tensor dense_sparse, weight, compressed, reference;
+  double reference_norm = 0.0;
+};
+
+PlanCheckData make_check_data(const PlanKey& key, cudaStream_t stream) {
+  const auto device = at::Device(at::kCUDA, key.device);
+  const auto dtype = key.bf16 ? at::kBFloat16 : at::kHalf;
+  const auto opts = at::TensorOptions().dtype(dtype).device(device);
+  // A private generator leaves the caller's random stream untouched.
+  auto gen = at::make_generator<at::CUDAGeneratorImpl>(static_cast<c10::DeviceIndex>(key.device));
+  gen.set_current_seed(0x5eed);
+  PlanCheckData data;
+  // The six ways to keep 2 of 4.
+  const auto patterns = at::tensor(std::vector<int64_t>{1, 1, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1,
+                                                        0, 1, 1, 0, 0, 1, 0, 1, 0, 0, 1, 1})
+                            .to(device)
+                            .to(at::kBool)
+                            .view({6, 4});
+  const auto choice = at::randint(6, {key.padded_rows * key.k / 4}, gen,
+                                  at::TensorOptions().dtype(at::kLong).device(device));
+  const auto mask = patterns.index_select(0, choice).view({key.padded_rows, key.k});
+  const auto values = at::randn({key.padded_rows, key.k}, gen, opts);
+  data.dense_sparse = at::where(mask, values, at::zeros({}, opts));
+  data.weight = at::randn({key.n, key.k}, gen, opts).div_(std::sqrt(static_cast<double>(key.k)));
+  data.compressed = at::empty({compressed_numel(key.padded_rows, key.k)}, opts);
+  launch_sparsify_compress(data.dense_sparse.data_ptr(), key.padded_rows, key.padded_rows, key.k,
+                           key.k, key.bf16, data.compressed.data_ptr(), nullptr, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  data.reference = at::matmul(data.dense_sparse, data.weight.t()).to(at::kFloat);
+  data.reference_norm = data.reference.norm().item<double>();
+  return data;
+}
+
+// Runs the plan `repeats` times into a NaN-poisoned output; true if every run matches dense.
+bool plan_matches_dense(GemmPlan& plan, const PlanCheckData& data, cudaStream_t stream,
+                        int repeats, double* worst_error) {
+  const auto device = data.weight.device();
+  *worst_error = 0.0;
+  for (int i = 0; i < repeats; ++i) {
+    auto out = at::full({plan.key.padded_rows, plan.key.n},
+                        std::numeric_limits<double>::quiet_NaN(), data.weight.options());
+    plan.run(data.compressed.data_ptr(), data.weight.data_ptr(), out.data_ptr(), stream, device);
+    const double err = (out.to(at::kFloat) - data.reference).norm().item<double>() /
+                       std::max(data.reference_norm, 1e-30);
+    if (!std::isfinite(err) || err > 2e-2) {
+      *worst_error = std::isfinite(err) ? err : std::numeric_limits<double>::infinity();
+      return false;
+    }
+    *worst_error = std::max(*worst_error, err);
+  }
+  return true;
+}
+
+float time_plan_ms(GemmPlan& plan, const PlanCheckData& data, cudaStream_t stream, int iters) {
+  auto out = at::empty({plan.key.padded_rows, plan.key.n}, data.weight.options());
+  const auto device = data.weight.device();
+  plan.run(data.compressed.data_ptr(), data.weight.data_ptr(), out.data_ptr(), stream, device);
+  cudaEvent_t start, stop;
+  C10_CUDA_CHECK(cudaEventCreate(&start));
+  C10_CUDA_CHECK(cudaEventCreate(&stop));
+  C10_CUDA_CHECK(cudaEventRecord(start, stream));
+  for (int i = 0; i < iters; ++i) {
+    plan.run(data.compressed.data_ptr(), data.weight.data_ptr(), out.data_ptr(), stream, device);
+  }
+  C10_CUDA_CHECK(cudaEventRecord(stop, stream));
+  C10_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0.f;
+  C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  C10_CUDA_CHECK(cudaEventDestroy(start));
+  C10_CUDA_CHECK(cudaEventDestroy(stop));
+  return ms / iters;
+}
+
+std::unique_ptr<GemmPlan> build_plan(const PlanKey& key, cudaStream_t stream) {
+  auto plan = std::make_unique<GemmPlan>();
+  plan->key = key;
+  plan->handle = handle_for_device(key.device);
+  plan->init_descriptors();
+  plan->init_selection(-1, 1, 0);
+  const auto data = make_check_data(key, stream);
+  const auto device = data.weight.device();
+
+  // cuSPARSELt's own search first; some algorithm ids give wrong results now and then, so the
+  // winner is checked against dense several times before it is trusted.
+  {
+    auto out = at::empty({key.padded_rows, key.n}, data.weight.options());
+    plan->run(data.compressed.data_ptr(), data.weight.data_ptr(), out.data_ptr(), stream, device,
+              /*search=*/true);
+    plan->read_selection();
+    // A fresh selection and plan with the found configuration, as for any later process.
+    plan->init_selection(plan->alg_id, plan->split_k, plan->split_k_mode);
+    double err = 0.0;
+    if (plan_matches_dense(*plan, data, stream, 3, &err)) {
+      plan->chosen_by = "search";
+      return plan;
+    }
+    std::fprintf(stderr,
+                 "RT-Lynx: cuSPARSELt's searched algorithm %d (split_k %d) gave a wrong product "
+                 "(rel. error %.3g); trying every algorithm id\n",
+                 plan->alg_id, plan->split_k, err);
+  }
+
+  int max_id = 0;
+  RT_LYNX_CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(plan->handle, &plan->alg_selection,
+                                                     CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID, &max_id,
+                                                     sizeof(max_id)));
+  int best_id = -1;
+  float best_ms = std::numeric_limits<float>::infinity();
+  std::string rejected;
+  for (int id = 0; id < max_id; ++id) {
+    try {
+      plan->init_selection(id, 1, 0);
+    } catch (const std::exception&) {
+      continue;  // id not available for this problem
+    }
+    double err = 0.0;
+    if (!plan_matches_dense(*plan, data, stream, 3, &err)) {
+      rejected += " " + std::to_string(id);
+      continue;
+    }
+    const float ms = time_plan_ms(*plan, data, stream, 5);
+    if (ms < best_ms) {
+      best_ms = ms;
+      best_id = id;
+    }
+  }
+  require(best_id >= 0, "RT-Lynx: no cuSPARSELt algorithm gives a correct product for M=",
+              key.padded_rows, " K=", key.k, " N=", key.n, " (wrong ids:", rejected, ")");
+  plan->init_selection(best_id, 1, 0);
+  plan->read_selection();
+  plan->chosen_by = "sweep (wrong ids:" + rejected + ")";
+  return plan;
+}
+
+std::mutex& plan_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+std::unordered_map<PlanKey, std::unique_ptr<GemmPlan>, PlanKeyHash>& plan_cache() {
+  static std::unordered_map<PlanKey, std::unique_ptr<GemmPlan>, PlanKeyHash> cache;
+  return cache;
+}
+
+GemmPlan& plan_for(const PlanKey& key, cudaStream_t stream) {
+  std::lock_guard<std::mutex> lock(plan_mutex());
+  auto& cache = plan_cache();
+  auto it = cache.find(key);
+  if (it != cache.end()) return *it->second;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  require(capture == cudaStreamCaptureStatusNone,
+              "RT-Lynx: the sparse GEMM plan for M_padded=", key.padded_rows, " K=", key.k,
+              " N=", key.n, " is built and checked on first use, which cannot happen inside CUDA "
+              "graph capture: run the layer once eagerly before capturing");
+  auto plan = build_plan(key, stream);
+  return *cache.emplace(key, std::move(plan)).first->second;
+}
+
+bool is_supported_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// X must be a CUDA 16-bit matrix with K % 64 == 0; rows that are not dense/16-byte aligned are
+// copied (stated fallback), everything else is an error.
+at::Tensor checked_activation(const at::Tensor& x, const char* op) {
+  require(x.is_cuda(), op, ": x must be a CUDA tensor");
+  require(x.dim() == 2, op, ": x must be 2-D (flatten leading dims), got ", x.dim(), "-D");
+  require(is_supported_dtype(x.scalar_type()), op, ": x must be bfloat16 or float16, got ",
+              x.scalar_type());
+  require(x.size(0) >= 1, op, ": x needs at least one row");
+  require(x.size(1) >= 64 && x.size(1) % 64 == 0, op,
+              ": in_features must be a positive multiple of 64, got ", x.size(1));
+  const bool aligned = x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.stride(0) >= x.size(1) &&
+                       reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  return aligned ? x : x.contiguous().clone(at::MemoryFormat::Contiguous);
+}
+
+void check_weight(const at::Tensor& weight, const at::Tensor& x, const char* op) {
+  require(weight.is_cuda() && weight.device() == x.device(), op,
+              ": weight must be on x's device");
+  require(weight.dim() == 2, op, ": weight must be 2-D (out_features x in_features)");
+  require(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ",
+              weight.scalar_type(), " differs from x dtype ", x.scalar_type());
+  require(weight.size(1) == x.size(1), op, ": weight in_features ", weight.size(1),
+              " != x in_features ", x.size(1));
+  require(weight.size(0) >= 16 && weight.size(0) % 16 == 0, op,
+              ": out_features must be a positive multiple of 16, got ", weight.size(0));
+  require(weight.is_contiguous() &&
+                  reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
+              op, ": weight must be contiguous and 16-byte aligned (a per-call copy of a weight "
+              "would cost more than the sparse GEMM saves)");
+}
+
+PlanKey key_for(const at::Tensor& x, int64_t padded_rows, int64_t n) {
+  return PlanKey{x.get_device(), padded_rows, x.size(1), n, x.scalar_type() == at::kBFloat16};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparsify_compress_op(const at::Tensor& x_in,
+                                                        int64_t padded_rows) {
+  const auto x = checked_activation(x_in, "rt_lynx::sparsify_compress");
+  const c10::cuda::CUDAGuard guard(x.device());
+  require(padded_rows >= x.size(0) && padded_rows % kRowPad == 0,
+              "rt_lynx::sparsify_compress: m_padded must be a multiple of 64 and >= M, got ",
+              padded_rows, " for M=", x.size(0));
+  auto compressed = at::empty({compressed_numel(padded_rows, x.size(1))}, x.options());
+  auto scale = at::empty({padded_rows}, x.options().dtype(at::kFloat));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  launch_sparsify_compress(x.data_ptr(), x.size(0), padded_rows, x.size(1), x.stride(0),
+                           x.scalar_type() == at::kBFloat16, compressed.data_ptr(),
+                           scale.data_ptr<float>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {compressed, scale};
+}
+
+at::Tensor sparse_mm_op(const at::Tensor& compressed, const at::Tensor& weight,
+                        int64_t padded_rows) {
+  require(compressed.is_cuda() && compressed.dim() == 1 && compressed.is_contiguous(),
+              "rt_lynx::sparse_mm: compressed must be the 1-D CUDA tensor of sparsify_compress");
+  require(weight.dim() == 2, "rt_lynx::sparse_mm: weight must be 2-D");
+  require(padded_rows > 0 && padded_rows % kRowPad == 0,
+              "rt_lynx::sparse_mm: m_padded must be a positive multiple of 64");
+  const int64_t k = weight.size(1);
+  require(compressed.numel() == compressed_numel(padded_rows, k),
+              "rt_lynx::sparse_mm: compressed has ", compressed.numel(), " elements, expected ",
+              compressed_numel(padded_rows, k), " for ", padded_rows, "x", k);
+  require(is_supported_dtype(compressed.scalar_type()) && k % 64 == 0,
+              "rt_lynx::sparse_mm: needs bf16/fp16 and in_features % 64 == 0");
+  require(weight.is_cuda() && weight.device() == compressed.device() &&
+                  weight.scalar_type() == compressed.scalar_type() && weight.is_contiguous() &&
+                  weight.size(0) % 16 == 0,
+              "rt_lynx::sparse_mm: weight must be contiguous, same device and dtype as compressed,"
+              " out_features % 16 == 0");
+  const c10::cuda::CUDAGuard guard(compressed.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto& plan = plan_for(PlanKey{compressed.get_device(), padded_rows, k, weight.size(0),
+                                compressed.scalar_type() == at::kBFloat16},
+                        stream);
+  auto out = at::empty({padded_rows, weight.size(0)}, weight.options());
+  plan.run(compressed.data_ptr(), weight.data_ptr(), out.data_ptr(), stream, out.device());
+  return out;
+}
+
+at::Tensor sparse_linear_op(const at::Tensor& x_in, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias_in, bool compensate) {
+  const char* op = "rt_lynx::sparse_linear";
+  const auto x = checked_activation(x_in, op);
+  check_weight(weight, x, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
+  const int64_t padded_rows = round_up_rows(rows);
+  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
+
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = *bias_in;
+    require(bias.device() == x.device() && bias.dim() == 1 && bias.size(0) == n, op,
+                ": bias must be a 1-D tensor of out_features=", n, " on x's device");
+    if (bias.scalar_type() != x.scalar_type() && bias.scalar_type() != at::kFloat) {
+      bias = bias.to(at::kFloat);
+    }
+    bias = bias.contiguous();
+  }
+
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto compressed = at::empty({compressed_numel(padded_rows, k)}, x.options());
+  at::Tensor scale;
+  if (compensate) scale = at::empty({padded_rows}, x.options().dtype(at::kFloat));
+  launch_sparsify_compress(x.data_ptr(), rows, padded_rows, k, x.stride(0), is_bf16,
+                           compressed.data_ptr(), compensate ? scale.data_ptr<float>() : nullptr,
+                           stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  auto& plan = plan_for(key_for(x, padded_rows, n), stream);
+  auto y = at::empty({rows, n}, x.options());
+  // cuSPARSELt writes M_padded rows; the epilogue then scales/biases in place, or copies the
+  // first M rows out of the padded buffer.
+  auto gemm_out = padded_rows == rows ? y : at::empty({padded_rows, n}, x.options());
+  plan.run(compressed.data_ptr(), weight.data_ptr(), gemm_out.data_ptr(), stream, x.device());
+  if (compensate || bias.defined() || padded_rows != rows) {
+    launch_scale_bias_epilogue(gemm_out.data_ptr(), y.data_ptr(), rows, n,
+                               compensate ? scale.data_ptr<float>() : nullptr,
+                               bias.defined() ? bias.data_ptr() : nullptr,
+                               bias.defined() && bias.scalar_type() == at::kFloat, is_bf16, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return y;
+}
+
+at::Tensor scale_bias_epilogue_op(const at::Tensor& gemm, const c10::optional<at::Tensor>& scale,
+                                  const c10::optional<at::Tensor>& bias, int64_t rows) {
+  const char* op = "rt_lynx::scale_bias_epilogue";
+  require(gemm.is_cuda() && gemm.dim() == 2 && gemm.is_contiguous() &&
+                  is_supported_dtype(gemm.scalar_type()) && gemm.size(1) % 8 == 0,
+              op, ": gemm must be a contiguous 2-D bf16/fp16 CUDA tensor with N % 8 == 0");
+  require(rows >= 0 && rows <= gemm.size(0), op, ": rows out of range");
+  const c10::cuda::CUDAGuard guard(gemm.device());
+  const int64_t n = gemm.size(1);
+  at::Tensor s, b;
+  if (scale.has_value() && scale->defined()) {
+    s = scale->to(at::kFloat).contiguous();
+    require(s.numel() >= rows, op, ": scale has fewer than rows entries");
+  }
+  if (bias.has_value() && bias->defined()) {
+    b = bias->scalar_type() == gemm.scalar_type() ? bias->contiguous()
+                                                  : bias->to(at::kFloat).contiguous();
+    require(b.numel() == n, op, ": bias must have N entries");
+  }
+  auto y = at::empty({rows, n}, gemm.options());
+  launch_scale_bias_epilogue(gemm.data_ptr(), y.data_ptr(), rows, n,
+                             s.defined() ? s.data_ptr<float>() : nullptr,
+                             b.defined() ? b.data_ptr() : nullptr,
+                             b.defined() && b.scalar_type() == at::kFloat,
+                             gemm.scalar_type() == at::kBFloat16,
+                             at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+std::vector<int64_t> cusparselt_versions() {
+  int major = 0, minor = 0, patch = 0;
+  RT_LYNX_CSLT_CHECK(cusparseLtGetProperty(MAJOR_VERSION, &major));
+  RT_LYNX_CSLT_CHECK(cusparseLtGetProperty(MINOR_VERSION, &minor));
+  RT_LYNX_CSLT_CHECK(cusparseLtGetProperty(PATCH_LEVEL, &patch));
+  return {major, minor, patch, CUSPARSELT_VER_MAJOR, CUSPARSELT_VER_MINOR, CUSPARSELT_VER_PATCH};
+}
+
+std::vector<std::tuple<int64_t, int64_t, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
+                       std::string>>
+plan_info() {
+  std::lock_guard<std::mutex> lock(plan_mutex());
+  std::vector<std::tuple<int64_t, int64_t, int64_t, bool, int64_t, int64_t, int64_t, int64_t,
+                         std::string>>
+      rows;
+  for (const auto& entry : plan_cache()) {
+    const auto& p = *entry.second;
+    rows.emplace_back(p.key.padded_rows, p.key.k, p.key.n, p.key.bf16, p.alg_id, p.split_k,
+                      p.split_k_mode, static_cast<int64_t>(p.workspace_bytes), p.chosen_by);
+  }
+  return rows;
+}
+
+void clear_plans() {
+  std::lock_guard<std::mutex> lock(plan_mutex());
+  plan_cache().clear();
+}
+
+}  // namespace
+}  // namespace rt_lynx
+
+TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) {
+  m.impl("sparsify_compress", &rt_lynx::sparsify_compress_op);
+  m.impl("sparse_mm", &rt_lynx::sparse_mm_op);
+  m.impl("sparse_linear", &rt_lynx::sparse_linear_op);
+  m.impl("scale_bias_epilogue", &rt_lynx::scale_bias_epilogue_op);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cusparselt_versions", &rt_lynx::cusparselt_versions,
+        "(runtime major, minor, patch, header major, minor, patch) of cuSPARSELt");
+  m.def("plan_info", &rt_lynx::plan_info,
+        "cached plans: (M_padded, K, N, bf16, alg_id, split_k, split_k_mode, workspace, chosen_by)");
+  m.def("clear_plans", &rt_lynx::clear_plans, "drop every cached cuSPARSELt plan");
+}

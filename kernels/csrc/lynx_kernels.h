@@ -1,0 +1,52 @@
+// Launchers for the RT-Lynx CUDA kernels (lynx_kernels.cu), called from cusparselt_ext.cpp.
+#pragma once
+#include <c10/core/ScalarType.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace rt_lynx {
+
+// Error checks that build their message without iostreams: in this extension, formatting an
+// integer through std::ostream (as TORCH_CHECK does) crashed inside the loaded libstdc++ on the
+// H100 machine, so messages are concatenated by hand. torch turns std::runtime_error into a
+// Python RuntimeError.
+inline std::string message_piece(const char* text) { return text; }
+inline std::string message_piece(const std::string& text) { return text; }
+inline std::string message_piece(c10::ScalarType type) { return c10::toString(type); }
+inline std::string message_piece(double value) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%.3g", value);
+  return buffer;
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+std::string message_piece(T value) {
+  return std::to_string(value);
+}
+
+template <typename... Parts>
+inline void require(bool ok, const Parts&... parts) {
+  if (ok) return;
+  std::string message;
+  ((message += message_piece(parts)), ...);
+  throw std::runtime_error(message);
+}
+
+// Reads x (rows x cols, row stride ld_x elements, 16-bit floats) once; writes the cuSPARSELt
+// compressed buffer of the 2:4-sparsified matrix padded to padded_rows (values then metadata)
+// and, if scale != nullptr, the per-row norm compensation scale (padded_rows floats).
+void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
+                              int64_t ld_x, bool is_bf16, void* compressed, float* scale,
+                              cudaStream_t stream);
+
+// y[r, c] = out_dtype(float(gemm[r, c]) * scale[r] + bias[c]) for r < rows; scale and bias may be
+// nullptr. gemm and y may be the same buffer. bias_is_float selects fp32 bias, else x's dtype.
+void launch_scale_bias_epilogue(const void* gemm, void* y, int64_t rows, int64_t cols,
+                                const float* scale, const void* bias, bool bias_is_float,
+                                bool is_bf16, cudaStream_t stream);
+
+}  // namespace rt_lynx

@@ -1,0 +1,215 @@
+"""Fast RT-Lynx linear on Hopper: own fused sparsify+compress, cuSPARSELt 2:4 GEMM, fused epilogue.
+
+Computes exactly `reference.sparse_linear_reference` (same kept positions and tie rule; product
+in x's dtype, per-token scale and bias applied after it in fp32) as custom ops in the `rt_lynx`
+namespace, so torch.compile traces them without a graph break:
+
+  torch.ops.rt_lynx.sparse_linear(x, weight, bias, compensate) -> y            (M x N, x's dtype)
+  torch.ops.rt_lynx.sparsify_compress(x, m_padded) -> (compressed, scale)      (layout of FINDINGS)
+  torch.ops.rt_lynx.sparse_mm(compressed, weight, m_padded) -> (m_padded x N)  (GEMM alone)
+  torch.ops.rt_lynx.scale_bias_epilogue(gemm, scale, bias, rows) -> (rows x N)
+
+The compressed layout is a private detail of cuSPARSELt, so `availability` only says yes after a
+start-up self-test against torch._cslt_compress and a product check against the reference.
+"""
+import logging
+import threading
+
+import torch
+
+from . import build as _build
+from .reference import sparse_linear_reference, sparsify_nm
+
+log = logging.getLogger("rt_lynx")
+
+ROW_PAD = 64          # the compressed layout tiles rows by 64
+K_MULTIPLE = 64       # in_features granularity of the fused sparsify kernel and the layout
+N_MULTIPLE = 16       # out_features granularity (16-byte aligned rows for cuSPARSELt)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+SELF_TEST_TOLERANCE = 1e-2
+
+
+def padded_rows(rows: int) -> int:
+    return (rows + ROW_PAD - 1) // ROW_PAD * ROW_PAD
+
+
+def compressed_numel(m_padded: int, k: int) -> int:
+    """Elements (x's dtype) of a compressed m_padded x k matrix: m*k/2 values + m*k/8 bytes."""
+    return m_padded * k * 9 // 16
+
+
+def _define_ops():
+    # The module can be imported under two package names (ComfyUI and standalone): define once.
+    try:
+        torch.ops.rt_lynx.sparse_linear.default
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("rt_lynx", "DEF")
+    lib.define("sparsify_compress(Tensor x, int m_padded) -> (Tensor, Tensor)")
+    lib.define("sparse_mm(Tensor compressed, Tensor weight, int m_padded) -> Tensor")
+    lib.define("sparse_linear(Tensor x, Tensor weight, Tensor? bias, bool compensate) -> Tensor")
+    lib.define("scale_bias_epilogue(Tensor gemm, Tensor? scale, Tensor? bias, int rows) -> Tensor")
+
+    @torch.library.register_fake("rt_lynx::sparsify_compress", lib=lib)
+    def _(x, m_padded):
+        return (x.new_empty((compressed_numel(m_padded, x.shape[1]),)),
+                x.new_empty((m_padded,), dtype=torch.float32))
+
+    @torch.library.register_fake("rt_lynx::sparse_mm", lib=lib)
+    def _(compressed, weight, m_padded):
+        return weight.new_empty((m_padded, weight.shape[0]))
+
+    @torch.library.register_fake("rt_lynx::sparse_linear", lib=lib)
+    def _(x, weight, bias, compensate):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("rt_lynx::scale_bias_epilogue", lib=lib)
+    def _(gemm, scale, bias, rows):
+        return gemm.new_empty((rows, gemm.shape[1]))
+
+    _define_ops.library = lib  # keep the registrations alive
+
+
+_define_ops()
+
+_availability: dict[int, tuple[bool, str]] = {}
+_availability_lock = threading.Lock()
+
+
+def extension():
+    """The loaded extension module (builds on first call); raises build.BuildError."""
+    return _build.load_extension()
+
+
+def availability(device: torch.device) -> tuple[bool, str]:
+    """(True, info) when the fast path works on `device`, else (False, one-line reason).
+
+    Cached per device; builds the extension on first call. Never raises.
+    """
+    try:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False, f"device {device} is not CUDA"
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available to torch"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    except Exception as exc:
+        return False, f"cannot inspect device {device!r}: {exc}"
+    with _availability_lock:
+        if index not in _availability:
+            _availability[index] = _check_device(index)
+        return _availability[index]
+
+
+def _check_device(index: int) -> tuple[bool, str]:
+    try:
+        capability = torch.cuda.get_device_capability(index)
+        name = torch.cuda.get_device_name(index)
+        if capability != (9, 0):
+            return False, (f"{name} is sm_{capability[0]}{capability[1]}; the cuSPARSELt "
+                           "layout is verified on Hopper (sm_90) only")
+        torch_cslt = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
+        if torch_cslt is None:
+            return False, "torch reports no cuSPARSELt (needed for the start-up layout check)"
+        try:
+            module = extension()
+        except _build.BuildError as exc:
+            return False, str(exc)
+        runtime, header = (module.cusparselt_versions()[:3], module.cusparselt_versions()[3:])
+        if runtime != header:
+            return False, (f"cuSPARSELt version mismatch: built against "
+                           f"{'.'.join(map(str, header))}, loaded {'.'.join(map(str, runtime))}")
+        with torch.cuda.device(index):
+            problem = self_test(torch.device("cuda", index))
+        if problem:
+            return False, problem
+        version = ".".join(map(str, runtime))
+        return True, f"{name}, cuSPARSELt {version} (torch's: {torch_cslt}), self-test passed"
+    except Exception as exc:  # availability never raises
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return False, f"self-test error: {first[:300]}"
+
+
+def self_test(device: torch.device) -> str:
+    """'' when our compressed layout equals torch._cslt_compress and the product matches the
+    reference for bf16 and fp16, else a one-line description of the first difference."""
+    generator = torch.Generator(device=device).manual_seed(1234)
+    for dtype in SUPPORTED_DTYPES:
+        rows, k, n = 128, 256, 64
+        # No zeros: for an all-zero group cuSPARSELt may store other (equally valid) positions.
+        x = torch.randn(rows, k, generator=generator, device=device).to(dtype)
+        x = torch.where(x == 0, torch.ones((), dtype=dtype, device=device), x)
+        compressed, _ = torch.ops.rt_lynx.sparsify_compress(x, rows)
+        expected = torch._cslt_compress(sparsify_nm(x)).reshape(-1)
+        if compressed.numel() != expected.numel():
+            return (f"cuSPARSELt compressed size {expected.numel()} != ours {compressed.numel()} "
+                    f"({dtype}): unsupported cuSPARSELt version")
+        ours_bytes = compressed.view(torch.uint8)
+        want_bytes = expected.view(torch.uint8)
+        if not torch.equal(ours_bytes, want_bytes):
+            first = int((ours_bytes != want_bytes).nonzero()[0])
+            part = "values" if first < rows * k else "metadata"
+            return (f"compressed layout differs from torch._cslt_compress ({dtype}, first "
+                    f"difference in {part} at byte {first}): unsupported cuSPARSELt version")
+        for m in (rows, 37):  # a padded M too
+            xm = x[:m].contiguous()
+            weight = (torch.randn(n, k, generator=generator, device=device) / k ** 0.5).to(dtype)
+            bias = torch.randn(n, generator=generator, device=device).to(dtype)
+            got = torch.ops.rt_lynx.sparse_linear(xm, weight, bias, True)
+            want = sparse_linear_reference(xm.float(), weight.float(), bias.float(), True)
+            error = ((got.float() - want).norm() / want.norm()).item()
+            if not error < SELF_TEST_TOLERANCE:
+                return f"sparse GEMM check failed ({dtype}, M={m}): relative error {error:.2e}"
+    torch.cuda.synchronize(device)
+    return ""
+
+
+def supports(x2d: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
+    """Whether (x2d, weight) fit the fast path's constraints. Never raises."""
+    try:
+        if x2d.dim() != 2 or weight.dim() != 2:
+            return False, f"need 2-D x and weight, got {x2d.dim()}-D and {weight.dim()}-D"
+        if x2d.dtype not in SUPPORTED_DTYPES:
+            return False, f"x dtype {x2d.dtype} is not bfloat16/float16"
+        if weight.dtype != x2d.dtype:
+            return False, f"weight dtype {weight.dtype} != x dtype {x2d.dtype}"
+        if not (x2d.is_cuda and weight.device == x2d.device):
+            return False, "x and weight must be on the same CUDA device"
+        rows, k = x2d.shape
+        n, k_weight = weight.shape
+        if k_weight != k:
+            return False, f"in_features mismatch: x has {k}, weight has {k_weight}"
+        if rows < 1:
+            return False, "x has no rows"
+        if k % K_MULTIPLE:
+            return False, f"in_features {k} is not a multiple of {K_MULTIPLE}"
+        if n % N_MULTIPLE:
+            return False, f"out_features {n} is not a multiple of {N_MULTIPLE}"
+        if not weight.is_contiguous():
+            return False, "weight is not contiguous"
+        if x2d.stride(1) != 1 or x2d.stride(0) != k:
+            return False, "x is not contiguous"
+        # Pointers do not exist while torch.compile traces; the op re-checks alignment at run
+        # time (x: copied, weight: clear error).
+        if not torch.compiler.is_compiling() and (weight.data_ptr() % 16 or x2d.data_ptr() % 16):
+            return False, "x or weight is not 16-byte aligned"
+        return True, "ok"
+    except Exception as exc:
+        return False, f"cannot inspect inputs: {exc}"
+
+
+def sparse_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  compensate: bool) -> torch.Tensor:
+    """s * (sparse(x2d) @ weight^T) + bias on sparse tensor cores; M x N in x's dtype.
+
+    Any M >= 1 (rows are padded to 64 internally). Inputs the kernels cannot take raise a
+    RuntimeError naming the constraint; call `supports` first to choose another path.
+    """
+    return torch.ops.rt_lynx.sparse_linear(x2d, weight, bias, bool(compensate))
+
+
+def plan_info():
+    """Cached cuSPARSELt plans: (M_padded, K, N, bf16, alg_id, split_k, split_k_mode,
+    workspace bytes, how the algorithm was chosen)."""
+    return extension().plan_info()

@@ -1,0 +1,104 @@
+"""Shared helpers for the GPU kernel tests: input families, layout decoding, error measures."""
+import pytest
+import torch
+
+# (M, K, N) of the FLUX.1-dev and Qwen-Image linears at 1024x1024 (FINDINGS "Linear shapes").
+FLUX_SHAPES = [
+    (4096, 3072, 9216), (4096, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072),
+    (512, 3072, 9216), (512, 3072, 3072), (512, 3072, 12288), (512, 12288, 3072),
+    (4608, 3072, 21504), (4608, 15360, 3072),
+]
+# Qwen-Image with CFG batch 2: 8192 image tokens; text assumed 256 tokens x 2 = 512.
+QWEN_SHAPES = [
+    (8192, 3072, 3072), (8192, 3072, 12288), (8192, 12288, 3072),
+    (512, 3072, 3072), (512, 3072, 12288), (512, 12288, 3072),
+]
+DTYPES = [torch.bfloat16, torch.float16]
+INPUT_KINDS = ["randn", "cubed", "student_t", "tied", "zero_rows"]
+
+
+def require_fast_path():
+    """Skip without CUDA or Hopper; on Hopper the fast path must be available (else fail)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the kernel tests need an NVIDIA Hopper GPU")
+    capability = torch.cuda.get_device_capability()
+    if capability != (9, 0):
+        pytest.skip(f"GPU is sm_{capability[0]}{capability[1]}; the kernels target Hopper (sm_90)")
+    from rt_lynx_pack.kernels import cusparselt
+    available, reason = cusparselt.availability(torch.device("cuda"))
+    assert available, f"fast path unavailable on a Hopper GPU: {reason}"
+    return cusparselt
+
+
+def make_input(kind: str, rows: int, cols: int, dtype, generator, device="cuda", no_zeros=False):
+    """Fresh inputs of one family; never all zeros unless the family asks for zero rows."""
+    if kind == "randn":
+        x = torch.randn(rows, cols, generator=generator, device=device)
+    elif kind == "cubed":  # heavy tails
+        x = torch.randn(rows, cols, generator=generator, device=device) ** 3
+    elif kind == "student_t":  # df=2: normal / sqrt(chi2/2)
+        z = torch.randn(rows, cols, generator=generator, device=device)
+        chi2 = torch.randn(rows, cols, 2, generator=generator, device=device).square().sum(-1)
+        x = z / torch.sqrt(chi2 / 2 + 1e-12)
+    elif kind == "tied":  # values from a tiny set: many equal magnitudes in a group
+        levels = torch.tensor([-2.0, -1.0, 1.0, 2.0] if no_zeros else [-2.0, -1.0, 0.0, 1.0, 2.0],
+                              device=device)
+        x = levels[torch.randint(len(levels), (rows, cols), generator=generator, device=device)]
+    elif kind == "zero_rows":
+        x = torch.randn(rows, cols, generator=generator, device=device)
+        x[::3] = 0.0
+    else:
+        raise ValueError(kind)
+    x = x.to(dtype)
+    if no_zeros:
+        x = torch.where(x == 0, torch.ones((), dtype=dtype, device=device), x)
+    return x
+
+
+def metadata_byte_index(rows_padded: int, cols: int, device):
+    """(byte index, nibble shift) of every (row, group) in the 16-bit compressed metadata."""
+    r = torch.arange(rows_padded, device=device)[:, None]
+    g = torch.arange(cols // 4, device=device)[None, :]
+    index = ((r // 64) * 8 * cols + (g // 8) * 256 + ((r % 64) // 16) * 64 + (r % 8) * 8
+             + 2 * (g % 4) + (g % 8) // 4)
+    shift = ((r % 16) // 8) * 4
+    return index, shift.expand_as(index)
+
+
+def decode_compressed(compressed: torch.Tensor, rows: int, rows_padded: int, cols: int):
+    """Kept mask (rows x cols, bool) and kept values (rows x cols/2) from our compressed buffer."""
+    raw = compressed.view(torch.uint8)
+    meta = raw[rows_padded * cols: rows_padded * cols * 9 // 8]
+    index, shift = metadata_byte_index(rows_padded, cols, compressed.device)
+    codes = (meta[index].to(torch.int32) >> shift) & 0xF
+    low, high = codes & 3, codes >> 2
+    position = torch.arange(4, device=compressed.device)
+    kept = (position == low[..., None]) | (position == high[..., None])
+    values = compressed[: rows_padded * cols // 2].view(rows_padded, cols // 2)
+    return kept.reshape(rows_padded, cols)[:rows], values[:rows], (low < high)[:rows]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    denominator = want.norm().item()
+    return (got - want).norm().item() / (denominator if denominator > 0 else 1.0)
+
+
+def fp32_lynx(x, weight, bias, compensate):
+    """s * (sparse(x) @ W^T) + b with fp32 math on the same sparsified input."""
+    from rt_lynx_pack.kernels.reference import norm_compensation_scale, sparsify_nm
+    kept = sparsify_nm(x)
+    y = kept.float() @ weight.float().t()
+    if compensate:
+        y = y * norm_compensation_scale(x, kept)
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def poison_allocator(numel_bytes: int, device="cuda"):
+    """Fill, then free, a block at least as large as the next outputs: torch's caching allocator
+    hands the NaN-filled memory to the op's outputs, so unwritten elements show as NaN."""
+    # 0xFFFF is NaN as fp16 and bf16, and 0xFFFFFFFF as fp32.
+    block = torch.full((numel_bytes // 2 + 4096,), -1, dtype=torch.int16, device=device)
+    del block

@@ -1,0 +1,202 @@
+"""GPU tests of the fast path (kernels/cusparselt.py + csrc): every op against the reference.
+
+Skipped without CUDA or on a non-Hopper GPU; on Hopper the fast path must be available.
+"""
+import pytest
+import torch
+
+from rt_lynx_pack.kernels.reference import (keep_mask_nm, norm_compensation_scale,
+                                            sparse_linear_reference, sparsify_nm)
+
+from kernel_helpers import (DTYPES, FLUX_SHAPES, INPUT_KINDS, QWEN_SHAPES, decode_compressed,
+                             fp32_lynx, make_input, poison_allocator, relative_error,
+                             require_fast_path)
+
+TOLERANCE = 1e-2
+ODD_ROWS = [1, 7, 63, 65, 4097]
+
+
+@pytest.fixture(scope="module")
+def fast():
+    return require_fast_path()
+
+
+@pytest.fixture
+def generator():
+    # A fresh seed per test run: the kernels must compute the function on any valid input.
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    print(f"seed {seed}")
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def padded(rows):
+    return (rows + 63) // 64 * 64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["randn", "cubed", "student_t", "tied"])
+@pytest.mark.parametrize("rows,cols", [(64, 64), (128, 3072), (4096, 3072), (192, 15360)])
+def test_compressed_buffer_is_byte_exact_vs_cslt_compress(fast, generator, dtype, kind, rows, cols):
+    x = make_input(kind, rows, cols, dtype, generator, no_zeros=True)
+    poison_allocator(rows * cols * 2)
+    compressed, _ = torch.ops.rt_lynx.sparsify_compress(x, rows)
+    expected = torch._cslt_compress(sparsify_nm(x)).reshape(-1)
+    assert compressed.numel() == expected.numel()
+    assert torch.equal(compressed.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+@pytest.mark.parametrize("rows", ODD_ROWS + [4096])
+def test_kept_mask_values_and_scale_match_reference(fast, generator, dtype, kind, rows):
+    cols = 3072
+    x = make_input(kind, rows, cols, dtype, generator)
+    rows_padded = padded(rows)
+    poison_allocator(rows_padded * cols * 2)
+    compressed, scale = torch.ops.rt_lynx.sparsify_compress(x, rows_padded)
+    kept, values, ordered = decode_compressed(compressed, rows, rows_padded, cols)
+    assert bool(ordered.all()), "metadata codes must name two distinct positions, lower first"
+    want_mask = keep_mask_nm(x)
+    assert torch.equal(kept, want_mask)
+    want_values = x[want_mask].view(rows, cols // 2)
+    assert torch.equal(values.view(torch.int16), want_values.view(torch.int16))
+    want_scale = norm_compensation_scale(x, sparsify_nm(x)).squeeze(-1)
+    assert not scale.isnan().any(), "scale not fully written"
+    torch.testing.assert_close(scale[:rows], want_scale, rtol=1e-5, atol=0)
+    assert torch.all(scale[rows:] == 1.0), "padding rows get scale 1"
+    zero_rows = (x == 0).all(dim=1)
+    assert torch.all(scale[:rows][zero_rows] == 1.0)
+
+
+def _check_linear(fast, x, weight, bias, compensate):
+    rows, n = x.shape[0], weight.shape[0]
+    poison_allocator((padded(rows) * x.shape[1] * 9 // 8 + 2 * padded(rows) * n) * 2)
+    y = fast.sparse_linear(x, weight, bias, compensate)
+    assert y.shape == (rows, n) and y.dtype == x.dtype and y.is_contiguous()
+    assert not y.isnan().any(), "output not fully written (poisoned NaN left)"
+    error_fp32 = relative_error(y, fp32_lynx(x, weight, bias, compensate))
+    assert error_fp32 < TOLERANCE, f"relative error vs fp32 math {error_fp32:.2e}"
+    error_reference = relative_error(y, sparse_linear_reference(x, weight, bias, compensate))
+    assert error_reference < TOLERANCE, f"relative error vs reference {error_reference:.2e}"
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,k,n", sorted(set(FLUX_SHAPES + QWEN_SHAPES)))
+def test_sparse_linear_model_shapes(fast, generator, dtype, rows, k, n):
+    x = make_input("randn", rows, k, dtype, generator)
+    weight = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
+    bias = torch.randn(n, generator=generator, device="cuda").to(dtype)
+    _check_linear(fast, x, weight, bias, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+@pytest.mark.parametrize("rows", ODD_ROWS)
+@pytest.mark.parametrize("compensate,bias_kind", [(True, "same"), (False, None), (True, None),
+                                                  (False, "fp32")])
+def test_sparse_linear_odd_rows_and_input_families(fast, generator, dtype, kind, rows, compensate,
+                                                   bias_kind):
+    k, n = 3072, 1024
+    x = make_input(kind, rows, k, dtype, generator)
+    weight = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
+    bias = None
+    if bias_kind is not None:
+        bias = torch.randn(n, generator=generator, device="cuda")
+        bias = bias if bias_kind == "fp32" else bias.to(dtype)
+    y = _check_linear(fast, x, weight, bias, compensate)
+    zero_rows = (x == 0).all(dim=1)
+    if zero_rows.any():  # a zero token gives exactly the bias (or zero)
+        want = bias.to(dtype) if bias is not None else torch.zeros(n, dtype=dtype, device="cuda")
+        assert torch.equal(y[zero_rows], want.expand(int(zero_rows.sum()), n))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_mm_alone_matches_dense_product(fast, generator, dtype):
+    rows, k, n = 4096, 3072, 3072
+    x = make_input("cubed", rows, k, dtype, generator)
+    weight = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
+    compressed, _ = torch.ops.rt_lynx.sparsify_compress(x, rows)
+    poison_allocator(rows * n * 2)
+    y = torch.ops.rt_lynx.sparse_mm(compressed, weight, rows)
+    assert not y.isnan().any()
+    want = sparsify_nm(x).float() @ weight.float().t()
+    assert relative_error(y, want) < TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_epilogue_op_matches_fp32_math(fast, generator, dtype):
+    rows, n = 100, 512
+    gemm = torch.randn(128, n, generator=generator, device="cuda").to(dtype)
+    scale = torch.rand(128, generator=generator, device="cuda") + 0.5
+    bias = torch.randn(n, generator=generator, device="cuda")
+    y = torch.ops.rt_lynx.scale_bias_epilogue(gemm, scale, bias, rows)
+    want = (gemm[:rows].float() * scale[:rows, None] + bias).to(dtype)
+    assert torch.equal(y, want)
+
+
+def test_torch_compile_fullgraph_has_no_graph_break(fast, generator):
+    rows, k, n = 256, 3072, 3072
+    x = make_input("randn", rows, k, torch.bfloat16, generator)
+    weight = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(torch.bfloat16)
+    bias = torch.randn(n, generator=generator, device="cuda").to(torch.bfloat16)
+
+    def block(t):
+        h = fast.sparse_linear(torch.nn.functional.gelu(t), weight, bias, True)
+        return h * 0.5 + 1.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    got = compiled(x)
+    want = block(x)
+    assert relative_error(got, want) < 1e-3
+
+
+def test_cuda_graph_replay_matches_eager(fast, generator):
+    rows, k, n = 512, 3072, 9216
+    x = make_input("randn", rows, k, torch.bfloat16, generator)
+    weight = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(torch.bfloat16)
+    bias = torch.randn(n, generator=generator, device="cuda").to(torch.bfloat16)
+    want = fast.sparse_linear(x, weight, bias, True)  # builds the plan outside capture
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fast.sparse_linear(x, weight, bias, True)
+        with torch.cuda.graph(graph, stream=stream):
+            out = fast.sparse_linear(x, weight, bias, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    x.copy_(make_input("randn", rows, k, torch.bfloat16, generator))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert relative_error(out, fast.sparse_linear(x, weight, bias, True)) < 1e-3
+    assert relative_error(out, want) > 1e-1  # the replay really read the new input
+
+
+def test_bad_inputs_give_clear_errors(fast, generator):
+    x = make_input("randn", 16, 96, torch.bfloat16, generator)
+    weight = torch.randn(64, 96, device="cuda", dtype=torch.bfloat16)
+    ok, reason = fast.supports(x, weight)
+    assert not ok and "multiple of 64" in reason
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        fast.sparse_linear(x, weight, None, True)
+    x = make_input("randn", 16, 128, torch.bfloat16, generator)
+    weight = torch.randn(64, 128, device="cuda", dtype=torch.float16)
+    ok, reason = fast.supports(x, weight)
+    assert not ok and "dtype" in reason
+    with pytest.raises(RuntimeError, match="dtype"):
+        fast.sparse_linear(x, weight, None, True)
+    ok, reason = fast.supports(x, weight.to(torch.bfloat16)[:, :64])
+    assert not ok
+    ok, reason = fast.supports(x, torch.randn(40, 128, device="cuda", dtype=torch.bfloat16))
+    assert not ok and "multiple of 16" in reason
+    ok, _ = fast.supports(x, torch.randn(64, 128, device="cuda", dtype=torch.bfloat16))
+    assert ok
+
+
+def test_strided_rows_give_the_same_result(fast, generator):
+    base = make_input("randn", 64, 3072 * 2, torch.bfloat16, generator)
+    x = base[:, 3072:]  # row stride 6144: the kernel reads it in place
+    weight = (torch.randn(512, 3072, generator=generator, device="cuda") / 3072 ** 0.5).to(torch.bfloat16)
+    assert not fast.supports(x, weight)[0]
+    _check_linear(fast, x, weight, None, True)
