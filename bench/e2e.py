@@ -1,0 +1,298 @@
+"""End-to-end benchmark inside ComfyUI: FLUX.1-dev and Qwen-Image at full size (random bf16 weights
+built on the GPU), dense vs RT-Lynx, eager and under ComfyUI's torch.compile wrapper.
+
+Measures, per model/resolution/mode and for both sides in the same process:
+- time per denoising step: median of several synchronised diffusion-model forwards through
+  ComfyUI's BaseModel.apply_model (its wrappers included, so the compile wrapper applies);
+- peak GPU memory around those forwards (torch.cuda.max_memory_allocated);
+- for FLUX at 1024 only: a whole sample (nodes.common_ksampler, euler, --steps steps).
+
+Usage (GPU): COMFYUI_PATH=.comfyui python bench/e2e.py [--models flux,qwen_image] [--resolutions 1024,768,1536]
+             [--no-compile] [--steps 28] [--out bench/results]
+CPU check of the logic: COMFYUI_PATH=... python bench/e2e.py --tiny
+"""
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Text tokens per prompt: FLUX's T5 context is padded to 512 in ComfyUI; a long Qwen-Image prompt.
+CONTEXT_TOKENS = {"flux": 512, "qwen_image": 256}
+BATCH = {"flux": 1, "qwen_image": 2}  # Qwen-Image runs with CFG: cond and uncond in one batch
+SAMPLE_RESOLUTION = ("flux", 1024)    # whole-sample timing only here, to bound the run time
+
+
+def log(*parts):
+    print(*parts, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="flux,qwen_image")
+    p.add_argument("--resolutions", default="1024,768,1536", help="FLUX resolutions (Qwen-Image: 1024 only)")
+    p.add_argument("--compile-resolutions", default="1024", help="resolutions also measured under torch.compile")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-backend", default=None, help="inductor (default; aot_eager with --tiny)")
+    p.add_argument("--steps", type=int, default=28, help="steps of the whole-sample timing (0: skip it)")
+    p.add_argument("--iters", type=int, default=7, help="timed forwards per measurement")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tiny", action="store_true", help="1 double + 1 single block (Qwen: 1 block), small latent")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.resolutions = [int(r) for r in args.resolutions.split(",") if r]
+    args.compile_resolutions = [int(r) for r in args.compile_resolutions.split(",") if r]
+    if args.tiny:
+        args.resolutions = args.compile_resolutions = [128]
+        args.steps = min(args.steps, 2)
+        args.iters, args.warmup = min(args.iters, 3), 1
+    args.compile_backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
+    return args
+
+
+def import_comfyui(tiny: bool):
+    import torch
+    path = os.environ.get("COMFYUI_PATH")
+    if not path or not os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")):
+        sys.exit("set COMFYUI_PATH to a ComfyUI checkout (bench/pack_comfyui.sh makes .comfyui/)")
+    sys.path.insert(0, os.path.abspath(path))
+    # Appended, not prepended: the pack's nodes/ must not shadow ComfyUI's nodes.py.
+    sys.path.append(str(ROOT / "bench"))
+    from comfy.cli_args import args as comfy_args
+    if not torch.cuda.is_available():
+        comfy_args.cpu = True
+    elif not tiny:
+        # Weights are built on the GPU and must stay there: no offload, no partial (lowvram) load.
+        comfy_args.highvram = True
+    import comfy.model_management  # noqa: F401  (reads the args above)
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rt_lynx_standalone", ROOT / "standalone.py")
+    standalone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standalone)
+    standalone.load_pack()
+
+
+def git_commit():
+    if os.environ.get("RT_LYNX_COMMIT"):
+        return os.environ["RT_LYNX_COMMIT"]
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+class Device:
+    def __init__(self, torch):
+        self.torch = torch
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        self.name = torch.cuda.get_device_name() if self.cuda else platform.processor() or "cpu"
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def reset_peak(self):
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb(self):
+        return self.torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan")
+
+    def allocated_gb(self):
+        return self.torch.cuda.memory_allocated() / 2**30 if self.cuda else float("nan")
+
+
+def step_inputs(arch, resolution, dev, dtype):
+    """One denoiser call's arguments, as ComfyUI's sampler passes them to BaseModel.apply_model."""
+    import torch
+    from comfy_models import conditioning, empty_latent
+    batch, latent = BATCH[arch], resolution // 8
+    shape = empty_latent(arch, batch, latent, latent, device="meta").shape
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev.device)  # same input on both sides
+    ctx, extra = conditioning(arch, CONTEXT_TOKENS[arch] if resolution > 128 else 40, batch=batch,
+                              device=dev.device, dtype=dtype)[0]
+    kwargs = {}
+    if arch == "flux":
+        kwargs = {"y": extra["pooled_output"], "guidance": torch.full((batch,), 3.5, device=dev.device)}
+    sigma = torch.full((batch,), 0.6, device=dev.device)
+    return x, sigma, ctx, kwargs
+
+
+def time_steps(patcher, arch, resolution, dev, dtype, args):
+    """(median ms, all ms, first-call s, peak GB) of apply_model forwards."""
+    import comfy.model_management
+    import torch
+    comfy.model_management.load_models_gpu([patcher])  # applies this clone's object patches
+    x, sigma, ctx, kwargs = step_inputs(arch, resolution, dev, dtype)
+    options = {"wrappers": patcher.wrappers}  # what the sampler hands apply_model (compile wrapper)
+    model = patcher.model
+
+    def forward():
+        return model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=options, **kwargs)
+
+    dev.reset_peak()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = forward()
+        dev.sync()
+        first = time.perf_counter() - start
+        for _ in range(args.warmup - 1):
+            forward()
+        times = []
+        for _ in range(args.iters):
+            dev.sync()
+            start = time.perf_counter()
+            forward()
+            dev.sync()
+            times.append((time.perf_counter() - start) * 1000)
+    assert torch.isfinite(out).all(), "non-finite denoiser output"
+    return statistics.median(times), times, first, dev.peak_gb(), out.float().cpu()
+
+
+def time_sample(patcher, arch, resolution, dev, dtype, steps):
+    import comfy.model_management
+    import nodes
+    import torch
+    from comfy_models import conditioning, empty_latent
+    comfy.model_management.load_models_gpu([patcher])
+    latent = {"samples": empty_latent(arch, 1, resolution // 8, resolution // 8)}  # FLUX: CFG 1, batch 1
+    tokens = CONTEXT_TOKENS[arch] if resolution > 128 else 40
+    with torch.inference_mode():
+        dev.sync()
+        start = time.perf_counter()
+        (out,) = nodes.common_ksampler(patcher, seed=0, steps=steps, cfg=1.0, sampler_name="euler", scheduler="simple",
+                                       positive=conditioning(arch, tokens), negative=conditioning(arch, tokens, seed=1),
+                                       latent=latent)
+        dev.sync()
+    assert torch.isfinite(out["samples"]).all(), "non-finite sample"
+    return time.perf_counter() - start
+
+
+def lynx_clone(patcher):
+    from rt_lynx_pack.nodes import RTLynxSparsifyModel
+    spec = RTLynxSparsifyModel.INPUT_TYPES()["required"]
+    defaults = {name: (v[1]["default"]) for name, v in spec.items() if name != "model"}
+    (patched,) = RTLynxSparsifyModel().patch(patcher, **defaults)
+    return patched
+
+
+def run_model(arch, args, dev, rows, samples, notes):
+    import comfy.model_management
+    import torch
+    from comfy_models import TINY_BLOCKS, build_model
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from rt_lynx_pack.nodes.comfy_glue import installed_plan
+
+    dtype = torch.bfloat16 if dev.cuda else torch.float32
+    start = time.perf_counter()
+    dense = build_model(arch, blocks=TINY_BLOCKS[arch] if args.tiny else None, device=dev.device, dtype=dtype)
+    params = sum(p.numel() for p in dense.model.diffusion_model.parameters())
+    log(f"[{arch}] built {params / 1e9:.2f} B params ({dtype}) in {time.perf_counter() - start:.1f} s, "
+        f"allocated {dev.allocated_gb():.1f} GB")
+    lynx = lynx_clone(dense)
+    notes[arch] = installed_plan(lynx).summary(dev.device)
+    log(f"[{arch}] {notes[arch]}")
+    resolutions = args.resolutions if arch == "flux" else [args.resolutions[0] if args.tiny else 1024]
+    for resolution in resolutions:
+        modes = ["eager"] + (["compile"] if not args.no_compile and resolution in args.compile_resolutions else [])
+        for mode in modes:
+            result = {"model": arch, "resolution": resolution, "batch": BATCH[arch], "mode": mode}
+            outputs = {}
+            for side, base in (("dense", dense), ("lynx", lynx)):
+                patcher = base.clone()
+                if mode == "compile":
+                    torch._dynamo.reset()  # dense and Lynx share the module: compile each from scratch
+                    set_torch_compile_wrapper(patcher, backend=args.compile_backend)
+                median, times, first, peak, out = time_steps(patcher, arch, resolution, dev, dtype, args)
+                outputs[side] = out
+                result.update({f"{side}_ms": round(median, 3), f"{side}_ms_all": [round(t, 3) for t in times],
+                               f"{side}_first_call_s": round(first, 2), f"{side}_peak_gb": round(peak, 3)})
+                log(f"[{arch} {resolution}px {mode} {side}] {median:.2f} ms/step (first call {first:.1f} s), "
+                    f"peak {peak:.2f} GB")
+                if (arch, resolution) == SAMPLE_RESOLUTION or args.tiny and arch == "flux":
+                    if args.steps > 0:
+                        seconds = time_sample(patcher, arch, resolution, dev, dtype, args.steps)
+                        samples.append({"model": arch, "resolution": resolution, "mode": mode, "side": side,
+                                        "steps": args.steps, "seconds": round(seconds, 3)})
+                        log(f"[{arch} {resolution}px {mode} {side}] {args.steps}-step sample {seconds:.2f} s")
+                del patcher
+                comfy.model_management.unload_all_models()
+            dense_out = outputs["dense"]
+            result["lynx_vs_dense_rel_error"] = round(((outputs["lynx"] - dense_out).norm() / dense_out.norm()).item(), 4)
+            result["speedup"] = round(result["dense_ms"] / result["lynx_ms"], 3)
+            rows.append(result)
+    del dense, lynx
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+
+
+def markdown(meta, rows, samples, notes):
+    lines = [f"# RT-Lynx end to end in ComfyUI ({meta['date']}, {meta['gpu']})", "",
+             f"torch {meta['torch']}, ComfyUI {meta['comfyui']}, commit {meta['commit']}, weights {meta['dtype']} "
+             f"(random), compile backend {meta['compile_backend']}{', TINY models' if meta['tiny'] else ''}", ""]
+    lines += [f"- {arch}: {text}" for arch, text in notes.items()]
+    lines += ["", "| model | res | batch | mode | dense ms/step | Lynx ms/step | speed-up | dense peak GB | "
+              "Lynx peak GB | Lynx/dense mem | rel. diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mem = r["lynx_peak_gb"] / r["dense_peak_gb"] if r["dense_peak_gb"] == r["dense_peak_gb"] else float("nan")
+        lines.append(f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['mode']} | {r['dense_ms']:.2f} | "
+                     f"{r['lynx_ms']:.2f} | {r['speedup']:.3f}x | {r['dense_peak_gb']:.2f} | {r['lynx_peak_gb']:.2f} | "
+                     f"{mem:.3f} | {r['lynx_vs_dense_rel_error']:.4f} |")
+    if samples:
+        lines += ["", "| whole sample | res | mode | steps | dense s | Lynx s | speed-up |", "|---|---|---|---|---|---|---|"]
+        keyed = {(s["model"], s["resolution"], s["mode"], s["side"]): s for s in samples}
+        for (model, res, mode, side), s in keyed.items():
+            if side == "dense" and (model, res, mode, "lynx") in keyed:
+                lynx = keyed[(model, res, mode, "lynx")]
+                lines.append(f"| {model} | {res} | {mode} | {s['steps']} | {s['seconds']:.2f} | {lynx['seconds']:.2f} | "
+                             f"{s['seconds'] / lynx['seconds']:.3f}x |")
+    lines += ["", "ms/step: median of synchronised BaseModel.apply_model calls (first calls, incl. compilation, "
+              "excluded). Peak: torch.cuda.max_memory_allocated during those calls, weights included."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    import_comfyui(args.tiny)
+    import comfyui_version
+    dev = Device(torch)
+    if not dev.cuda and not args.tiny:
+        sys.exit("no CUDA GPU: full-size models need one (use --tiny to check the script on the CPU)")
+    log(f"device {dev.name}, torch {torch.__version__}, models {args.models}, resolutions {args.resolutions}, "
+        f"compile {'off' if args.no_compile else args.compile_backend + ' at ' + str(args.compile_resolutions)}")
+    rows, samples, notes = [], [], {}
+    for arch in args.models:
+        run_model(arch, args, dev, rows, samples, notes)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    meta = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "gpu": dev.name, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "comfyui": comfyui_version.__version__, "commit": git_commit(),
+            "dtype": "bf16" if dev.cuda else "fp32", "compile_backend": args.compile_backend, "tiny": args.tiny,
+            "args": {k: v for k, v in vars(args).items() if k != "out"}}
+    text = markdown(meta, rows, samples, notes)
+    log("\n" + text)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = "".join(c if c.isalnum() else "-" for c in dev.name).strip("-").lower()
+    stem = out / f"e2e-{now.strftime('%Y%m%d-%H%M')}-{gpu}{'-tiny' if args.tiny else ''}"
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "steps": rows, "samples": samples,
+                                                     "lynx_plans": notes}, indent=1) + "\n")
+    log(f"wrote {stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Qwen-Image, Lumina 2 (Z-Image's model class) and fp8 FLUX weights inside a real ComfyUI: models
+of real width with one block, loaded by ComfyUI's loader, patched by the node, sampled by ComfyUI's
+sampler on the CPU."""
+import pytest
+import torch
+
+from comfyui_env import import_comfyui
+
+import_comfyui()
+
+import comfy.model_management  # noqa: E402
+
+from comfyui_models import build_model, load_model, sample, state_dict  # noqa: E402
+from rt_lynx_pack.nodes import RTLynxSparsifyModel  # noqa: E402
+from rt_lynx_pack.nodes.comfy_glue import installed_plan  # noqa: E402
+
+
+def sparsify(model, **overrides):
+    options = dict(pattern="2:4", compensation=True, skip_first_blocks=0, skip_last_blocks=0, dense_warmup_steps=0,
+                   default_dense_layers=True, include_layers="", exclude_layers="", backend="auto")
+    options.update(overrides)
+    return RTLynxSparsifyModel().patch(model, **options)[0]
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def linears(patcher):
+    return {n for n, m in patcher.model.diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _unload():
+    yield
+    comfy.model_management.unload_all_models()
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_model("qwen_image")
+
+
+@pytest.fixture(scope="module")
+def lumina2():
+    return load_model("lumina2")
+
+
+def test_qwen_image_patched_and_sampled_with_cfg_batch_2_and_changing_resolution(qwen, capsys):
+    assert type(qwen.model).__name__ == "QwenImage"
+    lynx = sparsify(qwen)
+    assert ("RT-Lynx: qwen_image, 12 linears sparsified 2:4 + norm compensation, 0 kept dense"
+            in capsys.readouterr().out)
+    plan = installed_plan(lynx)
+    assert set(plan.forwards) <= linears(qwen)
+    assert {n.split(".", 2)[2] for n in plan.forwards} == {
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+        "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+        "txt_mlp.net.2"}
+
+    # 9x9 then 7x11 patches per image (81, 77 tokens: not multiples of 64), 40 text tokens, batch 2, CFG.
+    for size in ((18, 18), (14, 22)):
+        kwargs = dict(arch="qwen_image", size=size, batch=2, cfg=3.0, tokens=40, steps=2)
+        dense = sample(qwen, **kwargs)
+        out = sample(lynx, **kwargs)
+        assert out.shape == (2, 16, 1, *size)
+        assert torch.isfinite(out).all()
+        assert not torch.equal(out, dense)
+        assert relative_error(out, dense) < 0.5
+        assert torch.equal(sample(qwen, **kwargs), dense)  # the loaded model is not changed
+
+
+def test_lumina2_nextdit_gets_the_z_image_policy_on_its_real_module_names(lumina2, capsys):
+    assert type(lumina2.model).__name__ == "Lumina2"
+    names = linears(lumina2)
+    lynx = sparsify(lumina2)
+    summary = capsys.readouterr().out
+    assert "RT-Lynx: z_image, 2 linears sparsified 2:4 + norm compensation, 3 kept dense" in summary
+    plan = installed_plan(lynx)
+    decisions = {d.name: d for d in plan.decisions}
+    assert set(decisions) <= names
+    assert set(plan.forwards) == {"layers.0.attention.qkv", "layers.0.feed_forward.w2"}
+    assert {n for n, d in decisions.items() if not d.sparse} == {
+        "layers.0.attention.out", "layers.0.feed_forward.w1", "layers.0.feed_forward.w3"}
+    # The refiners and every non-block linear exist in ComfyUI's NextDiT and are never touched.
+    refiners = {n for n in names if n.startswith(("noise_refiner.", "context_refiner."))}
+    assert "noise_refiner.0.attention.qkv" in refiners and "context_refiner.1.feed_forward.w2" in refiners
+    assert not refiners & set(decisions)
+    assert not {"x_embedder", "cap_embedder.1", "final_layer.linear", "layers.0.adaLN_modulation.1"} & set(decisions)
+
+    all_five = installed_plan(sparsify(lumina2, default_dense_layers=False))
+    assert {n.split(".", 2)[2] for n in all_five.forwards} == {
+        "attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"}
+
+    kwargs = dict(arch="lumina2", size=(18, 14), batch=2, cfg=2.0, tokens=40, steps=2)
+    dense = sample(lumina2, **kwargs)
+    out = sample(lynx, **kwargs)
+    assert torch.isfinite(out).all() and not torch.equal(out, dense)
+    assert relative_error(out, dense) < 0.5
+
+
+def test_build_model_makes_the_model_comfyui_detects_without_a_real_state_dict():
+    """The benchmark's builder (meta-device detection, model built in place) on a tiny FLUX."""
+    built = build_model("flux", blocks=(1, 1), device="cpu", dtype=torch.float32)
+    loaded_sd = state_dict("flux", (1, 1))
+    assert type(built.model).__name__ == "Flux"
+    assert built.model.model_config.unet_config["depth"] == 1
+    built_sd = built.model.diffusion_model.state_dict()
+    assert {k: v.shape for k, v in built_sd.items()} == {k: v.shape for k, v in loaded_sd.items()}
+    assert all(v.device.type == "cpu" and not v.is_meta for v in built_sd.values())
+    assert built_sd["double_blocks.0.img_attn.norm.key_norm.scale"].eq(1).all()
+    out = sample(sparsify(built), size=(10, 14), batch=2)
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+
+
+def test_fp8_weights_sample_with_lynx_close_to_dense():
+    sd = state_dict("flux", (1, 1))
+    fp32 = load_model("flux", sd=sd)
+    fp8 = load_model("flux", dtype=torch.float8_e4m3fn, sd=sd)
+    qkv = fp8.model.diffusion_model.get_submodule("double_blocks.0.img_attn.qkv")
+    assert qkv.weight.dtype == torch.float8_e4m3fn
+    kwargs = dict(size=(18, 18), tokens=40, steps=2)
+    dense32, dense8 = sample(fp32, **kwargs), sample(fp8, **kwargs)
+    lynx8 = sample(sparsify(fp8), **kwargs)
+    lynx32 = sample(sparsify(fp32), **kwargs)
+    assert torch.isfinite(lynx8).all()
+    assert not torch.equal(lynx8, dense8)
+    fp8_error = relative_error(dense8, dense32)   # what storing weights in fp8 alone costs
+    lynx_error = relative_error(lynx32, dense32)  # what 2:4 activations alone cost
+    assert 0 < fp8_error < 0.2 and 0 < lynx_error < 0.5
+    # Both together stay within the sum of the two, with slack for their interaction.
+    assert relative_error(lynx8, dense32) < 1.5 * (fp8_error + lynx_error)
