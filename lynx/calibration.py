@@ -1,0 +1,191 @@
+"""Calibrating a Lynx LoRA in closed form from activation statistics.
+
+For each sparsified layer with weight W (N x K) the Lynx linear computes S(x) W^T (S = 2:4
+sparsify, times the per-token norm compensation when the plan uses it). The low-rank branch adds
+x M with M = down^T up^T (K x N, rank r) on the dense input, chosen to minimise over the tokens
+
+    || x W^T - (S(x) W^T + x M) ||^2  =  || d W^T - x M ||^2,      d = x - S(x).
+
+This is least squares in M. With C_xx = sum x^T x and C_xd = sum x^T d (both K x K, streamed over
+the calibration tokens, activations never kept):
+
+    unconstrained:  M* = C_xx^-1 C_xd W^T
+    rank r:         minimise ||x (M* - M)||^2 = || L^T (M* - M) ||_F^2   with C_xx = L L^T,
+                    so take the SVD L^T M* = U S V^T and M_r = L^-T U_r S_r V_r^T.
+
+L^T M* = L^-1 C_xd W^T needs one triangular solve and no inverse. A small ridge (a fraction of the
+mean eigenvalue of C_xx) is added before the Cholesky factorisation: directions the calibration
+data never excites get no correction instead of an arbitrary one. Factors split sqrt(S) to each
+side so both stay well scaled in bf16; alpha = rank, so the branch scale is 1.
+
+Choices:
+- Statistics are captured on the layer inputs of the *sparse* model (every planned layer computes
+  as the plan says while capturing), which is what each layer sees at inference. All layers are
+  fitted against the same sparse model, not sequentially, so the result does not depend on how
+  the layers are grouped into passes.
+- Memory: each layer holds 2 K^2 accumulators. `memory_budget_bytes` packs layers into groups
+  whose statistics fit it, one pass over the inputs per group. FLUX.1-dev with the default plan
+  (190 sparsified layers: 152 double-block, K = 3072 except img/txt mlp.2 with K = 12288, and 38
+  single-block linear1 with K = 3072) needs 57 GB of fp32 statistics (115 GB fp64): a 24 GB
+  budget means 3 passes in fp32, an 8 GB budget 8 passes. With single-block linear2 sparsified
+  too (228 layers, K up to 15360) it is 129 GB: 6 passes at 24 GB. A K = 12288 layer alone holds
+  1.2 GB (fp32). `statistics_bytes` and `plan_groups` compute this for any plan.
+"""
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..kernels import norm_compensation_scale, sparsify_nm
+from .lora import LynxLoRA
+from .patching import LynxLinearForward, LynxPlan, installed
+
+
+@dataclass(frozen=True)
+class CalibrationProgress:
+    pass_index: int          # 0-based pass over the inputs
+    passes: int
+    samples_done: int        # inputs run in this pass
+    layers_fitted: int       # over all passes
+    layers_total: int
+
+
+def statistics_bytes(in_features: int, dtype: torch.dtype) -> int:
+    """Memory of one layer's C_xx and C_xd."""
+    return 2 * in_features * in_features * torch.tensor([], dtype=dtype).element_size()
+
+
+def plan_groups(layer_in_features: dict[str, int], memory_budget_bytes: int | None,
+                dtype: torch.dtype) -> list[list[str]]:
+    """Layers (in the given order) packed greedily into groups whose statistics fit the budget;
+    a layer larger than the budget alone gets its own group. None: one group."""
+    if memory_budget_bytes is None:
+        return [list(layer_in_features)] if layer_in_features else []
+    groups, current, used = [], [], 0
+    for name, k in layer_in_features.items():
+        size = statistics_bytes(k, dtype)
+        if current and used + size > memory_budget_bytes:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def sparse_input(x: torch.Tensor, n: int, m: int, compensate: bool) -> torch.Tensor:
+    """S(x): what the Lynx product multiplies W with (kernels/reference.py numerics)."""
+    kept = sparsify_nm(x, n, m)
+    if not compensate:
+        return kept
+    return kept * norm_compensation_scale(x, kept).to(kept.dtype)
+
+
+class _StatisticsCapture:
+    """A layer forward that adds its input's C_xx, C_xd to running sums, then computes as before."""
+
+    def __init__(self, forward: LynxLinearForward, stats_dtype: torch.dtype | None):
+        self.forward = forward
+        self.stats_dtype = stats_dtype
+        self.c_xx: torch.Tensor | None = None
+        self.c_xd: torch.Tensor | None = None
+        self.tokens = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        config = self.forward.config
+        tokens = x.numel() // x.shape[-1]
+        # Only calls the Lynx linear computes sparse have an error to cancel.
+        if tokens >= config.min_tokens and not self.forward.runtime.dense_now():
+            self._accumulate(x.detach().reshape(-1, x.shape[-1]))
+        return self.forward(x)
+
+    def _accumulate(self, x: torch.Tensor) -> None:
+        # fp64 GEMMs are slow on most GPUs: fp32 there, fp64 on the CPU, unless told.
+        dtype = self.stats_dtype or (torch.float64 if x.device.type == "cpu" else torch.float32)
+        x = x.to(dtype)
+        config = self.forward.config
+        d = x - sparse_input(x, config.n, config.m, config.compensate)
+        if self.c_xx is None:
+            k = x.shape[-1]
+            self.c_xx = torch.zeros(k, k, dtype=dtype, device=x.device)
+            self.c_xd = torch.zeros(k, k, dtype=dtype, device=x.device)
+        self.c_xx.addmm_(x.T, x)
+        self.c_xd.addmm_(x.T, d)
+        self.tokens += x.shape[0]
+
+
+def fit_low_rank(c_xx: torch.Tensor, c_xd: torch.Tensor, weight: torch.Tensor, rank: int,
+                 ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down (r x K), up (N x r)) minimising sum ||d W^T - x down^T up^T||^2 given the statistics
+    (see the module docstring). Computed in fp64 on the statistics' device."""
+    c_xx = c_xx.double()
+    k = c_xx.shape[0]
+    rank = min(rank, k, weight.shape[0])
+    damping = ridge * c_xx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    chol = torch.linalg.cholesky(c_xx + damping * torch.eye(k, dtype=c_xx.dtype, device=c_xx.device))
+    target = c_xd.double() @ weight.to(c_xx.device, torch.float64).T               # C_xd W^T, K x N
+    whitened = torch.linalg.solve_triangular(chol, target, upper=False)            # L^T M* = L^-1 C_xd W^T
+    u, s, vh = torch.linalg.svd(whitened, full_matrices=False)
+    root = s[:rank].sqrt()
+    down_t = torch.linalg.solve_triangular(chol.T, u[:, :rank] * root, upper=True)  # L^-T U_r sqrt(S_r)
+    up = vh[:rank].T * root
+    return down_t.T.contiguous(), up.contiguous()
+
+
+def calibrate_lynx_lora(model: nn.Module, plan: LynxPlan, inputs: Iterable, rank: int = 32,
+                        run: Callable[[Any, Any], Any] | None = None,
+                        install: Callable[[LynxPlan], ContextManager] | None = None,
+                        memory_budget_bytes: int | None = None, stats_dtype: torch.dtype | None = None,
+                        ridge: float = 1e-6,
+                        progress: Callable[[CalibrationProgress], None] | None = None) -> LynxLoRA:
+    """Fit a rank-`rank` Lynx LoRA for every sparsified layer of `plan` on `model`.
+
+    inputs: model inputs, iterated once per pass (so a re-iterable sequence when the budget needs
+    more than one pass); each goes through `run(target, input)`, by default `target(*input)`.
+    install: puts a plan's forwards in place for a pass and yields the `target` for `run`; by
+    default `installed(model, plan)` (ComfyUI passes one that installs them on a ModelPatcher clone).
+    memory_budget_bytes: bound on the statistics held at once (None: all layers in one pass).
+    stats_dtype: accumulator dtype (default fp64 on the CPU, fp32 on accelerators).
+    Layers no input reached sparse (e.g. always below min_tokens) are left out of the file.
+    """
+    if rank < 1:
+        raise ValueError("rank must be at least 1")
+    too_small = [name for name, (k, n) in plan.sparse_layer_shapes.items() if rank > min(k, n)]
+    if too_small:
+        raise ValueError(f"rank {rank} exceeds the in- or out-features of {', '.join(too_small[:4])}")
+    run = run or (lambda module, item: module(*item) if isinstance(item, (tuple, list)) else module(item))
+    install = install or (lambda capture_plan: installed(model, capture_plan))
+    in_features = {name: fwd.module.in_features for name, fwd in plan.forwards.items()}
+    budget_dtype = stats_dtype or torch.float32
+    groups = plan_groups(in_features, memory_budget_bytes, budget_dtype)
+    if len(groups) > 1 and iter(inputs) is inputs:
+        raise ValueError(f"the memory budget needs {len(groups)} passes over the inputs: "
+                         f"pass a sequence, not a one-shot iterator")
+    layers = {}
+    fitted = 0
+    for pass_index, group in enumerate(groups):
+        captures = {name: _StatisticsCapture(plan.forwards[name], stats_dtype) for name in group}
+        capture_plan = LynxPlan(plan.policy, plan.config, plan.runtime, plan.decisions,
+                                {**plan.forwards, **captures})
+        samples = 0
+        with torch.no_grad(), install(capture_plan) as target:
+            for item in inputs:
+                run(target, item)
+                samples += 1
+                if progress:
+                    progress(CalibrationProgress(pass_index, len(groups), samples, fitted, len(in_features)))
+        for name, capture in captures.items():
+            if capture.c_xx is not None:
+                weight = capture.forward.module.weight.detach()
+                down, up = fit_low_rank(capture.c_xx, capture.c_xd, weight, rank, ridge)
+                layers[name] = (down.float().cpu(), up.float().cpu())
+            capture.c_xx = capture.c_xd = None  # release before the next group's pass
+            fitted += 1
+            if progress:
+                progress(CalibrationProgress(pass_index, len(groups), samples, fitted, len(in_features)))
+    if not layers:
+        raise ValueError("no calibration input reached a sparsified layer: nothing to fit")
+    return LynxLoRA(architecture=plan.policy.name, rank=rank, alpha=float(rank), pattern=plan.config.pattern,
+                    compensation=plan.config.compensate, layers=layers)

@@ -1,0 +1,91 @@
+"""The "RT-Lynx Calibrate LoRA" node: fits a Lynx LoRA for a sparsified model in closed form."""
+import logging
+import os
+import re
+from contextlib import contextmanager
+
+from ..lynx import attach_lora, save_lynx_lora
+from ..lynx.calibration import calibrate_lynx_lora
+from .comfy_glue import install_plan, installed_plan, lynx_lora_folder
+
+log = logging.getLogger("rt_lynx")
+
+
+def safe_file_name(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._") or "lynx_lora"
+    return stem if stem.endswith(".safetensors") else stem + ".safetensors"
+
+
+class RTLynxCalibrateLoRA:
+    CATEGORY = "RT-Lynx"
+    FUNCTION = "calibrate"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "lora_name")
+    DESCRIPTION = ("Fits a Lynx LoRA that cancels the 2:4 sparsification error of each sparsified layer, from the "
+                   "layer inputs the sparse model sees while sampling the given conditioning (closed-form least "
+                   "squares, no training). Writes it to models/loras/lynx and returns the model with it attached.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A model from RT-Lynx Sparsify Model."}),
+            "positive": ("CONDITIONING",),
+            "latent_image": ("LATENT", {"tooltip": "Sets the image size the calibration samples at."}),
+            "rank": ("INT", {"default": 32, "min": 1, "max": 512}),
+            "samples": ("INT", {"default": 4, "min": 1, "max": 256,
+                        "tooltip": "Sampling runs (seeds seed, seed+1, ...) whose layer inputs are collected."}),
+            "timesteps": ("INT", {"default": 8, "min": 1, "max": 100,
+                          "tooltip": "Steps of each run: the sigmas of the model's schedule it visits."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
+            "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1}),
+            "stats_memory_gb": ("FLOAT", {"default": 16.0, "min": 0.1, "max": 1024.0, "step": 0.5, "tooltip":
+                                "Bound on the statistics held at once (2 K^2 per layer); more layers than fit "
+                                "take more sampling passes."}),
+            "filename": ("STRING", {"default": "lynx_lora"}),
+        }, "optional": {
+            "negative": ("CONDITIONING",),
+        }}
+
+    def calibrate(self, model, positive, latent_image, rank, samples, timesteps, seed, cfg, stats_memory_gb,
+                  filename, negative=None):
+        import comfy.utils
+        import nodes
+
+        plan = installed_plan(model)
+        if plan is None:
+            raise ValueError("RT-Lynx Calibrate LoRA needs a model from RT-Lynx Sparsify Model: connect that node first")
+        if any(fwd.lora is not None for fwd in plan.forwards.values()):
+            raise ValueError("this model already carries a Lynx LoRA; calibrate on the model straight from "
+                             "RT-Lynx Sparsify Model")
+        if negative is None and cfg != 1.0:
+            raise ValueError("cfg other than 1 needs the negative conditioning")
+        negative = negative if negative is not None else []
+
+        @contextmanager
+        def on_clone(capture_plan):
+            # ComfyUI's object patches put the capturing forwards in place, as for any Lynx plan.
+            yield install_plan(model, capture_plan)
+
+        def sample_once(patched, run_seed):
+            # Disabled preview/progress of the inner sampler: this node reports its own progress.
+            nodes.common_ksampler(patched, run_seed, timesteps, cfg, "euler", "simple", positive, negative,
+                                  latent_image, denoise=1.0)
+
+        layers = len(plan.forwards)
+        bar = comfy.utils.ProgressBar(samples + layers)
+
+        def progress(state):
+            total = state.passes * samples + layers
+            bar.update_absolute(state.pass_index * samples + state.samples_done + state.layers_fitted, total)
+
+        lora = calibrate_lynx_lora(model.get_model_object("diffusion_model"), plan,
+                                   [seed + i for i in range(samples)], rank=rank, run=sample_once, install=on_clone,
+                                   memory_budget_bytes=int(stats_memory_gb * 1024 ** 3), progress=progress)
+        name = safe_file_name(filename)
+        folder = lynx_lora_folder()
+        os.makedirs(folder, exist_ok=True)
+        save_lynx_lora(lora, os.path.join(folder, name))
+        new_plan = attach_lora(plan, lora, 1.0)
+        log.info("RT-Lynx: calibrated %s on %d sampling runs x %d steps; %s", name, samples, timesteps,
+                 new_plan.summary())
+        return (install_plan(model, new_plan), f"lynx/{name}")

@@ -1,0 +1,75 @@
+"""RT-Lynx Calibrate LoRA inside ComfyUI on a real-width FLUX (1 double + 1 single block, CPU)."""
+import os
+
+import pytest
+import torch
+
+from comfyui_env import import_comfyui
+
+import_comfyui()
+
+import comfy.model_management  # noqa: E402
+import folder_paths  # noqa: E402
+
+from comfyui_models import flux_conditioning, load_flux, sample  # noqa: E402
+from rt_lynx_pack.lynx import load_lynx_lora  # noqa: E402
+from rt_lynx_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, RTLynxLoadLoRA, RTLynxSparsifyModel  # noqa: E402
+from rt_lynx_pack.nodes.calibrate import RTLynxCalibrateLoRA  # noqa: E402
+from rt_lynx_pack.nodes.comfy_glue import installed_plan, lynx_lora_folder  # noqa: E402
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def flux():
+    patcher = load_flux()
+    yield patcher
+    comfy.model_management.unload_all_models()
+
+
+@pytest.fixture
+def loras_folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(tmp_path / "loras")], folder_paths.supported_pt_extensions))
+    return tmp_path / "loras"
+
+
+def sparsified(flux):
+    # mlp layers (K up to 12288) left out: their fp64 statistics and solve are slow on a CPU.
+    return RTLynxSparsifyModel().patch(flux, pattern="2:4", compensation=True, skip_first_blocks=0, skip_last_blocks=0,
+                                       dense_warmup_steps=0, default_dense_layers=True, include_layers="",
+                                       exclude_layers=r"mlp\.", backend="reference")[0]
+
+
+def test_registered_with_display_name():
+    assert NODE_CLASS_MAPPINGS["RTLynxCalibrateLoRA"] is RTLynxCalibrateLoRA
+    assert NODE_DISPLAY_NAME_MAPPINGS["RTLynxCalibrateLoRA"] == "RT-Lynx Calibrate LoRA"
+
+
+def test_refuses_a_model_not_sparsified(flux, loras_folder):
+    with pytest.raises(ValueError, match="needs a model from RT-Lynx Sparsify Model"):
+        RTLynxCalibrateLoRA().calibrate(flux, flux_conditioning(), {"samples": torch.zeros(1, 16, 16, 16)}, 8, 1, 2,
+                                        0, 1.0, 16.0, "x")
+
+
+def test_calibrated_file_loads_and_reduces_the_sparse_error(flux, loras_folder):
+    lynx = sparsified(flux)
+    latent = {"samples": torch.zeros(1, 16, 16, 16)}
+    model, name = RTLynxCalibrateLoRA().calibrate(lynx, flux_conditioning(), latent, rank=16, samples=2,
+                                                  timesteps=STEPS, seed=0, cfg=1.0, stats_memory_gb=0.2,
+                                                  filename="flux test")
+    assert name == "lynx/flux_test.safetensors"
+    path = os.path.join(lynx_lora_folder(), "flux_test.safetensors")
+    assert os.path.isfile(path) and path.startswith(str(loras_folder))
+    lora = load_lynx_lora(path)
+    plan = installed_plan(lynx)
+    assert lora.layers.keys() == plan.forwards.keys() and lora.rank == 16
+    assert all(fwd.lora is not None for fwd in installed_plan(model).forwards.values())
+
+    loaded = RTLynxLoadLoRA().load(lynx, name, 1.0)[0]
+    dense, sparse, calibrated = (sample(m, steps=STEPS, seed=0) for m in (flux, lynx, loaded))
+    sparse_error = (sparse - dense).square().mean().item()
+    calibrated_error = (calibrated - dense).square().mean().item()
+    assert calibrated_error < sparse_error, (sparse_error, calibrated_error)
+    # The node's own output model computes like the loaded file (bf16 storage aside).
+    assert torch.allclose(sample(model, steps=STEPS, seed=0), calibrated, atol=1e-3, rtol=1e-2)

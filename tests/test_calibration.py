@@ -1,0 +1,182 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import tree_from_linears
+from rt_lynx_pack.kernels import sparse_linear_reference
+from rt_lynx_pack.lynx import LynxConfig, SelectionOptions, attach_lora, installed, plan_model
+from rt_lynx_pack.lynx.calibration import (calibrate_lynx_lora, fit_low_rank, plan_groups, sparse_input,
+                                           statistics_bytes)
+from rt_lynx_pack.lynx.tiny_dit import Modulation, TinyDiTConfig, TinyFluxDiT, random_inputs
+
+LAYER = "double_blocks.0.img_attn.qkv"
+
+
+def single_layer_model(k=64, n=48, seed=0):
+    """One FLUX-named linear (so the FLUX policy plans it), with a second layer so detection works."""
+    torch.manual_seed(seed)
+    model = tree_from_linears({LAYER: (k, n), "single_blocks.0.linear1": (k, n)}).double()
+    plan = plan_model(model, LynxConfig(min_tokens=1), SelectionOptions(include=r"double_blocks"))
+    assert list(plan.forwards) == [LAYER]
+    return model, plan
+
+
+def run_layer(model, item):
+    return dict(model.named_modules())[LAYER](*item)
+
+
+def fixed_mask_inputs(latent_basis, batches, tokens, generator):
+    """In each group of 4, features 0-1 have |x| in [1, 2] and features 2-3 are small and driven
+    by a low-dimensional latent: 2:4 always drops 2-3, so without compensation the sparsify
+    error x - S(x) is linear in x and of the latent's rank."""
+    latent, k = latent_basis.shape
+    batches_out = []
+    for _ in range(batches):
+        large = (1 + torch.rand(tokens, k, generator=generator, dtype=torch.float64)) * \
+            torch.randint(0, 2, (tokens, k), generator=generator).double().mul(2).sub(1)
+        small = torch.tanh(torch.randn(tokens, latent, generator=generator, dtype=torch.float64) @ latent_basis) * 0.5
+        dropped = (torch.arange(k) % 4) >= 2
+        batches_out.append((torch.where(dropped, small, large),))
+    return batches_out
+
+
+def layer_error(model, inputs, lora=None, compensate=True):
+    """Relative squared error of the Lynx layer (with the branch if given) vs the dense layer."""
+    module = dict(model.named_modules())[LAYER]
+    total, reference = 0.0, 0.0
+    for (x,) in inputs:
+        dense = F.linear(x, module.weight, module.bias)
+        lynx = sparse_linear_reference(x, module.weight, module.bias, compensate)
+        if lora is not None:
+            lynx = lynx + lora.branch(LAYER, 1.0)(x)
+        total += (lynx - dense).square().sum().item()
+        reference += dense.square().sum().item()
+    return total / reference
+
+
+def test_fit_removes_a_known_low_rank_error_on_held_out_tokens():
+    model, _ = single_layer_model()
+    plan = plan_model(model, LynxConfig(min_tokens=1, compensate=False), SelectionOptions(include=r"double_blocks"))
+    g = torch.Generator().manual_seed(1)
+    basis = torch.randn(4, 64, generator=g, dtype=torch.float64) * 0.3
+    train = fixed_mask_inputs(basis, 8, 64, g)
+    test = fixed_mask_inputs(basis, 4, 64, g)   # same distribution, unseen tokens
+    lora = calibrate_lynx_lora(model, plan, train, rank=8, run=run_layer)
+    assert (lora.architecture, lora.rank, lora.alpha, lora.pattern, lora.compensation) == \
+        ("flux", 8, 8.0, "2:4", False)
+    assert lora.layers[LAYER][0].shape == (8, 64) and lora.layers[LAYER][1].shape == (48, 8)
+    before = layer_error(model, test, compensate=False)
+    after = layer_error(model, test, lora, compensate=False)
+    # tanh makes the small features slightly non-linear in the latent: not exactly zero.
+    assert after < 0.05 * before, (before, after)
+
+
+def test_fit_reduces_layer_error_with_compensation_and_outlier_channels():
+    model, plan = single_layer_model()
+    g = torch.Generator().manual_seed(2)
+    channel_gain = torch.exp(1.5 * torch.randn(64, generator=g, dtype=torch.float64))
+    train = [(torch.randn(64, 64, generator=g, dtype=torch.float64) * channel_gain,) for _ in range(16)]
+    test = [(torch.randn(64, 64, generator=g, dtype=torch.float64) * channel_gain,) for _ in range(4)]
+    lora = calibrate_lynx_lora(model, plan, train, rank=16, run=run_layer)
+    assert layer_error(model, test, lora) < 0.9 * layer_error(model, test)
+
+
+def test_full_rank_equals_brute_force_least_squares():
+    k, n = 64, 80   # rank K: the branch is unconstrained
+    model, plan = single_layer_model(k, n)
+    g = torch.Generator().manual_seed(2)
+    inputs = [(torch.randn(100, k, generator=g, dtype=torch.float64),) for _ in range(3)]
+    lora = calibrate_lynx_lora(model, plan, inputs, rank=min(k, n), run=run_layer, ridge=0.0)
+    down, up = lora.layers[LAYER]
+    fitted = down.double().T @ up.double().T                      # M = down^T up^T, K x N
+    x = torch.cat([x for (x,) in inputs])
+    weight = dict(model.named_modules())[LAYER].weight.detach()
+    target = (x - sparse_input(x, 2, 4, True)) @ weight.T         # d W^T
+    brute_force = torch.linalg.lstsq(x, target).solution
+    assert torch.allclose(fitted, brute_force, atol=1e-4, rtol=1e-4)
+
+
+def test_low_rank_fit_is_optimal_in_the_data_metric():
+    """Rank-r answer beats the plain truncated SVD of M* (wrong metric) on the training tokens."""
+    g = torch.Generator().manual_seed(3)
+    k, n, r = 32, 24, 3
+    x = torch.randn(500, k, generator=g, dtype=torch.float64) * torch.logspace(0, -2, k, dtype=torch.float64)
+    weight = torch.randn(n, k, generator=g, dtype=torch.float64)
+    d = x - sparse_input(x, 2, 4, True)
+    down, up = fit_low_rank(x.T @ x, x.T @ d, weight, r, ridge=0.0)
+    target = d @ weight.T
+    m_star = torch.linalg.lstsq(x, target).solution
+    u, s, vh = torch.linalg.svd(m_star, full_matrices=False)
+    plain = (u[:, :r] * s[:r]) @ vh[:r]
+    ours = (x @ down.T @ up.T - target).square().sum()
+    naive = (x @ plain - target).square().sum()
+    assert ours < naive
+
+
+def test_grouped_passes_match_one_pass_and_progress_is_reported():
+    torch.manual_seed(0)
+    config = TinyDiTConfig(hidden=64, heads=2)
+    model = TinyFluxDiT(config).eval()
+    plan = plan_model(model)
+    g = torch.Generator().manual_seed(1)
+    inputs = [random_inputs(config, 2, 48, 16, g) for _ in range(3)]
+    one_pass = calibrate_lynx_lora(model, plan, inputs, rank=4)
+    events = []
+    k_of = {name: fwd.module.in_features for name, fwd in plan.forwards.items()}
+    budget = statistics_bytes(256, torch.float64)   # an mlp.2 (K = 256) alone fills it
+    groups = plan_groups(k_of, budget, torch.float64)
+    assert len(groups) > 2
+    grouped = calibrate_lynx_lora(model, plan, inputs, rank=4, memory_budget_bytes=budget,
+                                  stats_dtype=torch.float64, progress=events.append)
+    assert one_pass.layers.keys() == grouped.layers.keys() == plan.forwards.keys()
+    for name, (down, up) in one_pass.layers.items():
+        # Factors are unique up to sign per singular vector; compare the product.
+        assert torch.allclose(down.T @ up.T, grouped.layers[name][0].T @ grouped.layers[name][1].T, atol=1e-6)
+    assert {e.pass_index for e in events} == set(range(len(groups)))
+    assert events[-1].layers_fitted == events[-1].layers_total == len(plan.forwards)
+    assert max(e.samples_done for e in events) == len(inputs)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        calibrate_lynx_lora(model, plan, iter(inputs), rank=4, memory_budget_bytes=budget)
+
+
+def test_calibrated_lora_reduces_tiny_dit_output_error():
+    torch.manual_seed(0)
+    config = TinyDiTConfig(hidden=64, heads=2)
+    model = TinyFluxDiT(config).eval()
+    # Trained DiTs modulate channels very unevenly (outlier channels), which makes the sparsify
+    # error partly predictable; a random init has no such structure, so give it some.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Modulation):
+                bias = module.lin.bias.view(module.chunks, config.hidden)
+                for scale_chunk in (1, 4)[:module.chunks // 3]:
+                    bias[scale_chunk] = torch.exp(1.5 * torch.randn(config.hidden)) - 1
+    plan = plan_model(model)
+    g = torch.Generator().manual_seed(5)
+    calibration = [random_inputs(config, 2, 64, 16, g) for _ in range(8)]
+    held_out = [random_inputs(config, 2, 64, 16, g) for _ in range(3)]
+    lora = calibrate_lynx_lora(model, plan, calibration, rank=8)
+    with_lora = attach_lora(plan, lora, 1.0)
+
+    def error(active_plan):
+        total, reference = 0.0, 0.0
+        with torch.no_grad():
+            for item in held_out:
+                dense = model(*item)
+                with installed(model, active_plan):
+                    lynx = model(*item)
+                total += (lynx - dense).square().sum().item()
+                reference += dense.square().sum().item()
+        return total / reference
+
+    sparse_error, calibrated_error = error(plan), error(with_lora)
+    assert calibrated_error < 0.8 * sparse_error, (sparse_error, calibrated_error)
+
+
+def test_layers_below_min_tokens_and_bad_rank():
+    model, _ = single_layer_model()
+    plan = plan_model(model, LynxConfig(min_tokens=100), SelectionOptions(include=r"double_blocks"))
+    with pytest.raises(ValueError, match="no calibration input reached"):
+        calibrate_lynx_lora(model, plan, [(torch.randn(10, 64, dtype=torch.float64),)], rank=4, run=run_layer)
+    with pytest.raises(ValueError, match="rank 64 exceeds"):
+        calibrate_lynx_lora(model, plan, [(torch.randn(10, 64, dtype=torch.float64),)], rank=64, run=run_layer)
