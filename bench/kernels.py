@@ -3,14 +3,18 @@
 For every (M, K, N), bf16, bias on, compensation on:
   dense      F.linear(x, W, b)                      (cuBLAS, bias fused)
   gemm       torch.ops.rt_lynx.sparse_mm            (our cuSPARSELt binding, input pre-compressed)
-  lynx       cusparselt.sparse_linear               (sparsify+compress, GEMM, scale+bias epilogue)
-  reference  reference.sparse_linear_reference      (plain PyTorch)
-  sparsify   torch.ops.rt_lynx.sparsify_compress    (vs the memory floor)
-  epilogue   torch.ops.rt_lynx.scale_bias_epilogue  (vs the memory floor)
+  lynx       cusparselt.sparse_linear               (scaled sparsify+compress, GEMM, bias pass;
+                                                     the orientation the self-test chose)
+  lynx_other the same with the other operand (A <-> B), kernel time only
+  lynx_nob   the same without bias (no pass after the GEMM), kernel time only
+  reference  reference.sparse_linear_reference      (plain PyTorch, eager only)
+  sparsify   torch.ops.rt_lynx.sparsify_compress_scaled  (auto split, vs the memory floor)
+  sparsify1  the same with one warp per row pair (the v1 grid), kernel time only
 Two clocks: eager wall time (host clock around N back-to-back calls and a sync, median of
 repeats) and kernel time (CUDA graph of N calls, replayed, device events, median).
+With a previous results JSON (--previous), the table adds lynx eager/kernel speed-ups over it.
 
-Usage: python bench/kernels.py [--quick] [--out DIR]
+Usage: python bench/kernels.py [--quick] [--out DIR] [--suffix -v2] [--previous FILE.json]
 """
 import argparse
 import datetime
@@ -119,8 +123,6 @@ def bench_shape(M, K, N, calls, repeats, bandwidth):
     mp = cusparselt.padded_rows(M)
     compressed = [torch.ops.rt_lynx.sparsify_compress(x, mp)[0] for x in xs]
     next_x, next_c = rotating(xs), rotating(compressed)
-    gemm_out = torch.ops.rt_lynx.sparse_mm(compressed[0], weight, mp)
-    scale = torch.rand(mp, generator=g, device="cuda") + 0.5
 
     # Correctness of what is timed (fresh inputs, fp32 math on the same sparsified input).
     y = cusparselt.sparse_linear(xs[0], weight, bias, True)
@@ -132,18 +134,31 @@ def bench_shape(M, K, N, calls, repeats, bandwidth):
         "gemm": lambda: torch.ops.rt_lynx.sparse_mm(next_c(), weight, mp),
         "lynx": lambda: cusparselt.sparse_linear(next_x(), weight, bias, True),
         "reference": lambda: sparse_linear_reference(next_x(), weight, bias, True),
-        "sparsify": lambda: torch.ops.rt_lynx.sparsify_compress(next_x(), mp),
-        "epilogue": lambda: torch.ops.rt_lynx.scale_bias_epilogue(gemm_out, scale, bias, M),
+        "sparsify": lambda: torch.ops.rt_lynx.sparsify_compress_scaled(next_x(), mp, 0),
     }
-    row = {"M": M, "K": K, "N": N, "rel_error": error}
+    kernel_only = {
+        "sparsify1": lambda: torch.ops.rt_lynx.sparsify_compress_scaled(next_x(), mp, 1),
+        "lynx_nob": lambda: cusparselt.sparse_linear(next_x(), weight, None, True),
+    }
+    row = {"M": M, "K": K, "N": N, "rel_error": error,
+           "split": cusparselt.extension().sparsify_split_for(mp, K),
+           "operand": cusparselt.sparse_operand()}
     for name, fn in fns.items():
         n_calls = max(2, calls // 4) if name == "reference" else calls
         row[f"{name}_eager_us"] = eager_us(fn, n_calls, repeats)
-        row[f"{name}_kernel_us"] = graph_us(fn, n_calls, repeats)
+        if name != "reference":
+            row[f"{name}_kernel_us"] = graph_us(fn, n_calls, repeats)
+    for name, fn in kernel_only.items():
+        row[f"{name}_kernel_us"] = graph_us(fn, calls, repeats)
+    other = "A" if row["operand"] == "B" else "B"  # the other orientation, for comparison
+    cusparselt.set_sparse_operand(other)
+    try:
+        row["lynx_other_kernel_us"] = graph_us(
+            lambda: cusparselt.sparse_linear(next_x(), weight, bias, True), calls, repeats)
+    finally:
+        cusparselt.set_sparse_operand(row["operand"])
     sparsify_bytes = M * K * 2 + mp * K * 9 // 8 + mp * 4
-    epilogue_bytes = 2 * M * N * 2
     row["sparsify_floor_us"] = sparsify_bytes / (bandwidth * 1e12) * 1e6
-    row["epilogue_floor_us"] = epilogue_bytes / (bandwidth * 1e12) * 1e6
     row["dense_tflops"] = 2 * M * N * K / (row["dense_kernel_us"] * 1e-6) / 1e12
     row["gemm_tflops"] = 2 * M * N * K / (row["gemm_kernel_us"] * 1e-6) / 1e12
     return row
@@ -168,37 +183,56 @@ def geometric_mean(values):
     return product ** (1 / len(values)) if values else float("nan")
 
 
-def markdown(rows, meta):
+def markdown(rows, meta, previous):
     lines = [
         f"# RT-Lynx kernels, {meta['gpu']}, {meta['date']}",
         "",
         f"torch {meta['torch']}, cuSPARSELt {meta['cusparselt']}, commit {meta['commit']}, "
         f"copy bandwidth {meta['copy_tbs']:.2f} TB/s (read+write). bf16, bias, compensation on.",
+        f"Fast path: {meta['availability']}.",
         "Times in us. eager = host clock over back-to-back calls + sync (median); kernel = CUDA "
-        "graph replay (median). x = F.linear time / this path's time.",
+        "graph replay (median). x = F.linear time / this path's time. lynx = scale folded into "
+        "the sparsify pass, bias in a pass over Y; other op = the same with the other structured operand; no bias = "
+        "lynx without bias (sparsify + GEMM only). sparsify: auto split (warps per row pair) vs one warp per row "
+        "pair (split 1) vs the memory floor."
+        + (f" vs v1 = v1 lynx time / this lynx time ({previous['name']})." if previous else ""),
         "",
         "| model | layer | M | K | N | dense eager | lynx eager | x eager | dense kernel | gemm kernel"
-        " | x gemm | lynx kernel | x lynx | ref eager | sparsify (floor) | epilogue (floor) | rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | x gemm | lynx kernel | x lynx | other op kernel | no bias kernel | vs v1 eager | vs v1 kernel | ref eager"
+        " | sparsify split: us (split 1) (floor) | rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    old_rows = {(r["M"], r["K"], r["N"]): r for r in previous["rows"]} if previous else {}
     for r in rows:
+        old = old_rows.get((r["M"], r["K"], r["N"]))
+        vs_eager = f"{old['lynx_eager_us'] / r['lynx_eager_us']:.2f}" if old else "-"
+        vs_kernel = f"{old['lynx_kernel_us'] / r['lynx_kernel_us']:.2f}" if old else "-"
+        lynx_a = f"{r['lynx_other_kernel_us']:.0f} ({'A' if r['operand'] == 'B' else 'B'})"
         lines.append(
             f"| {r['model']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | "
             f"{r['dense_eager_us']:.0f} | {r['lynx_eager_us']:.0f} | "
             f"{r['dense_eager_us'] / r['lynx_eager_us']:.2f} | {r['dense_kernel_us']:.0f} | "
             f"{r['gemm_kernel_us']:.0f} | {r['dense_kernel_us'] / r['gemm_kernel_us']:.2f} | "
             f"{r['lynx_kernel_us']:.0f} | {r['dense_kernel_us'] / r['lynx_kernel_us']:.2f} | "
-            f"{r['reference_eager_us']:.0f} | {r['sparsify_kernel_us']:.1f} "
-            f"({r['sparsify_floor_us']:.1f}) | {r['epilogue_kernel_us']:.1f} "
-            f"({r['epilogue_floor_us']:.1f}) | {r['rel_error']:.1e} |")
+            f"{lynx_a} | {r['lynx_nob_kernel_us']:.0f} | {vs_eager} | {vs_kernel} | "
+            f"{r['reference_eager_us']:.0f} | {r['split']}: {r['sparsify_kernel_us']:.1f} "
+            f"({r['sparsify1_kernel_us']:.1f}) ({r['sparsify_floor_us']:.1f}) | "
+            f"{r['rel_error']:.1e} |")
     lines.append("")
     for model in sorted({r["model"] for r in rows}):
         sub = [r for r in rows if r["model"] == model]
-        lines.append(
+        line = (
             f"- {model}: lynx vs F.linear, eager: mean x{statistics.mean(r['dense_eager_us'] / r['lynx_eager_us'] for r in sub):.2f}"
             f" (geomean x{geometric_mean(r['dense_eager_us'] / r['lynx_eager_us'] for r in sub):.2f});"
             f" kernel: mean x{statistics.mean(r['dense_kernel_us'] / r['lynx_kernel_us'] for r in sub):.2f};"
             f" GEMM alone kernel: mean x{statistics.mean(r['dense_kernel_us'] / r['gemm_kernel_us'] for r in sub):.2f}")
+        matched = [(r, old_rows[(r["M"], r["K"], r["N"])]) for r in sub
+                   if (r["M"], r["K"], r["N"]) in old_rows]
+        if matched:
+            line += (f"; vs v1: eager mean x{statistics.mean(o['lynx_eager_us'] / r['lynx_eager_us'] for r, o in matched):.2f},"
+                     f" kernel mean x{statistics.mean(o['lynx_kernel_us'] / r['lynx_kernel_us'] for r, o in matched):.2f}")
+        lines.append(line)
+    lines.append(f"- max rel err vs fp32 math over these shapes: {max(r['rel_error'] for r in rows):.1e}")
     return "\n".join(lines) + "\n"
 
 
@@ -206,6 +240,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls and repeats")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--suffix", default="", help="appended to the results file names")
+    parser.add_argument("--previous", default="", help="results JSON of an earlier version")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
@@ -227,6 +263,7 @@ def main():
         "cusparselt": ".".join(map(str, ext_versions[:3])),
         "commit": git_commit(),
         "copy_tbs": bandwidth,
+        "availability": reason,
         "calls": calls, "repeats": repeats,
     }
     rows = []
@@ -235,15 +272,19 @@ def main():
         rows.append(row)
         print(f"{model} {layer} {M}x{K}x{N}: dense {row['dense_eager_us']:.0f}/{row['dense_kernel_us']:.0f} us,"
               f" gemm {row['gemm_kernel_us']:.0f}, lynx {row['lynx_eager_us']:.0f}/{row['lynx_kernel_us']:.0f},"
-              f" sparsify {row['sparsify_kernel_us']:.1f} (floor {row['sparsify_floor_us']:.1f}),"
-              f" epilogue {row['epilogue_kernel_us']:.1f}, err {row['rel_error']:.1e}", flush=True)
+              f" sparsify {row['sparsify_kernel_us']:.1f} (split 1: {row['sparsify1_kernel_us']:.1f},"
+              f" floor {row['sparsify_floor_us']:.1f}), err {row['rel_error']:.1e}", flush=True)
     meta["plans"] = [list(p) for p in cusparselt.plan_info()]
-    text = markdown(rows, meta)
+    previous = None
+    if args.previous and pathlib.Path(args.previous).exists():
+        previous = json.loads(pathlib.Path(args.previous).read_text())
+        previous["name"] = pathlib.Path(args.previous).name
+    text = markdown(rows, meta, previous)
     print(text)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu_tag = meta["gpu"].replace(" ", "_").replace("/", "_")
-    stem = out / f"kernels-{meta['date']}-{gpu_tag}"
+    stem = out / f"kernels-{meta['date']}-{gpu_tag}{args.suffix}"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {stem}.md and .json")

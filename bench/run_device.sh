@@ -34,6 +34,20 @@ from rt_lynx_pack.kernels import build, cusparselt
 import torch
 t = time.monotonic(); print("build:", build.build(verbose=False), f"{time.monotonic() - t:.0f} s")
 t = time.monotonic(); print("availability:", cusparselt.availability(torch.device("cuda")), f"{time.monotonic() - t:.1f} s")
+# Structured-B probe: cuSPARSELt's own compression of one pruned matrix as operand A and as B.
+from rt_lynx_pack.kernels.reference import sparsify_nm
+try:
+    m = cusparselt.extension()
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(128, 256, device="cuda").to(dtype)
+        p = sparsify_nm(torch.where(x == 0, torch.ones((), dtype=dtype, device="cuda"), x))
+        a, b = m.compress_reference(p, False), m.compress_reference(p, True)
+        diff = (a != b).nonzero().flatten()[:4].tolist() if a.numel() == b.numel() else "sizes differ"
+        print("probe", dtype, "compressed bytes A", a.numel(), "B", b.numel(), "equal", torch.equal(a, b), diff)
+    print("probe: operand in use", cusparselt.sparse_operand(), "sparsify split for 512x3072:",
+          m.sparsify_split_for(512, 3072), "4096x3072:", m.sparsify_split_for(4096, 3072))
+except Exception as exc:
+    print("probe failed:", type(exc).__name__, exc)
 PY
 
 if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then

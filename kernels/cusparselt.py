@@ -1,17 +1,26 @@
-"""Fast RT-Lynx linear on Hopper: own fused sparsify+compress, cuSPARSELt 2:4 GEMM, fused epilogue.
+"""Fast RT-Lynx linear on Hopper: own fused sparsify+compress (scale folded), cuSPARSELt 2:4 GEMM.
 
-Computes exactly `reference.sparse_linear_reference` (same kept positions and tie rule; product
-in x's dtype, per-token scale and bias applied after it in fp32) as custom ops in the `rt_lynx`
-namespace, so torch.compile traces them without a graph break:
+Computes `reference.sparse_linear_reference` (same kept positions and tie rule) as custom ops in
+the `rt_lynx` namespace, so torch.compile traces them without a graph break. One difference in
+rounding: the per-token scale s is folded into the compressed values (round(s * x_kept) in x's
+dtype) instead of scaling the product. The bias is added by a pass over Y in fp32 (cuSPARSELt
+0.8 adds its bias per token in either orientation, so it cannot take a per-feature bias).
 
   torch.ops.rt_lynx.sparse_linear(x, weight, bias, compensate) -> y            (M x N, x's dtype)
-  torch.ops.rt_lynx.sparsify_compress(x, m_padded) -> (compressed, scale)      (layout of FINDINGS)
+  torch.ops.rt_lynx.sparsify_compress(x, m_padded) -> (compressed, scale)      (unscaled values)
+  torch.ops.rt_lynx.sparsify_compress_scaled(x, m_padded, split) -> (compressed, scale)
+                                                        (values round(s * x_kept); split 0 = auto)
   torch.ops.rt_lynx.sparse_mm(compressed, weight, m_padded) -> (m_padded x N)  (GEMM alone)
   torch.ops.rt_lynx.scale_bias_epilogue(gemm, scale, bias, rows) -> (rows x N)
 
-The compressed layout is a private detail of cuSPARSELt, so `availability` only says yes after a
-start-up self-test against torch._cslt_compress and a product check against the reference.
+Orientation: the activations are cuSPARSELt's structured operand A (Y = X_s W^T), or on request
+(RT_LYNX_SPARSE_OPERAND=B) operand B (D = W x X_s^T, column-major N x M, i.e. Y row-major; same
+compressed layout; no faster on the H100). The compressed layout is a private detail of
+cuSPARSELt, so `availability` only says yes after a start-up self-test of our layout against
+torch._cslt_compress and cuSPARSELt's own compression for the orientation in use, and a product
+check against the reference.
 """
+import os
 import logging
 import threading
 
@@ -47,12 +56,18 @@ def _define_ops():
         pass
     lib = torch.library.Library("rt_lynx", "DEF")
     lib.define("sparsify_compress(Tensor x, int m_padded) -> (Tensor, Tensor)")
+    lib.define("sparsify_compress_scaled(Tensor x, int m_padded, int split=0) -> (Tensor, Tensor)")
     lib.define("sparse_mm(Tensor compressed, Tensor weight, int m_padded) -> Tensor")
     lib.define("sparse_linear(Tensor x, Tensor weight, Tensor? bias, bool compensate) -> Tensor")
     lib.define("scale_bias_epilogue(Tensor gemm, Tensor? scale, Tensor? bias, int rows) -> Tensor")
 
     @torch.library.register_fake("rt_lynx::sparsify_compress", lib=lib)
     def _(x, m_padded):
+        return (x.new_empty((compressed_numel(m_padded, x.shape[1]),)),
+                x.new_empty((m_padded,), dtype=torch.float32))
+
+    @torch.library.register_fake("rt_lynx::sparsify_compress_scaled", lib=lib)
+    def _(x, m_padded, split=0):
         return (x.new_empty((compressed_numel(m_padded, x.shape[1]),)),
                 x.new_empty((m_padded,), dtype=torch.float32))
 
@@ -120,20 +135,74 @@ def _check_device(index: int) -> tuple[bool, str]:
         if runtime != header:
             return False, (f"cuSPARSELt version mismatch: built against "
                            f"{'.'.join(map(str, header))}, loaded {'.'.join(map(str, runtime))}")
+        # Operand A by default: operand B was not measurably faster on the H100 (the difference
+        # flipped with measurement order, bench/NOTES.md) and fuses nothing more.
+        # RT_LYNX_SPARSE_OPERAND=B asks for B (A if it fails).
+        wants_b = os.environ.get("RT_LYNX_SPARSE_OPERAND", "").upper() == "B"
+        orientation, fallback_reason = "A", ""
         with torch.cuda.device(index):
-            problem = self_test(torch.device("cuda", index))
-        if problem:
-            return False, problem
+            device = torch.device("cuda", index)
+            if wants_b:
+                module.set_sparse_b(True)
+                problem = _self_test_guarded(device)
+                if problem:
+                    fallback_reason = problem
+                else:
+                    orientation = "B"
+            if orientation == "A":
+                module.set_sparse_b(False)
+                module.clear_plans()
+                problem = _self_test_guarded(device)
+                if problem:
+                    return False, problem
         version = ".".join(map(str, runtime))
-        return True, f"{name}, cuSPARSELt {version} (torch's: {torch_cslt}), self-test passed"
+        how = f"structured operand {orientation}" + (
+            f" (operand B failed: {fallback_reason})" if fallback_reason else "")
+        return True, (f"{name}, cuSPARSELt {version} (torch's: {torch_cslt}), {how}, "
+                      "self-test passed")
     except Exception as exc:  # availability never raises
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return False, f"self-test error: {first[:300]}"
 
 
+def _self_test_guarded(device: torch.device) -> str:
+    try:
+        return self_test(device)
+    except Exception as exc:  # e.g. cuSPARSELt refusing an orientation
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"self-test error: {first[:300]}"
+
+
+def sparse_operand() -> str:
+    """'B' (activations are cuSPARSELt's structured B) or 'A'."""
+    return "B" if extension().sparse_b() else "A"
+
+
+def set_sparse_operand(operand: str) -> None:
+    """Switch the orientation (tests and benchmarks; the start-up self-test picks the default).
+    Process-wide: do not switch while other threads run the ops."""
+    if operand not in ("A", "B"):
+        raise ValueError(f"operand must be 'A' or 'B', got {operand!r}")
+    extension().set_sparse_b(operand == "B")
+
+
+def _first_difference(ours: torch.Tensor, want: torch.Tensor, rows: int, k: int) -> str:
+    ours_bytes, want_bytes = ours.view(torch.uint8), want.view(torch.uint8)
+    if ours_bytes.numel() != want_bytes.numel():
+        return f"size {want_bytes.numel()} bytes != ours {ours_bytes.numel()}"
+    if torch.equal(ours_bytes, want_bytes):
+        return ""
+    first = int((ours_bytes != want_bytes).nonzero()[0])
+    part = "values" if first < rows * k else "metadata"
+    return f"first difference in {part} at byte {first}"
+
+
 def self_test(device: torch.device) -> str:
-    """'' when our compressed layout equals torch._cslt_compress and the product matches the
-    reference for bf16 and fp16, else a one-line description of the first difference."""
+    """'' when our compressed layout equals torch._cslt_compress and cuSPARSELt's own compression
+    for the orientation in use, and the product (scale folded, bias) matches the reference for
+    bf16 and fp16; else a one-line description of the first difference."""
+    module = extension()
+    sparse_b = bool(module.sparse_b())
     generator = torch.Generator(device=device).manual_seed(1234)
     for dtype in SUPPORTED_DTYPES:
         rows, k, n = 128, 256, 64
@@ -141,17 +210,16 @@ def self_test(device: torch.device) -> str:
         x = torch.randn(rows, k, generator=generator, device=device).to(dtype)
         x = torch.where(x == 0, torch.ones((), dtype=dtype, device=device), x)
         compressed, _ = torch.ops.rt_lynx.sparsify_compress(x, rows)
-        expected = torch._cslt_compress(sparsify_nm(x)).reshape(-1)
-        if compressed.numel() != expected.numel():
-            return (f"cuSPARSELt compressed size {expected.numel()} != ours {compressed.numel()} "
-                    f"({dtype}): unsupported cuSPARSELt version")
-        ours_bytes = compressed.view(torch.uint8)
-        want_bytes = expected.view(torch.uint8)
-        if not torch.equal(ours_bytes, want_bytes):
-            first = int((ours_bytes != want_bytes).nonzero()[0])
-            part = "values" if first < rows * k else "metadata"
-            return (f"compressed layout differs from torch._cslt_compress ({dtype}, first "
-                    f"difference in {part} at byte {first}): unsupported cuSPARSELt version")
+        pruned = sparsify_nm(x)
+        difference = _first_difference(compressed, torch._cslt_compress(pruned).reshape(-1), rows, k)
+        if difference:
+            return (f"compressed layout differs from torch._cslt_compress ({dtype}, {difference}):"
+                    " unsupported cuSPARSELt version")
+        own = module.compress_reference(pruned, sparse_b)
+        difference = _first_difference(compressed, own[: compressed.numel() * 2], rows, k)
+        if difference:
+            return (f"compressed layout differs from cuSPARSELt's compression as operand "
+                    f"{'B' if sparse_b else 'A'} ({dtype}, {difference})")
         for m in (rows, 37):  # a padded M too
             xm = x[:m].contiguous()
             weight = (torch.randn(n, k, generator=generator, device=device) / k ** 0.5).to(dtype)

@@ -3,8 +3,14 @@
 // The op schemas are defined in Python (kernels/cusparselt.py, namespace rt_lynx) together with
 // their fake kernels; this file registers the CUDA implementations.
 //
-// Y = X W^T with X (M x K) the sparse operand A (compressed by our kernel, rows padded to 64) and
-// W (N x K, row-major, no copy) as B with op TRANSPOSE; D is M_padded x N row-major.
+// Y = X W^T, X (M x K, compressed by our kernel, rows padded to 64) the structured operand, in
+// one of two orientations (both give D = Y as M_padded x N row-major memory):
+//  - sparse B (RT_LYNX_SPARSE_OPERAND=B): D (N x M, col-major, ld N) = W (op T of a K x N
+//    col-major, i.e. W as stored) x X_s^T (K x M col-major, ld K: X's own memory). Same compressed layout as A.
+//  - sparse A (default): D (M x N row-major) = X_s (M x K row-major) x W^T.
+// The norm-compensation scale is folded into the compressed values by the sparsify kernel. The
+// bias needs our epilogue pass in both: cuSPARSELt 0.8 adds CUSPARSELT_MATMUL_BIAS_POINTER per
+// token in both orientations (H100: every algorithm wrong, error 1.16 = bias on the token axis).
 #include <torch/extension.h>
 
 #include <ATen/cuda/CUDAContext.h>
@@ -14,6 +20,7 @@
 #include <cuda_runtime.h>
 #include <cusparseLt.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -57,9 +64,10 @@ struct PlanKey {
   int device;
   int64_t padded_rows, k, n;
   bool bf16;
+  bool sparse_b;
   bool operator==(const PlanKey& o) const {
     return device == o.device && padded_rows == o.padded_rows && k == o.k && n == o.n &&
-           bf16 == o.bf16;
+           bf16 == o.bf16 && sparse_b == o.sparse_b;
   }
 };
 
@@ -68,7 +76,7 @@ struct PlanKeyHash {
     size_t h = std::hash<int64_t>()(key.padded_rows);
     h = h * 1000003u ^ std::hash<int64_t>()(key.k);
     h = h * 1000003u ^ std::hash<int64_t>()(key.n);
-    h = h * 1000003u ^ std::hash<int>()(key.device * 2 + (key.bf16 ? 1 : 0));
+    h = h * 1000003u ^ std::hash<int>()(key.device * 4 + (key.bf16 ? 1 : 0) + (key.sparse_b ? 2 : 0));
     return h;
   }
 };
@@ -102,19 +110,34 @@ struct GemmPlan {
 
   void init_descriptors() {
     const cudaDataType type = key.bf16 ? CUDA_R_16BF : CUDA_R_16F;
-    RT_LYNX_CSLT_CHECK(cusparseLtStructuredDescriptorInit(
-        handle, &mat_a, key.padded_rows, key.k, key.k, 16, type, CUSPARSE_ORDER_ROW,
-        CUSPARSELT_SPARSITY_50_PERCENT));
-    RT_LYNX_CSLT_CHECK(cusparseLtDenseDescriptorInit(handle, &mat_b, key.n, key.k, key.k, 16,
-                                                     type, CUSPARSE_ORDER_ROW));
-    RT_LYNX_CSLT_CHECK(cusparseLtDenseDescriptorInit(handle, &mat_d, key.padded_rows, key.n,
-                                                     key.n, 16, type, CUSPARSE_ORDER_ROW));
+    const cusparseLtMatDescriptor_t* sparse = nullptr;
+    if (key.sparse_b) {
+      RT_LYNX_CSLT_CHECK(cusparseLtDenseDescriptorInit(handle, &mat_a, key.k, key.n, key.k, 16,
+                                                       type, CUSPARSE_ORDER_COL));
+      RT_LYNX_CSLT_CHECK(cusparseLtStructuredDescriptorInit(
+          handle, &mat_b, key.k, key.padded_rows, key.k, 16, type, CUSPARSE_ORDER_COL,
+          CUSPARSELT_SPARSITY_50_PERCENT));
+      RT_LYNX_CSLT_CHECK(cusparseLtDenseDescriptorInit(handle, &mat_d, key.n, key.padded_rows,
+                                                       key.n, 16, type, CUSPARSE_ORDER_COL));
+      sparse = &mat_b;
+    } else {
+      RT_LYNX_CSLT_CHECK(cusparseLtStructuredDescriptorInit(
+          handle, &mat_a, key.padded_rows, key.k, key.k, 16, type, CUSPARSE_ORDER_ROW,
+          CUSPARSELT_SPARSITY_50_PERCENT));
+      RT_LYNX_CSLT_CHECK(cusparseLtDenseDescriptorInit(handle, &mat_b, key.n, key.k, key.k, 16,
+                                                       type, CUSPARSE_ORDER_ROW));
+      RT_LYNX_CSLT_CHECK(cusparseLtDenseDescriptorInit(handle, &mat_d, key.padded_rows, key.n,
+                                                       key.n, 16, type, CUSPARSE_ORDER_ROW));
+      sparse = &mat_a;
+    }
     descriptors_ready = true;
     RT_LYNX_CSLT_CHECK(cusparseLtMatmulDescriptorInit(
-        handle, &matmul, CUSPARSE_OPERATION_NON_TRANSPOSE, CUSPARSE_OPERATION_TRANSPOSE, &mat_a,
+        handle, &matmul,
+        key.sparse_b ? CUSPARSE_OPERATION_TRANSPOSE : CUSPARSE_OPERATION_NON_TRANSPOSE,
+        key.sparse_b ? CUSPARSE_OPERATION_NON_TRANSPOSE : CUSPARSE_OPERATION_TRANSPOSE, &mat_a,
         &mat_b, &mat_d, &mat_d, CUSPARSE_COMPUTE_32F));
     size_t compressed_bytes = 0, compress_buffer_bytes = 0;
-    RT_LYNX_CSLT_CHECK(cusparseLtSpMMACompressedSize2(handle, &mat_a, &compressed_bytes,
+    RT_LYNX_CSLT_CHECK(cusparseLtSpMMACompressedSize2(handle, sparse, &compressed_bytes,
                                                       &compress_buffer_bytes));
     const size_t ours = static_cast<size_t>(compressed_numel(key.padded_rows, key.k)) * 2;
     require(compressed_bytes <= ours, "cuSPARSELt wants ", compressed_bytes,
@@ -174,8 +197,10 @@ struct GemmPlan {
   }
 
   // One launch on `stream`; the workspace comes from torch's caching allocator.
-  void run(const void* a, const void* b, void* d, cudaStream_t stream, const at::Device& device,
-           bool search = false) {
+  void run(const void* sparse, const void* weight, void* d, cudaStream_t stream,
+           const at::Device& device, bool search = false) {
+    const void* a = key.sparse_b ? weight : sparse;
+    const void* b = key.sparse_b ? sparse : weight;
     at::Tensor workspace;
     void* workspace_ptr = nullptr;
     if (workspace_bytes > 0) {
@@ -223,7 +248,8 @@ PlanCheckData make_check_data(const PlanKey& key, cudaStream_t stream) {
   data.weight = at::randn({key.n, key.k}, gen, opts).div_(std::sqrt(static_cast<double>(key.k)));
   data.compressed = at::empty({compressed_numel(key.padded_rows, key.k)}, opts);
   launch_sparsify_compress(data.dense_sparse.data_ptr(), key.padded_rows, key.padded_rows, key.k,
-                           key.k, key.bf16, data.compressed.data_ptr(), nullptr, stream);
+                           key.k, key.bf16, /*fold_scale=*/false, data.compressed.data_ptr(),
+                           nullptr, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   data.reference = at::matmul(data.dense_sparse, data.weight.t()).to(at::kFloat);
   data.reference_norm = data.reference.norm().item<double>();
@@ -270,19 +296,30 @@ float time_plan_ms(GemmPlan& plan, const PlanCheckData& data, cudaStream_t strea
   return ms / iters;
 }
 
-std::unique_ptr<GemmPlan> build_plan(const PlanKey& key, cudaStream_t stream) {
+// The algorithm chosen (and checked against dense) for one config key.
+struct AlgConfig {
+  int alg_id = -1, split_k = 1, split_k_mode = 0;
+  std::string chosen_by;
+};
+
+std::unique_ptr<GemmPlan> new_plan(const PlanKey& key) {
   auto plan = std::make_unique<GemmPlan>();
   plan->key = key;
   plan->handle = handle_for_device(key.device);
   plan->init_descriptors();
-  plan->init_selection(-1, 1, 0);
-  const auto data = make_check_data(key, stream);
+  return plan;
+}
+
+AlgConfig search_config(const PlanKey& config_key, cudaStream_t stream) {
+  const auto data = make_check_data(config_key, stream);
   const auto device = data.weight.device();
+  auto plan = new_plan(config_key);
+  plan->init_selection(-1, 1, 0);
 
   // cuSPARSELt's own search first; some algorithm ids give wrong results now and then, so the
   // winner is checked against dense several times before it is trusted.
   {
-    auto out = at::empty({key.padded_rows, key.n}, data.weight.options());
+    auto out = at::empty({config_key.padded_rows, config_key.n}, data.weight.options());
     plan->run(data.compressed.data_ptr(), data.weight.data_ptr(), out.data_ptr(), stream, device,
               /*search=*/true);
     plan->read_selection();
@@ -290,8 +327,7 @@ std::unique_ptr<GemmPlan> build_plan(const PlanKey& key, cudaStream_t stream) {
     plan->init_selection(plan->alg_id, plan->split_k, plan->split_k_mode);
     double err = 0.0;
     if (plan_matches_dense(*plan, data, stream, 3, &err)) {
-      plan->chosen_by = "search";
-      return plan;
+      return AlgConfig{plan->alg_id, plan->split_k, plan->split_k_mode, "search"};
     }
     std::fprintf(stderr,
                  "RT-Lynx: cuSPARSELt's searched algorithm %d (split_k %d) gave a wrong product "
@@ -324,11 +360,13 @@ std::unique_ptr<GemmPlan> build_plan(const PlanKey& key, cudaStream_t stream) {
     }
   }
   require(best_id >= 0, "RT-Lynx: no cuSPARSELt algorithm gives a correct product for M=",
-              key.padded_rows, " K=", key.k, " N=", key.n, " (wrong ids:", rejected, ")");
+              config_key.padded_rows, " K=", config_key.k, " N=", config_key.n,
+              config_key.sparse_b ? " (sparse B)" : " (sparse A)", " (wrong ids:", rejected,
+              ")");
   plan->init_selection(best_id, 1, 0);
   plan->read_selection();
-  plan->chosen_by = "sweep (wrong ids:" + rejected + ")";
-  return plan;
+  return AlgConfig{plan->alg_id, plan->split_k, plan->split_k_mode,
+                   "sweep (wrong ids:" + rejected + ")"};
 }
 
 std::mutex& plan_mutex() {
@@ -350,10 +388,25 @@ GemmPlan& plan_for(const PlanKey& key, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   require(capture == cudaStreamCaptureStatusNone,
               "RT-Lynx: the sparse GEMM plan for M_padded=", key.padded_rows, " K=", key.k,
-              " N=", key.n, " is built and checked on first use, which cannot happen inside CUDA "
-              "graph capture: run the layer once eagerly before capturing");
-  auto plan = build_plan(key, stream);
+              " N=", key.n, " is searched and checked on first use, which cannot happen inside "
+              "CUDA graph capture: run the layer once eagerly before capturing");
+  const AlgConfig config = search_config(key, stream);
+  auto plan = new_plan(key);
+  plan->init_selection(config.alg_id, config.split_k, config.split_k_mode);
+  plan->read_selection();
+  plan->chosen_by = config.chosen_by;
   return *cache.emplace(key, std::move(plan)).first->second;
+}
+
+// The orientation sparse_linear and sparse_mm use (set by the Python self-test).
+std::atomic<bool>& sparse_b_mode() {
+  static std::atomic<bool> mode{false};
+  return mode;
+}
+
+PlanKey key_for(const at::Tensor& x, int64_t padded_rows, int64_t n) {
+  return PlanKey{x.get_device(), padded_rows, x.size(1), n, x.scalar_type() == at::kBFloat16,
+                 sparse_b_mode().load()};
 }
 
 bool is_supported_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
@@ -389,25 +442,33 @@ void check_weight(const at::Tensor& weight, const at::Tensor& x, const char* op)
               "would cost more than the sparse GEMM saves)");
 }
 
-PlanKey key_for(const at::Tensor& x, int64_t padded_rows, int64_t n) {
-  return PlanKey{x.get_device(), padded_rows, x.size(1), n, x.scalar_type() == at::kBFloat16};
-}
-
-std::tuple<at::Tensor, at::Tensor> sparsify_compress_op(const at::Tensor& x_in,
-                                                        int64_t padded_rows) {
-  const auto x = checked_activation(x_in, "rt_lynx::sparsify_compress");
+std::tuple<at::Tensor, at::Tensor> sparsify_op(const at::Tensor& x_in, int64_t padded_rows,
+                                               bool fold, int64_t split, const char* op) {
+  const auto x = checked_activation(x_in, op);
   const c10::cuda::CUDAGuard guard(x.device());
-  require(padded_rows >= x.size(0) && padded_rows % kRowPad == 0,
-              "rt_lynx::sparsify_compress: m_padded must be a multiple of 64 and >= M, got ",
-              padded_rows, " for M=", x.size(0));
+  require(padded_rows >= x.size(0) && padded_rows % kRowPad == 0, op,
+              ": m_padded must be a multiple of 64 and >= M, got ", padded_rows, " for M=",
+              x.size(0));
+  require(split >= 0 && split <= 8 && (split & (split - 1)) == 0, op,
+              ": split must be 0 (auto), 1, 2, 4 or 8");
   auto compressed = at::empty({compressed_numel(padded_rows, x.size(1))}, x.options());
   auto scale = at::empty({padded_rows}, x.options().dtype(at::kFloat));
   const auto stream = at::cuda::getCurrentCUDAStream();
   launch_sparsify_compress(x.data_ptr(), x.size(0), padded_rows, x.size(1), x.stride(0),
-                           x.scalar_type() == at::kBFloat16, compressed.data_ptr(),
-                           scale.data_ptr<float>(), stream);
+                           x.scalar_type() == at::kBFloat16, fold, compressed.data_ptr(),
+                           scale.data_ptr<float>(), stream, static_cast<int>(split));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {compressed, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparsify_compress_op(const at::Tensor& x, int64_t padded_rows) {
+  return sparsify_op(x, padded_rows, false, 0, "rt_lynx::sparsify_compress");
+}
+
+std::tuple<at::Tensor, at::Tensor> sparsify_compress_scaled_op(const at::Tensor& x,
+                                                               int64_t padded_rows,
+                                                               int64_t split) {
+  return sparsify_op(x, padded_rows, true, split, "rt_lynx::sparsify_compress_scaled");
 }
 
 at::Tensor sparse_mm_op(const at::Tensor& compressed, const at::Tensor& weight,
@@ -430,9 +491,9 @@ at::Tensor sparse_mm_op(const at::Tensor& compressed, const at::Tensor& weight,
               " out_features % 16 == 0");
   const c10::cuda::CUDAGuard guard(compressed.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  auto& plan = plan_for(PlanKey{compressed.get_device(), padded_rows, k, weight.size(0),
-                                compressed.scalar_type() == at::kBFloat16},
-                        stream);
+  const PlanKey key{compressed.get_device(), padded_rows, k, weight.size(0),
+                    compressed.scalar_type() == at::kBFloat16, sparse_b_mode().load()};
+  auto& plan = plan_for(key, stream);
   auto out = at::empty({padded_rows, weight.size(0)}, weight.options());
   plan.run(compressed.data_ptr(), weight.data_ptr(), out.data_ptr(), stream, out.device());
   return out;
@@ -461,27 +522,22 @@ at::Tensor sparse_linear_op(const at::Tensor& x_in, const at::Tensor& weight,
 
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto compressed = at::empty({compressed_numel(padded_rows, k)}, x.options());
-  at::Tensor scale;
-  if (compensate) scale = at::empty({padded_rows}, x.options().dtype(at::kFloat));
-  launch_sparsify_compress(x.data_ptr(), rows, padded_rows, k, x.stride(0), is_bf16,
-                           compressed.data_ptr(), compensate ? scale.data_ptr<float>() : nullptr,
-                           stream);
+  launch_sparsify_compress(x.data_ptr(), rows, padded_rows, k, x.stride(0), is_bf16, compensate,
+                           compressed.data_ptr(), nullptr, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
+  // Both orientations leave D as M_padded x N row-major memory; y is its first M rows (a
+  // contiguous view, no copy).
+  auto out = at::empty({padded_rows, n}, x.options());
   auto& plan = plan_for(key_for(x, padded_rows, n), stream);
-  auto y = at::empty({rows, n}, x.options());
-  // cuSPARSELt writes M_padded rows; the epilogue then scales/biases in place, or copies the
-  // first M rows out of the padded buffer.
-  auto gemm_out = padded_rows == rows ? y : at::empty({padded_rows, n}, x.options());
-  plan.run(compressed.data_ptr(), weight.data_ptr(), gemm_out.data_ptr(), stream, x.device());
-  if (compensate || bias.defined() || padded_rows != rows) {
-    launch_scale_bias_epilogue(gemm_out.data_ptr(), y.data_ptr(), rows, n,
-                               compensate ? scale.data_ptr<float>() : nullptr,
-                               bias.defined() ? bias.data_ptr() : nullptr,
-                               bias.defined() && bias.scalar_type() == at::kFloat, is_bf16, stream);
+  plan.run(compressed.data_ptr(), weight.data_ptr(), out.data_ptr(), stream, x.device());
+  if (bias.defined()) {
+    // Bias only (the scale is in the values), in place over the first M rows.
+    launch_scale_bias_epilogue(out.data_ptr(), out.data_ptr(), rows, n, nullptr, bias.data_ptr(),
+                               bias.scalar_type() == at::kFloat, is_bf16, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return y;
+  return padded_rows == rows ? out : out.narrow(0, 0, rows);
 }
 
 at::Tensor scale_bias_epilogue_op(const at::Tensor& gemm, const c10::optional<at::Tensor>& scale,
@@ -514,6 +570,36 @@ at::Tensor scale_bias_epilogue_op(const at::Tensor& gemm, const c10::optional<at
   return y;
 }
 
+// cuSPARSELt's own compression of a pruned dense M_padded x K matrix (x's memory) as the
+// structured operand of the given orientation: the reference our layout is checked against.
+at::Tensor compress_reference(const at::Tensor& pruned, bool sparse_b) {
+  require(pruned.is_cuda() && pruned.dim() == 2 && pruned.is_contiguous() &&
+              is_supported_dtype(pruned.scalar_type()) && pruned.size(0) % kRowPad == 0 &&
+              pruned.size(1) % 64 == 0,
+          "compress_reference: needs a contiguous bf16/fp16 CUDA matrix, rows % 64 == 0, "
+          "cols % 64 == 0");
+  const c10::cuda::CUDAGuard guard(pruned.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const PlanKey key{pruned.get_device(), pruned.size(0), pruned.size(1), 16,
+                    pruned.scalar_type() == at::kBFloat16, sparse_b};
+  auto plan = new_plan(key);
+  const cusparseLtMatDescriptor_t* sparse = sparse_b ? &plan->mat_b : &plan->mat_a;
+  size_t compressed_bytes = 0, buffer_bytes = 0;
+  RT_LYNX_CSLT_CHECK(
+      cusparseLtSpMMACompressedSize2(plan->handle, sparse, &compressed_bytes, &buffer_bytes));
+  auto out = at::zeros({static_cast<int64_t>(compressed_bytes)},
+                       pruned.options().dtype(at::kByte));
+  auto buffer = at::empty({static_cast<int64_t>(std::max<size_t>(buffer_bytes, 1))},
+                          pruned.options().dtype(at::kByte));
+  RT_LYNX_CSLT_CHECK(cusparseLtSpMMACompress2(
+      plan->handle, sparse, sparse_b ? 0 : 1, CUSPARSE_OPERATION_NON_TRANSPOSE,
+      pruned.data_ptr(), out.data_ptr(), buffer.data_ptr(), stream));
+  return out;
+}
+
+void set_sparse_b(bool on) { sparse_b_mode().store(on); }
+bool get_sparse_b() { return sparse_b_mode().load(); }
+
 std::vector<int64_t> cusparselt_versions() {
   int major = 0, minor = 0, patch = 0;
   RT_LYNX_CSLT_CHECK(cusparseLtGetProperty(MAJOR_VERSION, &major));
@@ -532,7 +618,8 @@ plan_info() {
   for (const auto& entry : plan_cache()) {
     const auto& p = *entry.second;
     rows.emplace_back(p.key.padded_rows, p.key.k, p.key.n, p.key.bf16, p.alg_id, p.split_k,
-                      p.split_k_mode, static_cast<int64_t>(p.workspace_bytes), p.chosen_by);
+                      p.split_k_mode, static_cast<int64_t>(p.workspace_bytes),
+                      std::string(p.key.sparse_b ? "sparse B, " : "sparse A, ") + p.chosen_by);
   }
   return rows;
 }
@@ -547,6 +634,7 @@ void clear_plans() {
 
 TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) {
   m.impl("sparsify_compress", &rt_lynx::sparsify_compress_op);
+  m.impl("sparsify_compress_scaled", &rt_lynx::sparsify_compress_scaled_op);
   m.impl("sparse_mm", &rt_lynx::sparse_mm_op);
   m.impl("sparse_linear", &rt_lynx::sparse_linear_op);
   m.impl("scale_bias_epilogue", &rt_lynx::scale_bias_epilogue_op);
@@ -558,4 +646,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan_info", &rt_lynx::plan_info,
         "cached plans: (M_padded, K, N, bf16, alg_id, split_k, split_k_mode, workspace, chosen_by)");
   m.def("clear_plans", &rt_lynx::clear_plans, "drop every cached cuSPARSELt plan");
+  m.def("compress_reference", &rt_lynx::compress_reference,
+        "cuSPARSELt's compression of a pruned M_padded x K matrix (bytes) as operand B or A");
+  m.def("set_sparse_b", &rt_lynx::set_sparse_b,
+        "True: activations are the structured B operand; False: operand A (default)");
+  m.def("sparse_b", &rt_lynx::get_sparse_b, "the orientation in use");
+  m.def("sparsify_split_for", &rt_lynx::sparsify_split_for,
+        "warps per row pair the sparsify kernel uses for (m_padded, K)");
 }

@@ -1,5 +1,5 @@
-// RT-Lynx memory-bound kernels: fused 2:4 sparsify + cuSPARSELt compression + norm scale, and
-// the per-token-scale / per-feature-bias epilogue that follows the sparse GEMM.
+// RT-Lynx memory-bound kernels: fused 2:4 sparsify + cuSPARSELt compression + norm scale (folded
+// into the values, or returned), and the scale/bias epilogue kept for the structured-A fallback.
 //
 // Compressed layout (cuSPARSELt 0.8, 16-bit types, rows padded to 64, checked at start-up
 // against torch._cslt_compress): values = rows * cols/2 elements, row-major, the two kept
@@ -79,15 +79,40 @@ __device__ __forceinline__ void select_chunk(const uint4 (&in)[4], uint4 (&out)[
   out[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
 }
 
-// Block = 16 rows (8 row pairs r, r+8 that share metadata bytes) x 32 lanes over column chunks.
-// A warp is one row pair, so the row norms reduce with shuffles only.
+// Block = 8 warps over one 16-row group (rows r and r+8 share metadata bytes, so a warp always
+// owns a row pair). kSplit warps share a row pair and split its 32-column chunks, so small M
+// still fills the chip (8 / kSplit row pairs per block). Row norms reduce with shuffles, then
+// across the kSplit warps through shared memory.
+// kFold: the scale s = ||x|| / ||x_kept|| is needed before any value is written, so a first
+// pass only reads (norms), and a second pass re-reads the row pair (mostly from L2) and writes
+// round(s * x_kept). Without kFold one pass writes the unscaled values (and the scale, if asked).
 template <bool kBf16>
+__device__ __forceinline__ uint32_t scale_pair(uint32_t pair, float s) {
+  // One fp32 multiply and one rounding per value: the same as (x.float() * s).to(dtype).
+  const float lo = __fmul_rn(bits_to_float<kBf16>(pair & 0xffffu), s);
+  const float hi = __fmul_rn(bits_to_float<kBf16>(pair >> 16), s);
+  return float_to_bits<kBf16>(lo) | (float_to_bits<kBf16>(hi) << 16);
+}
+
+template <bool kBf16>
+__device__ __forceinline__ void load_chunk(const uint4* row, bool valid, int64_t c, uint4 (&in)[4]) {
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) in[i] = valid ? __ldg(row + c * 4 + i) : zero;
+}
+
+template <bool kBf16, bool kFold, int kSplit>
 __global__ void __launch_bounds__(256) sparsify_compress_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t cols, int64_t ld_x,
     uint16_t* __restrict__ values, uint8_t* __restrict__ meta, float* __restrict__ scale) {
+  constexpr int kPairsPerBlock = 8 / kSplit;
   const int lane = threadIdx.x;
-  const int row_in_8 = threadIdx.y;
-  const int64_t block_row = int64_t(blockIdx.x) * 16;
+  const int warp = threadIdx.y;                 // 0..7
+  const int pair_in_block = warp / kSplit;
+  const int split = warp % kSplit;
+  const int64_t group = int64_t(blockIdx.x) / kSplit;          // 16-row group
+  const int row_in_8 = int(blockIdx.x % kSplit) * kPairsPerBlock + pair_in_block;
+  const int64_t block_row = group * 16;
   const int64_t r0 = block_row + row_in_8;
   const int64_t r1 = r0 + 8;
   const bool has_r0 = r0 < rows;
@@ -98,20 +123,74 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
   uint4* v0 = reinterpret_cast<uint4*>(values + r0 * (cols / 2));
   uint4* v1 = reinterpret_cast<uint4*>(values + r1 * (cols / 2));
   uint8_t* meta_row = meta + (block_row / 64) * 8 * cols + ((block_row % 64) / 16) * 64 + row_in_8 * 8;
-  float dense0 = 0.f, kept0 = 0.f, dense1 = 0.f, kept1 = 0.f;
-  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  const int64_t first = int64_t(split) * 32 + lane;
+  constexpr int64_t kStride = 32 * kSplit;
 
-  for (int64_t c = lane; c < chunks; c += 32) {
-    uint4 in0[4], in1[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      in0[i] = has_r0 ? __ldg(x0 + c * 4 + i) : zero;
-      in1[i] = has_r1 ? __ldg(x1 + c * 4 + i) : zero;
+  float dense0 = 0.f, kept0 = 0.f, dense1 = 0.f, kept1 = 0.f;
+  if constexpr (kFold) {
+    for (int64_t c = first; c < chunks; c += kStride) {
+      uint4 in0[4], in1[4], out[2];
+      uint32_t codes[8];
+      load_chunk<kBf16>(x0, has_r0, c, in0);
+      load_chunk<kBf16>(x1, has_r1, c, in1);
+      select_chunk<kBf16>(in0, out, codes, dense0, kept0);
+      select_chunk<kBf16>(in1, out, codes, dense1, kept1);
     }
+  }
+  const bool need_norms = kFold || scale != nullptr;
+  float s0 = 1.f, s1 = 1.f;
+  if (need_norms && kFold) {
+    // Reduce before the writing pass.
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      dense0 += __shfl_xor_sync(0xffffffffu, dense0, offset);
+      kept0 += __shfl_xor_sync(0xffffffffu, kept0, offset);
+      dense1 += __shfl_xor_sync(0xffffffffu, dense1, offset);
+      kept1 += __shfl_xor_sync(0xffffffffu, kept1, offset);
+    }
+    if constexpr (kSplit > 1) {
+      __shared__ float partial[8][4];
+      if (lane == 0) {
+        partial[warp][0] = dense0; partial[warp][1] = kept0;
+        partial[warp][2] = dense1; partial[warp][3] = kept1;
+      }
+      __syncthreads();
+      dense0 = kept0 = dense1 = kept1 = 0.f;
+#pragma unroll
+      for (int w = 0; w < kSplit; ++w) {  // same order in every warp: identical sums
+        const int src = pair_in_block * kSplit + w;
+        dense0 += partial[src][0]; kept0 += partial[src][1];
+        dense1 += partial[src][2]; kept1 += partial[src][3];
+      }
+    }
+    // An all-zero token keeps nothing of weight: scale 1, as in the reference.
+    s0 = kept0 > 0.f ? sqrtf(dense0 / kept0) : 1.f;
+    s1 = kept1 > 0.f ? sqrtf(dense1 / kept1) : 1.f;
+    if (scale != nullptr && split == 0 && lane == 0) {
+      scale[r0] = s0;
+      scale[r1] = s1;
+    }
+  }
+
+  float d0 = 0.f, k0 = 0.f, d1 = 0.f, k1 = 0.f;
+  for (int64_t c = first; c < chunks; c += kStride) {
+    uint4 in0[4], in1[4];
+    load_chunk<kBf16>(x0, has_r0, c, in0);
+    load_chunk<kBf16>(x1, has_r1, c, in1);
     uint4 out0[2], out1[2];
     uint32_t codes0[8], codes1[8];
-    select_chunk<kBf16>(in0, out0, codes0, dense0, kept0);
-    select_chunk<kBf16>(in1, out1, codes1, dense1, kept1);
+    select_chunk<kBf16>(in0, out0, codes0, d0, k0);
+    select_chunk<kBf16>(in1, out1, codes1, d1, k1);
+    if constexpr (kFold) {
+      out0[0] = make_uint4(scale_pair<kBf16>(out0[0].x, s0), scale_pair<kBf16>(out0[0].y, s0),
+                           scale_pair<kBf16>(out0[0].z, s0), scale_pair<kBf16>(out0[0].w, s0));
+      out0[1] = make_uint4(scale_pair<kBf16>(out0[1].x, s0), scale_pair<kBf16>(out0[1].y, s0),
+                           scale_pair<kBf16>(out0[1].z, s0), scale_pair<kBf16>(out0[1].w, s0));
+      out1[0] = make_uint4(scale_pair<kBf16>(out1[0].x, s1), scale_pair<kBf16>(out1[0].y, s1),
+                           scale_pair<kBf16>(out1[0].z, s1), scale_pair<kBf16>(out1[0].w, s1));
+      out1[1] = make_uint4(scale_pair<kBf16>(out1[1].x, s1), scale_pair<kBf16>(out1[1].y, s1),
+                           scale_pair<kBf16>(out1[1].z, s1), scale_pair<kBf16>(out1[1].w, s1));
+    }
     v0[c * 2] = out0[0];
     v0[c * 2 + 1] = out0[1];
     v1[c * 2] = out1[0];
@@ -125,18 +204,32 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
     *reinterpret_cast<uint64_t*>(meta_row + c * 256) = word;
   }
 
-  if (scale != nullptr) {
+  if (!kFold && scale != nullptr) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
-      dense0 += __shfl_xor_sync(0xffffffffu, dense0, offset);
-      kept0 += __shfl_xor_sync(0xffffffffu, kept0, offset);
-      dense1 += __shfl_xor_sync(0xffffffffu, dense1, offset);
-      kept1 += __shfl_xor_sync(0xffffffffu, kept1, offset);
+      d0 += __shfl_xor_sync(0xffffffffu, d0, offset);
+      k0 += __shfl_xor_sync(0xffffffffu, k0, offset);
+      d1 += __shfl_xor_sync(0xffffffffu, d1, offset);
+      k1 += __shfl_xor_sync(0xffffffffu, k1, offset);
     }
-    if (lane == 0) {
-      // An all-zero token keeps nothing of weight: scale 1, as in the reference.
-      scale[r0] = kept0 > 0.f ? sqrtf(dense0 / kept0) : 1.f;
-      scale[r1] = kept1 > 0.f ? sqrtf(dense1 / kept1) : 1.f;
+    if constexpr (kSplit > 1) {
+      __shared__ float partial_u[8][4];
+      if (lane == 0) {
+        partial_u[warp][0] = d0; partial_u[warp][1] = k0;
+        partial_u[warp][2] = d1; partial_u[warp][3] = k1;
+      }
+      __syncthreads();
+      d0 = k0 = d1 = k1 = 0.f;
+#pragma unroll
+      for (int w = 0; w < kSplit; ++w) {
+        const int src = pair_in_block * kSplit + w;
+        d0 += partial_u[src][0]; k0 += partial_u[src][1];
+        d1 += partial_u[src][2]; k1 += partial_u[src][3];
+      }
+    }
+    if (split == 0 && lane == 0) {
+      scale[r0] = k0 > 0.f ? sqrtf(d0 / k0) : 1.f;
+      scale[r1] = k1 > 0.f ? sqrtf(d1 / k1) : 1.f;
     }
   }
 }
@@ -218,22 +311,81 @@ void launch_epilogue_dtype(const void* gemm, void* y, int64_t rows, int64_t cols
 
 }  // namespace
 
+namespace {
+
+template <bool kBf16, bool kFold, int kSplit>
+void launch_sparsify_variant(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
+                             int64_t ld_x, uint16_t* values, uint8_t* meta, float* scale,
+                             cudaStream_t stream) {
+  const int64_t blocks = padded_rows / 16 * kSplit;
+  require(blocks <= 0x7fffffff, "sparsify: too many rows for one launch");
+  sparsify_compress_kernel<kBf16, kFold, kSplit><<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
+      static_cast<const uint16_t*>(x), rows, cols, ld_x, values, meta, scale);
+}
+
+template <bool kBf16, bool kFold>
+void launch_sparsify_split(int split, const void* x, int64_t rows, int64_t padded_rows,
+                           int64_t cols, int64_t ld_x, uint16_t* values, uint8_t* meta,
+                           float* scale, cudaStream_t stream) {
+  switch (split) {
+    case 1: return launch_sparsify_variant<kBf16, kFold, 1>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    case 2: return launch_sparsify_variant<kBf16, kFold, 2>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    case 4: return launch_sparsify_variant<kBf16, kFold, 4>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    default: return launch_sparsify_variant<kBf16, kFold, 8>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+  }
+}
+
+struct DeviceShape {
+  int64_t sms = 132, l2_bytes = 50 << 20;
+};
+
+DeviceShape device_shape() {
+  DeviceShape shape;
+  int device = 0, sms = 0, l2 = 0;
+  if (cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device) == cudaSuccess) {
+    shape.sms = sms;
+    shape.l2_bytes = l2;
+  }
+  return shape;
+}
+
+}  // namespace
+
+int sparsify_split_for(int64_t padded_rows, int64_t cols) {
+  // Two goals: at least one block per SM (small M), and the rows that resident blocks (2 per SM
+  // at 128 registers) read in the norm pass still in half the L2 when the write pass re-reads
+  // them (large K). A warp covers 32 chunks of 32 columns per step: keep half its lanes busy.
+  // (H100: 4 blocks per SM as the goal made M=4096..8192, K=3072 7-30% slower than split 1.)
+  const DeviceShape device = device_shape();
+  const int64_t groups = padded_rows / 16;
+  const int64_t chunks = cols / 32;
+  const int64_t group_bytes = 16 * cols * 2;  // a 16-row group, split over `split` blocks
+  int split = 1;
+  while (split < 8 && chunks / (2 * split) >= 16 &&
+         (groups * split < device.sms ||
+          2 * device.sms * group_bytes / split > device.l2_bytes / 2)) {
+    split *= 2;
+  }
+  return split;
+}
+
 void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
-                              int64_t ld_x, bool is_bf16, void* compressed, float* scale,
-                              cudaStream_t stream) {
+                              int64_t ld_x, bool is_bf16, bool fold_scale, void* compressed,
+                              float* scale, cudaStream_t stream, int split) {
   require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify: bad padded row count");
   require(cols % 32 == 0, "sparsify: columns must be a multiple of 32");
   auto* values = static_cast<uint16_t*>(compressed);
   auto* meta = static_cast<uint8_t*>(compressed) + padded_rows * cols;  // after rows*cols/2 values
-  const dim3 block(32, 8);
-  const int64_t blocks = padded_rows / 16;
-  require(blocks <= 0x7fffffff, "sparsify: too many rows for one launch");
+  if (split <= 0) split = sparsify_split_for(padded_rows, cols);
+  require(split == 1 || split == 2 || split == 4 || split == 8, "sparsify: split must be 1, 2, 4 or 8");
   if (is_bf16) {
-    sparsify_compress_kernel<true><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
-        static_cast<const uint16_t*>(x), rows, cols, ld_x, values, meta, scale);
+    if (fold_scale) launch_sparsify_split<true, true>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    else launch_sparsify_split<true, false>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
   } else {
-    sparsify_compress_kernel<false><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
-        static_cast<const uint16_t*>(x), rows, cols, ld_x, values, meta, scale);
+    if (fold_scale) launch_sparsify_split<false, true>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    else launch_sparsify_split<false, false>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
   }
 }
 

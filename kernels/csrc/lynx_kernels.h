@@ -36,12 +36,17 @@ inline void require(bool ok, const Parts&... parts) {
   throw std::runtime_error(message);
 }
 
-// Reads x (rows x cols, row stride ld_x elements, 16-bit floats) once; writes the cuSPARSELt
-// compressed buffer of the 2:4-sparsified matrix padded to padded_rows (values then metadata)
-// and, if scale != nullptr, the per-row norm compensation scale (padded_rows floats).
+// Reads x (rows x cols, row stride ld_x elements, 16-bit floats); writes the cuSPARSELt
+// compressed buffer of the 2:4-sparsified matrix padded to padded_rows (values then metadata).
+// fold_scale: values are round(s * x_kept) with s = ||x|| / ||x_kept|| per row (read twice);
+// else the kept values unchanged. scale (padded_rows floats, may be nullptr) receives s.
+// split: warps per row pair (1, 2, 4, 8), <= 0 picks one from the shape and the SM count.
 void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
-                              int64_t ld_x, bool is_bf16, void* compressed, float* scale,
-                              cudaStream_t stream);
+                              int64_t ld_x, bool is_bf16, bool fold_scale, void* compressed,
+                              float* scale, cudaStream_t stream, int split = 0);
+
+// The split launch_sparsify_compress picks for split <= 0.
+int sparsify_split_for(int64_t padded_rows, int64_t cols);
 
 // y[r, c] = out_dtype(float(gemm[r, c]) * scale[r] + bias[c]) for r < rows; scale and bias may be
 // nullptr. gemm and y may be the same buffer. bias_is_float selects fp32 bias, else x's dtype.
