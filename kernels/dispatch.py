@@ -79,5 +79,8 @@ def sparse_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         where = "sparse tensor cores" if choice.name == "cusparselt" else "reference PyTorch path"
         log_once(f"{_describe(x2d, weight)}: {where} ({choice.reason})")
     if choice.name == "cusparselt":
-        return _fast.sparse_linear(x2d, weight, bias, compensate)
+        y = _fast.sparse_linear(x2d, weight, None, compensate)
+        # The bias is added outside the op: under torch.compile Inductor fuses it into the next
+        # elementwise work (activation, gate, residual) instead of a pass of its own.
+        return y if bias is None else y.add_(bias)
     return reference.sparse_linear_reference(x2d, weight, bias, compensate, n, m)
