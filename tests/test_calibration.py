@@ -6,7 +6,7 @@ from helpers import tree_from_linears
 from rt_lynx_pack.kernels import sparse_linear_reference
 from rt_lynx_pack.lynx import LynxConfig, SelectionOptions, attach_lora, installed, plan_model
 from rt_lynx_pack.lynx.calibration import (calibrate_lynx_lora, fit_low_rank, plan_groups, sparse_input,
-                                           statistics_bytes)
+                                           statistics_bytes, uncalibrated_layers)
 from rt_lynx_pack.lynx.tiny_dit import Modulation, TinyDiTConfig, TinyFluxDiT, random_inputs
 
 LAYER = "double_blocks.0.img_attn.qkv"
@@ -139,7 +139,7 @@ def test_grouped_passes_match_one_pass_and_progress_is_reported():
         calibrate_lynx_lora(model, plan, iter(inputs), rank=4, memory_budget_bytes=budget)
 
 
-def test_calibrated_lora_reduces_tiny_dit_output_error():
+def outlier_tiny_dit():
     torch.manual_seed(0)
     config = TinyDiTConfig(hidden=64, heads=2)
     model = TinyFluxDiT(config).eval()
@@ -151,32 +151,76 @@ def test_calibrated_lora_reduces_tiny_dit_output_error():
                 bias = module.lin.bias.view(module.chunks, config.hidden)
                 for scale_chunk in (1, 4)[:module.chunks // 3]:
                     bias[scale_chunk] = torch.exp(1.5 * torch.randn(config.hidden)) - 1
+    return config, model
+
+
+def output_error(model, active_plan, inputs):
+    """Relative squared error of the model under `active_plan` vs dense, over `inputs`."""
+    total, reference = 0.0, 0.0
+    with torch.no_grad():
+        for item in inputs:
+            dense = model(*item)
+            with installed(model, active_plan):
+                lynx = model(*item)
+            total += (lynx - dense).square().sum().item()
+            reference += dense.square().sum().item()
+    return total / reference
+
+
+def test_calibrated_lora_reduces_tiny_dit_output_error():
+    config, model = outlier_tiny_dit()
     plan = plan_model(model)
     g = torch.Generator().manual_seed(5)
     calibration = [random_inputs(config, 2, 64, 16, g) for _ in range(8)]
     held_out = [random_inputs(config, 2, 64, 16, g) for _ in range(3)]
     lora = calibrate_lynx_lora(model, plan, calibration, rank=8)
     with_lora = attach_lora(plan, lora, 1.0)
-
-    def error(active_plan):
-        total, reference = 0.0, 0.0
-        with torch.no_grad():
-            for item in held_out:
-                dense = model(*item)
-                with installed(model, active_plan):
-                    lynx = model(*item)
-                total += (lynx - dense).square().sum().item()
-                reference += dense.square().sum().item()
-        return total / reference
-
-    sparse_error, calibrated_error = error(plan), error(with_lora)
+    sparse_error, calibrated_error = output_error(model, plan, held_out), output_error(model, with_lora, held_out)
     assert calibrated_error < 0.8 * sparse_error, (sparse_error, calibrated_error)
 
 
 def test_layers_below_min_tokens_and_bad_rank():
     model, _ = single_layer_model()
     plan = plan_model(model, LynxConfig(min_tokens=100), SelectionOptions(include=r"double_blocks"))
-    with pytest.raises(ValueError, match="no calibration input reached"):
+    with pytest.raises(ValueError, match="no calibration input ran a sparsified layer sparse"):
         calibrate_lynx_lora(model, plan, [(torch.randn(10, 64, dtype=torch.float64),)], rank=4, run=run_layer)
     with pytest.raises(ValueError, match="rank 64 exceeds"):
         calibrate_lynx_lora(model, plan, [(torch.randn(10, 64, dtype=torch.float64),)], rank=64, run=run_layer)
+
+
+@pytest.mark.parametrize("k, n", [(48, 20), (20, 48)])
+def test_fit_matches_the_truncated_svd_of_the_whitened_target(k, n):
+    """The Gram-eigenvector shortcut gives the same rank-r product as a full SVD, tall or wide."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(200, k, generator=g, dtype=torch.float64) * torch.logspace(0, -1, k, dtype=torch.float64)
+    weight = torch.randn(n, k, generator=g, dtype=torch.float64)
+    c_xx, c_xd = x.T @ x, x.T @ (x - sparse_input(x, 2, 4, True))
+    down, up = fit_low_rank(c_xx, c_xd, weight, 5, ridge=0.0)
+    chol = torch.linalg.cholesky(c_xx)
+    u, s, vh = torch.linalg.svd(torch.linalg.solve_triangular(chol, c_xd @ weight.T, upper=False))
+    reference = torch.linalg.solve_triangular(chol.T, u[:, :5] * s[:5], upper=True) @ vh[:5]
+    assert torch.allclose(down.T @ up.T, reference, atol=1e-8, rtol=1e-6)
+    # A target of rank below r: the extra directions get a zero branch, not NaN.
+    down, up = fit_low_rank(c_xx, torch.zeros_like(c_xd), weight, 5)
+    assert torch.isfinite(down).all() and torch.isfinite(up).all() and (down.T @ up.T).abs().max() == 0
+
+
+def test_text_stream_below_min_tokens_is_left_out_and_the_rest_still_helps():
+    """FLUX-style text stream with 8 prompt tokens (< min_tokens): its layers compute dense, see no
+    statistics, and get no branch; the image/single-stream layers are fitted and help."""
+    config, model = outlier_tiny_dit()
+    plan = plan_model(model)
+    g = torch.Generator().manual_seed(6)
+    calibration = [random_inputs(config, 1, 64, 8, g) for _ in range(16)]
+    held_out = [random_inputs(config, 1, 64, 8, g) for _ in range(2)]
+    lora = calibrate_lynx_lora(model, plan, calibration, rank=8)
+    skipped = uncalibrated_layers(plan, lora)
+    assert skipped and all(".txt_" in name for name in skipped)
+    assert set(skipped) == {name for name in plan.forwards if ".txt_" in name}
+    assert set(lora.layers) | set(skipped) == set(plan.forwards)
+    with_lora = attach_lora(plan, lora, 1.0)
+    assert f"on {len(lora.layers)}/{len(plan.forwards)} layers" in with_lora.summary()
+    assert all((fwd.lora is None) == (name in skipped) for name, fwd in with_lora.forwards.items())
+
+    sparse_error, calibrated_error = output_error(model, plan, held_out), output_error(model, with_lora, held_out)
+    assert calibrated_error < 0.8 * sparse_error, (sparse_error, calibrated_error)
