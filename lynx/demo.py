@@ -91,7 +91,8 @@ def main(argv=None) -> None:
         with installed(model, plan):
             lynx_out = model(*inputs)
     print(f"relative error of the model output vs dense: sparsify only {relative_error(plain_out, dense_out):.4f}, "
-          f"with norm compensation {relative_error(lynx_out, dense_out):.4f}")
+          f"with norm compensation {relative_error(lynx_out, dense_out):.4f} "
+          f"(random weights; bench/quality.py measures a trained model)")
 
     errors = layer_errors(model, plan, inputs)
     worst = max(errors, key=lambda e: e[1])
