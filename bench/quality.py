@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 BENCH = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from train_tiny_dit import CLASSES, euler_sample, load_trained, to_tokens  # noqa: E402
+from train_tiny_dit import CLASSES, euler_sample, load_trained  # noqa: E402
 
 from rt_lynx_pack.kernels import sparsify_nm  # noqa: E402  (train_tiny_dit loaded the pack)
 from rt_lynx_pack.lynx import LynxConfig, SelectionOptions, attach_lora, installed, lynx_linear, plan_model  # noqa: E402

@@ -5,7 +5,7 @@ inputs are sparsified. Everything not listed (embedders, modulation/adaLN, final
 stays dense. Layer names are relative to the diffusion model (ComfyUI's `diffusion_model`).
 """
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.nn as nn
 
