@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: environment check, build, GPU tests, kernel benchmark; results to $OUT.
-# Usage: bash bench/run_device.sh [all|test|bench]   (OUT defaults to ./device-out)
+# Usage: bash bench/run_device.sh [all|test|bench|fp8]   (OUT defaults to ./device-out)
+# fp8: fp8 GPU tests, fp8 benchmark (bench/kernels.py --fp8 $BENCH_ARGS), then the other GPU tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device-out}"; mkdir -p "$OUT"
@@ -48,8 +49,51 @@ try:
           m.sparsify_split_for(512, 3072), "4096x3072:", m.sparsify_split_for(4096, 3072))
 except Exception as exc:
     print("probe failed:", type(exc).__name__, exc)
+# fp8 probe: both orientations of the e4m3 GEMM, sizes of cuSPARSELt's e4m3 compression.
+try:
+    from rt_lynx_pack.kernels import fp8
+    from rt_lynx_pack.kernels.reference import sparsify_quantize_fp8
+    m = cusparselt.extension()
+    x = torch.randn(128, 256, device="cuda").to(torch.bfloat16)
+    q, _ = sparsify_quantize_fp8(x, True)
+    print("fp8 probe: ours", fp8.fp8_compressed_bytes(128, 256), "bytes, torch._cslt_compress",
+          torch._cslt_compress(q).numel(), "own A", m.compress_reference(q, False).numel(),
+          "own B", m.compress_reference(q, True).numel())
+    for operand in ("A", "B"):
+        m.set_fp8_sparse_b(operand == "B")
+        try:
+            print("fp8 probe: operand", operand, "self-test:", repr(fp8.self_test_fp8(torch.device("cuda"))))
+        except Exception as exc:
+            print("fp8 probe: operand", operand, "error:", type(exc).__name__, str(exc)[:300])
+    m.set_fp8_sparse_b(False)
+    # Where our buffer and cuSPARSELt's differ, and whether the product is right regardless.
+    ours, _ = torch.ops.rt_lynx.sparsify_fp8(x, 128, True, 0)
+    want = torch._cslt_compress(q).reshape(-1).view(torch.uint8)[: ours.numel()]
+    bad = (ours != want).nonzero().flatten()
+    print("fp8 probe: differing bytes", bad.numel(), "in values", int((bad < 128 * 128).sum()),
+          "first", bad[:6].tolist(), "ours", ours[bad[:6]].tolist(), "cslt", want[bad[:6]].tolist())
+    from rt_lynx_pack.kernels.reference import quantize_weight_fp8, sparse_linear_fp8_reference
+    wq, ws = quantize_weight_fp8(torch.randn(64, 256, device="cuda"))
+    y = torch.ops.rt_lynx.sparse_linear_fp8(x, wq, ws, None, True)
+    ref = sparse_linear_fp8_reference(x.float(), wq, ws, None, True)
+    print("fp8 probe: linear rel err vs fp8 reference", ((y.float() - ref).norm() / ref.norm()).item())
+    print("fp8 availability:", fp8.availability_fp8(torch.device("cuda")))
+    print("fp8 split for 512x3072:", m.sparsify_fp8_split_for(512, 3072), "4096x3072:",
+          m.sparsify_fp8_split_for(4096, 3072), "4608x15360:", m.sparsify_fp8_split_for(4608, 15360))
+except Exception as exc:
+    print("fp8 probe failed:", type(exc).__name__, exc)
 PY
 
+if [ "$STAGE" = fp8 ]; then
+  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest tests/gpu/test_fp8_gpu.py -q -rfE -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/tests-fp8.log"
+  status=${PIPESTATUS[0]}
+  timeout "${BENCH_TIMEOUT:-240}" python3 bench/kernels.py --fp8 ${BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench-fp8.log"
+  bench_status=${PIPESTATUS[0]}
+  [ "$status" = 0 ] && status=$bench_status
+  timeout "${OTHER_TEST_TIMEOUT:-330}" python3 -m pytest tests/gpu -q -rfE -p no:cacheprovider --durations=5 --ignore=tests/gpu/test_fp8_gpu.py 2>&1 | tee "$OUT/tests.log"
+  other_status=${PIPESTATUS[0]}
+  [ "$status" = 0 ] && status=$other_status
+fi
 if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
   timeout "${TEST_TIMEOUT:-330}" python3 -m pytest tests/gpu -q -rfE -p no:cacheprovider --durations=8 2>&1 | tee "$OUT/tests.log"
   status=${PIPESTATUS[0]}

@@ -69,3 +69,51 @@ def sparse_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# ---- fp8 e4m3 path (W8A8 with 2:4 activations) ----
+E4M3_MAX = 448.0
+
+
+def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(wq, w_scale): per-output-channel e4m3 weight, wq[n] = e4m3(W[n] * 448 / max|W[n]|) and
+    w_scale[n] = max|W[n]| / 448 (fp32), so W ~ wq * w_scale[:, None]. Run once per weight and
+    cache the result (an all-zero row gets scale 0)."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1)
+    inv = torch.where(amax > 0, _e4m3_max_like(amax) / torch.where(amax > 0, amax, torch.ones_like(amax)),
+                      torch.zeros_like(amax))
+    wq = (w * inv[:, None]).to(torch.float8_e4m3fn).contiguous()
+    return wq, (amax / _e4m3_max_like(amax)).contiguous()
+
+
+def _e4m3_max_like(t: torch.Tensor) -> torch.Tensor:
+    # A tensor, not a Python float: torch computes `float / t` as reciprocal(t) * float and, on
+    # CUDA, `t / float` as t * (1 / float) (two roundings each); tensor / tensor rounds once,
+    # as the kernels do, so the quantised values match them bit for bit.
+    return torch.full_like(t, E4M3_MAX)
+
+
+def sparsify_quantize_fp8(x: torch.Tensor, compensate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, a): q = e4m3(x_kept * 448 / max|x_kept|) per token (dense M x K with zeros where
+    pruned), a = s * max|x_kept| / 448 (fp32, M x 1), s the norm compensation (1 if off).
+    This is e4m3(s * x_kept / a): s cancels in q and lives in a. A zero token gets q = 0, a = 0."""
+    x_kept = sparsify_nm(x)
+    kept = x_kept.float()
+    amax = kept.abs().amax(dim=-1, keepdim=True)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    inv = torch.where(amax > 0, _e4m3_max_like(amax) / safe, torch.zeros_like(amax))
+    q = (kept * inv).to(torch.float8_e4m3fn)
+    s = norm_compensation_scale(x, x_kept) if compensate else torch.ones_like(amax)
+    return q, (s * amax) / _e4m3_max_like(amax)
+
+
+def sparse_linear_fp8_reference(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                                bias: torch.Tensor | None, compensate: bool) -> torch.Tensor:
+    """y = a[m] * w_scale[n] * (q @ wq^T) + b with q, a from `sparsify_quantize_fp8`, all in
+    fp32 (the quantised inputs are exact; only the fp32 accumulation rounds); x's dtype out."""
+    q, a = sparsify_quantize_fp8(x, compensate)
+    y = (q.float() @ wq.float().t()) * a * w_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -65,9 +65,11 @@ struct PlanKey {
   int64_t padded_rows, k, n;
   bool bf16;
   bool sparse_b;
+  // e4m3 operands, D in bf16 (fp16 D would overflow: |D| reaches 448^2 * K).
+  bool fp8 = false;
   bool operator==(const PlanKey& o) const {
     return device == o.device && padded_rows == o.padded_rows && k == o.k && n == o.n &&
-           bf16 == o.bf16 && sparse_b == o.sparse_b;
+           bf16 == o.bf16 && sparse_b == o.sparse_b && fp8 == o.fp8;
   }
 };
 
@@ -76,7 +78,8 @@ struct PlanKeyHash {
     size_t h = std::hash<int64_t>()(key.padded_rows);
     h = h * 1000003u ^ std::hash<int64_t>()(key.k);
     h = h * 1000003u ^ std::hash<int64_t>()(key.n);
-    h = h * 1000003u ^ std::hash<int>()(key.device * 4 + (key.bf16 ? 1 : 0) + (key.sparse_b ? 2 : 0));
+    h = h * 1000003u ^ std::hash<int>()(key.device * 8 + (key.bf16 ? 1 : 0) + (key.sparse_b ? 2 : 0) +
+                                        (key.fp8 ? 4 : 0));
     return h;
   }
 };
@@ -109,6 +112,7 @@ struct GemmPlan {
   }
 
   void init_descriptors() {
+    if (key.fp8) return init_fp8_descriptors();
     const cudaDataType type = key.bf16 ? CUDA_R_16BF : CUDA_R_16F;
     const cusparseLtMatDescriptor_t* sparse = nullptr;
     if (key.sparse_b) {
@@ -144,6 +148,47 @@ struct GemmPlan {
                 " bytes for a compressed ", key.padded_rows, "x", key.k,
                 " matrix, the layout this build writes has ", ours,
                 ": unsupported cuSPARSELt version");
+  }
+
+  // e4m3 in, bf16 D, fp32 compute. Both orientations keep the dense operand "T" and the sparse one
+  // "N" in column-major terms (the TN layout 8-bit tensor-core GEMMs want):
+  //  - sparse A: X_s M x K row-major, W^T as K x N column-major (W's memory), D M x N row-major
+  //    (what torch._cslt_sparse_mm(c8, w8.t()) does);
+  //  - sparse B: W as op T of K x N column-major, X_s K x M column-major, D N x M column-major.
+  void init_fp8_descriptors() {
+    const cusparseLtMatDescriptor_t* sparse = nullptr;
+    if (key.sparse_b) {
+      RT_LYNX_CSLT_CHECK(cusparseLtDenseDescriptorInit(handle, &mat_a, key.k, key.n, key.k, 16,
+                                                       CUDA_R_8F_E4M3, CUSPARSE_ORDER_COL));
+      RT_LYNX_CSLT_CHECK(cusparseLtStructuredDescriptorInit(
+          handle, &mat_b, key.k, key.padded_rows, key.k, 16, CUDA_R_8F_E4M3, CUSPARSE_ORDER_COL,
+          CUSPARSELT_SPARSITY_50_PERCENT));
+      RT_LYNX_CSLT_CHECK(cusparseLtDenseDescriptorInit(handle, &mat_d, key.n, key.padded_rows,
+                                                       key.n, 16, CUDA_R_16BF, CUSPARSE_ORDER_COL));
+      sparse = &mat_b;
+    } else {
+      RT_LYNX_CSLT_CHECK(cusparseLtStructuredDescriptorInit(
+          handle, &mat_a, key.padded_rows, key.k, key.k, 16, CUDA_R_8F_E4M3, CUSPARSE_ORDER_ROW,
+          CUSPARSELT_SPARSITY_50_PERCENT));
+      RT_LYNX_CSLT_CHECK(cusparseLtDenseDescriptorInit(handle, &mat_b, key.k, key.n, key.k, 16,
+                                                       CUDA_R_8F_E4M3, CUSPARSE_ORDER_COL));
+      RT_LYNX_CSLT_CHECK(cusparseLtDenseDescriptorInit(handle, &mat_d, key.padded_rows, key.n,
+                                                       key.n, 16, CUDA_R_16BF, CUSPARSE_ORDER_ROW));
+      sparse = &mat_a;
+    }
+    descriptors_ready = true;
+    RT_LYNX_CSLT_CHECK(cusparseLtMatmulDescriptorInit(
+        handle, &matmul,
+        key.sparse_b ? CUSPARSE_OPERATION_TRANSPOSE : CUSPARSE_OPERATION_NON_TRANSPOSE,
+        CUSPARSE_OPERATION_NON_TRANSPOSE, &mat_a, &mat_b, &mat_d, &mat_d, CUSPARSE_COMPUTE_32F));
+    size_t compressed_bytes = 0, compress_buffer_bytes = 0;
+    RT_LYNX_CSLT_CHECK(cusparseLtSpMMACompressedSize2(handle, sparse, &compressed_bytes,
+                                                      &compress_buffer_bytes));
+    const size_t ours = static_cast<size_t>(key.padded_rows * key.k * 5 / 8);
+    require(compressed_bytes <= ours, "cuSPARSELt wants ", compressed_bytes,
+            " bytes for a compressed e4m3 ", key.padded_rows, "x", key.k,
+            " matrix, the layout this build writes has ", ours,
+            ": unsupported cuSPARSELt version");
   }
 
   // (Re)initialises the selection; alg < 0 keeps cuSPARSELt's default, split <= 1 and
@@ -219,12 +264,31 @@ struct GemmPlan {
   }
 };
 
+// cuSPARSELt's own compression of `pruned` (the plan's structured operand, x's memory) into
+// `out` (at least cusparseLtSpMMACompressedSize2 bytes).
+void compress_with_cusparselt(GemmPlan& plan, const at::Tensor& pruned, void* out,
+                              cudaStream_t stream) {
+  const cusparseLtMatDescriptor_t* sparse = plan.key.sparse_b ? &plan.mat_b : &plan.mat_a;
+  size_t compressed_bytes = 0, buffer_bytes = 0;
+  RT_LYNX_CSLT_CHECK(
+      cusparseLtSpMMACompressedSize2(plan.handle, sparse, &compressed_bytes, &buffer_bytes));
+  auto buffer = at::empty({static_cast<int64_t>(std::max<size_t>(buffer_bytes, 1))},
+                          pruned.options().dtype(at::kByte));
+  RT_LYNX_CSLT_CHECK(cusparseLtSpMMACompress2(
+      plan.handle, sparse, plan.key.sparse_b ? 0 : 1, CUSPARSE_OPERATION_NON_TRANSPOSE,
+      pruned.data_ptr(), out, buffer.data_ptr(), stream));
+}
+
 // A 2:4 matrix with random patterns and random non-zero values, a weight, and the cuBLAS dense
 // product: every candidate algorithm must reproduce it before it is used.
 struct PlanCheckData {
   at::Tensor dense_sparse, weight, compressed, reference;
   double reference_norm = 0.0;
+  at::TensorOptions out_options;  // D's dtype and device
 };
+
+void compress_with_cusparselt(GemmPlan& plan, const at::Tensor& pruned, void* out,
+                              cudaStream_t stream);
 
 PlanCheckData make_check_data(const PlanKey& key, cudaStream_t stream) {
   const auto device = at::Device(at::kCUDA, key.device);
@@ -246,6 +310,24 @@ PlanCheckData make_check_data(const PlanKey& key, cudaStream_t stream) {
   const auto values = at::randn({key.padded_rows, key.k}, gen, opts);
   data.dense_sparse = at::where(mask, values, at::zeros({}, opts));
   data.weight = at::randn({key.n, key.k}, gen, opts).div_(std::sqrt(static_cast<double>(key.k)));
+  data.out_options = opts;
+  if (key.fp8) {
+    // Unit-scale values (no e4m3 underflow); cuSPARSELt's own compression, so the algorithm
+    // check does not depend on our fp8 layout writer.
+    data.dense_sparse = at::where(mask, values, at::zeros({}, opts)).to(at::kFloat8_e4m3fn);
+    data.weight = at::randn({key.n, key.k}, gen, opts).to(at::kFloat8_e4m3fn);
+    data.out_options = opts.dtype(at::kBFloat16);
+    data.compressed = at::zeros({key.padded_rows * key.k * 5 / 8},
+                                opts.dtype(at::kByte));
+    auto plan = std::make_unique<GemmPlan>();
+    plan->key = key;
+    plan->handle = handle_for_device(key.device);
+    plan->init_descriptors();
+    compress_with_cusparselt(*plan, data.dense_sparse, data.compressed.data_ptr(), stream);
+    data.reference = at::matmul(data.dense_sparse.to(at::kFloat), data.weight.to(at::kFloat).t());
+    data.reference_norm = data.reference.norm().item<double>();
+    return data;
+  }
   data.compressed = at::empty({compressed_numel(key.padded_rows, key.k)}, opts);
   launch_sparsify_compress(data.dense_sparse.data_ptr(), key.padded_rows, key.padded_rows, key.k,
                            key.k, key.bf16, /*fold_scale=*/false, data.compressed.data_ptr(),
@@ -263,7 +345,7 @@ bool plan_matches_dense(GemmPlan& plan, const PlanCheckData& data, cudaStream_t 
   *worst_error = 0.0;
   for (int i = 0; i < repeats; ++i) {
     auto out = at::full({plan.key.padded_rows, plan.key.n},
-                        std::numeric_limits<double>::quiet_NaN(), data.weight.options());
+                        std::numeric_limits<double>::quiet_NaN(), data.out_options);
     plan.run(data.compressed.data_ptr(), data.weight.data_ptr(), out.data_ptr(), stream, device);
     const double err = (out.to(at::kFloat) - data.reference).norm().item<double>() /
                        std::max(data.reference_norm, 1e-30);
@@ -277,7 +359,7 @@ bool plan_matches_dense(GemmPlan& plan, const PlanCheckData& data, cudaStream_t 
 }
 
 float time_plan_ms(GemmPlan& plan, const PlanCheckData& data, cudaStream_t stream, int iters) {
-  auto out = at::empty({plan.key.padded_rows, plan.key.n}, data.weight.options());
+  auto out = at::empty({plan.key.padded_rows, plan.key.n}, data.out_options);
   const auto device = data.weight.device();
   plan.run(data.compressed.data_ptr(), data.weight.data_ptr(), out.data_ptr(), stream, device);
   cudaEvent_t start, stop;
@@ -319,7 +401,7 @@ AlgConfig search_config(const PlanKey& config_key, cudaStream_t stream) {
   // cuSPARSELt's own search first; some algorithm ids give wrong results now and then, so the
   // winner is checked against dense several times before it is trusted.
   {
-    auto out = at::empty({config_key.padded_rows, config_key.n}, data.weight.options());
+    auto out = at::empty({config_key.padded_rows, config_key.n}, data.out_options);
     plan->run(data.compressed.data_ptr(), data.weight.data_ptr(), out.data_ptr(), stream, device,
               /*search=*/true);
     plan->read_selection();
@@ -573,15 +655,16 @@ at::Tensor scale_bias_epilogue_op(const at::Tensor& gemm, const c10::optional<at
 // cuSPARSELt's own compression of a pruned dense M_padded x K matrix (x's memory) as the
 // structured operand of the given orientation: the reference our layout is checked against.
 at::Tensor compress_reference(const at::Tensor& pruned, bool sparse_b) {
+  const bool fp8 = pruned.scalar_type() == at::kFloat8_e4m3fn;
   require(pruned.is_cuda() && pruned.dim() == 2 && pruned.is_contiguous() &&
-              is_supported_dtype(pruned.scalar_type()) && pruned.size(0) % kRowPad == 0 &&
-              pruned.size(1) % 64 == 0,
-          "compress_reference: needs a contiguous bf16/fp16 CUDA matrix, rows % 64 == 0, "
+              (fp8 || is_supported_dtype(pruned.scalar_type())) &&
+              pruned.size(0) % kRowPad == 0 && pruned.size(1) % 64 == 0,
+          "compress_reference: needs a contiguous bf16/fp16/e4m3 CUDA matrix, rows % 64 == 0, "
           "cols % 64 == 0");
   const c10::cuda::CUDAGuard guard(pruned.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const PlanKey key{pruned.get_device(), pruned.size(0), pruned.size(1), 16,
-                    pruned.scalar_type() == at::kBFloat16, sparse_b};
+  const PlanKey key{pruned.get_device(), pruned.size(0), pruned.size(1), fp8 ? 64 : 16,
+                    fp8 || pruned.scalar_type() == at::kBFloat16, sparse_b, fp8};
   auto plan = new_plan(key);
   const cusparseLtMatDescriptor_t* sparse = sparse_b ? &plan->mat_b : &plan->mat_a;
   size_t compressed_bytes = 0, buffer_bytes = 0;
@@ -596,6 +679,154 @@ at::Tensor compress_reference(const at::Tensor& pruned, bool sparse_b) {
       pruned.data_ptr(), out.data_ptr(), buffer.data_ptr(), stream));
   return out;
 }
+
+
+// ---- fp8 e4m3 path (separate ops; the 16-bit path above is unchanged) ----
+
+// Orientation of the fp8 GEMM, set by the fp8 self-test (kernels/fp8.py).
+std::atomic<bool>& fp8_sparse_b_mode() {
+  static std::atomic<bool> mode{false};
+  return mode;
+}
+
+int64_t fp8_compressed_bytes(int64_t padded_rows, int64_t k) { return padded_rows * k * 5 / 8; }
+
+std::tuple<at::Tensor, at::Tensor> sparsify_fp8_op(const at::Tensor& x_in, int64_t padded_rows,
+                                                   bool compensate, int64_t split) {
+  const char* op = "rt_lynx::sparsify_fp8";
+  const auto x = checked_activation(x_in, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  require(padded_rows >= x.size(0) && padded_rows % kRowPad == 0, op,
+          ": m_padded must be a multiple of 64 and >= M, got ", padded_rows, " for M=",
+          x.size(0));
+  require(split >= 0 && split <= 8 && (split & (split - 1)) == 0, op,
+          ": split must be 0 (auto), 1, 2, 4 or 8");
+  auto compressed = at::empty({fp8_compressed_bytes(padded_rows, x.size(1))},
+                              x.options().dtype(at::kByte));
+  auto scale = at::empty({padded_rows}, x.options().dtype(at::kFloat));
+  launch_sparsify_fp8(x.data_ptr(), x.size(0), padded_rows, x.size(1), x.stride(0),
+                      x.scalar_type() == at::kBFloat16, compensate, compressed.data_ptr(),
+                      scale.data_ptr<float>(), at::cuda::getCurrentCUDAStream(),
+                      static_cast<int>(split));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {compressed, scale};
+}
+
+void check_fp8_weight(const at::Tensor& wq, const at::Tensor& w_scale, int64_t k,
+                      const at::Device& device, const char* op) {
+  require(wq.is_cuda() && wq.device() == device && wq.dim() == 2 &&
+              wq.scalar_type() == at::kFloat8_e4m3fn,
+          op, ": wq must be a 2-D float8_e4m3fn CUDA tensor on x's device (quantize_weight_fp8)");
+  require(wq.size(1) == k, op, ": wq in_features ", wq.size(1), " != ", k);
+  require(wq.size(0) >= 32 && wq.size(0) % 32 == 0, op,
+          ": out_features must be a positive multiple of 32, got ", wq.size(0));
+  require(wq.is_contiguous() && reinterpret_cast<uintptr_t>(wq.data_ptr()) % 16 == 0, op,
+          ": wq must be contiguous and 16-byte aligned");
+  require(w_scale.is_cuda() && w_scale.device() == device && w_scale.dim() == 1 &&
+              w_scale.size(0) == wq.size(0) && w_scale.scalar_type() == at::kFloat &&
+              w_scale.is_contiguous() &&
+              reinterpret_cast<uintptr_t>(w_scale.data_ptr()) % 16 == 0,
+          op, ": w_scale must be a contiguous fp32 CUDA vector of out_features entries");
+}
+
+GemmPlan& fp8_plan(const at::Tensor& like, int64_t padded_rows, int64_t k, int64_t n,
+                   cudaStream_t stream) {
+  return plan_for(PlanKey{like.get_device(), padded_rows, k, n, true,
+                          fp8_sparse_b_mode().load(), true},
+                  stream);
+}
+
+at::Tensor sparse_mm_fp8_op(const at::Tensor& compressed, const at::Tensor& wq,
+                            int64_t padded_rows) {
+  const char* op = "rt_lynx::sparse_mm_fp8";
+  require(compressed.is_cuda() && compressed.dim() == 1 && compressed.is_contiguous() &&
+              compressed.scalar_type() == at::kByte,
+          op, ": compressed must be the 1-D uint8 CUDA tensor of sparsify_fp8");
+  require(padded_rows > 0 && padded_rows % kRowPad == 0, op,
+          ": m_padded must be a positive multiple of 64");
+  require(wq.dim() == 2 && wq.size(1) % 64 == 0, op, ": wq must be 2-D, in_features % 64 == 0");
+  const int64_t k = wq.size(1), n = wq.size(0);
+  require(compressed.numel() == fp8_compressed_bytes(padded_rows, k), op, ": compressed has ",
+          compressed.numel(), " bytes, expected ", fp8_compressed_bytes(padded_rows, k));
+  const auto scale_stub = at::empty({n}, compressed.options().dtype(at::kFloat));
+  check_fp8_weight(wq, scale_stub, k, compressed.device(), op);
+  const c10::cuda::CUDAGuard guard(compressed.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto& plan = fp8_plan(compressed, padded_rows, k, n, stream);
+  auto out = at::empty({padded_rows, n}, compressed.options().dtype(at::kBFloat16));
+  plan.run(compressed.data_ptr(), wq.data_ptr(), out.data_ptr(), stream, out.device());
+  return out;
+}
+
+at::Tensor sparse_linear_fp8_op(const at::Tensor& x_in, const at::Tensor& wq,
+                                const at::Tensor& w_scale,
+                                const c10::optional<at::Tensor>& bias_in, bool compensate) {
+  const char* op = "rt_lynx::sparse_linear_fp8";
+  const auto x = checked_activation(x_in, op);
+  check_fp8_weight(wq, w_scale, x.size(1), x.device(), op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), k = x.size(1), n = wq.size(0);
+  const int64_t padded_rows = round_up_rows(rows);
+  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = *bias_in;
+    require(bias.device() == x.device() && bias.dim() == 1 && bias.size(0) == n, op,
+            ": bias must be a 1-D tensor of out_features=", n, " on x's device");
+    if (bias.scalar_type() != x.scalar_type() && bias.scalar_type() != at::kFloat) {
+      bias = bias.to(at::kFloat);
+    }
+    bias = bias.contiguous();
+  }
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto compressed = at::empty({fp8_compressed_bytes(padded_rows, k)}, x.options().dtype(at::kByte));
+  auto token_scale = at::empty({padded_rows}, x.options().dtype(at::kFloat));
+  launch_sparsify_fp8(x.data_ptr(), rows, padded_rows, k, x.stride(0), is_bf16, compensate,
+                      compressed.data_ptr(), token_scale.data_ptr<float>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto& plan = fp8_plan(x, padded_rows, k, n, stream);
+  auto d = at::empty({padded_rows, n}, x.options().dtype(at::kBFloat16));
+  plan.run(compressed.data_ptr(), wq.data_ptr(), d.data_ptr(), stream, x.device());
+  // Scales and bias in place over the first M rows (bf16 D -> x's dtype, same element size).
+  launch_fp8_epilogue(d.data_ptr(), d.data_ptr(), rows, n, token_scale.data_ptr<float>(),
+                      w_scale.data_ptr<float>(), bias.defined() ? bias.data_ptr() : nullptr,
+                      bias.defined() && bias.scalar_type() == at::kFloat, is_bf16, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto y = is_bf16 ? d : d.view(at::kHalf);
+  return padded_rows == rows ? y : y.narrow(0, 0, rows);
+}
+
+at::Tensor fp8_epilogue_op(const at::Tensor& d, const at::Tensor& token_scale,
+                           const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias_in,
+                           int64_t rows, at::ScalarType out_dtype) {
+  const char* op = "rt_lynx::fp8_epilogue";
+  require(d.is_cuda() && d.dim() == 2 && d.is_contiguous() && d.scalar_type() == at::kBFloat16 &&
+              d.size(1) % 8 == 0,
+          op, ": d must be a contiguous 2-D bf16 CUDA tensor with N % 8 == 0");
+  require(is_supported_dtype(out_dtype), op, ": out_dtype must be bfloat16 or float16");
+  require(rows >= 0 && rows <= d.size(0), op, ": rows out of range");
+  const int64_t n = d.size(1);
+  const c10::cuda::CUDAGuard guard(d.device());
+  const auto a = token_scale.to(at::kFloat).contiguous();
+  const auto ws = w_scale.to(at::kFloat).contiguous();
+  require(a.numel() >= rows && ws.numel() == n, op, ": scale sizes do not match d");
+  at::Tensor b;
+  if (bias_in.has_value() && bias_in->defined()) {
+    b = bias_in->scalar_type() == out_dtype ? bias_in->contiguous()
+                                            : bias_in->to(at::kFloat).contiguous();
+    require(b.numel() == n, op, ": bias must have N entries");
+  }
+  auto y = at::empty({rows, n}, d.options().dtype(out_dtype));
+  launch_fp8_epilogue(d.data_ptr(), y.data_ptr(), rows, n, a.data_ptr<float>(),
+                      ws.data_ptr<float>(), b.defined() ? b.data_ptr() : nullptr,
+                      b.defined() && b.scalar_type() == at::kFloat,
+                      out_dtype == at::kBFloat16, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+void set_fp8_sparse_b(bool on) { fp8_sparse_b_mode().store(on); }
+bool get_fp8_sparse_b() { return fp8_sparse_b_mode().load(); }
 
 void set_sparse_b(bool on) { sparse_b_mode().store(on); }
 bool get_sparse_b() { return sparse_b_mode().load(); }
@@ -619,7 +850,8 @@ plan_info() {
     const auto& p = *entry.second;
     rows.emplace_back(p.key.padded_rows, p.key.k, p.key.n, p.key.bf16, p.alg_id, p.split_k,
                       p.split_k_mode, static_cast<int64_t>(p.workspace_bytes),
-                      std::string(p.key.sparse_b ? "sparse B, " : "sparse A, ") + p.chosen_by);
+                      std::string(p.key.fp8 ? "e4m3, " : "") +
+                          (p.key.sparse_b ? "sparse B, " : "sparse A, ") + p.chosen_by);
   }
   return rows;
 }
@@ -638,6 +870,10 @@ TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) {
   m.impl("sparse_mm", &rt_lynx::sparse_mm_op);
   m.impl("sparse_linear", &rt_lynx::sparse_linear_op);
   m.impl("scale_bias_epilogue", &rt_lynx::scale_bias_epilogue_op);
+  m.impl("sparsify_fp8", &rt_lynx::sparsify_fp8_op);
+  m.impl("sparse_mm_fp8", &rt_lynx::sparse_mm_fp8_op);
+  m.impl("sparse_linear_fp8", &rt_lynx::sparse_linear_fp8_op);
+  m.impl("fp8_epilogue", &rt_lynx::fp8_epilogue_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -653,4 +889,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_b", &rt_lynx::get_sparse_b, "the orientation in use");
   m.def("sparsify_split_for", &rt_lynx::sparsify_split_for,
         "warps per row pair the sparsify kernel uses for (m_padded, K)");
+  m.def("sparsify_fp8_split_for", &rt_lynx::sparsify_fp8_split_for,
+        "warps per row pair the fp8 sparsify kernel uses for (m_padded, K)");
+  m.def("set_fp8_sparse_b", &rt_lynx::set_fp8_sparse_b,
+        "fp8 GEMM orientation: True = activations are the structured B operand");
+  m.def("fp8_sparse_b", &rt_lynx::get_fp8_sparse_b, "the fp8 orientation in use");
 }

@@ -11,6 +11,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 namespace rt_lynx {
 namespace {
@@ -398,6 +399,305 @@ void launch_scale_bias_epilogue(const void* gemm, void* y, int64_t rows, int64_t
     launch_epilogue_dtype<true>(gemm, y, rows, cols, scale, bias, bias_is_float, stream);
   } else {
     launch_epilogue_dtype<false>(gemm, y, rows, cols, scale, bias, bias_is_float, stream);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp8 e4m3 path. Compressed layout (cuSPARSELt 0.8, e4m3, rows padded to 64; checked at start-up
+// against cuSPARSELt's own compression): values = rows * cols/2 bytes, row-major, kept entries in
+// column order; then rows*cols/8 metadata bytes. For row r and b = column/8 (groups 2b, 2b+1),
+//   byte (r/64)*8*cols + (b/8)*512 + ((r%64)/16)*128 + (r%8)*16 + 4*(b%4) + 2*((b%8)/4) + (r%16)/8
+// holds code(2b) | code(2b+1) << 4. So rows r and r+8 over 64 columns fill one 16-byte word.
+namespace {
+
+__device__ __forceinline__ uint32_t max_abs_bits(uint4 a, uint4 b) {
+  // |x| bits of 16-bit floats compare like |x| (non-NaN); max over 16 values.
+  const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  uint32_t m = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    m = max(m, max(w[i] & 0x7fffu, (w[i] >> 16) & 0x7fffu));
+  }
+  return m;
+}
+
+// Two kept 16-bit values -> two e4m3 bytes: one fp32 multiply and one round-to-nearest-even
+// conversion each, as (x.float() * inv).to(float8_e4m3fn) does (|x * inv| <= 448, no overflow).
+template <bool kBf16>
+__device__ __forceinline__ uint32_t quantize_pair(uint32_t pair, float inv) {
+  float2 v;
+  v.x = __fmul_rn(bits_to_float<kBf16>(pair & 0xffffu), inv);
+  v.y = __fmul_rn(bits_to_float<kBf16>(pair >> 16), inv);
+  return static_cast<uint32_t>(__nv_cvt_float2_to_fp8x2(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+template <bool kBf16>
+__device__ __forceinline__ uint4 quantize_half_chunk(const uint4 (&kept)[2], float inv) {
+  // 16 kept values (one 32-column half) -> 16 bytes.
+  const uint32_t p[8] = {kept[0].x, kept[0].y, kept[0].z, kept[0].w,
+                         kept[1].x, kept[1].y, kept[1].z, kept[1].w};
+  uint32_t q[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    q[i] = quantize_pair<kBf16>(p[2 * i], inv) | (quantize_pair<kBf16>(p[2 * i + 1], inv) << 16);
+  }
+  return make_uint4(q[0], q[1], q[2], q[3]);
+}
+
+// Same grid as sparsify_compress_kernel (8 warps over a 16-row group, a warp per row pair r,
+// r+8, kSplit warps sharing a row pair), but a lane step covers 64 columns: one 16-byte metadata
+// word for the pair and 32 value bytes per row.
+template <bool kBf16, int kSplit>
+__global__ void __launch_bounds__(256) sparsify_fp8_kernel(
+    const uint16_t* __restrict__ x, int64_t rows, int64_t cols, int64_t ld_x,
+    uint8_t* __restrict__ values, uint8_t* __restrict__ meta, float* __restrict__ token_scale,
+    bool compensate) {
+  constexpr int kPairsPerBlock = 8 / kSplit;
+  const int lane = threadIdx.x;
+  const int warp = threadIdx.y;
+  const int pair_in_block = warp / kSplit;
+  const int split = warp % kSplit;
+  const int64_t group = int64_t(blockIdx.x) / kSplit;
+  const int row_in_8 = int(blockIdx.x % kSplit) * kPairsPerBlock + pair_in_block;
+  const int64_t block_row = group * 16;
+  const int64_t r0 = block_row + row_in_8;
+  const int64_t r1 = r0 + 8;
+  const bool has_r0 = r0 < rows;
+  const bool has_r1 = r1 < rows;
+  const int64_t chunks = cols / 64;
+  const uint4* x0 = reinterpret_cast<const uint4*>(x + (has_r0 ? r0 : 0) * ld_x);
+  const uint4* x1 = reinterpret_cast<const uint4*>(x + (has_r1 ? r1 : 0) * ld_x);
+  uint4* v0 = reinterpret_cast<uint4*>(values + r0 * (cols / 2));
+  uint4* v1 = reinterpret_cast<uint4*>(values + r1 * (cols / 2));
+  uint8_t* meta_row =
+      meta + (block_row / 64) * 8 * cols + ((block_row % 64) / 16) * 128 + row_in_8 * 16;
+  const int64_t first = int64_t(split) * 32 + lane;
+  constexpr int64_t kStride = 32 * kSplit;
+
+  // Pass 1: norms and max |kept| per row.
+  float dense0 = 0.f, kept0 = 0.f, dense1 = 0.f, kept1 = 0.f;
+  uint32_t amax0 = 0, amax1 = 0;
+  for (int64_t c = first; c < chunks; c += kStride) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 in0[4], in1[4], out0[2], out1[2];
+      uint32_t codes[8];
+      load_chunk<kBf16>(x0, has_r0, 2 * c + h, in0);
+      load_chunk<kBf16>(x1, has_r1, 2 * c + h, in1);
+      select_chunk<kBf16>(in0, out0, codes, dense0, kept0);
+      select_chunk<kBf16>(in1, out1, codes, dense1, kept1);
+      amax0 = max(amax0, max_abs_bits(out0[0], out0[1]));
+      amax1 = max(amax1, max_abs_bits(out1[0], out1[1]));
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    dense0 += __shfl_xor_sync(0xffffffffu, dense0, offset);
+    kept0 += __shfl_xor_sync(0xffffffffu, kept0, offset);
+    dense1 += __shfl_xor_sync(0xffffffffu, dense1, offset);
+    kept1 += __shfl_xor_sync(0xffffffffu, kept1, offset);
+  }
+  amax0 = __reduce_max_sync(0xffffffffu, amax0);
+  amax1 = __reduce_max_sync(0xffffffffu, amax1);
+  if constexpr (kSplit > 1) {
+    __shared__ float partial[8][4];
+    __shared__ uint32_t partial_max[8][2];
+    if (lane == 0) {
+      partial[warp][0] = dense0; partial[warp][1] = kept0;
+      partial[warp][2] = dense1; partial[warp][3] = kept1;
+      partial_max[warp][0] = amax0; partial_max[warp][1] = amax1;
+    }
+    __syncthreads();
+    dense0 = kept0 = dense1 = kept1 = 0.f;
+    amax0 = amax1 = 0;
+#pragma unroll
+    for (int w = 0; w < kSplit; ++w) {  // same order in every warp: identical sums
+      const int src = pair_in_block * kSplit + w;
+      dense0 += partial[src][0]; kept0 += partial[src][1];
+      dense1 += partial[src][2]; kept1 += partial[src][3];
+      amax0 = max(amax0, partial_max[src][0]); amax1 = max(amax1, partial_max[src][1]);
+    }
+  }
+  const float m0 = bits_to_float<kBf16>(amax0), m1 = bits_to_float<kBf16>(amax1);
+  // 448 / max|kept| maps the largest kept value onto e4m3's largest finite value; the
+  // compensation scale cancels in q and only enters the dequantisation scale.
+  const float inv0 = m0 > 0.f ? __fdiv_rn(448.f, m0) : 0.f;
+  const float inv1 = m1 > 0.f ? __fdiv_rn(448.f, m1) : 0.f;
+  if (split == 0 && lane == 0) {
+    const float s0 = compensate && kept0 > 0.f ? sqrtf(dense0 / kept0) : 1.f;
+    const float s1 = compensate && kept1 > 0.f ? sqrtf(dense1 / kept1) : 1.f;
+    token_scale[r0] = __fdiv_rn(__fmul_rn(s0, m0), 448.f);
+    token_scale[r1] = __fdiv_rn(__fmul_rn(s1, m1), 448.f);
+  }
+
+  // Pass 2: quantised values and metadata.
+  float unused_d = 0.f, unused_k = 0.f;
+  for (int64_t c = first; c < chunks; c += kStride) {
+    uint32_t codes0[16], codes1[16];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 in0[4], in1[4], out0[2], out1[2];
+      uint32_t c0[8], c1[8];
+      load_chunk<kBf16>(x0, has_r0, 2 * c + h, in0);
+      load_chunk<kBf16>(x1, has_r1, 2 * c + h, in1);
+      select_chunk<kBf16>(in0, out0, c0, unused_d, unused_k);
+      select_chunk<kBf16>(in1, out1, c1, unused_d, unused_k);
+      v0[c * 2 + h] = quantize_half_chunk<kBf16>(out0, inv0);
+      v1[c * 2 + h] = quantize_half_chunk<kBf16>(out1, inv1);
+#pragma unroll
+      for (int g = 0; g < 8; ++g) {
+        codes0[8 * h + g] = c0[g];
+        codes1[8 * h + g] = c1[g];
+      }
+    }
+    // Word w, byte j: b = w + 4*(j/2), row r (j even) or r+8 (j odd).
+    uint32_t words[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const int b_lo = w, b_hi = w + 4;
+      words[w] = (codes0[2 * b_lo] | (codes0[2 * b_lo + 1] << 4)) |
+                 ((codes1[2 * b_lo] | (codes1[2 * b_lo + 1] << 4)) << 8) |
+                 ((codes0[2 * b_hi] | (codes0[2 * b_hi + 1] << 4)) << 16) |
+                 ((codes1[2 * b_hi] | (codes1[2 * b_hi + 1] << 4)) << 24);
+    }
+    *reinterpret_cast<uint4*>(meta_row + c * 512) = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+}
+
+template <bool kBf16, int kSplit>
+void launch_fp8_variant(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
+                        int64_t ld_x, uint8_t* values, uint8_t* meta, float* token_scale,
+                        bool compensate, cudaStream_t stream) {
+  const int64_t blocks = padded_rows / 16 * kSplit;
+  require(blocks <= 0x7fffffff, "sparsify_fp8: too many rows for one launch");
+  sparsify_fp8_kernel<kBf16, kSplit><<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
+      static_cast<const uint16_t*>(x), rows, cols, ld_x, values, meta, token_scale, compensate);
+}
+
+template <bool kBf16>
+void launch_fp8_split(int split, const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
+                      int64_t ld_x, uint8_t* values, uint8_t* meta, float* token_scale,
+                      bool compensate, cudaStream_t stream) {
+  switch (split) {
+    case 1: return launch_fp8_variant<kBf16, 1>(x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+    case 2: return launch_fp8_variant<kBf16, 2>(x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+    case 4: return launch_fp8_variant<kBf16, 4>(x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+    default: return launch_fp8_variant<kBf16, 8>(x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+  }
+}
+
+template <bool kOutBf16, bool kBias, bool kBiasFloat>
+__global__ void __launch_bounds__(kEpilogueThreads) fp8_epilogue_kernel(
+    const uint4* d, uint4* y, int64_t total_vecs, int64_t vecs_per_row,
+    const float* __restrict__ token_scale, const float* __restrict__ channel_scale,
+    const void* __restrict__ bias) {
+  const int64_t base = int64_t(blockIdx.x) * kEpilogueThreads * kEpilogueItems + threadIdx.x;
+  uint4 in[kEpilogueItems];
+#pragma unroll
+  for (int k = 0; k < kEpilogueItems; ++k) {
+    const int64_t i = base + k * kEpilogueThreads;
+    if (i < total_vecs) in[k] = d[i];
+  }
+#pragma unroll
+  for (int k = 0; k < kEpilogueItems; ++k) {
+    const int64_t i = base + k * kEpilogueThreads;
+    if (i >= total_vecs) break;
+    const int64_t row = i / vecs_per_row;
+    const int64_t col0 = (i - row * vecs_per_row) * 8;
+    const float a = token_scale[row];
+    const float4 w_lo = *reinterpret_cast<const float4*>(channel_scale + col0);
+    const float4 w_hi = *reinterpret_cast<const float4*>(channel_scale + col0 + 4);
+    const float ws[8] = {w_lo.x, w_lo.y, w_lo.z, w_lo.w, w_hi.x, w_hi.y, w_hi.z, w_hi.w};
+    const uint32_t words[4] = {in[k].x, in[k].y, in[k].z, in[k].w};
+    uint32_t packed[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      packed[w] = 0;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = 2 * w + h;
+        // (d * a) * w_scale + b in fp32, one rounding to the output dtype (reference order).
+        float v = __fmul_rn(__fmul_rn(bits_to_float<true>((words[w] >> (16 * h)) & 0xffffu), a), ws[j]);
+        if (kBias) {
+          const float b = kBiasFloat
+              ? static_cast<const float*>(bias)[col0 + j]
+              : bits_to_float<kOutBf16>(static_cast<const uint16_t*>(bias)[col0 + j]);
+          v = __fadd_rn(v, b);
+        }
+        packed[w] |= float_to_bits<kOutBf16>(v) << (16 * h);
+      }
+    }
+    y[i] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+  }
+}
+
+template <bool kOutBf16, bool kBias, bool kBiasFloat>
+void launch_fp8_epilogue_variant(const void* d, void* y, int64_t rows, int64_t cols,
+                                 const float* token_scale, const float* channel_scale,
+                                 const void* bias, cudaStream_t stream) {
+  const int64_t vecs_per_row = cols / 8;
+  const int64_t total = rows * vecs_per_row;
+  const int64_t per_block = int64_t(kEpilogueThreads) * kEpilogueItems;
+  const int64_t blocks = (total + per_block - 1) / per_block;
+  require(blocks <= 0x7fffffff, "fp8 epilogue: output too large for one launch");
+  fp8_epilogue_kernel<kOutBf16, kBias, kBiasFloat>
+      <<<static_cast<unsigned>(blocks), kEpilogueThreads, 0, stream>>>(
+          static_cast<const uint4*>(d), static_cast<uint4*>(y), total, vecs_per_row, token_scale,
+          channel_scale, bias);
+}
+
+template <bool kOutBf16>
+void launch_fp8_epilogue_dtype(const void* d, void* y, int64_t rows, int64_t cols,
+                               const float* token_scale, const float* channel_scale,
+                               const void* bias, bool bias_is_float, cudaStream_t stream) {
+  if (bias == nullptr) return launch_fp8_epilogue_variant<kOutBf16, false, false>(d, y, rows, cols, token_scale, channel_scale, bias, stream);
+  if (bias_is_float) return launch_fp8_epilogue_variant<kOutBf16, true, true>(d, y, rows, cols, token_scale, channel_scale, bias, stream);
+  return launch_fp8_epilogue_variant<kOutBf16, true, false>(d, y, rows, cols, token_scale, channel_scale, bias, stream);
+}
+
+}  // namespace
+
+int sparsify_fp8_split_for(int64_t padded_rows, int64_t cols) {
+  // As sparsify_split_for, with 64-column lane steps.
+  const DeviceShape device = device_shape();
+  const int64_t groups = padded_rows / 16;
+  const int64_t chunks = cols / 64;
+  const int64_t group_bytes = 16 * cols * 2;
+  int split = 1;
+  while (split < 8 && chunks / (2 * split) >= 8 &&
+         (groups * split < device.sms ||
+          2 * device.sms * group_bytes / split > device.l2_bytes / 2)) {
+    split *= 2;
+  }
+  return split;
+}
+
+void launch_sparsify_fp8(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
+                         int64_t ld_x, bool is_bf16, bool compensate, void* compressed,
+                         float* token_scale, cudaStream_t stream, int split) {
+  require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify_fp8: bad padded row count");
+  require(cols % 64 == 0, "sparsify_fp8: columns must be a multiple of 64");
+  require(token_scale != nullptr, "sparsify_fp8: token_scale is required");
+  auto* values = static_cast<uint8_t*>(compressed);
+  auto* meta = values + padded_rows * cols / 2;
+  if (split <= 0) split = sparsify_fp8_split_for(padded_rows, cols);
+  require(split == 1 || split == 2 || split == 4 || split == 8, "sparsify_fp8: split must be 1, 2, 4 or 8");
+  if (is_bf16) {
+    launch_fp8_split<true>(split, x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+  } else {
+    launch_fp8_split<false>(split, x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+  }
+}
+
+void launch_fp8_epilogue(const void* d, void* y, int64_t rows, int64_t cols,
+                         const float* token_scale, const float* channel_scale, const void* bias,
+                         bool bias_is_float, bool out_bf16, cudaStream_t stream) {
+  require(cols % 8 == 0, "fp8 epilogue: columns must be a multiple of 8");
+  if (rows == 0) return;
+  if (out_bf16) {
+    launch_fp8_epilogue_dtype<true>(d, y, rows, cols, token_scale, channel_scale, bias, bias_is_float, stream);
+  } else {
+    launch_fp8_epilogue_dtype<false>(d, y, rows, cols, token_scale, channel_scale, bias, bias_is_float, stream);
   }
 }
 

@@ -54,4 +54,20 @@ void launch_scale_bias_epilogue(const void* gemm, void* y, int64_t rows, int64_t
                                 const float* scale, const void* bias, bool bias_is_float,
                                 bool is_bf16, cudaStream_t stream);
 
+// fp8 e4m3 path. Reads x once for the norms and max|x_kept| of each token, then again (mostly
+// from L2) to write q = e4m3(x_kept * (448 / max|x_kept|)) in cuSPARSELt's fp8 compressed layout
+// (padded_rows*cols/2 value bytes, then padded_rows*cols/8 metadata bytes) and the per-token
+// dequantisation scale a = s * max|x_kept| / 448 (s = 1 without compensation; 0 for a zero token).
+void launch_sparsify_fp8(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
+                         int64_t ld_x, bool is_bf16, bool compensate, void* compressed,
+                         float* token_scale, cudaStream_t stream, int split = 0);
+
+int sparsify_fp8_split_for(int64_t padded_rows, int64_t cols);
+
+// y[r, c] = out_dtype(float(d[r, c]) * token_scale[r] * channel_scale[c] + bias[c]) for r < rows;
+// d is bf16 (the fp8 GEMM's output), y bf16 or fp16 (may alias d). bias may be nullptr.
+void launch_fp8_epilogue(const void* d, void* y, int64_t rows, int64_t cols,
+                         const float* token_scale, const float* channel_scale, const void* bias,
+                         bool bias_is_float, bool out_bf16, cudaStream_t stream);
+
 }  // namespace rt_lynx
