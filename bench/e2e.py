@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=28, help="steps of the whole-sample timing (0: skip it)")
     p.add_argument("--iters", type=int, default=7, help="timed forwards per measurement")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="RT-Lynx Sparsify Model precision")
     p.add_argument("--tiny", action="store_true", help="1 double + 1 single block (Qwen: 1 block), small latent")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
@@ -136,6 +137,7 @@ def time_steps(patcher, arch, resolution, dev, dtype, args):
     import comfy.model_management
     import torch
     comfy.model_management.load_models_gpu([patcher])  # applies this clone's object patches
+    patcher.pre_run()  # as the sampler does before its first step (fp8 weights are made here)
     x, sigma, ctx, kwargs = step_inputs(arch, resolution, dev, dtype)
     options = {"wrappers": patcher.wrappers}  # what the sampler hands apply_model (compile wrapper)
     model = patcher.model
@@ -181,11 +183,11 @@ def time_sample(patcher, arch, resolution, dev, dtype, steps):
     return time.perf_counter() - start
 
 
-def lynx_clone(patcher):
+def lynx_clone(patcher, precision: str):
     from rt_lynx_pack.nodes import RTLynxSparsifyModel
     spec = RTLynxSparsifyModel.INPUT_TYPES()["required"]
     defaults = {name: (v[1]["default"]) for name, v in spec.items() if name != "model"}
-    (patched,) = RTLynxSparsifyModel().patch(patcher, **defaults)
+    (patched,) = RTLynxSparsifyModel().patch(patcher, **(defaults | {"precision": precision}))
     return patched
 
 
@@ -202,7 +204,7 @@ def run_model(arch, args, dev, rows, samples, notes):
     params = sum(p.numel() for p in dense.model.diffusion_model.parameters())
     log(f"[{arch}] built {params / 1e9:.2f} B params ({dtype}) in {time.perf_counter() - start:.1f} s, "
         f"allocated {dev.allocated_gb():.1f} GB")
-    lynx = lynx_clone(dense)
+    lynx = lynx_clone(dense, args.precision)
     notes[arch] = installed_plan(lynx).summary(dev.device)
     log(f"[{arch}] {notes[arch]}")
     resolutions = args.resolutions if arch == "flux" else [args.resolutions[0] if args.tiny else 1024]

@@ -3,10 +3,14 @@
 Nothing here imports ComfyUI. Importing this package is cheap: kernels build on first use or
 ahead of time through install.py.
 """
-from .dispatch import REQUESTS, BackendChoice, fast_path_availability, log_once, select_backend, sparse_linear
-from .reference import keep_mask_nm, norm_compensation_scale, sparse_linear_reference, sparsify_nm
+from .dispatch import (PRECISIONS, REQUESTS, BackendChoice, fast_path_availability, log_once, select_backend,
+                       sparse_linear, sparse_linear_fp8)
+from .reference import (keep_mask_nm, norm_compensation_scale, quantize_weight_fp8, sparse_linear_fp8_reference,
+                        sparse_linear_reference, sparsify_nm)
 
 __all__ = [
-    "REQUESTS", "BackendChoice", "fast_path_availability", "log_once", "select_backend", "sparse_linear",
-    "keep_mask_nm", "norm_compensation_scale", "sparse_linear_reference", "sparsify_nm",
+    "PRECISIONS", "REQUESTS", "BackendChoice", "fast_path_availability", "log_once", "select_backend",
+    "sparse_linear", "sparse_linear_fp8",
+    "keep_mask_nm", "norm_compensation_scale", "quantize_weight_fp8", "sparse_linear_fp8_reference",
+    "sparse_linear_reference", "sparsify_nm",
 ]

@@ -13,6 +13,9 @@ from . import reference
 log = logging.getLogger("rt_lynx")
 
 REQUESTS = ("auto", "cuda", "reference")
+# "bf16": the product runs in the activations' own 16-bit dtype (bf16 or fp16); "fp8": activations
+# and weights quantised to e4m3 (per token / per output channel) around an fp8 sparse product.
+PRECISIONS = ("bf16", "fp8")
 
 
 @dataclass(frozen=True)
@@ -39,48 +42,71 @@ def _describe(x2d: torch.Tensor, weight: torch.Tensor) -> str:
 
 try:
     from . import cusparselt as _fast
+    from . import fp8 as _fast_fp8
     _fast_import_error = ""
 except ImportError as error:  # a partial install: keep working on the reference path
-    _fast, _fast_import_error = None, f"fast kernels not importable ({error})"
+    _fast, _fast_fp8, _fast_import_error = None, None, f"fast kernels not importable ({error})"
 
 
 @torch.compiler.assume_constant_result
-def fast_path_availability(device: torch.device) -> tuple[bool, str]:
-    """Whether the fast sparse kernels can run on `device` at all (built, Hopper, self-test).
-    A constant for torch.compile: it is decided once per device, outside the traced graph."""
+def fast_path_availability(device: torch.device, precision: str = "bf16") -> tuple[bool, str]:
+    """Whether the fast sparse kernels of `precision` can run on `device` at all (built, Hopper,
+    self-test). A constant for torch.compile: decided once per device, outside the traced graph."""
     if device.type != "cuda":
         return False, f"{device.type} device: the fast kernels need a CUDA GPU"
     if _fast is None:
         return False, _fast_import_error
-    return _fast.availability(device)
+    return _fast_fp8.availability_fp8(device) if precision == "fp8" else _fast.availability(device)
 
 
-def select_backend(x2d: torch.Tensor, weight: torch.Tensor, requested: str, n: int, m: int) -> BackendChoice:
+def select_backend(x2d: torch.Tensor, weight: torch.Tensor, requested: str, n: int, m: int,
+                   precision: str = "bf16") -> BackendChoice:
+    """`weight` is the layer weight for bf16, the e4m3 weight from quantize_weight_fp8 for fp8."""
     if requested not in REQUESTS:
         raise ValueError(f"unknown backend {requested!r}; choose one of {REQUESTS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     if requested == "reference":
         return BackendChoice("reference", "reference backend requested")
     if (n, m) != (2, 4):
         return BackendChoice("reference", f"{n}:{m} has no sparse tensor core kernel (2:4 only)")
-    available, why_not = fast_path_availability(x2d.device)
+    available, why_not = fast_path_availability(x2d.device, precision)
     if not available:
         return BackendChoice("reference", why_not)
-    supported, why_not = _fast.supports(x2d, weight)
+    supported, why_not = (_fast_fp8.supports_fp8 if precision == "fp8" else _fast.supports)(x2d, weight)
     if not supported:
         return BackendChoice("reference", why_not)
-    return BackendChoice("cusparselt", "cuSPARSELt 2:4 sparse tensor cores")
+    return BackendChoice("cusparselt", f"cuSPARSELt 2:4 {precision} sparse tensor cores")
+
+
+def _report(choice: BackendChoice, x2d: torch.Tensor, weight: torch.Tensor) -> None:
+    if not torch.compiler.is_compiling():
+        where = "sparse tensor cores" if choice.name == "cusparselt" else "reference PyTorch path"
+        log_once(f"{_describe(x2d, weight)}: {where} ({choice.reason})")
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # The bias is added outside the fast ops: under torch.compile Inductor fuses it into the next
+    # elementwise work (activation, gate, residual) instead of a pass of its own.
+    return y if bias is None else y.add_(bias)
 
 
 def sparse_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compensate: bool,
                   requested: str = "auto", n: int = 2, m: int = 4) -> torch.Tensor:
     """y = s * (sparse_n:m(x) @ W^T) + b on the best backend for this call (x2d is M x K)."""
     choice = select_backend(x2d, weight, requested, n, m)
-    if not torch.compiler.is_compiling():
-        where = "sparse tensor cores" if choice.name == "cusparselt" else "reference PyTorch path"
-        log_once(f"{_describe(x2d, weight)}: {where} ({choice.reason})")
+    _report(choice, x2d, weight)
     if choice.name == "cusparselt":
-        y = _fast.sparse_linear(x2d, weight, None, compensate)
-        # The bias is added outside the op: under torch.compile Inductor fuses it into the next
-        # elementwise work (activation, gate, residual) instead of a pass of its own.
-        return y if bias is None else y.add_(bias)
+        return _add_bias(_fast.sparse_linear(x2d, weight, None, compensate), bias)
     return reference.sparse_linear_reference(x2d, weight, bias, compensate, n, m)
+
+
+def sparse_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                      compensate: bool, requested: str = "auto") -> torch.Tensor:
+    """The fp8 Lynx product (reference.sparse_linear_fp8_reference) with (wq, w_scale) from
+    quantize_weight_fp8, on the best backend for this call."""
+    choice = select_backend(x2d, wq, requested, 2, 4, "fp8")
+    _report(choice, x2d, wq)
+    if choice.name == "cusparselt":
+        return _add_bias(_fast_fp8.sparse_linear_fp8(x2d, wq, w_scale, None, compensate), bias)
+    return reference.sparse_linear_fp8_reference(x2d, wq, w_scale, bias, compensate)

@@ -102,6 +102,12 @@ class _StatisticsCapture:
             self._accumulate(x.detach().reshape(-1, x.shape[-1]))
         return self.forward(x)
 
+    def prepare_fp8(self, weight: torch.Tensor) -> None:
+        self.forward.prepare_fp8(weight)
+
+    def release_fp8(self) -> None:
+        self.forward.release_fp8()
+
     def _accumulate(self, x: torch.Tensor) -> None:
         # fp64 GEMMs are slow on most GPUs: fp32 there, fp64 on the CPU, unless told.
         dtype = self.stats_dtype or (torch.float64 if x.device.type == "cpu" else torch.float32)

@@ -3,6 +3,10 @@
     y = s * (sparse(x) @ W^T) + b  +  up(down(x)) * scale
         |------ kernels.sparse_linear ------|   |-- optional Lynx LoRA, on the DENSE x --|
 
+With precision "fp8" the product runs on e4m3 operands: sparse(x) quantised per token (the
+compensation folded into its scale) and W per output channel, quantised once per weight
+(kernels.sparse_linear_fp8; kernels/reference.py defines the math).
+
 sparse(x) keeps the n largest |x| of each m consecutive input features (2:4 by default); s is
 the per-token norm compensation ||x|| / ||sparse(x)|| (or 1 when switched off). Inputs with
 fewer than `min_tokens` rows (e.g. a modulation vector per image) are computed dense.
@@ -12,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..kernels import REQUESTS, log_once, sparse_linear
+from ..kernels import PRECISIONS, REQUESTS, log_once, quantize_weight_fp8, sparse_linear, sparse_linear_fp8
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class LynxConfig:
     compensate: bool = True
     backend: str = "auto"
     min_tokens: int = 32
+    precision: str = "bf16"   # "bf16": x's own 16-bit dtype; "fp8": e4m3 operands
 
     def __post_init__(self):
         if not 0 < self.n < self.m:
@@ -30,6 +35,10 @@ class LynxConfig:
             raise ValueError(f"backend {self.backend!r}: choose one of {REQUESTS}")
         if self.min_tokens < 1:
             raise ValueError("min_tokens must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: choose one of {PRECISIONS}")
+        if self.precision == "fp8" and (self.n, self.m) != (2, 4):
+            raise ValueError(f"fp8 precision is defined for 2:4 only, not {self.pattern}")
 
     @property
     def pattern(self) -> str:
@@ -66,9 +75,12 @@ class LowRankBranch:
 
 
 def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
-                lora: LowRankBranch | None = None, dense: bool = False) -> torch.Tensor:
+                lora: LowRankBranch | None = None, dense: bool = False,
+                fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The Lynx product for x of shape (..., in_features); `dense=True` gives plain F.linear
-    (plus the LoRA branch, which only makes sense with the sparse product, so it is skipped)."""
+    (plus the LoRA branch, which only makes sense with the sparse product, so it is skipped).
+    `fp8_weight` is quantize_weight_fp8(weight) made ahead of time; without it an fp8 config
+    quantises the weight in the call."""
     in_features = x.shape[-1]
     if weight.shape[-1] != in_features:
         raise ValueError(f"input has {in_features} features, weight expects {weight.shape[-1]}")
@@ -86,8 +98,12 @@ def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if in_features % config.m:
         raise ValueError(f"in_features={in_features} is not a multiple of {config.m}: "
                          f"this layer cannot be {config.pattern} sparse")
-    y = sparse_linear(x.reshape(-1, in_features), weight, bias, config.compensate,
-                      config.backend, config.n, config.m)
+    x2d = x.reshape(-1, in_features)
+    if config.precision == "fp8":
+        wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight)
+        y = sparse_linear_fp8(x2d, wq, w_scale, bias, config.compensate, config.backend)
+    else:
+        y = sparse_linear(x2d, weight, bias, config.compensate, config.backend, config.n, config.m)
     y = y.reshape(*x.shape[:-1], weight.shape[0])
     if lora is not None:
         y = y + lora(x)

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..kernels import fast_path_availability
+from ..kernels import fast_path_availability, quantize_weight_fp8
 from .linear import LowRankBranch, LynxConfig, lynx_linear
 from .lora import LynxLoRA, check_fits
 from .policies import ArchitecturePolicy, LayerDecision, SelectionOptions, detect_architecture, select_layers
@@ -59,16 +59,30 @@ class LynxLinearForward:
         self.runtime = runtime
         self.weights = weights
         self.lora = lora
+        # fp8 precision: the e4m3 weight, made once while the weight stays put (prepare_fp8) and
+        # dropped when the model is unloaded; without it each call quantises its weight.
+        self.fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias, release = self.weights(self.module, x)
-        y = lynx_linear(x, weight, bias, self.config, self.lora, dense=self.runtime.dense_now())
+        y = lynx_linear(x, weight, bias, self.config, self.lora, dense=self.runtime.dense_now(),
+                        fp8_weight=self.fp8_weight)
         if release is not None:
             release()
         return y
 
+    def prepare_fp8(self, weight: torch.Tensor) -> None:
+        """Quantise `weight` (what this layer computes with, on its compute device) ahead of time."""
+        if self.config.precision == "fp8":
+            self.fp8_weight = quantize_weight_fp8(weight.detach())
+
+    def release_fp8(self) -> None:
+        self.fp8_weight = None
+
     def with_lora(self, lora: LowRankBranch | None) -> "LynxLinearForward":
-        return LynxLinearForward(self.module, self.name, self.config, self.runtime, self.weights, lora)
+        forward = LynxLinearForward(self.module, self.name, self.config, self.runtime, self.weights, lora)
+        forward.fp8_weight = self.fp8_weight
+        return forward
 
 
 @dataclass
@@ -91,7 +105,8 @@ class LynxPlan:
         for d in dense:
             reasons[d.reason] = reasons.get(d.reason, 0) + 1
         kept = "; ".join(f"{count} {reason}" for reason, count in reasons.items())
-        text = (f"RT-Lynx: {self.policy.name}, {len(sparse)} linears sparsified {self.config.pattern}"
+        precision = " fp8" if self.config.precision == "fp8" else ""
+        text = (f"RT-Lynx: {self.policy.name}, {len(sparse)} linears sparsified {self.config.pattern}{precision}"
                 f"{' + norm compensation' if self.config.compensate else ''}, "
                 f"{len(dense)} kept dense{f' ({kept})' if kept else ''}")
         if self.runtime.dense_warmup_steps:
@@ -100,7 +115,7 @@ class LynxPlan:
             text += f", {self.lora_note}"
         text += f", backend {self.config.backend}"
         if device is not None and self.config.backend != "reference":
-            available, why_not = fast_path_availability(device)
+            available, why_not = fast_path_availability(device, self.config.precision)
             text += " -> cuSPARSELt sparse tensor cores" if available else f" -> reference ({why_not})"
         return text
 
@@ -140,9 +155,11 @@ def installed(model: nn.Module, plan: LynxPlan):
             module = modules[name]
             previous[name] = module.__dict__.get("forward")
             module.forward = forward
+            forward.prepare_fp8(module.weight)
         yield model
     finally:
         for name, old in previous.items():
+            plan.forwards[name].release_fp8()
             if old is None:
                 del modules[name].forward
             else:

@@ -8,11 +8,17 @@
   for the weight exactly as the original forward would.
 - The plan rides along as a ModelPatcher attachment, so "Load Lynx LoRA" can find it.
 - Dense warm-up steps need the step index: an APPLY_MODEL wrapper reads it off the schedule.
+- fp8 precision quantises each layer's weight once per sampling run, after ComfyUI has loaded and
+  LoRA-patched it (ON_PRE_RUN; ON_LOAD does not fire when a clone reuses weights already in place),
+  and drops the copies when the model is detached (ON_DETACH). Layers left in lowvram mode, whose
+  weight is cast per call, quantise per call.
 
 ComfyUI is imported only inside functions: importing the pack must not need it.
 """
 import inspect
 import logging
+
+import torch
 
 from ..lynx import LynxPlan, LynxRuntime, sampling_step_index
 
@@ -20,6 +26,7 @@ log = logging.getLogger("rt_lynx")
 
 ATTACHMENT_KEY = "rt_lynx"
 WRAPPER_KEY = "rt_lynx_sampling_step"
+CALLBACK_KEY = "rt_lynx_fp8_weights"
 LYNX_LORA_SUBFOLDER = "lynx"
 
 
@@ -44,10 +51,33 @@ def comfy_linear_weights(module, x):
             weight, bias = ops.cast_bias_weight(module, x)
     else:
         weight, bias = module.weight, module.bias
+    return _apply_weight_scale(module, weight, x.dtype), bias, release
+
+
+def _apply_weight_scale(module, weight, dtype):
     scale = getattr(module, "scale_weight", None)  # ComfyUI's scaled fp8 checkpoints
-    if scale is not None:
-        weight = weight.to(x.dtype) * scale.to(device=weight.device, dtype=x.dtype)
-    return weight, bias, release
+    if scale is None:
+        return weight
+    return weight.to(dtype) * scale.to(device=weight.device, dtype=dtype)
+
+
+def _casts_per_call(module) -> bool:
+    return bool(module.comfy_cast_weights or len(module.weight_function) > 0)
+
+
+def _fp8_weight_callbacks(plan: LynxPlan):
+    def on_pre_run(patcher, *args, **kwargs):
+        for forward in plan.forwards.values():
+            module = forward.module
+            if _casts_per_call(module):
+                forward.release_fp8()
+            else:
+                forward.prepare_fp8(_apply_weight_scale(module, module.weight, torch.float32))
+
+    def on_detach(patcher, *args, **kwargs):
+        for forward in plan.forwards.values():
+            forward.release_fp8()
+    return on_pre_run, on_detach
 
 
 def _sampling_step_wrapper(runtime: LynxRuntime):
@@ -67,7 +97,7 @@ def _sampling_step_wrapper(runtime: LynxRuntime):
 
 def install_plan(model, plan: LynxPlan):
     """A clone of the ModelPatcher `model` that computes with `plan`."""
-    from comfy.patcher_extension import WrappersMP
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
 
     patched = model.clone()
     for name, forward in plan.forwards.items():
@@ -76,6 +106,12 @@ def install_plan(model, plan: LynxPlan):
     patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     if plan.runtime.dense_warmup_steps:
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, _sampling_step_wrapper(plan.runtime))
+    for call_type in (CallbacksMP.ON_PRE_RUN, CallbacksMP.ON_DETACH):
+        patched.remove_callbacks_with_key(call_type, CALLBACK_KEY)
+    if plan.config.precision == "fp8":
+        on_pre_run, on_detach = _fp8_weight_callbacks(plan)
+        patched.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, on_pre_run)
+        patched.add_callback_with_key(CallbacksMP.ON_DETACH, CALLBACK_KEY, on_detach)
     return patched
 
 

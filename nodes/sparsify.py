@@ -1,7 +1,7 @@
 """The "RT-Lynx Sparsify Model" node."""
 import logging
 
-from ..kernels import REQUESTS, fast_path_availability
+from ..kernels import PRECISIONS, REQUESTS, fast_path_availability
 from ..lynx import LynxConfig, LynxRuntime, SelectionOptions, plan_model
 from .comfy_glue import comfy_linear_weights, install_plan, installed_plan
 
@@ -40,19 +40,23 @@ class RTLynxSparsifyModel:
             "backend": (list(REQUESTS), {"default": "auto", "tooltip":
                         "auto: sparse tensor cores when available, else the PyTorch reference path. "
                         "cuda: fail unless the fast kernels run here. reference: always PyTorch."}),
+            "precision": (list(PRECISIONS), {"default": "bf16", "tooltip":
+                          "bf16: the product in the model's 16-bit dtype. fp8: activations (per token) and "
+                          "weights (per channel, quantised once at load) in e4m3; faster, less exact, and an "
+                          "fp8 copy of the sparsified weights in VRAM."}),
         }}
 
     def patch(self, model, pattern, compensation, skip_first_blocks, skip_last_blocks, dense_warmup_steps,
-              default_dense_layers, include_layers, exclude_layers, backend):
+              default_dense_layers, include_layers, exclude_layers, backend, precision="bf16"):
         if installed_plan(model) is not None:
             raise ValueError("this model is already patched by RT-Lynx Sparsify Model; use one per model")
         n, m = (int(v) for v in pattern.split(":"))
-        config = LynxConfig(n=n, m=m, compensate=compensation, backend=backend)
+        config = LynxConfig(n=n, m=m, compensate=compensation, backend=backend, precision=precision)
         selection = SelectionOptions(skip_first_blocks=skip_first_blocks, skip_last_blocks=skip_last_blocks,
                                      include=include_layers, exclude=exclude_layers,
                                      use_default_dense_layers=default_dense_layers, m=m)
         if backend == "cuda":
-            available, why_not = fast_path_availability(model.load_device)
+            available, why_not = fast_path_availability(model.load_device, precision)
             if not available:
                 raise RuntimeError(f"RT-Lynx backend 'cuda' cannot run here: {why_not}. "
                                    f"Choose 'auto' to fall back to the PyTorch reference path.")

@@ -80,3 +80,21 @@ def test_bad_input_is_refused_clearly():
         sparse_linear(x.reshape(-1, 64), w, b, True, "fast")
     with pytest.raises(ValueError, match="do not chain"):
         LowRankBranch(torch.randn(8, 64), torch.randn(48, 4), 1.0)
+
+
+def test_fp8_precision_computes_the_fp8_reference_and_stays_close_to_bf16():
+    from rt_lynx_pack.kernels import quantize_weight_fp8, sparse_linear_fp8_reference
+    x, w, b = make(tokens_shape=(3, 50), k=128, n=64, dtype=torch.bfloat16)
+    config = LynxConfig(precision="fp8")
+    y = lynx_linear(x, w, b, config)
+    wq, w_scale = quantize_weight_fp8(w)
+    assert wq.dtype == torch.float8_e4m3fn and w_scale.shape == (64,)
+    assert torch.equal(y, sparse_linear_fp8_reference(x.reshape(-1, 128), wq, w_scale, b, True).reshape(3, 50, 64))
+    # The same with the weight quantised ahead of time.
+    assert torch.equal(lynx_linear(x, w, b, config, fp8_weight=(wq, w_scale)), y)
+    bf16 = expected(x, w, b, True)
+    assert ((y.double() - bf16).norm() / bf16.norm()).item() < 8e-2   # e4m3 keeps 3 mantissa bits
+    with pytest.raises(ValueError, match="precision"):
+        LynxConfig(precision="int4")
+    with pytest.raises(ValueError, match="fp8 precision is defined for 2:4 only"):
+        LynxConfig(precision="fp8", n=1, m=4)

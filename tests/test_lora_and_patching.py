@@ -137,3 +137,21 @@ def test_sampling_step_index_follows_the_schedule():
     assert [sampling_step_index(sigmas, torch.tensor([s])) for s in (1.0, 0.75, 0.5, 0.25)] == [0, 1, 2, 3]
     assert sampling_step_index(sigmas, torch.tensor([0.6, 0.6])) == 1  # a second-order midpoint of step 1
     assert sampling_step_index(None, torch.tensor([0.5])) is None
+
+
+def test_fp8_plan_quantises_weights_once_while_installed(tiny):
+    model, inputs = tiny
+    plan = plan_model(model, LynxConfig(precision="fp8"))
+    assert " 2:4 fp8 + norm compensation" in plan.summary()
+    with torch.no_grad():
+        bf16 = model(*inputs)
+        with installed(model, plan):
+            assert all(f.fp8_weight is not None and f.fp8_weight[0].dtype == torch.float8_e4m3fn
+                       for f in plan.forwards.values())
+            fp8 = model(*inputs)
+            # Quantising in the call gives the same result as the weight made ahead of time.
+            for forward in plan.forwards.values():
+                forward.release_fp8()
+            assert torch.equal(model(*inputs), fp8)
+    assert all(f.fp8_weight is None for f in plan.forwards.values())
+    assert torch.isfinite(fp8).all() and not torch.equal(fp8, bf16)

@@ -75,3 +75,19 @@ def test_tiny_dit_on_the_gpu_matches_the_reference_backend():
             reference = model(*inputs)
     assert torch.isfinite(fast).all()
     assert relative_error(fast, reference) < 2e-2
+
+
+def test_fp8_precision_takes_the_fp8_fast_path_eager_and_compiled():
+    from rt_lynx_pack.kernels import quantize_weight_fp8, sparse_linear_fp8_reference
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(2, 700, 3072, device="cuda", generator=g).to(torch.bfloat16) ** 3
+    w = (torch.randn(3072, 3072, device="cuda", generator=g) / 55).to(torch.bfloat16)
+    b = torch.randn(3072, device="cuda", generator=g).to(torch.bfloat16)
+    wq, w_scale = quantize_weight_fp8(w)
+    assert select_backend(x.reshape(-1, 3072), wq, "auto", 2, 4, "fp8").name == "cusparselt"
+    config = LynxConfig(precision="fp8")
+    want = sparse_linear_fp8_reference(x.reshape(-1, 3072), wq, w_scale, b, True).reshape(2, 700, 3072)
+    eager = lynx_linear(x, w, b, config, fp8_weight=(wq, w_scale))
+    assert relative_error(eager, want) < 5e-3  # only the bf16 roundings of D and y differ
+    compiled = torch.compile(lambda x: lynx_linear(x, w, b, config, fp8_weight=(wq, w_scale)), fullgraph=True)
+    assert relative_error(compiled(x), eager) < 1e-3
