@@ -18,11 +18,12 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import git_commit  # noqa: E402
 # Text tokens per prompt: FLUX's T5 context is padded to 512 in ComfyUI; a long Qwen-Image prompt.
 CONTEXT_TOKENS = {"flux": 512, "qwen_image": 256}
 BATCH = {"flux": 1, "qwen_image": 2}  # Qwen-Image runs with CFG: cond and uncond in one batch
@@ -80,17 +81,6 @@ def import_comfyui(tiny: bool):
     standalone = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(standalone)
     standalone.load_pack()
-
-
-def git_commit():
-    if os.environ.get("RT_LYNX_COMMIT"):
-        return os.environ["RT_LYNX_COMMIT"]
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 class Device:

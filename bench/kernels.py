@@ -32,7 +32,6 @@ import json
 import logging
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -42,6 +41,9 @@ import torch.nn.functional as F
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from standalone import load_pack  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import eager_us, git_commit, graph_us  # noqa: E402
 
 load_pack()
 from rt_lynx_pack.kernels import cusparselt  # noqa: E402
@@ -68,45 +70,6 @@ SHAPES = [
     ("qwen", "img mlp down", 8192, 12288, 3072),
 ]
 INPUT_SETS = 3  # rotate activations so repeated calls do not just re-read L2
-
-
-def eager_us(fn, calls, repeats):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
-
-
-def graph_us(fn, calls, repeats):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        samples.append(start.elapsed_time(stop) * 1e3 / calls)
-    del graph
-    return statistics.median(samples)
 
 
 def copy_bandwidth_tbs():
@@ -288,17 +251,6 @@ def markdown_fp8(rows, meta):
     lines.append(f"- max rel err vs the fp8 reference: {max(r['err_vs_fp8_ref'] for r in rows):.1e}; "
                  f"vs fp32 math on the unquantised sparsified input: {max(r['err_vs_fp32'] for r in rows):.1e}")
     return "\n".join(lines) + "\n"
-
-
-def git_commit():
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "bench"],
-                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
-        return head + ("+uncommitted" if dirty else "")
-    except Exception:
-        return "uncommitted"
 
 
 def geometric_mean(values):

@@ -8,49 +8,17 @@ import argparse
 import datetime
 import pathlib
 import statistics
-import subprocess
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import eager_us, git_commit, graph_us  # noqa: E402
+
+CALLS, REPEATS = 20, 5
 
 SHAPES = [(4096, 3072, 9216), (4096, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072),
           (4608, 3072, 21504), (512, 3072, 9216)]
-
-
-def eager_us(fn, calls=20, repeats=5):
-    import torch
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
-
-
-def graph_us(fn, replays=20):
-    import torch
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays * 1e3
 
 
 def main():
@@ -76,19 +44,15 @@ def main():
         plain = lambda: lynx_linear(x, w, b, config)  # noqa: E731
         with_branch = lambda: lynx_linear(x, w, b, config, lora=branch)  # noqa: E731
         row = {"shape": (m, k, n), "backend": backend,
-               "eager_us": eager_us(plain), "eager_lora_us": eager_us(with_branch),
-               "kernel_us": graph_us(plain), "kernel_lora_us": graph_us(with_branch)}
+               "eager_us": eager_us(plain, CALLS, REPEATS), "eager_lora_us": eager_us(with_branch, CALLS, REPEATS),
+               "kernel_us": graph_us(plain, CALLS, REPEATS), "kernel_lora_us": graph_us(with_branch, CALLS, REPEATS)}
         row["eager_overhead"] = row["eager_lora_us"] / row["eager_us"] - 1
         row["kernel_overhead"] = row["kernel_lora_us"] / row["kernel_us"] - 1
         rows.append(row)
         print(row, flush=True)
 
     gpu = torch.cuda.get_device_name()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     lines = [f"# Lynx LoRA branch cost, rank {args.rank} ({datetime.date.today()}, {gpu}, torch {torch.__version__}, "
              f"commit {commit})", "",
              "| M,K,N | backend | Lynx eager us | + LoRA eager us | overhead | Lynx kernel us | + LoRA kernel us | overhead |",
