@@ -178,7 +178,8 @@ def test_the_check_catches_a_typo_a_wrong_widget_count_and_a_wrong_link(node_cla
     assert any("KSampler" in p and "6 widget values for 7 widgets" in p for p in broken(drop_control_after_generate))
 
     def bad_combo(w):
-        node(w, "RTLynxSparsifyModel")["widgets_values"][-1] = "cusparselt"
+        values = node(w, "RTLynxSparsifyModel")["widgets_values"]
+        values[values.index("auto")] = "cusparselt"  # the backend widget
     assert any("RTLynxSparsifyModel.backend='cusparselt'" in p for p in broken(bad_combo))
 
     def out_of_range(w):
