@@ -233,15 +233,17 @@ def self_test(device: torch.device) -> str:
     return ""
 
 
-def supports(x2d: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
-    """Whether (x2d, weight) fit the fast path's constraints. Never raises."""
+def check_operands(x2d: torch.Tensor, weight: torch.Tensor, weight_dtype: torch.dtype, weight_hint: str,
+                   n_multiple: int) -> tuple[bool, str]:
+    """The constraints every fast path shares: 2-D, 16-bit x, weight of `weight_dtype` on x's CUDA
+    device, K a multiple of K_MULTIPLE, N of `n_multiple`, contiguous and 16-byte aligned."""
     try:
         if x2d.dim() != 2 or weight.dim() != 2:
             return False, f"need 2-D x and weight, got {x2d.dim()}-D and {weight.dim()}-D"
         if x2d.dtype not in SUPPORTED_DTYPES:
             return False, f"x dtype {x2d.dtype} is not bfloat16/float16"
-        if weight.dtype != x2d.dtype:
-            return False, f"weight dtype {weight.dtype} != x dtype {x2d.dtype}"
+        if weight.dtype != weight_dtype:
+            return False, f"weight dtype {weight.dtype} is not {weight_dtype}{weight_hint}"
         if not (x2d.is_cuda and weight.device == x2d.device):
             return False, "x and weight must be on the same CUDA device"
         rows, k = x2d.shape
@@ -252,19 +254,24 @@ def supports(x2d: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
             return False, "x has no rows"
         if k % K_MULTIPLE:
             return False, f"in_features {k} is not a multiple of {K_MULTIPLE}"
-        if n % N_MULTIPLE:
-            return False, f"out_features {n} is not a multiple of {N_MULTIPLE}"
+        if n % n_multiple:
+            return False, f"out_features {n} is not a multiple of {n_multiple}"
         if not weight.is_contiguous():
             return False, "weight is not contiguous"
         if x2d.stride(1) != 1 or x2d.stride(0) != k:
             return False, "x is not contiguous"
-        # Pointers do not exist while torch.compile traces; the op re-checks alignment at run
+        # Pointers do not exist while torch.compile traces; the ops re-check alignment at run
         # time (x: copied, weight: clear error).
         if not torch.compiler.is_compiling() and (weight.data_ptr() % 16 or x2d.data_ptr() % 16):
             return False, "x or weight is not 16-byte aligned"
         return True, "ok"
     except Exception as exc:
         return False, f"cannot inspect inputs: {exc}"
+
+
+def supports(x2d: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
+    """Whether (x2d, weight) fit the 16-bit fast path's constraints. Never raises."""
+    return check_operands(x2d, weight, x2d.dtype, " (the x dtype)", N_MULTIPLE)
 
 
 def sparse_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

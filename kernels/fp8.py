@@ -25,9 +25,8 @@ from .reference import (quantize_weight_fp8, sparse_linear_fp8_reference,
 
 log = logging.getLogger("rt_lynx")
 
-K_MULTIPLE = 64
 N_MULTIPLE = 32   # conservative for 8-bit cuSPARSELt operands; only multiples of 32 were run
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = _cusparselt.SUPPORTED_DTYPES
 SELF_TEST_TOLERANCE = 1e-2
 
 __all__ = ["quantize_weight_fp8", "supports_fp8", "sparse_linear_fp8", "availability_fp8",
@@ -184,34 +183,7 @@ def set_fp8_operand(operand: str) -> None:
 
 def supports_fp8(x2d: torch.Tensor, wq: torch.Tensor) -> tuple[bool, str]:
     """Whether (x2d, wq) fit the fp8 path's constraints (wq from quantize_weight_fp8). Never raises."""
-    try:
-        if x2d.dim() != 2 or wq.dim() != 2:
-            return False, f"need 2-D x and wq, got {x2d.dim()}-D and {wq.dim()}-D"
-        if x2d.dtype not in SUPPORTED_DTYPES:
-            return False, f"x dtype {x2d.dtype} is not bfloat16/float16"
-        if wq.dtype != torch.float8_e4m3fn:
-            return False, f"wq dtype {wq.dtype} is not float8_e4m3fn (use quantize_weight_fp8)"
-        if not (x2d.is_cuda and wq.device == x2d.device):
-            return False, "x and wq must be on the same CUDA device"
-        rows, k = x2d.shape
-        n, k_weight = wq.shape
-        if k_weight != k:
-            return False, f"in_features mismatch: x has {k}, wq has {k_weight}"
-        if rows < 1:
-            return False, "x has no rows"
-        if k % K_MULTIPLE:
-            return False, f"in_features {k} is not a multiple of {K_MULTIPLE}"
-        if n % N_MULTIPLE:
-            return False, f"out_features {n} is not a multiple of {N_MULTIPLE}"
-        if not wq.is_contiguous():
-            return False, "wq is not contiguous"
-        if x2d.stride(1) != 1 or x2d.stride(0) != k:
-            return False, "x is not contiguous"
-        if not torch.compiler.is_compiling() and (wq.data_ptr() % 16 or x2d.data_ptr() % 16):
-            return False, "x or wq is not 16-byte aligned"
-        return True, "ok"
-    except Exception as exc:
-        return False, f"cannot inspect inputs: {exc}"
+    return _cusparselt.check_operands(x2d, wq, torch.float8_e4m3fn, " (use quantize_weight_fp8)", N_MULTIPLE)
 
 
 def sparse_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
