@@ -3,8 +3,10 @@
 Computes `reference.sparse_linear_reference` (same kept positions and tie rule) as custom ops in
 the `rt_lynx` namespace, so torch.compile traces them without a graph break. One difference in
 rounding: the per-token scale s is folded into the compressed values (round(s * x_kept) in x's
-dtype) instead of scaling the product. The bias is added by a pass over Y in fp32 (cuSPARSELt
-0.8 adds its bias per token in either orientation, so it cannot take a per-feature bias).
+dtype) instead of scaling the product. The op can add the bias in a pass over Y in fp32
+(cuSPARSELt 0.8 adds its bias per token in either orientation, so it cannot take a per-feature
+bias); the dispatch instead adds it after the op in x's dtype, so torch.compile fuses it into the
+next elementwise work (one more rounding than the reference, well inside the tests' tolerance).
 
   torch.ops.rt_lynx.sparse_linear(x, weight, bias, compensate) -> y            (M x N, x's dtype)
   torch.ops.rt_lynx.sparsify_compress(x, m_padded) -> (compressed, scale)      (unscaled values)
@@ -89,6 +91,7 @@ def _define_ops():
 _define_ops()
 
 _availability: dict[int, tuple[bool, str]] = {}
+_availability_by_device: dict[torch.device, tuple[bool, str]] = {}
 _availability_lock = threading.Lock()
 
 
@@ -102,6 +105,9 @@ def availability(device: torch.device) -> tuple[bool, str]:
 
     Cached per device; builds the extension on first call. Never raises.
     """
+    hit = _availability_by_device.get(device)  # the per-call path: one dict lookup, no lock
+    if hit is not None:
+        return hit
     try:
         device = torch.device(device)
         if device.type != "cuda":
@@ -114,6 +120,8 @@ def availability(device: torch.device) -> tuple[bool, str]:
     with _availability_lock:
         if index not in _availability:
             _availability[index] = _check_device(index)
+        if device.index is not None:  # "cuda" alone follows the current device: not cached by name
+            _availability_by_device[device] = _availability[index]
         return _availability[index]
 
 

@@ -61,7 +61,15 @@ def fast_path_availability(device: torch.device, precision: str = "bf16") -> tup
 
 def select_backend(x2d: torch.Tensor, weight: torch.Tensor, requested: str, n: int, m: int,
                    precision: str = "bf16") -> BackendChoice:
-    """`weight` is the layer weight for bf16, the e4m3 weight from quantize_weight_fp8 for fp8."""
+    """`weight` is the layer weight for bf16, the e4m3 weight from quantize_weight_fp8 for fp8.
+    A "cuda" request that the fast kernels cannot serve raises instead of falling back."""
+    choice = _choose(x2d, weight, requested, n, m, precision)
+    if requested == "cuda" and choice.name != "cusparselt":
+        raise RuntimeError(f"RT-Lynx backend 'cuda' cannot run {_describe(x2d, weight)}: {choice.reason}")
+    return choice
+
+
+def _choose(x2d, weight, requested, n, m, precision) -> BackendChoice:
     if requested not in REQUESTS:
         raise ValueError(f"unknown backend {requested!r}; choose one of {REQUESTS}")
     if precision not in PRECISIONS:
@@ -79,8 +87,15 @@ def select_backend(x2d: torch.Tensor, weight: torch.Tensor, requested: str, n: i
     return BackendChoice("cusparselt", f"cuSPARSELt 2:4 {precision} sparse tensor cores")
 
 
+_reported: set[tuple] = set()
+
+
 def _report(choice: BackendChoice, x2d: torch.Tensor, weight: torch.Tensor) -> None:
-    if not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return
+    key = (x2d.shape, weight.shape, x2d.dtype, choice)
+    if key not in _reported:  # checked before formatting: this runs on every call
+        _reported.add(key)
         where = "sparse tensor cores" if choice.name == "cusparselt" else "reference PyTorch path"
         log_once(f"{_describe(x2d, weight)}: {where} ({choice.reason})")
 

@@ -95,18 +95,30 @@ class _StatisticsCapture:
         self.tokens = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        config = self.forward.config
-        tokens = x.numel() // x.shape[-1]
         # Only calls the Lynx linear computes sparse have an error to cancel.
-        if tokens >= config.min_tokens and not self.forward.runtime.dense_now():
+        if self.forward.config.runs_sparse(x) and not self.forward.runtime.dense:
             self._accumulate(x.detach().reshape(-1, x.shape[-1]))
         return self.forward(x)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.forward.module
 
     def prepare_fp8(self, weight: torch.Tensor) -> None:
         self.forward.prepare_fp8(weight)
 
     def release_fp8(self) -> None:
         self.forward.release_fp8()
+
+    def layer_weight(self) -> torch.Tensor:
+        """The weight the layer computes with (its weight provider: casts, LoRA patches, fp8
+        scales), on the statistics' device."""
+        probe = torch.zeros(1, self.c_xx.shape[0], dtype=torch.float32, device=self.c_xx.device)
+        weight, _, release = self.forward.weights(self.forward.module, probe)
+        weight = weight.detach().to(self.c_xx.device, torch.float32)
+        if release is not None:
+            release()
+        return weight
 
     def _accumulate(self, x: torch.Tensor) -> None:
         # fp64 GEMMs are slow on most GPUs: fp32 there, fp64 on the CPU, unless told.
@@ -205,8 +217,7 @@ def calibrate_lynx_lora(model: nn.Module, plan: LynxPlan, inputs: Iterable, rank
                     progress(CalibrationProgress(pass_index, len(groups), samples, fitted, len(in_features)))
         for name, capture in captures.items():
             if capture.c_xx is not None:
-                weight = capture.forward.module.weight.detach()
-                down, up = fit_low_rank(capture.c_xx, capture.c_xd, weight, rank, ridge)
+                down, up = fit_low_rank(capture.c_xx, capture.c_xd, capture.layer_weight(), rank, ridge)
                 layers[name] = (down.float().cpu(), up.float().cpu())
             capture.c_xx = capture.c_xd = None  # release before the next group's pass
             fitted += 1

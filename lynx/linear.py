@@ -9,7 +9,8 @@ compensation folded into its scale) and W per output channel, quantised once per
 
 sparse(x) keeps the n largest |x| of each m consecutive input features (2:4 by default); s is
 the per-token norm compensation ||x|| / ||sparse(x)|| (or 1 when switched off). Inputs with
-fewer than `min_tokens` rows (e.g. a modulation vector per image) are computed dense.
+fewer than `min_tokens` tokens per sequence (e.g. a modulation vector per image, a short prompt)
+are computed dense.
 """
 from dataclasses import dataclass, field
 
@@ -43,6 +44,14 @@ class LynxConfig:
     @property
     def pattern(self) -> str:
         return f"{self.n}:{self.m}"
+
+    def sequence_tokens(self, x: torch.Tensor) -> int:
+        """Tokens per sequence: x.shape[-2] for (batch, ..., tokens, features), rows for 2-D x.
+        Counting per sequence, not per batch, keeps an image the same with or without CFG batching."""
+        return x.shape[-2] if x.dim() >= 3 else x.numel() // max(x.shape[-1], 1)
+
+    def runs_sparse(self, x: torch.Tensor) -> bool:
+        return self.sequence_tokens(x) >= self.min_tokens
 
 
 @dataclass
@@ -84,17 +93,13 @@ def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     in_features = x.shape[-1]
     if weight.shape[-1] != in_features:
         raise ValueError(f"input has {in_features} features, weight expects {weight.shape[-1]}")
-    if weight.dtype != x.dtype:  # weights stored in another dtype (e.g. fp8) compute in x's
-        weight = weight.to(x.dtype)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    tokens = x.numel() // in_features if in_features else 0
-    if dense:
-        return F.linear(x, weight, bias)
-    if tokens < config.min_tokens:
-        if not torch.compiler.is_compiling():
-            log_once(f"{tokens} tokens x {in_features} features: dense (fewer than {config.min_tokens} tokens)")
-        return F.linear(x, weight, bias)
+    if dense or not config.runs_sparse(x):
+        if not dense and not torch.compiler.is_compiling():
+            log_once(f"{config.sequence_tokens(x)} tokens x {in_features} features: dense "
+                     f"(fewer than {config.min_tokens} tokens per sequence)")
+        return F.linear(x, weight.to(x.dtype), bias)  # weights stored in another dtype compute in x's
     if in_features % config.m:
         raise ValueError(f"in_features={in_features} is not a multiple of {config.m}: "
                          f"this layer cannot be {config.pattern} sparse")
@@ -103,7 +108,7 @@ def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight)
         y = sparse_linear_fp8(x2d, wq, w_scale, bias, config.compensate, config.backend)
     else:
-        y = sparse_linear(x2d, weight, bias, config.compensate, config.backend, config.n, config.m)
+        y = sparse_linear(x2d, weight.to(x.dtype), bias, config.compensate, config.backend, config.n, config.m)
     y = y.reshape(*x.shape[:-1], weight.shape[0])
     if lora is not None:
         y = y + lora(x)

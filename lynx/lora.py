@@ -12,7 +12,9 @@ Metadata (all strings):
     rt_lynx.pattern         "2:4"
     rt_lynx.compensation    "norm" or "none": the sparsify variant whose error the branch cancels
     rt_lynx.pack_version    the pack version that wrote it
-A file is refused when any of these disagree with the patched model; the error lists the keys.
+A file is refused when its architecture, pattern or compensation differ from the patched model's,
+or a layer is not sparsified there or has other shapes (the rank fixes them); the error lists
+the keys. rank and alpha scale the branch; pack_version is informational.
 """
 from dataclasses import dataclass
 

@@ -30,11 +30,12 @@ def module_weights(module: nn.Module, x: torch.Tensor):
 class LynxRuntime:
     """State shared by the patched layers of one patched model."""
     dense_warmup_steps: int = 0
-    # Index of the sampling step being computed; set per model call by the sampler-side wrapper.
-    step_index: int | None = None
+    # Whether the step being computed is a dense warm-up step. A plain bool, set once per model
+    # call by the sampler-side wrapper, so torch.compile sees at most two variants of the graph.
+    dense: bool = False
 
-    def dense_now(self) -> bool:
-        return self.step_index is not None and self.step_index < self.dense_warmup_steps
+    def set_step(self, step_index: int | None) -> None:
+        self.dense = step_index is not None and step_index < self.dense_warmup_steps
 
 
 def sampling_step_index(sample_sigmas: torch.Tensor | None, sigma: torch.Tensor) -> int | None:
@@ -65,7 +66,7 @@ class LynxLinearForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias, release = self.weights(self.module, x)
-        y = lynx_linear(x, weight, bias, self.config, self.lora, dense=self.runtime.dense_now(),
+        y = lynx_linear(x, weight, bias, self.config, self.lora, dense=self.runtime.dense,
                         fp8_weight=self.fp8_weight)
         if release is not None:
             release()
@@ -80,9 +81,7 @@ class LynxLinearForward:
         self.fp8_weight = None
 
     def with_lora(self, lora: LowRankBranch | None) -> "LynxLinearForward":
-        forward = LynxLinearForward(self.module, self.name, self.config, self.runtime, self.weights, lora)
-        forward.fp8_weight = self.fp8_weight
-        return forward
+        return LynxLinearForward(self.module, self.name, self.config, self.runtime, self.weights, lora)
 
 
 @dataclass
@@ -138,8 +137,10 @@ def plan_model(model: nn.Module, config: LynxConfig = LynxConfig(),
 
 def attach_lora(plan: LynxPlan, lora: LynxLoRA, strength: float) -> LynxPlan:
     """A new plan whose layers carry the file's compensation branch (the old plan is unchanged)."""
+    if plan.lora_note:
+        raise ValueError(f"this model already carries a Lynx LoRA ({plan.lora_note}); attach one per model")
     check_fits(lora, plan.policy.name, plan.config.pattern, plan.config.compensate, plan.sparse_layer_shapes)
-    forwards = {name: fwd.with_lora(lora.branch(name, strength) if name in lora.layers else fwd.lora)
+    forwards = {name: fwd.with_lora(lora.branch(name, strength) if name in lora.layers else None)
                 for name, fwd in plan.forwards.items()}
     note = (f"Lynx LoRA rank {lora.rank} x{strength:g} on {len(lora.layers)}/{len(plan.forwards)} layers")
     return LynxPlan(plan.policy, plan.config, plan.runtime, plan.decisions, forwards, note)

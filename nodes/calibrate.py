@@ -67,7 +67,6 @@ class RTLynxCalibrateLoRA:
             yield install_plan(model, capture_plan)
 
         def sample_once(patched, run_seed):
-            # Disabled preview/progress of the inner sampler: this node reports its own progress.
             nodes.common_ksampler(patched, run_seed, timesteps, cfg, "euler", "simple", positive, negative,
                                   latent_image, denoise=1.0)
 

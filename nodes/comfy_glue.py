@@ -15,11 +15,13 @@
 
 ComfyUI is imported only inside functions: importing the pack must not need it.
 """
+import functools
 import inspect
 import logging
 
 import torch
 
+from ..kernels import log_once
 from ..lynx import LynxPlan, LynxRuntime, sampling_step_index
 
 log = logging.getLogger("rt_lynx")
@@ -30,6 +32,7 @@ CALLBACK_KEY = "rt_lynx_fp8_weights"
 LYNX_LORA_SUBFOLDER = "lynx"
 
 
+@functools.cache
 def _cast_api():
     """ComfyUI's weight-cast function and whether it takes `offloadable` (newer versions, which
     then return an offload stream that must be handed back through uncast_bias_weight)."""
@@ -43,7 +46,7 @@ def comfy_linear_weights(module, x):
     weight functions of LoRA patches, scaled fp8 weights), plus the callback that finishes."""
     ops, offloadable = _cast_api()
     release = None
-    if module.comfy_cast_weights or len(module.weight_function) > 0 or len(module.bias_function) > 0:
+    if _casts_per_call(module):
         if offloadable:
             weight, bias, stream = ops.cast_bias_weight(module, x, offloadable=True)
             release = lambda: ops.uncast_bias_weight(module, weight, bias, stream)  # noqa: E731
@@ -62,7 +65,9 @@ def _apply_weight_scale(module, weight, dtype):
 
 
 def _casts_per_call(module) -> bool:
-    return bool(module.comfy_cast_weights or len(module.weight_function) > 0)
+    """Whether ComfyUI casts or patches this layer's weight on every call (lowvram, LoRA weight
+    functions), as its own Linear.forward decides."""
+    return bool(module.comfy_cast_weights or len(module.weight_function) > 0 or len(module.bias_function) > 0)
 
 
 def _fp8_weight_callbacks(plan: LynxPlan):
@@ -85,13 +90,16 @@ def _sampling_step_wrapper(runtime: LynxRuntime):
         # BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...)
         sigma = args[1] if len(args) > 1 else kwargs["t"]
         options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
-        runtime.step_index = sampling_step_index(options.get("sample_sigmas"), sigma)
-        if runtime.step_index is None:
-            log.warning("RT-Lynx: the sampler gave no schedule; dense warm-up steps are ignored")
+        # sample_sigmas is the schedule of this sampling run: a second KSamplerAdvanced stage
+        # counts its steps from 0 again and so runs its own first steps dense.
+        step = sampling_step_index(options.get("sample_sigmas"), sigma)
+        if step is None:
+            log_once("the sampler gave no schedule; dense warm-up steps are ignored")
+        runtime.set_step(step)
         try:
             return executor(*args, **kwargs)
         finally:
-            runtime.step_index = None
+            runtime.set_step(None)
     return wrapper
 
 

@@ -42,7 +42,7 @@ class RTLynxSparsifyModel:
                         "cuda: fail unless the fast kernels run here. reference: always PyTorch."}),
             "precision": (list(PRECISIONS), {"default": "bf16", "tooltip":
                           "bf16: the product in the model's 16-bit dtype. fp8: activations (per token) and "
-                          "weights (per channel, quantised once at load) in e4m3; faster, less exact, and an "
+                          "weights (per channel, quantised once per sampling run) in e4m3; faster, less exact, and an "
                           "fp8 copy of the sparsified weights in VRAM."}),
         }}
 

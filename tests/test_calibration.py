@@ -119,7 +119,7 @@ def test_grouped_passes_match_one_pass_and_progress_is_reported():
     model = TinyFluxDiT(config).eval()
     plan = plan_model(model)
     g = torch.Generator().manual_seed(1)
-    inputs = [random_inputs(config, 2, 48, 16, g) for _ in range(3)]
+    inputs = [random_inputs(config, 2, 48, 32, g) for _ in range(3)]
     one_pass = calibrate_lynx_lora(model, plan, inputs, rank=4)
     events = []
     k_of = {name: fwd.module.in_features for name, fwd in plan.forwards.items()}
@@ -171,8 +171,8 @@ def test_calibrated_lora_reduces_tiny_dit_output_error():
     config, model = outlier_tiny_dit()
     plan = plan_model(model)
     g = torch.Generator().manual_seed(5)
-    calibration = [random_inputs(config, 2, 64, 16, g) for _ in range(8)]
-    held_out = [random_inputs(config, 2, 64, 16, g) for _ in range(3)]
+    calibration = [random_inputs(config, 2, 64, 32, g) for _ in range(8)]
+    held_out = [random_inputs(config, 2, 64, 32, g) for _ in range(3)]
     lora = calibrate_lynx_lora(model, plan, calibration, rank=8)
     with_lora = attach_lora(plan, lora, 1.0)
     sparse_error, calibrated_error = output_error(model, plan, held_out), output_error(model, with_lora, held_out)
@@ -224,3 +224,15 @@ def test_text_stream_below_min_tokens_is_left_out_and_the_rest_still_helps():
 
     sparse_error, calibrated_error = output_error(model, plan, held_out), output_error(model, with_lora, held_out)
     assert calibrated_error < 0.8 * sparse_error, (sparse_error, calibrated_error)
+
+
+def test_calibration_runs_on_an_fp8_plan_and_fits_the_weight_the_layer_uses():
+    torch.manual_seed(0)
+    config = TinyDiTConfig(hidden=64, heads=2)
+    model = TinyFluxDiT(config).eval()
+    plan = plan_model(model, LynxConfig(precision="fp8"))
+    g = torch.Generator().manual_seed(3)
+    inputs = [random_inputs(config, 1, 48, 32, g) for _ in range(2)]
+    lora = calibrate_lynx_lora(model, plan, inputs, rank=4)
+    assert lora.layers.keys() == plan.forwards.keys()
+    assert all(f.fp8_weight is None for f in plan.forwards.values())  # released after the passes

@@ -1,5 +1,7 @@
 import logging
 
+import pytest
+
 import torch
 
 from rt_lynx_pack.kernels import dispatch, fast_path_availability, select_backend, sparse_linear, sparse_linear_reference
@@ -9,7 +11,9 @@ def test_cpu_and_unsupported_patterns_use_the_reference_with_a_reason():
     x, w = torch.randn(64, 128), torch.randn(32, 128)
     choice = select_backend(x, w, "auto", 2, 4)
     assert choice.name == "reference" and "CUDA" in choice.reason
-    assert select_backend(x, w, "cuda", 1, 4).reason.startswith("1:4 has no sparse tensor core kernel")
+    assert select_backend(x, w, "auto", 1, 4).reason.startswith("1:4 has no sparse tensor core kernel")
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run \(64, 128\) x \(32, 128\) float32: cpu device"):
+        select_backend(x, w, "cuda", 2, 4)
     assert select_backend(x, w, "reference", 2, 4).reason == "reference backend requested"
     available, reason = fast_path_availability(torch.device("cpu"))
     assert not available and "CUDA" in reason
@@ -18,6 +22,7 @@ def test_cpu_and_unsupported_patterns_use_the_reference_with_a_reason():
 def test_dispatch_logs_each_reason_once(caplog):
     x, w, b = torch.randn(64, 128), torch.randn(32, 128), torch.randn(32)
     dispatch._logged_messages.clear()
+    dispatch._reported.clear()
     with caplog.at_level(logging.INFO, logger="rt_lynx"):
         for _ in range(3):
             y = sparse_linear(x, w, b, True, "auto")

@@ -89,6 +89,8 @@ def test_attached_branch_adds_scaled_low_rank_term(tiny):
     down, up = lora.layers[name]
     torch.testing.assert_close(with_lora.forwards[name](x), base + F.linear(F.linear(x, down), up) * (8.0 / 4 * 0.5))
     assert "Lynx LoRA rank 4 x0.5" in with_lora.summary()
+    with pytest.raises(ValueError, match="already carries a Lynx LoRA"):
+        attach_lora(with_lora, lora, 1.0)
 
 
 def test_installed_restores_modules_and_plans_do_not_interfere(tiny):
@@ -117,7 +119,7 @@ def test_dense_warmup_steps_give_the_dense_output(tiny):
         with installed(model, plan):
             outputs = []
             for step in range(3):
-                runtime.step_index = step
+                runtime.set_step(step)
                 outputs.append(model(*inputs))
     assert torch.equal(outputs[0], dense) and torch.equal(outputs[1], dense)
     assert not torch.equal(outputs[2], dense)

@@ -1,3 +1,5 @@
+import zlib
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ def heavy_tailed(*shape, generator):
 INPUTS = {
     "random": lambda g: torch.randn(5, 3, 32, generator=g),
     "heavy_tailed": lambda g: heavy_tailed(7, 64, generator=g),
-    "student_t": lambda g: torch.distributions.StudentT(1.5).sample((6, 48)),
+    "student_t": lambda g: torch.randn(6, 48, generator=g) / torch.rand(6, 48, generator=g).clamp_min(1e-3) ** 0.7,
     "tied": lambda g: torch.randint(-2, 3, (9, 40), generator=g).float(),
     "all_zero": lambda g: torch.zeros(4, 16),
     "negative_ties": lambda g: torch.tensor([[-1.0, 1.0, -1.0, 1.0, 0.0, -0.0, 3.0, -3.0]]),
@@ -22,7 +24,7 @@ INPUTS = {
 @pytest.mark.parametrize("kind", INPUTS)
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8)])
 def test_sparsify_matches_brute_force(kind, nm):
-    g = torch.Generator().manual_seed(hash(kind) % 1000)
+    g = torch.Generator().manual_seed(zlib.crc32(kind.encode()))
     x = INPUTS[kind](g)
     assert torch.equal(sparsify_nm(x, *nm), brute_force_sparsify(x, *nm))
 
