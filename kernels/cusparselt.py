@@ -23,15 +23,12 @@ torch._cslt_compress and cuSPARSELt's own compression for the orientation in use
 check against the reference.
 """
 import os
-import logging
 import threading
 
 import torch
 
 from . import build as _build
 from .reference import sparse_linear_reference, sparsify_nm
-
-log = logging.getLogger("rt_lynx")
 
 ROW_PAD = 64          # the compressed layout tiles rows by 64
 K_MULTIPLE = 64       # in_features granularity of the fused sparsify kernel and the layout
@@ -139,7 +136,8 @@ def _check_device(index: int) -> tuple[bool, str]:
             module = extension()
         except _build.BuildError as exc:
             return False, str(exc)
-        runtime, header = (module.cusparselt_versions()[:3], module.cusparselt_versions()[3:])
+        versions = module.cusparselt_versions()
+        runtime, header = versions[:3], versions[3:]
         if runtime != header:
             return False, (f"cuSPARSELt version mismatch: built against "
                            f"{'.'.join(map(str, header))}, loaded {'.'.join(map(str, runtime))}")
@@ -169,16 +167,20 @@ def _check_device(index: int) -> tuple[bool, str]:
         return True, (f"{name}, cuSPARSELt {version} (torch's: {torch_cslt}), {how}, "
                       "self-test passed")
     except Exception as exc:  # availability never raises
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return False, f"self-test error: {first[:300]}"
+        return False, self_test_error(exc)
+
+
+def self_test_error(exc: Exception) -> str:
+    """One line for the log: the first line of the error, cut short."""
+    text = str(exc).strip()
+    return f"self-test error: {(text.splitlines()[0] if text else type(exc).__name__)[:300]}"
 
 
 def _self_test_guarded(device: torch.device) -> str:
     try:
         return self_test(device)
     except Exception as exc:  # e.g. cuSPARSELt refusing an orientation
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"self-test error: {first[:300]}"
+        return self_test_error(exc)
 
 
 def sparse_operand() -> str:

@@ -14,7 +14,6 @@ layout and a = s * max|x_kept| / 448 per token; cuSPARSELt multiplies q by wq (e
 pass applies a[m] * w_scale[n] and the bias. cuSPARSELt cannot take the scales itself: a vector
 alpha is refused for fp8 on the H100, and its bias is per token.
 """
-import logging
 import threading
 
 import torch
@@ -22,8 +21,6 @@ import torch
 from . import cusparselt as _cusparselt
 from .reference import (quantize_weight_fp8, sparse_linear_fp8_reference,
                         sparsify_quantize_fp8)
-
-log = logging.getLogger("rt_lynx")
 
 N_MULTIPLE = 32   # conservative for 8-bit cuSPARSELt operands; only multiples of 32 were run
 SUPPORTED_DTYPES = _cusparselt.SUPPORTED_DTYPES
@@ -105,8 +102,7 @@ def _check_device(index: int) -> tuple[bool, str]:
             try:
                 problem = self_test_fp8(device)
             except Exception as exc:
-                text = str(exc).strip()
-                problem = f"self-test error: {(text.splitlines()[0] if text else type(exc).__name__)[:300]}"
+                problem = _cusparselt.self_test_error(exc)
             if not problem:
                 how = f"e4m3 structured operand {operand}, self-test passed"
                 if problems:
