@@ -15,7 +15,6 @@
 
 ComfyUI is imported only inside functions: importing the pack must not need it.
 """
-import functools
 import inspect
 import logging
 
@@ -32,13 +31,18 @@ CALLBACK_KEY = "rt_lynx_fp8_weights"
 LYNX_LORA_SUBFOLDER = "lynx"
 
 
-@functools.cache
+_CAST_API = None
+
+
 def _cast_api():
     """ComfyUI's weight-cast function and whether it takes `offloadable` (newer versions, which
-    then return an offload stream that must be handed back through uncast_bias_weight)."""
-    import comfy.ops
-    cast = comfy.ops.cast_bias_weight
-    return comfy.ops, "offloadable" in inspect.signature(cast).parameters
+    then return an offload stream that must be handed back through uncast_bias_weight). Looked up
+    once, in eager code (install_plan), so torch.compile only ever reads the stored pair."""
+    global _CAST_API
+    if _CAST_API is None:
+        import comfy.ops
+        _CAST_API = comfy.ops, "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
+    return _CAST_API
 
 
 def comfy_linear_weights(module, x):
@@ -107,6 +111,7 @@ def install_plan(model, plan: LynxPlan):
     """A clone of the ModelPatcher `model` that computes with `plan`."""
     from comfy.patcher_extension import CallbacksMP, WrappersMP
 
+    _cast_api()
     patched = model.clone()
     for name, forward in plan.forwards.items():
         patched.add_object_patch(f"diffusion_model.{name}.forward", forward)

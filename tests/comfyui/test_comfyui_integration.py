@@ -111,7 +111,8 @@ def test_layer_uses_the_weight_comfyui_would_use_with_a_lora_patch_and_lowvram(f
     assert lynx_forwards_installed(flux) == []
 
 
-def test_comfyui_torch_compile_wrapper_runs_the_lynx_layers_without_graph_breaks(flux):
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_comfyui_torch_compile_wrapper_runs_the_lynx_layers_without_graph_breaks(flux, warmup):
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from torch._dynamo.utils import counters
 
@@ -121,13 +122,17 @@ def test_comfyui_torch_compile_wrapper_runs_the_lynx_layers_without_graph_breaks
         torch._dynamo.reset()
         counters.clear()
         out = sample(compiled)
-        return out, sum(counters["graph_break"].values())
+        return out, dict(counters["graph_break"])
 
     _, dense_breaks = compiled_sample(flux)
-    lynx = sparsify(flux)
+    lynx = sparsify(flux, dense_warmup_steps=warmup)  # warm-up: a dense and a sparse graph
     out, lynx_breaks = compiled_sample(lynx)
     torch.testing.assert_close(out, sample(lynx), rtol=1e-4, atol=1e-4)
-    assert lynx_breaks == dense_breaks, dict(counters["graph_break"])
+    # ComfyUI's own model code breaks the graph in places; the Lynx layers add no reason of their
+    # own (with a warm-up the dense and sparse variants each meet ComfyUI's breaks once).
+    assert set(lynx_breaks) <= set(dense_breaks), lynx_breaks
+    if not warmup:
+        assert lynx_breaks == dense_breaks
 
 
 def test_lynx_lora_node_loads_a_file_and_refuses_others(flux, tmp_path):
