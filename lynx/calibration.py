@@ -104,6 +104,10 @@ class _StatisticsCapture:
     def module(self) -> nn.Module:
         return self.forward.module
 
+    @property
+    def lora(self):
+        return self.forward.lora
+
     def prepare_fp8(self, weight: torch.Tensor) -> None:
         self.forward.prepare_fp8(weight)
 

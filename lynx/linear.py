@@ -71,11 +71,20 @@ class LowRankBranch:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Put the factors on the compute device ahead of the run (outside any compiled region)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
+        self._device_copy = ((device, dtype), self.down.to(device, dtype), self.up.to(device, dtype))
+
+    def release(self) -> None:
+        self._device_copy = ()
+
     def _weights_for(self, x: torch.Tensor):
         # Kept on the compute device once, not copied on every call.
-        key = (x.device, x.dtype)
-        if not self._device_copy or self._device_copy[0] != key:
-            self._device_copy = (key, self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype))
+        if not self._device_copy or self._device_copy[0] != (x.device, x.dtype):
+            self.prepare(x.device, x.dtype)
         return self._device_copy[1], self._device_copy[2]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,11 @@
   for the weight exactly as the original forward would.
 - The plan rides along as a ModelPatcher attachment, so "Load Lynx LoRA" can find it.
 - Dense warm-up steps need the step index: an APPLY_MODEL wrapper reads it off the schedule.
-- fp8 precision quantises each layer's weight once per sampling run, after ComfyUI has loaded and
-  LoRA-patched it (ON_PRE_RUN; ON_LOAD does not fire when a clone reuses weights already in place),
-  and drops the copies when the model is detached (ON_DETACH). Layers left in lowvram mode, whose
-  weight is cast per call, quantise per call.
+- Per-run state is made before each sampling run (ON_PRE_RUN; ON_LOAD does not fire when a clone
+  reuses weights already in place) and dropped when the model is detached (ON_DETACH): the Lynx
+  LoRA factors on the compute device, and with fp8 precision each layer's quantised weight, made
+  after ComfyUI has loaded and LoRA-patched it (layers left in lowvram mode, whose weight is cast
+  per call, quantise per call). Made in eager code, so a compiled model only reads them.
 
 ComfyUI is imported only inside functions: importing the pack must not need it.
 """
@@ -27,7 +28,7 @@ log = logging.getLogger("rt_lynx")
 
 ATTACHMENT_KEY = "rt_lynx"
 WRAPPER_KEY = "rt_lynx_sampling_step"
-CALLBACK_KEY = "rt_lynx_fp8_weights"
+CALLBACK_KEY = "rt_lynx_run_state"
 LYNX_LORA_SUBFOLDER = "lynx"
 
 
@@ -74,9 +75,15 @@ def _casts_per_call(module) -> bool:
     return bool(module.comfy_cast_weights or len(module.weight_function) > 0 or len(module.bias_function) > 0)
 
 
-def _fp8_weight_callbacks(plan: LynxPlan):
+def _run_state_callbacks(plan: LynxPlan):
     def on_pre_run(patcher, *args, **kwargs):
+        model = patcher.model
+        compute_dtype = model.manual_cast_dtype or model.get_dtype()
         for forward in plan.forwards.values():
+            if forward.lora is not None:
+                forward.lora.prepare(patcher.load_device, compute_dtype)
+            if plan.config.precision != "fp8":
+                continue
             module = forward.module
             if _casts_per_call(module):
                 forward.release_fp8()
@@ -86,6 +93,8 @@ def _fp8_weight_callbacks(plan: LynxPlan):
     def on_detach(patcher, *args, **kwargs):
         for forward in plan.forwards.values():
             forward.release_fp8()
+            if forward.lora is not None:
+                forward.lora.release()
     return on_pre_run, on_detach
 
 
@@ -121,8 +130,8 @@ def install_plan(model, plan: LynxPlan):
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, _sampling_step_wrapper(plan.runtime))
     for call_type in (CallbacksMP.ON_PRE_RUN, CallbacksMP.ON_DETACH):
         patched.remove_callbacks_with_key(call_type, CALLBACK_KEY)
-    if plan.config.precision == "fp8":
-        on_pre_run, on_detach = _fp8_weight_callbacks(plan)
+    if plan.config.precision == "fp8" or any(f.lora is not None for f in plan.forwards.values()):
+        on_pre_run, on_detach = _run_state_callbacks(plan)
         patched.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, on_pre_run)
         patched.add_callback_with_key(CallbacksMP.ON_DETACH, CALLBACK_KEY, on_detach)
     return patched
