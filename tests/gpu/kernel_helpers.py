@@ -102,3 +102,8 @@ def poison_allocator(numel_bytes: int, device="cuda"):
     # 0xFFFF is NaN as fp16 and bf16, and 0xFFFFFFFF as fp32.
     block = torch.full((numel_bytes // 2 + 4096,), -1, dtype=torch.int16, device=device)
     del block
+
+
+def padded(rows: int) -> int:
+    """Rows padded to the compressed layout's 64-row tiles."""
+    return (rows + 63) // 64 * 64

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from rt_lynx_pack.kernels.reference import (quantize_weight_fp8, sparse_linear_fp8_reference,
                                             sparsify_quantize_fp8)
 
+from kernel_helpers import padded
 from kernel_helpers import (FLUX_SHAPES, fp32_lynx, make_input, poison_allocator,
                             relative_error, require_fast_path)
 
@@ -33,16 +34,6 @@ def fp8():
     assert available, f"fp8 path unavailable on a Hopper GPU: {reason}"
     return module
 
-
-@pytest.fixture
-def generator():
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    print(f"seed {seed}")
-    return torch.Generator(device="cuda").manual_seed(seed)
-
-
-def padded(rows):
-    return (rows + 63) // 64 * 64
 
 
 def fp8_metadata_index(rows_padded, cols, device):

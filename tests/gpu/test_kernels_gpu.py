@@ -8,6 +8,7 @@ import torch
 from rt_lynx_pack.kernels.reference import (keep_mask_nm, norm_compensation_scale,
                                             sparse_linear_reference, sparsify_nm)
 
+from kernel_helpers import padded
 from kernel_helpers import (DTYPES, FLUX_SHAPES, INPUT_KINDS, QWEN_SHAPES, decode_compressed,
                              fp32_lynx, make_input, poison_allocator, relative_error,
                              require_fast_path)
@@ -30,17 +31,6 @@ def operand(request, fast):
     yield request.param
     fast.set_sparse_operand(previous)
 
-
-@pytest.fixture
-def generator():
-    # A fresh seed per test run: the kernels must compute the function on any valid input.
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    print(f"seed {seed}")
-    return torch.Generator(device="cuda").manual_seed(seed)
-
-
-def padded(rows):
-    return (rows + 63) // 64 * 64
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
