@@ -38,6 +38,7 @@ RESULTS = BENCH / "results"
 # min_tokens=1: every call sparse, whatever the batch (the text stream has few tokens).
 SPARSE_ONLY = LynxConfig(compensate=False, backend="reference", min_tokens=1)
 COMPENSATED = LynxConfig(compensate=True, backend="reference", min_tokens=1)
+COMPENSATED_FP8 = LynxConfig(compensate=True, backend="reference", min_tokens=1, precision="fp8")
 LAYER_KINDS = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "mlp.0": r"mlp\.0", "mlp.2": r"mlp\.2",
                "linear1": r"linear1", "linear2": r"linear2"}
 
@@ -141,6 +142,15 @@ def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
     images = euler_sample(weight_pruned(flow, list(plan_comp.forwards), errors), labels, noise, steps)
     rows.append(summarise("weight 2:4 magnitude pruning (same layers)", images, dense, errors))
     grid_rows.append(images)
+    # fp8 precision (the same math the fast fp8 path computes): table rows only, not in the grid.
+    plan_fp8 = plan_model(dit, COMPENSATED_FP8)
+    for name, plan in (("Lynx 2:4 fp8 + norm compensation", plan_fp8),
+                       (f"Lynx 2:4 fp8 + compensation + LoRA r{rank} (calibrated in bf16)",
+                        attach_lora(plan_fp8, loras[rank], 1.0))):
+        errors = LayerErrors()
+        with measured_plan(dit, plan, errors):
+            images = euler_sample(flow, labels, noise, steps)
+        rows.append(summarise(name, images, dense, errors))
 
     sweep = []
     for r in sorted(sweep_ranks):
