@@ -60,16 +60,16 @@ class LayerErrors:
 @contextmanager
 def measured_plan(dit, plan, errors: LayerErrors):
     """The plan installed, each layer also reporting its error vs the dense product."""
-    def wrap(name, forward):
-        def measured(x):
-            y = forward(x)
-            errors.add(name, y, F.linear(x, forward.module.weight, forward.module.bias))
-            return y
-        return measured
-    wrapped = copy.copy(plan)
-    wrapped.forwards = {name: wrap(name, fwd) for name, fwd in plan.forwards.items()}
-    with installed(dit, wrapped):
-        yield
+    modules = dict(dit.named_modules())
+    hooks = [modules[name].register_forward_hook(
+        lambda module, args, y, name=name: errors.add(name, y, F.linear(args[0], module.weight, module.bias)))
+        for name in plan.forwards]
+    try:
+        with installed(dit, plan):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def weight_pruned(flow, layer_names, errors: LayerErrors):

@@ -84,11 +84,13 @@ def sparse_input(x: torch.Tensor, n: int, m: int, compensate: bool) -> torch.Ten
     return kept * norm_compensation_scale(x, kept).to(kept.dtype)
 
 
-class _StatisticsCapture:
-    """A layer forward that adds its input's C_xx, C_xd to running sums, then computes as before."""
+class _StatisticsCapture(LynxLinearForward):
+    """A Lynx forward that first adds its input's C_xx, C_xd to running sums, then computes as
+    the forward it stands in for."""
 
     def __init__(self, forward: LynxLinearForward, stats_dtype: torch.dtype | None):
-        self.forward = forward
+        super().__init__(forward.module, forward.name, forward.config, forward.runtime, forward.weights,
+                         forward.lora)
         self.stats_dtype = stats_dtype
         self.c_xx: torch.Tensor | None = None
         self.c_xd: torch.Tensor | None = None
@@ -96,29 +98,15 @@ class _StatisticsCapture:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # Only calls the Lynx linear computes sparse have an error to cancel.
-        if self.forward.config.runs_sparse(x) and not self.forward.runtime.dense:
+        if self.config.runs_sparse(x) and not self.runtime.dense:
             self._accumulate(x.detach().reshape(-1, x.shape[-1]))
-        return self.forward(x)
-
-    @property
-    def module(self) -> nn.Module:
-        return self.forward.module
-
-    @property
-    def lora(self):
-        return self.forward.lora
-
-    def prepare_fp8(self, weight: torch.Tensor) -> None:
-        self.forward.prepare_fp8(weight)
-
-    def release_fp8(self) -> None:
-        self.forward.release_fp8()
+        return super().__call__(x)
 
     def layer_weight(self) -> torch.Tensor:
         """The weight the layer computes with (its weight provider: casts, LoRA patches, fp8
         scales), on the statistics' device."""
         probe = torch.zeros(1, self.c_xx.shape[0], dtype=torch.float32, device=self.c_xx.device)
-        weight, _, release = self.forward.weights(self.forward.module, probe)
+        weight, _, release = self.weights(self.module, probe)
         weight = weight.detach().to(self.c_xx.device, torch.float32)
         if release is not None:
             release()
@@ -128,8 +116,7 @@ class _StatisticsCapture:
         # fp64 GEMMs are slow on most GPUs: fp32 there, fp64 on the CPU, unless told.
         dtype = self.stats_dtype or (torch.float64 if x.device.type == "cpu" else torch.float32)
         x = x.to(dtype)
-        config = self.forward.config
-        d = x - sparse_input(x, config.n, config.m, config.compensate)
+        d = x - sparse_input(x, self.config.n, self.config.m, self.config.compensate)
         if self.c_xx is None:
             k = x.shape[-1]
             self.c_xx = torch.zeros(k, k, dtype=dtype, device=x.device)

@@ -146,13 +146,6 @@ def attach_lora(plan: LynxPlan, lora: LynxLoRA, strength: float) -> LynxPlan:
     return LynxPlan(plan.policy, plan.config, plan.runtime, plan.decisions, forwards, note)
 
 
-def _call_if_present(forward, method: str, *args) -> None:
-    # A plan may hold wrappers around Lynx forwards (measurement, calibration); those that keep
-    # no weight of their own need no preparation.
-    if hasattr(forward, method):
-        getattr(forward, method)(*args)
-
-
 @contextmanager
 def installed(model: nn.Module, plan: LynxPlan):
     """Run `model` with the plan's forwards in place; restores the modules on exit."""
@@ -163,11 +156,11 @@ def installed(model: nn.Module, plan: LynxPlan):
             module = modules[name]
             previous[name] = module.__dict__.get("forward")
             module.forward = forward
-            _call_if_present(forward, "prepare_fp8", module.weight)
+            forward.prepare_fp8(module.weight)
         yield model
     finally:
         for name, old in previous.items():
-            _call_if_present(plan.forwards[name], "release_fp8")
+            plan.forwards[name].release_fp8()
             if old is None:
                 del modules[name].forward
             else:
