@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-backend", default=None, help="inductor (default; aot_eager with --tiny)")
     p.add_argument("--steps", type=int, default=28, help="steps of the whole-sample timing (0: skip it)")
+    p.add_argument("--sample-modes", default="eager,compile", help="modes that also time a whole sample")
     p.add_argument("--iters", type=int, default=7, help="timed forwards per measurement")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="RT-Lynx Sparsify Model precision")
@@ -49,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
+    args.sample_modes = [m for m in args.sample_modes.split(",") if m]
     args.resolutions = [int(r) for r in args.resolutions.split(",") if r]
     args.compile_resolutions = [int(r) for r in args.compile_resolutions.split(",") if r]
     if args.tiny:
@@ -123,7 +125,8 @@ def step_inputs(arch, resolution, dev, dtype):
 
 
 def time_steps(patcher, arch, resolution, dev, dtype, args):
-    """(median ms, all ms, first-call s, peak GB) of apply_model forwards."""
+    """(median ms, all ms, first-call s, peak GB over the warm-up calls, peak GB over the timed
+    calls, output) of apply_model forwards."""
     import comfy.model_management
     import torch
     comfy.model_management.load_models_gpu([patcher])  # applies this clone's object patches
@@ -143,6 +146,8 @@ def time_steps(patcher, arch, resolution, dev, dtype, args):
         first = time.perf_counter() - start
         for _ in range(args.warmup - 1):
             forward()
+        first_peak = dev.peak_gb()  # one-time work (kernel config search, compilation) included
+        dev.reset_peak()
         times = []
         for _ in range(args.iters):
             dev.sync()
@@ -151,7 +156,7 @@ def time_steps(patcher, arch, resolution, dev, dtype, args):
             dev.sync()
             times.append((time.perf_counter() - start) * 1000)
     assert torch.isfinite(out).all(), "non-finite denoiser output"
-    return statistics.median(times), times, first, dev.peak_gb(), out.float().cpu()
+    return statistics.median(times), times, first, first_peak, dev.peak_gb(), out.float().cpu()
 
 
 def time_sample(patcher, arch, resolution, dev, dtype, steps):
@@ -208,13 +213,14 @@ def run_model(arch, args, dev, rows, samples, notes):
                 if mode == "compile":
                     torch._dynamo.reset()  # dense and Lynx share the module: compile each from scratch
                     set_torch_compile_wrapper(patcher, backend=args.compile_backend)
-                median, times, first, peak, out = time_steps(patcher, arch, resolution, dev, dtype, args)
+                median, times, first, first_peak, peak, out = time_steps(patcher, arch, resolution, dev, dtype, args)
                 outputs[side] = out
                 result.update({f"{side}_ms": round(median, 3), f"{side}_ms_all": [round(t, 3) for t in times],
-                               f"{side}_first_call_s": round(first, 2), f"{side}_peak_gb": round(peak, 3)})
+                               f"{side}_first_call_s": round(first, 2), f"{side}_peak_gb": round(peak, 3),
+                               f"{side}_warmup_peak_gb": round(first_peak, 3)})
                 log(f"[{arch} {resolution}px {mode} {side}] {median:.2f} ms/step (first call {first:.1f} s), "
-                    f"peak {peak:.2f} GB")
-                if (arch, resolution) == SAMPLE_RESOLUTION or args.tiny and arch == "flux":
+                    f"peak {peak:.2f} GB (warm-up {first_peak:.2f} GB)")
+                if ((arch, resolution) == SAMPLE_RESOLUTION or args.tiny and arch == "flux") and mode in args.sample_modes:
                     if args.steps > 0:
                         seconds = time_sample(patcher, arch, resolution, dev, dtype, args.steps)
                         samples.append({"model": arch, "resolution": resolution, "mode": mode, "side": side,
@@ -237,12 +243,15 @@ def markdown(meta, rows, samples, notes):
              f"(random), compile backend {meta['compile_backend']}{', TINY models' if meta['tiny'] else ''}", ""]
     lines += [f"- {arch}: {text}" for arch, text in notes.items()]
     lines += ["", "| model | res | batch | mode | dense ms/step | Lynx ms/step | speed-up | dense peak GB | "
-              "Lynx peak GB | Lynx/dense mem | rel. diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "Lynx peak GB | Lynx/dense mem | warm-up peak dense / Lynx GB | rel. diff |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mem = r["lynx_peak_gb"] / r["dense_peak_gb"] if r["dense_peak_gb"] == r["dense_peak_gb"] else float("nan")
+        warmup = (f"{r['dense_warmup_peak_gb']:.2f} / {r['lynx_warmup_peak_gb']:.2f}"
+                  if "lynx_warmup_peak_gb" in r else "-")
         lines.append(f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['mode']} | {r['dense_ms']:.2f} | "
                      f"{r['lynx_ms']:.2f} | {r['speedup']:.3f}x | {r['dense_peak_gb']:.2f} | {r['lynx_peak_gb']:.2f} | "
-                     f"{mem:.3f} | {r['lynx_vs_dense_rel_error']:.4f} |")
+                     f"{mem:.3f} | {warmup} | {r['lynx_vs_dense_rel_error']:.4f} |")
     if samples:
         lines += ["", "| whole sample | res | mode | steps | dense s | Lynx s | speed-up |", "|---|---|---|---|---|---|---|"]
         keyed = {(s["model"], s["resolution"], s["mode"], s["side"]): s for s in samples}
@@ -252,7 +261,8 @@ def markdown(meta, rows, samples, notes):
                 lines.append(f"| {model} | {res} | {mode} | {s['steps']} | {s['seconds']:.2f} | {lynx['seconds']:.2f} | "
                              f"{s['seconds'] / lynx['seconds']:.3f}x |")
     lines += ["", "ms/step: median of synchronised BaseModel.apply_model calls (first calls, incl. compilation, "
-              "excluded). Peak: torch.cuda.max_memory_allocated during those calls, weights included."]
+              "excluded). Peak: torch.cuda.max_memory_allocated during those calls, weights included; warm-up peak: "
+              "the same over the first calls (one-time kernel config search, compilation)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,28 +1,34 @@
-"""Build, check and time the RT-Lynx fast path against cuBLAS on FLUX.1-dev / Qwen-Image shapes.
+"""Build, check and time the RT-Lynx fast paths against cuBLAS on FLUX.1-dev / Qwen-Image shapes.
 
 For every (M, K, N), bf16, bias on, compensation on:
   dense      F.linear(x, W, b)                      (cuBLAS, bias fused)
-  gemm       torch.ops.rt_lynx.sparse_mm            (our cuSPARSELt binding, input pre-compressed)
-  lynx       cusparselt.sparse_linear               (scaled sparsify+compress, GEMM, bias pass;
-                                                     the orientation the self-test chose)
-  lynx_other the same with the other operand (A <-> B), kernel time only
-  lynx_nob   the same without bias (no pass after the GEMM), kernel time only
+  sm90       sm90.sparse_linear_sm90                (stage 2: sparsify pass, CUTLASS sm90 sparse
+                                                     GEMM with scale and bias in its epilogue)
+  sm90_gemm  torch.ops.rt_lynx.sparse_mm_sm90       (that GEMM alone, epilogue included, input
+                                                     pre-compressed, the config sm90 chose)
+  sm90_sparsify torch.ops.rt_lynx.sparsify_sm90     (one read of x; vs the memory floor)
+  cslt       cusparselt.sparse_linear               (stage 1: scaled sparsify+compress, cuSPARSELt
+                                                     GEMM, bias pass)
+  cslt_gemm  torch.ops.rt_lynx.sparse_mm            (the cuSPARSELt GEMM alone, no scale or bias)
+  cslt_nob   stage 1 without bias (no pass after the GEMM), kernel time only
   reference  reference.sparse_linear_reference      (plain PyTorch, eager only)
-  sparsify   torch.ops.rt_lynx.sparsify_compress_scaled  (auto split, vs the memory floor)
-  sparsify1  the same with one warp per row pair (the v1 grid), kernel time only
+The JSON also holds the time of every sm90 GEMM config for the shape (what the tuner saw).
 Two clocks: eager wall time (host clock around N back-to-back calls and a sync, median of
 repeats) and kernel time (CUDA graph of N calls, replayed, device events, median).
-With a previous results JSON (--previous), the table adds lynx eager/kernel speed-ups over it.
+With a previous results JSON (--previous), the table adds the speed-up of the default path over
+that file's.
 
 With --fp8 (a separate table, file suffix -fp8), per shape, bf16 x, bias, compensation on:
   dense       F.linear (bf16 cuBLAS)
   fp8d_gemm   torch._scaled_mm, e4m3 x per token + W per channel (rowwise scales), bias, bf16
               out; inputs quantised beforehand (the dense fp8 GEMM alone)
   fp8d_linear the same with x's per-token quantisation in the timed call (plain torch ops)
-  sp8_gemm    torch.ops.rt_lynx.sparse_mm_fp8 (our cuSPARSELt e4m3 2:4 GEMM, input compressed)
-  sparsify8   torch.ops.rt_lynx.sparsify_fp8
-  lynx8       fp8.sparse_linear_fp8 (sparsify+quantise, e4m3 2:4 GEMM, scales+bias epilogue)
-  lynx16      cusparselt.sparse_linear (the bf16 Lynx path), kernel time only
+  lynx8       sm90.sparse_linear_fp8_sm90 (sparsify+quantise pass, CUTLASS e4m3 2:4 GEMM with
+              the token scale, channel scale and bias in its epilogue)
+  sp8_gemm    that GEMM alone (input compressed)
+  sparsify8   torch.ops.rt_lynx.sparsify_sm90 for e4m3
+  lynx8_cslt  fp8.sparse_linear_fp8 (stage 1: cuSPARSELt e4m3 GEMM, scales+bias pass)
+  lynx16      sm90.sparse_linear_sm90 (the bf16 Lynx path), kernel time only
 
 Usage: python bench/kernels.py [--quick] [--fp8] [--out DIR] [--suffix -v2] [--previous FILE.json]
 """
@@ -48,6 +54,7 @@ from common import eager_us, git_commit, graph_us  # noqa: E402
 load_pack()
 from rt_lynx_pack.kernels import cusparselt  # noqa: E402
 from rt_lynx_pack.kernels import fp8  # noqa: E402
+from rt_lynx_pack.kernels import sm90  # noqa: E402
 from rt_lynx_pack.kernels.reference import (quantize_weight_fp8, sparse_linear_fp8_reference,  # noqa: E402
                                             sparse_linear_reference)
 
@@ -89,6 +96,27 @@ def rotating(tensors):
     return next_tensor
 
 
+def sm90_config_times(x, weight, bias, e4m3, calls, repeats, w_scale=None):
+    """Kernel time of every sm90 GEMM config on one compressed input: {config name: us}."""
+    dtype = x.dtype
+    times = {}
+    for _, _, _, block, index, name in sm90.config_info(weight.dtype):
+        compressed, scale = torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, True)
+        try:
+            times[name] = graph_us(lambda: torch.ops.rt_lynx.sparse_mm_sm90(
+                compressed, weight, scale, w_scale, bias, x.shape[0], index, dtype), calls, repeats)
+        except RuntimeError as exc:
+            times[name] = f"failed: {str(exc)[:120]}"
+    return times
+
+
+def chosen_sm90_config(M, K, N, element):
+    for rows, k, n, name, config, _ in sm90.plan_info():
+        if (rows, k, n, name) == (M, K, N, element):
+            return config
+    raise RuntimeError(f"no sm90 plan for {M}x{K}x{N} {element}")
+
+
 def bench_shape(M, K, N, calls, repeats, bandwidth):
     dtype = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(M * 7 + K * 3 + N)
@@ -99,25 +127,36 @@ def bench_shape(M, K, N, calls, repeats, bandwidth):
     compressed = [torch.ops.rt_lynx.sparsify_compress(x, mp)[0] for x in xs]
     next_x, next_c = rotating(xs), rotating(compressed)
 
-    # Correctness of what is timed (fresh inputs, fp32 math on the same sparsified input).
-    y = cusparselt.sparse_linear(xs[0], weight, bias, True)
+    # Correctness of what is timed (fresh inputs, fp32 math on the same sparsified input); the
+    # first sm90 call also picks its config.
     want = sparse_linear_reference(xs[0].float(), weight.float(), bias.float(), True)
-    error = ((y.float() - want).norm() / want.norm()).item()
+    errors = {}
+    for name, fn in (("sm90", sm90.sparse_linear_sm90), ("cslt", cusparselt.sparse_linear)):
+        y = fn(xs[0], weight, bias, True)
+        errors[name] = ((y.float() - want).norm() / want.norm()).item()
+    config = chosen_sm90_config(M, K, N, "bf16")
+    block = sm90.config_info(dtype)[config][3]
+    compressed90 = [torch.ops.rt_lynx.sparsify_sm90(x, block, False, True) for x in xs]
+    next_c90 = rotating(compressed90)
+
+    def sm90_gemm():
+        c, scale = next_c90()
+        return torch.ops.rt_lynx.sparse_mm_sm90(c, weight, scale, None, bias, M, config, dtype)
 
     fns = {
         "dense": lambda: F.linear(next_x(), weight, bias),
-        "gemm": lambda: torch.ops.rt_lynx.sparse_mm(next_c(), weight, mp),
-        "lynx": lambda: cusparselt.sparse_linear(next_x(), weight, bias, True),
+        "sm90": lambda: sm90.sparse_linear_sm90(next_x(), weight, bias, True),
+        "cslt": lambda: cusparselt.sparse_linear(next_x(), weight, bias, True),
         "reference": lambda: sparse_linear_reference(next_x(), weight, bias, True),
-        "sparsify": lambda: torch.ops.rt_lynx.sparsify_compress_scaled(next_x(), mp, 0),
     }
     kernel_only = {
-        "sparsify1": lambda: torch.ops.rt_lynx.sparsify_compress_scaled(next_x(), mp, 1),
-        "lynx_nob": lambda: cusparselt.sparse_linear(next_x(), weight, None, True),
+        "sm90_gemm": sm90_gemm,
+        "sm90_sparsify": lambda: torch.ops.rt_lynx.sparsify_sm90(next_x(), block, False, True),
+        "cslt_gemm": lambda: torch.ops.rt_lynx.sparse_mm(next_c(), weight, mp),
+        "cslt_nob": lambda: cusparselt.sparse_linear(next_x(), weight, None, True),
     }
-    row = {"M": M, "K": K, "N": N, "rel_error": error,
-           "split": cusparselt.extension().sparsify_split_for(mp, K),
-           "operand": cusparselt.sparse_operand()}
+    row = {"M": M, "K": K, "N": N, "rel_error": errors["sm90"], "cslt_rel_error": errors["cslt"],
+           "sm90_config": sm90.config_info(dtype)[config][5]}
     for name, fn in fns.items():
         n_calls = max(2, calls // 4) if name == "reference" else calls
         row[f"{name}_eager_us"] = eager_us(fn, n_calls, repeats)
@@ -125,17 +164,13 @@ def bench_shape(M, K, N, calls, repeats, bandwidth):
             row[f"{name}_kernel_us"] = graph_us(fn, n_calls, repeats)
     for name, fn in kernel_only.items():
         row[f"{name}_kernel_us"] = graph_us(fn, calls, repeats)
-    other = "A" if row["operand"] == "B" else "B"  # the other orientation, for comparison
-    cusparselt.set_sparse_operand(other)
-    try:
-        row["lynx_other_kernel_us"] = graph_us(
-            lambda: cusparselt.sparse_linear(next_x(), weight, bias, True), calls, repeats)
-    finally:
-        cusparselt.set_sparse_operand(row["operand"])
-    sparsify_bytes = M * K * 2 + mp * K * 9 // 8 + mp * 4
+    # Order effect check (NOTES): dense timed again last.
+    row["dense_again_kernel_us"] = graph_us(fns["dense"], calls, repeats)
+    row["sm90_configs_us"] = sm90_config_times(xs[0], weight, bias, False, calls, repeats)
+    sparsify_bytes = M * K * 2 + mp * K * 9 // 8 + mp * 4   # read x once, write values+metadata+scale
     row["sparsify_floor_us"] = sparsify_bytes / (bandwidth * 1e12) * 1e6
     row["dense_tflops"] = 2 * M * N * K / (row["dense_kernel_us"] * 1e-6) / 1e12
-    row["gemm_tflops"] = 2 * M * N * K / (row["gemm_kernel_us"] * 1e-6) / 1e12
+    row["sm90_gemm_tflops"] = 2 * M * N * K / (row["sm90_gemm_kernel_us"] * 1e-6) / 1e12
     return row
 
 
@@ -153,19 +188,21 @@ def bench_shape_fp8(M, K, N, calls, repeats):
     bias = torch.randn(N, generator=g, device="cuda").to(dtype)
     wq, w_scale = quantize_weight_fp8(weight)  # once per weight, as a caller caches it
     w_scale_row = w_scale[None, :].contiguous()
-    mp = cusparselt.padded_rows(M)
-    compressed = [torch.ops.rt_lynx.sparsify_fp8(x, mp, True, 0)[0] for x in xs]
     quantised = [quantize_rows_fp8(x) for x in xs]
-    next_x, next_c, next_q = rotating(xs), rotating(compressed), rotating(quantised)
+    next_x, next_q = rotating(xs), rotating(quantised)
 
-    y = fp8.sparse_linear_fp8(xs[0], wq, w_scale, bias, True)
     want_q = sparse_linear_fp8_reference(xs[0].float(), wq, w_scale, bias.float(), True)
     want_32 = sparse_linear_reference(xs[0].float(), weight.float(), bias.float(), True)
+    y = sm90.sparse_linear_fp8_sm90(xs[0], wq, w_scale, bias, True)
+    y_cslt = fp8.sparse_linear_fp8(xs[0], wq, w_scale, bias, True)
     row = {"M": M, "K": K, "N": N,
            "err_vs_fp8_ref": ((y.float() - want_q).norm() / want_q.norm()).item(),
            "err_vs_fp32": ((y.float() - want_32).norm() / want_32.norm()).item(),
-           "split": cusparselt.extension().sparsify_fp8_split_for(mp, K),
-           "operand": fp8.fp8_operand()}
+           "cslt_err_vs_fp8_ref": ((y_cslt.float() - want_q).norm() / want_q.norm()).item()}
+    config = chosen_sm90_config(M, K, N, "e4m3")
+    row["sm90_config"] = sm90.config_info(torch.float8_e4m3fn)[config][5]
+    compressed = [torch.ops.rt_lynx.sparsify_sm90(x, 128, True, True) for x in xs]
+    next_c = rotating(compressed)
 
     def scaled_mm(xq, sx):
         return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=w_scale_row,
@@ -185,16 +222,21 @@ def bench_shape_fp8(M, K, N, calls, repeats):
     def fp8d_linear():
         return scaled_mm(*quantize_rows_fp8(next_x()))
 
+    def sp8_gemm():
+        c, a = next_c()
+        return torch.ops.rt_lynx.sparse_mm_sm90(c, wq, a, w_scale, bias, M, config, dtype)
+
     fns = {
         "dense": lambda: F.linear(next_x(), weight, bias),
         "fp8d_gemm": fp8d_gemm,
         "fp8d_linear": fp8d_linear,
-        "lynx8": lambda: fp8.sparse_linear_fp8(next_x(), wq, w_scale, bias, True),
+        "lynx8": lambda: sm90.sparse_linear_fp8_sm90(next_x(), wq, w_scale, bias, True),
+        "lynx8_cslt": lambda: fp8.sparse_linear_fp8(next_x(), wq, w_scale, bias, True),
     }
     kernel_only = {
-        "sp8_gemm": lambda: torch.ops.rt_lynx.sparse_mm_fp8(next_c(), wq, mp),
-        "sparsify8": lambda: torch.ops.rt_lynx.sparsify_fp8(next_x(), mp, True, 0),
-        "lynx16": lambda: cusparselt.sparse_linear(next_x(), weight, bias, True),
+        "sp8_gemm": sp8_gemm,
+        "sparsify8": lambda: torch.ops.rt_lynx.sparsify_sm90(next_x(), 128, True, True),
+        "lynx16": lambda: sm90.sparse_linear_sm90(next_x(), weight, bias, True),
     }
     for name, fn in fns.items():
         row[f"{name}_eager_us"] = eager_us(fn, calls, repeats)
@@ -203,6 +245,7 @@ def bench_shape_fp8(M, K, N, calls, repeats):
         row[f"{name}_kernel_us"] = graph_us(fn, calls, repeats)
     # Order effect check (NOTES): dense timed again last.
     row["dense_again_kernel_us"] = graph_us(fns["dense"], calls, repeats)
+    row["sm90_configs_us"] = sm90_config_times(xs[0], wq, bias, True, calls, repeats, w_scale)
     return row
 
 
@@ -214,15 +257,16 @@ def markdown_fp8(rows, meta):
         "bf16 x, bias, compensation on.",
         f"fp8 path: {meta['availability']}.",
         "Times in us; eager = host clock over back-to-back calls + sync (median), kernel = CUDA "
-        "graph replay (median). dense = bf16 F.linear; fp8d gemm = torch._scaled_mm rowwise "
-        "(x per token, W per channel, bias fused) on pre-quantised x; fp8d lin = the same with "
-        "x's quantisation (plain torch ops) in the call; sp8 gemm = our e4m3 2:4 cuSPARSELt GEMM "
-        "alone; lynx8 = full fp8 Lynx linear (sparsify+quantise, GEMM, scale+bias epilogue); "
-        "lynx16 = the bf16 Lynx linear. x = other time / lynx8 time (same clock).",
+        "graph replay (median). dense = bf16 F.linear (kernel: timed first and again last); fp8d gemm = "
+        "torch._scaled_mm rowwise (x per token, W per channel, bias fused) on pre-quantised x; fp8d lin = "
+        "the same with x's quantisation (plain torch ops) in the call; lynx8 = full fp8 Lynx linear "
+        "(sparsify+quantise pass, CUTLASS sm90 e4m3 2:4 GEMM with scales and bias in its epilogue); "
+        "sp8 gemm = that GEMM alone; lynx8 cslt = the cuSPARSELt fp8 path (scales+bias pass after the "
+        "GEMM); lynx16 = the bf16 Lynx linear. x = other time / lynx8 time (same clock).",
         "",
         "| layer | M | K | N | dense eager | fp8d lin eager | lynx8 eager | x dense eager | x fp8d lin eager"
-        " | dense kernel | fp8d gemm kernel | fp8d lin kernel | sp8 gemm kernel | sparsify8 | lynx8 kernel"
-        " | lynx16 kernel | x dense kernel | x fp8d gemm kernel | x fp8d lin kernel | err vs fp8 ref | err vs fp32 |",
+        " | dense kernel | fp8d gemm kernel | sp8 gemm kernel | sparsify8 | lynx8 kernel | x dense kernel"
+        " | x fp8d gemm kernel | lynx8 cslt kernel | lynx16 kernel | config | err vs fp8 ref | err vs fp32 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -231,10 +275,10 @@ def markdown_fp8(rows, meta):
             f"{r['fp8d_linear_eager_us']:.0f} | {r['lynx8_eager_us']:.0f} | "
             f"{r['dense_eager_us'] / r['lynx8_eager_us']:.2f} | {r['fp8d_linear_eager_us'] / r['lynx8_eager_us']:.2f} | "
             f"{r['dense_kernel_us']:.0f} ({r['dense_again_kernel_us']:.0f}) | {r['fp8d_gemm_kernel_us']:.0f} | "
-            f"{r['fp8d_linear_kernel_us']:.0f} | {r['sp8_gemm_kernel_us']:.0f} | {r['sparsify8_kernel_us']:.1f} | "
-            f"{r['lynx8_kernel_us']:.0f} | {r['lynx16_kernel_us']:.0f} | "
+            f"{r['sp8_gemm_kernel_us']:.0f} | {r['sparsify8_kernel_us']:.1f} | {r['lynx8_kernel_us']:.0f} | "
             f"{r['dense_kernel_us'] / r['lynx8_kernel_us']:.2f} | {r['fp8d_gemm_kernel_us'] / r['lynx8_kernel_us']:.2f} | "
-            f"{r['fp8d_linear_kernel_us'] / r['lynx8_kernel_us']:.2f} | {r['err_vs_fp8_ref']:.1e} | {r['err_vs_fp32']:.1e} |")
+            f"{r['lynx8_cslt_kernel_us']:.0f} | {r['lynx16_kernel_us']:.0f} | {r['sm90_config']} | "
+            f"{r['err_vs_fp8_ref']:.1e} | {r['err_vs_fp32']:.1e} |")
     lines.append("")
     for model in sorted({r["model"] for r in rows}):
         sub = [r for r in rows if r["model"] == model]
@@ -247,7 +291,8 @@ def markdown_fp8(rows, meta):
             f"x{mean('fp8d_gemm_kernel_us', 'lynx8_kernel_us'):.2f}; vs fp8 dense linear: eager mean "
             f"x{mean('fp8d_linear_eager_us', 'lynx8_eager_us'):.2f}, kernel mean x{mean('fp8d_linear_kernel_us', 'lynx8_kernel_us'):.2f}; "
             f"sp8 GEMM alone vs fp8 dense GEMM: x{mean('fp8d_gemm_kernel_us', 'sp8_gemm_kernel_us'):.2f}, vs bf16: "
-            f"x{mean('dense_kernel_us', 'sp8_gemm_kernel_us'):.2f}")
+            f"x{mean('dense_kernel_us', 'sp8_gemm_kernel_us'):.2f}; vs the cuSPARSELt fp8 path: kernel mean "
+            f"x{mean('lynx8_cslt_kernel_us', 'lynx8_kernel_us'):.2f}")
     lines.append(f"- max rel err vs the fp8 reference: {max(r['err_vs_fp8_ref'] for r in rows):.1e}; "
                  f"vs fp32 math on the unquantised sparsified input: {max(r['err_vs_fp32'] for r in rows):.1e}")
     return "\n".join(lines) + "\n"
@@ -267,50 +312,55 @@ def markdown(rows, meta, previous):
         "",
         f"torch {meta['torch']}, cuSPARSELt {meta['cusparselt']}, commit {meta['commit']}, "
         f"copy bandwidth {meta['copy_tbs']:.2f} TB/s (read+write). bf16, bias, compensation on.",
-        f"Fast path: {meta['availability']}.",
+        f"sm90 path: {meta['availability']}.",
         "Times in us. eager = host clock over back-to-back calls + sync (median); kernel = CUDA "
-        "graph replay (median). x = F.linear time / this path's time. lynx = scale folded into "
-        "the sparsify pass, bias in a pass over Y; other op = the same with the other structured operand; no bias = "
-        "lynx without bias (sparsify + GEMM only). sparsify: auto split (warps per row pair) vs one warp per row "
-        "pair (split 1) vs the memory floor."
-        + (f" vs v1 = v1 lynx time / this lynx time ({previous['name']})." if previous else ""),
+        "graph replay (median). x = F.linear time / this path's time (same clock). sm90 = stage 2 "
+        "(sparsify pass, CUTLASS sparse GEMM with scale and bias in its epilogue); sm90 gemm = that GEMM "
+        "alone; cslt = stage 1 (scaled sparsify, cuSPARSELt GEMM, bias pass), cslt gemm = its GEMM alone "
+        "(no scale, no bias), no bias = stage 1 without the bias pass. sparsify = the sm90 sparsify pass "
+        "(one read of x) and its memory floor. dense kernel: timed first and again last (order effect)."
+        + (f" vs prev = {previous['name']}'s default-path time / this sm90 time." if previous else ""),
         "",
-        "| model | layer | M | K | N | dense eager | lynx eager | x eager | dense kernel | gemm kernel"
-        " | x gemm | lynx kernel | x lynx | other op kernel | no bias kernel | vs v1 eager | vs v1 kernel | ref eager"
-        " | sparsify split: us (split 1) (floor) | rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | layer | M | K | N | dense eager | sm90 eager | x | cslt eager | x | dense kernel"
+        " | sm90 gemm | x | sm90 kernel | x | cslt gemm | x | cslt kernel | x | no bias | vs prev eager"
+        " | sparsify (floor) | config | rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     old_rows = {(r["M"], r["K"], r["N"]): r for r in previous["rows"]} if previous else {}
+
+    def old_time(old):  # the default path of the earlier file
+        return old.get("sm90_eager_us", old.get("lynx_eager_us"))
     for r in rows:
         old = old_rows.get((r["M"], r["K"], r["N"]))
-        vs_eager = f"{old['lynx_eager_us'] / r['lynx_eager_us']:.2f}" if old else "-"
-        vs_kernel = f"{old['lynx_kernel_us'] / r['lynx_kernel_us']:.2f}" if old else "-"
-        lynx_a = f"{r['lynx_other_kernel_us']:.0f} ({'A' if r['operand'] == 'B' else 'B'})"
+        vs = f"{old_time(old) / r['sm90_eager_us']:.2f}" if old else "-"
+        d_e, d_k = r["dense_eager_us"], r["dense_kernel_us"]
         lines.append(
             f"| {r['model']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | "
-            f"{r['dense_eager_us']:.0f} | {r['lynx_eager_us']:.0f} | "
-            f"{r['dense_eager_us'] / r['lynx_eager_us']:.2f} | {r['dense_kernel_us']:.0f} | "
-            f"{r['gemm_kernel_us']:.0f} | {r['dense_kernel_us'] / r['gemm_kernel_us']:.2f} | "
-            f"{r['lynx_kernel_us']:.0f} | {r['dense_kernel_us'] / r['lynx_kernel_us']:.2f} | "
-            f"{lynx_a} | {r['lynx_nob_kernel_us']:.0f} | {vs_eager} | {vs_kernel} | "
-            f"{r['reference_eager_us']:.0f} | {r['split']}: {r['sparsify_kernel_us']:.1f} "
-            f"({r['sparsify1_kernel_us']:.1f}) ({r['sparsify_floor_us']:.1f}) | "
+            f"{d_e:.0f} | {r['sm90_eager_us']:.0f} | {d_e / r['sm90_eager_us']:.2f} | "
+            f"{r['cslt_eager_us']:.0f} | {d_e / r['cslt_eager_us']:.2f} | "
+            f"{d_k:.0f} ({r['dense_again_kernel_us']:.0f}) | "
+            f"{r['sm90_gemm_kernel_us']:.0f} | {d_k / r['sm90_gemm_kernel_us']:.2f} | "
+            f"{r['sm90_kernel_us']:.0f} | {d_k / r['sm90_kernel_us']:.2f} | "
+            f"{r['cslt_gemm_kernel_us']:.0f} | {d_k / r['cslt_gemm_kernel_us']:.2f} | "
+            f"{r['cslt_kernel_us']:.0f} | {d_k / r['cslt_kernel_us']:.2f} | {r['cslt_nob_kernel_us']:.0f} | {vs} | "
+            f"{r['sm90_sparsify_kernel_us']:.1f} ({r['sparsify_floor_us']:.1f}) | {r['sm90_config']} | "
             f"{r['rel_error']:.1e} |")
     lines.append("")
     for model in sorted({r["model"] for r in rows}):
         sub = [r for r in rows if r["model"] == model]
-        line = (
-            f"- {model}: lynx vs F.linear, eager: mean x{statistics.mean(r['dense_eager_us'] / r['lynx_eager_us'] for r in sub):.2f}"
-            f" (geomean x{geometric_mean(r['dense_eager_us'] / r['lynx_eager_us'] for r in sub):.2f});"
-            f" kernel: mean x{statistics.mean(r['dense_kernel_us'] / r['lynx_kernel_us'] for r in sub):.2f};"
-            f" GEMM alone kernel: mean x{statistics.mean(r['dense_kernel_us'] / r['gemm_kernel_us'] for r in sub):.2f}")
-        matched = [(r, old_rows[(r["M"], r["K"], r["N"])]) for r in sub
-                   if (r["M"], r["K"], r["N"]) in old_rows]
-        if matched:
-            line += (f"; vs v1: eager mean x{statistics.mean(o['lynx_eager_us'] / r['lynx_eager_us'] for r, o in matched):.2f},"
-                     f" kernel mean x{statistics.mean(o['lynx_kernel_us'] / r['lynx_kernel_us'] for r, o in matched):.2f}")
-        lines.append(line)
-    lines.append(f"- max rel err vs fp32 math over these shapes: {max(r['rel_error'] for r in rows):.1e}")
+
+        def mean(a, b):
+            return statistics.mean(r[a] / r[b] for r in sub)
+        lines.append(
+            f"- {model}: sm90 Lynx linear vs F.linear: eager mean x{mean('dense_eager_us', 'sm90_eager_us'):.2f}"
+            f" (geomean x{geometric_mean(r['dense_eager_us'] / r['sm90_eager_us'] for r in sub):.2f}),"
+            f" kernel mean x{mean('dense_kernel_us', 'sm90_kernel_us'):.2f}; sm90 GEMM alone: mean"
+            f" x{mean('dense_kernel_us', 'sm90_gemm_kernel_us'):.2f}, median"
+            f" x{statistics.median(r['dense_kernel_us'] / r['sm90_gemm_kernel_us'] for r in sub):.2f};"
+            f" cuSPARSELt path: eager x{mean('dense_eager_us', 'cslt_eager_us'):.2f},"
+            f" kernel x{mean('dense_kernel_us', 'cslt_kernel_us'):.2f}, GEMM alone x{mean('dense_kernel_us', 'cslt_gemm_kernel_us'):.2f}")
+    lines.append(f"- max rel err vs fp32 math over these shapes: sm90 {max(r['rel_error'] for r in rows):.1e},"
+                 f" cuSPARSELt {max(r['cslt_rel_error'] for r in rows):.1e}")
     return "\n".join(lines) + "\n"
 
 
@@ -327,11 +377,12 @@ def main():
         print("no CUDA device: nothing to benchmark")
         return 1
     started = time.monotonic()
-    available, reason = cusparselt.availability(torch.device("cuda"))
-    print(f"fast path: {available} ({reason}); build+self-test {time.monotonic() - started:.1f} s",
-          flush=True)
-    if not available:
-        return 1
+    for name, check in (("cuSPARSELt", cusparselt.availability), ("sm90", sm90.availability_sm90)):
+        available, reason = check(torch.device("cuda"))
+        print(f"{name} path: {available} ({reason}); build+self-test {time.monotonic() - started:.1f} s",
+              flush=True)
+        if not available:
+            return 1
     calls, repeats = (10, 3) if args.quick else (20, 5)
     if args.fp8:
         return main_fp8(args, calls, repeats)
@@ -352,10 +403,13 @@ def main():
         row = {"model": model, "layer": layer, **bench_shape(M, K, N, calls, repeats, bandwidth)}
         rows.append(row)
         print(f"{model} {layer} {M}x{K}x{N}: dense {row['dense_eager_us']:.0f}/{row['dense_kernel_us']:.0f} us,"
-              f" gemm {row['gemm_kernel_us']:.0f}, lynx {row['lynx_eager_us']:.0f}/{row['lynx_kernel_us']:.0f},"
-              f" sparsify {row['sparsify_kernel_us']:.1f} (split 1: {row['sparsify1_kernel_us']:.1f},"
-              f" floor {row['sparsify_floor_us']:.1f}), err {row['rel_error']:.1e}", flush=True)
+              f" sm90 {row['sm90_eager_us']:.0f}/{row['sm90_kernel_us']:.0f} (gemm {row['sm90_gemm_kernel_us']:.0f},"
+              f" {row['sm90_config']}), cslt {row['cslt_eager_us']:.0f}/{row['cslt_kernel_us']:.0f}"
+              f" (gemm {row['cslt_gemm_kernel_us']:.0f}), sparsify {row['sm90_sparsify_kernel_us']:.1f}"
+              f" (floor {row['sparsify_floor_us']:.1f}), err {row['rel_error']:.1e}; configs {row['sm90_configs_us']}",
+              flush=True)
     meta["plans"] = [list(p) for p in cusparselt.plan_info()]
+    meta["sm90_plans"] = [list(p) for p in sm90.plan_info()]
     previous = None
     if args.previous and pathlib.Path(args.previous).exists():
         previous = json.loads(pathlib.Path(args.previous).read_text())
@@ -374,9 +428,10 @@ def main():
 
 def main_fp8(args, calls, repeats):
     available, reason = fp8.availability_fp8(torch.device("cuda"))
-    print(f"fp8 path: {available} ({reason})", flush=True)
+    print(f"cuSPARSELt fp8 path: {available} ({reason})", flush=True)
     if not available:
         return 1
+    available, reason = sm90.availability_sm90(torch.device("cuda"))
     meta = {
         "date": datetime.date.today().isoformat(),
         "gpu": torch.cuda.get_device_name(),
@@ -391,11 +446,12 @@ def main_fp8(args, calls, repeats):
         row = {"model": model, "layer": layer, **bench_shape_fp8(M, K, N, calls, repeats)}
         rows.append(row)
         print(f"{model} {layer} {M}x{K}x{N}: dense {row['dense_eager_us']:.0f}/{row['dense_kernel_us']:.0f},"
-              f" fp8d gemm {row['fp8d_gemm_kernel_us']:.0f}, sp8 gemm {row['sp8_gemm_kernel_us']:.0f},"
+              f" fp8d gemm {row['fp8d_gemm_kernel_us']:.0f}, sp8 gemm {row['sp8_gemm_kernel_us']:.0f} ({row['sm90_config']}),"
               f" sparsify8 {row['sparsify8_kernel_us']:.1f}, lynx8 {row['lynx8_eager_us']:.0f}/{row['lynx8_kernel_us']:.0f},"
-              f" lynx16 {row['lynx16_kernel_us']:.0f}, err {row['err_vs_fp8_ref']:.1e}/{row['err_vs_fp32']:.1e}",
-              flush=True)
+              f" lynx8 cslt {row['lynx8_cslt_kernel_us']:.0f}, lynx16 {row['lynx16_kernel_us']:.0f},"
+              f" err {row['err_vs_fp8_ref']:.1e}/{row['err_vs_fp32']:.1e}; configs {row['sm90_configs_us']}", flush=True)
     meta["plans"] = [list(p) for p in cusparselt.plan_info()]
+    meta["sm90_plans"] = [list(p) for p in sm90.plan_info()]
     text = markdown_fp8(rows, meta)
     print(text)
     out = pathlib.Path(args.out)

@@ -1,14 +1,23 @@
-"""Build and load the RT-Lynx CUDA extension (cuSPARSELt binding + fused kernels).
+"""Build and load the RT-Lynx CUDA code: the sm90 sparse GEMM library and the torch extension.
 
-Compiled once with torch.utils.cpp_extension (ninja) for sm_90a and cached in
-$RT_LYNX_BUILD_DIR or ~/.cache/rt_lynx/<torch>-<cuda>. cuSPARSELt's header and library come from
-the nvidia-cusparselt wheel that CUDA builds of torch depend on.
+Two artefacts, both built with ninja for sm_90a and cached:
+- the sm90 sparse GEMM library (CUTLASS kernels behind a C interface, csrc/sm90_sparse_gemm*.cu):
+  minutes to compile and torch-independent, so it is keyed by its sources, the CUTLASS headers
+  (PyPI `nvidia-cutlass`) and the nvcc version, in <build dir>/sm90-<hash>/;
+- the torch extension (ops, sparsify kernels, cuSPARSELt binding) in <build dir>, which loads
+  the library with dlopen. Without the library (no CUTLASS headers, a failed build) the extension
+  still serves the cuSPARSELt path and the log says why.
+<build dir> is $RT_LYNX_BUILD_DIR or ~/.cache/rt_lynx/<torch>-<cuda>. cuSPARSELt's header and
+library come from the nvidia-cusparselt wheel that CUDA builds of torch depend on.
 """
 import glob
+import hashlib
+import importlib.util
 import logging
 import os
 import pathlib
 import shutil
+import subprocess
 import threading
 import time
 
@@ -16,13 +25,21 @@ log = logging.getLogger("rt_lynx")
 
 EXTENSION_NAME = "rt_lynx_ext"
 CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
-SOURCES = [CSRC / "cusparselt_ext.cpp", CSRC / "lynx_kernels.cu"]
-HEADERS = [CSRC / "lynx_kernels.h"]
+SOURCES = [CSRC / "cusparselt_ext.cpp", CSRC / "sm90_ops.cpp", CSRC / "lynx_kernels.cu"]
+HEADERS = [CSRC / "lynx_kernels.h", CSRC / "op_checks.h", CSRC / "sm90_metadata_layout.h",
+           CSRC / "sm90_sparse_gemm.h"]
 EXPECTED_BUILD_SECONDS = 60
+# One translation unit per input element, so ninja compiles the CUTLASS instances in parallel.
+SM90_SOURCES = [CSRC / f"sm90_sparse_gemm_{part}.cu" for part in ("api", "bf16_bf16", "fp16_fp16", "e4m3_bf16", "e4m3_fp16")]
+SM90_HEADERS = [CSRC / "sm90_sparse_gemm.h", CSRC / "sm90_sparse_gemm_impl.cuh", CSRC / "sm90_metadata_layout.h"]
+SM90_NVCC_FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a",
+                   "--expt-relaxed-constexpr", "-Xcompiler=-fPIC", "-lineinfo"]
+SM90_EXPECTED_BUILD_MINUTES = 4
 
 _lock = threading.Lock()
 _module = None
 _error = None
+_sm90_status = "not loaded"   # "" once the sm90 GEMM library is loaded, else why not
 
 
 class BuildError(RuntimeError):
@@ -80,11 +97,124 @@ def _needs_compile(target: pathlib.Path) -> bool:
 
 
 def _first_error_line(text: str) -> str:
-    for line in text.splitlines():
-        if "error" in line.lower():
+    lines = text.splitlines()
+    for line in lines:  # a compiler's own error first, then anything naming one
+        if "error:" in line.lower() or "killed" in line.lower():
+            return line.strip()[:300]
+    for line in lines:
+        if "error" in line.lower() and not line.startswith("ninja: build stopped"):
             return line.strip()[:300]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else "unknown error"
+
+
+def find_cutlass() -> list[pathlib.Path]:
+    """Include folders of the CUTLASS headers from the PyPI package nvidia-cutlass."""
+    spec = importlib.util.find_spec("cutlass_library")  # located, not imported (it is heavy)
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError("CUTLASS headers not found (pip install nvidia-cutlass)")
+    source = pathlib.Path(list(spec.submodule_search_locations)[0]) / "source"
+    folders = [source / "include", source / "tools" / "util" / "include"]
+    if not (folders[0] / "cutlass" / "cutlass.h").exists() or not (folders[1] / "cutlass" / "util").exists():
+        raise BuildError(f"CUTLASS headers not found under {source} (pip install nvidia-cutlass)")
+    return folders
+
+
+def _nvcc() -> str:
+    from torch.utils import cpp_extension
+    candidates = [os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc"), shutil.which("nvcc") or ""]
+    for candidate in candidates:
+        if candidate and os.path.exists(candidate):
+            return candidate
+    raise BuildError("no CUDA compiler (nvcc) found")
+
+
+def sm90_library_path() -> pathlib.Path:
+    """Where the sm90 GEMM library for these sources, CUTLASS headers and nvcc lives."""
+    include_dirs = find_cutlass()
+    nvcc = _nvcc()
+    digest = hashlib.sha256()
+    for path in SM90_SOURCES + SM90_HEADERS:
+        digest.update(path.name.encode() + path.read_bytes())
+    version_file = include_dirs[0] / "cutlass" / "version.h"
+    digest.update(version_file.read_bytes() if version_file.exists() else b"")
+    digest.update(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode())
+    digest.update(" ".join(SM90_NVCC_FLAGS).encode())
+    return build_dir() / f"sm90-{digest.hexdigest()[:16]}" / "librt_lynx_sm90.so"
+
+
+def _write_sm90_ninja(folder: pathlib.Path, nvcc: str, include_dirs: list[pathlib.Path], output: pathlib.Path) -> None:
+    includes = " ".join(f"-I{d}" for d in [CSRC, *include_dirs])
+    lines = [
+        f"nvcc = {nvcc}",
+        f"flags = {' '.join(SM90_NVCC_FLAGS)} {includes}",
+        "rule compile",
+        "  command = $nvcc $flags -c $in -o $out",
+        "  description = nvcc $in",
+        "rule link",
+        "  command = $nvcc -shared -cudart shared $in -o $out",
+        "  description = link $out",
+    ]
+    objects = []
+    for source in SM90_SOURCES:
+        obj = folder / (source.stem + ".o")
+        objects.append(str(obj))
+        lines.append(f"build {obj}: compile {source}")
+    lines.append(f"build {output}: link {' '.join(objects)}")
+    (folder / "build.ninja").write_text("\n".join(lines) + "\n")
+
+
+def _sm90_jobs() -> int:
+    """Parallel compiles: one CUTLASS translation unit takes up to ~10 GB of host memory, so a
+    job per 10 GB available (at most one per core); MAX_JOBS overrides, as for torch's builds."""
+    if os.environ.get("MAX_JOBS", "").isdigit():
+        return max(1, int(os.environ["MAX_JOBS"]))
+    available_gb = 8
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available_gb = int(line.split()[1]) // (1024 * 1024)
+    except OSError:
+        pass
+    return max(1, min(os.cpu_count() or 1, available_gb // 10, len(SM90_SOURCES)))
+
+
+def build_sm90_library() -> pathlib.Path:
+    """Build (first time) the sm90 GEMM library; returns its path or raises BuildError."""
+    if shutil.which("ninja") is None:
+        raise BuildError("ninja not found (pip install ninja)")
+    output = sm90_library_path()
+    if output.exists():
+        return output
+    folder = output.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_sm90_ninja(folder, _nvcc(), find_cutlass(), output)
+    log.warning("building RT-Lynx sm90 sparse GEMM kernels (one time, ~%d min) in %s ...",
+                SM90_EXPECTED_BUILD_MINUTES, folder)
+    started = time.monotonic()
+    done = subprocess.run(["ninja", "-C", str(folder), "-j", str(_sm90_jobs())], capture_output=True, text=True)
+    if done.returncode != 0 or not output.exists():
+        raise BuildError(f"sm90 GEMM build failed: {_first_error_line(done.stdout + done.stderr)}")
+    log.warning("RT-Lynx sm90 sparse GEMM kernels built in %.0f s", time.monotonic() - started)
+    return output
+
+
+def sm90_status() -> str:
+    """'' when the sm90 GEMM library is loaded into the extension, else the one-line reason."""
+    return _sm90_status
+
+
+def _load_sm90(module) -> None:
+    global _sm90_status
+    try:
+        _sm90_status = module.load_sm90_library(str(build_sm90_library()))
+    except BuildError as exc:
+        _sm90_status = str(exc)
+    except Exception as exc:  # the cuSPARSELt path must stay usable whatever happens here
+        _sm90_status = f"sm90 GEMM library not loaded: {_first_error_line(str(exc))}"
+    if _sm90_status:
+        log.warning("RT-Lynx: sm90 sparse GEMM unavailable (%s); using the cuSPARSELt path", _sm90_status)
 
 
 def load_extension(verbose: bool = False):
@@ -96,7 +226,9 @@ def load_extension(verbose: bool = False):
         if _error is not None:
             raise BuildError(_error)
         try:
-            _module = _build_and_load(verbose)
+            module = _build_and_load(verbose)
+            _load_sm90(module)
+            _module = module
             return _module
         except BuildError as exc:
             _error = str(exc)
@@ -139,7 +271,7 @@ def _build_and_load(verbose: bool):
             # RT_LYNX_DEBUG_BUILD=1 adds host debug info (readable backtraces in cuda-gdb).
             extra_cflags=["-O3"] + (["-g"] if os.environ.get("RT_LYNX_DEBUG_BUILD") else []),
             extra_cuda_cflags=["-O3", "-lineinfo"],
-            extra_ldflags=[f"-L{lib_dir}", "-l:libcusparseLt.so.0", f"-Wl,-rpath,{lib_dir}"],
+            extra_ldflags=[f"-L{lib_dir}", "-l:libcusparseLt.so.0", f"-Wl,-rpath,{lib_dir}", "-ldl"],
             build_directory=str(target),
             verbose=verbose,
             is_python_module=True,
@@ -162,4 +294,6 @@ def build(verbose: bool = False) -> tuple[bool, str]:
         return False, str(exc)
     except Exception as exc:  # an install step must not fail on anything unexpected either
         return False, f"build failed: {_first_error_line(str(exc))}"
-    return True, f"built in {build_dir()}"
+    if _sm90_status:
+        return True, f"built in {build_dir()} (cuSPARSELt path only: {_sm90_status})"
+    return True, f"built in {build_dir()}, sm90 sparse GEMM library loaded"

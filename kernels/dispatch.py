@@ -4,6 +4,7 @@ Backends never change the math (kernels/reference.py defines it), only where and
 runs. The reason for each choice is logged once per distinct reason.
 """
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +19,16 @@ REQUESTS = ("auto", "cuda", "reference")
 PRECISIONS = ("bf16", "fp8")
 
 
+# The fast backends, best first (bench/results: the sm90 GEMM with its fused epilogue beats
+# cuSPARSELt plus a bias pass); cuSPARSELt is the fallback where the sm90 library is missing.
+# RT_LYNX_GEMM=sm90 or =cusparselt keeps only that one (comparisons, regressions).
+FAST_BACKENDS = ("sm90", "cusparselt")
+BACKEND_NAMES = {"sm90": "CUTLASS sm90 sparse GEMM, fused epilogue", "cusparselt": "cuSPARSELt"}
+
+
 @dataclass(frozen=True)
 class BackendChoice:
-    name: str      # "cusparselt" or "reference"
+    name: str      # "sm90", "cusparselt" or "reference"
     reason: str
 
 
@@ -43,20 +51,53 @@ def _describe(x2d: torch.Tensor, weight: torch.Tensor) -> str:
 try:
     from . import cusparselt as _fast
     from . import fp8 as _fast_fp8
+    from . import sm90 as _sm90
     _fast_import_error = ""
 except ImportError as error:  # a partial install: keep working on the reference path
-    _fast, _fast_fp8, _fast_import_error = None, None, f"fast kernels not importable ({error})"
+    _fast, _fast_fp8, _sm90, _fast_import_error = None, None, None, f"fast kernels not importable ({error})"
+
+
+def fast_backends() -> tuple[str, ...]:
+    """FAST_BACKENDS, or the one RT_LYNX_GEMM names."""
+    forced = os.environ.get("RT_LYNX_GEMM", "").strip().lower()
+    if forced in ("", "auto"):
+        return FAST_BACKENDS
+    if forced not in FAST_BACKENDS:
+        raise ValueError(f"RT_LYNX_GEMM={forced!r}: choose auto or one of {FAST_BACKENDS}")
+    return (forced,)
 
 
 @torch.compiler.assume_constant_result
-def fast_path_availability(device: torch.device, precision: str = "bf16") -> tuple[bool, str]:
-    """Whether the fast sparse kernels of `precision` can run on `device` at all (built, Hopper,
-    self-test). A constant for torch.compile: decided once per device, outside the traced graph."""
+def backend_availability(device: torch.device, precision: str, backend: str) -> tuple[bool, str]:
+    """Whether one fast backend runs `precision` on `device` (built, Hopper, self-test). A constant
+    for torch.compile: decided once per device, outside the traced graph."""
     if device.type != "cuda":
         return False, f"{device.type} device: the fast kernels need a CUDA GPU"
     if _fast is None:
         return False, _fast_import_error
+    if backend == "sm90":
+        return _sm90.availability_sm90(device)
     return _fast_fp8.availability_fp8(device) if precision == "fp8" else _fast.availability(device)
+
+
+@torch.compiler.assume_constant_result
+def fast_path_availability(device: torch.device, precision: str = "bf16") -> tuple[bool, str]:
+    """(True, the backend that will run) when a fast backend runs `precision` on `device`, else
+    (False, why not for each)."""
+    reasons = []
+    for backend in fast_backends():
+        available, why_not = backend_availability(device, precision, backend)
+        if available:
+            return True, BACKEND_NAMES[backend]
+        reasons.append((backend, why_not))
+    return False, _join_reasons(reasons)
+
+
+def _join_reasons(reasons: list[tuple[str, str]]) -> str:
+    """One line for why no fast backend ran: a reason they all share once, else each named."""
+    if len({why for _, why in reasons}) == 1:
+        return reasons[0][1]
+    return "; ".join(f"{backend}: {why}" for backend, why in reasons)
 
 
 def select_backend(x2d: torch.Tensor, weight: torch.Tensor, requested: str, n: int, m: int,
@@ -64,7 +105,7 @@ def select_backend(x2d: torch.Tensor, weight: torch.Tensor, requested: str, n: i
     """`weight` is the layer weight for bf16, the e4m3 weight from quantize_weight_fp8 for fp8.
     A "cuda" request that the fast kernels cannot serve raises instead of falling back."""
     choice = _choose(x2d, weight, requested, n, m, precision)
-    if requested == "cuda" and choice.name != "cusparselt":
+    if requested == "cuda" and choice.name == "reference":
         raise RuntimeError(f"RT-Lynx backend 'cuda' cannot run {_describe(x2d, weight)}: {choice.reason}")
     return choice
 
@@ -78,13 +119,18 @@ def _choose(x2d, weight, requested, n, m, precision) -> BackendChoice:
         return BackendChoice("reference", "reference backend requested")
     if (n, m) != (2, 4):
         return BackendChoice("reference", f"{n}:{m} has no sparse tensor core kernel (2:4 only)")
-    available, why_not = fast_path_availability(x2d.device, precision)
-    if not available:
-        return BackendChoice("reference", why_not)
-    supported, why_not = (_fast_fp8.supports_fp8 if precision == "fp8" else _fast.supports)(x2d, weight)
-    if not supported:
-        return BackendChoice("reference", why_not)
-    return BackendChoice("cusparselt", f"cuSPARSELt 2:4 {precision} sparse tensor cores")
+    reasons = []
+    for backend in fast_backends():
+        available, why_not = backend_availability(x2d.device, precision, backend)
+        if available:
+            if backend == "sm90":
+                supported, why_not = _sm90.supports_sm90(x2d, weight)
+            else:
+                supported, why_not = (_fast_fp8.supports_fp8 if precision == "fp8" else _fast.supports)(x2d, weight)
+            if supported:
+                return BackendChoice(backend, f"{BACKEND_NAMES[backend]}, 2:4 {precision}")
+        reasons.append((backend, why_not))
+    return BackendChoice("reference", _join_reasons(reasons))
 
 
 _reported: set[tuple] = set()
@@ -96,13 +142,13 @@ def _report(choice: BackendChoice, x2d: torch.Tensor, weight: torch.Tensor) -> N
     key = (x2d.shape, weight.shape, x2d.dtype, choice)
     if key not in _reported:  # checked before formatting: this runs on every call
         _reported.add(key)
-        where = "sparse tensor cores" if choice.name == "cusparselt" else "reference PyTorch path"
+        where = "reference PyTorch path" if choice.name == "reference" else "sparse tensor cores"
         log_once(f"{_describe(x2d, weight)}: {where} ({choice.reason})")
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # The bias is added outside the fast ops: under torch.compile Inductor fuses it into the next
-    # elementwise work (activation, gate, residual) instead of a pass of its own.
+    # cuSPARSELt cannot add a per-feature bias, so it is added outside its op: under torch.compile
+    # Inductor fuses it into the next elementwise work (activation, gate, residual).
     return y if bias is None else y.add_(bias)
 
 
@@ -111,6 +157,8 @@ def sparse_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """y = s * (sparse_n:m(x) @ W^T) + b on the best backend for this call (x2d is M x K)."""
     choice = select_backend(x2d, weight, requested, n, m)
     _report(choice, x2d, weight)
+    if choice.name == "sm90":
+        return _sm90.sparse_linear_sm90(x2d, weight, bias, compensate)
     if choice.name == "cusparselt":
         return _add_bias(_fast.sparse_linear(x2d, weight, None, compensate), bias)
     return reference.sparse_linear_reference(x2d, weight, bias, compensate, n, m)
@@ -122,6 +170,8 @@ def sparse_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor
     quantize_weight_fp8, on the best backend for this call."""
     choice = select_backend(x2d, wq, requested, 2, 4, "fp8")
     _report(choice, x2d, wq)
+    if choice.name == "sm90":
+        return _sm90.sparse_linear_fp8_sm90(x2d, wq, w_scale, bias, compensate)
     if choice.name == "cusparselt":
         return _add_bias(_fast_fp8.sparse_linear_fp8(x2d, wq, w_scale, None, compensate), bias)
     return reference.sparse_linear_fp8_reference(x2d, wq, w_scale, bias, compensate)

@@ -115,7 +115,7 @@ class LynxPlan:
         text += f", backend {self.config.backend}"
         if device is not None and self.config.backend != "reference":
             available, why_not = fast_path_availability(device, self.config.precision)
-            text += " -> cuSPARSELt sparse tensor cores" if available else f" -> reference ({why_not})"
+            text += f" -> {why_not}" if available else f" -> reference ({why_not})"
         return text
 
 

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "lynx_kernels.h"
+#include "op_checks.h"
 
 namespace rt_lynx {
 namespace {
@@ -42,9 +43,6 @@ namespace {
                 static_cast<int>(status_), ")");                                          \
   } while (0)
 
-constexpr int64_t kRowPad = 64;  // the compressed layout tiles rows by 64
-
-int64_t round_up_rows(int64_t rows) { return (rows + kRowPad - 1) / kRowPad * kRowPad; }
 
 // Elements (of the 16-bit dtype) of a compressed M_padded x K matrix: M*K/2 values + M*K/8 bytes.
 int64_t compressed_numel(int64_t padded_rows, int64_t cols) { return padded_rows * cols * 9 / 16; }
@@ -491,38 +489,8 @@ PlanKey key_for(const at::Tensor& x, int64_t padded_rows, int64_t n) {
                  sparse_b_mode().load()};
 }
 
-bool is_supported_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// X must be a CUDA 16-bit matrix with K % 64 == 0; rows that are not dense/16-byte aligned are
-// copied (stated fallback), everything else is an error.
-at::Tensor checked_activation(const at::Tensor& x, const char* op) {
-  require(x.is_cuda(), op, ": x must be a CUDA tensor");
-  require(x.dim() == 2, op, ": x must be 2-D (flatten leading dims), got ", x.dim(), "-D");
-  require(is_supported_dtype(x.scalar_type()), op, ": x must be bfloat16 or float16, got ",
-              x.scalar_type());
-  require(x.size(0) >= 1, op, ": x needs at least one row");
-  require(x.size(1) >= 64 && x.size(1) % 64 == 0, op,
-              ": in_features must be a positive multiple of 64, got ", x.size(1));
-  const bool aligned = x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.stride(0) >= x.size(1) &&
-                       reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
-  return aligned ? x : x.contiguous().clone(at::MemoryFormat::Contiguous);
-}
 
-void check_weight(const at::Tensor& weight, const at::Tensor& x, const char* op) {
-  require(weight.is_cuda() && weight.device() == x.device(), op,
-              ": weight must be on x's device");
-  require(weight.dim() == 2, op, ": weight must be 2-D (out_features x in_features)");
-  require(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ",
-              weight.scalar_type(), " differs from x dtype ", x.scalar_type());
-  require(weight.size(1) == x.size(1), op, ": weight in_features ", weight.size(1),
-              " != x in_features ", x.size(1));
-  require(weight.size(0) >= 16 && weight.size(0) % 16 == 0, op,
-              ": out_features must be a positive multiple of 16, got ", weight.size(0));
-  require(weight.is_contiguous() &&
-                  reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
-              op, ": weight must be contiguous and 16-byte aligned (a per-call copy of a weight "
-              "would cost more than the sparse GEMM saves)");
-}
 
 std::tuple<at::Tensor, at::Tensor> sparsify_op(const at::Tensor& x_in, int64_t padded_rows,
                                                bool fold, int64_t split, const char* op) {
@@ -591,16 +559,7 @@ at::Tensor sparse_linear_op(const at::Tensor& x_in, const at::Tensor& weight,
   const int64_t padded_rows = round_up_rows(rows);
   const bool is_bf16 = x.scalar_type() == at::kBFloat16;
 
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = *bias_in;
-    require(bias.device() == x.device() && bias.dim() == 1 && bias.size(0) == n, op,
-                ": bias must be a 1-D tensor of out_features=", n, " on x's device");
-    if (bias.scalar_type() != x.scalar_type() && bias.scalar_type() != at::kFloat) {
-      bias = bias.to(at::kFloat);
-    }
-    bias = bias.contiguous();
-  }
+  const at::Tensor bias = checked_bias(bias_in, x, n, op);
 
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto compressed = at::empty({compressed_numel(padded_rows, k)}, x.options());
@@ -712,22 +671,6 @@ std::tuple<at::Tensor, at::Tensor> sparsify_fp8_op(const at::Tensor& x_in, int64
   return {compressed, scale};
 }
 
-void check_fp8_weight(const at::Tensor& wq, const at::Tensor& w_scale, int64_t k,
-                      const at::Device& device, const char* op) {
-  require(wq.is_cuda() && wq.device() == device && wq.dim() == 2 &&
-              wq.scalar_type() == at::kFloat8_e4m3fn,
-          op, ": wq must be a 2-D float8_e4m3fn CUDA tensor on x's device (quantize_weight_fp8)");
-  require(wq.size(1) == k, op, ": wq in_features ", wq.size(1), " != ", k);
-  require(wq.size(0) >= 32 && wq.size(0) % 32 == 0, op,
-          ": out_features must be a positive multiple of 32, got ", wq.size(0));
-  require(wq.is_contiguous() && reinterpret_cast<uintptr_t>(wq.data_ptr()) % 16 == 0, op,
-          ": wq must be contiguous and 16-byte aligned");
-  require(w_scale.is_cuda() && w_scale.device() == device && w_scale.dim() == 1 &&
-              w_scale.size(0) == wq.size(0) && w_scale.scalar_type() == at::kFloat &&
-              w_scale.is_contiguous() &&
-              reinterpret_cast<uintptr_t>(w_scale.data_ptr()) % 16 == 0,
-          op, ": w_scale must be a contiguous fp32 CUDA vector of out_features entries");
-}
 
 GemmPlan& fp8_plan(const at::Tensor& like, int64_t padded_rows, int64_t k, int64_t n,
                    cudaStream_t stream) {
@@ -768,16 +711,7 @@ at::Tensor sparse_linear_fp8_op(const at::Tensor& x_in, const at::Tensor& wq,
   const int64_t rows = x.size(0), k = x.size(1), n = wq.size(0);
   const int64_t padded_rows = round_up_rows(rows);
   const bool is_bf16 = x.scalar_type() == at::kBFloat16;
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = *bias_in;
-    require(bias.device() == x.device() && bias.dim() == 1 && bias.size(0) == n, op,
-            ": bias must be a 1-D tensor of out_features=", n, " on x's device");
-    if (bias.scalar_type() != x.scalar_type() && bias.scalar_type() != at::kFloat) {
-      bias = bias.to(at::kFloat);
-    }
-    bias = bias.contiguous();
-  }
+  const at::Tensor bias = checked_bias(bias_in, x, n, op);
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto compressed = at::empty({fp8_compressed_bytes(padded_rows, k)}, x.options().dtype(at::kByte));
   auto token_scale = at::empty({padded_rows}, x.options().dtype(at::kFloat));
@@ -876,7 +810,10 @@ TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) {
   m.impl("fp8_epilogue", &rt_lynx::fp8_epilogue_op);
 }
 
+void register_sm90_functions(pybind11::module& m);  // sm90_ops.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_sm90_functions(m);
   m.def("cusparselt_versions", &rt_lynx::cusparselt_versions,
         "(runtime major, minor, patch, header major, minor, patch) of cuSPARSELt");
   m.def("plan_info", &rt_lynx::plan_info,

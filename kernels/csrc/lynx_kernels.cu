@@ -8,6 +8,7 @@
 //   (r/64)*8*cols + (g/8)*256 + ((r%64)/16)*64 + (r%8)*8 + 2*(g%4) + (g%8)/4,
 // low nibble for r%16 < 8, high nibble for row r+8.
 #include "lynx_kernels.h"
+#include "sm90_metadata_layout.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -102,9 +103,11 @@ __device__ __forceinline__ void load_chunk(const uint4* row, bool valid, int64_t
   for (int i = 0; i < 4; ++i) in[i] = valid ? __ldg(row + c * 4 + i) : zero;
 }
 
-template <bool kBf16, bool kFold, int kSplit>
+// kCutlassBlockK: 0 writes cuSPARSELt's metadata layout, 64 or 128 CUTLASS's sm90 layout with
+// that metadata atom (sm90_metadata_layout.h).
+template <bool kBf16, bool kFold, int kSplit, int kCutlassBlockK>
 __global__ void __launch_bounds__(256) sparsify_compress_kernel(
-    const uint16_t* __restrict__ x, int64_t rows, int64_t cols, int64_t ld_x,
+    const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
     uint16_t* __restrict__ values, uint8_t* __restrict__ meta, float* __restrict__ scale) {
   constexpr int kPairsPerBlock = 8 / kSplit;
   const int lane = threadIdx.x;
@@ -196,13 +199,28 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
     v0[c * 2 + 1] = out0[1];
     v1[c * 2] = out1[0];
     v1[c * 2 + 1] = out1[1];
-    uint64_t word = 0;
+    if constexpr (kCutlassBlockK == 0) {
+      uint64_t word = 0;
 #pragma unroll
-    for (int g = 0; g < 8; ++g) {
-      const int byte_pos = 2 * (g % 4) + g / 4;
-      word |= uint64_t(codes0[g] | (codes1[g] << 4)) << (8 * byte_pos);
+      for (int g = 0; g < 8; ++g) {
+        const int byte_pos = 2 * (g % 4) + g / 4;
+        word |= uint64_t(codes0[g] | (codes1[g] << 4)) << (8 * byte_pos);
+      }
+      *reinterpret_cast<uint64_t*>(meta_row + c * 256) = word;
+    } else {
+      // Columns 0-15 of rows r0 and r0 + 8 are four neighbouring bytes; columns 16-31 the same,
+      // kCutlassBlockK bytes further on.
+      const int64_t base = sm90_metadata_byte_16bit(r0, c * 32, padded_rows, kCutlassBlockK);
+      uint32_t half_words[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int g = 4 * h;
+        half_words[h] = (codes0[g] | (codes0[g + 1] << 4)) | ((codes0[g + 2] | (codes0[g + 3] << 4)) << 8) |
+                        ((codes1[g] | (codes1[g + 1] << 4)) << 16) | ((codes1[g + 2] | (codes1[g + 3] << 4)) << 24);
+      }
+      *reinterpret_cast<uint32_t*>(meta + base) = half_words[0];
+      *reinterpret_cast<uint32_t*>(meta + base + kCutlassBlockK) = half_words[1];
     }
-    *reinterpret_cast<uint64_t*>(meta_row + c * 256) = word;
   }
 
   if (!kFold && scale != nullptr) {
@@ -314,25 +332,41 @@ void launch_epilogue_dtype(const void* gemm, void* y, int64_t rows, int64_t cols
 
 namespace {
 
-template <bool kBf16, bool kFold, int kSplit>
+template <bool kBf16, bool kFold, int kSplit, int kCutlassBlockK>
 void launch_sparsify_variant(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                              int64_t ld_x, uint16_t* values, uint8_t* meta, float* scale,
                              cudaStream_t stream) {
   const int64_t blocks = padded_rows / 16 * kSplit;
   require(blocks <= 0x7fffffff, "sparsify: too many rows for one launch");
-  sparsify_compress_kernel<kBf16, kFold, kSplit><<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
-      static_cast<const uint16_t*>(x), rows, cols, ld_x, values, meta, scale);
+  sparsify_compress_kernel<kBf16, kFold, kSplit, kCutlassBlockK>
+      <<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
+          static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, values, meta, scale);
 }
 
-template <bool kBf16, bool kFold>
+template <bool kBf16, bool kFold, int kCutlassBlockK>
 void launch_sparsify_split(int split, const void* x, int64_t rows, int64_t padded_rows,
                            int64_t cols, int64_t ld_x, uint16_t* values, uint8_t* meta,
                            float* scale, cudaStream_t stream) {
   switch (split) {
-    case 1: return launch_sparsify_variant<kBf16, kFold, 1>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
-    case 2: return launch_sparsify_variant<kBf16, kFold, 2>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
-    case 4: return launch_sparsify_variant<kBf16, kFold, 4>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
-    default: return launch_sparsify_variant<kBf16, kFold, 8>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    case 1: return launch_sparsify_variant<kBf16, kFold, 1, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    case 2: return launch_sparsify_variant<kBf16, kFold, 2, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    case 4: return launch_sparsify_variant<kBf16, kFold, 4, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    default: return launch_sparsify_variant<kBf16, kFold, 8, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+  }
+}
+
+template <bool kBf16>
+void launch_sparsify_layout(int layout, bool fold_scale, int split, const void* x, int64_t rows,
+                            int64_t padded_rows, int64_t cols, int64_t ld_x, uint16_t* values,
+                            uint8_t* meta, float* scale, cudaStream_t stream) {
+  switch (layout) {
+    case kMetadataCusparselt:
+      if (fold_scale) return launch_sparsify_split<kBf16, true, 0>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+      return launch_sparsify_split<kBf16, false, 0>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    case kMetadataSm90Block64:
+      return launch_sparsify_split<kBf16, false, 64>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    default:
+      return launch_sparsify_split<kBf16, false, 128>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
   }
 }
 
@@ -374,19 +408,24 @@ int sparsify_split_for(int64_t padded_rows, int64_t cols) {
 
 void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                               int64_t ld_x, bool is_bf16, bool fold_scale, void* compressed,
-                              float* scale, cudaStream_t stream, int split) {
+                              float* scale, cudaStream_t stream, int split, int metadata_layout) {
   require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify: bad padded row count");
   require(cols % 32 == 0, "sparsify: columns must be a multiple of 32");
+  require(metadata_layout == kMetadataCusparselt || metadata_layout == kMetadataSm90Block64 ||
+              metadata_layout == kMetadataSm90Block128,
+          "sparsify: unknown metadata layout ", metadata_layout);
+  require(metadata_layout == kMetadataCusparselt || !fold_scale,
+          "sparsify: the sm90 GEMM applies the scale in its epilogue; fold_scale is for cuSPARSELt");
+  require(metadata_layout == kMetadataCusparselt || cols % metadata_layout == 0,
+          "sparsify: columns must be a multiple of the metadata block ", metadata_layout);
   auto* values = static_cast<uint16_t*>(compressed);
   auto* meta = static_cast<uint8_t*>(compressed) + padded_rows * cols;  // after rows*cols/2 values
   if (split <= 0) split = sparsify_split_for(padded_rows, cols);
   require(split == 1 || split == 2 || split == 4 || split == 8, "sparsify: split must be 1, 2, 4 or 8");
   if (is_bf16) {
-    if (fold_scale) launch_sparsify_split<true, true>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
-    else launch_sparsify_split<true, false>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    launch_sparsify_layout<true>(metadata_layout, fold_scale, split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
   } else {
-    if (fold_scale) launch_sparsify_split<false, true>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
-    else launch_sparsify_split<false, false>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    launch_sparsify_layout<false>(metadata_layout, fold_scale, split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
   }
 }
 
@@ -447,9 +486,11 @@ __device__ __forceinline__ uint4 quantize_half_chunk(const uint4 (&kept)[2], flo
 // Same grid as sparsify_compress_kernel (8 warps over a 16-row group, a warp per row pair r,
 // r+8, kSplit warps sharing a row pair), but a lane step covers 64 columns: one 16-byte metadata
 // word for the pair and 32 value bytes per row.
-template <bool kBf16, int kSplit>
+// kCutlass: CUTLASS's sm90 e4m3 metadata layout (atom 64 x 128, sm90_metadata_layout.h) instead
+// of cuSPARSELt's.
+template <bool kBf16, int kSplit, bool kCutlass>
 __global__ void __launch_bounds__(256) sparsify_fp8_kernel(
-    const uint16_t* __restrict__ x, int64_t rows, int64_t cols, int64_t ld_x,
+    const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
     uint8_t* __restrict__ values, uint8_t* __restrict__ meta, float* __restrict__ token_scale,
     bool compensate) {
   constexpr int kPairsPerBlock = 8 / kSplit;
@@ -550,39 +591,51 @@ __global__ void __launch_bounds__(256) sparsify_fp8_kernel(
         codes1[8 * h + g] = c1[g];
       }
     }
-    // Word w, byte j: b = w + 4*(j/2), row r (j even) or r+8 (j odd).
-    uint32_t words[4];
+    if constexpr (kCutlass) {
+      // Each row's 64 columns are 8 neighbouring bytes, byte j = groups 2j, 2j + 1.
+      uint64_t row_words[2] = {0, 0};
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      const int b_lo = w, b_hi = w + 4;
-      words[w] = (codes0[2 * b_lo] | (codes0[2 * b_lo + 1] << 4)) |
-                 ((codes1[2 * b_lo] | (codes1[2 * b_lo + 1] << 4)) << 8) |
-                 ((codes0[2 * b_hi] | (codes0[2 * b_hi + 1] << 4)) << 16) |
-                 ((codes1[2 * b_hi] | (codes1[2 * b_hi + 1] << 4)) << 24);
+      for (int j = 0; j < 8; ++j) {
+        row_words[0] |= uint64_t(codes0[2 * j] | (codes0[2 * j + 1] << 4)) << (8 * j);
+        row_words[1] |= uint64_t(codes1[2 * j] | (codes1[2 * j + 1] << 4)) << (8 * j);
+      }
+      *reinterpret_cast<uint64_t*>(meta + sm90_metadata_byte_8bit(r0, c * 64, padded_rows, 128)) = row_words[0];
+      *reinterpret_cast<uint64_t*>(meta + sm90_metadata_byte_8bit(r1, c * 64, padded_rows, 128)) = row_words[1];
+    } else {
+      // Word w, byte j: b = w + 4*(j/2), row r (j even) or r+8 (j odd).
+      uint32_t words[4];
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const int b_lo = w, b_hi = w + 4;
+        words[w] = (codes0[2 * b_lo] | (codes0[2 * b_lo + 1] << 4)) |
+                   ((codes1[2 * b_lo] | (codes1[2 * b_lo + 1] << 4)) << 8) |
+                   ((codes0[2 * b_hi] | (codes0[2 * b_hi + 1] << 4)) << 16) |
+                   ((codes1[2 * b_hi] | (codes1[2 * b_hi + 1] << 4)) << 24);
+      }
+      *reinterpret_cast<uint4*>(meta_row + c * 512) = make_uint4(words[0], words[1], words[2], words[3]);
     }
-    *reinterpret_cast<uint4*>(meta_row + c * 512) = make_uint4(words[0], words[1], words[2], words[3]);
   }
 }
 
-template <bool kBf16, int kSplit>
+template <bool kBf16, int kSplit, bool kCutlass>
 void launch_fp8_variant(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                         int64_t ld_x, uint8_t* values, uint8_t* meta, float* token_scale,
                         bool compensate, cudaStream_t stream) {
   const int64_t blocks = padded_rows / 16 * kSplit;
   require(blocks <= 0x7fffffff, "sparsify_fp8: too many rows for one launch");
-  sparsify_fp8_kernel<kBf16, kSplit><<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
-      static_cast<const uint16_t*>(x), rows, cols, ld_x, values, meta, token_scale, compensate);
+  sparsify_fp8_kernel<kBf16, kSplit, kCutlass><<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
+      static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate);
 }
 
-template <bool kBf16>
+template <bool kBf16, bool kCutlass>
 void launch_fp8_split(int split, const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                       int64_t ld_x, uint8_t* values, uint8_t* meta, float* token_scale,
                       bool compensate, cudaStream_t stream) {
   switch (split) {
-    case 1: return launch_fp8_variant<kBf16, 1>(x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
-    case 2: return launch_fp8_variant<kBf16, 2>(x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
-    case 4: return launch_fp8_variant<kBf16, 4>(x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
-    default: return launch_fp8_variant<kBf16, 8>(x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+    case 1: return launch_fp8_variant<kBf16, 1, kCutlass>(x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+    case 2: return launch_fp8_variant<kBf16, 2, kCutlass>(x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+    case 4: return launch_fp8_variant<kBf16, 4, kCutlass>(x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+    default: return launch_fp8_variant<kBf16, 8, kCutlass>(x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
   }
 }
 
@@ -674,18 +727,24 @@ int sparsify_fp8_split_for(int64_t padded_rows, int64_t cols) {
 
 void launch_sparsify_fp8(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                          int64_t ld_x, bool is_bf16, bool compensate, void* compressed,
-                         float* token_scale, cudaStream_t stream, int split) {
+                         float* token_scale, cudaStream_t stream, int split, int metadata_layout) {
   require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify_fp8: bad padded row count");
   require(cols % 64 == 0, "sparsify_fp8: columns must be a multiple of 64");
+  require(metadata_layout == kMetadataCusparselt || metadata_layout == kMetadataSm90Block128,
+          "sparsify_fp8: unknown metadata layout ", metadata_layout);
+  const bool cutlass = metadata_layout == kMetadataSm90Block128;
+  require(!cutlass || cols % 128 == 0, "sparsify_fp8: columns must be a multiple of 128 for the sm90 GEMM");
   require(token_scale != nullptr, "sparsify_fp8: token_scale is required");
   auto* values = static_cast<uint8_t*>(compressed);
   auto* meta = values + padded_rows * cols / 2;
   if (split <= 0) split = sparsify_fp8_split_for(padded_rows, cols);
   require(split == 1 || split == 2 || split == 4 || split == 8, "sparsify_fp8: split must be 1, 2, 4 or 8");
   if (is_bf16) {
-    launch_fp8_split<true>(split, x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+    if (cutlass) launch_fp8_split<true, true>(split, x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+    else launch_fp8_split<true, false>(split, x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
   } else {
-    launch_fp8_split<false>(split, x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+    if (cutlass) launch_fp8_split<false, true>(split, x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
+    else launch_fp8_split<false, false>(split, x, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate, stream);
   }
 }
 

@@ -36,14 +36,22 @@ inline void require(bool ok, const Parts&... parts) {
   throw std::runtime_error(message);
 }
 
-// Reads x (rows x cols, row stride ld_x elements, 16-bit floats); writes the cuSPARSELt
-// compressed buffer of the 2:4-sparsified matrix padded to padded_rows (values then metadata).
+// Metadata layouts the sparsify kernels write: cuSPARSELt's, or CUTLASS's sm90 layout with a
+// metadata atom of 64 or 128 columns (the value is the atom width; sm90_metadata_layout.h).
+constexpr int kMetadataCusparselt = 0;
+constexpr int kMetadataSm90Block64 = 64;
+constexpr int kMetadataSm90Block128 = 128;
+
+// Reads x (rows x cols, row stride ld_x elements, 16-bit floats); writes the compressed buffer
+// of the 2:4-sparsified matrix padded to padded_rows (values, row-major, then metadata in
+// `metadata_layout`; rows*cols*9/16 elements either way).
 // fold_scale: values are round(s * x_kept) with s = ||x|| / ||x_kept|| per row (read twice);
 // else the kept values unchanged. scale (padded_rows floats, may be nullptr) receives s.
 // split: warps per row pair (1, 2, 4, 8), <= 0 picks one from the shape and the SM count.
 void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                               int64_t ld_x, bool is_bf16, bool fold_scale, void* compressed,
-                              float* scale, cudaStream_t stream, int split = 0);
+                              float* scale, cudaStream_t stream, int split = 0,
+                              int metadata_layout = kMetadataCusparselt);
 
 // The split launch_sparsify_compress picks for split <= 0.
 int sparsify_split_for(int64_t padded_rows, int64_t cols);
@@ -55,12 +63,14 @@ void launch_scale_bias_epilogue(const void* gemm, void* y, int64_t rows, int64_t
                                 bool is_bf16, cudaStream_t stream);
 
 // fp8 e4m3 path. Reads x once for the norms and max|x_kept| of each token, then again (mostly
-// from L2) to write q = e4m3(x_kept * (448 / max|x_kept|)) in cuSPARSELt's fp8 compressed layout
+// from L2) to write q = e4m3(x_kept * (448 / max|x_kept|)) in the fp8 compressed layout
+// (cuSPARSELt's, or CUTLASS's sm90 layout with kMetadataSm90Block128)
 // (padded_rows*cols/2 value bytes, then padded_rows*cols/8 metadata bytes) and the per-token
 // dequantisation scale a = s * max|x_kept| / 448 (s = 1 without compensation; 0 for a zero token).
 void launch_sparsify_fp8(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                          int64_t ld_x, bool is_bf16, bool compensate, void* compressed,
-                         float* token_scale, cudaStream_t stream, int split = 0);
+                         float* token_scale, cudaStream_t stream, int split = 0,
+                         int metadata_layout = kMetadataCusparselt);
 
 int sparsify_fp8_split_for(int64_t padded_rows, int64_t cols);
 

@@ -1,0 +1,495 @@
+// RT-Lynx torch ops over the sm90 CUTLASS sparse GEMM library (sm90_sparse_gemm.h).
+//
+// The library is built apart from this extension (no torch in it: its CUTLASS kernels take
+// minutes to compile and do not depend on the torch version) and loaded with dlopen by
+// load_sm90_library. One call of sparse_linear_sm90 is: the fused sparsify pass (one read of x;
+// values, metadata in CUTLASS's layout, per-token norm scale), then the sparse GEMM with the
+// scale and the bias in its epilogue (one write of y). No pass over y afterwards.
+//
+// The GEMM config (tile, cluster, schedule) is chosen per (M, K, N, dtype) at the first call by
+// timing every candidate on the call's own data; each candidate must also agree with the first
+// one, so a config that computes garbage for a shape is never chosen.
+#include <torch/extension.h>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "lynx_kernels.h"
+#include "op_checks.h"
+#include "sm90_sparse_gemm.h"
+
+namespace rt_lynx {
+namespace {
+
+struct Sm90Library {
+  void* handle = nullptr;
+  std::string path;
+  decltype(&rt_lynx_sm90_api_version) api_version = nullptr;
+  decltype(&rt_lynx_sm90_config_count) config_count = nullptr;
+  decltype(&rt_lynx_sm90_config_info) config_info = nullptr;
+  decltype(&rt_lynx_sm90_metadata_bytes) metadata_bytes = nullptr;
+  decltype(&rt_lynx_sm90_workspace_bytes) workspace_bytes = nullptr;
+  decltype(&rt_lynx_sm90_gemm) gemm = nullptr;
+  decltype(&rt_lynx_sm90_check_metadata_layout) check_metadata_layout = nullptr;
+};
+
+std::mutex& library_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+Sm90Library& library_slot() {
+  static Sm90Library library;
+  return library;
+}
+
+template <class F>
+bool resolve(void* handle, const char* name, F& target, std::string& error) {
+  target = reinterpret_cast<F>(dlsym(handle, name));
+  if (target == nullptr && error.empty()) error = std::string("symbol ") + name + " missing";
+  return target != nullptr;
+}
+
+// "" when loaded (or already loaded from the same path), else the reason.
+std::string load_sm90_library(const std::string& path) {
+  std::lock_guard<std::mutex> lock(library_mutex());
+  Sm90Library& library = library_slot();
+  if (library.handle != nullptr) {
+    return library.path == path ? "" : "another sm90 GEMM library is already loaded: " + library.path;
+  }
+  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (handle == nullptr) {
+    const char* reason = dlerror();
+    return std::string("cannot load ") + path + ": " + (reason ? reason : "unknown error");
+  }
+  Sm90Library loaded;
+  std::string error;
+  resolve(handle, "rt_lynx_sm90_api_version", loaded.api_version, error);
+  resolve(handle, "rt_lynx_sm90_config_count", loaded.config_count, error);
+  resolve(handle, "rt_lynx_sm90_config_info", loaded.config_info, error);
+  resolve(handle, "rt_lynx_sm90_metadata_bytes", loaded.metadata_bytes, error);
+  resolve(handle, "rt_lynx_sm90_workspace_bytes", loaded.workspace_bytes, error);
+  resolve(handle, "rt_lynx_sm90_gemm", loaded.gemm, error);
+  resolve(handle, "rt_lynx_sm90_check_metadata_layout", loaded.check_metadata_layout, error);
+  if (error.empty() && loaded.api_version() != RT_LYNX_SM90_API_VERSION) {
+    error = "sm90 GEMM library API version " + std::to_string(loaded.api_version()) + ", expected " +
+            std::to_string(RT_LYNX_SM90_API_VERSION);
+  }
+  if (!error.empty()) {
+    dlclose(handle);
+    return path + ": " + error;
+  }
+  loaded.handle = handle;
+  loaded.path = path;
+  library = loaded;
+  return "";
+}
+
+const Sm90Library& library(const char* op) {
+  const Sm90Library& loaded = library_slot();
+  require(loaded.handle != nullptr, op, ": the sm90 sparse GEMM library is not loaded");
+  return loaded;
+}
+
+int element_of(at::ScalarType type) {
+  switch (type) {
+    case at::kBFloat16: return RT_LYNX_BF16;
+    case at::kHalf: return RT_LYNX_FP16;
+    case at::kFloat8_e4m3fn: return RT_LYNX_E4M3;
+    default: return -1;
+  }
+}
+
+RtLynxSm90Config config_info(const Sm90Library& lib, int element, int config, const char* op) {
+  RtLynxSm90Config info{};
+  require(lib.config_info(element, config, &info) == 0, op, ": no sm90 GEMM config ", config);
+  return info;
+}
+
+int sm_count(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> counts;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto hit = counts.find(device);
+  if (hit != counts.end()) return hit->second;
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  counts[device] = count;
+  return count;
+}
+
+// The compressed activations for one metadata layout: values (rows padded to 64) then metadata.
+struct Compressed {
+  at::Tensor buffer;  // 16-bit: x's dtype, padded*K*9/16 elements; e4m3: padded*K*5/8 bytes
+  at::Tensor scale;   // per token: s (16-bit, when compensating) or a (e4m3); undefined = 1
+  int64_t padded_rows = 0;
+  int metadata_block = 0;
+
+  const void* values() const { return buffer.data_ptr(); }
+  const void* metadata(bool e4m3, int64_t k) const {
+    const int64_t value_bytes = padded_rows * k / 2 * (e4m3 ? 1 : 2);
+    return static_cast<const uint8_t*>(buffer.data_ptr()) + value_bytes;
+  }
+};
+
+Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadata_block) {
+  Compressed c;
+  c.padded_rows = round_up_rows(x.size(0));
+  c.metadata_block = metadata_block;
+  const int64_t k = x.size(1);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
+  if (e4m3) {
+    c.buffer = at::empty({c.padded_rows * k * 5 / 8}, x.options().dtype(at::kByte));
+    c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
+    launch_sparsify_fp8(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, compensate,
+                        c.buffer.data_ptr(), c.scale.data_ptr<float>(), stream, 0, metadata_block);
+  } else {
+    c.buffer = at::empty({c.padded_rows * k * 9 / 16}, x.options());
+    if (compensate) c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
+    launch_sparsify_compress(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, false,
+                             c.buffer.data_ptr(), compensate ? c.scale.data_ptr<float>() : nullptr,
+                             stream, 0, metadata_block);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return c;
+}
+
+// Runs the GEMM of one config into y (rows x N, out dtype).
+void run_gemm(const Sm90Library& lib, int config, const Compressed& a, bool e4m3, const at::Tensor& weight,
+              const at::Tensor& col_scale, const at::Tensor& bias, const at::Tensor& y, const char* op) {
+  const int in_element = element_of(weight.scalar_type());
+  RtLynxSm90Gemm g{};
+  g.in_element = in_element;
+  g.out_element = element_of(y.scalar_type());
+  g.config = config;
+  g.m = y.size(0);
+  g.n = weight.size(0);
+  g.k = weight.size(1);
+  g.a_values = a.values();
+  g.a_metadata = a.metadata(e4m3, g.k);
+  g.b = weight.data_ptr();
+  g.d = y.data_ptr();
+  g.row_scale = a.scale.defined() ? a.scale.data_ptr<float>() : nullptr;
+  g.col_scale = col_scale.defined() ? col_scale.data_ptr<float>() : nullptr;
+  g.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  g.sm_count = sm_count(y.get_device());
+  g.stream = at::cuda::getCurrentCUDAStream();
+  const size_t workspace_bytes = lib.workspace_bytes(&g);
+  at::Tensor workspace;
+  if (workspace_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, y.options().dtype(at::kByte));
+    g.workspace = workspace.data_ptr();
+  }
+  char error[512] = {0};
+  const int status = lib.gemm(&g, error, sizeof(error));
+  require(status == 0, op, ": sm90 sparse GEMM (config ", config, ", ", g.m, "x", g.k, "x", g.n, ") failed: ",
+          error);
+}
+
+struct PlanKey {
+  int device;
+  int64_t rows, k, n;
+  int in_element, out_element;
+  bool operator==(const PlanKey& o) const {
+    return device == o.device && rows == o.rows && k == o.k && n == o.n && in_element == o.in_element &&
+           out_element == o.out_element;
+  }
+};
+
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& key) const {
+    size_t h = std::hash<int64_t>()(key.rows);
+    h = h * 1000003u ^ std::hash<int64_t>()(key.k);
+    h = h * 1000003u ^ std::hash<int64_t>()(key.n);
+    return h * 1000003u ^ size_t(key.device * 16 + key.in_element * 4 + key.out_element);
+  }
+};
+
+struct Plan {
+  int config = 0;
+  std::vector<float> candidate_us;  // per config; +inf for one that failed or disagreed
+};
+
+std::mutex& plan_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+std::unordered_map<PlanKey, Plan, PlanKeyHash>& plans() {
+  static std::unordered_map<PlanKey, Plan, PlanKeyHash> cache;
+  return cache;
+}
+
+// Before any timing: the largest tile that still gives every SM a tile, else the smallest.
+int heuristic_config(const Sm90Library& lib, int element, int64_t rows, int64_t n, int device) {
+  const int count = lib.config_count(element);
+  int best = 0;
+  int64_t best_area = -1;
+  for (int c = 0; c < count; ++c) {
+    const auto info = config_info(lib, element, c, "rt_lynx");
+    const int64_t tiles = ((rows + info.tile_m - 1) / info.tile_m) * ((n + info.tile_n - 1) / info.tile_n);
+    const int64_t area = int64_t(info.tile_m) * info.tile_n;
+    if (tiles >= sm_count(device) && area > best_area) {
+      best = c;
+      best_area = area;
+    }
+  }
+  if (best_area < 0) {  // small problem: smallest tiles
+    int64_t smallest = std::numeric_limits<int64_t>::max();
+    for (int c = 0; c < count; ++c) {
+      const auto info = config_info(lib, element, c, "rt_lynx");
+      if (int64_t(info.tile_m) * info.tile_n < smallest) {
+        smallest = int64_t(info.tile_m) * info.tile_n;
+        best = c;
+      }
+    }
+  }
+  return best;
+}
+
+float relative_difference(const at::Tensor& a, const at::Tensor& b) {
+  const auto diff = (a.to(at::kFloat) - b.to(at::kFloat)).norm().item<float>();
+  const auto ref = b.to(at::kFloat).norm().item<float>();
+  return ref > 0.f ? diff / ref : diff;
+}
+
+// Times every config on the call's own data. Rounds interleave the configs, so a clock or
+// temperature drift during tuning shifts all of them alike; each config's score is the sum over
+// rounds of its best time in the round.
+Plan tune(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensate, const at::Tensor& weight,
+          const at::Tensor& col_scale, const at::Tensor& bias, at::ScalarType out_dtype, const char* op) {
+  const int element = element_of(weight.scalar_type());
+  const int count = lib.config_count(element);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  std::unordered_map<int, Compressed> by_block;
+  std::vector<bool> usable(count, false);
+  at::Tensor first;
+  auto y = at::empty({x.size(0), weight.size(0)}, x.options().dtype(out_dtype));
+  for (int c = 0; c < count; ++c) {
+    const auto info = config_info(lib, element, c, op);
+    if (by_block.find(info.metadata_block_k) == by_block.end()) {
+      by_block.emplace(info.metadata_block_k, sparsify(x, e4m3, compensate, info.metadata_block_k));
+    }
+    try {
+      run_gemm(lib, c, by_block.at(info.metadata_block_k), e4m3, weight, col_scale, bias, y, op);
+    } catch (const std::exception&) {
+      continue;  // this config cannot take the shape
+    }
+    if (!first.defined()) {
+      first = y.clone();
+    } else if (!(relative_difference(y, first) < 1e-2f)) {
+      continue;  // disagrees with the first config: never chosen
+    }
+    usable[c] = true;
+  }
+  require(first.defined(), op, ": no sm90 GEMM config runs ", x.size(0), "x", x.size(1), "x", weight.size(0));
+  constexpr int kRounds = 3, kRepeats = 2;
+  Plan plan;
+  plan.candidate_us.assign(count, std::numeric_limits<float>::infinity());
+  std::vector<float> score(count, 0.f);
+  cudaEvent_t start, stop;
+  C10_CUDA_CHECK(cudaEventCreate(&start));
+  C10_CUDA_CHECK(cudaEventCreate(&stop));
+  for (int round = 0; round < kRounds; ++round) {
+    for (int c = 0; c < count; ++c) {
+      if (!usable[c]) continue;
+      const auto& a = by_block.at(config_info(lib, element, c, op).metadata_block_k);
+      float best_ms = std::numeric_limits<float>::infinity();
+      for (int r = 0; r < kRepeats; ++r) {
+        C10_CUDA_CHECK(cudaEventRecord(start, stream));
+        run_gemm(lib, c, a, e4m3, weight, col_scale, bias, y, op);
+        C10_CUDA_CHECK(cudaEventRecord(stop, stream));
+        C10_CUDA_CHECK(cudaEventSynchronize(stop));
+        float ms = 0.f;
+        C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+        best_ms = std::min(best_ms, ms);
+      }
+      score[c] += best_ms;
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  plan.config = -1;
+  for (int c = 0; c < count; ++c) {
+    if (!usable[c]) continue;
+    plan.candidate_us[c] = score[c] / kRounds * 1000.f;
+    if (plan.config < 0 || plan.candidate_us[c] < plan.candidate_us[plan.config]) plan.config = c;
+  }
+  return plan;
+}
+
+int config_for(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensate, const at::Tensor& weight,
+               const at::Tensor& col_scale, const at::Tensor& bias, at::ScalarType out_dtype, const char* op) {
+  const PlanKey key{x.get_device(), x.size(0), x.size(1), weight.size(0), element_of(weight.scalar_type()),
+                    element_of(out_dtype)};
+  {
+    std::lock_guard<std::mutex> lock(plan_mutex());
+    auto hit = plans().find(key);
+    if (hit != plans().end()) return hit->second.config;
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    // No timing (it synchronises) inside a CUDA graph capture: a fixed choice, not cached.
+    return heuristic_config(lib, key.in_element, key.rows, key.n, key.device);
+  }
+  Plan plan = tune(lib, x, e4m3, compensate, weight, col_scale, bias, out_dtype, op);
+  std::lock_guard<std::mutex> lock(plan_mutex());
+  return plans().emplace(key, std::move(plan)).first->second.config;
+}
+
+at::Tensor sparse_linear_sm90_op(const at::Tensor& x_in, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias_in, bool compensate) {
+  const char* op = "rt_lynx::sparse_linear_sm90";
+  const auto& lib = library(op);
+  const auto x = checked_activation(x_in, op);
+  check_weight(weight, x, op);
+  require(x.size(1) % 128 == 0, op, ": in_features must be a multiple of 128, got ", x.size(1));
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor bias = checked_bias(bias_in, x, weight.size(0), op);
+  if (bias.defined() && bias.scalar_type() != x.scalar_type()) bias = bias.to(x.scalar_type());
+  const int config = config_for(lib, x, false, compensate, weight, at::Tensor(), bias, x.scalar_type(), op);
+  const auto info = config_info(lib, element_of(weight.scalar_type()), config, op);
+  const Compressed a = sparsify(x, false, compensate, info.metadata_block_k);
+  auto y = at::empty({x.size(0), weight.size(0)}, x.options());
+  run_gemm(lib, config, a, false, weight, at::Tensor(), bias, y, op);
+  return y;
+}
+
+at::Tensor sparse_linear_fp8_sm90_op(const at::Tensor& x_in, const at::Tensor& wq, const at::Tensor& w_scale,
+                                     const c10::optional<at::Tensor>& bias_in, bool compensate) {
+  const char* op = "rt_lynx::sparse_linear_fp8_sm90";
+  const auto& lib = library(op);
+  const auto x = checked_activation(x_in, op);
+  check_fp8_weight(wq, w_scale, x.size(1), x.device(), op);
+  require(x.size(1) % 128 == 0, op, ": in_features must be a multiple of 128, got ", x.size(1));
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor bias = checked_bias(bias_in, x, wq.size(0), op);
+  if (bias.defined() && bias.scalar_type() != x.scalar_type()) bias = bias.to(x.scalar_type());
+  const int config = config_for(lib, x, true, compensate, wq, w_scale, bias, x.scalar_type(), op);
+  const auto info = config_info(lib, RT_LYNX_E4M3, config, op);
+  const Compressed a = sparsify(x, true, compensate, info.metadata_block_k);
+  auto y = at::empty({x.size(0), wq.size(0)}, x.options());
+  run_gemm(lib, config, a, true, wq, w_scale, bias, y, op);
+  return y;
+}
+
+// Pieces for tests and benchmarks: the sparsify pass for one metadata layout, and the GEMM of
+// one config on its output.
+std::tuple<at::Tensor, at::Tensor> sparsify_sm90_op(const at::Tensor& x_in, int64_t metadata_block, bool e4m3,
+                                                    bool compensate) {
+  const char* op = "rt_lynx::sparsify_sm90";
+  const auto x = checked_activation(x_in, op);
+  require(metadata_block == 64 || metadata_block == 128, op, ": metadata_block must be 64 or 128");
+  require(!e4m3 || metadata_block == 128, op, ": e4m3 uses metadata_block 128");
+  require(x.size(1) % 128 == 0, op, ": in_features must be a multiple of 128");
+  const c10::cuda::CUDAGuard guard(x.device());
+  Compressed c = sparsify(x, e4m3, compensate, static_cast<int>(metadata_block));
+  at::Tensor scale = c.scale.defined() ? c.scale : at::ones({c.padded_rows}, x.options().dtype(at::kFloat));
+  return {c.buffer, scale};
+}
+
+at::Tensor sparse_mm_sm90_op(const at::Tensor& compressed, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& row_scale, const c10::optional<at::Tensor>& col_scale,
+                             const c10::optional<at::Tensor>& bias_in, int64_t rows, int64_t config,
+                             at::ScalarType out_dtype) {
+  const char* op = "rt_lynx::sparse_mm_sm90";
+  const auto& lib = library(op);
+  const bool e4m3 = weight.scalar_type() == at::kFloat8_e4m3fn;
+  const int element = element_of(weight.scalar_type());
+  require(element >= 0 && weight.is_cuda() && weight.dim() == 2 && weight.is_contiguous(), op,
+          ": weight must be a contiguous 2-D bf16/fp16/e4m3 CUDA tensor");
+  require(config >= 0 && config < lib.config_count(element), op, ": config out of range");
+  const int64_t k = weight.size(1), n = weight.size(0);
+  const int64_t padded = round_up_rows(rows);
+  const int64_t expected = e4m3 ? padded * k * 5 / 8 : padded * k * 9 / 16;
+  require(rows >= 1 && compressed.is_cuda() && compressed.dim() == 1 && compressed.numel() == expected &&
+              compressed.device() == weight.device(),
+          op, ": compressed must be sparsify_sm90's buffer for ", rows, " rows (", expected, " elements)");
+  require(e4m3 || compressed.scalar_type() == weight.scalar_type(), op, ": compressed dtype differs from weight");
+  require(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, op, ": out_dtype must be bf16 or fp16");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  Compressed a;
+  a.buffer = compressed;
+  a.padded_rows = padded;
+  a.metadata_block = config_info(lib, element, static_cast<int>(config), op).metadata_block_k;
+  if (row_scale.has_value() && row_scale->defined()) a.scale = row_scale->to(at::kFloat).contiguous();
+  at::Tensor cs = col_scale.has_value() && col_scale->defined() ? col_scale->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->to(out_dtype).contiguous() : at::Tensor();
+  auto y = at::empty({rows, n}, weight.options().dtype(out_dtype));
+  run_gemm(lib, static_cast<int>(config), a, e4m3, weight, cs, bias, y, op);
+  return y;
+}
+
+std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, std::string>> sm90_config_info(int64_t element) {
+  const auto& lib = library("rt_lynx.sm90_config_info");
+  std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, std::string>> rows;
+  for (int c = 0; c < lib.config_count(static_cast<int>(element)); ++c) {
+    const auto info = config_info(lib, static_cast<int>(element), c, "rt_lynx.sm90_config_info");
+    const std::string name = std::to_string(info.tile_m) + "x" + std::to_string(info.tile_n) + "x" +
+                             std::to_string(info.tile_k) + " cluster " + std::to_string(info.cluster_m) + "x" +
+                             std::to_string(info.cluster_n) + (info.pingpong ? " ping-pong" : " cooperative");
+    rows.emplace_back(info.tile_m, info.tile_n, info.tile_k, info.metadata_block_k, c, name);
+  }
+  return rows;
+}
+
+std::string sm90_check_metadata_layout(int64_t element, int64_t config, int64_t m, int64_t k) {
+  const auto& lib = library("rt_lynx.sm90_check_metadata_layout");
+  char error[512] = {0};
+  if (lib.check_metadata_layout(static_cast<int>(element), static_cast<int>(config), m, k, error, sizeof(error))) {
+    return error[0] ? error : "metadata layout check failed";
+  }
+  return "";
+}
+
+std::vector<std::tuple<int64_t, int64_t, int64_t, std::string, int64_t, std::vector<float>>> sm90_plan_info() {
+  std::lock_guard<std::mutex> lock(plan_mutex());
+  std::vector<std::tuple<int64_t, int64_t, int64_t, std::string, int64_t, std::vector<float>>> rows;
+  static const char* names[] = {"bf16", "fp16", "e4m3"};
+  for (const auto& entry : plans()) {
+    rows.emplace_back(entry.first.rows, entry.first.k, entry.first.n, names[entry.first.in_element],
+                      entry.second.config, entry.second.candidate_us);
+  }
+  return rows;
+}
+
+void sm90_clear_plans() {
+  std::lock_guard<std::mutex> lock(plan_mutex());
+  plans().clear();
+}
+
+}  // namespace
+}  // namespace rt_lynx
+
+TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) {
+  m.impl("sparse_linear_sm90", &rt_lynx::sparse_linear_sm90_op);
+  m.impl("sparse_linear_fp8_sm90", &rt_lynx::sparse_linear_fp8_sm90_op);
+  m.impl("sparsify_sm90", &rt_lynx::sparsify_sm90_op);
+  m.impl("sparse_mm_sm90", &rt_lynx::sparse_mm_sm90_op);
+}
+
+// Python-side helpers of this file, added to the extension module by cusparselt_ext.cpp.
+void register_sm90_functions(pybind11::module& m) {
+  m.def("load_sm90_library", &rt_lynx::load_sm90_library,
+        "dlopen the sm90 sparse GEMM library; '' on success, else the reason");
+  m.def("sm90_config_info", &rt_lynx::sm90_config_info,
+        "configs of an input element: (tile_m, tile_n, tile_k, metadata_block, index, name)");
+  m.def("sm90_check_metadata_layout", &rt_lynx::sm90_check_metadata_layout,
+        "'' if the sparsify kernels' metadata layout equals CUTLASS's for (element, config, m, k)");
+  m.def("sm90_plan_info", &rt_lynx::sm90_plan_info,
+        "chosen configs: (M, K, N, element, config, time per candidate in us)");
+  m.def("sm90_clear_plans", &rt_lynx::sm90_clear_plans, "forget the chosen configs");
+}

@@ -1,0 +1,66 @@
+// RT-Lynx sm90a sparse GEMM library: a C interface with no torch in it, so that the CUTLASS
+// kernels (slow to compile) build once per CUDA toolkit and survive torch upgrades. The torch
+// extension loads it with dlopen (kernels/build.py builds both).
+//
+//   D[m, n] = out( row_scale[m] * col_scale[n] * sum_k A[m, k] B[n, k] + bias[n] )
+//
+// A is the 2:4-sparse activation matrix (M x K logical) in CUTLASS's sm90 compressed form:
+// values M x K/2 row-major (the two kept entries of each group of 4, in column order) and
+// metadata in the layout of sm90_metadata_layout.h. B is the weight, N x K row-major (what
+// nn.Linear stores). The scales and the bias are applied in the GEMM's epilogue: the output is
+// written once. row_scale == nullptr means 1; col_scale is for e4m3 inputs only (per output
+// channel weight scale), nullptr means 1; bias == nullptr means 0.
+#pragma once
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define RT_LYNX_SM90_API_VERSION 1
+
+enum RtLynxElement { RT_LYNX_BF16 = 0, RT_LYNX_FP16 = 1, RT_LYNX_E4M3 = 2 };
+
+typedef struct {
+  int tile_m, tile_n, tile_k;   // tile_k in logical (uncompressed) columns
+  int cluster_m, cluster_n;
+  int pingpong;                 // 1: ping-pong schedule, 0: cooperative
+  int metadata_block_k;         // K extent of one metadata atom (the writer needs it)
+} RtLynxSm90Config;
+
+typedef struct {
+  int in_element;               // RtLynxElement of A and B
+  int out_element;              // RT_LYNX_BF16 or RT_LYNX_FP16; the bias has this type too
+  int config;                   // index < rt_lynx_sm90_config_count(in_element)
+  int64_t m, n, k;              // k logical; m any >= 1; n % 16 == 0; k % 128 == 0
+  const void* a_values;         // m x k/2
+  const void* a_metadata;       // rt_lynx_sm90_metadata_bytes(m, k) bytes
+  const void* b;                // n x k row-major
+  void* d;                      // m x n row-major, out_element
+  const float* row_scale;       // m floats or nullptr
+  const float* col_scale;       // n floats or nullptr (e4m3 only)
+  const void* bias;             // n values of out_element or nullptr
+  void* workspace;              // rt_lynx_sm90_workspace_bytes(...) bytes
+  int sm_count;                 // multiprocessors of the device (0: queried)
+  cudaStream_t stream;
+} RtLynxSm90Gemm;
+
+int rt_lynx_sm90_api_version(void);
+int rt_lynx_sm90_config_count(int in_element);
+// 0 on success; fills *config.
+int rt_lynx_sm90_config_info(int in_element, int config, RtLynxSm90Config* info);
+// Bytes of the compressed metadata for m x k (rows padded to 64).
+int64_t rt_lynx_sm90_metadata_bytes(int64_t m, int64_t k);
+size_t rt_lynx_sm90_workspace_bytes(const RtLynxSm90Gemm* gemm);
+// 0 on success, else nonzero with a one-line reason in error (may be nullptr).
+int rt_lynx_sm90_gemm(const RtLynxSm90Gemm* gemm, char* error, size_t error_size);
+// Compares the metadata byte formula of sm90_metadata_layout.h with the layout CUTLASS's sparse
+// config builds for this config (host only, every coordinate of an m x k matrix). 0 if equal.
+int rt_lynx_sm90_check_metadata_layout(int in_element, int config, int64_t m, int64_t k,
+                                       char* error, size_t error_size);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,83 @@
+// The C interface of sm90_sparse_gemm.h over the per-element instances.
+#include "sm90_sparse_gemm_impl.cuh"
+
+namespace rt_lynx::sm90 {
+namespace {
+
+const ElementEntry* entry_for(int in_element, int out_element) {
+  static const ElementEntry bf16 = entry_bf16_bf16(), fp16 = entry_fp16_fp16();
+  static const ElementEntry e4m3_bf16 = entry_e4m3_bf16(), e4m3_fp16 = entry_e4m3_fp16();
+  if (in_element == RT_LYNX_BF16 && out_element == RT_LYNX_BF16) return &bf16;
+  if (in_element == RT_LYNX_FP16 && out_element == RT_LYNX_FP16) return &fp16;
+  if (in_element == RT_LYNX_E4M3 && out_element == RT_LYNX_BF16) return &e4m3_bf16;
+  if (in_element == RT_LYNX_E4M3 && out_element == RT_LYNX_FP16) return &e4m3_fp16;
+  return nullptr;
+}
+
+// The output element a layout check uses (every output shares its input's layout).
+int default_out(int in_element) { return in_element == RT_LYNX_FP16 ? RT_LYNX_FP16 : RT_LYNX_BF16; }
+
+// The shapes every config takes: TMA needs 16-byte rows, the metadata atom 128 columns.
+const char* shape_problem(const RtLynxSm90Gemm& g) {
+  if (g.m < 1 || g.n < 1 || g.k < 1) return "empty sparse GEMM";
+  if (g.k % 128) return "K must be a multiple of 128";
+  if (g.n % 16) return "N must be a multiple of 16";
+  if (g.m > 0x7fffffff || g.n > 0x7fffffff || g.k > 0x7fffffff) return "sparse GEMM extent over 2^31";
+  if (g.in_element != RT_LYNX_E4M3 && g.col_scale != nullptr) return "col_scale is for e4m3 inputs only";
+  return nullptr;
+}
+
+}  // namespace
+}  // namespace rt_lynx::sm90
+
+using namespace rt_lynx::sm90;
+
+extern "C" {
+
+int rt_lynx_sm90_api_version(void) { return RT_LYNX_SM90_API_VERSION; }
+
+int rt_lynx_sm90_config_count(int in_element) {
+  if (entry_for(in_element, default_out(in_element)) == nullptr) return 0;
+  return in_element == RT_LYNX_E4M3 ? kConfigCount8 : kConfigCount16;
+}
+
+int rt_lynx_sm90_config_info(int in_element, int config, RtLynxSm90Config* info) {
+  if (info == nullptr || config < 0 || config >= rt_lynx_sm90_config_count(in_element)) return 1;
+  const ConfigSpec& spec = in_element == RT_LYNX_E4M3 ? kConfigs8[config] : kConfigs16[config];
+  *info = {spec.tile_m, spec.tile_n, spec.tile_k, spec.cluster_m, spec.cluster_n, spec.pingpong,
+           metadata_block_k(spec)};
+  return 0;
+}
+
+int64_t rt_lynx_sm90_metadata_bytes(int64_t m, int64_t k) { return (m + 63) / 64 * 64 * ((k + 127) / 128 * 128) / 8; }
+
+size_t rt_lynx_sm90_workspace_bytes(const RtLynxSm90Gemm* gemm) {
+  const ElementEntry* entry = gemm == nullptr ? nullptr : entry_for(gemm->in_element, gemm->out_element);
+  if (entry == nullptr || shape_problem(*gemm) != nullptr) return 0;
+  return entry->workspace_bytes(*gemm);
+}
+
+int rt_lynx_sm90_gemm(const RtLynxSm90Gemm* gemm, char* error, size_t error_size) {
+  const ElementEntry* entry = gemm == nullptr ? nullptr : entry_for(gemm->in_element, gemm->out_element);
+  if (entry == nullptr) {
+    write_error(error, error_size, "unsupported pair of input and output elements");
+    return 5;
+  }
+  if (const char* problem = shape_problem(*gemm)) {
+    write_error(error, error_size, problem);
+    return 6;
+  }
+  return entry->run(*gemm, error, error_size);
+}
+
+int rt_lynx_sm90_check_metadata_layout(int in_element, int config, int64_t m, int64_t k, char* error,
+                                       size_t error_size) {
+  const ElementEntry* entry = entry_for(in_element, default_out(in_element));
+  if (entry == nullptr) {
+    write_error(error, error_size, "unsupported input element");
+    return 5;
+  }
+  return entry->check_metadata_layout(config, m, k, error, error_size);
+}
+
+}  // extern "C"

@@ -1,0 +1,6 @@
+// e4m3 x e4m3 -> fp16 instances of the sm90 sparse GEMM (see sm90_sparse_gemm_impl.cuh).
+#include "sm90_sparse_gemm_impl.cuh"
+
+namespace rt_lynx::sm90 {
+ElementEntry entry_e4m3_fp16() { return make_entry<cutlass::float_e4m3_t, cutlass::half_t>(); }
+}  // namespace rt_lynx::sm90

@@ -1,0 +1,190 @@
+"""Hopper fast path, stage 2: own CUTLASS sm90a sparse GEMM with the scales and bias in its epilogue.
+
+Computes `reference.sparse_linear_reference` (bf16/fp16) and `reference.sparse_linear_fp8_reference`
+(e4m3) as custom ops in the `rt_lynx` namespace:
+
+  torch.ops.rt_lynx.sparse_linear_sm90(x, weight, bias, compensate) -> y               (M x N)
+  torch.ops.rt_lynx.sparse_linear_fp8_sm90(x, wq, w_scale, bias, compensate) -> y      (M x N)
+  torch.ops.rt_lynx.sparsify_sm90(x, metadata_block, e4m3, compensate) -> (compressed, scale)
+  torch.ops.rt_lynx.sparse_mm_sm90(compressed, weight, row_scale, col_scale, bias, rows, config,
+                                   out_dtype) -> y                                  (one config)
+
+A call is two kernels: the sparsify pass reads x once and writes the kept values, CUTLASS's
+metadata and the per-token scale (s for 16-bit; a = s * max|x_kept| / 448 for e4m3, whose values
+it quantises); the GEMM (wgmma.sp, TMA, warp-specialised) applies s (or a * w_scale) and the bias
+to its fp32 accumulators and writes y once. Rows are not padded for the GEMM (TMA fills the tile
+edges); the metadata is, to 64 rows, as CUTLASS's layout wants.
+
+`availability_sm90` says yes only after the start-up self-test: the metadata writer's byte formula
+against CuTe's layout for every config, then every config's product against the reference.
+"""
+import threading
+
+import torch
+
+from . import build as _build
+from . import cusparselt as _cusparselt
+from .reference import sparse_linear_fp8_reference, sparse_linear_reference, quantize_weight_fp8
+
+K_MULTIPLE = 128      # the metadata atom spans 128 columns (64 for some configs)
+N_MULTIPLE = 16       # 16-byte rows of y for TMA (e4m3 weights: 32, as the fp8 ops check)
+SUPPORTED_DTYPES = _cusparselt.SUPPORTED_DTYPES
+ELEMENTS = {torch.bfloat16: 0, torch.float16: 1, torch.float8_e4m3fn: 2}   # RtLynxElement
+SELF_TEST_TOLERANCE = 1e-2
+
+
+def compressed_numel(rows: int, k: int, e4m3: bool) -> int:
+    """Elements of sparsify_sm90's buffer: rows padded to 64; 16-bit: K/2 values + K/8 metadata
+    bytes per row in x's dtype (9/16 K elements); e4m3: bytes (5/8 K)."""
+    padded = _cusparselt.padded_rows(rows)
+    return padded * k * 5 // 8 if e4m3 else padded * k * 9 // 16
+
+
+def _define_ops():
+    try:
+        torch.ops.rt_lynx.sparse_linear_sm90.default
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("rt_lynx", "FRAGMENT")
+    lib.define("sparse_linear_sm90(Tensor x, Tensor weight, Tensor? bias, bool compensate) -> Tensor")
+    lib.define("sparse_linear_fp8_sm90(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, bool compensate) "
+               "-> Tensor")
+    lib.define("sparsify_sm90(Tensor x, int metadata_block, bool e4m3, bool compensate) -> (Tensor, Tensor)")
+    lib.define("sparse_mm_sm90(Tensor compressed, Tensor weight, Tensor? row_scale, Tensor? col_scale, "
+               "Tensor? bias, int rows, int config, ScalarType out_dtype) -> Tensor")
+
+    @torch.library.register_fake("rt_lynx::sparse_linear_sm90", lib=lib)
+    def _(x, weight, bias, compensate):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("rt_lynx::sparse_linear_fp8_sm90", lib=lib)
+    def _(x, wq, w_scale, bias, compensate):
+        return x.new_empty((x.shape[0], wq.shape[0]))
+
+    @torch.library.register_fake("rt_lynx::sparsify_sm90", lib=lib)
+    def _(x, metadata_block, e4m3, compensate):
+        numel = compressed_numel(x.shape[0], x.shape[1], e4m3)
+        return (x.new_empty((numel,), dtype=torch.uint8 if e4m3 else x.dtype),
+                x.new_empty((_cusparselt.padded_rows(x.shape[0]),), dtype=torch.float32))
+
+    @torch.library.register_fake("rt_lynx::sparse_mm_sm90", lib=lib)
+    def _(compressed, weight, row_scale, col_scale, bias, rows, config, out_dtype):
+        return weight.new_empty((rows, weight.shape[0]), dtype=out_dtype)
+
+    _define_ops.library = lib
+
+
+_define_ops()
+
+_availability: dict[int, tuple[bool, str]] = {}
+_availability_by_device: dict[torch.device, tuple[bool, str]] = {}
+_lock = threading.Lock()
+
+
+def availability_sm90(device: torch.device) -> tuple[bool, str]:
+    """(True, info) when the sm90 GEMM path works on `device` for bf16, fp16 and e4m3, else
+    (False, reason). Needs the extension (cusparselt.availability: Hopper, built) and the sm90
+    library loaded into it. Cached; never raises."""
+    hit = _availability_by_device.get(device)
+    if hit is not None:
+        return hit
+    available, reason = _cusparselt.availability(device)
+    if not available:
+        return False, reason
+    try:
+        device = torch.device(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    except Exception as exc:
+        return False, f"cannot inspect device {device!r}: {exc}"
+    with _lock:
+        if index not in _availability:
+            _availability[index] = _check_device(index)
+        if device.index is not None:
+            _availability_by_device[device] = _availability[index]
+        return _availability[index]
+
+
+def _check_device(index: int) -> tuple[bool, str]:
+    status = _build.sm90_status()
+    if status:
+        return False, f"sm90 sparse GEMM library unavailable: {status}"
+    try:
+        with torch.cuda.device(index):
+            problem = self_test_sm90(torch.device("cuda", index))
+    except Exception as exc:
+        problem = _cusparselt.self_test_error(exc)
+    if problem:
+        return False, problem
+    names = ", ".join(sorted({name.split(" cluster")[0] for *_, name in config_info(torch.bfloat16)}))
+    return True, f"CUTLASS sm90a sparse GEMM, fused scale+bias epilogue, tiles {names}, self-test passed"
+
+
+def config_info(dtype: torch.dtype) -> list[tuple]:
+    """(tile_m, tile_n, tile_k, metadata_block, index, name) of each GEMM config for an input dtype."""
+    return list(_cusparselt.extension().sm90_config_info(ELEMENTS[dtype]))
+
+
+def self_test_sm90(device: torch.device) -> str:
+    """'' when the metadata layout of every config equals CuTe's and every config's product
+    (bf16, fp16: s and bias; e4m3: a, w_scale and bias) matches the reference; else the first
+    problem, one line."""
+    module = _cusparselt.extension()
+    generator = torch.Generator(device=device).manual_seed(2468)
+    for dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
+        for *_, index, name in config_info(dtype):
+            problem = module.sm90_check_metadata_layout(ELEMENTS[dtype], index, 130, 256)
+            if problem:
+                return f"sm90 config {name} ({dtype}): {problem}"
+    rows, k, n = 100, 256, 64   # rows not a multiple of 64 or of any tile
+    for dtype in SUPPORTED_DTYPES:
+        x = torch.randn(rows, k, generator=generator, device=device).to(dtype)
+        weight = (torch.randn(n, k, generator=generator, device=device) / k ** 0.5).to(dtype)
+        bias = torch.randn(n, generator=generator, device=device).to(dtype)
+        want = sparse_linear_reference(x.float(), weight.float(), bias.float(), True)
+        for _, _, _, block, index, name in config_info(dtype):
+            compressed, scale = torch.ops.rt_lynx.sparsify_sm90(x, block, False, True)
+            got = torch.ops.rt_lynx.sparse_mm_sm90(compressed, weight, scale, None, bias, rows, index, dtype)
+            error = ((got.float() - want).norm() / want.norm()).item()
+            if not error < SELF_TEST_TOLERANCE:
+                return f"sm90 GEMM check failed ({dtype}, config {name}): relative error {error:.2e}"
+        wq, w_scale = quantize_weight_fp8(weight.float())
+        want8 = sparse_linear_fp8_reference(x.float(), wq, w_scale, bias.float(), True)
+        for _, _, _, block, index, name in config_info(torch.float8_e4m3fn):
+            compressed, a = torch.ops.rt_lynx.sparsify_sm90(x, block, True, True)
+            got = torch.ops.rt_lynx.sparse_mm_sm90(compressed, wq, a, w_scale, bias, rows, index, dtype)
+            error = ((got.float() - want8).norm() / want8.norm()).item()
+            if not error < SELF_TEST_TOLERANCE:
+                return f"sm90 e4m3 GEMM check failed (out {dtype}, config {name}): relative error {error:.2e}"
+    torch.cuda.synchronize(device)
+    return ""
+
+
+def supports_sm90(x2d: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
+    """Whether (x2d, weight) fit the sm90 path (weight: x's dtype, or e4m3 from quantize_weight_fp8).
+    Never raises."""
+    e4m3 = weight.dtype == torch.float8_e4m3fn
+    supported, why_not = _cusparselt.check_operands(
+        x2d, weight, torch.float8_e4m3fn if e4m3 else x2d.dtype,
+        " (use quantize_weight_fp8)" if e4m3 else " (the x dtype)", 2 * N_MULTIPLE if e4m3 else N_MULTIPLE)
+    if supported and x2d.shape[1] % K_MULTIPLE:
+        return False, f"in_features {x2d.shape[1]} is not a multiple of {K_MULTIPLE}"
+    return supported, why_not
+
+
+def sparse_linear_sm90(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       compensate: bool) -> torch.Tensor:
+    """s * (sparse(x2d) @ weight^T) + bias, M x N in x's dtype, bias in the GEMM epilogue."""
+    return torch.ops.rt_lynx.sparse_linear_sm90(x2d, weight, bias, bool(compensate))
+
+
+def sparse_linear_fp8_sm90(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                           bias: torch.Tensor | None, compensate: bool) -> torch.Tensor:
+    """a[m] * w_scale[n] * (e4m3 2:4 x) @ wq^T + bias, M x N in x's dtype, scales and bias in the
+    GEMM epilogue."""
+    return torch.ops.rt_lynx.sparse_linear_fp8_sm90(x2d, wq, w_scale, bias, bool(compensate))
+
+
+def plan_info() -> list[tuple]:
+    """Chosen configs: (M, K, N, element, config, time per candidate config in us)."""
+    return list(_cusparselt.extension().sm90_plan_info())
