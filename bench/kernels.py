@@ -34,6 +34,7 @@ Usage: python bench/kernels.py [--quick] [--fp8] [--out DIR] [--suffix -v2] [--p
 """
 import argparse
 import datetime
+import functools
 import json
 import logging
 import pathlib
@@ -282,9 +283,7 @@ def markdown_fp8(rows, meta):
     lines.append("")
     for model in sorted({r["model"] for r in rows}):
         sub = [r for r in rows if r["model"] == model]
-
-        def mean(key_a, key_b):
-            return statistics.mean(r[key_a] / r[key_b] for r in sub)
+        mean = functools.partial(mean_ratio, sub)
         lines.append(
             f"- {model}: lynx8 vs bf16 F.linear: eager mean x{mean('dense_eager_us', 'lynx8_eager_us'):.2f}, "
             f"kernel mean x{mean('dense_kernel_us', 'lynx8_kernel_us'):.2f}; vs fp8 dense GEMM alone: kernel mean "
@@ -296,6 +295,11 @@ def markdown_fp8(rows, meta):
     lines.append(f"- max rel err vs the fp8 reference: {max(r['err_vs_fp8_ref'] for r in rows):.1e}; "
                  f"vs fp32 math on the unquantised sparsified input: {max(r['err_vs_fp32'] for r in rows):.1e}")
     return "\n".join(lines) + "\n"
+
+
+def mean_ratio(rows, numerator, denominator):
+    """Mean over rows of row[numerator] / row[denominator] (a speed-up when both are times)."""
+    return statistics.mean(r[numerator] / r[denominator] for r in rows)
 
 
 def geometric_mean(values):
@@ -348,9 +352,7 @@ def markdown(rows, meta, previous):
     lines.append("")
     for model in sorted({r["model"] for r in rows}):
         sub = [r for r in rows if r["model"] == model]
-
-        def mean(a, b):
-            return statistics.mean(r[a] / r[b] for r in sub)
+        mean = functools.partial(mean_ratio, sub)
         lines.append(
             f"- {model}: sm90 Lynx linear vs F.linear: eager mean x{mean('dense_eager_us', 'sm90_eager_us'):.2f}"
             f" (geomean x{geometric_mean(r['dense_eager_us'] / r['sm90_eager_us'] for r in sub):.2f}),"

@@ -87,9 +87,40 @@ def _define_ops():
 
 _define_ops()
 
-_availability: dict[int, tuple[bool, str]] = {}
-_availability_by_device: dict[torch.device, tuple[bool, str]] = {}
-_availability_lock = threading.Lock()
+class PerDeviceCheck:
+    """(ok, reason) of `check(index)` for a CUDA device, computed once per device index (the
+    start-up self-tests), after `prerequisite(device)` holds. Never raises. The per-call path is
+    one dict lookup, no lock."""
+
+    def __init__(self, check, prerequisite=None):
+        self._check, self._prerequisite = check, prerequisite
+        self._by_index: dict[int, tuple[bool, str]] = {}
+        self._by_device: dict[torch.device, tuple[bool, str]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, device: torch.device) -> tuple[bool, str]:
+        hit = self._by_device.get(device)
+        if hit is not None:
+            return hit
+        if self._prerequisite is not None:
+            available, reason = self._prerequisite(device)
+            if not available:
+                return False, reason
+        try:
+            device = torch.device(device)
+            if device.type != "cuda":
+                return False, f"device {device} is not CUDA"
+            if not torch.cuda.is_available():
+                return False, "CUDA is not available to torch"
+            index = device.index if device.index is not None else torch.cuda.current_device()
+        except Exception as exc:
+            return False, f"cannot inspect device {device!r}: {exc}"
+        with self._lock:
+            if index not in self._by_index:
+                self._by_index[index] = self._check(index)
+            if device.index is not None:  # "cuda" alone follows the current device: not cached by name
+                self._by_device[device] = self._by_index[index]
+            return self._by_index[index]
 
 
 def extension():
@@ -102,24 +133,7 @@ def availability(device: torch.device) -> tuple[bool, str]:
 
     Cached per device; builds the extension on first call. Never raises.
     """
-    hit = _availability_by_device.get(device)  # the per-call path: one dict lookup, no lock
-    if hit is not None:
-        return hit
-    try:
-        device = torch.device(device)
-        if device.type != "cuda":
-            return False, f"device {device} is not CUDA"
-        if not torch.cuda.is_available():
-            return False, "CUDA is not available to torch"
-        index = device.index if device.index is not None else torch.cuda.current_device()
-    except Exception as exc:
-        return False, f"cannot inspect device {device!r}: {exc}"
-    with _availability_lock:
-        if index not in _availability:
-            _availability[index] = _check_device(index)
-        if device.index is not None:  # "cuda" alone follows the current device: not cached by name
-            _availability_by_device[device] = _availability[index]
-        return _availability[index]
+    return _availability(device)
 
 
 def _check_device(index: int) -> tuple[bool, str]:
@@ -168,6 +182,9 @@ def _check_device(index: int) -> tuple[bool, str]:
                       "self-test passed")
     except Exception as exc:  # availability never raises
         return False, self_test_error(exc)
+
+
+_availability = PerDeviceCheck(_check_device)
 
 
 def self_test_error(exc: Exception) -> str:

@@ -14,7 +14,6 @@ layout and a = s * max|x_kept| / 448 per token; cuSPARSELt multiplies q by wq (e
 pass applies a[m] * w_scale[n] and the bias. cuSPARSELt cannot take the scales itself: a vector
 alpha is refused for fp8 on the H100, and its bias is per token.
 """
-import threading
 
 import torch
 
@@ -70,25 +69,10 @@ def _define_ops():
 
 _define_ops()
 
-_availability: dict[int, tuple[bool, str]] = {}
-_lock = threading.Lock()
-
-
 def availability_fp8(device: torch.device) -> tuple[bool, str]:
     """(True, info) when the fp8 path works on `device` (16-bit fast path available, e4m3 layout
     byte-exact against cuSPARSELt, product matches the reference). Cached; never raises."""
-    available, reason = _cusparselt.availability(device)
-    if not available:
-        return False, reason
-    try:
-        device = torch.device(device)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-    except Exception as exc:
-        return False, f"cannot inspect device {device!r}: {exc}"
-    with _lock:
-        if index not in _availability:
-            _availability[index] = _check_device(index)
-        return _availability[index]
+    return _availability(device)
 
 
 def _check_device(index: int) -> tuple[bool, str]:
@@ -111,6 +95,9 @@ def _check_device(index: int) -> tuple[bool, str]:
             problems.append(problem)
     module.set_fp8_sparse_b(False)
     return False, "fp8 path unavailable: " + "; ".join(problems)
+
+
+_availability = _cusparselt.PerDeviceCheck(_check_device, _cusparselt.availability)
 
 
 def _first_difference(ours: torch.Tensor, want: torch.Tensor, values_bytes: int) -> str:

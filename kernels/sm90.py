@@ -18,7 +18,6 @@ edges); the metadata is, to 64 rows, as CUTLASS's layout wants.
 `availability_sm90` says yes only after the start-up self-test: the metadata writer's byte formula
 against CuTe's layout for every config, then every config's product against the reference.
 """
-import threading
 
 import torch
 
@@ -77,32 +76,11 @@ def _define_ops():
 
 _define_ops()
 
-_availability: dict[int, tuple[bool, str]] = {}
-_availability_by_device: dict[torch.device, tuple[bool, str]] = {}
-_lock = threading.Lock()
-
-
 def availability_sm90(device: torch.device) -> tuple[bool, str]:
     """(True, info) when the sm90 GEMM path works on `device` for bf16, fp16 and e4m3, else
     (False, reason). Needs the extension (cusparselt.availability: Hopper, built) and the sm90
     library loaded into it. Cached; never raises."""
-    hit = _availability_by_device.get(device)
-    if hit is not None:
-        return hit
-    available, reason = _cusparselt.availability(device)
-    if not available:
-        return False, reason
-    try:
-        device = torch.device(device)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-    except Exception as exc:
-        return False, f"cannot inspect device {device!r}: {exc}"
-    with _lock:
-        if index not in _availability:
-            _availability[index] = _check_device(index)
-        if device.index is not None:
-            _availability_by_device[device] = _availability[index]
-        return _availability[index]
+    return _availability(device)
 
 
 def _check_device(index: int) -> tuple[bool, str]:
@@ -118,6 +96,9 @@ def _check_device(index: int) -> tuple[bool, str]:
         return False, problem
     names = ", ".join(sorted({name.split(" cluster")[0] for *_, name in config_info(torch.bfloat16)}))
     return True, f"CUTLASS sm90a sparse GEMM, fused scale+bias epilogue, tiles {names}, self-test passed"
+
+
+_availability = _cusparselt.PerDeviceCheck(_check_device, _cusparselt.availability)
 
 
 def config_info(dtype: torch.dtype) -> list[tuple]:

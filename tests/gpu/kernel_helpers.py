@@ -107,3 +107,33 @@ def poison_allocator(numel_bytes: int, device="cuda"):
 def padded(rows: int) -> int:
     """Rows padded to the compressed layout's 64-row tiles."""
     return (rows + 63) // 64 * 64
+
+
+LINEAR_TOLERANCE = 1e-2  # relative error of a Lynx linear vs fp32 math on the same sparsified input
+
+
+def check_lynx_linear(linear, x, weight, bias, compensate):
+    """y = linear(x, weight, bias, compensate) into poisoned memory: shaped and strided like
+    F.linear's output, every element written, within LINEAR_TOLERANCE of fp32 math and of the
+    reference. Returns y."""
+    from rt_lynx_pack.kernels.reference import sparse_linear_reference
+    rows, n = x.shape[0], weight.shape[0]
+    poison_allocator((padded(rows) * x.shape[1] * 9 // 8 + 2 * padded(rows) * n) * 2)
+    y = linear(x, weight, bias, compensate)
+    assert y.shape == (rows, n) and y.dtype == x.dtype and y.is_contiguous()
+    assert y.stride() == (n, 1), "y must look like F.linear's output"
+    assert not y.isnan().any(), "output not fully written (poisoned NaN left)"
+    error_fp32 = relative_error(y, fp32_lynx(x, weight, bias, compensate))
+    assert error_fp32 < LINEAR_TOLERANCE, f"relative error vs fp32 math {error_fp32:.2e}"
+    error_reference = relative_error(y, sparse_linear_reference(x, weight, bias, compensate))
+    assert error_reference < LINEAR_TOLERANCE, f"relative error vs reference {error_reference:.2e}"
+    return y
+
+
+def check_zero_tokens_give_the_bias(y, x, bias):
+    """A token of zeros has nothing to keep: its output is exactly the bias (or zero)."""
+    zero_rows = (x == 0).all(dim=1)
+    if zero_rows.any():
+        n = y.shape[1]
+        want = bias.to(y.dtype) if bias is not None else torch.zeros(n, dtype=y.dtype, device=y.device)
+        assert torch.equal(y[zero_rows], want.expand(int(zero_rows.sum()), n))

@@ -5,13 +5,11 @@ Skipped without CUDA or on a non-Hopper GPU; on Hopper the fast path must be ava
 import pytest
 import torch
 
-from rt_lynx_pack.kernels.reference import (keep_mask_nm, norm_compensation_scale,
-                                            sparse_linear_reference, sparsify_nm)
+from rt_lynx_pack.kernels.reference import keep_mask_nm, norm_compensation_scale, sparsify_nm
 
-from kernel_helpers import padded
-from kernel_helpers import (DTYPES, FLUX_SHAPES, INPUT_KINDS, QWEN_SHAPES, decode_compressed,
-                             fp32_lynx, make_input, poison_allocator, relative_error,
-                             require_fast_path)
+from kernel_helpers import (DTYPES, FLUX_SHAPES, INPUT_KINDS, QWEN_SHAPES, check_lynx_linear,
+                            check_zero_tokens_give_the_bias, decode_compressed, make_input, padded,
+                            poison_allocator, relative_error, require_fast_path)
 
 TOLERANCE = 1e-2
 ODD_ROWS = [1, 7, 63, 65, 4097]
@@ -143,27 +141,13 @@ def test_kept_mask_values_and_scale_match_reference(fast, generator, dtype, kind
     assert torch.all(scale[:rows][zero_rows] == 1.0)
 
 
-def _check_linear(fast, x, weight, bias, compensate):
-    rows, n = x.shape[0], weight.shape[0]
-    poison_allocator((padded(rows) * x.shape[1] * 9 // 8 + 2 * padded(rows) * n) * 2)
-    y = fast.sparse_linear(x, weight, bias, compensate)
-    assert y.shape == (rows, n) and y.dtype == x.dtype and y.is_contiguous()
-    assert y.stride() == (n, 1), "y must look like F.linear's output"
-    assert not y.isnan().any(), "output not fully written (poisoned NaN left)"
-    error_fp32 = relative_error(y, fp32_lynx(x, weight, bias, compensate))
-    assert error_fp32 < TOLERANCE, f"relative error vs fp32 math {error_fp32:.2e}"
-    error_reference = relative_error(y, sparse_linear_reference(x, weight, bias, compensate))
-    assert error_reference < TOLERANCE, f"relative error vs reference {error_reference:.2e}"
-    return y
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,k,n", sorted(set(FLUX_SHAPES + QWEN_SHAPES)))
 def test_sparse_linear_model_shapes(fast, operand, generator, dtype, rows, k, n):
     x = make_input("randn", rows, k, dtype, generator)
     weight = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
     bias = torch.randn(n, generator=generator, device="cuda").to(dtype)
-    _check_linear(fast, x, weight, bias, True)
+    check_lynx_linear(fast.sparse_linear, x, weight, bias, True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -180,11 +164,8 @@ def test_sparse_linear_odd_rows_and_input_families(fast, operand, generator, dty
     if bias_kind is not None:
         bias = torch.randn(n, generator=generator, device="cuda")
         bias = bias if bias_kind == "fp32" else bias.to(dtype)
-    y = _check_linear(fast, x, weight, bias, compensate)
-    zero_rows = (x == 0).all(dim=1)
-    if zero_rows.any():  # a zero token gives exactly the bias (or zero)
-        want = bias.to(dtype) if bias is not None else torch.zeros(n, dtype=dtype, device="cuda")
-        assert torch.equal(y[zero_rows], want.expand(int(zero_rows.sum()), n))
+    y = check_lynx_linear(fast.sparse_linear, x, weight, bias, compensate)
+    check_zero_tokens_give_the_bias(y, x, bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -222,7 +203,7 @@ def test_two_bias_tensors_of_one_shape_use_their_own_values(fast, operand, gener
     biases = [torch.randn(n, generator=generator, device="cuda").to(dtype) for _ in range(2)]
     for _ in range(2):  # second round: both plans cached
         for bias in biases:
-            _check_linear(fast, x, weight, bias, True)
+            check_lynx_linear(fast.sparse_linear, x, weight, bias, True)
     bias = biases[0].clone()
     y0 = fast.sparse_linear(x, weight, bias, True)
     old = bias.clone()
@@ -308,4 +289,4 @@ def test_strided_rows_give_the_same_result(fast, generator):
     x = base[:, 3072:]  # row stride 6144: the kernel reads it in place
     weight = (torch.randn(512, 3072, generator=generator, device="cuda") / 3072 ** 0.5).to(torch.bfloat16)
     assert not fast.supports(x, weight)[0]
-    _check_linear(fast, x, weight, None, True)
+    check_lynx_linear(fast.sparse_linear, x, weight, None, True)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from rt_lynx_pack.kernels.reference import (keep_mask_nm, norm_compensation_scale, quantize_weight_fp8,
-                                            sparse_linear_fp8_reference, sparse_linear_reference,
-                                            sparsify_nm, sparsify_quantize_fp8)
+                                            sparse_linear_fp8_reference, sparsify_nm, sparsify_quantize_fp8)
 
-from kernel_helpers import (DTYPES, FLUX_SHAPES, INPUT_KINDS, QWEN_SHAPES, fp32_lynx, make_input, padded,
-                            poison_allocator, relative_error, require_fast_path)
+from kernel_helpers import (DTYPES, FLUX_SHAPES, INPUT_KINDS, QWEN_SHAPES, check_lynx_linear,
+                            check_zero_tokens_give_the_bias, fp32_lynx, make_input, padded, poison_allocator,
+                            relative_error, require_fast_path)
 
 TOLERANCE = 1e-2
 ODD_ROWS = [1, 7, 63, 65, 100, 4097]
@@ -155,23 +155,12 @@ def test_every_e4m3_config_matches_fp8_reference(sm90, generator, out_dtype, row
         assert relative_error(y, want) < TOLERANCE, name
 
 
-def _check_linear(sm90, x, weight, bias, compensate):
-    rows, n = x.shape[0], weight.shape[0]
-    poison_allocator((padded(rows) * x.shape[1] * 9 // 8 + rows * n) * 2)
-    y = sm90.sparse_linear_sm90(x, weight, bias, compensate)
-    assert y.shape == (rows, n) and y.dtype == x.dtype and y.stride() == (n, 1)
-    assert not y.isnan().any(), "output not fully written (poisoned NaN left)"
-    assert relative_error(y, fp32_lynx(x, weight, bias, compensate)) < TOLERANCE
-    assert relative_error(y, sparse_linear_reference(x, weight, bias, compensate)) < TOLERANCE
-    return y
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,k,n", sorted(set(FLUX_SHAPES + QWEN_SHAPES)))
 def test_sparse_linear_sm90_model_shapes(sm90, generator, dtype, rows, k, n):
     x = make_input("randn", rows, k, dtype, generator)
     weight, bias = _weights(generator, n, k, dtype)
-    _check_linear(sm90, x, weight, bias, True)
+    check_lynx_linear(sm90.sparse_linear_sm90, x, weight, bias, True)
     chosen = [p for p in sm90.plan_info() if p[:3] == (rows, k, n)]
     assert chosen, "the first call must record its tuned config"
     times = chosen[0][5]
@@ -192,11 +181,8 @@ def test_sparse_linear_sm90_odd_rows_and_input_families(sm90, generator, dtype, 
         bias = None
     elif bias_kind == "fp32":
         bias = bias.float()
-    y = _check_linear(sm90, x, weight, bias, compensate)
-    zero_rows = (x == 0).all(dim=1)
-    if zero_rows.any():  # a zero token gives exactly the bias (or zero)
-        want = bias.to(dtype) if bias is not None else torch.zeros(n, dtype=dtype, device="cuda")
-        assert torch.equal(y[zero_rows], want.expand(int(zero_rows.sum()), n))
+    y = check_lynx_linear(sm90.sparse_linear_sm90, x, weight, bias, compensate)
+    check_zero_tokens_give_the_bias(y, x, bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,0 +1,87 @@
+"""The fast path's plumbing that runs without a GPU: op schemas and fake kernels (what torch.compile
+traces), backend selection by environment, and the sm90 library's build cache key."""
+import pathlib
+import shutil
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from rt_lynx_pack.kernels import build, dispatch, sm90
+
+
+@pytest.mark.parametrize("rows", [1, 100, 4096])
+def test_sm90_fake_kernels_give_the_shapes_the_cuda_ops_return(rows):
+    k, n = 3072, 1024
+    with FakeTensorMode():
+        x = torch.empty(rows, k, dtype=torch.bfloat16, device="cuda")
+        weight = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
+        wq = torch.empty(n, k, dtype=torch.float8_e4m3fn, device="cuda")
+        w_scale = torch.empty(n, dtype=torch.float32, device="cuda")
+        y = torch.ops.rt_lynx.sparse_linear_sm90(x, weight, None, True)
+        y8 = torch.ops.rt_lynx.sparse_linear_fp8_sm90(x, wq, w_scale, None, True)
+        compressed, scale = torch.ops.rt_lynx.sparsify_sm90(x, 128, False, True)
+        compressed8, scale8 = torch.ops.rt_lynx.sparsify_sm90(x, 128, True, True)
+        mm = torch.ops.rt_lynx.sparse_mm_sm90(compressed8, wq, scale8, w_scale, None, rows, 0, torch.float16)
+    padded = (rows + 63) // 64 * 64
+    assert (y.shape, y.dtype) == ((rows, n), torch.bfloat16)
+    assert (y8.shape, y8.dtype) == ((rows, n), torch.bfloat16)
+    # values (K/2 per row) + metadata (K/8 bytes per row), rows padded to CUTLASS's 64-row atom
+    assert (compressed.shape, compressed.dtype) == ((padded * k * 9 // 16,), torch.bfloat16)
+    assert (compressed8.shape, compressed8.dtype) == ((padded * k * 5 // 8,), torch.uint8)
+    assert scale.shape == scale8.shape == (padded,)
+    assert (mm.shape, mm.dtype) == ((rows, n), torch.float16)
+
+
+def test_rt_lynx_gemm_restricts_the_fast_backends(monkeypatch):
+    monkeypatch.delenv("RT_LYNX_GEMM", raising=False)
+    assert dispatch.fast_backends() == ("sm90", "cusparselt")
+    monkeypatch.setenv("RT_LYNX_GEMM", "cusparselt")
+    assert dispatch.fast_backends() == ("cusparselt",)
+    monkeypatch.setenv("RT_LYNX_GEMM", "cublas")
+    with pytest.raises(ValueError, match="RT_LYNX_GEMM='cublas'"):
+        dispatch.fast_backends()
+
+
+def test_sm90_supports_names_the_constraint_on_cpu():
+    supported, why_not = sm90.supports_sm90(torch.randn(64, 256), torch.randn(32, 256))
+    assert not supported and "float32" in why_not
+
+
+def test_cutlass_headers_are_found_from_the_pip_package():
+    folders = build.find_cutlass()
+    assert (folders[0] / "cutlass" / "cutlass.h").exists()
+    assert (folders[1] / "cutlass" / "util" / "packed_stride.hpp").exists()
+
+
+def test_sm90_library_cache_key_follows_the_sources(monkeypatch, tmp_path):
+    monkeypatch.setenv("RT_LYNX_BUILD_DIR", str(tmp_path / "build"))
+    monkeypatch.setattr(build, "_nvcc", lambda: shutil.which("true") or "/bin/true")
+    sources = []
+    for source in build.SM90_SOURCES:
+        copy = tmp_path / source.name
+        copy.write_bytes(source.read_bytes())
+        sources.append(copy)
+    monkeypatch.setattr(build, "SM90_SOURCES", sources)
+    first = build.sm90_library_path()
+    assert first == build.sm90_library_path()
+    assert first.parent.parent == tmp_path / "build"
+    sources[1].write_text(sources[1].read_text() + "\n// changed\n")
+    assert build.sm90_library_path() != first
+
+
+def test_sm90_build_jobs_follow_max_jobs(monkeypatch):
+    monkeypatch.setenv("MAX_JOBS", "3")
+    assert build._sm90_jobs() == 3
+    monkeypatch.delenv("MAX_JOBS")
+    assert 1 <= build._sm90_jobs() <= len(build.SM90_SOURCES)
+
+
+def test_build_error_line_prefers_the_compiler_error():
+    text = "FAILED: a.o\nin file a.cu(3): error: no member\nninja: build stopped: subcommand failed."
+    assert build._first_error_line(text) == "in file a.cu(3): error: no member"
+
+
+def test_every_sm90_source_the_build_names_exists():
+    for path in build.SM90_SOURCES + build.SM90_HEADERS + build.SOURCES + build.HEADERS:
+        assert pathlib.Path(path).exists(), path
