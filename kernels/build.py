@@ -3,12 +3,13 @@
 Two artefacts, both built with ninja for sm_90a and cached:
 - the sm90 sparse GEMM library (CUTLASS kernels behind a C interface, csrc/sm90_sparse_gemm*.cu):
   minutes to compile and torch-independent, so it is keyed by its sources, the CUTLASS headers
-  (PyPI `nvidia-cutlass`) and the nvcc version, in <build dir>/sm90-<hash>/;
+  (PyPI `nvidia-cutlass`) and the nvcc version, in <cache>/sm90-<hash>/ (a torch upgrade keeps it);
 - the torch extension (ops, sparsify kernels, cuSPARSELt binding) in <build dir>, which loads
   the library with dlopen. Without the library (no CUTLASS headers, a failed build) the extension
   still serves the cuSPARSELt path and the log says why.
-<build dir> is $RT_LYNX_BUILD_DIR or ~/.cache/rt_lynx/<torch>-<cuda>. cuSPARSELt's header and
-library come from the nvidia-cusparselt wheel that CUDA builds of torch depend on.
+<cache> is $RT_LYNX_BUILD_DIR or ~/.cache/rt_lynx; <build dir> is $RT_LYNX_BUILD_DIR or
+<cache>/<torch>-<cuda>. cuSPARSELt's header and library come from the nvidia-cusparselt wheel that
+CUDA builds of torch depend on.
 """
 import glob
 import hashlib
@@ -46,13 +47,19 @@ class BuildError(RuntimeError):
     """The extension could not be built or loaded; the message is one line for the user."""
 
 
-def build_dir() -> pathlib.Path:
+def cache_root() -> pathlib.Path:
+    """$RT_LYNX_BUILD_DIR, else ~/.cache/rt_lynx: the sm90 GEMM library lives here directly."""
     configured = os.environ.get("RT_LYNX_BUILD_DIR")
-    if configured:
-        return pathlib.Path(configured).expanduser()
+    return pathlib.Path(configured).expanduser() if configured else pathlib.Path.home() / ".cache" / "rt_lynx"
+
+
+def build_dir() -> pathlib.Path:
+    """The torch extension's folder: $RT_LYNX_BUILD_DIR, else one per torch and CUDA version."""
+    if os.environ.get("RT_LYNX_BUILD_DIR"):
+        return cache_root()
     import torch
     tag = f"torch{torch.__version__}-cuda{torch.version.cuda}".replace("+", "_")
-    return pathlib.Path.home() / ".cache" / "rt_lynx" / tag
+    return cache_root() / tag
 
 
 def find_cusparselt() -> tuple[pathlib.Path, pathlib.Path]:
@@ -140,7 +147,7 @@ def sm90_library_path() -> pathlib.Path:
     digest.update(version_file.read_bytes() if version_file.exists() else b"")
     digest.update(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode())
     digest.update(" ".join(SM90_NVCC_FLAGS).encode())
-    return build_dir() / f"sm90-{digest.hexdigest()[:16]}" / "librt_lynx_sm90.so"
+    return cache_root() / f"sm90-{digest.hexdigest()[:16]}" / "librt_lynx_sm90.so"
 
 
 def _write_sm90_ninja(folder: pathlib.Path, nvcc: str, include_dirs: list[pathlib.Path], output: pathlib.Path) -> None:

@@ -87,6 +87,7 @@ def _define_ops():
 
 _define_ops()
 
+
 class PerDeviceCheck:
     """(ok, reason) of `check(index)` for a CUDA device, computed once per device index (the
     start-up self-tests), after `prerequisite(device)` holds. Never raises. The per-call path is

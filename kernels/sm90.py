@@ -18,7 +18,6 @@ edges); the metadata is, to 64 rows, as CUTLASS's layout wants.
 `availability_sm90` says yes only after the start-up self-test: the metadata writer's byte formula
 against CuTe's layout for every config, then every config's product against the reference.
 """
-
 import torch
 
 from . import build as _build
@@ -75,6 +74,7 @@ def _define_ops():
 
 
 _define_ops()
+
 
 def availability_sm90(device: torch.device) -> tuple[bool, str]:
     """(True, info) when the sm90 GEMM path works on `device` for bf16, fp16 and e4m3, else

@@ -17,7 +17,7 @@
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
-#include <cmath>
+#include <algorithm>
 #include <limits>
 #include <mutex>
 #include <string>

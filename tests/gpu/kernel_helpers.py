@@ -1,4 +1,6 @@
 """Shared helpers for the GPU kernel tests: input families, layout decoding, error measures."""
+import importlib
+
 import pytest
 import torch
 
@@ -17,17 +19,21 @@ DTYPES = [torch.bfloat16, torch.float16]
 INPUT_KINDS = ["randn", "cubed", "student_t", "tied", "zero_rows"]
 
 
-def require_fast_path():
-    """Skip without CUDA or Hopper; on Hopper the fast path must be available (else fail)."""
+AVAILABILITY = {"cusparselt": "availability", "fp8": "availability_fp8", "sm90": "availability_sm90"}
+
+
+def require_fast_path(name: str = "cusparselt"):
+    """Skip without CUDA or Hopper; on Hopper the named fast path (kernels/<name>.py) must be
+    available (else fail). Returns its module."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: the kernel tests need an NVIDIA Hopper GPU")
     capability = torch.cuda.get_device_capability()
     if capability != (9, 0):
         pytest.skip(f"GPU is sm_{capability[0]}{capability[1]}; the kernels target Hopper (sm_90)")
-    from rt_lynx_pack.kernels import cusparselt
-    available, reason = cusparselt.availability(torch.device("cuda"))
-    assert available, f"fast path unavailable on a Hopper GPU: {reason}"
-    return cusparselt
+    module = importlib.import_module(f"rt_lynx_pack.kernels.{name}")
+    available, reason = getattr(module, AVAILABILITY[name])(torch.device("cuda"))
+    assert available, f"{name} path unavailable on a Hopper GPU: {reason}"
+    return module
 
 
 def make_input(kind: str, rows: int, cols: int, dtype, generator, device="cuda", no_zeros=False):

@@ -28,11 +28,7 @@ ODD_ROWS = [1, 7, 63, 65, 4097]
 
 @pytest.fixture(scope="module")
 def fp8():
-    require_fast_path()
-    from rt_lynx_pack.kernels import fp8 as module
-    available, reason = module.availability_fp8(torch.device("cuda"))
-    assert available, f"fp8 path unavailable on a Hopper GPU: {reason}"
-    return module
+    return require_fast_path("fp8")
 
 
 

@@ -23,11 +23,7 @@ E4M3 = torch.float8_e4m3fn
 
 @pytest.fixture(scope="module")
 def sm90():
-    require_fast_path()
-    from rt_lynx_pack.kernels import sm90 as module
-    available, reason = module.availability_sm90(torch.device("cuda"))
-    assert available, f"sm90 path unavailable on a Hopper GPU: {reason}"
-    return module
+    return require_fast_path("sm90")
 
 
 def configs(sm90, dtype):
