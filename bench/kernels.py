@@ -101,8 +101,10 @@ def sm90_config_times(x, weight, bias, e4m3, calls, repeats, w_scale=None):
     """Kernel time of every sm90 GEMM config on one compressed input: {config name: us}."""
     dtype = x.dtype
     times = {}
-    for _, _, _, block, index, name in sm90.config_info(weight.dtype):
-        compressed, scale = torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, True)
+    configs = sm90.config_info(weight.dtype)
+    inputs = {block: torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, True) for _, _, _, block, _, _ in configs}
+    for _, _, _, block, index, name in configs:
+        compressed, scale = inputs[block]
         try:
             times[name] = graph_us(lambda: torch.ops.rt_lynx.sparse_mm_sm90(
                 compressed, weight, scale, w_scale, bias, x.shape[0], index, dtype), calls, repeats)

@@ -22,6 +22,7 @@ import torch
 
 from . import build as _build
 from . import cusparselt as _cusparselt
+from .fp8 import fp8_compressed_bytes
 from .reference import sparse_linear_fp8_reference, sparse_linear_reference, quantize_weight_fp8
 
 K_MULTIPLE = 128      # the metadata atom spans 128 columns (64 for some configs)
@@ -32,10 +33,10 @@ SELF_TEST_TOLERANCE = 1e-2
 
 
 def compressed_numel(rows: int, k: int, e4m3: bool) -> int:
-    """Elements of sparsify_sm90's buffer: rows padded to 64; 16-bit: K/2 values + K/8 metadata
-    bytes per row in x's dtype (9/16 K elements); e4m3: bytes (5/8 K)."""
+    """Elements of sparsify_sm90's buffer: the same sizes as the cuSPARSELt layouts (rows padded
+    to 64, K/2 values then K/8 metadata bytes per row), only the metadata order differs."""
     padded = _cusparselt.padded_rows(rows)
-    return padded * k * 5 // 8 if e4m3 else padded * k * 9 // 16
+    return fp8_compressed_bytes(padded, k) if e4m3 else _cusparselt.compressed_numel(padded, k)
 
 
 def _define_ops():

@@ -44,9 +44,6 @@ namespace {
   } while (0)
 
 
-// Elements (of the 16-bit dtype) of a compressed M_padded x K matrix: M*K/2 values + M*K/8 bytes.
-int64_t compressed_numel(int64_t padded_rows, int64_t cols) { return padded_rows * cols * 9 / 16; }
-
 cusparseLtHandle_t* handle_for_device(int device) {
   static std::mutex mutex;
   static std::unordered_map<int, std::unique_ptr<cusparseLtHandle_t>> handles;
@@ -182,7 +179,7 @@ struct GemmPlan {
     size_t compressed_bytes = 0, compress_buffer_bytes = 0;
     RT_LYNX_CSLT_CHECK(cusparseLtSpMMACompressedSize2(handle, sparse, &compressed_bytes,
                                                       &compress_buffer_bytes));
-    const size_t ours = static_cast<size_t>(key.padded_rows * key.k * 5 / 8);
+    const size_t ours = static_cast<size_t>(fp8_compressed_bytes(key.padded_rows, key.k));
     require(compressed_bytes <= ours, "cuSPARSELt wants ", compressed_bytes,
             " bytes for a compressed e4m3 ", key.padded_rows, "x", key.k,
             " matrix, the layout this build writes has ", ours,
@@ -315,7 +312,7 @@ PlanCheckData make_check_data(const PlanKey& key, cudaStream_t stream) {
     data.dense_sparse = at::where(mask, values, at::zeros({}, opts)).to(at::kFloat8_e4m3fn);
     data.weight = at::randn({key.n, key.k}, gen, opts).to(at::kFloat8_e4m3fn);
     data.out_options = opts.dtype(at::kBFloat16);
-    data.compressed = at::zeros({key.padded_rows * key.k * 5 / 8},
+    data.compressed = at::zeros({fp8_compressed_bytes(key.padded_rows, key.k)},
                                 opts.dtype(at::kByte));
     auto plan = std::make_unique<GemmPlan>();
     plan->key = key;
@@ -647,8 +644,6 @@ std::atomic<bool>& fp8_sparse_b_mode() {
   static std::atomic<bool> mode{false};
   return mode;
 }
-
-int64_t fp8_compressed_bytes(int64_t padded_rows, int64_t k) { return padded_rows * k * 5 / 8; }
 
 std::tuple<at::Tensor, at::Tensor> sparsify_fp8_op(const at::Tensor& x_in, int64_t padded_rows,
                                                    bool compensate, int64_t split) {

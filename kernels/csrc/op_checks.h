@@ -1,5 +1,6 @@
-// Operand checks shared by the torch ops of both sparse GEMM backends (cuSPARSELt and the sm90
-// CUTLASS GEMM). Errors are std::runtime_error (a Python RuntimeError) naming the op.
+// Operand checks and compressed-buffer sizes shared by the torch ops of both sparse GEMM backends
+// (cuSPARSELt and the sm90 CUTLASS GEMM). Errors are std::runtime_error (a Python RuntimeError)
+// naming the op.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -12,6 +13,12 @@ namespace rt_lynx {
 inline constexpr int64_t kRowPad = 64;  // the compressed layout tiles rows by 64
 
 inline int64_t round_up_rows(int64_t rows) { return (rows + kRowPad - 1) / kRowPad * kRowPad; }
+
+// Both layouts store padded_rows*K/2 values, then padded_rows*K/8 metadata bytes.
+// 16-bit values: elements of the 16-bit dtype (9/16 of padded_rows*K).
+inline int64_t compressed_numel(int64_t padded_rows, int64_t cols) { return padded_rows * cols * 9 / 16; }
+// e4m3 values: bytes (5/8 of padded_rows*K).
+inline int64_t fp8_compressed_bytes(int64_t padded_rows, int64_t cols) { return padded_rows * cols * 5 / 8; }
 
 inline bool is_supported_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 

@@ -38,7 +38,6 @@ struct Sm90Library {
   decltype(&rt_lynx_sm90_api_version) api_version = nullptr;
   decltype(&rt_lynx_sm90_config_count) config_count = nullptr;
   decltype(&rt_lynx_sm90_config_info) config_info = nullptr;
-  decltype(&rt_lynx_sm90_metadata_bytes) metadata_bytes = nullptr;
   decltype(&rt_lynx_sm90_workspace_bytes) workspace_bytes = nullptr;
   decltype(&rt_lynx_sm90_gemm) gemm = nullptr;
   decltype(&rt_lynx_sm90_check_metadata_layout) check_metadata_layout = nullptr;
@@ -78,7 +77,6 @@ std::string load_sm90_library(const std::string& path) {
   resolve(handle, "rt_lynx_sm90_api_version", loaded.api_version, error);
   resolve(handle, "rt_lynx_sm90_config_count", loaded.config_count, error);
   resolve(handle, "rt_lynx_sm90_config_info", loaded.config_info, error);
-  resolve(handle, "rt_lynx_sm90_metadata_bytes", loaded.metadata_bytes, error);
   resolve(handle, "rt_lynx_sm90_workspace_bytes", loaded.workspace_bytes, error);
   resolve(handle, "rt_lynx_sm90_gemm", loaded.gemm, error);
   resolve(handle, "rt_lynx_sm90_check_metadata_layout", loaded.check_metadata_layout, error);
@@ -131,10 +129,9 @@ int sm_count(int device) {
 
 // The compressed activations for one metadata layout: values (rows padded to 64) then metadata.
 struct Compressed {
-  at::Tensor buffer;  // 16-bit: x's dtype, padded*K*9/16 elements; e4m3: padded*K*5/8 bytes
+  at::Tensor buffer;  // compressed_numel (x's dtype) or fp8_compressed_bytes (e4m3), op_checks.h
   at::Tensor scale;   // per token: s (16-bit, when compensating) or a (e4m3); undefined = 1
   int64_t padded_rows = 0;
-  int metadata_block = 0;
 
   const void* values() const { return buffer.data_ptr(); }
   const void* metadata(bool e4m3, int64_t k) const {
@@ -146,17 +143,16 @@ struct Compressed {
 Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadata_block) {
   Compressed c;
   c.padded_rows = round_up_rows(x.size(0));
-  c.metadata_block = metadata_block;
   const int64_t k = x.size(1);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const bool is_bf16 = x.scalar_type() == at::kBFloat16;
   if (e4m3) {
-    c.buffer = at::empty({c.padded_rows * k * 5 / 8}, x.options().dtype(at::kByte));
+    c.buffer = at::empty({fp8_compressed_bytes(c.padded_rows, k)}, x.options().dtype(at::kByte));
     c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
     launch_sparsify_fp8(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, compensate,
                         c.buffer.data_ptr(), c.scale.data_ptr<float>(), stream, 0, metadata_block);
   } else {
-    c.buffer = at::empty({c.padded_rows * k * 9 / 16}, x.options());
+    c.buffer = at::empty({compressed_numel(c.padded_rows, k)}, x.options());
     if (compensate) c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
     launch_sparsify_compress(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, false,
                              c.buffer.data_ptr(), compensate ? c.scale.data_ptr<float>() : nullptr,
@@ -350,22 +346,31 @@ int config_for(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool comp
   return plans().emplace(key, std::move(plan)).first->second.config;
 }
 
+// The Lynx linear once x and the weight are checked: sparsify for the chosen config's metadata
+// layout, then the GEMM with scale(s) and bias in its epilogue. e4m3 when the weight is.
+at::Tensor sparse_linear_checked(const Sm90Library& lib, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& col_scale, const c10::optional<at::Tensor>& bias_in,
+                                 bool compensate, const char* op) {
+  require(x.size(1) % 128 == 0, op, ": in_features must be a multiple of 128, got ", x.size(1));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool e4m3 = weight.scalar_type() == at::kFloat8_e4m3fn;
+  at::Tensor bias = checked_bias(bias_in, x, weight.size(0), op);
+  if (bias.defined() && bias.scalar_type() != x.scalar_type()) bias = bias.to(x.scalar_type());
+  const int config = config_for(lib, x, e4m3, compensate, weight, col_scale, bias, x.scalar_type(), op);
+  const auto info = config_info(lib, element_of(weight.scalar_type()), config, op);
+  const Compressed a = sparsify(x, e4m3, compensate, info.metadata_block_k);
+  auto y = at::empty({x.size(0), weight.size(0)}, x.options());
+  run_gemm(lib, config, a, e4m3, weight, col_scale, bias, y, op);
+  return y;
+}
+
 at::Tensor sparse_linear_sm90_op(const at::Tensor& x_in, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias_in, bool compensate) {
   const char* op = "rt_lynx::sparse_linear_sm90";
   const auto& lib = library(op);
   const auto x = checked_activation(x_in, op);
   check_weight(weight, x, op);
-  require(x.size(1) % 128 == 0, op, ": in_features must be a multiple of 128, got ", x.size(1));
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor bias = checked_bias(bias_in, x, weight.size(0), op);
-  if (bias.defined() && bias.scalar_type() != x.scalar_type()) bias = bias.to(x.scalar_type());
-  const int config = config_for(lib, x, false, compensate, weight, at::Tensor(), bias, x.scalar_type(), op);
-  const auto info = config_info(lib, element_of(weight.scalar_type()), config, op);
-  const Compressed a = sparsify(x, false, compensate, info.metadata_block_k);
-  auto y = at::empty({x.size(0), weight.size(0)}, x.options());
-  run_gemm(lib, config, a, false, weight, at::Tensor(), bias, y, op);
-  return y;
+  return sparse_linear_checked(lib, x, weight, at::Tensor(), bias_in, compensate, op);
 }
 
 at::Tensor sparse_linear_fp8_sm90_op(const at::Tensor& x_in, const at::Tensor& wq, const at::Tensor& w_scale,
@@ -374,16 +379,7 @@ at::Tensor sparse_linear_fp8_sm90_op(const at::Tensor& x_in, const at::Tensor& w
   const auto& lib = library(op);
   const auto x = checked_activation(x_in, op);
   check_fp8_weight(wq, w_scale, x.size(1), x.device(), op);
-  require(x.size(1) % 128 == 0, op, ": in_features must be a multiple of 128, got ", x.size(1));
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor bias = checked_bias(bias_in, x, wq.size(0), op);
-  if (bias.defined() && bias.scalar_type() != x.scalar_type()) bias = bias.to(x.scalar_type());
-  const int config = config_for(lib, x, true, compensate, wq, w_scale, bias, x.scalar_type(), op);
-  const auto info = config_info(lib, RT_LYNX_E4M3, config, op);
-  const Compressed a = sparsify(x, true, compensate, info.metadata_block_k);
-  auto y = at::empty({x.size(0), wq.size(0)}, x.options());
-  run_gemm(lib, config, a, true, wq, w_scale, bias, y, op);
-  return y;
+  return sparse_linear_checked(lib, x, wq, w_scale, bias_in, compensate, op);
 }
 
 // Pieces for tests and benchmarks: the sparsify pass for one metadata layout, and the GEMM of
@@ -414,7 +410,7 @@ at::Tensor sparse_mm_sm90_op(const at::Tensor& compressed, const at::Tensor& wei
   require(config >= 0 && config < lib.config_count(element), op, ": config out of range");
   const int64_t k = weight.size(1), n = weight.size(0);
   const int64_t padded = round_up_rows(rows);
-  const int64_t expected = e4m3 ? padded * k * 5 / 8 : padded * k * 9 / 16;
+  const int64_t expected = e4m3 ? fp8_compressed_bytes(padded, k) : compressed_numel(padded, k);
   require(rows >= 1 && compressed.is_cuda() && compressed.dim() == 1 && compressed.numel() == expected &&
               compressed.device() == weight.device(),
           op, ": compressed must be sparsify_sm90's buffer for ", rows, " rows (", expected, " elements)");
@@ -424,7 +420,6 @@ at::Tensor sparse_mm_sm90_op(const at::Tensor& compressed, const at::Tensor& wei
   Compressed a;
   a.buffer = compressed;
   a.padded_rows = padded;
-  a.metadata_block = config_info(lib, element, static_cast<int>(config), op).metadata_block_k;
   if (row_scale.has_value() && row_scale->defined()) a.scale = row_scale->to(at::kFloat).contiguous();
   at::Tensor cs = col_scale.has_value() && col_scale->defined() ? col_scale->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->to(out_dtype).contiguous() : at::Tensor();

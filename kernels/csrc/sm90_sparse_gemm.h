@@ -36,7 +36,7 @@ typedef struct {
   int config;                   // index < rt_lynx_sm90_config_count(in_element)
   int64_t m, n, k;              // k logical; m any >= 1; n % 16 == 0; k % 128 == 0
   const void* a_values;         // m x k/2
-  const void* a_metadata;       // rt_lynx_sm90_metadata_bytes(m, k) bytes
+  const void* a_metadata;       // round_up(m, 64) * k / 8 bytes
   const void* b;                // n x k row-major
   void* d;                      // m x n row-major, out_element
   const float* row_scale;       // m floats or nullptr
@@ -51,8 +51,6 @@ int rt_lynx_sm90_api_version(void);
 int rt_lynx_sm90_config_count(int in_element);
 // 0 on success; fills *config.
 int rt_lynx_sm90_config_info(int in_element, int config, RtLynxSm90Config* info);
-// Bytes of the compressed metadata for m x k (rows padded to 64).
-int64_t rt_lynx_sm90_metadata_bytes(int64_t m, int64_t k);
 size_t rt_lynx_sm90_workspace_bytes(const RtLynxSm90Gemm* gemm);
 // 0 on success, else nonzero with a one-line reason in error (may be nullptr).
 int rt_lynx_sm90_gemm(const RtLynxSm90Gemm* gemm, char* error, size_t error_size);

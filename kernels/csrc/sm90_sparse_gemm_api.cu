@@ -49,8 +49,6 @@ int rt_lynx_sm90_config_info(int in_element, int config, RtLynxSm90Config* info)
   return 0;
 }
 
-int64_t rt_lynx_sm90_metadata_bytes(int64_t m, int64_t k) { return (m + 63) / 64 * 64 * ((k + 127) / 128 * 128) / 8; }
-
 size_t rt_lynx_sm90_workspace_bytes(const RtLynxSm90Gemm* gemm) {
   const ElementEntry* entry = gemm == nullptr ? nullptr : entry_for(gemm->in_element, gemm->out_element);
   if (entry == nullptr || shape_problem(*gemm) != nullptr) return 0;
