@@ -1,8 +1,10 @@
 """Cost of the Lynx LoRA branch at run time: the Lynx linear with and without a rank-r branch on
 the FLUX.1-dev shapes at 1024² (H100 target: the branch adds at most 5% at rank 32).
 
-Eager wall time per call (median over repeats, synchronised) and CUDA-graph kernel time, side by
-side in one run. Results go to bench/results/lora-branch-<date>-<gpu>.md.
+Side by side in one run: the plain Lynx linear, the branch inside the sparse GEMM (sm90 K
+extension, the default where it runs) and the branch added after as two small products (the
+path of the other backends). Eager wall time per call (median over repeats, synchronised) and
+CUDA-graph kernel time. Results go to bench/results/lora-branch-<date>-<gpu>.md.
 """
 import argparse
 import datetime
@@ -29,25 +31,32 @@ def main():
     import torch
     from standalone import load_pack
     load_pack()
-    from rt_lynx_pack.kernels import select_backend
-    from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, lynx_linear
+    from rt_lynx_pack.kernels import LowRankOperands, prepare_low_rank, select_backend, sparse_linear
 
-    config = LynxConfig()
     rows = []
     for m, k, n in SHAPES:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
         b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        branch = LowRankBranch(torch.randn(args.rank, k, device="cuda") / k ** 0.5,
-                               torch.randn(n, args.rank, device="cuda") / args.rank ** 0.5, 1.0)
+        in_gemm = prepare_low_rank(torch.randn(args.rank, k) / k ** 0.5, torch.randn(n, args.rank) / args.rank ** 0.5,
+                                   1.0, x.device, x.dtype)
+        added_after = LowRankOperands(in_gemm.down, in_gemm.up, in_gemm.scale)
         backend = select_backend(x, w, "auto", 2, 4).name
-        plain = lambda: lynx_linear(x, w, b, config)  # noqa: E731
-        with_branch = lambda: lynx_linear(x, w, b, config, lora=branch)  # noqa: E731
-        row = {"shape": (m, k, n), "backend": backend,
-               "eager_us": eager_us(plain, CALLS, REPEATS), "eager_lora_us": eager_us(with_branch, CALLS, REPEATS),
-               "kernel_us": graph_us(plain, CALLS, REPEATS), "kernel_lora_us": graph_us(with_branch, CALLS, REPEATS)}
-        row["eager_overhead"] = row["eager_lora_us"] / row["eager_us"] - 1
-        row["kernel_overhead"] = row["kernel_lora_us"] / row["kernel_us"] - 1
+        variants = {"plain": lambda: sparse_linear(x, w, b, True),
+                    "in_gemm": lambda: sparse_linear(x, w, b, True, low_rank=in_gemm),
+                    "added_after": lambda: sparse_linear(x, w, b, True, low_rank=added_after)}
+        row = {"shape": (m, k, n), "backend": backend, "branch_in_gemm": in_gemm.up_k_extension is not None}
+        for name, fn in variants.items():
+            row[f"eager_{name}_us"] = eager_us(fn, CALLS, REPEATS)
+            row[f"kernel_{name}_us"] = graph_us(fn, CALLS, REPEATS)
+        # Where the in-GEMM overhead goes: the down projection (a skinny cuBLAS product that reads
+        # x again), in both orientations cuBLAS offers.
+        down = in_gemm.down
+        row["kernel_down_us"] = graph_us(lambda: torch.nn.functional.linear(x, down), CALLS, REPEATS)
+        row["kernel_down_transposed_us"] = graph_us(lambda: torch.mm(down, x.t()), CALLS, REPEATS)
+        for timing in ("eager", "kernel"):
+            for name in ("in_gemm", "added_after"):
+                row[f"{timing}_{name}_overhead"] = row[f"{timing}_{name}_us"] / row[f"{timing}_plain_us"] - 1
         rows.append(row)
         print(row, flush=True)
 
@@ -55,14 +64,24 @@ def main():
     commit = git_commit()
     lines = [f"# Lynx LoRA branch cost, rank {args.rank} ({datetime.date.today()}, {gpu}, torch {torch.__version__}, "
              f"commit {commit})", "",
-             "| M,K,N | backend | Lynx eager us | + LoRA eager us | overhead | Lynx kernel us | + LoRA kernel us | overhead |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| M,K,N | backend | Lynx kernel us | + LoRA in GEMM | overhead | + LoRA added after | overhead | "
+             "Lynx eager us | in GEMM eager | overhead | added after eager | overhead | down(x) kernel us | "
+             "down x^T kernel us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {','.join(map(str, r['shape']))} | {r['backend']} | {r['eager_us']:.0f} | {r['eager_lora_us']:.0f} | "
-                     f"{r['eager_overhead']:+.1%} | {r['kernel_us']:.0f} | {r['kernel_lora_us']:.0f} | {r['kernel_overhead']:+.1%} |")
-    mean = statistics.mean(r["kernel_overhead"] for r in rows)
-    lines += ["", f"Mean kernel-time overhead of the branch: {mean:+.1%} (target: at most +5% at rank 32). "
-              "The branch runs as two unfused F.linear calls on the dense input plus an add."]
+        cells = [",".join(map(str, r["shape"])), r["backend"] + ("" if r["branch_in_gemm"] else " (branch after)")]
+        for timing in ("kernel", "eager"):
+            cells.append(f"{r[f'{timing}_plain_us']:.0f}")
+            for name in ("in_gemm", "added_after"):
+                cells += [f"{r[f'{timing}_{name}_us']:.0f}", f"{r[f'{timing}_{name}_overhead']:+.1%}"]
+        cells += [f"{r['kernel_down_us']:.0f}", f"{r['kernel_down_transposed_us']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, label in (("in_gemm", "inside the sparse GEMM (K extension)"),
+                        ("added_after", "as two products added after")):
+        kernel = statistics.mean(r[f"kernel_{name}_overhead"] for r in rows)
+        eager = statistics.mean(r[f"eager_{name}_overhead"] for r in rows)
+        lines.append(f"\nMean overhead of the branch {label}: {kernel:+.1%} kernel time, {eager:+.1%} eager "
+                     f"(target: at most +5% at rank 32).")
     text = "\n".join(lines) + "\n"
     print(text)
     out = pathlib.Path(args.out)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
+from .reference import LowRankOperands, low_rank_reference
 
 log = logging.getLogger("rt_lynx")
 
@@ -146,6 +147,21 @@ def _report(choice: BackendChoice, x2d: torch.Tensor, weight: torch.Tensor) -> N
         log_once(f"{_describe(x2d, weight)}: {where} ({choice.reason})")
 
 
+def prepare_low_rank(down: torch.Tensor, up: torch.Tensor, scale: float, device: torch.device,
+                     dtype: torch.dtype) -> LowRankOperands:
+    """A low-rank branch's factors on `device` in `dtype`, plus the sm90 GEMM's form of up where
+    that backend runs there (it then computes the branch inside the sparse GEMM; the form costs
+    N x 2*rank more elements per layer). Call outside compiled regions."""
+    down, up = down.to(device, dtype), up.to(device, dtype)
+    in_gemm = (dtype in (torch.bfloat16, torch.float16) and "sm90" in fast_backends()
+               and backend_availability(torch.device(device), "bf16", "sm90")[0])
+    return LowRankOperands(down, up, scale, _sm90.k_extension_up(up, scale) if in_gemm else None)
+
+
+def _with_low_rank(y: torch.Tensor, x2d: torch.Tensor, low_rank: LowRankOperands | None) -> torch.Tensor:
+    return y if low_rank is None else y + low_rank_reference(x2d, low_rank)
+
+
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # cuSPARSELt cannot add a per-feature bias, so it is added outside its op: under torch.compile
     # Inductor fuses it into the next elementwise work (activation, gate, residual).
@@ -153,25 +169,37 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 def sparse_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compensate: bool,
-                  requested: str = "auto", n: int = 2, m: int = 4) -> torch.Tensor:
-    """y = s * (sparse_n:m(x) @ W^T) + b on the best backend for this call (x2d is M x K)."""
+                  requested: str = "auto", n: int = 2, m: int = 4,
+                  low_rank: LowRankOperands | None = None) -> torch.Tensor:
+    """y = s * (sparse_n:m(x) @ W^T) + b [+ the low-rank branch on the dense x] on the best
+    backend for this call (x2d is M x K). The sm90 backend runs the branch inside its GEMM when
+    low_rank carries the form it needs (prepare_low_rank); elsewhere it is added after."""
     choice = select_backend(x2d, weight, requested, n, m)
     _report(choice, x2d, weight)
     if choice.name == "sm90":
-        return _sm90.sparse_linear_sm90(x2d, weight, bias, compensate)
-    if choice.name == "cusparselt":
-        return _add_bias(_fast.sparse_linear(x2d, weight, None, compensate), bias)
-    return reference.sparse_linear_reference(x2d, weight, bias, compensate, n, m)
+        if low_rank is not None and low_rank.up_k_extension is not None:
+            return _sm90.sparse_linear_lora_sm90(x2d, weight, bias, compensate, low_rank.down,
+                                                 low_rank.up_k_extension)
+        y = _sm90.sparse_linear_sm90(x2d, weight, bias, compensate)
+    elif choice.name == "cusparselt":
+        y = _add_bias(_fast.sparse_linear(x2d, weight, None, compensate), bias)
+    else:
+        y = reference.sparse_linear_reference(x2d, weight, bias, compensate, n, m)
+    return _with_low_rank(y, x2d, low_rank)
 
 
 def sparse_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                      compensate: bool, requested: str = "auto") -> torch.Tensor:
+                      compensate: bool, requested: str = "auto",
+                      low_rank: LowRankOperands | None = None) -> torch.Tensor:
     """The fp8 Lynx product (reference.sparse_linear_fp8_reference) with (wq, w_scale) from
-    quantize_weight_fp8, on the best backend for this call."""
+    quantize_weight_fp8, on the best backend for this call; a low-rank branch is added after
+    in x's dtype (the e4m3 GEMM takes no K extension)."""
     choice = select_backend(x2d, wq, requested, 2, 4, "fp8")
     _report(choice, x2d, wq)
     if choice.name == "sm90":
-        return _sm90.sparse_linear_fp8_sm90(x2d, wq, w_scale, bias, compensate)
-    if choice.name == "cusparselt":
-        return _add_bias(_fast_fp8.sparse_linear_fp8(x2d, wq, w_scale, None, compensate), bias)
-    return reference.sparse_linear_fp8_reference(x2d, wq, w_scale, bias, compensate)
+        y = _sm90.sparse_linear_fp8_sm90(x2d, wq, w_scale, bias, compensate)
+    elif choice.name == "cusparselt":
+        y = _add_bias(_fast_fp8.sparse_linear_fp8(x2d, wq, w_scale, None, compensate), bias)
+    else:
+        y = reference.sparse_linear_fp8_reference(x2d, wq, w_scale, bias, compensate)
+    return _with_low_rank(y, x2d, low_rank)

@@ -4,6 +4,8 @@ This file is the single definition of what the fast kernels compute; every kerne
 against it. It runs on any device and dtype and is traceable by torch.compile (no data-dependent
 control flow), so on GPUs without a fast kernel Inductor can still fuse the sparsify pass.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +71,22 @@ def sparse_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class LowRankOperands:
+    """The Lynx LoRA branch as the kernels take it, on the compute device and dtype:
+    y += up(down(x)) * scale, on the dense x. `up_k_extension` is the sm90 GEMM's form of
+    scale * up (sm90.k_extension_up), present where that backend runs the branch inside its GEMM."""
+    down: torch.Tensor                           # (rank, in_features)
+    up: torch.Tensor                             # (out_features, rank)
+    scale: float
+    up_k_extension: torch.Tensor | None = None   # (out_features, 2 * rank rounded up to 8)
+
+
+def low_rank_reference(x: torch.Tensor, low_rank: LowRankOperands) -> torch.Tensor:
+    """up(down(x)) * scale: two small products on the dense input."""
+    return F.linear(F.linear(x, low_rank.down), low_rank.up) * low_rank.scale
 
 
 # ---- fp8 e4m3 path (W8A8 with 2:4 activations) ----

@@ -4,6 +4,7 @@ Computes `reference.sparse_linear_reference` (bf16/fp16) and `reference.sparse_l
 (e4m3) as custom ops in the `rt_lynx` namespace:
 
   torch.ops.rt_lynx.sparse_linear_sm90(x, weight, bias, compensate) -> y               (M x N)
+  torch.ops.rt_lynx.sparse_linear_lora_sm90(x, weight, bias, compensate, down, up_ext) -> y
   torch.ops.rt_lynx.sparse_linear_fp8_sm90(x, wq, w_scale, bias, compensate) -> y      (M x N)
   torch.ops.rt_lynx.sparsify_sm90(x, metadata_block, e4m3, compensate) -> (compressed, scale)
   torch.ops.rt_lynx.sparse_mm_sm90(compressed, weight, row_scale, col_scale, bias, rows, config,
@@ -15,6 +16,12 @@ it quantises); the GEMM (wgmma.sp, TMA, warp-specialised) applies s (or a * w_sc
 to its fp32 accumulators and writes y once. Rows are not padded for the GEMM (TMA fills the tile
 edges); the metadata is, to 64 rows, as CUTLASS's layout wants.
 
+With a Lynx LoRA the branch joins the same accumulators (sm90_k_extended_mainloop.cuh): u =
+down(x) (one small cuBLAS product) divided by s is written into extra columns of the sparse A as
+2:4 groups [u0 u1 0 0], and the GEMM's last k-tile takes its B from `k_extension_up(up, scale)`
+instead of the weight; the epilogue's s then restores u. One 128-column k-tile more than the
+plain GEMM for ranks up to 64, and no pass over y.
+
 `availability_sm90` says yes only after the start-up self-test: the metadata writer's byte formula
 against CuTe's layout for every config, then every config's product against the reference.
 """
@@ -23,7 +30,8 @@ import torch
 from . import build as _build
 from . import cusparselt as _cusparselt
 from .fp8 import fp8_compressed_bytes
-from .reference import sparse_linear_fp8_reference, sparse_linear_reference, quantize_weight_fp8
+from .reference import (LowRankOperands, low_rank_reference, quantize_weight_fp8, sparse_linear_fp8_reference,
+                        sparse_linear_reference)
 
 K_MULTIPLE = 128      # the metadata atom spans 128 columns (64 for some configs)
 N_MULTIPLE = 16       # 16-byte rows of y for TMA (e4m3 weights: 32, as the fp8 ops check)
@@ -47,6 +55,8 @@ def _define_ops():
         pass
     lib = torch.library.Library("rt_lynx", "FRAGMENT")
     lib.define("sparse_linear_sm90(Tensor x, Tensor weight, Tensor? bias, bool compensate) -> Tensor")
+    lib.define("sparse_linear_lora_sm90(Tensor x, Tensor weight, Tensor? bias, bool compensate, Tensor down, "
+               "Tensor up_ext) -> Tensor")
     lib.define("sparse_linear_fp8_sm90(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, bool compensate) "
                "-> Tensor")
     lib.define("sparsify_sm90(Tensor x, int metadata_block, bool e4m3, bool compensate) -> (Tensor, Tensor)")
@@ -55,6 +65,10 @@ def _define_ops():
 
     @torch.library.register_fake("rt_lynx::sparse_linear_sm90", lib=lib)
     def _(x, weight, bias, compensate):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("rt_lynx::sparse_linear_lora_sm90", lib=lib)
+    def _(x, weight, bias, compensate, down, up_ext):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("rt_lynx::sparse_linear_fp8_sm90", lib=lib)
@@ -108,9 +122,9 @@ def config_info(dtype: torch.dtype) -> list[tuple]:
 
 
 def self_test_sm90(device: torch.device) -> str:
-    """'' when the metadata layout of every config equals CuTe's and every config's product
-    (bf16, fp16: s and bias; e4m3: a, w_scale and bias) matches the reference; else the first
-    problem, one line."""
+    """'' when the metadata layout of every config equals CuTe's, every config's product
+    (bf16, fp16: s and bias; e4m3: a, w_scale and bias) matches the reference, and so does the
+    product with a low-rank branch in the GEMM; else the first problem, one line."""
     module = _cusparselt.extension()
     generator = torch.Generator(device=device).manual_seed(2468)
     for dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
@@ -130,6 +144,9 @@ def self_test_sm90(device: torch.device) -> str:
             error = ((got.float() - want).norm() / want.norm()).item()
             if not error < SELF_TEST_TOLERANCE:
                 return f"sm90 GEMM check failed ({dtype}, config {name}): relative error {error:.2e}"
+        problem = _check_low_rank(x, weight, bias, generator)
+        if problem:
+            return problem
         wq, w_scale = quantize_weight_fp8(weight.float())
         want8 = sparse_linear_fp8_reference(x.float(), wq, w_scale, bias.float(), True)
         for _, _, _, block, index, name in config_info(torch.float8_e4m3fn):
@@ -139,6 +156,19 @@ def self_test_sm90(device: torch.device) -> str:
             if not error < SELF_TEST_TOLERANCE:
                 return f"sm90 e4m3 GEMM check failed (out {dtype}, config {name}): relative error {error:.2e}"
     torch.cuda.synchronize(device)
+    return ""
+
+
+def _check_low_rank(x, weight, bias, generator) -> str:
+    rank = 5   # odd: the last 2:4 group of u holds one value
+    down = (torch.randn(rank, x.shape[1], generator=generator, device=x.device) / x.shape[1] ** 0.5).to(x.dtype)
+    up = torch.randn(weight.shape[0], rank, generator=generator, device=x.device).to(x.dtype)
+    low_rank = LowRankOperands(down.float(), up.float(), 0.5)
+    want = sparse_linear_reference(x.float(), weight.float(), bias.float(), True) + low_rank_reference(x.float(), low_rank)
+    got = sparse_linear_lora_sm90(x, weight, bias, True, down, k_extension_up(up, 0.5))
+    error = ((got.float() - want).norm() / want.norm()).item()
+    if not error < SELF_TEST_TOLERANCE:
+        return f"sm90 GEMM with a low-rank branch failed ({x.dtype}): relative error {error:.2e}"
     return ""
 
 
@@ -160,6 +190,26 @@ def sparse_linear_sm90(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return torch.ops.rt_lynx.sparse_linear_sm90(x2d, weight, bias, bool(compensate))
 
 
+def k_extension_up(up: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * up (N x rank) in the sm90 GEMM's K-extension form: value j of u sits at position
+    j % 2 of 2:4 group j // 2, so column 4 * (j // 2) + j % 2 holds scale * up[:, j]; the other
+    two columns of each group are zero. N x 2 * rank rounded up to 8 columns (16-byte rows for
+    TMA; the GEMM reads the columns past them as zero)."""
+    n, rank = up.shape
+    columns = -(-2 * rank // 8) * 8
+    j = torch.arange(rank, device=up.device)
+    extension = torch.zeros(n, columns, device=up.device, dtype=up.dtype)
+    extension[:, 4 * (j // 2) + j % 2] = (up.float() * scale).to(up.dtype)
+    return extension
+
+
+def sparse_linear_lora_sm90(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            compensate: bool, down: torch.Tensor, up_ext: torch.Tensor) -> torch.Tensor:
+    """s * (sparse(x2d) @ weight^T) + bias + up(down(x2d)) * scale in one sparse GEMM, with
+    up_ext = k_extension_up(up, scale) and down in x's dtype."""
+    return torch.ops.rt_lynx.sparse_linear_lora_sm90(x2d, weight, bias, bool(compensate), down, up_ext)
+
+
 def sparse_linear_fp8_sm90(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                            bias: torch.Tensor | None, compensate: bool) -> torch.Tensor:
     """a[m] * w_scale[n] * (e4m3 2:4 x) @ wq^T + bias, M x N in x's dtype, scales and bias in the
@@ -168,5 +218,6 @@ def sparse_linear_fp8_sm90(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.T
 
 
 def plan_info() -> list[tuple]:
-    """Chosen configs: (M, K, N, element, config, time per candidate config in us)."""
+    """Chosen configs: (M, K, N, element, config, time per candidate config in us, K extension
+    columns of a low-rank branch or 0)."""
     return list(_cusparselt.extension().sm90_plan_info())

@@ -1,7 +1,11 @@
 """How one RT-Lynx linear layer computes.
 
     y = s * (sparse(x) @ W^T) + b  +  up(down(x)) * scale
-        |------ kernels.sparse_linear ------|   |-- optional Lynx LoRA, on the DENSE x --|
+        |------------------------- kernels.sparse_linear --------------------------------|
+                                            |-- optional Lynx LoRA, on the DENSE x --|
+
+The LoRA branch is computed by the kernels too: on the sm90 backend inside the sparse GEMM (one
+k-tile more), elsewhere as two small products added after.
 
 With precision "fp8" the product runs on e4m3 operands: sparse(x) quantised per token (the
 compensation folded into its scale) and W per output channel, quantised once per weight
@@ -17,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..kernels import PRECISIONS, REQUESTS, log_once, quantize_weight_fp8, sparse_linear, sparse_linear_fp8
+from ..kernels import (PRECISIONS, REQUESTS, LowRankOperands, log_once, low_rank_reference, prepare_low_rank,
+                       quantize_weight_fp8, sparse_linear, sparse_linear_fp8)
 
 
 @dataclass(frozen=True)
@@ -72,24 +77,25 @@ class LowRankBranch:
         return self.down.shape[0]
 
     def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Put the factors on the compute device ahead of the run (outside any compiled region)."""
+        """Put the factors on the compute device ahead of the run (outside any compiled region),
+        in the form the backend there takes."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
-        self._device_copy = ((device, dtype), self.down.to(device, dtype), self.up.to(device, dtype))
+        self._device_copy = ((device, dtype), prepare_low_rank(self.down, self.up, self.scale, device, dtype))
 
     def release(self) -> None:
         self._device_copy = ()
 
-    def _weights_for(self, x: torch.Tensor):
+    def operands_for(self, x: torch.Tensor) -> LowRankOperands:
         # Kept on the compute device once, not copied on every call.
         if not self._device_copy or self._device_copy[0] != (x.device, x.dtype):
             self.prepare(x.device, x.dtype)
-        return self._device_copy[1], self._device_copy[2]
+        return self._device_copy[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        down, up = self._weights_for(x)
-        return F.linear(F.linear(x, down), up) * self.scale
+        """The branch alone, up(down(x)) * scale (calibration, comparisons)."""
+        return low_rank_reference(x, self.operands_for(x))
 
 
 def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
@@ -113,12 +119,11 @@ def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"in_features={in_features} is not a multiple of {config.m}: "
                          f"this layer cannot be {config.pattern} sparse")
     x2d = x.reshape(-1, in_features)
+    low_rank = lora.operands_for(x) if lora is not None else None
     if config.precision == "fp8":
         wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight)
-        y = sparse_linear_fp8(x2d, wq, w_scale, bias, config.compensate, config.backend)
+        y = sparse_linear_fp8(x2d, wq, w_scale, bias, config.compensate, config.backend, low_rank)
     else:
-        y = sparse_linear(x2d, weight.to(x.dtype), bias, config.compensate, config.backend, config.n, config.m)
-    y = y.reshape(*x.shape[:-1], weight.shape[0])
-    if lora is not None:
-        y = y + lora(x)
-    return y
+        y = sparse_linear(x2d, weight.to(x.dtype), bias, config.compensate, config.backend, config.n, config.m,
+                          low_rank)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

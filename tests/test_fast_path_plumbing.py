@@ -21,17 +21,48 @@ def test_sm90_fake_kernels_give_the_shapes_the_cuda_ops_return(rows):
         w_scale = torch.empty(n, dtype=torch.float32, device="cuda")
         y = torch.ops.rt_lynx.sparse_linear_sm90(x, weight, None, True)
         y8 = torch.ops.rt_lynx.sparse_linear_fp8_sm90(x, wq, w_scale, None, True)
+        down = torch.empty(32, k, dtype=torch.bfloat16, device="cuda")
+        up_ext = torch.empty(n, 64, dtype=torch.bfloat16, device="cuda")
+        y_lora = torch.ops.rt_lynx.sparse_linear_lora_sm90(x, weight, None, True, down, up_ext)
         compressed, scale = torch.ops.rt_lynx.sparsify_sm90(x, 128, False, True)
         compressed8, scale8 = torch.ops.rt_lynx.sparsify_sm90(x, 128, True, True)
         mm = torch.ops.rt_lynx.sparse_mm_sm90(compressed8, wq, scale8, w_scale, None, rows, 0, torch.float16)
     padded = (rows + 63) // 64 * 64
     assert (y.shape, y.dtype) == ((rows, n), torch.bfloat16)
     assert (y8.shape, y8.dtype) == ((rows, n), torch.bfloat16)
+    assert (y_lora.shape, y_lora.dtype) == ((rows, n), torch.bfloat16)
     # values (K/2 per row) + metadata (K/8 bytes per row), rows padded to CUTLASS's 64-row atom
     assert (compressed.shape, compressed.dtype) == ((padded * k * 9 // 16,), torch.bfloat16)
     assert (compressed8.shape, compressed8.dtype) == ((padded * k * 5 // 8,), torch.uint8)
     assert scale.shape == scale8.shape == (padded,)
     assert (mm.shape, mm.dtype) == ((rows, n), torch.float16)
+
+
+@pytest.mark.parametrize("rank", [1, 5, 32, 64])
+def test_k_extension_form_of_up_puts_each_value_where_u_lands(rank):
+    up = torch.randn(48, rank)
+    extension = sm90.k_extension_up(up, 0.5)
+    assert extension.shape == (48, -(-2 * rank // 8) * 8)   # 16-byte rows
+    # u's value j is at position j % 2 of 2:4 group j // 2: the GEMM's dense equivalent of the
+    # extension is u interleaved the same way, and it must reproduce u @ (0.5 * up)^T.
+    u = torch.randn(7, rank)
+    u_spread = torch.zeros(7, extension.shape[1])
+    j = torch.arange(rank)
+    u_spread[:, 4 * (j // 2) + j % 2] = u
+    torch.testing.assert_close(u_spread @ extension.t(), u @ (0.5 * up).t())
+    groups = extension.view(48, -1, 4)
+    assert (groups[:, :, 2:] == 0).all(), "positions 2 and 3 of each group meet zeros of A: keep them zero"
+
+
+def test_low_rank_branch_is_added_after_where_no_sparse_gemm_runs():
+    operands = dispatch.prepare_low_rank(torch.randn(4, 64), torch.randn(32, 4), 0.5, torch.device("cpu"),
+                                         torch.bfloat16)
+    assert operands.up_k_extension is None and operands.down.dtype == torch.bfloat16
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    plain = dispatch.sparse_linear(x, w, None, True)
+    with_branch = dispatch.sparse_linear(x, w, None, True, low_rank=operands)
+    torch.testing.assert_close(with_branch, plain + dispatch.low_rank_reference(x, operands))
 
 
 def test_rt_lynx_gemm_restricts_the_fast_backends(monkeypatch):

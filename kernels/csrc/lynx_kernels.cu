@@ -108,7 +108,7 @@ __device__ __forceinline__ void load_chunk(const uint4* row, bool valid, int64_t
 template <bool kBf16, bool kFold, int kSplit, int kCutlassBlockK>
 __global__ void __launch_bounds__(256) sparsify_compress_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
-    uint16_t* __restrict__ values, uint8_t* __restrict__ meta, float* __restrict__ scale) {
+    uint16_t* __restrict__ values, int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ scale) {
   constexpr int kPairsPerBlock = 8 / kSplit;
   const int lane = threadIdx.x;
   const int warp = threadIdx.y;                 // 0..7
@@ -124,8 +124,8 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
   const int64_t chunks = cols / 32;
   const uint4* x0 = reinterpret_cast<const uint4*>(x + (has_r0 ? r0 : 0) * ld_x);
   const uint4* x1 = reinterpret_cast<const uint4*>(x + (has_r1 ? r1 : 0) * ld_x);
-  uint4* v0 = reinterpret_cast<uint4*>(values + r0 * (cols / 2));
-  uint4* v1 = reinterpret_cast<uint4*>(values + r1 * (cols / 2));
+  uint4* v0 = reinterpret_cast<uint4*>(values + r0 * ld_values);
+  uint4* v1 = reinterpret_cast<uint4*>(values + r1 * ld_values);
   uint8_t* meta_row = meta + (block_row / 64) * 8 * cols + ((block_row % 64) / 16) * 64 + row_in_8 * 8;
   const int64_t first = int64_t(split) * 32 + lane;
   constexpr int64_t kStride = 32 * kSplit;
@@ -253,6 +253,32 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
   }
 }
 
+// The K extension of the sm90 GEMM (sm90_k_extended_mainloop.cuh): columns k_main.. of the
+// compressed A get u[m, :] / scale[m] as 2:4 groups [u0 u1 0 0] (code 0b0100, so both nibbles of
+// a metadata byte are 4), zero past the rank and in padding rows. A thread writes 8 logical
+// columns of one row: 4 values and 1 metadata byte.
+template <bool kBf16>
+__global__ void __launch_bounds__(256) lora_extension_kernel(
+    const uint16_t* __restrict__ u, int64_t rank, const float* __restrict__ scale, int64_t rows,
+    int64_t padded_rows, int64_t k_main, int64_t k_ext, int block_k, uint16_t* __restrict__ values,
+    int64_t ld_values, uint8_t* __restrict__ meta) {
+  const int64_t per_row = k_ext / 8;
+  const int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= padded_rows * per_row) return;
+  const int64_t m = item / per_row, step = item % per_row;
+  const bool real_row = m < rows;
+  const float s = real_row && scale != nullptr ? scale[m] : 1.f;
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t j = 4 * step + i;
+    out[i] = real_row && j < rank ? float_to_bits<kBf16>(__fdiv_rn(bits_to_float<kBf16>(u[m * rank + j]), s)) : 0u;
+  }
+  *reinterpret_cast<uint2*>(values + m * ld_values + k_main / 2 + 4 * step) =
+      make_uint2(out[0] | (out[1] << 16), out[2] | (out[3] << 16));
+  meta[sm90_metadata_byte_16bit(m, k_main + 8 * step, padded_rows, block_k)] = 0x44;
+}
+
 constexpr int kEpilogueThreads = 256;
 constexpr int kEpilogueItems = 4;  // independent 16-byte loads in flight per thread
 
@@ -334,39 +360,39 @@ namespace {
 
 template <bool kBf16, bool kFold, int kSplit, int kCutlassBlockK>
 void launch_sparsify_variant(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
-                             int64_t ld_x, uint16_t* values, uint8_t* meta, float* scale,
+                             int64_t ld_x, uint16_t* values, int64_t ld_values, uint8_t* meta, float* scale,
                              cudaStream_t stream) {
   const int64_t blocks = padded_rows / 16 * kSplit;
   require(blocks <= 0x7fffffff, "sparsify: too many rows for one launch");
   sparsify_compress_kernel<kBf16, kFold, kSplit, kCutlassBlockK>
       <<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
-          static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, values, meta, scale);
+          static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, values, ld_values, meta, scale);
 }
 
 template <bool kBf16, bool kFold, int kCutlassBlockK>
 void launch_sparsify_split(int split, const void* x, int64_t rows, int64_t padded_rows,
-                           int64_t cols, int64_t ld_x, uint16_t* values, uint8_t* meta,
+                           int64_t cols, int64_t ld_x, uint16_t* values, int64_t ld_values, uint8_t* meta,
                            float* scale, cudaStream_t stream) {
   switch (split) {
-    case 1: return launch_sparsify_variant<kBf16, kFold, 1, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
-    case 2: return launch_sparsify_variant<kBf16, kFold, 2, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
-    case 4: return launch_sparsify_variant<kBf16, kFold, 4, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
-    default: return launch_sparsify_variant<kBf16, kFold, 8, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    case 1: return launch_sparsify_variant<kBf16, kFold, 1, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
+    case 2: return launch_sparsify_variant<kBf16, kFold, 2, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
+    case 4: return launch_sparsify_variant<kBf16, kFold, 4, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
+    default: return launch_sparsify_variant<kBf16, kFold, 8, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
   }
 }
 
 template <bool kBf16>
 void launch_sparsify_layout(int layout, bool fold_scale, int split, const void* x, int64_t rows,
                             int64_t padded_rows, int64_t cols, int64_t ld_x, uint16_t* values,
-                            uint8_t* meta, float* scale, cudaStream_t stream) {
+                            int64_t ld_values, uint8_t* meta, float* scale, cudaStream_t stream) {
   switch (layout) {
     case kMetadataCusparselt:
-      if (fold_scale) return launch_sparsify_split<kBf16, true, 0>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
-      return launch_sparsify_split<kBf16, false, 0>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+      if (fold_scale) return launch_sparsify_split<kBf16, true, 0>(split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
+      return launch_sparsify_split<kBf16, false, 0>(split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
     case kMetadataSm90Block64:
-      return launch_sparsify_split<kBf16, false, 64>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+      return launch_sparsify_split<kBf16, false, 64>(split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
     default:
-      return launch_sparsify_split<kBf16, false, 128>(split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+      return launch_sparsify_split<kBf16, false, 128>(split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
   }
 }
 
@@ -408,7 +434,8 @@ int sparsify_split_for(int64_t padded_rows, int64_t cols) {
 
 void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                               int64_t ld_x, bool is_bf16, bool fold_scale, void* compressed,
-                              float* scale, cudaStream_t stream, int split, int metadata_layout) {
+                              float* scale, cudaStream_t stream, int split, int metadata_layout,
+                              int64_t compressed_cols) {
   require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify: bad padded row count");
   require(cols % 32 == 0, "sparsify: columns must be a multiple of 32");
   require(metadata_layout == kMetadataCusparselt || metadata_layout == kMetadataSm90Block64 ||
@@ -418,14 +445,44 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
           "sparsify: the sm90 GEMM applies the scale in its epilogue; fold_scale is for cuSPARSELt");
   require(metadata_layout == kMetadataCusparselt || cols % metadata_layout == 0,
           "sparsify: columns must be a multiple of the metadata block ", metadata_layout);
+  if (compressed_cols <= 0) compressed_cols = cols;
+  require(compressed_cols == cols || (metadata_layout != kMetadataCusparselt && compressed_cols > cols &&
+                                      compressed_cols % metadata_layout == 0),
+          "sparsify: only the sm90 layouts take extra compressed columns");
   auto* values = static_cast<uint16_t*>(compressed);
-  auto* meta = static_cast<uint8_t*>(compressed) + padded_rows * cols;  // after rows*cols/2 values
+  // Values of compressed_cols / 2 per row, then the metadata.
+  auto* meta = static_cast<uint8_t*>(compressed) + padded_rows * compressed_cols;
+  const int64_t ld_values = compressed_cols / 2;
   if (split <= 0) split = sparsify_split_for(padded_rows, cols);
   require(split == 1 || split == 2 || split == 4 || split == 8, "sparsify: split must be 1, 2, 4 or 8");
   if (is_bf16) {
-    launch_sparsify_layout<true>(metadata_layout, fold_scale, split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    launch_sparsify_layout<true>(metadata_layout, fold_scale, split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
   } else {
-    launch_sparsify_layout<false>(metadata_layout, fold_scale, split, x, rows, padded_rows, cols, ld_x, values, meta, scale, stream);
+    launch_sparsify_layout<false>(metadata_layout, fold_scale, split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
+  }
+}
+
+void launch_lora_extension(const void* u, int64_t rank, const float* scale, int64_t rows, int64_t padded_rows,
+                           int64_t k_main, int64_t k_ext, int metadata_layout, bool is_bf16, void* compressed,
+                           cudaStream_t stream) {
+  require(metadata_layout == kMetadataSm90Block64 || metadata_layout == kMetadataSm90Block128,
+          "lora extension: the K extension exists in the sm90 layouts only");
+  require(k_main % metadata_layout == 0 && k_ext > 0 && k_ext % metadata_layout == 0 && 2 * rank <= k_ext,
+          "lora extension: k_main and k_ext must be multiples of the metadata block, k_ext >= 2 * rank");
+  require(padded_rows % 64 == 0 && padded_rows >= rows, "lora extension: bad padded row count");
+  const int64_t total = k_main + k_ext;
+  auto* values = static_cast<uint16_t*>(compressed);
+  auto* meta = static_cast<uint8_t*>(compressed) + padded_rows * total;
+  const int64_t items = padded_rows * (k_ext / 8);
+  const int64_t blocks = (items + 255) / 256;
+  require(blocks <= 0x7fffffff, "lora extension: too many rows for one launch");
+  const auto* u16 = static_cast<const uint16_t*>(u);
+  if (is_bf16) {
+    lora_extension_kernel<true><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        u16, rank, scale, rows, padded_rows, k_main, k_ext, metadata_layout, values, total / 2, meta);
+  } else {
+    lora_extension_kernel<false><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        u16, rank, scale, rows, padded_rows, k_main, k_ext, metadata_layout, values, total / 2, meta);
   }
 }
 
@@ -486,145 +543,279 @@ __device__ __forceinline__ uint4 quantize_half_chunk(const uint4 (&kept)[2], flo
 // Same grid as sparsify_compress_kernel (8 warps over a 16-row group, a warp per row pair r,
 // r+8, kSplit warps sharing a row pair), but a lane step covers 64 columns: one 16-byte metadata
 // word for the pair and 32 value bytes per row.
-// kCutlass: CUTLASS's sm90 e4m3 metadata layout (atom 64 x 128, sm90_metadata_layout.h) instead
-// of cuSPARSELt's.
-template <bool kBf16, int kSplit, bool kCutlass>
-__global__ void __launch_bounds__(256) sparsify_fp8_kernel(
-    const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
-    uint8_t* __restrict__ values, uint8_t* __restrict__ meta, float* __restrict__ token_scale,
-    bool compensate) {
-  constexpr int kPairsPerBlock = 8 / kSplit;
-  const int lane = threadIdx.x;
-  const int warp = threadIdx.y;
-  const int pair_in_block = warp / kSplit;
-  const int split = warp % kSplit;
-  const int64_t group = int64_t(blockIdx.x) / kSplit;
-  const int row_in_8 = int(blockIdx.x % kSplit) * kPairsPerBlock + pair_in_block;
-  const int64_t block_row = group * 16;
-  const int64_t r0 = block_row + row_in_8;
-  const int64_t r1 = r0 + 8;
-  const bool has_r0 = r0 < rows;
-  const bool has_r1 = r1 < rows;
-  const int64_t chunks = cols / 64;
-  const uint4* x0 = reinterpret_cast<const uint4*>(x + (has_r0 ? r0 : 0) * ld_x);
-  const uint4* x1 = reinterpret_cast<const uint4*>(x + (has_r1 ? r1 : 0) * ld_x);
-  uint4* v0 = reinterpret_cast<uint4*>(values + r0 * (cols / 2));
-  uint4* v1 = reinterpret_cast<uint4*>(values + r1 * (cols / 2));
-  uint8_t* meta_row =
-      meta + (block_row / 64) * 8 * cols + ((block_row % 64) / 16) * 128 + row_in_8 * 16;
-  const int64_t first = int64_t(split) * 32 + lane;
-  constexpr int64_t kStride = 32 * kSplit;
+template <int kSplit>
+struct Fp8RowPair {
+  static constexpr int kPairsPerBlock = 8 / kSplit;
+  static constexpr int64_t kStride = 32 * kSplit;  // chunks between a lane's steps
+  int pair_in_block, split;
+  int64_t r0, r1;
+  bool has_r0, has_r1;  // rows past `rows` read as zeros
+  const uint4* x0;
+  const uint4* x1;
+  uint4* v0;
+  uint4* v1;
+  uint8_t* meta_row;  // cuSPARSELt layout: the pair's 16-byte word of chunk 0, 512 bytes apart
+  int64_t first;      // this lane's first 64-column chunk
 
-  // Pass 1: norms and max |kept| per row.
+  __device__ __forceinline__ Fp8RowPair(const uint16_t* x, int64_t rows, int64_t cols,
+                                        int64_t ld_x, uint8_t* values, uint8_t* meta) {
+    pair_in_block = threadIdx.y / kSplit;
+    split = threadIdx.y % kSplit;
+    const int64_t block_row = int64_t(blockIdx.x) / kSplit * 16;
+    const int row_in_8 = int(blockIdx.x % kSplit) * kPairsPerBlock + pair_in_block;
+    r0 = block_row + row_in_8;
+    r1 = r0 + 8;
+    has_r0 = r0 < rows;
+    has_r1 = r1 < rows;
+    x0 = reinterpret_cast<const uint4*>(x + (has_r0 ? r0 : 0) * ld_x);
+    x1 = reinterpret_cast<const uint4*>(x + (has_r1 ? r1 : 0) * ld_x);
+    v0 = reinterpret_cast<uint4*>(values + r0 * (cols / 2));
+    v1 = reinterpret_cast<uint4*>(values + r1 * (cols / 2));
+    meta_row = meta + (block_row / 64) * 8 * cols + ((block_row % 64) / 16) * 128 + row_in_8 * 16;
+    first = int64_t(split) * 32 + threadIdx.x;
+  }
+};
+
+// Per-lane sums of x^2 and x_kept^2 and max |x_kept| bits, for rows r0 and r1.
+struct Fp8PairStats {
   float dense0 = 0.f, kept0 = 0.f, dense1 = 0.f, kept1 = 0.f;
   uint32_t amax0 = 0, amax1 = 0;
-  for (int64_t c = first; c < chunks; c += kStride) {
+};
+
+// Loads and selects one 32-column half (`half` = 2 * chunk + h) of both rows. codes0/codes1:
+// the 8 group codes of each row as nibbles, group g at bits 4g (bytes in metadata order).
+template <bool kBf16, int kSplit>
+__device__ __forceinline__ void select_pair_half(const Fp8RowPair<kSplit>& pair, int64_t half,
+                                                 uint4 (&out0)[2], uint4 (&out1)[2],
+                                                 uint32_t& codes0, uint32_t& codes1,
+                                                 Fp8PairStats& stats) {
+  uint4 in0[4], in1[4];
+  uint32_t c0[8], c1[8];
+  load_chunk<kBf16>(pair.x0, pair.has_r0, half, in0);
+  load_chunk<kBf16>(pair.x1, pair.has_r1, half, in1);
+  select_chunk<kBf16>(in0, out0, c0, stats.dense0, stats.kept0);
+  select_chunk<kBf16>(in1, out1, c1, stats.dense1, stats.kept1);
+  stats.amax0 = max(stats.amax0, max_abs_bits(out0[0], out0[1]));
+  stats.amax1 = max(stats.amax1, max_abs_bits(out1[0], out1[1]));
+  codes0 = codes1 = 0;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      uint4 in0[4], in1[4], out0[2], out1[2];
-      uint32_t codes[8];
-      load_chunk<kBf16>(x0, has_r0, 2 * c + h, in0);
-      load_chunk<kBf16>(x1, has_r1, 2 * c + h, in1);
-      select_chunk<kBf16>(in0, out0, codes, dense0, kept0);
-      select_chunk<kBf16>(in1, out1, codes, dense1, kept1);
-      amax0 = max(amax0, max_abs_bits(out0[0], out0[1]));
-      amax1 = max(amax1, max_abs_bits(out1[0], out1[1]));
-    }
+  for (int g = 0; g < 8; ++g) {
+    codes0 |= c0[g] << (4 * g);
+    codes1 |= c1[g] << (4 * g);
   }
+}
+
+// Chunk c's metadata from the nibble words of select_pair_half ([h] = half h): byte j of a
+// row's 64 columns is byte j % 4 of word j / 4.
+// kCutlass: CUTLASS's sm90 e4m3 metadata layout (atom 64 x 128, sm90_metadata_layout.h) instead
+// of cuSPARSELt's.
+template <bool kCutlass, int kSplit>
+__device__ __forceinline__ void store_pair_metadata(const Fp8RowPair<kSplit>& pair,
+                                                    const uint32_t (&codes0)[2],
+                                                    const uint32_t (&codes1)[2], int64_t c,
+                                                    uint8_t* meta, int64_t padded_rows) {
+  if constexpr (kCutlass) {
+    // Each row's 64 columns are 8 neighbouring bytes. The byte offset is a column part plus a
+    // row part (the row parts stay out of the loop).
+    uint8_t* column = meta + sm90_metadata_byte_8bit(0, c * 64, padded_rows, 128);
+    *reinterpret_cast<uint64_t*>(column + sm90_metadata_byte_8bit(pair.r0, 0, padded_rows, 128)) =
+        codes0[0] | (uint64_t(codes0[1]) << 32);
+    *reinterpret_cast<uint64_t*>(column + sm90_metadata_byte_8bit(pair.r1, 0, padded_rows, 128)) =
+        codes1[0] | (uint64_t(codes1[1]) << 32);
+  } else {
+    // Word w: row bytes w and w + 4 of r and r+8, interleaved (r, r+8, r, r+8).
+    uint32_t words[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const int shift = 8 * w;
+      words[w] = ((codes0[0] >> shift) & 0xffu) | (((codes1[0] >> shift) & 0xffu) << 8) |
+                 (((codes0[1] >> shift) & 0xffu) << 16) | (((codes1[1] >> shift) & 0xffu) << 24);
+    }
+    *reinterpret_cast<uint4*>(pair.meta_row + c * 512) = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+}
+
+// Reduces the lanes' stats over the warp, then over the pair's kSplit warps (through shared
+// memory, the same order in every warp: identical sums); lane 0 of split 0 writes the
+// dequantisation scales. Returns 448 / max|kept| of rows r0 and r1.
+template <bool kBf16, int kSplit>
+__device__ __forceinline__ float2 finish_pair_stats(const Fp8RowPair<kSplit>& pair,
+                                                    Fp8PairStats s, float* token_scale,
+                                                    bool compensate) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
-    dense0 += __shfl_xor_sync(0xffffffffu, dense0, offset);
-    kept0 += __shfl_xor_sync(0xffffffffu, kept0, offset);
-    dense1 += __shfl_xor_sync(0xffffffffu, dense1, offset);
-    kept1 += __shfl_xor_sync(0xffffffffu, kept1, offset);
+    s.dense0 += __shfl_xor_sync(0xffffffffu, s.dense0, offset);
+    s.kept0 += __shfl_xor_sync(0xffffffffu, s.kept0, offset);
+    s.dense1 += __shfl_xor_sync(0xffffffffu, s.dense1, offset);
+    s.kept1 += __shfl_xor_sync(0xffffffffu, s.kept1, offset);
   }
-  amax0 = __reduce_max_sync(0xffffffffu, amax0);
-  amax1 = __reduce_max_sync(0xffffffffu, amax1);
+  s.amax0 = __reduce_max_sync(0xffffffffu, s.amax0);
+  s.amax1 = __reduce_max_sync(0xffffffffu, s.amax1);
   if constexpr (kSplit > 1) {
     __shared__ float partial[8][4];
     __shared__ uint32_t partial_max[8][2];
-    if (lane == 0) {
-      partial[warp][0] = dense0; partial[warp][1] = kept0;
-      partial[warp][2] = dense1; partial[warp][3] = kept1;
-      partial_max[warp][0] = amax0; partial_max[warp][1] = amax1;
+    const int warp = threadIdx.y;
+    if (threadIdx.x == 0) {
+      partial[warp][0] = s.dense0; partial[warp][1] = s.kept0;
+      partial[warp][2] = s.dense1; partial[warp][3] = s.kept1;
+      partial_max[warp][0] = s.amax0; partial_max[warp][1] = s.amax1;
     }
     __syncthreads();
-    dense0 = kept0 = dense1 = kept1 = 0.f;
-    amax0 = amax1 = 0;
+    s = Fp8PairStats();
 #pragma unroll
-    for (int w = 0; w < kSplit; ++w) {  // same order in every warp: identical sums
-      const int src = pair_in_block * kSplit + w;
-      dense0 += partial[src][0]; kept0 += partial[src][1];
-      dense1 += partial[src][2]; kept1 += partial[src][3];
-      amax0 = max(amax0, partial_max[src][0]); amax1 = max(amax1, partial_max[src][1]);
+    for (int w = 0; w < kSplit; ++w) {
+      const int src = pair.pair_in_block * kSplit + w;
+      s.dense0 += partial[src][0]; s.kept0 += partial[src][1];
+      s.dense1 += partial[src][2]; s.kept1 += partial[src][3];
+      s.amax0 = max(s.amax0, partial_max[src][0]); s.amax1 = max(s.amax1, partial_max[src][1]);
     }
   }
-  const float m0 = bits_to_float<kBf16>(amax0), m1 = bits_to_float<kBf16>(amax1);
+  const float m0 = bits_to_float<kBf16>(s.amax0), m1 = bits_to_float<kBf16>(s.amax1);
   // 448 / max|kept| maps the largest kept value onto e4m3's largest finite value; the
   // compensation scale cancels in q and only enters the dequantisation scale.
   const float inv0 = m0 > 0.f ? __fdiv_rn(448.f, m0) : 0.f;
   const float inv1 = m1 > 0.f ? __fdiv_rn(448.f, m1) : 0.f;
-  if (split == 0 && lane == 0) {
-    const float s0 = compensate && kept0 > 0.f ? sqrtf(dense0 / kept0) : 1.f;
-    const float s1 = compensate && kept1 > 0.f ? sqrtf(dense1 / kept1) : 1.f;
-    token_scale[r0] = __fdiv_rn(__fmul_rn(s0, m0), 448.f);
-    token_scale[r1] = __fdiv_rn(__fmul_rn(s1, m1), 448.f);
+  if (pair.split == 0 && threadIdx.x == 0) {
+    const float s0 = compensate && s.kept0 > 0.f ? sqrtf(s.dense0 / s.kept0) : 1.f;
+    const float s1 = compensate && s.kept1 > 0.f ? sqrtf(s.dense1 / s.kept1) : 1.f;
+    token_scale[pair.r0] = __fdiv_rn(__fmul_rn(s0, m0), 448.f);
+    token_scale[pair.r1] = __fdiv_rn(__fmul_rn(s1, m1), 448.f);
   }
+  return make_float2(inv0, inv1);
+}
 
-  // Pass 2: quantised values and metadata.
-  float unused_d = 0.f, unused_k = 0.f;
-  for (int64_t c = first; c < chunks; c += kStride) {
-    uint32_t codes0[16], codes1[16];
+// Reads x once. Pass 1 selects, writes the metadata and stages the kept 16-bit values in
+// shared memory (dynamic, fp8_staged_bytes: cols bytes per row); pass 2 quantises them from
+// there once max|kept| is known. A lane reads back only what it staged: no barrier between the
+// passes. Per row pair, 8 planes (row, half, 16-byte word) of `chunks` words, so the lanes of a
+// warp (consecutive chunks) touch consecutive words: no bank conflicts.
+// Two blocks per SM: <= 128 registers without spills (three, at 80, spill).
+template <bool kBf16, int kSplit, bool kCutlass>
+__global__ void __launch_bounds__(256, 2) sparsify_fp8_kernel(
+    const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
+    uint8_t* __restrict__ values, uint8_t* __restrict__ meta, float* __restrict__ token_scale,
+    bool compensate) {
+  extern __shared__ uint4 fp8_staged_kept[];
+  const Fp8RowPair<kSplit> pair(x, rows, cols, ld_x, values, meta);
+  const int chunks = int(cols / 64);  // small: the staged rows fit in shared memory
+  const int first = int(pair.first);
+  constexpr int kStride = int(Fp8RowPair<kSplit>::kStride);
+  uint4* staged = fp8_staged_kept + pair.pair_in_block * 8 * chunks;
+
+  Fp8PairStats stats;
+#pragma unroll 1
+  for (int c = first; c < chunks; c += kStride) {
+    uint32_t codes0[2], codes1[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      uint4 in0[4], in1[4], out0[2], out1[2];
-      uint32_t c0[8], c1[8];
-      load_chunk<kBf16>(x0, has_r0, 2 * c + h, in0);
-      load_chunk<kBf16>(x1, has_r1, 2 * c + h, in1);
-      select_chunk<kBf16>(in0, out0, c0, unused_d, unused_k);
-      select_chunk<kBf16>(in1, out1, c1, unused_d, unused_k);
-      v0[c * 2 + h] = quantize_half_chunk<kBf16>(out0, inv0);
-      v1[c * 2 + h] = quantize_half_chunk<kBf16>(out1, inv1);
+      uint4 out0[2], out1[2];
+      select_pair_half<kBf16>(pair, 2 * c + h, out0, out1, codes0[h], codes1[h], stats);
 #pragma unroll
-      for (int g = 0; g < 8; ++g) {
-        codes0[8 * h + g] = c0[g];
-        codes1[8 * h + g] = c1[g];
+      for (int i = 0; i < 2; ++i) {
+        staged[(2 * h + i) * chunks + c] = out0[i];
+        staged[(4 + 2 * h + i) * chunks + c] = out1[i];
       }
     }
-    if constexpr (kCutlass) {
-      // Each row's 64 columns are 8 neighbouring bytes, byte j = groups 2j, 2j + 1.
-      uint64_t row_words[2] = {0, 0};
+    store_pair_metadata<kCutlass>(pair, codes0, codes1, c, meta, padded_rows);
+  }
+  const float2 inv = finish_pair_stats<kBf16>(pair, stats, token_scale, compensate);
+
+#pragma unroll 1
+  for (int c = first; c < chunks; c += kStride) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        row_words[0] |= uint64_t(codes0[2 * j] | (codes0[2 * j + 1] << 4)) << (8 * j);
-        row_words[1] |= uint64_t(codes1[2 * j] | (codes1[2 * j + 1] << 4)) << (8 * j);
-      }
-      *reinterpret_cast<uint64_t*>(meta + sm90_metadata_byte_8bit(r0, c * 64, padded_rows, 128)) = row_words[0];
-      *reinterpret_cast<uint64_t*>(meta + sm90_metadata_byte_8bit(r1, c * 64, padded_rows, 128)) = row_words[1];
-    } else {
-      // Word w, byte j: b = w + 4*(j/2), row r (j even) or r+8 (j odd).
-      uint32_t words[4];
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const int b_lo = w, b_hi = w + 4;
-        words[w] = (codes0[2 * b_lo] | (codes0[2 * b_lo + 1] << 4)) |
-                   ((codes1[2 * b_lo] | (codes1[2 * b_lo + 1] << 4)) << 8) |
-                   ((codes0[2 * b_hi] | (codes0[2 * b_hi + 1] << 4)) << 16) |
-                   ((codes1[2 * b_hi] | (codes1[2 * b_hi + 1] << 4)) << 24);
-      }
-      *reinterpret_cast<uint4*>(meta_row + c * 512) = make_uint4(words[0], words[1], words[2], words[3]);
+    for (int h = 0; h < 2; ++h) {
+      const uint4 kept0[2] = {staged[(2 * h) * chunks + c], staged[(2 * h + 1) * chunks + c]};
+      const uint4 kept1[2] = {staged[(4 + 2 * h) * chunks + c], staged[(5 + 2 * h) * chunks + c]};
+      pair.v0[c * 2 + h] = quantize_half_chunk<kBf16>(kept0, inv.x);
+      pair.v1[c * 2 + h] = quantize_half_chunk<kBf16>(kept1, inv.y);
     }
   }
 }
 
+// Fallback for rows too long to stage (launch_fp8_variant): pass 1 only reads (stats), pass 2
+// re-reads x (mostly from L2) and writes values and metadata.
+template <bool kBf16, int kSplit, bool kCutlass>
+__global__ void __launch_bounds__(256) sparsify_fp8_two_pass_kernel(
+    const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
+    uint8_t* __restrict__ values, uint8_t* __restrict__ meta, float* __restrict__ token_scale,
+    bool compensate) {
+  const Fp8RowPair<kSplit> pair(x, rows, cols, ld_x, values, meta);
+  const int64_t chunks = cols / 64;
+  constexpr int64_t kStride = Fp8RowPair<kSplit>::kStride;
+
+  Fp8PairStats stats;
+  for (int64_t c = pair.first; c < chunks; c += kStride) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 out0[2], out1[2];
+      uint32_t codes0, codes1;
+      select_pair_half<kBf16>(pair, 2 * c + h, out0, out1, codes0, codes1, stats);
+    }
+  }
+  const float2 inv = finish_pair_stats<kBf16>(pair, stats, token_scale, compensate);
+
+  Fp8PairStats unused;
+  for (int64_t c = pair.first; c < chunks; c += kStride) {
+    uint32_t codes0[2], codes1[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 out0[2], out1[2];
+      select_pair_half<kBf16>(pair, 2 * c + h, out0, out1, codes0[h], codes1[h], unused);
+      pair.v0[c * 2 + h] = quantize_half_chunk<kBf16>(out0, inv.x);
+      pair.v1[c * 2 + h] = quantize_half_chunk<kBf16>(out1, inv.y);
+    }
+    store_pair_metadata<kCutlass>(pair, codes0, codes1, c, meta, padded_rows);
+  }
+}
+
+// Shared memory the one-pass kernel stages per block: 16 / split rows, each cols/2 kept 16-bit
+// values.
+int64_t fp8_staged_bytes(int64_t cols, int split) { return 16 / split * cols; }
+
+// Staged bytes per block that still let two blocks (as many as its <= 128 registers allow) share
+// the 228 KB of an H100/H200 SM; sparsify_fp8_split_for splits longer rows.
+constexpr int64_t kFp8StagedPerBlock = 100 * 1024;
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory on this device, or returns false
+// if the opt-in limit (227 KB per block on H100/H200, static shared memory included) is too low.
+template <typename Kernel>
+bool reserve_dynamic_smem(Kernel* kernel, int64_t bytes) {
+  int device = 0, optin = 0;
+  cudaFuncAttributes attributes{};
+  require(cudaGetDevice(&device) == cudaSuccess &&
+              cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
+                  cudaSuccess &&
+              cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess,
+          "sparsify_fp8: cannot query the shared memory limits");
+  if (bytes + int64_t(attributes.sharedSizeBytes) > optin) return false;
+  if (bytes > attributes.maxDynamicSharedSizeBytes) {  // 48 KB less static by default
+    const cudaError_t status = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    require(status == cudaSuccess, "sparsify_fp8: cannot reserve ", bytes,
+            " bytes of shared memory: ", cudaGetErrorString(status));
+  }
+  return true;
+}
+
+// The one-pass kernel when a block's rows fit in shared memory (H100/H200: cols <= 14,528 at
+// split 1, 28,992 at 2, 58,048 at 4, 116,096 at 8), else the two-pass one.
 template <bool kBf16, int kSplit, bool kCutlass>
 void launch_fp8_variant(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                         int64_t ld_x, uint8_t* values, uint8_t* meta, float* token_scale,
                         bool compensate, cudaStream_t stream) {
   const int64_t blocks = padded_rows / 16 * kSplit;
   require(blocks <= 0x7fffffff, "sparsify_fp8: too many rows for one launch");
-  sparsify_fp8_kernel<kBf16, kSplit, kCutlass><<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
-      static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate);
+  const auto grid = static_cast<unsigned>(blocks);
+  const auto* xs = static_cast<const uint16_t*>(x);
+  auto* one_pass = sparsify_fp8_kernel<kBf16, kSplit, kCutlass>;
+  const int64_t staged = fp8_staged_bytes(cols, kSplit);
+  if (reserve_dynamic_smem(one_pass, staged)) {
+    one_pass<<<grid, dim3(32, 8), static_cast<size_t>(staged), stream>>>(
+        xs, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate);
+  } else {
+    sparsify_fp8_two_pass_kernel<kBf16, kSplit, kCutlass><<<grid, dim3(32, 8), 0, stream>>>(
+        xs, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate);
+  }
 }
 
 template <bool kBf16, bool kCutlass>
@@ -711,15 +902,15 @@ void launch_fp8_epilogue_dtype(const void* d, void* y, int64_t rows, int64_t col
 }  // namespace
 
 int sparsify_fp8_split_for(int64_t padded_rows, int64_t cols) {
-  // As sparsify_split_for, with 64-column lane steps.
+  // x is read once, so no L2 re-read to protect (unlike sparsify_split_for): fill the chip, and
+  // split long rows until two blocks' staged values share an SM. A warp covers 32 chunks of 64
+  // columns per step: keep half its lanes busy.
   const DeviceShape device = device_shape();
   const int64_t groups = padded_rows / 16;
   const int64_t chunks = cols / 64;
-  const int64_t group_bytes = 16 * cols * 2;
   int split = 1;
   while (split < 8 && chunks / (2 * split) >= 8 &&
-         (groups * split < device.sms ||
-          2 * device.sms * group_bytes / split > device.l2_bytes / 2)) {
+         (groups * split < device.sms || fp8_staged_bytes(cols, split) > kFp8StagedPerBlock)) {
     split *= 2;
   }
   return split;

@@ -48,10 +48,20 @@ constexpr int kMetadataSm90Block128 = 128;
 // fold_scale: values are round(s * x_kept) with s = ||x|| / ||x_kept|| per row (read twice);
 // else the kept values unchanged. scale (padded_rows floats, may be nullptr) receives s.
 // split: warps per row pair (1, 2, 4, 8), <= 0 picks one from the shape and the SM count.
+// compressed_cols (sm90 layouts only, 0 = cols): the compressed buffer is that many logical
+// columns wide (values compressed_cols/2 per row); columns from cols on are the K extension,
+// written by launch_lora_extension.
 void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                               int64_t ld_x, bool is_bf16, bool fold_scale, void* compressed,
                               float* scale, cudaStream_t stream, int split = 0,
-                              int metadata_layout = kMetadataCusparselt);
+                              int metadata_layout = kMetadataCusparselt, int64_t compressed_cols = 0);
+
+// The K extension of the sm90 GEMM in a buffer of k_main + k_ext logical columns: u (rows x rank,
+// x's dtype, contiguous) divided by the token scale (nullptr: 1) as 2:4 groups [u0 u1 0 0] in
+// columns k_main.., so that the GEMM's epilogue scale restores u (sm90_k_extended_mainloop.cuh).
+void launch_lora_extension(const void* u, int64_t rank, const float* scale, int64_t rows, int64_t padded_rows,
+                           int64_t k_main, int64_t k_ext, int metadata_layout, bool is_bf16, void* compressed,
+                           cudaStream_t stream);
 
 // The split launch_sparsify_compress picks for split <= 0.
 int sparsify_split_for(int64_t padded_rows, int64_t cols);
@@ -62,8 +72,9 @@ void launch_scale_bias_epilogue(const void* gemm, void* y, int64_t rows, int64_t
                                 const float* scale, const void* bias, bool bias_is_float,
                                 bool is_bf16, cudaStream_t stream);
 
-// fp8 e4m3 path. Reads x once for the norms and max|x_kept| of each token, then again (mostly
-// from L2) to write q = e4m3(x_kept * (448 / max|x_kept|)) in the fp8 compressed layout
+// fp8 e4m3 path. Reads x once: the kept values wait in shared memory while the norms and
+// max|x_kept| of each token are reduced (very long rows fall back to a second read of x), then
+// q = e4m3(x_kept * (448 / max|x_kept|)) is written in the fp8 compressed layout
 // (cuSPARSELt's, or CUTLASS's sm90 layout with kMetadataSm90Block128)
 // (padded_rows*cols/2 value bytes, then padded_rows*cols/8 metadata bytes) and the per-token
 // dequantisation scale a = s * max|x_kept| / 448 (s = 1 without compensation; 0 for a zero token).

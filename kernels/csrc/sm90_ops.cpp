@@ -127,44 +127,65 @@ int sm_count(int device) {
   return count;
 }
 
-// The compressed activations for one metadata layout: values (rows padded to 64) then metadata.
+// The compressed activations for one metadata layout: values (rows padded to 64) then metadata,
+// over cols logical columns (K, plus the K extension of a low-rank branch).
 struct Compressed {
   at::Tensor buffer;  // compressed_numel (x's dtype) or fp8_compressed_bytes (e4m3), op_checks.h
   at::Tensor scale;   // per token: s (16-bit, when compensating) or a (e4m3); undefined = 1
   int64_t padded_rows = 0;
+  int64_t cols = 0;
 
   const void* values() const { return buffer.data_ptr(); }
-  const void* metadata(bool e4m3, int64_t k) const {
-    const int64_t value_bytes = padded_rows * k / 2 * (e4m3 ? 1 : 2);
+  const void* metadata(bool e4m3) const {
+    const int64_t value_bytes = padded_rows * cols / 2 * (e4m3 ? 1 : 2);
     return static_cast<const uint8_t*>(buffer.data_ptr()) + value_bytes;
   }
 };
 
-Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadata_block) {
+// The low-rank branch as the sm90 GEMM takes it: u = x down^T goes into k_ext extra columns of
+// the compressed activations (the stored columns of up_ext rounded up to the 128-column metadata
+// atom), up_ext (N x 2 * rank rounded up, kernels/sm90.py builds it) is the second B operand.
+struct LowRankOperands {
+  at::Tensor down;    // rank x K, x's dtype
+  at::Tensor up_ext;  // undefined: no branch
+  int64_t k_ext() const { return up_ext.defined() ? (up_ext.size(1) + 127) / 128 * 128 : 0; }
+};
+
+Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadata_block,
+                    const LowRankOperands& low_rank = {}) {
   Compressed c;
   c.padded_rows = round_up_rows(x.size(0));
   const int64_t k = x.size(1);
+  c.cols = k + low_rank.k_ext();
   const auto stream = at::cuda::getCurrentCUDAStream();
   const bool is_bf16 = x.scalar_type() == at::kBFloat16;
   if (e4m3) {
+    require(low_rank.k_ext() == 0, "rt_lynx: the e4m3 GEMM takes no low-rank extension");
     c.buffer = at::empty({fp8_compressed_bytes(c.padded_rows, k)}, x.options().dtype(at::kByte));
     c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
     launch_sparsify_fp8(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, compensate,
                         c.buffer.data_ptr(), c.scale.data_ptr<float>(), stream, 0, metadata_block);
   } else {
-    c.buffer = at::empty({compressed_numel(c.padded_rows, k)}, x.options());
+    c.buffer = at::empty({compressed_numel(c.padded_rows, c.cols)}, x.options());
     if (compensate) c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
+    float* scale = compensate ? c.scale.data_ptr<float>() : nullptr;
     launch_sparsify_compress(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, false,
-                             c.buffer.data_ptr(), compensate ? c.scale.data_ptr<float>() : nullptr,
-                             stream, 0, metadata_block);
+                             c.buffer.data_ptr(), scale, stream, 0, metadata_block, c.cols);
+    if (low_rank.k_ext() > 0) {
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const at::Tensor u = at::mm(x, low_rank.down.t()).contiguous();  // cuBLAS, rows x rank
+      launch_lora_extension(u.data_ptr(), u.size(1), scale, x.size(0), c.padded_rows, k, low_rank.k_ext(),
+                            metadata_block, is_bf16, c.buffer.data_ptr(), stream);
+    }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return c;
 }
 
-// Runs the GEMM of one config into y (rows x N, out dtype).
+// Runs the GEMM of one config into y (rows x N, out dtype); a.cols - K columns of a multiply up_ext.
 void run_gemm(const Sm90Library& lib, int config, const Compressed& a, bool e4m3, const at::Tensor& weight,
-              const at::Tensor& col_scale, const at::Tensor& bias, const at::Tensor& y, const char* op) {
+              const at::Tensor& col_scale, const at::Tensor& bias, const at::Tensor& y, const char* op,
+              const at::Tensor& up_ext = {}) {
   const int in_element = element_of(weight.scalar_type());
   RtLynxSm90Gemm g{};
   g.in_element = in_element;
@@ -173,9 +194,13 @@ void run_gemm(const Sm90Library& lib, int config, const Compressed& a, bool e4m3
   g.m = y.size(0);
   g.n = weight.size(0);
   g.k = weight.size(1);
+  g.k_ext = a.cols - g.k;
+  require(g.k_ext == LowRankOperands{at::Tensor(), up_ext}.k_ext(), op, ": K extension differs from up_ext");
   g.a_values = a.values();
-  g.a_metadata = a.metadata(e4m3, g.k);
+  g.a_metadata = a.metadata(e4m3);
   g.b = weight.data_ptr();
+  g.b_ext = g.k_ext > 0 ? up_ext.data_ptr() : nullptr;
+  g.b_ext_cols = g.k_ext > 0 ? up_ext.size(1) : 0;
   g.d = y.data_ptr();
   g.row_scale = a.scale.defined() ? a.scale.data_ptr<float>() : nullptr;
   g.col_scale = col_scale.defined() ? col_scale.data_ptr<float>() : nullptr;
@@ -196,11 +221,11 @@ void run_gemm(const Sm90Library& lib, int config, const Compressed& a, bool e4m3
 
 struct PlanKey {
   int device;
-  int64_t rows, k, n;
+  int64_t rows, k, n, k_ext;
   int in_element, out_element;
   bool operator==(const PlanKey& o) const {
-    return device == o.device && rows == o.rows && k == o.k && n == o.n && in_element == o.in_element &&
-           out_element == o.out_element;
+    return device == o.device && rows == o.rows && k == o.k && n == o.n && k_ext == o.k_ext &&
+           in_element == o.in_element && out_element == o.out_element;
   }
 };
 
@@ -209,6 +234,7 @@ struct PlanKeyHash {
     size_t h = std::hash<int64_t>()(key.rows);
     h = h * 1000003u ^ std::hash<int64_t>()(key.k);
     h = h * 1000003u ^ std::hash<int64_t>()(key.n);
+    h = h * 1000003u ^ std::hash<int64_t>()(key.k_ext);
     return h * 1000003u ^ size_t(key.device * 16 + key.in_element * 4 + key.out_element);
   }
 };
@@ -265,7 +291,8 @@ float relative_difference(const at::Tensor& a, const at::Tensor& b) {
 // temperature drift during tuning shifts all of them alike; each config's score is the sum over
 // rounds of its best time in the round.
 Plan tune(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensate, const at::Tensor& weight,
-          const at::Tensor& col_scale, const at::Tensor& bias, at::ScalarType out_dtype, const char* op) {
+          const at::Tensor& col_scale, const at::Tensor& bias, at::ScalarType out_dtype, const char* op,
+          const LowRankOperands& low_rank) {
   const int element = element_of(weight.scalar_type());
   const int count = lib.config_count(element);
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -276,10 +303,10 @@ Plan tune(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensat
   for (int c = 0; c < count; ++c) {
     const auto info = config_info(lib, element, c, op);
     if (by_block.find(info.metadata_block_k) == by_block.end()) {
-      by_block.emplace(info.metadata_block_k, sparsify(x, e4m3, compensate, info.metadata_block_k));
+      by_block.emplace(info.metadata_block_k, sparsify(x, e4m3, compensate, info.metadata_block_k, low_rank));
     }
     try {
-      run_gemm(lib, c, by_block.at(info.metadata_block_k), e4m3, weight, col_scale, bias, y, op);
+      run_gemm(lib, c, by_block.at(info.metadata_block_k), e4m3, weight, col_scale, bias, y, op, low_rank.up_ext);
     } catch (const std::exception&) {
       continue;  // this config cannot take the shape
     }
@@ -305,7 +332,7 @@ Plan tune(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensat
       float best_ms = std::numeric_limits<float>::infinity();
       for (int r = 0; r < kRepeats; ++r) {
         C10_CUDA_CHECK(cudaEventRecord(start, stream));
-        run_gemm(lib, c, a, e4m3, weight, col_scale, bias, y, op);
+        run_gemm(lib, c, a, e4m3, weight, col_scale, bias, y, op, low_rank.up_ext);
         C10_CUDA_CHECK(cudaEventRecord(stop, stream));
         C10_CUDA_CHECK(cudaEventSynchronize(stop));
         float ms = 0.f;
@@ -327,9 +354,10 @@ Plan tune(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensat
 }
 
 int config_for(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensate, const at::Tensor& weight,
-               const at::Tensor& col_scale, const at::Tensor& bias, at::ScalarType out_dtype, const char* op) {
-  const PlanKey key{x.get_device(), x.size(0), x.size(1), weight.size(0), element_of(weight.scalar_type()),
-                    element_of(out_dtype)};
+               const at::Tensor& col_scale, const at::Tensor& bias, at::ScalarType out_dtype, const char* op,
+               const LowRankOperands& low_rank) {
+  const PlanKey key{x.get_device(), x.size(0), x.size(1), weight.size(0), low_rank.k_ext(),
+                    element_of(weight.scalar_type()), element_of(out_dtype)};
   {
     std::lock_guard<std::mutex> lock(plan_mutex());
     auto hit = plans().find(key);
@@ -341,26 +369,27 @@ int config_for(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool comp
     // No timing (it synchronises) inside a CUDA graph capture: a fixed choice, not cached.
     return heuristic_config(lib, key.in_element, key.rows, key.n, key.device);
   }
-  Plan plan = tune(lib, x, e4m3, compensate, weight, col_scale, bias, out_dtype, op);
+  Plan plan = tune(lib, x, e4m3, compensate, weight, col_scale, bias, out_dtype, op, low_rank);
   std::lock_guard<std::mutex> lock(plan_mutex());
   return plans().emplace(key, std::move(plan)).first->second.config;
 }
 
 // The Lynx linear once x and the weight are checked: sparsify for the chosen config's metadata
-// layout, then the GEMM with scale(s) and bias in its epilogue. e4m3 when the weight is.
+// layout (plus the low-rank branch's columns), then the GEMM with scale(s) and bias in its
+// epilogue. e4m3 when the weight is.
 at::Tensor sparse_linear_checked(const Sm90Library& lib, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& col_scale, const c10::optional<at::Tensor>& bias_in,
-                                 bool compensate, const char* op) {
+                                 bool compensate, const char* op, const LowRankOperands& low_rank = {}) {
   require(x.size(1) % 128 == 0, op, ": in_features must be a multiple of 128, got ", x.size(1));
   const c10::cuda::CUDAGuard guard(x.device());
   const bool e4m3 = weight.scalar_type() == at::kFloat8_e4m3fn;
   at::Tensor bias = checked_bias(bias_in, x, weight.size(0), op);
   if (bias.defined() && bias.scalar_type() != x.scalar_type()) bias = bias.to(x.scalar_type());
-  const int config = config_for(lib, x, e4m3, compensate, weight, col_scale, bias, x.scalar_type(), op);
+  const int config = config_for(lib, x, e4m3, compensate, weight, col_scale, bias, x.scalar_type(), op, low_rank);
   const auto info = config_info(lib, element_of(weight.scalar_type()), config, op);
-  const Compressed a = sparsify(x, e4m3, compensate, info.metadata_block_k);
+  const Compressed a = sparsify(x, e4m3, compensate, info.metadata_block_k, low_rank);
   auto y = at::empty({x.size(0), weight.size(0)}, x.options());
-  run_gemm(lib, config, a, e4m3, weight, col_scale, bias, y, op);
+  run_gemm(lib, config, a, e4m3, weight, col_scale, bias, y, op, low_rank.up_ext);
   return y;
 }
 
@@ -371,6 +400,27 @@ at::Tensor sparse_linear_sm90_op(const at::Tensor& x_in, const at::Tensor& weigh
   const auto x = checked_activation(x_in, op);
   check_weight(weight, x, op);
   return sparse_linear_checked(lib, x, weight, at::Tensor(), bias_in, compensate, op);
+}
+
+// The Lynx linear plus its low-rank branch up(down(x)) in one GEMM: down is rank x K, up_ext the
+// up factor in the K-extension form (N x k_ext, scale folded in; kernels/sm90.py builds it).
+at::Tensor sparse_linear_lora_sm90_op(const at::Tensor& x_in, const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& bias_in, bool compensate,
+                                      const at::Tensor& down, const at::Tensor& up_ext) {
+  const char* op = "rt_lynx::sparse_linear_lora_sm90";
+  const auto& lib = library(op);
+  const auto x = checked_activation(x_in, op);
+  check_weight(weight, x, op);
+  require(down.dim() == 2 && down.size(1) == x.size(1) && down.size(0) >= 1 && down.scalar_type() == x.scalar_type() &&
+              down.device() == x.device(),
+          op, ": down must be rank x ", x.size(1), " in x's dtype on x's device");
+  require(up_ext.dim() == 2 && up_ext.size(0) == weight.size(0) && up_ext.is_contiguous() &&
+              up_ext.scalar_type() == x.scalar_type() && up_ext.device() == x.device(),
+          op, ": up_ext must be a contiguous ", weight.size(0), " x k_ext matrix in x's dtype on x's device");
+  require(up_ext.size(1) % 8 == 0 && up_ext.size(1) >= 2 * down.size(0), op,
+          ": up_ext must have a multiple of 8 columns, at least 2 * rank (", 2 * down.size(0), "), got ",
+          up_ext.size(1));
+  return sparse_linear_checked(lib, x, weight, at::Tensor(), bias_in, compensate, op, {down, up_ext});
 }
 
 at::Tensor sparse_linear_fp8_sm90_op(const at::Tensor& x_in, const at::Tensor& wq, const at::Tensor& w_scale,
@@ -424,6 +474,7 @@ at::Tensor sparse_mm_sm90_op(const at::Tensor& compressed, const at::Tensor& wei
   at::Tensor cs = col_scale.has_value() && col_scale->defined() ? col_scale->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->to(out_dtype).contiguous() : at::Tensor();
   auto y = at::empty({rows, n}, weight.options().dtype(out_dtype));
+  a.cols = k;
   run_gemm(lib, static_cast<int>(config), a, e4m3, weight, cs, bias, y, op);
   return y;
 }
@@ -450,13 +501,15 @@ std::string sm90_check_metadata_layout(int64_t element, int64_t config, int64_t 
   return "";
 }
 
-std::vector<std::tuple<int64_t, int64_t, int64_t, std::string, int64_t, std::vector<float>>> sm90_plan_info() {
+using PlanRow = std::tuple<int64_t, int64_t, int64_t, std::string, int64_t, std::vector<float>, int64_t>;
+
+std::vector<PlanRow> sm90_plan_info() {
   std::lock_guard<std::mutex> lock(plan_mutex());
-  std::vector<std::tuple<int64_t, int64_t, int64_t, std::string, int64_t, std::vector<float>>> rows;
+  std::vector<PlanRow> rows;
   static const char* names[] = {"bf16", "fp16", "e4m3"};
   for (const auto& entry : plans()) {
     rows.emplace_back(entry.first.rows, entry.first.k, entry.first.n, names[entry.first.in_element],
-                      entry.second.config, entry.second.candidate_us);
+                      entry.second.config, entry.second.candidate_us, entry.first.k_ext);
   }
   return rows;
 }
@@ -471,6 +524,7 @@ void sm90_clear_plans() {
 
 TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) {
   m.impl("sparse_linear_sm90", &rt_lynx::sparse_linear_sm90_op);
+  m.impl("sparse_linear_lora_sm90", &rt_lynx::sparse_linear_lora_sm90_op);
   m.impl("sparse_linear_fp8_sm90", &rt_lynx::sparse_linear_fp8_sm90_op);
   m.impl("sparsify_sm90", &rt_lynx::sparsify_sm90_op);
   m.impl("sparse_mm_sm90", &rt_lynx::sparse_mm_sm90_op);
@@ -485,6 +539,6 @@ void register_sm90_functions(pybind11::module& m) {
   m.def("sm90_check_metadata_layout", &rt_lynx::sm90_check_metadata_layout,
         "'' if the sparsify kernels' metadata layout equals CUTLASS's for (element, config, m, k)");
   m.def("sm90_plan_info", &rt_lynx::sm90_plan_info,
-        "chosen configs: (M, K, N, element, config, time per candidate in us)");
+        "chosen configs: (M, K, N, element, config, time per candidate in us, K extension)");
   m.def("sm90_clear_plans", &rt_lynx::sm90_clear_plans, "forget the chosen configs");
 }

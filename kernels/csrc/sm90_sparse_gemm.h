@@ -2,14 +2,17 @@
 // kernels (slow to compile) build once per CUDA toolkit and survive torch upgrades. The torch
 // extension loads it with dlopen (kernels/build.py builds both).
 //
-//   D[m, n] = out( row_scale[m] * col_scale[n] * sum_k A[m, k] B[n, k] + bias[n] )
+//   D[m, n] = out( row_scale[m] * col_scale[n] * (sum_k A[m, k] B[n, k] + sum_j A[m, k + j] B_ext[n, j])
+//                  + bias[n] )
 //
 // A is the 2:4-sparse activation matrix (M x K logical) in CUTLASS's sm90 compressed form:
 // values M x K/2 row-major (the two kept entries of each group of 4, in column order) and
 // metadata in the layout of sm90_metadata_layout.h. B is the weight, N x K row-major (what
 // nn.Linear stores). The scales and the bias are applied in the GEMM's epilogue: the output is
-// written once. row_scale == nullptr means 1; col_scale is for e4m3 inputs only (per output
-// channel weight scale), nullptr means 1; bias == nullptr means 0.
+// written once. The optional K extension (k_ext more columns of A times B_ext) is how a low-rank
+// branch joins the same accumulators (sm90_k_extended_mainloop.cuh). row_scale == nullptr means
+// 1; col_scale is for e4m3 inputs only (per output channel weight scale), nullptr means 1;
+// bias == nullptr means 0.
 #pragma once
 #include <cuda_runtime.h>
 #include <stddef.h>
@@ -19,7 +22,7 @@
 extern "C" {
 #endif
 
-#define RT_LYNX_SM90_API_VERSION 1
+#define RT_LYNX_SM90_API_VERSION 2
 
 enum RtLynxElement { RT_LYNX_BF16 = 0, RT_LYNX_FP16 = 1, RT_LYNX_E4M3 = 2 };
 
@@ -35,9 +38,12 @@ typedef struct {
   int out_element;              // RT_LYNX_BF16 or RT_LYNX_FP16; the bias has this type too
   int config;                   // index < rt_lynx_sm90_config_count(in_element)
   int64_t m, n, k;              // k logical; m any >= 1; n % 16 == 0; k % 128 == 0
-  const void* a_values;         // m x k/2
-  const void* a_metadata;       // round_up(m, 64) * k / 8 bytes
+  int64_t k_ext;                // extra logical columns of A that multiply b_ext (0: none; % 128 == 0)
+  const void* a_values;         // m x (k + k_ext)/2
+  const void* a_metadata;       // round_up(m, 64) * (k + k_ext) / 8 bytes
   const void* b;                // n x k row-major
+  const void* b_ext;            // n x b_ext_cols row-major, in_element (nullptr when k_ext == 0)
+  int64_t b_ext_cols;           // stored columns of b_ext, <= k_ext, % 8 == 0 (the rest read as 0)
   void* d;                      // m x n row-major, out_element
   const float* row_scale;       // m floats or nullptr
   const float* col_scale;       // n floats or nullptr (e4m3 only)

@@ -22,7 +22,13 @@ const char* shape_problem(const RtLynxSm90Gemm& g) {
   if (g.m < 1 || g.n < 1 || g.k < 1) return "empty sparse GEMM";
   if (g.k % 128) return "K must be a multiple of 128";
   if (g.n % 16) return "N must be a multiple of 16";
-  if (g.m > 0x7fffffff || g.n > 0x7fffffff || g.k > 0x7fffffff) return "sparse GEMM extent over 2^31";
+  if (g.k_ext < 0 || g.k_ext % 128) return "k_ext must be a non-negative multiple of 128";
+  if ((g.k_ext > 0) != (g.b_ext != nullptr)) return "b_ext must be given exactly when k_ext > 0";
+  if (g.k_ext > 0 && g.in_element == RT_LYNX_E4M3) return "the K extension is for 16-bit inputs";
+  if (g.k_ext > 0 && (g.b_ext_cols < 8 || g.b_ext_cols > g.k_ext || g.b_ext_cols % 8)) {
+    return "b_ext_cols must be a multiple of 8 in [8, k_ext]";
+  }
+  if (g.m > 0x7fffffff || g.n > 0x7fffffff || g.k + g.k_ext > 0x7fffffff) return "sparse GEMM extent over 2^31";
   if (g.in_element != RT_LYNX_E4M3 && g.col_scale != nullptr) return "col_scale is for e4m3 inputs only";
   return nullptr;
 }

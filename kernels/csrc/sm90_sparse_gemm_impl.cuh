@@ -22,6 +22,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/util/packed_stride.hpp>
 
+#include "sm90_k_extended_mainloop.cuh"
 #include "sm90_metadata_layout.h"
 #include "sm90_sparse_gemm.h"
 
@@ -100,14 +101,14 @@ struct SparseGemm {
       ElementOut, cutlass::layout::RowMajor, kAlignOut,
       EpilogueSchedule, Fusion>::CollectiveOp;
 
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using CollectiveMainloop = KExtendedSparseMainloop<typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp,
       ElementIn, cutlass::layout::RowMajor, kAlignIn,
       ElementIn, cutlass::layout::ColumnMajor, kAlignIn,
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      MainloopSchedule>::CollectiveOp;
+      MainloopSchedule>::CollectiveOp>;
 
   using ProblemShape = cute::Shape<int, int, int, int>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
@@ -121,19 +122,29 @@ struct SparseGemm {
                 "metadata atom differs from the one the sparsify kernels write");
 
   static typename Gemm::Arguments arguments(const RtLynxSm90Gemm& g) {
-    const ProblemShape problem{int(g.m), int(g.n), int(g.k), 1};
+    // A spans k + k_ext logical columns; the weight k of them, b_ext the rest.
+    const ProblemShape problem{int(g.m), int(g.n), int(g.k + g.k_ext), 1};
     cutlass::KernelHardwareInfo hw_info;
     cudaGetDevice(&hw_info.device_id);
     hw_info.sm_count = g.sm_count > 0 ? g.sm_count
                                       : cutlass::KernelHardwareInfo::query_device_multiprocessor_count(hw_info.device_id);
     const auto stride_b = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(int(g.n), int(g.k), 1));
+    const auto stride_b_ext = cutlass::make_cute_packed_stride(
+        StrideB{}, cute::make_shape(int(g.n), int(g.k_ext > 0 ? g.b_ext_cols : g.k), 1));
     const auto stride_d = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(int(g.m), int(g.n), 1));
+    typename CollectiveMainloop::Arguments mainloop{};
+    static_cast<typename CollectiveMainloop::CutlassArguments&>(mainloop) = {
+        static_cast<const ElementIn*>(g.a_values), SparseConfig::fill_layoutA(problem),
+        static_cast<const ElementIn*>(g.b), stride_b,
+        static_cast<const ElementE*>(g.a_metadata), SparseConfig::fill_layoutE(problem)};
+    mainloop.ptr_B_ext = static_cast<const ElementIn*>(g.b_ext);
+    mainloop.dB_ext = stride_b_ext;
+    mainloop.b_ext_cols = int(g.b_ext_cols);
+    mainloop.k_main = int(g.k);
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         problem,
-        {static_cast<const ElementIn*>(g.a_values), SparseConfig::fill_layoutA(problem),
-         static_cast<const ElementIn*>(g.b), stride_b,
-         static_cast<const ElementE*>(g.a_metadata), SparseConfig::fill_layoutE(problem)},
+        mainloop,
         {{}, nullptr, stride_d, static_cast<ElementOut*>(g.d), stride_d},
         hw_info};
     const typename TokenScale::Arguments token{g.row_scale, 1.f, {}};

@@ -1,0 +1,127 @@
+"""GPU tests of the Lynx LoRA branch inside the sm90 sparse GEMM (the K extension,
+csrc/sm90_k_extended_mainloop.cuh): against fp32 math of the sparse product plus the branch on
+the dense input, on fresh random and heavy-tailed inputs, odd rows and ranks, poisoned outputs,
+every GEMM config, the dispatch from lynx_linear, torch.compile and CUDA graphs.
+"""
+import pytest
+import torch
+
+from rt_lynx_pack.kernels import LowRankOperands, low_rank_reference, prepare_low_rank, sparse_linear
+
+from kernel_helpers import (DTYPES, FLUX_SHAPES, INPUT_KINDS, check_zero_tokens_give_the_bias, fp32_lynx,
+                            make_input, padded, poison_allocator, relative_error, require_fast_path)
+
+TOLERANCE = 1e-2
+ODD_ROWS = [1, 7, 63, 65, 100, 4097]
+
+
+@pytest.fixture(scope="module")
+def sm90():
+    return require_fast_path("sm90")
+
+
+def _problem(generator, rows, k, n, rank, dtype, kind="randn"):
+    x = make_input(kind, rows, k, dtype, generator)
+    weight = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
+    bias = torch.randn(n, generator=generator, device="cuda").to(dtype)
+    down = (torch.randn(rank, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
+    up = torch.randn(n, rank, generator=generator, device="cuda").to(dtype)
+    return x, weight, bias, down, up
+
+
+def _want(x, weight, bias, down, up, scale, compensate):
+    branch = LowRankOperands(down.float(), up.float(), scale)
+    return fp32_lynx(x, weight, bias, compensate) + low_rank_reference(x.float(), branch)
+
+
+def _fused(sm90, x, weight, bias, down, up, scale, compensate):
+    rows, n = x.shape[0], weight.shape[0]
+    poison_allocator((padded(rows) * (x.shape[1] + 256) * 9 // 8 + 2 * padded(rows) * n) * 2)
+    y = sm90.sparse_linear_lora_sm90(x, weight, bias, compensate, down, sm90.k_extension_up(up, scale))
+    assert y.shape == (rows, n) and y.dtype == x.dtype and y.stride() == (n, 1)
+    assert not y.isnan().any(), "output not fully written (poisoned NaN left)"
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ODD_ROWS)
+@pytest.mark.parametrize("rank", [1, 5, 32, 64, 100])
+@pytest.mark.parametrize("compensate", [True, False])
+def test_branch_in_the_gemm_matches_fp32_math(sm90, generator, dtype, rows, rank, compensate):
+    x, weight, bias, down, up = _problem(generator, rows, 3072, 1024, rank, dtype)
+    # scale chosen so the branch is about as large as the sparse product: leaving it out, or
+    # adding it twice, is far outside the tolerance.
+    y = _fused(sm90, x, weight, bias, down, up, 0.5, compensate)
+    want = _want(x, weight, bias, down, up, 0.5, compensate)
+    branch_share = relative_error(fp32_lynx(x, weight, bias, compensate), want)
+    assert branch_share > 0.1, "test setup: the branch must matter"
+    assert relative_error(y, want) < TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+def test_input_families_and_zero_tokens(sm90, generator, dtype, kind):
+    x, weight, bias, down, up = _problem(generator, 300, 3072, 2048, 32, dtype, kind)
+    y = _fused(sm90, x, weight, bias, down, up, 0.25, True)
+    assert relative_error(y, _want(x, weight, bias, down, up, 0.25, True)) < TOLERANCE
+    check_zero_tokens_give_the_bias(y, x, bias)   # u = 0 for a zero token
+
+
+@pytest.mark.parametrize("rows,k,n", sorted(set(FLUX_SHAPES)))
+def test_model_shapes_and_every_config_agrees(sm90, generator, rows, k, n):
+    x, weight, bias, down, up = _problem(generator, rows, k, n, 32, torch.bfloat16, "student_t")
+    y = _fused(sm90, x, weight, bias, down, up, 0.5, True)
+    assert relative_error(y, _want(x, weight, bias, down, up, 0.5, True)) < TOLERANCE
+    plans = [p for p in sm90.plan_info() if p[:4] == (rows, k, n, "bf16") and p[6] > 0]
+    assert plans and plans[0][6] == 128, "a rank-32 branch adds one 128-column k-tile"
+    times = plans[0][5]
+    assert all(t != float("inf") for t in times), f"a config failed or disagreed with the first: {times}"
+
+
+def test_lynx_linear_runs_the_branch_in_the_gemm(sm90, generator):
+    from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, lynx_linear
+    x, weight, bias, down, up = _problem(generator, 2 * 300, 3072, 1024, 16, torch.bfloat16)
+    branch = LowRankBranch(down.float().cpu(), up.float().cpu(), scale=0.5)
+    branch.prepare(x.device, x.dtype)
+    assert branch.operands_for(x).up_k_extension is not None, "sm90 available: the branch goes into the GEMM"
+    y = lynx_linear(x.view(2, 300, 3072), weight, bias, LynxConfig(), lora=branch)
+    assert y.shape == (2, 300, 1024)
+    assert relative_error(y.view(600, 1024), _want(x, weight, bias, down, up, 0.5, True)) < TOLERANCE
+    added_after = sparse_linear(x, weight, bias, True, low_rank=LowRankOperands(down, up, 0.5))
+    assert relative_error(y.view(600, 1024), added_after) < TOLERANCE
+
+
+def test_fp16_branch_and_no_extension_for_fp8(sm90, generator):
+    operands = prepare_low_rank(torch.randn(8, 256), torch.randn(64, 8), 1.0, torch.device("cuda"), torch.float16)
+    assert operands.up_k_extension is not None and operands.up_k_extension.shape == (64, 16)
+    operands32 = prepare_low_rank(torch.randn(8, 256), torch.randn(64, 8), 1.0, torch.device("cuda"), torch.float32)
+    assert operands32.up_k_extension is None, "fp32 has no sparse GEMM: the branch is added after"
+
+
+def test_under_torch_compile_and_cuda_graphs(sm90, generator):
+    x, weight, bias, down, up = _problem(generator, 300, 3072, 1024, 32, torch.bfloat16)
+    up_ext = sm90.k_extension_up(up, 0.5)
+    eager = sm90.sparse_linear_lora_sm90(x, weight, bias, True, down, up_ext)
+    compiled = torch.compile(
+        lambda a: torch.ops.rt_lynx.sparse_linear_lora_sm90(a, weight, bias, True, down, up_ext) * 2, fullgraph=True)
+    assert torch.equal(compiled(x), eager * 2)
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = sm90.sparse_linear_lora_sm90(static_x, weight, bias, True, down, up_ext)
+    fresh = make_input("cubed", 300, 3072, torch.bfloat16, generator)
+    static_x.copy_(fresh)
+    graph.replay()
+    torch.testing.assert_close(static_y, sm90.sparse_linear_lora_sm90(fresh, weight, bias, True, down, up_ext),
+                               rtol=0, atol=0)
+
+
+def test_bad_branch_operands_are_refused(sm90, generator):
+    x, weight, bias, down, up = _problem(generator, 64, 256, 64, 8, torch.bfloat16)
+    up_ext = sm90.k_extension_up(up, 1.0)
+    with pytest.raises(RuntimeError, match="down must be"):
+        sm90.sparse_linear_lora_sm90(x, weight, bias, True, down[:, :128], up_ext)
+    with pytest.raises(RuntimeError, match="up_ext must"):
+        sm90.sparse_linear_lora_sm90(x, weight, bias, True, down, up_ext[:32])
+    with pytest.raises(RuntimeError, match="at least 2 \\* rank"):
+        sm90.sparse_linear_lora_sm90(x, weight, bias, True, down, up_ext[:, :8].contiguous())
