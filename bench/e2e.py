@@ -5,7 +5,10 @@ Measures, per model/resolution/mode and for both sides in the same process:
 - time per denoising step: median of several synchronised diffusion-model forwards through
   ComfyUI's BaseModel.apply_model (its wrappers included, so the compile wrapper applies);
 - peak GPU memory around those forwards (torch.cuda.max_memory_allocated);
-- for FLUX at 1024 only: a whole sample (nodes.common_ksampler, euler, --steps steps).
+- for FLUX at 1024 only: a whole sample (nodes.common_ksampler, euler, --steps steps);
+- with --calibrate: the "RT-Lynx Calibrate LoRA" node with its defaults on the full-size model
+  (wall time, peak memory), then the step time with the calibrated Lynx LoRA attached, next to
+  dense and Lynx without the LoRA.
 
 Usage (GPU): COMFYUI_PATH=.comfyui python bench/e2e.py [--models flux,qwen_image] [--resolutions 1024,768,1536]
              [--no-compile] [--steps 28] [--out bench/results]
@@ -47,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="RT-Lynx Sparsify Model precision")
     p.add_argument("--tiny", action="store_true", help="1 double + 1 single block (Qwen: 1 block), small latent")
+    p.add_argument("--calibrate", action="store_true",
+                   help="only the calibration node's cost and the step with its LoRA (first resolution, eager)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
@@ -237,14 +242,54 @@ def run_model(arch, args, dev, rows, samples, notes):
     comfy.model_management.soft_empty_cache()
 
 
-def markdown(meta, rows, samples, notes):
+def run_calibration(arch, args, dev, calibrations, notes):
+    """The Calibrate LoRA node as a user runs it (its defaults), then the step with the LoRA."""
+    import comfy.model_management
+    import torch
+    from comfy_models import TINY_BLOCKS, build_model, conditioning, empty_latent
+    from rt_lynx_pack.nodes import RTLynxCalibrateLoRA
+    from rt_lynx_pack.nodes.comfy_glue import installed_plan
+
+    dtype = torch.bfloat16 if dev.cuda else torch.float32
+    dense = build_model(arch, blocks=TINY_BLOCKS[arch] if args.tiny else None, device=dev.device, dtype=dtype)
+    lynx = lynx_clone(dense, "bf16")
+    resolution = args.resolutions[0]
+    spec = RTLynxCalibrateLoRA.INPUT_TYPES()["required"]
+    widgets = {name: v[1]["default"] for name, v in spec.items() if len(v) > 1 and "default" in v[1]}
+    tokens = CONTEXT_TOKENS[arch] if resolution > 128 else 40
+    latent = {"samples": empty_latent(arch, 1, resolution // 8, resolution // 8)}
+    dev.reset_peak()
+    start = time.perf_counter()
+    with_lora, _ = RTLynxCalibrateLoRA().calibrate(lynx, positive=conditioning(arch, tokens), latent_image=latent,
+                                                   **widgets)
+    dev.sync()
+    seconds = time.perf_counter() - start
+    result = {"model": arch, "resolution": resolution, "widgets": widgets, "seconds": round(seconds, 1),
+              "peak_gb": round(dev.peak_gb(), 2)}
+    log(f"[{arch} {resolution}px] calibration ({widgets}) {seconds:.1f} s, peak {dev.peak_gb():.2f} GB")
+    notes[arch + " + LoRA"] = installed_plan(with_lora).summary(dev.device)
+    for side, base in (("dense", dense), ("lynx", lynx), ("lynx_lora", with_lora)):
+        patcher = base.clone()
+        median, _, _, _, peak, _ = time_steps(patcher, arch, resolution, dev, dtype, args)
+        result[f"{side}_ms"], result[f"{side}_peak_gb"] = round(median, 3), round(peak, 3)
+        log(f"[{arch} {resolution}px eager {side}] {median:.2f} ms/step, peak {peak:.2f} GB")
+        del patcher
+        comfy.model_management.unload_all_models()
+    calibrations.append(result)
+    del dense, lynx, with_lora
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+
+
+def markdown(meta, rows, samples, notes, calibrations=()):
     lines = [f"# RT-Lynx end to end in ComfyUI ({meta['date']}, {meta['gpu']})", "",
              f"torch {meta['torch']}, ComfyUI {meta['comfyui']}, commit {meta['commit']}, weights {meta['dtype']} "
              f"(random), compile backend {meta['compile_backend']}{', TINY models' if meta['tiny'] else ''}", ""]
     lines += [f"- {arch}: {text}" for arch, text in notes.items()]
-    lines += ["", "| model | res | batch | mode | dense ms/step | Lynx ms/step | speed-up | dense peak GB | "
-              "Lynx peak GB | Lynx/dense mem | warm-up peak dense / Lynx GB | rel. diff |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if rows:
+        lines += ["", "| model | res | batch | mode | dense ms/step | Lynx ms/step | speed-up | dense peak GB | "
+                  "Lynx peak GB | Lynx/dense mem | warm-up peak dense / Lynx GB | rel. diff |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mem = r["lynx_peak_gb"] / r["dense_peak_gb"] if r["dense_peak_gb"] == r["dense_peak_gb"] else float("nan")
         warmup = (f"{r['dense_warmup_peak_gb']:.2f} / {r['lynx_warmup_peak_gb']:.2f}"
@@ -260,6 +305,14 @@ def markdown(meta, rows, samples, notes):
                 lynx = keyed[(model, res, mode, "lynx")]
                 lines.append(f"| {model} | {res} | {mode} | {s['steps']} | {s['seconds']:.2f} | {lynx['seconds']:.2f} | "
                              f"{s['seconds'] / lynx['seconds']:.3f}x |")
+    if calibrations:
+        lines += ["", "| calibration (node defaults) | res | seconds | peak GB | dense ms/step | Lynx ms/step | "
+                  "Lynx + LoRA ms/step | LoRA cost | Lynx + LoRA peak GB |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in calibrations:
+            lines.append(f"| {c['model']} ({', '.join(f'{k} {v}' for k, v in c['widgets'].items() if k != 'filename')}) "
+                         f"| {c['resolution']} | {c['seconds']:.1f} | {c['peak_gb']:.2f} | {c['dense_ms']:.2f} | "
+                         f"{c['lynx_ms']:.2f} | {c['lynx_lora_ms']:.2f} | {c['lynx_lora_ms'] / c['lynx_ms'] - 1:+.1%} | "
+                         f"{c['lynx_lora_peak_gb']:.2f} |")
     lines += ["", "ms/step: median of synchronised BaseModel.apply_model calls (first calls, incl. compilation, "
               "excluded). Peak: torch.cuda.max_memory_allocated during those calls, weights included; warm-up peak: "
               "the same over the first calls (one-time kernel config search, compilation)."]
@@ -276,15 +329,18 @@ def main(argv=None):
         sys.exit("no CUDA GPU: full-size models need one (use --tiny to check the script on the CPU)")
     log(f"device {dev.name}, torch {torch.__version__}, models {args.models}, resolutions {args.resolutions}, "
         f"compile {'off' if args.no_compile else args.compile_backend + ' at ' + str(args.compile_resolutions)}")
-    rows, samples, notes = [], [], {}
+    rows, samples, notes, calibrations = [], [], {}, []
     for arch in args.models:
-        run_model(arch, args, dev, rows, samples, notes)
+        if args.calibrate:
+            run_calibration(arch, args, dev, calibrations, notes)
+        else:
+            run_model(arch, args, dev, rows, samples, notes)
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "gpu": dev.name, "torch": torch.__version__,
             "cuda": torch.version.cuda, "comfyui": comfyui_version.__version__, "commit": git_commit(),
             "dtype": "bf16" if dev.cuda else "fp32", "compile_backend": args.compile_backend, "tiny": args.tiny,
             "args": {k: v for k, v in vars(args).items() if k != "out"}}
-    text = markdown(meta, rows, samples, notes)
+    text = markdown(meta, rows, samples, notes, calibrations)
     log("\n" + text)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,7 +348,8 @@ def main(argv=None):
     stem = out / f"e2e-{now.strftime('%Y%m%d-%H%M')}-{gpu}{'-tiny' if args.tiny else ''}"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "steps": rows, "samples": samples,
-                                                     "lynx_plans": notes}, indent=1) + "\n")
+                                                     "calibrations": calibrations, "lynx_plans": notes},
+                                                    indent=1) + "\n")
     log(f"wrote {stem}.md and .json")
 
 

@@ -8,7 +8,10 @@ export COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfyui}"
 [ -f "$COMFYUI_PATH/comfy/model_patcher.py" ] || { echo "no ComfyUI at $COMFYUI_PATH: run bench/pack_comfyui.sh and carry .comfyui"; exit 1; }
 # Build the fast kernels first so the Lynx side runs on sparse tensor cores (the summary line says which path ran).
 source bench/device_setup.sh
+touch "$OUT/.start"
 timeout "${E2E_TIMEOUT:-540}" python3 bench/e2e.py --out bench/results "$@" 2>&1 | tee "$OUT/e2e.log"
 status=${PIPESTATUS[0]}
-cp bench/results/e2e-* "$OUT"/ 2>/dev/null
+# Only this run's results: a call brings back at most 8 files.
+find bench/results -name 'e2e-*' -newer "$OUT/.start" -exec cp {} "$OUT"/ \;
+rm -f "$OUT/.start"
 exit "$status"

@@ -103,12 +103,37 @@ __device__ __forceinline__ void load_chunk(const uint4* row, bool valid, int64_t
   for (int i = 0; i < 4; ++i) in[i] = valid ? __ldg(row + c * 4 + i) : zero;
 }
 
+// The K extension of the sm90 GEMM (sm90_k_extended_mainloop.cuh) for one row: columns cols..
+// cols + k_ext of the compressed A get u[row, :] / s as 2:4 groups [u0 u1 0 0] (code 0b0100, so
+// both nibbles of a metadata byte are 4), zero past the rank and in padding rows. A lane writes 8
+// logical columns per step: 4 values and 1 metadata byte.
+template <bool kBf16, int kBlockK>
+__device__ __forceinline__ void write_k_extension(const uint16_t* __restrict__ u, int64_t rank, int64_t k_ext,
+                                                  int64_t cols, int64_t padded_rows, int64_t row, bool real_row,
+                                                  float s, int lane, uint16_t* __restrict__ values,
+                                                  int64_t ld_values, uint8_t* __restrict__ meta) {
+  for (int64_t step = lane; step < k_ext / 8; step += 32) {
+    uint32_t out[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t j = 4 * step + i;
+      out[i] = real_row && j < rank ? float_to_bits<kBf16>(__fdiv_rn(bits_to_float<kBf16>(u[row * rank + j]), s))
+                                    : 0u;
+    }
+    *reinterpret_cast<uint2*>(values + row * ld_values + cols / 2 + 4 * step) =
+        make_uint2(out[0] | (out[1] << 16), out[2] | (out[3] << 16));
+    meta[sm90_metadata_byte_16bit(row, cols + 8 * step, padded_rows, kBlockK)] = 0x44;
+  }
+}
+
 // kCutlassBlockK: 0 writes cuSPARSELt's metadata layout, 64 or 128 CUTLASS's sm90 layout with
-// that metadata atom (sm90_metadata_layout.h).
+// that metadata atom (sm90_metadata_layout.h). u (rows x rank, or nullptr): the K extension
+// (sm90 layouts only), written once the token scale is known.
 template <bool kBf16, bool kFold, int kSplit, int kCutlassBlockK>
 __global__ void __launch_bounds__(256) sparsify_compress_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
-    uint16_t* __restrict__ values, int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ scale) {
+    uint16_t* __restrict__ values, int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ scale,
+    const uint16_t* __restrict__ u, int64_t rank, int64_t k_ext) {
   constexpr int kPairsPerBlock = 8 / kSplit;
   const int lane = threadIdx.x;
   const int warp = threadIdx.y;                 // 0..7
@@ -223,6 +248,7 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
     }
   }
 
+  float t0 = 1.f, t1 = 1.f;  // the token scales, once known (1 without compensation)
   if (!kFold && scale != nullptr) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
@@ -246,37 +272,21 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
         d1 += partial_u[src][2]; k1 += partial_u[src][3];
       }
     }
+    t0 = k0 > 0.f ? sqrtf(d0 / k0) : 1.f;
+    t1 = k1 > 0.f ? sqrtf(d1 / k1) : 1.f;
     if (split == 0 && lane == 0) {
-      scale[r0] = k0 > 0.f ? sqrtf(d0 / k0) : 1.f;
-      scale[r1] = k1 > 0.f ? sqrtf(d1 / k1) : 1.f;
+      scale[r0] = t0;
+      scale[r1] = t1;
     }
   }
-}
-
-// The K extension of the sm90 GEMM (sm90_k_extended_mainloop.cuh): columns k_main.. of the
-// compressed A get u[m, :] / scale[m] as 2:4 groups [u0 u1 0 0] (code 0b0100, so both nibbles of
-// a metadata byte are 4), zero past the rank and in padding rows. A thread writes 8 logical
-// columns of one row: 4 values and 1 metadata byte.
-template <bool kBf16>
-__global__ void __launch_bounds__(256) lora_extension_kernel(
-    const uint16_t* __restrict__ u, int64_t rank, const float* __restrict__ scale, int64_t rows,
-    int64_t padded_rows, int64_t k_main, int64_t k_ext, int block_k, uint16_t* __restrict__ values,
-    int64_t ld_values, uint8_t* __restrict__ meta) {
-  const int64_t per_row = k_ext / 8;
-  const int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (item >= padded_rows * per_row) return;
-  const int64_t m = item / per_row, step = item % per_row;
-  const bool real_row = m < rows;
-  const float s = real_row && scale != nullptr ? scale[m] : 1.f;
-  uint32_t out[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t j = 4 * step + i;
-    out[i] = real_row && j < rank ? float_to_bits<kBf16>(__fdiv_rn(bits_to_float<kBf16>(u[m * rank + j]), s)) : 0u;
+  if constexpr (kCutlassBlockK != 0) {
+    if (u != nullptr && split == 0) {
+      write_k_extension<kBf16, kCutlassBlockK>(u, rank, k_ext, cols, padded_rows, r0, has_r0, t0, lane, values,
+                                                ld_values, meta);
+      write_k_extension<kBf16, kCutlassBlockK>(u, rank, k_ext, cols, padded_rows, r1, has_r1, t1, lane, values,
+                                                ld_values, meta);
+    }
   }
-  *reinterpret_cast<uint2*>(values + m * ld_values + k_main / 2 + 4 * step) =
-      make_uint2(out[0] | (out[1] << 16), out[2] | (out[3] << 16));
-  meta[sm90_metadata_byte_16bit(m, k_main + 8 * step, padded_rows, block_k)] = 0x44;
 }
 
 constexpr int kEpilogueThreads = 256;
@@ -358,41 +368,48 @@ void launch_epilogue_dtype(const void* gemm, void* y, int64_t rows, int64_t cols
 
 namespace {
 
+struct SparsifyExtension {
+  const void* u;    // rows x rank or nullptr
+  int64_t rank, k_ext;
+};
+
 template <bool kBf16, bool kFold, int kSplit, int kCutlassBlockK>
 void launch_sparsify_variant(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                              int64_t ld_x, uint16_t* values, int64_t ld_values, uint8_t* meta, float* scale,
-                             cudaStream_t stream) {
+                             const SparsifyExtension& ext, cudaStream_t stream) {
   const int64_t blocks = padded_rows / 16 * kSplit;
   require(blocks <= 0x7fffffff, "sparsify: too many rows for one launch");
   sparsify_compress_kernel<kBf16, kFold, kSplit, kCutlassBlockK>
       <<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
-          static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, values, ld_values, meta, scale);
+          static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, values, ld_values, meta, scale,
+          static_cast<const uint16_t*>(ext.u), ext.rank, ext.k_ext);
 }
 
 template <bool kBf16, bool kFold, int kCutlassBlockK>
 void launch_sparsify_split(int split, const void* x, int64_t rows, int64_t padded_rows,
                            int64_t cols, int64_t ld_x, uint16_t* values, int64_t ld_values, uint8_t* meta,
-                           float* scale, cudaStream_t stream) {
+                           float* scale, const SparsifyExtension& ext, cudaStream_t stream) {
   switch (split) {
-    case 1: return launch_sparsify_variant<kBf16, kFold, 1, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
-    case 2: return launch_sparsify_variant<kBf16, kFold, 2, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
-    case 4: return launch_sparsify_variant<kBf16, kFold, 4, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
-    default: return launch_sparsify_variant<kBf16, kFold, 8, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
+    case 1: return launch_sparsify_variant<kBf16, kFold, 1, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, ext, stream);
+    case 2: return launch_sparsify_variant<kBf16, kFold, 2, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, ext, stream);
+    case 4: return launch_sparsify_variant<kBf16, kFold, 4, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, ext, stream);
+    default: return launch_sparsify_variant<kBf16, kFold, 8, kCutlassBlockK>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, ext, stream);
   }
 }
 
 template <bool kBf16>
 void launch_sparsify_layout(int layout, bool fold_scale, int split, const void* x, int64_t rows,
                             int64_t padded_rows, int64_t cols, int64_t ld_x, uint16_t* values,
-                            int64_t ld_values, uint8_t* meta, float* scale, cudaStream_t stream) {
+                            int64_t ld_values, uint8_t* meta, float* scale, const SparsifyExtension& ext,
+                            cudaStream_t stream) {
   switch (layout) {
     case kMetadataCusparselt:
-      if (fold_scale) return launch_sparsify_split<kBf16, true, 0>(split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
-      return launch_sparsify_split<kBf16, false, 0>(split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
+      if (fold_scale) return launch_sparsify_split<kBf16, true, 0>(split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, ext, stream);
+      return launch_sparsify_split<kBf16, false, 0>(split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, ext, stream);
     case kMetadataSm90Block64:
-      return launch_sparsify_split<kBf16, false, 64>(split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
+      return launch_sparsify_split<kBf16, false, 64>(split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, ext, stream);
     default:
-      return launch_sparsify_split<kBf16, false, 128>(split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
+      return launch_sparsify_split<kBf16, false, 128>(split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, ext, stream);
   }
 }
 
@@ -435,7 +452,7 @@ int sparsify_split_for(int64_t padded_rows, int64_t cols) {
 void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                               int64_t ld_x, bool is_bf16, bool fold_scale, void* compressed,
                               float* scale, cudaStream_t stream, int split, int metadata_layout,
-                              int64_t compressed_cols) {
+                              int64_t compressed_cols, const void* u, int64_t rank) {
   require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify: bad padded row count");
   require(cols % 32 == 0, "sparsify: columns must be a multiple of 32");
   require(metadata_layout == kMetadataCusparselt || metadata_layout == kMetadataSm90Block64 ||
@@ -449,6 +466,9 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
   require(compressed_cols == cols || (metadata_layout != kMetadataCusparselt && compressed_cols > cols &&
                                       compressed_cols % metadata_layout == 0),
           "sparsify: only the sm90 layouts take extra compressed columns");
+  const SparsifyExtension ext{u, rank, compressed_cols - cols};
+  require((ext.k_ext > 0) == (u != nullptr) && 2 * rank <= ext.k_ext,
+          "sparsify: the K extension needs u, and k_ext >= 2 * rank (", ext.k_ext, " < 2 * ", rank, ")");
   auto* values = static_cast<uint16_t*>(compressed);
   // Values of compressed_cols / 2 per row, then the metadata.
   auto* meta = static_cast<uint8_t*>(compressed) + padded_rows * compressed_cols;
@@ -456,33 +476,9 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
   if (split <= 0) split = sparsify_split_for(padded_rows, cols);
   require(split == 1 || split == 2 || split == 4 || split == 8, "sparsify: split must be 1, 2, 4 or 8");
   if (is_bf16) {
-    launch_sparsify_layout<true>(metadata_layout, fold_scale, split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
+    launch_sparsify_layout<true>(metadata_layout, fold_scale, split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, ext, stream);
   } else {
-    launch_sparsify_layout<false>(metadata_layout, fold_scale, split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, stream);
-  }
-}
-
-void launch_lora_extension(const void* u, int64_t rank, const float* scale, int64_t rows, int64_t padded_rows,
-                           int64_t k_main, int64_t k_ext, int metadata_layout, bool is_bf16, void* compressed,
-                           cudaStream_t stream) {
-  require(metadata_layout == kMetadataSm90Block64 || metadata_layout == kMetadataSm90Block128,
-          "lora extension: the K extension exists in the sm90 layouts only");
-  require(k_main % metadata_layout == 0 && k_ext > 0 && k_ext % metadata_layout == 0 && 2 * rank <= k_ext,
-          "lora extension: k_main and k_ext must be multiples of the metadata block, k_ext >= 2 * rank");
-  require(padded_rows % 64 == 0 && padded_rows >= rows, "lora extension: bad padded row count");
-  const int64_t total = k_main + k_ext;
-  auto* values = static_cast<uint16_t*>(compressed);
-  auto* meta = static_cast<uint8_t*>(compressed) + padded_rows * total;
-  const int64_t items = padded_rows * (k_ext / 8);
-  const int64_t blocks = (items + 255) / 256;
-  require(blocks <= 0x7fffffff, "lora extension: too many rows for one launch");
-  const auto* u16 = static_cast<const uint16_t*>(u);
-  if (is_bf16) {
-    lora_extension_kernel<true><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-        u16, rank, scale, rows, padded_rows, k_main, k_ext, metadata_layout, values, total / 2, meta);
-  } else {
-    lora_extension_kernel<false><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-        u16, rank, scale, rows, padded_rows, k_main, k_ext, metadata_layout, values, total / 2, meta);
+    launch_sparsify_layout<false>(metadata_layout, fold_scale, split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, ext, stream);
   }
 }
 

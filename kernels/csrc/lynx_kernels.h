@@ -49,19 +49,14 @@ constexpr int kMetadataSm90Block128 = 128;
 // else the kept values unchanged. scale (padded_rows floats, may be nullptr) receives s.
 // split: warps per row pair (1, 2, 4, 8), <= 0 picks one from the shape and the SM count.
 // compressed_cols (sm90 layouts only, 0 = cols): the compressed buffer is that many logical
-// columns wide (values compressed_cols/2 per row); columns from cols on are the K extension,
-// written by launch_lora_extension.
+// columns wide (values compressed_cols/2 per row); columns from cols on are the K extension of the
+// sm90 GEMM: u (rows x rank, x's dtype, contiguous) divided by the token scale as 2:4 groups
+// [u0 u1 0 0], so that the GEMM's epilogue scale restores u (sm90_k_extended_mainloop.cuh).
 void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                               int64_t ld_x, bool is_bf16, bool fold_scale, void* compressed,
                               float* scale, cudaStream_t stream, int split = 0,
-                              int metadata_layout = kMetadataCusparselt, int64_t compressed_cols = 0);
-
-// The K extension of the sm90 GEMM in a buffer of k_main + k_ext logical columns: u (rows x rank,
-// x's dtype, contiguous) divided by the token scale (nullptr: 1) as 2:4 groups [u0 u1 0 0] in
-// columns k_main.., so that the GEMM's epilogue scale restores u (sm90_k_extended_mainloop.cuh).
-void launch_lora_extension(const void* u, int64_t rank, const float* scale, int64_t rows, int64_t padded_rows,
-                           int64_t k_main, int64_t k_ext, int metadata_layout, bool is_bf16, void* compressed,
-                           cudaStream_t stream);
+                              int metadata_layout = kMetadataCusparselt, int64_t compressed_cols = 0,
+                              const void* u = nullptr, int64_t rank = 0);
 
 // The split launch_sparsify_compress picks for split <= 0.
 int sparsify_split_for(int64_t padded_rows, int64_t cols);

@@ -168,15 +168,12 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
   } else {
     c.buffer = at::empty({compressed_numel(c.padded_rows, c.cols)}, x.options());
     if (compensate) c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
-    float* scale = compensate ? c.scale.data_ptr<float>() : nullptr;
+    // u = down(x) first (cuBLAS, rows x rank): the sparsify pass writes it into the extension.
+    const at::Tensor u = low_rank.k_ext() > 0 ? at::mm(x, low_rank.down.t()).contiguous() : at::Tensor();
     launch_sparsify_compress(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, false,
-                             c.buffer.data_ptr(), scale, stream, 0, metadata_block, c.cols);
-    if (low_rank.k_ext() > 0) {
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const at::Tensor u = at::mm(x, low_rank.down.t()).contiguous();  // cuBLAS, rows x rank
-      launch_lora_extension(u.data_ptr(), u.size(1), scale, x.size(0), c.padded_rows, k, low_rank.k_ext(),
-                            metadata_block, is_bf16, c.buffer.data_ptr(), stream);
-    }
+                             c.buffer.data_ptr(), compensate ? c.scale.data_ptr<float>() : nullptr, stream, 0,
+                             metadata_block, c.cols, u.defined() ? u.data_ptr() : nullptr,
+                             u.defined() ? u.size(1) : 0);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return c;
