@@ -133,13 +133,29 @@ def fit_low_rank(c_xx: torch.Tensor, c_xd: torch.Tensor, weight: torch.Tensor, r
     c_xx = c_xx.double()
     k = c_xx.shape[0]
     rank = min(rank, k, weight.shape[0])
-    damping = ridge * c_xx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    chol = torch.linalg.cholesky(c_xx + damping * torch.eye(k, dtype=c_xx.dtype, device=c_xx.device))
+    chol = _damped_cholesky(c_xx, ridge)
     target = c_xd.double() @ weight.to(c_xx.device, torch.float64).T               # C_xd W^T, K x N
     whitened = torch.linalg.solve_triangular(chol, target, upper=False)            # L^T M* = L^-1 C_xd W^T
     u, root, v = _top_singular(whitened, rank)
     down_t = torch.linalg.solve_triangular(chol.T, u * root, upper=True)           # L^-T U_r sqrt(S_r)
     return down_t.T.contiguous(), (v * root).contiguous()
+
+
+def _damped_cholesky(c_xx: torch.Tensor, ridge: float, attempts: int = 7) -> torch.Tensor:
+    """Cholesky factor of C_xx + ridge * mean(diag) * I. Statistics accumulated in fp32 over many
+    tokens can be indefinite by more than the ridge (rounding, relative to the largest eigenvalue,
+    exceeds a small fraction of the mean one when a few channels dominate, as in full-size FLUX):
+    the ridge then grows tenfold until the factorisation succeeds."""
+    k = c_xx.shape[0]
+    scale = c_xx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(k, dtype=c_xx.dtype, device=c_xx.device)
+    for attempt in range(attempts):
+        chol, info = torch.linalg.cholesky_ex(c_xx + (ridge * 10 ** attempt) * scale * eye)
+        if int(info) == 0:
+            return chol
+    raise ValueError(f"calibration statistics are not positive definite even with a ridge of "
+                     f"{ridge * 10 ** (attempts - 1):.0e} x their mean eigenvalue: too few or degenerate calibration "
+                     f"inputs for this layer ({k} input features)")
 
 
 def _top_singular(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

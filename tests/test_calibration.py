@@ -236,3 +236,16 @@ def test_calibration_runs_on_an_fp8_plan_and_fits_the_weight_the_layer_uses():
     lora = calibrate_lynx_lora(model, plan, inputs, rank=4)
     assert lora.layers.keys() == plan.forwards.keys()
     assert all(f.fp8_weight is None for f in plan.forwards.values())  # released after the passes
+
+
+def test_fit_survives_statistics_made_indefinite_by_rounding():
+    from rt_lynx_pack.lynx.calibration import fit_low_rank
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 32, generator=g, dtype=torch.float64)
+    x[:, 0] *= 1e3   # one dominant channel: rounding of the big eigenvalue swamps the ridge
+    c_xx = x.T @ x
+    c_xx -= 1e-3 * torch.eye(32, dtype=torch.float64) * c_xx.diagonal().mean()   # slightly indefinite
+    c_xd = x.T @ torch.randn(400, 32, generator=g, dtype=torch.float64)
+    down, up = fit_low_rank(c_xx, c_xd, torch.randn(16, 32, generator=g), rank=4)
+    assert down.shape == (4, 32) and up.shape == (16, 4)
+    assert torch.isfinite(down).all() and torch.isfinite(up).all()
