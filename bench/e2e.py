@@ -248,7 +248,7 @@ def run_calibration(arch, args, dev, calibrations, notes):
     import torch
     from comfy_models import TINY_BLOCKS, build_model, conditioning, empty_latent
     from rt_lynx_pack.nodes import RTLynxCalibrateLoRA
-    from rt_lynx_pack.nodes.comfy_glue import installed_plan
+    from rt_lynx_pack.nodes.comfy_glue import installed_plan, lynx_lora_folder
 
     dtype = torch.bfloat16 if dev.cuda else torch.float32
     dense = build_model(arch, blocks=TINY_BLOCKS[arch] if args.tiny else None, device=dev.device, dtype=dtype)
@@ -260,10 +260,12 @@ def run_calibration(arch, args, dev, calibrations, notes):
     latent = {"samples": empty_latent(arch, 1, resolution // 8, resolution // 8)}
     dev.reset_peak()
     start = time.perf_counter()
-    with_lora, _ = RTLynxCalibrateLoRA().calibrate(lynx, positive=conditioning(arch, tokens), latent_image=latent,
-                                                   **widgets)
+    widgets["filename"] = "rt_lynx_e2e_calibration"
+    with_lora, lora_name = RTLynxCalibrateLoRA().calibrate(lynx, positive=conditioning(arch, tokens),
+                                                           latent_image=latent, **widgets)
     dev.sync()
     seconds = time.perf_counter() - start
+    os.remove(os.path.join(lynx_lora_folder(), os.path.basename(lora_name)))  # the run leaves no file behind
     result = {"model": arch, "resolution": resolution, "widgets": widgets, "seconds": round(seconds, 1),
               "peak_gb": round(dev.peak_gb(), 2)}
     log(f"[{arch} {resolution}px] calibration ({widgets}) {seconds:.1f} s, peak {dev.peak_gb():.2f} GB")

@@ -145,10 +145,14 @@ struct Compressed {
 // The low-rank branch as the sm90 GEMM takes it: u = x down^T goes into k_ext extra columns of
 // the compressed activations (the stored columns of up_ext rounded up to the 128-column metadata
 // atom), up_ext (N x 2 * rank rounded up, kernels/sm90.py builds it) is the second B operand.
+int64_t k_extension_columns(const at::Tensor& up_ext) {
+  return up_ext.defined() ? (up_ext.size(1) + 127) / 128 * 128 : 0;
+}
+
 struct LowRankOperands {
   at::Tensor down;    // rank x K, x's dtype
   at::Tensor up_ext;  // undefined: no branch
-  int64_t k_ext() const { return up_ext.defined() ? (up_ext.size(1) + 127) / 128 * 128 : 0; }
+  int64_t k_ext() const { return k_extension_columns(up_ext); }
 };
 
 Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadata_block,
@@ -192,7 +196,7 @@ void run_gemm(const Sm90Library& lib, int config, const Compressed& a, bool e4m3
   g.n = weight.size(0);
   g.k = weight.size(1);
   g.k_ext = a.cols - g.k;
-  require(g.k_ext == LowRankOperands{at::Tensor(), up_ext}.k_ext(), op, ": K extension differs from up_ext");
+  require(g.k_ext == k_extension_columns(up_ext), op, ": K extension differs from up_ext");
   g.a_values = a.values();
   g.a_metadata = a.metadata(e4m3);
   g.b = weight.data_ptr();
