@@ -73,7 +73,7 @@ def sparse_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return y.to(x.dtype)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)   # holds tensors: identity, not element-wise ==
 class LowRankOperands:
     """The Lynx LoRA branch as the kernels take it, on the compute device and dtype:
     y += up(down(x)) * scale, on the dense x. `up_k_extension` is the sm90 GEMM's form of

@@ -18,9 +18,9 @@ edges); the metadata is, to 64 rows, as CUTLASS's layout wants.
 
 With a Lynx LoRA the branch joins the same accumulators (sm90_k_extended_mainloop.cuh): u =
 down(x) (one small cuBLAS product) divided by s is written into extra columns of the sparse A as
-2:4 groups [u0 u1 0 0], and the GEMM's last k-tile takes its B from `k_extension_up(up, scale)`
-instead of the weight; the epilogue's s then restores u. One 128-column k-tile more than the
-plain GEMM for ranks up to 64, and no pass over y.
+2:4 groups [u0 u1 0 0] by the sparsify pass, and the GEMM's k-tiles past K take their B from
+`k_extension_up(up, scale)` instead of the weight; the epilogue's s then restores u. 128 more
+logical columns of K than the plain GEMM for ranks up to 64, and no pass over y.
 
 `availability_sm90` says yes only after the start-up self-test: the metadata writer's byte formula
 against CuTe's layout for every config, then every config's product against the reference.

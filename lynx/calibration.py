@@ -32,6 +32,7 @@ Choices:
   too (228 layers, K up to 15360) it is 129 GB: 6 passes at 24 GB. A K = 12288 layer alone holds
   1.2 GB (fp32). `statistics_bytes` and `plan_groups` compute this for any plan.
 """
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterable
 
@@ -41,6 +42,8 @@ import torch.nn as nn
 from ..kernels import norm_compensation_scale, sparsify_nm
 from .lora import LynxLoRA
 from .patching import LynxLinearForward, LynxPlan, installed
+
+log = logging.getLogger("rt_lynx")
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,9 @@ def _damped_cholesky(c_xx: torch.Tensor, ridge: float, attempts: int = 7) -> tor
     for attempt in range(attempts):
         chol, info = torch.linalg.cholesky_ex(c_xx + (ridge * 10 ** attempt) * scale * eye)
         if int(info) == 0:
+            if attempt:
+                log.info("RT-Lynx calibration: a %d-feature layer needed a ridge of %.0e x its mean eigenvalue",
+                         k, ridge * 10 ** attempt)
             return chol
     raise ValueError(f"calibration statistics are not positive definite even with a ridge of "
                      f"{ridge * 10 ** (attempts - 1):.0e} x their mean eigenvalue: too few or degenerate calibration "

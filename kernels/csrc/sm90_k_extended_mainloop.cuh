@@ -16,6 +16,8 @@
 // second descriptor then describes W and is never used).
 #pragma once
 
+#include <limits>
+
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
 
@@ -65,16 +67,19 @@ struct KExtendedSparseMainloop : Base {
                                extended ? args.dB_ext : args.dB));
     auto tma_ext = cute::make_tma_copy_B_sm90<TmaInternalElementB>(
         GmemTiledCopyB{}, tensor, SmemLayoutB{}(cute::_, cute::_, cute::Int<0>{}), TileShape{}, ClusterShape{});
-    return {base, tma_ext, args.k_main / kTileK, k_ext};
+    // Without an extension every k-tile, a partial last one included, reads the weight.
+    const int k_tiles_main = extended ? args.k_main / kTileK : std::numeric_limits<int>::max();
+    return {base, tma_ext, k_tiles_main, k_ext};
   }
 
   template <class ProblemShape>
   CUTLASS_HOST_DEVICE static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
     auto [M, N, K, L] = cute::append<4>(problem_shape, 1);
     const int k_ext = K - args.k_main;
-    // The switch to b_ext happens at a k-tile boundary.
-    const bool split_ok = args.k_main > 0 && k_ext >= 0 && args.k_main % kTileK == 0 && k_ext % kTileK == 0 &&
-                          (k_ext == 0 || (args.ptr_B_ext != nullptr && args.b_ext_cols > 0 &&
+    // The switch to b_ext happens at a k-tile boundary; without an extension K may end mid-tile.
+    const bool split_ok = args.k_main > 0 && k_ext >= 0 &&
+                          (k_ext == 0 || (args.k_main % kTileK == 0 && k_ext % kTileK == 0 &&
+                                          args.ptr_B_ext != nullptr && args.b_ext_cols > 0 &&
                                           args.b_ext_cols <= k_ext));
     return split_ok && Base::can_implement(problem_shape, args);
   }

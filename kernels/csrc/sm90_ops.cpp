@@ -418,6 +418,7 @@ at::Tensor sparse_linear_lora_sm90_op(const at::Tensor& x_in, const at::Tensor& 
   require(up_ext.dim() == 2 && up_ext.size(0) == weight.size(0) && up_ext.is_contiguous() &&
               up_ext.scalar_type() == x.scalar_type() && up_ext.device() == x.device(),
           op, ": up_ext must be a contiguous ", weight.size(0), " x k_ext matrix in x's dtype on x's device");
+  require(reinterpret_cast<uintptr_t>(up_ext.data_ptr()) % 16 == 0, op, ": up_ext must be 16-byte aligned (TMA)");
   require(up_ext.size(1) % 8 == 0 && up_ext.size(1) >= 2 * down.size(0), op,
           ": up_ext must have a multiple of 8 columns, at least 2 * rank (", 2 * down.size(0), "), got ",
           up_ext.size(1));

@@ -91,6 +91,17 @@ def test_lynx_linear_runs_the_branch_in_the_gemm(sm90, generator):
     assert relative_error(y.view(600, 1024), added_after) < TOLERANCE
 
 
+def test_compiled_lynx_linear_with_a_branch_matches_eager(sm90, generator):
+    from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, lynx_linear
+    x, weight, bias, down, up = _problem(generator, 256, 3072, 1024, 32, torch.bfloat16)
+    branch = LowRankBranch(down.float().cpu(), up.float().cpu(), scale=0.5)
+    branch.prepare(x.device, x.dtype)   # as the ComfyUI glue does, outside the compiled region
+    x3 = x.view(1, 256, 3072)
+    eager = lynx_linear(x3, weight, bias, LynxConfig(), lora=branch)
+    compiled = torch.compile(lambda a: lynx_linear(a, weight, bias, LynxConfig(), lora=branch), fullgraph=True)
+    assert torch.equal(compiled(x3), eager)
+
+
 def test_fp16_branch_and_no_extension_for_fp8(sm90, generator):
     operands = prepare_low_rank(torch.randn(8, 256), torch.randn(64, 8), 1.0, torch.device("cuda"), torch.float16)
     assert operands.up_k_extension is not None and operands.up_k_extension.shape == (64, 16)
