@@ -404,7 +404,8 @@ at::Tensor sparse_linear_sm90_op(const at::Tensor& x_in, const at::Tensor& weigh
 }
 
 // The Lynx linear plus its low-rank branch up(down(x)) in one GEMM: down is rank x K, up_ext the
-// up factor in the K-extension form (N x k_ext, scale folded in; kernels/sm90.py builds it).
+// up factor in the K-extension form (N x 2 * rank rounded up to 8, scale folded in; kernels/sm90.py
+// builds it).
 at::Tensor sparse_linear_lora_sm90_op(const at::Tensor& x_in, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& bias_in, bool compensate,
                                       const at::Tensor& down, const at::Tensor& up_ext) {
