@@ -2,8 +2,9 @@
 the FLUX.1-dev shapes at 1024² (H100 target: the branch adds at most 5% at rank 32).
 
 Side by side in one run: the plain Lynx linear, the branch inside the sparse GEMM (sm90 K
-extension, the default where it runs) and the branch added after as two small products (the
-path of the other backends). Eager wall time per call (median over repeats, synchronised) and
+extension, the default where it runs, down(x) by cuBLAS before the sparsify pass), the same with
+down(x) computed inside the sparsify pass on tensor cores (sm90.low_rank_fusion), and the branch
+added after as two small products (the path of the other backends). Eager wall time per call (median over repeats, synchronised) and
 CUDA-graph kernel time. Results go to bench/results/lora-branch-<date>-<gpu>.md.
 """
 import argparse
@@ -18,6 +19,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import eager_us, git_commit, graph_us  # noqa: E402
 
 CALLS, REPEATS = 20, 5
+BRANCH_VARIANTS = ("in_gemm", "in_gemm_fused_down", "added_after")
 
 SHAPES = [(4096, 3072, 9216), (4096, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072),
           (4608, 3072, 21504), (512, 3072, 9216)]
@@ -27,11 +29,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--suffix", default="", help="appended to the results file name")
     args = parser.parse_args()
     import torch
     from standalone import load_pack
     load_pack()
-    from rt_lynx_pack.kernels import LowRankOperands, prepare_low_rank, select_backend, sparse_linear
+    from rt_lynx_pack.kernels import LowRankOperands, prepare_low_rank, select_backend, sm90, sparse_linear
 
     rows = []
     for m, k, n in SHAPES:
@@ -42,20 +45,25 @@ def main():
                                    1.0, x.device, x.dtype)
         added_after = LowRankOperands(in_gemm.down, in_gemm.up, in_gemm.scale)
         backend = select_backend(x, w, "auto", 2, 4).name
-        variants = {"plain": lambda: sparse_linear(x, w, b, True),
-                    "in_gemm": lambda: sparse_linear(x, w, b, True, low_rank=in_gemm),
-                    "added_after": lambda: sparse_linear(x, w, b, True, low_rank=added_after)}
-        row = {"shape": (m, k, n), "backend": backend, "branch_in_gemm": in_gemm.up_k_extension is not None}
-        for name, fn in variants.items():
-            row[f"eager_{name}_us"] = eager_us(fn, CALLS, REPEATS)
-            row[f"kernel_{name}_us"] = graph_us(fn, CALLS, REPEATS)
+        variants = {"plain": (False, lambda: sparse_linear(x, w, b, True)),
+                    "in_gemm": (False, lambda: sparse_linear(x, w, b, True, low_rank=in_gemm)),
+                    "in_gemm_fused_down": (True, lambda: sparse_linear(x, w, b, True, low_rank=in_gemm)),
+                    "added_after": (False, lambda: sparse_linear(x, w, b, True, low_rank=added_after))}
+        with sm90.low_rank_fusion(True):
+            fusable = backend == "sm90" and sm90.low_rank_fused(args.rank)
+        row = {"shape": (m, k, n), "backend": backend, "branch_in_gemm": in_gemm.up_k_extension is not None,
+               "fused_down_runs": fusable}
+        for name, (fusion, fn) in variants.items():
+            with sm90.low_rank_fusion(fusion):
+                row[f"eager_{name}_us"] = eager_us(fn, CALLS, REPEATS)
+                row[f"kernel_{name}_us"] = graph_us(fn, CALLS, REPEATS)
         # Where the in-GEMM overhead goes: the down projection (a skinny cuBLAS product that reads
         # x again), in both orientations cuBLAS offers.
         down = in_gemm.down
         row["kernel_down_us"] = graph_us(lambda: torch.nn.functional.linear(x, down), CALLS, REPEATS)
         row["kernel_down_transposed_us"] = graph_us(lambda: torch.mm(down, x.t()), CALLS, REPEATS)
         for timing in ("eager", "kernel"):
-            for name in ("in_gemm", "added_after"):
+            for name in BRANCH_VARIANTS:
                 row[f"{timing}_{name}_overhead"] = row[f"{timing}_{name}_us"] / row[f"{timing}_plain_us"] - 1
         rows.append(row)
         print(row, flush=True)
@@ -64,19 +72,24 @@ def main():
     commit = git_commit()
     lines = [f"# Lynx LoRA branch cost, rank {args.rank} ({datetime.date.today()}, {gpu}, torch {torch.__version__}, "
              f"commit {commit})", "",
-             "| M,K,N | backend | Lynx kernel us | + LoRA in GEMM | overhead | + LoRA added after | overhead | "
-             "Lynx eager us | in GEMM eager | overhead | added after eager | overhead | down(x) kernel us | "
-             "down x^T kernel us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "In GEMM: the branch in the sparse GEMM, down(x) by cuBLAS before the sparsify pass (the default); "
+             "fused down: the same with down(x) inside the sparsify pass (column 'fused runs': the rank allows "
+             "it); after: two products added after the Lynx linear.", "",
+             "| M,K,N | backend | fused runs | Lynx kernel us | in GEMM | overhead | fused down | overhead | "
+             "after | overhead | Lynx eager us | in GEMM | overhead | fused down | overhead | after | overhead | "
+             "down(x) kernel us | down x^T kernel us |",
+             "|" + "---|" * 20]
     for r in rows:
-        cells = [",".join(map(str, r["shape"])), r["backend"] + ("" if r["branch_in_gemm"] else " (branch after)")]
+        cells = [",".join(map(str, r["shape"])), r["backend"] + ("" if r["branch_in_gemm"] else " (branch after)"),
+                 "yes" if r["fused_down_runs"] else "no"]
         for timing in ("kernel", "eager"):
             cells.append(f"{r[f'{timing}_plain_us']:.0f}")
-            for name in ("in_gemm", "added_after"):
+            for name in BRANCH_VARIANTS:
                 cells += [f"{r[f'{timing}_{name}_us']:.0f}", f"{r[f'{timing}_{name}_overhead']:+.1%}"]
         cells += [f"{r['kernel_down_us']:.0f}", f"{r['kernel_down_transposed_us']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    for name, label in (("in_gemm", "inside the sparse GEMM (K extension)"),
+    for name, label in (("in_gemm", "inside the sparse GEMM (K extension), down(x) by cuBLAS"),
+                        ("in_gemm_fused_down", "inside the sparse GEMM, down(x) in the sparsify pass"),
                         ("added_after", "as two products added after")):
         kernel = statistics.mean(r[f"kernel_{name}_overhead"] for r in rows)
         eager = statistics.mean(r[f"eager_{name}_overhead"] for r in rows)
@@ -86,7 +99,7 @@ def main():
     print(text)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"lora-branch-{datetime.date.today()}-{gpu.replace(' ', '_')}.md").write_text(text)
+    (out / f"lora-branch-{datetime.date.today()}-{gpu.replace(' ', '_')}{args.suffix}.md").write_text(text)
 
 
 if __name__ == "__main__":

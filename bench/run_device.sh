@@ -2,7 +2,7 @@
 # What the GPU machine runs: build, GPU tests, kernel benchmarks; results to $OUT.
 # Usage: bash bench/run_device.sh [all|test|bench|fp8|lora]   (OUT defaults to ./device-out)
 #   test: tests/gpu (the sm90 tests first); bench: bench/kernels.py $BENCH_ARGS; fp8: bench/kernels.py --fp8;
-#   lora: bench/lora_branch.py; all: test, bench, fp8 and lora.
+#   lora: bench/lora_branch.py; profile: bench/profile_linear.py (kernel by kernel); all: test, bench, fp8 and lora.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/device_setup.sh
@@ -23,7 +23,11 @@ if [ "$STAGE" = all ] || [ "$STAGE" = fp8 ]; then
   record "${PIPESTATUS[0]}"
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = lora ]; then
-  timeout "${BENCH_TIMEOUT:-240}" python3 bench/lora_branch.py --out "$OUT" 2>&1 | tee "$OUT/bench-lora.log"
+  timeout "${BENCH_TIMEOUT:-240}" python3 bench/lora_branch.py ${LORA_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench-lora.log"
+  record "${PIPESTATUS[0]}"
+fi
+if [ "$STAGE" = profile ]; then
+  timeout "${BENCH_TIMEOUT:-240}" python3 bench/profile_linear.py --out "$OUT" 2>&1 | tee "$OUT/profile.log"
   record "${PIPESTATUS[0]}"
 fi
 exit "$status"

@@ -17,14 +17,18 @@ to its fp32 accumulators and writes y once. Rows are not padded for the GEMM (TM
 edges); the metadata is, to 64 rows, as CUTLASS's layout wants.
 
 With a Lynx LoRA the branch joins the same accumulators (sm90_k_extended_mainloop.cuh): u =
-down(x) (one small cuBLAS product) divided by s is written into extra columns of the sparse A as
-2:4 groups [u0 u1 0 0] by the sparsify pass, and the GEMM's k-tiles past K take their B from
+down(x) (one small cuBLAS product; `low_rank_fusion` lets the sparsify pass compute it on tensor
+cores from its own read of x instead, slower as measured so far) divided by s is written into
+extra columns of the sparse A as 2:4 groups [u0 u1 0 0] by the sparsify pass, and the GEMM's
+k-tiles past K take their B from
 `k_extension_up(up, scale)` instead of the weight; the epilogue's s then restores u. 128 more
 logical columns of K than the plain GEMM for ranks up to 64, and no pass over y.
 
 `availability_sm90` says yes only after the start-up self-test: the metadata writer's byte formula
 against CuTe's layout for every config, then every config's product against the reference.
 """
+import contextlib
+
 import torch
 
 from . import build as _build
@@ -221,3 +225,21 @@ def plan_info() -> list[tuple]:
     """Chosen configs: (M, K, N, element, config, time per candidate config in us, K extension
     columns of a low-rank branch or 0)."""
     return list(_cusparselt.extension().sm90_plan_info())
+
+
+@contextlib.contextmanager
+def low_rank_fusion(enabled: bool):
+    """Within the block, a LoRA's down(x) is computed inside the sparsify pass (enabled; ranks up
+    to 32) or by cuBLAS before it (the default, faster on the FLUX shapes as measured).
+    Process-wide; for benchmarks and tests that compare both on the same data."""
+    ext = _cusparselt.extension()
+    ext.set_sparsify_low_rank_fusion(bool(enabled))
+    try:
+        yield
+    finally:
+        ext.set_sparsify_low_rank_fusion(False)
+
+
+def low_rank_fused(rank: int) -> bool:
+    """Whether the sparsify pass computes down(x) for this rank (see low_rank_fusion)."""
+    return bool(_cusparselt.extension().sparsify_low_rank_fused(rank))

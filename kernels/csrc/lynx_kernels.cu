@@ -14,6 +14,8 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include <atomic>
+
 namespace rt_lynx {
 namespace {
 
@@ -289,6 +291,251 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The sm90 sparsify pass with the Lynx LoRA's down projection on tensor cores: x is read once for
+// both the 2:4 compression and u = x down^T, which goes into the K extension (write_k_extension's
+// layout) once the token scale is known. A block covers kLowRankRows rows (two 16-row groups, so
+// each down fragment feeds two MMAs and down is read from L2 once per 32 rows) and walks K in
+// steps of kLowRankTileK columns through a double-buffered cp.async pipeline of shared-memory
+// tiles (x: 32 rows, down: the rank padded to 16 or 32). Per step warp w selects row pair
+// (r, r + 8) number w from the x tile, 16 columns a lane, and writes values and metadata; then it
+// runs mma.sync m16n8k16 over columns [32w, 32w + 32) of the step for all 32 rows. The warps'
+// partial sums of u are added in warp order (deterministic). 16 warps per block: a first version
+// with 8 warps and 256-column steps ran at 1.5 instructions per cycle and 2 warps per scheduler
+// (ncu), 3x slower than the plain pass plus cuBLAS.
+constexpr int kLowRankRows = 32;
+constexpr int kLowRankTileK = 512;
+constexpr int kLowRankPitch = kLowRankTileK + 8;  // elements; ldmatrix's 8 rows land on distinct banks
+constexpr int kLowRankThreads = 512;
+constexpr int kLowRankStages = 2;
+constexpr int kLowRankPieces = kLowRankTileK / 8;                 // 16-byte copies per tile row
+constexpr int kLowRankRowsPerCopy = kLowRankThreads / kLowRankPieces;  // tile rows one pass of copies covers
+
+// Shared memory of one pipeline stage (x tile, then the down tile) and of all stages.
+template <int kRankTiles>
+struct LowRankSmem {
+  static constexpr int kStageElements = (kLowRankRows + kRankTiles * 8) * kLowRankPitch;
+  static constexpr int kBytes = kLowRankStages * kStageElements * 2;
+};
+
+template <bool kBf16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (kBf16) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* smem) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// 16 bytes global -> shared, bypassing L1; zero-filled when !valid (rows past M, columns past K,
+// rank rows past the rank).
+__device__ __forceinline__ void cp_async_16(uint16_t* smem, const uint16_t* global, bool valid) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
+
+// 16 columns of one row: 4 groups -> 8 kept values (one 16-byte store) and 4 codes as nibbles.
+template <bool kBf16>
+__device__ __forceinline__ uint32_t select_16(const uint4 (&in)[2], uint4& kept, float& dense_sq, float& kept_sq) {
+  uint32_t pairs[4], codes[4];
+  select_group<kBf16>(in[0].x, in[0].y, pairs[0], codes[0], dense_sq, kept_sq);
+  select_group<kBf16>(in[0].z, in[0].w, pairs[1], codes[1], dense_sq, kept_sq);
+  select_group<kBf16>(in[1].x, in[1].y, pairs[2], codes[2], dense_sq, kept_sq);
+  select_group<kBf16>(in[1].z, in[1].w, pairs[3], codes[3], dense_sq, kept_sq);
+  kept = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+  return codes[0] | (codes[1] << 4) | (codes[2] << 8) | (codes[3] << 12);
+}
+
+template <bool kBf16, int kCutlassBlockK, int kRankTiles>
+__global__ void __launch_bounds__(kLowRankThreads) sparsify_low_rank_kernel(
+    const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
+    const uint16_t* __restrict__ down, int64_t rank, int64_t k_ext, uint16_t* __restrict__ values,
+    int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ scale) {
+  constexpr int kRankPadded = kRankTiles * 8;
+  constexpr int kStage = LowRankSmem<kRankTiles>::kStageElements;
+  constexpr int kXCopies = kLowRankRows / kLowRankRowsPerCopy;
+  constexpr int kDownCopies = kRankPadded / kLowRankRowsPerCopy;
+  static_assert(kRankTiles % 2 == 0, "B fragments are loaded two rank tiles at a time");
+  static_assert(kLowRankThreads / 32 == kLowRankRows / 2, "a warp per row pair");
+  static_assert(kLowRankRows % kLowRankRowsPerCopy == 0 && kRankPadded % kLowRankRowsPerCopy == 0, "whole copy passes");
+  static_assert(kLowRankRows * kRankPadded * sizeof(float) <= LowRankSmem<kRankTiles>::kBytes,
+                "the sums of u reuse the tiles' shared memory");
+  extern __shared__ __align__(16) uint16_t stages[];
+  __shared__ float token_scale[kLowRankRows];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int64_t block_row = int64_t(blockIdx.x) * kLowRankRows;
+  // This warp's row pair (local0, local0 + 8); lane covers columns [16 lane, 16 lane + 16) of a step.
+  const int local0 = (warp / 8) * 16 + warp % 8;
+  const int local1 = local0 + 8;
+  const int64_t r0 = block_row + local0, r1 = block_row + local1;
+
+  // This thread's copies: tile rows copy_row + kLowRankRowsPerCopy * i, 8 columns at copy_col.
+  const int copy_row = int(threadIdx.x) / kLowRankPieces;
+  const int copy_col = (int(threadIdx.x) % kLowRankPieces) * 8;
+  const uint16_t* x_source = x + (block_row + copy_row) * ld_x + copy_col;
+  const uint16_t* down_source = down + int64_t(copy_row) * cols + copy_col;
+  const int64_t x_rows_left = rows - block_row - copy_row;   // copy i is a real row if 8i < this
+  const int64_t down_rows_left = rank - copy_row;
+  auto load_step = [&](int64_t step) {
+    uint16_t* stage = stages + (step % kLowRankStages) * kStage + copy_row * kLowRankPitch + copy_col;
+    const int64_t offset = step * kLowRankTileK;
+    const bool col_ok = offset + copy_col < cols;
+#pragma unroll
+    for (int i = 0; i < kXCopies; ++i) {
+      const bool valid = col_ok && kLowRankRowsPerCopy * i < x_rows_left;
+      cp_async_16(stage + i * kLowRankRowsPerCopy * kLowRankPitch,
+                  valid ? x_source + i * kLowRankRowsPerCopy * ld_x + offset : x, valid);
+    }
+#pragma unroll
+    for (int i = 0; i < kDownCopies; ++i) {
+      const bool valid = col_ok && kLowRankRowsPerCopy * i < down_rows_left;
+      cp_async_16(stage + (kLowRankRows + i * kLowRankRowsPerCopy) * kLowRankPitch,
+                  valid ? down_source + i * kLowRankRowsPerCopy * cols + offset : down, valid);
+    }
+  };
+
+  // Per step the output addresses move by fixed strides (a step spans whole metadata atoms).
+  uint16_t* value0 = values + r0 * ld_values + lane * 8;
+  uint16_t* value1 = values + r1 * ld_values + lane * 8;
+  uint8_t* meta_word = meta + sm90_metadata_byte_16bit(r0, lane * 16, padded_rows, kCutlassBlockK);
+  const int64_t meta_step = padded_rows * 4 * (kCutlassBlockK / 32) * (kLowRankTileK / kCutlassBlockK);
+
+  float dense0 = 0.f, kept0 = 0.f, dense1 = 0.f, kept1 = 0.f;
+  float acc[2][kRankTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kRankTiles; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+
+  const int64_t steps = (cols + kLowRankTileK - 1) / kLowRankTileK;
+#pragma unroll
+  for (int s = 0; s < kLowRankStages - 1; ++s) {
+    if (s < steps) load_step(s);
+    cp_async_commit();
+  }
+  for (int64_t step = 0; step < steps; ++step) {
+    cp_async_wait<kLowRankStages - 2>();
+    __syncthreads();  // this step's tiles are in; every thread is done with the stage refilled next
+    if (step + kLowRankStages - 1 < steps) load_step(step + kLowRankStages - 1);
+    cp_async_commit();
+    const uint16_t* x_tile = stages + (step % kLowRankStages) * kStage;
+    const uint16_t* down_tile = x_tile + kLowRankRows * kLowRankPitch;
+    const int64_t col = step * kLowRankTileK + lane * 16;
+    if (col < cols) {
+      const uint4* row0 = reinterpret_cast<const uint4*>(x_tile + local0 * kLowRankPitch + lane * 16);
+      const uint4* row1 = reinterpret_cast<const uint4*>(x_tile + local1 * kLowRankPitch + lane * 16);
+      const uint4 in0[2] = {row0[0], row0[1]}, in1[2] = {row1[0], row1[1]};
+      uint4 kept_row0, kept_row1;
+      const uint32_t codes0 = select_16<kBf16>(in0, kept_row0, dense0, kept0);
+      const uint32_t codes1 = select_16<kBf16>(in1, kept_row1, dense1, kept1);
+      *reinterpret_cast<uint4*>(value0 + step * (kLowRankTileK / 2)) = kept_row0;
+      *reinterpret_cast<uint4*>(value1 + step * (kLowRankTileK / 2)) = kept_row1;
+      // Columns col..col + 15 of rows r0 and r0 + 8 are four neighbouring metadata bytes.
+      *reinterpret_cast<uint32_t*>(meta_word + step * meta_step) = (codes0 & 0xffffu) | (codes1 << 16);
+    }
+    if (step * kLowRankTileK + warp * 32 < cols) {  // warp-uniform
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {
+        const int k = warp * 32 + ks * 16;
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          ldmatrix_x4(a[mt], x_tile + (mt * 16 + lane % 16) * kLowRankPitch + k + (lane / 16) * 8);
+        }
+#pragma unroll
+        for (int nt = 0; nt < kRankTiles; nt += 2) {
+          // b[0], b[1]: rank tile nt (columns k..k+7, k+8..k+15); b[2], b[3]: tile nt + 1.
+          uint32_t b[4];
+          ldmatrix_x4(b, down_tile + (nt * 8 + (lane / 16) * 8 + lane % 8) * kLowRankPitch + k + ((lane / 8) % 2) * 8);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma_16816<kBf16>(acc[mt][nt], a[mt], b[0], b[1]);
+            mma_16816<kBf16>(acc[mt][nt + 1], a[mt], b[2], b[3]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the stages' memory is reused for u below
+
+  // Token scales: the warp's 32 lanes hold the row pair's partial sums.
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    dense0 += __shfl_xor_sync(0xffffffffu, dense0, offset);
+    kept0 += __shfl_xor_sync(0xffffffffu, kept0, offset);
+    dense1 += __shfl_xor_sync(0xffffffffu, dense1, offset);
+    kept1 += __shfl_xor_sync(0xffffffffu, kept1, offset);
+  }
+  if (lane == 0) {
+    // Without compensation the epilogue scale is 1; an all-zero token gets 1, as in the reference.
+    const float s0 = scale != nullptr && kept0 > 0.f ? sqrtf(dense0 / kept0) : 1.f;
+    const float s1 = scale != nullptr && kept1 > 0.f ? sqrtf(dense1 / kept1) : 1.f;
+    token_scale[local0] = s0;
+    token_scale[local1] = s1;
+    if (scale != nullptr) {
+      scale[r0] = s0;
+      scale[r1] = s1;
+    }
+  }
+  // u = sum over warps of their partial products, in warp order.
+  float* u = reinterpret_cast<float*>(stages);  // kLowRankRows x kRankPadded
+  for (int turn = 0; turn < kLowRankThreads / 32; ++turn) {
+    if (warp == turn) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kRankTiles; ++nt) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int row = mt * 16 + lane / 4 + (i / 2) * 8;
+            const int n = nt * 8 + (lane % 4) * 2 + i % 2;
+            float& sum = u[row * kRankPadded + n];
+            sum = turn == 0 ? acc[mt][nt][i] : sum + acc[mt][nt][i];
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  // The K extension: 8 logical columns (4 values, 1 metadata byte) per item.
+  const int64_t items_per_row = k_ext / 8;
+  for (int64_t item = threadIdx.x; item < kLowRankRows * items_per_row; item += kLowRankThreads) {
+    const int local = int(item / items_per_row);
+    const int64_t piece = item % items_per_row;
+    const int64_t row = block_row + local;
+    const float s = token_scale[local];
+    uint32_t out[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t j = 4 * piece + i;
+      out[i] = row < rows && j < rank ? float_to_bits<kBf16>(__fdiv_rn(u[local * kRankPadded + j], s)) : 0u;
+    }
+    *reinterpret_cast<uint2*>(values + row * ld_values + cols / 2 + 4 * piece) =
+        make_uint2(out[0] | (out[1] << 16), out[2] | (out[3] << 16));
+    meta[sm90_metadata_byte_16bit(row, cols + 8 * piece, padded_rows, kCutlassBlockK)] = 0x44;
+  }
+}
+
 constexpr int kEpilogueThreads = 256;
 constexpr int kEpilogueItems = 4;  // independent 16-byte loads in flight per thread
 
@@ -413,6 +660,32 @@ void launch_sparsify_layout(int layout, bool fold_scale, int split, const void* 
   }
 }
 
+template <bool kBf16, int kCutlassBlockK, int kRankTiles>
+void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
+                           const void* down, int64_t rank, int64_t k_ext, uint16_t* values, int64_t ld_values,
+                           uint8_t* meta, float* scale, cudaStream_t stream) {
+  auto* kernel = sparsify_low_rank_kernel<kBf16, kCutlassBlockK, kRankTiles>;
+  constexpr int kSmem = LowRankSmem<kRankTiles>::kBytes;
+  // Idempotent, per device: set on every launch rather than cached per process.
+  const cudaError_t configured = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  require(configured == cudaSuccess, "sparsify: ", kSmem, " bytes of shared memory refused: ",
+          cudaGetErrorString(configured));
+  kernel<<<static_cast<unsigned>(padded_rows / kLowRankRows), kLowRankThreads, kSmem, stream>>>(
+      static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, static_cast<const uint16_t*>(down), rank, k_ext,
+      values, ld_values, meta, scale);
+}
+
+template <bool kBf16, int kCutlassBlockK>
+void launch_low_rank_layout(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
+                            const void* down, int64_t rank, int64_t k_ext, uint16_t* values, int64_t ld_values,
+                            uint8_t* meta, float* scale, cudaStream_t stream) {
+  if (rank <= 16) {
+    launch_low_rank_tiles<kBf16, kCutlassBlockK, 2>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, stream);
+  } else {
+    launch_low_rank_tiles<kBf16, kCutlassBlockK, 4>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, stream);
+  }
+}
+
 struct DeviceShape {
   int64_t sms = 132, l2_bytes = 50 << 20;
 };
@@ -479,6 +752,48 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
     launch_sparsify_layout<true>(metadata_layout, fold_scale, split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, ext, stream);
   } else {
     launch_sparsify_layout<false>(metadata_layout, fold_scale, split, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, ext, stream);
+  }
+}
+
+namespace {
+std::atomic<bool>& low_rank_fusion_enabled() {
+  static std::atomic<bool> enabled{false};
+  return enabled;
+}
+}  // namespace
+
+void set_sparsify_low_rank_fusion(bool enabled) { low_rank_fusion_enabled().store(enabled); }
+
+bool sparsify_low_rank_fused(int64_t rank) {
+  return low_rank_fusion_enabled().load() && rank >= 1 && rank <= kMaxFusedRank;
+}
+
+void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
+                              bool is_bf16, const void* down, int64_t rank, void* compressed,
+                              int64_t compressed_cols, float* scale, int metadata_layout, cudaStream_t stream) {
+  require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify: bad padded row count");
+  require(metadata_layout == kMetadataSm90Block64 || metadata_layout == kMetadataSm90Block128,
+          "sparsify: the low-rank extension is for the sm90 layouts");
+  require(cols % metadata_layout == 0 && compressed_cols > cols && compressed_cols % metadata_layout == 0,
+          "sparsify: columns and the K extension must be multiples of the metadata block ", metadata_layout);
+  require(rank >= 1 && rank <= kMaxFusedRank && 2 * rank <= compressed_cols - cols,
+          "sparsify: rank ", rank, " does not fit the fused down projection or the K extension");
+  require(ld_x % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(down) % 16 == 0,
+          "sparsify: x and down need 16-byte aligned rows");
+  auto* values = static_cast<uint16_t*>(compressed);
+  auto* meta = static_cast<uint8_t*>(compressed) + padded_rows * compressed_cols;
+  const int64_t ld_values = compressed_cols / 2;
+  const int64_t k_ext = compressed_cols - cols;
+  if (is_bf16) {
+    if (metadata_layout == kMetadataSm90Block64) {
+      launch_low_rank_layout<true, 64>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, stream);
+    } else {
+      launch_low_rank_layout<true, 128>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, stream);
+    }
+  } else if (metadata_layout == kMetadataSm90Block64) {
+    launch_low_rank_layout<false, 64>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, stream);
+  } else {
+    launch_low_rank_layout<false, 128>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, stream);
   }
 }
 

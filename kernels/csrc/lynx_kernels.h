@@ -61,6 +61,22 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
 // The split launch_sparsify_compress picks for split <= 0.
 int sparsify_split_for(int64_t padded_rows, int64_t cols);
 
+// The same pass for the sm90 layouts with a Lynx LoRA: also computes u = x down^T (down: rank x
+// cols, x's dtype, contiguous) on tensor cores from the same read of x, and writes u / s into the
+// K extension (compressed_cols - cols columns), as launch_sparsify_compress does with a given u.
+// The token scale goes to `scale` when compensating (nullptr: s = 1). rank <= kMaxFusedRank.
+constexpr int64_t kMaxFusedRank = 32;  // 512 threads a block: 128 registers each
+void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
+                              bool is_bf16, const void* down, int64_t rank, void* compressed,
+                              int64_t compressed_cols, float* scale, int metadata_layout, cudaStream_t stream);
+
+// Whether the sm90 path computes down(x) inside the sparsify pass (launch_sparsify_low_rank) for
+// this rank; else cuBLAS computes u first. Off by default: on the FLUX shapes at rank 32 the fused
+// pass is slower than the plain pass plus cuBLAS's product (H200, bench/NOTES.md). Process-wide,
+// for benchmarks and tests that compare both on the same data.
+bool sparsify_low_rank_fused(int64_t rank);
+void set_sparsify_low_rank_fusion(bool enabled);
+
 // y[r, c] = out_dtype(float(gemm[r, c]) * scale[r] + bias[c]) for r < rows; scale and bias may be
 // nullptr. gemm and y may be the same buffer. bias_is_float selects fp32 bias, else x's dtype.
 void launch_scale_bias_epilogue(const void* gemm, void* y, int64_t rows, int64_t cols,

@@ -172,10 +172,20 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
   } else {
     c.buffer = at::empty({compressed_numel(c.padded_rows, c.cols)}, x.options());
     if (compensate) c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
-    // u = down(x) first (cuBLAS, rows x rank): the sparsify pass writes it into the extension.
-    const at::Tensor u = low_rank.k_ext() > 0 ? at::mm(x, low_rank.down.t()).contiguous() : at::Tensor();
+    float* scale = compensate ? c.scale.data_ptr<float>() : nullptr;
+    const int64_t rank = low_rank.k_ext() > 0 ? low_rank.down.size(0) : 0;
+    if (rank > 0 && sparsify_low_rank_fused(rank)) {
+      // down(x) on tensor cores in the same pass over x.
+      const at::Tensor down = low_rank.down.contiguous();
+      launch_sparsify_low_rank(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, down.data_ptr(),
+                               rank, c.buffer.data_ptr(), c.cols, scale, metadata_block, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return c;
+    }
+    // Else u = down(x) first (cuBLAS, rows x rank): the sparsify pass writes it into the extension.
+    const at::Tensor u = rank > 0 ? at::mm(x, low_rank.down.t()).contiguous() : at::Tensor();
     launch_sparsify_compress(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, false,
-                             c.buffer.data_ptr(), compensate ? c.scale.data_ptr<float>() : nullptr, stream, 0,
+                             c.buffer.data_ptr(), scale, stream, 0,
                              metadata_block, c.cols, u.defined() ? u.data_ptr() : nullptr,
                              u.defined() ? u.size(1) : 0);
   }
@@ -544,4 +554,8 @@ void register_sm90_functions(pybind11::module& m) {
   m.def("sm90_plan_info", &rt_lynx::sm90_plan_info,
         "chosen configs: (M, K, N, element, config, time per candidate in us, K extension)");
   m.def("sm90_clear_plans", &rt_lynx::sm90_clear_plans, "forget the chosen configs");
+  m.def("set_sparsify_low_rank_fusion", &rt_lynx::set_sparsify_low_rank_fusion,
+        "compute a LoRA's down(x) inside the sparsify pass (True) or with cuBLAS before it (False, the default)");
+  m.def("sparsify_low_rank_fused", &rt_lynx::sparsify_low_rank_fused,
+        "whether the sparsify pass computes down(x) for this rank");
 }

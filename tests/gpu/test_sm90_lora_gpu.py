@@ -49,22 +49,63 @@ def _fused(sm90, x, weight, bias, down, up, scale, compensate):
 @pytest.mark.parametrize("compensate", [True, False])
 def test_branch_in_the_gemm_matches_fp32_math(sm90, generator, dtype, rows, rank, compensate):
     x, weight, bias, down, up = _problem(generator, rows, 3072, 1024, rank, dtype)
-    # scale chosen so the branch is about as large as the sparse product: leaving it out, or
-    # adding it twice, is far outside the tolerance.
-    y = _fused(sm90, x, weight, bias, down, up, 0.5, compensate)
-    want = _want(x, weight, bias, down, up, 0.5, compensate)
-    branch_share = relative_error(fp32_lynx(x, weight, bias, compensate), want)
+    # The scale makes the branch as large as the sparse product (a rank-1 branch on one token can
+    # be small by chance): leaving it out, or adding it twice, is far outside the tolerance.
+    lynx = fp32_lynx(x, weight, bias, compensate)
+    unscaled = low_rank_reference(x.float(), LowRankOperands(down.float(), up.float(), 1.0))
+    scale = (lynx.norm() / unscaled.norm()).item()
+    y = _fused(sm90, x, weight, bias, down, up, scale, compensate)
+    want = _want(x, weight, bias, down, up, scale, compensate)
+    branch_share = relative_error(lynx, want)
     assert branch_share > 0.1, "test setup: the branch must matter"
     assert relative_error(y, want) < TOLERANCE
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", INPUT_KINDS)
-def test_input_families_and_zero_tokens(sm90, generator, dtype, kind):
+@pytest.mark.parametrize("fusion", [True, False])
+def test_input_families_and_zero_tokens(sm90, generator, dtype, kind, fusion):
     x, weight, bias, down, up = _problem(generator, 300, 3072, 2048, 32, dtype, kind)
-    y = _fused(sm90, x, weight, bias, down, up, 0.25, True)
+    with sm90.low_rank_fusion(fusion):
+        y = _fused(sm90, x, weight, bias, down, up, 0.25, True)
     assert relative_error(y, _want(x, weight, bias, down, up, 0.25, True)) < TOLERANCE
     check_zero_tokens_give_the_bias(y, x, bias)   # u = 0 for a zero token
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ODD_ROWS)
+@pytest.mark.parametrize("k", [1152, 3072])   # 1152: the pass's last 512-column step is a quarter full
+@pytest.mark.parametrize("rank", [1, 8, 16, 17, 31, 32])
+def test_down_projection_inside_the_sparsify_pass(sm90, generator, dtype, rows, k, rank):
+    x, weight, bias, down, up = _problem(generator, rows, k, 512, rank, dtype, "student_t")
+    want = _want(x, weight, bias, down, up, 0.5, True)
+    with sm90.low_rank_fusion(True):
+        assert sm90.low_rank_fused(rank)
+        fused = _fused(sm90, x, weight, bias, down, up, 0.5, True)
+        again = _fused(sm90, x, weight, bias, down, up, 0.5, True)
+    assert not sm90.low_rank_fused(rank), "the default: cuBLAS computes down(x)"
+    cublas = _fused(sm90, x, weight, bias, down, up, 0.5, True)
+    assert relative_error(fused, want) < TOLERANCE
+    assert relative_error(cublas, want) < TOLERANCE
+    # Only u's rounding differs (fp32 u / s rounded once, against cuBLAS's rounded u divided).
+    assert relative_error(fused, cublas) < 5e-3
+    assert torch.equal(fused, again), "the fused pass adds the warps' partial sums in a fixed order"
+
+
+@pytest.mark.parametrize("rows", [65, 4097])
+def test_fused_down_projection_without_compensation(sm90, generator, rows):
+    x, weight, bias, down, up = _problem(generator, rows, 3072, 1024, 32, torch.bfloat16, "cubed")
+    with sm90.low_rank_fusion(True):
+        y = _fused(sm90, x, weight, bias, down, up, 0.5, False)
+    assert relative_error(y, _want(x, weight, bias, down, up, 0.5, False)) < TOLERANCE
+
+
+def test_which_path_computes_down(sm90):
+    assert not sm90.low_rank_fused(32), "the default: cuBLAS computes down(x)"
+    with sm90.low_rank_fusion(True):
+        assert sm90.low_rank_fused(32) and sm90.low_rank_fused(1)
+        assert not sm90.low_rank_fused(33), "ranks over 32: cuBLAS even when fusion is on"
+    assert not sm90.low_rank_fused(32), "the switch is restored on leaving the block"
 
 
 @pytest.mark.parametrize("rows,k,n", sorted(set(FLUX_SHAPES)))
