@@ -98,6 +98,17 @@ __device__ __forceinline__ uint32_t scale_pair(uint32_t pair, float s) {
   return float_to_bits<kBf16>(lo) | (float_to_bits<kBf16>(hi) << 16);
 }
 
+// Sums a row pair's four partial norms over the warp's 32 lanes (every lane gets the sums).
+__device__ __forceinline__ void warp_sum_norms(float& dense0, float& kept0, float& dense1, float& kept1) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    dense0 += __shfl_xor_sync(0xffffffffu, dense0, offset);
+    kept0 += __shfl_xor_sync(0xffffffffu, kept0, offset);
+    dense1 += __shfl_xor_sync(0xffffffffu, dense1, offset);
+    kept1 += __shfl_xor_sync(0xffffffffu, kept1, offset);
+  }
+}
+
 template <bool kBf16>
 __device__ __forceinline__ void load_chunk(const uint4* row, bool valid, int64_t c, uint4 (&in)[4]) {
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
@@ -172,13 +183,7 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
   float s0 = 1.f, s1 = 1.f;
   if (need_norms && kFold) {
     // Reduce before the writing pass.
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      dense0 += __shfl_xor_sync(0xffffffffu, dense0, offset);
-      kept0 += __shfl_xor_sync(0xffffffffu, kept0, offset);
-      dense1 += __shfl_xor_sync(0xffffffffu, dense1, offset);
-      kept1 += __shfl_xor_sync(0xffffffffu, kept1, offset);
-    }
+    warp_sum_norms(dense0, kept0, dense1, kept1);
     if constexpr (kSplit > 1) {
       __shared__ float partial[8][4];
       if (lane == 0) {
@@ -252,13 +257,7 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
 
   float t0 = 1.f, t1 = 1.f;  // the token scales, once known (1 without compensation)
   if (!kFold && scale != nullptr) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      d0 += __shfl_xor_sync(0xffffffffu, d0, offset);
-      k0 += __shfl_xor_sync(0xffffffffu, k0, offset);
-      d1 += __shfl_xor_sync(0xffffffffu, d1, offset);
-      k1 += __shfl_xor_sync(0xffffffffu, k1, offset);
-    }
+    warp_sum_norms(d0, k0, d1, k1);
     if constexpr (kSplit > 1) {
       __shared__ float partial_u[8][4];
       if (lane == 0) {
@@ -479,13 +478,7 @@ __global__ void __launch_bounds__(kLowRankThreads) sparsify_low_rank_kernel(
   __syncthreads();  // the stages' memory is reused for u below
 
   // Token scales: the warp's 32 lanes hold the row pair's partial sums.
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    dense0 += __shfl_xor_sync(0xffffffffu, dense0, offset);
-    kept0 += __shfl_xor_sync(0xffffffffu, kept0, offset);
-    dense1 += __shfl_xor_sync(0xffffffffu, dense1, offset);
-    kept1 += __shfl_xor_sync(0xffffffffu, kept1, offset);
-  }
+  warp_sum_norms(dense0, kept0, dense1, kept1);
   if (lane == 0) {
     // Without compensation the epilogue scale is 1; an all-zero token gets 1, as in the reference.
     const float s0 = scale != nullptr && kept0 > 0.f ? sqrtf(dense0 / kept0) : 1.f;
