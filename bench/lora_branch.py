@@ -78,7 +78,7 @@ def main():
              "| M,K,N | backend | fused runs | Lynx kernel us | in GEMM | overhead | fused down | overhead | "
              "after | overhead | Lynx eager us | in GEMM | overhead | fused down | overhead | after | overhead | "
              "down(x) kernel us | down x^T kernel us |",
-             "|" + "---|" * 20]
+             "|" + "---|" * 19]
     for r in rows:
         cells = [",".join(map(str, r["shape"])), r["backend"] + ("" if r["branch_in_gemm"] else " (branch after)"),
                  "yes" if r["fused_down_runs"] else "no"]

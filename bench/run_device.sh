@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: build, GPU tests, kernel benchmarks; results to $OUT.
-# Usage: bash bench/run_device.sh [all|test|bench|fp8|lora]   (OUT defaults to ./device-out)
+# Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|profile]   (OUT defaults to ./device-out)
 #   test: tests/gpu (the sm90 tests first); bench: bench/kernels.py $BENCH_ARGS; fp8: bench/kernels.py --fp8;
 #   lora: bench/lora_branch.py; profile: bench/profile_linear.py (kernel by kernel); all: test, bench, fp8 and lora.
 set -uo pipefail

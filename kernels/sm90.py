@@ -221,6 +221,11 @@ def sparse_linear_fp8_sm90(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.T
     return torch.ops.rt_lynx.sparse_linear_fp8_sm90(x2d, wq, w_scale, bias, bool(compensate))
 
 
+def clear_plans() -> None:
+    """Forget the chosen GEMM configs: the next call of each shape times every config again."""
+    _cusparselt.extension().sm90_clear_plans()
+
+
 def plan_info() -> list[tuple]:
     """Chosen configs: (M, K, N, element, config, time per candidate config in us, K extension
     columns of a low-rank branch or 0)."""
@@ -230,14 +235,17 @@ def plan_info() -> list[tuple]:
 @contextlib.contextmanager
 def low_rank_fusion(enabled: bool):
     """Within the block, a LoRA's down(x) is computed inside the sparsify pass (enabled; ranks up
-    to 32) or by cuBLAS before it (the default, faster on the FLUX shapes as measured).
-    Process-wide; for benchmarks and tests that compare both on the same data."""
+    to 32) or by cuBLAS before it (the default, faster on the FLUX shapes as measured); the
+    previous setting comes back on leaving it. Process-wide (every thread and device; a CUDA
+    graph keeps the path it was captured with); for benchmarks and tests that compare both on
+    the same data."""
     ext = _cusparselt.extension()
+    previous = bool(ext.sparsify_low_rank_fused(1))
     ext.set_sparsify_low_rank_fusion(bool(enabled))
     try:
         yield
     finally:
-        ext.set_sparsify_low_rank_fusion(False)
+        ext.set_sparsify_low_rank_fusion(previous)
 
 
 def low_rank_fused(rank: int) -> bool:

@@ -175,8 +175,9 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
     float* scale = compensate ? c.scale.data_ptr<float>() : nullptr;
     const int64_t rank = low_rank.k_ext() > 0 ? low_rank.down.size(0) : 0;
     if (rank > 0 && sparsify_low_rank_fused(rank)) {
-      // down(x) on tensor cores in the same pass over x.
-      const at::Tensor down = low_rank.down.contiguous();
+      // down(x) on tensor cores in the same pass over x (its tiles are copied 16 bytes at a time).
+      at::Tensor down = low_rank.down.contiguous();
+      if (reinterpret_cast<uintptr_t>(down.data_ptr()) % 16 != 0) down = down.clone();
       launch_sparsify_low_rank(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, down.data_ptr(),
                                rank, c.buffer.data_ptr(), c.cols, scale, metadata_block, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

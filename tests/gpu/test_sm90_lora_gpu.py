@@ -74,7 +74,7 @@ def test_input_families_and_zero_tokens(sm90, generator, dtype, kind, fusion):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ODD_ROWS)
-@pytest.mark.parametrize("k", [1152, 3072])   # 1152: the pass's last 512-column step is a quarter full
+@pytest.mark.parametrize("k", [384, 1152, 3072])   # the pass's last 512-column step partly full, or the only one
 @pytest.mark.parametrize("rank", [1, 8, 16, 17, 31, 32])
 def test_down_projection_inside_the_sparsify_pass(sm90, generator, dtype, rows, k, rank):
     x, weight, bias, down, up = _problem(generator, rows, k, 512, rank, dtype, "student_t")
@@ -87,25 +87,49 @@ def test_down_projection_inside_the_sparsify_pass(sm90, generator, dtype, rows, 
     cublas = _fused(sm90, x, weight, bias, down, up, 0.5, True)
     assert relative_error(fused, want) < TOLERANCE
     assert relative_error(cublas, want) < TOLERANCE
-    # Only u's rounding differs (fp32 u / s rounded once, against cuBLAS's rounded u divided).
+    # u's rounding differs (fp32 u / s rounded once, against cuBLAS's rounded u divided), and s
+    # in its last bit (the norms are summed in another order).
     assert relative_error(fused, cublas) < 5e-3
     assert torch.equal(fused, again), "the fused pass adds the warps' partial sums in a fixed order"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [65, 4097])
-def test_fused_down_projection_without_compensation(sm90, generator, rows):
-    x, weight, bias, down, up = _problem(generator, rows, 3072, 1024, 32, torch.bfloat16, "cubed")
+def test_fused_down_projection_without_compensation(sm90, generator, dtype, rows):
+    x, weight, bias, down, up = _problem(generator, rows, 3072, 1024, 32, dtype, "cubed")
     with sm90.low_rank_fusion(True):
         y = _fused(sm90, x, weight, bias, down, up, 0.5, False)
     assert relative_error(y, _want(x, weight, bias, down, up, 0.5, False)) < TOLERANCE
 
 
-def test_which_path_computes_down(sm90):
+def test_which_path_computes_down(sm90, generator):
     assert not sm90.low_rank_fused(32), "the default: cuBLAS computes down(x)"
     with sm90.low_rank_fusion(True):
         assert sm90.low_rank_fused(32) and sm90.low_rank_fused(1)
         assert not sm90.low_rank_fused(33), "ranks over 32: cuBLAS even when fusion is on"
-    assert not sm90.low_rank_fused(32), "the switch is restored on leaving the block"
+        with sm90.low_rank_fusion(False):
+            assert not sm90.low_rank_fused(32)
+        assert sm90.low_rank_fused(32), "the previous setting comes back on leaving a block"
+        # A rank over 32 with fusion on runs the cuBLAS path, end to end.
+        x, weight, bias, down, up = _problem(generator, 300, 1152, 512, 40, torch.bfloat16)
+        y = _fused(sm90, x, weight, bias, down, up, 0.5, True)
+        assert relative_error(y, _want(x, weight, bias, down, up, 0.5, True)) < TOLERANCE
+    assert not sm90.low_rank_fused(32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [16, 32])   # both instantiations of the fused pass
+def test_fused_pass_agrees_for_every_config(sm90, generator, dtype, rank):
+    # Every config's metadata layout (atoms of 64 and 128 columns) gets the fused pass's output;
+    # the tuner drops a config that disagrees with the first, so a finite time for each is the check.
+    x, weight, bias, down, up = _problem(generator, 4096, 3072, 3072, rank, dtype, "student_t")
+    sm90.clear_plans()
+    with sm90.low_rank_fusion(True):
+        y = _fused(sm90, x, weight, bias, down, up, 0.5, True)
+    assert relative_error(y, _want(x, weight, bias, down, up, 0.5, True)) < TOLERANCE
+    element = "bf16" if dtype == torch.bfloat16 else "fp16"
+    plans = [p for p in sm90.plan_info() if p[:4] == (4096, 3072, 3072, element) and p[6] == 128]
+    assert plans and all(t != float("inf") for t in plans[0][5]), f"a config failed or disagreed: {plans}"
 
 
 @pytest.mark.parametrize("rows,k,n", sorted(set(FLUX_SHAPES)))
@@ -150,22 +174,25 @@ def test_fp16_branch_and_no_extension_for_fp8(sm90, generator):
     assert operands32.up_k_extension is None, "fp32 has no sparse GEMM: the branch is added after"
 
 
-def test_under_torch_compile_and_cuda_graphs(sm90, generator):
+@pytest.mark.parametrize("fusion", [False, True])
+def test_under_torch_compile_and_cuda_graphs(sm90, generator, fusion):
     x, weight, bias, down, up = _problem(generator, 300, 3072, 1024, 32, torch.bfloat16)
     up_ext = sm90.k_extension_up(up, 0.5)
-    eager = sm90.sparse_linear_lora_sm90(x, weight, bias, True, down, up_ext)
-    compiled = torch.compile(
-        lambda a: torch.ops.rt_lynx.sparse_linear_lora_sm90(a, weight, bias, True, down, up_ext) * 2, fullgraph=True)
-    assert torch.equal(compiled(x), eager * 2)
-    static_x = x.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = sm90.sparse_linear_lora_sm90(static_x, weight, bias, True, down, up_ext)
-    fresh = make_input("cubed", 300, 3072, torch.bfloat16, generator)
-    static_x.copy_(fresh)
-    graph.replay()
-    torch.testing.assert_close(static_y, sm90.sparse_linear_lora_sm90(fresh, weight, bias, True, down, up_ext),
-                               rtol=0, atol=0)
+    with sm90.low_rank_fusion(fusion):
+        eager = sm90.sparse_linear_lora_sm90(x, weight, bias, True, down, up_ext)
+        compiled = torch.compile(
+            lambda a: torch.ops.rt_lynx.sparse_linear_lora_sm90(a, weight, bias, True, down, up_ext) * 2,
+            fullgraph=True)
+        assert torch.equal(compiled(x), eager * 2)
+        static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = sm90.sparse_linear_lora_sm90(static_x, weight, bias, True, down, up_ext)
+        fresh = make_input("cubed", 300, 3072, torch.bfloat16, generator)
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.testing.assert_close(static_y, sm90.sparse_linear_lora_sm90(fresh, weight, bias, True, down, up_ext),
+                                   rtol=0, atol=0)
 
 
 def test_bad_branch_operands_are_refused(sm90, generator):
