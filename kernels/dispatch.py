@@ -148,13 +148,15 @@ def _report(choice: BackendChoice, x2d: torch.Tensor, weight: torch.Tensor) -> N
 
 
 def prepare_low_rank(down: torch.Tensor, up: torch.Tensor, scale: float, device: torch.device,
-                     dtype: torch.dtype) -> LowRankOperands:
+                     dtype: torch.dtype, requested: str = "auto", precision: str = "bf16") -> LowRankOperands:
     """A low-rank branch's factors on `device` in `dtype`, plus the sm90 GEMM's form of up where
-    that backend runs there (it then computes the branch inside the sparse GEMM; the form costs
-    N x 2*rank more elements per layer). Call outside compiled regions."""
+    the calls it serves (`requested` backend, `precision`) can run that GEMM (it then computes the
+    branch inside the sparse GEMM; the form costs N x 2*rank more elements per layer, so it is not
+    built for the reference backend or the fp8 GEMM, which take no K extension). Call outside
+    compiled regions."""
     down, up = down.to(device, dtype), up.to(device, dtype)
-    in_gemm = (dtype in (torch.bfloat16, torch.float16) and "sm90" in fast_backends()
-               and backend_availability(torch.device(device), "bf16", "sm90")[0])
+    in_gemm = (requested != "reference" and precision == "bf16" and dtype in (torch.bfloat16, torch.float16)
+               and "sm90" in fast_backends() and backend_availability(torch.device(device), "bf16", "sm90")[0])
     return LowRankOperands(down, up, scale, _sm90.k_extension_up(up, scale) if in_gemm else None)
 
 

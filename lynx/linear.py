@@ -76,21 +76,25 @@ class LowRankBranch:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+    def prepare(self, device: torch.device, dtype: torch.dtype, config: LynxConfig | None = None) -> None:
         """Put the factors on the compute device ahead of the run (outside any compiled region),
-        in the form the backend there takes."""
+        in the form the backend there takes for `config`'s calls (default LynxConfig())."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
-        self._device_copy = ((device, dtype), prepare_low_rank(self.down, self.up, self.scale, device, dtype))
+        config = config or LynxConfig()
+        key = (device, dtype, config.backend, config.precision)
+        self._device_copy = (key, prepare_low_rank(self.down, self.up, self.scale, device, dtype, config.backend,
+                                                   config.precision))
 
     def release(self) -> None:
         self._device_copy = ()
 
-    def operands_for(self, x: torch.Tensor) -> LowRankOperands:
+    def operands_for(self, x: torch.Tensor, config: LynxConfig | None = None) -> LowRankOperands:
         # Kept on the compute device once, not copied on every call.
-        if not self._device_copy or self._device_copy[0] != (x.device, x.dtype):
-            self.prepare(x.device, x.dtype)
+        config = config or LynxConfig()
+        if not self._device_copy or self._device_copy[0] != (x.device, x.dtype, config.backend, config.precision):
+            self.prepare(x.device, x.dtype, config)
         return self._device_copy[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +123,7 @@ def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"in_features={in_features} is not a multiple of {config.m}: "
                          f"this layer cannot be {config.pattern} sparse")
     x2d = x.reshape(-1, in_features)
-    low_rank = lora.operands_for(x) if lora is not None else None
+    low_rank = lora.operands_for(x, config) if lora is not None else None
     if config.precision == "fp8":
         wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight)
         y = sparse_linear_fp8(x2d, wq, w_scale, bias, config.compensate, config.backend, low_rank)

@@ -81,7 +81,7 @@ def _run_state_callbacks(plan: LynxPlan):
         compute_dtype = model.manual_cast_dtype or model.get_dtype()
         for forward in plan.forwards.values():
             if forward.lora is not None:
-                forward.lora.prepare(patcher.load_device, compute_dtype)
+                forward.lora.prepare(patcher.load_device, compute_dtype, plan.config)
             if plan.config.precision != "fp8":
                 continue
             module = forward.module

@@ -65,6 +65,31 @@ def test_low_rank_branch_is_added_after_where_no_sparse_gemm_runs():
     torch.testing.assert_close(with_branch, plain + dispatch.low_rank_reference(x, operands))
 
 
+def test_gemm_form_of_the_branch_only_where_the_sm90_gemm_can_take_it(monkeypatch):
+    # As if the sm90 GEMM ran here: the K-extension form of up is built for the calls that can
+    # use it, and not for the reference backend, the fp8 GEMM or fp32 (it would be dead memory).
+    monkeypatch.delenv("RT_LYNX_GEMM", raising=False)
+    monkeypatch.setattr(dispatch, "backend_availability", lambda device, precision, backend: (True, ""))
+    factors = (torch.randn(4, 64), torch.randn(32, 4), 0.5, torch.device("cpu"))
+    assert dispatch.prepare_low_rank(*factors, torch.bfloat16).up_k_extension is not None
+    assert dispatch.prepare_low_rank(*factors, torch.float16, "cuda").up_k_extension is not None
+    assert dispatch.prepare_low_rank(*factors, torch.bfloat16, "reference").up_k_extension is None
+    assert dispatch.prepare_low_rank(*factors, torch.bfloat16, "auto", "fp8").up_k_extension is None
+    assert dispatch.prepare_low_rank(*factors, torch.float32).up_k_extension is None
+    monkeypatch.setenv("RT_LYNX_GEMM", "cusparselt")
+    assert dispatch.prepare_low_rank(*factors, torch.bfloat16).up_k_extension is None
+
+
+def test_branch_prepared_per_config():
+    from rt_lynx_pack.lynx import LowRankBranch, LynxConfig
+    branch = LowRankBranch(torch.randn(4, 64), torch.randn(32, 4), 0.5)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    first = branch.operands_for(x, LynxConfig())
+    assert branch.operands_for(x) is first, "the default config is LynxConfig(): no second copy"
+    reference = branch.operands_for(x, LynxConfig(backend="reference"))
+    assert reference is not first and reference.down.dtype == torch.bfloat16
+
+
 def test_rt_lynx_gemm_restricts_the_fast_backends(monkeypatch):
     monkeypatch.delenv("RT_LYNX_GEMM", raising=False)
     assert dispatch.fast_backends() == ("sm90", "cusparselt")
