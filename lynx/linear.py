@@ -83,9 +83,14 @@ class LowRankBranch:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
         config = config or LynxConfig()
-        key = (device, dtype, config.backend, config.precision)
-        self._device_copy = (key, prepare_low_rank(self.down, self.up, self.scale, device, dtype, config.backend,
-                                                   config.precision))
+        self._device_copy = (self._copy_key(device, dtype, config),
+                             prepare_low_rank(self.down, self.up, self.scale, device, dtype, config.backend,
+                                              config.precision))
+
+    @staticmethod
+    def _copy_key(device: torch.device, dtype: torch.dtype, config: LynxConfig) -> tuple:
+        # What the prepared form depends on (prepare_low_rank's arguments besides the factors).
+        return device, dtype, config.backend, config.precision
 
     def release(self) -> None:
         self._device_copy = ()
@@ -93,7 +98,7 @@ class LowRankBranch:
     def operands_for(self, x: torch.Tensor, config: LynxConfig | None = None) -> LowRankOperands:
         # Kept on the compute device once, not copied on every call.
         config = config or LynxConfig()
-        if not self._device_copy or self._device_copy[0] != (x.device, x.dtype, config.backend, config.precision):
+        if not self._device_copy or self._device_copy[0] != self._copy_key(x.device, x.dtype, config):
             self.prepare(x.device, x.dtype, config)
         return self._device_copy[1]
 
