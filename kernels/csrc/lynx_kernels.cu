@@ -98,6 +98,12 @@ __device__ __forceinline__ uint32_t scale_pair(uint32_t pair, float s) {
   return float_to_bits<kBf16>(lo) | (float_to_bits<kBf16>(hi) << 16);
 }
 
+// The norm compensation s = ||x|| / ||x_kept|| of one token; an all-zero token keeps nothing of
+// weight and gets 1, as in the reference.
+__device__ __forceinline__ float token_scale_of(float dense_sq, float kept_sq) {
+  return kept_sq > 0.f ? sqrtf(dense_sq / kept_sq) : 1.f;
+}
+
 // Sums a row pair's four partial norms over the warp's 32 lanes (every lane gets the sums).
 __device__ __forceinline__ void warp_sum_norms(float& dense0, float& kept0, float& dense1, float& kept1) {
 #pragma unroll
@@ -114,6 +120,18 @@ __device__ __forceinline__ void load_chunk(const uint4* row, bool valid, int64_t
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
   for (int i = 0; i < 4; ++i) in[i] = valid ? __ldg(row + c * 4 + i) : zero;
+}
+
+// Logical columns cols + 8 * piece .. + 8 of one row of the K extension: the 4 values out (u / s,
+// already 16-bit) as two 2:4 groups [u0 u1 0 0] [u2 u3 0 0], both codes 0b0100 in one byte.
+template <int kBlockK>
+__device__ __forceinline__ void store_k_extension_piece(const uint32_t (&out)[4], int64_t row, int64_t piece,
+                                                        int64_t cols, int64_t padded_rows,
+                                                        uint16_t* __restrict__ values, int64_t ld_values,
+                                                        uint8_t* __restrict__ meta) {
+  *reinterpret_cast<uint2*>(values + row * ld_values + cols / 2 + 4 * piece) =
+      make_uint2(out[0] | (out[1] << 16), out[2] | (out[3] << 16));
+  meta[sm90_metadata_byte_16bit(row, cols + 8 * piece, padded_rows, kBlockK)] = 0x44;
 }
 
 // The K extension of the sm90 GEMM (sm90_k_extended_mainloop.cuh) for one row: columns cols..
@@ -133,9 +151,7 @@ __device__ __forceinline__ void write_k_extension(const uint16_t* __restrict__ u
       out[i] = real_row && j < rank ? float_to_bits<kBf16>(__fdiv_rn(bits_to_float<kBf16>(u[row * rank + j]), s))
                                     : 0u;
     }
-    *reinterpret_cast<uint2*>(values + row * ld_values + cols / 2 + 4 * step) =
-        make_uint2(out[0] | (out[1] << 16), out[2] | (out[3] << 16));
-    meta[sm90_metadata_byte_16bit(row, cols + 8 * step, padded_rows, kBlockK)] = 0x44;
+    store_k_extension_piece<kBlockK>(out, row, step, cols, padded_rows, values, ld_values, meta);
   }
 }
 
@@ -199,9 +215,8 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
         dense1 += partial[src][2]; kept1 += partial[src][3];
       }
     }
-    // An all-zero token keeps nothing of weight: scale 1, as in the reference.
-    s0 = kept0 > 0.f ? sqrtf(dense0 / kept0) : 1.f;
-    s1 = kept1 > 0.f ? sqrtf(dense1 / kept1) : 1.f;
+    s0 = token_scale_of(dense0, kept0);
+    s1 = token_scale_of(dense1, kept1);
     if (scale != nullptr && split == 0 && lane == 0) {
       scale[r0] = s0;
       scale[r1] = s1;
@@ -273,8 +288,8 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
         d1 += partial_u[src][2]; k1 += partial_u[src][3];
       }
     }
-    t0 = k0 > 0.f ? sqrtf(d0 / k0) : 1.f;
-    t1 = k1 > 0.f ? sqrtf(d1 / k1) : 1.f;
+    t0 = token_scale_of(d0, k0);
+    t1 = token_scale_of(d1, k1);
     if (split == 0 && lane == 0) {
       scale[r0] = t0;
       scale[r1] = t1;
@@ -480,9 +495,9 @@ __global__ void __launch_bounds__(kLowRankThreads) sparsify_low_rank_kernel(
   // Token scales: the warp's 32 lanes hold the row pair's partial sums.
   warp_sum_norms(dense0, kept0, dense1, kept1);
   if (lane == 0) {
-    // Without compensation the epilogue scale is 1; an all-zero token gets 1, as in the reference.
-    const float s0 = scale != nullptr && kept0 > 0.f ? sqrtf(dense0 / kept0) : 1.f;
-    const float s1 = scale != nullptr && kept1 > 0.f ? sqrtf(dense1 / kept1) : 1.f;
+    // Without compensation the epilogue scale is 1.
+    const float s0 = scale != nullptr ? token_scale_of(dense0, kept0) : 1.f;
+    const float s1 = scale != nullptr ? token_scale_of(dense1, kept1) : 1.f;
     token_scale[local0] = s0;
     token_scale[local1] = s1;
     if (scale != nullptr) {
@@ -523,9 +538,7 @@ __global__ void __launch_bounds__(kLowRankThreads) sparsify_low_rank_kernel(
       const int64_t j = 4 * piece + i;
       out[i] = row < rows && j < rank ? float_to_bits<kBf16>(__fdiv_rn(u[local * kRankPadded + j], s)) : 0u;
     }
-    *reinterpret_cast<uint2*>(values + row * ld_values + cols / 2 + 4 * piece) =
-        make_uint2(out[0] | (out[1] << 16), out[2] | (out[3] << 16));
-    meta[sm90_metadata_byte_16bit(row, cols + 8 * piece, padded_rows, kCutlassBlockK)] = 0x44;
+    store_k_extension_piece<kCutlassBlockK>(out, row, piece, cols, padded_rows, values, ld_values, meta);
   }
 }
 
@@ -980,8 +993,8 @@ __device__ __forceinline__ float2 finish_pair_stats(const Fp8RowPair<kSplit>& pa
   const float inv0 = m0 > 0.f ? __fdiv_rn(448.f, m0) : 0.f;
   const float inv1 = m1 > 0.f ? __fdiv_rn(448.f, m1) : 0.f;
   if (pair.split == 0 && threadIdx.x == 0) {
-    const float s0 = compensate && s.kept0 > 0.f ? sqrtf(s.dense0 / s.kept0) : 1.f;
-    const float s1 = compensate && s.kept1 > 0.f ? sqrtf(s.dense1 / s.kept1) : 1.f;
+    const float s0 = compensate ? token_scale_of(s.dense0, s.kept0) : 1.f;
+    const float s1 = compensate ? token_scale_of(s.dense1, s.kept1) : 1.f;
     token_scale[pair.r0] = __fdiv_rn(__fmul_rn(s0, m0), 448.f);
     token_scale[pair.r1] = __fdiv_rn(__fmul_rn(s1, m1), 448.f);
   }
