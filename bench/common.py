@@ -1,4 +1,5 @@
 """What the benchmarks share: timing (eager wall and CUDA-graph kernel time) and the commit stamp."""
+import contextlib
 import os
 import pathlib
 import statistics
@@ -6,6 +7,17 @@ import subprocess
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+INPUT_SETS = 3  # activations the timed calls rotate through, so they do not just re-read L2
+
+
+def rotating(tensors):
+    """A function returning the next of `tensors` on each call, round and round."""
+    state = {"i": 0}
+
+    def next_tensor():
+        state["i"] = (state["i"] + 1) % len(tensors)
+        return tensors[state["i"]]
+    return next_tensor
 
 
 def git_commit() -> str:
@@ -25,42 +37,78 @@ def git_commit() -> str:
 
 def eager_us(fn, calls, repeats):
     """Median host time per call (us) over back-to-back calls, synchronised: includes CPU overhead."""
-    import torch
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
+    return interleaved_eager_us({"fn": fn}, calls, repeats)["fn"]
 
 
 def graph_us(fn, calls, repeats):
     """Median device time per call (us) from CUDA-graph replays: kernels only, no launch gaps."""
+    return interleaved_kernel_us({"fn": fn}, calls, repeats)["fn"]
+
+
+def _rotated(names, turn):
+    """The variants' order in one round: rotated each round, so none is always first or last."""
+    shift = turn % len(names)
+    return names[shift:] + names[:shift]
+
+
+def interleaved_eager_us(fns, calls, repeats, contexts=None):
+    """{name: median host time per call (us)} over back-to-back synchronised calls, the variants
+    taking turns within every repeat: a clock or temperature drift during the run (the same
+    kernel moved by up to 20% over minutes on an H200) shifts all of them alike, so their ratios
+    hold. contexts[name], if given, makes a context manager entered around that variant's turns
+    (outside the timed span)."""
     import torch
+    names, contexts = list(fns), contexts or {}
+    for name in names:
+        with contexts.get(name, contextlib.nullcontext)():
+            for _ in range(3):
+                fns[name]()
+    torch.cuda.synchronize()
+    samples = {name: [] for name in names}
+    for turn in range(repeats):
+        for name in _rotated(names, turn):
+            fn = fns[name]
+            with contexts.get(name, contextlib.nullcontext)():
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                torch.cuda.synchronize()
+                samples[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def interleaved_kernel_us(fns, calls, repeats, contexts=None):
+    """{name: median device time per call (us)} from CUDA-graph replays (kernels only, no launch
+    gaps), each variant's graph replayed in turn within every repeat (see interleaved_eager_us);
+    a variant's context is entered around its capture."""
+    import torch
+    names, contexts = list(fns), contexts or {}
+    graphs = {}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn()
+        for name in names:
+            with contexts.get(name, contextlib.nullcontext)():
+                for _ in range(3):
+                    fns[name]()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    for _ in range(calls):
+                        fns[name]()
+            graphs[name] = graph
     torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    for graph in graphs.values():
         graph.replay()
-        stop.record()
-        stop.synchronize()
-        samples.append(start.elapsed_time(stop) * 1e3 / calls)
-    del graph
-    return statistics.median(samples)
+    torch.cuda.synchronize()
+    samples = {name: [] for name in names}
+    for turn in range(repeats):
+        for name in _rotated(names, turn):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graphs[name].replay()
+            stop.record()
+            stop.synchronize()
+            samples[name].append(start.elapsed_time(stop) * 1e3 / calls)
+    del graphs
+    return {name: statistics.median(values) for name, values in samples.items()}

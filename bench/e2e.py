@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-modes", default="eager,compile", help="modes that also time a whole sample")
     p.add_argument("--iters", type=int, default=7, help="timed forwards per measurement")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="eager: rounds in which dense and Lynx take turns")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="RT-Lynx Sparsify Model precision")
     p.add_argument("--tiny", action="store_true", help="1 double + 1 single block (Qwen: 1 block), small latent")
     p.add_argument("--calibrate", action="store_true",
@@ -61,7 +62,7 @@ def parse_args(argv=None):
     if args.tiny:
         args.resolutions = args.compile_resolutions = [128]
         args.steps = min(args.steps, 2)
-        args.iters, args.warmup = min(args.iters, 3), 1
+        args.iters, args.warmup, args.rounds = min(args.iters, 3), 1, 1
     args.compile_backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
     return args
 
@@ -212,27 +213,38 @@ def run_model(arch, args, dev, rows, samples, notes):
         modes = ["eager"] + (["compile"] if not args.no_compile and resolution in args.compile_resolutions else [])
         for mode in modes:
             result = {"model": arch, "resolution": resolution, "batch": BATCH[arch], "mode": mode}
-            outputs = {}
-            for side, base in (("dense", dense), ("lynx", lynx)):
-                patcher = base.clone()
-                if mode == "compile":
-                    torch._dynamo.reset()  # dense and Lynx share the module: compile each from scratch
-                    set_torch_compile_wrapper(patcher, backend=args.compile_backend)
-                median, times, first, first_peak, peak, out = time_steps(patcher, arch, resolution, dev, dtype, args)
-                outputs[side] = out
-                result.update({f"{side}_ms": round(median, 3), f"{side}_ms_all": [round(t, 3) for t in times],
-                               f"{side}_first_call_s": round(first, 2), f"{side}_peak_gb": round(peak, 3),
-                               f"{side}_warmup_peak_gb": round(first_peak, 3)})
-                log(f"[{arch} {resolution}px {mode} {side}] {median:.2f} ms/step (first call {first:.1f} s), "
-                    f"peak {peak:.2f} GB (warm-up {first_peak:.2f} GB)")
-                if ((arch, resolution) == SAMPLE_RESOLUTION or args.tiny and arch == "flux") and mode in args.sample_modes:
-                    if args.steps > 0:
-                        seconds = time_sample(patcher, arch, resolution, dev, dtype, args.steps)
-                        samples.append({"model": arch, "resolution": resolution, "mode": mode, "side": side,
-                                        "steps": args.steps, "seconds": round(seconds, 3)})
-                        log(f"[{arch} {resolution}px {mode} {side}] {args.steps}-step sample {seconds:.2f} s")
-                del patcher
-                comfy.model_management.unload_all_models()
+            outputs, all_times = {}, {"dense": [], "lynx": []}
+            # Eager: the sides take turns over several rounds (dense, Lynx, Lynx, dense, ...), so a
+            # clock drift during the run shifts both alike. Compiled: one round (a switch recompiles).
+            rounds = args.rounds if mode == "eager" else 1
+            for round_index in range(rounds):
+                order = (("dense", dense), ("lynx", lynx))
+                for side, base in order if round_index % 2 == 0 else order[::-1]:
+                    patcher = base.clone()
+                    if mode == "compile":
+                        torch._dynamo.reset()  # dense and Lynx share the module: compile each from scratch
+                        set_torch_compile_wrapper(patcher, backend=args.compile_backend)
+                    median, times, first, first_peak, peak, out = time_steps(patcher, arch, resolution, dev, dtype,
+                                                                             args)
+                    all_times[side] += times
+                    log(f"[{arch} {resolution}px {mode} {side} round {round_index + 1}/{rounds}] {median:.2f} ms/step "
+                        f"(first call {first:.1f} s), peak {peak:.2f} GB (warm-up {first_peak:.2f} GB)")
+                    if round_index == 0:
+                        outputs[side] = out
+                        result.update({f"{side}_first_call_s": round(first, 2), f"{side}_peak_gb": round(peak, 3),
+                                       f"{side}_warmup_peak_gb": round(first_peak, 3)})
+                        if (((arch, resolution) == SAMPLE_RESOLUTION or args.tiny and arch == "flux")
+                                and mode in args.sample_modes and args.steps > 0):
+                            seconds = time_sample(patcher, arch, resolution, dev, dtype, args.steps)
+                            samples.append({"model": arch, "resolution": resolution, "mode": mode, "side": side,
+                                            "steps": args.steps, "seconds": round(seconds, 3)})
+                            log(f"[{arch} {resolution}px {mode} {side}] {args.steps}-step sample {seconds:.2f} s")
+                    del patcher
+                    comfy.model_management.unload_all_models()
+            for side, times in all_times.items():
+                result.update({f"{side}_ms": round(statistics.median(times), 3),
+                               f"{side}_ms_all": [round(t, 3) for t in times]})
+            result["rounds"] = rounds
             dense_out = outputs["dense"]
             result["lynx_vs_dense_rel_error"] = round(((outputs["lynx"] - dense_out).norm() / dense_out.norm()).item(), 4)
             result["speedup"] = round(result["dense_ms"] / result["lynx_ms"], 3)
@@ -316,7 +328,7 @@ def markdown(meta, rows, samples, notes, calibrations=()):
                          f"{c['lynx_ms']:.2f} | {c['lynx_lora_ms']:.2f} | {c['lynx_lora_ms'] / c['lynx_ms'] - 1:+.1%} | "
                          f"{c['lynx_lora_peak_gb']:.2f} |")
     lines += ["", "ms/step: median of synchronised BaseModel.apply_model calls (first calls, incl. compilation, "
-              "excluded). Peak: torch.cuda.max_memory_allocated during those calls, weights included; warm-up peak: "
+              "excluded); eager: over rounds in which dense and Lynx take turns (column rounds in the JSON). Peak: torch.cuda.max_memory_allocated during those calls, weights included; warm-up peak: "
               "the same over the first calls (one-time kernel config search, compilation)."]
     return "\n".join(lines) + "\n"
 

@@ -14,7 +14,8 @@ For every (M, K, N), bf16, bias on, compensation on:
   reference  reference.sparse_linear_reference      (plain PyTorch, eager only)
 The JSON also holds the time of every sm90 GEMM config for the shape (what the tuner saw).
 Two clocks: eager wall time (host clock around N back-to-back calls and a sync, median of
-repeats) and kernel time (CUDA graph of N calls, replayed, device events, median).
+repeats) and kernel time (CUDA graph of N calls, replayed, device events, median). The variants
+of a shape take turns within every repeat, so a clock drift during the run shifts them alike.
 With a previous results JSON (--previous), the table adds the speed-up of the default path over
 that file's.
 
@@ -50,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 from standalone import load_pack  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from common import eager_us, git_commit, graph_us  # noqa: E402
+from common import (INPUT_SETS, eager_us, git_commit, graph_us, interleaved_eager_us,  # noqa: E402
+                    interleaved_kernel_us, rotating)
 
 load_pack()
 from rt_lynx_pack.kernels import cusparselt  # noqa: E402
@@ -77,7 +79,6 @@ SHAPES = [
     ("qwen", "img mlp up", 8192, 3072, 12288),
     ("qwen", "img mlp down", 8192, 12288, 3072),
 ]
-INPUT_SETS = 3  # rotate activations so repeated calls do not just re-read L2
 
 
 def copy_bandwidth_tbs():
@@ -86,15 +87,6 @@ def copy_bandwidth_tbs():
     dst = torch.empty_like(src)
     us = graph_us(lambda: dst.copy_(src), 5, 5)
     return 2 * src.numel() * 2 / (us * 1e-6) / 1e12
-
-
-def rotating(tensors):
-    state = {"i": 0}
-
-    def next_tensor():
-        state["i"] = (state["i"] + 1) % len(tensors)
-        return tensors[state["i"]]
-    return next_tensor
 
 
 def sm90_config_times(x, weight, bias, e4m3, calls, repeats, w_scale=None):
@@ -160,21 +152,24 @@ def bench_shape(M, K, N, calls, repeats, bandwidth):
     }
     row = {"M": M, "K": K, "N": N, "rel_error": errors["sm90"], "cslt_rel_error": errors["cslt"],
            "sm90_config": sm90.config_info(dtype)[config][5]}
-    for name, fn in fns.items():
-        n_calls = max(2, calls // 4) if name == "reference" else calls
-        row[f"{name}_eager_us"] = eager_us(fn, n_calls, repeats)
-        if name != "reference":
-            row[f"{name}_kernel_us"] = graph_us(fn, n_calls, repeats)
-    for name, fn in kernel_only.items():
-        row[f"{name}_kernel_us"] = graph_us(fn, calls, repeats)
-    # Order effect check (NOTES): dense timed again last.
-    row["dense_again_kernel_us"] = graph_us(fns["dense"], calls, repeats)
+    reference = fns.pop("reference")
+    time_side_by_side(row, fns, kernel_only, calls, repeats)
+    row["reference_eager_us"] = eager_us(reference, max(2, calls // 4), repeats)
     row["sm90_configs_us"] = sm90_config_times(xs[0], weight, bias, False, calls, repeats)
     sparsify_bytes = M * K * 2 + mp * K * 9 // 8 + mp * 4   # read x once, write values+metadata+scale
     row["sparsify_floor_us"] = sparsify_bytes / (bandwidth * 1e12) * 1e6
     row["dense_tflops"] = 2 * M * N * K / (row["dense_kernel_us"] * 1e-6) / 1e12
     row["sm90_gemm_tflops"] = 2 * M * N * K / (row["sm90_gemm_kernel_us"] * 1e-6) / 1e12
     return row
+
+
+def time_side_by_side(row, fns, kernel_only, calls, repeats):
+    """row[name_eager_us] for fns and row[name_kernel_us] for fns and kernel_only, the variants
+    taking turns within every repeat (bench/common.py), so a clock drift shifts them alike."""
+    for name, us in interleaved_eager_us(fns, calls, repeats).items():
+        row[f"{name}_eager_us"] = us
+    for name, us in interleaved_kernel_us({**fns, **kernel_only}, calls, repeats).items():
+        row[f"{name}_kernel_us"] = us
 
 
 def quantize_rows_fp8(x):
@@ -241,13 +236,7 @@ def bench_shape_fp8(M, K, N, calls, repeats):
         "sparsify8": lambda: torch.ops.rt_lynx.sparsify_sm90(next_x(), 128, True, True),
         "lynx16": lambda: sm90.sparse_linear_sm90(next_x(), weight, bias, True),
     }
-    for name, fn in fns.items():
-        row[f"{name}_eager_us"] = eager_us(fn, calls, repeats)
-        row[f"{name}_kernel_us"] = graph_us(fn, calls, repeats)
-    for name, fn in kernel_only.items():
-        row[f"{name}_kernel_us"] = graph_us(fn, calls, repeats)
-    # Order effect check (NOTES): dense timed again last.
-    row["dense_again_kernel_us"] = graph_us(fns["dense"], calls, repeats)
+    time_side_by_side(row, fns, kernel_only, calls, repeats)
     row["sm90_configs_us"] = sm90_config_times(xs[0], wq, bias, True, calls, repeats, w_scale)
     return row
 
@@ -260,7 +249,7 @@ def markdown_fp8(rows, meta):
         "bf16 x, bias, compensation on.",
         f"fp8 path: {meta['availability']}.",
         "Times in us; eager = host clock over back-to-back calls + sync (median), kernel = CUDA "
-        "graph replay (median). dense = bf16 F.linear (kernel: timed first and again last); fp8d gemm = "
+        "graph replay (median), the variants taking turns within every repeat. dense = bf16 F.linear; fp8d gemm = "
         "torch._scaled_mm rowwise (x per token, W per channel, bias fused) on pre-quantised x; fp8d lin = "
         "the same with x's quantisation (plain torch ops) in the call; lynx8 = full fp8 Lynx linear "
         "(sparsify+quantise pass, CUTLASS sm90 e4m3 2:4 GEMM with scales and bias in its epilogue); "
@@ -277,7 +266,7 @@ def markdown_fp8(rows, meta):
             f"| {r['model']} {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {r['dense_eager_us']:.0f} | "
             f"{r['fp8d_linear_eager_us']:.0f} | {r['lynx8_eager_us']:.0f} | "
             f"{r['dense_eager_us'] / r['lynx8_eager_us']:.2f} | {r['fp8d_linear_eager_us'] / r['lynx8_eager_us']:.2f} | "
-            f"{r['dense_kernel_us']:.0f} ({r['dense_again_kernel_us']:.0f}) | {r['fp8d_gemm_kernel_us']:.0f} | "
+            f"{r['dense_kernel_us']:.0f} | {r['fp8d_gemm_kernel_us']:.0f} | "
             f"{r['sp8_gemm_kernel_us']:.0f} | {r['sparsify8_kernel_us']:.1f} | {r['lynx8_kernel_us']:.0f} | "
             f"{r['dense_kernel_us'] / r['lynx8_kernel_us']:.2f} | {r['fp8d_gemm_kernel_us'] / r['lynx8_kernel_us']:.2f} | "
             f"{r['lynx8_cslt_kernel_us']:.0f} | {r['lynx16_kernel_us']:.0f} | {r['sm90_config']} | "
@@ -324,7 +313,8 @@ def markdown(rows, meta, previous):
         "(sparsify pass, CUTLASS sparse GEMM with scale and bias in its epilogue); sm90 gemm = that GEMM "
         "alone; cslt = stage 1 (scaled sparsify, cuSPARSELt GEMM, bias pass), cslt gemm = its GEMM alone "
         "(no scale, no bias), no bias = stage 1 without the bias pass. sparsify = the sm90 sparsify pass "
-        "(one read of x) and its memory floor. dense kernel: timed first and again last (order effect)."
+        "(one read of x) and its memory floor. The variants take turns within every repeat, so a clock "
+        "drift during the run shifts them alike."
         + (f" vs prev = {previous['name']}'s default-path time / this sm90 time." if previous else ""),
         "",
         "| model | layer | M | K | N | dense eager | sm90 eager | x | cslt eager | x | dense kernel"
@@ -344,7 +334,7 @@ def markdown(rows, meta, previous):
             f"| {r['model']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | "
             f"{d_e:.0f} | {r['sm90_eager_us']:.0f} | {d_e / r['sm90_eager_us']:.2f} | "
             f"{r['cslt_eager_us']:.0f} | {d_e / r['cslt_eager_us']:.2f} | "
-            f"{d_k:.0f} ({r['dense_again_kernel_us']:.0f}) | "
+            f"{d_k:.0f} | "
             f"{r['sm90_gemm_kernel_us']:.0f} | {d_k / r['sm90_gemm_kernel_us']:.2f} | "
             f"{r['sm90_kernel_us']:.0f} | {d_k / r['sm90_kernel_us']:.2f} | "
             f"{r['cslt_gemm_kernel_us']:.0f} | {d_k / r['cslt_gemm_kernel_us']:.2f} | "

@@ -4,8 +4,10 @@ the FLUX.1-dev shapes at 1024² (H100 target: the branch adds at most 5% at rank
 Side by side in one run: the plain Lynx linear, the branch inside the sparse GEMM (sm90 K
 extension, the default where it runs, down(x) by cuBLAS before the sparsify pass), the same with
 down(x) computed inside the sparsify pass on tensor cores (sm90.low_rank_fusion), and the branch
-added after as two small products (the path of the other backends). Eager wall time per call (median over repeats, synchronised) and
-CUDA-graph kernel time. Results go to bench/results/lora-branch-<date>-<gpu>.md.
+added after as two small products (the path of the other backends). Eager wall time per call
+(median over repeats, synchronised) and CUDA-graph kernel time, the variants taking turns within
+every repeat so a clock drift shifts them alike. Results go to
+bench/results/lora-branch-<date>-<gpu>.md.
 """
 import argparse
 import datetime
@@ -16,7 +18,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import eager_us, git_commit, graph_us  # noqa: E402
+from common import INPUT_SETS, git_commit, interleaved_eager_us, interleaved_kernel_us, rotating  # noqa: E402
 
 CALLS, REPEATS = 20, 5
 BRANCH_VARIANTS = ("in_gemm", "in_gemm_fused_down", "added_after")
@@ -38,30 +40,33 @@ def main():
 
     rows = []
     for m, k, n in SHAPES:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(INPUT_SETS)]
+        next_x = rotating(xs)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
         b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
         in_gemm = prepare_low_rank(torch.randn(args.rank, k) / k ** 0.5, torch.randn(n, args.rank) / args.rank ** 0.5,
-                                   1.0, x.device, x.dtype)
+                                   1.0, xs[0].device, xs[0].dtype)
         added_after = LowRankOperands(in_gemm.down, in_gemm.up, in_gemm.scale)
-        backend = select_backend(x, w, "auto", 2, 4).name
-        variants = {"plain": (False, lambda: sparse_linear(x, w, b, True)),
-                    "in_gemm": (False, lambda: sparse_linear(x, w, b, True, low_rank=in_gemm)),
-                    "in_gemm_fused_down": (True, lambda: sparse_linear(x, w, b, True, low_rank=in_gemm)),
-                    "added_after": (False, lambda: sparse_linear(x, w, b, True, low_rank=added_after))}
+        backend = select_backend(xs[0], w, "auto", 2, 4).name
+        down = in_gemm.down
+        variants = {"plain": lambda: sparse_linear(next_x(), w, b, True),
+                    "in_gemm": lambda: sparse_linear(next_x(), w, b, True, low_rank=in_gemm),
+                    "in_gemm_fused_down": lambda: sparse_linear(next_x(), w, b, True, low_rank=in_gemm),
+                    "added_after": lambda: sparse_linear(next_x(), w, b, True, low_rank=added_after)}
+        # Where the in-GEMM overhead goes: the down projection (a skinny cuBLAS product that reads
+        # x again), in both orientations cuBLAS offers; kernel time only.
+        parts = {"down": lambda: torch.nn.functional.linear(next_x(), down),
+                 "down_transposed": lambda: torch.mm(down, next_x().t())}
+        contexts = {"in_gemm_fused_down": lambda: sm90.low_rank_fusion(True)}
         with sm90.low_rank_fusion(True):
             fusable = backend == "sm90" and sm90.low_rank_fused(args.rank)
         row = {"shape": (m, k, n), "backend": backend, "branch_in_gemm": in_gemm.up_k_extension is not None,
                "fused_down_runs": fusable}
-        for name, (fusion, fn) in variants.items():
-            with sm90.low_rank_fusion(fusion):
-                row[f"eager_{name}_us"] = eager_us(fn, CALLS, REPEATS)
-                row[f"kernel_{name}_us"] = graph_us(fn, CALLS, REPEATS)
-        # Where the in-GEMM overhead goes: the down projection (a skinny cuBLAS product that reads
-        # x again), in both orientations cuBLAS offers.
-        down = in_gemm.down
-        row["kernel_down_us"] = graph_us(lambda: torch.nn.functional.linear(x, down), CALLS, REPEATS)
-        row["kernel_down_transposed_us"] = graph_us(lambda: torch.mm(down, x.t()), CALLS, REPEATS)
+        for name, us in interleaved_eager_us(variants, CALLS, REPEATS, contexts).items():
+            row[f"eager_{name}_us"] = us
+        for name, us in interleaved_kernel_us({**variants, **parts}, CALLS, REPEATS, contexts).items():
+            row[f"kernel_{name}_us"] = us
+        row["k_extension_columns"] = next((p[6] for p in sm90.plan_info() if p[:4] == (m, k, n, "bf16") and p[6] > 0), 0)
         for timing in ("eager", "kernel"):
             for name in BRANCH_VARIANTS:
                 row[f"{timing}_{name}_overhead"] = row[f"{timing}_{name}_us"] / row[f"{timing}_plain_us"] - 1
@@ -74,14 +79,15 @@ def main():
              f"commit {commit})", "",
              "In GEMM: the branch in the sparse GEMM, down(x) by cuBLAS before the sparsify pass (the default); "
              "fused down: the same with down(x) inside the sparsify pass (column 'fused runs': the rank allows "
-             "it); after: two products added after the Lynx linear.", "",
-             "| M,K,N | backend | fused runs | Lynx kernel us | in GEMM | overhead | fused down | overhead | "
+             "it); K ext: the logical columns the branch adds to the sparse GEMM (one k-tile of the chosen config); "
+             "after: two products added after the Lynx linear.", "",
+             "| M,K,N | backend | fused runs | K ext | Lynx kernel us | in GEMM | overhead | fused down | overhead | "
              "after | overhead | Lynx eager us | in GEMM | overhead | fused down | overhead | after | overhead | "
              "down(x) kernel us | down x^T kernel us |",
-             "|" + "---|" * 19]
+             "|" + "---|" * 20]
     for r in rows:
         cells = [",".join(map(str, r["shape"])), r["backend"] + ("" if r["branch_in_gemm"] else " (branch after)"),
-                 "yes" if r["fused_down_runs"] else "no"]
+                 "yes" if r["fused_down_runs"] else "no", str(r["k_extension_columns"])]
         for timing in ("kernel", "eager"):
             cells.append(f"{r[f'{timing}_plain_us']:.0f}")
             for name in BRANCH_VARIANTS:

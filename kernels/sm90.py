@@ -20,9 +20,9 @@ With a Lynx LoRA the branch joins the same accumulators (sm90_k_extended_mainloo
 down(x) (one small cuBLAS product; `low_rank_fusion` lets the sparsify pass compute it on tensor
 cores from its own read of x instead, slower as measured so far) divided by s is written into
 extra columns of the sparse A as 2:4 groups [u0 u1 0 0] by the sparsify pass, and the GEMM's
-k-tiles past K take their B from
-`k_extension_up(up, scale)` instead of the weight; the epilogue's s then restores u. 128 more
-logical columns of K than the plain GEMM for ranks up to 64, and no pass over y.
+k-tiles past K take their B from `k_extension_up(up, scale)` instead of the weight; the epilogue's
+s then restores u. One k-tile more than the plain GEMM (64 logical columns on the configs with a
+64-wide tile K for ranks up to 32, else 128 for ranks up to 64), and no pass over y.
 
 `availability_sm90` says yes only after the start-up self-test: the metadata writer's byte formula
 against CuTe's layout for every config, then every config's product against the reference.
@@ -227,8 +227,8 @@ def clear_plans() -> None:
 
 
 def plan_info() -> list[tuple]:
-    """Chosen configs: (M, K, N, element, config, time per candidate config in us, K extension
-    columns of a low-rank branch or 0)."""
+    """Chosen configs: (M, K, N, element, config, time per candidate config in us, the chosen
+    config's K extension columns for a low-rank branch, or 0)."""
     return list(_cusparselt.extension().sm90_plan_info())
 
 

@@ -7,9 +7,9 @@
 // This is how the Lynx LoRA branch enters the sparse GEMM without a copy of W: the sparsify pass
 // writes u = down(x) (divided by the epilogue's token scale) into the extra columns of A as 2:4
 // groups [u0 u1 0 0], and b_ext holds the up factor interleaved the same way. The extra cost is
-// k_ext / k_main more MMA work (one 128-column k-tile for ranks up to 64). b_ext may store fewer
-// than k_ext columns (b_ext_cols): TMA reads the columns past them as zeros, so a rank-32 branch
-// keeps 64 columns per output channel, not 128.
+// k_ext / k_main more MMA work: one k-tile (k_ext = the tile K, 64 or 128 columns) for ranks up
+// to tile K / 2. b_ext may store fewer than k_ext columns (b_ext_cols): TMA reads the columns past
+// them as zeros, so a rank-16 branch keeps 32 columns per output channel.
 //
 // Only the producer changes (which TMA descriptor a k-tile's B comes from); the consumer warps,
 // the pipeline and the shared memory are CUTLASS's. k_ext = 0 is the plain sparse GEMM (the

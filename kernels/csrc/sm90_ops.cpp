@@ -143,16 +143,19 @@ struct Compressed {
 };
 
 // The low-rank branch as the sm90 GEMM takes it: u = x down^T goes into k_ext extra columns of
-// the compressed activations (the stored columns of up_ext rounded up to the 128-column metadata
-// atom), up_ext (N x 2 * rank rounded up, kernels/sm90.py builds it) is the second B operand.
-int64_t k_extension_columns(const at::Tensor& up_ext) {
-  return up_ext.defined() ? (up_ext.size(1) + 127) / 128 * 128 : 0;
+// the compressed activations, up_ext (N x 2 * rank rounded up, kernels/sm90.py builds it) is the
+// second B operand. k_ext is the stored columns of up_ext rounded up to the config's metadata
+// block, which is its tile K: one k-tile of 64 columns for a rank up to 32 on the 64-wide
+// configs, 128 on the others (the GEMM switches to up_ext at a k-tile boundary).
+int64_t k_extension_columns(const at::Tensor& up_ext, int64_t metadata_block) {
+  return up_ext.defined() ? (up_ext.size(1) + metadata_block - 1) / metadata_block * metadata_block : 0;
 }
 
 struct LowRankOperands {
   at::Tensor down;    // rank x K, x's dtype
   at::Tensor up_ext;  // undefined: no branch
-  int64_t k_ext() const { return k_extension_columns(up_ext); }
+  bool present() const { return up_ext.defined(); }
+  int64_t k_ext(int64_t metadata_block) const { return k_extension_columns(up_ext, metadata_block); }
 };
 
 Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadata_block,
@@ -160,11 +163,11 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
   Compressed c;
   c.padded_rows = round_up_rows(x.size(0));
   const int64_t k = x.size(1);
-  c.cols = k + low_rank.k_ext();
+  c.cols = k + low_rank.k_ext(metadata_block);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const bool is_bf16 = x.scalar_type() == at::kBFloat16;
   if (e4m3) {
-    require(low_rank.k_ext() == 0, "rt_lynx: the e4m3 GEMM takes no low-rank extension");
+    require(!low_rank.present(), "rt_lynx: the e4m3 GEMM takes no low-rank extension");
     c.buffer = at::empty({fp8_compressed_bytes(c.padded_rows, k)}, x.options().dtype(at::kByte));
     c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
     launch_sparsify_fp8(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, compensate,
@@ -173,7 +176,7 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
     c.buffer = at::empty({compressed_numel(c.padded_rows, c.cols)}, x.options());
     if (compensate) c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
     float* scale = compensate ? c.scale.data_ptr<float>() : nullptr;
-    const int64_t rank = low_rank.k_ext() > 0 ? low_rank.down.size(0) : 0;
+    const int64_t rank = low_rank.present() ? low_rank.down.size(0) : 0;
     if (rank > 0 && sparsify_low_rank_fused(rank)) {
       // down(x) on tensor cores in the same pass over x (its tiles are copied 16 bytes at a time).
       at::Tensor down = low_rank.down.contiguous();
@@ -207,7 +210,8 @@ void run_gemm(const Sm90Library& lib, int config, const Compressed& a, bool e4m3
   g.n = weight.size(0);
   g.k = weight.size(1);
   g.k_ext = a.cols - g.k;
-  require(g.k_ext == k_extension_columns(up_ext), op, ": K extension differs from up_ext");
+  const int64_t block = up_ext.defined() ? config_info(lib, in_element, config, op).metadata_block_k : 0;
+  require(g.k_ext == k_extension_columns(up_ext, block), op, ": K extension differs from up_ext and the config's tile K");
   g.a_values = a.values();
   g.a_metadata = a.metadata(e4m3);
   g.b = weight.data_ptr();
@@ -233,10 +237,10 @@ void run_gemm(const Sm90Library& lib, int config, const Compressed& a, bool e4m3
 
 struct PlanKey {
   int device;
-  int64_t rows, k, n, k_ext;
+  int64_t rows, k, n, up_ext_cols;  // up_ext_cols: stored columns of a low-rank branch's up_ext, 0 for none
   int in_element, out_element;
   bool operator==(const PlanKey& o) const {
-    return device == o.device && rows == o.rows && k == o.k && n == o.n && k_ext == o.k_ext &&
+    return device == o.device && rows == o.rows && k == o.k && n == o.n && up_ext_cols == o.up_ext_cols &&
            in_element == o.in_element && out_element == o.out_element;
   }
 };
@@ -246,7 +250,7 @@ struct PlanKeyHash {
     size_t h = std::hash<int64_t>()(key.rows);
     h = h * 1000003u ^ std::hash<int64_t>()(key.k);
     h = h * 1000003u ^ std::hash<int64_t>()(key.n);
-    h = h * 1000003u ^ std::hash<int64_t>()(key.k_ext);
+    h = h * 1000003u ^ std::hash<int64_t>()(key.up_ext_cols);
     return h * 1000003u ^ size_t(key.device * 16 + key.in_element * 4 + key.out_element);
   }
 };
@@ -254,6 +258,7 @@ struct PlanKeyHash {
 struct Plan {
   int config = 0;
   std::vector<float> candidate_us;  // per config; +inf for one that failed or disagreed
+  int64_t k_ext = 0;                // the chosen config's K extension (0 without a low-rank branch)
 };
 
 std::mutex& plan_mutex() {
@@ -368,7 +373,7 @@ Plan tune(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensat
 int config_for(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensate, const at::Tensor& weight,
                const at::Tensor& col_scale, const at::Tensor& bias, at::ScalarType out_dtype, const char* op,
                const LowRankOperands& low_rank) {
-  const PlanKey key{x.get_device(), x.size(0), x.size(1), weight.size(0), low_rank.k_ext(),
+  const PlanKey key{x.get_device(), x.size(0), x.size(1), weight.size(0), low_rank.present() ? low_rank.up_ext.size(1) : 0,
                     element_of(weight.scalar_type()), element_of(out_dtype)};
   {
     std::lock_guard<std::mutex> lock(plan_mutex());
@@ -382,6 +387,7 @@ int config_for(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool comp
     return heuristic_config(lib, key.in_element, key.rows, key.n, key.device);
   }
   Plan plan = tune(lib, x, e4m3, compensate, weight, col_scale, bias, out_dtype, op, low_rank);
+  plan.k_ext = low_rank.k_ext(config_info(lib, key.in_element, plan.config, op).metadata_block_k);
   std::lock_guard<std::mutex> lock(plan_mutex());
   return plans().emplace(key, std::move(plan)).first->second.config;
 }
@@ -523,7 +529,7 @@ std::vector<PlanRow> sm90_plan_info() {
   static const char* names[] = {"bf16", "fp16", "e4m3"};
   for (const auto& entry : plans()) {
     rows.emplace_back(entry.first.rows, entry.first.k, entry.first.n, names[entry.first.in_element],
-                      entry.second.config, entry.second.candidate_us, entry.first.k_ext);
+                      entry.second.config, entry.second.candidate_us, entry.second.k_ext);
   }
   return rows;
 }

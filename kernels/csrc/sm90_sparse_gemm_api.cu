@@ -17,12 +17,13 @@ const ElementEntry* entry_for(int in_element, int out_element) {
 // The output element a layout check uses (every output shares its input's layout).
 int default_out(int in_element) { return in_element == RT_LYNX_FP16 ? RT_LYNX_FP16 : RT_LYNX_BF16; }
 
-// The shapes every config takes: TMA needs 16-byte rows, the metadata atom 128 columns.
+// The shapes every config takes: TMA needs 16-byte rows, the metadata atom 128 columns of K.
 const char* shape_problem(const RtLynxSm90Gemm& g) {
   if (g.m < 1 || g.n < 1 || g.k < 1) return "empty sparse GEMM";
   if (g.k % 128) return "K must be a multiple of 128";
   if (g.n % 16) return "N must be a multiple of 16";
-  if (g.k_ext < 0 || g.k_ext % 128) return "k_ext must be a non-negative multiple of 128";
+  // k_ext: a multiple of the config's tile K too (the mainloop's can_implement checks that).
+  if (g.k_ext < 0 || g.k_ext % 64) return "k_ext must be a non-negative multiple of 64";
   if ((g.k_ext > 0) != (g.b_ext != nullptr)) return "b_ext must be given exactly when k_ext > 0";
   if (g.k_ext > 0 && g.in_element == RT_LYNX_E4M3) return "the K extension is for 16-bit inputs";
   if (g.k_ext > 0 && (g.b_ext_cols < 8 || g.b_ext_cols > g.k_ext || g.b_ext_cols % 8)) {
