@@ -62,7 +62,7 @@ def parse_args(argv=None):
     if args.tiny:
         args.resolutions = args.compile_resolutions = [128]
         args.steps = min(args.steps, 2)
-        args.iters, args.warmup, args.rounds = min(args.iters, 3), 1, 1
+        args.iters, args.warmup = min(args.iters, 3), 1
     args.compile_backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
     return args
 

@@ -1,6 +1,6 @@
 """Where a Lynx linear's time goes, kernel by kernel (CUPTI through torch.profiler).
 
-For each shape: the full sm90 Lynx linear (plain and with a rank-r LoRA), the same two kernels
+For each shape: dense F.linear (cuBLAS), the full sm90 Lynx linear (plain and with a rank-r LoRA), the same two kernels
 launched as two ops from Python, its GEMM alone on a pre-compressed input and its sparsify pass
 alone, each run back to back; per kernel name the mean device duration per call, and per case
 the device span per call (first kernel start to last kernel end, so idle time between kernels
@@ -10,7 +10,8 @@ and "GEMM + sparsify" sits.
 Results: bench/results/profile-linear-<date>-<gpu>.md.
 
 Usage: python bench/profile_linear.py [--out DIR] [--rank 32] [--shapes 0,2]
-  --single-calls: one call per case and shape, no timing (for `ncu --clock-control none` to wrap).
+  --single-calls: one call per case and shape, no timing, between cudaProfilerStart/Stop (for
+  `ncu --profile-from-start off --clock-control none` to wrap; bench/run_device.sh ncu does).
 """
 import argparse
 import collections
@@ -95,6 +96,7 @@ def main():
             return torch.ops.rt_lynx.sparse_mm_sm90(values, w, scale, None, b, m, config, torch.bfloat16)
 
         cases = {
+            "dense F.linear": lambda: torch.nn.functional.linear(xs[step()], w, b),
             "full linear": lambda: sparse_linear(xs[step()], w, b, True),
             "two ops": lambda: gemm_alone(torch.ops.rt_lynx.sparsify_sm90(xs[step()], block, False, True)),
             "GEMM alone": lambda: gemm_alone(compressed[step()]),
@@ -103,9 +105,12 @@ def main():
             f"full linear + LoRA r{args.rank}, down in the sparsify pass": lambda: lora_fused_down(xs[step()]),
         }
         if args.single_calls:
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()   # what `ncu --profile-from-start off` sees
             for fn in cases.values():
                 fn()
             torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
             continue
         lines += [f"## {layer} {m}x{k}x{n} (config {sm90.config_info(torch.bfloat16)[config][5]})", "",
                   "| case | kernel | us/call |", "|---|---|---|"]

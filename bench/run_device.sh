@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: build, GPU tests, kernel benchmarks; results to $OUT.
-# Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|profile]   (OUT defaults to ./device-out)
+# Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|profile|ncu]   (OUT defaults to ./device-out)
 #   test: tests/gpu (the sm90 tests first); bench: bench/kernels.py $BENCH_ARGS; fp8: bench/kernels.py --fp8;
-#   lora: bench/lora_branch.py; profile: bench/profile_linear.py (kernel by kernel); all: test, bench, fp8 and lora.
+#   lora: bench/lora_branch.py; profile: bench/profile_linear.py (kernel by kernel); ncu: Nsight Compute on the
+#   dense and sparse GEMM of one shape ($NCU_SHAPES); all: test, bench, fp8 and lora.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/device_setup.sh
@@ -25,6 +26,26 @@ fi
 if [ "$STAGE" = all ] || [ "$STAGE" = lora ]; then
   timeout "${BENCH_TIMEOUT:-240}" python3 bench/lora_branch.py ${LORA_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench-lora.log"
   record "${PIPESTATUS[0]}"
+fi
+if [ "$STAGE" = ncu ]; then
+  # The dense (cuBLAS) and sparse GEMM of one shape under Nsight Compute: tensor-pipe and shared-memory
+  # utilisation, to see which unit bounds the sparse GEMM. First 4 GEMM launches: dense, the full
+  # linear's, the two-op path's, the GEMM alone's (profile_linear.py's case order).
+  NCU_SHAPES="${NCU_SHAPES:-0}"
+  timeout "${BENCH_TIMEOUT:-240}" ncu --clock-control none --profile-from-start off --launch-count 4 \
+    --kernel-name regex:'device_kernel|nvjet|xmma|gemm' --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --csv --page details \
+    python3 bench/profile_linear.py --shapes "$NCU_SHAPES" --single-calls > "$OUT/ncu-gemm.csv" 2> "$OUT/ncu.log"
+  record $?
+  python3 - "$OUT/ncu-gemm.csv" <<'PY'
+import csv, re, sys
+wanted = re.compile(r"Duration|SM Frequency|Throughput|Shared|Tensor|Max Bandwidth|Mem Pipes|Issue Slots|Executed Ipc|Bank")
+lines = [line for line in open(sys.argv[1]) if line.startswith('"')]
+for row in csv.DictReader(lines):
+    if wanted.search(row.get("Metric Name", "")):
+        print(row["ID"], row["Kernel Name"][:40], "|", row["Section Name"], "|", row["Metric Name"], row["Metric Unit"],
+              row["Metric Value"])
+PY
 fi
 if [ "$STAGE" = profile ]; then
   timeout "${BENCH_TIMEOUT:-240}" python3 bench/profile_linear.py --out "$OUT" 2>&1 | tee "$OUT/profile.log"
