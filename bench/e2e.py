@@ -328,7 +328,8 @@ def markdown(meta, rows, samples, notes, calibrations=()):
                          f"{c['lynx_ms']:.2f} | {c['lynx_lora_ms']:.2f} | {c['lynx_lora_ms'] / c['lynx_ms'] - 1:+.1%} | "
                          f"{c['lynx_lora_peak_gb']:.2f} |")
     lines += ["", "ms/step: median of synchronised BaseModel.apply_model calls (first calls, incl. compilation, "
-              "excluded); eager: over rounds in which dense and Lynx take turns (column rounds in the JSON). Peak: torch.cuda.max_memory_allocated during those calls, weights included; warm-up peak: "
+              "excluded); eager: over rounds in which dense and Lynx take turns (column rounds in the JSON). "
+              "Peak: torch.cuda.max_memory_allocated during those calls, weights included; warm-up peak: "
               "the same over the first calls (one-time kernel config search, compilation)."]
     return "\n".join(lines) + "\n"
 

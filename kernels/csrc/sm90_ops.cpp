@@ -147,15 +147,17 @@ struct Compressed {
 // second B operand. k_ext is the stored columns of up_ext rounded up to the config's metadata
 // block, which is its tile K: one k-tile of 64 columns for a rank up to 32 on the 64-wide
 // configs, 128 on the others (the GEMM switches to up_ext at a k-tile boundary).
-int64_t k_extension_columns(const at::Tensor& up_ext, int64_t metadata_block) {
-  return up_ext.defined() ? (up_ext.size(1) + metadata_block - 1) / metadata_block * metadata_block : 0;
+int64_t k_extension_columns(int64_t up_ext_cols, int64_t metadata_block) {
+  return up_ext_cols > 0 ? (up_ext_cols + metadata_block - 1) / metadata_block * metadata_block : 0;
 }
+
+int64_t stored_columns(const at::Tensor& up_ext) { return up_ext.defined() ? up_ext.size(1) : 0; }
 
 struct LowRankOperands {
   at::Tensor down;    // rank x K, x's dtype
   at::Tensor up_ext;  // undefined: no branch
   bool present() const { return up_ext.defined(); }
-  int64_t k_ext(int64_t metadata_block) const { return k_extension_columns(up_ext, metadata_block); }
+  int64_t k_ext(int64_t metadata_block) const { return k_extension_columns(stored_columns(up_ext), metadata_block); }
 };
 
 Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadata_block,
@@ -211,7 +213,8 @@ void run_gemm(const Sm90Library& lib, int config, const Compressed& a, bool e4m3
   g.k = weight.size(1);
   g.k_ext = a.cols - g.k;
   const int64_t block = up_ext.defined() ? config_info(lib, in_element, config, op).metadata_block_k : 0;
-  require(g.k_ext == k_extension_columns(up_ext, block), op, ": K extension differs from up_ext and the config's tile K");
+  require(g.k_ext == k_extension_columns(stored_columns(up_ext), block), op,
+          ": K extension differs from up_ext and the config's tile K");
   g.a_values = a.values();
   g.a_metadata = a.metadata(e4m3);
   g.b = weight.data_ptr();
@@ -258,7 +261,6 @@ struct PlanKeyHash {
 struct Plan {
   int config = 0;
   std::vector<float> candidate_us;  // per config; +inf for one that failed or disagreed
-  int64_t k_ext = 0;                // the chosen config's K extension (0 without a low-rank branch)
 };
 
 std::mutex& plan_mutex() {
@@ -373,7 +375,7 @@ Plan tune(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensat
 int config_for(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensate, const at::Tensor& weight,
                const at::Tensor& col_scale, const at::Tensor& bias, at::ScalarType out_dtype, const char* op,
                const LowRankOperands& low_rank) {
-  const PlanKey key{x.get_device(), x.size(0), x.size(1), weight.size(0), low_rank.present() ? low_rank.up_ext.size(1) : 0,
+  const PlanKey key{x.get_device(), x.size(0), x.size(1), weight.size(0), stored_columns(low_rank.up_ext),
                     element_of(weight.scalar_type()), element_of(out_dtype)};
   {
     std::lock_guard<std::mutex> lock(plan_mutex());
@@ -387,7 +389,6 @@ int config_for(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool comp
     return heuristic_config(lib, key.in_element, key.rows, key.n, key.device);
   }
   Plan plan = tune(lib, x, e4m3, compensate, weight, col_scale, bias, out_dtype, op, low_rank);
-  plan.k_ext = low_rank.k_ext(config_info(lib, key.in_element, plan.config, op).metadata_block_k);
   std::lock_guard<std::mutex> lock(plan_mutex());
   return plans().emplace(key, std::move(plan)).first->second.config;
 }
@@ -528,8 +529,13 @@ std::vector<PlanRow> sm90_plan_info() {
   std::vector<PlanRow> rows;
   static const char* names[] = {"bf16", "fp16", "e4m3"};
   for (const auto& entry : plans()) {
-    rows.emplace_back(entry.first.rows, entry.first.k, entry.first.n, names[entry.first.in_element],
-                      entry.second.config, entry.second.candidate_us, entry.second.k_ext);
+    const PlanKey& key = entry.first;
+    const int64_t k_ext = key.up_ext_cols > 0
+        ? k_extension_columns(key.up_ext_cols, config_info(library("rt_lynx.sm90_plan_info"), key.in_element,
+                                                           entry.second.config, "rt_lynx.sm90_plan_info").metadata_block_k)
+        : 0;
+    rows.emplace_back(key.rows, key.k, key.n, names[key.in_element], entry.second.config, entry.second.candidate_us,
+                      k_ext);
   }
   return rows;
 }
