@@ -28,18 +28,21 @@ if [ "$STAGE" = all ] || [ "$STAGE" = lora ]; then
   record "${PIPESTATUS[0]}"
 fi
 if [ "$STAGE" = ncu ]; then
-  # The dense (cuBLAS) and sparse GEMM of one shape under Nsight Compute: tensor-pipe and shared-memory
-  # utilisation, to see which unit bounds the sparse GEMM. First 4 GEMM launches: dense, the full
-  # linear's, the two-op path's, the GEMM alone's (profile_linear.py's case order).
+  # GEMM and sparsify kernels of one shape under Nsight Compute: tensor-pipe, shared-memory and warp-stall
+  # figures, to see which unit bounds each. Launch order is profile_linear.py's case order (dense, full linear,
+  # two ops, GEMM alone, sparsify alone, + LoRA, + LoRA with down in the sparsify pass).
   NCU_SHAPES="${NCU_SHAPES:-0}"
-  timeout "${BENCH_TIMEOUT:-240}" ncu --clock-control none --profile-from-start off --launch-count 4 \
-    --kernel-name regex:'device_kernel|nvjet|xmma|gemm' --section SpeedOfLight --section ComputeWorkloadAnalysis \
-    --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --csv --page details \
+  timeout "${BENCH_TIMEOUT:-240}" ncu --clock-control none --profile-from-start off --launch-count "${NCU_LAUNCHES:-4}" \
+    --kernel-name "${NCU_KERNELS:-regex:device_kernel|nvjet|xmma|gemm}" --section SpeedOfLight \
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+    --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" --csv --page details \
     python3 bench/profile_linear.py --shapes "$NCU_SHAPES" --single-calls > "$OUT/ncu-gemm.csv" 2> "$OUT/ncu.log"
   record $?
   python3 - "$OUT/ncu-gemm.csv" <<'PY'
 import csv, re, sys
-wanted = re.compile(r"Duration|SM Frequency|Throughput|Shared|Tensor|Max Bandwidth|Mem Pipes|Issue Slots|Executed Ipc|Bank")
+wanted = re.compile(r"Duration|SM Frequency|Throughput|Shared|Tensor|Max Bandwidth|Mem Pipes|Issue Slots|Executed Ipc|"
+                    r"Bank|Stall|stalled|Warp Cycles|Eligible|Active Warps|Occupancy|Registers|Grid Size|Block Size|Issued Warp")
 lines = [line for line in open(sys.argv[1]) if line.startswith('"')]
 for row in csv.DictReader(lines):
     if wanted.search(row.get("Metric Name", "")):
