@@ -2,9 +2,9 @@
 the FLUX.1-dev shapes at 1024² (H100 target: the branch adds at most 5% at rank 32).
 
 Side by side in one run: the plain Lynx linear, the branch inside the sparse GEMM (sm90 K
-extension, the default where it runs, down(x) by cuBLAS before the sparsify pass), the same with
-down(x) computed inside the sparsify pass on tensor cores (sm90.low_rank_fusion), and the branch
-added after as two small products (the path of the other backends). Eager wall time per call
+extension) with down(x) by cuBLAS before the sparsify pass, the same with down(x) computed inside
+the sparsify pass on tensor cores (sm90.low_rank_fusion; the default for ranks up to 32), and the
+branch added after as two small products (the path of the other backends). Eager wall time per call
 (median over repeats, synchronised) and CUDA-graph kernel time, the variants taking turns within
 every repeat so a clock drift shifts them alike. Results go to
 bench/results/lora-branch-<date>-<gpu>.md.
@@ -57,7 +57,7 @@ def main():
         # x again), in both orientations cuBLAS offers; kernel time only.
         parts = {"down": lambda: torch.nn.functional.linear(next_x(), down),
                  "down_transposed": lambda: torch.mm(down, next_x().t())}
-        contexts = {"in_gemm_fused_down": lambda: sm90.low_rank_fusion(True)}
+        contexts = {"in_gemm": lambda: sm90.low_rank_fusion(False), "in_gemm_fused_down": lambda: sm90.low_rank_fusion(True)}
         with sm90.low_rank_fusion(True):
             fusable = backend == "sm90" and sm90.low_rank_fused(args.rank)
         row = {"shape": (m, k, n), "backend": backend, "branch_in_gemm": in_gemm.up_k_extension is not None,
@@ -77,9 +77,9 @@ def main():
     commit = git_commit()
     lines = [f"# Lynx LoRA branch cost, rank {args.rank} ({datetime.date.today()}, {gpu}, torch {torch.__version__}, "
              f"commit {commit})", "",
-             "In GEMM: the branch in the sparse GEMM, down(x) by cuBLAS before the sparsify pass (the default); "
-             "fused down: the same with down(x) inside the sparsify pass (column 'fused runs': the rank allows "
-             "it); K ext: the logical columns the branch adds to the sparse GEMM (one k-tile of the chosen config); "
+             "In GEMM: the branch in the sparse GEMM, down(x) by cuBLAS before the sparsify pass; "
+             "fused down (the default): the same with down(x) inside the sparsify pass (column 'fused runs': the "
+             "rank allows it); K ext: the logical columns the branch adds to the sparse GEMM (one k-tile of the chosen config); "
              "after: two products added after the Lynx linear.", "",
              "| M,K,N | backend | fused runs | K ext | Lynx kernel us | in GEMM | overhead | fused down | overhead | "
              "after | overhead | Lynx eager us | in GEMM | overhead | fused down | overhead | after | overhead | "
@@ -95,7 +95,7 @@ def main():
         cells += [f"{r['kernel_down_us']:.0f}", f"{r['kernel_down_transposed_us']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for name, label in (("in_gemm", "inside the sparse GEMM (K extension), down(x) by cuBLAS"),
-                        ("in_gemm_fused_down", "inside the sparse GEMM, down(x) in the sparsify pass"),
+                        ("in_gemm_fused_down", "inside the sparse GEMM, down(x) in the sparsify pass (the default)"),
                         ("added_after", "as two products added after")):
         kernel = statistics.mean(r[f"kernel_{name}_overhead"] for r in rows)
         eager = statistics.mean(r[f"eager_{name}_overhead"] for r in rows)

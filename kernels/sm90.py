@@ -17,8 +17,8 @@ to its fp32 accumulators and writes y once. Rows are not padded for the GEMM (TM
 edges); the metadata is, to 64 rows, as CUTLASS's layout wants.
 
 With a Lynx LoRA the branch joins the same accumulators (sm90_k_extended_mainloop.cuh): u =
-down(x) (one small cuBLAS product; `low_rank_fusion` lets the sparsify pass compute it on tensor
-cores from its own read of x instead, slower as measured so far) divided by s is written into
+down(x) (for ranks up to 32 computed by the sparsify pass on tensor cores from its own read of x,
+else one small cuBLAS product first; `low_rank_fusion` switches) divided by s is written into
 extra columns of the sparse A as 2:4 groups [u0 u1 0 0] by the sparsify pass, and the GEMM's
 k-tiles past K take their B from `k_extension_up(up, scale)` instead of the weight; the epilogue's
 s then restores u. One k-tile more than the plain GEMM (64 logical columns on the configs with a
@@ -234,9 +234,8 @@ def plan_info() -> list[tuple]:
 
 @contextlib.contextmanager
 def low_rank_fusion(enabled: bool):
-    """Within the block, a LoRA's down(x) is computed inside the sparsify pass (enabled; ranks up
-    to 32) or by cuBLAS before it (the default, faster on the FLUX shapes as measured); the
-    previous setting comes back on leaving it. Process-wide (every thread and device; a CUDA
+    """Within the block, a LoRA's down(x) is computed inside the sparsify pass (enabled, the
+    default; ranks up to 32) or by cuBLAS before it; the previous setting comes back on leaving it. Process-wide (every thread and device; a CUDA
     graph keeps the path it was captured with); for benchmarks and tests that compare both on
     the same data."""
     ext = _cusparselt.extension()

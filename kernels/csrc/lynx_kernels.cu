@@ -49,10 +49,13 @@ __device__ __forceinline__ void select_group(uint32_t lo, uint32_t hi, uint32_t&
   const uint32_t k1 = ((a1 & 0x7fffu) << 2) | 2u;
   const uint32_t k2 = ((a2 & 0x7fffu) << 2) | 1u;
   const uint32_t k3 = ((a3 & 0x7fffu) << 2);
-  const bool keep0 = (int(k1 > k0) + int(k2 > k0) + int(k3 > k0)) < 2;
-  const bool keep1 = (int(k0 > k1) + int(k2 > k1) + int(k3 > k1)) < 2;
-  const bool keep2 = (int(k0 > k2) + int(k1 > k2) + int(k3 > k2)) < 2;
-  const bool keep3 = (int(k0 > k3) + int(k1 > k3) + int(k2 > k3)) < 2;
+  // The keys are distinct, so six comparisons order every pair; a key is kept when it beats at
+  // least two of the other three.
+  const bool c01 = k0 > k1, c02 = k0 > k2, c03 = k0 > k3, c12 = k1 > k2, c13 = k1 > k3, c23 = k2 > k3;
+  const bool keep0 = int(c01) + int(c02) + int(c03) >= 2;
+  const bool keep1 = int(!c01) + int(c12) + int(c13) >= 2;
+  const bool keep2 = int(!c02) + int(!c12) + int(c23) >= 2;
+  const bool keep3 = int(!c03) + int(!c13) + int(!c23) >= 2;
   // Exactly two are kept, so the lower kept one is 0, 1 or 2 and the upper one 1, 2 or 3.
   const uint32_t v_low = keep0 ? a0 : (keep1 ? a1 : a2);
   const uint32_t v_high = keep3 ? a3 : (keep2 ? a2 : a1);
@@ -308,30 +311,32 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
 // ---------------------------------------------------------------------------------------------
 // The sm90 sparsify pass with the Lynx LoRA's down projection on tensor cores: x is read once for
 // both the 2:4 compression and u = x down^T, which goes into the K extension (write_k_extension's
-// layout) once the token scale is known. A block covers kLowRankRows rows (two 16-row groups, so
-// each down fragment feeds two MMAs and down is read from L2 once per 32 rows) and walks K in
-// steps of kLowRankTileK columns through a double-buffered cp.async pipeline of shared-memory
-// tiles (x: 32 rows, down: the rank padded to 16 or 32). Per step warp w selects row pair
-// (r, r + 8) number w from the x tile, 16 columns a lane, and writes values and metadata; then it
-// runs mma.sync m16n8k16 over columns [32w, 32w + 32) of the step for all 32 rows. The warps'
-// partial sums of u are added in warp order (deterministic). 16 warps per block: an earlier
-// version with 8 warps, 256-column steps and 3 stages ran at 1.5 instructions per cycle with 2
-// warps per scheduler (ncu) and took 57 us where the plain pass plus cuBLAS took 32 (FLUX qkv).
-constexpr int kLowRankRows = 32;
-constexpr int kLowRankTileK = 512;
-constexpr int kLowRankPitch = kLowRankTileK + 8;  // elements; ldmatrix's 8 rows land on distinct banks
-constexpr int kLowRankThreads = 512;
-constexpr int kLowRankStages = 2;
-constexpr int kLowRankPieces = kLowRankTileK / 8;                 // 16-byte copies per tile row
-constexpr int kLowRankRowsPerCopy = kLowRankThreads / kLowRankPieces;  // tile rows one pass of copies covers
+// layout) once the token scale is known. Split over K: a block covers kFusedRows rows and a slice
+// of K (whole kFusedTileK-column tiles through a double-buffered cp.async pipeline of shared-memory
+// tiles: x rows, down's rank padded to 16 or 32), writes the values and metadata of its slice and
+// its partial sums (u, ||x||^2, ||x_kept||^2 per row) to a workspace; a second small kernel adds
+// the slices in slice order (deterministic), forms s and writes u / s. Why split: the previous
+// version, 32-row blocks over all of K, ran at M = 4096 as one wave of one block per SM and read
+// down from L2 once per 32 rows; it was slower than the plain pass plus cuBLAS's down. This one:
+// 23.6 + 4.3 us against 18.6 + 9.7 us (ncu, FLUX qkv with rank 32, H200).
+// Per tile: a thread selects 2 row pairs (r, r + 8) x 16 columns; warp w runs mma.sync m16n8k16
+// for rows [16 (w % 4), + 16) and rank columns [16 (w / 4), + 16) over the whole tile.
+constexpr int kFusedRows = 64;
+constexpr int kFusedTileK = 256;
+constexpr int kFusedPitch = kFusedTileK + 8;  // elements; ldmatrix's 8 rows land on distinct banks
+constexpr int kFusedThreads = 256;
+constexpr int kFusedStages = 2;
+constexpr int kFusedPieces = kFusedTileK / 8;                  // 16-byte copies per tile row
+constexpr int kFusedRowsPerCopy = kFusedThreads / kFusedPieces;  // tile rows one pass of copies covers
 
 // Shared memory of one pipeline stage (x tile, then the down tile) and of all stages.
 template <int kRankTiles>
-struct LowRankSmem {
-  static constexpr int kStageElements = (kLowRankRows + kRankTiles * 8) * kLowRankPitch;
-  static constexpr int kBytes = kLowRankStages * kStageElements * 2;
+struct FusedSmem {
+  static constexpr int kStageElements = (kFusedRows + kRankTiles * 8) * kFusedPitch;
+  static constexpr int kBytes = kFusedStages * kStageElements * 2;
+  // Floats per (slice, row) of the workspace: u padded to the rank tiles, then ||x||^2, ||x_kept||^2.
+  static constexpr int kPartialStride = kRankTiles * 8 + 2;
 };
-
 template <bool kBf16>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (kBf16) {
@@ -377,169 +382,189 @@ __device__ __forceinline__ uint32_t select_16(const uint4 (&in)[2], uint4& kept,
 }
 
 template <bool kBf16, int kCutlassBlockK, int kRankTiles>
-__global__ void __launch_bounds__(kLowRankThreads) sparsify_low_rank_kernel(
+__global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
-    const uint16_t* __restrict__ down, int64_t rank, int64_t k_ext, uint16_t* __restrict__ values,
-    int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ scale) {
+    const uint16_t* __restrict__ down, int64_t rank, int64_t tiles_per_slice, uint16_t* __restrict__ values,
+    int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ partial) {
   constexpr int kRankPadded = kRankTiles * 8;
-  constexpr int kStage = LowRankSmem<kRankTiles>::kStageElements;
-  constexpr int kXCopies = kLowRankRows / kLowRankRowsPerCopy;
-  constexpr int kDownCopies = kRankPadded / kLowRankRowsPerCopy;
-  static_assert(kRankTiles % 2 == 0, "B fragments are loaded two rank tiles at a time");
-  static_assert(kLowRankThreads / 32 == kLowRankRows / 2, "a warp per row pair");
-  static_assert(kLowRankRows % kLowRankRowsPerCopy == 0 && kRankPadded % kLowRankRowsPerCopy == 0, "whole copy passes");
-  static_assert(kLowRankRows * kRankPadded * sizeof(float) <= LowRankSmem<kRankTiles>::kBytes,
-                "the sums of u reuse the tiles' shared memory");
+  constexpr int kStride = FusedSmem<kRankTiles>::kPartialStride;
+  constexpr int kStage = FusedSmem<kRankTiles>::kStageElements;
+  constexpr int kXCopies = kFusedRows / kFusedRowsPerCopy;
+  constexpr int kDownCopies = kRankPadded / kFusedRowsPerCopy;
+  static_assert(kRankTiles == 2 || kRankTiles == 4, "rank columns of 16 per warp, two warps at most");
+  static_assert(kFusedThreads / 32 == 8 && kFusedRows == 64 && kFusedTileK == 256, "the thread mapping below");
+  static_assert(kFusedRows % kFusedRowsPerCopy == 0 && kRankPadded % kFusedRowsPerCopy == 0, "whole copy passes");
   extern __shared__ __align__(16) uint16_t stages[];
-  __shared__ float token_scale[kLowRankRows];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  const int64_t block_row = int64_t(blockIdx.x) * kLowRankRows;
-  // This warp's row pair (local0, local0 + 8); lane covers columns [16 lane, 16 lane + 16) of a step.
-  const int local0 = (warp / 8) * 16 + warp % 8;
-  const int local1 = local0 + 8;
-  const int64_t r0 = block_row + local0, r1 = block_row + local1;
+  const int64_t block_row = int64_t(blockIdx.x) * kFusedRows;
+  const int64_t slice = blockIdx.y;
+  const int64_t first_col = slice * tiles_per_slice * kFusedTileK;
+  const int64_t tiles = min(tiles_per_slice, (cols - first_col + kFusedTileK - 1) / kFusedTileK);
 
-  // This thread's copies: tile rows copy_row + kLowRankRowsPerCopy * i, 8 columns at copy_col.
-  const int copy_row = int(threadIdx.x) / kLowRankPieces;
-  const int copy_col = (int(threadIdx.x) % kLowRankPieces) * 8;
-  const uint16_t* x_source = x + (block_row + copy_row) * ld_x + copy_col;
-  const uint16_t* down_source = down + int64_t(copy_row) * cols + copy_col;
+  // This thread's copies: tile rows copy_row + kFusedRowsPerCopy * i, 8 columns at copy_col.
+  const int copy_row = int(threadIdx.x) / kFusedPieces;
+  const int copy_col = (int(threadIdx.x) % kFusedPieces) * 8;
+  const uint16_t* x_source = x + (block_row + copy_row) * ld_x + first_col + copy_col;
+  const uint16_t* down_source = down + int64_t(copy_row) * cols + first_col + copy_col;
   const int64_t x_rows_left = rows - block_row - copy_row;   // copy i is a real row if 8i < this
   const int64_t down_rows_left = rank - copy_row;
-  auto load_step = [&](int64_t step) {
-    uint16_t* stage = stages + (step % kLowRankStages) * kStage + copy_row * kLowRankPitch + copy_col;
-    const int64_t offset = step * kLowRankTileK;
-    const bool col_ok = offset + copy_col < cols;
+  auto load_tile = [&](int64_t tile) {
+    uint16_t* stage = stages + (tile % kFusedStages) * kStage + copy_row * kFusedPitch + copy_col;
+    const int64_t offset = tile * kFusedTileK;
+    const bool col_ok = first_col + offset + copy_col < cols;
 #pragma unroll
     for (int i = 0; i < kXCopies; ++i) {
-      const bool valid = col_ok && kLowRankRowsPerCopy * i < x_rows_left;
-      cp_async_16(stage + i * kLowRankRowsPerCopy * kLowRankPitch,
-                  valid ? x_source + i * kLowRankRowsPerCopy * ld_x + offset : x, valid);
+      const bool valid = col_ok && kFusedRowsPerCopy * i < x_rows_left;
+      cp_async_16(stage + i * kFusedRowsPerCopy * kFusedPitch,
+                  valid ? x_source + i * kFusedRowsPerCopy * ld_x + offset : x, valid);
     }
 #pragma unroll
     for (int i = 0; i < kDownCopies; ++i) {
-      const bool valid = col_ok && kLowRankRowsPerCopy * i < down_rows_left;
-      cp_async_16(stage + (kLowRankRows + i * kLowRankRowsPerCopy) * kLowRankPitch,
-                  valid ? down_source + i * kLowRankRowsPerCopy * cols + offset : down, valid);
+      const bool valid = col_ok && kFusedRowsPerCopy * i < down_rows_left;
+      cp_async_16(stage + (kFusedRows + i * kFusedRowsPerCopy) * kFusedPitch,
+                  valid ? down_source + i * kFusedRowsPerCopy * cols + offset : down, valid);
     }
   };
 
-  // Per step the output addresses move by fixed strides (a step spans whole metadata atoms).
-  uint16_t* value0 = values + r0 * ld_values + lane * 8;
-  uint16_t* value1 = values + r1 * ld_values + lane * 8;
-  uint8_t* meta_word = meta + sm90_metadata_byte_16bit(r0, lane * 16, padded_rows, kCutlassBlockK);
-  const int64_t meta_step = padded_rows * 4 * (kCutlassBlockK / 32) * (kLowRankTileK / kCutlassBlockK);
+  // Selection: row pairs pair0 + 2p (p = 0, 1), columns [16 piece, + 16) of each tile.
+  const int piece = lane % 16;
+  const int pair0 = warp * 4 + (lane / 16) * 2;
+  int local[2][2];
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    local[p][0] = ((pair0 + p) / 8) * 16 + (pair0 + p) % 8;
+    local[p][1] = local[p][0] + 8;
+  }
+  // MMA: rows [16 m_tile, + 16), rank tiles 2 n_half and 2 n_half + 1.
+  const int m_tile = warp % 4;
+  const int n_half = warp / 4;
+  const bool runs_mma = 2 * n_half < kRankTiles;  // warp-uniform
 
-  float dense0 = 0.f, kept0 = 0.f, dense1 = 0.f, kept1 = 0.f;
-  float acc[2][kRankTiles][4];
+  float dense[2][2] = {}, kept[2][2] = {};
+  float acc[2][4] = {};
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < kRankTiles; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
-
-  const int64_t steps = (cols + kLowRankTileK - 1) / kLowRankTileK;
-#pragma unroll
-  for (int s = 0; s < kLowRankStages - 1; ++s) {
-    if (s < steps) load_step(s);
+  for (int s = 0; s < kFusedStages - 1; ++s) {
+    if (s < tiles) load_tile(s);
     cp_async_commit();
   }
-  for (int64_t step = 0; step < steps; ++step) {
-    cp_async_wait<kLowRankStages - 2>();
-    __syncthreads();  // this step's tiles are in; every thread is done with the stage refilled next
-    if (step + kLowRankStages - 1 < steps) load_step(step + kLowRankStages - 1);
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    cp_async_wait<kFusedStages - 2>();
+    __syncthreads();  // this tile is in; every thread is done with the stage refilled next
+    if (tile + kFusedStages - 1 < tiles) load_tile(tile + kFusedStages - 1);
     cp_async_commit();
-    const uint16_t* x_tile = stages + (step % kLowRankStages) * kStage;
-    const uint16_t* down_tile = x_tile + kLowRankRows * kLowRankPitch;
-    const int64_t col = step * kLowRankTileK + lane * 16;
+    const uint16_t* x_tile = stages + (tile % kFusedStages) * kStage;
+    const uint16_t* down_tile = x_tile + kFusedRows * kFusedPitch;
+    const int64_t tile_col = first_col + tile * kFusedTileK;
+    const int64_t col = tile_col + piece * 16;
     if (col < cols) {
-      const uint4* row0 = reinterpret_cast<const uint4*>(x_tile + local0 * kLowRankPitch + lane * 16);
-      const uint4* row1 = reinterpret_cast<const uint4*>(x_tile + local1 * kLowRankPitch + lane * 16);
-      const uint4 in0[2] = {row0[0], row0[1]}, in1[2] = {row1[0], row1[1]};
-      uint4 kept_row0, kept_row1;
-      const uint32_t codes0 = select_16<kBf16>(in0, kept_row0, dense0, kept0);
-      const uint32_t codes1 = select_16<kBf16>(in1, kept_row1, dense1, kept1);
-      *reinterpret_cast<uint4*>(value0 + step * (kLowRankTileK / 2)) = kept_row0;
-      *reinterpret_cast<uint4*>(value1 + step * (kLowRankTileK / 2)) = kept_row1;
-      // Columns col..col + 15 of rows r0 and r0 + 8 are four neighbouring metadata bytes.
-      *reinterpret_cast<uint32_t*>(meta_word + step * meta_step) = (codes0 & 0xffffu) | (codes1 << 16);
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const uint4* row0 = reinterpret_cast<const uint4*>(x_tile + local[p][0] * kFusedPitch + piece * 16);
+        const uint4* row1 = reinterpret_cast<const uint4*>(x_tile + local[p][1] * kFusedPitch + piece * 16);
+        const uint4 in0[2] = {row0[0], row0[1]}, in1[2] = {row1[0], row1[1]};
+        uint4 kept_row0, kept_row1;
+        const uint32_t codes0 = select_16<kBf16>(in0, kept_row0, dense[p][0], kept[p][0]);
+        const uint32_t codes1 = select_16<kBf16>(in1, kept_row1, dense[p][1], kept[p][1]);
+        const int64_t r0 = block_row + local[p][0];
+        *reinterpret_cast<uint4*>(values + r0 * ld_values + col / 2) = kept_row0;
+        *reinterpret_cast<uint4*>(values + (r0 + 8) * ld_values + col / 2) = kept_row1;
+        // Columns col..col + 15 of rows r0 and r0 + 8 are four neighbouring metadata bytes.
+        *reinterpret_cast<uint32_t*>(meta + sm90_metadata_byte_16bit(r0, col, padded_rows, kCutlassBlockK)) =
+            (codes0 & 0xffffu) | (codes1 << 16);
+      }
     }
-    if (step * kLowRankTileK + warp * 32 < cols) {  // warp-uniform
-#pragma unroll
-      for (int ks = 0; ks < 2; ++ks) {
-        const int k = warp * 32 + ks * 16;
-        uint32_t a[2][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          ldmatrix_x4(a[mt], x_tile + (mt * 16 + lane % 16) * kLowRankPitch + k + (lane / 16) * 8);
-        }
-#pragma unroll
-        for (int nt = 0; nt < kRankTiles; nt += 2) {
-          // b[0], b[1]: rank tile nt (columns k..k+7, k+8..k+15); b[2], b[3]: tile nt + 1.
-          uint32_t b[4];
-          ldmatrix_x4(b, down_tile + (nt * 8 + (lane / 16) * 8 + lane % 8) * kLowRankPitch + k + ((lane / 8) % 2) * 8);
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            mma_16816<kBf16>(acc[mt][nt], a[mt], b[0], b[1]);
-            mma_16816<kBf16>(acc[mt][nt + 1], a[mt], b[2], b[3]);
-          }
-        }
+    if (runs_mma) {
+#pragma unroll 4
+      for (int k = 0; k < kFusedTileK; k += 16) {
+        if (tile_col + k >= cols) break;  // warp-uniform; cols is a multiple of 64
+        uint32_t a[4], b[4];
+        ldmatrix_x4(a, x_tile + (m_tile * 16 + lane % 16) * kFusedPitch + k + (lane / 16) * 8);
+        // b[0], b[1]: rank tile 2 n_half (columns k..k+7, k+8..k+15); b[2], b[3]: the next tile.
+        ldmatrix_x4(b, down_tile + (n_half * 16 + (lane / 16) * 8 + lane % 8) * kFusedPitch + k + ((lane / 8) % 2) * 8);
+        mma_16816<kBf16>(acc[0], a, b[0], b[1]);
+        mma_16816<kBf16>(acc[1], a, b[2], b[3]);
       }
     }
   }
   cp_async_wait<0>();
-  __syncthreads();  // the stages' memory is reused for u below
 
-  // Token scales: the warp's 32 lanes hold the row pair's partial sums.
-  warp_sum_norms(dense0, kept0, dense1, kept1);
-  if (lane == 0) {
-    // Without compensation the epilogue scale is 1.
-    const float s0 = scale != nullptr ? token_scale_of(dense0, kept0) : 1.f;
-    const float s1 = scale != nullptr ? token_scale_of(dense1, kept1) : 1.f;
-    token_scale[local0] = s0;
-    token_scale[local1] = s1;
-    if (scale != nullptr) {
-      scale[r0] = s0;
-      scale[r1] = s1;
+  float* slice_partial = partial + (slice * padded_rows + block_row) * kStride;
+  if (runs_mma) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int n = (2 * n_half + nt) * 8 + (lane % 4) * 2;
+      const int row = m_tile * 16 + lane / 4;
+      *reinterpret_cast<float2*>(slice_partial + row * kStride + n) = make_float2(acc[nt][0], acc[nt][1]);
+      *reinterpret_cast<float2*>(slice_partial + (row + 8) * kStride + n) = make_float2(acc[nt][2], acc[nt][3]);
     }
   }
-  // u = sum over warps of their partial products, in warp order.
-  float* u = reinterpret_cast<float*>(stages);  // kLowRankRows x kRankPadded
-  for (int turn = 0; turn < kLowRankThreads / 32; ++turn) {
-    if (warp == turn) {
+  // Row norms: the 16 lanes of a half-warp hold one row pair's partial sums.
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
+  for (int p = 0; p < 2; ++p) {
 #pragma unroll
-        for (int nt = 0; nt < kRankTiles; ++nt) {
+    for (int offset = 8; offset > 0; offset >>= 1) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int row = mt * 16 + lane / 4 + (i / 2) * 8;
-            const int n = nt * 8 + (lane % 4) * 2 + i % 2;
-            float& sum = u[row * kRankPadded + n];
-            sum = turn == 0 ? acc[mt][nt][i] : sum + acc[mt][nt][i];
-          }
-        }
+      for (int h = 0; h < 2; ++h) {
+        dense[p][h] += __shfl_xor_sync(0xffffffffu, dense[p][h], offset);
+        kept[p][h] += __shfl_xor_sync(0xffffffffu, kept[p][h], offset);
       }
     }
-    __syncthreads();
-  }
-  // The K extension: 8 logical columns (4 values, 1 metadata byte) per item.
-  const int64_t items_per_row = k_ext / 8;
-  for (int64_t item = threadIdx.x; item < kLowRankRows * items_per_row; item += kLowRankThreads) {
-    const int local = int(item / items_per_row);
-    const int64_t piece = item % items_per_row;
-    const int64_t row = block_row + local;
-    const float s = token_scale[local];
-    uint32_t out[4];
+    if (piece == 0) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t j = 4 * piece + i;
-      out[i] = row < rows && j < rank ? float_to_bits<kBf16>(__fdiv_rn(u[local * kRankPadded + j], s)) : 0u;
+      for (int h = 0; h < 2; ++h) {
+        *reinterpret_cast<float2*>(slice_partial + local[p][h] * kStride + kRankPadded) =
+            make_float2(dense[p][h], kept[p][h]);
+      }
     }
-    store_k_extension_piece<kCutlassBlockK>(out, row, piece, cols, padded_rows, values, ld_values, meta);
   }
+}
+
+// Adds the slices' partial sums of each row in slice order, writes the token scale (when
+// compensating) and the K extension u / s. A warp per row; lane j holds u[j].
+template <bool kBf16, int kCutlassBlockK, int kRankTiles>
+__global__ void __launch_bounds__(256) low_rank_extension_kernel(
+    const float* __restrict__ partial, int64_t slices, int64_t rows, int64_t padded_rows, int64_t cols,
+    int64_t rank, int64_t k_ext, uint16_t* __restrict__ values, int64_t ld_values, uint8_t* __restrict__ meta,
+    float* __restrict__ scale) {
+  constexpr int kRankPadded = kRankTiles * 8;
+  constexpr int kStride = FusedSmem<kRankTiles>::kPartialStride;
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
+  if (row >= padded_rows) return;  // warp-uniform
+  float u = 0.f, dense_sq = 0.f, kept_sq = 0.f;
+  const float* row_partial = partial + row * kStride;
+  const int64_t slice_step = padded_rows * kStride;
+  constexpr int kInFlight = 4;  // slices loaded before any is added: one memory latency per 4
+  for (int64_t first = 0; first < slices; first += kInFlight) {
+    float part_u[kInFlight], part_dense[kInFlight], part_kept[kInFlight];
+#pragma unroll
+    for (int i = 0; i < kInFlight; ++i) {
+      const bool real = first + i < slices;
+      const float* p = row_partial + (real ? first + i : 0) * slice_step;
+      part_u[i] = real && lane < kRankPadded ? p[lane] : 0.f;
+      part_dense[i] = real ? p[kRankPadded] : 0.f;
+      part_kept[i] = real ? p[kRankPadded + 1] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kInFlight; ++i) {  // in slice order: the same sums on every run
+      u += part_u[i];
+      dense_sq += part_dense[i];
+      kept_sq += part_kept[i];
+    }
+  }
+  // Without compensation the epilogue scale is 1.
+  const float s = scale != nullptr ? token_scale_of(dense_sq, kept_sq) : 1.f;
+  if (scale != nullptr && lane == 0) scale[row] = s;
+  // Item `lane`: logical columns cols + 8 lane .. + 8, i.e. u[4 lane .. 4 lane + 3].
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int j = 4 * lane + i;
+    const float uj = __shfl_sync(0xffffffffu, u, min(j, 31));
+    out[i] = row < rows && j < rank ? float_to_bits<kBf16>(__fdiv_rn(uj, s)) : 0u;
+  }
+  if (lane < k_ext / 8) store_k_extension_piece<kCutlassBlockK>(out, row, lane, cols, padded_rows, values, ld_values, meta);
 }
 
 constexpr int kEpilogueThreads = 256;
@@ -666,29 +691,41 @@ void launch_sparsify_layout(int layout, bool fold_scale, int split, const void* 
   }
 }
 
+// K slices of the fused pass: the fewest that keep the chip's block slots (two per SM) busy,
+// counting tail waves (a slice's time ~ its tiles).
+struct FusedSlicing {
+  int64_t tiles_per_slice = 1, slices = 1;
+};
+
+FusedSlicing fused_slicing(int64_t padded_rows, int64_t cols);
+
 template <bool kBf16, int kCutlassBlockK, int kRankTiles>
 void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
                            const void* down, int64_t rank, int64_t k_ext, uint16_t* values, int64_t ld_values,
-                           uint8_t* meta, float* scale, cudaStream_t stream) {
+                           uint8_t* meta, float* scale, float* workspace, cudaStream_t stream) {
   auto* kernel = sparsify_low_rank_kernel<kBf16, kCutlassBlockK, kRankTiles>;
-  constexpr int kSmem = LowRankSmem<kRankTiles>::kBytes;
+  constexpr int kSmem = FusedSmem<kRankTiles>::kBytes;
   // Idempotent, per device: set on every launch rather than cached per process.
   const cudaError_t configured = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   require(configured == cudaSuccess, "sparsify: ", kSmem, " bytes of shared memory refused: ",
           cudaGetErrorString(configured));
-  kernel<<<static_cast<unsigned>(padded_rows / kLowRankRows), kLowRankThreads, kSmem, stream>>>(
-      static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, static_cast<const uint16_t*>(down), rank, k_ext,
-      values, ld_values, meta, scale);
+  const FusedSlicing slicing = fused_slicing(padded_rows, cols);
+  const dim3 grid(static_cast<unsigned>(padded_rows / kFusedRows), static_cast<unsigned>(slicing.slices));
+  kernel<<<grid, kFusedThreads, kSmem, stream>>>(static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x,
+                                                 static_cast<const uint16_t*>(down), rank, slicing.tiles_per_slice,
+                                                 values, ld_values, meta, workspace);
+  low_rank_extension_kernel<kBf16, kCutlassBlockK, kRankTiles><<<static_cast<unsigned>(padded_rows / 8), 256, 0, stream>>>(
+      workspace, slicing.slices, rows, padded_rows, cols, rank, k_ext, values, ld_values, meta, scale);
 }
 
 template <bool kBf16, int kCutlassBlockK>
 void launch_low_rank_layout(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
                             const void* down, int64_t rank, int64_t k_ext, uint16_t* values, int64_t ld_values,
-                            uint8_t* meta, float* scale, cudaStream_t stream) {
+                            uint8_t* meta, float* scale, float* workspace, cudaStream_t stream) {
   if (rank <= 16) {
-    launch_low_rank_tiles<kBf16, kCutlassBlockK, 2>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, stream);
+    launch_low_rank_tiles<kBf16, kCutlassBlockK, 2>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, workspace, stream);
   } else {
-    launch_low_rank_tiles<kBf16, kCutlassBlockK, 4>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, stream);
+    launch_low_rank_tiles<kBf16, kCutlassBlockK, 4>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, workspace, stream);
   }
 }
 
@@ -706,6 +743,26 @@ DeviceShape device_shape() {
     shape.l2_bytes = l2;
   }
   return shape;
+}
+
+FusedSlicing fused_slicing(int64_t padded_rows, int64_t cols) {
+  const int64_t slots = 2 * device_shape().sms;  // two blocks per SM (shared memory)
+  const int64_t row_blocks = padded_rows / kFusedRows;
+  const int64_t tiles = (cols + kFusedTileK - 1) / kFusedTileK;
+  FusedSlicing best;
+  int64_t best_cost = -1;
+  for (int64_t wanted = 1; wanted <= tiles; ++wanted) {
+    const int64_t per_slice = (tiles + wanted - 1) / wanted;
+    const int64_t slices = (tiles + per_slice - 1) / per_slice;
+    const int64_t waves = (row_blocks * slices + slots - 1) / slots;
+    const int64_t cost = waves * per_slice;
+    if (best_cost < 0 || cost < best_cost) {  // ties keep fewer slices (a smaller workspace)
+      best_cost = cost;
+      best.tiles_per_slice = per_slice;
+      best.slices = slices;
+    }
+  }
+  return best;
 }
 
 }  // namespace
@@ -763,7 +820,7 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
 
 namespace {
 std::atomic<bool>& low_rank_fusion_enabled() {
-  static std::atomic<bool> enabled{false};
+  static std::atomic<bool> enabled{true};
   return enabled;
 }
 }  // namespace
@@ -774,16 +831,22 @@ bool sparsify_low_rank_fused(int64_t rank) {
   return low_rank_fusion_enabled().load() && rank >= 1 && rank <= kMaxFusedRank;
 }
 
+int64_t sparsify_low_rank_workspace_floats(int64_t padded_rows, int64_t cols) {
+  return fused_slicing(padded_rows, cols).slices * padded_rows * FusedSmem<kMaxFusedRank / 8>::kPartialStride;
+}
+
 void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
                               bool is_bf16, const void* down, int64_t rank, void* compressed,
-                              int64_t compressed_cols, float* scale, int metadata_layout, cudaStream_t stream) {
+                              int64_t compressed_cols, float* scale, int metadata_layout, float* workspace,
+                              cudaStream_t stream) {
   require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify: bad padded row count");
   require(metadata_layout == kMetadataSm90Block64 || metadata_layout == kMetadataSm90Block128,
           "sparsify: the low-rank extension is for the sm90 layouts");
   require(cols % metadata_layout == 0 && compressed_cols > cols && compressed_cols % metadata_layout == 0,
           "sparsify: columns and the K extension must be multiples of the metadata block ", metadata_layout);
-  require(rank >= 1 && rank <= kMaxFusedRank && 2 * rank <= compressed_cols - cols,
+  require(rank >= 1 && rank <= kMaxFusedRank && 2 * rank <= compressed_cols - cols && compressed_cols - cols <= 256,
           "sparsify: rank ", rank, " does not fit the fused down projection or the K extension");
+  require(workspace != nullptr, "sparsify: the fused pass needs its workspace");
   require(ld_x % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(down) % 16 == 0,
           "sparsify: x and down need 16-byte aligned rows");
   auto* values = static_cast<uint16_t*>(compressed);
@@ -792,14 +855,14 @@ void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, 
   const int64_t k_ext = compressed_cols - cols;
   if (is_bf16) {
     if (metadata_layout == kMetadataSm90Block64) {
-      launch_low_rank_layout<true, 64>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, stream);
+      launch_low_rank_layout<true, 64>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, workspace, stream);
     } else {
-      launch_low_rank_layout<true, 128>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, stream);
+      launch_low_rank_layout<true, 128>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, workspace, stream);
     }
   } else if (metadata_layout == kMetadataSm90Block64) {
-    launch_low_rank_layout<false, 64>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, stream);
+    launch_low_rank_layout<false, 64>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, workspace, stream);
   } else {
-    launch_low_rank_layout<false, 128>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, stream);
+    launch_low_rank_layout<false, 128>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, workspace, stream);
   }
 }
 

@@ -65,15 +65,19 @@ int sparsify_split_for(int64_t padded_rows, int64_t cols);
 // cols, x's dtype, contiguous) on tensor cores from the same read of x, and writes u / s into the
 // K extension (compressed_cols - cols columns), as launch_sparsify_compress does with a given u.
 // The token scale goes to `scale` when compensating (nullptr: s = 1). rank <= kMaxFusedRank.
-constexpr int64_t kMaxFusedRank = 32;  // 512 threads a block: 128 registers each
+// Two kernels: the pass over slices of K, then the sum of the slices' partial sums
+// (workspace: sparsify_low_rank_workspace_floats floats, no initialisation needed).
+constexpr int64_t kMaxFusedRank = 32;  // two 16-column rank halves a block
+int64_t sparsify_low_rank_workspace_floats(int64_t padded_rows, int64_t cols);
 void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
                               bool is_bf16, const void* down, int64_t rank, void* compressed,
-                              int64_t compressed_cols, float* scale, int metadata_layout, cudaStream_t stream);
+                              int64_t compressed_cols, float* scale, int metadata_layout, float* workspace,
+                              cudaStream_t stream);
 
 // Whether the sm90 path computes down(x) inside the sparsify pass (launch_sparsify_low_rank) for
-// this rank; else cuBLAS computes u first. Off by default: on the FLUX shapes at rank 32 the fused
-// pass is slower than the plain pass plus cuBLAS's product (H200, bench/NOTES.md). Process-wide,
-// for benchmarks and tests that compare both on the same data.
+// this rank; else cuBLAS computes u first. On by default: on the FLUX shapes at rank 32 the fused
+// pass beats the plain pass plus cuBLAS's product in eager time on every shape (H200,
+// bench/NOTES.md). Process-wide, for benchmarks and tests that compare both on the same data.
 bool sparsify_low_rank_fused(int64_t rank);
 void set_sparsify_low_rank_fusion(bool enabled);
 

@@ -183,8 +183,11 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
       // down(x) on tensor cores in the same pass over x (its tiles are copied 16 bytes at a time).
       at::Tensor down = low_rank.down.contiguous();
       if (reinterpret_cast<uintptr_t>(down.data_ptr()) % 16 != 0) down = down.clone();
+      const at::Tensor workspace =
+          at::empty({sparsify_low_rank_workspace_floats(c.padded_rows, k)}, x.options().dtype(at::kFloat));
       launch_sparsify_low_rank(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, down.data_ptr(),
-                               rank, c.buffer.data_ptr(), c.cols, scale, metadata_block, stream);
+                               rank, c.buffer.data_ptr(), c.cols, scale, metadata_block,
+                               workspace.data_ptr<float>(), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return c;
     }

@@ -74,23 +74,22 @@ def test_input_families_and_zero_tokens(sm90, generator, dtype, kind, fusion):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ODD_ROWS)
-@pytest.mark.parametrize("k", [384, 1152, 3072])   # the pass's last 512-column step partly full, or the only one
+@pytest.mark.parametrize("k", [384, 1152, 3072])   # the pass's last 256-column tile partly full; one or more tiles a K slice
 @pytest.mark.parametrize("rank", [1, 8, 16, 17, 31, 32])
 def test_down_projection_inside_the_sparsify_pass(sm90, generator, dtype, rows, k, rank):
     x, weight, bias, down, up = _problem(generator, rows, k, 512, rank, dtype, "student_t")
     want = _want(x, weight, bias, down, up, 0.5, True)
-    with sm90.low_rank_fusion(True):
-        assert sm90.low_rank_fused(rank)
-        fused = _fused(sm90, x, weight, bias, down, up, 0.5, True)
-        again = _fused(sm90, x, weight, bias, down, up, 0.5, True)
-    assert not sm90.low_rank_fused(rank), "the default: cuBLAS computes down(x)"
-    cublas = _fused(sm90, x, weight, bias, down, up, 0.5, True)
+    assert sm90.low_rank_fused(rank), "the default for ranks up to 32: down(x) in the sparsify pass"
+    fused = _fused(sm90, x, weight, bias, down, up, 0.5, True)
+    again = _fused(sm90, x, weight, bias, down, up, 0.5, True)
+    with sm90.low_rank_fusion(False):
+        cublas = _fused(sm90, x, weight, bias, down, up, 0.5, True)
     assert relative_error(fused, want) < TOLERANCE
     assert relative_error(cublas, want) < TOLERANCE
     # u's rounding differs (fp32 u / s rounded once, against cuBLAS's rounded u divided), and s
     # in its last bit (the norms are summed in another order).
     assert relative_error(fused, cublas) < 5e-3
-    assert torch.equal(fused, again), "the fused pass adds the warps' partial sums in a fixed order"
+    assert torch.equal(fused, again), "the fused pass adds its K slices' partial sums in a fixed order"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -103,18 +102,18 @@ def test_fused_down_projection_without_compensation(sm90, generator, dtype, rows
 
 
 def test_which_path_computes_down(sm90, generator):
-    assert not sm90.low_rank_fused(32), "the default: cuBLAS computes down(x)"
-    with sm90.low_rank_fusion(True):
-        assert sm90.low_rank_fused(32) and sm90.low_rank_fused(1)
-        assert not sm90.low_rank_fused(33), "ranks over 32: cuBLAS even when fusion is on"
-        with sm90.low_rank_fusion(False):
-            assert not sm90.low_rank_fused(32)
-        assert sm90.low_rank_fused(32), "the previous setting comes back on leaving a block"
-        # A rank over 32 with fusion on runs the cuBLAS path, end to end.
-        x, weight, bias, down, up = _problem(generator, 300, 1152, 512, 40, torch.bfloat16)
-        y = _fused(sm90, x, weight, bias, down, up, 0.5, True)
-        assert relative_error(y, _want(x, weight, bias, down, up, 0.5, True)) < TOLERANCE
-    assert not sm90.low_rank_fused(32)
+    assert sm90.low_rank_fused(32) and sm90.low_rank_fused(1), "the default: down(x) in the sparsify pass"
+    assert not sm90.low_rank_fused(33), "ranks over 32: cuBLAS"
+    with sm90.low_rank_fusion(False):
+        assert not sm90.low_rank_fused(32)
+        with sm90.low_rank_fusion(True):
+            assert sm90.low_rank_fused(32)
+        assert not sm90.low_rank_fused(32), "the previous setting comes back on leaving a block"
+    # A rank over 32 runs the cuBLAS path, end to end.
+    x, weight, bias, down, up = _problem(generator, 300, 1152, 512, 40, torch.bfloat16)
+    y = _fused(sm90, x, weight, bias, down, up, 0.5, True)
+    assert relative_error(y, _want(x, weight, bias, down, up, 0.5, True)) < TOLERANCE
+    assert sm90.low_rank_fused(32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -132,10 +131,12 @@ def test_fused_pass_agrees_for_every_config(sm90, generator, dtype, rank):
     assert plans and all(t != float("inf") for t in plans[0][5]), f"a config failed or disagreed: {plans}"
 
 
+@pytest.mark.parametrize("fusion", [False, True])
 @pytest.mark.parametrize("rows,k,n", sorted(set(FLUX_SHAPES)))
-def test_model_shapes_and_every_config_agrees(sm90, generator, rows, k, n):
+def test_model_shapes_and_every_config_agrees(sm90, generator, rows, k, n, fusion):
     x, weight, bias, down, up = _problem(generator, rows, k, n, 32, torch.bfloat16, "student_t")
-    y = _fused(sm90, x, weight, bias, down, up, 0.5, True)
+    with sm90.low_rank_fusion(fusion):
+        y = _fused(sm90, x, weight, bias, down, up, 0.5, True)
     assert relative_error(y, _want(x, weight, bias, down, up, 0.5, True)) < TOLERANCE
     plans = [p for p in sm90.plan_info() if p[:4] == (rows, k, n, "bf16") and p[6] > 0]
     assert plans, "no plan with a low-rank branch"
