@@ -337,6 +337,7 @@ struct FusedSmem {
   // Floats per (slice, row) of the workspace: u padded to the rank tiles, then ||x||^2, ||x_kept||^2.
   static constexpr int kPartialStride = kRankTiles * 8 + 2;
 };
+
 template <bool kBf16>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (kBf16) {
