@@ -57,7 +57,8 @@ def main():
         # x again), in both orientations cuBLAS offers; kernel time only.
         parts = {"down": lambda: torch.nn.functional.linear(next_x(), down),
                  "down_transposed": lambda: torch.mm(down, next_x().t())}
-        contexts = {"in_gemm": lambda: sm90.low_rank_fusion(False), "in_gemm_fused_down": lambda: sm90.low_rank_fusion(True)}
+        contexts = {"in_gemm": lambda: sm90.low_rank_fusion(False),
+                    "in_gemm_fused_down": lambda: sm90.low_rank_fusion(True)}
         with sm90.low_rank_fusion(True):
             fusable = backend == "sm90" and sm90.low_rank_fused(args.rank)
         row = {"shape": (m, k, n), "backend": backend, "branch_in_gemm": in_gemm.up_k_extension is not None,
@@ -79,7 +80,8 @@ def main():
              f"commit {commit})", "",
              "In GEMM: the branch in the sparse GEMM, down(x) by cuBLAS before the sparsify pass; "
              "fused down (the default): the same with down(x) inside the sparsify pass (column 'fused runs': the "
-             "rank allows it); K ext: the logical columns the branch adds to the sparse GEMM (one k-tile of the chosen config); "
+             "rank allows it); K ext: the logical columns the branch adds to the sparse GEMM (one k-tile of the "
+             "chosen config); "
              "after: two products added after the Lynx linear.", "",
              "| M,K,N | backend | fused runs | K ext | Lynx kernel us | in GEMM | overhead | fused down | overhead | "
              "after | overhead | Lynx eager us | in GEMM | overhead | fused down | overhead | after | overhead | "

@@ -235,9 +235,9 @@ def plan_info() -> list[tuple]:
 @contextlib.contextmanager
 def low_rank_fusion(enabled: bool):
     """Within the block, a LoRA's down(x) is computed inside the sparsify pass (enabled, the
-    default; ranks up to 32) or by cuBLAS before it; the previous setting comes back on leaving it. Process-wide (every thread and device; a CUDA
-    graph keeps the path it was captured with); for benchmarks and tests that compare both on
-    the same data."""
+    default; ranks up to 32) or by cuBLAS before it; the previous setting comes back on leaving
+    it. Process-wide (every thread and device; a CUDA graph keeps the path it was captured with);
+    for benchmarks and tests that compare both on the same data."""
     ext = _cusparselt.extension()
     previous = bool(ext.sparsify_low_rank_fused(1))
     ext.set_sparsify_low_rank_fusion(bool(enabled))

@@ -107,10 +107,12 @@ __device__ __forceinline__ float token_scale_of(float dense_sq, float kept_sq) {
   return kept_sq > 0.f ? sqrtf(dense_sq / kept_sq) : 1.f;
 }
 
-// Sums a row pair's four partial norms over the warp's 32 lanes (every lane gets the sums).
+// Sums a row pair's four partial norms over kLanes aligned lanes of a warp (every lane of the
+// group gets the sums).
+template <int kLanes = 32>
 __device__ __forceinline__ void warp_sum_norms(float& dense0, float& kept0, float& dense1, float& kept1) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
     dense0 += __shfl_xor_sync(0xffffffffu, dense0, offset);
     kept0 += __shfl_xor_sync(0xffffffffu, kept0, offset);
     dense1 += __shfl_xor_sync(0xffffffffu, dense1, offset);
@@ -482,7 +484,8 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
         uint32_t a[4], b[4];
         ldmatrix_x4(a, x_tile + (m_tile * 16 + lane % 16) * kFusedPitch + k + (lane / 16) * 8);
         // b[0], b[1]: rank tile 2 n_half (columns k..k+7, k+8..k+15); b[2], b[3]: the next tile.
-        ldmatrix_x4(b, down_tile + (n_half * 16 + (lane / 16) * 8 + lane % 8) * kFusedPitch + k + ((lane / 8) % 2) * 8);
+        ldmatrix_x4(b, down_tile + (n_half * 16 + (lane / 16) * 8 + lane % 8) * kFusedPitch + k +
+                           ((lane / 8) % 2) * 8);
         mma_16816<kBf16>(acc[0], a, b[0], b[1]);
         mma_16816<kBf16>(acc[1], a, b[2], b[3]);
       }
@@ -503,14 +506,7 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
   // Row norms: the 16 lanes of a half-warp hold one row pair's partial sums.
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
-#pragma unroll
-    for (int offset = 8; offset > 0; offset >>= 1) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        dense[p][h] += __shfl_xor_sync(0xffffffffu, dense[p][h], offset);
-        kept[p][h] += __shfl_xor_sync(0xffffffffu, kept[p][h], offset);
-      }
-    }
+    warp_sum_norms<16>(dense[p][0], kept[p][0], dense[p][1], kept[p][1]);
     if (piece == 0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -565,7 +561,9 @@ __global__ void __launch_bounds__(256) low_rank_extension_kernel(
     const float uj = __shfl_sync(0xffffffffu, u, min(j, 31));
     out[i] = row < rows && j < rank ? float_to_bits<kBf16>(__fdiv_rn(uj, s)) : 0u;
   }
-  if (lane < k_ext / 8) store_k_extension_piece<kCutlassBlockK>(out, row, lane, cols, padded_rows, values, ld_values, meta);
+  if (lane < k_ext / 8) {
+    store_k_extension_piece<kCutlassBlockK>(out, row, lane, cols, padded_rows, values, ld_values, meta);
+  }
 }
 
 constexpr int kEpilogueThreads = 256;
@@ -715,8 +713,9 @@ void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int
   kernel<<<grid, kFusedThreads, kSmem, stream>>>(static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x,
                                                  static_cast<const uint16_t*>(down), rank, slicing.tiles_per_slice,
                                                  values, ld_values, meta, workspace);
-  low_rank_extension_kernel<kBf16, kCutlassBlockK, kRankTiles><<<static_cast<unsigned>(padded_rows / 8), 256, 0, stream>>>(
-      workspace, slicing.slices, rows, padded_rows, cols, rank, k_ext, values, ld_values, meta, scale);
+  low_rank_extension_kernel<kBf16, kCutlassBlockK, kRankTiles>
+      <<<static_cast<unsigned>(padded_rows / 8), 256, 0, stream>>>(workspace, slicing.slices, rows, padded_rows, cols,
+                                                                  rank, k_ext, values, ld_values, meta, scale);
 }
 
 template <bool kBf16, int kCutlassBlockK>
