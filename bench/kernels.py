@@ -90,19 +90,23 @@ def copy_bandwidth_tbs():
 
 
 def sm90_config_times(x, weight, bias, e4m3, calls, repeats, w_scale=None):
-    """Kernel time of every sm90 GEMM config on one compressed input: {config name: us}."""
+    """Kernel time of every sm90 GEMM config on one compressed input, the configs taking turns
+    within every repeat: {config name: us, or why it failed}."""
     dtype = x.dtype
-    times = {}
     configs = sm90.config_info(weight.dtype)
     inputs = {block: torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, True) for _, _, _, block, _, _ in configs}
+    fns, failed = {}, {}
     for _, _, _, block, index, name in configs:
         compressed, scale = inputs[block]
+
+        def gemm(compressed=compressed, scale=scale, index=index):
+            return torch.ops.rt_lynx.sparse_mm_sm90(compressed, weight, scale, w_scale, bias, x.shape[0], index, dtype)
         try:
-            times[name] = graph_us(lambda: torch.ops.rt_lynx.sparse_mm_sm90(
-                compressed, weight, scale, w_scale, bias, x.shape[0], index, dtype), calls, repeats)
+            gemm()
+            fns[name] = gemm
         except RuntimeError as exc:
-            times[name] = f"failed: {str(exc)[:120]}"
-    return times
+            failed[name] = f"failed: {str(exc)[:120]}"
+    return {**interleaved_kernel_us(fns, calls, repeats), **failed}
 
 
 def chosen_sm90_config(M, K, N, element):
@@ -285,6 +289,7 @@ def markdown_fp8(rows, meta):
             f"x{mean('lynx8_cslt_kernel_us', 'lynx8_kernel_us'):.2f}")
     lines.append(f"- max rel err vs the fp8 reference: {max(r['err_vs_fp8_ref'] for r in rows):.1e}; "
                  f"vs fp32 math on the unquantised sparsified input: {max(r['err_vs_fp32'] for r in rows):.1e}")
+    lines += config_table(rows, "bf16 F.linear")
     return "\n".join(lines) + "\n"
 
 
@@ -355,7 +360,24 @@ def markdown(rows, meta, previous):
             f" kernel x{mean('dense_kernel_us', 'cslt_kernel_us'):.2f}, GEMM alone x{mean('dense_kernel_us', 'cslt_gemm_kernel_us'):.2f}")
     lines.append(f"- max rel err vs fp32 math over these shapes: sm90 {max(r['rel_error'] for r in rows):.1e},"
                  f" cuSPARSELt {max(r['cslt_rel_error'] for r in rows):.1e}")
+    lines += config_table(rows, "F.linear")
     return "\n".join(lines) + "\n"
+
+
+def config_table(rows, dense_name):
+    """Every sm90 GEMM config's kernel time per shape (us; x = the dense kernel time / it)."""
+    names = list(dict.fromkeys(name for r in rows for name in r.get("sm90_configs_us", {})))
+    if not names:
+        return []
+    lines = ["", f"sm90 GEMM alone per config (kernel us, x = {dense_name} kernel / it; configs timed in turns):", "",
+             "| layer | M | K | N | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = []
+        for name in names:
+            us = r["sm90_configs_us"].get(name)
+            cells.append(f"{us:.0f} (x{r['dense_kernel_us'] / us:.2f})" if isinstance(us, float) else "-")
+        lines.append(f"| {r['model']} {r['layer']} | {r['M']} | {r['K']} | {r['N']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main():

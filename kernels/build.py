@@ -33,6 +33,7 @@ EXPECTED_BUILD_SECONDS = 60
 # One translation unit per input element, so ninja compiles the CUTLASS instances in parallel.
 SM90_SOURCES = [CSRC / f"sm90_sparse_gemm_{part}.cu" for part in ("api", "bf16_bf16", "fp16_fp16", "e4m3_bf16", "e4m3_fp16")]
 SM90_HEADERS = [CSRC / "sm90_sparse_gemm.h", CSRC / "sm90_sparse_gemm_impl.cuh", CSRC / "sm90_k_extended_mainloop.cuh",
+                CSRC / "sm90_overlapped_sparse_mma.cuh",
                 CSRC / "sm90_metadata_layout.h"]
 SM90_NVCC_FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a",
                    "--expt-relaxed-constexpr", "-Xcompiler=-fPIC", "-lineinfo"]

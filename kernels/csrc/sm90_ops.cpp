@@ -510,7 +510,8 @@ std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, std::string>
     const auto info = config_info(lib, static_cast<int>(element), c, "rt_lynx.sm90_config_info");
     const std::string name = std::to_string(info.tile_m) + "x" + std::to_string(info.tile_n) + "x" +
                              std::to_string(info.tile_k) + " cluster " + std::to_string(info.cluster_m) + "x" +
-                             std::to_string(info.cluster_n) + (info.pingpong ? " ping-pong" : " cooperative");
+                             std::to_string(info.cluster_n) + (info.pingpong ? " ping-pong" : " cooperative") +
+                             (info.overlap ? " overlapped" : "");
     rows.emplace_back(info.tile_m, info.tile_n, info.tile_k, info.metadata_block_k, c, name);
   }
   return rows;

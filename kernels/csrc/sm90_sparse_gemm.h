@@ -22,7 +22,7 @@
 extern "C" {
 #endif
 
-#define RT_LYNX_SM90_API_VERSION 2
+#define RT_LYNX_SM90_API_VERSION 3
 
 enum RtLynxElement { RT_LYNX_BF16 = 0, RT_LYNX_FP16 = 1, RT_LYNX_E4M3 = 2 };
 
@@ -31,6 +31,7 @@ typedef struct {
   int cluster_m, cluster_n;
   int pingpong;                 // 1: ping-pong schedule, 0: cooperative
   int metadata_block_k;         // K extent of one metadata atom (the writer needs it)
+  int overlap;                  // 1: a k-tile's MMAs still run while the next k-tile's issue
 } RtLynxSm90Config;
 
 typedef struct {

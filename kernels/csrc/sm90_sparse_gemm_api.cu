@@ -52,7 +52,7 @@ int rt_lynx_sm90_config_info(int in_element, int config, RtLynxSm90Config* info)
   if (info == nullptr || config < 0 || config >= rt_lynx_sm90_config_count(in_element)) return 1;
   const ConfigSpec& spec = in_element == RT_LYNX_E4M3 ? kConfigs8[config] : kConfigs16[config];
   *info = {spec.tile_m, spec.tile_n, spec.tile_k, spec.cluster_m, spec.cluster_n, spec.pingpong,
-           metadata_block_k(spec)};
+           metadata_block_k(spec), spec.overlap};
   return 0;
 }
 

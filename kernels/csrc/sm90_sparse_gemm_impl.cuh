@@ -24,27 +24,32 @@
 
 #include "sm90_k_extended_mainloop.cuh"
 #include "sm90_metadata_layout.h"
+#include "sm90_overlapped_sparse_mma.cuh"
 #include "sm90_sparse_gemm.h"
 
 namespace rt_lynx::sm90 {
 
 struct ConfigSpec {
   int tile_m, tile_n, tile_k, cluster_m, cluster_n, pingpong;
+  int overlap;  // 1: the next k-tile's MMAs issue before the last ones finish (sm90_overlapped_sparse_mma.cuh)
 };
 
-// Candidates timed per shape at first use (kernels/csrc/cutlass_sparse.cpp picks the fastest).
+// Candidates timed per shape at first use (kernels/csrc/sm90_ops.cpp picks the fastest).
 // tile_k is logical; the metadata atom is min(tile_k, 128) columns, which the writer follows.
+// The 128- and 256-row tiles keep a k-tile of MMAs in flight (overlap): 1-13% faster than
+// CUTLASS's consumer on the FLUX/Qwen-Image shapes (H200, bf16 and e4m3); the 64-row ping-pong
+// tiles were 0-14% slower with it (bench/results/kernels-2026-12-03-NVIDIA_H200-overlap.md).
 inline constexpr ConfigSpec kConfigs16[] = {
-    {128, 128, 128, 1, 2, 0},
-    {128, 256, 64, 2, 1, 0},
-    {256, 128, 64, 1, 2, 0},
-    {64, 128, 128, 1, 1, 1},
+    {128, 128, 128, 1, 2, 0, 1},
+    {128, 256, 64, 2, 1, 0, 1},
+    {256, 128, 64, 1, 2, 0, 1},
+    {64, 128, 128, 1, 1, 1, 0},
 };
 inline constexpr ConfigSpec kConfigs8[] = {
-    {128, 128, 256, 1, 2, 1},
-    {128, 256, 128, 2, 1, 0},
-    {256, 128, 128, 1, 2, 0},
-    {64, 128, 256, 1, 1, 1},
+    {128, 128, 256, 1, 2, 1, 1},
+    {128, 256, 128, 2, 1, 0, 1},
+    {256, 128, 128, 1, 2, 0, 1},
+    {64, 128, 256, 1, 1, 1, 0},
 };
 inline constexpr int kConfigCount16 = sizeof(kConfigs16) / sizeof(kConfigs16[0]);
 inline constexpr int kConfigCount8 = sizeof(kConfigs8) / sizeof(kConfigs8[0]);
@@ -101,14 +106,16 @@ struct SparseGemm {
       ElementOut, cutlass::layout::RowMajor, kAlignOut,
       EpilogueSchedule, Fusion>::CollectiveOp;
 
-  using CollectiveMainloop = KExtendedSparseMainloop<typename cutlass::gemm::collective::CollectiveBuilder<
+  using CutlassMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp,
       ElementIn, cutlass::layout::RowMajor, kAlignIn,
       ElementIn, cutlass::layout::ColumnMajor, kAlignIn,
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      MainloopSchedule>::CollectiveOp>;
+      MainloopSchedule>::CollectiveOp;
+  using CollectiveMainloop = KExtendedSparseMainloop<
+      std::conditional_t<kSpec.overlap, OverlappedSparseMma<CutlassMainloop>, CutlassMainloop>>;
 
   using ProblemShape = cute::Shape<int, int, int, int>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
