@@ -316,9 +316,8 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
 // layout) once the token scale is known. Split over K: a block covers kFusedRows rows and a slice
 // of K (whole kFusedTileK-column tiles through a double-buffered cp.async pipeline of shared-memory
 // tiles: x rows, down's rank padded to 16 or 32), writes the values and metadata of its slice and
-// its partial sums (u, ||x||^2, ||x_kept||^2 per row) to a workspace; the last block of a row
-// block to finish (an arrival counter) adds the slices in slice order (deterministic), forms s and
-// writes u / s, so no second kernel runs (it took 4.3 us on FLUX qkv). Why split: the previous
+// its partial sums (u, ||x||^2, ||x_kept||^2 per row) to a workspace; a second small kernel adds
+// the slices in slice order (deterministic), forms s and writes u / s. Why split: the previous
 // version, 32-row blocks over all of K, ran at M = 4096 as one wave of one block per SM and read
 // down from L2 once per 32 rows; it was slower than the plain pass plus cuBLAS's down. This one:
 // 23.6 + 4.3 us against 18.6 + 9.7 us (ncu, FLUX qkv with rank 32, H200).
@@ -385,59 +384,11 @@ __device__ __forceinline__ uint32_t select_16(const uint4 (&in)[2], uint4& kept,
   return codes[0] | (codes[1] << 4) | (codes[2] << 8) | (codes[3] << 12);
 }
 
-// Adds the slices' partial sums of one row in slice order, writes the token scale (when
-// compensating) and the K extension u / s. One warp; lane j holds u[j]. The partial sums come
-// from other blocks: loads bypass L1.
-template <bool kBf16, int kCutlassBlockK, int kRankTiles>
-__device__ __forceinline__ void finish_low_rank_row(const float* partial, int64_t slices, int64_t row, int64_t rows,
-                                                    int64_t padded_rows, int64_t cols, int64_t rank, int64_t k_ext,
-                                                    uint16_t* values, int64_t ld_values, uint8_t* meta, float* scale,
-                                                    int lane) {
-  constexpr int kRankPadded = kRankTiles * 8;
-  constexpr int kStride = FusedSmem<kRankTiles>::kPartialStride;
-  float u = 0.f, dense_sq = 0.f, kept_sq = 0.f;
-  const float* row_partial = partial + row * kStride;
-  const int64_t slice_step = padded_rows * kStride;
-  constexpr int kInFlight = 4;  // slices loaded before any is added: one memory latency per 4
-  for (int64_t first = 0; first < slices; first += kInFlight) {
-    float part_u[kInFlight], part_dense[kInFlight], part_kept[kInFlight];
-#pragma unroll
-    for (int i = 0; i < kInFlight; ++i) {
-      const bool real = first + i < slices;
-      const float* p = row_partial + (real ? first + i : 0) * slice_step;
-      part_u[i] = real && lane < kRankPadded ? __ldcg(p + lane) : 0.f;
-      part_dense[i] = real ? __ldcg(p + kRankPadded) : 0.f;
-      part_kept[i] = real ? __ldcg(p + kRankPadded + 1) : 0.f;
-    }
-#pragma unroll
-    for (int i = 0; i < kInFlight; ++i) {  // in slice order: the same sums on every run
-      u += part_u[i];
-      dense_sq += part_dense[i];
-      kept_sq += part_kept[i];
-    }
-  }
-  // Without compensation the epilogue scale is 1.
-  const float s = scale != nullptr ? token_scale_of(dense_sq, kept_sq) : 1.f;
-  if (scale != nullptr && lane == 0) scale[row] = s;
-  // Item `lane`: logical columns cols + 8 lane .. + 8, i.e. u[4 lane .. 4 lane + 3].
-  uint32_t out[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int j = 4 * lane + i;
-    const float uj = __shfl_sync(0xffffffffu, u, min(j, 31));
-    out[i] = row < rows && j < rank ? float_to_bits<kBf16>(__fdiv_rn(uj, s)) : 0u;
-  }
-  if (lane < k_ext / 8) {
-    store_k_extension_piece<kCutlassBlockK>(out, row, lane, cols, padded_rows, values, ld_values, meta);
-  }
-}
-
 template <bool kBf16, int kCutlassBlockK, int kRankTiles>
 __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
-    const uint16_t* __restrict__ down, int64_t rank, int64_t k_ext, int64_t tiles_per_slice,
-    uint16_t* __restrict__ values, int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ scale,
-    float* __restrict__ partial, unsigned* __restrict__ arrivals) {
+    const uint16_t* __restrict__ down, int64_t rank, int64_t tiles_per_slice, uint16_t* __restrict__ values,
+    int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ partial) {
   constexpr int kRankPadded = kRankTiles * 8;
   constexpr int kStride = FusedSmem<kRankTiles>::kPartialStride;
   constexpr int kStage = FusedSmem<kRankTiles>::kStageElements;
@@ -564,19 +515,54 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
       }
     }
   }
+}
 
-  // The last slice of this row block to arrive finishes its rows; the others are done.
-  __shared__ bool last_slice;
-  __threadfence();  // this block's partial sums are visible before its arrival is counted
-  __syncthreads();
-  if (threadIdx.x == 0) last_slice = atomicAdd(arrivals + blockIdx.x, 1u) == gridDim.y - 1;
-  __syncthreads();
-  if (!last_slice) return;
-  __threadfence();
-  for (int i = 0; i < kFusedRows / 8; ++i) {
-    finish_low_rank_row<kBf16, kCutlassBlockK, kRankTiles>(partial, gridDim.y, block_row + warp * 8 + i, rows,
-                                                           padded_rows, cols, rank, k_ext, values, ld_values, meta,
-                                                           scale, lane);
+// Adds the slices' partial sums of each row in slice order, writes the token scale (when
+// compensating) and the K extension u / s. A warp per row; lane j holds u[j].
+template <bool kBf16, int kCutlassBlockK, int kRankTiles>
+__global__ void __launch_bounds__(256) low_rank_extension_kernel(
+    const float* __restrict__ partial, int64_t slices, int64_t rows, int64_t padded_rows, int64_t cols,
+    int64_t rank, int64_t k_ext, uint16_t* __restrict__ values, int64_t ld_values, uint8_t* __restrict__ meta,
+    float* __restrict__ scale) {
+  constexpr int kRankPadded = kRankTiles * 8;
+  constexpr int kStride = FusedSmem<kRankTiles>::kPartialStride;
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
+  if (row >= padded_rows) return;  // warp-uniform
+  float u = 0.f, dense_sq = 0.f, kept_sq = 0.f;
+  const float* row_partial = partial + row * kStride;
+  const int64_t slice_step = padded_rows * kStride;
+  constexpr int kInFlight = 4;  // slices loaded before any is added: one memory latency per 4
+  for (int64_t first = 0; first < slices; first += kInFlight) {
+    float part_u[kInFlight], part_dense[kInFlight], part_kept[kInFlight];
+#pragma unroll
+    for (int i = 0; i < kInFlight; ++i) {
+      const bool real = first + i < slices;
+      const float* p = row_partial + (real ? first + i : 0) * slice_step;
+      part_u[i] = real && lane < kRankPadded ? p[lane] : 0.f;
+      part_dense[i] = real ? p[kRankPadded] : 0.f;
+      part_kept[i] = real ? p[kRankPadded + 1] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kInFlight; ++i) {  // in slice order: the same sums on every run
+      u += part_u[i];
+      dense_sq += part_dense[i];
+      kept_sq += part_kept[i];
+    }
+  }
+  // Without compensation the epilogue scale is 1.
+  const float s = scale != nullptr ? token_scale_of(dense_sq, kept_sq) : 1.f;
+  if (scale != nullptr && lane == 0) scale[row] = s;
+  // Item `lane`: logical columns cols + 8 lane .. + 8, i.e. u[4 lane .. 4 lane + 3].
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int j = 4 * lane + i;
+    const float uj = __shfl_sync(0xffffffffu, u, min(j, 31));
+    out[i] = row < rows && j < rank ? float_to_bits<kBf16>(__fdiv_rn(uj, s)) : 0u;
+  }
+  if (lane < k_ext / 8) {
+    store_k_extension_piece<kCutlassBlockK>(out, row, lane, cols, padded_rows, values, ld_values, meta);
   }
 }
 
@@ -712,11 +698,6 @@ struct FusedSlicing {
 
 FusedSlicing fused_slicing(int64_t padded_rows, int64_t cols);
 
-// The workspace: partial sums per (slice, row), then one arrival counter per row block.
-int64_t fused_partial_floats(const FusedSlicing& slicing, int64_t padded_rows) {
-  return slicing.slices * padded_rows * FusedSmem<kMaxFusedRank / 8>::kPartialStride;
-}
-
 template <bool kBf16, int kCutlassBlockK, int kRankTiles>
 void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
                            const void* down, int64_t rank, int64_t k_ext, uint16_t* values, int64_t ld_values,
@@ -728,16 +709,13 @@ void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int
   require(configured == cudaSuccess, "sparsify: ", kSmem, " bytes of shared memory refused: ",
           cudaGetErrorString(configured));
   const FusedSlicing slicing = fused_slicing(padded_rows, cols);
-  const int64_t row_blocks = padded_rows / kFusedRows;
-  // Arrival counters after the partial sums (fused_workspace_floats), zeroed for this launch.
-  auto* arrivals = reinterpret_cast<unsigned*>(workspace + fused_partial_floats(slicing, padded_rows));
-  const cudaError_t zeroed = cudaMemsetAsync(arrivals, 0, row_blocks * sizeof(unsigned), stream);
-  require(zeroed == cudaSuccess, "sparsify: clearing the arrival counters failed: ", cudaGetErrorString(zeroed));
-  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(slicing.slices));
+  const dim3 grid(static_cast<unsigned>(padded_rows / kFusedRows), static_cast<unsigned>(slicing.slices));
   kernel<<<grid, kFusedThreads, kSmem, stream>>>(static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x,
-                                                 static_cast<const uint16_t*>(down), rank, k_ext,
-                                                 slicing.tiles_per_slice, values, ld_values, meta, scale, workspace,
-                                                 arrivals);
+                                                 static_cast<const uint16_t*>(down), rank, slicing.tiles_per_slice,
+                                                 values, ld_values, meta, workspace);
+  low_rank_extension_kernel<kBf16, kCutlassBlockK, kRankTiles>
+      <<<static_cast<unsigned>(padded_rows / 8), 256, 0, stream>>>(workspace, slicing.slices, rows, padded_rows, cols,
+                                                                  rank, k_ext, values, ld_values, meta, scale);
 }
 
 template <bool kBf16, int kCutlassBlockK>
@@ -854,8 +832,7 @@ bool sparsify_low_rank_fused(int64_t rank) {
 }
 
 int64_t sparsify_low_rank_workspace_floats(int64_t padded_rows, int64_t cols) {
-  static_assert(sizeof(unsigned) == sizeof(float), "a counter takes a float's place");
-  return fused_partial_floats(fused_slicing(padded_rows, cols), padded_rows) + padded_rows / kFusedRows;
+  return fused_slicing(padded_rows, cols).slices * padded_rows * FusedSmem<kMaxFusedRank / 8>::kPartialStride;
 }
 
 void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,

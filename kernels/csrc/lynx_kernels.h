@@ -65,9 +65,8 @@ int sparsify_split_for(int64_t padded_rows, int64_t cols);
 // cols, x's dtype, contiguous) on tensor cores from the same read of x, and writes u / s into the
 // K extension (compressed_cols - cols columns), as launch_sparsify_compress does with a given u.
 // The token scale goes to `scale` when compensating (nullptr: s = 1). rank <= kMaxFusedRank.
-// One kernel over slices of K (the last slice of a row block adds the slices' partial sums) and a
-// memset of its arrival counters (workspace: sparsify_low_rank_workspace_floats floats, no
-// initialisation needed).
+// Two kernels: the pass over slices of K, then the sum of the slices' partial sums
+// (workspace: sparsify_low_rank_workspace_floats floats, no initialisation needed).
 constexpr int64_t kMaxFusedRank = 32;  // two 16-column rank halves a block
 int64_t sparsify_low_rank_workspace_floats(int64_t padded_rows, int64_t cols);
 void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
