@@ -191,7 +191,7 @@ def test_under_torch_compile_and_cuda_graphs(sm90, generator, fusion):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_y = sm90.sparse_linear_lora_sm90(static_x, weight, bias, True, down, up_ext)
-        for kind in ("cubed", "student_t"):  # a second replay: the fused pass's arrival counters start at 0 again
+        for kind in ("cubed", "student_t"):  # replayed twice on other data: no state carries over between replays
             fresh = make_input(kind, 300, 3072, torch.bfloat16, generator)
             static_x.copy_(fresh)
             graph.replay()
