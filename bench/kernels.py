@@ -89,6 +89,12 @@ def copy_bandwidth_tbs():
     return 2 * src.numel() * 2 / (us * 1e-6) / 1e12
 
 
+# The "_chunks" variants run the sm90 sparsify pass that loops over column chunks (the pass before
+# the staged one; sm90.staged_sparsify), timed in turns with the default.
+CHUNK_PASS_CONTEXTS = {name: (lambda: sm90.staged_sparsify(False))
+                       for name in ("sm90_sparsify_chunks", "sm90_chunks", "sparsify8_chunks", "lynx8_chunks")}
+
+
 def sm90_config_times(x, weight, bias, e4m3, calls, repeats, w_scale=None):
     """Kernel time of every sm90 GEMM config on one compressed input, the configs taking turns
     within every repeat: {config name: us, or why it failed}."""
@@ -151,13 +157,15 @@ def bench_shape(M, K, N, calls, repeats, bandwidth):
     kernel_only = {
         "sm90_gemm": sm90_gemm,
         "sm90_sparsify": lambda: torch.ops.rt_lynx.sparsify_sm90(next_x(), block, False, True),
+        "sm90_sparsify_chunks": lambda: torch.ops.rt_lynx.sparsify_sm90(next_x(), block, False, True),
+        "sm90_chunks": lambda: sm90.sparse_linear_sm90(next_x(), weight, bias, True),
         "cslt_gemm": lambda: torch.ops.rt_lynx.sparse_mm(next_c(), weight, mp),
         "cslt_nob": lambda: cusparselt.sparse_linear(next_x(), weight, None, True),
     }
     row = {"M": M, "K": K, "N": N, "rel_error": errors["sm90"], "cslt_rel_error": errors["cslt"],
            "sm90_config": sm90.config_info(dtype)[config][5]}
     reference = fns.pop("reference")
-    time_side_by_side(row, fns, kernel_only, calls, repeats)
+    time_side_by_side(row, fns, kernel_only, calls, repeats, CHUNK_PASS_CONTEXTS)
     row["reference_eager_us"] = eager_us(reference, max(2, calls // 4), repeats)
     row["sm90_configs_us"] = sm90_config_times(xs[0], weight, bias, False, calls, repeats)
     sparsify_bytes = M * K * 2 + mp * K * 9 // 8 + mp * 4   # read x once, write values+metadata+scale
@@ -167,12 +175,13 @@ def bench_shape(M, K, N, calls, repeats, bandwidth):
     return row
 
 
-def time_side_by_side(row, fns, kernel_only, calls, repeats):
+def time_side_by_side(row, fns, kernel_only, calls, repeats, contexts=None):
     """row[name_eager_us] for fns and row[name_kernel_us] for fns and kernel_only, the variants
-    taking turns within every repeat (bench/common.py), so a clock drift shifts them alike."""
+    taking turns within every repeat (bench/common.py), so a clock drift shifts them alike;
+    contexts: {kernel-only name: context its graph is captured in}."""
     for name, us in interleaved_eager_us(fns, calls, repeats).items():
         row[f"{name}_eager_us"] = us
-    for name, us in interleaved_kernel_us({**fns, **kernel_only}, calls, repeats).items():
+    for name, us in interleaved_kernel_us({**fns, **kernel_only}, calls, repeats, contexts).items():
         row[f"{name}_kernel_us"] = us
 
 
@@ -238,9 +247,11 @@ def bench_shape_fp8(M, K, N, calls, repeats):
     kernel_only = {
         "sp8_gemm": sp8_gemm,
         "sparsify8": lambda: torch.ops.rt_lynx.sparsify_sm90(next_x(), 128, True, True),
+        "sparsify8_chunks": lambda: torch.ops.rt_lynx.sparsify_sm90(next_x(), 128, True, True),
+        "lynx8_chunks": lambda: sm90.sparse_linear_fp8_sm90(next_x(), wq, w_scale, bias, True),
         "lynx16": lambda: sm90.sparse_linear_sm90(next_x(), weight, bias, True),
     }
-    time_side_by_side(row, fns, kernel_only, calls, repeats)
+    time_side_by_side(row, fns, kernel_only, calls, repeats, CHUNK_PASS_CONTEXTS)
     row["sm90_configs_us"] = sm90_config_times(xs[0], wq, bias, True, calls, repeats, w_scale)
     return row
 
@@ -258,12 +269,14 @@ def markdown_fp8(rows, meta):
         "the same with x's quantisation (plain torch ops) in the call; lynx8 = full fp8 Lynx linear "
         "(sparsify+quantise pass, CUTLASS sm90 e4m3 2:4 GEMM with scales and bias in its epilogue); "
         "sp8 gemm = that GEMM alone; lynx8 cslt = the cuSPARSELt fp8 path (scales+bias pass after the "
-        "GEMM); lynx16 = the bf16 Lynx linear. x = other time / lynx8 time (same clock).",
+        "GEMM); lynx16 = the bf16 Lynx linear; sparsify8 = the sparsify+quantise pass, row pairs staged in registers / "
+        "the column-chunk loop; lynx8 chunks = lynx8 with the chunk-loop pass. x = other time / lynx8 time (same clock).",
         "",
         "| layer | M | K | N | dense eager | fp8d lin eager | lynx8 eager | x dense eager | x fp8d lin eager"
-        " | dense kernel | fp8d gemm kernel | sp8 gemm kernel | sparsify8 | lynx8 kernel | x dense kernel"
-        " | x fp8d gemm kernel | lynx8 cslt kernel | lynx16 kernel | config | err vs fp8 ref | err vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | dense kernel | fp8d gemm kernel | sp8 gemm kernel | sparsify8 staged / chunks | lynx8 kernel | x dense kernel"
+        " | x fp8d gemm kernel | lynx8 chunks kernel | lynx8 cslt kernel | lynx16 kernel | config | err vs fp8 ref"
+        " | err vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -271,8 +284,10 @@ def markdown_fp8(rows, meta):
             f"{r['fp8d_linear_eager_us']:.0f} | {r['lynx8_eager_us']:.0f} | "
             f"{r['dense_eager_us'] / r['lynx8_eager_us']:.2f} | {r['fp8d_linear_eager_us'] / r['lynx8_eager_us']:.2f} | "
             f"{r['dense_kernel_us']:.0f} | {r['fp8d_gemm_kernel_us']:.0f} | "
-            f"{r['sp8_gemm_kernel_us']:.0f} | {r['sparsify8_kernel_us']:.1f} | {r['lynx8_kernel_us']:.0f} | "
+            f"{r['sp8_gemm_kernel_us']:.0f} | {r['sparsify8_kernel_us']:.1f} / {r['sparsify8_chunks_kernel_us']:.1f} | "
+            f"{r['lynx8_kernel_us']:.0f} | "
             f"{r['dense_kernel_us'] / r['lynx8_kernel_us']:.2f} | {r['fp8d_gemm_kernel_us'] / r['lynx8_kernel_us']:.2f} | "
+            f"{r['lynx8_chunks_kernel_us']:.0f} | "
             f"{r['lynx8_cslt_kernel_us']:.0f} | {r['lynx16_kernel_us']:.0f} | {r['sm90_config']} | "
             f"{r['err_vs_fp8_ref']:.1e} | {r['err_vs_fp32']:.1e} |")
     lines.append("")
@@ -286,7 +301,9 @@ def markdown_fp8(rows, meta):
             f"x{mean('fp8d_linear_eager_us', 'lynx8_eager_us'):.2f}, kernel mean x{mean('fp8d_linear_kernel_us', 'lynx8_kernel_us'):.2f}; "
             f"sp8 GEMM alone vs fp8 dense GEMM: x{mean('fp8d_gemm_kernel_us', 'sp8_gemm_kernel_us'):.2f}, vs bf16: "
             f"x{mean('dense_kernel_us', 'sp8_gemm_kernel_us'):.2f}; vs the cuSPARSELt fp8 path: kernel mean "
-            f"x{mean('lynx8_cslt_kernel_us', 'lynx8_kernel_us'):.2f}")
+            f"x{mean('lynx8_cslt_kernel_us', 'lynx8_kernel_us'):.2f}; staged pass vs the chunk loop: sparsify8 "
+            f"x{mean('sparsify8_chunks_kernel_us', 'sparsify8_kernel_us'):.2f}, lynx8 "
+            f"x{mean('lynx8_chunks_kernel_us', 'lynx8_kernel_us'):.2f} (kernel means)")
     lines.append(f"- max rel err vs the fp8 reference: {max(r['err_vs_fp8_ref'] for r in rows):.1e}; "
                  f"vs fp32 math on the unquantised sparsified input: {max(r['err_vs_fp32'] for r in rows):.1e}")
     lines += config_table(rows, "bf16 F.linear")
@@ -318,14 +335,15 @@ def markdown(rows, meta, previous):
         "(sparsify pass, CUTLASS sparse GEMM with scale and bias in its epilogue); sm90 gemm = that GEMM "
         "alone; cslt = stage 1 (scaled sparsify, cuSPARSELt GEMM, bias pass), cslt gemm = its GEMM alone "
         "(no scale, no bias), no bias = stage 1 without the bias pass. sparsify = the sm90 sparsify pass "
-        "(one read of x) and its memory floor. The variants take turns within every repeat, so a clock "
+        "(one read of x; the row pairs staged in registers / the column-chunk loop) and its memory floor; "
+        "chunks kernel = the sm90 linear with the chunk-loop pass. The variants take turns within every repeat, so a clock "
         "drift during the run shifts them alike."
         + (f" vs prev = {previous['name']}'s default-path time / this sm90 time." if previous else ""),
         "",
         "| model | layer | M | K | N | dense eager | sm90 eager | x | cslt eager | x | dense kernel"
         " | sm90 gemm | x | sm90 kernel | x | cslt gemm | x | cslt kernel | x | no bias | vs prev eager"
-        " | sparsify (floor) | config | rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | sparsify staged / chunks (floor) | chunks kernel | config | rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     old_rows = {(r["M"], r["K"], r["N"]): r for r in previous["rows"]} if previous else {}
 
@@ -344,7 +362,8 @@ def markdown(rows, meta, previous):
             f"{r['sm90_kernel_us']:.0f} | {d_k / r['sm90_kernel_us']:.2f} | "
             f"{r['cslt_gemm_kernel_us']:.0f} | {d_k / r['cslt_gemm_kernel_us']:.2f} | "
             f"{r['cslt_kernel_us']:.0f} | {d_k / r['cslt_kernel_us']:.2f} | {r['cslt_nob_kernel_us']:.0f} | {vs} | "
-            f"{r['sm90_sparsify_kernel_us']:.1f} ({r['sparsify_floor_us']:.1f}) | {r['sm90_config']} | "
+            f"{r['sm90_sparsify_kernel_us']:.1f} / {r['sm90_sparsify_chunks_kernel_us']:.1f} "
+            f"({r['sparsify_floor_us']:.1f}) | {r['sm90_chunks_kernel_us']:.0f} | {r['sm90_config']} | "
             f"{r['rel_error']:.1e} |")
     lines.append("")
     for model in sorted({r["model"] for r in rows}):
@@ -357,7 +376,9 @@ def markdown(rows, meta, previous):
             f" x{mean('dense_kernel_us', 'sm90_gemm_kernel_us'):.2f}, median"
             f" x{statistics.median(r['dense_kernel_us'] / r['sm90_gemm_kernel_us'] for r in sub):.2f};"
             f" cuSPARSELt path: eager x{mean('dense_eager_us', 'cslt_eager_us'):.2f},"
-            f" kernel x{mean('dense_kernel_us', 'cslt_kernel_us'):.2f}, GEMM alone x{mean('dense_kernel_us', 'cslt_gemm_kernel_us'):.2f}")
+            f" kernel x{mean('dense_kernel_us', 'cslt_kernel_us'):.2f}, GEMM alone x{mean('dense_kernel_us', 'cslt_gemm_kernel_us'):.2f};"
+            f" staged sparsify pass vs the chunk loop: pass x{mean('sm90_sparsify_chunks_kernel_us', 'sm90_sparsify_kernel_us'):.2f},"
+            f" Lynx linear x{mean('sm90_chunks_kernel_us', 'sm90_kernel_us'):.2f} (kernel means)")
     lines.append(f"- max rel err vs fp32 math over these shapes: sm90 {max(r['rel_error'] for r in rows):.1e},"
                  f" cuSPARSELt {max(r['cslt_rel_error'] for r in rows):.1e}")
     lines += config_table(rows, "F.linear")
@@ -422,7 +443,7 @@ def main():
               f" sm90 {row['sm90_eager_us']:.0f}/{row['sm90_kernel_us']:.0f} (gemm {row['sm90_gemm_kernel_us']:.0f},"
               f" {row['sm90_config']}), cslt {row['cslt_eager_us']:.0f}/{row['cslt_kernel_us']:.0f}"
               f" (gemm {row['cslt_gemm_kernel_us']:.0f}), sparsify {row['sm90_sparsify_kernel_us']:.1f}"
-              f" (floor {row['sparsify_floor_us']:.1f}), err {row['rel_error']:.1e}; configs {row['sm90_configs_us']}",
+              f" (chunks {row['sm90_sparsify_chunks_kernel_us']:.1f}, floor {row['sparsify_floor_us']:.1f}), err {row['rel_error']:.1e}; configs {row['sm90_configs_us']}",
               flush=True)
     meta["plans"] = [list(p) for p in cusparselt.plan_info()]
     meta["sm90_plans"] = [list(p) for p in sm90.plan_info()]
@@ -463,7 +484,7 @@ def main_fp8(args, calls, repeats):
         rows.append(row)
         print(f"{model} {layer} {M}x{K}x{N}: dense {row['dense_eager_us']:.0f}/{row['dense_kernel_us']:.0f},"
               f" fp8d gemm {row['fp8d_gemm_kernel_us']:.0f}, sp8 gemm {row['sp8_gemm_kernel_us']:.0f} ({row['sm90_config']}),"
-              f" sparsify8 {row['sparsify8_kernel_us']:.1f}, lynx8 {row['lynx8_eager_us']:.0f}/{row['lynx8_kernel_us']:.0f},"
+              f" sparsify8 {row['sparsify8_kernel_us']:.1f} (chunks {row['sparsify8_chunks_kernel_us']:.1f}), lynx8 {row['lynx8_eager_us']:.0f}/{row['lynx8_kernel_us']:.0f},"
               f" lynx8 cslt {row['lynx8_cslt_kernel_us']:.0f}, lynx16 {row['lynx16_kernel_us']:.0f},"
               f" err {row['err_vs_fp8_ref']:.1e}/{row['err_vs_fp32']:.1e}; configs {row['sm90_configs_us']}", flush=True)
     meta["plans"] = [list(p) for p in cusparselt.plan_info()]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: build, GPU tests, kernel benchmarks; results to $OUT.
-# Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|profile|ncu]   (OUT defaults to ./device-out)
+# Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|profile|ncu], or stages joined by commas
+#   (test,bench,fp8) to run several after one set-up   (OUT defaults to ./device-out)
 #   test: tests/gpu (the sm90 tests first); bench: bench/kernels.py $BENCH_ARGS; fp8: bench/kernels.py --fp8;
 #   lora: bench/lora_branch.py; profile: bench/profile_linear.py (kernel by kernel); ncu: Nsight Compute on the
 #   dense and sparse GEMM of one shape ($NCU_SHAPES); all: test, bench, fp8 and lora.
@@ -10,24 +11,25 @@ source bench/device_setup.sh
 STAGE="${1:-all}"
 status=0
 record() { [ "$status" = 0 ] && status=$1; }
-if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
+runs() { [[ ",$STAGE," == *",$1,"* ]]; }   # this stage was asked for by name
+if [ "$STAGE" = all ] || runs test; then
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/gpu/test_sm90_lora_gpu.py tests/gpu/test_sm90_gpu.py tests/gpu -q -rfE -p no:cacheprovider \
     --durations=8 --maxfail=10 2>&1 | tee "$OUT/tests.log"
   record "${PIPESTATUS[0]}"
 fi
-if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
+if [ "$STAGE" = all ] || runs bench; then
   timeout "${BENCH_TIMEOUT:-240}" python3 bench/kernels.py ${BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log"
   record "${PIPESTATUS[0]}"
 fi
-if [ "$STAGE" = all ] || [ "$STAGE" = fp8 ]; then
+if [ "$STAGE" = all ] || runs fp8; then
   timeout "${BENCH_TIMEOUT:-240}" python3 bench/kernels.py --fp8 ${BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench-fp8.log"
   record "${PIPESTATUS[0]}"
 fi
-if [ "$STAGE" = all ] || [ "$STAGE" = lora ]; then
+if [ "$STAGE" = all ] || runs lora; then
   timeout "${BENCH_TIMEOUT:-240}" python3 bench/lora_branch.py ${LORA_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench-lora.log"
   record "${PIPESTATUS[0]}"
 fi
-if [ "$STAGE" = ncu ]; then
+if runs ncu; then
   # GEMM and sparsify kernels of one shape under Nsight Compute: tensor-pipe, shared-memory and warp-stall
   # figures, to see which unit bounds each. Launch order is profile_linear.py's case order (dense, full linear,
   # two ops, GEMM alone, sparsify alone, + LoRA, + LoRA with down in the sparsify pass).
@@ -50,7 +52,7 @@ for row in csv.DictReader(lines):
               row["Metric Value"])
 PY
 fi
-if [ "$STAGE" = profile ]; then
+if runs profile; then
   timeout "${BENCH_TIMEOUT:-240}" python3 bench/profile_linear.py --out "$OUT" 2>&1 | tee "$OUT/profile.log"
   record "${PIPESTATUS[0]}"
 fi

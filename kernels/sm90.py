@@ -247,6 +247,26 @@ def low_rank_fusion(enabled: bool):
         ext.set_sparsify_low_rank_fusion(previous)
 
 
+@contextlib.contextmanager
+def staged_sparsify(enabled: bool):
+    """Within the block, the sparsify pass for the sm90 layouts keeps each row pair in registers,
+    loaded at once (enabled, the default, for rows up to 16384 columns) or loops over column
+    chunks (the pass before it, and the one for longer rows); the previous setting comes back on
+    leaving it. Process-wide like low_rank_fusion; for benchmarks and tests."""
+    ext = _cusparselt.extension()
+    previous = bool(ext.sparsify_staged_pass(64, 128))
+    ext.set_sparsify_staged_pass(bool(enabled))
+    try:
+        yield
+    finally:
+        ext.set_sparsify_staged_pass(previous)
+
+
+def staged_sparsify_runs(rows: int, k: int) -> bool:
+    """Whether the staged pass runs for x of rows x k (see staged_sparsify)."""
+    return bool(_cusparselt.extension().sparsify_staged_pass(_cusparselt.padded_rows(rows), k))
+
+
 def low_rank_fused(rank: int) -> bool:
     """Whether the sparsify pass computes down(x) for this rank (see low_rank_fusion)."""
     return bool(_cusparselt.extension().sparsify_low_rank_fused(rank))

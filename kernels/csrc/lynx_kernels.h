@@ -81,6 +81,14 @@ void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, 
 bool sparsify_low_rank_fused(int64_t rank);
 void set_sparsify_low_rank_fusion(bool enabled);
 
+// The sm90 layouts' pass (launch_sparsify_compress without a split, launch_sparsify_fp8 with
+// kMetadataSm90Block128) keeps each row pair in registers, loaded all at once, when the row
+// fits (cols <= 16384); else, or when switched off, it loops over 32/64-column chunks (e4m3:
+// staging the kept values in shared memory). Whether the staged pass runs for this shape; the
+// switch is process-wide, for benchmarks and tests.
+bool sparsify_staged_pass(int64_t padded_rows, int64_t cols);
+void set_sparsify_staged_pass(bool enabled);
+
 // y[r, c] = out_dtype(float(gemm[r, c]) * scale[r] + bias[c]) for r < rows; scale and bias may be
 // nullptr. gemm and y may be the same buffer. bias_is_float selects fp32 bias, else x's dtype.
 void launch_scale_bias_epilogue(const void* gemm, void* y, int64_t rows, int64_t cols,

@@ -71,15 +71,29 @@ def test_metadata_formula_equals_cutlass_layout_for_every_config(sm90, dtype, ro
         assert module.sm90_check_metadata_layout(sm90.ELEMENTS[dtype], index, rows, cols) == "", name
 
 
+# Both passes (sm90.staged_sparsify): 128 columns leave most threads of a row pair idle, 3072 is
+# FLUX's width, 15360 (FLUX linear2) fills the staged pass's last units in part, and 16512 is
+# past what it holds (the chunk loop runs even when staged).
+PASS_COLUMNS = [128, 3072, 15360, 16512]
+
+
+def sparsify_sm90(sm90, x, block, e4m3, compensate, staged):
+    with sm90.staged_sparsify(staged):
+        assert sm90.staged_sparsify_runs(*x.shape) == (staged and x.shape[1] <= 16384)
+        return torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, compensate)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", INPUT_KINDS)
 @pytest.mark.parametrize("rows", ODD_ROWS + [512])
 @pytest.mark.parametrize("block", [64, 128])
-def test_sparsify_sm90_writes_reference_mask_values_and_scale(sm90, generator, dtype, kind, rows, block):
-    cols = 3072
+@pytest.mark.parametrize("cols", PASS_COLUMNS)
+@pytest.mark.parametrize("staged", [True, False])
+def test_sparsify_sm90_writes_reference_mask_values_and_scale(sm90, generator, dtype, kind, rows, block, cols,
+                                                              staged):
     x = make_input(kind, rows, cols, dtype, generator)
     poison_allocator(padded(rows) * cols * 2)
-    buffer, scale = torch.ops.rt_lynx.sparsify_sm90(x, block, False, True)
+    buffer, scale = sparsify_sm90(sm90, x, block, False, True, staged)
     assert buffer.numel() == sm90.compressed_numel(rows, cols, False)
     kept, values, ordered = decode(buffer, rows, cols, block, False)
     assert bool(ordered.all()), "metadata codes must name two distinct positions, lower first"
@@ -95,11 +109,13 @@ def test_sparsify_sm90_writes_reference_mask_values_and_scale(sm90, generator, d
 @pytest.mark.parametrize("kind", INPUT_KINDS)
 @pytest.mark.parametrize("rows", ODD_ROWS)
 @pytest.mark.parametrize("compensate", [True, False])
-def test_sparsify_sm90_e4m3_writes_reference_quantised_values(sm90, generator, dtype, kind, rows, compensate):
-    cols = 3072
+@pytest.mark.parametrize("cols", PASS_COLUMNS)
+@pytest.mark.parametrize("staged", [True, False])
+def test_sparsify_sm90_e4m3_writes_reference_quantised_values(sm90, generator, dtype, kind, rows, compensate, cols,
+                                                              staged):
     x = make_input(kind, rows, cols, dtype, generator)
     poison_allocator(padded(rows) * cols)
-    buffer, a = torch.ops.rt_lynx.sparsify_sm90(x, 128, True, compensate)
+    buffer, a = sparsify_sm90(sm90, x, 128, True, compensate, staged)
     assert buffer.dtype == torch.uint8 and buffer.numel() == sm90.compressed_numel(rows, cols, True)
     kept, values, ordered = decode(buffer, rows, cols, 128, True)
     q, want_a = sparsify_quantize_fp8(x, compensate)
