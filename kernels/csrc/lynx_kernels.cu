@@ -783,9 +783,8 @@ FusedSlicing fused_slicing(int64_t padded_rows, int64_t cols) {
 }  // namespace
 
 int sparsify_split_for(int64_t padded_rows, int64_t cols) {
-  // Two goals: at least one block per SM (small M), and the rows that resident blocks (2 per SM
-  // at 128 registers) read in the norm pass still in half the L2 when the write pass re-reads
-  // them (large K). A warp covers 32 chunks of 32 columns per step: keep half its lanes busy.
+  // Two goals: at least one block per SM (small M), and the rows that two resident blocks per SM
+  // read in the norm pass still in half the L2 when the write pass re-reads them (large K). A warp covers 32 chunks of 32 columns per step: keep half its lanes busy.
   // (H100: 4 blocks per SM as the goal made M=4096..8192, K=3072 7-30% slower than split 1.)
   const DeviceShape device = device_shape();
   const int64_t groups = padded_rows / 16;
@@ -1298,7 +1297,7 @@ bool launch_sparsify_staged(bool is_bf16, bool e4m3, int metadata_layout, const 
 // there once max|kept| is known. A lane reads back only what it staged: no barrier between the
 // passes. Per row pair, 8 planes (row, half, 16-byte word) of `chunks` words, so the lanes of a
 // warp (consecutive chunks) touch consecutive words: no bank conflicts.
-// Two blocks per SM: <= 128 registers without spills (three, at 80, spill).
+// Two blocks per SM, as the staged shared memory allows (kFp8StagedPerBlock).
 template <bool kBf16, int kSplit, bool kCutlass>
 __global__ void __launch_bounds__(256, 2) sparsify_fp8_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
@@ -1381,8 +1380,7 @@ __global__ void __launch_bounds__(256) sparsify_fp8_two_pass_kernel(
 // values.
 int64_t fp8_staged_bytes(int64_t cols, int split) { return 16 / split * cols; }
 
-// Staged bytes per block that still let two blocks (as many as its <= 128 registers allow) share
-// the 228 KB of an H100/H200 SM; sparsify_fp8_split_for splits longer rows.
+// Staged bytes per block that still let two blocks share the 228 KB of an H100/H200 SM; sparsify_fp8_split_for splits longer rows.
 constexpr int64_t kFp8StagedPerBlock = 100 * 1024;
 
 // Lets `kernel` launch with `bytes` of dynamic shared memory on this device, or returns false
