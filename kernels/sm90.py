@@ -254,7 +254,7 @@ def staged_sparsify(enabled: bool):
     chunks (the pass before it, and the one for longer rows); the previous setting comes back on
     leaving it. Process-wide like low_rank_fusion; for benchmarks and tests."""
     ext = _cusparselt.extension()
-    previous = bool(ext.sparsify_staged_pass(64, 128))
+    previous = bool(ext.sparsify_staged_pass(64, 128))  # a shape the staged pass always holds: the switch
     ext.set_sparsify_staged_pass(bool(enabled))
     try:
         yield

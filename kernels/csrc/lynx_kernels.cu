@@ -784,7 +784,8 @@ FusedSlicing fused_slicing(int64_t padded_rows, int64_t cols) {
 
 int sparsify_split_for(int64_t padded_rows, int64_t cols) {
   // Two goals: at least one block per SM (small M), and the rows that two resident blocks per SM
-  // read in the norm pass still in half the L2 when the write pass re-reads them (large K). A warp covers 32 chunks of 32 columns per step: keep half its lanes busy.
+  // read in the norm pass still in half the L2 when the write pass re-reads them (large K). A
+  // warp covers 32 chunks of 32 columns per step: keep half its lanes busy.
   // (H100: 4 blocks per SM as the goal made M=4096..8192, K=3072 7-30% slower than split 1.)
   const DeviceShape device = device_shape();
   const int64_t groups = padded_rows / 16;
