@@ -1381,7 +1381,8 @@ __global__ void __launch_bounds__(256) sparsify_fp8_two_pass_kernel(
 // values.
 int64_t fp8_staged_bytes(int64_t cols, int split) { return 16 / split * cols; }
 
-// Staged bytes per block that still let two blocks share the 228 KB of an H100/H200 SM; sparsify_fp8_split_for splits longer rows.
+// Staged bytes per block that still let two blocks share the 228 KB of an H100/H200 SM;
+// sparsify_fp8_split_for splits longer rows.
 constexpr int64_t kFp8StagedPerBlock = 100 * 1024;
 
 // Lets `kernel` launch with `bytes` of dynamic shared memory on this device, or returns false
