@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="eager: rounds in which dense and Lynx take turns")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="RT-Lynx Sparsify Model precision")
+    p.add_argument("--no-fp8-dense-layers", action="store_true",
+                   help="with --precision fp8: the layers kept dense stay in bf16 (the node's fp8_dense_layers off)")
     p.add_argument("--tiny", action="store_true", help="1 double + 1 single block (Qwen: 1 block), small latent")
     p.add_argument("--calibrate", action="store_true",
                    help="only the calibration node's cost and the step with its LoRA (first resolution, eager)")
@@ -184,11 +186,12 @@ def time_sample(patcher, arch, resolution, dev, dtype, steps):
     return time.perf_counter() - start
 
 
-def lynx_clone(patcher, precision: str):
+def lynx_clone(patcher, precision: str, fp8_dense_layers: bool = True):
     from rt_lynx_pack.nodes import RTLynxSparsifyModel
     spec = RTLynxSparsifyModel.INPUT_TYPES()["required"]
     defaults = {name: (v[1]["default"]) for name, v in spec.items() if name != "model"}
-    (patched,) = RTLynxSparsifyModel().patch(patcher, **(defaults | {"precision": precision}))
+    options = {"precision": precision, "fp8_dense_layers": fp8_dense_layers}
+    (patched,) = RTLynxSparsifyModel().patch(patcher, **(defaults | options))
     return patched
 
 
@@ -205,7 +208,7 @@ def run_model(arch, args, dev, rows, samples, notes):
     params = sum(p.numel() for p in dense.model.diffusion_model.parameters())
     log(f"[{arch}] built {params / 1e9:.2f} B params ({dtype}) in {time.perf_counter() - start:.1f} s, "
         f"allocated {dev.allocated_gb():.1f} GB")
-    lynx = lynx_clone(dense, args.precision)
+    lynx = lynx_clone(dense, args.precision, not args.no_fp8_dense_layers)
     notes[arch] = installed_plan(lynx).summary(dev.device)
     log(f"[{arch}] {notes[arch]}")
     resolutions = args.resolutions if arch == "flux" else [args.resolutions[0] if args.tiny else 1024]

@@ -24,6 +24,9 @@ With --fp8 (a separate table, file suffix -fp8), per shape, bf16 x, bias, compen
   fp8d_gemm   torch._scaled_mm, e4m3 x per token + W per channel (rowwise scales), bias, bf16
               out; inputs quantised beforehand (the dense fp8 GEMM alone)
   fp8d_linear the same with x's per-token quantisation in the timed call (plain torch ops)
+  fp8d_ours   fp8_dense.dense_linear_fp8: our one-read quantise pass + that GEMM (what the layers an
+              fp8 model keeps dense run)
+  quant8      torch.ops.rt_lynx.quantize_rows_fp8 alone
   lynx8       sm90.sparse_linear_fp8_sm90 (sparsify+quantise pass, CUTLASS e4m3 2:4 GEMM with
               the token scale, channel scale and bias in its epilogue)
   sp8_gemm    that GEMM alone (input compressed)
@@ -57,9 +60,10 @@ from common import (INPUT_SETS, eager_us, git_commit, graph_us, interleaved_eage
 load_pack()
 from rt_lynx_pack.kernels import cusparselt  # noqa: E402
 from rt_lynx_pack.kernels import fp8  # noqa: E402
+from rt_lynx_pack.kernels import fp8_dense  # noqa: E402
 from rt_lynx_pack.kernels import sm90  # noqa: E402
-from rt_lynx_pack.kernels.reference import (quantize_weight_fp8, sparse_linear_fp8_reference,  # noqa: E402
-                                            sparse_linear_reference)
+from rt_lynx_pack.kernels.reference import (dense_linear_fp8_reference, quantize_weight_fp8,  # noqa: E402
+                                            sparse_linear_fp8_reference, sparse_linear_reference)
 
 # (model, layer, M, K, N). FLUX.1-dev 1024x1024: 4096 image + 512 text tokens, single blocks
 # 4608. Qwen-Image 1024x1024 with CFG batch 2: 8192 image tokens; text assumed 256 tokens x 2 =
@@ -210,6 +214,9 @@ def bench_shape_fp8(M, K, N, calls, repeats):
            "err_vs_fp8_ref": ((y.float() - want_q).norm() / want_q.norm()).item(),
            "err_vs_fp32": ((y.float() - want_32).norm() / want_32.norm()).item(),
            "cslt_err_vs_fp8_ref": ((y_cslt.float() - want_q).norm() / want_q.norm()).item()}
+    want_d = dense_linear_fp8_reference(xs[0].float(), wq, w_scale, bias.float())
+    y_d = fp8_dense.dense_linear_fp8(xs[0], wq, w_scale, bias)
+    row["fp8d_ours_err_vs_fp8_ref"] = ((y_d.float() - want_d).norm() / want_d.norm()).item()
     config = chosen_sm90_config(M, K, N, "e4m3")
     row["sm90_config"] = sm90.config_info(torch.float8_e4m3fn)[config][5]
     compressed = [torch.ops.rt_lynx.sparsify_sm90(x, 128, True, True) for x in xs]
@@ -241,12 +248,14 @@ def bench_shape_fp8(M, K, N, calls, repeats):
         "dense": lambda: F.linear(next_x(), weight, bias),
         "fp8d_gemm": fp8d_gemm,
         "fp8d_linear": fp8d_linear,
+        "fp8d_ours": lambda: fp8_dense.dense_linear_fp8(next_x(), wq, w_scale, bias),
         "lynx8": lambda: sm90.sparse_linear_fp8_sm90(next_x(), wq, w_scale, bias, True),
         "lynx8_cslt": lambda: fp8.sparse_linear_fp8(next_x(), wq, w_scale, bias, True),
     }
     kernel_only = {
         "sp8_gemm": sp8_gemm,
         "sparsify8": lambda: torch.ops.rt_lynx.sparsify_sm90(next_x(), 128, True, True),
+        "quant8": lambda: torch.ops.rt_lynx.quantize_rows_fp8(next_x()),
         "sparsify8_chunks": lambda: torch.ops.rt_lynx.sparsify_sm90(next_x(), 128, True, True),
         "lynx8_chunks": lambda: sm90.sparse_linear_fp8_sm90(next_x(), wq, w_scale, bias, True),
         "lynx16": lambda: sm90.sparse_linear_sm90(next_x(), weight, bias, True),
@@ -266,25 +275,26 @@ def markdown_fp8(rows, meta):
         "Times in us; eager = host clock over back-to-back calls + sync (median), kernel = CUDA "
         "graph replay (median), the variants taking turns within every repeat. dense = bf16 F.linear; fp8d gemm = "
         "torch._scaled_mm rowwise (x per token, W per channel, bias fused) on pre-quantised x; fp8d lin = "
-        "the same with x's quantisation (plain torch ops) in the call; lynx8 = full fp8 Lynx linear "
+        "the same with x's quantisation (plain torch ops) in the call; fp8d ours = our one-read quantise pass "
+        "(quant8) + that GEMM, what layers an fp8 model keeps dense run; lynx8 = full fp8 Lynx linear "
         "(sparsify+quantise pass, CUTLASS sm90 e4m3 2:4 GEMM with scales and bias in its epilogue); "
         "sp8 gemm = that GEMM alone; lynx8 cslt = the cuSPARSELt fp8 path (scales+bias pass after the "
         "GEMM); lynx16 = the bf16 Lynx linear; sparsify8 = the sparsify+quantise pass, row pairs staged in registers / "
         "the column-chunk loop; lynx8 chunks = lynx8 with the chunk-loop pass. x = other time / lynx8 time (same clock).",
         "",
-        "| layer | M | K | N | dense eager | fp8d lin eager | lynx8 eager | x dense eager | x fp8d lin eager"
-        " | dense kernel | fp8d gemm kernel | sp8 gemm kernel | sparsify8 staged / chunks | lynx8 kernel | x dense kernel"
+        "| layer | M | K | N | dense eager | fp8d lin eager | fp8d ours eager | lynx8 eager | x dense eager"
+        " | x fp8d lin eager | dense kernel | fp8d gemm kernel | fp8d ours kernel | quant8 kernel | sp8 gemm kernel | sparsify8 staged / chunks | lynx8 kernel | x dense kernel"
         " | x fp8d gemm kernel | lynx8 chunks kernel | lynx8 cslt kernel | lynx16 kernel | config | err vs fp8 ref"
         " | err vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {r['dense_eager_us']:.0f} | "
-            f"{r['fp8d_linear_eager_us']:.0f} | {r['lynx8_eager_us']:.0f} | "
+            f"{r['fp8d_linear_eager_us']:.0f} | {r['fp8d_ours_eager_us']:.0f} | {r['lynx8_eager_us']:.0f} | "
             f"{r['dense_eager_us'] / r['lynx8_eager_us']:.2f} | {r['fp8d_linear_eager_us'] / r['lynx8_eager_us']:.2f} | "
-            f"{r['dense_kernel_us']:.0f} | {r['fp8d_gemm_kernel_us']:.0f} | "
-            f"{r['sp8_gemm_kernel_us']:.0f} | {r['sparsify8_kernel_us']:.1f} / {r['sparsify8_chunks_kernel_us']:.1f} | "
+            f"{r['dense_kernel_us']:.0f} | {r['fp8d_gemm_kernel_us']:.0f} | {r['fp8d_ours_kernel_us']:.0f} | "
+            f"{r['quant8_kernel_us']:.1f} | {r['sp8_gemm_kernel_us']:.0f} | {r['sparsify8_kernel_us']:.1f} / {r['sparsify8_chunks_kernel_us']:.1f} | "
             f"{r['lynx8_kernel_us']:.0f} | "
             f"{r['dense_kernel_us'] / r['lynx8_kernel_us']:.2f} | {r['fp8d_gemm_kernel_us'] / r['lynx8_kernel_us']:.2f} | "
             f"{r['lynx8_chunks_kernel_us']:.0f} | "
@@ -303,8 +313,12 @@ def markdown_fp8(rows, meta):
             f"x{mean('dense_kernel_us', 'sp8_gemm_kernel_us'):.2f}; vs the cuSPARSELt fp8 path: kernel mean "
             f"x{mean('lynx8_cslt_kernel_us', 'lynx8_kernel_us'):.2f}; staged pass vs the chunk loop: sparsify8 "
             f"x{mean('sparsify8_chunks_kernel_us', 'sparsify8_kernel_us'):.2f}, lynx8 "
-            f"x{mean('lynx8_chunks_kernel_us', 'lynx8_kernel_us'):.2f} (kernel means)")
-    lines.append(f"- max rel err vs the fp8 reference: {max(r['err_vs_fp8_ref'] for r in rows):.1e}; "
+            f"x{mean('lynx8_chunks_kernel_us', 'lynx8_kernel_us'):.2f} (kernel means); fp8 dense linear (ours) vs "
+            f"bf16 F.linear: eager x{mean('dense_eager_us', 'fp8d_ours_eager_us'):.2f}, kernel "
+            f"x{mean('dense_kernel_us', 'fp8d_ours_kernel_us'):.2f}; vs its quantisation in torch ops: eager "
+            f"x{mean('fp8d_linear_eager_us', 'fp8d_ours_eager_us'):.2f}")
+    lines.append(f"- max rel err vs the fp8 reference: {max(r['err_vs_fp8_ref'] for r in rows):.1e} (fp8 dense "
+                 f"linear, ours: {max(r['fp8d_ours_err_vs_fp8_ref'] for r in rows):.1e}); "
                  f"vs fp32 math on the unquantised sparsified input: {max(r['err_vs_fp32'] for r in rows):.1e}")
     lines += config_table(rows, "bf16 F.linear")
     return "\n".join(lines) + "\n"

@@ -262,9 +262,9 @@ def self_test(device: torch.device) -> str:
 
 
 def check_operands(x2d: torch.Tensor, weight: torch.Tensor, weight_dtype: torch.dtype, weight_hint: str,
-                   n_multiple: int) -> tuple[bool, str]:
+                   n_multiple: int, k_multiple: int = K_MULTIPLE) -> tuple[bool, str]:
     """The constraints every fast path shares: 2-D, 16-bit x, weight of `weight_dtype` on x's CUDA
-    device, K a multiple of K_MULTIPLE, N of `n_multiple`, contiguous and 16-byte aligned."""
+    device, K a multiple of `k_multiple`, N of `n_multiple`, contiguous and 16-byte aligned."""
     try:
         if x2d.dim() != 2 or weight.dim() != 2:
             return False, f"need 2-D x and weight, got {x2d.dim()}-D and {weight.dim()}-D"
@@ -280,8 +280,8 @@ def check_operands(x2d: torch.Tensor, weight: torch.Tensor, weight_dtype: torch.
             return False, f"in_features mismatch: x has {k}, weight has {k_weight}"
         if rows < 1:
             return False, "x has no rows"
-        if k % K_MULTIPLE:
-            return False, f"in_features {k} is not a multiple of {K_MULTIPLE}"
+        if k % k_multiple:
+            return False, f"in_features {k} is not a multiple of {k_multiple}"
         if n % n_multiple:
             return False, f"out_features {n} is not a multiple of {n_multiple}"
         if not weight.is_contiguous():

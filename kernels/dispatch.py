@@ -52,10 +52,12 @@ def _describe(x2d: torch.Tensor, weight: torch.Tensor) -> str:
 try:
     from . import cusparselt as _fast
     from . import fp8 as _fast_fp8
+    from . import fp8_dense as _fp8_dense
     from . import sm90 as _sm90
     _fast_import_error = ""
 except ImportError as error:  # a partial install: keep working on the reference path
-    _fast, _fast_fp8, _sm90, _fast_import_error = None, None, None, f"fast kernels not importable ({error})"
+    _fast = _fast_fp8 = _fp8_dense = _sm90 = None
+    _fast_import_error = f"fast kernels not importable ({error})"
 
 
 def fast_backends() -> tuple[str, ...]:
@@ -70,12 +72,15 @@ def fast_backends() -> tuple[str, ...]:
 
 @torch.compiler.assume_constant_result
 def backend_availability(device: torch.device, precision: str, backend: str) -> tuple[bool, str]:
-    """Whether one fast backend runs `precision` on `device` (built, Hopper, self-test). A constant
-    for torch.compile: decided once per device, outside the traced graph."""
+    """Whether one fast backend runs `precision` on `device` (built, Hopper, self-test); backend
+    "fp8_dense" is the dense e4m3 product of the layers an fp8 model keeps dense. A constant for
+    torch.compile: decided once per device, outside the traced graph."""
     if device.type != "cuda":
         return False, f"{device.type} device: the fast kernels need a CUDA GPU"
     if _fast is None:
         return False, _fast_import_error
+    if backend == "fp8_dense":
+        return _fp8_dense.availability_fp8_dense(device)
     if backend == "sm90":
         return _sm90.availability_sm90(device)
     return _fast_fp8.availability_fp8(device) if precision == "fp8" else _fast.availability(device)
@@ -105,7 +110,10 @@ def select_backend(x2d: torch.Tensor, weight: torch.Tensor, requested: str, n: i
                    precision: str = "bf16") -> BackendChoice:
     """`weight` is the layer weight for bf16, the e4m3 weight from quantize_weight_fp8 for fp8.
     A "cuda" request that the fast kernels cannot serve raises instead of falling back."""
-    choice = _choose(x2d, weight, requested, n, m, precision)
+    return _fast_or_raise(_choose(x2d, weight, requested, n, m, precision), requested, x2d, weight)
+
+
+def _fast_or_raise(choice: BackendChoice, requested: str, x2d: torch.Tensor, weight: torch.Tensor) -> BackendChoice:
     if requested == "cuda" and choice.name == "reference":
         raise RuntimeError(f"RT-Lynx backend 'cuda' cannot run {_describe(x2d, weight)}: {choice.reason}")
     return choice
@@ -143,7 +151,8 @@ def _report(choice: BackendChoice, x2d: torch.Tensor, weight: torch.Tensor) -> N
     key = (x2d.shape, weight.shape, x2d.dtype, choice)
     if key not in _reported:  # checked before formatting: this runs on every call
         _reported.add(key)
-        where = "reference PyTorch path" if choice.name == "reference" else "sparse tensor cores"
+        where = {"reference": "reference PyTorch path", "fp8_dense": "dense fp8 tensor cores"}.get(
+            choice.name, "sparse tensor cores")
         log_once(f"{_describe(x2d, weight)}: {where} ({choice.reason})")
 
 
@@ -205,3 +214,34 @@ def sparse_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor
     else:
         y = reference.sparse_linear_fp8_reference(x2d, wq, w_scale, bias, compensate)
     return _with_low_rank(y, x2d, low_rank)
+
+
+def fp8_dense_availability(device: torch.device) -> tuple[bool, str]:
+    """(True, info) when the dense e4m3 product of fp8 models' dense layers runs fast on `device`."""
+    return backend_availability(device, "fp8", "fp8_dense")
+
+
+def fp8_dense_shape_supported(in_features: int, out_features: int) -> bool:
+    """Whether a layer of this shape runs the dense e4m3 product when an fp8 model keeps it dense
+    (the plan's test); False throughout where the fast kernels are not importable."""
+    return _fp8_dense is not None and _fp8_dense.fp8_dense_shape_supported(in_features, out_features)
+
+
+def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                     requested: str = "auto") -> torch.Tensor:
+    """A layer an fp8 model keeps dense: reference.dense_linear_fp8_reference with (wq, w_scale)
+    from quantize_weight_fp8, on dense e4m3 tensor cores where the fast kernels run, else on the
+    reference path."""
+    if requested not in REQUESTS:
+        raise ValueError(f"unknown backend {requested!r}; choose one of {REQUESTS}")
+    if requested == "reference":
+        choice = BackendChoice("reference", "reference backend requested")
+    else:
+        available, why_not = backend_availability(x2d.device, "fp8", "fp8_dense")
+        if available:
+            available, why_not = _fp8_dense.supports_fp8_dense(x2d, wq)
+        choice = BackendChoice("fp8_dense", "e4m3 dense GEMM") if available else BackendChoice("reference", why_not)
+    _report(_fast_or_raise(choice, requested, x2d, wq), x2d, wq)
+    if choice.name == "fp8_dense":
+        return _fp8_dense.dense_linear_fp8(x2d, wq, w_scale, bias)
+    return reference.dense_linear_fp8_reference(x2d, wq, w_scale, bias)

@@ -112,18 +112,31 @@ def _e4m3_max_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, E4M3_MAX)
 
 
+def _quantize_rows_e4m3(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, amax): q = e4m3(values * 448 / max|values|) per row, amax = max|values| (fp32, M x 1).
+    A zero row gets q = 0."""
+    values = values.float()
+    amax = values.abs().amax(dim=-1, keepdim=True)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    inv = torch.where(amax > 0, _e4m3_max_like(amax) / safe, torch.zeros_like(amax))
+    return (values * inv).to(torch.float8_e4m3fn), amax
+
+
 def sparsify_quantize_fp8(x: torch.Tensor, compensate: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, a): q = e4m3(x_kept * 448 / max|x_kept|) per token (dense M x K with zeros where
     pruned), a = s * max|x_kept| / 448 (fp32, M x 1), s the norm compensation (1 if off).
     This is e4m3(s * x_kept / a): s cancels in q and lives in a. A zero token gets q = 0, a = 0."""
     x_kept = sparsify_nm(x)
-    kept = x_kept.float()
-    amax = kept.abs().amax(dim=-1, keepdim=True)
-    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    inv = torch.where(amax > 0, _e4m3_max_like(amax) / safe, torch.zeros_like(amax))
-    q = (kept * inv).to(torch.float8_e4m3fn)
+    q, amax = _quantize_rows_e4m3(x_kept)
     s = norm_compensation_scale(x, x_kept) if compensate else torch.ones_like(amax)
     return q, (s * amax) / _e4m3_max_like(amax)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, a) for a layer kept dense in an fp8 model: q = e4m3(x * 448 / max|x|) per token,
+    a = max|x| / 448 (fp32, M x 1); x ~ q * a."""
+    q, amax = _quantize_rows_e4m3(x)
+    return q, amax / _e4m3_max_like(amax)
 
 
 def sparse_linear_fp8_reference(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -131,7 +144,18 @@ def sparse_linear_fp8_reference(x: torch.Tensor, wq: torch.Tensor, w_scale: torc
     """y = a[m] * w_scale[n] * (q @ wq^T) + b with q, a from `sparsify_quantize_fp8`, all in
     fp32 (the quantised inputs are exact; only the fp32 accumulation rounds); x's dtype out."""
     q, a = sparsify_quantize_fp8(x, compensate)
+    return _scaled_product_fp8(q, a, wq, w_scale, bias).to(x.dtype)
+
+
+def dense_linear_fp8_reference(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                               bias: torch.Tensor | None) -> torch.Tensor:
+    """y = a[m] * w_scale[n] * (q @ wq^T) + b with q, a from `quantize_rows_fp8` (no sparsity),
+    in fp32; x's dtype out. What the layers an fp8 model keeps dense compute."""
+    q, a = quantize_rows_fp8(x)
+    return _scaled_product_fp8(q, a, wq, w_scale, bias).to(x.dtype)
+
+
+def _scaled_product_fp8(q, a, wq, w_scale, bias) -> torch.Tensor:
+    # The quantised operands are exact in fp32; only the accumulation rounds.
     y = (q.float() @ wq.float().t()) * a * w_scale.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return y if bias is None else y + bias.float()

@@ -33,7 +33,7 @@ Choices:
   1.2 GB (fp32). `statistics_bytes` and `plan_groups` compute this for any plan.
 """
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ContextManager, Iterable
 
 import torch
@@ -219,8 +219,7 @@ def calibrate_lynx_lora(model: nn.Module, plan: LynxPlan, inputs: Iterable, rank
     fitted = 0
     for pass_index, group in enumerate(groups):
         captures = {name: _StatisticsCapture(plan.forwards[name], stats_dtype) for name in group}
-        capture_plan = LynxPlan(plan.policy, plan.config, plan.runtime, plan.decisions,
-                                {**plan.forwards, **captures})
+        capture_plan = replace(plan, forwards={**plan.forwards, **captures})
         samples = 0
         with torch.no_grad(), install(capture_plan) as target:
             for item in inputs:

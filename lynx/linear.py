@@ -9,7 +9,9 @@ k-tile more), elsewhere as two small products added after.
 
 With precision "fp8" the product runs on e4m3 operands: sparse(x) quantised per token (the
 compensation folded into its scale) and W per output channel, quantised once per weight
-(kernels.sparse_linear_fp8; kernels/reference.py defines the math).
+(kernels.sparse_linear_fp8; kernels/reference.py defines the math). The layers such a model keeps
+dense (for quality, or by the user's filters) run the same quantisation without the sparsity on
+dense e4m3 tensor cores (`fp8_dense_linear`), unless `fp8_dense_layers` is off.
 
 sparse(x) keeps the n largest |x| of each m consecutive input features (2:4 by default); s is
 the per-token norm compensation ||x|| / ||sparse(x)|| (or 1 when switched off). Inputs with
@@ -21,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..kernels import (PRECISIONS, REQUESTS, LowRankOperands, log_once, low_rank_reference, prepare_low_rank,
-                       quantize_weight_fp8, sparse_linear, sparse_linear_fp8)
+from ..kernels import (PRECISIONS, REQUESTS, LowRankOperands, dense_linear_fp8, log_once, low_rank_reference,
+                       prepare_low_rank, quantize_weight_fp8, sparse_linear, sparse_linear_fp8)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class LynxConfig:
     backend: str = "auto"
     min_tokens: int = 32
     precision: str = "bf16"   # "bf16": x's own 16-bit dtype; "fp8": e4m3 operands
+    fp8_dense_layers: bool = True   # with "fp8": the layers kept dense also compute in e4m3
 
     def __post_init__(self):
         if not 0 < self.n < self.m:
@@ -57,6 +60,10 @@ class LynxConfig:
 
     def runs_sparse(self, x: torch.Tensor) -> bool:
         return self.sequence_tokens(x) >= self.min_tokens
+
+    @property
+    def quantizes_dense_layers(self) -> bool:
+        return self.precision == "fp8" and self.fp8_dense_layers
 
 
 @dataclass
@@ -115,15 +122,9 @@ def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     `fp8_weight` is quantize_weight_fp8(weight) made ahead of time; without it an fp8 config
     quantises the weight in the call."""
     in_features = x.shape[-1]
-    if weight.shape[-1] != in_features:
-        raise ValueError(f"input has {in_features} features, weight expects {weight.shape[-1]}")
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
+    bias = _checked_bias(x, weight, bias)
     if dense or not config.runs_sparse(x):
-        if not dense and not torch.compiler.is_compiling():
-            log_once(f"{config.sequence_tokens(x)} tokens x {in_features} features: dense "
-                     f"(fewer than {config.min_tokens} tokens per sequence)")
-        return F.linear(x, weight.to(x.dtype), bias)  # weights stored in another dtype compute in x's
+        return _model_dtype_linear(x, weight, bias, config, dense)
     if in_features % config.m:
         raise ValueError(f"in_features={in_features} is not a multiple of {config.m}: "
                          f"this layer cannot be {config.pattern} sparse")
@@ -136,3 +137,30 @@ def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         y = sparse_linear(x2d, weight.to(x.dtype), bias, config.compensate, config.backend, config.n, config.m,
                           low_rank)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
+                     dense: bool = False, fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """A layer an fp8 model keeps dense: y = a * w_scale * (e4m3(x) @ wq^T) + b, x quantised per
+    token, the weight per output channel (`fp8_weight`, else quantised in the call).
+    `dense=True` (dense warm-up steps) and short inputs give plain F.linear, as in lynx_linear."""
+    in_features = x.shape[-1]
+    bias = _checked_bias(x, weight, bias)
+    if dense or not config.runs_sparse(x):
+        return _model_dtype_linear(x, weight, bias, config, dense)
+    wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight)
+    y = dense_linear_fp8(x.reshape(-1, in_features), wq, w_scale, bias, config.backend)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _checked_bias(x, weight, bias):
+    if weight.shape[-1] != x.shape[-1]:
+        raise ValueError(f"input has {x.shape[-1]} features, weight expects {weight.shape[-1]}")
+    return bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
+
+
+def _model_dtype_linear(x, weight, bias, config: LynxConfig, dense: bool) -> torch.Tensor:
+    if not dense and not torch.compiler.is_compiling():
+        log_once(f"{config.sequence_tokens(x)} tokens x {x.shape[-1]} features: dense "
+                 f"(fewer than {config.min_tokens} tokens per sequence)")
+    return F.linear(x, weight.to(x.dtype), bias)  # weights stored in another dtype compute in x's

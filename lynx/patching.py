@@ -1,19 +1,20 @@
 """Turning a diffusion model's selected linears into Lynx linears without touching its weights.
 
 A `LynxPlan` holds, per selected layer, a `LynxLinearForward`: a callable that replaces that
-module's `forward` and computes with the module's own weight and bias. ComfyUI installs these
+module's `forward` and computes with the module's own weight and bias. With precision fp8 the
+layers the selection keeps dense get one too, computing the dense e4m3 product. ComfyUI installs these
 through ModelPatcher object patches (so they live on a clone and are undone on unpatch);
 outside ComfyUI `installed(plan)` installs them for the duration of a `with` block.
 """
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from ..kernels import fast_path_availability, quantize_weight_fp8
-from .linear import LowRankBranch, LynxConfig, lynx_linear
+from ..kernels import fast_path_availability, fp8_dense_availability, fp8_dense_shape_supported, quantize_weight_fp8
+from .linear import LowRankBranch, LynxConfig, fp8_dense_linear, lynx_linear
 from .lora import LynxLoRA, check_fits
 from .policies import ArchitecturePolicy, LayerDecision, SelectionOptions, detect_architecture, select_layers
 
@@ -50,24 +51,31 @@ def sampling_step_index(sample_sigmas: torch.Tensor | None, sigma: torch.Tensor)
 
 
 class LynxLinearForward:
-    """The forward of one patched linear: y = lynx_linear(x, module's weight, module's bias)."""
+    """The forward of one patched linear: y = lynx_linear(x, module's weight, module's bias), or for
+    a layer an fp8 model keeps dense (sparse=False) y = fp8_dense_linear(...)."""
 
     def __init__(self, module: nn.Linear, name: str, config: LynxConfig, runtime: LynxRuntime,
-                 weights: WeightProvider = module_weights, lora: LowRankBranch | None = None):
+                 weights: WeightProvider = module_weights, lora: LowRankBranch | None = None, sparse: bool = True):
+        if not sparse and (lora is not None or not config.quantizes_dense_layers):
+            raise ValueError(f"{name}: a dense layer is only patched for its fp8 product, without a LoRA branch")
         self.module = module
         self.name = name
         self.config = config
         self.runtime = runtime
         self.weights = weights
         self.lora = lora
+        self.sparse = sparse
         # fp8 precision: the e4m3 weight, made once while the weight stays put (prepare_fp8) and
         # dropped when the model is unloaded; without it each call quantises its weight.
         self.fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias, release = self.weights(self.module, x)
-        y = lynx_linear(x, weight, bias, self.config, self.lora, dense=self.runtime.dense,
-                        fp8_weight=self.fp8_weight)
+        if self.sparse:
+            y = lynx_linear(x, weight, bias, self.config, self.lora, dense=self.runtime.dense,
+                            fp8_weight=self.fp8_weight)
+        else:
+            y = fp8_dense_linear(x, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight)
         if release is not None:
             release()
         return y
@@ -90,8 +98,15 @@ class LynxPlan:
     config: LynxConfig
     runtime: LynxRuntime
     decisions: list[LayerDecision]
-    forwards: dict[str, LynxLinearForward] = field(default_factory=dict)
+    forwards: dict[str, LynxLinearForward] = field(default_factory=dict)   # the sparsified layers
     lora_note: str = ""
+    # With precision fp8: the layers the selection keeps dense, computing the dense e4m3 product.
+    fp8_dense_forwards: dict[str, LynxLinearForward] = field(default_factory=dict)
+
+    @property
+    def installed_forwards(self) -> dict[str, LynxLinearForward]:
+        """Every forward the plan puts in place: the sparsified layers and the fp8 dense ones."""
+        return {**self.forwards, **self.fp8_dense_forwards}
 
     @property
     def sparse_layer_shapes(self) -> dict[str, tuple[int, int]]:
@@ -108,6 +123,8 @@ class LynxPlan:
         text = (f"RT-Lynx: {self.policy.name}, {len(sparse)} linears sparsified {self.config.pattern}{precision}"
                 f"{' + norm compensation' if self.config.compensate else ''}, "
                 f"{len(dense)} kept dense{f' ({kept})' if kept else ''}")
+        if self.fp8_dense_forwards:
+            text += f", {len(self.fp8_dense_forwards)} of them in fp8"
         if self.runtime.dense_warmup_steps:
             text += f", first {self.runtime.dense_warmup_steps} steps dense"
         if self.lora_note:
@@ -116,6 +133,9 @@ class LynxPlan:
         if device is not None and self.config.backend != "reference":
             available, why_not = fast_path_availability(device, self.config.precision)
             text += f" -> {why_not}" if available else f" -> reference ({why_not})"
+            if self.fp8_dense_forwards:
+                available, why_not = fp8_dense_availability(device)
+                text += "; fp8 dense layers -> " + ("e4m3 dense GEMM" if available else f"reference ({why_not})")
         return text
 
 
@@ -132,7 +152,11 @@ def plan_model(model: nn.Module, config: LynxConfig = LynxConfig(),
     modules = dict(model.named_modules())
     forwards = {d.name: LynxLinearForward(modules[d.name], d.name, config, runtime, weights)
                 for d in decisions if d.sparse}
-    return LynxPlan(policy, config, runtime, decisions, forwards)
+    fp8_dense = {}
+    if config.quantizes_dense_layers:
+        fp8_dense = {d.name: LynxLinearForward(modules[d.name], d.name, config, runtime, weights, sparse=False)
+                     for d in decisions if not d.sparse and fp8_dense_shape_supported(d.in_features, d.out_features)}
+    return LynxPlan(policy, config, runtime, decisions, forwards, fp8_dense_forwards=fp8_dense)
 
 
 def attach_lora(plan: LynxPlan, lora: LynxLoRA, strength: float) -> LynxPlan:
@@ -143,7 +167,7 @@ def attach_lora(plan: LynxPlan, lora: LynxLoRA, strength: float) -> LynxPlan:
     forwards = {name: fwd.with_lora(lora.branch(name, strength) if name in lora.layers else None)
                 for name, fwd in plan.forwards.items()}
     note = (f"Lynx LoRA rank {lora.rank} x{strength:g} on {len(lora.layers)}/{len(plan.forwards)} layers")
-    return LynxPlan(plan.policy, plan.config, plan.runtime, plan.decisions, forwards, note)
+    return replace(plan, forwards=forwards, lora_note=note)
 
 
 @contextmanager
@@ -152,7 +176,8 @@ def installed(model: nn.Module, plan: LynxPlan):
     modules = dict(model.named_modules())
     previous = {}
     try:
-        for name, forward in plan.forwards.items():
+        forwards = plan.installed_forwards
+        for name, forward in forwards.items():
             module = modules[name]
             previous[name] = module.__dict__.get("forward")
             module.forward = forward
@@ -160,7 +185,7 @@ def installed(model: nn.Module, plan: LynxPlan):
         yield model
     finally:
         for name, old in previous.items():
-            plan.forwards[name].release_fp8()
+            forwards[name].release_fp8()
             if old is None:
                 del modules[name].forward
             else:

@@ -79,7 +79,7 @@ def _run_state_callbacks(plan: LynxPlan):
     def on_pre_run(patcher, *args, **kwargs):
         model = patcher.model
         compute_dtype = model.manual_cast_dtype or model.get_dtype()
-        for forward in plan.forwards.values():
+        for forward in plan.installed_forwards.values():
             if forward.lora is not None:
                 forward.lora.prepare(patcher.load_device, compute_dtype, plan.config)
             if plan.config.precision != "fp8":
@@ -91,7 +91,7 @@ def _run_state_callbacks(plan: LynxPlan):
                 forward.prepare_fp8(_apply_weight_scale(module, module.weight, torch.float32))
 
     def on_detach(patcher, *args, **kwargs):
-        for forward in plan.forwards.values():
+        for forward in plan.installed_forwards.values():
             forward.release_fp8()
             if forward.lora is not None:
                 forward.lora.release()
@@ -122,7 +122,7 @@ def install_plan(model, plan: LynxPlan):
 
     _cast_api()
     patched = model.clone()
-    for name, forward in plan.forwards.items():
+    for name, forward in plan.installed_forwards.items():
         patched.add_object_patch(f"diffusion_model.{name}.forward", forward)
     patched.set_attachments(ATTACHMENT_KEY, plan)
     patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)

@@ -1,7 +1,7 @@
 """The "RT-Lynx Sparsify Model" node."""
 import logging
 
-from ..kernels import PRECISIONS, REQUESTS, fast_path_availability
+from ..kernels import PRECISIONS, REQUESTS, fast_path_availability, fp8_dense_availability
 from ..lynx import LynxConfig, LynxRuntime, SelectionOptions, plan_model
 from .comfy_glue import comfy_linear_weights, install_plan, installed_plan
 
@@ -44,19 +44,27 @@ class RTLynxSparsifyModel:
                           "bf16: the product in the model's 16-bit dtype. fp8: activations (per token) and "
                           "weights (per channel, quantised once per sampling run) in e4m3; faster, less exact, and an "
                           "fp8 copy of the sparsified weights in VRAM."}),
+            "fp8_dense_layers": ("BOOLEAN", {"default": True, "tooltip":
+                                 "With precision fp8: the layers kept dense (not sparsified) compute in fp8 too, "
+                                 "on dense e4m3 tensor cores with the same per-token / per-channel scales (and an "
+                                 "fp8 copy of their weights). Off: they stay in the model's dtype. Ignored for bf16."}),
         }}
 
     def patch(self, model, pattern, compensation, skip_first_blocks, skip_last_blocks, dense_warmup_steps,
-              default_dense_layers, include_layers, exclude_layers, backend, precision="bf16"):
+              default_dense_layers, include_layers, exclude_layers, backend, precision="bf16",
+              fp8_dense_layers=True):
         if installed_plan(model) is not None:
             raise ValueError("this model is already patched by RT-Lynx Sparsify Model; use one per model")
         n, m = (int(v) for v in pattern.split(":"))
-        config = LynxConfig(n=n, m=m, compensate=compensation, backend=backend, precision=precision)
+        config = LynxConfig(n=n, m=m, compensate=compensation, backend=backend, precision=precision,
+                            fp8_dense_layers=fp8_dense_layers)
         selection = SelectionOptions(skip_first_blocks=skip_first_blocks, skip_last_blocks=skip_last_blocks,
                                      include=include_layers, exclude=exclude_layers,
                                      use_default_dense_layers=default_dense_layers, m=m)
         if backend == "cuda":
             available, why_not = fast_path_availability(model.load_device, precision)
+            if available and config.quantizes_dense_layers:
+                available, why_not = fp8_dense_availability(model.load_device)
             if not available:
                 raise RuntimeError(f"RT-Lynx backend 'cuda' cannot run here: {why_not}. "
                                    f"Choose 'auto' to fall back to the PyTorch reference path.")

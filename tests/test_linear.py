@@ -92,6 +92,36 @@ def test_bad_input_is_refused_clearly():
         LowRankBranch(torch.randn(8, 64), torch.randn(48, 4), 1.0)
 
 
+def test_fp8_rows_of_dense_layers_keep_each_token_within_e4m3_rounding():
+    from rt_lynx_pack.kernels.reference import quantize_rows_fp8
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(5)) * torch.logspace(-3, 3, 40)[:, None]
+    x[7] = 0
+    q, a = quantize_rows_fp8(x.to(torch.bfloat16))
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and a.shape == (40, 1) and a.dtype == torch.float32
+    nonzero = x.abs().amax(-1) > 0
+    assert torch.equal(q.float().abs().amax(-1)[nonzero], torch.full((39,), 448.0))   # the largest |x| -> 448
+    assert (q[7].float() == 0).all() and a[7].item() == 0
+    xb = x.to(torch.bfloat16).float()
+    # e4m3 keeps 3 mantissa bits: half an ulp is 2^-4 relative, 2^-10 * a below the normal range.
+    assert ((q.float() * a - xb).abs() <= torch.maximum(xb.abs() * 2 ** -4, a * 2 ** -10) * (1 + 1e-6)).all()
+
+
+def test_fp8_dense_linear_computes_the_dense_fp8_reference():
+    from rt_lynx_pack.kernels import dense_linear_fp8_reference, quantize_weight_fp8
+    from rt_lynx_pack.lynx.linear import fp8_dense_linear
+    x, w, b = make(tokens_shape=(3, 50), k=128, n=64, dtype=torch.bfloat16)
+    config = LynxConfig(precision="fp8")
+    y = fp8_dense_linear(x, w, b, config)
+    wq, w_scale = quantize_weight_fp8(w)
+    assert torch.equal(y, dense_linear_fp8_reference(x.reshape(-1, 128), wq, w_scale, b).reshape(3, 50, 64))
+    assert torch.equal(fp8_dense_linear(x, w, b, config, fp8_weight=(wq, w_scale)), y)
+    dense = F.linear(x.double(), w.double(), b.double())
+    assert 0 < ((y.double() - dense).norm() / dense.norm()).item() < 5e-2
+    # Dense warm-up steps and inputs below min_tokens are the model's own product.
+    assert torch.equal(fp8_dense_linear(x, w, b, config, dense=True), F.linear(x, w, b))
+    assert torch.equal(fp8_dense_linear(x[:, :8], w, b, config), F.linear(x[:, :8], w, b))
+
+
 def test_fp8_precision_computes_the_fp8_reference_and_stays_close_to_bf16():
     from rt_lynx_pack.kernels import quantize_weight_fp8, sparse_linear_fp8_reference
     x, w, b = make(tokens_shape=(3, 50), k=128, n=64, dtype=torch.bfloat16)

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from helpers import flux_like_shapes, qwen_image_like_shapes, tree_from_linears
-from rt_lynx_pack.lynx import (LynxConfig, LynxLoRA, LynxLoRAMismatch, LynxRuntime, PACK_VERSION, attach_lora,
-                               installed, load_lynx_lora, plan_model, save_lynx_lora)
+from rt_lynx_pack.lynx import (LynxConfig, LynxLinearForward, LynxLoRA, LynxLoRAMismatch, LynxRuntime, PACK_VERSION,
+                               attach_lora, installed, load_lynx_lora, plan_model, save_lynx_lora)
 from rt_lynx_pack.lynx.tiny_dit import TinyDiTConfig, TinyFluxDiT, random_inputs
 
 
@@ -149,11 +149,56 @@ def test_fp8_plan_quantises_weights_once_while_installed(tiny):
         bf16 = model(*inputs)
         with installed(model, plan):
             assert all(f.fp8_weight is not None and f.fp8_weight[0].dtype == torch.float8_e4m3fn
-                       for f in plan.forwards.values())
+                       for f in plan.installed_forwards.values())
             fp8 = model(*inputs)
             # Quantising in the call gives the same result as the weight made ahead of time.
-            for forward in plan.forwards.values():
+            for forward in plan.installed_forwards.values():
                 forward.release_fp8()
             assert torch.equal(model(*inputs), fp8)
-    assert all(f.fp8_weight is None for f in plan.forwards.values())
+    assert all(f.fp8_weight is None for f in plan.installed_forwards.values())
     assert torch.isfinite(fp8).all() and not torch.equal(fp8, bf16)
+
+
+def test_fp8_plan_runs_the_layers_it_keeps_dense_in_fp8(tiny):
+    from rt_lynx_pack.kernels import dense_linear_fp8_reference, quantize_weight_fp8
+    model, inputs = tiny
+    plan = plan_model(model, LynxConfig(precision="fp8"))
+    kept_dense = {d.name for d in plan.decisions if not d.sparse}
+    assert kept_dense and plan.fp8_dense_forwards.keys() == kept_dense    # the single blocks' linear2
+    assert not kept_dense & plan.forwards.keys()
+    assert f"{len(kept_dense)} kept dense (" in plan.summary() and f"{len(kept_dense)} of them in fp8" in plan.summary()
+    assert not plan_model(model, LynxConfig()).fp8_dense_forwards
+    assert not plan_model(model, LynxConfig(precision="fp8", fp8_dense_layers=False)).fp8_dense_forwards
+
+    name = sorted(kept_dense)[0]
+    module = dict(model.named_modules())[name]
+    seen = {}
+    hook = module.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    try:
+        with torch.no_grad(), installed(model, plan):
+            model(*inputs)
+    finally:
+        hook.remove()
+    wq, w_scale = quantize_weight_fp8(module.weight)
+    want = dense_linear_fp8_reference(seen["x"].reshape(-1, module.in_features), wq, w_scale, module.bias)
+    assert torch.equal(seen["y"], want.reshape(seen["y"].shape))
+    assert "forward" not in module.__dict__   # the module is its dense self again
+
+    # A Lynx LoRA attaches to the sparsified layers only; the fp8 dense ones come along unchanged.
+    with_lora = attach_lora(plan, random_lora(plan), 1.0)
+    assert with_lora.fp8_dense_forwards == plan.fp8_dense_forwards
+    assert all(f.lora is not None for f in with_lora.forwards.values())
+    with pytest.raises(ValueError, match="only patched for its fp8 product"):
+        LynxLinearForward(module, name, LynxConfig(), LynxRuntime(), sparse=False)
+
+
+def test_fp8_dense_layers_need_a_shape_the_fp8_gemm_takes():
+    from rt_lynx_pack.kernels import fp8_dense_shape_supported
+    assert fp8_dense_shape_supported(15360, 3072) and fp8_dense_shape_supported(320, 64)
+    assert not fp8_dense_shape_supported(328, 64)      # in_features not a multiple of 16
+    assert not fp8_dense_shape_supported(320, 72)      # out_features not a multiple of 16
+    assert not fp8_dense_shape_supported(40960, 64)    # a row longer than the quantise pass holds
+    model = tree_from_linears({"single_blocks.0.linear1": (64, 64), "single_blocks.0.linear2": (64, 40),
+                               "double_blocks.0.img_attn.qkv": (64, 48)})
+    plan = plan_model(model, LynxConfig(precision="fp8"))
+    assert "single_blocks.0.linear2" not in plan.fp8_dense_forwards   # 40 outputs: stays in the model dtype

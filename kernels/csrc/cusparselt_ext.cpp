@@ -667,6 +667,26 @@ std::tuple<at::Tensor, at::Tensor> sparsify_fp8_op(const at::Tensor& x_in, int64
 }
 
 
+// Dense e4m3 rows for the fp8 dense linear (kernels/fp8_dense.py): q (M x K) and a (M x 1, the
+// row-wise scale shape torch._scaled_mm takes).
+std::tuple<at::Tensor, at::Tensor> quantize_rows_fp8_op(const at::Tensor& x_in) {
+  const char* op = "rt_lynx::quantize_rows_fp8";
+  require(x_in.is_cuda() && x_in.dim() == 2 && is_supported_dtype(x_in.scalar_type()) && x_in.size(0) >= 1, op,
+          ": x must be a 2-D bfloat16/float16 CUDA tensor with at least one row");
+  require(x_in.size(1) >= 16 && x_in.size(1) % 16 == 0 && x_in.size(1) <= kQuantizeMaxCols, op,
+          ": in_features must be a multiple of 16 up to ", kQuantizeMaxCols, ", got ", x_in.size(1));
+  const bool aligned = x_in.stride(1) == 1 && x_in.stride(0) % 8 == 0 && x_in.stride(0) >= x_in.size(1) &&
+                       reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 16 == 0;
+  const auto x = aligned ? x_in : x_in.contiguous().clone(at::MemoryFormat::Contiguous);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto q = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat8_e4m3fn));
+  auto scale = at::empty({x.size(0), 1}, x.options().dtype(at::kFloat));
+  launch_quantize_rows_fp8(x.data_ptr(), x.size(0), x.size(1), x.stride(0), x.scalar_type() == at::kBFloat16,
+                           q.data_ptr(), scale.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {q, scale};
+}
+
 GemmPlan& fp8_plan(const at::Tensor& like, int64_t padded_rows, int64_t k, int64_t n,
                    cudaStream_t stream) {
   return plan_for(PlanKey{like.get_device(), padded_rows, k, n, true,
@@ -803,6 +823,7 @@ TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) {
   m.impl("sparse_mm_fp8", &rt_lynx::sparse_mm_fp8_op);
   m.impl("sparse_linear_fp8", &rt_lynx::sparse_linear_fp8_op);
   m.impl("fp8_epilogue", &rt_lynx::fp8_epilogue_op);
+  m.impl("quantize_rows_fp8", &rt_lynx::quantize_rows_fp8_op);
 }
 
 void register_sm90_functions(pybind11::module& m);  // sm90_ops.cpp

@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include <algorithm>
 #include <atomic>
 
 namespace rt_lynx {
@@ -1562,6 +1563,69 @@ void launch_fp8_epilogue(const void* d, void* y, int64_t rows, int64_t cols,
     launch_fp8_epilogue_dtype<true>(d, y, rows, cols, token_scale, channel_scale, bias, bias_is_float, stream);
   } else {
     launch_fp8_epilogue_dtype<false>(d, y, rows, cols, token_scale, channel_scale, bias, bias_is_float, stream);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense e4m3 rows, for the layers an fp8 model keeps dense: q = e4m3(x * (448 / max|x|)) per row
+// and a = max|x| / 448 (0 for a zero row), as reference.quantize_rows_fp8. One block per row; a
+// thread loads all its 16-byte vectors before the row's max is reduced, so x is read once.
+namespace {
+
+template <bool kBf16>
+__global__ void __launch_bounds__(kQuantizeMaxThreads)
+    quantize_rows_e4m3_kernel(const uint4* __restrict__ x, int64_t ld_vecs, int vecs_per_row, uint2* __restrict__ q,
+                              float* __restrict__ dequant_scale) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  const uint4* x_row = x + blockIdx.x * ld_vecs;
+  uint4 v[kQuantizeVecsPerThread];
+  uint32_t amax = 0;
+#pragma unroll
+  for (int i = 0; i < kQuantizeVecsPerThread; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    v[i] = c < vecs_per_row ? x_row[c] : zero;
+    amax = max(amax, max_abs_bits(v[i], zero));
+  }
+  // The row's max over its warps: every thread reads all warps' maxima (no second barrier).
+  __shared__ uint32_t warp_max[kQuantizeMaxThreads / 32];
+  amax = __reduce_max_sync(0xffffffffu, amax);
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
+  __syncthreads();
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) amax = max(amax, warp_max[w]);
+  const float m = bits_to_float<kBf16>(amax);
+  const float inv = m > 0.f ? __fdiv_rn(448.f, m) : 0.f;
+  if (threadIdx.x == 0) dequant_scale[blockIdx.x] = __fdiv_rn(m, 448.f);
+  uint2* q_row = q + static_cast<int64_t>(blockIdx.x) * vecs_per_row;
+#pragma unroll
+  for (int i = 0; i < kQuantizeVecsPerThread; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c < vecs_per_row) {
+      q_row[c] = make_uint2(quantize_pair<kBf16>(v[i].x, inv) | (quantize_pair<kBf16>(v[i].y, inv) << 16),
+                            quantize_pair<kBf16>(v[i].z, inv) | (quantize_pair<kBf16>(v[i].w, inv) << 16));
+    }
+  }
+}
+
+}  // namespace
+
+void launch_quantize_rows_fp8(const void* x, int64_t rows, int64_t cols, int64_t ld_x, bool is_bf16, void* q,
+                              float* dequant_scale, cudaStream_t stream) {
+  require(cols % 8 == 0 && cols >= 8 && cols <= kQuantizeMaxCols, "quantize_rows_fp8: columns must be a multiple of 8 "
+          "up to ", kQuantizeMaxCols, ", got ", cols);
+  require(ld_x % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0, "quantize_rows_fp8: rows must be 16-byte aligned");
+  require(rows <= 0x7fffffff, "quantize_rows_fp8: too many rows for one launch");
+  if (rows == 0) return;
+  const int vecs = static_cast<int>(cols / 8);
+  // As many threads as put at most kQuantizeVecsPerThread vectors on each, whole warps.
+  const int threads = std::max(32, (vecs + kQuantizeVecsPerThread * 32 - 1) / (kQuantizeVecsPerThread * 32) * 32);
+  const auto* xv = static_cast<const uint4*>(x);
+  auto* qv = static_cast<uint2*>(q);
+  if (is_bf16) {
+    quantize_rows_e4m3_kernel<true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(xv, ld_x / 8, vecs, qv,
+                                                                                         dequant_scale);
+  } else {
+    quantize_rows_e4m3_kernel<false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(xv, ld_x / 8, vecs, qv,
+                                                                                          dequant_scale);
   }
 }
 

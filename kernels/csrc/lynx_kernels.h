@@ -114,4 +114,13 @@ void launch_fp8_epilogue(const void* d, void* y, int64_t rows, int64_t cols,
                          const float* token_scale, const float* channel_scale, const void* bias,
                          bool bias_is_float, bool out_bf16, cudaStream_t stream);
 
+// Dense e4m3 rows (the layers an fp8 model keeps dense): q (rows x cols bytes, contiguous) =
+// e4m3(x * (448 / max|x|)) per row, dequant_scale[r] = max|x| / 448 (0 for a zero row). x is read
+// once: a block per row holds it in registers, so cols <= kQuantizeMaxCols.
+constexpr int kQuantizeVecsPerThread = 8;    // 16-byte vectors of x a thread holds
+constexpr int kQuantizeMaxThreads = 512;     // 128 registers a thread: no spills
+constexpr int64_t kQuantizeMaxCols = int64_t(kQuantizeMaxThreads) * kQuantizeVecsPerThread * 8;
+void launch_quantize_rows_fp8(const void* x, int64_t rows, int64_t cols, int64_t ld_x, bool is_bf16, void* q,
+                              float* dequant_scale, cudaStream_t stream);
+
 }  // namespace rt_lynx

@@ -173,11 +173,16 @@ def test_bad_requests_are_refused_clearly(flux):
 def test_fp8_precision_quantises_weights_on_load_and_drops_them_on_detach(flux):
     lynx_bf16 = sparsify(flux)
     lynx_fp8 = sparsify(flux, precision="fp8")
-    forwards = installed_plan(lynx_fp8).forwards.values()
+    plan = installed_plan(lynx_fp8)
+    # The layers kept dense (FLUX single-block linear2) run the dense fp8 product.
+    assert plan.fp8_dense_forwards.keys() == {d.name for d in plan.decisions if not d.sparse} != set()
+    forwards = plan.installed_forwards.values()
     bf16_out = sample(lynx_bf16)
     fp8_out = sample(lynx_fp8)
     assert all(f.fp8_weight is not None for f in forwards)  # made before the sampling run
     assert torch.isfinite(fp8_out).all() and not torch.equal(fp8_out, bf16_out)
+    sparse_fp8_only = sample(sparsify(flux, precision="fp8", fp8_dense_layers=False))
+    assert not torch.equal(sparse_fp8_only, fp8_out)
     dense = sample(flux)  # loading the dense clone detaches the fp8 one
     assert all(f.fp8_weight is None for f in forwards)
     assert ((fp8_out - dense).norm() / dense.norm()) < 2 * ((bf16_out - dense).norm() / dense.norm()) + 0.05

@@ -19,7 +19,8 @@ DTYPES = [torch.bfloat16, torch.float16]
 INPUT_KINDS = ["randn", "cubed", "student_t", "tied", "zero_rows"]
 
 
-AVAILABILITY = {"cusparselt": "availability", "fp8": "availability_fp8", "sm90": "availability_sm90"}
+AVAILABILITY = {"cusparselt": "availability", "fp8": "availability_fp8", "sm90": "availability_sm90",
+                "fp8_dense": "availability_fp8_dense"}
 
 
 def require_fast_path(name: str = "cusparselt"):

@@ -1,0 +1,111 @@
+"""FP8 (e4m3) dense linear on Hopper, for the layers an fp8 model keeps dense (not sparsified).
+
+Computes `reference.dense_linear_fp8_reference` in two kernels:
+
+  torch.ops.rt_lynx.quantize_rows_fp8(x) -> (q, a)   one read of x: q = e4m3(x * 448 / max|x|) per
+                                                     token (M x K), a = max|x| / 448 (fp32, M x 1)
+  torch._scaled_mm(q, wq^T, scale_a=a, scale_b=w_scale, bias)   dense e4m3 tensor cores, row-wise
+                                                     scales and the bias in torch's GEMM epilogue
+
+(wq, w_scale) come from `quantize_weight_fp8`, once per weight. torch's row-wise scaled GEMM
+writes bf16; an fp16 model gets that cast to fp16 (one pass over y).
+"""
+import torch
+
+from . import cusparselt as _cusparselt
+from .reference import dense_linear_fp8_reference, quantize_rows_fp8, quantize_weight_fp8
+
+K_MULTIPLE = 16        # torch._scaled_mm's e4m3 operands
+N_MULTIPLE = 16
+MAX_IN_FEATURES = 32768   # the quantise pass holds a row in one block's registers (kQuantizeMaxCols)
+SELF_TEST_TOLERANCE = 1e-2
+
+
+def _define_ops():
+    try:
+        torch.ops.rt_lynx.quantize_rows_fp8.default
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("rt_lynx", "FRAGMENT")
+    lib.define("quantize_rows_fp8(Tensor x) -> (Tensor, Tensor)")
+
+    @torch.library.register_fake("rt_lynx::quantize_rows_fp8", lib=lib)
+    def _(x):
+        return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+                x.new_empty((x.shape[0], 1), dtype=torch.float32))
+
+    _define_ops.library = lib
+
+
+_define_ops()
+
+
+def availability_fp8_dense(device: torch.device) -> tuple[bool, str]:
+    """(True, info) when the fp8 dense linear works on `device` (the extension on Hopper, the
+    quantise pass bit-exact against the reference, torch's row-wise scaled GEMM within tolerance).
+    Cached; never raises."""
+    return _availability(device)
+
+
+def _check_device(index: int) -> tuple[bool, str]:
+    try:
+        with torch.cuda.device(index):
+            problem = self_test_fp8_dense(torch.device("cuda", index))
+    except Exception as exc:
+        problem = _cusparselt.self_test_error(exc)
+    if problem:
+        return False, f"fp8 dense path unavailable: {problem}"
+    return True, "e4m3 row quantisation + torch._scaled_mm row-wise, self-test passed"
+
+
+_availability = _cusparselt.PerDeviceCheck(_check_device, _cusparselt.availability)
+
+
+def self_test_fp8_dense(device: torch.device) -> str:
+    """'' when the quantise pass equals the reference bit for bit and the product matches the
+    reference (odd row count, bias, both 16-bit dtypes); else the first problem, one line."""
+    generator = torch.Generator(device=device).manual_seed(1357)
+    rows, k, n = 37, 256, 64
+    for dtype in _cusparselt.SUPPORTED_DTYPES:
+        x = torch.randn(rows, k, generator=generator, device=device).to(dtype)
+        x[3] = 0  # a zero token: scale 0, q 0
+        q, a = torch.ops.rt_lynx.quantize_rows_fp8(x)
+        want_q, want_a = quantize_rows_fp8(x)
+        if not (torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(a, want_a)):
+            return f"quantise pass differs from the reference ({dtype})"
+        weight = torch.randn(n, k, generator=generator, device=device)
+        wq, w_scale = quantize_weight_fp8(weight)
+        bias = torch.randn(n, generator=generator, device=device).to(dtype)
+        got = dense_linear_fp8(x, wq, w_scale, bias)
+        want = dense_linear_fp8_reference(x.float(), wq, w_scale, bias.float())
+        error = ((got.float() - want).norm() / want.norm()).item()
+        if got.dtype != dtype or not error < SELF_TEST_TOLERANCE:
+            return f"fp8 dense GEMM check failed ({dtype}): relative error {error:.2e}, out {got.dtype}"
+    torch.cuda.synchronize(device)
+    return ""
+
+
+def supports_fp8_dense(x2d: torch.Tensor, wq: torch.Tensor) -> tuple[bool, str]:
+    """Whether (x2d, wq) fit the fp8 dense path (wq from quantize_weight_fp8). Never raises."""
+    supported, why_not = _cusparselt.check_operands(x2d, wq, torch.float8_e4m3fn, " (use quantize_weight_fp8)",
+                                                    N_MULTIPLE, K_MULTIPLE)
+    if supported and x2d.shape[1] > MAX_IN_FEATURES:
+        return False, f"in_features {x2d.shape[1]} > {MAX_IN_FEATURES} (the quantise pass holds a row in registers)"
+    return supported, why_not
+
+
+def fp8_dense_shape_supported(in_features: int, out_features: int) -> bool:
+    """Whether a layer of this shape can run the fp8 dense path at all (the plan's test)."""
+    return (0 < in_features <= MAX_IN_FEATURES and in_features % K_MULTIPLE == 0
+            and out_features > 0 and out_features % N_MULTIPLE == 0)
+
+
+def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """a[m] * w_scale[n] * (e4m3(x) @ wq^T) + bias, M x N in x's dtype. Call availability_fp8_dense
+    and supports_fp8_dense first."""
+    q, a = torch.ops.rt_lynx.quantize_rows_fp8(x2d)
+    y = torch._scaled_mm(q, wq.t(), scale_a=a, scale_b=w_scale.view(1, -1),
+                         bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+    return y if x2d.dtype == torch.bfloat16 else y.to(x2d.dtype)

@@ -1,0 +1,115 @@
+"""GPU tests of the fp8 dense path (kernels/fp8_dense.py, csrc quantize_rows_fp8): the product of
+the layers an fp8 model keeps dense.
+
+Tolerances:
+- The quantise pass equals the reference bit for bit (the same fp32 division and multiply, and a
+  round-to-nearest-even conversion).
+- The product against the fp8 reference (fp32 math on the SAME q, a, wq, w_scale): torch's
+  row-wise scaled GEMM accumulates in fp32 and rounds once to bf16 (2^-9), fp16 outputs once more
+  (2^-11): 5e-3 relative (Frobenius).
+- Against fp32 math on the unquantised x and W: e4m3 keeps 3 mantissa bits on both, about 3.5%
+  on a product: 8e-2.
+Skipped without CUDA or on a non-Hopper GPU; on Hopper the path must be available.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rt_lynx_pack.kernels import dense_linear_fp8
+from rt_lynx_pack.kernels.reference import dense_linear_fp8_reference, quantize_rows_fp8, quantize_weight_fp8
+from rt_lynx_pack.lynx import LynxConfig
+from rt_lynx_pack.lynx.linear import fp8_dense_linear
+
+from kernel_helpers import INPUT_KINDS, make_input, poison_allocator, relative_error, require_fast_path
+
+EXACT_Q_TOLERANCE = 5e-3
+VS_16BIT_TOLERANCE = 8e-2
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module")
+def fp8_dense():
+    return require_fast_path("fp8_dense")
+
+
+def _check_rows(x):
+    poison_allocator(x.numel() * 2 + x.shape[0] * 4)
+    q, a = torch.ops.rt_lynx.quantize_rows_fp8(x)
+    want_q, want_a = quantize_rows_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and a.shape == (x.shape[0], 1)
+    # Bytes, not values: a poisoned (unwritten) byte reads as e4m3 NaN, which == would not catch.
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), "quantised values differ"
+    assert torch.equal(a, want_a), "scales differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+@pytest.mark.parametrize("rows,cols", [(1, 16), (37, 3072), (4608, 15360), (65, 12288), (3, 32768), (130, 48)])
+def test_quantised_rows_equal_the_reference(fp8_dense, generator, dtype, kind, rows, cols):
+    _check_rows(make_input(kind, rows, cols, dtype, generator))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_and_misaligned_rows(fp8_dense, generator, dtype):
+    wide = make_input("cubed", 50, 3072 + 64, dtype, generator)
+    _check_rows(wide[:, :3072])          # row stride past K: read in place
+    _check_rows(wide.view(-1)[8:8 + 49 * 3072].view(49, 3072))   # 16-byte aligned, contiguous
+    _check_rows(wide.view(-1)[1:1 + 49 * 3072].view(49, 3072))   # misaligned: copied first
+
+
+def _linear_case(dtype, kind, rows, k, n, generator, bias=True):
+    x = make_input(kind, rows, k, dtype, generator)
+    w = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=generator, device="cuda").to(dtype) if bias else None
+    wq, w_scale = quantize_weight_fp8(w)
+    return x, w, b, wq, w_scale
+
+
+def _check_linear(fp8_dense, x, w, b, wq, w_scale):
+    poison_allocator(x.numel() * 2 + x.shape[0] * wq.shape[0] * 2)
+    y = fp8_dense.dense_linear_fp8(x, wq, w_scale, b)
+    assert y.shape == (x.shape[0], wq.shape[0]) and y.dtype == x.dtype
+    assert not y.isnan().any(), "output not fully written (poisoned NaN left)"
+    b32 = None if b is None else b.float()
+    error = relative_error(y, dense_linear_fp8_reference(x.float(), wq, w_scale, b32))
+    assert error < EXACT_Q_TOLERANCE, f"vs fp8 reference {error:.2e}"
+    error = relative_error(y, F.linear(x.float(), w.float(), b32))
+    assert error < VS_16BIT_TOLERANCE, f"vs fp32 on the unquantised operands {error:.2e}"
+    return y
+
+
+@pytest.mark.parametrize("rows,k,n", [(4608, 15360, 3072), (4096, 3072, 9216), (512, 12288, 3072)])
+def test_dense_linear_fp8_on_model_shapes(fp8_dense, generator, rows, k, n):
+    _check_linear(fp8_dense, *_linear_case(torch.bfloat16, "randn", rows, k, n, generator))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["cubed", "student_t", "zero_rows"])
+@pytest.mark.parametrize("rows", [1, 7, 63, 4097])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_linear_fp8_odd_rows_heavy_tails_and_dtypes(fp8_dense, generator, dtype, kind, rows, bias):
+    _check_linear(fp8_dense, *_linear_case(dtype, kind, rows, 3072, 3072, generator, bias))
+
+
+def test_lynx_layer_compiles_without_graph_break(fp8_dense, generator):
+    x, w, b, wq, w_scale = _linear_case(torch.bfloat16, "randn", 300, 3072, 3072, generator)
+    config = LynxConfig(precision="fp8", backend="cuda")
+
+    def block(t):
+        return F.gelu(fp8_dense_linear(t.view(2, 150, 3072), w, b, config, fp8_weight=(wq, w_scale))) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)(x)
+    assert relative_error(compiled, block(x)) < 1e-3
+
+
+def test_unsupported_inputs_fall_back_or_fail_clearly(fp8_dense, generator):
+    x, w, b, wq, w_scale = _linear_case(torch.bfloat16, "randn", 40, 40960, 64, generator)
+    # A row longer than the quantise pass holds: the reference on "auto", an error on "cuda".
+    assert torch.equal(dense_linear_fp8(x, wq, w_scale, b), dense_linear_fp8_reference(x, wq, w_scale, b))
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        dense_linear_fp8(x, wq, w_scale, b, "cuda")
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.rt_lynx.quantize_rows_fp8(torch.randn(4, 40, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bfloat16/float16"):
+        torch.ops.rt_lynx.quantize_rows_fp8(torch.randn(4, 64, device="cuda"))
