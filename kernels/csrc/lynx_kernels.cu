@@ -123,6 +123,47 @@ __device__ __forceinline__ void warp_sum_norms(float& dense0, float& kept0, floa
   }
 }
 
+// A row pair's statistics: sums of x^2 and x_kept^2, and (e4m3) max |x_kept| bits, of rows r0, r1.
+struct PairStats {
+  float dense0 = 0.f, kept0 = 0.f, dense1 = 0.f, kept1 = 0.f;
+  uint32_t amax0 = 0, amax1 = 0;
+};
+
+// Reduces a row pair's stats over each warp, then over the kWarps warps that share the pair
+// through shared memory (blocks of 8 warps; `warp` is this warp, `first` the pair's first), in
+// the same order in every thread, so all threads of the pair get identical sums. kMax: the
+// maxima too.
+template <int kWarps, bool kMax>
+__device__ __forceinline__ void reduce_pair_stats(PairStats& s, int warp, int first) {
+  warp_sum_norms(s.dense0, s.kept0, s.dense1, s.kept1);
+  if constexpr (kMax) {
+    s.amax0 = __reduce_max_sync(0xffffffffu, s.amax0);
+    s.amax1 = __reduce_max_sync(0xffffffffu, s.amax1);
+  }
+  if constexpr (kWarps > 1) {
+    __shared__ float partial[8][4];
+    __shared__ uint32_t partial_max[8][2];
+    if (threadIdx.x % 32 == 0) {
+      partial[warp][0] = s.dense0; partial[warp][1] = s.kept0;
+      partial[warp][2] = s.dense1; partial[warp][3] = s.kept1;
+      if constexpr (kMax) {
+        partial_max[warp][0] = s.amax0; partial_max[warp][1] = s.amax1;
+      }
+    }
+    __syncthreads();
+    s = PairStats();
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const int src = first + w;
+      s.dense0 += partial[src][0]; s.kept0 += partial[src][1];
+      s.dense1 += partial[src][2]; s.kept1 += partial[src][3];
+      if constexpr (kMax) {
+        s.amax0 = max(s.amax0, partial_max[src][0]); s.amax1 = max(s.amax1, partial_max[src][1]);
+      }
+    }
+  }
+}
+
 template <bool kBf16>
 __device__ __forceinline__ void load_chunk(const uint4* row, bool valid, int64_t c, uint4 (&in)[4]) {
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
@@ -207,24 +248,10 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
   float s0 = 1.f, s1 = 1.f;
   if (need_norms && kFold) {
     // Reduce before the writing pass.
-    warp_sum_norms(dense0, kept0, dense1, kept1);
-    if constexpr (kSplit > 1) {
-      __shared__ float partial[8][4];
-      if (lane == 0) {
-        partial[warp][0] = dense0; partial[warp][1] = kept0;
-        partial[warp][2] = dense1; partial[warp][3] = kept1;
-      }
-      __syncthreads();
-      dense0 = kept0 = dense1 = kept1 = 0.f;
-#pragma unroll
-      for (int w = 0; w < kSplit; ++w) {  // same order in every warp: identical sums
-        const int src = pair_in_block * kSplit + w;
-        dense0 += partial[src][0]; kept0 += partial[src][1];
-        dense1 += partial[src][2]; kept1 += partial[src][3];
-      }
-    }
-    s0 = token_scale_of(dense0, kept0);
-    s1 = token_scale_of(dense1, kept1);
+    PairStats norms{dense0, kept0, dense1, kept1};
+    reduce_pair_stats<kSplit, false>(norms, warp, pair_in_block * kSplit);
+    s0 = token_scale_of(norms.dense0, norms.kept0);
+    s1 = token_scale_of(norms.dense1, norms.kept1);
     if (scale != nullptr && split == 0 && lane == 0) {
       scale[r0] = s0;
       scale[r1] = s1;
@@ -280,24 +307,10 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
 
   float t0 = 1.f, t1 = 1.f;  // the token scales, once known (1 without compensation)
   if (!kFold && scale != nullptr) {
-    warp_sum_norms(d0, k0, d1, k1);
-    if constexpr (kSplit > 1) {
-      __shared__ float partial_u[8][4];
-      if (lane == 0) {
-        partial_u[warp][0] = d0; partial_u[warp][1] = k0;
-        partial_u[warp][2] = d1; partial_u[warp][3] = k1;
-      }
-      __syncthreads();
-      d0 = k0 = d1 = k1 = 0.f;
-#pragma unroll
-      for (int w = 0; w < kSplit; ++w) {
-        const int src = pair_in_block * kSplit + w;
-        d0 += partial_u[src][0]; k0 += partial_u[src][1];
-        d1 += partial_u[src][2]; k1 += partial_u[src][3];
-      }
-    }
-    t0 = token_scale_of(d0, k0);
-    t1 = token_scale_of(d1, k1);
+    PairStats norms{d0, k0, d1, k1};
+    reduce_pair_stats<kSplit, false>(norms, warp, pair_in_block * kSplit);
+    t0 = token_scale_of(norms.dense0, norms.kept0);
+    t1 = token_scale_of(norms.dense1, norms.kept1);
     if (split == 0 && lane == 0) {
       scale[r0] = t0;
       scale[r1] = t1;
@@ -983,19 +996,13 @@ struct Fp8RowPair {
   }
 };
 
-// Per-lane sums of x^2 and x_kept^2 and max |x_kept| bits, for rows r0 and r1.
-struct Fp8PairStats {
-  float dense0 = 0.f, kept0 = 0.f, dense1 = 0.f, kept1 = 0.f;
-  uint32_t amax0 = 0, amax1 = 0;
-};
-
 // Loads and selects one 32-column half (`half` = 2 * chunk + h) of both rows. codes0/codes1:
 // the 8 group codes of each row as nibbles, group g at bits 4g (bytes in metadata order).
 template <bool kBf16, int kSplit>
 __device__ __forceinline__ void select_pair_half(const Fp8RowPair<kSplit>& pair, int64_t half,
                                                  uint4 (&out0)[2], uint4 (&out1)[2],
                                                  uint32_t& codes0, uint32_t& codes1,
-                                                 Fp8PairStats& stats) {
+                                                 PairStats& stats) {
   uint4 in0[4], in1[4];
   uint32_t c0[8], c1[8];
   load_chunk<kBf16>(pair.x0, pair.has_r0, half, in0);
@@ -1059,36 +1066,9 @@ __device__ __forceinline__ float fp8_row_scales(float dense_sq, float kept_sq, u
 // dequantisation scales. Returns 448 / max|kept| of rows r0 and r1.
 template <bool kBf16, int kSplit>
 __device__ __forceinline__ float2 finish_pair_stats(const Fp8RowPair<kSplit>& pair,
-                                                    Fp8PairStats s, float* token_scale,
+                                                    PairStats s, float* token_scale,
                                                     bool compensate) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    s.dense0 += __shfl_xor_sync(0xffffffffu, s.dense0, offset);
-    s.kept0 += __shfl_xor_sync(0xffffffffu, s.kept0, offset);
-    s.dense1 += __shfl_xor_sync(0xffffffffu, s.dense1, offset);
-    s.kept1 += __shfl_xor_sync(0xffffffffu, s.kept1, offset);
-  }
-  s.amax0 = __reduce_max_sync(0xffffffffu, s.amax0);
-  s.amax1 = __reduce_max_sync(0xffffffffu, s.amax1);
-  if constexpr (kSplit > 1) {
-    __shared__ float partial[8][4];
-    __shared__ uint32_t partial_max[8][2];
-    const int warp = threadIdx.y;
-    if (threadIdx.x == 0) {
-      partial[warp][0] = s.dense0; partial[warp][1] = s.kept0;
-      partial[warp][2] = s.dense1; partial[warp][3] = s.kept1;
-      partial_max[warp][0] = s.amax0; partial_max[warp][1] = s.amax1;
-    }
-    __syncthreads();
-    s = Fp8PairStats();
-#pragma unroll
-    for (int w = 0; w < kSplit; ++w) {
-      const int src = pair.pair_in_block * kSplit + w;
-      s.dense0 += partial[src][0]; s.kept0 += partial[src][1];
-      s.dense1 += partial[src][2]; s.kept1 += partial[src][3];
-      s.amax0 = max(s.amax0, partial_max[src][0]); s.amax1 = max(s.amax1, partial_max[src][1]);
-    }
-  }
+  reduce_pair_stats<kSplit, true>(s, threadIdx.y, pair.pair_in_block * kSplit);
   float a0, a1;
   const float inv0 = fp8_row_scales<kBf16>(s.dense0, s.kept0, s.amax0, compensate, a0);
   const float inv1 = fp8_row_scales<kBf16>(s.dense1, s.kept1, s.amax1, compensate, a1);
@@ -1149,22 +1129,21 @@ __global__ void __launch_bounds__(kStagedThreads, 2) sparsify_staged_kernel(
   const int64_t meta_row0 = kE4m3 ? sm90_metadata_byte_8bit(r0, 0, padded_rows, 128)
                                   : sm90_metadata_byte_16bit(r0, 0, padded_rows, kBlockK);
   const int64_t meta_row1 = kE4m3 ? sm90_metadata_byte_8bit(r1, 0, padded_rows, 128) : 0;
-  float dense0 = 0.f, kept0 = 0.f, dense1 = 0.f, kept1 = 0.f;
-  uint32_t amax0 = 0, amax1 = 0;
+  PairStats stats;
   uint4 kept_values[kStagedUnits][2];  // e4m3: the kept 16-bit values until the scale is known
 #pragma unroll
   for (int j = 0; j < kStagedUnits; ++j) {
     const int unit = t + j * kThreadsPerPair;
     if (unit >= units) break;
     uint4 v0, v1;
-    const uint32_t codes0 = select_16<kBf16>(in0[j], v0, dense0, kept0);
-    const uint32_t codes1 = select_16<kBf16>(in1[j], v1, dense1, kept1);
+    const uint32_t codes0 = select_16<kBf16>(in0[j], v0, stats.dense0, stats.kept0);
+    const uint32_t codes1 = select_16<kBf16>(in1[j], v1, stats.dense1, stats.kept1);
     const int64_t col = 16 * int64_t(unit);
     if constexpr (kE4m3) {
       kept_values[j][0] = v0;
       kept_values[j][1] = v1;
-      amax0 = max(amax0, max_abs_bits(v0, zero));
-      amax1 = max(amax1, max_abs_bits(v1, zero));
+      stats.amax0 = max(stats.amax0, max_abs_bits(v0, zero));
+      stats.amax1 = max(stats.amax1, max_abs_bits(v1, zero));
       uint8_t* column = meta + sm90_metadata_byte_8bit(0, col, padded_rows, 128);
       *reinterpret_cast<uint16_t*>(column + meta_row0) = uint16_t(codes0);
       *reinterpret_cast<uint16_t*>(column + meta_row1) = uint16_t(codes1);
@@ -1177,35 +1156,12 @@ __global__ void __launch_bounds__(kStagedThreads, 2) sparsify_staged_kernel(
     }
   }
 
-  warp_sum_norms(dense0, kept0, dense1, kept1);
-  if constexpr (kE4m3) {
-    amax0 = __reduce_max_sync(0xffffffffu, amax0);
-    amax1 = __reduce_max_sync(0xffffffffu, amax1);
-  }
-  if constexpr (kWarpsPerPair > 1) {
-    __shared__ float partial[kStagedThreads / 32][4];
-    __shared__ uint32_t partial_max[kStagedThreads / 32][2];
-    const int warp = int(threadIdx.x) / 32;
-    if (threadIdx.x % 32 == 0) {
-      partial[warp][0] = dense0; partial[warp][1] = kept0;
-      partial[warp][2] = dense1; partial[warp][3] = kept1;
-      partial_max[warp][0] = amax0; partial_max[warp][1] = amax1;
-    }
-    __syncthreads();
-    dense0 = kept0 = dense1 = kept1 = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarpsPerPair; ++w) {  // the same order in every thread
-      const int src = pair_in_block * kWarpsPerPair + w;
-      dense0 += partial[src][0]; kept0 += partial[src][1];
-      dense1 += partial[src][2]; kept1 += partial[src][3];
-      amax0 = max(amax0, partial_max[src][0]); amax1 = max(amax1, partial_max[src][1]);
-    }
-  }
+  reduce_pair_stats<kWarpsPerPair, kE4m3>(stats, int(threadIdx.x) / 32, pair_in_block * kWarpsPerPair);
 
   if constexpr (kE4m3) {
     float a0, a1;
-    const float inv0 = fp8_row_scales<kBf16>(dense0, kept0, amax0, compensate, a0);
-    const float inv1 = fp8_row_scales<kBf16>(dense1, kept1, amax1, compensate, a1);
+    const float inv0 = fp8_row_scales<kBf16>(stats.dense0, stats.kept0, stats.amax0, compensate, a0);
+    const float inv1 = fp8_row_scales<kBf16>(stats.dense1, stats.kept1, stats.amax1, compensate, a1);
     if (t == 0) {
       scale[r0] = a0;
       scale[r1] = a1;
@@ -1224,8 +1180,8 @@ __global__ void __launch_bounds__(kStagedThreads, 2) sparsify_staged_kernel(
                      quantize_pair<kBf16>(k1.z, inv1) | (quantize_pair<kBf16>(k1.w, inv1) << 16));
     }
   } else {
-    const float s0 = scale != nullptr ? token_scale_of(dense0, kept0) : 1.f;
-    const float s1 = scale != nullptr ? token_scale_of(dense1, kept1) : 1.f;
+    const float s0 = scale != nullptr ? token_scale_of(stats.dense0, stats.kept0) : 1.f;
+    const float s1 = scale != nullptr ? token_scale_of(stats.dense1, stats.kept1) : 1.f;
     if (scale != nullptr && t == 0) {
       scale[r0] = s0;
       scale[r1] = s1;
@@ -1312,7 +1268,7 @@ __global__ void __launch_bounds__(256, 2) sparsify_fp8_kernel(
   constexpr int kStride = int(Fp8RowPair<kSplit>::kStride);
   uint4* staged = fp8_staged_kept + pair.pair_in_block * 8 * chunks;
 
-  Fp8PairStats stats;
+  PairStats stats;
 #pragma unroll 1
   for (int c = first; c < chunks; c += kStride) {
     uint32_t codes0[2], codes1[2];
@@ -1353,7 +1309,7 @@ __global__ void __launch_bounds__(256) sparsify_fp8_two_pass_kernel(
   const int64_t chunks = cols / 64;
   constexpr int64_t kStride = Fp8RowPair<kSplit>::kStride;
 
-  Fp8PairStats stats;
+  PairStats stats;
   for (int64_t c = pair.first; c < chunks; c += kStride) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -1364,7 +1320,7 @@ __global__ void __launch_bounds__(256) sparsify_fp8_two_pass_kernel(
   }
   const float2 inv = finish_pair_stats<kBf16>(pair, stats, token_scale, compensate);
 
-  Fp8PairStats unused;
+  PairStats unused;
   for (int64_t c = pair.first; c < chunks; c += kStride) {
     uint32_t codes0[2], codes1[2];
 #pragma unroll
