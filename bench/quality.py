@@ -39,6 +39,9 @@ RESULTS = BENCH / "results"
 SPARSE_ONLY = LynxConfig(compensate=False, backend="reference", min_tokens=1)
 COMPENSATED = LynxConfig(compensate=True, backend="reference", min_tokens=1)
 COMPENSATED_FP8 = LynxConfig(compensate=True, backend="reference", min_tokens=1, precision="fp8")
+# fp8 with the layers kept dense left in the model's dtype (the node's fp8_dense_layers off).
+COMPENSATED_FP8_SPARSE_ONLY = LynxConfig(compensate=True, backend="reference", min_tokens=1, precision="fp8",
+                                         fp8_dense_layers=False)
 LAYER_KINDS = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "mlp.0": r"mlp\.0", "mlp.2": r"mlp\.2",
                "linear1": r"linear1", "linear2": r"linear2"}
 
@@ -63,7 +66,7 @@ def measured_plan(dit, plan, errors: LayerErrors):
     modules = dict(dit.named_modules())
     hooks = [modules[name].register_forward_hook(
         lambda module, args, y, name=name: errors.add(name, y, F.linear(args[0], module.weight, module.bias)))
-        for name in plan.forwards]
+        for name in plan.installed_forwards]
     try:
         with installed(dit, plan):
             yield
@@ -144,9 +147,14 @@ def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
     grid_rows.append(images)
     # fp8 precision (the same math the fast fp8 path computes): table rows only, not in the grid.
     plan_fp8 = plan_model(dit, COMPENSATED_FP8)
-    for name, plan in (("Lynx 2:4 fp8 + norm compensation", plan_fp8),
-                       (f"Lynx 2:4 fp8 + compensation + LoRA r{rank} (calibrated in bf16)",
-                        attach_lora(plan_fp8, loras[rank], 1.0))):
+    no_layer_sparse = SelectionOptions(include="^$")   # every block linear kept dense, so all in fp8
+    for name, plan in (("Lynx 2:4 fp8 + norm compensation, kept-dense layers in bf16",
+                        plan_model(dit, COMPENSATED_FP8_SPARSE_ONLY)),
+                       ("Lynx 2:4 fp8 + norm compensation, kept-dense layers in fp8 (the default)", plan_fp8),
+                       (f"Lynx 2:4 fp8 (default) + compensation + LoRA r{rank} (calibrated in bf16)",
+                        attach_lora(plan_fp8, loras[rank], 1.0)),
+                       ("fp8 only: every block linear dense e4m3, no 2:4", plan_model(dit, COMPENSATED_FP8,
+                                                                                    no_layer_sparse))):
         errors = LayerErrors()
         with measured_plan(dit, plan, errors):
             images = euler_sample(flow, labels, noise, steps)

@@ -62,6 +62,17 @@ def make_input(kind: str, rows: int, cols: int, dtype, generator, device="cuda",
     return x
 
 
+def fp8_linear_case(dtype, kind, rows, k, n, generator, bias=True):
+    """(x, w, b, wq, w_scale) for an fp8 linear test: x of an input family, W scaled to unit output
+    variance, quantize_weight_fp8(W)."""
+    from rt_lynx_pack.kernels.reference import quantize_weight_fp8
+    x = make_input(kind, rows, k, dtype, generator)
+    w = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=generator, device="cuda").to(dtype) if bias else None
+    wq, w_scale = quantize_weight_fp8(w)
+    return x, w, b, wq, w_scale
+
+
 def metadata_byte_index(rows_padded: int, cols: int, device):
     """(byte index, nibble shift) of every (row, group) in the 16-bit compressed metadata."""
     r = torch.arange(rows_padded, device=device)[:, None]

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from rt_lynx_pack.kernels import dense_linear_fp8
-from rt_lynx_pack.kernels.reference import dense_linear_fp8_reference, quantize_rows_fp8, quantize_weight_fp8
+from rt_lynx_pack.kernels.reference import dense_linear_fp8_reference, quantize_rows_fp8
 from rt_lynx_pack.lynx import LynxConfig
 from rt_lynx_pack.lynx.linear import fp8_dense_linear
 
-from kernel_helpers import INPUT_KINDS, make_input, poison_allocator, relative_error, require_fast_path
+from kernel_helpers import (INPUT_KINDS, fp8_linear_case, make_input, poison_allocator, relative_error,
+                            require_fast_path)
 
 EXACT_Q_TOLERANCE = 5e-3
 VS_16BIT_TOLERANCE = 8e-2
@@ -57,14 +58,6 @@ def test_strided_and_misaligned_rows(fp8_dense, generator, dtype):
     _check_rows(wide.view(-1)[1:1 + 49 * 3072].view(49, 3072))   # misaligned: copied first
 
 
-def _linear_case(dtype, kind, rows, k, n, generator, bias=True):
-    x = make_input(kind, rows, k, dtype, generator)
-    w = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
-    b = torch.randn(n, generator=generator, device="cuda").to(dtype) if bias else None
-    wq, w_scale = quantize_weight_fp8(w)
-    return x, w, b, wq, w_scale
-
-
 def _check_linear(fp8_dense, x, w, b, wq, w_scale):
     poison_allocator(x.numel() * 2 + x.shape[0] * wq.shape[0] * 2)
     y = fp8_dense.dense_linear_fp8(x, wq, w_scale, b)
@@ -80,7 +73,7 @@ def _check_linear(fp8_dense, x, w, b, wq, w_scale):
 
 @pytest.mark.parametrize("rows,k,n", [(4608, 15360, 3072), (4096, 3072, 9216), (512, 12288, 3072)])
 def test_dense_linear_fp8_on_model_shapes(fp8_dense, generator, rows, k, n):
-    _check_linear(fp8_dense, *_linear_case(torch.bfloat16, "randn", rows, k, n, generator))
+    _check_linear(fp8_dense, *fp8_linear_case(torch.bfloat16, "randn", rows, k, n, generator))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -88,11 +81,11 @@ def test_dense_linear_fp8_on_model_shapes(fp8_dense, generator, rows, k, n):
 @pytest.mark.parametrize("rows", [1, 7, 63, 4097])
 @pytest.mark.parametrize("bias", [True, False])
 def test_dense_linear_fp8_odd_rows_heavy_tails_and_dtypes(fp8_dense, generator, dtype, kind, rows, bias):
-    _check_linear(fp8_dense, *_linear_case(dtype, kind, rows, 3072, 3072, generator, bias))
+    _check_linear(fp8_dense, *fp8_linear_case(dtype, kind, rows, 3072, 3072, generator, bias))
 
 
 def test_lynx_layer_compiles_without_graph_break(fp8_dense, generator):
-    x, w, b, wq, w_scale = _linear_case(torch.bfloat16, "randn", 300, 3072, 3072, generator)
+    x, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 300, 3072, 3072, generator)
     config = LynxConfig(precision="fp8", backend="cuda")
 
     def block(t):
@@ -104,7 +97,7 @@ def test_lynx_layer_compiles_without_graph_break(fp8_dense, generator):
 
 
 def test_unsupported_inputs_fall_back_or_fail_clearly(fp8_dense, generator):
-    x, w, b, wq, w_scale = _linear_case(torch.bfloat16, "randn", 40, 40960, 64, generator)
+    x, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 40, 40960, 64, generator)
     # A row longer than the quantise pass holds: the reference on "auto", an error on "cuda".
     assert torch.equal(dense_linear_fp8(x, wq, w_scale, b), dense_linear_fp8_reference(x, wq, w_scale, b))
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):

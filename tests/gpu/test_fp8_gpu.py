@@ -17,7 +17,7 @@ from rt_lynx_pack.kernels.reference import (quantize_weight_fp8, sparse_linear_f
                                             sparsify_quantize_fp8)
 
 from kernel_helpers import padded
-from kernel_helpers import (FLUX_SHAPES, fp32_lynx, make_input, poison_allocator,
+from kernel_helpers import (FLUX_SHAPES, fp8_linear_case, fp32_lynx, make_input, poison_allocator,
                             relative_error, require_fast_path)
 
 EXACT_Q_TOLERANCE = 5e-3
@@ -146,14 +146,6 @@ def test_sparse_mm_fp8_alone_matches_fp32_product(fp8, generator, dtype):
     assert relative_error(d, want) < EXACT_Q_TOLERANCE
 
 
-def _linear_case(dtype, kind, rows, k, n, generator, bias=True):
-    x = make_input(kind, rows, k, dtype, generator)
-    w = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
-    b = torch.randn(n, generator=generator, device="cuda").to(dtype) if bias else None
-    wq, w_scale = quantize_weight_fp8(w)
-    return x, w, b, wq, w_scale
-
-
 def _check_linear(fp8, x, w, b, wq, w_scale, compensate=True):
     rows, n = x.shape[0], wq.shape[0]
     poison_allocator((padded(rows) * x.shape[1] + 2 * padded(rows) * n) * 2)
@@ -169,7 +161,7 @@ def _check_linear(fp8, x, w, b, wq, w_scale, compensate=True):
 
 @pytest.mark.parametrize("rows,k,n", FLUX_SHAPES)
 def test_sparse_linear_fp8_flux_shapes(fp8, generator, rows, k, n):
-    x, w, b, wq, w_scale = _linear_case(torch.bfloat16, "randn", rows, k, n, generator)
+    x, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", rows, k, n, generator)
     y = _check_linear(fp8, x, w, b, wq, w_scale)
     # Against the 16-bit Lynx path and its fp32 math (same sparsified input, no quantisation).
     y16 = torch.ops.rt_lynx.sparse_linear(x, w, b, True)
@@ -183,7 +175,7 @@ def test_sparse_linear_fp8_flux_shapes(fp8, generator, rows, k, n):
 @pytest.mark.parametrize("kind", ["randn", "cubed", "student_t", "tied", "zero_rows"])
 @pytest.mark.parametrize("rows", ODD_ROWS)
 def test_sparse_linear_fp8_odd_rows_and_heavy_tails(fp8, generator, dtype, kind, rows):
-    x, w, b, wq, w_scale = _linear_case(dtype, kind, rows, 1024, 512, generator)
+    x, w, b, wq, w_scale = fp8_linear_case(dtype, kind, rows, 1024, 512, generator)
     y = _check_linear(fp8, x, w, b, wq, w_scale)
     error32 = relative_error(y, fp32_lynx(x, w, b, True))
     print(f"{kind} M={rows} {dtype}: fp8 vs fp32 Lynx {error32:.2e}")
@@ -193,12 +185,12 @@ def test_sparse_linear_fp8_odd_rows_and_heavy_tails(fp8, generator, dtype, kind,
 @pytest.mark.parametrize("compensate", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 def test_sparse_linear_fp8_bias_and_compensation_flags(fp8, generator, compensate, bias):
-    x, w, b, wq, w_scale = _linear_case(torch.float16, "cubed", 333, 3072, 3072, generator, bias)
+    x, w, b, wq, w_scale = fp8_linear_case(torch.float16, "cubed", 333, 3072, 3072, generator, bias)
     _check_linear(fp8, x, w, b, wq, w_scale, compensate)
 
 
 def test_fp8_bias_in_fp32_is_added_per_feature(fp8, generator):
-    x, w, _, wq, w_scale = _linear_case(torch.bfloat16, "randn", 256, 1024, 256, generator)
+    x, w, _, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 256, 1024, 256, generator)
     b = torch.arange(256, device="cuda", dtype=torch.float32) * 0.01  # a per-feature ramp
     _check_linear(fp8, x, w, b, wq, w_scale)
     # A bias on the token axis (cuSPARSELt's own) would leave a different column mean.
@@ -219,7 +211,7 @@ def test_fp8_epilogue_op_matches_fp32_math(fp8, generator):
 
 
 def test_torch_compile_fullgraph(fp8, generator):
-    x, w, b, wq, w_scale = _linear_case(torch.bfloat16, "randn", 300, 3072, 3072, generator)
+    x, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 300, 3072, 3072, generator)
 
     def block(t):
         return F.gelu(fp8.sparse_linear_fp8(t, wq, w_scale, b, True)) * 2
@@ -230,7 +222,7 @@ def test_torch_compile_fullgraph(fp8, generator):
 
 
 def test_cuda_graph_replay_matches_eager(fp8, generator):
-    x, w, b, wq, w_scale = _linear_case(torch.bfloat16, "randn", 512, 3072, 3072, generator)
+    x, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 512, 3072, 3072, generator)
     first = fp8.sparse_linear_fp8(x, wq, w_scale, b, True)  # plan searched outside capture
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
@@ -248,7 +240,7 @@ def test_cuda_graph_replay_matches_eager(fp8, generator):
 
 
 def test_bad_inputs_give_clear_errors(fp8, generator):
-    x, w, b, wq, w_scale = _linear_case(torch.bfloat16, "randn", 64, 256, 64, generator)
+    x, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 64, 256, 64, generator)
     with pytest.raises(RuntimeError, match="float8_e4m3fn"):
         torch.ops.rt_lynx.sparse_linear_fp8(x, w, w_scale, b, True)
     with pytest.raises(RuntimeError, match="w_scale"):
