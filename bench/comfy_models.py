@@ -72,12 +72,14 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     scales 1, other vectors N(0, 0.02). In place, on the module's device."""
     torch.manual_seed(seed)
     for name, param in module.named_parameters():
-        if param.ndim >= 2:
-            param.normal_(0, param[0].numel() ** -0.5)
-        elif name.endswith(".scale") or ("norm" in name and name.endswith(".weight")):
+        if param.ndim < 2 and (name.endswith(".scale") or ("norm" in name and name.endswith(".weight"))):
             param.fill_(1.0)
+            continue
+        std = param[0].numel() ** -0.5 if param.ndim >= 2 else 0.02
+        if param.dtype.itemsize == 1:   # fp8 weights: no normal_ for them, drawn in fp32 and stored
+            param.copy_(torch.empty(param.shape, device=param.device).normal_(0, std))
         else:
-            param.normal_(0, 0.02)
+            param.normal_(0, std)
     return module
 
 

@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="eager: rounds in which dense and Lynx take turns")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="RT-Lynx Sparsify Model precision")
+    p.add_argument("--weights", default="bf16", choices=["bf16", "fp8_e4m3fn"],
+                   help="stored weight dtype (UNETLoader's weight_dtype); fp8 weights compute in bf16 (ComfyUI casts)")
     p.add_argument("--no-fp8-dense-layers", action="store_true",
                    help="with --precision fp8: the layers kept dense stay in bf16 (the node's fp8_dense_layers off)")
     p.add_argument("--tiny", action="store_true", help="1 double + 1 single block (Qwen: 1 block), small latent")
@@ -203,10 +205,11 @@ def run_model(arch, args, dev, rows, samples, notes):
     from rt_lynx_pack.nodes.comfy_glue import installed_plan
 
     dtype = torch.bfloat16 if dev.cuda else torch.float32
+    weight_dtype = torch.float8_e4m3fn if args.weights == "fp8_e4m3fn" else dtype
     start = time.perf_counter()
-    dense = build_model(arch, blocks=TINY_BLOCKS[arch] if args.tiny else None, device=dev.device, dtype=dtype)
+    dense = build_model(arch, blocks=TINY_BLOCKS[arch] if args.tiny else None, device=dev.device, dtype=weight_dtype)
     params = sum(p.numel() for p in dense.model.diffusion_model.parameters())
-    log(f"[{arch}] built {params / 1e9:.2f} B params ({dtype}) in {time.perf_counter() - start:.1f} s, "
+    log(f"[{arch}] built {params / 1e9:.2f} B params ({weight_dtype}) in {time.perf_counter() - start:.1f} s, "
         f"allocated {dev.allocated_gb():.1f} GB")
     lynx = lynx_clone(dense, args.precision, not args.no_fp8_dense_layers)
     notes[arch] = installed_plan(lynx).summary(dev.device)
@@ -356,7 +359,7 @@ def main(argv=None):
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "gpu": dev.name, "torch": torch.__version__,
             "cuda": torch.version.cuda, "comfyui": comfyui_version.__version__, "commit": git_commit(),
-            "dtype": "bf16" if dev.cuda else "fp32", "compile_backend": args.compile_backend, "tiny": args.tiny,
+            "dtype": args.weights if dev.cuda else "fp32", "compile_backend": args.compile_backend, "tiny": args.tiny,
             "args": {k: v for k, v in vars(args).items() if k != "out"}}
     text = markdown(meta, rows, samples, notes, calibrations)
     log("\n" + text)

@@ -70,20 +70,35 @@ class LynxLinearForward:
         self.fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_weight is not None and not self.runtime.dense and self.config.runs_sparse(x):
+            # The e4m3 weight is ready: only the bias is needed, not the provider's cast of the weight
+            # (an fp8 checkpoint's weight would be cast to 16 bits on every call for nothing).
+            return self._product(x, self.module.weight, self.module.bias)
         weight, bias, release = self.weights(self.module, x)
-        if self.sparse:
-            y = lynx_linear(x, weight, bias, self.config, self.lora, dense=self.runtime.dense,
-                            fp8_weight=self.fp8_weight)
-        else:
-            y = fp8_dense_linear(x, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight)
+        y = self._product(x, weight, bias)
         if release is not None:
             release()
         return y
 
-    def prepare_fp8(self, weight: torch.Tensor) -> None:
-        """Quantise `weight` (what this layer computes with, on its compute device) ahead of time."""
-        if self.config.precision == "fp8":
-            self.fp8_weight = quantize_weight_fp8(weight.detach())
+    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.sparse:
+            return lynx_linear(x, weight, bias, self.config, self.lora, dense=self.runtime.dense,
+                               fp8_weight=self.fp8_weight)
+        return fp8_dense_linear(x, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight)
+
+    def prepare_fp8(self, weight: torch.Tensor, weight_scale: torch.Tensor | None = None) -> None:
+        """Make the e4m3 weight ahead of time from what this layer computes with, weight * weight_scale
+        (a per-tensor scale, as scaled fp8 checkpoints store), on its compute device. A weight stored
+        in e4m3 is taken as it is, its scale as every channel's: no copy, no second rounding."""
+        if self.config.precision != "fp8":
+            return
+        weight = weight.detach()
+        if weight.dtype == torch.float8_e4m3fn and weight.is_contiguous():
+            scale = torch.ones((), device=weight.device) if weight_scale is None else weight_scale.detach()
+            self.fp8_weight = weight, scale.float().reshape(1).expand(weight.shape[0]).contiguous()
+        else:
+            scaled = weight if weight_scale is None else weight.float() * weight_scale.float()
+            self.fp8_weight = quantize_weight_fp8(scaled)
 
     def release_fp8(self) -> None:
         self.fp8_weight = None

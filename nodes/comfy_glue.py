@@ -11,8 +11,9 @@
 - Per-run state is made before each sampling run (ON_PRE_RUN; ON_LOAD does not fire when a clone
   reuses weights already in place) and dropped when the model is detached (ON_DETACH): the Lynx
   LoRA factors on the compute device, and with fp8 precision each layer's quantised weight, made
-  after ComfyUI has loaded and LoRA-patched it (layers left in lowvram mode, whose weight is cast
-  per call, quantise per call). Made in eager code, so a compiled model only reads them.
+  after ComfyUI has loaded and LoRA-patched it (an fp8 checkpoint's e4m3 weight is taken as
+  stored; layers offloaded by lowvram or patched per call quantise per call). Made in eager code,
+  so a compiled model only reads them.
 
 ComfyUI is imported only inside functions: importing the pack must not need it.
 """
@@ -69,6 +70,14 @@ def _apply_weight_scale(module, weight, dtype):
     return weight.to(dtype) * scale.to(device=weight.device, dtype=dtype)
 
 
+def _weight_in_place(module, device) -> bool:
+    """Whether the stored weight is what the layer computes with, on `device`, for the whole run:
+    loaded there (not offloaded by lowvram) and not patched per call (LoRA weight functions). ComfyUI
+    may still cast it per call (an fp8 checkpoint computed in bf16); the fp8 product does not need that."""
+    return (module.weight.device == torch.device(device) and len(module.weight_function) == 0
+            and len(module.bias_function) == 0)
+
+
 def _casts_per_call(module) -> bool:
     """Whether ComfyUI casts or patches this layer's weight on every call (lowvram, LoRA weight
     functions), as its own Linear.forward decides."""
@@ -85,10 +94,10 @@ def _run_state_callbacks(plan: LynxPlan):
             if plan.config.precision != "fp8":
                 continue
             module = forward.module
-            if _casts_per_call(module):
-                forward.release_fp8()
+            if _weight_in_place(module, patcher.load_device):
+                forward.prepare_fp8(module.weight, getattr(module, "scale_weight", None))
             else:
-                forward.prepare_fp8(_apply_weight_scale(module, module.weight, torch.float32))
+                forward.release_fp8()
 
     def on_detach(patcher, *args, **kwargs):
         for forward in plan.installed_forwards.values():

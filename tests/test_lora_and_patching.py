@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 from helpers import flux_like_shapes, qwen_image_like_shapes, tree_from_linears
 from rt_lynx_pack.lynx import (LynxConfig, LynxLinearForward, LynxLoRA, LynxLoRAMismatch, LynxRuntime, PACK_VERSION,
                                attach_lora, installed, load_lynx_lora, plan_model, save_lynx_lora)
+from rt_lynx_pack.kernels import quantize_weight_fp8
 from rt_lynx_pack.lynx.tiny_dit import TinyDiTConfig, TinyFluxDiT, random_inputs
 
 
@@ -190,6 +191,38 @@ def test_fp8_plan_runs_the_layers_it_keeps_dense_in_fp8(tiny):
     assert all(f.lora is not None for f in with_lora.forwards.values())
     with pytest.raises(ValueError, match="only patched for its fp8 product"):
         LynxLinearForward(module, name, LynxConfig(), LynxRuntime(), sparse=False)
+
+
+def test_fp8_weight_stored_in_e4m3_is_taken_as_is_and_not_cast_per_call():
+    from rt_lynx_pack.kernels import sparse_linear_fp8_reference
+    g = torch.Generator().manual_seed(4)
+    module = torch.nn.Linear(128, 64)
+    weight8 = (torch.randn(64, 128, generator=g) * 40).to(torch.float8_e4m3fn)   # an fp8 checkpoint's weight
+    scale = torch.tensor(0.02)
+    calls = []
+
+    def provider(mod, x):   # what ComfyUI's cast would hand over: the weight in 16 bits, per call
+        calls.append(1)
+        return weight8.float() * scale, mod.bias, None
+
+    config = LynxConfig(precision="fp8", min_tokens=4)
+    forward = LynxLinearForward(module, "layer", config, LynxRuntime(), weights=provider)
+    forward.prepare_fp8(weight8, scale)
+    wq, w_scale = forward.fp8_weight
+    assert wq.data_ptr() == weight8.data_ptr() and torch.equal(w_scale, torch.full((64,), 0.02))
+    x = torch.randn(2, 10, 128, generator=g)
+    with torch.no_grad():
+        y = forward(x)
+    assert not calls   # the e4m3 weight is ready: no cast of the weight
+    want = sparse_linear_fp8_reference(x.reshape(-1, 128), weight8, w_scale, module.bias.detach(), True)
+    assert torch.equal(y, want.reshape(2, 10, 64))
+    with torch.no_grad():
+        forward(x[:, :2])   # below min_tokens: the model's own product, through the provider
+    assert calls == [1]
+    # A 16-bit weight with a per-tensor scale is quantised per channel from weight * scale.
+    forward.prepare_fp8(module.weight, scale)
+    assert torch.equal(forward.fp8_weight[0].view(torch.uint8),
+                       quantize_weight_fp8(module.weight.detach().float() * 0.02)[0].view(torch.uint8))
 
 
 def test_fp8_dense_layers_need_a_shape_the_fp8_gemm_takes():

@@ -130,3 +130,11 @@ def test_fp8_weights_sample_with_lynx_close_to_dense():
     assert 0 < fp8_error < 0.2 and 0 < lynx_error < 0.5
     # Both together stay within the sum of the two, with slack for their interaction.
     assert relative_error(lynx8, dense32) < 1.5 * (fp8_error + lynx_error)
+    # fp8 precision takes the stored e4m3 weights as they are (no copy), sparse and kept-dense layers.
+    lynx8_fp8 = sparsify(fp8, precision="fp8")
+    out = sample(lynx8_fp8, **kwargs)
+    forwards = lynx8_fp8.get_attachment("rt_lynx").installed_forwards
+    assert {name for name, f in forwards.items()
+            if f.fp8_weight is not None and f.fp8_weight[0].data_ptr() == f.module.weight.data_ptr()} == forwards.keys()
+    assert torch.isfinite(out).all()
+    assert relative_error(out, dense32) < 1.5 * (fp8_error + lynx_error) + 0.05
