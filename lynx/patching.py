@@ -2,9 +2,9 @@
 
 A `LynxPlan` holds, per selected layer, a `LynxLinearForward`: a callable that replaces that
 module's `forward` and computes with the module's own weight and bias. With precision fp8 the
-layers the selection keeps dense get one too, computing the dense e4m3 product. ComfyUI installs these
-through ModelPatcher object patches (so they live on a clone and are undone on unpatch);
-outside ComfyUI `installed(plan)` installs them for the duration of a `with` block.
+layers the selection keeps dense get one too, computing the dense e4m3 product. ComfyUI
+installs these through ModelPatcher object patches (so they live on a clone and are undone on
+unpatch); outside ComfyUI `installed(plan)` installs them for the duration of a `with` block.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
