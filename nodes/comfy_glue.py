@@ -74,8 +74,14 @@ def _weight_in_place(module, device) -> bool:
     """Whether the stored weight is what the layer computes with, on `device`, for the whole run:
     loaded there (not offloaded by lowvram) and not patched per call (LoRA weight functions). ComfyUI
     may still cast it per call (an fp8 checkpoint computed in bf16); the fp8 product does not need that."""
-    return (module.weight.device == torch.device(device) and len(module.weight_function) == 0
+    return (_same_device(module.weight.device, torch.device(device)) and len(module.weight_function) == 0
             and len(module.bias_function) == 0)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # "cuda" without an index (a load device made as torch.device("cuda")) is the current GPU, where
+    # ComfyUI loads the weights; tensors always report their index.
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _casts_per_call(module) -> bool:

@@ -152,3 +152,21 @@ def test_build_error_line_prefers_the_compiler_error():
 def test_every_sm90_source_the_build_names_exists():
     for path in build.SM90_SOURCES + build.SM90_HEADERS + build.SOURCES + build.HEADERS:
         assert pathlib.Path(path).exists(), path
+
+
+@pytest.mark.parametrize("rows", [1, 4608])
+def test_fp8_dense_fake_kernel_gives_the_shapes_the_cuda_op_returns(rows):
+    with FakeTensorMode():
+        q, a = torch.ops.rt_lynx.quantize_rows_fp8(torch.empty(rows, 15360, dtype=torch.bfloat16, device="cuda"))
+    assert q.shape == (rows, 15360) and q.dtype == torch.float8_e4m3fn
+    assert a.shape == (rows, 1) and a.dtype == torch.float32
+
+
+def test_a_load_device_without_index_holds_the_weights_on_the_current_gpu():
+    # ComfyUI's load device may be torch.device("cuda"); weights report cuda:0. Taking them for
+    # different devices would make the fp8 precision requantise every weight on every call.
+    from rt_lynx_pack.nodes.comfy_glue import _same_device
+    assert _same_device(torch.device("cuda", 0), torch.device("cuda"))
+    assert _same_device(torch.device("cuda", 1), torch.device("cuda", 1))
+    assert not _same_device(torch.device("cuda", 0), torch.device("cuda", 1))
+    assert not _same_device(torch.device("cpu"), torch.device("cuda"))
