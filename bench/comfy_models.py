@@ -115,6 +115,8 @@ def build_model(arch: str, blocks=None, device="cuda", dtype=torch.bfloat16, see
     model_config = comfy.model_detection.model_config_from_unet(meta_sd, "")
     assert model_config is not None, f"ComfyUI did not detect the {arch} layout"
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:   # as ComfyUI names its load device: cuda:<index>
+        device = torch.device("cuda", torch.cuda.current_device())
     manual_cast = comfy.model_management.unet_manual_cast(dtype, device, model_config.supported_inference_dtypes)
     model_config.set_inference_dtype(dtype, manual_cast)
     model = model_config.get_model(meta_sd, "", device=device)
