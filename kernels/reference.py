@@ -97,12 +97,9 @@ def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """(wq, w_scale): per-output-channel e4m3 weight, wq[n] = e4m3(W[n] * 448 / max|W[n]|) and
     w_scale[n] = max|W[n]| / 448 (fp32), so W ~ wq * w_scale[:, None]. Run once per weight and
     cache the result (an all-zero row gets scale 0)."""
-    w = weight.float()
-    amax = w.abs().amax(dim=1)
-    inv = torch.where(amax > 0, _e4m3_max_like(amax) / torch.where(amax > 0, amax, torch.ones_like(amax)),
-                      torch.zeros_like(amax))
-    wq = (w * inv[:, None]).to(torch.float8_e4m3fn).contiguous()
-    return wq, (amax / _e4m3_max_like(amax)).contiguous()
+    wq, amax = _quantize_rows_e4m3(weight)
+    amax = amax.reshape(-1)
+    return wq.contiguous(), (amax / _e4m3_max_like(amax)).contiguous()
 
 
 def _e4m3_max_like(t: torch.Tensor) -> torch.Tensor:
@@ -118,7 +115,10 @@ def _quantize_rows_e4m3(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     values = values.float()
     amax = values.abs().amax(dim=-1, keepdim=True)
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    inv = torch.where(amax > 0, _e4m3_max_like(amax) / safe, torch.zeros_like(amax))
+    # Capped at the fp32 maximum: a row whose max is below 448 / that (16-bit subnormals) would
+    # get inf, and a zero entry times inf is NaN.
+    inv = torch.where(amax > 0, (_e4m3_max_like(amax) / safe).clamp(max=torch.finfo(torch.float32).max),
+                      torch.zeros_like(amax))
     return (values * inv).to(torch.float8_e4m3fn), amax
 
 

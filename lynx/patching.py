@@ -70,9 +70,11 @@ class LynxLinearForward:
         self.fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8_weight is not None and not self.runtime.dense and self.config.runs_sparse(x):
+        if (self.fp8_weight is not None and not self.runtime.dense and self.config.runs_sparse(x)
+                and self.module.weight.device == x.device):
             # The e4m3 weight is ready: only the bias is needed, not the provider's cast of the weight
-            # (an fp8 checkpoint's weight would be cast to 16 bits on every call for nothing).
+            # (an fp8 checkpoint's weight would be cast to 16 bits on every call for nothing). A
+            # weight moved off the device since (offloaded) goes through the provider, bias and all.
             return self._product(x, self.module.weight, self.module.bias)
         weight, bias, release = self.weights(self.module, x)
         y = self._product(x, weight, bias)
@@ -88,23 +90,28 @@ class LynxLinearForward:
 
     def prepare_fp8(self, weight: torch.Tensor, weight_scale: torch.Tensor | None = None) -> None:
         """Make the e4m3 weight ahead of time from what this layer computes with, weight * weight_scale
-        (a per-tensor scale, as scaled fp8 checkpoints store), on its compute device. A weight stored
-        in e4m3 is taken as it is, its scale as every channel's: no copy, no second rounding."""
+        (one scale for the tensor, as scaled fp8 checkpoints store, or one per output channel), on its
+        compute device. A weight stored in e4m3 is taken as it is: no copy, no second rounding."""
         if self.config.precision != "fp8":
             return
         weight = weight.detach()
+        out_features = weight.shape[0]
+        scale = torch.ones((), device=weight.device) if weight_scale is None else weight_scale.detach().float()
+        if scale.numel() not in (1, out_features):
+            raise ValueError(f"{self.name}: a weight scale of {scale.numel()} values for {out_features} output "
+                             f"channels; expected one, or one per channel")
+        per_channel = scale.to(weight.device).reshape(-1).expand(out_features)
         if weight.dtype == torch.float8_e4m3fn and weight.is_contiguous():
-            scale = torch.ones((), device=weight.device) if weight_scale is None else weight_scale.detach()
-            self.fp8_weight = weight, scale.float().reshape(1).expand(weight.shape[0]).contiguous()
+            self.fp8_weight = weight, per_channel.contiguous()
         else:
-            scaled = weight if weight_scale is None else weight.float() * weight_scale.float()
+            scaled = weight if weight_scale is None else weight.float() * per_channel[:, None]
             self.fp8_weight = quantize_weight_fp8(scaled)
 
     def release_fp8(self) -> None:
         self.fp8_weight = None
 
     def with_lora(self, lora: LowRankBranch | None) -> "LynxLinearForward":
-        return LynxLinearForward(self.module, self.name, self.config, self.runtime, self.weights, lora)
+        return LynxLinearForward(self.module, self.name, self.config, self.runtime, self.weights, lora, self.sparse)
 
 
 @dataclass

@@ -9,11 +9,12 @@
 - The plan rides along as a ModelPatcher attachment, so "Load Lynx LoRA" can find it.
 - Dense warm-up steps need the step index: an APPLY_MODEL wrapper reads it off the schedule.
 - Per-run state is made before each sampling run (ON_PRE_RUN; ON_LOAD does not fire when a clone
-  reuses weights already in place) and dropped when the model is detached (ON_DETACH): the Lynx
-  LoRA factors on the compute device, and with fp8 precision each layer's quantised weight, made
-  after ComfyUI has loaded and LoRA-patched it (an fp8 checkpoint's e4m3 weight is taken as
-  stored; layers offloaded by lowvram or patched per call quantise per call). Made in eager code,
-  so a compiled model only reads them.
+  reuses weights already in place), again when hook LoRAs rewrite weights (ON_APPLY_HOOKS), and
+  dropped when the model is detached (ON_DETACH): the Lynx LoRA factors on the compute device,
+  and with fp8 precision each layer's quantised weight, made after ComfyUI has loaded and
+  LoRA-patched it (an fp8 checkpoint's e4m3 weight is taken as stored once a check on three rows
+  shows its scale is complete; layers offloaded by lowvram or patched per call quantise per
+  call). Made in eager code, so a compiled model only reads them.
 
 ComfyUI is imported only inside functions: importing the pack must not need it.
 """
@@ -91,26 +92,69 @@ def _casts_per_call(module) -> bool:
 
 
 def _run_state_callbacks(plan: LynxPlan):
+    def prepare_fp8_weights(patcher):
+        compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+        for forward in plan.installed_forwards.values():
+            module = forward.module
+            if not _weight_in_place(module, patcher.load_device):
+                forward.release_fp8()
+                continue
+            scale = getattr(module, "scale_weight", None)
+            if module.weight.dtype == torch.float8_e4m3fn and not _stored_scale_is_complete(module, scale,
+                                                                                              compute_dtype):
+                # Stored fp8 with a scale kept elsewhere than scale_weight: quantise what the layer
+                # computes with instead of trusting the stored bytes.
+                log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; "
+                         f"requantising it")
+                weight, _, release = comfy_linear_weights(module, _probe(module, compute_dtype))
+                forward.prepare_fp8(weight)
+                if release is not None:
+                    release()
+            else:
+                forward.prepare_fp8(module.weight, scale)
+
     def on_pre_run(patcher, *args, **kwargs):
-        model = patcher.model
-        compute_dtype = model.manual_cast_dtype or model.get_dtype()
+        compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
         for forward in plan.installed_forwards.values():
             if forward.lora is not None:
                 forward.lora.prepare(patcher.load_device, compute_dtype, plan.config)
-            if plan.config.precision != "fp8":
-                continue
-            module = forward.module
-            if _weight_in_place(module, patcher.load_device):
-                forward.prepare_fp8(module.weight, getattr(module, "scale_weight", None))
-            else:
-                forward.release_fp8()
+        if plan.config.precision == "fp8":
+            prepare_fp8_weights(patcher)
+
+    def on_apply_hooks(patcher, *args, **kwargs):
+        # Hook LoRAs (scheduled weight patches) rewrite the weights in place during sampling.
+        if plan.config.precision == "fp8":
+            prepare_fp8_weights(patcher)
 
     def on_detach(patcher, *args, **kwargs):
         for forward in plan.installed_forwards.values():
             forward.release_fp8()
             if forward.lora is not None:
                 forward.lora.release()
-    return on_pre_run, on_detach
+    return on_pre_run, on_apply_hooks, on_detach
+
+
+def _probe(module, dtype):
+    return torch.zeros(1, module.in_features, dtype=dtype, device=module.weight.device)
+
+
+def _stored_scale_is_complete(module, scale, compute_dtype) -> bool:
+    """Whether the stored e4m3 weight times `scale` (one value, one per channel, or None for 1) is
+    what ComfyUI's cast gives for this layer, checked on three rows."""
+    out_features = module.weight.shape[0]
+    if scale is not None and scale.numel() not in (1, out_features):
+        return False
+    computed, _, release = comfy_linear_weights(module, _probe(module, compute_dtype))
+    rows = torch.tensor(sorted({0, out_features // 2, out_features - 1}), device=module.weight.device)
+    factor = 1.0 if scale is None else scale.detach().float().to(module.weight.device).reshape(-1, 1)
+    if torch.is_tensor(factor) and factor.numel() > 1:
+        factor = factor[rows]
+    expected = module.weight.detach()[rows].float() * factor
+    got = computed.detach()[rows].float()
+    if release is not None:
+        release()
+    tolerance = 1e-2 * expected.abs().amax().clamp_min(1e-30)
+    return bool(((got - expected).abs() <= tolerance).all())
 
 
 def _sampling_step_wrapper(runtime: LynxRuntime):
@@ -143,11 +187,12 @@ def install_plan(model, plan: LynxPlan):
     patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     if plan.runtime.dense_warmup_steps:
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, _sampling_step_wrapper(plan.runtime))
-    for call_type in (CallbacksMP.ON_PRE_RUN, CallbacksMP.ON_DETACH):
+    for call_type in (CallbacksMP.ON_PRE_RUN, CallbacksMP.ON_APPLY_HOOKS, CallbacksMP.ON_DETACH):
         patched.remove_callbacks_with_key(call_type, CALLBACK_KEY)
     if plan.config.precision == "fp8" or any(f.lora is not None for f in plan.forwards.values()):
-        on_pre_run, on_detach = _run_state_callbacks(plan)
+        on_pre_run, on_apply_hooks, on_detach = _run_state_callbacks(plan)
         patched.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, on_pre_run)
+        patched.add_callback_with_key(CallbacksMP.ON_APPLY_HOOKS, CALLBACK_KEY, on_apply_hooks)
         patched.add_callback_with_key(CallbacksMP.ON_DETACH, CALLBACK_KEY, on_detach)
     return patched
 

@@ -106,6 +106,18 @@ def test_fp8_rows_of_dense_layers_keep_each_token_within_e4m3_rounding():
     assert ((q.float() * a - xb).abs() <= torch.maximum(xb.abs() * 2 ** -4, a * 2 ** -10) * (1 + 1e-6)).all()
 
 
+def test_fp8_quantisation_of_a_row_of_subnormals_stays_finite():
+    from rt_lynx_pack.kernels.reference import quantize_rows_fp8, quantize_weight_fp8, sparsify_quantize_fp8
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    x[0, :4] = 1e-38   # a 16-bit subnormal max: 448 / max overflows fp32
+    x[1, 5] = -3.0
+    for q, a in (quantize_rows_fp8(x), sparsify_quantize_fp8(x, True), quantize_weight_fp8(x)):
+        assert not q.float().isnan().any() and torch.isfinite(a).all()
+    q, a = quantize_rows_fp8(x)
+    assert (q[0].float() * a[0]).abs().max() <= 1e-38   # the tiny row stays tiny (its scale is capped)
+    assert torch.allclose(q[1].float() * a[1], x[1].float(), rtol=2 ** -4, atol=0)
+
+
 def test_fp8_dense_linear_computes_the_dense_fp8_reference():
     from rt_lynx_pack.kernels import dense_linear_fp8_reference, quantize_weight_fp8
     from rt_lynx_pack.lynx.linear import fp8_dense_linear

@@ -225,6 +225,17 @@ def test_fp8_weight_stored_in_e4m3_is_taken_as_is_and_not_cast_per_call():
                        quantize_weight_fp8(module.weight.detach().float() * 0.02)[0].view(torch.uint8))
 
 
+def test_fp8_weight_scales_are_one_per_tensor_or_per_channel():
+    module = torch.nn.Linear(64, 32)
+    forward = LynxLinearForward(module, "layer", LynxConfig(precision="fp8"), LynxRuntime())
+    weight8 = torch.randn(32, 64).to(torch.float8_e4m3fn)
+    per_channel = torch.rand(32) + 0.5
+    forward.prepare_fp8(weight8, per_channel)
+    assert forward.fp8_weight[0] is not None and torch.equal(forward.fp8_weight[1], per_channel)
+    with pytest.raises(ValueError, match="a weight scale of 4 values for 32 output channels"):
+        forward.prepare_fp8(weight8, torch.ones(4))
+
+
 def test_fp8_dense_layers_need_a_shape_the_fp8_gemm_takes():
     from rt_lynx_pack.kernels import fp8_dense_shape_supported
     assert fp8_dense_shape_supported(15360, 3072) and fp8_dense_shape_supported(320, 64)

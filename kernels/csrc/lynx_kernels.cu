@@ -15,6 +15,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <atomic>
 
 namespace rt_lynx {
@@ -1049,6 +1050,13 @@ __device__ __forceinline__ void store_pair_metadata(const Fp8RowPair<kSplit>& pa
   }
 }
 
+// 448 / m, the factor that maps a row's largest |value| m onto e4m3's largest finite value; 0 for
+// a zero row. Capped at FLT_MAX: for m below 448 / FLT_MAX (16-bit subnormals) the quotient is
+// inf, and a zero entry times inf would be NaN (reference._quantize_rows_e4m3 caps it the same way).
+__device__ __forceinline__ float inverse_scale(float m) {
+  return m > 0.f ? fminf(__fdiv_rn(448.f, m), FLT_MAX) : 0.f;
+}
+
 // One token's quantisation: returns 448 / max|x_kept| (0 for a zero token), which maps the
 // largest kept value onto e4m3's largest finite value, and sets the dequantisation scale
 // a = s * max|x_kept| / 448 (the compensation s cancels in q and only enters a).
@@ -1058,7 +1066,7 @@ __device__ __forceinline__ float fp8_row_scales(float dense_sq, float kept_sq, u
   const float m = bits_to_float<kBf16>(amax_bits);
   const float s = compensate ? token_scale_of(dense_sq, kept_sq) : 1.f;
   dequant_scale = __fdiv_rn(__fmul_rn(s, m), 448.f);
-  return m > 0.f ? __fdiv_rn(448.f, m) : 0.f;
+  return inverse_scale(m);
 }
 
 // Reduces the lanes' stats over the warp, then over the pair's kSplit warps (through shared
@@ -1549,7 +1557,7 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads)
   __syncthreads();
   for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) amax = max(amax, warp_max[w]);
   const float m = bits_to_float<kBf16>(amax);
-  const float inv = m > 0.f ? __fdiv_rn(448.f, m) : 0.f;
+  const float inv = inverse_scale(m);
   if (threadIdx.x == 0) dequant_scale[blockIdx.x] = __fdiv_rn(m, 448.f);
   uint2* q_row = q + static_cast<int64_t>(blockIdx.x) * vecs_per_row;
 #pragma unroll

@@ -138,3 +138,8 @@ def test_fp8_weights_sample_with_lynx_close_to_dense():
             if f.fp8_weight is not None and f.fp8_weight[0].data_ptr() == f.module.weight.data_ptr()} == forwards.keys()
     assert torch.isfinite(out).all()
     assert relative_error(out, dense32) < 1.5 * (fp8_error + lynx_error) + 0.05
+    # The stored bytes are trusted only with the scale ComfyUI's cast applies.
+    from rt_lynx_pack.nodes.comfy_glue import _stored_scale_is_complete
+    assert _stored_scale_is_complete(qkv, None, torch.float32)
+    assert not _stored_scale_is_complete(qkv, torch.tensor(2.0), torch.float32)
+    assert not _stored_scale_is_complete(qkv, torch.ones(5), torch.float32)
