@@ -66,6 +66,8 @@ def main(argv=None) -> None:
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--backend", default="auto", choices=["auto", "cuda", "reference"])
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp8"],
+                        help="fp8: e4m3 products (sparse layers and the ones kept dense)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
 
@@ -77,8 +79,8 @@ def main(argv=None) -> None:
     inputs = random_inputs(config, 1, args.image_tokens, args.text_tokens,
                            torch.Generator().manual_seed(args.seed + 1), device, dtype)
 
-    plan = plan_model(model, LynxConfig(compensate=True, backend=args.backend))
-    plan_plain = plan_model(model, LynxConfig(compensate=False, backend=args.backend))
+    plan = plan_model(model, LynxConfig(compensate=True, backend=args.backend, precision=args.precision))
+    plan_plain = plan_model(model, LynxConfig(compensate=False, backend=args.backend, precision=args.precision))
     print(f"tiny FLUX-structured DiT: hidden {config.hidden}, {config.double_blocks} double + "
           f"{config.single_blocks} single blocks, {args.image_tokens}+{args.text_tokens} tokens, "
           f"{device.type} {str(dtype).removeprefix('torch.')}, seed {args.seed}")

@@ -17,6 +17,17 @@ def test_demo_prints_plan_error_and_timing():
     assert re.search(r"time per forward: dense [\d.]+ ms, RT-Lynx [\d.]+ ms", out)
 
 
+def test_demo_runs_the_fp8_precision():
+    result = subprocess.run([sys.executable, "demo.py", "--image-tokens", "64", "--text-tokens", "16",
+                             "--hidden", "128", "--repeats", "1", "--precision", "fp8"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"sparsified 2:4 fp8 \+ norm compensation, \d+ kept dense \(.*\), \d+ of them in fp8",
+                     result.stdout)
+    errors = re.search(r"sparsify only (\d\.\d+), with norm compensation (\d\.\d+)", result.stdout)
+    assert errors and 0 < float(errors.group(2)) < 1
+
+
 def test_pyproject_version_matches_the_pack():
     from rt_lynx_pack.lynx import PACK_VERSION
     text = (ROOT / "pyproject.toml").read_text()
