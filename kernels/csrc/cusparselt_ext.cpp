@@ -675,9 +675,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_fp8_op(const at::Tensor& x_in) 
           ": x must be a 2-D bfloat16/float16 CUDA tensor with at least one row");
   require(x_in.size(1) >= 16 && x_in.size(1) % 16 == 0 && x_in.size(1) <= kQuantizeMaxCols, op,
           ": in_features must be a multiple of 16 up to ", kQuantizeMaxCols, ", got ", x_in.size(1));
-  const bool aligned = x_in.stride(1) == 1 && x_in.stride(0) % 8 == 0 && x_in.stride(0) >= x_in.size(1) &&
-                       reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 16 == 0;
-  const auto x = aligned ? x_in : x_in.contiguous().clone(at::MemoryFormat::Contiguous);
+  const auto x = with_aligned_rows(x_in);
   const c10::cuda::CUDAGuard guard(x.device());
   auto q = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat8_e4m3fn));
   auto scale = at::empty({x.size(0), 1}, x.options().dtype(at::kFloat));

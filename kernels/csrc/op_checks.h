@@ -22,6 +22,15 @@ inline int64_t fp8_compressed_bytes(int64_t padded_rows, int64_t cols) { return 
 
 inline bool is_supported_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
+// x itself when its 16-bit rows are dense and start on 16-byte boundaries (the kernels' vector
+// loads), else one aligned contiguous copy (contiguous() already copies a strided x).
+inline at::Tensor with_aligned_rows(const at::Tensor& x) {
+  const bool aligned = x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.stride(0) >= x.size(1) &&
+                       reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  if (aligned) return x;
+  return x.is_contiguous() ? x.clone(at::MemoryFormat::Contiguous) : x.contiguous();
+}
+
 // X must be a CUDA 16-bit matrix with K % 64 == 0; rows that are not dense/16-byte aligned are
 // copied (stated fallback), everything else is an error.
 inline at::Tensor checked_activation(const at::Tensor& x, const char* op) {
@@ -32,9 +41,7 @@ inline at::Tensor checked_activation(const at::Tensor& x, const char* op) {
   require(x.size(0) >= 1, op, ": x needs at least one row");
   require(x.size(1) >= 64 && x.size(1) % 64 == 0, op,
               ": in_features must be a positive multiple of 64, got ", x.size(1));
-  const bool aligned = x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.stride(0) >= x.size(1) &&
-                       reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
-  return aligned ? x : x.contiguous().clone(at::MemoryFormat::Contiguous);
+  return with_aligned_rows(x);
 }
 
 inline void check_weight(const at::Tensor& weight, const at::Tensor& x, const char* op) {
