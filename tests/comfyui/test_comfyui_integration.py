@@ -181,6 +181,18 @@ def test_fp8_precision_quantises_weights_on_load_and_drops_them_on_detach(flux):
     fp8_out = sample(lynx_fp8)
     assert all(f.fp8_weight is not None for f in forwards)  # made before the sampling run
     assert torch.isfinite(fp8_out).all() and not torch.equal(fp8_out, bf16_out)
+    # Hook LoRAs rewrite weights in place during sampling: the fp8 weights are made again then.
+    from comfy.patcher_extension import CallbacksMP
+    qkv = plan.forwards[QKV]
+    before = qkv.fp8_weight[1].clone()
+    original = qkv.module.weight.detach().clone()
+    try:
+        qkv.module.weight.data.mul_(2)
+        for callback in lynx_fp8.get_all_callbacks(CallbacksMP.ON_APPLY_HOOKS):
+            callback(lynx_fp8, None)
+        assert torch.allclose(qkv.fp8_weight[1], 2 * before)
+    finally:
+        qkv.module.weight.data.copy_(original)
     sparse_fp8_only = sample(sparsify(flux, precision="fp8", fp8_dense_layers=False))
     assert not torch.equal(sparse_fp8_only, fp8_out)
     dense = sample(flux)  # loading the dense clone detaches the fp8 one
