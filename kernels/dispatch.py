@@ -237,7 +237,7 @@ def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     if requested == "reference":
         choice = BackendChoice("reference", "reference backend requested")
     else:
-        available, why_not = backend_availability(x2d.device, "fp8", "fp8_dense")
+        available, why_not = fp8_dense_availability(x2d.device)
         if available:
             available, why_not = _fp8_dense.supports_fp8_dense(x2d, wq)
         choice = BackendChoice("fp8_dense", "e4m3 dense GEMM") if available else BackendChoice("reference", why_not)

@@ -100,18 +100,20 @@ def _run_state_callbacks(plan: LynxPlan):
                 forward.release_fp8()
                 continue
             scale = getattr(module, "scale_weight", None)
-            if module.weight.dtype == torch.float8_e4m3fn and not _stored_scale_is_complete(module, scale,
-                                                                                              compute_dtype):
+            if module.weight.dtype != torch.float8_e4m3fn:
+                forward.prepare_fp8(module.weight, scale)
+                continue
+            computed, _, release = comfy_linear_weights(module, _probe(module, compute_dtype))
+            if _stored_scale_is_complete(module.weight, scale, computed):
+                forward.prepare_fp8(module.weight, scale)
+            else:
                 # Stored fp8 with a scale kept elsewhere than scale_weight: quantise what the layer
                 # computes with instead of trusting the stored bytes.
                 log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; "
                          f"requantising it")
-                weight, _, release = comfy_linear_weights(module, _probe(module, compute_dtype))
-                forward.prepare_fp8(weight)
-                if release is not None:
-                    release()
-            else:
-                forward.prepare_fp8(module.weight, scale)
+                forward.prepare_fp8(computed)
+            if release is not None:
+                release()
 
     def on_pre_run(patcher, *args, **kwargs):
         compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
@@ -138,21 +140,18 @@ def _probe(module, dtype):
     return torch.zeros(1, module.in_features, dtype=dtype, device=module.weight.device)
 
 
-def _stored_scale_is_complete(module, scale, compute_dtype) -> bool:
+def _stored_scale_is_complete(stored: torch.Tensor, scale, computed: torch.Tensor) -> bool:
     """Whether the stored e4m3 weight times `scale` (one value, one per channel, or None for 1) is
-    what ComfyUI's cast gives for this layer, checked on three rows."""
-    out_features = module.weight.shape[0]
+    `computed`, the weight ComfyUI's cast gives for the layer, checked on three rows."""
+    out_features = stored.shape[0]
     if scale is not None and scale.numel() not in (1, out_features):
         return False
-    computed, _, release = comfy_linear_weights(module, _probe(module, compute_dtype))
-    rows = torch.tensor(sorted({0, out_features // 2, out_features - 1}), device=module.weight.device)
-    factor = 1.0 if scale is None else scale.detach().float().to(module.weight.device).reshape(-1, 1)
+    rows = torch.tensor(sorted({0, out_features // 2, out_features - 1}), device=stored.device)
+    factor = 1.0 if scale is None else scale.detach().float().to(stored.device).reshape(-1, 1)
     if torch.is_tensor(factor) and factor.numel() > 1:
         factor = factor[rows]
-    expected = module.weight.detach()[rows].float() * factor
+    expected = stored.detach()[rows].float() * factor
     got = computed.detach()[rows].float()
-    if release is not None:
-        release()
     tolerance = 1e-2 * expected.abs().amax().clamp_min(1e-30)
     return bool(((got - expected).abs() <= tolerance).all())
 

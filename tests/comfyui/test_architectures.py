@@ -139,7 +139,8 @@ def test_fp8_weights_sample_with_lynx_close_to_dense():
     assert torch.isfinite(out).all()
     assert relative_error(out, dense32) < 1.5 * (fp8_error + lynx_error) + 0.05
     # The stored bytes are trusted only with the scale ComfyUI's cast applies.
-    from rt_lynx_pack.nodes.comfy_glue import _stored_scale_is_complete
-    assert _stored_scale_is_complete(qkv, None, torch.float32)
-    assert not _stored_scale_is_complete(qkv, torch.tensor(2.0), torch.float32)
-    assert not _stored_scale_is_complete(qkv, torch.ones(5), torch.float32)
+    from rt_lynx_pack.nodes.comfy_glue import _probe, _stored_scale_is_complete, comfy_linear_weights
+    computed = comfy_linear_weights(qkv, _probe(qkv, torch.float32))[0]
+    assert _stored_scale_is_complete(qkv.weight, None, computed)
+    assert not _stored_scale_is_complete(qkv.weight, torch.tensor(2.0), computed)
+    assert not _stored_scale_is_complete(qkv.weight, torch.ones(5), computed)
