@@ -19,10 +19,18 @@ python3 - <<'PY' 2>&1 | tee "$OUT/build.log"
 import logging, sys, time
 sys.path.insert(0, "."); logging.basicConfig(level=logging.INFO, format="%(message)s")
 from standalone import load_pack; load_pack()
-from rt_lynx_pack.kernels import build, cusparselt, fp8, sm90
+from rt_lynx_pack.kernels import block_ops, build, cusparselt, fp8, sm90
 import torch
 t = time.monotonic(); print("build:", build.build(verbose=False), f"{time.monotonic() - t:.0f} s")
 for name, check in (("cuSPARSELt", cusparselt.availability), ("cuSPARSELt fp8", fp8.availability_fp8),
-                    ("sm90", sm90.availability_sm90)):
+                    ("sm90", sm90.availability_sm90), ("fused block ops", block_ops.availability_block_ops)):
     t = time.monotonic(); print(f"{name}:", check(torch.device("cuda")), f"{time.monotonic() - t:.1f} s")
 PY
+
+# A device call brings back at most 8 files: past that, the logs travel as one archive (called at
+# the end of each device script; several scripts may run in one call).
+bundle_logs_if_many() {
+  if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ] && ls "$OUT"/*.log >/dev/null 2>&1; then
+    (cd "$OUT" && tar czf "logs-$(date +%H%M%S).tgz" --remove-files ./*.log)
+  fi
+}

@@ -54,6 +54,8 @@ def parse_args(argv=None):
                    help="stored weight dtype (UNETLoader's weight_dtype); fp8 weights compute in bf16 (ComfyUI casts)")
     p.add_argument("--no-fp8-dense-layers", action="store_true",
                    help="with --precision fp8: the layers kept dense stay in bf16 (the node's fp8_dense_layers off)")
+    p.add_argument("--attribution", action="store_true",
+                   help="eager also: dense with fused blocks only, and Lynx without fused blocks (where the speed-up comes from)")
     p.add_argument("--tiny", action="store_true", help="1 double + 1 single block (Qwen: 1 block), small latent")
     p.add_argument("--calibrate", action="store_true",
                    help="only the calibration node's cost and the step with its LoRA (first resolution, eager)")
@@ -188,11 +190,11 @@ def time_sample(patcher, arch, resolution, dev, dtype, steps):
     return time.perf_counter() - start
 
 
-def lynx_clone(patcher, precision: str, fp8_dense_layers: bool = True):
+def lynx_clone(patcher, precision: str, fp8_dense_layers: bool = True, fused_blocks: bool = True):
     from rt_lynx_pack.nodes import RTLynxSparsifyModel
     spec = RTLynxSparsifyModel.INPUT_TYPES()["required"]
     defaults = {name: (v[1]["default"]) for name, v in spec.items() if name != "model"}
-    options = {"precision": precision, "fp8_dense_layers": fp8_dense_layers}
+    options = {"precision": precision, "fp8_dense_layers": fp8_dense_layers, "fused_blocks": fused_blocks}
     (patched,) = RTLynxSparsifyModel().patch(patcher, **(defaults | options))
     return patched
 
@@ -214,17 +216,24 @@ def run_model(arch, args, dev, rows, samples, notes):
     lynx = lynx_clone(dense, args.precision, not args.no_fp8_dense_layers)
     notes[arch] = installed_plan(lynx).summary(dev.device)
     log(f"[{arch}] {notes[arch]}")
+    attribution = {}
+    if args.attribution:
+        from rt_lynx_pack.nodes.comfy_glue import install_fused_flux_blocks
+        fused_dense = dense.clone()
+        if install_fused_flux_blocks(fused_dense, dense.get_model_object("diffusion_model")):
+            attribution = {"fused": fused_dense,
+                           "sparse": lynx_clone(dense, args.precision, not args.no_fp8_dense_layers, fused_blocks=False)}
     resolutions = args.resolutions if arch == "flux" else [args.resolutions[0] if args.tiny else 1024]
     for resolution in resolutions:
         modes = ["eager"] + (["compile"] if not args.no_compile and resolution in args.compile_resolutions else [])
         for mode in modes:
             result = {"model": arch, "resolution": resolution, "batch": BATCH[arch], "mode": mode}
-            outputs, all_times = {}, {"dense": [], "lynx": []}
             # Eager: the sides take turns over several rounds (dense, Lynx, Lynx, dense, ...), so a
             # clock drift during the run shifts both alike. Compiled: one round (a switch recompiles).
             rounds = args.rounds if mode == "eager" else 1
+            order = (("dense", dense), ("lynx", lynx)) + (tuple(attribution.items()) if mode == "eager" else ())
+            outputs, all_times = {}, {side: [] for side, _ in order}
             for round_index in range(rounds):
-                order = (("dense", dense), ("lynx", lynx))
                 for side, base in order if round_index % 2 == 0 else order[::-1]:
                     patcher = base.clone()
                     if mode == "compile":
@@ -240,7 +249,7 @@ def run_model(arch, args, dev, rows, samples, notes):
                         result.update({f"{side}_first_call_s": round(first, 2), f"{side}_peak_gb": round(peak, 3),
                                        f"{side}_warmup_peak_gb": round(first_peak, 3)})
                         if (((arch, resolution) == SAMPLE_RESOLUTION or args.tiny and arch == "flux")
-                                and mode in args.sample_modes and args.steps > 0):
+                                and mode in args.sample_modes and args.steps > 0 and side in ("dense", "lynx")):
                             seconds = time_sample(patcher, arch, resolution, dev, dtype, args.steps)
                             samples.append({"model": arch, "resolution": resolution, "mode": mode, "side": side,
                                             "steps": args.steps, "seconds": round(seconds, 3)})
@@ -254,8 +263,11 @@ def run_model(arch, args, dev, rows, samples, notes):
             dense_out = outputs["dense"]
             result["lynx_vs_dense_rel_error"] = round(((outputs["lynx"] - dense_out).norm() / dense_out.norm()).item(), 4)
             result["speedup"] = round(result["dense_ms"] / result["lynx_ms"], 3)
+            if "fused" in outputs:
+                result["fused_vs_dense_rel_error"] = round(
+                    ((outputs["fused"] - dense_out).norm() / dense_out.norm()).item(), 4)
             rows.append(result)
-    del dense, lynx
+    del dense, lynx, attribution
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()
 
@@ -317,6 +329,14 @@ def markdown(meta, rows, samples, notes, calibrations=()):
         lines.append(f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['mode']} | {r['dense_ms']:.2f} | "
                      f"{r['lynx_ms']:.2f} | {r['speedup']:.3f}x | {r['dense_peak_gb']:.2f} | {r['lynx_peak_gb']:.2f} | "
                      f"{mem:.3f} | {warmup} | {r['lynx_vs_dense_rel_error']:.4f} |")
+    attributed = [r for r in rows if "fused_ms" in r]
+    if attributed:
+        lines += ["", "| where the speed-up comes from | res | mode | dense | fused blocks, dense GEMMs | "
+                  "sparse, unfused blocks | Lynx (both) | fused vs dense rel. diff |", "|---|---|---|---|---|---|---|---|"]
+        for r in attributed:
+            cells = [f"{r[f'{side}_ms']:.2f} ms ({r['dense_ms'] / r[f'{side}_ms']:.3f}x)" for side in ("fused", "sparse", "lynx")]
+            lines.append(f"| {r['model']} | {r['resolution']} | {r['mode']} | {r['dense_ms']:.2f} ms | {' | '.join(cells)} | "
+                         f"{r['fused_vs_dense_rel_error']:.4f} |")
     if samples:
         lines += ["", "| whole sample | res | mode | steps | dense s | Lynx s | speed-up |", "|---|---|---|---|---|---|---|"]
         keyed = {(s["model"], s["resolution"], s["mode"], s["side"]): s for s in samples}

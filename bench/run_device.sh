@@ -56,8 +56,5 @@ if runs profile; then
   timeout "${BENCH_TIMEOUT:-240}" python3 bench/profile_linear.py --out "$OUT" 2>&1 | tee "$OUT/profile.log"
   record "${PIPESTATUS[0]}"
 fi
-# A device call brings back at most 8 files: past that, the logs travel as one archive.
-if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
-  (cd "$OUT" && tar czf logs.tgz --remove-files ./*.log)
-fi
+bundle_logs_if_many
 exit "$status"

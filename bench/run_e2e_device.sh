@@ -14,4 +14,5 @@ status=${PIPESTATUS[0]}
 # Only this run's results: a call brings back at most 8 files.
 find bench/results -name 'e2e-*' -newer "$OUT/.start" -exec cp {} "$OUT"/ \;
 rm -f "$OUT/.start"
+bundle_logs_if_many
 exit "$status"

@@ -50,13 +50,14 @@ def _describe(x2d: torch.Tensor, weight: torch.Tensor) -> str:
 
 
 try:
+    from . import block_ops as _block_ops
     from . import cusparselt as _fast
     from . import fp8 as _fast_fp8
     from . import fp8_dense as _fp8_dense
     from . import sm90 as _sm90
     _fast_import_error = ""
 except ImportError as error:  # a partial install: keep working on the reference path
-    _fast = _fast_fp8 = _fp8_dense = _sm90 = None
+    _block_ops = _fast = _fast_fp8 = _fp8_dense = _sm90 = None
     _fast_import_error = f"fast kernels not importable ({error})"
 
 
@@ -245,3 +246,33 @@ def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     if choice.name == "fp8_dense":
         return _fp8_dense.dense_linear_fp8(x2d, wq, w_scale, bias)
     return reference.dense_linear_fp8_reference(x2d, wq, w_scale, bias)
+
+
+@torch.compiler.assume_constant_result
+def block_ops_availability(device: torch.device) -> tuple[bool, str]:
+    """(True, info) when the fused elementwise kernels of DiT blocks run on `device` (a constant for
+    torch.compile, like backend_availability)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"{device.type} device: the fused block kernels need a CUDA GPU"
+    if _block_ops is None:
+        return False, _fast_import_error
+    return _block_ops.availability_block_ops(device)
+
+
+def qk_norm_rope(qkv_a: torch.Tensor, q_weight_a: torch.Tensor, k_weight_a: torch.Tensor,
+                 qkv_b: torch.Tensor | None, q_weight_b: torch.Tensor | None, k_weight_b: torch.Tensor | None,
+                 pe: torch.Tensor, heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference.qk_norm_rope_reference, in one fused pass where the kernels run (the norm weights are
+    taken in qkv's dtype, as ComfyUI casts them), else on the reference path."""
+    weights = [w if w is None else w.to(device=qkv_a.device, dtype=qkv_a.dtype)
+               for w in (q_weight_a, k_weight_a, q_weight_b, k_weight_b)]
+    available, why_not = block_ops_availability(qkv_a.device)
+    if available:
+        available, why_not = _block_ops.supports_qk_norm_rope(qkv_a, heads, pe)
+    if available:
+        return torch.ops.rt_lynx.qk_norm_rope(qkv_a, weights[0], weights[1], qkv_b, weights[2], weights[3], pe,
+                                              heads, eps)
+    log_once(f"q/k norm + RoPE on the reference path ({why_not})")
+    return reference.qk_norm_rope_reference(qkv_a, weights[0], weights[1], qkv_b, weights[2], weights[3], pe,
+                                            heads, eps)

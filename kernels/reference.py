@@ -159,3 +159,29 @@ def _scaled_product_fp8(q, a, wq, w_scale, bias) -> torch.Tensor:
     # The quantised operands are exact in fp32; only the accumulation rounds.
     y = (q.float() @ wq.float().t()) * a * w_scale.float()
     return y if bias is None else y + bias.float()
+
+
+def qk_norm_rope_reference(qkv_a: torch.Tensor, q_weight_a: torch.Tensor, k_weight_a: torch.Tensor,
+                           qkv_b: torch.Tensor | None, q_weight_b: torch.Tensor | None,
+                           k_weight_b: torch.Tensor | None, pe: torch.Tensor, heads: int,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention inputs of a FLUX-style block from its qkv projections (batch, tokens,
+    3 * heads * head_dim): q and k RMS-normalised per head with their part's weight (part b's
+    tokens follow part a's), then rotated by pe (batch or 1, 1, tokens, head_dim / 2, 2, 2; fp32)
+    as out[2i + j] = pe[i, j, 0] * x[2i] + pe[i, j, 1] * x[2i + 1] in fp32. Returns q, k, v as
+    (batch, heads, tokens, head_dim) in the qkv dtype. The same operations, in the same order and
+    precision, as ComfyUI's FLUX blocks (QKNorm, then the RoPE inside flux.math.attention)."""
+    parts = [(qkv_a, q_weight_a, k_weight_a)] + ([] if qkv_b is None else [(qkv_b, q_weight_b, k_weight_b)])
+    qs, ks, vs = [], [], []
+    for qkv, q_weight, k_weight in parts:
+        q, k, v = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+        qs.append(F.rms_norm(q, q.shape[-1:], weight=q_weight.to(q.dtype), eps=eps))
+        ks.append(F.rms_norm(k, k.shape[-1:], weight=k_weight.to(k.dtype), eps=eps))
+        vs.append(v)
+    q, k, v = (torch.cat(t, dim=2) for t in (qs, ks, vs))
+    return _rope_reference(q, pe), _rope_reference(k, pe), v.contiguous()
+
+
+def _rope_reference(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    pairs = x.to(pe.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(x.shape).to(x.dtype)

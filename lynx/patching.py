@@ -124,6 +124,8 @@ class LynxPlan:
     lora_note: str = ""
     # With precision fp8: the layers the selection keeps dense, computing the dense e4m3 product.
     fp8_dense_forwards: dict[str, LynxLinearForward] = field(default_factory=dict)
+    # What else computes differently around the linears (ComfyUI: FLUX blocks with fused elementwise work).
+    block_note: str = ""
 
     @property
     def installed_forwards(self) -> dict[str, LynxLinearForward]:
@@ -151,6 +153,8 @@ class LynxPlan:
             text += f", first {self.runtime.dense_warmup_steps} steps dense"
         if self.lora_note:
             text += f", {self.lora_note}"
+        if self.block_note:
+            text += f", {self.block_note}"
         text += f", backend {self.config.backend}"
         if device is not None and self.config.backend != "reference":
             available, why_not = fast_path_availability(device, self.config.precision)

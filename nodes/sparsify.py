@@ -3,7 +3,7 @@ import logging
 
 from ..kernels import PRECISIONS, REQUESTS, fast_path_availability, fp8_dense_availability
 from ..lynx import LynxConfig, LynxRuntime, SelectionOptions, plan_model
-from .comfy_glue import comfy_linear_weights, install_plan, installed_plan
+from .comfy_glue import comfy_linear_weights, install_fused_flux_blocks, install_plan, installed_plan
 
 log = logging.getLogger("rt_lynx")
 
@@ -48,11 +48,14 @@ class RTLynxSparsifyModel:
                                  "With precision fp8: the layers kept dense (not sparsified) compute in fp8 too, "
                                  "on dense e4m3 tensor cores with the same per-token / per-channel scales (and an "
                                  "fp8 copy of their weights). Off: they stay in the model's dtype. Ignored for bf16."}),
+            "fused_blocks": ("BOOLEAN", {"default": True, "tooltip":
+                             "FLUX: compute each block's q/k norm, RoPE and gated residuals in fused kernels "
+                             "(same math, fewer passes; mostly helps without torch.compile). Other models: ignored."}),
         }}
 
     def patch(self, model, pattern, compensation, skip_first_blocks, skip_last_blocks, dense_warmup_steps,
               default_dense_layers, include_layers, exclude_layers, backend, precision="bf16",
-              fp8_dense_layers=True):
+              fp8_dense_layers=True, fused_blocks=True):
         if installed_plan(model) is not None:
             raise ValueError("this model is already patched by RT-Lynx Sparsify Model; use one per model")
         n, m = (int(v) for v in pattern.split(":"))
@@ -68,9 +71,13 @@ class RTLynxSparsifyModel:
             if not available:
                 raise RuntimeError(f"RT-Lynx backend 'cuda' cannot run here: {why_not}. "
                                    f"Choose 'auto' to fall back to the PyTorch reference path.")
-        plan = plan_model(model.get_model_object("diffusion_model"), config, selection,
-                          LynxRuntime(dense_warmup_steps=dense_warmup_steps), weights=comfy_linear_weights)
+        diffusion_model = model.get_model_object("diffusion_model")
+        plan = plan_model(diffusion_model, config, selection, LynxRuntime(dense_warmup_steps=dense_warmup_steps),
+                          weights=comfy_linear_weights)
+        patched = install_plan(model, plan)
+        if fused_blocks:
+            plan.block_note = install_fused_flux_blocks(patched, diffusion_model, plan.runtime)
         summary = plan.summary(model.load_device)
         log.info(summary)
         print(summary)
-        return (install_plan(model, plan),)
+        return (patched,)

@@ -20,7 +20,7 @@ INPUT_KINDS = ["randn", "cubed", "student_t", "tied", "zero_rows"]
 
 
 AVAILABILITY = {"cusparselt": "availability", "fp8": "availability_fp8", "sm90": "availability_sm90",
-                "fp8_dense": "availability_fp8_dense"}
+                "fp8_dense": "availability_fp8_dense", "block_ops": "availability_block_ops"}
 
 
 def require_fast_path(name: str = "cusparselt"):

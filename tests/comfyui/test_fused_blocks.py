@@ -1,0 +1,116 @@
+"""FLUX blocks with fused elementwise work inside a real ComfyUI: each fused forward computes what
+ComfyUI's own block computes, the sampler reaches them through ComfyUI's block-replace patches on
+the patched clone only, and a block another node replaces is left to that node."""
+import pytest
+import torch
+
+from comfyui_env import import_comfyui
+
+import_comfyui()
+
+import comfy.ldm.flux.math as flux_math  # noqa: E402
+import comfy.model_management  # noqa: E402
+
+from comfyui_models import load_flux, sample  # noqa: E402
+from rt_lynx_pack.lynx.flux_blocks import flux_double_block, flux_single_block, fused_block_kind  # noqa: E402
+from rt_lynx_pack.nodes import RTLynxSparsifyModel  # noqa: E402
+
+
+def sparsify(model, **overrides):
+    options = dict(pattern="2:4", compensation=True, skip_first_blocks=0, skip_last_blocks=0, dense_warmup_steps=0,
+                   default_dense_layers=True, include_layers="", exclude_layers="", backend="auto")
+    options.update(overrides)
+    return RTLynxSparsifyModel().patch(model, **options)[0]
+
+
+def attention(q, k, v, heads, mask, transformer_options):
+    return flux_math.optimized_attention(q, k, v, heads, skip_reshape=True, mask=mask,
+                                         transformer_options=transformer_options)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    patcher = load_flux()
+    yield patcher
+    comfy.model_management.unload_all_models()
+
+
+def block_inputs(model, txt_tokens=7, img_tokens=12, batch=2, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(3)
+    hidden = model.params.hidden_size
+    ids = torch.randint(0, 64, (batch, txt_tokens + img_tokens, 3), generator=generator).float()
+    pe = model.pe_embedder(ids)
+    img, txt = (torch.randn(batch, n, hidden, generator=generator).to(dtype) for n in (img_tokens, txt_tokens))
+    return img, txt, torch.randn(batch, hidden, generator=generator).to(dtype), pe
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("flipped", [False, True])
+def test_fused_double_block_computes_comfyuis_double_block(flux, dtype, flipped):
+    model = flux.model.diffusion_model
+    block = model.double_blocks[0]
+    assert fused_block_kind(block) == ("double", "")
+    img, txt, vec, pe = block_inputs(model, dtype=dtype)
+    block.to(dtype)
+    block.flipped_img_txt = flipped
+    try:
+        # ComfyUI's forward adds into txt in place: it gets copies.
+        want_img, want_txt = block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe)
+        got_img, got_txt = flux_double_block(block, img, txt, vec, pe, None, {}, attention)
+    finally:
+        block.flipped_img_txt = False
+        block.float()
+    # fp32: the same operations up to the residuals' single rounding (addcmul); bf16: plus one
+    # rounding of each gated product that ComfyUI's separate multiply makes.
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got_img, want_img, **tolerance)
+    torch.testing.assert_close(got_txt, want_txt, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_single_block_computes_comfyuis_single_block(flux, dtype):
+    model = flux.model.diffusion_model
+    block = model.single_blocks[0]
+    assert fused_block_kind(block) == ("single", "")
+    img, txt, vec, pe = block_inputs(model, dtype=dtype)
+    x = torch.cat((txt, img), 1)
+    block.to(dtype)
+    try:
+        want = block(x.clone(), vec=vec, pe=pe)
+        got = flux_single_block(block, x, vec, pe, None, {}, attention)
+    finally:
+        block.float()
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_sampling_reaches_the_fused_blocks_on_the_patched_clone_only(flux, capsys):
+    fused = sparsify(flux)
+    assert "2 FLUX blocks with fused q/k norm + RoPE" in capsys.readouterr().out
+    replaced = fused.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert set(replaced) == {("double_block", 0), ("single_block", 0)}
+    assert "patches_replace" not in flux.model_options["transformer_options"]
+    unfused = sparsify(flux, fused_blocks=False)
+    assert "patches_replace" not in unfused.model_options["transformer_options"]
+    calls = []
+    for key, patch in replaced.items():
+        def counting(args, extra, patch=patch, key=key):
+            calls.append(key)
+            return patch(args, extra)
+        replaced[key] = counting
+    out = sample(fused)
+    assert set(calls) == {("double_block", 0), ("single_block", 0)}
+    torch.testing.assert_close(out, sample(unfused), rtol=1e-4, atol=1e-4)
+
+
+def test_a_block_another_node_replaces_is_left_to_it(flux, capsys):
+    other = flux.clone()
+
+    def other_nodes_block(args, extra):
+        return extra["original_block"](args)
+
+    other.set_model_patch_replace(other_nodes_block, "dit", "double_block", 0)
+    fused = sparsify(other)
+    assert "1 FLUX blocks with fused q/k norm + RoPE" in capsys.readouterr().out
+    replaced = fused.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert replaced[("double_block", 0)] is other_nodes_block and ("single_block", 0) in replaced

@@ -1,0 +1,136 @@
+"""GPU tests of the fused block kernels (kernels/block_ops.py, csrc/block_elementwise.cu) against
+the reference (kernels/reference.py), which is ComfyUI's own FLUX math.
+
+Tolerance: the kernel and the reference differ only in the order of the sum of squares and in
+rsqrt's last bits, which can move a normalised value across a rounding boundary of the 16-bit
+dtype: one unit in the last place, then mixed with its pair by RoPE. q and k are within 2 ulp
+of the dtype at the value's magnitude (plus 2 ulp of 1 near zero); v is copied bit for bit.
+Outputs are allocated over NaN-poisoned memory, so an element the kernel does not write fails.
+Skipped without CUDA or on a non-Hopper GPU; on Hopper the kernels must be available.
+"""
+import pytest
+import torch
+
+from rt_lynx_pack.kernels import qk_norm_rope
+from rt_lynx_pack.kernels.reference import qk_norm_rope_reference
+
+from kernel_helpers import DTYPES, INPUT_KINDS, make_input, poison_allocator, require_fast_path
+
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+@pytest.fixture(scope="module")
+def block_ops():
+    return require_fast_path("block_ops")
+
+
+def flux_pe(batch, tokens, head_dim, generator):
+    """A RoPE table as FLUX's EmbedND makes it: rotations [[cos, -sin], [sin, cos]] per position and pair."""
+    angles = torch.rand(batch, 1, tokens, head_dim // 2, generator=generator, device="cuda") * 1000
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return torch.stack([cos, -sin, sin, cos], dim=-1).reshape(batch, 1, tokens, head_dim // 2, 2, 2)
+
+
+def qkv_input(kind, batch, tokens, width, dtype, generator, pad=0, offset=0):
+    """(batch, tokens, width) with rows `pad` elements wider than width, starting `offset` in (a split view)."""
+    full = make_input(kind, batch * tokens, width + pad, dtype, generator).reshape(batch, tokens, width + pad)
+    return full[..., offset:offset + width]
+
+
+def check_against_reference(args):
+    qkv_a, qkv_b = args[0], args[3]
+    tokens = qkv_a.shape[1] + (0 if qkv_b is None else qkv_b.shape[1])
+    poison_allocator(qkv_a.shape[0] * tokens * qkv_a.shape[2] * 2)   # q, k and v: a third of the width each
+    got = torch.ops.rt_lynx.qk_norm_rope(*args)
+    want = qk_norm_rope_reference(*args)
+    dtype = args[0].dtype
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous(), name
+        assert not g.isnan().any() or w.isnan().any(), f"{name}: unwritten (NaN) elements"
+        if name == "v":
+            assert torch.equal(g, w), "v is not a copy"
+            continue
+        error = (g.float() - w.float()).abs()
+        bound = 2 * ULP[dtype] * (w.float().abs() + 1)
+        assert (error <= bound).all(), f"{name}: max error {error.max():.3g}, {(error > bound).sum()} elements over"
+
+
+def weights(dtype, head_dim, generator, count):
+    return [torch.randn(head_dim, generator=generator, device="cuda").to(dtype) for _ in range(count)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+def test_flux_double_block_shapes(block_ops, generator, dtype, kind):
+    # Text (512 tokens) then image (4096) tokens at 1024x1024, 24 heads of 128.
+    heads, head_dim = 24, 128
+    width = 3 * heads * head_dim
+    txt = qkv_input(kind, 1, 512, width, dtype, generator)
+    img = qkv_input(kind, 1, 4096, width, dtype, generator)
+    w = weights(dtype, head_dim, generator, 4)
+    check_against_reference((txt, w[0], w[1], img, w[2], w[3], flux_pe(1, 4608, head_dim, generator), heads, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["randn", "student_t"])
+def test_flux_single_block_split_of_linear1(block_ops, generator, dtype, kind):
+    # q, k, v are the first 9216 columns of linear1's 21504: rows strided, read in place.
+    heads, head_dim = 24, 128
+    width = 3 * heads * head_dim
+    qkv = qkv_input(kind, 1, 4608, width, dtype, generator, pad=21504 - width)
+    w = weights(dtype, head_dim, generator, 2)
+    check_against_reference((qkv, w[0], w[1], None, None, None, flux_pe(1, 4608, head_dim, generator), heads, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("batch,pe_batch,tokens_a,tokens_b", [(2, 2, 77, 333), (3, 1, 1, 1), (2, 1, 5, None)])
+def test_odd_shapes_batches_and_head_dims(block_ops, generator, dtype, head_dim, batch, pe_batch, tokens_a, tokens_b):
+    heads = 3
+    width = 3 * heads * head_dim
+    a = qkv_input("cubed", batch, tokens_a, width, dtype, generator)
+    b = None if tokens_b is None else qkv_input("randn", batch, tokens_b, width, dtype, generator, pad=64, offset=32)
+    w = weights(dtype, head_dim, generator, 4)
+    tokens = tokens_a + (tokens_b or 0)
+    pe = flux_pe(pe_batch, tokens, head_dim, generator)
+    args = (a, w[0], w[1], b, w[2] if b is not None else None, w[3] if b is not None else None, pe, heads, 1e-6)
+    check_against_reference(args)
+
+
+def test_misaligned_part_is_copied_not_misread(block_ops, generator):
+    # A part starting one element in cannot be read with the vector loads: the op copies it.
+    heads, head_dim = 2, 128
+    width = 3 * heads * head_dim
+    a = qkv_input("randn", 2, 9, width, torch.bfloat16, generator, pad=8, offset=1)
+    w = weights(torch.bfloat16, head_dim, generator, 2)
+    check_against_reference((a, w[0], w[1], None, None, None, flux_pe(1, 9, head_dim, generator), heads, 1e-6))
+
+
+def test_bad_operands_raise_clear_errors(block_ops, generator):
+    w = weights(torch.bfloat16, 128, generator, 2)
+    qkv = torch.zeros(1, 4, 3 * 2 * 128, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="pe must be fp32"):
+        torch.ops.rt_lynx.qk_norm_rope(qkv, w[0], w[1], None, None, None, torch.zeros(1, 1, 5, 64, 2, 2, device="cuda"),
+                                       2, 1e-6)
+    with pytest.raises(RuntimeError, match="head_dim must be 64, 128 or 256"):
+        torch.ops.rt_lynx.qk_norm_rope(qkv[..., :3 * 4 * 48], w[0][:48], w[1][:48], None, None, None,
+                                       torch.zeros(1, 1, 4, 24, 2, 2, device="cuda"), 4, 1e-6)
+    with pytest.raises(RuntimeError, match="second qkv part needs its own"):
+        torch.ops.rt_lynx.qk_norm_rope(qkv, w[0], w[1], qkv, None, None, torch.zeros(1, 1, 8, 64, 2, 2, device="cuda"),
+                                       2, 1e-6)
+
+
+def test_dispatch_runs_the_kernel_under_torch_compile_without_graph_breaks(block_ops, generator):
+    heads, head_dim = 4, 128
+    width = 3 * heads * head_dim
+    a = qkv_input("randn", 1, 64, width, torch.bfloat16, generator)
+    b = qkv_input("randn", 1, 192, width, torch.bfloat16, generator)
+    w = weights(torch.float32, head_dim, generator, 4)  # cast to qkv's dtype by the dispatch, as ComfyUI does
+    pe = flux_pe(1, 256, head_dim, generator)
+
+    def attention_inputs(a, b, pe):
+        return qk_norm_rope(a, w[0], w[1], b, w[2], w[3], pe, heads, 1e-6)
+
+    compiled = torch.compile(attention_inputs, fullgraph=True, backend="inductor")
+    for g, e in zip(compiled(a, b, pe), attention_inputs(a, b, pe)):
+        assert torch.equal(g, e)

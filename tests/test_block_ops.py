@@ -1,0 +1,85 @@
+"""The fused block ops without a GPU: the reference's math (checked against an independent
+formulation), the dispatch's fallback, the fake kernel torch.compile traces, and which blocks the
+fused FLUX forwards take."""
+import pytest
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from rt_lynx_pack.kernels import qk_norm_rope, qk_norm_rope_reference
+from rt_lynx_pack.lynx.flux_blocks import fused_block_kind, fusable_call
+
+
+def flux_pe(tokens, head_dim, generator):
+    """The table FLUX's EmbedND builds: per position and pair, [[cos, -sin], [sin, cos]] (fp32)."""
+    angles = torch.rand(1, 1, tokens, head_dim // 2, generator=generator, dtype=torch.float64) * 100
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return torch.stack([cos, -sin, sin, cos], dim=-1).reshape(1, 1, tokens, head_dim // 2, 2, 2), angles
+
+
+def test_reference_is_rms_norm_then_a_rotation_of_each_pair():
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, head_dim, tokens_a, tokens_b = 2, 3, 8, 4, 5
+    width = 3 * heads * head_dim
+    a = torch.randn(batch, tokens_a, width, generator=generator, dtype=torch.float64)
+    b = torch.randn(batch, tokens_b, width, generator=generator, dtype=torch.float64)
+    w = [torch.randn(head_dim, generator=generator, dtype=torch.float64) for _ in range(4)]
+    pe, angles = flux_pe(tokens_a + tokens_b, head_dim, generator)
+    q, k, v = qk_norm_rope_reference(a, w[0], w[1], b, w[2], w[3], pe, heads, 1e-6)
+
+    # Independently: heads of the concatenated streams, RMS-normalised, then (x0 + i x1) * e^(i angle).
+    both = torch.cat([a, b], dim=1).reshape(batch, tokens_a + tokens_b, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    part_of_token = torch.arange(tokens_a + tokens_b) >= tokens_a
+    rotation = torch.polar(torch.ones_like(angles), angles)[0, 0]   # (tokens, head_dim / 2)
+    for got, x, (w_a, w_b) in ((q, both[0], (w[0], w[2])), (k, both[1], (w[1], w[3]))):
+        weight = torch.where(part_of_token[:, None], w_b, w_a)      # (tokens, head_dim)
+        normed = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+        pairs = torch.view_as_complex(normed.reshape(*normed.shape[:-1], -1, 2).contiguous())
+        expected = torch.view_as_real(pairs * rotation).reshape(normed.shape)
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(v, both[2])
+    assert q.shape == (batch, heads, tokens_a + tokens_b, head_dim) and v.is_contiguous()
+
+
+def test_dispatch_on_the_cpu_is_the_reference_in_the_qkv_dtype():
+    generator = torch.Generator().manual_seed(1)
+    heads, head_dim = 2, 128
+    qkv = torch.randn(1, 6, 3 * heads * head_dim, generator=generator).bfloat16()
+    w = [torch.randn(head_dim, generator=generator) for _ in range(2)]   # fp32 weights, cast like ComfyUI does
+    pe = flux_pe(6, head_dim, generator)[0].float()
+    got = qk_norm_rope(qkv, w[0], w[1], None, None, None, pe, heads, 1e-6)
+    want = qk_norm_rope_reference(qkv, w[0].bfloat16(), w[1].bfloat16(), None, None, None, pe, heads, 1e-6)
+    for g, e in zip(got, want):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, e)
+
+
+@pytest.mark.parametrize("tokens_b", [None, 4096])
+def test_qk_norm_rope_fake_kernel_gives_the_shapes_the_cuda_op_returns(tokens_b):
+    with FakeTensorMode():
+        a = torch.empty(2, 512, 9216, dtype=torch.bfloat16, device="cuda")
+        b = None if tokens_b is None else torch.empty(2, tokens_b, 9216, dtype=torch.bfloat16, device="cuda")
+        w = torch.empty(128, dtype=torch.bfloat16, device="cuda")
+        pe = torch.empty(1, 1, 512 + (tokens_b or 0), 64, 2, 2, device="cuda")
+        outputs = torch.ops.rt_lynx.qk_norm_rope(a, w, w, b, w if b is not None else None,
+                                                 w if b is not None else None, pe, 24, 1e-6)
+    for out in outputs:
+        assert out.shape == (2, 24, 512 + (tokens_b or 0), 128) and out.dtype == torch.bfloat16
+
+
+class DoubleStreamBlock(nn.Module):   # the class name of ComfyUI's, with a forward of another signature
+    def forward(self, img, txt, vec, pe, attn_mask=None, new_option=None, transformer_options={}):
+        return img, txt
+
+
+def test_blocks_other_than_comfyui_flux_blocks_keep_their_own_forward():
+    kind, why_not = fused_block_kind(nn.Linear(4, 4))
+    assert kind is None and "not a FLUX double or single stream block" in why_not
+    kind, why_not = fused_block_kind(DoubleStreamBlock())
+    assert kind is None and "new_option" in why_not
+
+
+def test_calls_without_fp32_rope_table_take_the_original_block():
+    hidden = torch.zeros(1, 4, 8)
+    assert fusable_call(torch.zeros(1, 1, 4, 4, 2, 2), hidden)
+    assert not fusable_call(None, hidden)
+    assert not fusable_call(torch.zeros(1, 1, 4, 4, 2, 2, dtype=torch.float16), hidden)
