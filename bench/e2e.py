@@ -144,7 +144,9 @@ def time_steps(patcher, arch, resolution, dev, dtype, args):
     comfy.model_management.load_models_gpu([patcher])  # applies this clone's object patches
     patcher.pre_run()  # as the sampler does before its first step (fp8 weights are made here)
     x, sigma, ctx, kwargs = step_inputs(arch, resolution, dev, dtype)
-    options = {"wrappers": patcher.wrappers}  # what the sampler hands apply_model (compile wrapper)
+    # What the sampler hands apply_model: the model's transformer_options (block-replace patches
+    # among them) and the patcher's wrappers (the compile wrapper).
+    options = {**patcher.model_options.get("transformer_options", {}), "wrappers": patcher.wrappers}
     model = patcher.model
 
     def forward():
@@ -218,9 +220,9 @@ def run_model(arch, args, dev, rows, samples, notes):
     log(f"[{arch}] {notes[arch]}")
     attribution = {}
     if args.attribution:
-        from rt_lynx_pack.nodes.comfy_glue import install_fused_flux_blocks
+        from rt_lynx_pack.nodes.comfy_glue import install_fused_blocks
         fused_dense = dense.clone()
-        if install_fused_flux_blocks(fused_dense, dense.get_model_object("diffusion_model")):
+        if install_fused_blocks(fused_dense, dense.get_model_object("diffusion_model")):
             attribution = {"fused": fused_dense,
                            "sparse": lynx_clone(dense, args.precision, not args.no_fp8_dense_layers, fused_blocks=False)}
     resolutions = args.resolutions if arch == "flux" else [args.resolutions[0] if args.tiny else 1024]

@@ -1,17 +1,22 @@
 """Fused elementwise work of DiT blocks around their linears, as torch ops.
 
   torch.ops.rt_lynx.qk_norm_rope(qkv_a, q_weight_a, k_weight_a, qkv_b, q_weight_b, k_weight_b, pe, heads, eps)
-      -> (q, k, v)   one pass over the qkv projections: per-head RMSNorm of q and k, RoPE, and q, k, v
-                     written in the (batch, heads, tokens, head_dim) layout attention takes
+      -> (q, k, v)   FLUX: one pass over the qkv projections of one or two token streams: per-head
+                     RMSNorm of q and k, RoPE, and q, k, v written as (batch, heads, tokens, head_dim)
+  torch.ops.rt_lynx.qk_norm_rope_split(q_a, k_a, v_a, q_weight_a, k_weight_a, q_b, k_b, v_b, q_weight_b,
+                                       k_weight_b, pe, heads, eps) -> (q, k, v)
+                     Qwen-Image: the same from separate q, k, v projections, written token-major
+                     (batch, tokens, heads * head_dim)
 
-It computes `reference.qk_norm_rope_reference`. In ComfyUI's eager FLUX this work is a dozen
-passes, several of them in fp32 (QKNorm, the RoPE of flux.math.attention, the concatenation of
-the two streams); here it reads the projections once and writes the attention inputs once.
+They compute `reference.qk_norm_rope_reference` / `qk_norm_rope_split_reference`, RoPE rounded as
+in the table's dtype. In ComfyUI's eager models this work is a dozen passes (QKNorm, RoPE on
+broadcast pair tensors, the concatenation of the two streams); here one pass reads the
+projections once and writes the attention inputs once.
 """
 import torch
 
 from . import cusparselt as _cusparselt
-from .reference import qk_norm_rope_reference
+from .reference import qk_norm_rope_reference, qk_norm_rope_split_reference
 
 HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -27,11 +32,20 @@ def _define_ops():
     lib.define("qk_norm_rope(Tensor qkv_a, Tensor q_weight_a, Tensor k_weight_a, Tensor? qkv_b, Tensor? q_weight_b, "
                "Tensor? k_weight_b, Tensor pe, int heads, float eps) -> (Tensor, Tensor, Tensor)")
 
+    lib.define("qk_norm_rope_split(Tensor q_a, Tensor k_a, Tensor v_a, Tensor q_weight_a, Tensor k_weight_a, "
+               "Tensor? q_b, Tensor? k_b, Tensor? v_b, Tensor? q_weight_b, Tensor? k_weight_b, Tensor pe, int heads, "
+               "float eps) -> (Tensor, Tensor, Tensor)")
+
     @torch.library.register_fake("rt_lynx::qk_norm_rope", lib=lib)
     def _(qkv_a, q_weight_a, k_weight_a, qkv_b, q_weight_b, k_weight_b, pe, heads, eps):
         tokens = qkv_a.shape[1] + (0 if qkv_b is None else qkv_b.shape[1])
         shape = (qkv_a.shape[0], heads, tokens, qkv_a.shape[2] // (3 * heads))
         return tuple(qkv_a.new_empty(shape) for _ in range(3))
+
+    @torch.library.register_fake("rt_lynx::qk_norm_rope_split", lib=lib)
+    def _(q_a, k_a, v_a, q_weight_a, k_weight_a, q_b, k_b, v_b, q_weight_b, k_weight_b, pe, heads, eps):
+        shape = (q_a.shape[0], q_a.shape[1] + (0 if q_b is None else q_b.shape[1]), q_a.shape[2])
+        return tuple(q_a.new_empty(shape) for _ in range(3))
 
     _define_ops.library = lib
 
@@ -61,8 +75,8 @@ _availability = _cusparselt.PerDeviceCheck(_check_device)
 
 
 def self_test_block_ops(device: torch.device) -> str:
-    """'' when qk_norm_rope matches the reference (two parts, a strided part, batch 2, both
-    16-bit dtypes); else the first problem, one line."""
+    """'' when both ops match the reference (two streams, a strided one, batch 2, an fp32 and a
+    16-bit RoPE table, both 16-bit dtypes); else the first problem, one line."""
     generator = torch.Generator(device=device).manual_seed(2468)
     batch, heads, head_dim, tokens_a, tokens_b = 2, 3, 128, 5, 7
 
@@ -75,24 +89,36 @@ def self_test_block_ops(device: torch.device) -> str:
         qkv_b = randn(batch, tokens_b, width, dtype=dtype)
         weights = [randn(head_dim, dtype=dtype) for _ in range(4)]
         pe = randn(1, 1, tokens_a + tokens_b, head_dim // 2, 2, 2)
-        args = (qkv_a, weights[0], weights[1], qkv_b, weights[2], weights[3], pe, heads, 1e-6)
-        got = torch.ops.rt_lynx.qk_norm_rope(*args)
-        want = qk_norm_rope_reference(*args)
-        for name, g, w in zip("qkv", got, want):
-            if g.shape != w.shape or g.dtype != w.dtype:
-                return f"{name}: {tuple(g.shape)} {g.dtype}, expected {tuple(w.shape)} {w.dtype}"
-            if not torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2):
-                return f"{name} differs from the reference ({dtype}): max {(g.float() - w.float()).abs().max():.3g}"
+        fused = (qkv_a, weights[0], weights[1], qkv_b, weights[2], weights[3], pe, heads, 1e-6)
+        split = (*qkv_a.chunk(3, dim=-1), weights[0], weights[1], *qkv_b.chunk(3, dim=-1), weights[2], weights[3],
+                 pe.transpose(1, 2).to(dtype), heads, 1e-6)
+        for name, op, reference, args in (("qk_norm_rope", torch.ops.rt_lynx.qk_norm_rope, qk_norm_rope_reference,
+                                           fused),
+                                          ("qk_norm_rope_split", torch.ops.rt_lynx.qk_norm_rope_split,
+                                           qk_norm_rope_split_reference, split)):
+            problem = _compare(op(*args), reference(*args))
+            if problem:
+                return f"{name} ({dtype}): {problem}"
     torch.cuda.synchronize(device)
     return ""
 
 
-def supports_qk_norm_rope(qkv: torch.Tensor, heads: int, pe: torch.Tensor) -> tuple[bool, str]:
-    """Whether the fused kernel takes these operands (the op checks the rest and says why)."""
-    if qkv.dtype not in SUPPORTED_DTYPES:
-        return False, f"dtype {qkv.dtype} (bfloat16/float16 only)"
-    if qkv.dim() != 3 or qkv.shape[2] % (3 * heads) or qkv.shape[2] // (3 * heads) not in HEAD_DIMS:
-        return False, f"qkv of shape {tuple(qkv.shape)} with {heads} heads: head_dim must be one of {HEAD_DIMS}"
-    if pe.dtype != torch.float32 or pe.dim() != 6:
-        return False, f"pe {pe.dtype} of {pe.dim()} dims (fp32, 6 dims expected)"
+def _compare(got, want) -> str:
+    for name, g, w in zip("qkv", got, want):
+        if g.shape != w.shape or g.dtype != w.dtype:
+            return f"{name}: {tuple(g.shape)} {g.dtype}, expected {tuple(w.shape)} {w.dtype}"
+        if not torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2):
+            return f"{name} differs from the reference: max {(g.float() - w.float()).abs().max():.3g}"
+    return ""
+
+
+def supports_qk_norm_rope(projection: torch.Tensor, head_dim: int, pe: torch.Tensor) -> tuple[bool, str]:
+    """Whether the fused kernels take a projection (its dtype) with this head size and RoPE table
+    (the ops check the rest and say why)."""
+    if projection.dtype not in SUPPORTED_DTYPES:
+        return False, f"dtype {projection.dtype} (bfloat16/float16 only)"
+    if head_dim not in HEAD_DIMS:
+        return False, f"head_dim {head_dim} (one of {HEAD_DIMS})"
+    if pe.dtype not in (torch.float32, projection.dtype) or pe.dim() != 6:
+        return False, f"pe {pe.dtype} of {pe.dim()} dims (fp32 or the projection's dtype, 6 dims expected)"
     return True, ""

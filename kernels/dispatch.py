@@ -263,16 +263,35 @@ def block_ops_availability(device: torch.device) -> tuple[bool, str]:
 def qk_norm_rope(qkv_a: torch.Tensor, q_weight_a: torch.Tensor, k_weight_a: torch.Tensor,
                  qkv_b: torch.Tensor | None, q_weight_b: torch.Tensor | None, k_weight_b: torch.Tensor | None,
                  pe: torch.Tensor, heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """reference.qk_norm_rope_reference, in one fused pass where the kernels run (the norm weights are
-    taken in qkv's dtype, as ComfyUI casts them), else on the reference path."""
-    weights = [w if w is None else w.to(device=qkv_a.device, dtype=qkv_a.dtype)
-               for w in (q_weight_a, k_weight_a, q_weight_b, k_weight_b)]
-    available, why_not = block_ops_availability(qkv_a.device)
+    """reference.qk_norm_rope_reference (FLUX), in one fused pass where the kernels run, else on the
+    reference path. The norm weights are taken in qkv's dtype, as ComfyUI casts them."""
+    weights = _in_dtype_of(qkv_a, q_weight_a, k_weight_a, q_weight_b, k_weight_b)
+    args = (qkv_a, weights[0], weights[1], qkv_b, weights[2], weights[3], pe, heads, eps)
+    if _runs_fused_block_ops(qkv_a, qkv_a.shape[-1] // (3 * heads), pe):
+        return torch.ops.rt_lynx.qk_norm_rope(*args)
+    return reference.qk_norm_rope_reference(*args)
+
+
+def qk_norm_rope_split(q_a: torch.Tensor, k_a: torch.Tensor, v_a: torch.Tensor, q_weight_a: torch.Tensor,
+                       k_weight_a: torch.Tensor, q_b: torch.Tensor | None, k_b: torch.Tensor | None,
+                       v_b: torch.Tensor | None, q_weight_b: torch.Tensor | None, k_weight_b: torch.Tensor | None,
+                       pe: torch.Tensor, heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference.qk_norm_rope_split_reference (Qwen-Image), fused where the kernels run."""
+    weights = _in_dtype_of(q_a, q_weight_a, k_weight_a, q_weight_b, k_weight_b)
+    args = (q_a, k_a, v_a, weights[0], weights[1], q_b, k_b, v_b, weights[2], weights[3], pe, heads, eps)
+    if _runs_fused_block_ops(q_a, q_a.shape[-1] // heads, pe):
+        return torch.ops.rt_lynx.qk_norm_rope_split(*args)
+    return reference.qk_norm_rope_split_reference(*args)
+
+
+def _in_dtype_of(x: torch.Tensor, *weights):
+    return [w if w is None else w.to(device=x.device, dtype=x.dtype) for w in weights]
+
+
+def _runs_fused_block_ops(projection: torch.Tensor, head_dim: int, pe: torch.Tensor) -> bool:
+    available, why_not = block_ops_availability(projection.device)
     if available:
-        available, why_not = _block_ops.supports_qk_norm_rope(qkv_a, heads, pe)
-    if available:
-        return torch.ops.rt_lynx.qk_norm_rope(qkv_a, weights[0], weights[1], qkv_b, weights[2], weights[3], pe,
-                                              heads, eps)
-    log_once(f"q/k norm + RoPE on the reference path ({why_not})")
-    return reference.qk_norm_rope_reference(qkv_a, weights[0], weights[1], qkv_b, weights[2], weights[3], pe,
-                                            heads, eps)
+        available, why_not = _block_ops.supports_qk_norm_rope(projection, head_dim, pe)
+    if not available:
+        log_once(f"q/k norm + RoPE on the reference path ({why_not})")
+    return available

@@ -165,23 +165,50 @@ def qk_norm_rope_reference(qkv_a: torch.Tensor, q_weight_a: torch.Tensor, k_weig
                            qkv_b: torch.Tensor | None, q_weight_b: torch.Tensor | None,
                            k_weight_b: torch.Tensor | None, pe: torch.Tensor, heads: int,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The attention inputs of a FLUX-style block from its qkv projections (batch, tokens,
-    3 * heads * head_dim): q and k RMS-normalised per head with their part's weight (part b's
-    tokens follow part a's), then rotated by pe (batch or 1, 1, tokens, head_dim / 2, 2, 2; fp32)
-    as out[2i + j] = pe[i, j, 0] * x[2i] + pe[i, j, 1] * x[2i + 1] in fp32. Returns q, k, v as
-    (batch, heads, tokens, head_dim) in the qkv dtype. The same operations, in the same order and
-    precision, as ComfyUI's FLUX blocks (QKNorm, then the RoPE inside flux.math.attention)."""
-    parts = [(qkv_a, q_weight_a, k_weight_a)] + ([] if qkv_b is None else [(qkv_b, q_weight_b, k_weight_b)])
+    """FLUX's attention inputs from its qkv projections (batch, tokens, 3 * heads * head_dim), q, k
+    and v side by side: q and k RMS-normalised per head with their stream's weight (stream b's
+    tokens follow stream a's), then rotated by pe (batch or 1, 1, tokens, head_dim / 2, 2, 2):
+    out[2i + j] = pe[i, j, 0] * x[2i] + pe[i, j, 1] * x[2i + 1], computed in pe's dtype. Returns
+    q, k, v as (batch, heads, tokens, head_dim) in the qkv dtype. The same operations, in the same
+    order and precision, as ComfyUI's FLUX blocks (QKNorm, then the RoPE of flux.math.attention)."""
+    streams = [(qkv_a, q_weight_a, k_weight_a)] + ([] if qkv_b is None else [(qkv_b, q_weight_b, k_weight_b)])
+    q, k, v = _normed_heads([(*qkv.chunk(3, dim=-1), q_weight, k_weight) for qkv, q_weight, k_weight in streams],
+                            heads, eps)
+    table = pe.reshape(pe.shape[0], 1, -1, *pe.shape[3:])
+    return tuple(t.transpose(1, 2).contiguous() for t in (_rope_reference(q, table.transpose(1, 2)),
+                                                          _rope_reference(k, table.transpose(1, 2)), v))
+
+
+def qk_norm_rope_split_reference(q_a: torch.Tensor, k_a: torch.Tensor, v_a: torch.Tensor, q_weight_a: torch.Tensor,
+                                 k_weight_a: torch.Tensor, q_b: torch.Tensor | None, k_b: torch.Tensor | None,
+                                 v_b: torch.Tensor | None, q_weight_b: torch.Tensor | None,
+                                 k_weight_b: torch.Tensor | None, pe: torch.Tensor, heads: int,
+                                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qk_norm_rope_reference for Qwen-Image's separate q, k, v projections (batch, tokens,
+    heads * head_dim each), with pe (batch or 1, tokens, 1, head_dim / 2, 2, 2), returning q, k, v
+    in the same token-major layout: ComfyUI's Qwen-Image attention (norm_q / norm_k /
+    norm_added_q / norm_added_k, concatenation text first, apply_rotary_emb in pe's dtype)."""
+    streams = [(q_a, k_a, v_a, q_weight_a, k_weight_a)]
+    if q_b is not None:
+        streams.append((q_b, k_b, v_b, q_weight_b, k_weight_b))
+    q, k, v = _normed_heads(streams, heads, eps)
+    table = pe.reshape(pe.shape[0], -1, 1, *pe.shape[3:])
+    return _rope_reference(q, table).flatten(2), _rope_reference(k, table).flatten(2), v.flatten(2)
+
+
+def _normed_heads(streams, heads: int, eps: float):
+    """Each stream's q, k, v as (batch, tokens, heads, head_dim), q and k RMS-normalised with the
+    stream's weights, the streams concatenated along the tokens."""
     qs, ks, vs = [], [], []
-    for qkv, q_weight, k_weight in parts:
-        q, k, v = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+    for q, k, v, q_weight, k_weight in streams:
+        q, k, v = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))
         qs.append(F.rms_norm(q, q.shape[-1:], weight=q_weight.to(q.dtype), eps=eps))
         ks.append(F.rms_norm(k, k.shape[-1:], weight=k_weight.to(k.dtype), eps=eps))
         vs.append(v)
-    q, k, v = (torch.cat(t, dim=2) for t in (qs, ks, vs))
-    return _rope_reference(q, pe), _rope_reference(k, pe), v.contiguous()
+    return tuple(torch.cat(t, dim=1) for t in (qs, ks, vs))
 
 
 def _rope_reference(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    # In pe's dtype: fp32 (FLUX's table, x converted first) or x's own (Qwen-Image's, each op rounded).
     pairs = x.to(pe.dtype).reshape(*x.shape[:-1], -1, 1, 2)
     return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(x.shape).to(x.dtype)

@@ -8,9 +8,10 @@
   for the weight exactly as the original forward would.
 - The plan rides along as a ModelPatcher attachment, so "Load Lynx LoRA" can find it.
 - Dense warm-up steps need the step index: an APPLY_MODEL wrapper reads it off the schedule.
-- FLUX blocks can compute their elementwise work fused (lynx/flux_blocks.py): installed as
-  ComfyUI's own block-replace patches ("dit" double_block / single_block), which FLUX's
-  forward calls in place of the block; a block another node already replaces is left alone.
+- FLUX and Qwen-Image blocks can compute their elementwise work fused (lynx/fused_blocks.py):
+  installed as ComfyUI's own block-replace patches ("dit" double_block / single_block), which
+  the models' forwards call in place of the block; a block another node already replaces is left
+  alone.
 - Per-run state is made before each sampling run (ON_PRE_RUN; ON_LOAD does not fire when a clone
   reuses weights already in place), again when hook LoRAs rewrite weights (ON_APPLY_HOOKS), and
   dropped when the model is detached (ON_DETACH): the Lynx LoRA factors on the compute device,
@@ -28,7 +29,7 @@ import torch
 
 from ..kernels import block_ops_availability, log_once
 from ..lynx import LynxPlan, LynxRuntime, sampling_step_index
-from ..lynx.flux_blocks import flux_double_block, flux_single_block, fusable_call, fused_block_kind
+from ..lynx.fused_blocks import flux_double_block, flux_single_block, fusable_call, fused_block_kind, qwen_image_block
 
 log = logging.getLogger("rt_lynx")
 
@@ -200,25 +201,19 @@ def install_plan(model, plan: LynxPlan):
     return patched
 
 
-# FLUX's block lists and the names its forward looks up in the "dit" block-replace patches.
-_FLUX_BLOCK_LISTS = (("double_blocks", "double_block"), ("single_blocks", "single_block"))
+# Block lists and the names the models' forwards look up in the "dit" block-replace patches.
+_BLOCK_LISTS = (("double_blocks", "double_block"), ("single_blocks", "single_block"),   # FLUX
+                ("transformer_blocks", "double_block"))                                 # Qwen-Image
 
 
-def install_fused_flux_blocks(patched, diffusion_model, runtime: LynxRuntime | None = None) -> str:
-    """Route each FLUX block of `diffusion_model` through its fused forward, on the ModelPatcher
-    `patched` (a clone: the patches live in its model_options). During the dense warm-up steps of
-    `runtime` the blocks run their own forward, so those steps are the original model's exactly.
-    Returns a phrase for the summary line, "" when the model has no FLUX blocks."""
-    import comfy.ldm.flux.math as flux_math
-
-    def attention(q, k, v, heads, mask, transformer_options):
-        # Looked up per call, as flux.math does: ComfyUI picks the attention implementation at start-up.
-        return flux_math.optimized_attention(q, k, v, heads, skip_reshape=True, mask=mask,
-                                             transformer_options=transformer_options)
-
+def install_fused_blocks(patched, diffusion_model, runtime: LynxRuntime | None = None) -> str:
+    """Route each FLUX / Qwen-Image block of `diffusion_model` through its fused forward, on the
+    ModelPatcher `patched` (a clone: the patches live in its model_options). During the dense
+    warm-up steps of `runtime` the blocks run their own forward, so those steps are the original
+    model's exactly. Returns a phrase for the summary line, "" when the model has no such blocks."""
     taken = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     fused, kept = 0, {}
-    for list_name, patch_name in _FLUX_BLOCK_LISTS:
+    for list_name, patch_name in _BLOCK_LISTS:
         for index, block in enumerate(getattr(diffusion_model, list_name, None) or []):
             kind, why_not = fused_block_kind(block)
             if kind is not None and (patch_name, index) in taken:
@@ -226,35 +221,54 @@ def install_fused_flux_blocks(patched, diffusion_model, runtime: LynxRuntime | N
             if why_not:
                 kept[why_not] = kept.get(why_not, 0) + 1
                 continue
-            patched.set_model_patch_replace(_fused_block_patch(kind, block, attention, runtime), "dit", patch_name,
-                                            index)
+            patched.set_model_patch_replace(_fused_block_patch(kind, block, runtime), "dit", patch_name, index)
             fused += 1
     if not fused and not kept:
         return ""
     available, why_not = block_ops_availability(patched.load_device)
-    text = f"{fused} FLUX blocks with fused q/k norm + RoPE" + ("" if available else f" (reference path: {why_not})")
+    text = f"{fused} blocks with fused q/k norm + RoPE" + ("" if available else f" (reference path: {why_not})")
     return text + "".join(f", {count} kept as they are ({why})" for why, count in kept.items())
 
 
-def _fused_block_patch(kind: str, block, attention, runtime: LynxRuntime | None):
+def _comfy_attention(kind: str):
+    """ComfyUI's attention as each model calls it, looked up per call as the models do (ComfyUI
+    picks the implementation at start-up): q, k, v (batch, heads, tokens, head_dim) for FLUX,
+    (batch, tokens, heads * head_dim) for Qwen-Image."""
+    if kind == "qwen_image":
+        import comfy.ldm.qwen_image.model as qwen_image
+
+        def attention(q, k, v, heads, mask, transformer_options):
+            return qwen_image.optimized_attention_masked(q, k, v, heads, mask, transformer_options=transformer_options)
+    else:
+        import comfy.ldm.flux.math as flux_math
+
+        def attention(q, k, v, heads, mask, transformer_options):
+            return flux_math.optimized_attention(q, k, v, heads, skip_reshape=True, mask=mask,
+                                                 transformer_options=transformer_options)
+    return attention
+
+
+def _fused_block_patch(kind: str, block, runtime: LynxRuntime | None):
     # A plain function: ComfyUI deep-copies model_options when it clones, and copies functions by
     # reference (an object holding the block would have the block deep-copied).
-    def runs_original(args) -> bool:
-        return (runtime is not None and runtime.dense) or not fusable_call(args["pe"], args["img"])
+    attention = _comfy_attention(kind)
 
-    if kind == "double":
-        def patch(args, extra):
-            if runs_original(args):
-                return extra["original_block"](args)
+    def runs_original(args) -> bool:
+        return (runtime is not None and runtime.dense) or not fusable_call(block, args["pe"], args["img"])
+
+    def patch(args, extra):
+        if runs_original(args):
+            return extra["original_block"](args)
+        options = args.get("transformer_options") or {}
+        if kind == "double":
             img, txt = flux_double_block(block, args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"),
-                                         args.get("transformer_options") or {}, attention)
+                                         options, attention)
             return {"img": img, "txt": txt}
-    else:
-        def patch(args, extra):
-            if runs_original(args):
-                return extra["original_block"](args)
+        if kind == "single":
             return {"img": flux_single_block(block, args["img"], args["vec"], args["pe"], args.get("attn_mask"),
-                                             args.get("transformer_options") or {}, attention)}
+                                             options, attention)}
+        txt, img = qwen_image_block(block, args["img"], args["txt"], args["vec"], args["pe"], options, attention)
+        return {"img": img, "txt": txt}
     return patch
 
 

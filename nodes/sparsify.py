@@ -3,7 +3,7 @@ import logging
 
 from ..kernels import PRECISIONS, REQUESTS, fast_path_availability, fp8_dense_availability
 from ..lynx import LynxConfig, LynxRuntime, SelectionOptions, plan_model
-from .comfy_glue import comfy_linear_weights, install_fused_flux_blocks, install_plan, installed_plan
+from .comfy_glue import comfy_linear_weights, install_fused_blocks, install_plan, installed_plan
 
 log = logging.getLogger("rt_lynx")
 
@@ -49,8 +49,9 @@ class RTLynxSparsifyModel:
                                  "on dense e4m3 tensor cores with the same per-token / per-channel scales (and an "
                                  "fp8 copy of their weights). Off: they stay in the model's dtype. Ignored for bf16."}),
             "fused_blocks": ("BOOLEAN", {"default": True, "tooltip":
-                             "FLUX: compute each block's q/k norm, RoPE and gated residuals in fused kernels "
-                             "(same math, fewer passes; mostly helps without torch.compile). Other models: ignored."}),
+                             "FLUX, Qwen-Image: compute each block's q/k norm, RoPE and gated residuals in fused "
+                             "kernels (same math, fewer passes; mostly helps without torch.compile). Dense warm-up "
+                             "steps keep the original blocks. Z-Image: ignored."}),
         }}
 
     def patch(self, model, pattern, compensation, skip_first_blocks, skip_last_blocks, dense_warmup_steps,
@@ -76,7 +77,7 @@ class RTLynxSparsifyModel:
                           weights=comfy_linear_weights)
         patched = install_plan(model, plan)
         if fused_blocks:
-            plan.block_note = install_fused_flux_blocks(patched, diffusion_model, plan.runtime)
+            plan.block_note = install_fused_blocks(patched, diffusion_model, plan.runtime)
         summary = plan.summary(model.load_device)
         log.info(summary)
         print(summary)

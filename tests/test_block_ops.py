@@ -7,7 +7,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from rt_lynx_pack.kernels import qk_norm_rope, qk_norm_rope_reference
-from rt_lynx_pack.lynx.flux_blocks import fused_block_kind, fusable_call
+from rt_lynx_pack.lynx.fused_blocks import fused_block_kind, fusable_call
 
 
 def flux_pe(tokens, head_dim, generator):
@@ -73,13 +73,15 @@ class DoubleStreamBlock(nn.Module):   # the class name of ComfyUI's, with a forw
 
 def test_blocks_other_than_comfyui_flux_blocks_keep_their_own_forward():
     kind, why_not = fused_block_kind(nn.Linear(4, 4))
-    assert kind is None and "not a FLUX double or single stream block" in why_not
+    assert kind is None and "not a FLUX or Qwen-Image transformer block" in why_not
     kind, why_not = fused_block_kind(DoubleStreamBlock())
     assert kind is None and "new_option" in why_not
 
 
-def test_calls_without_fp32_rope_table_take_the_original_block():
-    hidden = torch.zeros(1, 4, 8)
-    assert fusable_call(torch.zeros(1, 1, 4, 4, 2, 2), hidden)
-    assert not fusable_call(None, hidden)
-    assert not fusable_call(torch.zeros(1, 1, 4, 4, 2, 2, dtype=torch.float16), hidden)
+def test_calls_without_a_rope_table_of_a_known_dtype_take_the_original_block():
+    block = nn.Identity()
+    hidden = torch.zeros(1, 4, 8, dtype=torch.bfloat16)
+    assert fusable_call(block, torch.zeros(1, 1, 4, 4, 2, 2), hidden)
+    assert fusable_call(block, torch.zeros(1, 4, 1, 4, 2, 2, dtype=torch.bfloat16), hidden)
+    assert not fusable_call(block, None, hidden)
+    assert not fusable_call(block, torch.zeros(1, 1, 4, 4, 2, 2, dtype=torch.float16), hidden)

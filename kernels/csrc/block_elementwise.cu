@@ -68,12 +68,18 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+template <bool kBf16>
+__device__ __forceinline__ float round_to_half(float v) {
+  return half_to_float<kBf16>(float_to_half<kBf16>(v));
+}
+
 // One head of q or k: x * rsqrt(mean(x^2) + eps) * weight rounded to the 16-bit dtype (as
-// F.rms_norm), then RoPE in fp32 with separately rounded products and sum (as the eager
-// pe[..., 0] * x[..., 0] + pe[..., 1] * x[..., 1]), rounded again.
-template <bool kBf16, int kPerLane>
+// F.rms_norm), then RoPE, out[2i + j] = pe[i][j][0] * x[2i] + pe[i][j][1] * x[2i + 1], with each
+// product and the sum rounded as the eager elementwise ops round them: to fp32 for an fp32 table
+// (FLUX), to the 16-bit dtype for a 16-bit one (Qwen-Image); then to the 16-bit dtype.
+template <bool kBf16, int kPerLane, bool kRope16>
 __device__ __forceinline__ LaneValues<kPerLane> norm_rope(const LaneValues<kPerLane>& in, const uint16_t* weight,
-                                                          const float4* pe, float eps) {
+                                                          const void* pe, float eps) {
   float x[kPerLane];
   float sum_sq = 0.f;
 #pragma unroll
@@ -85,22 +91,30 @@ __device__ __forceinline__ LaneValues<kPerLane> norm_rope(const LaneValues<kPerL
   const LaneValues<kPerLane> w = load_lane<kPerLane>(weight);
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
-    x[i] = half_to_float<kBf16>(float_to_half<kBf16>(x[i] * rstd * half_to_float<kBf16>(w.get(i))));
+    x[i] = round_to_half<kBf16>(x[i] * rstd * half_to_float<kBf16>(w.get(i)));
   }
   LaneValues<kPerLane> out;
 #pragma unroll
   for (int pair = 0; pair < kPerLane / 2; ++pair) {
-    const float4 r = pe[pair];  // {pe[i][0][0], pe[i][0][1], pe[i][1][0], pe[i][1][1]}
     const float x0 = x[2 * pair], x1 = x[2 * pair + 1];
-    out.set_pair(pair, float_to_half<kBf16>(__fadd_rn(__fmul_rn(r.x, x0), __fmul_rn(r.y, x1))),
-                 float_to_half<kBf16>(__fadd_rn(__fmul_rn(r.z, x0), __fmul_rn(r.w, x1))));
+    if constexpr (kRope16) {
+      const LaneValues<4> r = load_lane<4>(static_cast<const uint16_t*>(pe) + 4 * pair);
+      const float r00 = half_to_float<kBf16>(r.get(0)), r01 = half_to_float<kBf16>(r.get(1));
+      const float r10 = half_to_float<kBf16>(r.get(2)), r11 = half_to_float<kBf16>(r.get(3));
+      out.set_pair(pair, float_to_half<kBf16>(round_to_half<kBf16>(r00 * x0) + round_to_half<kBf16>(r01 * x1)),
+                   float_to_half<kBf16>(round_to_half<kBf16>(r10 * x0) + round_to_half<kBf16>(r11 * x1)));
+    } else {
+      const float4 r = static_cast<const float4*>(pe)[pair];  // {pe[i][0][0], pe[i][0][1], pe[i][1][0], pe[i][1][1]}
+      out.set_pair(pair, float_to_half<kBf16>(__fadd_rn(__fmul_rn(r.x, x0), __fmul_rn(r.y, x1))),
+                   float_to_half<kBf16>(__fadd_rn(__fmul_rn(r.z, x0), __fmul_rn(r.w, x1))));
+    }
   }
   return out;
 }
 
 // One warp per (batch, token, head); consecutive warps take consecutive heads of one token, so a
-// block reads contiguous stretches of the qkv row.
-template <bool kBf16, int kPerLane>
+// block reads contiguous stretches of the projections' rows.
+template <bool kBf16, int kPerLane, bool kRope16>
 __global__ void __launch_bounds__(256) qk_norm_rope_kernel(QkNormRopeParams p) {
   constexpr int kHeadDim = 32 * kPerLane;
   const int lane = threadIdx.x % 32;
@@ -109,34 +123,39 @@ __global__ void __launch_bounds__(256) qk_norm_rope_kernel(QkNormRopeParams p) {
   const int64_t head = item % p.heads;
   const int64_t token = (item / p.heads) % p.tokens;
   const int64_t batch = item / (p.heads * p.tokens);
-  // Selects, not p.part[part]: indexing the parameter arrays would copy them to local memory.
+  // Selects, not p.q_src[part]: indexing the parameter arrays would copy them to local memory.
   const int part = token < p.part_tokens[0] ? 0 : 1;
   const int64_t row = part ? token - p.part_tokens[0] : token;
-  const auto* src = static_cast<const uint16_t*>(part ? p.part[1] : p.part[0]) +
-                    batch * (part ? p.batch_stride[1] : p.batch_stride[0]) +
-                    row * (part ? p.row_stride[1] : p.row_stride[0]);
-  const int64_t width = p.heads * kHeadDim;
-  const int64_t column = head * kHeadDim + lane * kPerLane;
+  const int64_t offset = batch * (part ? p.batch_stride[1] : p.batch_stride[0]) +
+                         row * (part ? p.row_stride[1] : p.row_stride[0]) + head * kHeadDim + lane * kPerLane;
+  const auto* q_src = static_cast<const uint16_t*>(part ? p.q_src[1] : p.q_src[0]) + offset;
+  const auto* k_src = static_cast<const uint16_t*>(part ? p.k_src[1] : p.k_src[0]) + offset;
+  const auto* v_src = static_cast<const uint16_t*>(part ? p.v_src[1] : p.v_src[0]) + offset;
   const auto* weights_q = static_cast<const uint16_t*>(part ? p.q_weight[1] : p.q_weight[0]) + lane * kPerLane;
   const auto* weights_k = static_cast<const uint16_t*>(part ? p.k_weight[1] : p.k_weight[0]) + lane * kPerLane;
-  const auto* pe = reinterpret_cast<const float4*>(p.pe + batch * p.pe_batch_stride) +
-                   token * (kHeadDim / 2) + lane * (kPerLane / 2);
+  // Four table entries per pair, kPerLane / 2 pairs per lane.
+  const int64_t pe_offset = batch * p.pe_batch_stride + (token * (kHeadDim / 2) + lane * (kPerLane / 2)) * 4;
+  const void* pe = kRope16 ? static_cast<const void*>(static_cast<const uint16_t*>(p.pe) + pe_offset)
+                           : static_cast<const void*>(static_cast<const float*>(p.pe) + pe_offset);
 
-  const LaneValues<kPerLane> q = load_lane<kPerLane>(src + column);
-  const LaneValues<kPerLane> k = load_lane<kPerLane>(src + width + column);
-  const LaneValues<kPerLane> v = load_lane<kPerLane>(src + 2 * width + column);
-  const int64_t out = ((batch * p.heads + head) * p.tokens + token) * kHeadDim + lane * kPerLane;
-  store_lane<kPerLane>(static_cast<uint16_t*>(p.q_out) + out, norm_rope<kBf16, kPerLane>(q, weights_q, pe, p.eps));
-  store_lane<kPerLane>(static_cast<uint16_t*>(p.k_out) + out, norm_rope<kBf16, kPerLane>(k, weights_k, pe, p.eps));
+  const LaneValues<kPerLane> q = load_lane<kPerLane>(q_src);
+  const LaneValues<kPerLane> k = load_lane<kPerLane>(k_src);
+  const LaneValues<kPerLane> v = load_lane<kPerLane>(v_src);
+  const int64_t out = (p.heads_major_out ? (batch * p.heads + head) * p.tokens + token
+                                         : (batch * p.tokens + token) * p.heads + head) * kHeadDim + lane * kPerLane;
+  store_lane<kPerLane>(static_cast<uint16_t*>(p.q_out) + out,
+                       norm_rope<kBf16, kPerLane, kRope16>(q, weights_q, pe, p.eps));
+  store_lane<kPerLane>(static_cast<uint16_t*>(p.k_out) + out,
+                       norm_rope<kBf16, kPerLane, kRope16>(k, weights_k, pe, p.eps));
   store_lane<kPerLane>(static_cast<uint16_t*>(p.v_out) + out, v);
 }
 
-template <bool kBf16>
-void launch_for_dtype(const QkNormRopeParams& p, int head_dim, unsigned blocks, cudaStream_t stream) {
+template <bool kBf16, bool kRope16>
+void launch_variant(const QkNormRopeParams& p, int head_dim, unsigned blocks, cudaStream_t stream) {
   switch (head_dim) {
-    case 64: qk_norm_rope_kernel<kBf16, 2><<<blocks, 256, 0, stream>>>(p); break;
-    case 128: qk_norm_rope_kernel<kBf16, 4><<<blocks, 256, 0, stream>>>(p); break;
-    default: qk_norm_rope_kernel<kBf16, 8><<<blocks, 256, 0, stream>>>(p); break;
+    case 64: qk_norm_rope_kernel<kBf16, 2, kRope16><<<blocks, 256, 0, stream>>>(p); break;
+    case 128: qk_norm_rope_kernel<kBf16, 4, kRope16><<<blocks, 256, 0, stream>>>(p); break;
+    default: qk_norm_rope_kernel<kBf16, 8, kRope16><<<blocks, 256, 0, stream>>>(p); break;
   }
 }
 
@@ -149,10 +168,12 @@ void launch_qk_norm_rope(const QkNormRopeParams& p, int head_dim, bool is_bf16, 
   if (warps == 0) return;
   const int64_t blocks = (warps + 7) / 8;
   require(blocks <= 0x7fffffff, "qk_norm_rope: too many tokens for one launch");
+  const auto grid = static_cast<unsigned>(blocks);
   if (is_bf16) {
-    launch_for_dtype<true>(p, head_dim, static_cast<unsigned>(blocks), stream);
+    p.pe_16bit ? launch_variant<true, true>(p, head_dim, grid, stream) : launch_variant<true, false>(p, head_dim, grid, stream);
   } else {
-    launch_for_dtype<false>(p, head_dim, static_cast<unsigned>(blocks), stream);
+    p.pe_16bit ? launch_variant<false, true>(p, head_dim, grid, stream)
+               : launch_variant<false, false>(p, head_dim, grid, stream);
   }
 }
 

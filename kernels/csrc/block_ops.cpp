@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <tuple>
+#include <vector>
 
 #include "block_elementwise.h"
 #include "op_checks.h"
@@ -14,94 +15,169 @@
 namespace rt_lynx {
 namespace {
 
-// A qkv part as the kernel reads it: its rows and batch entries may be strided (a split of a
-// wider projection), but each row's values dense and every head's vector load aligned; else one
-// contiguous copy (stated fallback).
-at::Tensor aligned_part(const at::Tensor& part, int64_t head_dim) {
+// q, k and v of one token stream (batch, tokens, heads * head_dim each) and its q/k norm weights.
+struct Stream {
+  at::Tensor q, k, v;
+  at::Tensor q_weight, k_weight;
+};
+
+// The stream as the kernel reads it: rows and batch entries may be strided (views into a wider
+// projection) but each head's vector load aligned, and q, k, v with the same strides; else one
+// contiguous copy of each (stated fallback).
+Stream readable(Stream s, int64_t head_dim) {
   const int64_t alignment = head_dim / 32;  // elements of one lane's vector load
-  const bool aligned = part.stride(2) == 1 && part.stride(1) % alignment == 0 && part.stride(0) % alignment == 0 &&
-                       reinterpret_cast<uintptr_t>(part.data_ptr()) % (alignment * 2) == 0;
-  return aligned ? part : part.contiguous();
+  auto aligned = [&](const at::Tensor& t) {
+    return t.stride(2) == 1 && t.stride(1) % alignment == 0 && t.stride(0) % alignment == 0 &&
+           reinterpret_cast<uintptr_t>(t.data_ptr()) % (alignment * 2) == 0 && t.strides() == s.q.strides();
+  };
+  if (!(aligned(s.q) && aligned(s.k) && aligned(s.v))) {
+    s.q = s.q.contiguous(), s.k = s.k.contiguous(), s.v = s.v.contiguous();
+  }
+  return s;
 }
 
-void check_norm_weight(const at::Tensor& weight, const at::Tensor& qkv, int64_t head_dim, const char* op) {
-  require(weight.device() == qkv.device() && weight.scalar_type() == qkv.scalar_type() && weight.dim() == 1 &&
-              weight.size(0) == head_dim && weight.is_contiguous() &&
-              reinterpret_cast<uintptr_t>(weight.data_ptr()) % (head_dim / 16) == 0,
-          op, ": the q/k norm weights must be contiguous (head_dim,) vectors in qkv's dtype, on its device");
+void check_stream(const Stream& s, const at::Tensor& first, int64_t width, int64_t head_dim, const char* op) {
+  for (const auto* t : {&s.q, &s.k, &s.v}) {
+    require(t->device() == first.device() && t->scalar_type() == first.scalar_type() && t->dim() == 3 &&
+                t->size(0) == first.size(0) && t->size(1) == s.q.size(1) && t->size(2) == width,
+            op, ": q, k and v of every stream must be (batch, tokens, ", width, ") in one dtype, on one device");
+  }
+  for (const auto* w : {&s.q_weight, &s.k_weight}) {
+    require(w->defined() && w->device() == first.device() && w->scalar_type() == first.scalar_type() &&
+                w->dim() == 1 && w->size(0) == head_dim && w->is_contiguous() &&
+                reinterpret_cast<uintptr_t>(w->data_ptr()) % (head_dim / 16) == 0,
+            op, ": each stream needs q/k norm weights: contiguous (head_dim,) vectors in its dtype, on its device");
+  }
 }
 
-// Part b, when given, is a second projection whose tokens follow part a's (FLUX's text and image
-// streams), with its own q/k norm weights.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_op(
-    const at::Tensor& qkv_a, const at::Tensor& q_weight_a, const at::Tensor& k_weight_a,
-    const c10::optional<at::Tensor>& qkv_b, const c10::optional<at::Tensor>& q_weight_b,
-    const c10::optional<at::Tensor>& k_weight_b, const at::Tensor& pe_in, int64_t heads, double eps) {
-  const char* op = "rt_lynx::qk_norm_rope";
-  const bool two_parts = qkv_b.has_value() && qkv_b->defined();
-  require(qkv_a.is_cuda() && qkv_a.dim() == 3 && is_supported_dtype(qkv_a.scalar_type()), op,
-          ": qkv must be a 3-D bfloat16/float16 CUDA tensor (batch, tokens, 3 * heads * head_dim)");
-  require(heads >= 1 && qkv_a.size(2) % (3 * heads) == 0, op, ": qkv width ", qkv_a.size(2),
-          " is not 3 x heads (", heads, ") x head_dim");
-  const int64_t head_dim = qkv_a.size(2) / (3 * heads);
+int64_t checked_head_dim(const at::Tensor& first, int64_t width, int64_t heads, const char* op) {
+  require(first.is_cuda() && first.dim() == 3 && is_supported_dtype(first.scalar_type()), op,
+          ": the projections must be 3-D bfloat16/float16 CUDA tensors (batch, tokens, features)");
+  require(heads >= 1 && width % heads == 0, op, ": width ", width, " is not a multiple of heads (", heads, ")");
+  const int64_t head_dim = width / heads;
   require(head_dim == 64 || head_dim == 128 || head_dim == 256, op, ": head_dim must be 64, 128 or 256, got ",
           head_dim);
-  const int64_t batch = qkv_a.size(0);
-  at::Tensor parts[2] = {aligned_part(qkv_a, head_dim), at::Tensor()};
-  const at::Tensor* q_weights[2] = {&q_weight_a, nullptr};
-  const at::Tensor* k_weights[2] = {&k_weight_a, nullptr};
-  if (two_parts) {
-    const at::Tensor& b = *qkv_b;
-    require(b.device() == qkv_a.device() && b.scalar_type() == qkv_a.scalar_type() && b.dim() == 3 &&
-                b.size(0) == batch && b.size(2) == qkv_a.size(2),
-            op, ": the second qkv part must match the first in device, dtype, batch and width");
-    require(q_weight_b.has_value() && q_weight_b->defined() && k_weight_b.has_value() && k_weight_b->defined(), op,
-            ": the second qkv part needs its own q/k norm weights");
-    parts[1] = aligned_part(b, head_dim);
-    q_weights[1] = &*q_weight_b;
-    k_weights[1] = &*k_weight_b;
-  }
-  const int part_count = two_parts ? 2 : 1;
-  for (int i = 0; i < part_count; ++i) {
-    check_norm_weight(*q_weights[i], qkv_a, head_dim, op);
-    check_norm_weight(*k_weights[i], qkv_a, head_dim, op);
-  }
-  const int64_t tokens = qkv_a.size(1) + (two_parts ? parts[1].size(1) : 0);
-  require(pe_in.device() == qkv_a.device() && pe_in.scalar_type() == at::kFloat && pe_in.dim() == 6 &&
-              (pe_in.size(0) == 1 || pe_in.size(0) == batch) && pe_in.size(1) == 1 && pe_in.size(2) == tokens &&
-              pe_in.size(3) == head_dim / 2 && pe_in.size(4) == 2 && pe_in.size(5) == 2,
-          op, ": pe must be fp32 (1 or batch, 1, tokens, head_dim / 2, 2, 2) on qkv's device, tokens = ", tokens);
-  const at::Tensor pe = pe_in.contiguous();
-  const c10::cuda::CUDAGuard guard(qkv_a.device());
-  auto q = at::empty({batch, heads, tokens, head_dim}, qkv_a.options());
-  auto k = at::empty({batch, heads, tokens, head_dim}, qkv_a.options());
-  auto v = at::empty({batch, heads, tokens, head_dim}, qkv_a.options());
+  return head_dim;
+}
+
+// FLUX's table is (batch or 1, 1, tokens, head_dim / 2, 2, 2), Qwen-Image's (batch or 1, tokens, 1, ...): the
+// same memory order. fp32, or the projections' dtype (RoPE then rounds as in that dtype).
+at::Tensor checked_pe(const at::Tensor& pe, const at::Tensor& first, int64_t tokens, int64_t head_dim, const char* op) {
+  require(pe.device() == first.device() && (pe.scalar_type() == at::kFloat || pe.scalar_type() == first.scalar_type()) &&
+              pe.dim() == 6 && (pe.size(0) == 1 || pe.size(0) == first.size(0)) && pe.size(1) * pe.size(2) == tokens &&
+              (pe.size(1) == 1 || pe.size(2) == 1) && pe.size(3) == head_dim / 2 && pe.size(4) == 2 && pe.size(5) == 2,
+          op, ": pe must be (1 or batch, tokens, head_dim / 2, 2, 2) with a unit dim before or after the tokens, "
+          "fp32 or the projections' dtype, on their device; tokens = ", tokens);
+  const at::Tensor table = pe.contiguous();
+  // A 16-bit table is read 8 bytes at a time, an fp32 one 16.
+  return reinterpret_cast<uintptr_t>(table.data_ptr()) % 16 == 0 ? table : table.clone();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_qk_norm_rope(Stream (&streams)[2], int stream_count,
+                                                                const at::Tensor& pe_in, int64_t heads,
+                                                                int64_t head_dim, double eps, bool heads_major_out,
+                                                                const char* op) {
+  const at::Tensor& first = streams[0].q;
+  const int64_t batch = first.size(0);
+  const int64_t tokens = first.size(1) + (stream_count == 2 ? streams[1].q.size(1) : 0);
+  const at::Tensor pe = checked_pe(pe_in, first, tokens, head_dim, op);
+  const c10::cuda::CUDAGuard guard(first.device());
+  const std::vector<int64_t> shape = heads_major_out ? std::vector<int64_t>{batch, heads, tokens, head_dim}
+                                                     : std::vector<int64_t>{batch, tokens, heads * head_dim};
+  auto q = at::empty(shape, first.options());
+  auto k = at::empty(shape, first.options());
+  auto v = at::empty(shape, first.options());
 
   QkNormRopeParams p{};
-  for (int i = 0; i < part_count; ++i) {
-    p.part[i] = parts[i].data_ptr();
-    p.batch_stride[i] = parts[i].stride(0);
-    p.row_stride[i] = parts[i].stride(1);
-    p.part_tokens[i] = parts[i].size(1);
-    p.q_weight[i] = q_weights[i]->data_ptr();
-    p.k_weight[i] = k_weights[i]->data_ptr();
+  for (int i = 0; i < stream_count; ++i) {
+    const Stream& s = streams[i];
+    p.q_src[i] = s.q.data_ptr();
+    p.k_src[i] = s.k.data_ptr();
+    p.v_src[i] = s.v.data_ptr();
+    p.batch_stride[i] = s.q.stride(0);
+    p.row_stride[i] = s.q.stride(1);
+    p.part_tokens[i] = s.q.size(1);
+    p.q_weight[i] = s.q_weight.data_ptr();
+    p.k_weight[i] = s.k_weight.data_ptr();
   }
-  p.pe = pe.data_ptr<float>();
+  p.pe = pe.data_ptr();
+  p.pe_16bit = pe.scalar_type() != at::kFloat;
   p.pe_batch_stride = pe.size(0) == 1 ? 0 : pe.stride(0);
   p.q_out = q.data_ptr();
   p.k_out = k.data_ptr();
   p.v_out = v.data_ptr();
+  p.heads_major_out = heads_major_out;
   p.batch = batch;
   p.tokens = tokens;
   p.heads = heads;
   p.eps = static_cast<float>(eps);
-  launch_qk_norm_rope(p, static_cast<int>(head_dim), qkv_a.scalar_type() == at::kBFloat16,
+  launch_qk_norm_rope(p, static_cast<int>(head_dim), first.scalar_type() == at::kBFloat16,
                       at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {q, k, v};
 }
 
+bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// FLUX: each stream's q, k, v side by side in one projection (batch, tokens, 3 * heads * head_dim);
+// out (batch, heads, tokens, head_dim). Stream b, when given, follows stream a's tokens.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_op(
+    const at::Tensor& qkv_a, const at::Tensor& q_weight_a, const at::Tensor& k_weight_a,
+    const c10::optional<at::Tensor>& qkv_b, const c10::optional<at::Tensor>& q_weight_b,
+    const c10::optional<at::Tensor>& k_weight_b, const at::Tensor& pe, int64_t heads, double eps) {
+  const char* op = "rt_lynx::qk_norm_rope";
+  require(qkv_a.dim() == 3 && qkv_a.size(2) % 3 == 0, op, ": qkv must be (batch, tokens, 3 * heads * head_dim)");
+  const int64_t width = qkv_a.size(2) / 3;
+  const int64_t head_dim = checked_head_dim(qkv_a, width, heads, op);
+  auto split = [&](const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight) {
+    require(qkv.dim() == 3 && qkv.size(2) == 3 * width, op, ": both qkv projections must be ", 3 * width, " wide");
+    return Stream{qkv.narrow(2, 0, width), qkv.narrow(2, width, width), qkv.narrow(2, 2 * width, width), q_weight,
+                  k_weight};
+  };
+  Stream streams[2];
+  streams[0] = split(qkv_a, q_weight_a, k_weight_a);
+  const int count = given(qkv_b) ? 2 : 1;
+  if (count == 2) {
+    require(given(q_weight_b) && given(k_weight_b), op, ": the second qkv part needs its own q/k norm weights");
+    streams[1] = split(*qkv_b, *q_weight_b, *k_weight_b);
+  }
+  for (int i = 0; i < count; ++i) {
+    check_stream(streams[i], qkv_a, width, head_dim, op);
+    streams[i] = readable(streams[i], head_dim);
+  }
+  return run_qk_norm_rope(streams, count, pe, heads, head_dim, eps, /*heads_major_out=*/true, op);
+}
+
+// Qwen-Image: q, k, v from separate projections (batch, tokens, heads * head_dim each); out in the
+// same token-major layout.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_split_op(
+    const at::Tensor& q_a, const at::Tensor& k_a, const at::Tensor& v_a, const at::Tensor& q_weight_a,
+    const at::Tensor& k_weight_a, const c10::optional<at::Tensor>& q_b, const c10::optional<at::Tensor>& k_b,
+    const c10::optional<at::Tensor>& v_b, const c10::optional<at::Tensor>& q_weight_b,
+    const c10::optional<at::Tensor>& k_weight_b, const at::Tensor& pe, int64_t heads, double eps) {
+  const char* op = "rt_lynx::qk_norm_rope_split";
+  require(q_a.dim() == 3, op, ": q must be (batch, tokens, heads * head_dim)");
+  const int64_t width = q_a.size(2);
+  const int64_t head_dim = checked_head_dim(q_a, width, heads, op);
+  Stream streams[2];
+  streams[0] = Stream{q_a, k_a, v_a, q_weight_a, k_weight_a};
+  const int count = given(q_b) ? 2 : 1;
+  if (count == 2) {
+    require(given(k_b) && given(v_b) && given(q_weight_b) && given(k_weight_b), op,
+            ": the second stream needs its k, v and q/k norm weights");
+    streams[1] = Stream{*q_b, *k_b, *v_b, *q_weight_b, *k_weight_b};
+  }
+  for (int i = 0; i < count; ++i) {
+    check_stream(streams[i], q_a, width, head_dim, op);
+    streams[i] = readable(streams[i], head_dim);
+  }
+  return run_qk_norm_rope(streams, count, pe, heads, head_dim, eps, /*heads_major_out=*/false, op);
+}
+
 }  // namespace
 }  // namespace rt_lynx
 
-TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) { m.impl("qk_norm_rope", &rt_lynx::qk_norm_rope_op); }
+TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) {
+  m.impl("qk_norm_rope", &rt_lynx::qk_norm_rope_op);
+  m.impl("qk_norm_rope_split", &rt_lynx::qk_norm_rope_split_op);
+}

@@ -1,6 +1,7 @@
-"""FLUX blocks with fused elementwise work inside a real ComfyUI: each fused forward computes what
-ComfyUI's own block computes, the sampler reaches them through ComfyUI's block-replace patches on
-the patched clone only, and a block another node replaces is left to that node."""
+"""FLUX and Qwen-Image blocks with fused elementwise work inside a real ComfyUI: each fused forward
+computes what ComfyUI's own block computes, the sampler reaches them through ComfyUI's
+block-replace patches on the patched clone only, and a block another node replaces is left to
+that node."""
 import pytest
 import torch
 
@@ -9,10 +10,12 @@ from comfyui_env import import_comfyui
 import_comfyui()
 
 import comfy.ldm.flux.math as flux_math  # noqa: E402
+import comfy.ldm.qwen_image.model as qwen_image_model  # noqa: E402
 import comfy.model_management  # noqa: E402
 
-from comfyui_models import load_flux, sample  # noqa: E402
-from rt_lynx_pack.lynx.flux_blocks import flux_double_block, flux_single_block, fused_block_kind  # noqa: E402
+from comfyui_models import load_flux, load_model, sample  # noqa: E402
+from rt_lynx_pack.lynx.fused_blocks import (flux_double_block, flux_single_block, fused_block_kind,  # noqa: E402
+                                            qwen_image_block)
 from rt_lynx_pack.nodes import RTLynxSparsifyModel  # noqa: E402
 
 
@@ -86,7 +89,7 @@ def test_fused_single_block_computes_comfyuis_single_block(flux, dtype):
 
 def test_sampling_reaches_the_fused_blocks_on_the_patched_clone_only(flux, capsys):
     fused = sparsify(flux)
-    assert "2 FLUX blocks with fused q/k norm + RoPE" in capsys.readouterr().out
+    assert "2 blocks with fused q/k norm + RoPE" in capsys.readouterr().out
     replaced = fused.model_options["transformer_options"]["patches_replace"]["dit"]
     assert set(replaced) == {("double_block", 0), ("single_block", 0)}
     assert "patches_replace" not in flux.model_options["transformer_options"]
@@ -111,6 +114,58 @@ def test_a_block_another_node_replaces_is_left_to_it(flux, capsys):
 
     other.set_model_patch_replace(other_nodes_block, "dit", "double_block", 0)
     fused = sparsify(other)
-    assert "1 FLUX blocks with fused q/k norm + RoPE" in capsys.readouterr().out
+    assert "1 blocks with fused q/k norm + RoPE" in capsys.readouterr().out
     replaced = fused.model_options["transformer_options"]["patches_replace"]["dit"]
     assert replaced[("double_block", 0)] is other_nodes_block and ("single_block", 0) in replaced
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    patcher = load_model("qwen_image")
+    yield patcher
+    comfy.model_management.unload_all_models()
+
+
+def qwen_attention(q, k, v, heads, mask, transformer_options):
+    return qwen_image_model.optimized_attention_masked(q, k, v, heads, mask, transformer_options=transformer_options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qwen_image_block_computes_comfyuis_block(qwen, dtype):
+    model = qwen.model.diffusion_model
+    block = model.transformer_blocks[0]
+    assert fused_block_kind(block) == ("qwen_image", "")
+    generator = torch.Generator().manual_seed(4)
+    batch, txt_tokens, img_tokens, hidden = 2, 6, 10, model.inner_dim
+    ids = torch.randint(0, 64, (batch, txt_tokens + img_tokens, 3), generator=generator).float()
+    pe = model.pe_embedder(ids).squeeze(1).unsqueeze(2).to(dtype)   # as QwenImageTransformer2DModel makes it
+    img, txt, temb = (torch.randn(batch, *shape, generator=generator).to(dtype)
+                      for shape in ((img_tokens, hidden), (txt_tokens, hidden), (hidden,)))
+    block.to(dtype)
+    try:
+        want_txt, want_img = block(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=None,
+                                   temb=temb, image_rotary_emb=pe)
+        got_txt, got_img = qwen_image_block(block, img, txt, temb, pe, {}, qwen_attention)
+    finally:
+        block.float()
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got_img, want_img, **tolerance)
+    torch.testing.assert_close(got_txt, want_txt, **tolerance)
+
+
+def test_qwen_image_samples_through_its_fused_blocks_with_cfg(qwen, capsys):
+    fused = sparsify(qwen)
+    assert "1 blocks with fused q/k norm + RoPE" in capsys.readouterr().out
+    replaced = fused.model_options["transformer_options"]["patches_replace"]["dit"]
+    calls = []
+    patch = replaced[("double_block", 0)]
+
+    def counting(args, extra):
+        calls.append(args["img"].shape[0])
+        return patch(args, extra)
+
+    replaced[("double_block", 0)] = counting
+    out = sample(fused, arch="qwen_image", cfg=2.0)
+    assert calls and all(batch == 2 for batch in calls)   # cond and uncond in one batch
+    torch.testing.assert_close(out, sample(sparsify(qwen, fused_blocks=False), arch="qwen_image", cfg=2.0),
+                               rtol=1e-4, atol=1e-4)

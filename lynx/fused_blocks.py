@@ -1,0 +1,173 @@
+"""Transformer blocks with the elementwise work between their linears fused (FLUX, Qwen-Image).
+
+In eager mode much of a step outside the GEMMs and attention is elementwise work between the
+linears: per-head q/k RMSNorm, RoPE on broadcast pair tensors and the concatenation of the text
+and image streams are a dozen passes over the attention inputs. These forwards compute ComfyUI's
+FLUX DoubleStreamBlock / SingleStreamBlock (comfy.ldm.flux.layers) and Qwen-Image's
+QwenImageTransformerBlock (comfy.ldm.qwen_image.model) with that work in one pass
+(kernels.qk_norm_rope / qk_norm_rope_split) and each gated residual in one addcmul. The linears,
+norms and modulations are still the block's own modules, so the Lynx forwards, ComfyUI's weight
+casts and LoRA patches apply unchanged. Attention itself is the caller's (ComfyUI's
+optimized_attention).
+
+Only blocks whose structure and forward signatures are the ones written against here are taken
+(`fused_block_kind`); any other keeps its own forward.
+"""
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..kernels import qk_norm_rope, qk_norm_rope_split
+
+# attention(q, k, v, heads, mask, transformer_options) with q, k, v as (batch, heads, tokens,
+# head_dim) -> (batch, tokens, heads * head_dim)
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None, dict], torch.Tensor]
+
+QK_NORM_EPS = 1e-6   # comfy.ldm.flux.layers.RMSNorm's
+FP16_MAX = 65504.0
+
+# The forward parameters of the block classes these forwards reproduce (ComfyUI 0.3.x). A block
+# whose forward takes others has changed behaviour and keeps its own forward.
+_DOUBLE_PARAMETERS = {"self", "img", "txt", "vec", "pe", "attn_mask", "modulation_dims_img",
+                      "modulation_dims_txt", "transformer_options"}
+_SINGLE_PARAMETERS = {"self", "x", "vec", "pe", "attn_mask", "modulation_dims", "transformer_options"}
+_DOUBLE_MODULES = ("img_mod", "txt_mod", "img_norm1", "img_norm2", "txt_norm1", "txt_norm2", "img_attn.qkv",
+                   "img_attn.proj", "img_attn.norm.query_norm", "img_attn.norm.key_norm", "txt_attn.qkv",
+                   "txt_attn.proj", "txt_attn.norm.query_norm", "txt_attn.norm.key_norm", "img_mlp", "txt_mlp")
+_SINGLE_MODULES = ("modulation", "pre_norm", "linear1", "linear2", "norm.query_norm", "norm.key_norm", "mlp_act")
+_QWEN_PARAMETERS = {"self", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb",
+                    "image_rotary_emb", "transformer_options"}
+_QWEN_ATTENTION_PARAMETERS = {"self", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask",
+                              "attention_mask", "image_rotary_emb", "transformer_options"}
+_QWEN_NORMS = ("attn.norm_added_q", "attn.norm_added_k", "attn.norm_q", "attn.norm_k")   # text stream first
+_QWEN_MODULES = ("img_mod", "txt_mod", "img_norm1", "img_norm2", "txt_norm1", "txt_norm2", "img_mlp", "txt_mlp",
+                 "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                 "attn.to_out.0", "attn.to_out.1", "attn.to_add_out") + _QWEN_NORMS
+
+
+def fused_block_kind(block: nn.Module) -> tuple[str | None, str]:
+    """("double" | "single" | "qwen_image", "") when `block` is a block these forwards compute, else
+    (None, why not)."""
+    kinds = {"DoubleStreamBlock": ("double", _DOUBLE_PARAMETERS, _DOUBLE_MODULES, ("num_heads", "flipped_img_txt")),
+             "SingleStreamBlock": ("single", _SINGLE_PARAMETERS, _SINGLE_MODULES,
+                                   ("num_heads", "hidden_size", "mlp_hidden_dim")),
+             "QwenImageTransformerBlock": ("qwen_image", _QWEN_PARAMETERS, _QWEN_MODULES, ("_modulate", "attn.heads"))}
+    name = type(block).__name__
+    if name not in kinds:
+        return None, f"{name} is not a FLUX or Qwen-Image transformer block"
+    kind, parameters, modules, attributes = kinds[name]
+    problem = _signature_problem(type(block), parameters)
+    present = dict(block.named_modules())
+    missing = [m for m in modules if m not in present] + [a for a in attributes if not _has_path(block, a)]
+    if missing:
+        problem = problem or f"{name} lacks {missing}"
+    if kind == "qwen_image" and not problem:
+        problem = _signature_problem(type(block.attn), _QWEN_ATTENTION_PARAMETERS)
+        eps = {getattr(present[norm], "eps", None) for norm in _QWEN_NORMS}
+        if len(eps) != 1 or None in eps or any(getattr(present[n], "weight", None) is None for n in _QWEN_NORMS):
+            problem = problem or f"{name}'s q/k norms differ in eps or have no weight"
+    return (None, problem) if problem else (kind, "")
+
+
+def _signature_problem(cls, parameters: set[str]) -> str:
+    found = set(inspect.signature(cls.forward).parameters)
+    if found == parameters:
+        return ""
+    return f"{cls.__name__}.forward takes {sorted(found - parameters) or 'fewer'} parameters than the fused forward knows"
+
+
+def _has_path(module: nn.Module, path: str) -> bool:
+    for part in path.split("."):
+        if not hasattr(module, part):
+            return False
+        module = getattr(module, part)
+    return True
+
+
+def _modulate(x: torch.Tensor, mod) -> torch.Tensor:
+    return torch.addcmul(mod.shift, x, 1 + mod.scale)
+
+
+def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX) if x.dtype == torch.float16 else x
+
+
+def flux_double_block(block: nn.Module, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
+                      attn_mask: torch.Tensor | None, transformer_options: dict,
+                      attention: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoubleStreamBlock.forward (no modulation_dims) with fused q/k norm + RoPE and gated residuals."""
+    img_mod1, img_mod2 = block.img_mod(vec)
+    txt_mod1, txt_mod2 = block.txt_mod(vec)
+    img_qkv = block.img_attn.qkv(_modulate(block.img_norm1(img), img_mod1))
+    txt_qkv = block.txt_attn.qkv(_modulate(block.txt_norm1(txt), txt_mod1))
+    # Attention runs over the concatenated streams, text first unless the block is flipped.
+    first, second = ((img_qkv, block.img_attn), (txt_qkv, block.txt_attn)) if block.flipped_img_txt else \
+        ((txt_qkv, block.txt_attn), (img_qkv, block.img_attn))
+    q, k, v = qk_norm_rope(first[0], first[1].norm.query_norm.scale, first[1].norm.key_norm.scale,
+                           second[0], second[1].norm.query_norm.scale, second[1].norm.key_norm.scale,
+                           pe, block.num_heads, QK_NORM_EPS)
+    attn = attention(q, k, v, block.num_heads, attn_mask, transformer_options)
+    attn_first, attn_second = attn[:, :first[0].shape[1]], attn[:, first[0].shape[1]:]
+    img_attn, txt_attn = (attn_first, attn_second) if block.flipped_img_txt else (attn_second, attn_first)
+
+    img = torch.addcmul(img, img_mod1.gate, block.img_attn.proj(img_attn))
+    img = torch.addcmul(img, img_mod2.gate, block.img_mlp(_modulate(block.img_norm2(img), img_mod2)))
+    txt = torch.addcmul(txt, txt_mod1.gate, block.txt_attn.proj(txt_attn))
+    txt = torch.addcmul(txt, txt_mod2.gate, block.txt_mlp(_modulate(block.txt_norm2(txt), txt_mod2)))
+    return img, _clamp_fp16(txt)
+
+
+def flux_single_block(block: nn.Module, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
+                      attn_mask: torch.Tensor | None, transformer_options: dict, attention: Attention) -> torch.Tensor:
+    """SingleStreamBlock.forward (no modulation_dims) with fused q/k norm + RoPE and gated residual."""
+    mod, _ = block.modulation(vec)
+    qkv, mlp = torch.split(block.linear1(_modulate(block.pre_norm(x), mod)),
+                           [3 * block.hidden_size, block.mlp_hidden_dim], dim=-1)
+    q, k, v = qk_norm_rope(qkv, block.norm.query_norm.scale, block.norm.key_norm.scale, None, None, None,
+                           pe, block.num_heads, QK_NORM_EPS)
+    attn = attention(q, k, v, block.num_heads, attn_mask, transformer_options)
+    out = block.linear2(torch.cat((attn, block.mlp_act(mlp)), 2))
+    return _clamp_fp16(torch.addcmul(x, mod.gate, out))
+
+
+def qwen_image_block(block: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                     temb: torch.Tensor, pe: torch.Tensor, transformer_options: dict,
+                     attention: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+    """QwenImageTransformerBlock.forward with fused q/k norm + RoPE and gated residuals; returns
+    (encoder_hidden_states, hidden_states) as the block does."""
+    img_mod1, img_mod2 = block.img_mod(temb).chunk(2, dim=-1)
+    txt_mod1, txt_mod2 = block.txt_mod(temb).chunk(2, dim=-1)
+    img_modulated, img_gate1 = block._modulate(block.img_norm1(hidden_states), img_mod1)
+    txt_modulated, txt_gate1 = block._modulate(block.txt_norm1(encoder_hidden_states), txt_mod1)
+    attn = block.attn
+    # Attention runs over the text tokens, then the image tokens.
+    q, k, v = qk_norm_rope_split(attn.add_q_proj(txt_modulated), attn.add_k_proj(txt_modulated),
+                                 attn.add_v_proj(txt_modulated), attn.norm_added_q.weight, attn.norm_added_k.weight,
+                                 attn.to_q(img_modulated), attn.to_k(img_modulated), attn.to_v(img_modulated),
+                                 attn.norm_q.weight, attn.norm_k.weight, pe, attn.heads, attn.norm_q.eps)
+    joint = attention(q, k, v, attn.heads, None, transformer_options)
+    text_tokens = encoder_hidden_states.shape[1]
+    img_attn_output = attn.to_out[1](attn.to_out[0](joint[:, text_tokens:]))
+    txt_attn_output = attn.to_add_out(joint[:, :text_tokens])
+
+    hidden_states = torch.addcmul(hidden_states, img_gate1, img_attn_output)
+    encoder_hidden_states = torch.addcmul(encoder_hidden_states, txt_gate1, txt_attn_output)
+    img_modulated2, img_gate2 = block._modulate(block.img_norm2(hidden_states), img_mod2)
+    hidden_states = torch.addcmul(hidden_states, img_gate2, block.img_mlp(img_modulated2))
+    txt_modulated2, txt_gate2 = block._modulate(block.txt_norm2(encoder_hidden_states), txt_mod2)
+    encoder_hidden_states = torch.addcmul(encoder_hidden_states, txt_gate2, block.txt_mlp(txt_modulated2))
+    return encoder_hidden_states, hidden_states
+
+
+def fusable_call(block: nn.Module, pe: torch.Tensor | None, hidden: torch.Tensor) -> bool:
+    """Whether one call is what the fused forwards compute: a RoPE table (FLUX's fp32, Qwen-Image's in
+    the activations' dtype), and Qwen-Image q/k norm weights used as stored (not cast or patched per
+    call by ComfyUI, which the fused forward would not see); otherwise the block's own forward runs."""
+    if pe is None or pe.dim() != 6 or hidden.dim() != 3 or pe.dtype not in (torch.float32, hidden.dtype):
+        return False
+    if type(block).__name__ == "QwenImageTransformerBlock":
+        norms = [block.get_submodule(name) for name in _QWEN_NORMS]
+        return not any(getattr(n, "comfy_cast_weights", False) or getattr(n, "weight_function", None) for n in norms)
+    return True
