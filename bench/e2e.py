@@ -388,7 +388,8 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = "".join(c if c.isalnum() else "-" for c in dev.name).strip("-").lower()
-    stem = out / f"e2e-{now.strftime('%Y%m%d-%H%M')}-{gpu}{'-tiny' if args.tiny else ''}"
+    # The models in the name: two runs in one minute (one model each) must not overwrite each other.
+    stem = out / f"e2e-{now.strftime('%Y%m%d-%H%M')}-{gpu}-{'-'.join(args.models)}{'-tiny' if args.tiny else ''}"
     stem.with_suffix(".md").write_text(text)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "steps": rows, "samples": samples,
                                                      "calibrations": calibrations, "lynx_plans": notes},

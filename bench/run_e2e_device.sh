@@ -9,7 +9,7 @@ export COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfyui}"
 # Build the fast kernels first so the Lynx side runs on sparse tensor cores (the summary line says which path ran).
 source bench/device_setup.sh
 touch "$OUT/.start"
-timeout "${E2E_TIMEOUT:-540}" python3 bench/e2e.py --out bench/results "$@" 2>&1 | tee "$OUT/e2e.log"
+timeout "${E2E_TIMEOUT:-540}" python3 bench/e2e.py --out bench/results "$@" 2>&1 | tee "$OUT/e2e-$(date +%H%M%S).log"  # one log per run of a call
 status=${PIPESTATUS[0]}
 # Only this run's results: a call brings back at most 8 files.
 find bench/results -name 'e2e-*' -newer "$OUT/.start" -exec cp {} "$OUT"/ \;

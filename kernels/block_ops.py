@@ -60,15 +60,8 @@ def availability_block_ops(device: torch.device) -> tuple[bool, str]:
 
 
 def _check_device(index: int) -> tuple[bool, str]:
-    try:
-        _cusparselt.extension()
-        with torch.cuda.device(index):
-            problem = self_test_block_ops(torch.device("cuda", index))
-    except Exception as exc:
-        problem = _cusparselt.self_test_error(exc)
-    if problem:
-        return False, f"fused block kernels unavailable: {problem}"
-    return True, "fused block kernels, self-test passed"
+    return _cusparselt.checked_on_device(index, self_test_block_ops, "fused block kernels unavailable",
+                                         "fused block kernels, self-test passed")
 
 
 _availability = _cusparselt.PerDeviceCheck(_check_device)
@@ -77,6 +70,7 @@ _availability = _cusparselt.PerDeviceCheck(_check_device)
 def self_test_block_ops(device: torch.device) -> str:
     """'' when both ops match the reference (two streams, a strided one, batch 2, an fp32 and a
     16-bit RoPE table, both 16-bit dtypes); else the first problem, one line."""
+    _cusparselt.extension()   # builds it first time; a build error is the problem reported
     generator = torch.Generator(device=device).manual_seed(2468)
     batch, heads, head_dim, tokens_a, tokens_b = 2, 3, 128, 5, 7
 

@@ -188,6 +188,17 @@ def _check_device(index: int) -> tuple[bool, str]:
 _availability = PerDeviceCheck(_check_device)
 
 
+def checked_on_device(index: int, self_test, unavailable: str, available: str) -> tuple[bool, str]:
+    """(True, available) when self_test(device) returns '' on CUDA device `index`, else (False,
+    "<unavailable>: <its problem>"); an exception counts as the problem. Never raises."""
+    try:
+        with torch.cuda.device(index):
+            problem = self_test(torch.device("cuda", index))
+    except Exception as exc:
+        problem = self_test_error(exc)
+    return (False, f"{unavailable}: {problem}") if problem else (True, available)
+
+
 def self_test_error(exc: Exception) -> str:
     """One line for the log: the first line of the error, cut short."""
     text = str(exc).strip()

@@ -49,14 +49,8 @@ def availability_fp8_dense(device: torch.device) -> tuple[bool, str]:
 
 
 def _check_device(index: int) -> tuple[bool, str]:
-    try:
-        with torch.cuda.device(index):
-            problem = self_test_fp8_dense(torch.device("cuda", index))
-    except Exception as exc:
-        problem = _cusparselt.self_test_error(exc)
-    if problem:
-        return False, f"fp8 dense path unavailable: {problem}"
-    return True, "e4m3 row quantisation + torch._scaled_mm row-wise, self-test passed"
+    return _cusparselt.checked_on_device(index, self_test_fp8_dense, "fp8 dense path unavailable",
+                                         "e4m3 row quantisation + torch._scaled_mm row-wise, self-test passed")
 
 
 _availability = _cusparselt.PerDeviceCheck(_check_device, _cusparselt.availability)
