@@ -163,11 +163,12 @@ def qwen_image_block(block: nn.Module, hidden_states: torch.Tensor, encoder_hidd
 
 def fusable_call(block: nn.Module, pe: torch.Tensor | None, hidden: torch.Tensor) -> bool:
     """Whether one call is what the fused forwards compute: a RoPE table (FLUX's fp32, Qwen-Image's in
-    the activations' dtype), and Qwen-Image q/k norm weights used as stored (not cast or patched per
-    call by ComfyUI, which the fused forward would not see); otherwise the block's own forward runs."""
+    the activations' dtype), and Qwen-Image q/k norm weights not patched per call by ComfyUI (a LoRA
+    weight function the fused forward would not see; a plain cast to the activations' device and
+    dtype it makes itself); otherwise the block's own forward runs."""
     if pe is None or pe.dim() != 6 or hidden.dim() != 3 or pe.dtype not in (torch.float32, hidden.dtype):
         return False
     if type(block).__name__ == "QwenImageTransformerBlock":
         norms = [block.get_submodule(name) for name in _QWEN_NORMS]
-        return not any(getattr(n, "comfy_cast_weights", False) or getattr(n, "weight_function", None) for n in norms)
+        return not any(getattr(n, "weight_function", None) or getattr(n, "bias_function", None) for n in norms)
     return True

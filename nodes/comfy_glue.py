@@ -201,9 +201,13 @@ def install_plan(model, plan: LynxPlan):
     return patched
 
 
-# Block lists and the names the models' forwards look up in the "dit" block-replace patches.
-_BLOCK_LISTS = (("double_blocks", "double_block"), ("single_blocks", "single_block"),   # FLUX
-                ("transformer_blocks", "double_block"))                                 # Qwen-Image
+# Per model class (the forward that calls the blocks): its block lists and the names it looks up
+# in the "dit" block-replace patches. Other models reusing these block classes (HunyuanVideo uses
+# FLUX's, with attention masks and per-frame modulation) keep their blocks.
+_BLOCK_LISTS = {
+    ("comfy.ldm.flux.model", "Flux"): (("double_blocks", "double_block"), ("single_blocks", "single_block")),
+    ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"): (("transformer_blocks", "double_block"),),
+}
 
 
 def install_fused_blocks(patched, diffusion_model, runtime: LynxRuntime | None = None) -> str:
@@ -211,9 +215,10 @@ def install_fused_blocks(patched, diffusion_model, runtime: LynxRuntime | None =
     ModelPatcher `patched` (a clone: the patches live in its model_options). During the dense
     warm-up steps of `runtime` the blocks run their own forward, so those steps are the original
     model's exactly. Returns a phrase for the summary line, "" when the model has no such blocks."""
+    block_lists = _BLOCK_LISTS.get((type(diffusion_model).__module__, type(diffusion_model).__name__), ())
     taken = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     fused, kept = 0, {}
-    for list_name, patch_name in _BLOCK_LISTS:
+    for list_name, patch_name in block_lists:
         for index, block in enumerate(getattr(diffusion_model, list_name, None) or []):
             kind, why_not = fused_block_kind(block)
             if kind is not None and (patch_name, index) in taken:
@@ -254,7 +259,11 @@ def _fused_block_patch(kind: str, block, runtime: LynxRuntime | None):
     attention = _comfy_attention(kind)
 
     def runs_original(args) -> bool:
-        return (runtime is not None and runtime.dense) or not fusable_call(block, args["pe"], args["img"])
+        # Arguments the fused forwards do not take (a newer caller's attention mask or per-token
+        # modulation) send the call to the block's own forward.
+        unknown = set(args) - {"img", "txt", "vec", "pe", "attn_mask", "transformer_options"}
+        return ((runtime is not None and runtime.dense) or bool(unknown)
+                or not fusable_call(block, args["pe"], args["img"]))
 
     def patch(args, extra):
         if runs_original(args):

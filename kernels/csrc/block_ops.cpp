@@ -23,7 +23,8 @@ struct Stream {
 
 // The stream as the kernel reads it: rows and batch entries may be strided (views into a wider
 // projection) but each head's vector load aligned, and q, k, v with the same strides; else one
-// contiguous copy of each (stated fallback).
+// fresh copy of each (stated fallback; a fresh allocation, since contiguous() would return a
+// contiguous view that starts off alignment as it is).
 Stream readable(Stream s, int64_t head_dim) {
   const int64_t alignment = head_dim / 32;  // elements of one lane's vector load
   auto aligned = [&](const at::Tensor& t) {
@@ -31,7 +32,8 @@ Stream readable(Stream s, int64_t head_dim) {
            reinterpret_cast<uintptr_t>(t.data_ptr()) % (alignment * 2) == 0 && t.strides() == s.q.strides();
   };
   if (!(aligned(s.q) && aligned(s.k) && aligned(s.v))) {
-    s.q = s.q.contiguous(), s.k = s.k.contiguous(), s.v = s.v.contiguous();
+    s.q = s.q.clone(at::MemoryFormat::Contiguous), s.k = s.k.clone(at::MemoryFormat::Contiguous),
+    s.v = s.v.clone(at::MemoryFormat::Contiguous);
   }
   return s;
 }

@@ -169,3 +169,33 @@ def test_qwen_image_samples_through_its_fused_blocks_with_cfg(qwen, capsys):
     assert calls and all(batch == 2 for batch in calls)   # cond and uncond in one batch
     torch.testing.assert_close(out, sample(sparsify(qwen, fused_blocks=False), arch="qwen_image", cfg=2.0),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_models_that_reuse_flux_blocks_keep_them(flux):
+    # HunyuanVideo is made of FLUX's block classes but calls them with attention masks and
+    # per-frame modulation: only FLUX's and Qwen-Image's own forwards get fused blocks.
+    from rt_lynx_pack.nodes.comfy_glue import install_fused_blocks
+
+    class HunyuanVideo(torch.nn.Module):
+        pass
+
+    other = HunyuanVideo()
+    other.double_blocks = flux.model.diffusion_model.double_blocks
+    other.single_blocks = flux.model.diffusion_model.single_blocks
+    patched = flux.clone()
+    assert install_fused_blocks(patched, other) == ""
+    assert "patches_replace" not in patched.model_options["transformer_options"]
+
+
+def test_a_call_with_arguments_the_fused_forward_does_not_know_runs_the_block(flux):
+    fused = sparsify(flux)
+    patch = fused.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)]
+    original_calls = []
+
+    def original_block(args):
+        original_calls.append(args)
+        return {"img": args["img"], "txt": args["txt"]}
+
+    img, txt, vec, pe = block_inputs(flux.model.diffusion_model)
+    args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "attention_mask": None, "transformer_options": {}}
+    assert patch(args, {"original_block": original_block})["img"] is img and len(original_calls) == 1

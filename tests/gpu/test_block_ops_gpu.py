@@ -140,6 +140,24 @@ def test_misaligned_part_is_copied_not_misread(block_ops, generator):
     check_against_reference((a, w[0], w[1], None, None, None, flux_pe(1, 9, head_dim, generator), heads, 1e-6))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_contiguous_part_starting_off_alignment_is_copied(block_ops, generator, dtype):
+    # Dense rows, but the whole tensor starts one element into its storage: the vector loads
+    # would fault on it, and contiguous() would hand it back as it is.
+    heads, head_dim = 2, 128
+    width = 3 * heads * head_dim
+    storage = make_input("randn", 1, 1 + 2 * 5 * width, dtype, generator).reshape(-1)
+    qkv = storage[1:].view(2, 5, width)
+    assert qkv.is_contiguous() and qkv.data_ptr() % 8
+    w = weights(dtype, head_dim, generator, 2)
+    check_against_reference((qkv, w[0], w[1], None, None, None, flux_pe(1, 5, head_dim, generator), heads, 1e-6))
+    q, k, v = (storage[1 + i * 2 * 5 * 256: 1 + (i + 1) * 2 * 5 * 256].view(2, 5, 256) for i in range(3))
+    pe = flux_pe(1, 5, head_dim, generator).transpose(1, 2).to(dtype)
+    check_against_reference((q, k, v, w[0], w[1], None, None, None, None, None, pe, heads, 1e-6),
+                            torch.ops.rt_lynx.qk_norm_rope_split, qk_norm_rope_split_reference,
+                            out_numel=3 * 2 * 5 * 256)
+
+
 def test_bad_operands_raise_clear_errors(block_ops, generator):
     w = weights(torch.bfloat16, 128, generator, 2)
     qkv = torch.zeros(1, 4, 3 * 2 * 128, dtype=torch.bfloat16, device="cuda")
