@@ -60,6 +60,10 @@ def availability_block_ops(device: torch.device) -> tuple[bool, str]:
 
 
 def _check_device(index: int) -> tuple[bool, str]:
+    capability = torch.cuda.get_device_capability(index)
+    if capability != (9, 0):   # checked before building: the extension holds sm_90a code only
+        return False, (f"{torch.cuda.get_device_name(index)} is sm_{capability[0]}{capability[1]}; the fused block "
+                       f"kernels are built for Hopper (sm_90a)")
     return _cusparselt.checked_on_device(index, self_test_block_ops, "fused block kernels unavailable",
                                          "fused block kernels, self-test passed")
 

@@ -85,3 +85,17 @@ def test_calls_without_a_rope_table_of_a_known_dtype_take_the_original_block():
     assert fusable_call(block, torch.zeros(1, 4, 1, 4, 2, 2, dtype=torch.bfloat16), hidden)
     assert not fusable_call(block, None, hidden)
     assert not fusable_call(block, torch.zeros(1, 1, 4, 4, 2, 2, dtype=torch.float16), hidden)
+
+
+def test_a_gpu_other_than_hopper_gets_the_reference_path_without_a_build(monkeypatch):
+    # The extension holds sm_90a code only: building it for an sm_89 GPU would take a minute for nothing.
+    from rt_lynx_pack.kernels import block_ops, cusparselt
+
+    def no_build():
+        raise AssertionError("the extension was built")
+
+    monkeypatch.setattr(cusparselt, "extension", no_build)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA GeForce RTX 4090")
+    available, why_not = block_ops._check_device(0)
+    assert not available and "sm_89" in why_not and "Hopper" in why_not
