@@ -21,8 +21,9 @@ import torch.nn as nn
 
 from ..kernels import qk_norm_rope, qk_norm_rope_split
 
-# attention(q, k, v, heads, mask, transformer_options) with q, k, v as (batch, heads, tokens,
-# head_dim) -> (batch, tokens, heads * head_dim)
+# attention(q, k, v, heads, mask, transformer_options) -> (batch, tokens, heads * head_dim), taking
+# q, k, v as the model's own attention call does: (batch, heads, tokens, head_dim) for FLUX,
+# (batch, tokens, heads * head_dim) for Qwen-Image.
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None, dict], torch.Tensor]
 
 QK_NORM_EPS = 1e-6   # comfy.ldm.flux.layers.RMSNorm's
