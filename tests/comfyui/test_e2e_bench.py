@@ -1,0 +1,35 @@
+"""The end-to-end benchmark measures what a sampler runs: its step timing reaches the patched
+model's block-replace patches (the fused blocks) as well as the Lynx linears."""
+import torch
+
+from comfyui_env import import_comfyui
+
+import_comfyui()
+
+import comfy.model_management  # noqa: E402
+
+import comfyui_models  # noqa: E402,F401  (puts bench/ on the path)
+from comfy_models import TINY_BLOCKS, build_model  # noqa: E402
+import e2e  # noqa: E402,I001
+
+
+def test_step_timing_runs_the_fused_blocks_and_the_lynx_layers():
+    args = e2e.parse_args(["--tiny", "--models", "flux", "--no-compile"])
+    args.iters, args.warmup = 1, 1
+    dev = e2e.Device(torch)
+    dense = build_model("flux", blocks=TINY_BLOCKS["flux"], device=dev.device, dtype=torch.float32)
+    lynx = e2e.lynx_clone(dense, "bf16")
+    replaced = lynx.model_options["transformer_options"]["patches_replace"]["dit"]
+    calls = []
+    for key, patch in list(replaced.items()):
+        def counting(block_args, extra, patch=patch, key=key):
+            calls.append(key)
+            return patch(block_args, extra)
+        replaced[key] = counting
+    try:
+        _, _, _, _, _, lynx_out = e2e.time_steps(lynx.clone(), "flux", 128, dev, torch.float32, args)
+        _, _, _, _, _, dense_out = e2e.time_steps(dense.clone(), "flux", 128, dev, torch.float32, args)
+    finally:
+        comfy.model_management.unload_all_models()
+    assert set(calls) == {("double_block", 0), ("single_block", 0)}
+    assert not torch.equal(lynx_out, dense_out)   # the sparse linears ran too
