@@ -74,12 +74,15 @@ def fast_backends() -> tuple[str, ...]:
 @torch.compiler.assume_constant_result
 def backend_availability(device: torch.device, precision: str, backend: str) -> tuple[bool, str]:
     """Whether one fast backend runs `precision` on `device` (built, Hopper, self-test); backend
-    "fp8_dense" is the dense e4m3 product of the layers an fp8 model keeps dense. A constant for
-    torch.compile: decided once per device, outside the traced graph."""
+    "fp8_dense" is the dense e4m3 product of the layers an fp8 model keeps dense, "block_ops" the
+    fused elementwise kernels of DiT blocks. A constant for torch.compile: decided once per
+    device, outside the traced graph."""
     if device.type != "cuda":
         return False, f"{device.type} device: the fast kernels need a CUDA GPU"
     if _fast is None:
         return False, _fast_import_error
+    if backend == "block_ops":
+        return _block_ops.availability_block_ops(device)
     if backend == "fp8_dense":
         return _fp8_dense.availability_fp8_dense(device)
     if backend == "sm90":
@@ -248,16 +251,9 @@ def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     return reference.dense_linear_fp8_reference(x2d, wq, w_scale, bias)
 
 
-@torch.compiler.assume_constant_result
 def block_ops_availability(device: torch.device) -> tuple[bool, str]:
-    """(True, info) when the fused elementwise kernels of DiT blocks run on `device` (a constant for
-    torch.compile, like backend_availability)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False, f"{device.type} device: the fused block kernels need a CUDA GPU"
-    if _block_ops is None:
-        return False, _fast_import_error
-    return _block_ops.availability_block_ops(device)
+    """(True, info) when the fused elementwise kernels of DiT blocks run on `device`."""
+    return backend_availability(torch.device(device), "bf16", "block_ops")
 
 
 def qk_norm_rope(qkv_a: torch.Tensor, q_weight_a: torch.Tensor, k_weight_a: torch.Tensor,

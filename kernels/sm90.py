@@ -239,12 +239,8 @@ def low_rank_fusion(enabled: bool):
     it. Process-wide (every thread and device; a CUDA graph keeps the path it was captured with);
     for benchmarks and tests that compare both on the same data."""
     ext = _cusparselt.extension()
-    previous = bool(ext.sparsify_low_rank_fused(1))
-    ext.set_sparsify_low_rank_fusion(bool(enabled))
-    try:
+    with _switched(bool(ext.sparsify_low_rank_fused(1)), ext.set_sparsify_low_rank_fusion, enabled):
         yield
-    finally:
-        ext.set_sparsify_low_rank_fusion(previous)
 
 
 @contextlib.contextmanager
@@ -254,12 +250,19 @@ def staged_sparsify(enabled: bool):
     chunks (the pass before it, and the one for longer rows); the previous setting comes back on
     leaving it. Process-wide like low_rank_fusion; for benchmarks and tests."""
     ext = _cusparselt.extension()
-    previous = bool(ext.sparsify_staged_pass(64, 128))  # a shape the staged pass always holds: the switch
-    ext.set_sparsify_staged_pass(bool(enabled))
+    # 64 x 128: a shape the staged pass always holds, so the answer is the switch.
+    with _switched(bool(ext.sparsify_staged_pass(64, 128)), ext.set_sparsify_staged_pass, enabled):
+        yield
+
+
+@contextlib.contextmanager
+def _switched(previous: bool, set_switch, enabled: bool):
+    """A process-wide switch of the extension set to `enabled` within the block, back to `previous` after."""
+    set_switch(bool(enabled))
     try:
         yield
     finally:
-        ext.set_sparsify_staged_pass(previous)
+        set_switch(previous)
 
 
 def staged_sparsify_runs(rows: int, k: int) -> bool:
