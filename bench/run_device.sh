@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: build, GPU tests, kernel benchmarks; results to $OUT.
-# Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|profile|ncu], or stages joined by commas
+# Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|producer|profile|ncu], or stages joined by commas
 #   (test,bench,fp8) to run several after one set-up   (OUT defaults to ./device-out)
 #   test: tests/gpu (the sm90 tests first); bench: bench/kernels.py $BENCH_ARGS; fp8: bench/kernels.py --fp8;
-#   lora: bench/lora_branch.py; profile: bench/profile_linear.py (kernel by kernel); ncu: Nsight Compute on the
-#   dense and sparse GEMM of one shape ($NCU_SHAPES); all: test, bench, fp8 and lora.
+#   lora: bench/lora_branch.py; producer: bench/producer_fusion.py, bf16 and fp8; profile:
+#   bench/profile_linear.py (kernel by kernel); ncu: Nsight Compute on the dense and sparse GEMM of one
+#   shape ($NCU_SHAPES); all: test, bench, fp8, lora and producer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/device_setup.sh
@@ -28,6 +29,13 @@ fi
 if [ "$STAGE" = all ] || runs lora; then
   timeout "${BENCH_TIMEOUT:-240}" python3 bench/lora_branch.py ${LORA_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench-lora.log"
   record "${PIPESTATUS[0]}"
+fi
+if [ "$STAGE" = all ] || runs producer; then
+  for precision in "" --fp8; do
+    timeout "${BENCH_TIMEOUT:-240}" python3 bench/producer_fusion.py $precision ${BENCH_ARGS:-} --out "$OUT" 2>&1 \
+      | tee "$OUT/bench-producer${precision#-}.log"
+    record "${PIPESTATUS[0]}"
+  done
 fi
 if runs ncu; then
   # GEMM and sparsify kernels of one shape under Nsight Compute: tensor-pipe, shared-memory and warp-stall

@@ -220,6 +220,29 @@ def sparse_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor
     return _with_low_rank(y, x2d, low_rank)
 
 
+def sparse_linear_modulated(x2d: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, tokens: int, eps: float,
+                            weight: torch.Tensor, bias: torch.Tensor | None, compensate: bool,
+                            requested: str = "auto", w_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """sparse_linear, or sparse_linear_fp8 when w_scale is given (weight is then the e4m3 weight),
+    of reference.modulated_layer_norm_reference(x2d, shift, scale1p, tokens, eps): a DiT block's
+    LayerNorm + modulation and the linear after it. On the sm90 backend the normalisation and
+    modulation run inside the sparsify pass (the modulated activations are never written); on the
+    others they are computed first, with the same numbers."""
+    precision = "fp8" if w_scale is not None else "bf16"
+    choice = select_backend(x2d, weight, requested, 2, 4, precision)
+    if choice.name == "sm90":
+        supported, why_not = _sm90.supports_modulation(x2d, shift, tokens)
+        if supported:
+            _report(choice, x2d, weight)
+            return _sm90.sparse_linear_modulated_sm90(x2d, shift.to(x2d.dtype), scale1p.to(x2d.dtype), tokens, eps,
+                                                      weight, w_scale, bias, compensate)
+        log_once(f"LayerNorm + modulation before the sparsify pass ({why_not})")
+    modulated = reference.modulated_layer_norm_reference(x2d, shift, scale1p, tokens, eps)
+    if w_scale is not None:
+        return sparse_linear_fp8(modulated, weight, w_scale, bias, compensate, requested)
+    return sparse_linear(modulated, weight, bias, compensate, requested)
+
+
 def fp8_dense_availability(device: torch.device) -> tuple[bool, str]:
     """(True, info) when the dense e4m3 product of fp8 models' dense layers runs fast on `device`."""
     return backend_availability(device, "fp8", "fp8_dense")

@@ -73,6 +73,17 @@ def sparse_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return y.to(x.dtype)
 
 
+def modulated_layer_norm_reference(x2d: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, tokens: int,
+                                   eps: float) -> torch.Tensor:
+    """The input a DiT block hands the linear after a LayerNorm: x2d ((images * tokens) x K)
+    layer-normalised without affine, in x's dtype as the model's LayerNorm writes it, then
+    modulated per image, xn * scale1p + shift (torch.addcmul: one rounding), with shift and
+    scale1p (= 1 + scale) images x K. The sm90 backend computes this inside its sparsify pass."""
+    k = x2d.shape[-1]
+    normed = F.layer_norm(x2d, (k,), eps=eps).reshape(shift.shape[0], tokens, k)
+    return torch.addcmul(shift[:, None], normed, scale1p[:, None]).reshape(-1, k)
+
+
 @dataclass(frozen=True, eq=False)   # holds tensors: identity, not element-wise ==
 class LowRankOperands:
     """The Lynx LoRA branch as the kernels take it, on the compute device and dtype:

@@ -7,17 +7,19 @@ FLUX DoubleStreamBlock / SingleStreamBlock (comfy.ldm.flux.layers) and Qwen-Imag
 QwenImageTransformerBlock (comfy.ldm.qwen_image.model) with that work in one pass
 (kernels.qk_norm_rope / qk_norm_rope_split) and each gated residual in one addcmul. The linears,
 norms and modulations are still the block's own modules, so the Lynx forwards, ComfyUI's weight
-casts and LoRA patches apply unchanged. Attention itself is the caller's (ComfyUI's
-optimized_attention).
+casts and LoRA patches apply unchanged. A Lynx layer after a LayerNorm + modulation takes both
+into its sparsify pass (LynxLinearForward.modulated): the block's modulated activations are
+never written. Attention itself is the caller's (ComfyUI's optimized_attention).
 
 Only blocks whose structure and forward signatures are the ones written against here are taken
 (`fused_block_kind`); any other keeps its own forward.
 """
 import inspect
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..kernels import qk_norm_rope, qk_norm_rope_split
 
@@ -87,8 +89,50 @@ def _has_path(module: nn.Module, path: str) -> bool:
     return True
 
 
-def _modulate(x: torch.Tensor, mod) -> torch.Tensor:
-    return torch.addcmul(mod.shift, x, 1 + mod.scale)
+class _Modulation(NamedTuple):
+    shift: torch.Tensor   # (batch, 1, features), as FLUX's ModulationOut holds them
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+
+def _qwen_modulation(params: torch.Tensor) -> _Modulation:
+    # QwenImageTransformerBlock._modulate's split of its (batch, 3 * features) parameters.
+    shift, scale, gate = params.chunk(3, dim=-1)
+    return _Modulation(shift.unsqueeze(1), scale.unsqueeze(1), gate.unsqueeze(1))
+
+
+def _modulated_linears(linears: tuple[nn.Module, ...], norm: nn.Module, x: torch.Tensor, shift: torch.Tensor,
+                       scale: torch.Tensor) -> list[torch.Tensor]:
+    """[linear(addcmul(shift, norm(x), 1 + scale)) for each linear]. A Lynx layer (its forward has
+    `modulated`) after a plain LayerNorm takes the norm and the modulation into its sparsify pass;
+    for the others they are computed once, as the block computes them."""
+    scale1p = 1 + scale
+    plain_norm = (isinstance(norm, nn.LayerNorm) and norm.weight is None and norm.bias is None
+                  and tuple(norm.normalized_shape) == (x.shape[-1],) and "forward" not in norm.__dict__)
+    modulated, outputs = None, []
+    for linear in linears:
+        fused = getattr(linear.__dict__.get("forward"), "modulated", None) if plain_norm else None
+        if fused is not None:
+            outputs.append(fused(x, shift, scale1p, norm.eps))
+            continue
+        if modulated is None:
+            modulated = torch.addcmul(shift, norm(x), scale1p)
+        outputs.append(linear(modulated))
+    return outputs
+
+
+def _modulated_mlp(mlp: nn.Module, norm: nn.Module, x: torch.Tensor, shift: torch.Tensor,
+                   scale: torch.Tensor) -> torch.Tensor:
+    """mlp(addcmul(shift, norm(x), 1 + scale)), its up projection through _modulated_linears: FLUX's
+    Sequential(Linear, GELU, Linear) and Qwen-Image's FeedForward(GELU(proj), Dropout, Linear)."""
+    if isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(mlp[1], nn.GELU):
+        (hidden,) = _modulated_linears((mlp[0],), norm, x, shift, scale)
+        return mlp[2](mlp[1](hidden))
+    net = getattr(mlp, "net", None)
+    if type(mlp).__name__ == "FeedForward" and len(net) == 3 and type(net[0]).__name__ == "GELU":
+        (hidden,) = _modulated_linears((net[0].proj,), norm, x, shift, scale)
+        return net[2](net[1](F.gelu(hidden, approximate=net[0].approximate)))
+    return mlp(torch.addcmul(shift, norm(x), 1 + scale))
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +145,8 @@ def flux_double_block(block: nn.Module, img: torch.Tensor, txt: torch.Tensor, ve
     """DoubleStreamBlock.forward (no modulation_dims) with fused q/k norm + RoPE and gated residuals."""
     img_mod1, img_mod2 = block.img_mod(vec)
     txt_mod1, txt_mod2 = block.txt_mod(vec)
-    img_qkv = block.img_attn.qkv(_modulate(block.img_norm1(img), img_mod1))
-    txt_qkv = block.txt_attn.qkv(_modulate(block.txt_norm1(txt), txt_mod1))
+    (img_qkv,) = _modulated_linears((block.img_attn.qkv,), block.img_norm1, img, img_mod1.shift, img_mod1.scale)
+    (txt_qkv,) = _modulated_linears((block.txt_attn.qkv,), block.txt_norm1, txt, txt_mod1.shift, txt_mod1.scale)
     # Attention runs over the concatenated streams, text first unless the block is flipped.
     first, second = ((img_qkv, block.img_attn), (txt_qkv, block.txt_attn)) if block.flipped_img_txt else \
         ((txt_qkv, block.txt_attn), (img_qkv, block.img_attn))
@@ -114,9 +158,11 @@ def flux_double_block(block: nn.Module, img: torch.Tensor, txt: torch.Tensor, ve
     img_attn, txt_attn = (attn_first, attn_second) if block.flipped_img_txt else (attn_second, attn_first)
 
     img = torch.addcmul(img, img_mod1.gate, block.img_attn.proj(img_attn))
-    img = torch.addcmul(img, img_mod2.gate, block.img_mlp(_modulate(block.img_norm2(img), img_mod2)))
+    img = torch.addcmul(img, img_mod2.gate, _modulated_mlp(block.img_mlp, block.img_norm2, img, img_mod2.shift,
+                                                           img_mod2.scale))
     txt = torch.addcmul(txt, txt_mod1.gate, block.txt_attn.proj(txt_attn))
-    txt = torch.addcmul(txt, txt_mod2.gate, block.txt_mlp(_modulate(block.txt_norm2(txt), txt_mod2)))
+    txt = torch.addcmul(txt, txt_mod2.gate, _modulated_mlp(block.txt_mlp, block.txt_norm2, txt, txt_mod2.shift,
+                                                           txt_mod2.scale))
     return img, _clamp_fp16(txt)
 
 
@@ -124,8 +170,8 @@ def flux_single_block(block: nn.Module, x: torch.Tensor, vec: torch.Tensor, pe: 
                       attn_mask: torch.Tensor | None, transformer_options: dict, attention: Attention) -> torch.Tensor:
     """SingleStreamBlock.forward (no modulation_dims) with fused q/k norm + RoPE and gated residual."""
     mod, _ = block.modulation(vec)
-    qkv, mlp = torch.split(block.linear1(_modulate(block.pre_norm(x), mod)),
-                           [3 * block.hidden_size, block.mlp_hidden_dim], dim=-1)
+    (projected,) = _modulated_linears((block.linear1,), block.pre_norm, x, mod.shift, mod.scale)
+    qkv, mlp = torch.split(projected, [3 * block.hidden_size, block.mlp_hidden_dim], dim=-1)
     q, k, v = qk_norm_rope(qkv, block.norm.query_norm.scale, block.norm.key_norm.scale, None, None, None,
                            pe, block.num_heads, QK_NORM_EPS)
     attn = attention(q, k, v, block.num_heads, attn_mask, transformer_options)
@@ -138,27 +184,28 @@ def qwen_image_block(block: nn.Module, hidden_states: torch.Tensor, encoder_hidd
                      attention: Attention) -> tuple[torch.Tensor, torch.Tensor]:
     """QwenImageTransformerBlock.forward with fused q/k norm + RoPE and gated residuals; returns
     (encoder_hidden_states, hidden_states) as the block does."""
-    img_mod1, img_mod2 = block.img_mod(temb).chunk(2, dim=-1)
-    txt_mod1, txt_mod2 = block.txt_mod(temb).chunk(2, dim=-1)
-    img_modulated, img_gate1 = block._modulate(block.img_norm1(hidden_states), img_mod1)
-    txt_modulated, txt_gate1 = block._modulate(block.txt_norm1(encoder_hidden_states), txt_mod1)
+    img_mod1, img_mod2 = (_qwen_modulation(m) for m in block.img_mod(temb).chunk(2, dim=-1))
+    txt_mod1, txt_mod2 = (_qwen_modulation(m) for m in block.txt_mod(temb).chunk(2, dim=-1))
     attn = block.attn
+    txt_q, txt_k, txt_v = _modulated_linears((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), block.txt_norm1,
+                                             encoder_hidden_states, txt_mod1.shift, txt_mod1.scale)
+    img_q, img_k, img_v = _modulated_linears((attn.to_q, attn.to_k, attn.to_v), block.img_norm1, hidden_states,
+                                             img_mod1.shift, img_mod1.scale)
     # Attention runs over the text tokens, then the image tokens.
-    q, k, v = qk_norm_rope_split(attn.add_q_proj(txt_modulated), attn.add_k_proj(txt_modulated),
-                                 attn.add_v_proj(txt_modulated), attn.norm_added_q.weight, attn.norm_added_k.weight,
-                                 attn.to_q(img_modulated), attn.to_k(img_modulated), attn.to_v(img_modulated),
-                                 attn.norm_q.weight, attn.norm_k.weight, pe, attn.heads, attn.norm_q.eps)
+    q, k, v = qk_norm_rope_split(txt_q, txt_k, txt_v, attn.norm_added_q.weight, attn.norm_added_k.weight,
+                                 img_q, img_k, img_v, attn.norm_q.weight, attn.norm_k.weight, pe, attn.heads,
+                                 attn.norm_q.eps)
     joint = attention(q, k, v, attn.heads, None, transformer_options)
     text_tokens = encoder_hidden_states.shape[1]
     img_attn_output = attn.to_out[1](attn.to_out[0](joint[:, text_tokens:]))
     txt_attn_output = attn.to_add_out(joint[:, :text_tokens])
 
-    hidden_states = torch.addcmul(hidden_states, img_gate1, img_attn_output)
-    encoder_hidden_states = torch.addcmul(encoder_hidden_states, txt_gate1, txt_attn_output)
-    img_modulated2, img_gate2 = block._modulate(block.img_norm2(hidden_states), img_mod2)
-    hidden_states = torch.addcmul(hidden_states, img_gate2, block.img_mlp(img_modulated2))
-    txt_modulated2, txt_gate2 = block._modulate(block.txt_norm2(encoder_hidden_states), txt_mod2)
-    encoder_hidden_states = torch.addcmul(encoder_hidden_states, txt_gate2, block.txt_mlp(txt_modulated2))
+    hidden_states = torch.addcmul(hidden_states, img_mod1.gate, img_attn_output)
+    encoder_hidden_states = torch.addcmul(encoder_hidden_states, txt_mod1.gate, txt_attn_output)
+    hidden_states = torch.addcmul(hidden_states, img_mod2.gate, _modulated_mlp(
+        block.img_mlp, block.img_norm2, hidden_states, img_mod2.shift, img_mod2.scale))
+    encoder_hidden_states = torch.addcmul(encoder_hidden_states, txt_mod2.gate, _modulated_mlp(
+        block.txt_mlp, block.txt_norm2, encoder_hidden_states, txt_mod2.shift, txt_mod2.scale))
     return encoder_hidden_states, hidden_states
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import (PRECISIONS, REQUESTS, LowRankOperands, dense_linear_fp8, log_once, low_rank_reference,
-                       prepare_low_rank, quantize_weight_fp8, sparse_linear, sparse_linear_fp8)
+                       modulated_layer_norm_reference, prepare_low_rank, quantize_weight_fp8, sparse_linear,
+                       sparse_linear_fp8, sparse_linear_modulated)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,34 @@ def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         y = sparse_linear(x2d, weight.to(x.dtype), bias, config.compensate, config.backend, config.n, config.m,
                           low_rank)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float) -> torch.Tensor:
+    """A DiT block's LayerNorm (no affine) and modulation of x (images, tokens, features), as the
+    model computes them: addcmul(shift, layer_norm(x), scale1p), shift and scale1p one row per image."""
+    images, tokens, features = x.shape
+    return modulated_layer_norm_reference(x.reshape(-1, features), shift.reshape(images, features),
+                                          scale1p.reshape(images, features), tokens, eps).reshape(x.shape)
+
+
+def lynx_linear_modulated(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float,
+                          weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
+                          fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """lynx_linear(modulated_layer_norm(x, shift, scale1p, eps), ...) for the 2:4 product without a
+    LoRA branch (the branch would need the modulated activations themselves). The kernels normalise
+    and modulate inside their sparsify pass where they can, so the block's modulated activations
+    are never written."""
+    images, tokens, features = x.shape
+    if (config.n, config.m) != (2, 4) or not config.runs_sparse(x):
+        return lynx_linear(modulated_layer_norm(x, shift, scale1p, eps), weight, bias, config, fp8_weight=fp8_weight)
+    bias = _checked_bias(x, weight, bias)
+    args = (x.reshape(-1, features), shift.reshape(images, features), scale1p.reshape(images, features), tokens, eps)
+    if config.precision == "fp8":
+        wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight)
+        y = sparse_linear_modulated(*args, wq, bias, config.compensate, config.backend, w_scale=w_scale)
+    else:
+        y = sparse_linear_modulated(*args, weight.to(x.dtype), bias, config.compensate, config.backend)
+    return y.reshape(images, tokens, weight.shape[0])
 
 
 def fp8_dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from ..kernels import fast_path_availability, fp8_dense_availability, fp8_dense_shape_supported, quantize_weight_fp8
-from .linear import LowRankBranch, LynxConfig, fp8_dense_linear, lynx_linear
+from .linear import (LowRankBranch, LynxConfig, fp8_dense_linear, lynx_linear, lynx_linear_modulated,
+                     modulated_layer_norm)
 from .lora import LynxLoRA, check_fits
 from .policies import ArchitecturePolicy, LayerDecision, SelectionOptions, detect_architecture, select_layers
 
@@ -70,17 +71,32 @@ class LynxLinearForward:
         self.fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias, release = self._weights_for(x)
+        y = self._product(x, weight, bias)
+        if release is not None:
+            release()
+        return y
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float) -> torch.Tensor:
+        """self(modulated_layer_norm(x, shift, scale1p, eps)) for a DiT block's input x (images, tokens,
+        features): the sparse product of a layer without a LoRA branch takes the LayerNorm and the
+        modulation into its sparsify pass; every other case computes them first."""
+        if not self.sparse or self.lora is not None or self.runtime.dense or x.dim() != 3:
+            return self(modulated_layer_norm(x, shift, scale1p, eps))
+        weight, bias, release = self._weights_for(x)
+        y = lynx_linear_modulated(x, shift, scale1p, eps, weight, bias, self.config, self.fp8_weight)
+        if release is not None:
+            release()
+        return y
+
+    def _weights_for(self, x: torch.Tensor):
         if (self.fp8_weight is not None and not self.runtime.dense and self.config.runs_sparse(x)
                 and self.module.weight.device == x.device):
             # The e4m3 weight is ready: only the bias is needed, not the provider's cast of the weight
             # (an fp8 checkpoint's weight would be cast to 16 bits on every call for nothing). A
             # weight moved off the device since (offloaded) goes through the provider, bias and all.
-            return self._product(x, self.module.weight, self.module.bias)
-        weight, bias, release = self.weights(self.module, x)
-        y = self._product(x, weight, bias)
-        if release is not None:
-            release()
-        return y
+            return self.module.weight, self.module.bias, None
+        return self.weights(self.module, x)
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.sparse:

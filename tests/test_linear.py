@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rt_lynx_pack.kernels import norm_compensation_scale, sparse_linear, sparsify_nm
-from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, lynx_linear
+from rt_lynx_pack.kernels import modulated_layer_norm_reference, norm_compensation_scale, sparse_linear, sparsify_nm
+from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, LynxLinearForward, LynxRuntime, lynx_linear
+from rt_lynx_pack.lynx.linear import lynx_linear_modulated, modulated_layer_norm
 
 
 def make(tokens_shape=(2, 40), k=64, n=48, dtype=torch.float32, seed=0):
@@ -150,3 +151,45 @@ def test_fp8_precision_computes_the_fp8_reference_and_stays_close_to_bf16():
         LynxConfig(precision="int4")
     with pytest.raises(ValueError, match="fp8 precision is defined for 2:4 only"):
         LynxConfig(precision="fp8", n=1, m=4)
+
+
+def modulation(images=2, k=64, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(images, 1, k, generator=g), torch.randn(images, 1, k, generator=g) / 4
+
+
+def test_modulated_layer_norm_is_the_blocks_layer_norm_then_per_image_modulation():
+    x, _, _ = make(tokens_shape=(2, 40))
+    x = x * 3 + 1
+    shift, scale = modulation()
+    want = torch.addcmul(shift, F.layer_norm(x, (64,), eps=1e-6), 1 + scale)
+    torch.testing.assert_close(modulated_layer_norm(x, shift, 1 + scale, 1e-6), want, rtol=0, atol=0)
+    got = modulated_layer_norm_reference(x.reshape(80, 64), shift[:, 0], 1 + scale[:, 0], 40, 1e-6)
+    torch.testing.assert_close(got, want.reshape(80, 64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("config", [{}, {"min_tokens": 64}, {"n": 1, "m": 4, "precision": "bf16"}])
+def test_lynx_linear_of_a_modulated_input_is_the_linear_of_the_modulated_tensor(precision, config):
+    x, w, b = make(tokens_shape=(2, 40), dtype=torch.bfloat16)
+    shift, scale = (t.to(torch.bfloat16) for t in modulation())
+    config = LynxConfig(**{"precision": precision, **config})
+    got = lynx_linear_modulated(x, shift, 1 + scale, 1e-6, w, b, config)
+    want = lynx_linear(modulated_layer_norm(x, shift, 1 + scale, 1e-6), w, b, config)
+    assert got.shape == (2, 40, 48)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_patched_layer_takes_a_modulated_input_only_for_its_plain_sparse_product():
+    x, w, b = make(tokens_shape=(2, 40))
+    shift, scale = modulation()
+    layer = torch.nn.Linear(64, 48)
+    runtime = LynxRuntime()
+    forward = LynxLinearForward(layer, "layer", LynxConfig(), runtime)
+    branch = LowRankBranch(torch.randn(4, 64), torch.randn(48, 4), 0.5)
+    modulated = modulated_layer_norm(x, shift, 1 + scale, 1e-6)
+    for candidate in (forward, forward.with_lora(branch)):
+        torch.testing.assert_close(candidate.modulated(x, shift, 1 + scale, 1e-6), candidate(modulated),
+                                   rtol=1e-6, atol=1e-6)
+    runtime.dense = True
+    torch.testing.assert_close(forward.modulated(x, shift, 1 + scale, 1e-6), F.linear(modulated, layer.weight, layer.bias))

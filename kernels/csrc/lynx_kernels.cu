@@ -667,7 +667,7 @@ namespace {
 bool launch_sparsify_staged(bool is_bf16, bool e4m3, int metadata_layout, const void* x, int64_t rows,
                             int64_t padded_rows, int64_t cols, int64_t ld_x, void* values, int64_t ld_values,
                             uint8_t* meta, float* scale, bool compensate, const void* u, int64_t rank,
-                            int64_t k_ext, cudaStream_t stream);
+                            int64_t k_ext, const SparsifyModulation& modulation, cudaStream_t stream);
 int staged_threads_per_pair(int64_t padded_rows, int64_t cols);
 
 std::atomic<bool>& staged_pass_enabled() {
@@ -818,7 +818,8 @@ int sparsify_split_for(int64_t padded_rows, int64_t cols) {
 void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                               int64_t ld_x, bool is_bf16, bool fold_scale, void* compressed,
                               float* scale, cudaStream_t stream, int split, int metadata_layout,
-                              int64_t compressed_cols, const void* u, int64_t rank) {
+                              int64_t compressed_cols, const void* u, int64_t rank,
+                              const SparsifyModulation& modulation) {
   require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify: bad padded row count");
   require(cols % 32 == 0, "sparsify: columns must be a multiple of 32");
   require(metadata_layout == kMetadataCusparselt || metadata_layout == kMetadataSm90Block64 ||
@@ -839,9 +840,11 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
   // Values of compressed_cols / 2 per row, then the metadata.
   auto* meta = static_cast<uint8_t*>(compressed) + padded_rows * compressed_cols;
   const int64_t ld_values = compressed_cols / 2;
+  require(!modulation.present() || (metadata_layout != kMetadataCusparselt && split <= 0),
+          "sparsify: only the sm90 layouts' staged pass modulates");
   if (metadata_layout != kMetadataCusparselt && split <= 0 &&
       launch_sparsify_staged(is_bf16, false, metadata_layout, x, rows, padded_rows, cols, ld_x, values, ld_values,
-                             meta, scale, false, u, rank, ext.k_ext, stream)) {
+                             meta, scale, false, u, rank, ext.k_ext, modulation, stream)) {
     return;
   }
   if (split <= 0) split = sparsify_split_for(padded_rows, cols);
@@ -863,6 +866,10 @@ std::atomic<bool>& low_rank_fusion_enabled() {
 void set_sparsify_low_rank_fusion(bool enabled) { low_rank_fusion_enabled().store(enabled); }
 
 void set_sparsify_staged_pass(bool enabled) { staged_pass_enabled().store(enabled); }
+
+bool sparsify_modulation_supported(int64_t padded_rows, int64_t cols) {
+  return staged_threads_per_pair(padded_rows, cols) != 0;
+}
 
 bool sparsify_staged_pass(int64_t padded_rows, int64_t cols) {
   return staged_pass_enabled().load() && staged_threads_per_pair(padded_rows, cols) != 0;
@@ -1088,6 +1095,134 @@ __device__ __forceinline__ float2 finish_pair_stats(const Fp8RowPair<kSplit>& pa
 }
 
 // ---------------------------------------------------------------------------------------------
+// The producer of a DiT block's linear input (LayerNorm without affine, then the per-image
+// modulation) applied to a staged row pair in registers, before its 2:4 selection: the block's
+// normalised and modulated activations are never written (SparsifyModulation, lynx_kernels.h).
+struct ModulationArgs {
+  const uint16_t* shift;    // (images, cols), x's dtype
+  const uint16_t* scale1p;  // 1 + scale, (images, cols)
+  int64_t tokens;           // rows per image
+  float eps;
+};
+
+// Sums two floats over the kWarps warps of a row pair: shuffles, then shared memory read in a
+// fixed order, so every thread of the pair gets identical sums. `partial`: the call site's own
+// block-shared array (8 warps a block).
+template <int kWarps>
+__device__ __forceinline__ float2 pair_sum(float2 v, int warp, int first, float (*partial)[2]) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, offset);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, offset);
+  }
+  if constexpr (kWarps > 1) {
+    if (threadIdx.x % 32 == 0) {
+      partial[warp][0] = v.x;
+      partial[warp][1] = v.y;
+    }
+    __syncthreads();
+    v = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      v.x += partial[first + w][0];
+      v.y += partial[first + w][1];
+    }
+  }
+  return v;
+}
+
+template <bool kBf16>
+__device__ __forceinline__ float sum_of_8(const uint4& v) {
+  const float2 a = word_to_floats<kBf16>(v.x), b = word_to_floats<kBf16>(v.y);
+  const float2 c = word_to_floats<kBf16>(v.z), d = word_to_floats<kBf16>(v.w);
+  return ((a.x + a.y) + (b.x + b.y)) + ((c.x + c.y) + (d.x + d.y));
+}
+
+template <bool kBf16>
+__device__ __forceinline__ float centered_squares_of_8(const uint4& v, float mean) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = word_to_floats<kBf16>(words[i]);
+    const float a = f.x - mean, b = f.y - mean;
+    sum += a * a + b * b;
+  }
+  return sum;
+}
+
+// Two values: xn = (x - mean) * rstd rounded to the 16-bit type (the LayerNorm's output), then
+// xn * scale1p + shift in one fp32 multiply-add, rounded (torch.addcmul's opmath).
+template <bool kBf16>
+__device__ __forceinline__ uint32_t modulate_word(uint32_t x, uint32_t shift, uint32_t scale1p, float mean,
+                                                  float rstd) {
+  const float2 v = word_to_floats<kBf16>(x), sh = word_to_floats<kBf16>(shift), sc = word_to_floats<kBf16>(scale1p);
+  const float n0 = bits_to_float<kBf16>(float_to_bits<kBf16>(__fmul_rn(__fsub_rn(v.x, mean), rstd)));
+  const float n1 = bits_to_float<kBf16>(float_to_bits<kBf16>(__fmul_rn(__fsub_rn(v.y, mean), rstd)));
+  return float_to_bits<kBf16>(__fmaf_rn(n0, sc.x, sh.x)) | (float_to_bits<kBf16>(__fmaf_rn(n1, sc.y, sh.y)) << 16);
+}
+
+template <bool kBf16>
+__device__ __forceinline__ uint4 modulate_8(const uint4& x, const uint4& shift, const uint4& scale1p, float mean,
+                                            float rstd) {
+  return make_uint4(modulate_word<kBf16>(x.x, shift.x, scale1p.x, mean, rstd),
+                    modulate_word<kBf16>(x.y, shift.y, scale1p.y, mean, rstd),
+                    modulate_word<kBf16>(x.z, shift.z, scale1p.z, mean, rstd),
+                    modulate_word<kBf16>(x.w, shift.w, scale1p.w, mean, rstd));
+}
+
+// Replaces a staged row pair (kUnits 16-column units per row and thread, zeros past the row and
+// for rows past the matrix) by its normalised and modulated values. Mean first, then the sum of
+// squares about it (the rows are in registers, so the second pass is free and exact where
+// sum(x^2) - n * mean^2 would cancel). Rows past the matrix stay zero.
+template <bool kBf16, int kUnits, int kThreadsPerPair>
+__device__ __forceinline__ void modulate_staged_pair(uint4 (&in0)[kUnits][2], uint4 (&in1)[kUnits][2], int t,
+                                                     int units, int64_t cols, int64_t r0, int64_t r1, bool has_r0,
+                                                     bool has_r1, const ModulationArgs& mod, int warp, int first) {
+  constexpr int kWarps = kThreadsPerPair / 32;
+  __shared__ float sum_partial[8][2], square_partial[8][2];
+  float2 sum = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sum.x += sum_of_8<kBf16>(in0[j][h]);
+      sum.y += sum_of_8<kBf16>(in1[j][h]);
+    }
+  }
+  sum = pair_sum<kWarps>(sum, warp, first, sum_partial);
+  const float n = float(cols);
+  const float mean0 = __fdiv_rn(sum.x, n), mean1 = __fdiv_rn(sum.y, n);
+  float2 squares = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j) {
+    if (t + j * kThreadsPerPair >= units) break;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      squares.x += centered_squares_of_8<kBf16>(in0[j][h], mean0);
+      squares.y += centered_squares_of_8<kBf16>(in1[j][h], mean1);
+    }
+  }
+  squares = pair_sum<kWarps>(squares, warp, first, square_partial);
+  const float rstd0 = rsqrtf(__fdiv_rn(squares.x, n) + mod.eps), rstd1 = rsqrtf(__fdiv_rn(squares.y, n) + mod.eps);
+  const int64_t image0 = has_r0 ? r0 / mod.tokens : 0, image1 = has_r1 ? r1 / mod.tokens : 0;
+  const uint4* shift0 = reinterpret_cast<const uint4*>(mod.shift + image0 * cols);
+  const uint4* scale0 = reinterpret_cast<const uint4*>(mod.scale1p + image0 * cols);
+  const uint4* shift1 = reinterpret_cast<const uint4*>(mod.shift + image1 * cols);
+  const uint4* scale1 = reinterpret_cast<const uint4*>(mod.scale1p + image1 * cols);
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j) {
+    const int unit = t + j * kThreadsPerPair;
+    if (unit >= units) break;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (has_r0) in0[j][h] = modulate_8<kBf16>(in0[j][h], __ldg(shift0 + 2 * unit + h), __ldg(scale0 + 2 * unit + h), mean0, rstd0);
+      if (has_r1) in1[j][h] = modulate_8<kBf16>(in1[j][h], __ldg(shift1 + 2 * unit + h), __ldg(scale1 + 2 * unit + h), mean1, rstd1);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The sm90 sparsify pass with the rows in registers (16-bit values or e4m3). A row pair (r,
 // r + 8: they share metadata words) is spread over kThreadsPerPair threads; each holds up to
 // kStagedUnits 16-column units of both rows, all loaded before any is used, so a thread keeps
@@ -1102,11 +1237,12 @@ __device__ __forceinline__ float2 finish_pair_stats(const Fp8RowPair<kSplit>& pa
 constexpr int kStagedUnits = 4;
 constexpr int kStagedThreads = 256;
 
-template <bool kBf16, bool kE4m3, int kBlockK, int kThreadsPerPair>
+// kModulated: the row pair is first normalised and modulated (modulate_staged_pair).
+template <bool kBf16, bool kE4m3, int kBlockK, int kThreadsPerPair, bool kModulated>
 __global__ void __launch_bounds__(kStagedThreads, 2) sparsify_staged_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
     void* __restrict__ values, int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ scale,
-    bool compensate, const uint16_t* __restrict__ u, int64_t rank, int64_t k_ext) {
+    bool compensate, const uint16_t* __restrict__ u, int64_t rank, int64_t k_ext, ModulationArgs modulation) {
   static_assert(kThreadsPerPair % 32 == 0 && kStagedThreads % kThreadsPerPair == 0, "whole warps per pair");
   static_assert(!kE4m3 || kBlockK == 128, "the e4m3 GEMM's metadata atom is 128 columns");
   constexpr int kPairsPerBlock = kStagedThreads / kThreadsPerPair;
@@ -1131,6 +1267,11 @@ __global__ void __launch_bounds__(kStagedThreads, 2) sparsify_staged_kernel(
       in0[j][h] = live && has_r0 ? __ldg(x0 + 2 * unit + h) : zero;
       in1[j][h] = live && has_r1 ? __ldg(x1 + 2 * unit + h) : zero;
     }
+  }
+  if constexpr (kModulated) {
+    modulate_staged_pair<kBf16, kStagedUnits, kThreadsPerPair>(in0, in1, t, units, cols, r0, r1, has_r0, has_r1,
+                                                               modulation, int(threadIdx.x) / 32,
+                                                               pair_in_block * kWarpsPerPair);
   }
 
   // The metadata byte offsets are a row part plus a column part (sm90_metadata_layout.h).
@@ -1215,45 +1356,69 @@ int staged_threads_per_pair(int64_t padded_rows, int64_t cols) {
   return threads;
 }
 
-template <bool kBf16, bool kE4m3, int kBlockK, int kThreadsPerPair>
+template <bool kBf16, bool kE4m3, int kBlockK, int kThreadsPerPair, bool kModulated>
 void launch_staged_variant(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
                            void* values, int64_t ld_values, uint8_t* meta, float* scale, bool compensate,
-                           const void* u, int64_t rank, int64_t k_ext, cudaStream_t stream) {
+                           const void* u, int64_t rank, int64_t k_ext, const ModulationArgs& modulation,
+                           cudaStream_t stream) {
   const int64_t blocks = padded_rows / 2 / (kStagedThreads / kThreadsPerPair);
   require(blocks <= 0x7fffffff, "sparsify: too many rows for one launch");
-  sparsify_staged_kernel<kBf16, kE4m3, kBlockK, kThreadsPerPair>
+  sparsify_staged_kernel<kBf16, kE4m3, kBlockK, kThreadsPerPair, kModulated>
       <<<static_cast<unsigned>(blocks), kStagedThreads, 0, stream>>>(
           static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate,
-          static_cast<const uint16_t*>(u), rank, k_ext);
+          static_cast<const uint16_t*>(u), rank, k_ext, modulation);
+}
+
+template <bool kBf16, bool kE4m3, int kBlockK, bool kModulated>
+void launch_staged_threads(int threads_per_pair, const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
+                           int64_t ld_x, void* values, int64_t ld_values, uint8_t* meta, float* scale,
+                           bool compensate, const void* u, int64_t rank, int64_t k_ext,
+                           const ModulationArgs& modulation, cudaStream_t stream) {
+  switch (threads_per_pair) {
+    case 32: return launch_staged_variant<kBf16, kE4m3, kBlockK, 32, kModulated>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
+    case 64: return launch_staged_variant<kBf16, kE4m3, kBlockK, 64, kModulated>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
+    case 128: return launch_staged_variant<kBf16, kE4m3, kBlockK, 128, kModulated>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
+    default: return launch_staged_variant<kBf16, kE4m3, kBlockK, 256, kModulated>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
+  }
 }
 
 template <bool kBf16, bool kE4m3, int kBlockK>
 void launch_staged(int threads_per_pair, const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                    int64_t ld_x, void* values, int64_t ld_values, uint8_t* meta, float* scale, bool compensate,
-                   const void* u, int64_t rank, int64_t k_ext, cudaStream_t stream) {
-  switch (threads_per_pair) {
-    case 32: return launch_staged_variant<kBf16, kE4m3, kBlockK, 32>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, stream);
-    case 64: return launch_staged_variant<kBf16, kE4m3, kBlockK, 64>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, stream);
-    case 128: return launch_staged_variant<kBf16, kE4m3, kBlockK, 128>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, stream);
-    default: return launch_staged_variant<kBf16, kE4m3, kBlockK, 256>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, stream);
+                   const void* u, int64_t rank, int64_t k_ext, const SparsifyModulation& modulation,
+                   cudaStream_t stream) {
+  const ModulationArgs args{static_cast<const uint16_t*>(modulation.shift),
+                            static_cast<const uint16_t*>(modulation.scale1p), modulation.tokens, modulation.eps};
+  if (modulation.present()) {
+    launch_staged_threads<kBf16, kE4m3, kBlockK, true>(threads_per_pair, x, rows, padded_rows, cols, ld_x, values,
+                                                       ld_values, meta, scale, compensate, u, rank, k_ext, args, stream);
+  } else {
+    launch_staged_threads<kBf16, kE4m3, kBlockK, false>(threads_per_pair, x, rows, padded_rows, cols, ld_x, values,
+                                                        ld_values, meta, scale, compensate, u, rank, k_ext, args, stream);
   }
 }
 
 bool launch_sparsify_staged(bool is_bf16, bool e4m3, int metadata_layout, const void* x, int64_t rows,
                             int64_t padded_rows, int64_t cols, int64_t ld_x, void* values, int64_t ld_values,
                             uint8_t* meta, float* scale, bool compensate, const void* u, int64_t rank,
-                            int64_t k_ext, cudaStream_t stream) {
+                            int64_t k_ext, const SparsifyModulation& modulation, cudaStream_t stream) {
   const int threads = staged_threads_per_pair(padded_rows, cols);
-  if (!staged_pass_enabled().load() || threads == 0) return false;
+  if (modulation.present()) {
+    // Only the staged pass modulates: it runs whatever the switch says.
+    require(threads != 0, "sparsify: a modulated row of ", cols, " columns is longer than the staged pass holds");
+    require(u == nullptr, "sparsify: a modulated pass takes no low-rank extension");
+  } else if (!staged_pass_enabled().load() || threads == 0) {
+    return false;
+  }
   if (e4m3) {
-    if (is_bf16) launch_staged<true, true, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, stream);
-    else launch_staged<false, true, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, stream);
+    if (is_bf16) launch_staged<true, true, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
+    else launch_staged<false, true, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
   } else if (metadata_layout == kMetadataSm90Block64) {
-    if (is_bf16) launch_staged<true, false, 64>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, stream);
-    else launch_staged<false, false, 64>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, stream);
+    if (is_bf16) launch_staged<true, false, 64>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
+    else launch_staged<false, false, 64>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
   } else {
-    if (is_bf16) launch_staged<true, false, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, stream);
-    else launch_staged<false, false, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, stream);
+    if (is_bf16) launch_staged<true, false, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
+    else launch_staged<false, false, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
   }
   return true;
 }
@@ -1492,7 +1657,8 @@ int sparsify_fp8_split_for(int64_t padded_rows, int64_t cols) {
 
 void launch_sparsify_fp8(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                          int64_t ld_x, bool is_bf16, bool compensate, void* compressed,
-                         float* token_scale, cudaStream_t stream, int split, int metadata_layout) {
+                         float* token_scale, cudaStream_t stream, int split, int metadata_layout,
+                         const SparsifyModulation& modulation) {
   require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify_fp8: bad padded row count");
   require(cols % 64 == 0, "sparsify_fp8: columns must be a multiple of 64");
   require(metadata_layout == kMetadataCusparselt || metadata_layout == kMetadataSm90Block128,
@@ -1502,9 +1668,10 @@ void launch_sparsify_fp8(const void* x, int64_t rows, int64_t padded_rows, int64
   require(token_scale != nullptr, "sparsify_fp8: token_scale is required");
   auto* values = static_cast<uint8_t*>(compressed);
   auto* meta = values + padded_rows * cols / 2;
+  require(!modulation.present() || (cutlass && split <= 0), "sparsify_fp8: only the sm90 layout's staged pass modulates");
   if (cutlass && split <= 0 &&
       launch_sparsify_staged(is_bf16, true, metadata_layout, x, rows, padded_rows, cols, ld_x, values, cols / 2, meta,
-                             token_scale, compensate, nullptr, 0, 0, stream)) {
+                             token_scale, compensate, nullptr, 0, 0, modulation, stream)) {
     return;
   }
   if (split <= 0) split = sparsify_fp8_split_for(padded_rows, cols);

@@ -42,6 +42,22 @@ constexpr int kMetadataCusparselt = 0;
 constexpr int kMetadataSm90Block64 = 64;
 constexpr int kMetadataSm90Block128 = 128;
 
+// The producer of a DiT block's linear input, fused into the sm90 layouts' staged sparsify pass:
+// each row of x is first layer-normalised without affine, xn = (x - mean) * rsqrt(var + eps)
+// rounded to x's dtype (what the model's LayerNorm writes), then modulated per image,
+// x' = xn * scale1p + shift in one fp32 multiply-add rounded once (torch.addcmul), and x' is what
+// is sparsified. shift and scale1p: (rows / tokens) x cols in x's dtype, contiguous, 16-byte
+// aligned; row r uses their row r / tokens. Rows must fit the staged pass
+// (sparsify_modulation_supported); no low-rank extension.
+struct SparsifyModulation {
+  const void* shift = nullptr;
+  const void* scale1p = nullptr;
+  int64_t tokens = 1;
+  float eps = 0.f;
+  bool present() const { return shift != nullptr; }
+};
+bool sparsify_modulation_supported(int64_t padded_rows, int64_t cols);
+
 // Reads x (rows x cols, row stride ld_x elements, 16-bit floats); writes the compressed buffer
 // of the 2:4-sparsified matrix padded to padded_rows (values, row-major, then metadata in
 // `metadata_layout`; rows*cols*9/16 elements either way).
@@ -56,7 +72,8 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
                               int64_t ld_x, bool is_bf16, bool fold_scale, void* compressed,
                               float* scale, cudaStream_t stream, int split = 0,
                               int metadata_layout = kMetadataCusparselt, int64_t compressed_cols = 0,
-                              const void* u = nullptr, int64_t rank = 0);
+                              const void* u = nullptr, int64_t rank = 0,
+                              const SparsifyModulation& modulation = {});
 
 // The split launch_sparsify_compress picks for split <= 0.
 int sparsify_split_for(int64_t padded_rows, int64_t cols);
@@ -104,7 +121,8 @@ void launch_scale_bias_epilogue(const void* gemm, void* y, int64_t rows, int64_t
 void launch_sparsify_fp8(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                          int64_t ld_x, bool is_bf16, bool compensate, void* compressed,
                          float* token_scale, cudaStream_t stream, int split = 0,
-                         int metadata_layout = kMetadataCusparselt);
+                         int metadata_layout = kMetadataCusparselt,
+                         const SparsifyModulation& modulation = {});
 
 int sparsify_fp8_split_for(int64_t padded_rows, int64_t cols);
 

@@ -14,8 +14,11 @@ import comfy.ldm.qwen_image.model as qwen_image_model  # noqa: E402
 import comfy.model_management  # noqa: E402
 
 from comfyui_models import load_flux, load_model, sample  # noqa: E402
+from rt_lynx_pack.lynx import LynxConfig, installed, plan_model  # noqa: E402
+from rt_lynx_pack.lynx import patching  # noqa: E402
 from rt_lynx_pack.lynx.fused_blocks import (flux_double_block, flux_single_block, fused_block_kind,  # noqa: E402
                                             qwen_image_block)
+from rt_lynx_pack.lynx.linear import lynx_linear_modulated  # noqa: E402
 from rt_lynx_pack.nodes import RTLynxSparsifyModel  # noqa: E402
 
 
@@ -199,3 +202,59 @@ def test_a_call_with_arguments_the_fused_forward_does_not_know_runs_the_block(fl
     img, txt, vec, pe = block_inputs(flux.model.diffusion_model)
     args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "attention_mask": None, "transformer_options": {}}
     assert patch(args, {"original_block": original_block})["img"] is img and len(original_calls) == 1
+
+
+def lynx_plan(model):
+    # Every token count runs sparse (the test blocks have a few tokens), on the reference path.
+    return plan_model(model, LynxConfig(backend="reference", min_tokens=1))
+
+
+def counting_modulated_products(monkeypatch):
+    calls = []
+
+    def counting(x, shift, scale1p, eps, weight, *args, **kwargs):
+        calls.append(tuple(weight.shape))
+        return lynx_linear_modulated(x, shift, scale1p, eps, weight, *args, **kwargs)
+    monkeypatch.setattr(patching, "lynx_linear_modulated", counting)
+    return calls
+
+
+def test_fused_flux_blocks_hand_norm_and_modulation_to_their_lynx_layers(flux, monkeypatch):
+    model = flux.model.diffusion_model
+    double, single = model.double_blocks[0], model.single_blocks[0]
+    img, txt, vec, pe = block_inputs(model)
+    x = torch.cat((txt, img), 1)
+    calls = counting_modulated_products(monkeypatch)
+    with installed(model, lynx_plan(model)):
+        want_img, want_txt = double(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe)
+        want_x = single(x.clone(), vec=vec, pe=pe)
+        assert not calls
+        got_img, got_txt = flux_double_block(double, img, txt, vec, pe, None, {}, attention)
+        got_x = flux_single_block(single, x, vec, pe, None, {}, attention)
+    hidden = model.params.hidden_size
+    # Both streams' qkv and MLP up projections, and the single block's linear1.
+    assert sorted(calls) == sorted([(3 * hidden, hidden)] * 2 + [(double.img_mlp[0].out_features, hidden)] * 2
+                                   + [(single.linear1.out_features, hidden)])
+    for got, want in ((got_img, want_img), (got_txt, want_txt), (got_x, want_x)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qwen_image_block_hands_norm_and_modulation_to_its_lynx_layers(qwen, monkeypatch):
+    model = qwen.model.diffusion_model
+    block = model.transformer_blocks[0]
+    generator = torch.Generator().manual_seed(5)
+    batch, txt_tokens, img_tokens, hidden = 2, 6, 10, model.inner_dim
+    ids = torch.randint(0, 64, (batch, txt_tokens + img_tokens, 3), generator=generator).float()
+    pe = model.pe_embedder(ids).squeeze(1).unsqueeze(2)
+    img, txt, temb = (torch.randn(batch, *shape, generator=generator)
+                      for shape in ((img_tokens, hidden), (txt_tokens, hidden), (hidden,)))
+    calls = counting_modulated_products(monkeypatch)
+    with installed(model, lynx_plan(model)):
+        want_txt, want_img = block(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=None,
+                                   temb=temb, image_rotary_emb=pe)
+        assert not calls
+        got_txt, got_img = qwen_image_block(block, img, txt, temb, pe, {}, qwen_attention)
+    # q, k, v of both streams and both MLP up projections.
+    assert len(calls) == 8
+    torch.testing.assert_close(got_img, want_img, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_txt, want_txt, rtol=1e-5, atol=1e-5)

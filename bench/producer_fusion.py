@@ -1,0 +1,162 @@
+"""Time the producer fusion: a DiT block's LayerNorm + modulation inside the Lynx sparsify pass.
+
+For every FLUX.1-dev / Qwen-Image linear that follows a LayerNorm + modulation, at 1024², bf16,
+bias and compensation on, the block's input x (the residual stream), its shift and 1 + scale:
+  dense        F.linear(addcmul(shift, layer_norm(x), scale1p))       (what ComfyUI runs, eager)
+  lynx         the same norm and modulation, then sm90.sparse_linear_sm90
+  lynx_ind     the norm and modulation as Inductor compiles them (one fused Triton kernel), then
+               sm90.sparse_linear_sm90: what a torch.compile'd model without the fusion runs
+  lynx_fused   sm90.sparse_linear_modulated_sm90 (the norm and modulation in the sparsify pass)
+and with --fp8 the same three Lynx variants on the e4m3 product (lynx8, lynx8_ind, lynx8_fused).
+Qwen-Image's q, k and v take one modulated input: its row times the three linears together
+(the unfused variants normalise and modulate once). Two clocks as in bench/kernels.py (eager
+wall time and CUDA-graph kernel time), the variants taking turns within every repeat. The last
+row adds the shapes up over one FLUX 1024² step (19 double blocks, 38 single blocks).
+
+Usage: python bench/producer_fusion.py [--quick] [--fp8] [--out DIR] [--suffix S]
+"""
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from standalone import load_pack  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import INPUT_SETS, git_commit, interleaved_eager_us, interleaved_kernel_us, rotating  # noqa: E402
+
+load_pack()
+from rt_lynx_pack.kernels import sm90  # noqa: E402
+from rt_lynx_pack.kernels.reference import modulated_layer_norm_reference, quantize_weight_fp8  # noqa: E402
+
+EPS = 1e-6
+# (model, layer, images, tokens, K, N, linears sharing the input, uses per FLUX 1024² step)
+SHAPES = [
+    ("flux", "double img qkv", 1, 4096, 3072, 9216, 1, 19),
+    ("flux", "double img mlp up", 1, 4096, 3072, 12288, 1, 19),
+    ("flux", "double txt qkv", 1, 512, 3072, 9216, 1, 19),
+    ("flux", "double txt mlp up", 1, 512, 3072, 12288, 1, 19),
+    ("flux", "single linear1", 1, 4608, 3072, 21504, 1, 38),
+    ("qwen", "img q, k, v (CFG 2)", 2, 4096, 3072, 3072, 3, 0),
+    ("qwen", "img mlp up (CFG 2)", 2, 4096, 3072, 12288, 1, 0),
+]
+
+
+def bench_shape(images, tokens, k, n, linears, fp8, calls, repeats):
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(images * tokens + k + n)
+    rows = images * tokens
+    xs = [(torch.randn(rows, k, generator=g, device="cuda") * 2 + 0.5).to(dtype) for _ in range(INPUT_SETS)]
+    shift = torch.randn(images, k, generator=g, device="cuda").to(dtype)
+    scale1p = (1 + torch.randn(images, k, generator=g, device="cuda") / 4).to(dtype)
+    weights = [(torch.randn(n, k, generator=g, device="cuda") / k ** 0.5).to(dtype) for _ in range(linears)]
+    bias = torch.randn(n, generator=g, device="cuda").to(dtype)
+    # (weight, w_scale) of each linear: e4m3 per channel for fp8, else the bf16 weight
+    operands = [quantize_weight_fp8(w) for w in weights] if fp8 else [(w, None) for w in weights]
+    next_x = rotating(xs)
+
+    def eager_norm(x):
+        return torch.addcmul(shift[:, None], F.layer_norm(x.view(images, tokens, k), (k,), eps=EPS),
+                             scale1p[:, None]).view(rows, k)
+    inductor_norm = torch.compile(eager_norm, dynamic=False)
+
+    def product(x):
+        if fp8:
+            return [sm90.sparse_linear_fp8_sm90(x, wq, w_scale, bias, True) for wq, w_scale in operands]
+        return [sm90.sparse_linear_sm90(x, w, bias, True) for w, _ in operands]
+
+    def fused(x):
+        return [sm90.sparse_linear_modulated_sm90(x, shift, scale1p, tokens, EPS, w, w_scale, bias, True)
+                for w, w_scale in operands]
+
+    prefix = "lynx8" if fp8 else "lynx"
+    fns = {
+        prefix: lambda: product(eager_norm(next_x())),
+        f"{prefix}_ind": lambda: product(inductor_norm(next_x())),
+        f"{prefix}_fused": lambda: fused(next_x()),
+    }
+    if not fp8:
+        fns = {"dense": lambda: [F.linear(eager_norm(next_x()), w, bias) for w in weights], **fns}
+    error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                for a, b in zip(fused(xs[0]), product(eager_norm(xs[0]))))
+    row = {"rows": rows, "k": k, "n": n, "linears": linears, "fused_vs_unfused_error": error}
+    for name, us in interleaved_eager_us(fns, calls, repeats).items():
+        row[f"{name}_eager_us"] = us
+    for name, us in interleaved_kernel_us(fns, calls, repeats).items():
+        row[f"{name}_kernel_us"] = us
+    return row
+
+
+def markdown(rows, meta, fp8):
+    prefix = "lynx8" if fp8 else "lynx"
+    lines = [f"# Producer fusion: LayerNorm + modulation in the Lynx sparsify pass{' (fp8)' if fp8 else ''}", "",
+             f"{meta['date']}, {meta['gpu']}, torch {meta['torch']}, commit {meta['commit']}; "
+             f"{meta['calls']} calls x {meta['repeats']} repeats, variants in turns. Times in us per call "
+             f"(eager wall / CUDA-graph kernel).", ""]
+    head = (["dense"] if not fp8 else []) + [prefix, f"{prefix}_ind", f"{prefix}_fused"]
+    lines.append("| model | layer | M x K x N (x linears) | " + " | ".join(head)
+                 + " | fused vs unfused eager | fused vs Inductor's norm, kernel | rel. diff |")
+    lines.append("|" + "---|" * (len(head) + 6))
+    for r in rows:
+        cells = [f"{r[f'{v}_eager_us']:.0f} / {r[f'{v}_kernel_us']:.0f}" for v in head]
+        lines.append(f"| {r['model']} | {r['layer']} | {r['rows']}x{r['k']}x{r['n']} (x{r['linears']}) | "
+                     + " | ".join(cells)
+                     + f" | {r[f'{prefix}_eager_us'] / r[f'{prefix}_fused_eager_us']:.3f}x"
+                     f" | {r[f'{prefix}_ind_kernel_us'] / r[f'{prefix}_fused_kernel_us']:.3f}x"
+                     f" | {r['fused_vs_unfused_error']:.1e} |")
+    flux = [r for r in rows if r["per_flux_step"]]
+    eager = sum(r["per_flux_step"] * (r[f"{prefix}_eager_us"] - r[f"{prefix}_fused_eager_us"]) for r in flux) / 1e3
+    kernel = sum(r["per_flux_step"] * (r[f"{prefix}_ind_kernel_us"] - r[f"{prefix}_fused_kernel_us"])
+                 for r in flux) / 1e3
+    lines += ["", f"Over one FLUX.1-dev 1024² step (the FLUX rows times their uses): the fusion saves "
+              f"{eager:.2f} ms of eager wall time against the eager norm + modulation, and {kernel:.2f} ms of "
+              f"kernel time against Inductor's fused norm + modulation (what a compiled step saves).", ""]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer calls and repeats")
+    parser.add_argument("--fp8", action="store_true", help="the e4m3 product instead of bf16")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--suffix", default="")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to benchmark")
+        return 1
+    started = time.monotonic()
+    available, reason = sm90.availability_sm90(torch.device("cuda"))
+    print(f"sm90 path: {available} ({reason}); build+self-test {time.monotonic() - started:.1f} s", flush=True)
+    if not available:
+        return 1
+    calls, repeats = (10, 3) if args.quick else (20, 5)
+    meta = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "commit": git_commit(), "calls": calls, "repeats": repeats}
+    rows = []
+    for model, layer, images, tokens, k, n, linears, per_step in SHAPES:
+        row = {"model": model, "layer": layer, "per_flux_step": per_step,
+               **bench_shape(images, tokens, k, n, linears, args.fp8, calls, repeats)}
+        rows.append(row)
+        print(model, layer, {key: round(value, 1) for key, value in row.items() if key.endswith("_us")},
+              f"error {row['fused_vs_unfused_error']:.1e}", flush=True)
+    text = markdown(rows, meta, args.fp8)
+    print(text)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu_tag = meta["gpu"].replace(" ", "_").replace("/", "_")
+    stem = out / f"producer-fusion-{meta['date']}-{gpu_tag}{'-fp8' if args.fp8 else ''}{args.suffix}"
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {stem}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
