@@ -1,12 +1,15 @@
-"""Time the producer fusion: a DiT block's LayerNorm + modulation inside the Lynx sparsify pass.
+"""Time the producer fusion: the elementwise work that makes a linear's input, inside the Lynx sparsify pass.
 
-For every FLUX.1-dev / Qwen-Image linear that follows a LayerNorm + modulation, at 1024², bf16,
-bias and compensation on, the block's input x (the residual stream), its shift and 1 + scale:
-  dense        F.linear(addcmul(shift, layer_norm(x), scale1p))       (what ComfyUI runs, eager)
-  lynx         the same norm and modulation, then sm90.sparse_linear_sm90
-  lynx_ind     the norm and modulation as Inductor compiles them (one fused Triton kernel), then
+For every FLUX.1-dev / Qwen-Image linear whose input comes from a LayerNorm + modulation ("norm":
+the block's residual stream x, its shift and 1 + scale) or from the MLP's GELU ("gelu": the up
+projection's output x), at 1024², bf16, bias and compensation on:
+  dense        F.linear(prologue(x))      (prologue: addcmul(shift, layer_norm(x), scale1p), or
+                                           gelu(x, approximate="tanh"); what ComfyUI runs, eager)
+  lynx         the same prologue, then sm90.sparse_linear_sm90
+  lynx_ind     the prologue as Inductor compiles it (one Triton kernel), then
                sm90.sparse_linear_sm90: what a torch.compile'd model without the fusion runs
-  lynx_fused   sm90.sparse_linear_modulated_sm90 (the norm and modulation in the sparsify pass)
+  lynx_fused   sm90.sparse_linear_modulated_sm90 / sparse_linear_gelu_sm90 (the prologue in the
+               sparsify pass)
 and with --fp8 the same three Lynx variants on the e4m3 product (lynx8, lynx8_ind, lynx8_fused).
 Qwen-Image's q, k and v take one modulated input: its row times the three linears together
 (the unfused variants normalise and modulate once). Two clocks as in bench/kernels.py (eager
@@ -34,22 +37,25 @@ from common import INPUT_SETS, git_commit, interleaved_eager_us, interleaved_ker
 
 load_pack()
 from rt_lynx_pack.kernels import sm90  # noqa: E402
-from rt_lynx_pack.kernels.reference import modulated_layer_norm_reference, quantize_weight_fp8  # noqa: E402
+from rt_lynx_pack.kernels.reference import quantize_weight_fp8  # noqa: E402
 
 EPS = 1e-6
-# (model, layer, images, tokens, K, N, linears sharing the input, uses per FLUX 1024² step)
+# (model, layer, prologue, images, tokens, K, N, linears sharing the input, uses per FLUX 1024² step)
 SHAPES = [
-    ("flux", "double img qkv", 1, 4096, 3072, 9216, 1, 19),
-    ("flux", "double img mlp up", 1, 4096, 3072, 12288, 1, 19),
-    ("flux", "double txt qkv", 1, 512, 3072, 9216, 1, 19),
-    ("flux", "double txt mlp up", 1, 512, 3072, 12288, 1, 19),
-    ("flux", "single linear1", 1, 4608, 3072, 21504, 1, 38),
-    ("qwen", "img q, k, v (CFG 2)", 2, 4096, 3072, 3072, 3, 0),
-    ("qwen", "img mlp up (CFG 2)", 2, 4096, 3072, 12288, 1, 0),
+    ("flux", "double img qkv", "norm", 1, 4096, 3072, 9216, 1, 19),
+    ("flux", "double img mlp up", "norm", 1, 4096, 3072, 12288, 1, 19),
+    ("flux", "double img mlp down", "gelu", 1, 4096, 12288, 3072, 1, 19),
+    ("flux", "double txt qkv", "norm", 1, 512, 3072, 9216, 1, 19),
+    ("flux", "double txt mlp up", "norm", 1, 512, 3072, 12288, 1, 19),
+    ("flux", "double txt mlp down", "gelu", 1, 512, 12288, 3072, 1, 19),
+    ("flux", "single linear1", "norm", 1, 4608, 3072, 21504, 1, 38),
+    ("qwen", "img q, k, v (CFG 2)", "norm", 2, 4096, 3072, 3072, 3, 0),
+    ("qwen", "img mlp up (CFG 2)", "norm", 2, 4096, 3072, 12288, 1, 0),
+    ("qwen", "img mlp down (CFG 2)", "gelu", 2, 4096, 12288, 3072, 1, 0),
 ]
 
 
-def bench_shape(images, tokens, k, n, linears, fp8, calls, repeats):
+def bench_shape(prologue_kind, images, tokens, k, n, linears, fp8, calls, repeats):
     dtype = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(images * tokens + k + n)
     rows = images * tokens
@@ -62,10 +68,12 @@ def bench_shape(images, tokens, k, n, linears, fp8, calls, repeats):
     operands = [quantize_weight_fp8(w) for w in weights] if fp8 else [(w, None) for w in weights]
     next_x = rotating(xs)
 
-    def eager_norm(x):
+    def eager_prologue(x):
+        if prologue_kind == "gelu":
+            return F.gelu(x, approximate="tanh")
         return torch.addcmul(shift[:, None], F.layer_norm(x.view(images, tokens, k), (k,), eps=EPS),
                              scale1p[:, None]).view(rows, k)
-    inductor_norm = torch.compile(eager_norm, dynamic=False)
+    inductor_prologue = torch.compile(eager_prologue, dynamic=False)
 
     def product(x):
         if fp8:
@@ -73,19 +81,21 @@ def bench_shape(images, tokens, k, n, linears, fp8, calls, repeats):
         return [sm90.sparse_linear_sm90(x, w, bias, True) for w, _ in operands]
 
     def fused(x):
+        if prologue_kind == "gelu":
+            return [sm90.sparse_linear_gelu_sm90(x, w, w_scale, bias, True) for w, w_scale in operands]
         return [sm90.sparse_linear_modulated_sm90(x, shift, scale1p, tokens, EPS, w, w_scale, bias, True)
                 for w, w_scale in operands]
 
     prefix = "lynx8" if fp8 else "lynx"
     fns = {
-        prefix: lambda: product(eager_norm(next_x())),
-        f"{prefix}_ind": lambda: product(inductor_norm(next_x())),
+        prefix: lambda: product(eager_prologue(next_x())),
+        f"{prefix}_ind": lambda: product(inductor_prologue(next_x())),
         f"{prefix}_fused": lambda: fused(next_x()),
     }
     if not fp8:
-        fns = {"dense": lambda: [F.linear(eager_norm(next_x()), w, bias) for w in weights], **fns}
+        fns = {"dense": lambda: [F.linear(eager_prologue(next_x()), w, bias) for w in weights], **fns}
     error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
-                for a, b in zip(fused(xs[0]), product(eager_norm(xs[0]))))
+                for a, b in zip(fused(xs[0]), product(eager_prologue(xs[0]))))
     row = {"rows": rows, "k": k, "n": n, "linears": linears, "fused_vs_unfused_error": error}
     for name, us in interleaved_eager_us(fns, calls, repeats).items():
         row[f"{name}_eager_us"] = us
@@ -96,17 +106,18 @@ def bench_shape(images, tokens, k, n, linears, fp8, calls, repeats):
 
 def markdown(rows, meta, fp8):
     prefix = "lynx8" if fp8 else "lynx"
-    lines = [f"# Producer fusion: LayerNorm + modulation in the Lynx sparsify pass{' (fp8)' if fp8 else ''}", "",
+    lines = [f"# Producer fusion: LayerNorm + modulation or GELU in the Lynx sparsify pass{' (fp8)' if fp8 else ''}",
+             "",
              f"{meta['date']}, {meta['gpu']}, torch {meta['torch']}, commit {meta['commit']}; "
              f"{meta['calls']} calls x {meta['repeats']} repeats, variants in turns. Times in us per call "
              f"(eager wall / CUDA-graph kernel).", ""]
     head = (["dense"] if not fp8 else []) + [prefix, f"{prefix}_ind", f"{prefix}_fused"]
-    lines.append("| model | layer | M x K x N (x linears) | " + " | ".join(head)
-                 + " | fused vs unfused eager | fused vs Inductor's norm, kernel | rel. diff |")
-    lines.append("|" + "---|" * (len(head) + 6))
+    lines.append("| model | layer | prologue | M x K x N (x linears) | " + " | ".join(head)
+                 + " | fused vs unfused eager | fused vs Inductor's prologue, kernel | rel. diff |")
+    lines.append("|" + "---|" * (len(head) + 7))
     for r in rows:
         cells = [f"{r[f'{v}_eager_us']:.0f} / {r[f'{v}_kernel_us']:.0f}" for v in head]
-        lines.append(f"| {r['model']} | {r['layer']} | {r['rows']}x{r['k']}x{r['n']} (x{r['linears']}) | "
+        lines.append(f"| {r['model']} | {r['layer']} | {r['prologue']} | {r['rows']}x{r['k']}x{r['n']} (x{r['linears']}) | "
                      + " | ".join(cells)
                      + f" | {r[f'{prefix}_eager_us'] / r[f'{prefix}_fused_eager_us']:.3f}x"
                      f" | {r[f'{prefix}_ind_kernel_us'] / r[f'{prefix}_fused_kernel_us']:.3f}x"
@@ -116,8 +127,8 @@ def markdown(rows, meta, fp8):
     kernel = sum(r["per_flux_step"] * (r[f"{prefix}_ind_kernel_us"] - r[f"{prefix}_fused_kernel_us"])
                  for r in flux) / 1e3
     lines += ["", f"Over one FLUX.1-dev 1024² step (the FLUX rows times their uses): the fusion saves "
-              f"{eager:.2f} ms of eager wall time against the eager norm + modulation, and {kernel:.2f} ms of "
-              f"kernel time against Inductor's fused norm + modulation (what a compiled step saves).", ""]
+              f"{eager:.2f} ms of eager wall time against the eager prologues, and {kernel:.2f} ms of "
+              f"kernel time against Inductor's compiled prologues (what a compiled step saves).", ""]
     return "\n".join(lines)
 
 
@@ -140,9 +151,9 @@ def main():
     meta = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
             "torch": torch.__version__, "commit": git_commit(), "calls": calls, "repeats": repeats}
     rows = []
-    for model, layer, images, tokens, k, n, linears, per_step in SHAPES:
-        row = {"model": model, "layer": layer, "per_flux_step": per_step,
-               **bench_shape(images, tokens, k, n, linears, args.fp8, calls, repeats)}
+    for model, layer, prologue, images, tokens, k, n, linears, per_step in SHAPES:
+        row = {"model": model, "layer": layer, "prologue": prologue, "per_flux_step": per_step,
+               **bench_shape(prologue, images, tokens, k, n, linears, args.fp8, calls, repeats)}
         rows.append(row)
         print(model, layer, {key: round(value, 1) for key, value in row.items() if key.endswith("_us")},
               f"error {row['fused_vs_unfused_error']:.1e}", flush=True)

@@ -228,19 +228,43 @@ def sparse_linear_modulated(x2d: torch.Tensor, shift: torch.Tensor, scale1p: tor
     LayerNorm + modulation and the linear after it. On the sm90 backend the normalisation and
     modulation run inside the sparsify pass (the modulated activations are never written); on the
     others they are computed first, with the same numbers."""
-    precision = "fp8" if w_scale is not None else "bf16"
-    choice = select_backend(x2d, weight, requested, 2, 4, precision)
+    return _sparse_linear_after(
+        "LayerNorm + modulation", _sm90.supports_prologue if _sm90 else None, (shift, tokens),
+        lambda: _sm90.sparse_linear_modulated_sm90(x2d, shift.to(x2d.dtype), scale1p.to(x2d.dtype), tokens, eps,
+                                                   weight, w_scale, bias, compensate),
+        lambda: reference.modulated_layer_norm_reference(x2d, shift, scale1p, tokens, eps),
+        x2d, weight, bias, compensate, requested, w_scale)
+
+
+def sparse_linear_gelu(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compensate: bool,
+                       requested: str = "auto", w_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """sparse_linear (or sparse_linear_fp8 with w_scale) of reference.mlp_activation_reference(x2d):
+    an MLP's GELU and its down projection. On the sm90 backend the GELU runs inside the sparsify
+    pass (the activation is never written); on the others it is computed first."""
+    return _sparse_linear_after(
+        "GELU", _sm90.supports_prologue if _sm90 else None, (),
+        lambda: _sm90.sparse_linear_gelu_sm90(x2d, weight, w_scale, bias, compensate),
+        lambda: reference.mlp_activation_reference(x2d),
+        x2d, weight, bias, compensate, requested, w_scale)
+
+
+def _sparse_linear_after(prologue: str, supports, support_args: tuple, fused, prepared_input, x2d: torch.Tensor,
+                         weight: torch.Tensor, bias: torch.Tensor | None, compensate: bool, requested: str,
+                         w_scale: torch.Tensor | None) -> torch.Tensor:
+    """The 2:4 product of what `prepared_input()` computes from x2d: fused() where the sm90
+    backend runs this call and its sparsify pass takes the prologue, else the prologue in torch
+    ops and the product after it."""
+    choice = select_backend(x2d, weight, requested, 2, 4, "fp8" if w_scale is not None else "bf16")
     if choice.name == "sm90":
-        supported, why_not = _sm90.supports_modulation(x2d, shift, tokens)
+        supported, why_not = supports(x2d, *support_args)
         if supported:
             _report(choice, x2d, weight)
-            return _sm90.sparse_linear_modulated_sm90(x2d, shift.to(x2d.dtype), scale1p.to(x2d.dtype), tokens, eps,
-                                                      weight, w_scale, bias, compensate)
-        log_once(f"LayerNorm + modulation before the sparsify pass ({why_not})")
-    modulated = reference.modulated_layer_norm_reference(x2d, shift, scale1p, tokens, eps)
+            return fused()
+        log_once(f"{prologue} before the sparsify pass ({why_not})")
+    x = prepared_input()
     if w_scale is not None:
-        return sparse_linear_fp8(modulated, weight, w_scale, bias, compensate, requested)
-    return sparse_linear(modulated, weight, bias, compensate, requested)
+        return sparse_linear_fp8(x, weight, w_scale, bias, compensate, requested)
+    return sparse_linear(x, weight, bias, compensate, requested)
 
 
 def fp8_dense_availability(device: torch.device) -> tuple[bool, str]:

@@ -84,6 +84,13 @@ def modulated_layer_norm_reference(x2d: torch.Tensor, shift: torch.Tensor, scale
     return torch.addcmul(shift[:, None], normed, scale1p[:, None]).reshape(-1, k)
 
 
+def mlp_activation_reference(x: torch.Tensor) -> torch.Tensor:
+    """An MLP's activation before its down projection, as FLUX's and Qwen-Image's blocks compute it:
+    GELU with the tanh approximation, in x's dtype. The sm90 backend computes it inside the down
+    projection's sparsify pass."""
+    return F.gelu(x, approximate="tanh")
+
+
 @dataclass(frozen=True, eq=False)   # holds tensors: identity, not element-wise ==
 class LowRankOperands:
     """The Lynx LoRA branch as the kernels take it, on the compute device and dtype:

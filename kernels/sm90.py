@@ -8,7 +8,8 @@ Computes `reference.sparse_linear_reference` (bf16/fp16) and `reference.sparse_l
   torch.ops.rt_lynx.sparse_linear_fp8_sm90(x, wq, w_scale, bias, compensate) -> y      (M x N)
   torch.ops.rt_lynx.sparse_linear_modulated_sm90(x, shift, scale1p, tokens, eps, weight, w_scale, bias,
                                                  compensate) -> y                     (M x N)
-  torch.ops.rt_lynx.sparsify_sm90(x, metadata_block, e4m3, compensate[, shift, scale1p, tokens, eps])
+  torch.ops.rt_lynx.sparse_linear_gelu_sm90(x, weight, w_scale, bias, compensate) -> y    (M x N)
+  torch.ops.rt_lynx.sparsify_sm90(x, metadata_block, e4m3, compensate[, shift, scale1p, tokens, eps, gelu])
                                   -> (compressed, scale)
   torch.ops.rt_lynx.sparse_mm_sm90(compressed, weight, row_scale, col_scale, bias, rows, config,
                                    out_dtype) -> y                                  (one config)
@@ -27,11 +28,12 @@ k-tiles past K take their B from `k_extension_up(up, scale)` instead of the weig
 s then restores u. One k-tile more than the plain GEMM (64 logical columns on the configs with a
 64-wide tile K for ranks up to 32, else 128 for ranks up to 64), and no pass over y.
 
-The modulated op is the same product on a DiT block's normalised and modulated activations
-(reference.modulated_layer_norm_reference): its sparsify pass reads the block's residual stream
-x, takes each row's LayerNorm statistics from the row it holds in registers, normalises and
-modulates it there and selects from that, so the block's modulated activations are never
-written or read back (the producer of the linear's input fused into the sparsify pass).
+The modulated and gelu ops are the same product on what the producer of the linear's input
+computes elementwise, done by the sparsify pass on the rows it holds in registers before it
+selects, so that input is never written or read back: a DiT block's LayerNorm + modulation
+(reference.modulated_layer_norm_reference; the pass reads the residual stream x and takes each
+row's statistics from the row it holds) and an MLP's GELU before its down projection
+(reference.mlp_activation_reference; the pass reads the up projection's output).
 
 `availability_sm90` says yes only after the start-up self-test: the metadata writer's byte formula
 against CuTe's layout for every config, then every config's product against the reference.
@@ -43,13 +45,13 @@ import torch
 from . import build as _build
 from . import cusparselt as _cusparselt
 from .fp8 import fp8_compressed_bytes
-from .reference import (LowRankOperands, low_rank_reference, modulated_layer_norm_reference, quantize_weight_fp8,
-                        sparse_linear_fp8_reference, sparse_linear_reference)
+from .reference import (LowRankOperands, low_rank_reference, mlp_activation_reference, modulated_layer_norm_reference,
+                        quantize_weight_fp8, sparse_linear_fp8_reference, sparse_linear_reference)
 
 K_MULTIPLE = 128      # the metadata atom spans 128 columns (64 for some configs)
-# Longest row the modulated pass holds in registers (256 threads x 4 units of 16 columns,
-# lynx_kernels.cu's staged pass); the extension's sparsify_modulation_supported says the same.
-MODULATED_MAX_COLUMNS = 16384
+# Longest row the sparsify pass with a prologue holds in registers (256 threads x 4 units of 16
+# columns, lynx_kernels.cu's staged pass); the extension's sparsify_prologue_supported says the same.
+PROLOGUE_MAX_COLUMNS = 16384
 N_MULTIPLE = 16       # 16-byte rows of y for TMA (e4m3 weights: 32, as the fp8 ops check)
 SUPPORTED_DTYPES = _cusparselt.SUPPORTED_DTYPES
 ELEMENTS = {torch.bfloat16: 0, torch.float16: 1, torch.float8_e4m3fn: 2}   # RtLynxElement
@@ -77,8 +79,10 @@ def _define_ops():
                "-> Tensor")
     lib.define("sparse_linear_modulated_sm90(Tensor x, Tensor shift, Tensor scale1p, int tokens, float eps, "
                "Tensor weight, Tensor? w_scale, Tensor? bias, bool compensate) -> Tensor")
+    lib.define("sparse_linear_gelu_sm90(Tensor x, Tensor weight, Tensor? w_scale, Tensor? bias, bool compensate) "
+               "-> Tensor")
     lib.define("sparsify_sm90(Tensor x, int metadata_block, bool e4m3, bool compensate, Tensor? shift=None, "
-               "Tensor? scale1p=None, int tokens=1, float eps=0.0) -> (Tensor, Tensor)")
+               "Tensor? scale1p=None, int tokens=1, float eps=0.0, bool gelu=False) -> (Tensor, Tensor)")
     lib.define("sparse_mm_sm90(Tensor compressed, Tensor weight, Tensor? row_scale, Tensor? col_scale, "
                "Tensor? bias, int rows, int config, ScalarType out_dtype) -> Tensor")
 
@@ -98,8 +102,12 @@ def _define_ops():
     def _(x, shift, scale1p, tokens, eps, weight, w_scale, bias, compensate):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
+    @torch.library.register_fake("rt_lynx::sparse_linear_gelu_sm90", lib=lib)
+    def _(x, weight, w_scale, bias, compensate):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
     @torch.library.register_fake("rt_lynx::sparsify_sm90", lib=lib)
-    def _(x, metadata_block, e4m3, compensate, shift=None, scale1p=None, tokens=1, eps=0.0):
+    def _(x, metadata_block, e4m3, compensate, shift=None, scale1p=None, tokens=1, eps=0.0, gelu=False):
         numel = compressed_numel(x.shape[0], x.shape[1], e4m3)
         return (x.new_empty((numel,), dtype=torch.uint8 if e4m3 else x.dtype),
                 x.new_empty((_cusparselt.padded_rows(x.shape[0]),), dtype=torch.float32))
@@ -167,7 +175,7 @@ def self_test_sm90(device: torch.device) -> str:
             error = ((got.float() - want).norm() / want.norm()).item()
             if not error < SELF_TEST_TOLERANCE:
                 return f"sm90 GEMM check failed ({dtype}, config {name}): relative error {error:.2e}"
-        problem = _check_low_rank(x, weight, bias, generator) or _check_modulated(x, weight, bias, generator)
+        problem = _check_low_rank(x, weight, bias, generator) or _check_prologues(x, weight, bias, generator)
         if problem:
             return problem
         wq, w_scale = quantize_weight_fp8(weight.float())
@@ -195,21 +203,26 @@ def _check_low_rank(x, weight, bias, generator) -> str:
     return ""
 
 
-def _check_modulated(x, weight, bias, generator) -> str:
+def _check_prologues(x, weight, bias, generator) -> str:
+    """The products with each prologue against the reference, bf16/fp16 and e4m3."""
     tokens = x.shape[0] // 2   # two images
     shift = torch.randn(2, x.shape[1], generator=generator, device=x.device).to(x.dtype)
     scale1p = (1 + torch.randn(2, x.shape[1], generator=generator, device=x.device) / 4).to(x.dtype)
-    rows = x[:2 * tokens] * 3 + 1   # the pass must remove a mean and a scale
-    modulated = modulated_layer_norm_reference(rows, shift, scale1p, tokens, 1e-6)
-    for wq, w_scale in ((weight, None), quantize_weight_fp8(weight.float())):
-        if w_scale is None:
-            want = sparse_linear_reference(modulated.float(), weight.float(), bias.float(), True)
-        else:
-            want = sparse_linear_fp8_reference(modulated.float(), wq, w_scale, bias.float(), True)
-        got = sparse_linear_modulated_sm90(rows, shift, scale1p, tokens, 1e-6, wq, w_scale, bias, True)
-        error = ((got.float() - want).norm() / want.norm()).item()
-        if not error < SELF_TEST_TOLERANCE:
-            return f"sm90 modulated sparsify + GEMM failed ({x.dtype}, weight {wq.dtype}): relative error {error:.2e}"
+    rows = x[:2 * tokens] * 3 + 1   # the LayerNorm must remove a mean and a scale
+    cases = {"LayerNorm + modulation": (modulated_layer_norm_reference(rows, shift, scale1p, tokens, 1e-6),
+                                        lambda w, s: sparse_linear_modulated_sm90(rows, shift, scale1p, tokens, 1e-6,
+                                                                                  w, s, bias, True)),
+             "GELU": (mlp_activation_reference(rows), lambda w, s: sparse_linear_gelu_sm90(rows, w, s, bias, True))}
+    for name, (prepared, fused) in cases.items():
+        for wq, w_scale in ((weight, None), quantize_weight_fp8(weight.float())):
+            if w_scale is None:
+                want = sparse_linear_reference(prepared.float(), weight.float(), bias.float(), True)
+            else:
+                want = sparse_linear_fp8_reference(prepared.float(), wq, w_scale, bias.float(), True)
+            error = ((fused(wq, w_scale).float() - want).norm() / want.norm()).item()
+            if not error < SELF_TEST_TOLERANCE:
+                return (f"sm90 sparsify with {name} + GEMM failed ({x.dtype}, weight {wq.dtype}): "
+                        f"relative error {error:.2e}")
     return ""
 
 
@@ -231,14 +244,14 @@ def sparse_linear_sm90(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return torch.ops.rt_lynx.sparse_linear_sm90(x2d, weight, bias, bool(compensate))
 
 
-def supports_modulation(x2d: torch.Tensor, shift: torch.Tensor, tokens: int) -> tuple[bool, str]:
-    """Whether the modulated op takes x2d with shift (images x K) over `tokens` rows per image, once
-    supports_sm90 holds for the product. Never raises."""
+def supports_prologue(x2d: torch.Tensor, shift: torch.Tensor | None = None, tokens: int = 1) -> tuple[bool, str]:
+    """Whether the gelu op (shift None) or the modulated op (shift images x K over `tokens` rows per
+    image) takes x2d, once supports_sm90 holds for the product. Never raises."""
     rows, k = x2d.shape
-    if tokens < 1 or rows != shift.shape[0] * tokens or shift.shape[-1] != k:
+    if shift is not None and (tokens < 1 or rows != shift.shape[0] * tokens or shift.shape[-1] != k):
         return False, f"{rows} rows are not {shift.shape[0]} images of {tokens} tokens"
-    if k > MODULATED_MAX_COLUMNS:
-        return False, f"in_features {k} is longer than the modulated sparsify pass holds ({MODULATED_MAX_COLUMNS})"
+    if k > PROLOGUE_MAX_COLUMNS:
+        return False, f"in_features {k} is longer than the sparsify pass holds with a prologue ({PROLOGUE_MAX_COLUMNS})"
     return True, ""
 
 
@@ -250,6 +263,13 @@ def sparse_linear_modulated_sm90(x2d: torch.Tensor, shift: torch.Tensor, scale1p
     modulation done inside the sparsify pass; shift and scale1p in x's dtype."""
     return torch.ops.rt_lynx.sparse_linear_modulated_sm90(x2d, shift, scale1p, int(tokens), float(eps), weight,
                                                           w_scale, bias, bool(compensate))
+
+
+def sparse_linear_gelu_sm90(x2d: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor | None,
+                            bias: torch.Tensor | None, compensate: bool) -> torch.Tensor:
+    """sparse_linear_sm90 (w_scale None) or sparse_linear_fp8_sm90 (weight e4m3) of
+    mlp_activation_reference(x2d), the GELU done inside the sparsify pass."""
+    return torch.ops.rt_lynx.sparse_linear_gelu_sm90(x2d, weight, w_scale, bias, bool(compensate))
 
 
 def k_extension_up(up: torch.Tensor, scale: float) -> torch.Tensor:

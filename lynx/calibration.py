@@ -105,6 +105,11 @@ class _StatisticsCapture(LynxLinearForward):
             self._accumulate(x.detach().reshape(-1, x.shape[-1]))
         return super().__call__(x)
 
+    def _takes_prologue(self) -> bool:
+        # The layer's input must exist to be recorded: a fused block's LayerNorm + modulation or
+        # GELU is computed first, then the call comes through __call__.
+        return False
+
     def layer_weight(self) -> torch.Tensor:
         """The weight the layer computes with (its weight provider: casts, LoRA patches, fp8
         scales), on the statistics' device."""

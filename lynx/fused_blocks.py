@@ -7,9 +7,11 @@ FLUX DoubleStreamBlock / SingleStreamBlock (comfy.ldm.flux.layers) and Qwen-Imag
 QwenImageTransformerBlock (comfy.ldm.qwen_image.model) with that work in one pass
 (kernels.qk_norm_rope / qk_norm_rope_split) and each gated residual in one addcmul. The linears,
 norms and modulations are still the block's own modules, so the Lynx forwards, ComfyUI's weight
-casts and LoRA patches apply unchanged. A Lynx layer after a LayerNorm + modulation takes both
-into its sparsify pass (LynxLinearForward.modulated): the block's modulated activations are
-never written. Attention itself is the caller's (ComfyUI's optimized_attention).
+casts and LoRA patches apply unchanged. A Lynx layer takes the elementwise work that produces its
+input into its sparsify pass: after a LayerNorm + modulation (LynxLinearForward.modulated) and
+after the MLP's GELU (LynxLinearForward.after_gelu), so the block's modulated activations and the
+MLP's activation are never written. Attention itself is the caller's (ComfyUI's
+optimized_attention).
 
 Only blocks whose structure and forward signatures are the ones written against here are taken
 (`fused_block_kind`); any other keeps its own forward.
@@ -111,7 +113,7 @@ def _modulated_linears(linears: tuple[nn.Module, ...], norm: nn.Module, x: torch
                   and tuple(norm.normalized_shape) == (x.shape[-1],) and "forward" not in norm.__dict__)
     modulated, outputs = None, []
     for linear in linears:
-        fused = getattr(linear.__dict__.get("forward"), "modulated", None) if plain_norm else None
+        fused = _lynx_forward_method(linear, "modulated") if plain_norm else None
         if fused is not None:
             outputs.append(fused(x, shift, scale1p, norm.eps))
             continue
@@ -121,18 +123,28 @@ def _modulated_linears(linears: tuple[nn.Module, ...], norm: nn.Module, x: torch
     return outputs
 
 
+def _lynx_forward_method(linear: nn.Module, name: str):
+    # The object patch ComfyUI (or `installed`) put on the module; a plain layer has none.
+    return getattr(linear.__dict__.get("forward"), name, None)
+
+
 def _modulated_mlp(mlp: nn.Module, norm: nn.Module, x: torch.Tensor, shift: torch.Tensor,
                    scale: torch.Tensor) -> torch.Tensor:
-    """mlp(addcmul(shift, norm(x), 1 + scale)), its up projection through _modulated_linears: FLUX's
-    Sequential(Linear, GELU, Linear) and Qwen-Image's FeedForward(GELU(proj), Dropout, Linear)."""
+    """mlp(addcmul(shift, norm(x), 1 + scale)) for FLUX's Sequential(Linear, GELU, Linear) and
+    Qwen-Image's FeedForward(GELU(proj), Dropout, Linear): the up projection through
+    _modulated_linears, the down projection through _linear_after_gelu."""
     if isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(mlp[1], nn.GELU):
-        (hidden,) = _modulated_linears((mlp[0],), norm, x, shift, scale)
-        return mlp[2](mlp[1](hidden))
-    net = getattr(mlp, "net", None)
-    if type(mlp).__name__ == "FeedForward" and len(net) == 3 and type(net[0]).__name__ == "GELU":
-        (hidden,) = _modulated_linears((net[0].proj,), norm, x, shift, scale)
-        return net[2](net[1](F.gelu(hidden, approximate=net[0].approximate)))
-    return mlp(torch.addcmul(shift, norm(x), 1 + scale))
+        up, approximate, down = mlp[0], mlp[1].approximate, mlp[2]
+    elif (type(mlp).__name__ == "FeedForward" and len(mlp.net) == 3 and type(mlp.net[0]).__name__ == "GELU"
+          and isinstance(mlp.net[1], nn.Dropout) and not (mlp.training and mlp.net[1].p > 0)):
+        up, approximate, down = mlp.net[0].proj, mlp.net[0].approximate, mlp.net[2]
+    else:
+        return mlp(torch.addcmul(shift, norm(x), 1 + scale))
+    (hidden,) = _modulated_linears((up,), norm, x, shift, scale)
+    after_gelu = _lynx_forward_method(down, "after_gelu") if approximate == "tanh" else None
+    if after_gelu is not None:
+        return after_gelu(hidden)
+    return down(F.gelu(hidden, approximate=approximate))
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import (PRECISIONS, REQUESTS, LowRankOperands, dense_linear_fp8, log_once, low_rank_reference,
-                       modulated_layer_norm_reference, prepare_low_rank, quantize_weight_fp8, sparse_linear,
-                       sparse_linear_fp8, sparse_linear_modulated)
+                       mlp_activation_reference, modulated_layer_norm_reference, prepare_low_rank, quantize_weight_fp8,
+                       sparse_linear, sparse_linear_fp8, sparse_linear_gelu, sparse_linear_modulated)
 
 
 @dataclass(frozen=True)
@@ -151,21 +151,42 @@ def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Te
 def lynx_linear_modulated(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float,
                           weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
                           fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """lynx_linear(modulated_layer_norm(x, shift, scale1p, eps), ...) for the 2:4 product without a
-    LoRA branch (the branch would need the modulated activations themselves). The kernels normalise
-    and modulate inside their sparsify pass where they can, so the block's modulated activations
-    are never written."""
+    """lynx_linear(modulated_layer_norm(x, shift, scale1p, eps), ...) with the normalisation and
+    modulation inside the kernels' sparsify pass where they can, so the block's modulated
+    activations are never written. For the 2:4 product without a LoRA branch (which would need
+    those activations themselves)."""
     images, tokens, features = x.shape
+
+    def fused(x2d, *product):
+        return sparse_linear_modulated(x2d, shift.reshape(images, features), scale1p.reshape(images, features), tokens,
+                                       eps, *product)
+    return _lynx_linear_after(x, lambda: modulated_layer_norm(x, shift, scale1p, eps), fused, weight, bias, config,
+                              fp8_weight)
+
+
+def lynx_linear_after_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
+                           fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """lynx_linear(gelu(x, approximate="tanh"), ...), an MLP's down projection, with the GELU inside
+    the kernels' sparsify pass where it can be, so the activation is never written. For the 2:4
+    product without a LoRA branch."""
+    return _lynx_linear_after(x, lambda: mlp_activation_reference(x), sparse_linear_gelu, weight, bias, config,
+                              fp8_weight)
+
+
+def _lynx_linear_after(x, prepared_input, fused, weight, bias, config: LynxConfig, fp8_weight) -> torch.Tensor:
+    """The Lynx product of prepared_input() (elementwise work on x): fused(x2d, weight, bias,
+    compensate, backend[, w_scale]) computes it from x itself; patterns other than 2:4 and inputs
+    that run dense take prepared_input() through lynx_linear."""
     if (config.n, config.m) != (2, 4) or not config.runs_sparse(x):
-        return lynx_linear(modulated_layer_norm(x, shift, scale1p, eps), weight, bias, config, fp8_weight=fp8_weight)
+        return lynx_linear(prepared_input(), weight, bias, config, fp8_weight=fp8_weight)
     bias = _checked_bias(x, weight, bias)
-    args = (x.reshape(-1, features), shift.reshape(images, features), scale1p.reshape(images, features), tokens, eps)
+    x2d = x.reshape(-1, x.shape[-1])
     if config.precision == "fp8":
         wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight)
-        y = sparse_linear_modulated(*args, wq, bias, config.compensate, config.backend, w_scale=w_scale)
+        y = fused(x2d, wq, bias, config.compensate, config.backend, w_scale)
     else:
-        y = sparse_linear_modulated(*args, weight.to(x.dtype), bias, config.compensate, config.backend)
-    return y.reshape(images, tokens, weight.shape[0])
+        y = fused(x2d, weight.to(x.dtype), bias, config.compensate, config.backend)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def fp8_dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,

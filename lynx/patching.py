@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 from ..kernels import fast_path_availability, fp8_dense_availability, fp8_dense_shape_supported, quantize_weight_fp8
-from .linear import (LowRankBranch, LynxConfig, fp8_dense_linear, lynx_linear, lynx_linear_modulated,
-                     modulated_layer_norm)
+from ..kernels import mlp_activation_reference
+from .linear import (LowRankBranch, LynxConfig, fp8_dense_linear, lynx_linear, lynx_linear_after_gelu,
+                     lynx_linear_modulated, modulated_layer_norm)
 from .lora import LynxLoRA, check_fits
 from .policies import ArchitecturePolicy, LayerDecision, SelectionOptions, detect_architecture, select_layers
 
@@ -71,20 +72,33 @@ class LynxLinearForward:
         self.fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias, release = self._weights_for(x)
-        y = self._product(x, weight, bias)
-        if release is not None:
-            release()
-        return y
+        return self._with_weights(x, lambda weight, bias: self._product(x, weight, bias))
+
+    # The producer's elementwise work taken into the sparsify pass (lynx_linear_modulated,
+    # lynx_linear_after_gelu): for the sparse product of a layer without a LoRA branch; every other
+    # case computes that work first and calls the layer.
 
     def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float) -> torch.Tensor:
-        """self(modulated_layer_norm(x, shift, scale1p, eps)) for a DiT block's input x (images, tokens,
-        features): the sparse product of a layer without a LoRA branch takes the LayerNorm and the
-        modulation into its sparsify pass; every other case computes them first."""
-        if not self.sparse or self.lora is not None or self.runtime.dense or x.dim() != 3:
+        """self(modulated_layer_norm(x, shift, scale1p, eps)) for a DiT block's input x (images,
+        tokens, features), shift and scale1p one row per image."""
+        if x.dim() != 3 or not self._takes_prologue():
             return self(modulated_layer_norm(x, shift, scale1p, eps))
+        return self._with_weights(x, lambda weight, bias: lynx_linear_modulated(
+            x, shift, scale1p, eps, weight, bias, self.config, self.fp8_weight))
+
+    def after_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """self(gelu(x, approximate="tanh")): an MLP's down projection of its up projection's output x."""
+        if not self._takes_prologue():
+            return self(mlp_activation_reference(x))
+        return self._with_weights(x, lambda weight, bias: lynx_linear_after_gelu(
+            x, weight, bias, self.config, self.fp8_weight))
+
+    def _takes_prologue(self) -> bool:
+        return self.sparse and self.lora is None and not self.runtime.dense
+
+    def _with_weights(self, x: torch.Tensor, product) -> torch.Tensor:
         weight, bias, release = self._weights_for(x)
-        y = lynx_linear_modulated(x, shift, scale1p, eps, weight, bias, self.config, self.fp8_weight)
+        y = product(weight, bias)
         if release is not None:
             release()
         return y

@@ -4,9 +4,11 @@ import torch.nn.functional as F
 
 from helpers import tree_from_linears
 from rt_lynx_pack.kernels import sparse_linear_reference
-from rt_lynx_pack.lynx import LynxConfig, SelectionOptions, attach_lora, installed, plan_model
-from rt_lynx_pack.lynx.calibration import (calibrate_lynx_lora, fit_low_rank, plan_groups, sparse_input,
-                                           statistics_bytes, uncalibrated_layers)
+from rt_lynx_pack.lynx import (LynxConfig, LynxLinearForward, LynxRuntime, SelectionOptions, attach_lora, installed,
+                               plan_model)
+from rt_lynx_pack.lynx.calibration import (_StatisticsCapture, calibrate_lynx_lora, fit_low_rank, plan_groups,
+                                           sparse_input, statistics_bytes, uncalibrated_layers)
+from rt_lynx_pack.lynx.linear import modulated_layer_norm
 from rt_lynx_pack.lynx.tiny_dit import Modulation, TinyDiTConfig, TinyFluxDiT, random_inputs
 
 LAYER = "double_blocks.0.img_attn.qkv"
@@ -249,3 +251,16 @@ def test_fit_survives_statistics_made_indefinite_by_rounding():
     down, up = fit_low_rank(c_xx, c_xd, torch.randn(16, 32, generator=g), rank=4)
     assert down.shape == (4, 32) and up.shape == (16, 4)
     assert torch.isfinite(down).all() and torch.isfinite(up).all()
+
+
+def test_a_capture_records_the_inputs_a_fused_block_would_compute_in_the_sparsify_pass():
+    g = torch.Generator().manual_seed(11)
+    layer = torch.nn.Linear(64, 48)
+    capture = _StatisticsCapture(LynxLinearForward(layer, "layer", LynxConfig(min_tokens=1), LynxRuntime()), None)
+    x = torch.randn(2, 40, 64, generator=g)
+    shift, scale = torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 64, generator=g) / 4
+    capture.modulated(x, shift, 1 + scale, 1e-6)
+    capture.after_gelu(x)
+    assert capture.tokens == 2 * 80
+    inputs = torch.cat([modulated_layer_norm(x, shift, 1 + scale, 1e-6), F.gelu(x, approximate="tanh")]).reshape(-1, 64)
+    torch.testing.assert_close(capture.c_xx, inputs.double().T @ inputs.double())

@@ -31,6 +31,8 @@ def test_sm90_fake_kernels_give_the_shapes_the_cuda_ops_return(rows):
         y_mod = torch.ops.rt_lynx.sparse_linear_modulated_sm90(x, shift, shift, rows, 1e-6, weight, None, None, True)
         y_mod8 = torch.ops.rt_lynx.sparse_linear_modulated_sm90(x, shift, shift, rows, 1e-6, wq, w_scale, None, True)
         compressed_mod, _ = torch.ops.rt_lynx.sparsify_sm90(x, 64, False, True, shift, shift, rows, 1e-6)
+        y_gelu = torch.ops.rt_lynx.sparse_linear_gelu_sm90(x, wq, w_scale, None, True)
+        compressed_gelu, _ = torch.ops.rt_lynx.sparsify_sm90(x, 128, True, True, gelu=True)
     padded = (rows + 63) // 64 * 64
     assert (y.shape, y.dtype) == ((rows, n), torch.bfloat16)
     assert (y8.shape, y8.dtype) == ((rows, n), torch.bfloat16)
@@ -40,7 +42,8 @@ def test_sm90_fake_kernels_give_the_shapes_the_cuda_ops_return(rows):
     assert (compressed8.shape, compressed8.dtype) == ((padded * k * 5 // 8,), torch.uint8)
     assert scale.shape == scale8.shape == (padded,)
     assert (mm.shape, mm.dtype) == ((rows, n), torch.float16)
-    assert y_mod.shape == y_mod8.shape == (rows, n) and compressed_mod.shape == compressed.shape
+    assert y_mod.shape == y_mod8.shape == y_gelu.shape == (rows, n) and compressed_mod.shape == compressed.shape
+    assert compressed_gelu.shape == compressed8.shape
 
 
 @pytest.mark.parametrize("rank", [1, 5, 32, 64])

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from rt_lynx_pack.kernels import modulated_layer_norm_reference, norm_compensation_scale, sparse_linear, sparsify_nm
 from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, LynxLinearForward, LynxRuntime, lynx_linear
-from rt_lynx_pack.lynx.linear import lynx_linear_modulated, modulated_layer_norm
+from rt_lynx_pack.lynx.linear import lynx_linear_after_gelu, lynx_linear_modulated, modulated_layer_norm
 
 
 def make(tokens_shape=(2, 40), k=64, n=48, dtype=torch.float32, seed=0):
@@ -180,6 +180,14 @@ def test_lynx_linear_of_a_modulated_input_is_the_linear_of_the_modulated_tensor(
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_lynx_linear_after_gelu_is_the_linear_of_the_activation(precision):
+    x, w, b = make(tokens_shape=(2, 40), dtype=torch.bfloat16)
+    config = LynxConfig(precision=precision)
+    want = lynx_linear(F.gelu(x, approximate="tanh"), w, b, config)
+    torch.testing.assert_close(lynx_linear_after_gelu(x, w, b, config), want, rtol=0, atol=0)
+
+
 def test_a_patched_layer_takes_a_modulated_input_only_for_its_plain_sparse_product():
     x, w, b = make(tokens_shape=(2, 40))
     shift, scale = modulation()
@@ -190,6 +198,8 @@ def test_a_patched_layer_takes_a_modulated_input_only_for_its_plain_sparse_produ
     modulated = modulated_layer_norm(x, shift, 1 + scale, 1e-6)
     for candidate in (forward, forward.with_lora(branch)):
         torch.testing.assert_close(candidate.modulated(x, shift, 1 + scale, 1e-6), candidate(modulated),
+                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(candidate.after_gelu(x), candidate(F.gelu(x, approximate="tanh")),
                                    rtol=1e-6, atol=1e-6)
     runtime.dense = True
     torch.testing.assert_close(forward.modulated(x, shift, 1 + scale, 1e-6), F.linear(modulated, layer.weight, layer.bias))

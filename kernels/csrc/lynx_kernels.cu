@@ -667,7 +667,7 @@ namespace {
 bool launch_sparsify_staged(bool is_bf16, bool e4m3, int metadata_layout, const void* x, int64_t rows,
                             int64_t padded_rows, int64_t cols, int64_t ld_x, void* values, int64_t ld_values,
                             uint8_t* meta, float* scale, bool compensate, const void* u, int64_t rank,
-                            int64_t k_ext, const SparsifyModulation& modulation, cudaStream_t stream);
+                            int64_t k_ext, const SparsifyPrologue& prologue, cudaStream_t stream);
 int staged_threads_per_pair(int64_t padded_rows, int64_t cols);
 
 std::atomic<bool>& staged_pass_enabled() {
@@ -819,7 +819,7 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
                               int64_t ld_x, bool is_bf16, bool fold_scale, void* compressed,
                               float* scale, cudaStream_t stream, int split, int metadata_layout,
                               int64_t compressed_cols, const void* u, int64_t rank,
-                              const SparsifyModulation& modulation) {
+                              const SparsifyPrologue& prologue) {
   require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify: bad padded row count");
   require(cols % 32 == 0, "sparsify: columns must be a multiple of 32");
   require(metadata_layout == kMetadataCusparselt || metadata_layout == kMetadataSm90Block64 ||
@@ -840,11 +840,11 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
   // Values of compressed_cols / 2 per row, then the metadata.
   auto* meta = static_cast<uint8_t*>(compressed) + padded_rows * compressed_cols;
   const int64_t ld_values = compressed_cols / 2;
-  require(!modulation.present() || (metadata_layout != kMetadataCusparselt && split <= 0),
-          "sparsify: only the sm90 layouts' staged pass modulates");
+  require(!prologue.present() || (metadata_layout != kMetadataCusparselt && split <= 0),
+          "sparsify: only the sm90 layouts' staged pass takes a prologue");
   if (metadata_layout != kMetadataCusparselt && split <= 0 &&
       launch_sparsify_staged(is_bf16, false, metadata_layout, x, rows, padded_rows, cols, ld_x, values, ld_values,
-                             meta, scale, false, u, rank, ext.k_ext, modulation, stream)) {
+                             meta, scale, false, u, rank, ext.k_ext, prologue, stream)) {
     return;
   }
   if (split <= 0) split = sparsify_split_for(padded_rows, cols);
@@ -867,7 +867,7 @@ void set_sparsify_low_rank_fusion(bool enabled) { low_rank_fusion_enabled().stor
 
 void set_sparsify_staged_pass(bool enabled) { staged_pass_enabled().store(enabled); }
 
-bool sparsify_modulation_supported(int64_t padded_rows, int64_t cols) {
+bool sparsify_prologue_supported(int64_t padded_rows, int64_t cols) {
   return staged_threads_per_pair(padded_rows, cols) != 0;
 }
 
@@ -1095,10 +1095,10 @@ __device__ __forceinline__ float2 finish_pair_stats(const Fp8RowPair<kSplit>& pa
 }
 
 // ---------------------------------------------------------------------------------------------
-// The producer of a DiT block's linear input (LayerNorm without affine, then the per-image
-// modulation) applied to a staged row pair in registers, before its 2:4 selection: the block's
-// normalised and modulated activations are never written (SparsifyModulation, lynx_kernels.h).
-struct ModulationArgs {
+// Prologues of the staged pass (SparsifyPrologue, lynx_kernels.h): the producer's elementwise
+// work applied to a staged row pair in registers, before its 2:4 selection. A DiT block's
+// LayerNorm + modulation, or an MLP's GELU.
+struct PrologueArgs {
   const uint16_t* shift;    // (images, cols), x's dtype
   const uint16_t* scale1p;  // 1 + scale, (images, cols)
   int64_t tokens;           // rows per image
@@ -1178,7 +1178,7 @@ __device__ __forceinline__ uint4 modulate_8(const uint4& x, const uint4& shift, 
 template <bool kBf16, int kUnits, int kThreadsPerPair>
 __device__ __forceinline__ void modulate_staged_pair(uint4 (&in0)[kUnits][2], uint4 (&in1)[kUnits][2], int t,
                                                      int units, int64_t cols, int64_t r0, int64_t r1, bool has_r0,
-                                                     bool has_r1, const ModulationArgs& mod, int warp, int first) {
+                                                     bool has_r1, const PrologueArgs& mod, int warp, int first) {
   constexpr int kWarps = kThreadsPerPair / 32;
   __shared__ float sum_partial[8][2], square_partial[8][2];
   float2 sum = make_float2(0.f, 0.f);
@@ -1222,6 +1222,29 @@ __device__ __forceinline__ void modulate_staged_pair(uint4 (&in0)[kUnits][2], ui
   }
 }
 
+// gelu(x) with the tanh approximation, in fp32 and in the order torch's CUDA kernel computes it,
+// rounded to the 16-bit type.
+template <bool kBf16>
+__device__ __forceinline__ uint32_t gelu_tanh_bits(uint32_t bits16) {
+  constexpr float kBeta = 0.7978845608028654f;   // sqrt(2 / pi)
+  constexpr float kKappa = 0.044715f;
+  const float x = bits_to_float<kBf16>(bits16);
+  const float cube = x * x * x;
+  const float inner = kBeta * (x + kKappa * cube);
+  return float_to_bits<kBf16>(0.5f * x * (1.f + tanhf(inner)));
+}
+
+template <bool kBf16>
+__device__ __forceinline__ uint4 gelu_tanh_8(const uint4& v) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[i] = gelu_tanh_bits<kBf16>(words[i] & 0xffffu) | (gelu_tanh_bits<kBf16>(words[i] >> 16) << 16);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The sm90 sparsify pass with the rows in registers (16-bit values or e4m3). A row pair (r,
 // r + 8: they share metadata words) is spread over kThreadsPerPair threads; each holds up to
@@ -1237,12 +1260,12 @@ __device__ __forceinline__ void modulate_staged_pair(uint4 (&in0)[kUnits][2], ui
 constexpr int kStagedUnits = 4;
 constexpr int kStagedThreads = 256;
 
-// kModulated: the row pair is first normalised and modulated (modulate_staged_pair).
-template <bool kBf16, bool kE4m3, int kBlockK, int kThreadsPerPair, bool kModulated>
+// kPrologue: the producer's work done on the row pair first (SparsifyPrologue).
+template <bool kBf16, bool kE4m3, int kBlockK, int kThreadsPerPair, int kPrologue>
 __global__ void __launch_bounds__(kStagedThreads, 2) sparsify_staged_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
     void* __restrict__ values, int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ scale,
-    bool compensate, const uint16_t* __restrict__ u, int64_t rank, int64_t k_ext, ModulationArgs modulation) {
+    bool compensate, const uint16_t* __restrict__ u, int64_t rank, int64_t k_ext, PrologueArgs prologue) {
   static_assert(kThreadsPerPair % 32 == 0 && kStagedThreads % kThreadsPerPair == 0, "whole warps per pair");
   static_assert(!kE4m3 || kBlockK == 128, "the e4m3 GEMM's metadata atom is 128 columns");
   constexpr int kPairsPerBlock = kStagedThreads / kThreadsPerPair;
@@ -1268,9 +1291,9 @@ __global__ void __launch_bounds__(kStagedThreads, 2) sparsify_staged_kernel(
       in1[j][h] = live && has_r1 ? __ldg(x1 + 2 * unit + h) : zero;
     }
   }
-  if constexpr (kModulated) {
+  if constexpr (kPrologue == kPrologueLayerNormModulation) {
     modulate_staged_pair<kBf16, kStagedUnits, kThreadsPerPair>(in0, in1, t, units, cols, r0, r1, has_r0, has_r1,
-                                                               modulation, int(threadIdx.x) / 32,
+                                                               prologue, int(threadIdx.x) / 32,
                                                                pair_in_block * kWarpsPerPair);
   }
 
@@ -1285,6 +1308,14 @@ __global__ void __launch_bounds__(kStagedThreads, 2) sparsify_staged_kernel(
     const int unit = t + j * kThreadsPerPair;
     if (unit >= units) break;
     uint4 v0, v1;
+    if constexpr (kPrologue == kPrologueGeluTanh) {
+      // Unit by unit, as it is selected: all units at once keep too many tanh in flight (spills).
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        in0[j][h] = gelu_tanh_8<kBf16>(in0[j][h]);
+        in1[j][h] = gelu_tanh_8<kBf16>(in1[j][h]);
+      }
+    }
     const uint32_t codes0 = select_16<kBf16>(in0[j], v0, stats.dense0, stats.kept0);
     const uint32_t codes1 = select_16<kBf16>(in1[j], v1, stats.dense1, stats.kept1);
     const int64_t col = 16 * int64_t(unit);
@@ -1356,69 +1387,78 @@ int staged_threads_per_pair(int64_t padded_rows, int64_t cols) {
   return threads;
 }
 
-template <bool kBf16, bool kE4m3, int kBlockK, int kThreadsPerPair, bool kModulated>
+template <bool kBf16, bool kE4m3, int kBlockK, int kThreadsPerPair, int kPrologue>
 void launch_staged_variant(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
                            void* values, int64_t ld_values, uint8_t* meta, float* scale, bool compensate,
-                           const void* u, int64_t rank, int64_t k_ext, const ModulationArgs& modulation,
+                           const void* u, int64_t rank, int64_t k_ext, const PrologueArgs& prologue,
                            cudaStream_t stream) {
   const int64_t blocks = padded_rows / 2 / (kStagedThreads / kThreadsPerPair);
   require(blocks <= 0x7fffffff, "sparsify: too many rows for one launch");
-  sparsify_staged_kernel<kBf16, kE4m3, kBlockK, kThreadsPerPair, kModulated>
+  sparsify_staged_kernel<kBf16, kE4m3, kBlockK, kThreadsPerPair, kPrologue>
       <<<static_cast<unsigned>(blocks), kStagedThreads, 0, stream>>>(
           static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate,
-          static_cast<const uint16_t*>(u), rank, k_ext, modulation);
+          static_cast<const uint16_t*>(u), rank, k_ext, prologue);
 }
 
-template <bool kBf16, bool kE4m3, int kBlockK, bool kModulated>
+template <bool kBf16, bool kE4m3, int kBlockK, int kPrologue>
 void launch_staged_threads(int threads_per_pair, const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                            int64_t ld_x, void* values, int64_t ld_values, uint8_t* meta, float* scale,
                            bool compensate, const void* u, int64_t rank, int64_t k_ext,
-                           const ModulationArgs& modulation, cudaStream_t stream) {
+                           const PrologueArgs& prologue, cudaStream_t stream) {
   switch (threads_per_pair) {
-    case 32: return launch_staged_variant<kBf16, kE4m3, kBlockK, 32, kModulated>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
-    case 64: return launch_staged_variant<kBf16, kE4m3, kBlockK, 64, kModulated>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
-    case 128: return launch_staged_variant<kBf16, kE4m3, kBlockK, 128, kModulated>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
-    default: return launch_staged_variant<kBf16, kE4m3, kBlockK, 256, kModulated>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
+    case 32: return launch_staged_variant<kBf16, kE4m3, kBlockK, 32, kPrologue>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, prologue, stream);
+    case 64: return launch_staged_variant<kBf16, kE4m3, kBlockK, 64, kPrologue>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, prologue, stream);
+    case 128: return launch_staged_variant<kBf16, kE4m3, kBlockK, 128, kPrologue>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, prologue, stream);
+    default: return launch_staged_variant<kBf16, kE4m3, kBlockK, 256, kPrologue>(x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, prologue, stream);
   }
 }
 
 template <bool kBf16, bool kE4m3, int kBlockK>
 void launch_staged(int threads_per_pair, const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                    int64_t ld_x, void* values, int64_t ld_values, uint8_t* meta, float* scale, bool compensate,
-                   const void* u, int64_t rank, int64_t k_ext, const SparsifyModulation& modulation,
+                   const void* u, int64_t rank, int64_t k_ext, const SparsifyPrologue& prologue,
                    cudaStream_t stream) {
-  const ModulationArgs args{static_cast<const uint16_t*>(modulation.shift),
-                            static_cast<const uint16_t*>(modulation.scale1p), modulation.tokens, modulation.eps};
-  if (modulation.present()) {
-    launch_staged_threads<kBf16, kE4m3, kBlockK, true>(threads_per_pair, x, rows, padded_rows, cols, ld_x, values,
-                                                       ld_values, meta, scale, compensate, u, rank, k_ext, args, stream);
-  } else {
-    launch_staged_threads<kBf16, kE4m3, kBlockK, false>(threads_per_pair, x, rows, padded_rows, cols, ld_x, values,
-                                                        ld_values, meta, scale, compensate, u, rank, k_ext, args, stream);
+  const PrologueArgs args{static_cast<const uint16_t*>(prologue.shift), static_cast<const uint16_t*>(prologue.scale1p),
+                          prologue.tokens, prologue.eps};
+  switch (prologue.kind) {
+    case kPrologueLayerNormModulation:
+      return launch_staged_threads<kBf16, kE4m3, kBlockK, kPrologueLayerNormModulation>(
+          threads_per_pair, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext,
+          args, stream);
+    case kPrologueGeluTanh:
+      return launch_staged_threads<kBf16, kE4m3, kBlockK, kPrologueGeluTanh>(
+          threads_per_pair, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext,
+          args, stream);
+    default:
+      return launch_staged_threads<kBf16, kE4m3, kBlockK, kPrologueNone>(
+          threads_per_pair, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext,
+          args, stream);
   }
 }
 
 bool launch_sparsify_staged(bool is_bf16, bool e4m3, int metadata_layout, const void* x, int64_t rows,
                             int64_t padded_rows, int64_t cols, int64_t ld_x, void* values, int64_t ld_values,
                             uint8_t* meta, float* scale, bool compensate, const void* u, int64_t rank,
-                            int64_t k_ext, const SparsifyModulation& modulation, cudaStream_t stream) {
+                            int64_t k_ext, const SparsifyPrologue& prologue, cudaStream_t stream) {
   const int threads = staged_threads_per_pair(padded_rows, cols);
-  if (modulation.present()) {
-    // Only the staged pass modulates: it runs whatever the switch says.
-    require(threads != 0, "sparsify: a modulated row of ", cols, " columns is longer than the staged pass holds");
-    require(u == nullptr, "sparsify: a modulated pass takes no low-rank extension");
+  if (prologue.present()) {
+    // Only the staged pass takes a prologue: it runs whatever the switch says.
+    require(prologue.kind == kPrologueLayerNormModulation || prologue.kind == kPrologueGeluTanh,
+            "sparsify: unknown prologue ", prologue.kind);
+    require(threads != 0, "sparsify: a row of ", cols, " columns with a prologue is longer than the staged pass holds");
+    require(u == nullptr, "sparsify: a pass with a prologue takes no low-rank extension");
   } else if (!staged_pass_enabled().load() || threads == 0) {
     return false;
   }
   if (e4m3) {
-    if (is_bf16) launch_staged<true, true, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
-    else launch_staged<false, true, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
+    if (is_bf16) launch_staged<true, true, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, prologue, stream);
+    else launch_staged<false, true, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, prologue, stream);
   } else if (metadata_layout == kMetadataSm90Block64) {
-    if (is_bf16) launch_staged<true, false, 64>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
-    else launch_staged<false, false, 64>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
+    if (is_bf16) launch_staged<true, false, 64>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, prologue, stream);
+    else launch_staged<false, false, 64>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, prologue, stream);
   } else {
-    if (is_bf16) launch_staged<true, false, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
-    else launch_staged<false, false, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, modulation, stream);
+    if (is_bf16) launch_staged<true, false, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, prologue, stream);
+    else launch_staged<false, false, 128>(threads, x, rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate, u, rank, k_ext, prologue, stream);
   }
   return true;
 }
@@ -1658,7 +1698,7 @@ int sparsify_fp8_split_for(int64_t padded_rows, int64_t cols) {
 void launch_sparsify_fp8(const void* x, int64_t rows, int64_t padded_rows, int64_t cols,
                          int64_t ld_x, bool is_bf16, bool compensate, void* compressed,
                          float* token_scale, cudaStream_t stream, int split, int metadata_layout,
-                         const SparsifyModulation& modulation) {
+                         const SparsifyPrologue& prologue) {
   require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify_fp8: bad padded row count");
   require(cols % 64 == 0, "sparsify_fp8: columns must be a multiple of 64");
   require(metadata_layout == kMetadataCusparselt || metadata_layout == kMetadataSm90Block128,
@@ -1668,10 +1708,10 @@ void launch_sparsify_fp8(const void* x, int64_t rows, int64_t padded_rows, int64
   require(token_scale != nullptr, "sparsify_fp8: token_scale is required");
   auto* values = static_cast<uint8_t*>(compressed);
   auto* meta = values + padded_rows * cols / 2;
-  require(!modulation.present() || (cutlass && split <= 0), "sparsify_fp8: only the sm90 layout's staged pass modulates");
+  require(!prologue.present() || (cutlass && split <= 0), "sparsify_fp8: only the sm90 layout's staged pass takes a prologue");
   if (cutlass && split <= 0 &&
       launch_sparsify_staged(is_bf16, true, metadata_layout, x, rows, padded_rows, cols, ld_x, values, cols / 2, meta,
-                             token_scale, compensate, nullptr, 0, 0, modulation, stream)) {
+                             token_scale, compensate, nullptr, 0, 0, prologue, stream)) {
     return;
   }
   if (split <= 0) split = sparsify_fp8_split_for(padded_rows, cols);

@@ -42,21 +42,28 @@ constexpr int kMetadataCusparselt = 0;
 constexpr int kMetadataSm90Block64 = 64;
 constexpr int kMetadataSm90Block128 = 128;
 
-// The producer of a DiT block's linear input, fused into the sm90 layouts' staged sparsify pass:
-// each row of x is first layer-normalised without affine, xn = (x - mean) * rsqrt(var + eps)
-// rounded to x's dtype (what the model's LayerNorm writes), then modulated per image,
-// x' = xn * scale1p + shift in one fp32 multiply-add rounded once (torch.addcmul), and x' is what
-// is sparsified. shift and scale1p: (rows / tokens) x cols in x's dtype, contiguous, 16-byte
-// aligned; row r uses their row r / tokens. Rows must fit the staged pass
-// (sparsify_modulation_supported); no low-rank extension.
-struct SparsifyModulation {
+// Elementwise work of the producer of x that the sm90 layouts' staged sparsify pass does on the
+// rows it holds, before the 2:4 selection, so that what the producer would write is never written:
+// - kPrologueLayerNormModulation, a DiT block's input to a linear: each row of x is
+//   layer-normalised without affine, xn = (x - mean) * rsqrt(var + eps) rounded to x's dtype
+//   (what the model's LayerNorm writes), then modulated per image, x' = xn * scale1p + shift in
+//   one fp32 multiply-add rounded once (torch.addcmul). shift and scale1p: (rows / tokens) x cols
+//   in x's dtype, contiguous, 16-byte aligned; row r uses their row r / tokens.
+// - kPrologueGeluTanh, an MLP's activation before its down projection: x' = gelu(x) with the tanh
+//   approximation, in fp32 as torch computes it, rounded to x's dtype.
+// Rows must fit the staged pass (sparsify_prologue_supported); no low-rank extension.
+constexpr int kPrologueNone = 0;
+constexpr int kPrologueLayerNormModulation = 1;
+constexpr int kPrologueGeluTanh = 2;
+struct SparsifyPrologue {
+  int kind = kPrologueNone;
   const void* shift = nullptr;
   const void* scale1p = nullptr;
   int64_t tokens = 1;
   float eps = 0.f;
-  bool present() const { return shift != nullptr; }
+  bool present() const { return kind != kPrologueNone; }
 };
-bool sparsify_modulation_supported(int64_t padded_rows, int64_t cols);
+bool sparsify_prologue_supported(int64_t padded_rows, int64_t cols);
 
 // Reads x (rows x cols, row stride ld_x elements, 16-bit floats); writes the compressed buffer
 // of the 2:4-sparsified matrix padded to padded_rows (values, row-major, then metadata in
@@ -73,7 +80,7 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
                               float* scale, cudaStream_t stream, int split = 0,
                               int metadata_layout = kMetadataCusparselt, int64_t compressed_cols = 0,
                               const void* u = nullptr, int64_t rank = 0,
-                              const SparsifyModulation& modulation = {});
+                              const SparsifyPrologue& prologue = {});
 
 // The split launch_sparsify_compress picks for split <= 0.
 int sparsify_split_for(int64_t padded_rows, int64_t cols);
@@ -122,7 +129,7 @@ void launch_sparsify_fp8(const void* x, int64_t rows, int64_t padded_rows, int64
                          int64_t ld_x, bool is_bf16, bool compensate, void* compressed,
                          float* token_scale, cudaStream_t stream, int split = 0,
                          int metadata_layout = kMetadataCusparselt,
-                         const SparsifyModulation& modulation = {});
+                         const SparsifyPrologue& prologue = {});
 
 int sparsify_fp8_split_for(int64_t padded_rows, int64_t cols);
 

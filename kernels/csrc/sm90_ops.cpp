@@ -160,21 +160,28 @@ struct LowRankOperands {
   int64_t k_ext(int64_t metadata_block) const { return k_extension_columns(stored_columns(up_ext), metadata_block); }
 };
 
-// The producer fused into the sparsify pass (SparsifyModulation): shift and 1 + scale per image.
-struct Modulation {
-  at::Tensor shift, scale1p;  // images x K, x's dtype, contiguous, 16-byte aligned; undefined: none
+// The producer's work fused into the sparsify pass (SparsifyPrologue): none, a DiT block's
+// LayerNorm + modulation (shift and 1 + scale per image), or an MLP's GELU.
+struct Prologue {
+  int kind = kPrologueNone;
+  at::Tensor shift, scale1p;  // LayerNorm + modulation: images x K, x's dtype, contiguous, 16-byte aligned
   int64_t tokens = 1;
   double eps = 0.0;
-  bool present() const { return shift.defined(); }
-  SparsifyModulation launch_args() const {
-    if (!present()) return {};
-    return {shift.data_ptr(), scale1p.data_ptr(), tokens, static_cast<float>(eps)};
+  bool present() const { return kind != kPrologueNone; }
+  SparsifyPrologue launch_args() const {
+    if (kind != kPrologueLayerNormModulation) return {kind};
+    return {kind, shift.data_ptr(), scale1p.data_ptr(), tokens, static_cast<float>(eps)};
   }
 };
 
-// The modulation operands checked against x (rows x K) and made contiguous and aligned.
-Modulation checked_modulation(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale1p, int64_t tokens,
-                              double eps, const char* op) {
+void check_prologue_fits(const at::Tensor& x, const char* op) {
+  require(sparsify_prologue_supported(round_up_rows(x.size(0)), x.size(1)), op, ": rows of ", x.size(1),
+          " columns are too long for a sparsify pass with a prologue");
+}
+
+// The LayerNorm + modulation operands checked against x (rows x K) and made contiguous and aligned.
+Prologue checked_modulation(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale1p, int64_t tokens,
+                            double eps, const char* op) {
   require(tokens >= 1 && x.size(0) % tokens == 0, op, ": ", x.size(0), " rows are not whole images of ", tokens,
           " tokens");
   const int64_t images = x.size(0) / tokens;
@@ -184,18 +191,22 @@ Modulation checked_modulation(const at::Tensor& x, const at::Tensor& shift, cons
             op, ": shift and scale1p must be ", images, " x ", x.size(1), " in x's dtype on x's device");
   }
   require(eps > 0.0, op, ": eps must be positive");
-  require(sparsify_modulation_supported(round_up_rows(x.size(0)), x.size(1)), op, ": rows of ", x.size(1),
-          " columns are too long for the modulated sparsify pass");
+  check_prologue_fits(x, op);
   auto aligned = [](const at::Tensor& t) {
     at::Tensor c = t.contiguous();
     return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
   };
-  return {aligned(shift), aligned(scale1p), tokens, eps};
+  return {kPrologueLayerNormModulation, aligned(shift), aligned(scale1p), tokens, eps};
+}
+
+Prologue checked_gelu(const at::Tensor& x, const char* op) {
+  check_prologue_fits(x, op);
+  return {kPrologueGeluTanh};
 }
 
 Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadata_block,
-                    const LowRankOperands& low_rank = {}, const Modulation& modulation = {}) {
-  require(!(modulation.present() && low_rank.present()), "rt_lynx: a modulated sparsify takes no low-rank branch");
+                    const LowRankOperands& low_rank = {}, const Prologue& prologue = {}) {
+  require(!(prologue.present() && low_rank.present()), "rt_lynx: a sparsify pass with a prologue takes no low-rank branch");
   Compressed c;
   c.padded_rows = round_up_rows(x.size(0));
   const int64_t k = x.size(1);
@@ -208,7 +219,7 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
     c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
     launch_sparsify_fp8(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, compensate,
                         c.buffer.data_ptr(), c.scale.data_ptr<float>(), stream, 0, metadata_block,
-                        modulation.launch_args());
+                        prologue.launch_args());
   } else {
     c.buffer = at::empty({compressed_numel(c.padded_rows, c.cols)}, x.options());
     if (compensate) c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
@@ -231,7 +242,7 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
     launch_sparsify_compress(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, false,
                              c.buffer.data_ptr(), scale, stream, 0,
                              metadata_block, c.cols, u.defined() ? u.data_ptr() : nullptr,
-                             u.defined() ? u.size(1) : 0, modulation.launch_args());
+                             u.defined() ? u.size(1) : 0, prologue.launch_args());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return c;
@@ -439,12 +450,12 @@ int config_for(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool comp
 // The Lynx linear once x and the weight are checked: sparsify for the chosen config's metadata
 // layout (plus the low-rank branch's columns), then the GEMM with scale(s) and bias in its
 // epilogue. e4m3 when the weight is.
-// With a modulation, the config is chosen on x as it comes (the GEMM's time does not depend on
-// the values) and the sparsify pass normalises and modulates it.
+// With a prologue, the config is chosen on x as it comes (the GEMM's time does not depend on the
+// values) and the sparsify pass applies the prologue.
 at::Tensor sparse_linear_checked(const Sm90Library& lib, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& col_scale, const c10::optional<at::Tensor>& bias_in,
                                  bool compensate, const char* op, const LowRankOperands& low_rank = {},
-                                 const Modulation& modulation = {}) {
+                                 const Prologue& prologue = {}) {
   require(x.size(1) % 128 == 0, op, ": in_features must be a multiple of 128, got ", x.size(1));
   const c10::cuda::CUDAGuard guard(x.device());
   const bool e4m3 = weight.scalar_type() == at::kFloat8_e4m3fn;
@@ -452,7 +463,7 @@ at::Tensor sparse_linear_checked(const Sm90Library& lib, const at::Tensor& x, co
   if (bias.defined() && bias.scalar_type() != x.scalar_type()) bias = bias.to(x.scalar_type());
   const int config = config_for(lib, x, e4m3, compensate, weight, col_scale, bias, x.scalar_type(), op, low_rank);
   const auto info = config_info(lib, element_of(weight.scalar_type()), config, op);
-  const Compressed a = sparsify(x, e4m3, compensate, info.metadata_block_k, low_rank, modulation);
+  const Compressed a = sparsify(x, e4m3, compensate, info.metadata_block_k, low_rank, prologue);
   auto y = at::empty({x.size(0), weight.size(0)}, x.options());
   run_gemm(lib, config, a, e4m3, weight, col_scale, bias, y, op, low_rank.up_ext);
   return y;
@@ -502,6 +513,18 @@ at::Tensor sparse_linear_fp8_sm90_op(const at::Tensor& x_in, const at::Tensor& w
 // The Lynx linear of a DiT block's normalised and modulated input: LayerNorm (no affine, eps) and
 // x * scale1p + shift per image of `tokens` rows are computed inside the sparsify pass from x
 // itself; the bf16/fp16 product, or e4m3 with w_scale when the weight is e4m3.
+// The bf16/fp16 product's weight, or the e4m3 one with its channel scale (returned).
+at::Tensor checked_weight_scale(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& w_scale,
+                                const char* op) {
+  if (weight.scalar_type() != at::kFloat8_e4m3fn) {
+    check_weight(weight, x, op);
+    return at::Tensor();
+  }
+  require(w_scale.has_value() && w_scale->defined(), op, ": an e4m3 weight needs w_scale");
+  check_fp8_weight(weight, *w_scale, x.size(1), x.device(), op);
+  return *w_scale;
+}
+
 at::Tensor sparse_linear_modulated_sm90_op(const at::Tensor& x_in, const at::Tensor& shift, const at::Tensor& scale1p,
                                            int64_t tokens, double eps, const at::Tensor& weight,
                                            const c10::optional<at::Tensor>& w_scale,
@@ -509,25 +532,31 @@ at::Tensor sparse_linear_modulated_sm90_op(const at::Tensor& x_in, const at::Ten
   const char* op = "rt_lynx::sparse_linear_modulated_sm90";
   const auto& lib = library(op);
   const auto x = checked_activation(x_in, op);
-  at::Tensor col_scale;
-  if (weight.scalar_type() == at::kFloat8_e4m3fn) {
-    require(w_scale.has_value() && w_scale->defined(), op, ": an e4m3 weight needs w_scale");
-    check_fp8_weight(weight, *w_scale, x.size(1), x.device(), op);
-    col_scale = *w_scale;
-  } else {
-    check_weight(weight, x, op);
-  }
+  const at::Tensor col_scale = checked_weight_scale(x, weight, w_scale, op);
   const c10::cuda::CUDAGuard guard(x.device());
   return sparse_linear_checked(lib, x, weight, col_scale, bias_in, compensate, op, {},
                                checked_modulation(x, shift, scale1p, tokens, eps, op));
 }
 
+// The Lynx linear of an MLP's activation gelu(x) (tanh approximation), computed inside the
+// sparsify pass from x, the up projection's output.
+at::Tensor sparse_linear_gelu_sm90_op(const at::Tensor& x_in, const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& w_scale,
+                                      const c10::optional<at::Tensor>& bias_in, bool compensate) {
+  const char* op = "rt_lynx::sparse_linear_gelu_sm90";
+  const auto& lib = library(op);
+  const auto x = checked_activation(x_in, op);
+  const at::Tensor col_scale = checked_weight_scale(x, weight, w_scale, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return sparse_linear_checked(lib, x, weight, col_scale, bias_in, compensate, op, {}, checked_gelu(x, op));
+}
+
 // Pieces for tests and benchmarks: the sparsify pass for one metadata layout (with the optional
-// modulation), and the GEMM of one config on its output.
+// prologue), and the GEMM of one config on its output.
 std::tuple<at::Tensor, at::Tensor> sparsify_sm90_op(const at::Tensor& x_in, int64_t metadata_block, bool e4m3,
                                                     bool compensate, const c10::optional<at::Tensor>& shift,
                                                     const c10::optional<at::Tensor>& scale1p, int64_t tokens,
-                                                    double eps) {
+                                                    double eps, bool gelu) {
   const char* op = "rt_lynx::sparsify_sm90";
   const auto x = checked_activation(x_in, op);
   require(metadata_block == 64 || metadata_block == 128, op, ": metadata_block must be 64 or 128");
@@ -535,9 +564,12 @@ std::tuple<at::Tensor, at::Tensor> sparsify_sm90_op(const at::Tensor& x_in, int6
   require(x.size(1) % 128 == 0, op, ": in_features must be a multiple of 128");
   const bool modulated = shift.has_value() && shift->defined();
   require(modulated == (scale1p.has_value() && scale1p->defined()), op, ": give shift and scale1p together");
+  require(!(modulated && gelu), op, ": one prologue at a time");
   const c10::cuda::CUDAGuard guard(x.device());
-  const Modulation modulation = modulated ? checked_modulation(x, *shift, *scale1p, tokens, eps, op) : Modulation{};
-  Compressed c = sparsify(x, e4m3, compensate, static_cast<int>(metadata_block), {}, modulation);
+  const Prologue prologue = modulated ? checked_modulation(x, *shift, *scale1p, tokens, eps, op)
+                            : gelu    ? checked_gelu(x, op)
+                                      : Prologue{};
+  Compressed c = sparsify(x, e4m3, compensate, static_cast<int>(metadata_block), {}, prologue);
   at::Tensor scale = c.scale.defined() ? c.scale : at::ones({c.padded_rows}, x.options().dtype(at::kFloat));
   return {c.buffer, scale};
 }
@@ -628,6 +660,7 @@ TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) {
   m.impl("sparse_linear_lora_sm90", &rt_lynx::sparse_linear_lora_sm90_op);
   m.impl("sparse_linear_fp8_sm90", &rt_lynx::sparse_linear_fp8_sm90_op);
   m.impl("sparse_linear_modulated_sm90", &rt_lynx::sparse_linear_modulated_sm90_op);
+  m.impl("sparse_linear_gelu_sm90", &rt_lynx::sparse_linear_gelu_sm90_op);
   m.impl("sparsify_sm90", &rt_lynx::sparsify_sm90_op);
   m.impl("sparse_mm_sm90", &rt_lynx::sparse_mm_sm90_op);
 }
@@ -649,8 +682,8 @@ void register_sm90_functions(pybind11::module& m) {
         "whether the sparsify pass computes down(x) for this rank");
   m.def("set_sparsify_staged_pass", &rt_lynx::set_sparsify_staged_pass,
         "sm90 layouts: the sparsify pass keeps row pairs in registers (True, the default) or loops over chunks");
-  m.def("sparsify_modulation_supported", &rt_lynx::sparsify_modulation_supported,
-        "whether the sparsify pass can normalise and modulate rows of (padded rows, cols)");
+  m.def("sparsify_prologue_supported", &rt_lynx::sparsify_prologue_supported,
+        "whether the sparsify pass can apply a prologue to rows of (padded rows, cols)");
   m.def("sparsify_staged_pass", &rt_lynx::sparsify_staged_pass,
         "whether the sm90 sparsify pass keeps the row pairs in registers for (padded rows, cols)");
 }

@@ -18,7 +18,7 @@ from rt_lynx_pack.lynx import LynxConfig, installed, plan_model  # noqa: E402
 from rt_lynx_pack.lynx import patching  # noqa: E402
 from rt_lynx_pack.lynx.fused_blocks import (flux_double_block, flux_single_block, fused_block_kind,  # noqa: E402
                                             qwen_image_block)
-from rt_lynx_pack.lynx.linear import lynx_linear_modulated  # noqa: E402
+from rt_lynx_pack.lynx.linear import lynx_linear_after_gelu, lynx_linear_modulated  # noqa: E402
 from rt_lynx_pack.nodes import RTLynxSparsifyModel  # noqa: E402
 
 
@@ -209,37 +209,46 @@ def lynx_plan(model):
     return plan_model(model, LynxConfig(backend="reference", min_tokens=1))
 
 
-def counting_modulated_products(monkeypatch):
-    calls = []
+def counting_prologue_products(monkeypatch):
+    """The weight shapes of the Lynx products that took a LayerNorm + modulation, and of those that
+    took a GELU, into their sparsify pass."""
+    modulated, after_gelu = [], []
 
-    def counting(x, shift, scale1p, eps, weight, *args, **kwargs):
-        calls.append(tuple(weight.shape))
+    def counting_modulated(x, shift, scale1p, eps, weight, *args, **kwargs):
+        modulated.append(tuple(weight.shape))
         return lynx_linear_modulated(x, shift, scale1p, eps, weight, *args, **kwargs)
-    monkeypatch.setattr(patching, "lynx_linear_modulated", counting)
-    return calls
+
+    def counting_after_gelu(x, weight, *args, **kwargs):
+        after_gelu.append(tuple(weight.shape))
+        return lynx_linear_after_gelu(x, weight, *args, **kwargs)
+    monkeypatch.setattr(patching, "lynx_linear_modulated", counting_modulated)
+    monkeypatch.setattr(patching, "lynx_linear_after_gelu", counting_after_gelu)
+    return modulated, after_gelu
 
 
-def test_fused_flux_blocks_hand_norm_and_modulation_to_their_lynx_layers(flux, monkeypatch):
+def test_fused_flux_blocks_hand_their_lynx_layers_the_work_that_makes_their_input(flux, monkeypatch):
     model = flux.model.diffusion_model
     double, single = model.double_blocks[0], model.single_blocks[0]
     img, txt, vec, pe = block_inputs(model)
     x = torch.cat((txt, img), 1)
-    calls = counting_modulated_products(monkeypatch)
+    calls, after_gelu = counting_prologue_products(monkeypatch)
     with installed(model, lynx_plan(model)):
         want_img, want_txt = double(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe)
         want_x = single(x.clone(), vec=vec, pe=pe)
-        assert not calls
+        assert not calls and not after_gelu
         got_img, got_txt = flux_double_block(double, img, txt, vec, pe, None, {}, attention)
         got_x = flux_single_block(single, x, vec, pe, None, {}, attention)
     hidden = model.params.hidden_size
     # Both streams' qkv and MLP up projections, and the single block's linear1.
     assert sorted(calls) == sorted([(3 * hidden, hidden)] * 2 + [(double.img_mlp[0].out_features, hidden)] * 2
                                    + [(single.linear1.out_features, hidden)])
+    # Both streams' MLP down projections (the single block's linear2 stays dense by default).
+    assert after_gelu == [(hidden, double.img_mlp[2].in_features)] * 2
     for got, want in ((got_img, want_img), (got_txt, want_txt), (got_x, want_x)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_qwen_image_block_hands_norm_and_modulation_to_its_lynx_layers(qwen, monkeypatch):
+def test_fused_qwen_image_block_hands_its_lynx_layers_the_work_that_makes_their_input(qwen, monkeypatch):
     model = qwen.model.diffusion_model
     block = model.transformer_blocks[0]
     generator = torch.Generator().manual_seed(5)
@@ -248,13 +257,13 @@ def test_fused_qwen_image_block_hands_norm_and_modulation_to_its_lynx_layers(qwe
     pe = model.pe_embedder(ids).squeeze(1).unsqueeze(2)
     img, txt, temb = (torch.randn(batch, *shape, generator=generator)
                       for shape in ((img_tokens, hidden), (txt_tokens, hidden), (hidden,)))
-    calls = counting_modulated_products(monkeypatch)
+    calls, after_gelu = counting_prologue_products(monkeypatch)
     with installed(model, lynx_plan(model)):
         want_txt, want_img = block(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=None,
                                    temb=temb, image_rotary_emb=pe)
-        assert not calls
+        assert not calls and not after_gelu
         got_txt, got_img = qwen_image_block(block, img, txt, temb, pe, {}, qwen_attention)
-    # q, k, v of both streams and both MLP up projections.
-    assert len(calls) == 8
+    # q, k, v of both streams and both MLP up projections; both MLP down projections.
+    assert len(calls) == 8 and len(after_gelu) == 2
     torch.testing.assert_close(got_img, want_img, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_txt, want_txt, rtol=1e-5, atol=1e-5)

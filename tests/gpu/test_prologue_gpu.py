@@ -1,26 +1,29 @@
-"""GPU tests of the producer fusion: a DiT block's LayerNorm + modulation computed inside the sm90
-sparsify pass (rt_lynx::sparsify_sm90 with a modulation, rt_lynx::sparse_linear_modulated_sm90).
+"""GPU tests of the producer fusion: the elementwise work that produces a linear's input computed
+inside the sm90 sparsify pass, a DiT block's LayerNorm + modulation (rt_lynx::sparse_linear_
+modulated_sm90) and an MLP's GELU (rt_lynx::sparse_linear_gelu_sm90), and rt_lynx::sparsify_sm90
+with either prologue.
 
 The pass must select, scale and quantise exactly what the plain pass makes of the reference's
-modulated rows (kernels/reference.py: modulated_layer_norm_reference), up to the few outputs
-that the LayerNorm's statistics, summed in another order than torch's, round the other way; and
-the products must match fp32 math on the reference's modulated input. Inputs: fresh random and
-heavy-tailed families with a per-token offset and gain (a residual stream), odd token counts,
-1-3 images, rows up to the longest the pass holds, outputs over NaN-poisoned memory.
+rows (kernels/reference.py: modulated_layer_norm_reference, mlp_activation_reference), up to the
+few outputs that round the other way (the LayerNorm's statistics summed in another order than
+torch's, tanh from another library); and the products must match fp32 math on the reference's
+input. Inputs: fresh random and heavy-tailed families with a per-token offset and gain (a
+residual stream), odd token counts, 1-3 images, rows up to the longest the pass holds, outputs
+over NaN-poisoned memory.
 """
 import pytest
 import torch
 
 from rt_lynx_pack.kernels import dispatch
-from rt_lynx_pack.kernels.reference import (modulated_layer_norm_reference, quantize_weight_fp8,
-                                            sparse_linear_fp8_reference, sparse_linear_reference)
+from rt_lynx_pack.kernels.reference import (mlp_activation_reference, modulated_layer_norm_reference,
+                                            quantize_weight_fp8, sparse_linear_fp8_reference, sparse_linear_reference)
 
 from kernel_helpers import DTYPES, INPUT_KINDS, make_input, poison_allocator, relative_error, require_fast_path
 
 EPS = 1e-6   # FLUX's and Qwen-Image's LayerNorms
 TOLERANCE = 1e-2
-# LayerNorm outputs rounded the other way than torch rounds them (its statistics are summed in
-# another order) change a kept value by one ulp, rarely which value is kept.
+# Prologue outputs rounded the other way than torch rounds them change a kept value by one ulp,
+# rarely which value is kept.
 DIFFERING_BYTES = 1e-3
 
 
@@ -47,13 +50,20 @@ def modulated_case(kind, images, tokens, k, dtype, generator):
 @pytest.mark.parametrize("images,tokens,k", [(1, 77, 3072), (2, 333, 3072), (3, 64, 128), (1, 100, 15360),
                                              (2, 40, 16384)])
 @pytest.mark.parametrize("e4m3,block", [(False, 64), (False, 128), (True, 128)])
-def test_modulated_pass_writes_what_the_plain_pass_makes_of_the_reference_rows(sm90, generator, dtype, kind, images,
-                                                                               tokens, k, e4m3, block):
+@pytest.mark.parametrize("prologue", ["modulation", "gelu"])
+def test_prologue_pass_writes_what_the_plain_pass_makes_of_the_reference_rows(sm90, generator, dtype, kind, images,
+                                                                              tokens, k, e4m3, block, prologue):
     x, shift, scale1p = modulated_case(kind, images, tokens, k, dtype, generator)
-    rows = modulated_layer_norm_reference(x, shift, scale1p, tokens, EPS)
+    if prologue == "gelu":
+        rows, args = mlp_activation_reference(x), dict(gelu=True)
+    else:
+        rows, args = modulated_layer_norm_reference(x, shift, scale1p, tokens, EPS), (shift, scale1p, tokens, EPS)
     want, want_scale = torch.ops.rt_lynx.sparsify_sm90(rows, block, e4m3, True)
     poison_allocator(want.numel() * want.element_size() + want_scale.numel() * 4)
-    got, got_scale = torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, True, shift, scale1p, tokens, EPS)
+    if prologue == "gelu":
+        got, got_scale = torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, True, **args)
+    else:
+        got, got_scale = torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, True, *args)
     assert got.shape == want.shape and got_scale.shape == want_scale.shape
     differing = (got.view(torch.uint8) != want.view(torch.uint8)).float().mean().item()
     assert differing < DIFFERING_BYTES, f"{differing:.2e} of the compressed bytes differ"
@@ -68,22 +78,41 @@ def test_modulated_pass_writes_what_the_plain_pass_makes_of_the_reference_rows(s
 def test_modulated_linear_matches_fp32_math_on_the_modulated_input(sm90, generator, dtype, precision, images, tokens,
                                                                    k, n):
     x, shift, scale1p = modulated_case("student_t", images, tokens, k, dtype, generator)
+    rows = modulated_layer_norm_reference(x, shift, scale1p, tokens, EPS)
+    check_prologue_linear(generator, x, rows, dtype, precision, n,
+                          lambda w, s, b: sm90.sparse_linear_modulated_sm90(x, shift, scale1p, tokens, EPS, w, s, b, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("rows,k,n", [(4096, 12288, 3072), (8192, 12288, 3072), (512, 12288, 3072), (77, 3072, 1024),
+                                      (4097, 15360, 3072)])
+def test_gelu_linear_matches_fp32_math_on_the_activation(sm90, generator, dtype, precision, rows, k, n):
+    x, _, _ = modulated_case("randn", 1, rows, k, dtype, generator)
+    check_prologue_linear(generator, x, mlp_activation_reference(x), dtype, precision, n,
+                          lambda w, s, b: sm90.sparse_linear_gelu_sm90(x, w, s, b, True))
+
+
+def check_prologue_linear(generator, x, rows, dtype, precision, n, fused):
+    """fused(weight, w_scale, bias) into poisoned memory against fp32 math on the reference rows."""
+    k = x.shape[1]
     weight = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
     bias = torch.randn(n, generator=generator, device="cuda").to(dtype)
-    rows = modulated_layer_norm_reference(x, shift, scale1p, tokens, EPS).float()
+    rows = rows.float()
     if precision == "fp8":
         wq, w_scale = quantize_weight_fp8(weight.float())
         want = sparse_linear_fp8_reference(rows, wq, w_scale, bias.float(), True)
     else:
         wq, w_scale = weight, None
         want = sparse_linear_reference(rows, weight.float(), bias.float(), True)
-    poison_allocator(x.numel() * 2 + images * tokens * n * 2)
-    y = sm90.sparse_linear_modulated_sm90(x, shift, scale1p, tokens, EPS, wq, w_scale, bias, True)
-    assert y.shape == (images * tokens, n) and y.dtype == dtype and not y.isnan().any()
+    poison_allocator(x.numel() * 2 + x.shape[0] * n * 2)
+    y = fused(wq, w_scale, bias)
+    assert y.shape == (x.shape[0], n) and y.dtype == dtype and not y.isnan().any()
     assert relative_error(y, want) < TOLERANCE
 
 
 def test_dispatch_fuses_strided_inputs_and_falls_back_past_the_longest_row(sm90, generator):
+    # Both prologues share the pass; the modulated one has the more arguments to get wrong.
     dtype, images, tokens = torch.bfloat16, 2, 100
     wide, shift, scale1p = modulated_case("cubed", images, tokens, 3072 + 128, dtype, generator)
     x = wide[:, :3072]   # rows 3200 elements apart
@@ -94,24 +123,32 @@ def test_dispatch_fuses_strided_inputs_and_falls_back_past_the_longest_row(sm90,
     assert relative_error(fused, unfused) < TOLERANCE
 
     extension = sm90._cusparselt.extension()
-    assert extension.sparsify_modulation_supported(64, sm90.MODULATED_MAX_COLUMNS)
-    assert not extension.sparsify_modulation_supported(64, sm90.MODULATED_MAX_COLUMNS + 128)
-    k = sm90.MODULATED_MAX_COLUMNS + 128
+    assert extension.sparsify_prologue_supported(64, sm90.PROLOGUE_MAX_COLUMNS)
+    assert not extension.sparsify_prologue_supported(64, sm90.PROLOGUE_MAX_COLUMNS + 128)
+    k = sm90.PROLOGUE_MAX_COLUMNS + 128
     x, shift, scale1p = modulated_case("randn", 1, 64, k, dtype, generator)
     weight = (torch.randn(256, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
-    with pytest.raises(RuntimeError, match="too long for the modulated sparsify pass"):
+    with pytest.raises(RuntimeError, match="too long for a sparsify pass with a prologue"):
         sm90.sparse_linear_modulated_sm90(x, shift, scale1p, 64, EPS, weight, None, None, True)
+    with pytest.raises(RuntimeError, match="too long for a sparsify pass with a prologue"):
+        sm90.sparse_linear_gelu_sm90(x, weight, None, None, True)
     fallback = dispatch.sparse_linear_modulated(x, shift, scale1p, 64, EPS, weight, None, True)
     want = sparse_linear_reference(modulated_layer_norm_reference(x, shift, scale1p, 64, EPS).float(),
                                    weight.float(), None, True)
     assert relative_error(fallback, want) < TOLERANCE
+    gelu_fallback = dispatch.sparse_linear_gelu(x, weight, None, True)
+    want = sparse_linear_reference(mlp_activation_reference(x).float(), weight.float(), None, True)
+    assert relative_error(gelu_fallback, want) < TOLERANCE
 
 
-def test_modulated_linear_compiles_without_graph_breaks(sm90, generator):
+def test_prologue_linears_compile_without_graph_breaks(sm90, generator):
     dtype, tokens = torch.bfloat16, 300
     x, shift, scale1p = modulated_case("randn", 2, tokens, 3072, dtype, generator)
     weight = (torch.randn(1024, 3072, generator=generator, device="cuda") / 3072 ** 0.5).to(dtype)
-    eager = dispatch.sparse_linear_modulated(x, shift, scale1p, tokens, EPS, weight, None, True)
-    compiled = torch.compile(lambda a: dispatch.sparse_linear_modulated(a, shift, scale1p, tokens, EPS, weight,
-                                                                        None, True) * 2, fullgraph=True)
-    assert torch.equal(compiled(x), eager * 2)
+
+    def both(a):
+        return (dispatch.sparse_linear_modulated(a, shift, scale1p, tokens, EPS, weight, None, True) * 2,
+                dispatch.sparse_linear_gelu(a, weight, None, True) * 2)
+    compiled = torch.compile(both, fullgraph=True)(x)
+    for got, want in zip(compiled, both(x)):
+        assert torch.equal(got, want)
