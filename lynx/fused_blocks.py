@@ -132,7 +132,8 @@ def _modulated_mlp(mlp: nn.Module, norm: nn.Module, x: torch.Tensor, shift: torc
                    scale: torch.Tensor) -> torch.Tensor:
     """mlp(addcmul(shift, norm(x), 1 + scale)) for FLUX's Sequential(Linear, GELU, Linear) and
     Qwen-Image's FeedForward(GELU(proj), Dropout, Linear): the up projection through
-    _modulated_linears, the down projection through _linear_after_gelu."""
+    _modulated_linears, the down projection through a Lynx layer's `after_gelu` (the GELU in its
+    sparsify pass) where it has one."""
     if isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(mlp[1], nn.GELU):
         up, approximate, down = mlp[0], mlp[1].approximate, mlp[2]
     elif (type(mlp).__name__ == "FeedForward" and len(mlp.net) == 3 and type(mlp.net[0]).__name__ == "GELU"
@@ -196,8 +197,8 @@ def qwen_image_block(block: nn.Module, hidden_states: torch.Tensor, encoder_hidd
                      attention: Attention) -> tuple[torch.Tensor, torch.Tensor]:
     """QwenImageTransformerBlock.forward with fused q/k norm + RoPE and gated residuals; returns
     (encoder_hidden_states, hidden_states) as the block does."""
-    img_mod1, img_mod2 = (_qwen_modulation(m) for m in block.img_mod(temb).chunk(2, dim=-1))
-    txt_mod1, txt_mod2 = (_qwen_modulation(m) for m in block.txt_mod(temb).chunk(2, dim=-1))
+    img_mod1, img_mod2 = [_qwen_modulation(m) for m in block.img_mod(temb).chunk(2, dim=-1)]
+    txt_mod1, txt_mod2 = [_qwen_modulation(m) for m in block.txt_mod(temb).chunk(2, dim=-1)]
     attn = block.attn
     txt_q, txt_k, txt_v = _modulated_linears((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), block.txt_norm1,
                                              encoder_hidden_states, txt_mod1.shift, txt_mod1.scale)
