@@ -84,9 +84,9 @@ def modulated_layer_norm_reference(x2d: torch.Tensor, shift: torch.Tensor, scale
     return torch.addcmul(shift[:, None], normed, scale1p[:, None]).reshape(-1, k)
 
 
-def mlp_activation_reference(x: torch.Tensor) -> torch.Tensor:
-    """An MLP's activation before its down projection, as FLUX's and Qwen-Image's blocks compute it:
-    GELU with the tanh approximation, in x's dtype. The sm90 backend computes it inside the down
+def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
+    """The MLP activation of FLUX's and Qwen-Image's blocks before their down projection: GELU with
+    the tanh approximation, in x's dtype. The sm90 backend computes it inside the down
     projection's sparsify pass."""
     return F.gelu(x, approximate="tanh")
 

@@ -33,7 +33,7 @@ computes elementwise, done by the sparsify pass on the rows it holds in register
 selects, so that input is never written or read back: a DiT block's LayerNorm + modulation
 (reference.modulated_layer_norm_reference; the pass reads the residual stream x and takes each
 row's statistics from the row it holds) and an MLP's GELU before its down projection
-(reference.mlp_activation_reference; the pass reads the up projection's output).
+(reference.gelu_tanh_reference; the pass reads the up projection's output).
 
 `availability_sm90` says yes only after the start-up self-test: the metadata writer's byte formula
 against CuTe's layout for every config, then every config's product against the reference.
@@ -45,13 +45,10 @@ import torch
 from . import build as _build
 from . import cusparselt as _cusparselt
 from .fp8 import fp8_compressed_bytes
-from .reference import (LowRankOperands, low_rank_reference, mlp_activation_reference, modulated_layer_norm_reference,
+from .reference import (LowRankOperands, low_rank_reference, gelu_tanh_reference, modulated_layer_norm_reference,
                         quantize_weight_fp8, sparse_linear_fp8_reference, sparse_linear_reference)
 
 K_MULTIPLE = 128      # the metadata atom spans 128 columns (64 for some configs)
-# Longest row the sparsify pass with a prologue holds in registers (256 threads x 4 units of 16
-# columns, lynx_kernels.cu's staged pass); the extension's sparsify_prologue_supported says the same.
-PROLOGUE_MAX_COLUMNS = 16384
 N_MULTIPLE = 16       # 16-byte rows of y for TMA (e4m3 weights: 32, as the fp8 ops check)
 SUPPORTED_DTYPES = _cusparselt.SUPPORTED_DTYPES
 ELEMENTS = {torch.bfloat16: 0, torch.float16: 1, torch.float8_e4m3fn: 2}   # RtLynxElement
@@ -212,7 +209,7 @@ def _check_prologues(x, weight, bias, generator) -> str:
     cases = {"LayerNorm + modulation": (modulated_layer_norm_reference(rows, shift, scale1p, tokens, 1e-6),
                                         lambda w, s: sparse_linear_modulated_sm90(rows, shift, scale1p, tokens, 1e-6,
                                                                                   w, s, bias, True)),
-             "GELU": (mlp_activation_reference(rows), lambda w, s: sparse_linear_gelu_sm90(rows, w, s, bias, True))}
+             "GELU": (gelu_tanh_reference(rows), lambda w, s: sparse_linear_gelu_sm90(rows, w, s, bias, True))}
     for name, (prepared, fused) in cases.items():
         for wq, w_scale in ((weight, None), quantize_weight_fp8(weight.float())):
             if w_scale is None:
@@ -250,9 +247,16 @@ def supports_prologue(x2d: torch.Tensor, shift: torch.Tensor | None = None, toke
     rows, k = x2d.shape
     if shift is not None and (tokens < 1 or rows != shift.shape[0] * tokens or shift.shape[-1] != k):
         return False, f"{rows} rows are not {shift.shape[0]} images of {tokens} tokens"
-    if k > PROLOGUE_MAX_COLUMNS:
-        return False, f"in_features {k} is longer than the sparsify pass holds with a prologue ({PROLOGUE_MAX_COLUMNS})"
+    if not _prologue_fits(k):
+        return False, f"in_features {k} is longer than the sparsify pass holds with a prologue"
     return True, ""
+
+
+@torch.compiler.assume_constant_result
+def _prologue_fits(k: int) -> bool:
+    # The staged pass's limit, asked of the extension (loaded once sm90 is chosen); a constant for
+    # torch.compile.
+    return bool(_cusparselt.extension().sparsify_prologue_supported(64, k))
 
 
 def sparse_linear_modulated_sm90(x2d: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, tokens: int,
@@ -268,7 +272,7 @@ def sparse_linear_modulated_sm90(x2d: torch.Tensor, shift: torch.Tensor, scale1p
 def sparse_linear_gelu_sm90(x2d: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor | None,
                             bias: torch.Tensor | None, compensate: bool) -> torch.Tensor:
     """sparse_linear_sm90 (w_scale None) or sparse_linear_fp8_sm90 (weight e4m3) of
-    mlp_activation_reference(x2d), the GELU done inside the sparsify pass."""
+    gelu_tanh_reference(x2d), the GELU done inside the sparsify pass."""
     return torch.ops.rt_lynx.sparse_linear_gelu_sm90(x2d, weight, w_scale, bias, bool(compensate))
 
 

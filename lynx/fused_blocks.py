@@ -98,7 +98,8 @@ class _Modulation(NamedTuple):
 
 
 def _qwen_modulation(params: torch.Tensor) -> _Modulation:
-    # QwenImageTransformerBlock._modulate's split of its (batch, 3 * features) parameters.
+    # The split QwenImageTransformerBlock._modulate makes of its (batch, 3 * features) parameters
+    # (ComfyUI 0.3.64); its addcmul is _modulated_linears'.
     shift, scale, gate = params.chunk(3, dim=-1)
     return _Modulation(shift.unsqueeze(1), scale.unsqueeze(1), gate.unsqueeze(1))
 
@@ -107,19 +108,21 @@ def _modulated_linears(linears: tuple[nn.Module, ...], norm: nn.Module, x: torch
                        scale: torch.Tensor) -> list[torch.Tensor]:
     """[linear(addcmul(shift, norm(x), 1 + scale)) for each linear]. A Lynx layer (its forward has
     `modulated`) after a plain LayerNorm takes the norm and the modulation into its sparsify pass;
-    for the others they are computed once, as the block computes them."""
+    where any layer needs them written, they are computed once, as the block computes them."""
     scale1p = 1 + scale
     plain_norm = (isinstance(norm, nn.LayerNorm) and norm.weight is None and norm.bias is None
                   and tuple(norm.normalized_shape) == (x.shape[-1],) and "forward" not in norm.__dict__)
-    modulated, outputs = None, []
+    written = []
+
+    def modulated_input() -> torch.Tensor:
+        if not written:
+            written.append(torch.addcmul(shift, norm(x), scale1p))
+        return written[0]
+    outputs = []
     for linear in linears:
         fused = _lynx_forward_method(linear, "modulated") if plain_norm else None
-        if fused is not None:
-            outputs.append(fused(x, shift, scale1p, norm.eps))
-            continue
-        if modulated is None:
-            modulated = torch.addcmul(shift, norm(x), scale1p)
-        outputs.append(linear(modulated))
+        outputs.append(fused(x, shift, scale1p, norm.eps, modulated_input) if fused is not None
+                       else linear(modulated_input()))
     return outputs
 
 
@@ -137,7 +140,7 @@ def _modulated_mlp(mlp: nn.Module, norm: nn.Module, x: torch.Tensor, shift: torc
     if isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(mlp[1], nn.GELU):
         up, approximate, down = mlp[0], mlp[1].approximate, mlp[2]
     elif (type(mlp).__name__ == "FeedForward" and len(mlp.net) == 3 and type(mlp.net[0]).__name__ == "GELU"
-          and isinstance(mlp.net[1], nn.Dropout) and not (mlp.training and mlp.net[1].p > 0)):
+          and isinstance(mlp.net[1], nn.Dropout) and not (mlp.net[1].training and mlp.net[1].p > 0)):
         up, approximate, down = mlp.net[0].proj, mlp.net[0].approximate, mlp.net[2]
     else:
         return mlp(torch.addcmul(shift, norm(x), 1 + scale))

@@ -13,18 +13,24 @@ compensation folded into its scale) and W per output channel, quantised once per
 dense (for quality, or by the user's filters) run the same quantisation without the sparsity on
 dense e4m3 tensor cores (`fp8_dense_linear`), unless `fp8_dense_layers` is off.
 
+A DiT block may hand a layer the elementwise work that makes its input rather than the input:
+`lynx_linear_modulated` (the block's LayerNorm + modulation) and `lynx_linear_after_gelu` (the
+MLP's GELU) compute that work followed by `lynx_linear`, with the work inside the kernels'
+sparsify pass, so the input is never written (the same math up to rare one-ulp roundings).
+
 sparse(x) keeps the n largest |x| of each m consecutive input features (2:4 by default); s is
 the per-token norm compensation ||x|| / ||sparse(x)|| (or 1 when switched off). Inputs with
 fewer than `min_tokens` tokens per sequence (e.g. a modulation vector per image, a short prompt)
 are computed dense.
 """
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels import (PRECISIONS, REQUESTS, LowRankOperands, dense_linear_fp8, log_once, low_rank_reference,
-                       mlp_activation_reference, modulated_layer_norm_reference, prepare_low_rank, quantize_weight_fp8,
+                       gelu_tanh_reference, modulated_layer_norm_reference, prepare_low_rank, quantize_weight_fp8,
                        sparse_linear, sparse_linear_fp8, sparse_linear_gelu, sparse_linear_modulated)
 
 
@@ -150,18 +156,20 @@ def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Te
 
 def lynx_linear_modulated(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float,
                           weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
-                          fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                          fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          modulated_input: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """lynx_linear(modulated_layer_norm(x, shift, scale1p, eps), ...) with the normalisation and
     modulation inside the kernels' sparsify pass where they can, so the block's modulated
-    activations are never written. For the 2:4 product without a LoRA branch (which would need
-    those activations themselves)."""
+    activations are never written; where they cannot, `modulated_input()` (when given; shaped as
+    x) computes them. For the 2:4 product without a LoRA branch (which would need those
+    activations themselves)."""
     images, tokens, features = x.shape
+    modulated_input = modulated_input or (lambda: modulated_layer_norm(x, shift, scale1p, eps))
 
     def fused(x2d, *product):
         return sparse_linear_modulated(x2d, shift.reshape(images, features), scale1p.reshape(images, features), tokens,
-                                       eps, *product)
-    return _lynx_linear_after(x, lambda: modulated_layer_norm(x, shift, scale1p, eps), fused, weight, bias, config,
-                              fp8_weight)
+                                       eps, *product, modulated_input=lambda: modulated_input().reshape(-1, features))
+    return _lynx_linear_after(x, modulated_input, fused, weight, bias, config, fp8_weight)
 
 
 def lynx_linear_after_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
@@ -169,7 +177,7 @@ def lynx_linear_after_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """lynx_linear(gelu(x, approximate="tanh"), ...), an MLP's down projection, with the GELU inside
     the kernels' sparsify pass where it can be, so the activation is never written. For the 2:4
     product without a LoRA branch."""
-    return _lynx_linear_after(x, lambda: mlp_activation_reference(x), sparse_linear_gelu, weight, bias, config,
+    return _lynx_linear_after(x, lambda: gelu_tanh_reference(x), sparse_linear_gelu, weight, bias, config,
                               fp8_weight)
 
 

@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..kernels import fast_path_availability, fp8_dense_availability, fp8_dense_shape_supported, quantize_weight_fp8
-from ..kernels import mlp_activation_reference
+from ..kernels import (fast_path_availability, fp8_dense_availability, fp8_dense_shape_supported, gelu_tanh_reference,
+                       quantize_weight_fp8)
 from .linear import (LowRankBranch, LynxConfig, fp8_dense_linear, lynx_linear, lynx_linear_after_gelu,
                      lynx_linear_modulated, modulated_layer_norm)
 from .lora import LynxLoRA, check_fits
@@ -78,18 +78,21 @@ class LynxLinearForward:
     # lynx_linear_after_gelu): for the sparse product of a layer without a LoRA branch; every other
     # case computes that work first and calls the layer.
 
-    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float) -> torch.Tensor:
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float,
+                  modulated_input: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """self(modulated_layer_norm(x, shift, scale1p, eps)) for a DiT block's input x (images,
-        tokens, features), shift and scale1p one row per image."""
+        tokens, features), shift and scale1p one row per image. `modulated_input()`, when given,
+        computes that input where it must be written (the linears of one input share it)."""
+        modulated_input = modulated_input or (lambda: modulated_layer_norm(x, shift, scale1p, eps))
         if x.dim() != 3 or not self._takes_prologue():
-            return self(modulated_layer_norm(x, shift, scale1p, eps))
+            return self(modulated_input())
         return self._with_weights(x, lambda weight, bias: lynx_linear_modulated(
-            x, shift, scale1p, eps, weight, bias, self.config, self.fp8_weight))
+            x, shift, scale1p, eps, weight, bias, self.config, self.fp8_weight, modulated_input))
 
     def after_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """self(gelu(x, approximate="tanh")): an MLP's down projection of its up projection's output x."""
         if not self._takes_prologue():
-            return self(mlp_activation_reference(x))
+            return self(gelu_tanh_reference(x))
         return self._with_weights(x, lambda weight, bias: lynx_linear_after_gelu(
             x, weight, bias, self.config, self.fp8_weight))
 

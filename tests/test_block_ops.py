@@ -1,13 +1,15 @@
 """The fused block ops without a GPU: the reference's math (checked against an independent
 formulation), the dispatch's fallback, the fake kernel torch.compile traces, and which blocks the
-fused FLUX forwards take."""
+fused FLUX forwards take, and how they hand a LayerNorm + modulation to their linears."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from rt_lynx_pack.kernels import qk_norm_rope, qk_norm_rope_reference
-from rt_lynx_pack.lynx.fused_blocks import fused_block_kind, fusable_call
+from rt_lynx_pack.lynx import LynxConfig, LynxLinearForward, LynxRuntime
+from rt_lynx_pack.lynx.fused_blocks import _modulated_linears, fused_block_kind, fusable_call
 
 
 def flux_pe(tokens, head_dim, generator):
@@ -99,3 +101,30 @@ def test_a_gpu_other_than_hopper_gets_the_reference_path_without_a_build(monkeyp
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA GeForce RTX 4090")
     available, why_not = block_ops._check_device(0)
     assert not available and "sm_89" in why_not and "Hopper" in why_not
+
+
+class CountingLayerNorm(torch.nn.LayerNorm):
+    calls = 0
+
+    def forward(self, x):
+        CountingLayerNorm.calls += 1
+        return super().forward(x)
+
+
+def test_linears_of_one_modulated_input_share_it_where_it_must_be_written():
+    # On the reference backend no layer takes the norm into its sparsify pass: the three Lynx
+    # layers (and a plain one) must share one LayerNorm + modulation, as the block computes it.
+    g = torch.Generator().manual_seed(2)
+    norm = CountingLayerNorm(64, elementwise_affine=False, eps=1e-6)
+    linears = [torch.nn.Linear(64, 32) for _ in range(4)]
+    runtime = LynxRuntime()
+    for index, linear in enumerate(linears[:3]):
+        linear.forward = LynxLinearForward(linear, f"l{index}", LynxConfig(backend="reference", min_tokens=1), runtime)
+    x = torch.randn(2, 40, 64, generator=g)
+    shift, scale = torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 64, generator=g) / 4
+    CountingLayerNorm.calls = 0
+    outputs = _modulated_linears(tuple(linears), norm, x, shift, scale)
+    assert CountingLayerNorm.calls == 1
+    modulated = torch.addcmul(shift, F.layer_norm(x, (64,), eps=1e-6), 1 + scale)
+    for linear, got in zip(linears, outputs):
+        torch.testing.assert_close(got, linear(modulated), rtol=0, atol=0)

@@ -510,14 +510,12 @@ at::Tensor sparse_linear_fp8_sm90_op(const at::Tensor& x_in, const at::Tensor& w
   return sparse_linear_checked(lib, x, wq, w_scale, bias_in, compensate, op);
 }
 
-// The Lynx linear of a DiT block's normalised and modulated input: LayerNorm (no affine, eps) and
-// x * scale1p + shift per image of `tokens` rows are computed inside the sparsify pass from x
-// itself; the bf16/fp16 product, or e4m3 with w_scale when the weight is e4m3.
 // The bf16/fp16 product's weight, or the e4m3 one with its channel scale (returned).
 at::Tensor checked_weight_scale(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& w_scale,
                                 const char* op) {
   if (weight.scalar_type() != at::kFloat8_e4m3fn) {
     check_weight(weight, x, op);
+    require(!w_scale.has_value() || !w_scale->defined(), op, ": w_scale is for an e4m3 weight only");
     return at::Tensor();
   }
   require(w_scale.has_value() && w_scale->defined(), op, ": an e4m3 weight needs w_scale");
@@ -525,6 +523,9 @@ at::Tensor checked_weight_scale(const at::Tensor& x, const at::Tensor& weight, c
   return *w_scale;
 }
 
+// The Lynx linear of a DiT block's normalised and modulated input: LayerNorm (no affine, eps) and
+// x * scale1p + shift per image of `tokens` rows are computed inside the sparsify pass from x
+// itself; the bf16/fp16 product, or e4m3 with w_scale when the weight is e4m3.
 at::Tensor sparse_linear_modulated_sm90_op(const at::Tensor& x_in, const at::Tensor& shift, const at::Tensor& scale1p,
                                            int64_t tokens, double eps, const at::Tensor& weight,
                                            const c10::optional<at::Tensor>& w_scale,

@@ -4,7 +4,7 @@ modulated_sm90) and an MLP's GELU (rt_lynx::sparse_linear_gelu_sm90), and rt_lyn
 with either prologue.
 
 The pass must select, scale and quantise exactly what the plain pass makes of the reference's
-rows (kernels/reference.py: modulated_layer_norm_reference, mlp_activation_reference), up to the
+rows (kernels/reference.py: modulated_layer_norm_reference, gelu_tanh_reference), up to the
 few outputs that round the other way (the LayerNorm's statistics summed in another order than
 torch's, tanh from another library); and the products must match fp32 math on the reference's
 input. Inputs: fresh random and heavy-tailed families with a per-token offset and gain (a
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rt_lynx_pack.kernels import dispatch
-from rt_lynx_pack.kernels.reference import (mlp_activation_reference, modulated_layer_norm_reference,
+from rt_lynx_pack.kernels.reference import (gelu_tanh_reference, modulated_layer_norm_reference,
                                             quantize_weight_fp8, sparse_linear_fp8_reference, sparse_linear_reference)
 
 from kernel_helpers import DTYPES, INPUT_KINDS, make_input, poison_allocator, relative_error, require_fast_path
@@ -55,7 +55,7 @@ def test_prologue_pass_writes_what_the_plain_pass_makes_of_the_reference_rows(sm
                                                                               tokens, k, e4m3, block, prologue):
     x, shift, scale1p = modulated_case(kind, images, tokens, k, dtype, generator)
     if prologue == "gelu":
-        rows, args = mlp_activation_reference(x), dict(gelu=True)
+        rows, args = gelu_tanh_reference(x), dict(gelu=True)
     else:
         rows, args = modulated_layer_norm_reference(x, shift, scale1p, tokens, EPS), (shift, scale1p, tokens, EPS)
     want, want_scale = torch.ops.rt_lynx.sparsify_sm90(rows, block, e4m3, True)
@@ -89,7 +89,7 @@ def test_modulated_linear_matches_fp32_math_on_the_modulated_input(sm90, generat
                                       (4097, 15360, 3072)])
 def test_gelu_linear_matches_fp32_math_on_the_activation(sm90, generator, dtype, precision, rows, k, n):
     x, _, _ = modulated_case("randn", 1, rows, k, dtype, generator)
-    check_prologue_linear(generator, x, mlp_activation_reference(x), dtype, precision, n,
+    check_prologue_linear(generator, x, gelu_tanh_reference(x), dtype, precision, n,
                           lambda w, s, b: sm90.sparse_linear_gelu_sm90(x, w, s, b, True))
 
 
@@ -122,10 +122,11 @@ def test_dispatch_fuses_strided_inputs_and_falls_back_past_the_longest_row(sm90,
     unfused = dispatch.sparse_linear(modulated_layer_norm_reference(x, shift, scale1p, tokens, EPS), weight, None, True)
     assert relative_error(fused, unfused) < TOLERANCE
 
+    longest = 16384   # 256 threads x 4 units of 16 columns, the staged pass
     extension = sm90._cusparselt.extension()
-    assert extension.sparsify_prologue_supported(64, sm90.PROLOGUE_MAX_COLUMNS)
-    assert not extension.sparsify_prologue_supported(64, sm90.PROLOGUE_MAX_COLUMNS + 128)
-    k = sm90.PROLOGUE_MAX_COLUMNS + 128
+    assert extension.sparsify_prologue_supported(64, longest)
+    assert not extension.sparsify_prologue_supported(64, longest + 128)
+    k = longest + 128
     x, shift, scale1p = modulated_case("randn", 1, 64, k, dtype, generator)
     weight = (torch.randn(256, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
     with pytest.raises(RuntimeError, match="too long for a sparsify pass with a prologue"):
@@ -137,7 +138,7 @@ def test_dispatch_fuses_strided_inputs_and_falls_back_past_the_longest_row(sm90,
                                    weight.float(), None, True)
     assert relative_error(fallback, want) < TOLERANCE
     gelu_fallback = dispatch.sparse_linear_gelu(x, weight, None, True)
-    want = sparse_linear_reference(mlp_activation_reference(x).float(), weight.float(), None, True)
+    want = sparse_linear_reference(gelu_tanh_reference(x).float(), weight.float(), None, True)
     assert relative_error(gelu_fallback, want) < TOLERANCE
 
 
