@@ -112,3 +112,15 @@ def interleaved_kernel_us(fns, calls, repeats, contexts=None):
             samples[name].append(start.elapsed_time(stop) * 1e3 / calls)
     del graphs
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def write_results(out_dir: str, name: str, meta: dict, rows: list, text: str) -> None:
+    """The table (`text`) as <out_dir>/<name>.md and the rows with meta as .json, where `{tag}` in
+    `name` becomes the date and the GPU (e.g. "kernels-{tag}-fp8")."""
+    import json
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / name.format(tag=f"{meta['date']}-{meta['gpu'].replace(' ', '_').replace('/', '_')}")
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {stem}.md and .json")

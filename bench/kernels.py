@@ -55,7 +55,7 @@ from standalone import load_pack  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from common import (INPUT_SETS, eager_us, git_commit, graph_us, interleaved_eager_us,  # noqa: E402
-                    interleaved_kernel_us, rotating)
+                    interleaved_kernel_us, rotating, write_results)
 
 load_pack()
 from rt_lynx_pack.kernels import cusparselt  # noqa: E402
@@ -467,13 +467,7 @@ def main():
         previous["name"] = pathlib.Path(args.previous).name
     text = markdown(rows, meta, previous)
     print(text)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu_tag = meta["gpu"].replace(" ", "_").replace("/", "_")
-    stem = out / f"kernels-{meta['date']}-{gpu_tag}{args.suffix}"
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {stem}.md and .json")
+    write_results(args.out, "kernels-{tag}" + args.suffix, meta, rows, text)
     return 0
 
 
@@ -505,13 +499,7 @@ def main_fp8(args, calls, repeats):
     meta["sm90_plans"] = [list(p) for p in sm90.plan_info()]
     text = markdown_fp8(rows, meta)
     print(text)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu_tag = meta["gpu"].replace(" ", "_").replace("/", "_")
-    stem = out / f"kernels-{meta['date']}-{gpu_tag}{args.suffix or '-fp8'}"
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {stem}.md and .json")
+    write_results(args.out, "kernels-{tag}" + (args.suffix or "-fp8"), meta, rows, text)
     return 0
 
 

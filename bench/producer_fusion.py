@@ -20,7 +20,6 @@ Usage: python bench/producer_fusion.py [--quick] [--fp8] [--out DIR] [--suffix S
 """
 import argparse
 import datetime
-import json
 import pathlib
 import sys
 import time
@@ -33,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from standalone import load_pack  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from common import INPUT_SETS, git_commit, interleaved_eager_us, interleaved_kernel_us, rotating  # noqa: E402
+from common import (INPUT_SETS, git_commit, interleaved_eager_us, interleaved_kernel_us, rotating,  # noqa: E402
+                    write_results)
 
 load_pack()
 from rt_lynx_pack.kernels import sm90  # noqa: E402
@@ -159,13 +159,7 @@ def main():
               f"error {row['fused_vs_unfused_error']:.1e}", flush=True)
     text = markdown(rows, meta, args.fp8)
     print(text)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu_tag = meta["gpu"].replace(" ", "_").replace("/", "_")
-    stem = out / f"producer-fusion-{meta['date']}-{gpu_tag}{'-fp8' if args.fp8 else ''}{args.suffix}"
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {stem}.md and .json")
+    write_results(args.out, "producer-fusion-{tag}" + ("-fp8" if args.fp8 else "") + args.suffix, meta, rows, text)
     return 0
 
 
