@@ -50,8 +50,9 @@ class RTLynxSparsifyModel:
                                  "fp8 copy of their weights). Off: they stay in the model's dtype. Ignored for bf16."}),
             "fused_blocks": ("BOOLEAN", {"default": True, "tooltip":
                              "FLUX, Qwen-Image: compute each block's q/k norm, RoPE and gated residuals in fused "
-                             "kernels (same math, fewer passes; mostly helps without torch.compile). Dense warm-up "
-                             "steps keep the original blocks. Z-Image: ignored."}),
+                             "kernels, and the LayerNorm + modulation and GELU before a sparsified linear inside its "
+                             "sparsify pass (same math, fewer passes; helps with and without torch.compile). Dense "
+                             "warm-up steps keep the original blocks. Z-Image: ignored."}),
         }}
 
     def patch(self, model, pattern, compensation, skip_first_blocks, skip_last_blocks, dense_warmup_steps,
