@@ -23,11 +23,8 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _define_ops():
-    try:
-        torch.ops.rt_lynx.qk_norm_rope.default
+    if _cusparselt.op_defined("qk_norm_rope"):
         return
-    except (AttributeError, RuntimeError):
-        pass
     lib = torch.library.Library("rt_lynx", "FRAGMENT")
     lib.define("qk_norm_rope(Tensor qkv_a, Tensor q_weight_a, Tensor k_weight_a, Tensor? qkv_b, Tensor? q_weight_b, "
                "Tensor? k_weight_b, Tensor pe, int heads, float eps) -> (Tensor, Tensor, Tensor)")

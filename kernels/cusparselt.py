@@ -46,13 +46,19 @@ def compressed_numel(m_padded: int, k: int) -> int:
     return m_padded * k * 9 // 16
 
 
-def _define_ops():
-    # The module can be imported under two package names (ComfyUI and standalone): define once.
+def op_defined(name: str) -> bool:
+    """Whether rt_lynx::<name> is defined already: the kernel modules can be imported under two
+    package names (ComfyUI and standalone), and each must define its ops once."""
     try:
-        torch.ops.rt_lynx.sparse_linear.default
-        return
+        getattr(torch.ops.rt_lynx, name).default
+        return True
     except (AttributeError, RuntimeError):
-        pass
+        return False
+
+
+def _define_ops():
+    if op_defined("sparse_linear"):
+        return
     lib = torch.library.Library("rt_lynx", "DEF")
     lib.define("sparsify_compress(Tensor x, int m_padded) -> (Tensor, Tensor)")
     lib.define("sparsify_compress_scaled(Tensor x, int m_padded, int split=0) -> (Tensor, Tensor)")

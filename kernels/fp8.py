@@ -35,11 +35,8 @@ def fp8_compressed_bytes(m_padded: int, k: int) -> int:
 
 
 def _define_ops():
-    try:
-        torch.ops.rt_lynx.sparse_linear_fp8.default
+    if _cusparselt.op_defined("sparse_linear_fp8"):
         return
-    except (AttributeError, RuntimeError):
-        pass
     lib = torch.library.Library("rt_lynx", "FRAGMENT")
     lib.define("sparsify_fp8(Tensor x, int m_padded, bool compensate, int split=0) -> (Tensor, Tensor)")
     lib.define("sparse_mm_fp8(Tensor compressed, Tensor wq, int m_padded) -> Tensor")

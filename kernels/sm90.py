@@ -45,7 +45,7 @@ import torch
 from . import build as _build
 from . import cusparselt as _cusparselt
 from .fp8 import fp8_compressed_bytes
-from .reference import (LowRankOperands, low_rank_reference, gelu_tanh_reference, modulated_layer_norm_reference,
+from .reference import (LowRankOperands, gelu_tanh_reference, low_rank_reference, modulated_layer_norm_reference,
                         quantize_weight_fp8, sparse_linear_fp8_reference, sparse_linear_reference)
 
 K_MULTIPLE = 128      # the metadata atom spans 128 columns (64 for some configs)
@@ -63,11 +63,8 @@ def compressed_numel(rows: int, k: int, e4m3: bool) -> int:
 
 
 def _define_ops():
-    try:
-        torch.ops.rt_lynx.sparse_linear_sm90.default
+    if _cusparselt.op_defined("sparse_linear_sm90"):
         return
-    except (AttributeError, RuntimeError):
-        pass
     lib = torch.library.Library("rt_lynx", "FRAGMENT")
     lib.define("sparse_linear_sm90(Tensor x, Tensor weight, Tensor? bias, bool compensate) -> Tensor")
     lib.define("sparse_linear_lora_sm90(Tensor x, Tensor weight, Tensor? bias, bool compensate, Tensor down, "
