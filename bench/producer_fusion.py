@@ -11,6 +11,10 @@ projection's output x), at 1024², bf16, bias and compensation on:
   lynx_fused   sm90.sparse_linear_modulated_sm90 / sparse_linear_gelu_sm90 (the prologue in the
                sparsify pass)
 and with --fp8 the same three Lynx variants on the e4m3 product (lynx8, lynx8_ind, lynx8_fused).
+FLUX's single-block linear2 ("cat gelu") is kept dense: its input is cat((attention output,
+gelu(MLP part of linear1's output))), and its "lynx" columns are the layer as the precision runs
+it, F.linear in bf16 (fused: kernels' cat_gelu_tanh, then F.linear) and the e4m3 dense product
+in fp8 (fused: the GELU and the concatenation inside its quantise pass).
 Qwen-Image's q, k and v take one modulated input: its row times the three linears together
 (the unfused variants normalise and modulate once). Two clocks as in bench/kernels.py (eager
 wall time and CUDA-graph kernel time), the variants taking turns within every repeat. The last
@@ -36,10 +40,11 @@ from common import (INPUT_SETS, git_commit, interleaved_eager_us, interleaved_ke
                     write_results)
 
 load_pack()
-from rt_lynx_pack.kernels import sm90  # noqa: E402
+from rt_lynx_pack.kernels import fp8_dense, sm90  # noqa: E402
 from rt_lynx_pack.kernels.reference import quantize_weight_fp8  # noqa: E402
 
 EPS = 1e-6
+FLUX_HIDDEN = 3072   # the attention output's width in the single block's linear2 input
 # (model, layer, prologue, images, tokens, K, N, linears sharing the input, uses per FLUX 1024² step)
 SHAPES = [
     ("flux", "double img qkv", "norm", 1, 4096, 3072, 9216, 1, 19),
@@ -49,6 +54,7 @@ SHAPES = [
     ("flux", "double txt mlp up", "norm", 1, 512, 3072, 12288, 1, 19),
     ("flux", "double txt mlp down", "gelu", 1, 512, 12288, 3072, 1, 19),
     ("flux", "single linear1", "norm", 1, 4608, 3072, 21504, 1, 38),
+    ("flux", "single linear2", "cat gelu", 1, 4608, 15360, 3072, 1, 38),
     ("qwen", "img q, k, v (CFG 2)", "norm", 2, 4096, 3072, 3072, 3, 0),
     ("qwen", "img mlp up (CFG 2)", "norm", 2, 4096, 3072, 12288, 1, 0),
     ("qwen", "img mlp down (CFG 2)", "gelu", 2, 4096, 12288, 3072, 1, 0),
@@ -59,7 +65,10 @@ def bench_shape(prologue_kind, images, tokens, k, n, linears, fp8, calls, repeat
     dtype = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(images * tokens + k + n)
     rows = images * tokens
-    xs = [(torch.randn(rows, k, generator=g, device="cuda") * 2 + 0.5).to(dtype) for _ in range(INPUT_SETS)]
+    # The linear2 case reads linear1's whole output (q, k, v and the MLP part) and the attention output.
+    width = 3 * FLUX_HIDDEN + k if prologue_kind == "cat gelu" else k
+    xs = [(torch.randn(rows, width, generator=g, device="cuda") * 2 + 0.5).to(dtype) for _ in range(INPUT_SETS)]
+    attn = torch.randn(rows, FLUX_HIDDEN, generator=g, device="cuda").to(dtype)
     shift = torch.randn(images, k, generator=g, device="cuda").to(dtype)
     scale1p = (1 + torch.randn(images, k, generator=g, device="cuda") / 4).to(dtype)
     weights = [(torch.randn(n, k, generator=g, device="cuda") / k ** 0.5).to(dtype) for _ in range(linears)]
@@ -71,16 +80,27 @@ def bench_shape(prologue_kind, images, tokens, k, n, linears, fp8, calls, repeat
     def eager_prologue(x):
         if prologue_kind == "gelu":
             return F.gelu(x, approximate="tanh")
+        if prologue_kind == "cat gelu":
+            return torch.cat((attn, F.gelu(x[:, 3 * FLUX_HIDDEN:], approximate="tanh")), -1)
         return torch.addcmul(shift[:, None], F.layer_norm(x.view(images, tokens, k), (k,), eps=EPS),
                              scale1p[:, None]).view(rows, k)
     inductor_prologue = torch.compile(eager_prologue, dynamic=False)
 
     def product(x):
+        if prologue_kind == "cat gelu":   # a dense layer
+            if fp8:
+                return [fp8_dense.dense_linear_fp8(x, wq, w_scale, bias) for wq, w_scale in operands]
+            return [F.linear(x, w, bias) for w in weights]
         if fp8:
             return [sm90.sparse_linear_fp8_sm90(x, wq, w_scale, bias, True) for wq, w_scale in operands]
         return [sm90.sparse_linear_sm90(x, w, bias, True) for w, _ in operands]
 
     def fused(x):
+        if prologue_kind == "cat gelu":
+            mlp = x[:, 3 * FLUX_HIDDEN:]
+            if fp8:
+                return [fp8_dense.dense_linear_fp8(attn, wq, w_scale, bias, mlp) for wq, w_scale in operands]
+            return [F.linear(torch.ops.rt_lynx.cat_gelu_tanh(attn, mlp), w, bias) for w in weights]
         if prologue_kind == "gelu":
             return [sm90.sparse_linear_gelu_sm90(x, w, w_scale, bias, True) for w, w_scale in operands]
         return [sm90.sparse_linear_modulated_sm90(x, shift, scale1p, tokens, EPS, w, w_scale, bias, True)
@@ -107,6 +127,10 @@ def bench_shape(prologue_kind, images, tokens, k, n, linears, fp8, calls, repeat
 def markdown(rows, meta, fp8):
     prefix = "lynx8" if fp8 else "lynx"
     lines = [f"# Producer fusion: LayerNorm + modulation or GELU in the Lynx sparsify pass{' (fp8)' if fp8 else ''}",
+             "",
+             "single linear2 is kept dense: its columns are F.linear (bf16) or the e4m3 dense product (fp8) "
+             "of cat((attention output, gelu(MLP hidden))); fused: that input made in one pass (bf16) or "
+             "inside the quantise pass (fp8).",
              "",
              f"{meta['date']}, {meta['gpu']}, torch {meta['torch']}, commit {meta['commit']}; "
              f"{meta['calls']} calls x {meta['repeats']} repeats, variants in turns. Times in us per call "
@@ -143,10 +167,11 @@ def main():
         print("no CUDA device: nothing to benchmark")
         return 1
     started = time.monotonic()
-    available, reason = sm90.availability_sm90(torch.device("cuda"))
-    print(f"sm90 path: {available} ({reason}); build+self-test {time.monotonic() - started:.1f} s", flush=True)
-    if not available:
-        return 1
+    for name, availability in (("sm90", sm90.availability_sm90), ("fp8 dense", fp8_dense.availability_fp8_dense)):
+        available, reason = availability(torch.device("cuda"))
+        print(f"{name} path: {available} ({reason}); {time.monotonic() - started:.1f} s", flush=True)
+        if not available:
+            return 1
     calls, repeats = (10, 3) if args.quick else (20, 5)
     meta = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
             "torch": torch.__version__, "commit": git_commit(), "calls": calls, "repeats": repeats}

@@ -2,7 +2,7 @@
 # What the GPU machine runs: build, GPU tests, kernel benchmarks; results to $OUT.
 # Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|producer|profile|ncu], or stages joined by commas
 #   (test,bench,fp8) to run several after one set-up   (OUT defaults to ./device-out)
-#   test: tests/gpu (the sm90 tests first); bench: bench/kernels.py $BENCH_ARGS; fp8: bench/kernels.py --fp8;
+#   test: tests/gpu (the sm90 tests first; TEST_PATHS=tests/gpu for plain file order); bench: bench/kernels.py $BENCH_ARGS; fp8: bench/kernels.py --fp8;
 #   lora: bench/lora_branch.py; producer: bench/producer_fusion.py, bf16 and fp8; profile:
 #   bench/profile_linear.py (kernel by kernel); ncu: Nsight Compute on the dense and sparse GEMM of one
 #   shape ($NCU_SHAPES); all: test, bench, fp8, lora and producer.
@@ -14,7 +14,7 @@ status=0
 record() { [ "$status" = 0 ] && status=$1; }
 runs() { [[ ",$STAGE," == *",$1,"* ]]; }   # this stage was asked for by name
 if [ "$STAGE" = all ] || runs test; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/gpu/test_sm90_lora_gpu.py tests/gpu/test_sm90_gpu.py tests/gpu -q -rfE -p no:cacheprovider \
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest ${TEST_PATHS:-tests/gpu/test_sm90_lora_gpu.py tests/gpu/test_sm90_gpu.py tests/gpu} -q -rfE -p no:cacheprovider \
     --durations=8 --maxfail=10 2>&1 | tee "$OUT/tests.log"
   record "${PIPESTATUS[0]}"
 fi

@@ -7,16 +7,20 @@
                                        k_weight_b, pe, heads, eps) -> (q, k, v)
                      Qwen-Image: the same from separate q, k, v projections, written token-major
                      (batch, tokens, heads * head_dim)
+  torch.ops.rt_lynx.cat_gelu_tanh(a, b) -> cat((a, gelu_tanh(b)), -1)
+                     FLUX's single-block linear2 input (2-D a, b of the same rows; b may be a
+                     strided split of linear1's output): one pass instead of the GELU and the
+                     concatenation
 
-They compute `reference.qk_norm_rope_reference` / `qk_norm_rope_split_reference`, RoPE rounded as
-in the table's dtype. In ComfyUI's eager models this work is a dozen passes (QKNorm, RoPE on
+They compute `reference.qk_norm_rope_reference` / `qk_norm_rope_split_reference` (RoPE rounded as
+in the table's dtype) and `cat_gelu_tanh_reference` (the GELU as torch's CUDA kernel rounds it). In ComfyUI's eager models this work is a dozen passes (QKNorm, RoPE on
 broadcast pair tensors, the concatenation of the two streams); here one pass reads the
 projections once and writes the attention inputs once.
 """
 import torch
 
 from . import cusparselt as _cusparselt
-from .reference import qk_norm_rope_reference, qk_norm_rope_split_reference
+from .reference import cat_gelu_tanh_reference, qk_norm_rope_reference, qk_norm_rope_split_reference
 
 HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -33,6 +37,8 @@ def _define_ops():
                "Tensor? q_b, Tensor? k_b, Tensor? v_b, Tensor? q_weight_b, Tensor? k_weight_b, Tensor pe, int heads, "
                "float eps) -> (Tensor, Tensor, Tensor)")
 
+    lib.define("cat_gelu_tanh(Tensor a, Tensor b) -> Tensor")
+
     @torch.library.register_fake("rt_lynx::qk_norm_rope", lib=lib)
     def _(qkv_a, q_weight_a, k_weight_a, qkv_b, q_weight_b, k_weight_b, pe, heads, eps):
         tokens = qkv_a.shape[1] + (0 if qkv_b is None else qkv_b.shape[1])
@@ -43,6 +49,10 @@ def _define_ops():
     def _(q_a, k_a, v_a, q_weight_a, k_weight_a, q_b, k_b, v_b, q_weight_b, k_weight_b, pe, heads, eps):
         shape = (q_a.shape[0], q_a.shape[1] + (0 if q_b is None else q_b.shape[1]), q_a.shape[2])
         return tuple(q_a.new_empty(shape) for _ in range(3))
+
+    @torch.library.register_fake("rt_lynx::cat_gelu_tanh", lib=lib)
+    def _(a, b):
+        return a.new_empty((a.shape[0], a.shape[1] + b.shape[1]))
 
     _define_ops.library = lib
 
@@ -69,8 +79,9 @@ _availability = _cusparselt.PerDeviceCheck(_check_device)
 
 
 def self_test_block_ops(device: torch.device) -> str:
-    """'' when both ops match the reference (two streams, a strided one, batch 2, an fp32 and a
-    16-bit RoPE table, both 16-bit dtypes); else the first problem, one line."""
+    """'' when the ops match the reference (two streams, a strided one, batch 2, an fp32 and a
+    16-bit RoPE table, both 16-bit dtypes; cat_gelu_tanh with a strided b); else the first
+    problem, one line."""
     _cusparselt.extension()   # builds it first time; a build error is the problem reported
     generator = torch.Generator(device=device).manual_seed(2468)
     batch, heads, head_dim, tokens_a, tokens_b = 2, 3, 128, 5, 7
@@ -94,17 +105,32 @@ def self_test_block_ops(device: torch.device) -> str:
             problem = _compare(op(*args), reference(*args))
             if problem:
                 return f"{name} ({dtype}): {problem}"
+        joined = torch.ops.rt_lynx.cat_gelu_tanh(qkv_b[0, :tokens_a], qkv_a[0])   # b strided
+        problem = _compare((joined,), (cat_gelu_tanh_reference(qkv_b[0, :tokens_a], qkv_a[0]),))
+        if problem:
+            return f"cat_gelu_tanh ({dtype}): {problem}"
     torch.cuda.synchronize(device)
     return ""
 
 
 def _compare(got, want) -> str:
-    for name, g, w in zip("qkv", got, want):
+    for name, g, w in zip(("q", "k", "v") if len(got) == 3 else ("out",), got, want):
         if g.shape != w.shape or g.dtype != w.dtype:
             return f"{name}: {tuple(g.shape)} {g.dtype}, expected {tuple(w.shape)} {w.dtype}"
         if not torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2):
             return f"{name} differs from the reference: max {(g.float() - w.float()).abs().max():.3g}"
     return ""
+
+
+def supports_cat_gelu_tanh(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
+    """Whether cat_gelu_tanh takes (a, b), 2-D with the same rows (the op copies misaligned rows)."""
+    if a.dtype not in SUPPORTED_DTYPES or b.dtype != a.dtype:
+        return False, f"dtypes {a.dtype}, {b.dtype} (one of bfloat16/float16)"
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        return False, "a and b must be 2-D with the same rows"
+    if a.shape[1] % 8 or b.shape[1] % 8 or not (a.shape[1] and b.shape[1]):
+        return False, f"widths {a.shape[1]}, {b.shape[1]} (positive multiples of 8)"
+    return True, ""
 
 
 def supports_qk_norm_rope(projection: torch.Tensor, head_dim: int, pe: torch.Tensor) -> tuple[bool, str]:

@@ -279,9 +279,10 @@ def self_test(device: torch.device) -> str:
 
 
 def check_operands(x2d: torch.Tensor, weight: torch.Tensor, weight_dtype: torch.dtype, weight_hint: str,
-                   n_multiple: int, k_multiple: int = K_MULTIPLE) -> tuple[bool, str]:
+                   n_multiple: int, k_multiple: int = K_MULTIPLE, tail_columns: int = 0) -> tuple[bool, str]:
     """The constraints every fast path shares: 2-D, 16-bit x, weight of `weight_dtype` on x's CUDA
-    device, K a multiple of `k_multiple`, N of `n_multiple`, contiguous and 16-byte aligned."""
+    device, K a multiple of `k_multiple`, N of `n_multiple`, contiguous and 16-byte aligned.
+    `tail_columns`: input columns the op appends to x's (the weight's K counts them)."""
     try:
         if x2d.dim() != 2 or weight.dim() != 2:
             return False, f"need 2-D x and weight, got {x2d.dim()}-D and {weight.dim()}-D"
@@ -293,8 +294,8 @@ def check_operands(x2d: torch.Tensor, weight: torch.Tensor, weight_dtype: torch.
             return False, "x and weight must be on the same CUDA device"
         rows, k = x2d.shape
         n, k_weight = weight.shape
-        if k_weight != k:
-            return False, f"in_features mismatch: x has {k}, weight has {k_weight}"
+        if k_weight != k + tail_columns:
+            return False, f"in_features mismatch: x has {k + tail_columns}, weight has {k_weight}"
         if rows < 1:
             return False, "x has no rows"
         if k % k_multiple:

@@ -136,6 +136,10 @@ def _choose(x2d, weight, requested, n, m, precision) -> BackendChoice:
     reasons = []
     for backend in fast_backends():
         available, why_not = backend_availability(x2d.device, precision, backend)
+        if not available and reasons == []:
+            # The best backend's failure (a build or self-test problem) is said even when the next one
+            # takes over: otherwise a slower product would be all that shows of it.
+            log_once(f"{BACKEND_NAMES[backend]} unavailable for {precision} on {x2d.device}: {why_not}")
         if available:
             if backend == "sm90":
                 supported, why_not = _sm90.supports_sm90(x2d, weight)
@@ -283,10 +287,11 @@ def fp8_dense_shape_supported(in_features: int, out_features: int) -> bool:
 
 
 def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                     requested: str = "auto") -> torch.Tensor:
+                     requested: str = "auto", gelu_tail: torch.Tensor | None = None) -> torch.Tensor:
     """A layer an fp8 model keeps dense: reference.dense_linear_fp8_reference with (wq, w_scale)
     from quantize_weight_fp8, on dense e4m3 tensor cores where the fast kernels run, else on the
-    reference path."""
+    reference path. With gelu_tail (2-D, x2d's rows) the input is cat((x2d, gelu_tanh(gelu_tail)),
+    -1): on the fast path the quantise pass makes it from both, and it is never written."""
     if requested not in REQUESTS:
         raise ValueError(f"unknown backend {requested!r}; choose one of {REQUESTS}")
     if requested == "reference":
@@ -294,12 +299,13 @@ def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     else:
         available, why_not = fp8_dense_availability(x2d.device)
         if available:
-            available, why_not = _fp8_dense.supports_fp8_dense(x2d, wq)
+            available, why_not = _fp8_dense.supports_fp8_dense(x2d, wq, gelu_tail)
         choice = BackendChoice("fp8_dense", "e4m3 dense GEMM") if available else BackendChoice("reference", why_not)
     _report(_fast_or_raise(choice, requested, x2d, wq), x2d, wq)
     if choice.name == "fp8_dense":
-        return _fp8_dense.dense_linear_fp8(x2d, wq, w_scale, bias)
-    return reference.dense_linear_fp8_reference(x2d, wq, w_scale, bias)
+        return _fp8_dense.dense_linear_fp8(x2d, wq, w_scale, bias, gelu_tail)
+    x = x2d if gelu_tail is None else reference.cat_gelu_tanh_reference(x2d, gelu_tail)
+    return reference.dense_linear_fp8_reference(x, wq, w_scale, bias)
 
 
 def block_ops_availability(device: torch.device) -> tuple[bool, str]:
@@ -329,6 +335,20 @@ def qk_norm_rope_split(q_a: torch.Tensor, k_a: torch.Tensor, v_a: torch.Tensor, 
     if _runs_fused_block_ops(q_a, q_a.shape[-1] // heads, pe):
         return torch.ops.rt_lynx.qk_norm_rope_split(*args)
     return reference.qk_norm_rope_split_reference(*args)
+
+
+def cat_gelu_tanh(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """reference.cat_gelu_tanh_reference(a, b) for a (..., Ka) and b (..., Kb) of the same leading
+    dims: in one pass where the fused kernels run (FLUX's single-block linear2 input), else in
+    torch ops."""
+    a2d, b2d = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    available, why_not = block_ops_availability(a.device)
+    if available:
+        available, why_not = _block_ops.supports_cat_gelu_tanh(a2d, b2d)
+    if not available:
+        log_once(f"GELU + concatenation in torch ops ({why_not})")
+        return reference.cat_gelu_tanh_reference(a, b)
+    return torch.ops.rt_lynx.cat_gelu_tanh(a2d, b2d).reshape(*a.shape[:-1], a.shape[-1] + b.shape[-1])
 
 
 def _in_dtype_of(x: torch.Tensor, *weights):

@@ -2,8 +2,11 @@
 
 Computes `reference.dense_linear_fp8_reference` in two kernels:
 
-  torch.ops.rt_lynx.quantize_rows_fp8(x) -> (q, a)   one read of x: q = e4m3(x * 448 / max|x|) per
-                                                     token (M x K), a = max|x| / 448 (fp32, M x 1)
+  torch.ops.rt_lynx.quantize_rows_fp8(x, gelu_tail=None) -> (q, a)
+                                                     one read of x: q = e4m3(x * 448 / max|x|) per
+                                                     token (M x K), a = max|x| / 448 (fp32, M x 1);
+                                                     with gelu_tail the rows are
+                                                     cat((x, gelu_tanh(gelu_tail)), -1), never written
   torch._scaled_mm(q, wq^T, scale_a=a, scale_b=w_scale, bias)   dense e4m3 tensor cores, row-wise
                                                      scales and the bias in torch's GEMM epilogue
 
@@ -13,7 +16,7 @@ writes bf16; an fp16 model gets that cast to fp16 (one pass over y).
 import torch
 
 from . import cusparselt as _cusparselt
-from .reference import dense_linear_fp8_reference, quantize_rows_fp8, quantize_weight_fp8
+from .reference import cat_gelu_tanh_reference, dense_linear_fp8_reference, quantize_rows_fp8, quantize_weight_fp8
 
 K_MULTIPLE = 16        # torch._scaled_mm's e4m3 operands
 N_MULTIPLE = 16
@@ -25,11 +28,12 @@ def _define_ops():
     if _cusparselt.op_defined("quantize_rows_fp8"):
         return
     lib = torch.library.Library("rt_lynx", "FRAGMENT")
-    lib.define("quantize_rows_fp8(Tensor x) -> (Tensor, Tensor)")
+    lib.define("quantize_rows_fp8(Tensor x, Tensor? gelu_tail=None) -> (Tensor, Tensor)")
 
     @torch.library.register_fake("rt_lynx::quantize_rows_fp8", lib=lib)
-    def _(x):
-        return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+    def _(x, gelu_tail=None):
+        columns = x.shape[1] + (0 if gelu_tail is None else gelu_tail.shape[1])
+        return (x.new_empty((x.shape[0], columns), dtype=torch.float8_e4m3fn),
                 x.new_empty((x.shape[0], 1), dtype=torch.float32))
 
     _define_ops.library = lib
@@ -54,7 +58,8 @@ _availability = _cusparselt.PerDeviceCheck(_check_device, _cusparselt.availabili
 
 
 def self_test_fp8_dense(device: torch.device) -> str:
-    """'' when the quantise pass equals the reference bit for bit and the product matches the
+    """'' when the quantise pass equals the reference bit for bit (with a GELU tail nearly: its GELU
+    is torch's math in another kernel, a rounding apart at worst) and the product matches the
     reference (odd row count, bias, both 16-bit dtypes); else the first problem, one line."""
     generator = torch.Generator(device=device).manual_seed(1357)
     rows, k, n = 37, 3072, 64   # 3072: two warps share a row's max
@@ -65,6 +70,12 @@ def self_test_fp8_dense(device: torch.device) -> str:
         want_q, want_a = quantize_rows_fp8(x)
         if not (torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(a, want_a)):
             return f"quantise pass differs from the reference ({dtype})"
+        tail = torch.randn(rows, 2 * k + 64, generator=generator, device=device).to(dtype)[:, 64:]   # strided
+        q, a = torch.ops.rt_lynx.quantize_rows_fp8(x, tail)
+        want_q, want_a = quantize_rows_fp8(cat_gelu_tanh_reference(x, tail))
+        codes_differ = (q.view(torch.uint8) != want_q.view(torch.uint8)).float().mean().item()
+        if q.shape != want_q.shape or codes_differ > 1e-3 or not torch.allclose(a, want_a, rtol=1e-2, atol=0):
+            return f"quantise pass with a GELU tail differs from the reference ({dtype}; {codes_differ:.1e} of codes)"
         weight = torch.randn(n, k, generator=generator, device=device)
         wq, w_scale = quantize_weight_fp8(weight)
         bias = torch.randn(n, generator=generator, device=device).to(dtype)
@@ -77,12 +88,22 @@ def self_test_fp8_dense(device: torch.device) -> str:
     return ""
 
 
-def supports_fp8_dense(x2d: torch.Tensor, wq: torch.Tensor) -> tuple[bool, str]:
-    """Whether (x2d, wq) fit the fp8 dense path (wq from quantize_weight_fp8). Never raises."""
+def supports_fp8_dense(x2d: torch.Tensor, wq: torch.Tensor,
+                       gelu_tail: torch.Tensor | None = None) -> tuple[bool, str]:
+    """Whether (x2d, wq) fit the fp8 dense path (wq from quantize_weight_fp8), x2d followed by
+    gelu_tanh(gelu_tail)'s columns when given. Never raises."""
+    tail_columns = 0
+    if gelu_tail is not None:
+        if gelu_tail.dim() != 2 or gelu_tail.shape[0] != x2d.shape[0] or gelu_tail.dtype != x2d.dtype:
+            return False, "the GELU tail must be 2-D, with x's rows and dtype"
+        if gelu_tail.stride(1) != 1 or gelu_tail.shape[1] % K_MULTIPLE:
+            return False, f"the GELU tail's rows must be dense, its width a multiple of {K_MULTIPLE}"
+        tail_columns = gelu_tail.shape[1]
     supported, why_not = _cusparselt.check_operands(x2d, wq, torch.float8_e4m3fn, " (use quantize_weight_fp8)",
-                                                    N_MULTIPLE, K_MULTIPLE)
-    if supported and x2d.shape[1] > MAX_IN_FEATURES:
-        return False, f"in_features {x2d.shape[1]} > {MAX_IN_FEATURES} (the quantise pass holds a row in registers)"
+                                                    N_MULTIPLE, K_MULTIPLE, tail_columns)
+    in_features = x2d.shape[1] + tail_columns
+    if supported and in_features > MAX_IN_FEATURES:
+        return False, f"in_features {in_features} > {MAX_IN_FEATURES} (the quantise pass holds a row in registers)"
     return supported, why_not
 
 
@@ -93,10 +114,11 @@ def fp8_dense_shape_supported(in_features: int, out_features: int) -> bool:
 
 
 def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-    """a[m] * w_scale[n] * (e4m3(x) @ wq^T) + bias, M x N in x's dtype. Call availability_fp8_dense
-    and supports_fp8_dense first."""
-    q, a = torch.ops.rt_lynx.quantize_rows_fp8(x2d)
+                     bias: torch.Tensor | None, gelu_tail: torch.Tensor | None = None) -> torch.Tensor:
+    """a[m] * w_scale[n] * (e4m3(x) @ wq^T) + bias, M x N in x's dtype, x being x2d or, with
+    gelu_tail, cat((x2d, gelu_tanh(gelu_tail)), -1). Call availability_fp8_dense and
+    supports_fp8_dense first."""
+    q, a = torch.ops.rt_lynx.quantize_rows_fp8(x2d, gelu_tail)
     y = torch._scaled_mm(q, wq.t(), scale_a=a, scale_b=w_scale.view(1, -1),
                          bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
     return y if x2d.dtype == torch.bfloat16 else y.to(x2d.dtype)

@@ -91,6 +91,12 @@ def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def cat_gelu_tanh_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cat((a, gelu_tanh(b)), -1): FLUX's single-block linear2 input from its attention output a
+    and its MLP's up projection b."""
+    return torch.cat((a, gelu_tanh_reference(b)), -1)
+
+
 @dataclass(frozen=True, eq=False)   # holds tensors: identity, not element-wise ==
 class LowRankOperands:
     """The Lynx LoRA branch as the kernels take it, on the compute device and dtype:

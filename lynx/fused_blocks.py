@@ -10,8 +10,10 @@ norms and modulations are still the block's own modules, so the Lynx forwards, C
 casts and LoRA patches apply unchanged. A Lynx layer takes the elementwise work that produces its
 input into its sparsify pass: after a LayerNorm + modulation (LynxLinearForward.modulated) and
 after the MLP's GELU (LynxLinearForward.after_gelu), so the block's modulated activations and the
-MLP's activation are never written. Attention itself is the caller's (ComfyUI's
-optimized_attention).
+MLP's activation are never written. FLUX's single-block linear2 input, the attention output and
+the GELU of the MLP's hidden state side by side, is made in one pass (kernels.cat_gelu_tanh), or
+inside an fp8 dense layer's quantise pass (LynxLinearForward.after_cat_gelu). Attention itself is
+the caller's (ComfyUI's optimized_attention).
 
 Only blocks whose structure and forward signatures are the ones written against here are taken
 (`fused_block_kind`); any other keeps its own forward.
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import qk_norm_rope, qk_norm_rope_split
+from ..kernels import cat_gelu_tanh, qk_norm_rope, qk_norm_rope_split
 
 # attention(q, k, v, heads, mask, transformer_options) -> (batch, tokens, heads * head_dim), taking
 # q, k, v as the model's own attention call does: (batch, heads, tokens, head_dim) for FLUX,
@@ -151,6 +153,16 @@ def _modulated_mlp(mlp: nn.Module, norm: nn.Module, x: torch.Tensor, shift: torc
     return down(F.gelu(hidden, approximate=approximate))
 
 
+def _linear_of_cat_activation(linear: nn.Module, first: torch.Tensor, second: torch.Tensor,
+                              activation: nn.Module) -> torch.Tensor:
+    """linear(cat((first, activation(second)), -1)), the concatenation and a tanh GELU in one pass,
+    or inside a Lynx layer's own pass where it has one (`after_cat_gelu`)."""
+    if not (isinstance(activation, nn.GELU) and activation.approximate == "tanh" and "forward" not in activation.__dict__):
+        return linear(torch.cat((first, activation(second)), -1))
+    fused = _lynx_forward_method(linear, "after_cat_gelu")
+    return fused(first, second) if fused is not None else linear(cat_gelu_tanh(first, second))
+
+
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX) if x.dtype == torch.float16 else x
 
@@ -191,7 +203,7 @@ def flux_single_block(block: nn.Module, x: torch.Tensor, vec: torch.Tensor, pe: 
     q, k, v = qk_norm_rope(qkv, block.norm.query_norm.scale, block.norm.key_norm.scale, None, None, None,
                            pe, block.num_heads, QK_NORM_EPS)
     attn = attention(q, k, v, block.num_heads, attn_mask, transformer_options)
-    out = block.linear2(torch.cat((attn, block.mlp_act(mlp)), 2))
+    out = _linear_of_cat_activation(block.linear2, attn, mlp, block.mlp_act)
     return _clamp_fp16(torch.addcmul(x, mod.gate, out))
 
 

@@ -16,7 +16,9 @@ dense e4m3 tensor cores (`fp8_dense_linear`), unless `fp8_dense_layers` is off.
 A DiT block may hand a layer the elementwise work that makes its input rather than the input:
 `lynx_linear_modulated` (the block's LayerNorm + modulation) and `lynx_linear_after_gelu` (the
 MLP's GELU) compute that work followed by `lynx_linear`, with the work inside the kernels'
-sparsify pass, so the input is never written (the same math up to rare one-ulp roundings).
+sparsify pass, so the input is never written (the same math up to rare one-ulp roundings). A
+layer an fp8 model keeps dense may take its input as cat((first, gelu(second))) (FLUX's
+single-block linear2: `fp8_dense_linear(..., gelu_tail=)`), made inside the quantise pass.
 
 sparse(x) keeps the n largest |x| of each m consecutive input features (2:4 by default); s is
 the per-token norm compensation ||x|| / ||sparse(x)|| (or 1 when switched off). Inputs with
@@ -29,7 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..kernels import (PRECISIONS, REQUESTS, LowRankOperands, dense_linear_fp8, gelu_tanh_reference, log_once,
+from ..kernels import (PRECISIONS, REQUESTS, LowRankOperands, cat_gelu_tanh, dense_linear_fp8, gelu_tanh_reference,
+                       log_once,
                        low_rank_reference, modulated_layer_norm_reference, prepare_low_rank, quantize_weight_fp8,
                        sparse_linear, sparse_linear_fp8, sparse_linear_gelu, sparse_linear_modulated)
 
@@ -198,22 +201,28 @@ def _lynx_linear_after(x, prepared_input, fused, weight, bias, config: LynxConfi
 
 
 def fp8_dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
-                     dense: bool = False, fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     dense: bool = False, fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     gelu_tail: torch.Tensor | None = None) -> torch.Tensor:
     """A layer an fp8 model keeps dense: y = a * w_scale * (e4m3(x) @ wq^T) + b, x quantised per
     token, the weight per output channel (`fp8_weight`, else quantised in the call).
-    `dense=True` (dense warm-up steps) and short inputs give plain F.linear, as in lynx_linear."""
-    in_features = x.shape[-1]
-    bias = _checked_bias(x, weight, bias)
+    `dense=True` (dense warm-up steps) and short inputs give plain F.linear, as in lynx_linear.
+    With `gelu_tail` (x's leading dims) the input is cat((x, gelu_tanh(gelu_tail)), -1), which the
+    quantise pass makes from both without writing it."""
+    if gelu_tail is not None and (dense or not config.runs_sparse(x)):
+        x, gelu_tail = cat_gelu_tanh(x, gelu_tail), None
+    tail_features = 0 if gelu_tail is None else gelu_tail.shape[-1]
+    bias = _checked_bias(x, weight, bias, tail_features)
     if dense or not config.runs_sparse(x):
         return _model_dtype_linear(x, weight, bias, config, dense)
     wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight)
-    y = dense_linear_fp8(x.reshape(-1, in_features), wq, w_scale, bias, config.backend)
+    tail2d = None if gelu_tail is None else gelu_tail.reshape(-1, tail_features)
+    y = dense_linear_fp8(x.reshape(-1, x.shape[-1]), wq, w_scale, bias, config.backend, tail2d)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _checked_bias(x, weight, bias):
-    if weight.shape[-1] != x.shape[-1]:
-        raise ValueError(f"input has {x.shape[-1]} features, weight expects {weight.shape[-1]}")
+def _checked_bias(x, weight, bias, tail_features: int = 0):
+    if weight.shape[-1] != x.shape[-1] + tail_features:
+        raise ValueError(f"input has {x.shape[-1] + tail_features} features, weight expects {weight.shape[-1]}")
     return bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
 
 

@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..kernels import (fast_path_availability, fp8_dense_availability, fp8_dense_shape_supported, gelu_tanh_reference,
-                       quantize_weight_fp8)
+from ..kernels import (cat_gelu_tanh, fast_path_availability, fp8_dense_availability, fp8_dense_shape_supported,
+                       gelu_tanh_reference, quantize_weight_fp8)
 from .linear import (LowRankBranch, LynxConfig, fp8_dense_linear, lynx_linear, lynx_linear_after_gelu,
                      lynx_linear_modulated, modulated_layer_norm)
 from .lora import LynxLoRA, check_fits
@@ -95,6 +95,15 @@ class LynxLinearForward:
             return self(gelu_tanh_reference(x))
         return self._with_weights(x, lambda weight, bias: lynx_linear_after_gelu(
             x, weight, bias, self.config, self.fp8_weight))
+
+    def after_cat_gelu(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """self(cat((first, gelu(second, approximate="tanh")), -1)): FLUX's single-block linear2 of
+        the attention output and the MLP's up projection. A layer an fp8 model keeps dense (the
+        default for linear2) makes that input inside its quantise pass; others get it written once."""
+        if self.sparse:
+            return self(cat_gelu_tanh(first, second))
+        return self._with_weights(first, lambda weight, bias: fp8_dense_linear(
+            first, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight, gelu_tail=second))
 
     def _takes_prologue(self) -> bool:
         return self.sparse and self.lora is None and not self.runtime.dense

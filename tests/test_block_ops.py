@@ -1,15 +1,16 @@
 """The fused block ops without a GPU: the reference's math (checked against an independent
 formulation), the dispatch's fallback, the fake kernel torch.compile traces, and which blocks the
-fused FLUX forwards take, and how they hand a LayerNorm + modulation to their linears."""
+fused FLUX forwards take, and how they hand a LayerNorm + modulation, and the single block's
+linear2 input, to their linears."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from rt_lynx_pack.kernels import qk_norm_rope, qk_norm_rope_reference
+from rt_lynx_pack.kernels import cat_gelu_tanh, qk_norm_rope, qk_norm_rope_reference
 from rt_lynx_pack.lynx import LynxConfig, LynxLinearForward, LynxRuntime
-from rt_lynx_pack.lynx.fused_blocks import _modulated_linears, fused_block_kind, fusable_call
+from rt_lynx_pack.lynx.fused_blocks import _linear_of_cat_activation, _modulated_linears, fused_block_kind, fusable_call
 
 
 def flux_pe(tokens, head_dim, generator):
@@ -128,3 +129,37 @@ def test_linears_of_one_modulated_input_share_it_where_it_must_be_written():
     modulated = torch.addcmul(shift, F.layer_norm(x, (64,), eps=1e-6), 1 + scale)
     for linear, got in zip(linears, outputs):
         torch.testing.assert_close(got, linear(modulated), rtol=0, atol=0)
+
+
+def test_cat_gelu_tanh_on_the_cpu_is_the_reference_and_its_fake_kernel_has_the_cuda_shape():
+    g = torch.Generator().manual_seed(3)
+    projected = torch.randn(2, 5, 96, generator=g).bfloat16()
+    attn = torch.randn(2, 5, 16, generator=g).bfloat16()
+    got = cat_gelu_tanh(attn, projected[..., 48:])
+    assert torch.equal(got, torch.cat((attn, F.gelu(projected[..., 48:], approximate="tanh")), -1))
+    with FakeTensorMode():
+        a = torch.empty(4608, 3072, dtype=torch.bfloat16, device="cuda")
+        b = torch.empty_strided((4608, 12288), (21504, 1), dtype=torch.bfloat16, device="cuda")   # a split
+        out = torch.ops.rt_lynx.cat_gelu_tanh(a, b)
+        q, scale = torch.ops.rt_lynx.quantize_rows_fp8(a, b)
+    assert out.shape == (4608, 3072 + 12288) and out.dtype == torch.bfloat16
+    assert q.shape == (4608, 3072 + 12288) and q.dtype == torch.float8_e4m3fn and scale.shape == (4608, 1)
+
+
+def test_single_block_linear2_input_goes_to_a_lynx_layer_as_its_two_parts():
+    g = torch.Generator().manual_seed(4)
+    attn, mlp = torch.randn(2, 40, 16, generator=g), torch.randn(2, 40, 48, generator=g)
+    linear = torch.nn.Linear(64, 32)
+    want = linear(torch.cat((attn, F.gelu(mlp, approximate="tanh")), -1))
+    torch.testing.assert_close(_linear_of_cat_activation(linear, attn, mlp, nn.GELU(approximate="tanh")), want,
+                               rtol=0, atol=0)
+    parts = []
+    forward = LynxLinearForward(linear, "linear2", LynxConfig(backend="reference", min_tokens=1), LynxRuntime())
+    linear.forward = forward
+    forward.after_cat_gelu = lambda first, second: parts.append((first, second)) or want
+    assert _linear_of_cat_activation(linear, attn, mlp, nn.GELU(approximate="tanh")) is want
+    assert len(parts) == 1 and parts[0][0] is attn and parts[0][1] is mlp
+    # Any other activation: the block's own concatenation, through the layer's plain forward.
+    got = _linear_of_cat_activation(linear, attn, mlp, nn.GELU())
+    torch.testing.assert_close(got, linear(torch.cat((attn, F.gelu(mlp)), -1)), rtol=0, atol=0)
+    assert len(parts) == 1

@@ -28,3 +28,17 @@ def test_dispatch_logs_each_reason_once(caplog):
             y = sparse_linear(x, w, b, True, "auto")
     assert torch.equal(y, sparse_linear_reference(x, w, b, True))
     assert sum("reference PyTorch path" in r.message for r in caplog.records) == 1
+
+
+def test_the_best_backends_failure_is_logged_when_the_next_one_takes_over(monkeypatch, caplog):
+    # A self-test failure of the sm90 GEMM would otherwise show only as a slower product.
+    def availability(device, precision, backend):
+        return (False, "sm90 sparse GEMM unavailable: self-test differs") if backend == "sm90" else (True, "ok")
+    monkeypatch.setattr(dispatch, "backend_availability", availability)
+    monkeypatch.setattr(dispatch, "fast_backends", lambda: ("sm90", "cusparselt"))
+    monkeypatch.setattr(dispatch, "_fast", type("Fast", (), {"supports": staticmethod(lambda x, w: (True, ""))}))
+    monkeypatch.setattr(dispatch, "_logged_messages", set())
+    x, w = torch.randn(64, 128), torch.randn(32, 128)
+    with caplog.at_level(logging.INFO, logger="rt_lynx"):
+        assert dispatch._choose(x, w, "auto", 2, 4, "bf16").name == "cusparselt"
+    assert "self-test differs" in caplog.text

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from rt_lynx_pack.kernels import modulated_layer_norm_reference, norm_compensation_scale, sparse_linear, sparsify_nm
 from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, LynxLinearForward, LynxRuntime, lynx_linear
-from rt_lynx_pack.lynx.linear import lynx_linear_after_gelu, lynx_linear_modulated, modulated_layer_norm
+from rt_lynx_pack.lynx.linear import (fp8_dense_linear, lynx_linear_after_gelu, lynx_linear_modulated,
+                                      modulated_layer_norm)
 
 
 def make(tokens_shape=(2, 40), k=64, n=48, dtype=torch.float32, seed=0):
@@ -203,3 +204,30 @@ def test_a_patched_layer_takes_a_modulated_input_only_for_its_plain_sparse_produ
                                    rtol=1e-6, atol=1e-6)
     runtime.dense = True
     torch.testing.assert_close(forward.modulated(x, shift, 1 + scale, 1e-6), F.linear(modulated, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("dense_step", [False, True])
+def test_fp8_dense_linear_of_a_gelu_tail_is_the_linear_of_the_concatenation(dense_step):
+    attn, _, _ = make(tokens_shape=(2, 40), k=32, dtype=torch.bfloat16)
+    projected, w, b = make(tokens_shape=(2, 40), k=96, n=48, dtype=torch.bfloat16, seed=1)
+    mlp = projected[..., 32:]   # a strided split, as FLUX's single block has it
+    config = LynxConfig(precision="fp8")
+    joined = torch.cat((attn, F.gelu(mlp, approximate="tanh")), -1)
+    got = fp8_dense_linear(attn, w, b, config, dense=dense_step, gelu_tail=mlp)
+    torch.testing.assert_close(got, fp8_dense_linear(joined, w, b, config, dense=dense_step), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="input has 96 features, weight expects 64"):
+        fp8_dense_linear(attn, w[:, :64], b, config, gelu_tail=mlp)
+
+
+def test_a_patched_layer_takes_the_concatenation_with_a_gelu_as_its_two_parts():
+    attn, _, _ = make(tokens_shape=(2, 40), k=16)
+    mlp, _, _ = make(tokens_shape=(2, 40), k=48, seed=1)
+    joined = torch.cat((attn, F.gelu(mlp, approximate="tanh")), -1)
+    layer = torch.nn.Linear(64, 48)
+    runtime = LynxRuntime()
+    sparse = LynxLinearForward(layer, "layer", LynxConfig(), runtime)
+    dense_fp8 = LynxLinearForward(layer, "layer", LynxConfig(precision="fp8"), runtime, sparse=False)
+    for forward in (sparse, dense_fp8):
+        torch.testing.assert_close(forward.after_cat_gelu(attn, mlp), forward(joined), rtol=0, atol=0)
+    runtime.dense = True
+    torch.testing.assert_close(dense_fp8.after_cat_gelu(attn, mlp), F.linear(joined, layer.weight, layer.bias))

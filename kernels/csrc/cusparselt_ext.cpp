@@ -668,21 +668,54 @@ std::tuple<at::Tensor, at::Tensor> sparsify_fp8_op(const at::Tensor& x_in, int64
 
 
 // Dense e4m3 rows for the fp8 dense linear (kernels/fp8_dense.py): q (M x K) and a (M x 1, the
-// row-wise scale shape torch._scaled_mm takes).
-std::tuple<at::Tensor, at::Tensor> quantize_rows_fp8_op(const at::Tensor& x_in) {
+// row-wise scale shape torch._scaled_mm takes). With gelu_tail the rows quantised are
+// [x row, gelu_tanh(gelu_tail row)] (FLUX's single-block linear2 input), K = both widths.
+std::tuple<at::Tensor, at::Tensor> quantize_rows_fp8_op(const at::Tensor& x_in,
+                                                        const std::optional<at::Tensor>& gelu_tail_in) {
   const char* op = "rt_lynx::quantize_rows_fp8";
   require(x_in.is_cuda() && x_in.dim() == 2 && is_supported_dtype(x_in.scalar_type()) && x_in.size(0) >= 1, op,
           ": x must be a 2-D bfloat16/float16 CUDA tensor with at least one row");
-  require(x_in.size(1) >= 16 && x_in.size(1) % 16 == 0 && x_in.size(1) <= kQuantizeMaxCols, op,
-          ": in_features must be a multiple of 16 up to ", kQuantizeMaxCols, ", got ", x_in.size(1));
+  const bool has_tail = gelu_tail_in.has_value() && gelu_tail_in->defined();
+  if (has_tail) {
+    require(gelu_tail_in->device() == x_in.device() && gelu_tail_in->scalar_type() == x_in.scalar_type() &&
+                gelu_tail_in->dim() == 2 && gelu_tail_in->size(0) == x_in.size(0) && gelu_tail_in->size(1) >= 16 &&
+                gelu_tail_in->size(1) % 16 == 0,
+            op, ": gelu_tail must be a 2-D tensor of x's rows, dtype and device, its width a multiple of 16");
+  }
+  const int64_t k = x_in.size(1) + (has_tail ? gelu_tail_in->size(1) : 0);
+  require(x_in.size(1) >= 16 && x_in.size(1) % 16 == 0 && k <= kQuantizeMaxCols, op,
+          ": in_features must be a multiple of 16 up to ", kQuantizeMaxCols, ", got ", k);
   const auto x = with_aligned_rows(x_in);
+  const auto tail = has_tail ? with_aligned_rows(*gelu_tail_in) : at::Tensor();
   const c10::cuda::CUDAGuard guard(x.device());
-  auto q = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat8_e4m3fn));
+  auto q = at::empty({x.size(0), k}, x.options().dtype(at::kFloat8_e4m3fn));
   auto scale = at::empty({x.size(0), 1}, x.options().dtype(at::kFloat));
   launch_quantize_rows_fp8(x.data_ptr(), x.size(0), x.size(1), x.stride(0), x.scalar_type() == at::kBFloat16,
-                           q.data_ptr(), scale.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+                           q.data_ptr(), scale.data_ptr<float>(), at::cuda::getCurrentCUDAStream(),
+                           has_tail ? tail.data_ptr() : nullptr, has_tail ? tail.size(1) : 0,
+                           has_tail ? tail.stride(0) : 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {q, scale};
+}
+
+// cat((a, gelu_tanh(b)), -1) for 2-D 16-bit a, b of the same rows (kernels/block_ops.py).
+at::Tensor cat_gelu_tanh_op(const at::Tensor& a_in, const at::Tensor& b_in) {
+  const char* op = "rt_lynx::cat_gelu_tanh";
+  require(a_in.is_cuda() && a_in.dim() == 2 && is_supported_dtype(a_in.scalar_type()), op,
+          ": a must be a 2-D bfloat16/float16 CUDA tensor");
+  require(b_in.device() == a_in.device() && b_in.scalar_type() == a_in.scalar_type() && b_in.dim() == 2 &&
+              b_in.size(0) == a_in.size(0),
+          op, ": b must be a 2-D tensor of a's rows, dtype and device");
+  require(a_in.size(1) % 8 == 0 && a_in.size(1) >= 8 && b_in.size(1) % 8 == 0 && b_in.size(1) >= 8, op,
+          ": both widths must be positive multiples of 8, got ", a_in.size(1), " and ", b_in.size(1));
+  const auto a = with_aligned_rows(a_in);
+  const auto b = with_aligned_rows(b_in);
+  const c10::cuda::CUDAGuard guard(a.device());
+  auto out = at::empty({a.size(0), a.size(1) + b.size(1)}, a.options());
+  launch_cat_gelu_tanh(a.data_ptr(), a.stride(0), a.size(1), b.data_ptr(), b.stride(0), b.size(1), a.size(0),
+                       a.scalar_type() == at::kBFloat16, out.data_ptr(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 GemmPlan& fp8_plan(const at::Tensor& like, int64_t padded_rows, int64_t k, int64_t n,
@@ -822,6 +855,7 @@ TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) {
   m.impl("sparse_linear_fp8", &rt_lynx::sparse_linear_fp8_op);
   m.impl("fp8_epilogue", &rt_lynx::fp8_epilogue_op);
   m.impl("quantize_rows_fp8", &rt_lynx::quantize_rows_fp8_op);
+  m.impl("cat_gelu_tanh", &rt_lynx::cat_gelu_tanh_op);
 }
 
 void register_sm90_functions(pybind11::module& m);  // sm90_ops.cpp

@@ -1740,21 +1740,30 @@ void launch_fp8_epilogue(const void* d, void* y, int64_t rows, int64_t cols,
 // ---------------------------------------------------------------------------------------------
 // Dense e4m3 rows, for the layers an fp8 model keeps dense: q = e4m3(x * (448 / max|x|)) per row
 // and a = max|x| / 448 (0 for a zero row), as reference.quantize_rows_fp8. One block per row; a
-// thread loads all its 16-byte vectors before the row's max is reduced, so x is read once.
+// thread loads all its 16-byte vectors before the row's max is reduced, so x is read once. With a
+// GELU tail (kGeluTail) the row is [x row, gelu_tanh(tail row)], the input of FLUX's single-block
+// linear2, so neither the activation nor the concatenation is written.
 namespace {
 
-template <bool kBf16>
+template <bool kBf16, bool kGeluTail>
 __global__ void __launch_bounds__(kQuantizeMaxThreads)
-    quantize_rows_e4m3_kernel(const uint4* __restrict__ x, int64_t ld_vecs, int vecs_per_row, uint2* __restrict__ q,
-                              float* __restrict__ dequant_scale) {
+    quantize_rows_e4m3_kernel(const uint4* __restrict__ x, int64_t ld_vecs, int head_vecs,
+                              const uint4* __restrict__ tail, int64_t ld_tail_vecs, int vecs_per_row,
+                              uint2* __restrict__ q, float* __restrict__ dequant_scale) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const uint4* x_row = x + blockIdx.x * ld_vecs;
+  const uint4* tail_row = kGeluTail ? tail + blockIdx.x * ld_tail_vecs : nullptr;
   uint4 v[kQuantizeVecsPerThread];
+#pragma unroll
+  for (int i = 0; i < kQuantizeVecsPerThread; ++i) {   // every load issued before any is used
+    const int c = threadIdx.x + i * blockDim.x;
+    v[i] = c >= vecs_per_row ? zero : (kGeluTail && c >= head_vecs ? tail_row[c - head_vecs] : x_row[c]);
+  }
   uint32_t amax = 0;
 #pragma unroll
   for (int i = 0; i < kQuantizeVecsPerThread; ++i) {
     const int c = threadIdx.x + i * blockDim.x;
-    v[i] = c < vecs_per_row ? x_row[c] : zero;
+    if (kGeluTail && c >= head_vecs && c < vecs_per_row) v[i] = gelu_tanh_8<kBf16>(v[i]);
     amax = max(amax, max_abs_bits(v[i], zero));
   }
   // The row's max over its warps: every thread reads all warps' maxima (no second barrier).
@@ -1777,26 +1786,105 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads)
   }
 }
 
+template <bool kBf16>
+void launch_quantize_rows_dtype(const uint4* x, int64_t ld_vecs, int head_vecs, const uint4* tail,
+                                int64_t ld_tail_vecs, int vecs, int64_t rows, uint2* q, float* dequant_scale,
+                                cudaStream_t stream) {
+  // As many threads as put at most kQuantizeVecsPerThread vectors on each, whole warps.
+  const int threads = std::max(32, (vecs + kQuantizeVecsPerThread * 32 - 1) / (kQuantizeVecsPerThread * 32) * 32);
+  const auto grid = static_cast<unsigned>(rows);
+  if (tail != nullptr) {
+    quantize_rows_e4m3_kernel<kBf16, true><<<grid, threads, 0, stream>>>(x, ld_vecs, head_vecs, tail, ld_tail_vecs,
+                                                                          vecs, q, dequant_scale);
+  } else {
+    quantize_rows_e4m3_kernel<kBf16, false><<<grid, threads, 0, stream>>>(x, ld_vecs, head_vecs, nullptr, 0, vecs, q,
+                                                                           dequant_scale);
+  }
+}
+
+// [a row, gelu_tanh(b row)] per row, 16-bit in and out: the concatenation FLUX's single block
+// feeds its linear2, written once. Every thread loads its kCatVecsPerThread vectors, then
+// converts and stores them.
+constexpr int kCatThreads = 256;
+constexpr int kCatVecsPerThread = 4;
+
+template <bool kBf16>
+__global__ void __launch_bounds__(kCatThreads)
+    cat_gelu_tanh_kernel(const uint4* __restrict__ a, int64_t ld_a_vecs, int a_vecs, const uint4* __restrict__ b,
+                         int64_t ld_b_vecs, int row_vecs, int64_t total_vecs, uint4* __restrict__ out) {
+  const int64_t stride = int64_t(gridDim.x) * kCatThreads;
+  for (int64_t first = int64_t(blockIdx.x) * kCatThreads + threadIdx.x; first < total_vecs;
+       first += stride * kCatVecsPerThread) {
+    uint4 v[kCatVecsPerThread];
+    bool activated[kCatVecsPerThread];
+#pragma unroll
+    for (int j = 0; j < kCatVecsPerThread; ++j) {
+      const int64_t i = first + j * stride;
+      activated[j] = false;
+      if (i < total_vecs) {
+        const int64_t row = i / row_vecs;
+        const int c = static_cast<int>(i - row * row_vecs);
+        activated[j] = c >= a_vecs;
+        v[j] = activated[j] ? b[row * ld_b_vecs + (c - a_vecs)] : a[row * ld_a_vecs + c];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kCatVecsPerThread; ++j) {
+      const int64_t i = first + j * stride;
+      if (i < total_vecs) out[i] = activated[j] ? gelu_tanh_8<kBf16>(v[j]) : v[j];
+    }
+  }
+}
+
+void require_rows(const void* x, int64_t ld, int64_t cols, const char* what) {
+  require(cols % 8 == 0 && cols >= 8, what, ": columns must be a positive multiple of 8, got ", cols);
+  require(ld % 8 == 0 && ld >= cols && reinterpret_cast<uintptr_t>(x) % 16 == 0, what,
+          ": rows must be 16-byte aligned");
+}
+
 }  // namespace
 
 void launch_quantize_rows_fp8(const void* x, int64_t rows, int64_t cols, int64_t ld_x, bool is_bf16, void* q,
-                              float* dequant_scale, cudaStream_t stream) {
-  require(cols % 8 == 0 && cols >= 8 && cols <= kQuantizeMaxCols, "quantize_rows_fp8: columns must be a multiple of 8 "
-          "up to ", kQuantizeMaxCols, ", got ", cols);
-  require(ld_x % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0, "quantize_rows_fp8: rows must be 16-byte aligned");
+                              float* dequant_scale, cudaStream_t stream, const void* gelu_tail, int64_t tail_cols,
+                              int64_t ld_tail) {
+  require_rows(x, ld_x, cols, "quantize_rows_fp8");
+  if (gelu_tail != nullptr) require_rows(gelu_tail, ld_tail, tail_cols, "quantize_rows_fp8 (GELU tail)");
+  const int64_t total_cols = cols + (gelu_tail != nullptr ? tail_cols : 0);
+  require(total_cols <= kQuantizeMaxCols, "quantize_rows_fp8: at most ", kQuantizeMaxCols, " columns, got ",
+          total_cols);
   require(rows <= 0x7fffffff, "quantize_rows_fp8: too many rows for one launch");
   if (rows == 0) return;
-  const int vecs = static_cast<int>(cols / 8);
-  // As many threads as put at most kQuantizeVecsPerThread vectors on each, whole warps.
-  const int threads = std::max(32, (vecs + kQuantizeVecsPerThread * 32 - 1) / (kQuantizeVecsPerThread * 32) * 32);
   const auto* xv = static_cast<const uint4*>(x);
+  const auto* tv = static_cast<const uint4*>(gelu_tail);
+  const int head_vecs = static_cast<int>(cols / 8), vecs = static_cast<int>(total_cols / 8);
   auto* qv = static_cast<uint2*>(q);
   if (is_bf16) {
-    quantize_rows_e4m3_kernel<true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(xv, ld_x / 8, vecs, qv,
-                                                                                         dequant_scale);
+    launch_quantize_rows_dtype<true>(xv, ld_x / 8, head_vecs, tv, ld_tail / 8, vecs, rows, qv, dequant_scale, stream);
   } else {
-    quantize_rows_e4m3_kernel<false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(xv, ld_x / 8, vecs, qv,
-                                                                                          dequant_scale);
+    launch_quantize_rows_dtype<false>(xv, ld_x / 8, head_vecs, tv, ld_tail / 8, vecs, rows, qv, dequant_scale, stream);
+  }
+}
+
+void launch_cat_gelu_tanh(const void* a, int64_t ld_a, int64_t a_cols, const void* b, int64_t ld_b, int64_t b_cols,
+                          int64_t rows, bool is_bf16, void* out, cudaStream_t stream) {
+  require_rows(a, ld_a, a_cols, "cat_gelu_tanh (a)");
+  require_rows(b, ld_b, b_cols, "cat_gelu_tanh (b)");
+  require(reinterpret_cast<uintptr_t>(out) % 16 == 0, "cat_gelu_tanh: out must be 16-byte aligned");
+  require(a_cols + b_cols <= 0x7fffffff, "cat_gelu_tanh: rows too long");
+  const int row_vecs = static_cast<int>((a_cols + b_cols) / 8);
+  const int64_t total = rows * row_vecs;
+  if (total == 0) return;
+  // Enough blocks to keep every SM busy; each thread covers kCatVecsPerThread vectors per round.
+  const int64_t wanted = (total + int64_t(kCatThreads) * kCatVecsPerThread - 1) / (int64_t(kCatThreads) * kCatVecsPerThread);
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>(wanted, 65535));
+  const auto* av = static_cast<const uint4*>(a);
+  const auto* bv = static_cast<const uint4*>(b);
+  auto* ov = static_cast<uint4*>(out);
+  const int a_vecs = static_cast<int>(a_cols / 8);
+  if (is_bf16) {
+    cat_gelu_tanh_kernel<true><<<blocks, kCatThreads, 0, stream>>>(av, ld_a / 8, a_vecs, bv, ld_b / 8, row_vecs, total, ov);
+  } else {
+    cat_gelu_tanh_kernel<false><<<blocks, kCatThreads, 0, stream>>>(av, ld_a / 8, a_vecs, bv, ld_b / 8, row_vecs, total, ov);
   }
 }
 

@@ -141,11 +141,18 @@ void launch_fp8_epilogue(const void* d, void* y, int64_t rows, int64_t cols,
 
 // Dense e4m3 rows (the layers an fp8 model keeps dense): q (rows x cols bytes, contiguous) =
 // e4m3(x * (448 / max|x|)) per row, dequant_scale[r] = max|x| / 448 (0 for a zero row). x is read
-// once: a block per row holds it in registers, so cols <= kQuantizeMaxCols.
+// once: a block per row holds it in registers, so cols <= kQuantizeMaxCols. With gelu_tail, each
+// row is [x row, gelu_tanh(gelu_tail row)] (cols + tail_cols columns in all).
 constexpr int kQuantizeVecsPerThread = 8;    // 16-byte vectors of x a thread holds
 constexpr int kQuantizeMaxThreads = 512;     // 128 registers a thread: no spills
 constexpr int64_t kQuantizeMaxCols = int64_t(kQuantizeMaxThreads) * kQuantizeVecsPerThread * 8;
 void launch_quantize_rows_fp8(const void* x, int64_t rows, int64_t cols, int64_t ld_x, bool is_bf16, void* q,
-                              float* dequant_scale, cudaStream_t stream);
+                              float* dequant_scale, cudaStream_t stream, const void* gelu_tail = nullptr,
+                              int64_t tail_cols = 0, int64_t ld_tail = 0);
+
+// out (rows x (a_cols + b_cols), contiguous) = [a row, gelu_tanh(b row)], 16-bit, GELU rounded as
+// torch's (FLUX's single-block linear2 input). Rows of a and b may be strided (16-byte aligned).
+void launch_cat_gelu_tanh(const void* a, int64_t ld_a, int64_t a_cols, const void* b, int64_t ld_b, int64_t b_cols,
+                          int64_t rows, bool is_bf16, void* out, cudaStream_t stream);
 
 }  // namespace rt_lynx

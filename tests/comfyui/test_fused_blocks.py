@@ -18,7 +18,7 @@ from rt_lynx_pack.lynx import LynxConfig, installed, plan_model  # noqa: E402
 from rt_lynx_pack.lynx import patching  # noqa: E402
 from rt_lynx_pack.lynx.fused_blocks import (flux_double_block, flux_single_block, fused_block_kind,  # noqa: E402
                                             qwen_image_block)
-from rt_lynx_pack.lynx.linear import lynx_linear_after_gelu, lynx_linear_modulated  # noqa: E402
+from rt_lynx_pack.lynx.linear import fp8_dense_linear, lynx_linear_after_gelu, lynx_linear_modulated  # noqa: E402
 from rt_lynx_pack.nodes import RTLynxSparsifyModel  # noqa: E402
 
 
@@ -246,6 +246,30 @@ def test_fused_flux_blocks_hand_their_lynx_layers_the_work_that_makes_their_inpu
     assert after_gelu == [(hidden, double.img_mlp[2].in_features)] * 2
     for got, want in ((got_img, want_img), (got_txt, want_txt), (got_x, want_x)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_single_block_hands_an_fp8_dense_linear2_its_input_in_two_parts(flux, monkeypatch):
+    # fp8 keeps linear2 dense in e4m3: its quantise pass takes the attention output and the MLP's
+    # hidden state, and makes the GELU and the concatenation itself.
+    model = flux.model.diffusion_model
+    single = model.single_blocks[0]
+    img, txt, vec, pe = block_inputs(model)
+    x = torch.cat((txt, img), 1)
+    linear2_calls = []
+
+    def counting_fp8_dense_linear(x, weight, *args, gelu_tail=None, **kwargs):
+        if weight.shape == single.linear2.weight.shape:
+            linear2_calls.append(gelu_tail is not None)
+        return fp8_dense_linear(x, weight, *args, gelu_tail=gelu_tail, **kwargs)
+    monkeypatch.setattr(patching, "fp8_dense_linear", counting_fp8_dense_linear)
+    plan = plan_model(model, LynxConfig(backend="reference", min_tokens=1, precision="fp8"))
+    assert "single_blocks.0.linear2" in plan.installed_forwards
+    with installed(model, plan):
+        want = single(x.clone(), vec=vec, pe=pe)
+        assert linear2_calls == [False]
+        got = flux_single_block(single, x, vec, pe, None, {}, attention)
+    assert linear2_calls == [False, True]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_qwen_image_block_hands_its_lynx_layers_the_work_that_makes_their_input(qwen, monkeypatch):

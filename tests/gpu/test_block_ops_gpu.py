@@ -5,15 +5,15 @@ Tolerance: the kernel and the reference differ only in the order of the sum of s
 rsqrt's last bits, which can move a normalised value across a rounding boundary of the 16-bit
 dtype: one unit in the last place of that value, then mixed with its pair by RoPE. A rotation
 keeps a pair's norm, so q and k are held to 4 ulp of the dtype at their pair's norm; v is copied
-bit for bit.
+bit for bit. cat_gelu_tanh equals the reference bit for bit (torch's GELU math in its order).
 Outputs are allocated over NaN-poisoned memory, so an element the kernel does not write fails.
 Skipped without CUDA or on a non-Hopper GPU; on Hopper the kernels must be available.
 """
 import pytest
 import torch
 
-from rt_lynx_pack.kernels import qk_norm_rope
-from rt_lynx_pack.kernels.reference import qk_norm_rope_reference, qk_norm_rope_split_reference
+from rt_lynx_pack.kernels import cat_gelu_tanh, qk_norm_rope
+from rt_lynx_pack.kernels.reference import cat_gelu_tanh_reference, qk_norm_rope_reference, qk_norm_rope_split_reference
 
 from kernel_helpers import DTYPES, INPUT_KINDS, make_input, poison_allocator, require_fast_path
 
@@ -186,3 +186,49 @@ def test_dispatch_runs_the_kernel_under_torch_compile_without_graph_breaks(block
     compiled = torch.compile(attention_inputs, fullgraph=True, backend="inductor")
     for g, e in zip(compiled(a, b, pe), attention_inputs(a, b, pe)):
         assert torch.equal(g, e)
+
+
+def check_cat_gelu(a, b):
+    poison_allocator(a.shape[0] * (a.shape[1] + b.shape[1]) * 2)
+    got = torch.ops.rt_lynx.cat_gelu_tanh(a, b)
+    want = cat_gelu_tanh_reference(a, b)
+    assert got.shape == want.shape and got.dtype == want.dtype and got.is_contiguous()
+    # Bit for bit: the GELU is torch's CUDA kernel's math in the same order (equal_nan: heavy-tailed
+    # fp16 inputs reach inf, whose GELU is NaN in both).
+    assert torch.equal(got.isnan(), want.isnan()), "unwritten (NaN) or wrongly NaN elements"
+    assert torch.equal(got.nan_to_num(), want.nan_to_num()), f"max diff {(got.float() - want.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+@pytest.mark.parametrize("rows,a_cols,b_cols", [(4608, 3072, 12288), (1, 8, 8), (37, 3072, 64), (4097, 24, 40)])
+def test_cat_gelu_tanh_equals_the_reference(block_ops, generator, dtype, kind, rows, a_cols, b_cols):
+    a = make_input(kind, rows, a_cols, dtype, generator)
+    # b as FLUX's single block has it: the MLP part of linear1's output, a strided view.
+    b = make_input(kind, rows, 3 * a_cols + b_cols, dtype, generator)[:, 3 * a_cols:]
+    check_cat_gelu(a, b)
+    check_cat_gelu(a, b.contiguous())
+
+
+def test_cat_gelu_tanh_copies_misaligned_rows_and_refuses_bad_operands(block_ops, generator):
+    a = make_input("randn", 33, 3072 + 8, torch.bfloat16, generator)
+    b = make_input("randn", 33, 12288 + 1, torch.bfloat16, generator)
+    check_cat_gelu(a[:, 1:1 + 3072], b[:, 1:])   # rows start off 16-byte alignment: copied first
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        torch.ops.rt_lynx.cat_gelu_tanh(a[:, :12], b[:, :16])
+    with pytest.raises(RuntimeError, match="a's rows, dtype and device"):
+        torch.ops.rt_lynx.cat_gelu_tanh(a, b[:, :16].half())
+
+
+def test_cat_gelu_tanh_dispatch_under_torch_compile(block_ops, generator):
+    projected = make_input("randn", 2 * 300, 3 * 512 + 2048, torch.bfloat16, generator).view(2, 300, -1)
+    attn = make_input("randn", 2 * 300, 512, torch.bfloat16, generator).view(2, 300, 512)
+
+    def linear2_input(attn, projected):
+        mlp = projected[..., 3 * 512:]
+        return cat_gelu_tanh(attn, mlp) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(linear2_input, fullgraph=True)
+    assert torch.equal(compiled(attn, projected), linear2_input(attn, projected))
+    assert torch.equal(linear2_input(attn, projected), cat_gelu_tanh_reference(attn, projected[..., 3 * 512:]) * 2)

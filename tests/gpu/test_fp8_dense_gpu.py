@@ -3,7 +3,7 @@ the layers an fp8 model keeps dense.
 
 Tolerances:
 - The quantise pass equals the reference bit for bit (the same fp32 division and multiply, and a
-  round-to-nearest-even conversion).
+  round-to-nearest-even conversion), with a GELU tail too (torch's GELU math in its order).
 - The product against the fp8 reference (fp32 math on the SAME q, a, wq, w_scale): torch's
   row-wise scaled GEMM accumulates in fp32 and rounds once to bf16 (2^-9), fp16 outputs once more
   (2^-11): 5e-3 relative (Frobenius).
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rt_lynx_pack.kernels import dense_linear_fp8
-from rt_lynx_pack.kernels.reference import dense_linear_fp8_reference, quantize_rows_fp8
+from rt_lynx_pack.kernels.reference import cat_gelu_tanh_reference, dense_linear_fp8_reference, quantize_rows_fp8
 from rt_lynx_pack.lynx import LynxConfig
 from rt_lynx_pack.lynx.linear import fp8_dense_linear
 
@@ -117,3 +117,69 @@ def test_unsupported_inputs_fall_back_or_fail_clearly(fp8_dense, generator):
         torch.ops.rt_lynx.quantize_rows_fp8(torch.randn(4, 40, device="cuda", dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="bfloat16/float16"):
         torch.ops.rt_lynx.quantize_rows_fp8(torch.randn(4, 64, device="cuda"))
+
+
+def _tail_case(kind, rows, head, tail, dtype, generator):
+    """(x, gelu_tail) as FLUX's single block has them: the attention output and the MLP part of
+    linear1's output (a strided view)."""
+    x = make_input(kind, rows, head, dtype, generator)
+    projected = make_input(kind, rows, 3 * head + tail, dtype, generator)
+    return x, projected[:, 3 * head:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+@pytest.mark.parametrize("rows,head,tail", [(4608, 3072, 12288), (1, 16, 16), (37, 3072, 64), (65, 48, 16384)])
+def test_quantised_rows_with_a_gelu_tail_equal_the_reference(fp8_dense, generator, dtype, kind, rows, head, tail):
+    x, gelu_tail = _tail_case(kind, rows, head, tail, dtype, generator)
+    for t in (gelu_tail, gelu_tail.contiguous()):
+        poison_allocator((head + tail) * rows * 2 + rows * 4)
+        q, a = torch.ops.rt_lynx.quantize_rows_fp8(x, t)
+        want_q, want_a = quantize_rows_fp8(cat_gelu_tanh_reference(x, t))
+        assert q.shape == (rows, head + tail) and a.shape == (rows, 1)
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), "quantised values differ"
+        assert torch.equal(a, want_a), "scales differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["randn", "student_t", "zero_rows"])
+@pytest.mark.parametrize("rows", [1, 63, 4608])
+def test_dense_linear_fp8_of_a_gelu_tail_is_the_linear_of_the_concatenation(fp8_dense, generator, dtype, kind, rows):
+    x, gelu_tail = _tail_case(kind, rows, 3072, 12288, dtype, generator)
+    joined = cat_gelu_tanh_reference(x, gelu_tail)
+    _, w, b, wq, w_scale = fp8_linear_case(dtype, kind, 1, 3072 + 12288, 3072, generator)
+    poison_allocator(rows * 3072 * 2)
+    got = dense_linear_fp8(x, wq, w_scale, b, "cuda", gelu_tail)
+    assert not got.isnan().any(), "output not fully written (poisoned NaN left)"
+    # The same q and a as the unfused input's, through the same GEMM: equal.
+    assert torch.equal(got, dense_linear_fp8(joined, wq, w_scale, b, "cuda"))
+    error = relative_error(got, dense_linear_fp8_reference(joined.float(), wq, w_scale, b.float()))
+    assert error < EXACT_Q_TOLERANCE, f"vs fp8 reference {error:.2e}"
+
+
+def test_lynx_layer_with_a_gelu_tail_compiles_without_graph_break(fp8_dense, generator):
+    x, gelu_tail = _tail_case("randn", 300, 512, 2048, torch.bfloat16, generator)
+    _, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 1, 512 + 2048, 512, generator)
+    config = LynxConfig(precision="fp8", backend="cuda")
+
+    def block(attn, mlp):
+        return fp8_dense_linear(attn.view(2, 150, -1), w, b, config, fp8_weight=(wq, w_scale),
+                                gelu_tail=mlp.view(2, 150, -1)) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)(x, gelu_tail)
+    assert torch.equal(compiled, block(x, gelu_tail))
+    want = fp8_dense_linear(cat_gelu_tanh_reference(x, gelu_tail).view(2, 150, -1), w, b, config,
+                            fp8_weight=(wq, w_scale)) * 2
+    assert torch.equal(compiled, want)
+
+
+def test_a_gelu_tail_the_pass_cannot_take_falls_back_or_fails_clearly(fp8_dense, generator):
+    x, gelu_tail = _tail_case("randn", 40, 3072, 32768, torch.bfloat16, generator)   # past the row limit
+    _, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 1, 3072 + 32768, 64, generator)
+    want = dense_linear_fp8_reference(cat_gelu_tanh_reference(x, gelu_tail), wq, w_scale, b)
+    assert torch.equal(dense_linear_fp8(x, wq, w_scale, b, "auto", gelu_tail), want)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        dense_linear_fp8(x, wq, w_scale, b, "cuda", gelu_tail)
+    with pytest.raises(RuntimeError, match="gelu_tail must be"):
+        torch.ops.rt_lynx.quantize_rows_fp8(x, gelu_tail[:3])

@@ -239,3 +239,14 @@ def test_unsupported_shapes_are_refused_with_a_reason(sm90, generator):
         sm90.sparse_linear_sm90(x, weight, None, True)
     from rt_lynx_pack.kernels import select_backend
     assert select_backend(x, weight, "auto", 2, 4).name == "cusparselt"   # stage 1 takes K % 64
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_self_test_passes_again_over_poisoned_memory(sm90, attempt):
+    # The start-up check runs once per process, after whatever ran before it, and a failure keeps
+    # the process off this backend: it must not depend on what earlier work left in memory.
+    blocks = [torch.full((size // 2,), -1, dtype=torch.int16, device="cuda")
+              for size in (4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20) for _ in range(4)]
+    del blocks
+    sm90.clear_plans()   # the GEMM plans (and their config choice) made again too
+    assert sm90.self_test_sm90(torch.device("cuda")) == ""
