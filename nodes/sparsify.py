@@ -51,8 +51,9 @@ class RTLynxSparsifyModel:
             "fused_blocks": ("BOOLEAN", {"default": True, "tooltip":
                              "FLUX, Qwen-Image: compute each block's q/k norm, RoPE and gated residuals in fused "
                              "kernels, and the LayerNorm + modulation and GELU before a sparsified linear inside its "
-                             "sparsify pass (same math, fewer passes; helps with and without torch.compile). Dense "
-                             "warm-up steps keep the original blocks. Z-Image: ignored."}),
+                             "sparsify pass, and FLUX's linear2 input in one pass (same math, fewer passes; helps with "
+                             "and without torch.compile). Dense warm-up steps keep the original blocks. Z-Image: "
+                             "ignored."}),
         }}
 
     def patch(self, model, pattern, compensation, skip_first_blocks, skip_last_blocks, dense_warmup_steps,
