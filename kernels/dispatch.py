@@ -228,51 +228,61 @@ def sparse_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor
 def sparse_linear_modulated(x2d: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, tokens: int, eps: float,
                             weight: torch.Tensor, bias: torch.Tensor | None, compensate: bool,
                             requested: str = "auto", w_scale: torch.Tensor | None = None,
-                            modulated_input: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+                            modulated_input: Callable[[], torch.Tensor] | None = None,
+                            low_rank: LowRankOperands | None = None) -> torch.Tensor:
     """sparse_linear, or sparse_linear_fp8 when w_scale is given (weight is then the e4m3 weight),
     of reference.modulated_layer_norm_reference(x2d, shift, scale1p, tokens, eps): a DiT block's
-    LayerNorm + modulation and the linear after it. On the sm90 backend the normalisation and
-    modulation run inside the sparsify pass (the modulated activations are never written); on the
-    others they are computed first (by `modulated_input()` when given, e.g. shared by the linears
-    of one input), the same math up to rare one-ulp roundings."""
+    LayerNorm + modulation and the linear after it (with `low_rank`, the Lynx LoRA branch of that
+    input too). On the sm90 backend the normalisation and modulation run inside the sparsify pass
+    (the modulated activations are never written; with a branch, where the fused down pass takes
+    it); otherwise they are computed first (by `modulated_input()` when given, e.g. shared by the
+    linears of one input), the same math up to rare one-ulp roundings."""
     shift, scale1p = shift.to(x2d.dtype), scale1p.to(x2d.dtype)
     return _sparse_linear_after(
         "LayerNorm + modulation", (shift, tokens),
-        lambda: _sm90.sparse_linear_modulated_sm90(x2d, shift, scale1p, tokens, eps, weight, w_scale, bias, compensate),
+        lambda *branch: _sm90.sparse_linear_modulated_sm90(x2d, shift, scale1p, tokens, eps, weight, w_scale, bias,
+                                                           compensate, *branch),
         modulated_input or (lambda: reference.modulated_layer_norm_reference(x2d, shift, scale1p, tokens, eps)),
-        x2d, weight, bias, compensate, requested, w_scale)
+        x2d, weight, bias, compensate, requested, w_scale, low_rank)
 
 
 def sparse_linear_gelu(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compensate: bool,
-                       requested: str = "auto", w_scale: torch.Tensor | None = None) -> torch.Tensor:
+                       requested: str = "auto", w_scale: torch.Tensor | None = None,
+                       low_rank: LowRankOperands | None = None) -> torch.Tensor:
     """sparse_linear (or sparse_linear_fp8 with w_scale) of reference.gelu_tanh_reference(x2d):
-    an MLP's GELU and its down projection. On the sm90 backend the GELU runs inside the sparsify
-    pass (the activation is never written); on the others it is computed first."""
+    an MLP's GELU and its down projection (with `low_rank`, plus the LoRA branch of the activation).
+    On the sm90 backend the GELU runs inside the sparsify pass (the activation is never written);
+    otherwise it is computed first."""
     return _sparse_linear_after(
         "GELU", (),
-        lambda: _sm90.sparse_linear_gelu_sm90(x2d, weight, w_scale, bias, compensate),
+        lambda *branch: _sm90.sparse_linear_gelu_sm90(x2d, weight, w_scale, bias, compensate, *branch),
         lambda: reference.gelu_tanh_reference(x2d),
-        x2d, weight, bias, compensate, requested, w_scale)
+        x2d, weight, bias, compensate, requested, w_scale, low_rank)
 
 
 def _sparse_linear_after(prologue_label: str, modulation: tuple, fused, prepared_input, x2d: torch.Tensor,
                          weight: torch.Tensor, bias: torch.Tensor | None, compensate: bool, requested: str,
-                         w_scale: torch.Tensor | None) -> torch.Tensor:
-    """The 2:4 product of what `prepared_input()` computes from x2d: fused() where the sm90
-    backend runs this call and its sparsify pass takes the prologue (`modulation`: (shift, tokens)
-    of a LayerNorm + modulation, () for the GELU), else the prologue in torch ops and the product
-    after it."""
+                         w_scale: torch.Tensor | None, low_rank: LowRankOperands | None) -> torch.Tensor:
+    """The 2:4 product of what `prepared_input()` computes from x2d, plus `low_rank`'s branch of it:
+    fused(*branch) where the sm90 backend runs this call and its sparsify pass takes the prologue
+    (`modulation`: (shift, tokens) of a LayerNorm + modulation, () for the GELU) and the branch
+    (16-bit product, the sm90 form of the up factor, a rank the fused down pass takes), else the
+    prologue in torch ops and the product after it."""
     choice = select_backend(x2d, weight, requested, 2, 4, "fp8" if w_scale is not None else "bf16")
     if choice.name == "sm90":
-        supported, why_not = _sm90.supports_prologue(x2d, *modulation)
+        branch = () if low_rank is None else (low_rank.down, low_rank.up_k_extension)
+        supported, why_not = _sm90.supports_prologue(x2d, *modulation, rank=0 if low_rank is None else
+                                                     low_rank.down.shape[0])
+        if branch and (w_scale is not None or low_rank.up_k_extension is None):
+            supported, why_not = False, "the Lynx LoRA branch is added after this product"
         if supported:
             _report(choice, x2d, weight)
-            return fused()
+            return fused(*branch)
         log_once(f"{prologue_label} before the sparsify pass ({why_not})")
     x = prepared_input()
     if w_scale is not None:
-        return sparse_linear_fp8(x, weight, w_scale, bias, compensate, requested)
-    return sparse_linear(x, weight, bias, compensate, requested)
+        return sparse_linear_fp8(x, weight, w_scale, bias, compensate, requested, low_rank)
+    return sparse_linear(x, weight, bias, compensate, requested, low_rank=low_rank)
 
 
 def fp8_dense_availability(device: torch.device) -> tuple[bool, str]:

@@ -72,9 +72,10 @@ def _define_ops():
     lib.define("sparse_linear_fp8_sm90(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, bool compensate) "
                "-> Tensor")
     lib.define("sparse_linear_modulated_sm90(Tensor x, Tensor shift, Tensor scale1p, int tokens, float eps, "
-               "Tensor weight, Tensor? w_scale, Tensor? bias, bool compensate) -> Tensor")
-    lib.define("sparse_linear_gelu_sm90(Tensor x, Tensor weight, Tensor? w_scale, Tensor? bias, bool compensate) "
-               "-> Tensor")
+               "Tensor weight, Tensor? w_scale, Tensor? bias, bool compensate, Tensor? down=None, "
+               "Tensor? up_ext=None) -> Tensor")
+    lib.define("sparse_linear_gelu_sm90(Tensor x, Tensor weight, Tensor? w_scale, Tensor? bias, bool compensate, "
+               "Tensor? down=None, Tensor? up_ext=None) -> Tensor")
     lib.define("sparsify_sm90(Tensor x, int metadata_block, bool e4m3, bool compensate, Tensor? shift=None, "
                "Tensor? scale1p=None, int tokens=1, float eps=0.0, bool gelu=False) -> (Tensor, Tensor)")
     lib.define("sparse_mm_sm90(Tensor compressed, Tensor weight, Tensor? row_scale, Tensor? col_scale, "
@@ -93,11 +94,11 @@ def _define_ops():
         return x.new_empty((x.shape[0], wq.shape[0]))
 
     @torch.library.register_fake("rt_lynx::sparse_linear_modulated_sm90", lib=lib)
-    def _(x, shift, scale1p, tokens, eps, weight, w_scale, bias, compensate):
+    def _(x, shift, scale1p, tokens, eps, weight, w_scale, bias, compensate, down=None, up_ext=None):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("rt_lynx::sparse_linear_gelu_sm90", lib=lib)
-    def _(x, weight, w_scale, bias, compensate):
+    def _(x, weight, w_scale, bias, compensate, down=None, up_ext=None):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("rt_lynx::sparsify_sm90", lib=lib)
@@ -148,8 +149,9 @@ def config_info(dtype: torch.dtype) -> list[tuple]:
 
 def self_test_sm90(device: torch.device) -> str:
     """'' when the metadata layout of every config equals CuTe's, every config's product
-    (bf16, fp16: s and bias; e4m3: a, w_scale and bias) matches the reference, and so does the
-    product with a low-rank branch in the GEMM; else the first problem, one line."""
+    (bf16, fp16: s and bias; e4m3: a, w_scale and bias) matches the reference, and so do the
+    product with a low-rank branch in the GEMM and those with a prologue (with and without the
+    branch); else the first problem, one line."""
     module = _cusparselt.extension()
     generator = torch.Generator(device=device).manual_seed(2468)
     for dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
@@ -184,10 +186,15 @@ def self_test_sm90(device: torch.device) -> str:
     return ""
 
 
-def _check_low_rank(x, weight, bias, generator) -> str:
+def _low_rank_factors(x, weight, generator) -> tuple[torch.Tensor, torch.Tensor]:
     rank = 5   # odd: the last 2:4 group of u holds one value
     down = (torch.randn(rank, x.shape[1], generator=generator, device=x.device) / x.shape[1] ** 0.5).to(x.dtype)
     up = torch.randn(weight.shape[0], rank, generator=generator, device=x.device).to(x.dtype)
+    return down, up
+
+
+def _check_low_rank(x, weight, bias, generator) -> str:
+    down, up = _low_rank_factors(x, weight, generator)
     low_rank = LowRankOperands(down.float(), up.float(), 0.5)
     want = sparse_linear_reference(x.float(), weight.float(), bias.float(), True) + low_rank_reference(x.float(), low_rank)
     got = sparse_linear_lora_sm90(x, weight, bias, True, down, k_extension_up(up, 0.5))
@@ -198,25 +205,35 @@ def _check_low_rank(x, weight, bias, generator) -> str:
 
 
 def _check_prologues(x, weight, bias, generator) -> str:
-    """The products with each prologue against the reference, bf16/fp16 and e4m3."""
+    """The products with each prologue against the reference, bf16/fp16 and e4m3, and the 16-bit
+    ones with a low-rank branch (of the prepared input, in the fused down pass)."""
     tokens = x.shape[0] // 2   # two images
     shift = torch.randn(2, x.shape[1], generator=generator, device=x.device).to(x.dtype)
     scale1p = (1 + torch.randn(2, x.shape[1], generator=generator, device=x.device) / 4).to(x.dtype)
     rows = x[:2 * tokens] * 3 + 1   # the LayerNorm must remove a mean and a scale
+    down, up = _low_rank_factors(x, weight, generator)
+    low_rank = LowRankOperands(down.float(), up.float(), 0.5)
     cases = {"LayerNorm + modulation": (modulated_layer_norm_reference(rows, shift, scale1p, tokens, 1e-6),
-                                        lambda w, s: sparse_linear_modulated_sm90(rows, shift, scale1p, tokens, 1e-6,
-                                                                                  w, s, bias, True)),
-             "GELU": (gelu_tanh_reference(rows), lambda w, s: sparse_linear_gelu_sm90(rows, w, s, bias, True))}
+                                        lambda w, s, *lr: sparse_linear_modulated_sm90(
+                                            rows, shift, scale1p, tokens, 1e-6, w, s, bias, True, *lr)),
+             "GELU": (gelu_tanh_reference(rows),
+                      lambda w, s, *lr: sparse_linear_gelu_sm90(rows, w, s, bias, True, *lr))}
     for name, (prepared, fused) in cases.items():
-        for wq, w_scale in ((weight, None), quantize_weight_fp8(weight.float())):
+        for wq, w_scale, branch in ((weight, None, False), (weight, None, True),
+                                    (*quantize_weight_fp8(weight.float()), False)):
+            if branch and not low_rank_fused(down.shape[0]):
+                continue   # the fused down pass is switched off (sm90.low_rank_fusion)
             if w_scale is None:
                 want = sparse_linear_reference(prepared.float(), weight.float(), bias.float(), True)
             else:
                 want = sparse_linear_fp8_reference(prepared.float(), wq, w_scale, bias.float(), True)
-            error = ((fused(wq, w_scale).float() - want).norm() / want.norm()).item()
+            if branch:
+                want = want + low_rank_reference(prepared.float(), low_rank)
+            got = fused(wq, w_scale, down, k_extension_up(up, 0.5)) if branch else fused(wq, w_scale)
+            error = ((got.float() - want).norm() / want.norm()).item()
             if not error < SELF_TEST_TOLERANCE:
-                return (f"sm90 sparsify with {name} + GEMM failed ({x.dtype}, weight {wq.dtype}): "
-                        f"relative error {error:.2e}")
+                return (f"sm90 sparsify with {name}{' and a low-rank branch' if branch else ''} + GEMM failed "
+                        f"({x.dtype}, weight {wq.dtype}): relative error {error:.2e}")
     return ""
 
 
@@ -238,14 +255,18 @@ def sparse_linear_sm90(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return torch.ops.rt_lynx.sparse_linear_sm90(x2d, weight, bias, bool(compensate))
 
 
-def supports_prologue(x2d: torch.Tensor, shift: torch.Tensor | None = None, tokens: int = 1) -> tuple[bool, str]:
+def supports_prologue(x2d: torch.Tensor, shift: torch.Tensor | None = None, tokens: int = 1,
+                      rank: int = 0) -> tuple[bool, str]:
     """Whether the gelu op (shift None) or the modulated op (shift images x K over `tokens` rows per
-    image) takes x2d, once supports_sm90 holds for the product. Never raises."""
+    image) takes x2d, with a low-rank branch of `rank` (0: none), once supports_sm90 holds for the
+    product. Never raises."""
     rows, k = x2d.shape
     if shift is not None and (tokens < 1 or rows != shift.shape[0] * tokens or shift.shape[-1] != k):
         return False, f"{rows} rows are not {shift.shape[0]} images of {tokens} tokens"
     if not _prologue_fits(k):
         return False, f"in_features {k} is longer than the sparsify pass holds with a prologue"
+    if rank and not _low_rank_fused_constant(rank):
+        return False, f"a rank-{rank} Lynx LoRA is computed apart from the sparsify pass (its input is written)"
     return True, ""
 
 
@@ -256,21 +277,31 @@ def _prologue_fits(k: int) -> bool:
     return bool(_cusparselt.extension().sparsify_prologue_supported(64, k))
 
 
+@torch.compiler.assume_constant_result
+def _low_rank_fused_constant(rank: int) -> bool:
+    return low_rank_fused(rank)
+
+
 def sparse_linear_modulated_sm90(x2d: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, tokens: int,
                                  eps: float, weight: torch.Tensor, w_scale: torch.Tensor | None,
-                                 bias: torch.Tensor | None, compensate: bool) -> torch.Tensor:
+                                 bias: torch.Tensor | None, compensate: bool, down: torch.Tensor | None = None,
+                                 up_ext: torch.Tensor | None = None) -> torch.Tensor:
     """sparse_linear_sm90 (w_scale None) or sparse_linear_fp8_sm90 (weight e4m3) of
     modulated_layer_norm_reference(x2d, shift, scale1p, tokens, eps), the normalisation and
-    modulation done inside the sparsify pass; shift and scale1p in x's dtype."""
+    modulation done inside the sparsify pass; shift and scale1p in x's dtype. With down and up_ext
+    (sparse_linear_lora_sm90's; 16-bit weight, a rank supports_prologue takes) the low-rank branch
+    of the modulated input too."""
     return torch.ops.rt_lynx.sparse_linear_modulated_sm90(x2d, shift, scale1p, int(tokens), float(eps), weight,
-                                                          w_scale, bias, bool(compensate))
+                                                          w_scale, bias, bool(compensate), down, up_ext)
 
 
 def sparse_linear_gelu_sm90(x2d: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor | None,
-                            bias: torch.Tensor | None, compensate: bool) -> torch.Tensor:
+                            bias: torch.Tensor | None, compensate: bool, down: torch.Tensor | None = None,
+                            up_ext: torch.Tensor | None = None) -> torch.Tensor:
     """sparse_linear_sm90 (w_scale None) or sparse_linear_fp8_sm90 (weight e4m3) of
-    gelu_tanh_reference(x2d), the GELU done inside the sparsify pass."""
-    return torch.ops.rt_lynx.sparse_linear_gelu_sm90(x2d, weight, w_scale, bias, bool(compensate))
+    gelu_tanh_reference(x2d), the GELU done inside the sparsify pass; down and up_ext as in
+    sparse_linear_modulated_sm90."""
+    return torch.ops.rt_lynx.sparse_linear_gelu_sm90(x2d, weight, w_scale, bias, bool(compensate), down, up_ext)
 
 
 def k_extension_up(up: torch.Tensor, scale: float) -> torch.Tensor:

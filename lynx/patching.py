@@ -75,8 +75,9 @@ class LynxLinearForward:
         return self._with_weights(x, lambda weight, bias: self._product(x, weight, bias))
 
     # The producer's elementwise work taken into the sparsify pass (lynx_linear_modulated,
-    # lynx_linear_after_gelu): for the sparse product of a layer without a LoRA branch; every other
-    # case computes that work first and calls the layer.
+    # lynx_linear_after_gelu): for the sparse product, with a LoRA branch in bf16 (the kernels take
+    # it where their fused down pass does); every other case computes that work first and calls
+    # the layer.
 
     def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float,
                   modulated_input: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
@@ -87,14 +88,14 @@ class LynxLinearForward:
         if x.dim() != 3 or not self._takes_prologue():
             return self(modulated_input())
         return self._with_weights(x, lambda weight, bias: lynx_linear_modulated(
-            x, shift, scale1p, eps, weight, bias, self.config, self.fp8_weight, modulated_input))
+            x, shift, scale1p, eps, weight, bias, self.config, self.fp8_weight, modulated_input, self.lora))
 
     def after_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """self(gelu(x, approximate="tanh")): an MLP's down projection of its up projection's output x."""
         if not self._takes_prologue():
             return self(gelu_tanh_reference(x))
         return self._with_weights(x, lambda weight, bias: lynx_linear_after_gelu(
-            x, weight, bias, self.config, self.fp8_weight))
+            x, weight, bias, self.config, self.fp8_weight, self.lora))
 
     def after_cat_gelu(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """self(cat((first, gelu(second, approximate="tanh")), -1)): FLUX's single-block linear2 of
@@ -106,7 +107,8 @@ class LynxLinearForward:
             first, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight, gelu_tail=second))
 
     def _takes_prologue(self) -> bool:
-        return self.sparse and self.lora is None and not self.runtime.dense
+        # An fp8 layer adds its LoRA branch after the product, from the input written out.
+        return self.sparse and not self.runtime.dense and (self.lora is None or self.config.precision == "bf16")
 
     def _with_weights(self, x: torch.Tensor, product) -> torch.Tensor:
         weight, bias, release = self._weights_for(x)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from rt_lynx_pack.kernels import modulated_layer_norm_reference, norm_compensation_scale, sparse_linear, sparsify_nm
-from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, LynxLinearForward, LynxRuntime, lynx_linear
+from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, LynxLinearForward, LynxRuntime, lynx_linear, patching
 from rt_lynx_pack.lynx.linear import (fp8_dense_linear, lynx_linear_after_gelu, lynx_linear_modulated,
                                       modulated_layer_norm)
 
@@ -189,21 +189,29 @@ def test_lynx_linear_after_gelu_is_the_linear_of_the_activation(precision):
     torch.testing.assert_close(lynx_linear_after_gelu(x, w, b, config), want, rtol=0, atol=0)
 
 
-def test_a_patched_layer_takes_a_modulated_input_only_for_its_plain_sparse_product():
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_a_patched_layer_computes_a_prepared_input_as_the_layer_of_that_input(precision, monkeypatch):
     x, w, b = make(tokens_shape=(2, 40))
     shift, scale = modulation()
     layer = torch.nn.Linear(64, 48)
     runtime = LynxRuntime()
-    forward = LynxLinearForward(layer, "layer", LynxConfig(), runtime)
+    forward = LynxLinearForward(layer, "layer", LynxConfig(precision=precision), runtime)
     branch = LowRankBranch(torch.randn(4, 64), torch.randn(48, 4), 0.5)
     modulated = modulated_layer_norm(x, shift, 1 + scale, 1e-6)
+    handed = []   # the products that got the prologue handed to the kernels' dispatch
+    for name in ("lynx_linear_modulated", "lynx_linear_after_gelu"):
+        original = getattr(patching, name)
+        monkeypatch.setattr(patching, name, lambda *a, original=original, **k: handed.append(1) or original(*a, **k))
     for candidate in (forward, forward.with_lora(branch)):
         torch.testing.assert_close(candidate.modulated(x, shift, 1 + scale, 1e-6), candidate(modulated),
                                    rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(candidate.after_gelu(x), candidate(F.gelu(x, approximate="tanh")),
                                    rtol=1e-6, atol=1e-6)
+    # With a LoRA in fp8 the branch is added after the product, from the input written out.
+    assert len(handed) == (4 if precision == "bf16" else 2)
     runtime.dense = True
     torch.testing.assert_close(forward.modulated(x, shift, 1 + scale, 1e-6), F.linear(modulated, layer.weight, layer.bias))
+    assert len(handed) == (4 if precision == "bf16" else 2)
 
 
 @pytest.mark.parametrize("dense_step", [False, True])
@@ -231,3 +239,19 @@ def test_a_patched_layer_takes_the_concatenation_with_a_gelu_as_its_two_parts():
         torch.testing.assert_close(forward.after_cat_gelu(attn, mlp), forward(joined), rtol=0, atol=0)
     runtime.dense = True
     torch.testing.assert_close(dense_fp8.after_cat_gelu(attn, mlp), F.linear(joined, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_linears_of_a_prepared_input_with_a_lora_are_the_linear_of_that_input_with_it(precision):
+    x, w, b = make(tokens_shape=(2, 40), dtype=torch.bfloat16)
+    shift, scale = (t.to(torch.bfloat16) for t in modulation())
+    config = LynxConfig(precision=precision)
+    branch = LowRankBranch(torch.randn(4, 64), torch.randn(48, 4), 0.5)
+    modulated = modulated_layer_norm(x, shift, 1 + scale, 1e-6)
+    torch.testing.assert_close(lynx_linear_modulated(x, shift, 1 + scale, 1e-6, w, b, config, lora=branch),
+                               lynx_linear(modulated, w, b, config, branch), rtol=0, atol=0)
+    torch.testing.assert_close(lynx_linear_after_gelu(x, w, b, config, lora=branch),
+                               lynx_linear(F.gelu(x, approximate="tanh"), w, b, config, branch), rtol=0, atol=0)
+    # The branch is of the prepared input, not of x.
+    assert not torch.allclose(lynx_linear_modulated(x, shift, 1 + scale, 1e-6, w, b, config, lora=branch),
+                              lynx_linear_modulated(x, shift, 1 + scale, 1e-6, w, b, config), atol=1e-2)

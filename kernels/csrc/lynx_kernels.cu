@@ -328,6 +328,79 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Prologues (SparsifyPrologue, lynx_kernels.h): the producer's elementwise work applied to x before
+// its 2:4 selection. A DiT block's LayerNorm + modulation, or an MLP's GELU.
+struct PrologueArgs {
+  const uint16_t* shift;    // (images, cols), x's dtype
+  const uint16_t* scale1p;  // 1 + scale, (images, cols)
+  int64_t tokens;           // rows per image
+  float eps;
+};
+
+template <bool kBf16>
+__device__ __forceinline__ float sum_of_8(const uint4& v) {
+  const float2 a = word_to_floats<kBf16>(v.x), b = word_to_floats<kBf16>(v.y);
+  const float2 c = word_to_floats<kBf16>(v.z), d = word_to_floats<kBf16>(v.w);
+  return ((a.x + a.y) + (b.x + b.y)) + ((c.x + c.y) + (d.x + d.y));
+}
+
+template <bool kBf16>
+__device__ __forceinline__ float centered_squares_of_8(const uint4& v, float mean) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = word_to_floats<kBf16>(words[i]);
+    const float a = f.x - mean, b = f.y - mean;
+    sum += a * a + b * b;
+  }
+  return sum;
+}
+
+// Two values: xn = (x - mean) * rstd rounded to the 16-bit type (the LayerNorm's output), then
+// xn * scale1p + shift in one fp32 multiply-add, rounded (torch.addcmul's opmath).
+template <bool kBf16>
+__device__ __forceinline__ uint32_t modulate_word(uint32_t x, uint32_t shift, uint32_t scale1p, float mean,
+                                                  float rstd) {
+  const float2 v = word_to_floats<kBf16>(x), sh = word_to_floats<kBf16>(shift), sc = word_to_floats<kBf16>(scale1p);
+  const float n0 = bits_to_float<kBf16>(float_to_bits<kBf16>(__fmul_rn(__fsub_rn(v.x, mean), rstd)));
+  const float n1 = bits_to_float<kBf16>(float_to_bits<kBf16>(__fmul_rn(__fsub_rn(v.y, mean), rstd)));
+  return float_to_bits<kBf16>(__fmaf_rn(n0, sc.x, sh.x)) | (float_to_bits<kBf16>(__fmaf_rn(n1, sc.y, sh.y)) << 16);
+}
+
+template <bool kBf16>
+__device__ __forceinline__ uint4 modulate_8(const uint4& x, const uint4& shift, const uint4& scale1p, float mean,
+                                            float rstd) {
+  return make_uint4(modulate_word<kBf16>(x.x, shift.x, scale1p.x, mean, rstd),
+                    modulate_word<kBf16>(x.y, shift.y, scale1p.y, mean, rstd),
+                    modulate_word<kBf16>(x.z, shift.z, scale1p.z, mean, rstd),
+                    modulate_word<kBf16>(x.w, shift.w, scale1p.w, mean, rstd));
+}
+
+// gelu(x) with the tanh approximation, in fp32 and in the order torch's CUDA kernel computes it,
+// rounded to the 16-bit type.
+template <bool kBf16>
+__device__ __forceinline__ uint32_t gelu_tanh_bits(uint32_t bits16) {
+  constexpr float kBeta = 0.7978845608028654f;   // sqrt(2 / pi)
+  constexpr float kKappa = 0.044715f;
+  const float x = bits_to_float<kBf16>(bits16);
+  const float cube = x * x * x;
+  const float inner = kBeta * (x + kKappa * cube);
+  return float_to_bits<kBf16>(0.5f * x * (1.f + tanhf(inner)));
+}
+
+template <bool kBf16>
+__device__ __forceinline__ uint4 gelu_tanh_8(const uint4& v) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[i] = gelu_tanh_bits<kBf16>(words[i] & 0xffffu) | (gelu_tanh_bits<kBf16>(words[i] >> 16) << 16);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The sm90 sparsify pass with the Lynx LoRA's down projection on tensor cores: x is read once for
 // both the 2:4 compression and u = x down^T, which goes into the K extension (write_k_extension's
 // layout) once the token scale is known. Split over K: a block covers kFusedRows rows and a slice
@@ -401,11 +474,38 @@ __device__ __forceinline__ uint32_t select_16(const uint4 (&in)[2], uint4& kept,
   return codes[0] | (codes[1] << 4) | (codes[2] << 8) | (codes[3] << 12);
 }
 
-template <bool kBf16, int kCutlassBlockK, int kRankTiles>
+// x's tile as the product takes it: the prologue applied by each thread to the vectors it copied
+// (once its copies have landed, before the barrier that shows the tile to the other warps). Rows
+// past the matrix and columns past K stay zero.
+template <bool kBf16, int kPrologue>
+__device__ __forceinline__ void prologue_on_tile(uint16_t* stage, int64_t first_row, int64_t rows_left, bool col_ok,
+                                                 int64_t col, int64_t cols, const PrologueArgs& mod,
+                                                 const float2* __restrict__ row_stats) {
+  if constexpr (kPrologue != kPrologueNone) {
+    if (!col_ok) return;
+#pragma unroll
+    for (int i = 0; i < kFusedRows / kFusedRowsPerCopy; ++i) {
+      if (kFusedRowsPerCopy * i >= rows_left) break;
+      uint4* v = reinterpret_cast<uint4*>(stage + i * kFusedRowsPerCopy * kFusedPitch);
+      if constexpr (kPrologue == kPrologueGeluTanh) {
+        *v = gelu_tanh_8<kBf16>(*v);
+      } else {
+        const int64_t row = first_row + kFusedRowsPerCopy * i;
+        const float2 stats = __ldg(row_stats + row);
+        const int64_t at = (row / mod.tokens) * cols + col;
+        *v = modulate_8<kBf16>(*v, __ldg(reinterpret_cast<const uint4*>(mod.shift + at)),
+                               __ldg(reinterpret_cast<const uint4*>(mod.scale1p + at)), stats.x, stats.y);
+      }
+    }
+  }
+}
+
+template <bool kBf16, int kCutlassBlockK, int kRankTiles, int kPrologue>
 __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
     const uint16_t* __restrict__ down, int64_t rank, int64_t tiles_per_slice, uint16_t* __restrict__ values,
-    int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ partial) {
+    int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ partial, PrologueArgs mod,
+    const float2* __restrict__ row_stats) {
   constexpr int kRankPadded = kRankTiles * 8;
   constexpr int kStride = FusedSmem<kRankTiles>::kPartialStride;
   constexpr int kStage = FusedSmem<kRankTiles>::kStageElements;
@@ -470,7 +570,11 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
   }
   for (int64_t tile = 0; tile < tiles; ++tile) {
     cp_async_wait<kFusedStages - 2>();
-    __syncthreads();  // this tile is in; every thread is done with the stage refilled next
+    prologue_on_tile<kBf16, kPrologue>(stages + (tile % kFusedStages) * kStage + copy_row * kFusedPitch + copy_col,
+                                       block_row + copy_row, x_rows_left,
+                                       first_col + tile * kFusedTileK + copy_col < cols,
+                                       first_col + tile * kFusedTileK + copy_col, cols, mod, row_stats);
+    __syncthreads();  // this tile is in (and prepared); every thread is done with the stage refilled next
     if (tile + kFusedStages - 1 < tiles) load_tile(tile + kFusedStages - 1);
     cp_async_commit();
     const uint16_t* x_tile = stages + (tile % kFusedStages) * kStage;
@@ -532,6 +636,28 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
       }
     }
   }
+}
+
+// (mean, rstd) of each row for the fused pass's LayerNorm: a warp per row, the mean first, then
+// the sum of squares about it from a second read of the row (L1/L2), as modulate_staged_pair does.
+template <bool kBf16>
+__global__ void __launch_bounds__(256) row_stats_kernel(const uint4* __restrict__ x, int64_t rows, int64_t ld_vecs,
+                                                        int vecs, float eps, float2* __restrict__ stats) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
+  if (row >= rows) return;  // warp-uniform
+  const uint4* x_row = x + row * ld_vecs;
+  float sum = 0.f;
+  for (int c = lane; c < vecs; c += 32) sum += sum_of_8<kBf16>(x_row[c]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  const float n = float(vecs) * 8.f;
+  const float mean = __fdiv_rn(sum, n);
+  float squares = 0.f;
+  for (int c = lane; c < vecs; c += 32) squares += centered_squares_of_8<kBf16>(x_row[c], mean);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+  if (lane == 0) stats[row] = make_float2(mean, rsqrtf(__fdiv_rn(squares, n) + eps));
 }
 
 // Adds the slices' partial sums of each row in slice order, writes the token scale (when
@@ -728,34 +854,67 @@ struct FusedSlicing {
 
 FusedSlicing fused_slicing(int64_t padded_rows, int64_t cols);
 
-template <bool kBf16, int kCutlassBlockK, int kRankTiles>
+// The fused pass's operands other than x and its outputs.
+struct LowRankLaunch {
+  const void* down;
+  int64_t rank, k_ext;
+  uint16_t* values;
+  int64_t ld_values;
+  uint8_t* meta;
+  float* scale;
+  float* workspace;  // the slices' partial sums, then (LayerNorm prologue) the rows' (mean, rstd)
+  const SparsifyPrologue* prologue;
+};
+
+template <bool kBf16, int kCutlassBlockK, int kRankTiles, int kPrologue>
 void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
-                           const void* down, int64_t rank, int64_t k_ext, uint16_t* values, int64_t ld_values,
-                           uint8_t* meta, float* scale, float* workspace, cudaStream_t stream) {
-  auto* kernel = sparsify_low_rank_kernel<kBf16, kCutlassBlockK, kRankTiles>;
+                           const LowRankLaunch& l, cudaStream_t stream) {
+  auto* kernel = sparsify_low_rank_kernel<kBf16, kCutlassBlockK, kRankTiles, kPrologue>;
   constexpr int kSmem = FusedSmem<kRankTiles>::kBytes;
   // Idempotent, per device: set on every launch rather than cached per process.
   const cudaError_t configured = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   require(configured == cudaSuccess, "sparsify: ", kSmem, " bytes of shared memory refused: ",
           cudaGetErrorString(configured));
   const FusedSlicing slicing = fused_slicing(padded_rows, cols);
+  PrologueArgs mod{static_cast<const uint16_t*>(l.prologue->shift), static_cast<const uint16_t*>(l.prologue->scale1p),
+                   l.prologue->tokens, l.prologue->eps};
+  float2* row_stats = nullptr;
+  if constexpr (kPrologue == kPrologueLayerNormModulation) {
+    row_stats = reinterpret_cast<float2*>(l.workspace + slicing.slices * padded_rows *
+                                                            FusedSmem<kMaxFusedRank / 8>::kPartialStride);
+    row_stats_kernel<kBf16><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+        static_cast<const uint4*>(x), rows, ld_x / 8, static_cast<int>(cols / 8), mod.eps, row_stats);
+  }
   const dim3 grid(static_cast<unsigned>(padded_rows / kFusedRows), static_cast<unsigned>(slicing.slices));
   kernel<<<grid, kFusedThreads, kSmem, stream>>>(static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x,
-                                                 static_cast<const uint16_t*>(down), rank, slicing.tiles_per_slice,
-                                                 values, ld_values, meta, workspace);
+                                                 static_cast<const uint16_t*>(l.down), l.rank, slicing.tiles_per_slice,
+                                                 l.values, l.ld_values, l.meta, l.workspace, mod, row_stats);
   low_rank_extension_kernel<kBf16, kCutlassBlockK, kRankTiles>
-      <<<static_cast<unsigned>(padded_rows / 8), 256, 0, stream>>>(workspace, slicing.slices, rows, padded_rows, cols,
-                                                                  rank, k_ext, values, ld_values, meta, scale);
+      <<<static_cast<unsigned>(padded_rows / 8), 256, 0, stream>>>(l.workspace, slicing.slices, rows, padded_rows,
+                                                                  cols, l.rank, l.k_ext, l.values, l.ld_values, l.meta,
+                                                                  l.scale);
+}
+
+template <bool kBf16, int kCutlassBlockK, int kRankTiles>
+void launch_low_rank_prologue(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
+                              const LowRankLaunch& l, cudaStream_t stream) {
+  switch (l.prologue->kind) {
+    case kPrologueLayerNormModulation:
+      return launch_low_rank_tiles<kBf16, kCutlassBlockK, kRankTiles, kPrologueLayerNormModulation>(x, rows, padded_rows, cols, ld_x, l, stream);
+    case kPrologueGeluTanh:
+      return launch_low_rank_tiles<kBf16, kCutlassBlockK, kRankTiles, kPrologueGeluTanh>(x, rows, padded_rows, cols, ld_x, l, stream);
+    default:
+      return launch_low_rank_tiles<kBf16, kCutlassBlockK, kRankTiles, kPrologueNone>(x, rows, padded_rows, cols, ld_x, l, stream);
+  }
 }
 
 template <bool kBf16, int kCutlassBlockK>
 void launch_low_rank_layout(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
-                            const void* down, int64_t rank, int64_t k_ext, uint16_t* values, int64_t ld_values,
-                            uint8_t* meta, float* scale, float* workspace, cudaStream_t stream) {
-  if (rank <= 16) {
-    launch_low_rank_tiles<kBf16, kCutlassBlockK, 2>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, workspace, stream);
+                            const LowRankLaunch& l, cudaStream_t stream) {
+  if (l.rank <= 16) {
+    launch_low_rank_prologue<kBf16, kCutlassBlockK, 2>(x, rows, padded_rows, cols, ld_x, l, stream);
   } else {
-    launch_low_rank_tiles<kBf16, kCutlassBlockK, 4>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, workspace, stream);
+    launch_low_rank_prologue<kBf16, kCutlassBlockK, 4>(x, rows, padded_rows, cols, ld_x, l, stream);
   }
 }
 
@@ -880,13 +1039,15 @@ bool sparsify_low_rank_fused(int64_t rank) {
 }
 
 int64_t sparsify_low_rank_workspace_floats(int64_t padded_rows, int64_t cols) {
-  return fused_slicing(padded_rows, cols).slices * padded_rows * FusedSmem<kMaxFusedRank / 8>::kPartialStride;
+  // The slices' partial sums, then a (mean, rstd) pair per row for a LayerNorm prologue.
+  return fused_slicing(padded_rows, cols).slices * padded_rows * FusedSmem<kMaxFusedRank / 8>::kPartialStride +
+         2 * padded_rows;
 }
 
 void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
                               bool is_bf16, const void* down, int64_t rank, void* compressed,
                               int64_t compressed_cols, float* scale, int metadata_layout, float* workspace,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, const SparsifyPrologue& prologue) {
   require(padded_rows % 64 == 0 && padded_rows >= rows, "sparsify: bad padded row count");
   require(metadata_layout == kMetadataSm90Block64 || metadata_layout == kMetadataSm90Block128,
           "sparsify: the low-rank extension is for the sm90 layouts");
@@ -897,20 +1058,25 @@ void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, 
   require(workspace != nullptr, "sparsify: the fused pass needs its workspace");
   require(ld_x % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(down) % 16 == 0,
           "sparsify: x and down need 16-byte aligned rows");
-  auto* values = static_cast<uint16_t*>(compressed);
-  auto* meta = static_cast<uint8_t*>(compressed) + padded_rows * compressed_cols;
-  const int64_t ld_values = compressed_cols / 2;
-  const int64_t k_ext = compressed_cols - cols;
+  if (prologue.kind == kPrologueLayerNormModulation) {
+    require(prologue.shift != nullptr && prologue.scale1p != nullptr && prologue.tokens >= 1 && rows % prologue.tokens == 0 &&
+                reinterpret_cast<uintptr_t>(prologue.shift) % 16 == 0 &&
+                reinterpret_cast<uintptr_t>(prologue.scale1p) % 16 == 0,
+            "sparsify: the LayerNorm + modulation needs 16-byte aligned shift / scale1p and whole images");
+  }
+  const LowRankLaunch launch{down, rank, compressed_cols - cols, static_cast<uint16_t*>(compressed),
+                             compressed_cols / 2, static_cast<uint8_t*>(compressed) + padded_rows * compressed_cols,
+                             scale, workspace, &prologue};
   if (is_bf16) {
     if (metadata_layout == kMetadataSm90Block64) {
-      launch_low_rank_layout<true, 64>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, workspace, stream);
+      launch_low_rank_layout<true, 64>(x, rows, padded_rows, cols, ld_x, launch, stream);
     } else {
-      launch_low_rank_layout<true, 128>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, workspace, stream);
+      launch_low_rank_layout<true, 128>(x, rows, padded_rows, cols, ld_x, launch, stream);
     }
   } else if (metadata_layout == kMetadataSm90Block64) {
-    launch_low_rank_layout<false, 64>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, workspace, stream);
+    launch_low_rank_layout<false, 64>(x, rows, padded_rows, cols, ld_x, launch, stream);
   } else {
-    launch_low_rank_layout<false, 128>(x, rows, padded_rows, cols, ld_x, down, rank, k_ext, values, ld_values, meta, scale, workspace, stream);
+    launch_low_rank_layout<false, 128>(x, rows, padded_rows, cols, ld_x, launch, stream);
   }
 }
 
@@ -1095,15 +1261,7 @@ __device__ __forceinline__ float2 finish_pair_stats(const Fp8RowPair<kSplit>& pa
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prologues of the staged pass (SparsifyPrologue, lynx_kernels.h): the producer's elementwise
-// work applied to a staged row pair in registers, before its 2:4 selection. A DiT block's
-// LayerNorm + modulation, or an MLP's GELU.
-struct PrologueArgs {
-  const uint16_t* shift;    // (images, cols), x's dtype
-  const uint16_t* scale1p;  // 1 + scale, (images, cols)
-  int64_t tokens;           // rows per image
-  float eps;
-};
+// The staged pass's prologues (the math above, PrologueArgs) on a row pair in registers.
 
 // Sums two floats over the kWarps warps of a row pair: shuffles, then shared memory read in a
 // fixed order, so every thread of the pair gets identical sums. `partial`: the call site's own
@@ -1129,46 +1287,6 @@ __device__ __forceinline__ float2 pair_sum(float2 v, int warp, int first, float 
     }
   }
   return v;
-}
-
-template <bool kBf16>
-__device__ __forceinline__ float sum_of_8(const uint4& v) {
-  const float2 a = word_to_floats<kBf16>(v.x), b = word_to_floats<kBf16>(v.y);
-  const float2 c = word_to_floats<kBf16>(v.z), d = word_to_floats<kBf16>(v.w);
-  return ((a.x + a.y) + (b.x + b.y)) + ((c.x + c.y) + (d.x + d.y));
-}
-
-template <bool kBf16>
-__device__ __forceinline__ float centered_squares_of_8(const uint4& v, float mean) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-  float sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = word_to_floats<kBf16>(words[i]);
-    const float a = f.x - mean, b = f.y - mean;
-    sum += a * a + b * b;
-  }
-  return sum;
-}
-
-// Two values: xn = (x - mean) * rstd rounded to the 16-bit type (the LayerNorm's output), then
-// xn * scale1p + shift in one fp32 multiply-add, rounded (torch.addcmul's opmath).
-template <bool kBf16>
-__device__ __forceinline__ uint32_t modulate_word(uint32_t x, uint32_t shift, uint32_t scale1p, float mean,
-                                                  float rstd) {
-  const float2 v = word_to_floats<kBf16>(x), sh = word_to_floats<kBf16>(shift), sc = word_to_floats<kBf16>(scale1p);
-  const float n0 = bits_to_float<kBf16>(float_to_bits<kBf16>(__fmul_rn(__fsub_rn(v.x, mean), rstd)));
-  const float n1 = bits_to_float<kBf16>(float_to_bits<kBf16>(__fmul_rn(__fsub_rn(v.y, mean), rstd)));
-  return float_to_bits<kBf16>(__fmaf_rn(n0, sc.x, sh.x)) | (float_to_bits<kBf16>(__fmaf_rn(n1, sc.y, sh.y)) << 16);
-}
-
-template <bool kBf16>
-__device__ __forceinline__ uint4 modulate_8(const uint4& x, const uint4& shift, const uint4& scale1p, float mean,
-                                            float rstd) {
-  return make_uint4(modulate_word<kBf16>(x.x, shift.x, scale1p.x, mean, rstd),
-                    modulate_word<kBf16>(x.y, shift.y, scale1p.y, mean, rstd),
-                    modulate_word<kBf16>(x.z, shift.z, scale1p.z, mean, rstd),
-                    modulate_word<kBf16>(x.w, shift.w, scale1p.w, mean, rstd));
 }
 
 // Replaces a staged row pair (kUnits 16-column units per row and thread, zeros past the row and
@@ -1220,29 +1338,6 @@ __device__ __forceinline__ void modulate_staged_pair(uint4 (&in0)[kUnits][2], ui
       if (has_r1) in1[j][h] = modulate_8<kBf16>(in1[j][h], __ldg(shift1 + 2 * unit + h), __ldg(scale1 + 2 * unit + h), mean1, rstd1);
     }
   }
-}
-
-// gelu(x) with the tanh approximation, in fp32 and in the order torch's CUDA kernel computes it,
-// rounded to the 16-bit type.
-template <bool kBf16>
-__device__ __forceinline__ uint32_t gelu_tanh_bits(uint32_t bits16) {
-  constexpr float kBeta = 0.7978845608028654f;   // sqrt(2 / pi)
-  constexpr float kKappa = 0.044715f;
-  const float x = bits_to_float<kBf16>(bits16);
-  const float cube = x * x * x;
-  const float inner = kBeta * (x + kKappa * cube);
-  return float_to_bits<kBf16>(0.5f * x * (1.f + tanhf(inner)));
-}
-
-template <bool kBf16>
-__device__ __forceinline__ uint4 gelu_tanh_8(const uint4& v) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-  uint32_t out[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[i] = gelu_tanh_bits<kBf16>(words[i] & 0xffffu) | (gelu_tanh_bits<kBf16>(words[i] >> 16) << 16);
-  }
-  return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -90,13 +90,15 @@ int sparsify_split_for(int64_t padded_rows, int64_t cols);
 // K extension (compressed_cols - cols columns), as launch_sparsify_compress does with a given u.
 // The token scale goes to `scale` when compensating (nullptr: s = 1). rank <= kMaxFusedRank.
 // Two kernels: the pass over slices of K, then the sum of the slices' partial sums
-// (workspace: sparsify_low_rank_workspace_floats floats, no initialisation needed).
+// (workspace: sparsify_low_rank_workspace_floats floats, no initialisation needed). A prologue
+// applies to x's tiles before both the selection and the down projection; a LayerNorm one first
+// takes each row's mean and rstd in a small kernel of its own (the slices need them up front).
 constexpr int64_t kMaxFusedRank = 32;  // two 16-column rank halves a block
 int64_t sparsify_low_rank_workspace_floats(int64_t padded_rows, int64_t cols);
 void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
                               bool is_bf16, const void* down, int64_t rank, void* compressed,
                               int64_t compressed_cols, float* scale, int metadata_layout, float* workspace,
-                              cudaStream_t stream);
+                              cudaStream_t stream, const SparsifyPrologue& prologue = {});
 
 // Whether the sm90 path computes down(x) inside the sparsify pass (launch_sparsify_low_rank) for
 // this rank; else cuBLAS computes u first. On by default: on the FLUX shapes at rank 32 the fused

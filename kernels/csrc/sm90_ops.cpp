@@ -206,7 +206,10 @@ Prologue checked_gelu(const at::Tensor& x, const char* op) {
 
 Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadata_block,
                     const LowRankOperands& low_rank = {}, const Prologue& prologue = {}) {
-  require(!(prologue.present() && low_rank.present()), "rt_lynx: a sparsify pass with a prologue takes no low-rank branch");
+  const int64_t rank = low_rank.present() ? low_rank.down.size(0) : 0;
+  require(!(prologue.present() && rank > 0 && !sparsify_low_rank_fused(rank)),
+          "rt_lynx: a sparsify pass with a prologue takes a low-rank branch only in its fused down projection (rank <= ",
+          kMaxFusedRank, ", fusion on)");
   Compressed c;
   c.padded_rows = round_up_rows(x.size(0));
   const int64_t k = x.size(1);
@@ -224,7 +227,6 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
     c.buffer = at::empty({compressed_numel(c.padded_rows, c.cols)}, x.options());
     if (compensate) c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
     float* scale = compensate ? c.scale.data_ptr<float>() : nullptr;
-    const int64_t rank = low_rank.present() ? low_rank.down.size(0) : 0;
     if (rank > 0 && sparsify_low_rank_fused(rank)) {
       // down(x) on tensor cores in the same pass over x (its tiles are copied 16 bytes at a time).
       at::Tensor down = low_rank.down.contiguous();
@@ -233,7 +235,7 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
           at::empty({sparsify_low_rank_workspace_floats(c.padded_rows, k)}, x.options().dtype(at::kFloat));
       launch_sparsify_low_rank(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, down.data_ptr(),
                                rank, c.buffer.data_ptr(), c.cols, scale, metadata_block,
-                               workspace.data_ptr<float>(), stream);
+                               workspace.data_ptr<float>(), stream, prologue.launch_args());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return c;
     }
@@ -481,13 +483,8 @@ at::Tensor sparse_linear_sm90_op(const at::Tensor& x_in, const at::Tensor& weigh
 // The Lynx linear plus its low-rank branch up(down(x)) in one GEMM: down is rank x K, up_ext the
 // up factor in the K-extension form (N x 2 * rank rounded up to 8, scale folded in; kernels/sm90.py
 // builds it).
-at::Tensor sparse_linear_lora_sm90_op(const at::Tensor& x_in, const at::Tensor& weight,
-                                      const c10::optional<at::Tensor>& bias_in, bool compensate,
-                                      const at::Tensor& down, const at::Tensor& up_ext) {
-  const char* op = "rt_lynx::sparse_linear_lora_sm90";
-  const auto& lib = library(op);
-  const auto x = checked_activation(x_in, op);
-  check_weight(weight, x, op);
+LowRankOperands checked_low_rank(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& down,
+                                 const at::Tensor& up_ext, const char* op) {
   require(down.dim() == 2 && down.size(1) == x.size(1) && down.size(0) >= 1 && down.scalar_type() == x.scalar_type() &&
               down.device() == x.device(),
           op, ": down must be rank x ", x.size(1), " in x's dtype on x's device");
@@ -498,7 +495,29 @@ at::Tensor sparse_linear_lora_sm90_op(const at::Tensor& x_in, const at::Tensor& 
   require(up_ext.size(1) % 8 == 0 && up_ext.size(1) >= 2 * down.size(0), op,
           ": up_ext must have a multiple of 8 columns, at least 2 * rank (", 2 * down.size(0), "), got ",
           up_ext.size(1));
-  return sparse_linear_checked(lib, x, weight, at::Tensor(), bias_in, compensate, op, {down, up_ext});
+  return {down, up_ext};
+}
+
+// The optional branch of the prologue ops: both factors or neither; bf16/fp16 products only.
+LowRankOperands checked_optional_low_rank(const at::Tensor& x, const at::Tensor& weight,
+                                          const c10::optional<at::Tensor>& down,
+                                          const c10::optional<at::Tensor>& up_ext, const char* op) {
+  const bool has_down = down.has_value() && down->defined(), has_up = up_ext.has_value() && up_ext->defined();
+  require(has_down == has_up, op, ": give down and up_ext together");
+  if (!has_down) return {};
+  require(weight.scalar_type() != at::kFloat8_e4m3fn, op, ": the e4m3 GEMM takes no low-rank branch");
+  return checked_low_rank(x, weight, *down, *up_ext, op);
+}
+
+at::Tensor sparse_linear_lora_sm90_op(const at::Tensor& x_in, const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& bias_in, bool compensate,
+                                      const at::Tensor& down, const at::Tensor& up_ext) {
+  const char* op = "rt_lynx::sparse_linear_lora_sm90";
+  const auto& lib = library(op);
+  const auto x = checked_activation(x_in, op);
+  check_weight(weight, x, op);
+  return sparse_linear_checked(lib, x, weight, at::Tensor(), bias_in, compensate, op,
+                               checked_low_rank(x, weight, down, up_ext, op));
 }
 
 at::Tensor sparse_linear_fp8_sm90_op(const at::Tensor& x_in, const at::Tensor& wq, const at::Tensor& w_scale,
@@ -525,31 +544,38 @@ at::Tensor checked_weight_scale(const at::Tensor& x, const at::Tensor& weight, c
 
 // The Lynx linear of a DiT block's normalised and modulated input: LayerNorm (no affine, eps) and
 // x * scale1p + shift per image of `tokens` rows are computed inside the sparsify pass from x
-// itself; the bf16/fp16 product, or e4m3 with w_scale when the weight is e4m3.
+// itself; the bf16/fp16 product, or e4m3 with w_scale when the weight is e4m3. With down and
+// up_ext (bf16/fp16 only), the low-rank branch of the modulated input too, in the fused down pass.
 at::Tensor sparse_linear_modulated_sm90_op(const at::Tensor& x_in, const at::Tensor& shift, const at::Tensor& scale1p,
                                            int64_t tokens, double eps, const at::Tensor& weight,
                                            const c10::optional<at::Tensor>& w_scale,
-                                           const c10::optional<at::Tensor>& bias_in, bool compensate) {
+                                           const c10::optional<at::Tensor>& bias_in, bool compensate,
+                                           const c10::optional<at::Tensor>& down,
+                                           const c10::optional<at::Tensor>& up_ext) {
   const char* op = "rt_lynx::sparse_linear_modulated_sm90";
   const auto& lib = library(op);
   const auto x = checked_activation(x_in, op);
   const at::Tensor col_scale = checked_weight_scale(x, weight, w_scale, op);
   const c10::cuda::CUDAGuard guard(x.device());
-  return sparse_linear_checked(lib, x, weight, col_scale, bias_in, compensate, op, {},
+  return sparse_linear_checked(lib, x, weight, col_scale, bias_in, compensate, op,
+                               checked_optional_low_rank(x, weight, down, up_ext, op),
                                checked_modulation(x, shift, scale1p, tokens, eps, op));
 }
 
 // The Lynx linear of an MLP's activation gelu(x) (tanh approximation), computed inside the
-// sparsify pass from x, the up projection's output.
+// sparsify pass from x, the up projection's output; down and up_ext as above.
 at::Tensor sparse_linear_gelu_sm90_op(const at::Tensor& x_in, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& w_scale,
-                                      const c10::optional<at::Tensor>& bias_in, bool compensate) {
+                                      const c10::optional<at::Tensor>& bias_in, bool compensate,
+                                      const c10::optional<at::Tensor>& down,
+                                      const c10::optional<at::Tensor>& up_ext) {
   const char* op = "rt_lynx::sparse_linear_gelu_sm90";
   const auto& lib = library(op);
   const auto x = checked_activation(x_in, op);
   const at::Tensor col_scale = checked_weight_scale(x, weight, w_scale, op);
   const c10::cuda::CUDAGuard guard(x.device());
-  return sparse_linear_checked(lib, x, weight, col_scale, bias_in, compensate, op, {}, checked_gelu(x, op));
+  return sparse_linear_checked(lib, x, weight, col_scale, bias_in, compensate, op,
+                               checked_optional_low_rank(x, weight, down, up_ext, op), checked_gelu(x, op));
 }
 
 // Pieces for tests and benchmarks: the sparsify pass for one metadata layout (with the optional

@@ -1,7 +1,8 @@
 """GPU tests of the producer fusion: the elementwise work that produces a linear's input computed
 inside the sm90 sparsify pass, a DiT block's LayerNorm + modulation (rt_lynx::sparse_linear_
 modulated_sm90) and an MLP's GELU (rt_lynx::sparse_linear_gelu_sm90), and rt_lynx::sparsify_sm90
-with either prologue.
+with either prologue; and both with a Lynx LoRA branch of the prepared input, in the fused down
+pass (its LayerNorm statistics from a row-statistics kernel first).
 
 The pass must select, scale and quantise exactly what the plain pass makes of the reference's
 rows (kernels/reference.py: modulated_layer_norm_reference, gelu_tanh_reference), up to the
@@ -15,8 +16,9 @@ import pytest
 import torch
 
 from rt_lynx_pack.kernels import dispatch
-from rt_lynx_pack.kernels.reference import (gelu_tanh_reference, modulated_layer_norm_reference,
-                                            quantize_weight_fp8, sparse_linear_fp8_reference, sparse_linear_reference)
+from rt_lynx_pack.kernels.reference import (LowRankOperands, gelu_tanh_reference, low_rank_reference,
+                                            modulated_layer_norm_reference, quantize_weight_fp8,
+                                            sparse_linear_fp8_reference, sparse_linear_reference)
 
 from kernel_helpers import DTYPES, INPUT_KINDS, make_input, poison_allocator, relative_error, require_fast_path
 
@@ -150,6 +152,87 @@ def test_prologue_linears_compile_without_graph_breaks(sm90, generator):
     def both(a):
         return (dispatch.sparse_linear_modulated(a, shift, scale1p, tokens, EPS, weight, None, True) * 2,
                 dispatch.sparse_linear_gelu(a, weight, None, True) * 2)
+    compiled = torch.compile(both, fullgraph=True)(x)
+    for got, want in zip(compiled, both(x)):
+        assert torch.equal(got, want)
+
+
+def branch_case(generator, rows, weight_shape, rank, dtype):
+    """down (rank x K) and up (N x rank) of a Lynx LoRA branch."""
+    n, k = weight_shape
+    down = (torch.randn(rank, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
+    up = torch.randn(n, rank, generator=generator, device="cuda").to(dtype)
+    return down, up
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["randn", "student_t", "zero_rows"])
+@pytest.mark.parametrize("prologue", ["modulation", "gelu"])
+@pytest.mark.parametrize("images,tokens,k,n,rank", [(1, 4096, 3072, 9216, 32), (2, 333, 3072, 3072, 5),
+                                                    (3, 65, 256, 128, 1), (1, 512, 12288, 3072, 16),
+                                                    (1, 7, 3072, 1024, 31)])
+@pytest.mark.parametrize("compensate", [True, False])
+def test_prologue_with_a_low_rank_branch_matches_fp32_math(sm90, generator, dtype, kind, prologue, images, tokens, k,
+                                                           n, rank, compensate):
+    x, shift, scale1p = modulated_case(kind, images, tokens, k, dtype, generator)
+    weight = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
+    bias = torch.randn(n, generator=generator, device="cuda").to(dtype)
+    down, up = branch_case(generator, x.shape[0], weight.shape, rank, dtype)
+    if prologue == "gelu":
+        rows = gelu_tanh_reference(x)
+        fused = lambda up_ext: sm90.sparse_linear_gelu_sm90(x, weight, None, bias, compensate, down, up_ext)  # noqa: E731
+    else:
+        rows = modulated_layer_norm_reference(x, shift, scale1p, tokens, EPS)
+        fused = lambda up_ext: sm90.sparse_linear_modulated_sm90(  # noqa: E731
+            x, shift, scale1p, tokens, EPS, weight, None, bias, compensate, down, up_ext)
+    lynx = sparse_linear_reference(rows.float(), weight.float(), bias.float(), compensate)
+    unscaled = low_rank_reference(rows.float(), LowRankOperands(down.float(), up.float(), 1.0))
+    scale = (lynx.norm() / unscaled.norm().clamp_min(1e-6)).item()
+    want = lynx + low_rank_reference(rows.float(), LowRankOperands(down.float(), up.float(), scale))
+    on_raw_x = lynx + low_rank_reference(x.float(), LowRankOperands(down.float(), up.float(), scale))
+    assert relative_error(on_raw_x, want) > 0.1, "test setup: the branch of the raw x must differ"
+    poison_allocator(x.numel() * 4 + x.shape[0] * n * 2)
+    y = fused(sm90.k_extension_up(up, scale))
+    assert y.shape == (x.shape[0], n) and y.dtype == dtype and not y.isnan().any()
+    assert relative_error(y, want) < TOLERANCE
+
+
+def test_dispatch_takes_a_branch_into_the_prologue_pass_only_where_the_fused_down_pass_runs(sm90, generator):
+    dtype, images, tokens, k, n = torch.bfloat16, 2, 300, 3072, 1024
+    x, shift, scale1p = modulated_case("cubed", images, tokens, k, dtype, generator)
+    weight = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
+    rows = modulated_layer_norm_reference(x, shift, scale1p, tokens, EPS)
+    for rank in (32, 48):   # in the fused down pass; past it (the input is written, the branch by cuBLAS)
+        down, up = branch_case(generator, x.shape[0], weight.shape, rank, dtype)
+        low_rank = dispatch.prepare_low_rank(down, up, 0.5, x.device, dtype)
+        fused = dispatch.sparse_linear_modulated(x, shift, scale1p, tokens, EPS, weight, None, True, low_rank=low_rank)
+        want = dispatch.sparse_linear(rows, weight, None, True, low_rank=low_rank)
+        assert relative_error(fused, want) < TOLERANCE, rank
+        gelu = dispatch.sparse_linear_gelu(x, weight, None, True, low_rank=low_rank)
+        assert relative_error(gelu, dispatch.sparse_linear(gelu_tanh_reference(x), weight, None, True,
+                                                           low_rank=low_rank)) < TOLERANCE, rank
+    with pytest.raises(RuntimeError, match="only in its fused down projection"):
+        sm90.sparse_linear_modulated_sm90(x, shift, scale1p, tokens, EPS, weight, None, None, True, down,
+                                          sm90.k_extension_up(up, 0.5))
+    wq, w_scale = quantize_weight_fp8(weight.float())
+    with pytest.raises(RuntimeError, match="e4m3 GEMM takes no low-rank branch"):
+        sm90.sparse_linear_gelu_sm90(x, wq, w_scale, None, True, down[:8], sm90.k_extension_up(up[:, :8], 0.5))
+    with pytest.raises(RuntimeError, match="give down and up_ext together"):
+        sm90.sparse_linear_gelu_sm90(x, weight, None, None, True, down[:8], None)
+
+
+def test_prologue_with_a_branch_compiles_without_graph_breaks(sm90, generator):
+    dtype, tokens = torch.bfloat16, 300
+    x, shift, scale1p = modulated_case("randn", 2, tokens, 3072, dtype, generator)
+    weight = (torch.randn(1024, 3072, generator=generator, device="cuda") / 3072 ** 0.5).to(dtype)
+    down, up = branch_case(generator, x.shape[0], weight.shape, 16, dtype)
+    low_rank = dispatch.prepare_low_rank(down, up, 0.5, x.device, dtype)
+
+    def both(a):
+        return (dispatch.sparse_linear_modulated(a, shift, scale1p, tokens, EPS, weight, None, True,
+                                                 low_rank=low_rank) * 2,
+                dispatch.sparse_linear_gelu(a, weight, None, True, low_rank=low_rank) * 2)
+    torch._dynamo.reset()
     compiled = torch.compile(both, fullgraph=True)(x)
     for got, want in zip(compiled, both(x)):
         assert torch.equal(got, want)
