@@ -15,12 +15,17 @@ FLUX's single-block linear2 ("cat gelu") is kept dense: its input is cat((attent
 gelu(MLP part of linear1's output))), and its "lynx" columns are the layer as the precision runs
 it, F.linear in bf16 (fused: kernels' cat_gelu_tanh, then F.linear) and the e4m3 dense product
 in fp8 (fused: the GELU and the concatenation inside its quantise pass).
+With --lora R (bf16) two more variants carry a rank-R Lynx LoRA branch of the prepared input:
+  lora_ind     Inductor's prologue, then sm90.sparse_linear_lora_sm90 (branch in the GEMM, its down
+               projection in the sparsify pass)
+  lora_fused   the prologue inside that same fused down pass (sparse_linear_modulated_sm90 /
+               sparse_linear_gelu_sm90 with down and up_ext; a LayerNorm's row statistics first)
 Qwen-Image's q, k and v take one modulated input: its row times the three linears together
 (the unfused variants normalise and modulate once). Two clocks as in bench/kernels.py (eager
 wall time and CUDA-graph kernel time), the variants taking turns within every repeat. The last
 row adds the shapes up over one FLUX 1024² step (19 double blocks, 38 single blocks).
 
-Usage: python bench/producer_fusion.py [--quick] [--fp8] [--out DIR] [--suffix S]
+Usage: python bench/producer_fusion.py [--quick] [--fp8 | --lora R] [--out DIR] [--suffix S]
 """
 import argparse
 import datetime
@@ -61,7 +66,7 @@ SHAPES = [
 ]
 
 
-def bench_shape(prologue_kind, images, tokens, k, n, linears, fp8, calls, repeats):
+def bench_shape(prologue_kind, images, tokens, k, n, linears, fp8, calls, repeats, lora_rank=0):
     dtype = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(images * tokens + k + n)
     rows = images * tokens
@@ -114,6 +119,18 @@ def bench_shape(prologue_kind, images, tokens, k, n, linears, fp8, calls, repeat
     }
     if not fp8:
         fns = {"dense": lambda: [F.linear(eager_prologue(next_x()), w, bias) for w in weights], **fns}
+    if lora_rank and prologue_kind != "cat gelu":
+        down = (torch.randn(lora_rank, k, generator=g, device="cuda") / k ** 0.5).to(dtype)
+        up_ext = sm90.k_extension_up(torch.randn(n, lora_rank, generator=g, device="cuda").to(dtype), 0.5)
+
+        def lora_fused(x):
+            if prologue_kind == "gelu":
+                return [sm90.sparse_linear_gelu_sm90(x, w, None, bias, True, down, up_ext) for w in weights]
+            return [sm90.sparse_linear_modulated_sm90(x, shift, scale1p, tokens, EPS, w, None, bias, True, down, up_ext)
+                    for w in weights]
+        fns["lora_ind"] = lambda: [sm90.sparse_linear_lora_sm90(inductor_prologue(next_x()), w, bias, True, down, up_ext)
+                                   for w in weights]
+        fns["lora_fused"] = lambda: lora_fused(next_x())
     error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
                 for a, b in zip(fused(xs[0]), product(eager_prologue(xs[0]))))
     row = {"rows": rows, "k": k, "n": n, "linears": linears, "fused_vs_unfused_error": error}
@@ -126,6 +143,7 @@ def bench_shape(prologue_kind, images, tokens, k, n, linears, fp8, calls, repeat
 
 def markdown(rows, meta, fp8):
     prefix = "lynx8" if fp8 else "lynx"
+    lora = any("lora_fused_kernel_us" in r for r in rows)
     lines = [f"# Producer fusion: LayerNorm + modulation or GELU in the Lynx sparsify pass{' (fp8)' if fp8 else ''}",
              "",
              "single linear2 is kept dense: its columns are F.linear (bf16) or the e4m3 dense product (fp8) "
@@ -135,12 +153,14 @@ def markdown(rows, meta, fp8):
              f"{meta['date']}, {meta['gpu']}, torch {meta['torch']}, commit {meta['commit']}; "
              f"{meta['calls']} calls x {meta['repeats']} repeats, variants in turns. Times in us per call "
              f"(eager wall / CUDA-graph kernel).", ""]
-    head = (["dense"] if not fp8 else []) + [prefix, f"{prefix}_ind", f"{prefix}_fused"]
+    head = (["dense"] if not fp8 else []) + [prefix, f"{prefix}_ind", f"{prefix}_fused"] + \
+        (["lora_ind", "lora_fused"] if lora else [])
     lines.append("| model | layer | prologue | M x K x N (x linears) | " + " | ".join(head)
                  + " | fused vs unfused eager | fused vs Inductor's prologue, kernel | rel. diff |")
     lines.append("|" + "---|" * (len(head) + 7))
     for r in rows:
-        cells = [f"{r[f'{v}_eager_us']:.0f} / {r[f'{v}_kernel_us']:.0f}" for v in head]
+        cells = [f"{r[f'{v}_eager_us']:.0f} / {r[f'{v}_kernel_us']:.0f}" if f"{v}_eager_us" in r else "-"
+                 for v in head]
         lines.append(f"| {r['model']} | {r['layer']} | {r['prologue']} | {r['rows']}x{r['k']}x{r['n']} (x{r['linears']}) | "
                      + " | ".join(cells)
                      + f" | {r[f'{prefix}_eager_us'] / r[f'{prefix}_fused_eager_us']:.3f}x"
@@ -153,6 +173,14 @@ def markdown(rows, meta, fp8):
     lines += ["", f"Over one FLUX.1-dev 1024² step (the FLUX rows times their uses): the fusion saves "
               f"{eager:.2f} ms of eager wall time against the eager prologues, and {kernel:.2f} ms of "
               f"kernel time against Inductor's compiled prologues (what a compiled step saves).", ""]
+    if lora:
+        with_branch = [r for r in rows if "lora_fused_kernel_us" in r]
+        ratios = [r["lora_ind_kernel_us"] / r["lora_fused_kernel_us"] for r in with_branch]
+        overhead = [r["lora_fused_kernel_us"] / r[f"{prefix}_fused_kernel_us"] - 1 for r in with_branch]
+        lines += [f"With a rank-{meta['lora']} Lynx LoRA: the prologue in the fused down pass against Inductor's "
+                  f"prologue + the same branch, kernel time x{sum(ratios) / len(ratios):.3f} (mean; "
+                  f"{min(ratios):.3f}-{max(ratios):.3f}); the branch adds {100 * sum(overhead) / len(overhead):+.1f}% "
+                  f"to the fused product without it (mean kernel time).", ""]
     return "\n".join(lines)
 
 
@@ -160,6 +188,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls and repeats")
     parser.add_argument("--fp8", action="store_true", help="the e4m3 product instead of bf16")
+    parser.add_argument("--lora", type=int, default=0, metavar="R", help="also time a rank-R Lynx LoRA (bf16)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--suffix", default="")
     args = parser.parse_args()
@@ -174,17 +203,19 @@ def main():
             return 1
     calls, repeats = (10, 3) if args.quick else (20, 5)
     meta = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "commit": git_commit(), "calls": calls, "repeats": repeats}
+            "torch": torch.__version__, "commit": git_commit(), "calls": calls, "repeats": repeats,
+            "lora": 0 if args.fp8 else args.lora}
     rows = []
     for model, layer, prologue, images, tokens, k, n, linears, per_step in SHAPES:
         row = {"model": model, "layer": layer, "prologue": prologue, "per_flux_step": per_step,
-               **bench_shape(prologue, images, tokens, k, n, linears, args.fp8, calls, repeats)}
+               **bench_shape(prologue, images, tokens, k, n, linears, args.fp8, calls, repeats, meta["lora"])}
         rows.append(row)
         print(model, layer, {key: round(value, 1) for key, value in row.items() if key.endswith("_us")},
               f"error {row['fused_vs_unfused_error']:.1e}", flush=True)
     text = markdown(rows, meta, args.fp8)
     print(text)
-    write_results(args.out, "producer-fusion-{tag}" + ("-fp8" if args.fp8 else "") + args.suffix, meta, rows, text)
+    variant = "-fp8" if args.fp8 else f"-lora{meta['lora']}" if meta["lora"] else ""
+    write_results(args.out, "producer-fusion-{tag}" + variant + args.suffix, meta, rows, text)
     return 0
 
 

@@ -3,7 +3,7 @@
 # Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|producer|profile|ncu], or stages joined by commas
 #   (test,bench,fp8) to run several after one set-up   (OUT defaults to ./device-out)
 #   test: tests/gpu (the sm90 tests first; TEST_PATHS=tests/gpu for plain file order); bench: bench/kernels.py $BENCH_ARGS; fp8: bench/kernels.py --fp8;
-#   lora: bench/lora_branch.py; producer: bench/producer_fusion.py, bf16 and fp8; profile:
+#   lora: bench/lora_branch.py; producer: bench/producer_fusion.py, bf16 (+ LoRA r32) and fp8; profile:
 #   bench/profile_linear.py (kernel by kernel); ncu: Nsight Compute on the dense and sparse GEMM of one
 #   shape ($NCU_SHAPES); all: test, bench, fp8, lora and producer.
 set -uo pipefail
@@ -31,9 +31,9 @@ if [ "$STAGE" = all ] || runs lora; then
   record "${PIPESTATUS[0]}"
 fi
 if [ "$STAGE" = all ] || runs producer; then
-  for precision in "" --fp8; do
-    timeout "${BENCH_TIMEOUT:-240}" python3 bench/producer_fusion.py $precision ${BENCH_ARGS:-} --out "$OUT" 2>&1 \
-      | tee "$OUT/bench-producer${precision#-}.log"
+  for variant in --lora=32 --fp8; do   # bf16 with and without a rank-32 Lynx LoRA; e4m3
+    timeout "${BENCH_TIMEOUT:-240}" python3 bench/producer_fusion.py $variant ${BENCH_ARGS:-} --out "$OUT" 2>&1 \
+      | tee "$OUT/bench-producer${variant#--}.log"
     record "${PIPESTATUS[0]}"
   done
 fi
