@@ -71,7 +71,7 @@ def bench_shape(prologue_kind, images, tokens, k, n, linears, fp8, calls, repeat
     g = torch.Generator(device="cuda").manual_seed(images * tokens + k + n)
     rows = images * tokens
     # The linear2 case reads linear1's whole output (q, k, v and the MLP part) and the attention output.
-    width = 3 * FLUX_HIDDEN + k if prologue_kind == "cat gelu" else k
+    width = 3 * FLUX_HIDDEN + (k - FLUX_HIDDEN) if prologue_kind == "cat gelu" else k
     xs = [(torch.randn(rows, width, generator=g, device="cuda") * 2 + 0.5).to(dtype) for _ in range(INPUT_SETS)]
     attn = torch.randn(rows, FLUX_HIDDEN, generator=g, device="cuda").to(dtype)
     shift = torch.randn(images, k, generator=g, device="cuda").to(dtype)

@@ -33,7 +33,7 @@ fi
 if [ "$STAGE" = all ] || runs producer; then
   for variant in --lora=32 --fp8; do   # bf16 with and without a rank-32 Lynx LoRA; e4m3
     timeout "${BENCH_TIMEOUT:-240}" python3 bench/producer_fusion.py $variant ${BENCH_ARGS:-} --out "$OUT" 2>&1 \
-      | tee "$OUT/bench-producer${variant#--}.log"
+      | tee "$OUT/bench-producer-${variant//[-=]/}.log"
     record "${PIPESTATUS[0]}"
   done
 fi
