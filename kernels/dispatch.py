@@ -238,11 +238,13 @@ def sparse_linear_modulated(x2d: torch.Tensor, shift: torch.Tensor, scale1p: tor
     it); otherwise they are computed first (by `modulated_input()` when given, e.g. shared by the
     linears of one input), the same math up to rare one-ulp roundings."""
     shift, scale1p = shift.to(x2d.dtype), scale1p.to(x2d.dtype)
+    if modulated_input is None:   # `is None`, not `or`: torch 2.11's Dynamo cannot branch on a function
+        modulated_input = lambda: reference.modulated_layer_norm_reference(x2d, shift, scale1p, tokens, eps)  # noqa: E731
     return _sparse_linear_after(
         "LayerNorm + modulation", (shift, tokens),
         lambda *branch: _sm90.sparse_linear_modulated_sm90(x2d, shift, scale1p, tokens, eps, weight, w_scale, bias,
                                                            compensate, *branch),
-        modulated_input or (lambda: reference.modulated_layer_norm_reference(x2d, shift, scale1p, tokens, eps)),
+        modulated_input,
         x2d, weight, bias, compensate, requested, w_scale, low_rank)
 
 

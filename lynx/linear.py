@@ -168,7 +168,8 @@ def lynx_linear_modulated(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.T
     fused down pass, fp8 with a branch), `modulated_input()` (when given; shaped as x) computes
     them."""
     images, tokens, features = x.shape
-    modulated_input = modulated_input or (lambda: modulated_layer_norm(x, shift, scale1p, eps))
+    if modulated_input is None:   # `is None`, not `or`: torch 2.11's Dynamo cannot branch on a function
+        modulated_input = lambda: modulated_layer_norm(x, shift, scale1p, eps)  # noqa: E731
 
     def fused(x2d, *product, low_rank=None):
         return sparse_linear_modulated(x2d, shift.reshape(images, features), scale1p.reshape(images, features), tokens,

@@ -84,7 +84,8 @@ class LynxLinearForward:
         """self(modulated_layer_norm(x, shift, scale1p, eps)) for a DiT block's input x (images,
         tokens, features), shift and scale1p one row per image. `modulated_input()`, when given,
         computes that input where it must be written (the linears of one input share it)."""
-        modulated_input = modulated_input or (lambda: modulated_layer_norm(x, shift, scale1p, eps))
+        if modulated_input is None:   # `is None`, not `or`: torch 2.11's Dynamo cannot branch on a function
+            modulated_input = lambda: modulated_layer_norm(x, shift, scale1p, eps)  # noqa: E731
         if x.dim() != 3 or not self._takes_prologue():
             return self(modulated_input())
         return self._with_weights(x, lambda weight, bias: lynx_linear_modulated(

@@ -236,3 +236,45 @@ def test_prologue_with_a_branch_compiles_without_graph_breaks(sm90, generator):
     compiled = torch.compile(both, fullgraph=True)(x)
     for got, want in zip(compiled, both(x)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_fused_block_parts_with_patched_layers_compile_in_one_graph(sm90, generator, precision, with_lora):
+    # The block code path itself (fused_blocks' helpers handing Lynx layers their input's work),
+    # not just the dispatch: a graph break there splits every block into recompiled pieces.
+    from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, LynxLinearForward, LynxRuntime
+    from rt_lynx_pack.lynx.fused_blocks import _linear_of_cat_activation, _modulated_linears, _modulated_mlp
+    dtype, images, tokens, hidden = torch.bfloat16, 2, 256, 512
+    torch.manual_seed(7)
+    runtime, config = LynxRuntime(), LynxConfig(precision=precision)
+
+    def patched(module, sparse=True):
+        module = module.to("cuda", dtype)
+        module.forward = LynxLinearForward(module, "layer", config, runtime, sparse=sparse)
+        if with_lora and sparse:
+            module.forward = module.forward.with_lora(LowRankBranch(torch.randn(8, module.in_features) / 30,
+                                                                    torch.randn(module.out_features, 8) / 30, 1.0))
+        if precision == "fp8":
+            module.forward.prepare_fp8(module.weight)
+        return module
+    qkv = patched(torch.nn.Linear(hidden, 3 * hidden))
+    mlp = torch.nn.Sequential(patched(torch.nn.Linear(hidden, 4 * hidden)), torch.nn.GELU(approximate="tanh"),
+                              patched(torch.nn.Linear(4 * hidden, hidden)))
+    linear2 = patched(torch.nn.Linear(5 * hidden, hidden), sparse=precision != "fp8")
+    norm = torch.nn.LayerNorm(hidden, elementwise_affine=False, eps=EPS)
+    x, _, _ = modulated_case("randn", images, tokens, hidden, dtype, generator)
+    x = x.view(images, tokens, hidden)
+    shift, scale = (torch.randn(images, 1, hidden, generator=generator, device="cuda").to(dtype) / 4 for _ in range(2))
+    projected = make_input("randn", images * tokens, 3 * hidden + 4 * hidden, dtype, generator).view(images, tokens, -1)
+
+    def block(x, projected):
+        (a,) = _modulated_linears((qkv,), norm, x, shift, scale)
+        b = _modulated_mlp(mlp, norm, x, shift, scale)
+        c = _linear_of_cat_activation(linear2, projected[..., :hidden], projected[..., 3 * hidden:],
+                                      torch.nn.GELU(approximate="tanh"))
+        return a * 2, b * 2, c * 2
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)(x, projected)
+    for got, want in zip(compiled, block(x, projected)):
+        assert relative_error(got, want) < 1e-3
