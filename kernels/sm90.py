@@ -7,8 +7,8 @@ Computes `reference.sparse_linear_reference` (bf16/fp16) and `reference.sparse_l
   torch.ops.rt_lynx.sparse_linear_lora_sm90(x, weight, bias, compensate, down, up_ext) -> y
   torch.ops.rt_lynx.sparse_linear_fp8_sm90(x, wq, w_scale, bias, compensate) -> y      (M x N)
   torch.ops.rt_lynx.sparse_linear_modulated_sm90(x, shift, scale1p, tokens, eps, weight, w_scale, bias,
-                                                 compensate) -> y                     (M x N)
-  torch.ops.rt_lynx.sparse_linear_gelu_sm90(x, weight, w_scale, bias, compensate) -> y    (M x N)
+                                                 compensate[, down, up_ext]) -> y      (M x N)
+  torch.ops.rt_lynx.sparse_linear_gelu_sm90(x, weight, w_scale, bias, compensate[, down, up_ext]) -> y
   torch.ops.rt_lynx.sparsify_sm90(x, metadata_block, e4m3, compensate[, shift, scale1p, tokens, eps, gelu])
                                   -> (compressed, scale)
   torch.ops.rt_lynx.sparse_mm_sm90(compressed, weight, row_scale, col_scale, bias, rows, config,
@@ -33,7 +33,10 @@ computes elementwise, done by the sparsify pass on the rows it holds in register
 selects, so that input is never written or read back: a DiT block's LayerNorm + modulation
 (reference.modulated_layer_norm_reference; the pass reads the residual stream x and takes each
 row's statistics from the row it holds) and an MLP's GELU before its down projection
-(reference.gelu_tanh_reference; the pass reads the up projection's output).
+(reference.gelu_tanh_reference; the pass reads the up projection's output). With down and up_ext
+(16-bit, ranks up to 32) the Lynx LoRA branch of that prepared input joins as above: the fused
+down pass applies the same work to its x tiles (a LayerNorm's row statistics from a small kernel
+first, since that pass splits K), for the selection and for u alike.
 
 `availability_sm90` says yes only after the start-up self-test: the metadata writer's byte formula
 against CuTe's layout for every config, then every config's product against the reference.
