@@ -134,19 +134,23 @@ def _choose(x2d, weight, requested, n, m, precision) -> BackendChoice:
     if (n, m) != (2, 4):
         return BackendChoice("reference", f"{n}:{m} has no sparse tensor core kernel (2:4 only)")
     reasons = []
+    best_unavailable = None
     for backend in fast_backends():
         available, why_not = backend_availability(x2d.device, precision, backend)
-        if not available and reasons == []:
-            # The best backend's failure (a build or self-test problem) is said even when the next one
-            # takes over: otherwise a slower product would be all that shows of it.
-            log_once(f"{BACKEND_NAMES[backend]} unavailable for {precision} on {x2d.device}: {why_not}")
         if available:
             if backend == "sm90":
                 supported, why_not = _sm90.supports_sm90(x2d, weight)
             else:
                 supported, why_not = (_fast_fp8.supports_fp8 if precision == "fp8" else _fast.supports)(x2d, weight)
             if supported:
+                if best_unavailable is not None:
+                    # The best backend's failure (a build or self-test problem) is said when another takes
+                    # over: otherwise a slower product would be all that shows of it.
+                    log_once(f"{BACKEND_NAMES[best_unavailable[0]]} unavailable for {precision} on {x2d.device}: "
+                             f"{best_unavailable[1]}; {BACKEND_NAMES[backend]} runs instead")
                 return BackendChoice(backend, f"{BACKEND_NAMES[backend]}, 2:4 {precision}")
+        elif not reasons:
+            best_unavailable = (backend, why_not)
         reasons.append((backend, why_not))
     return BackendChoice("reference", _join_reasons(reasons))
 
@@ -310,6 +314,9 @@ def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
         choice = BackendChoice("reference", "reference backend requested")
     else:
         available, why_not = fp8_dense_availability(x2d.device)
+        if available and gelu_tail is not None and not _fp8_dense.supports_fp8_dense(x2d, wq, gelu_tail)[0]:
+            # A tail the quantise pass cannot read (strided columns, another device): written first.
+            x2d, gelu_tail = cat_gelu_tanh(x2d, gelu_tail), None
         if available:
             available, why_not = _fp8_dense.supports_fp8_dense(x2d, wq, gelu_tail)
         choice = BackendChoice("fp8_dense", "e4m3 dense GEMM") if available else BackendChoice("reference", why_not)
@@ -353,6 +360,8 @@ def cat_gelu_tanh(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """reference.cat_gelu_tanh_reference(a, b) for a (..., Ka) and b (..., Kb) of the same leading
     dims: in one pass where the fused kernels run (FLUX's single-block linear2 input), else in
     torch ops."""
+    if a.shape[:-1] != b.shape[:-1]:
+        raise ValueError(f"cat_gelu_tanh: a {tuple(a.shape)} and b {tuple(b.shape)} differ before their last dim")
     a2d, b2d = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
     available, why_not = block_ops_availability(a.device)
     if available:

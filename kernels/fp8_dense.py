@@ -94,8 +94,9 @@ def supports_fp8_dense(x2d: torch.Tensor, wq: torch.Tensor,
     gelu_tanh(gelu_tail)'s columns when given. Never raises."""
     tail_columns = 0
     if gelu_tail is not None:
-        if gelu_tail.dim() != 2 or gelu_tail.shape[0] != x2d.shape[0] or gelu_tail.dtype != x2d.dtype:
-            return False, "the GELU tail must be 2-D, with x's rows and dtype"
+        if (gelu_tail.dim() != 2 or gelu_tail.shape[0] != x2d.shape[0] or gelu_tail.dtype != x2d.dtype
+                or gelu_tail.device != x2d.device):
+            return False, "the GELU tail must be 2-D, with x's rows, dtype and device"
         if gelu_tail.stride(1) != 1 or gelu_tail.shape[1] % K_MULTIPLE:
             return False, f"the GELU tail's rows must be dense, its width a multiple of {K_MULTIPLE}"
         tail_columns = gelu_tail.shape[1]

@@ -213,8 +213,8 @@ def fp8_dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     `dense=True` (dense warm-up steps) and short inputs give plain F.linear, as in lynx_linear.
     With `gelu_tail` (x's leading dims) the input is cat((x, gelu_tanh(gelu_tail)), -1), which the
     quantise pass makes from both without writing it."""
-    if gelu_tail is not None and (dense or not config.runs_sparse(x)):
-        x, gelu_tail = cat_gelu_tanh(x, gelu_tail), None
+    if gelu_tail is not None and (dense or not config.runs_sparse(x) or gelu_tail.shape[:-1] != x.shape[:-1]):
+        x, gelu_tail = cat_gelu_tanh(x, gelu_tail), None   # (which refuses mismatched leading dims)
     tail_features = 0 if gelu_tail is None else gelu_tail.shape[-1]
     bias = _checked_bias(x, weight, bias, tail_features)
     if dense or not config.runs_sparse(x):

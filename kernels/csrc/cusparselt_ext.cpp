@@ -684,7 +684,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_fp8_op(const at::Tensor& x_in,
   }
   const int64_t k = x_in.size(1) + (has_tail ? gelu_tail_in->size(1) : 0);
   require(x_in.size(1) >= 16 && x_in.size(1) % 16 == 0 && k <= kQuantizeMaxCols, op,
-          ": in_features must be a multiple of 16 up to ", kQuantizeMaxCols, ", got ", k);
+          ": in_features must be a multiple of 16 up to ", kQuantizeMaxCols, " in all, got x's ", x_in.size(1),
+          " (", k, " in all)");
   const auto x = with_aligned_rows(x_in);
   const auto tail = has_tail ? with_aligned_rows(*gelu_tail_in) : at::Tensor();
   const c10::cuda::CUDAGuard guard(x.device());

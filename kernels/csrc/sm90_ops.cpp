@@ -207,9 +207,11 @@ Prologue checked_gelu(const at::Tensor& x, const char* op) {
 Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadata_block,
                     const LowRankOperands& low_rank = {}, const Prologue& prologue = {}) {
   const int64_t rank = low_rank.present() ? low_rank.down.size(0) : 0;
-  require(!(prologue.present() && rank > 0 && !sparsify_low_rank_fused(rank)),
+  require(!(prologue.present() && rank > kMaxFusedRank),
           "rt_lynx: a sparsify pass with a prologue takes a low-rank branch only in its fused down projection (rank <= ",
-          kMaxFusedRank, ", fusion on)");
+          kMaxFusedRank, ")");
+  // With a prologue the fused down pass is the only one there is: the switch does not apply.
+  const bool fused_down = rank > 0 && (sparsify_low_rank_fused(rank) || prologue.present());
   Compressed c;
   c.padded_rows = round_up_rows(x.size(0));
   const int64_t k = x.size(1);
@@ -227,7 +229,7 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
     c.buffer = at::empty({compressed_numel(c.padded_rows, c.cols)}, x.options());
     if (compensate) c.scale = at::empty({c.padded_rows}, x.options().dtype(at::kFloat));
     float* scale = compensate ? c.scale.data_ptr<float>() : nullptr;
-    if (rank > 0 && sparsify_low_rank_fused(rank)) {
+    if (fused_down) {
       // down(x) on tensor cores in the same pass over x (its tiles are copied 16 bytes at a time).
       at::Tensor down = low_rank.down.contiguous();
       if (reinterpret_cast<uintptr_t>(down.data_ptr()) % 16 != 0) down = down.clone();

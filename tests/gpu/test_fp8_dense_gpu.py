@@ -183,3 +183,8 @@ def test_a_gelu_tail_the_pass_cannot_take_falls_back_or_fails_clearly(fp8_dense,
         dense_linear_fp8(x, wq, w_scale, b, "cuda", gelu_tail)
     with pytest.raises(RuntimeError, match="gelu_tail must be"):
         torch.ops.rt_lynx.quantize_rows_fp8(x, gelu_tail[:3])
+    # A tail with strided columns: written first (cat_gelu_tanh), then the fast product all the same.
+    strided = make_input("randn", 40, 2048, torch.bfloat16, generator)[:, ::2]
+    _, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 1, 3072 + 1024, 64, generator)
+    want = dense_linear_fp8(cat_gelu_tanh_reference(x, strided), wq, w_scale, b, "cuda")
+    assert torch.equal(dense_linear_fp8(x, wq, w_scale, b, "cuda", strided), want)

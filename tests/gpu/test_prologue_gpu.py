@@ -170,7 +170,7 @@ def branch_case(generator, rows, weight_shape, rank, dtype):
 @pytest.mark.parametrize("prologue", ["modulation", "gelu"])
 @pytest.mark.parametrize("images,tokens,k,n,rank", [(1, 4096, 3072, 9216, 32), (2, 333, 3072, 3072, 5),
                                                     (3, 65, 256, 128, 1), (1, 512, 12288, 3072, 16),
-                                                    (1, 7, 3072, 1024, 31)])
+                                                    (1, 7, 3072, 1024, 31), (2, 33, 384, 256, 8)])
 @pytest.mark.parametrize("compensate", [True, False])
 def test_prologue_with_a_low_rank_branch_matches_fp32_math(sm90, generator, dtype, kind, prologue, images, tokens, k,
                                                            n, rank, compensate):
@@ -197,23 +197,39 @@ def test_prologue_with_a_low_rank_branch_matches_fp32_math(sm90, generator, dtyp
     assert relative_error(y, want) < TOLERANCE
 
 
-def test_dispatch_takes_a_branch_into_the_prologue_pass_only_where_the_fused_down_pass_runs(sm90, generator):
+def test_dispatch_takes_a_branch_into_the_prologue_pass_only_where_the_fused_down_pass_runs(sm90, generator,
+                                                                                             monkeypatch):
     dtype, images, tokens, k, n = torch.bfloat16, 2, 300, 3072, 1024
     x, shift, scale1p = modulated_case("cubed", images, tokens, k, dtype, generator)
     weight = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
     rows = modulated_layer_norm_reference(x, shift, scale1p, tokens, EPS)
-    for rank in (32, 48):   # in the fused down pass; past it (the input is written, the branch by cuBLAS)
+    calls = []   # which op each product ran on
+    for name in ("sparse_linear_modulated_sm90", "sparse_linear_gelu_sm90", "sparse_linear_lora_sm90"):
+        op = getattr(sm90, name)
+        monkeypatch.setattr(sm90, name, lambda *a, op=op, name=name: calls.append(name) or op(*a))
+    for rank, fused_ops in ((32, ["sparse_linear_modulated_sm90", "sparse_linear_gelu_sm90"]),
+                            (48, ["sparse_linear_lora_sm90"] * 2)):
+        # In the fused down pass; past it the input is written and the branch's down runs on cuBLAS.
         down, up = branch_case(generator, x.shape[0], weight.shape, rank, dtype)
         low_rank = dispatch.prepare_low_rank(down, up, 0.5, x.device, dtype)
+        calls.clear()
         fused = dispatch.sparse_linear_modulated(x, shift, scale1p, tokens, EPS, weight, None, True, low_rank=low_rank)
+        gelu = dispatch.sparse_linear_gelu(x, weight, None, True, low_rank=low_rank)
+        assert calls == fused_ops, rank
         want = dispatch.sparse_linear(rows, weight, None, True, low_rank=low_rank)
         assert relative_error(fused, want) < TOLERANCE, rank
-        gelu = dispatch.sparse_linear_gelu(x, weight, None, True, low_rank=low_rank)
         assert relative_error(gelu, dispatch.sparse_linear(gelu_tanh_reference(x), weight, None, True,
                                                            low_rank=low_rank)) < TOLERANCE, rank
+    monkeypatch.undo()
     with pytest.raises(RuntimeError, match="only in its fused down projection"):
         sm90.sparse_linear_modulated_sm90(x, shift, scale1p, tokens, EPS, weight, None, None, True, down,
                                           sm90.k_extension_up(up, 0.5))
+    with sm90.low_rank_fusion(False):   # the switch is for the plain pass: with a prologue it fuses anyway
+        down, up = down[:8], up[:, :8]
+        y = sm90.sparse_linear_gelu_sm90(x, weight, None, None, True, down, sm90.k_extension_up(up, 0.5))
+    want = (sparse_linear_reference(gelu_tanh_reference(x).float(), weight.float(), None, True)
+            + low_rank_reference(gelu_tanh_reference(x).float(), LowRankOperands(down.float(), up.float(), 0.5)))
+    assert relative_error(y, want) < TOLERANCE
     wq, w_scale = quantize_weight_fp8(weight.float())
     with pytest.raises(RuntimeError, match="e4m3 GEMM takes no low-rank branch"):
         sm90.sparse_linear_gelu_sm90(x, wq, w_scale, None, True, down[:8], sm90.k_extension_up(up[:, :8], 0.5))
@@ -253,8 +269,9 @@ def test_fused_block_parts_with_patched_layers_compile_in_one_graph(sm90, genera
         module = module.to("cuda", dtype)
         module.forward = LynxLinearForward(module, "layer", config, runtime, sparse=sparse)
         if with_lora and sparse:
-            module.forward = module.forward.with_lora(LowRankBranch(torch.randn(8, module.in_features) / 30,
-                                                                    torch.randn(module.out_features, 8) / 30, 1.0))
+            branch = LowRankBranch(torch.randn(8, module.in_features) / 30, torch.randn(module.out_features, 8) / 30, 1.0)
+            branch.prepare(torch.device("cuda"), dtype, config)   # as ComfyUI's patching does, outside the graph
+            module.forward = module.forward.with_lora(branch)
         if precision == "fp8":
             module.forward.prepare_fp8(module.weight)
         return module
