@@ -1,5 +1,6 @@
 """The fast path's plumbing that runs without a GPU: op schemas and fake kernels (what torch.compile
-traces), backend selection by environment, and the sm90 library's build cache key."""
+traces), backend selection by environment, the sm90 library's build cache key, and the path from
+a fused block to the sm90 ops (simulated on the CPU) in one compiled graph."""
 import importlib.util
 import pathlib
 import shutil
@@ -32,6 +33,9 @@ def test_sm90_fake_kernels_give_the_shapes_the_cuda_ops_return(rows):
         y_mod8 = torch.ops.rt_lynx.sparse_linear_modulated_sm90(x, shift, shift, rows, 1e-6, wq, w_scale, None, True)
         compressed_mod, _ = torch.ops.rt_lynx.sparsify_sm90(x, 64, False, True, shift, shift, rows, 1e-6)
         y_gelu = torch.ops.rt_lynx.sparse_linear_gelu_sm90(x, wq, w_scale, None, True)
+        y_mod_lora = torch.ops.rt_lynx.sparse_linear_modulated_sm90(x, shift, shift, rows, 1e-6, weight, None, None,
+                                                                     True, down, up_ext)
+        y_gelu_lora = torch.ops.rt_lynx.sparse_linear_gelu_sm90(x, weight, None, None, True, down, up_ext)
         compressed_gelu, _ = torch.ops.rt_lynx.sparsify_sm90(x, 128, True, True, gelu=True)
     padded = (rows + 63) // 64 * 64
     assert (y.shape, y.dtype) == ((rows, n), torch.bfloat16)
@@ -43,6 +47,7 @@ def test_sm90_fake_kernels_give_the_shapes_the_cuda_ops_return(rows):
     assert scale.shape == scale8.shape == (padded,)
     assert (mm.shape, mm.dtype) == ((rows, n), torch.float16)
     assert y_mod.shape == y_mod8.shape == y_gelu.shape == (rows, n) and compressed_mod.shape == compressed.shape
+    assert y_mod_lora.shape == y_gelu_lora.shape == (rows, n)
     assert compressed_gelu.shape == compressed8.shape
 
 
@@ -178,3 +183,111 @@ def test_a_load_device_without_index_holds_the_weights_on_the_current_gpu():
     assert _same_device(torch.device("cuda", 1), torch.device("cuda", 1))
     assert not _same_device(torch.device("cuda", 0), torch.device("cuda", 1))
     assert not _same_device(torch.device("cpu"), torch.device("cuda"))
+
+
+@pytest.fixture
+def sm90_on_the_cpu(monkeypatch):
+    """The sm90 path taken on the CPU: the dispatch sees the backend available, and the ops' CPU
+    kernels (for this test only) compute the reference math of their arguments. The Python between
+    a block and the kernels then runs, and compiles, as it does on a GPU; a wrong argument on the
+    way (shift, tokens, the branch's factors, the GELU tail) changes the numbers. Returns the names
+    of the ops called."""
+    from rt_lynx_pack.kernels import fp8_dense, reference
+    calls = []
+
+    def product(rows, weight, w_scale, bias, compensate, down=None, up_ext=None):
+        # In the rows' dtype, as the reference backend computes it.
+        if w_scale is None:
+            y = reference.sparse_linear_reference(rows, weight, bias, compensate)
+        else:
+            y = reference.sparse_linear_fp8_reference(rows, weight, w_scale, bias, compensate)
+        if down is not None:   # up from its K-extension form: u's value j sits at column 4 (j // 2) + j % 2
+            j = torch.arange(down.shape[0])
+            y = y + torch.nn.functional.linear(torch.nn.functional.linear(rows, down), up_ext[:, 4 * (j // 2) + j % 2])
+        return y
+
+    def counted(name, fn):
+        return lambda *args: calls.append(name) or fn(*args)
+
+    kernels = {
+        "sparse_linear_modulated_sm90": lambda x, shift, scale1p, tokens, eps, *rest: product(
+            reference.modulated_layer_norm_reference(x, shift, scale1p, tokens, eps), *rest),
+        "sparse_linear_gelu_sm90": lambda x, *rest: product(reference.gelu_tanh_reference(x), *rest),
+        "sparse_linear_sm90": lambda x, weight, bias, compensate: product(x, weight, None, bias, compensate),
+        "sparse_linear_lora_sm90": lambda x, weight, bias, compensate, down, up_ext: product(
+            x, weight, None, bias, compensate, down, up_ext),
+        "sparse_linear_fp8_sm90": lambda x, wq, w_scale, bias, compensate: product(x, wq, w_scale, bias, compensate),
+        "quantize_rows_fp8": lambda x, tail=None: reference.quantize_rows_fp8(
+            x if tail is None else reference.cat_gelu_tanh_reference(x, tail)),
+        "cat_gelu_tanh": reference.cat_gelu_tanh_reference,
+    }
+    with torch.library._scoped_library("rt_lynx", "IMPL") as lib:
+        for name, kernel in kernels.items():
+            lib.impl(name, counted(name, kernel), "CPU")
+        monkeypatch.delenv("RT_LYNX_GEMM", raising=False)
+        monkeypatch.setattr(dispatch, "backend_availability", lambda device, precision, backend: (True, "simulated"))
+        monkeypatch.setattr(sm90, "supports_sm90", lambda x2d, weight: (True, ""))
+        monkeypatch.setattr(sm90, "_prologue_fits", lambda k: True)
+        monkeypatch.setattr(sm90, "_low_rank_fused_constant", lambda rank: rank <= 32)
+        monkeypatch.setattr(fp8_dense, "supports_fp8_dense", lambda x2d, wq, gelu_tail=None: (True, ""))
+        # The fp8 dense product: the quantise op, then torch._scaled_mm's math (no CPU kernel here).
+        monkeypatch.setattr(fp8_dense, "dense_linear_fp8", lambda x2d, wq, w_scale, bias, gelu_tail=None: (
+            reference._scaled_product_fp8(*torch.ops.rt_lynx.quantize_rows_fp8(x2d, gelu_tail), wq, w_scale,
+                                          None if bias is None else bias.float()).to(x2d.dtype)))
+        yield calls
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_fused_block_parts_reach_the_fast_ops_and_compile_in_one_graph(sm90_on_the_cpu, precision, with_lora):
+    from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, LynxLinearForward, LynxRuntime
+    from rt_lynx_pack.lynx.fused_blocks import _linear_of_cat_activation, _modulated_linears, _modulated_mlp
+    g = torch.Generator().manual_seed(11)
+    dtype, images, tokens, hidden = torch.bfloat16, 2, 24, 64
+    runtime = LynxRuntime()
+
+    def patched(module, config, sparse=True):
+        module = module.to(dtype)
+        forward = LynxLinearForward(module, "layer", config, runtime, sparse=sparse)
+        if with_lora and sparse:
+            branch = LowRankBranch(torch.randn(8, module.in_features) / 8, torch.randn(module.out_features, 8) / 8, 1.0)
+            branch.prepare(torch.device("cpu"), dtype, config)
+            forward = forward.with_lora(branch)
+        if precision == "fp8":
+            forward.prepare_fp8(module.weight)
+        module.forward = forward
+        return module
+
+    def layers(config):
+        torch.manual_seed(5)   # the same weights and branches for both configs
+        return (patched(torch.nn.Linear(hidden, 3 * hidden), config),
+                torch.nn.Sequential(patched(torch.nn.Linear(hidden, 4 * hidden), config),
+                                    torch.nn.GELU(approximate="tanh"),
+                                    patched(torch.nn.Linear(4 * hidden, hidden), config)),
+                # linear2 stays dense: a plain layer in bf16, the e4m3 dense product in fp8
+                patched(torch.nn.Linear(5 * hidden, hidden), config, sparse=False) if precision == "fp8"
+                else torch.nn.Linear(5 * hidden, hidden).to(dtype))
+    norm = torch.nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+    x = (torch.randn(images, tokens, hidden, generator=g) * 3 + 1).to(dtype)
+    shift, scale = (torch.randn(images, 1, hidden, generator=g).to(dtype) / 4 for _ in range(2))
+    projected = torch.randn(images, tokens, 7 * hidden, generator=g).to(dtype)
+
+    def block(parts, x, projected):
+        qkv, mlp, linear2 = parts
+        (a,) = _modulated_linears((qkv,), norm, x, shift, scale)
+        b = _modulated_mlp(mlp, norm, x, shift, scale)
+        c = _linear_of_cat_activation(linear2, projected[..., :hidden], projected[..., 3 * hidden:],
+                                      torch.nn.GELU(approximate="tanh"))
+        return a, b, c
+    fast = layers(LynxConfig(precision=precision, min_tokens=1))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, p: block(fast, x, p), backend="eager", fullgraph=True)(x, projected)
+    called = set(sm90_on_the_cpu)
+    want = {"sparse_linear_modulated_sm90", "sparse_linear_gelu_sm90"}
+    want |= {"quantize_rows_fp8"} if precision == "fp8" else {"cat_gelu_tanh"}
+    if precision == "fp8" and with_lora:   # the fp8 product adds its branch after, from the input written out
+        want = {"sparse_linear_fp8_sm90", "quantize_rows_fp8"}
+    assert called == want
+    slow = layers(LynxConfig(precision=precision, min_tokens=1, backend="reference"))
+    for got, expected in zip(compiled, block(slow, x, projected)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)   # the same math, the same roundings
