@@ -314,11 +314,12 @@ def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
         choice = BackendChoice("reference", "reference backend requested")
     else:
         available, why_not = fp8_dense_availability(x2d.device)
-        if available and gelu_tail is not None and not _fp8_dense.supports_fp8_dense(x2d, wq, gelu_tail)[0]:
-            # A tail the quantise pass cannot read (strided columns, another device): written first.
-            x2d, gelu_tail = cat_gelu_tanh(x2d, gelu_tail), None
         if available:
             available, why_not = _fp8_dense.supports_fp8_dense(x2d, wq, gelu_tail)
+            if not available and gelu_tail is not None:
+                # A tail the quantise pass cannot read (strided columns, another device): written first.
+                x2d, gelu_tail = cat_gelu_tanh(x2d, gelu_tail), None
+                available, why_not = _fp8_dense.supports_fp8_dense(x2d, wq)
         choice = BackendChoice("fp8_dense", "e4m3 dense GEMM") if available else BackendChoice("reference", why_not)
     _report(_fast_or_raise(choice, requested, x2d, wq), x2d, wq)
     if choice.name == "fp8_dense":
