@@ -13,9 +13,10 @@
                      concatenation
 
 They compute `reference.qk_norm_rope_reference` / `qk_norm_rope_split_reference` (RoPE rounded as
-in the table's dtype) and `cat_gelu_tanh_reference` (the GELU as torch's CUDA kernel rounds it). In ComfyUI's eager models this work is a dozen passes (QKNorm, RoPE on
-broadcast pair tensors, the concatenation of the two streams); here one pass reads the
-projections once and writes the attention inputs once.
+in the table's dtype) and `cat_gelu_tanh_reference` (the GELU as torch's CUDA kernel rounds it).
+In ComfyUI's eager models the attention inputs take a dozen passes (QKNorm, RoPE on broadcast
+pair tensors, the concatenation of the two streams); here one pass reads the projections once and
+writes the attention inputs once.
 """
 import torch
 
