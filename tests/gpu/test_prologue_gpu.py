@@ -292,6 +292,7 @@ def test_fused_block_parts_with_patched_layers_compile_in_one_graph(sm90, genera
                                       torch.nn.GELU(approximate="tanh"))
         return a * 2, b * 2, c * 2
     torch._dynamo.reset()
-    compiled = torch.compile(block, fullgraph=True)(x, projected)
-    for got, want in zip(compiled, block(x, projected)):
-        assert relative_error(got, want) < 1e-3
+    with torch.inference_mode():   # as ComfyUI samples: no autograd graph (fp8's _scaled_mm has no derivative)
+        compiled = torch.compile(block, fullgraph=True)(x, projected)
+        for got, want in zip(compiled, block(x, projected)):
+            assert relative_error(got, want) < 1e-3
