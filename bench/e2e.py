@@ -6,6 +6,9 @@ Measures, per model/resolution/mode and for both sides in the same process:
   ComfyUI's BaseModel.apply_model (its wrappers included, so the compile wrapper applies);
 - peak GPU memory around those forwards (torch.cuda.max_memory_allocated);
 - for FLUX at 1024 only: a whole sample (nodes.common_ksampler, euler, --steps steps);
+- with --profile: where each side's GPU time per step goes (torch.profiler over a few more calls:
+  kernel time by kind, sparse and dense GEMM, attention, the pack's own passes, Inductor's fused
+  kernels, other), and how much of the step the GPU is busy at all;
 - with --calibrate: the "RT-Lynx Calibrate LoRA" node with its defaults on the full-size model
   (wall time, peak memory), then the step time with the calibrated Lynx LoRA attached, next to
   dense and Lynx without the LoRA.
@@ -56,6 +59,9 @@ def parse_args(argv=None):
                    help="with --precision fp8: the layers kept dense stay in bf16 (the node's fp8_dense_layers off)")
     p.add_argument("--attribution", action="store_true",
                    help="eager also: dense with fused blocks only, and Lynx without fused blocks (where the speed-up comes from)")
+    p.add_argument("--profile", action="store_true",
+                   help="also each side's kernel time per step by kind (torch.profiler over --profile-iters calls)")
+    p.add_argument("--profile-iters", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="1 double + 1 single block (Qwen: 1 block), small latent")
     p.add_argument("--calibrate", action="store_true",
                    help="only the calibration node's cost and the step with its LoRA (first resolution, eager)")
@@ -138,7 +144,7 @@ def step_inputs(arch, resolution, dev, dtype):
 
 def time_steps(patcher, arch, resolution, dev, dtype, args):
     """(median ms, all ms, first-call s, peak GB over the warm-up calls, peak GB over the timed
-    calls, output) of apply_model forwards."""
+    calls, output, profile_steps' result or None) of apply_model forwards."""
     import comfy.model_management
     import torch
     comfy.model_management.load_models_gpu([patcher])  # applies this clone's object patches
@@ -169,8 +175,51 @@ def time_steps(patcher, arch, resolution, dev, dtype, args):
             forward()
             dev.sync()
             times.append((time.perf_counter() - start) * 1000)
+        peak = dev.peak_gb()
+        profiled = profile_steps(forward, dev, args.profile_iters) if args.profile and dev.cuda else None
     assert torch.isfinite(out).all(), "non-finite denoiser output"
-    return statistics.median(times), times, first, first_peak, dev.peak_gb(), out.float().cpu()
+    return statistics.median(times), times, first, first_peak, peak, out.float().cpu(), profiled
+
+
+# Kernel kinds, first match wins (attention kernels can carry "cutlass" or "gemm" in their names).
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+                ("sparse GEMM", ("sparse",)),
+                ("dense GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "scaled_mm")),
+                ("RT-Lynx passes", ("rt_lynx",)),
+                ("Inductor fused", ("triton",)))
+PROFILE_KINDS = tuple(kind for kind, _ in KERNEL_KINDS) + ("other",)
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(mark in lower for mark in marks)), "other")
+
+
+def profile_steps(forward, dev, iters):
+    """({kind: kernel ms per step}, busy ms per step, wall ms per step, [(ms per step, kernel name)] of the
+    largest kernels) over `iters` calls after the timed ones (same inputs, already warm)."""
+    from torch.profiler import ProfilerActivity, profile
+    dev.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(iters):
+            forward()
+        dev.sync()
+        wall = (time.perf_counter() - start) * 1000 / iters
+    per_kind, per_kernel, intervals = dict.fromkeys(PROFILE_KINDS, 0.0), {}, []
+    for event in prof.events():
+        if event.device_type.name != "CUDA" or "memcpy" in event.name.lower() or "memset" in event.name.lower():
+            continue
+        ms = event.time_range.elapsed_us() / 1000 / iters
+        per_kind[kernel_kind(event.name)] += ms
+        per_kernel[event.name] = per_kernel.get(event.name, 0.0) + ms
+        intervals.append((event.time_range.start, event.time_range.end))
+    busy, reach = 0.0, float("-inf")   # union of kernel intervals: overlapping streams counted once
+    for begin, end in sorted(intervals):
+        busy += max(0.0, end - max(begin, reach))
+        reach = max(reach, end)
+    top = sorted(((ms, name) for name, ms in per_kernel.items()), reverse=True)[:12]
+    return {k: round(v, 3) for k, v in per_kind.items()}, round(busy / 1000 / iters, 3), round(wall, 3), top
 
 
 def time_sample(patcher, arch, resolution, dev, dtype, steps):
@@ -241,11 +290,19 @@ def run_model(arch, args, dev, rows, samples, notes):
                     if mode == "compile":
                         torch._dynamo.reset()  # dense and Lynx share the module: compile each from scratch
                         set_torch_compile_wrapper(patcher, backend=args.compile_backend)
-                    median, times, first, first_peak, peak, out = time_steps(patcher, arch, resolution, dev, dtype,
-                                                                             args)
+                    median, times, first, first_peak, peak, out, profiled = time_steps(patcher, arch, resolution, dev,
+                                                                                       dtype, args)
                     all_times[side] += times
                     log(f"[{arch} {resolution}px {mode} {side} round {round_index + 1}/{rounds}] {median:.2f} ms/step "
                         f"(first call {first:.1f} s), peak {peak:.2f} GB (warm-up {first_peak:.2f} GB)")
+                    if profiled is not None and round_index == 0:
+                        kinds, busy, wall, top = profiled
+                        result[f"{side}_profile"] = {"kernel_ms": kinds, "busy_ms": busy, "wall_ms": wall,
+                                                     "top_kernels": [[round(ms, 3), name[:160]] for ms, name in top]}
+                        log(f"[{arch} {resolution}px {mode} {side} profile] GPU busy {busy:.1f} of {wall:.1f} ms: "
+                            + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
+                        for ms, name in top:
+                            log(f"    {ms:8.3f} ms  {name[:150]}")
                     if round_index == 0:
                         outputs[side] = out
                         result.update({f"{side}_first_call_s": round(first, 2), f"{side}_peak_gb": round(peak, 3),
@@ -304,7 +361,7 @@ def run_calibration(arch, args, dev, calibrations, notes):
     notes[arch + " + LoRA"] = installed_plan(with_lora).summary(dev.device)
     for side, base in (("dense", dense), ("lynx", lynx), ("lynx_lora", with_lora)):
         patcher = base.clone()
-        median, _, _, _, peak, _ = time_steps(patcher, arch, resolution, dev, dtype, args)
+        median, _, _, _, peak, _, _ = time_steps(patcher, arch, resolution, dev, dtype, args)
         result[f"{side}_ms"], result[f"{side}_peak_gb"] = round(median, 3), round(peak, 3)
         log(f"[{arch} {resolution}px eager {side}] {median:.2f} ms/step, peak {peak:.2f} GB")
         del patcher
@@ -339,6 +396,14 @@ def markdown(meta, rows, samples, notes, calibrations=()):
             cells = [f"{r[f'{side}_ms']:.2f} ms ({r['dense_ms'] / r[f'{side}_ms']:.3f}x)" for side in ("fused", "sparse", "lynx")]
             lines.append(f"| {r['model']} | {r['resolution']} | {r['mode']} | {r['dense_ms']:.2f} ms | {' | '.join(cells)} | "
                          f"{r['fused_vs_dense_rel_error']:.4f} |")
+    profiled = [(r, side) for r in rows for side in ("dense", "lynx", "fused", "sparse") if f"{side}_profile" in r]
+    if profiled:
+        lines += ["", "| GPU time per step (ms) | res | mode | side | wall | GPU busy | "
+                  + " | ".join(PROFILE_KINDS) + " |", "|---" * (6 + len(PROFILE_KINDS)) + "|"]
+        for r, side in profiled:
+            prof = r[f"{side}_profile"]
+            lines.append(f"| {r['model']} | {r['resolution']} | {r['mode']} | {side} | {prof['wall_ms']:.1f} | "
+                         f"{prof['busy_ms']:.1f} | " + " | ".join(f"{prof['kernel_ms'][k]:.1f}" for k in PROFILE_KINDS) + " |")
     if samples:
         lines += ["", "| whole sample | res | mode | steps | dense s | Lynx s | speed-up |", "|---|---|---|---|---|---|---|"]
         keyed = {(s["model"], s["resolution"], s["mode"], s["side"]): s for s in samples}
@@ -359,6 +424,10 @@ def markdown(meta, rows, samples, notes, calibrations=()):
               "excluded); eager: over rounds in which dense and Lynx take turns (column rounds in the JSON). "
               "Peak: torch.cuda.max_memory_allocated during those calls, weights included; warm-up peak: "
               "the same over the first calls (one-time kernel config search, compilation)."]
+    if profiled:
+        lines += ["", "GPU time per step: torch.profiler over a few calls after the timed ones; kernel time by kind "
+                  "(the kernel's name decides), GPU busy: the union of kernel intervals, wall: the profiled calls' "
+                  "own time (profiling adds host overhead)."]
     return "\n".join(lines) + "\n"
 
 
