@@ -265,10 +265,10 @@ def test_fused_block_parts_with_patched_layers_compile_in_one_graph(sm90, genera
     torch.manual_seed(7)
     runtime, config = LynxRuntime(), LynxConfig(precision=precision)
 
-    def patched(module, sparse=True):
+    def patched(module, sparse=True, lora=with_lora):
         module = module.to("cuda", dtype)
         module.forward = LynxLinearForward(module, "layer", config, runtime, sparse=sparse)
-        if with_lora and sparse:
+        if lora and sparse:
             branch = LowRankBranch(torch.randn(8, module.in_features) / 30, torch.randn(module.out_features, 8) / 30, 1.0)
             branch.prepare(torch.device("cuda"), dtype, config)   # as ComfyUI's patching does, outside the graph
             module.forward = module.forward.with_lora(branch)
@@ -276,7 +276,11 @@ def test_fused_block_parts_with_patched_layers_compile_in_one_graph(sm90, genera
             module.forward.prepare_fp8(module.weight)
         return module
     qkv = patched(torch.nn.Linear(hidden, 3 * hidden))
-    mlp = torch.nn.Sequential(patched(torch.nn.Linear(hidden, 4 * hidden)), torch.nn.GELU(approximate="tanh"),
+    # In fp8 a branch is added after the product: on the MLP's up projection Inductor would fuse
+    # that add into the GELU without eager's rounding between them (one ulp, flipped 2:4 choices
+    # downstream), so there only the down projection carries one.
+    mlp = torch.nn.Sequential(patched(torch.nn.Linear(hidden, 4 * hidden), lora=with_lora and precision == "bf16"),
+                              torch.nn.GELU(approximate="tanh"),
                               patched(torch.nn.Linear(4 * hidden, hidden)))
     linear2 = patched(torch.nn.Linear(5 * hidden, hidden), sparse=precision != "fp8")
     norm = torch.nn.LayerNorm(hidden, elementwise_affine=False, eps=EPS)
@@ -301,5 +305,5 @@ def test_fused_block_parts_with_patched_layers_compile_in_one_graph(sm90, genera
     torch._dynamo.reset()
     with torch.inference_mode():   # as ComfyUI samples: no autograd graph (fp8's _scaled_mm has no derivative)
         compiled = torch.compile(block, fullgraph=True)(x, projected)
-        for got, want in zip(compiled, block(x, projected)):
-            assert relative_error(got, want) < 1e-3
+        for name, got, want in zip("abc", compiled, block(x, projected)):
+            assert relative_error(got, want) < 1e-3, name
