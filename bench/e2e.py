@@ -57,6 +57,9 @@ def parse_args(argv=None):
                    help="stored weight dtype (UNETLoader's weight_dtype); fp8 weights compute in bf16 (ComfyUI casts)")
     p.add_argument("--no-fp8-dense-layers", action="store_true",
                    help="with --precision fp8: the layers kept dense stay in bf16 (the node's fp8_dense_layers off)")
+    p.add_argument("--no-default-dense-layers", action="store_true",
+                   help="sparsify the layers the architecture keeps dense for quality too (FLUX: linear2; the "
+                        "node's default_dense_layers off)")
     p.add_argument("--attribution", action="store_true",
                    help="eager also: dense with fused blocks only, and Lynx without fused blocks (where the speed-up comes from)")
     p.add_argument("--profile", action="store_true",
@@ -181,13 +184,14 @@ def time_steps(patcher, arch, resolution, dev, dtype, args):
     return statistics.median(times), times, first, first_peak, peak, out.float().cpu(), profiled
 
 
-# Kernel kinds, first match wins (attention kernels can carry "cutlass" or "gemm" in their names).
-KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+# Kernel kinds, first match wins: Inductor names its kernels after the ops they fuse (one beside
+# attention can carry "attention"), attention kernels can carry "cutlass" or "gemm".
+KERNEL_KINDS = (("Inductor fused", ("triton_",)),
+                ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
                 ("sparse GEMM", ("sparse",)),
                 ("dense GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "scaled_mm")),
-                ("RT-Lynx passes", ("rt_lynx",)),
-                ("Inductor fused", ("triton",)))
-PROFILE_KINDS = tuple(kind for kind, _ in KERNEL_KINDS) + ("other",)
+                ("RT-Lynx passes", ("rt_lynx",)))
+PROFILE_KINDS = ("attention", "sparse GEMM", "dense GEMM", "RT-Lynx passes", "Inductor fused", "other")
 
 
 def kernel_kind(name: str) -> str:
@@ -241,11 +245,13 @@ def time_sample(patcher, arch, resolution, dev, dtype, steps):
     return time.perf_counter() - start
 
 
-def lynx_clone(patcher, precision: str, fp8_dense_layers: bool = True, fused_blocks: bool = True):
+def lynx_clone(patcher, precision: str, fp8_dense_layers: bool = True, fused_blocks: bool = True,
+               default_dense_layers: bool = True):
     from rt_lynx_pack.nodes import RTLynxSparsifyModel
     spec = RTLynxSparsifyModel.INPUT_TYPES()["required"]
     defaults = {name: (v[1]["default"]) for name, v in spec.items() if name != "model"}
-    options = {"precision": precision, "fp8_dense_layers": fp8_dense_layers, "fused_blocks": fused_blocks}
+    options = {"precision": precision, "fp8_dense_layers": fp8_dense_layers, "fused_blocks": fused_blocks,
+               "default_dense_layers": default_dense_layers}
     (patched,) = RTLynxSparsifyModel().patch(patcher, **(defaults | options))
     return patched
 
@@ -264,7 +270,8 @@ def run_model(arch, args, dev, rows, samples, notes):
     params = sum(p.numel() for p in dense.model.diffusion_model.parameters())
     log(f"[{arch}] built {params / 1e9:.2f} B params ({weight_dtype}) in {time.perf_counter() - start:.1f} s, "
         f"allocated {dev.allocated_gb():.1f} GB")
-    lynx = lynx_clone(dense, args.precision, not args.no_fp8_dense_layers)
+    layers = {"fp8_dense_layers": not args.no_fp8_dense_layers, "default_dense_layers": not args.no_default_dense_layers}
+    lynx = lynx_clone(dense, args.precision, **layers)
     notes[arch] = installed_plan(lynx).summary(dev.device)
     log(f"[{arch}] {notes[arch]}")
     attribution = {}
@@ -273,7 +280,7 @@ def run_model(arch, args, dev, rows, samples, notes):
         fused_dense = dense.clone()
         if install_fused_blocks(fused_dense, dense.get_model_object("diffusion_model")):
             attribution = {"fused": fused_dense,
-                           "sparse": lynx_clone(dense, args.precision, not args.no_fp8_dense_layers, fused_blocks=False)}
+                           "sparse": lynx_clone(dense, args.precision, fused_blocks=False, **layers)}
     resolutions = args.resolutions if arch == "flux" else [args.resolutions[0] if args.tiny else 1024]
     for resolution in resolutions:
         modes = ["eager"] + (["compile"] if not args.no_compile and resolution in args.compile_resolutions else [])

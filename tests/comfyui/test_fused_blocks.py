@@ -2,6 +2,8 @@
 computes what ComfyUI's own block computes, the sampler reaches them through ComfyUI's
 block-replace patches on the patched clone only, and a block another node replaces is left to
 that node."""
+import copy
+
 import pytest
 import torch
 
@@ -34,6 +36,38 @@ def attention(q, k, v, heads, mask, transformer_options):
                                          transformer_options=transformer_options)
 
 
+def own_copy(block, dtype):
+    # A copy, so the module-scoped model the sampling tests use keeps its fp32 weights (a bf16
+    # round trip would round them, and the fused and unfused samples' 2:4 choices would then
+    # part on different near-ties).
+    return copy.deepcopy(block).to(dtype)
+
+
+def assert_same_up_to_rounding(got, want):
+    """fp32: the same operations up to the residuals' single rounding (addcmul). bf16: plus one
+    rounding of each gated product that ComfyUI's separate multiply makes, one ulp of a term as
+    large as the output's largest (a residual that cancels it keeps that absolute error)."""
+    if want.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        one_ulp_of_largest = want.abs().max().item() * 2.0 ** -7
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=max(2e-2, one_ulp_of_largest))
+
+
+def assert_same_sample(got, want, sparse=True):
+    """Fused and unfused blocks round differently in the last fp32 bit. With no layer sparsified
+    that is all (tight); with sparse layers a 2:4 choice between two near-equal values can go
+    either way, so a few latent elements may differ visibly (Qwen-Image here: 2% of them, 1e-3 of
+    the norm), the sample as a whole not (a block computing something else moves it by tens of
+    percent)."""
+    error = ((got - want).norm() / want.norm()).item()
+    assert error < (5e-3 if sparse else 1e-5), f"fused vs unfused sample: relative error {error:.2e}"
+
+
+# The sampling tests' selection that sparsifies no layer: the blocks alone.
+NO_LAYER = "^no_such_layer$"
+
+
 @pytest.fixture(scope="module")
 def flux():
     patcher = load_flux()
@@ -54,40 +88,27 @@ def block_inputs(model, txt_tokens=7, img_tokens=12, batch=2, dtype=torch.float3
 @pytest.mark.parametrize("flipped", [False, True])
 def test_fused_double_block_computes_comfyuis_double_block(flux, dtype, flipped):
     model = flux.model.diffusion_model
-    block = model.double_blocks[0]
+    block = own_copy(model.double_blocks[0], dtype)
     assert fused_block_kind(block) == ("double", "")
     img, txt, vec, pe = block_inputs(model, dtype=dtype)
-    block.to(dtype)
     block.flipped_img_txt = flipped
-    try:
-        # ComfyUI's forward adds into txt in place: it gets copies.
-        want_img, want_txt = block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe)
-        got_img, got_txt = flux_double_block(block, img, txt, vec, pe, None, {}, attention)
-    finally:
-        block.flipped_img_txt = False
-        block.float()
-    # fp32: the same operations up to the residuals' single rounding (addcmul); bf16: plus one
-    # rounding of each gated product that ComfyUI's separate multiply makes.
-    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(got_img, want_img, **tolerance)
-    torch.testing.assert_close(got_txt, want_txt, **tolerance)
+    # ComfyUI's forward adds into txt in place: it gets copies.
+    want_img, want_txt = block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe)
+    got_img, got_txt = flux_double_block(block, img, txt, vec, pe, None, {}, attention)
+    assert_same_up_to_rounding(got_img, want_img)
+    assert_same_up_to_rounding(got_txt, want_txt)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_single_block_computes_comfyuis_single_block(flux, dtype):
     model = flux.model.diffusion_model
-    block = model.single_blocks[0]
+    block = own_copy(model.single_blocks[0], dtype)
     assert fused_block_kind(block) == ("single", "")
     img, txt, vec, pe = block_inputs(model, dtype=dtype)
     x = torch.cat((txt, img), 1)
-    block.to(dtype)
-    try:
-        want = block(x.clone(), vec=vec, pe=pe)
-        got = flux_single_block(block, x, vec, pe, None, {}, attention)
-    finally:
-        block.float()
-    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(got, want, **tolerance)
+    want = block(x.clone(), vec=vec, pe=pe)
+    got = flux_single_block(block, x, vec, pe, None, {}, attention)
+    assert_same_up_to_rounding(got, want)
 
 
 def test_sampling_reaches_the_fused_blocks_on_the_patched_clone_only(flux, capsys):
@@ -106,7 +127,11 @@ def test_sampling_reaches_the_fused_blocks_on_the_patched_clone_only(flux, capsy
         replaced[key] = counting
     out = sample(fused)
     assert set(calls) == {("double_block", 0), ("single_block", 0)}
-    torch.testing.assert_close(out, sample(unfused), rtol=1e-4, atol=1e-4)
+    assert_same_sample(out, sample(unfused))
+    blocks_only = sparsify(flux, include_layers=NO_LAYER)
+    assert len(blocks_only.model_options["transformer_options"]["patches_replace"]["dit"]) == 2
+    assert_same_sample(sample(blocks_only), sample(sparsify(flux, include_layers=NO_LAYER, fused_blocks=False)),
+                       sparse=False)
 
 
 def test_a_block_another_node_replaces_is_left_to_it(flux, capsys):
@@ -136,7 +161,7 @@ def qwen_attention(q, k, v, heads, mask, transformer_options):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_qwen_image_block_computes_comfyuis_block(qwen, dtype):
     model = qwen.model.diffusion_model
-    block = model.transformer_blocks[0]
+    block = own_copy(model.transformer_blocks[0], dtype)
     assert fused_block_kind(block) == ("qwen_image", "")
     generator = torch.Generator().manual_seed(4)
     batch, txt_tokens, img_tokens, hidden = 2, 6, 10, model.inner_dim
@@ -144,16 +169,11 @@ def test_fused_qwen_image_block_computes_comfyuis_block(qwen, dtype):
     pe = model.pe_embedder(ids).squeeze(1).unsqueeze(2).to(dtype)   # as QwenImageTransformer2DModel makes it
     img, txt, temb = (torch.randn(batch, *shape, generator=generator).to(dtype)
                       for shape in ((img_tokens, hidden), (txt_tokens, hidden), (hidden,)))
-    block.to(dtype)
-    try:
-        want_txt, want_img = block(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=None,
-                                   temb=temb, image_rotary_emb=pe)
-        got_txt, got_img = qwen_image_block(block, img, txt, temb, pe, {}, qwen_attention)
-    finally:
-        block.float()
-    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(got_img, want_img, **tolerance)
-    torch.testing.assert_close(got_txt, want_txt, **tolerance)
+    want_txt, want_img = block(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=None,
+                               temb=temb, image_rotary_emb=pe)
+    got_txt, got_img = qwen_image_block(block, img, txt, temb, pe, {}, qwen_attention)
+    assert_same_up_to_rounding(got_img, want_img)
+    assert_same_up_to_rounding(got_txt, want_txt)
 
 
 def test_qwen_image_samples_through_its_fused_blocks_with_cfg(qwen, capsys):
@@ -170,8 +190,12 @@ def test_qwen_image_samples_through_its_fused_blocks_with_cfg(qwen, capsys):
     replaced[("double_block", 0)] = counting
     out = sample(fused, arch="qwen_image", cfg=2.0)
     assert calls and all(batch == 2 for batch in calls)   # cond and uncond in one batch
-    torch.testing.assert_close(out, sample(sparsify(qwen, fused_blocks=False), arch="qwen_image", cfg=2.0),
-                               rtol=1e-4, atol=1e-4)
+    assert_same_sample(out, sample(sparsify(qwen, fused_blocks=False), arch="qwen_image", cfg=2.0))
+    blocks_only = sparsify(qwen, include_layers=NO_LAYER)
+    assert len(blocks_only.model_options["transformer_options"]["patches_replace"]["dit"]) == 1
+    assert_same_sample(sample(blocks_only, arch="qwen_image", cfg=2.0),
+                       sample(sparsify(qwen, include_layers=NO_LAYER, fused_blocks=False), arch="qwen_image", cfg=2.0),
+                       sparse=False)
 
 
 def test_models_that_reuse_flux_blocks_keep_them(flux):

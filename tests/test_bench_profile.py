@@ -1,0 +1,33 @@
+"""The end-to-end benchmark's step profile sorts kernels by kind from their names: the names below
+are the ones a FLUX step ran on the H200 (torch 2.11, cuDNN attention, Inductor, our kernels)."""
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("e2e_bench", ROOT / "bench" / "e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1x1_kernel0_0",
+     "attention"),
+    ("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention__to_copy_add_mul_permute_27",
+     "Inductor fused"),
+    ("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalIN4cute5tupleIJiiiiEEEN7rt_lynx4sm9023"
+     "KExtendedSparseMainloopINS8_19OverlappedSparseMmaINS1_1", "sparse GEMM"),
+    ("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", "dense GEMM"),
+    ("void rt_lynx::(anonymous namespace)::qk_norm_rope_kernel<true, 4, false>(rt_lynx::QkNormRopeParams)",
+     "RT-Lynx passes"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float, true>", "other"),
+])
+def test_kernel_kinds(e2e, name, kind):
+    assert e2e.kernel_kind(name) == kind
+    assert kind in e2e.PROFILE_KINDS
