@@ -18,6 +18,7 @@ Usage (GPU): COMFYUI_PATH=.comfyui python bench/e2e.py [--models flux,qwen_image
 CPU check of the logic: COMFYUI_PATH=... python bench/e2e.py --tiny
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -60,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--no-default-dense-layers", action="store_true",
                    help="sparsify the layers the architecture keeps dense for quality too (FLUX: linear2; the "
                         "node's default_dense_layers off)")
+    p.add_argument("--fast-gelu", action="store_true",
+                   help="the kernels' GELU on the fast hardware tanh (sm90.fast_gelu) instead of torch's tanhf")
     p.add_argument("--attribution", action="store_true",
                    help="eager also: dense with fused blocks only, and Lynx without fused blocks (where the speed-up comes from)")
     p.add_argument("--profile", action="store_true",
@@ -382,7 +385,8 @@ def run_calibration(arch, args, dev, calibrations, notes):
 def markdown(meta, rows, samples, notes, calibrations=()):
     lines = [f"# RT-Lynx end to end in ComfyUI ({meta['date']}, {meta['gpu']})", "",
              f"torch {meta['torch']}, ComfyUI {meta['comfyui']}, commit {meta['commit']}, weights {meta['dtype']} "
-             f"(random), compile backend {meta['compile_backend']}{', TINY models' if meta['tiny'] else ''}", ""]
+             f"(random), compile backend {meta['compile_backend']}{', TINY models' if meta['tiny'] else ''}"
+             f"{', fast GELU in the kernels' if meta['args'].get('fast_gelu') else ''}", ""]
     lines += [f"- {arch}: {text}" for arch, text in notes.items()]
     if rows:
         lines += ["", "| model | res | batch | mode | dense ms/step | Lynx ms/step | speed-up | dense peak GB | "
@@ -449,11 +453,16 @@ def main(argv=None):
     log(f"device {dev.name}, torch {torch.__version__}, models {args.models}, resolutions {args.resolutions}, "
         f"compile {'off' if args.no_compile else args.compile_backend + ' at ' + str(args.compile_resolutions)}")
     rows, samples, notes, calibrations = [], [], {}, []
-    for arch in args.models:
-        if args.calibrate:
-            run_calibration(arch, args, dev, calibrations, notes)
-        else:
-            run_model(arch, args, dev, rows, samples, notes)
+    gelu = contextlib.nullcontext()
+    if args.fast_gelu:
+        from rt_lynx_pack.kernels import sm90
+        gelu = sm90.fast_gelu(True)   # process-wide; the dense side runs none of these kernels
+    with gelu:
+        for arch in args.models:
+            if args.calibrate:
+                run_calibration(arch, args, dev, calibrations, notes)
+            else:
+                run_model(arch, args, dev, rows, samples, notes)
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "gpu": dev.name, "torch": torch.__version__,
             "cuda": torch.version.cuda, "comfyui": comfyui_version.__version__, "commit": git_commit(),

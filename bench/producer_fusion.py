@@ -10,7 +10,9 @@ projection's output x), at 1024², bf16, bias and compensation on:
                sm90.sparse_linear_sm90: what a torch.compile'd model without the fusion runs
   lynx_fused   sm90.sparse_linear_modulated_sm90 / sparse_linear_gelu_sm90 (the prologue in the
                sparsify pass)
-and with --fp8 the same three Lynx variants on the e4m3 product (lynx8, lynx8_ind, lynx8_fused).
+  lynx_fast    (GELU rows) lynx_fused with the kernels' fast GELU (sm90.fast_gelu: tanh on the
+               hardware exp2 and a fast division instead of torch's tanhf)
+and with --fp8 the same Lynx variants on the e4m3 product (lynx8, lynx8_ind, lynx8_fused, lynx8_fast).
 FLUX's single-block linear2 ("cat gelu") is kept dense: its input is cat((attention output,
 gelu(MLP part of linear1's output))), and its "lynx" columns are the layer as the precision runs
 it, F.linear in bf16 (fused: kernels' cat_gelu_tanh, then F.linear) and the e4m3 dense product
@@ -117,6 +119,11 @@ def bench_shape(prologue_kind, images, tokens, k, n, linears, fp8, calls, repeat
         f"{prefix}_ind": lambda: product(inductor_prologue(next_x())),
         f"{prefix}_fused": lambda: fused(next_x()),
     }
+    if prologue_kind != "norm":
+        def fast(x):
+            with sm90.fast_gelu(True):   # read at launch: a captured graph keeps it
+                return fused(x)
+        fns[f"{prefix}_fast"] = lambda: fast(next_x())
     if not fp8:
         fns = {"dense": lambda: [F.linear(eager_prologue(next_x()), w, bias) for w in weights], **fns}
     if lora_rank and prologue_kind != "cat gelu":
@@ -134,6 +141,10 @@ def bench_shape(prologue_kind, images, tokens, k, n, linears, fp8, calls, repeat
     error = max(((a.float() - b.float()).norm() / b.float().norm()).item()
                 for a, b in zip(fused(xs[0]), product(eager_prologue(xs[0]))))
     row = {"rows": rows, "k": k, "n": n, "linears": linears, "fused_vs_unfused_error": error}
+    if f"{prefix}_fast" in fns:
+        with sm90.fast_gelu(True):
+            row["fast_vs_unfused_error"] = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                                               for a, b in zip(fused(xs[0]), product(eager_prologue(xs[0]))))
     for name, us in interleaved_eager_us(fns, calls, repeats).items():
         row[f"{name}_eager_us"] = us
     for name, us in interleaved_kernel_us(fns, calls, repeats).items():
@@ -153,8 +164,9 @@ def markdown(rows, meta, fp8):
              f"{meta['date']}, {meta['gpu']}, torch {meta['torch']}, commit {meta['commit']}; "
              f"{meta['calls']} calls x {meta['repeats']} repeats, variants in turns. Times in us per call "
              f"(eager wall / CUDA-graph kernel).", ""]
+    fast = [r for r in rows if f"{prefix}_fast_kernel_us" in r]
     head = (["dense"] if not fp8 else []) + [prefix, f"{prefix}_ind", f"{prefix}_fused"] + \
-        (["lora_ind", "lora_fused"] if lora else [])
+        ([f"{prefix}_fast"] if fast else []) + (["lora_ind", "lora_fused"] if lora else [])
     lines.append("| model | layer | prologue | M x K x N (x linears) | " + " | ".join(head)
                  + " | fused vs unfused eager | fused vs Inductor's prologue, kernel | rel. diff |")
     lines.append("|" + "---|" * (len(head) + 7))
@@ -173,6 +185,15 @@ def markdown(rows, meta, fp8):
     lines += ["", f"Over one FLUX.1-dev 1024² step (the FLUX rows times their uses): the fusion saves "
               f"{eager:.2f} ms of eager wall time against the eager prologues, and {kernel:.2f} ms of "
               f"kernel time against Inductor's compiled prologues (what a compiled step saves).", ""]
+    if fast:
+        ratios = [r[f"{prefix}_fused_kernel_us"] / r[f"{prefix}_fast_kernel_us"] for r in fast]
+        saved = sum(r["per_flux_step"] * (r[f"{prefix}_fused_kernel_us"] - r[f"{prefix}_fast_kernel_us"])
+                    for r in fast) / 1e3
+        lines += [f"The kernels' fast GELU ({prefix}_fast) against torch's tanhf in the same passes: kernel time "
+                  f"x{min(ratios):.3f}-{max(ratios):.3f} on the GELU rows, {saved:.2f} ms over one FLUX.1-dev 1024² "
+                  f"step; output against the unfused layer {max(r['fast_vs_unfused_error'] for r in fast):.1e} "
+                  f"(rel. diff, worst row; the exact GELU's: "
+                  f"{max(r['fused_vs_unfused_error'] for r in fast):.1e}).", ""]
     if lora:
         with_branch = [r for r in rows if "lora_fused_kernel_us" in r]
         ratios = [r["lora_ind_kernel_us"] / r["lora_fused_kernel_us"] for r in with_branch]

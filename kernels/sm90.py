@@ -369,6 +369,19 @@ def staged_sparsify(enabled: bool):
 
 
 @contextlib.contextmanager
+def fast_gelu(enabled: bool):
+    """Within the block, every GELU the kernels compute (the sparsify pass's prologue, in the plain
+    and the fused down pass, the fp8 quantise pass's tail, cat_gelu_tanh) takes tanh from the
+    hardware exp2 and a fast division (enabled: a few fp32 ulps from torch's, its 16-bit result
+    now and then one ulp off) or is torch's bit for bit (the default; its accurate tanhf costs
+    more than these passes' memory time). The previous setting comes back on leaving it.
+    Process-wide like low_rank_fusion; for benchmarks and tests that compare both."""
+    ext = _cusparselt.extension()
+    with _switched(bool(ext.fast_gelu()), ext.set_fast_gelu, enabled):
+        yield
+
+
+@contextlib.contextmanager
 def _switched(previous: bool, set_switch, enabled: bool):
     """A process-wide switch of the extension set to `enabled` within the block, back to `previous` after."""
     set_switch(bool(enabled))

@@ -335,6 +335,7 @@ struct PrologueArgs {
   const uint16_t* scale1p;  // 1 + scale, (images, cols)
   int64_t tokens;           // rows per image
   float eps;
+  bool fast_gelu;           // set_fast_gelu at launch
 };
 
 template <bool kBf16>
@@ -377,27 +378,41 @@ __device__ __forceinline__ uint4 modulate_8(const uint4& x, const uint4& shift, 
                     modulate_word<kBf16>(x.w, shift.w, scale1p.w, mean, rstd));
 }
 
-// gelu(x) with the tanh approximation, in fp32 and in the order torch's CUDA kernel computes it,
-// rounded to the 16-bit type.
-template <bool kBf16>
+// gelu(x) = 0.5 x (1 + tanh(u)) with the tanh approximation, in fp32 in the order torch's CUDA
+// kernel computes it, rounded to the 16-bit type (set_fast_gelu). Exact: tanhf, torch's result bit
+// for bit. Fast: tanh(u) = 1 - 2 / (1 + exp(2u)) on ex2.approx and a fast division, which
+// saturates to -1 / 1 where tanhf does, so the far tails are torch's (-0 and x; +-inf and NaN as
+// torch's); elsewhere a few fp32 ulps from tanhf.
+template <bool kBf16, bool kFast>
 __device__ __forceinline__ uint32_t gelu_tanh_bits(uint32_t bits16) {
   constexpr float kBeta = 0.7978845608028654f;   // sqrt(2 / pi)
   constexpr float kKappa = 0.044715f;
   const float x = bits_to_float<kBf16>(bits16);
   const float cube = x * x * x;
   const float inner = kBeta * (x + kKappa * cube);
-  return float_to_bits<kBf16>(0.5f * x * (1.f + tanhf(inner)));
+  if constexpr (kFast) {
+    const float tanh_inner = 1.f - __fdividef(2.f, 1.f + __expf(2.f * inner));
+    return float_to_bits<kBf16>(0.5f * x * (1.f + tanh_inner));
+  } else {
+    return float_to_bits<kBf16>(0.5f * x * (1.f + tanhf(inner)));
+  }
 }
 
-template <bool kBf16>
-__device__ __forceinline__ uint4 gelu_tanh_8(const uint4& v) {
+template <bool kBf16, bool kFast>
+__device__ __forceinline__ uint4 gelu_tanh_8_as(const uint4& v) {
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
   uint32_t out[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    out[i] = gelu_tanh_bits<kBf16>(words[i] & 0xffffu) | (gelu_tanh_bits<kBf16>(words[i] >> 16) << 16);
+    out[i] = gelu_tanh_bits<kBf16, kFast>(words[i] & 0xffffu) | (gelu_tanh_bits<kBf16, kFast>(words[i] >> 16) << 16);
   }
   return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// One uniform branch per 8 values: the launch's setting, the same for every thread.
+template <bool kBf16>
+__device__ __forceinline__ uint4 gelu_tanh_8(const uint4& v, bool fast) {
+  return fast ? gelu_tanh_8_as<kBf16, true>(v) : gelu_tanh_8_as<kBf16, false>(v);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -488,7 +503,7 @@ __device__ __forceinline__ void prologue_on_tile(uint16_t* stage, int64_t first_
       if (kFusedRowsPerCopy * i >= rows_left) break;
       uint4* v = reinterpret_cast<uint4*>(stage + i * kFusedRowsPerCopy * kFusedPitch);
       if constexpr (kPrologue == kPrologueGeluTanh) {
-        *v = gelu_tanh_8<kBf16>(*v);
+        *v = gelu_tanh_8<kBf16>(*v, mod.fast_gelu);
       } else {
         const int64_t row = first_row + kFusedRowsPerCopy * i;
         const float2 stats = __ldg(row_stats + row);
@@ -877,7 +892,7 @@ void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int
           cudaGetErrorString(configured));
   const FusedSlicing slicing = fused_slicing(padded_rows, cols);
   PrologueArgs mod{static_cast<const uint16_t*>(l.prologue->shift), static_cast<const uint16_t*>(l.prologue->scale1p),
-                   l.prologue->tokens, l.prologue->eps};
+                   l.prologue->tokens, l.prologue->eps, fast_gelu()};
   float2* row_stats = nullptr;
   if constexpr (kPrologue == kPrologueLayerNormModulation) {
     row_stats = reinterpret_cast<float2*>(l.workspace + slicing.slices * padded_rows *
@@ -1023,6 +1038,17 @@ std::atomic<bool>& low_rank_fusion_enabled() {
 }  // namespace
 
 void set_sparsify_low_rank_fusion(bool enabled) { low_rank_fusion_enabled().store(enabled); }
+
+namespace {
+std::atomic<bool>& fast_gelu_enabled() {
+  static std::atomic<bool> enabled{false};
+  return enabled;
+}
+}  // namespace
+
+bool fast_gelu() { return fast_gelu_enabled().load(); }
+
+void set_fast_gelu(bool enabled) { fast_gelu_enabled().store(enabled); }
 
 void set_sparsify_staged_pass(bool enabled) { staged_pass_enabled().store(enabled); }
 
@@ -1407,8 +1433,8 @@ __global__ void __launch_bounds__(kStagedThreads, 2) sparsify_staged_kernel(
       // Unit by unit, as it is selected: all units at once keep too many tanh in flight (spills).
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        in0[j][h] = gelu_tanh_8<kBf16>(in0[j][h]);
-        in1[j][h] = gelu_tanh_8<kBf16>(in1[j][h]);
+        in0[j][h] = gelu_tanh_8<kBf16>(in0[j][h], prologue.fast_gelu);
+        in1[j][h] = gelu_tanh_8<kBf16>(in1[j][h], prologue.fast_gelu);
       }
     }
     const uint32_t codes0 = select_16<kBf16>(in0[j], v0, stats.dense0, stats.kept0);
@@ -1514,7 +1540,7 @@ void launch_staged(int threads_per_pair, const void* x, int64_t rows, int64_t pa
                    const void* u, int64_t rank, int64_t k_ext, const SparsifyPrologue& prologue,
                    cudaStream_t stream) {
   const PrologueArgs args{static_cast<const uint16_t*>(prologue.shift), static_cast<const uint16_t*>(prologue.scale1p),
-                          prologue.tokens, prologue.eps};
+                          prologue.tokens, prologue.eps, fast_gelu()};
   switch (prologue.kind) {
     case kPrologueLayerNormModulation:
       return launch_staged_threads<kBf16, kE4m3, kBlockK, kPrologueLayerNormModulation>(
@@ -1844,7 +1870,7 @@ template <bool kBf16, bool kGeluTail>
 __global__ void __launch_bounds__(kQuantizeMaxThreads)
     quantize_rows_e4m3_kernel(const uint4* __restrict__ x, int64_t ld_vecs, int head_vecs,
                               const uint4* __restrict__ tail, int64_t ld_tail_vecs, int vecs_per_row,
-                              uint2* __restrict__ q, float* __restrict__ dequant_scale) {
+                              uint2* __restrict__ q, float* __restrict__ dequant_scale, bool fast_gelu) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const uint4* x_row = x + blockIdx.x * ld_vecs;
   const uint4* tail_row = kGeluTail ? tail + blockIdx.x * ld_tail_vecs : nullptr;
@@ -1858,7 +1884,7 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads)
 #pragma unroll
   for (int i = 0; i < kQuantizeVecsPerThread; ++i) {
     const int c = threadIdx.x + i * blockDim.x;
-    if (kGeluTail && c >= head_vecs && c < vecs_per_row) v[i] = gelu_tanh_8<kBf16>(v[i]);
+    if (kGeluTail && c >= head_vecs && c < vecs_per_row) v[i] = gelu_tanh_8<kBf16>(v[i], fast_gelu);
     amax = max(amax, max_abs_bits(v[i], zero));
   }
   // The row's max over its warps: every thread reads all warps' maxima (no second barrier).
@@ -1890,10 +1916,10 @@ void launch_quantize_rows_dtype(const uint4* x, int64_t ld_vecs, int head_vecs, 
   const auto grid = static_cast<unsigned>(rows);
   if (tail != nullptr) {
     quantize_rows_e4m3_kernel<kBf16, true><<<grid, threads, 0, stream>>>(x, ld_vecs, head_vecs, tail, ld_tail_vecs,
-                                                                          vecs, q, dequant_scale);
+                                                                          vecs, q, dequant_scale, fast_gelu());
   } else {
     quantize_rows_e4m3_kernel<kBf16, false><<<grid, threads, 0, stream>>>(x, ld_vecs, head_vecs, nullptr, 0, vecs, q,
-                                                                           dequant_scale);
+                                                                           dequant_scale, false);
   }
 }
 
@@ -1906,7 +1932,8 @@ constexpr int kCatVecsPerThread = 4;
 template <bool kBf16>
 __global__ void __launch_bounds__(kCatThreads)
     cat_gelu_tanh_kernel(const uint4* __restrict__ a, int64_t ld_a_vecs, int a_vecs, const uint4* __restrict__ b,
-                         int64_t ld_b_vecs, int row_vecs, int64_t total_vecs, uint4* __restrict__ out) {
+                         int64_t ld_b_vecs, int row_vecs, int64_t total_vecs, uint4* __restrict__ out,
+                         bool fast_gelu) {
   const int64_t stride = int64_t(gridDim.x) * kCatThreads;
   for (int64_t first = int64_t(blockIdx.x) * kCatThreads + threadIdx.x; first < total_vecs;
        first += stride * kCatVecsPerThread) {
@@ -1926,7 +1953,7 @@ __global__ void __launch_bounds__(kCatThreads)
 #pragma unroll
     for (int j = 0; j < kCatVecsPerThread; ++j) {
       const int64_t i = first + j * stride;
-      if (i < total_vecs) out[i] = activated[j] ? gelu_tanh_8<kBf16>(v[j]) : v[j];
+      if (i < total_vecs) out[i] = activated[j] ? gelu_tanh_8<kBf16>(v[j], fast_gelu) : v[j];
     }
   }
 }
@@ -1977,9 +2004,11 @@ void launch_cat_gelu_tanh(const void* a, int64_t ld_a, int64_t a_cols, const voi
   auto* ov = static_cast<uint4*>(out);
   const int a_vecs = static_cast<int>(a_cols / 8);
   if (is_bf16) {
-    cat_gelu_tanh_kernel<true><<<blocks, kCatThreads, 0, stream>>>(av, ld_a / 8, a_vecs, bv, ld_b / 8, row_vecs, total, ov);
+    cat_gelu_tanh_kernel<true><<<blocks, kCatThreads, 0, stream>>>(av, ld_a / 8, a_vecs, bv, ld_b / 8, row_vecs, total, ov,
+                                                                    fast_gelu());
   } else {
-    cat_gelu_tanh_kernel<false><<<blocks, kCatThreads, 0, stream>>>(av, ld_a / 8, a_vecs, bv, ld_b / 8, row_vecs, total, ov);
+    cat_gelu_tanh_kernel<false><<<blocks, kCatThreads, 0, stream>>>(av, ld_a / 8, a_vecs, bv, ld_b / 8, row_vecs, total, ov,
+                                                                     fast_gelu());
   }
 }
 

@@ -50,7 +50,7 @@ constexpr int kMetadataSm90Block128 = 128;
 //   one fp32 multiply-add rounded once (torch.addcmul). shift and scale1p: (rows / tokens) x cols
 //   in x's dtype, contiguous, 16-byte aligned; row r uses their row r / tokens.
 // - kPrologueGeluTanh, an MLP's activation before its down projection: x' = gelu(x) with the tanh
-//   approximation, in fp32 as torch computes it, rounded to x's dtype.
+//   approximation, in fp32 as torch computes it (or fast, see set_fast_gelu), rounded to x's dtype.
 // Rows must fit the staged pass (sparsify_prologue_supported); no low-rank extension.
 constexpr int kPrologueNone = 0;
 constexpr int kPrologueLayerNormModulation = 1;
@@ -107,6 +107,17 @@ void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, 
 bool sparsify_low_rank_fused(int64_t rank);
 void set_sparsify_low_rank_fusion(bool enabled);
 
+// How every GELU of these kernels (the sparsify prologue, the quantise pass's tail, cat_gelu_tanh)
+// is computed. Off (the default): in fp32 in torch's order with its accurate tanhf, so the result
+// is torch's bit for bit; that costs about 37 instructions an element, more than these passes'
+// memory time. On: the same formula with tanh(u) = 1 - 2 / (1 + exp(2u)) on the hardware exp2
+// and a fast division (about 14 instructions): torch's result in the saturated tails, a few fp32
+// ulps from it elsewhere (a 16-bit result one ulp off now and then, mostly in the negative tail
+// where 1 + tanh(u) cancels in both).
+// Read at each launch; process-wide, for benchmarks and tests that compare both on the same data.
+bool fast_gelu();
+void set_fast_gelu(bool enabled);
+
 // The sm90 layouts' pass (launch_sparsify_compress without a split, launch_sparsify_fp8 with
 // kMetadataSm90Block128) keeps each row pair in registers, loaded all at once, when the row
 // fits (cols <= 16384); else, or when switched off, it loops over 32/64-column chunks (e4m3:
@@ -153,7 +164,7 @@ void launch_quantize_rows_fp8(const void* x, int64_t rows, int64_t cols, int64_t
                               int64_t tail_cols = 0, int64_t ld_tail = 0);
 
 // out (rows x (a_cols + b_cols), contiguous) = [a row, gelu_tanh(b row)], 16-bit, GELU rounded as
-// torch's (FLUX's single-block linear2 input). Rows of a and b may be strided (16-byte aligned).
+// torch's (FLUX's single-block linear2 input; see set_fast_gelu). Rows of a and b may be strided (16-byte aligned).
 void launch_cat_gelu_tanh(const void* a, int64_t ld_a, int64_t a_cols, const void* b, int64_t ld_b, int64_t b_cols,
                           int64_t rows, bool is_bf16, void* out, cudaStream_t stream);
 

@@ -156,3 +156,18 @@ def check_zero_tokens_give_the_bias(y, x, bias):
         n = y.shape[1]
         want = bias.to(y.dtype) if bias is not None else torch.zeros(n, dtype=y.dtype, device=y.device)
         assert torch.equal(y[zero_rows], want.expand(int(zero_rows.sum()), n))
+
+
+def assert_gelu_close(got, want, x):
+    """A GELU computed with the fast tanh (sm90.fast_gelu) against torch's, elementwise: within one
+    ulp of the 16-bit type, plus |x| 2^-21 where 1 + tanh(u) cancels in fp32 (the negative tail,
+    where either result is a few fp32 ulps of 1 times x); NaN where torch's is NaN."""
+    assert torch.equal(got.isnan(), want.isnan()), "NaN in one and not the other"
+    info = torch.finfo(want.dtype)
+    got, want, x = got.float().nan_to_num(), want.float().nan_to_num(), x.float().nan_to_num()
+    exponent = torch.floor(torch.log2(want.abs().clamp_min(info.tiny)))
+    ulp = torch.exp2(exponent) * info.eps   # at least the subnormal spacing, info.tiny * eps
+    bound = ulp + x.abs() * 2.0 ** -21
+    excess = ((got - want).abs() - bound).max().item()
+    assert excess <= 0, f"fast GELU off by {excess:.3g} past one ulp"
+

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from rt_lynx_pack.kernels import cat_gelu_tanh, qk_norm_rope
+from rt_lynx_pack.kernels.sm90 import fast_gelu
 from rt_lynx_pack.kernels.reference import cat_gelu_tanh_reference, qk_norm_rope_reference, qk_norm_rope_split_reference
 
-from kernel_helpers import DTYPES, INPUT_KINDS, make_input, poison_allocator, require_fast_path
+from kernel_helpers import DTYPES, INPUT_KINDS, assert_gelu_close, make_input, poison_allocator, require_fast_path
 
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 
@@ -208,6 +209,24 @@ def test_cat_gelu_tanh_equals_the_reference(block_ops, generator, dtype, kind, r
     b = make_input(kind, rows, 3 * a_cols + b_cols, dtype, generator)[:, 3 * a_cols:]
     check_cat_gelu(a, b)
     check_cat_gelu(a, b.contiguous())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+@pytest.mark.parametrize("rows,a_cols,b_cols", [(4608, 3072, 12288), (37, 3072, 64), (4097, 24, 40)])
+def test_cat_gelu_tanh_with_the_fast_gelu_stays_within_an_ulp_of_torch(block_ops, generator, dtype, kind, rows,
+                                                                         a_cols, b_cols):
+    a = make_input(kind, rows, a_cols, dtype, generator)
+    b = make_input(kind, rows, 3 * a_cols + b_cols, dtype, generator)[:, 3 * a_cols:]
+    exact = torch.ops.rt_lynx.cat_gelu_tanh(a, b)   # torch's bit for bit (the test above)
+    poison_allocator(exact.numel() * 2)
+    with fast_gelu(True):
+        got = torch.ops.rt_lynx.cat_gelu_tanh(a, b)
+    assert torch.equal(got[:, :a_cols].nan_to_num(), a.nan_to_num())
+    assert_gelu_close(got[:, a_cols:], exact[:, a_cols:], b)
+    if (rows, kind) == (4608, "randn"):   # 57M GELUs: some must come out one ulp off
+        assert not torch.equal(got, exact), "the fast GELU switch changed nothing"
+    assert torch.equal(torch.ops.rt_lynx.cat_gelu_tanh(a, b).nan_to_num(), exact.nan_to_num()), "switch not restored"
 
 
 def test_cat_gelu_tanh_copies_misaligned_rows_and_refuses_bad_operands(block_ops, generator):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from rt_lynx_pack.kernels import dense_linear_fp8
 from rt_lynx_pack.kernels.reference import cat_gelu_tanh_reference, dense_linear_fp8_reference, quantize_rows_fp8
+from rt_lynx_pack.kernels.sm90 import fast_gelu
 from rt_lynx_pack.lynx import LynxConfig
 from rt_lynx_pack.lynx.linear import fp8_dense_linear
 
@@ -139,6 +140,22 @@ def test_quantised_rows_with_a_gelu_tail_equal_the_reference(fp8_dense, generato
         assert q.shape == (rows, head + tail) and a.shape == (rows, 1)
         assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), "quantised values differ"
         assert torch.equal(a, want_a), "scales differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["randn", "cubed", "student_t"])
+@pytest.mark.parametrize("rows,head,tail", [(4608, 3072, 12288), (37, 3072, 64)])
+def test_a_fast_gelu_tail_quantises_what_cat_gelu_tanh_makes_with_it(fp8_dense, generator, dtype, kind, rows, head,
+                                                                      tail):
+    # One device GELU for both passes: with the fast one (sm90.fast_gelu, within an ulp of torch's,
+    # test_block_ops_gpu) the tail is quantised as the written concatenation is.
+    x, gelu_tail = _tail_case(kind, rows, head, tail, dtype, generator)
+    poison_allocator((head + tail) * rows * 2 + rows * 4)
+    with fast_gelu(True):
+        q, a = torch.ops.rt_lynx.quantize_rows_fp8(x, gelu_tail)
+        want_q, want_a = torch.ops.rt_lynx.quantize_rows_fp8(torch.ops.rt_lynx.cat_gelu_tanh(x, gelu_tail))
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), "quantised values differ"
+    assert torch.equal(a, want_a), "scales differ"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

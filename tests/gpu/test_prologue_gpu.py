@@ -89,10 +89,47 @@ def test_modulated_linear_matches_fp32_math_on_the_modulated_input(sm90, generat
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 @pytest.mark.parametrize("rows,k,n", [(4096, 12288, 3072), (8192, 12288, 3072), (512, 12288, 3072), (77, 3072, 1024),
                                       (4097, 15360, 3072)])
-def test_gelu_linear_matches_fp32_math_on_the_activation(sm90, generator, dtype, precision, rows, k, n):
+@pytest.mark.parametrize("fast", [False, True])
+def test_gelu_linear_matches_fp32_math_on_the_activation(sm90, generator, dtype, precision, rows, k, n, fast):
     x, _, _ = modulated_case("randn", 1, rows, k, dtype, generator)
-    check_prologue_linear(generator, x, gelu_tanh_reference(x), dtype, precision, n,
-                          lambda w, s, b: sm90.sparse_linear_gelu_sm90(x, w, s, b, True))
+    with sm90.fast_gelu(fast):
+        check_prologue_linear(generator, x, gelu_tanh_reference(x), dtype, precision, n,
+                              lambda w, s, b: sm90.sparse_linear_gelu_sm90(x, w, s, b, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["randn", "cubed"])
+@pytest.mark.parametrize("images,tokens,k", [(2, 333, 3072), (1, 100, 15360), (3, 64, 128)])
+@pytest.mark.parametrize("e4m3,block", [(False, 64), (False, 128), (True, 128)])
+def test_fast_gelu_prologue_pass_writes_what_the_plain_pass_makes_of_the_fast_gelu_rows(sm90, generator, dtype, kind,
+                                                                                       images, tokens, k, e4m3, block):
+    # The fast GELU (within an ulp of torch's, test_block_ops_gpu) is the one device function both
+    # passes use: the prologue pass must select and compress as the plain pass does on its rows.
+    x, _, _ = modulated_case(kind, images, tokens, k, dtype, generator)
+    with sm90.fast_gelu(True):
+        rows = torch.ops.rt_lynx.cat_gelu_tanh(x[:, :8], x)[:, 8:].contiguous()
+        want, want_scale = torch.ops.rt_lynx.sparsify_sm90(rows, block, e4m3, True)
+        poison_allocator(want.numel() * want.element_size() + want_scale.numel() * 4)
+        got, got_scale = torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, True, gelu=True)
+    differing = (got.view(torch.uint8) != want.view(torch.uint8)).float().mean().item()
+    assert differing < DIFFERING_BYTES, f"{differing:.2e} of the compressed bytes differ"
+    assert relative_error(got_scale, want_scale) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("images,tokens,k,n,rank", [(1, 4096, 12288, 3072, 32), (2, 33, 384, 256, 8)])
+def test_fast_gelu_prologue_with_a_low_rank_branch_matches_fp32_math(sm90, generator, dtype, images, tokens, k, n,
+                                                                     rank):
+    # The fused down pass applies the GELU to its own tiles (prologue_on_tile): the switch reaches it too.
+    x, _, _ = modulated_case("randn", images, tokens, k, dtype, generator)
+    weight = (torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5).to(dtype)
+    down, up = branch_case(generator, x.shape[0], weight.shape, rank, dtype)
+    rows = gelu_tanh_reference(x).float()
+    want = sparse_linear_reference(rows, weight.float(), None, True) + low_rank_reference(
+        rows, LowRankOperands(down.float(), up.float(), 0.5))
+    with sm90.fast_gelu(True):
+        y = sm90.sparse_linear_gelu_sm90(x, weight, None, None, True, down, sm90.k_extension_up(up, 0.5))
+    assert not y.isnan().any() and relative_error(y, want) < TOLERANCE
 
 
 def check_prologue_linear(generator, x, rows, dtype, precision, n, fused):
