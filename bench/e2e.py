@@ -454,9 +454,11 @@ def main(argv=None):
         f"compile {'off' if args.no_compile else args.compile_backend + ' at ' + str(args.compile_resolutions)}")
     rows, samples, notes, calibrations = [], [], {}, []
     gelu = contextlib.nullcontext()
-    if args.fast_gelu:
+    if args.fast_gelu and dev.cuda:
         from rt_lynx_pack.kernels import sm90
         gelu = sm90.fast_gelu(True)   # process-wide; the dense side runs none of these kernels
+    elif args.fast_gelu:
+        log("--fast-gelu ignored: no CUDA device, the reference path has no kernels")
     with gelu:
         for arch in args.models:
             if args.calibrate:

@@ -378,11 +378,13 @@ __device__ __forceinline__ uint4 modulate_8(const uint4& x, const uint4& shift, 
                     modulate_word<kBf16>(x.w, shift.w, scale1p.w, mean, rstd));
 }
 
-// gelu(x) = 0.5 x (1 + tanh(u)) with the tanh approximation, in fp32 in the order torch's CUDA
-// kernel computes it, rounded to the 16-bit type (set_fast_gelu). Exact: tanhf, torch's result bit
-// for bit. Fast: tanh(u) = 1 - 2 / (1 + exp(2u)) on ex2.approx and a fast division, which
-// saturates to -1 / 1 where tanhf does, so the far tails are torch's (-0 and x; +-inf and NaN as
-// torch's); elsewhere a few fp32 ulps from tanhf.
+// gelu(x) = 0.5 x (1 + tanh(u)) with the tanh approximation, u = sqrt(2/pi) (x + 0.044715 x^3),
+// rounded to the 16-bit type (set_fast_gelu). Exact: in fp32 in the order torch's CUDA kernel
+// computes it, with tanhf: torch's result bit for bit. Fast: the same function as x / (1 +
+// exp(-2u)) on ex2.approx and a fast division, no cancellation: a few fp32 ulps from the true
+// value, so within a 16-bit ulp of torch's, except in the negative tail (x < about -3), where
+// torch's 1 + tanh(u) cancels and its result is off by up to |x| 2^-23 (-0 below about -5.6, where
+// the fast one keeps the tiny true value). +-inf and NaN give torch's results.
 template <bool kBf16, bool kFast>
 __device__ __forceinline__ uint32_t gelu_tanh_bits(uint32_t bits16) {
   constexpr float kBeta = 0.7978845608028654f;   // sqrt(2 / pi)
@@ -391,8 +393,7 @@ __device__ __forceinline__ uint32_t gelu_tanh_bits(uint32_t bits16) {
   const float cube = x * x * x;
   const float inner = kBeta * (x + kKappa * cube);
   if constexpr (kFast) {
-    const float tanh_inner = 1.f - __fdividef(2.f, 1.f + __expf(2.f * inner));
-    return float_to_bits<kBf16>(0.5f * x * (1.f + tanh_inner));
+    return float_to_bits<kBf16>(__fdividef(x, 1.f + __expf(-2.f * inner)));
   } else {
     return float_to_bits<kBf16>(0.5f * x * (1.f + tanhf(inner)));
   }

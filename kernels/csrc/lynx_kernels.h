@@ -110,11 +110,11 @@ void set_sparsify_low_rank_fusion(bool enabled);
 // How every GELU of these kernels (the sparsify prologue, the quantise pass's tail, cat_gelu_tanh)
 // is computed. Off (the default): in fp32 in torch's order with its accurate tanhf, so the result
 // is torch's bit for bit; that costs about 37 instructions an element, more than these passes'
-// memory time. On: the same formula with tanh(u) = 1 - 2 / (1 + exp(2u)) on the hardware exp2
-// and a fast division (about 14 instructions): torch's result in the saturated tails, a few fp32
-// ulps from it elsewhere (a 16-bit result one ulp off now and then, mostly in the negative tail
-// where 1 + tanh(u) cancels in both).
-// Read at each launch; process-wide, for benchmarks and tests that compare both on the same data.
+// memory time. On: the same function as x / (1 + exp(-2u)) on the hardware exp2 and a fast
+// division (about a third of the instructions): within one 16-bit ulp of torch's result, plus
+// up to |x| 2^-21 in the negative tail where torch's 1 + tanh(u) cancels (see gelu_tanh_bits).
+// Read at each launch (a captured CUDA graph keeps the setting it was captured with);
+// process-wide, for benchmarks and tests that compare both on the same data.
 bool fast_gelu();
 void set_fast_gelu(bool enabled);
 

@@ -708,7 +708,7 @@ void register_sm90_functions(pybind11::module& m) {
   m.def("set_sparsify_low_rank_fusion", &rt_lynx::set_sparsify_low_rank_fusion,
         "compute a LoRA's down(x) inside the sparsify pass (True, the default) or with cuBLAS before it (False)");
   m.def("set_fast_gelu", &rt_lynx::set_fast_gelu,
-        "the kernels' GELU: tanh on the fast hardware exp2 and division (True) or torch's bit for bit (False, the default)");
+        "the kernels' GELU: x / (1 + exp(-2u)) on the fast hardware exp2 and division (True) or torch's bit for bit (False, the default)");
   m.def("fast_gelu", &rt_lynx::fast_gelu, "whether the kernels compute the GELU the fast way");
   m.def("sparsify_low_rank_fused", &rt_lynx::sparsify_low_rank_fused,
         "whether the sparsify pass computes down(x) for this rank");

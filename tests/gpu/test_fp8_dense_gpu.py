@@ -21,7 +21,7 @@ from rt_lynx_pack.kernels.sm90 import fast_gelu
 from rt_lynx_pack.lynx import LynxConfig
 from rt_lynx_pack.lynx.linear import fp8_dense_linear
 
-from kernel_helpers import (INPUT_KINDS, fp8_linear_case, make_input, poison_allocator, relative_error,
+from kernel_helpers import (INPUT_KINDS, fp8_linear_case, make_input, negative_tail, poison_allocator, relative_error,
                             require_fast_path)
 
 EXACT_Q_TOLERANCE = 5e-3
@@ -156,6 +156,17 @@ def test_a_fast_gelu_tail_quantises_what_cat_gelu_tanh_makes_with_it(fp8_dense, 
         want_q, want_a = torch.ops.rt_lynx.quantize_rows_fp8(torch.ops.rt_lynx.cat_gelu_tanh(x, gelu_tail))
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), "quantised values differ"
     assert torch.equal(a, want_a), "scales differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_quantise_pass_gets_the_fast_gelu_switch(fp8_dense, generator, dtype):
+    # A zero head and a tail where the two GELUs part: the rows' scales come from the GELU alone.
+    x = torch.zeros(64, 3072, dtype=dtype, device="cuda")
+    tail = negative_tail(64, 12288, dtype, generator)
+    exact_q, exact_a = torch.ops.rt_lynx.quantize_rows_fp8(x, tail)
+    with fast_gelu(True):
+        fast_q, fast_a = torch.ops.rt_lynx.quantize_rows_fp8(x, tail)
+    assert not torch.equal(fast_a, exact_a) or not torch.equal(fast_q.view(torch.uint8), exact_q.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

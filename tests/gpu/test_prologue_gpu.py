@@ -20,7 +20,8 @@ from rt_lynx_pack.kernels.reference import (LowRankOperands, gelu_tanh_reference
                                             modulated_layer_norm_reference, quantize_weight_fp8,
                                             sparse_linear_fp8_reference, sparse_linear_reference)
 
-from kernel_helpers import DTYPES, INPUT_KINDS, make_input, poison_allocator, relative_error, require_fast_path
+from kernel_helpers import (DTYPES, INPUT_KINDS, make_input, negative_tail, poison_allocator, relative_error,
+                            require_fast_path)
 
 EPS = 1e-6   # FLUX's and Qwen-Image's LayerNorms
 TOLERANCE = 1e-2
@@ -98,14 +99,17 @@ def test_gelu_linear_matches_fp32_math_on_the_activation(sm90, generator, dtype,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["randn", "cubed"])
+@pytest.mark.parametrize("kind", ["randn", "cubed", "negative tail"])
 @pytest.mark.parametrize("images,tokens,k", [(2, 333, 3072), (1, 100, 15360), (3, 64, 128)])
 @pytest.mark.parametrize("e4m3,block", [(False, 64), (False, 128), (True, 128)])
 def test_fast_gelu_prologue_pass_writes_what_the_plain_pass_makes_of_the_fast_gelu_rows(sm90, generator, dtype, kind,
                                                                                        images, tokens, k, e4m3, block):
     # The fast GELU (within an ulp of torch's, test_block_ops_gpu) is the one device function both
     # passes use: the prologue pass must select and compress as the plain pass does on its rows.
-    x, _, _ = modulated_case(kind, images, tokens, k, dtype, generator)
+    if kind == "negative tail":
+        x = negative_tail(images * tokens, k, dtype, generator)
+    else:
+        x, _, _ = modulated_case(kind, images, tokens, k, dtype, generator)
     with sm90.fast_gelu(True):
         rows = torch.ops.rt_lynx.cat_gelu_tanh(x[:, :8], x)[:, 8:].contiguous()
         want, want_scale = torch.ops.rt_lynx.sparsify_sm90(rows, block, e4m3, True)
@@ -114,6 +118,10 @@ def test_fast_gelu_prologue_pass_writes_what_the_plain_pass_makes_of_the_fast_ge
     differing = (got.view(torch.uint8) != want.view(torch.uint8)).float().mean().item()
     assert differing < DIFFERING_BYTES, f"{differing:.2e} of the compressed bytes differ"
     assert relative_error(got_scale, want_scale) < 1e-4
+    if kind == "negative tail":   # where the two GELUs part: the switch reached this pass
+        exact, _ = torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, True, gelu=True)
+        parted = (exact.view(torch.uint8) != got.view(torch.uint8)).float().mean().item()
+        assert parted > 0.01, f"only {parted:.2e} of the bytes differ from the exact GELU's"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -127,9 +135,15 @@ def test_fast_gelu_prologue_with_a_low_rank_branch_matches_fp32_math(sm90, gener
     rows = gelu_tanh_reference(x).float()
     want = sparse_linear_reference(rows, weight.float(), None, True) + low_rank_reference(
         rows, LowRankOperands(down.float(), up.float(), 0.5))
+    up_ext = sm90.k_extension_up(up, 0.5)
     with sm90.fast_gelu(True):
-        y = sm90.sparse_linear_gelu_sm90(x, weight, None, None, True, down, sm90.k_extension_up(up, 0.5))
+        y = sm90.sparse_linear_gelu_sm90(x, weight, None, None, True, down, up_ext)
     assert not y.isnan().any() and relative_error(y, want) < TOLERANCE
+    tail = negative_tail(x.shape[0], k, dtype, generator)   # where the two GELUs part
+    with sm90.fast_gelu(True):
+        fast = sm90.sparse_linear_gelu_sm90(tail, weight, None, None, True, down, up_ext)
+    exact = sm90.sparse_linear_gelu_sm90(tail, weight, None, None, True, down, up_ext)
+    assert not torch.equal(fast, exact), "the fused down pass did not get the fast GELU switch"
 
 
 def check_prologue_linear(generator, x, rows, dtype, precision, n, fused):
