@@ -62,7 +62,7 @@ def parse_args(argv=None):
                    help="sparsify the layers the architecture keeps dense for quality too (FLUX: linear2; the "
                         "node's default_dense_layers off)")
     p.add_argument("--fast-gelu", action="store_true",
-                   help="the kernels' GELU on the fast hardware tanh (sm90.fast_gelu) instead of torch's tanhf")
+                   help="the kernels' GELU as x / (1 + exp(-2u)) on the hardware exp2 (sm90.fast_gelu), not torch's tanhf")
     p.add_argument("--attribution", action="store_true",
                    help="eager also: dense with fused blocks only, and Lynx without fused blocks (where the speed-up comes from)")
     p.add_argument("--profile", action="store_true",

@@ -10,8 +10,8 @@ projection's output x), at 1024², bf16, bias and compensation on:
                sm90.sparse_linear_sm90: what a torch.compile'd model without the fusion runs
   lynx_fused   sm90.sparse_linear_modulated_sm90 / sparse_linear_gelu_sm90 (the prologue in the
                sparsify pass)
-  lynx_fast    (GELU rows) lynx_fused with the kernels' fast GELU (sm90.fast_gelu: tanh on the
-               hardware exp2 and a fast division instead of torch's tanhf)
+  lynx_fast    (GELU rows) lynx_fused with the kernels' fast GELU (sm90.fast_gelu: x / (1 + exp(-2u))
+               on the hardware exp2 and a fast division instead of torch's tanhf)
 and with --fp8 the same Lynx variants on the e4m3 product (lynx8, lynx8_ind, lynx8_fused, lynx8_fast).
 FLUX's single-block linear2 ("cat gelu") is kept dense: its input is cat((attention output,
 gelu(MLP part of linear1's output))), and its "lynx" columns are the layer as the precision runs
