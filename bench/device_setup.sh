@@ -26,6 +26,12 @@ for name, check in (("cuSPARSELt", cusparselt.availability), ("cuSPARSELt fp8", 
                     ("sm90", sm90.availability_sm90), ("fused block ops", block_ops.availability_block_ops)):
     t = time.monotonic(); print(f"{name}:", check(torch.device("cuda")), f"{time.monotonic() - t:.1f} s")
 PY
+# PACK_BUILD=1: the build folder comes back as $OUT/device_build.tgz, objects included (without them
+# ninja rebuilds the extension, ~110 s); unpack it in the checkout and carry it on later calls.
+if [ -n "${PACK_BUILD:-}" ]; then
+  tar czf "$OUT/device_build.tgz" -C "$(dirname "$RT_LYNX_BUILD_DIR")" "$(basename "$RT_LYNX_BUILD_DIR")"
+  ls -l "$OUT/device_build.tgz"
+fi
 
 # A device call brings back at most 8 files: past that, the logs travel as one archive (called at
 # the end of each device script; several scripts may run in one call).

@@ -14,7 +14,7 @@ Measures, per model/resolution/mode and for both sides in the same process:
   dense and Lynx without the LoRA.
 
 Usage (GPU): COMFYUI_PATH=.comfyui python bench/e2e.py [--models flux,qwen_image] [--resolutions 1024,768,1536]
-             [--no-compile] [--steps 28] [--out bench/results]
+             [--no-compile | --modes compile] [--steps 28] [--out bench/results]
 CPU check of the logic: COMFYUI_PATH=... python bench/e2e.py --tiny
 """
 import argparse
@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--resolutions", default="1024,768,1536", help="FLUX resolutions (Qwen-Image: 1024 only)")
     p.add_argument("--compile-resolutions", default="1024", help="resolutions also measured under torch.compile")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--modes", default="eager,compile",
+                   help="eager and/or compile (compile only: the compiled rows without the eager rounds, to save time)")
     p.add_argument("--compile-backend", default=None, help="inductor (default; aot_eager with --tiny)")
     p.add_argument("--steps", type=int, default=28, help="steps of the whole-sample timing (0: skip it)")
     p.add_argument("--sample-modes", default="eager,compile", help="modes that also time a whole sample")
@@ -75,6 +77,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.sample_modes = [m for m in args.sample_modes.split(",") if m]
+    args.modes = [m for m in args.modes.split(",") if m]
+    if not args.modes or set(args.modes) - {"eager", "compile"}:
+        p.error(f"--modes takes eager and/or compile, not {','.join(args.modes) or 'nothing'}")
     args.resolutions = [int(r) for r in args.resolutions.split(",") if r]
     args.compile_resolutions = [int(r) for r in args.compile_resolutions.split(",") if r]
     if args.tiny:
@@ -154,7 +159,6 @@ def time_steps(patcher, arch, resolution, dev, dtype, args):
     import comfy.model_management
     import torch
     comfy.model_management.load_models_gpu([patcher])  # applies this clone's object patches
-    patcher.pre_run()  # as the sampler does before its first step (fp8 weights are made here)
     x, sigma, ctx, kwargs = step_inputs(arch, resolution, dev, dtype)
     # What the sampler hands apply_model: the model's transformer_options (block-replace patches
     # among them) and the patcher's wrappers (the compile wrapper).
@@ -165,7 +169,7 @@ def time_steps(patcher, arch, resolution, dev, dtype, args):
         return model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=options, **kwargs)
 
     dev.reset_peak()
-    with torch.inference_mode():
+    with torch.inference_mode(), run_state(patcher):
         start = time.perf_counter()
         out = forward()
         dev.sync()
@@ -185,6 +189,16 @@ def time_steps(patcher, arch, resolution, dev, dtype, args):
         profiled = profile_steps(forward, dev, args.profile_iters) if args.profile and dev.cuda else None
     assert torch.isfinite(out).all(), "non-finite denoiser output"
     return statistics.median(times), times, first, first_peak, peak, out.float().cpu(), profiled
+
+
+@contextlib.contextmanager
+def run_state(patcher):
+    """What the sampler does around its steps: pre_run (fp8 weights are made here), cleanup."""
+    patcher.pre_run()
+    try:
+        yield
+    finally:
+        patcher.cleanup()
 
 
 # Kernel kinds, first match wins: Inductor names its kernels after the ops they fuse (one beside
@@ -286,7 +300,8 @@ def run_model(arch, args, dev, rows, samples, notes):
                            "sparse": lynx_clone(dense, args.precision, fused_blocks=False, **layers)}
     resolutions = args.resolutions if arch == "flux" else [args.resolutions[0] if args.tiny else 1024]
     for resolution in resolutions:
-        modes = ["eager"] + (["compile"] if not args.no_compile and resolution in args.compile_resolutions else [])
+        modes = [m for m in ("eager", "compile") if m in args.modes and (
+            m == "eager" or not args.no_compile and resolution in args.compile_resolutions)]
         for mode in modes:
             result = {"model": arch, "resolution": resolution, "batch": BATCH[arch], "mode": mode}
             # Eager: the sides take turns over several rounds (dense, Lynx, Lynx, dense, ...), so a

@@ -16,7 +16,8 @@
   reuses weights already in place), again when hook LoRAs rewrite weights (ON_APPLY_HOOKS), and
   dropped when the model is detached (ON_DETACH): the Lynx LoRA factors on the compute device,
   and with fp8 precision each layer's quantised weight, made after ComfyUI has loaded and
-  LoRA-patched it (an fp8 checkpoint's e4m3 weight is taken as stored once a check on three rows
+  LoRA-patched it and dropped again when the run ends (ON_CLEANUP: the next run makes them anew
+  anyway, and the VAE decode and other nodes get that VRAM back) (an fp8 checkpoint's e4m3 weight is taken as stored once a check on three rows
   shows its scale is complete; layers offloaded by lowvram or patched per call quantise per
   call). Made in eager code, so a compiled model only reads them.
 
@@ -96,7 +97,10 @@ def _casts_per_call(module) -> bool:
     return bool(module.comfy_cast_weights or len(module.weight_function) > 0 or len(module.bias_function) > 0)
 
 
-def _run_state_callbacks(plan: LynxPlan):
+def _run_state_callbacks(plan: LynxPlan) -> dict:
+    """The callbacks that make and drop the per-run state, by ComfyUI call type."""
+    from comfy.patcher_extension import CallbacksMP
+
     def prepare_fp8_weights(patcher):
         compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
         for forward in plan.installed_forwards.values():
@@ -133,12 +137,17 @@ def _run_state_callbacks(plan: LynxPlan):
         if plan.config.precision == "fp8":
             prepare_fp8_weights(patcher)
 
-    def on_detach(patcher, *args, **kwargs):
+    def on_cleanup(patcher, *args, **kwargs):
         for forward in plan.installed_forwards.values():
             forward.release_fp8()
+
+    def on_detach(patcher, *args, **kwargs):
+        on_cleanup(patcher)
+        for forward in plan.installed_forwards.values():
             if forward.lora is not None:
                 forward.lora.release()
-    return on_pre_run, on_apply_hooks, on_detach
+    return {CallbacksMP.ON_PRE_RUN: on_pre_run, CallbacksMP.ON_APPLY_HOOKS: on_apply_hooks,
+            CallbacksMP.ON_CLEANUP: on_cleanup, CallbacksMP.ON_DETACH: on_detach}
 
 
 def _probe(module, dtype):
@@ -191,13 +200,12 @@ def install_plan(model, plan: LynxPlan):
     patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     if plan.runtime.dense_warmup_steps:
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, _sampling_step_wrapper(plan.runtime))
-    for call_type in (CallbacksMP.ON_PRE_RUN, CallbacksMP.ON_APPLY_HOOKS, CallbacksMP.ON_DETACH):
+    callbacks = _run_state_callbacks(plan)
+    for call_type in callbacks:
         patched.remove_callbacks_with_key(call_type, CALLBACK_KEY)
     if plan.config.precision == "fp8" or any(f.lora is not None for f in plan.forwards.values()):
-        on_pre_run, on_apply_hooks, on_detach = _run_state_callbacks(plan)
-        patched.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, on_pre_run)
-        patched.add_callback_with_key(CallbacksMP.ON_APPLY_HOOKS, CALLBACK_KEY, on_apply_hooks)
-        patched.add_callback_with_key(CallbacksMP.ON_DETACH, CALLBACK_KEY, on_detach)
+        for call_type, callback in callbacks.items():
+            patched.add_callback_with_key(call_type, CALLBACK_KEY, callback)
     return patched
 
 

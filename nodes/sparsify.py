@@ -43,7 +43,7 @@ class RTLynxSparsifyModel:
             "precision": (list(PRECISIONS), {"default": "bf16", "tooltip":
                           "bf16: the product in the model's 16-bit dtype. fp8: activations (per token) and "
                           "weights (per channel, quantised once per sampling run) in e4m3; faster, less exact, and an "
-                          "fp8 copy of the sparsified weights in VRAM."}),
+                          "fp8 copy of the sparsified weights in VRAM while sampling."}),
             "fp8_dense_layers": ("BOOLEAN", {"default": True, "tooltip":
                                  "With precision fp8: the layers kept dense (not sparsified) compute in fp8 too, "
                                  "on dense e4m3 tensor cores with the same per-token / per-channel scales (and an "

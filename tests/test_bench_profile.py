@@ -31,3 +31,10 @@ def e2e():
 def test_kernel_kinds(e2e, name, kind):
     assert e2e.kernel_kind(name) == kind
     assert kind in e2e.PROFILE_KINDS
+
+
+def test_modes_choose_the_rows_and_refuse_unknown_ones(e2e):
+    assert e2e.parse_args([]).modes == ["eager", "compile"]
+    assert e2e.parse_args(["--modes", "compile"]).modes == ["compile"]
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--modes", "compiled"])

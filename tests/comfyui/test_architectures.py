@@ -10,7 +10,7 @@ import_comfyui()
 
 import comfy.model_management  # noqa: E402
 
-from comfyui_models import build_model, load_model, sample, state_dict  # noqa: E402
+from comfyui_models import build_model, load_model, sample, state_dict, watch_each_step  # noqa: E402
 from rt_lynx_pack.nodes import RTLynxSparsifyModel  # noqa: E402
 from rt_lynx_pack.nodes.comfy_glue import installed_plan  # noqa: E402
 
@@ -132,10 +132,12 @@ def test_fp8_weights_sample_with_lynx_close_to_dense():
     assert relative_error(lynx8, dense32) < 1.5 * (fp8_error + lynx_error)
     # fp8 precision takes the stored e4m3 weights as they are (no copy), sparse and kept-dense layers.
     lynx8_fp8 = sparsify(fp8, precision="fp8")
-    out = sample(lynx8_fp8, **kwargs)
     forwards = lynx8_fp8.get_attachment("rt_lynx").installed_forwards
-    assert {name for name, f in forwards.items()
-            if f.fp8_weight is not None and f.fp8_weight[0].data_ptr() == f.module.weight.data_ptr()} == forwards.keys()
+    taken_as_stored = watch_each_step(lynx8_fp8, lambda: {
+        name for name, f in forwards.items()
+        if f.fp8_weight is not None and f.fp8_weight[0].data_ptr() == f.module.weight.data_ptr()})
+    out = sample(lynx8_fp8, **kwargs)
+    assert taken_as_stored and all(names == forwards.keys() for names in taken_as_stored)
     assert torch.isfinite(out).all()
     assert relative_error(out, dense32) < 1.5 * (fp8_error + lynx_error) + 0.05
     # The stored bytes are trusted only with the scale ComfyUI's cast applies.

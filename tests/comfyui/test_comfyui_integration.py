@@ -14,7 +14,7 @@ import comfy.model_management  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 
-from comfyui_models import load_flux, sample  # noqa: E402
+from comfyui_models import load_flux, sample, watch_each_step  # noqa: E402
 from rt_lynx_pack.kernels import sparse_linear_reference  # noqa: E402
 from rt_lynx_pack.lynx import LynxLinearForward, LynxLoRAMismatch, save_lynx_lora  # noqa: E402
 from rt_lynx_pack.lynx.tiny_dit import TinyFluxDiT  # noqa: E402
@@ -170,19 +170,23 @@ def test_bad_requests_are_refused_clearly(flux):
         sparsify(flux, include_layers="(")
 
 
-def test_fp8_precision_quantises_weights_on_load_and_drops_them_on_detach(flux):
+def test_fp8_precision_quantises_weights_for_each_run_and_drops_them_after_it(flux):
+    from comfy.patcher_extension import CallbacksMP
     lynx_bf16 = sparsify(flux)
     lynx_fp8 = sparsify(flux, precision="fp8")
     plan = installed_plan(lynx_fp8)
     # The layers kept dense (FLUX single-block linear2) run the dense fp8 product.
     assert plan.fp8_dense_forwards.keys() == {d.name for d in plan.decisions if not d.sparse} != set()
     forwards = plan.installed_forwards.values()
+    made_at_each_step = watch_each_step(lynx_fp8, lambda: all(f.fp8_weight is not None for f in forwards))
     bf16_out = sample(lynx_bf16)
     fp8_out = sample(lynx_fp8)
-    assert all(f.fp8_weight is not None for f in forwards)  # made before the sampling run
+    assert made_at_each_step and all(made_at_each_step)  # made before the sampling run's first step
+    assert all(f.fp8_weight is None for f in forwards)  # and dropped when it ended
     assert torch.isfinite(fp8_out).all() and not torch.equal(fp8_out, bf16_out)
+    assert torch.equal(sample(lynx_fp8), fp8_out)  # the next run makes the same weights again
     # Hook LoRAs rewrite weights in place during sampling: the fp8 weights are made again then.
-    from comfy.patcher_extension import CallbacksMP
+    lynx_fp8.pre_run()
     qkv = plan.forwards[QKV]
     before = qkv.fp8_weight[1].clone()
     original = qkv.module.weight.detach().clone()
@@ -193,8 +197,9 @@ def test_fp8_precision_quantises_weights_on_load_and_drops_them_on_detach(flux):
         assert torch.allclose(qkv.fp8_weight[1], 2 * before)
     finally:
         qkv.module.weight.data.copy_(original)
+    assert qkv.fp8_weight is not None  # state of a run that did not clean up ...
     sparse_fp8_only = sample(sparsify(flux, precision="fp8", fp8_dense_layers=False))
+    assert all(f.fp8_weight is None for f in forwards)  # ... goes when loading another clone detaches it
     assert not torch.equal(sparse_fp8_only, fp8_out)
-    dense = sample(flux)  # loading the dense clone detaches the fp8 one
-    assert all(f.fp8_weight is None for f in forwards)
+    dense = sample(flux)
     assert ((fp8_out - dense).norm() / dense.norm()) < 2 * ((bf16_out - dense).norm() / dense.norm()) + 0.05
