@@ -135,6 +135,22 @@ def test_comfyui_torch_compile_wrapper_runs_the_lynx_layers_without_graph_breaks
         assert lynx_breaks == dense_breaks
 
 
+def test_compiled_fp8_model_samples_again_without_compiling_again(flux):
+    # Each sampling run makes its e4m3 weights anew (and drops them after): new tensors of the
+    # same kind must not make torch.compile compile the model again.
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+    compiled = sparsify(flux, precision="fp8").clone()
+    set_torch_compile_wrapper(compiled, backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    first = sample(compiled)
+    graphs = counters["stats"]["unique_graphs"]
+    second = sample(compiled)
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(first, second)
+
+
 def test_lynx_lora_node_loads_a_file_and_refuses_others(flux, tmp_path):
     from rt_lynx_pack.lynx import LynxLoRA
     lynx = sparsify(flux)
