@@ -104,25 +104,38 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
     def prepare_fp8_weights(patcher):
         compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
         for forward in plan.installed_forwards.values():
+            forward.release_fp8()  # the copies of a previous preparation are replaced, not added to
+        in_place = [f for f in plan.installed_forwards.values() if _weight_in_place(f.module, patcher.load_device)]
+        budget = _room_for_fp8_copies(patcher.load_device, sum(
+            _fp8_copy_bytes(f.module) for f in in_place if f.module.weight.dtype != torch.float8_e4m3fn))
+        left_out = 0
+        for forward in in_place:
             module = forward.module
-            if not _weight_in_place(module, patcher.load_device):
-                forward.release_fp8()
-                continue
             scale = getattr(module, "scale_weight", None)
             if module.weight.dtype != torch.float8_e4m3fn:
+                if _fp8_copy_bytes(module) > budget:
+                    left_out += 1
+                    continue
+                budget -= _fp8_copy_bytes(module)
                 forward.prepare_fp8(module.weight, scale)
                 continue
             computed, _, release = comfy_linear_weights(module, _probe(module, compute_dtype))
             if _stored_scale_is_complete(module.weight, scale, computed):
                 forward.prepare_fp8(module.weight, scale)
-            else:
+            elif _fp8_copy_bytes(module) <= budget:
                 # Stored fp8 with a scale kept elsewhere than scale_weight: quantise what the layer
                 # computes with instead of trusting the stored bytes.
                 log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; "
                          f"requantising it")
+                budget -= _fp8_copy_bytes(module)
                 forward.prepare_fp8(computed)
+            else:
+                left_out += 1
             if release is not None:
                 release()
+        if left_out:
+            log.warning("RT-Lynx: no room in %s memory for the fp8 weights of %d layers; they quantise their "
+                        "weight on every call (slower) this run", patcher.load_device, left_out)
 
     def on_pre_run(patcher, *args, **kwargs):
         compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
@@ -148,6 +161,23 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
                 forward.lora.release()
     return {CallbacksMP.ON_PRE_RUN: on_pre_run, CallbacksMP.ON_APPLY_HOOKS: on_apply_hooks,
             CallbacksMP.ON_CLEANUP: on_cleanup, CallbacksMP.ON_DETACH: on_detach}
+
+
+def _fp8_copy_bytes(module) -> int:
+    """The e4m3 weight and its per-channel fp32 scale that prepare_fp8 makes for this layer."""
+    return module.weight.numel() + 4 * module.weight.shape[0]
+
+
+def _room_for_fp8_copies(device, needed: int) -> float:
+    """Bytes the fp8 weight copies may take on `device`. ComfyUI loaded the model without knowing
+    of them, so it is asked, as it does before loading a model, to unload the models this run does
+    not use until they fit beside its minimum inference memory; what is free beyond that is the room."""
+    import comfy.model_management as mm
+    reserve = mm.minimum_inference_memory()
+    if needed > 0 and mm.get_free_memory(device) < needed + reserve:
+        in_use = [m for m in mm.current_loaded_models if getattr(m, "currently_used", True)]
+        mm.free_memory(needed + reserve, device, keep_loaded=in_use)
+    return mm.get_free_memory(device) - reserve
 
 
 def _probe(module, dtype):

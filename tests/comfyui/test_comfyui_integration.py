@@ -135,6 +135,31 @@ def test_comfyui_torch_compile_wrapper_runs_the_lynx_layers_without_graph_breaks
         assert lynx_breaks == dense_breaks
 
 
+def test_fp8_copies_that_do_not_fit_leave_their_layers_quantising_per_call(flux, monkeypatch):
+    from rt_lynx_pack.nodes import comfy_glue
+    lynx_fp8 = sparsify(flux, precision="fp8")
+    forwards = installed_plan(lynx_fp8).installed_forwards
+    roomy = sample(lynx_fp8)
+    mm = comfy.model_management
+    sizes = sorted(comfy_glue._fp8_copy_bytes(f.module) for f in forwards.values())
+    room = sum(sizes[: len(sizes) // 2])   # about half of the copies fit
+    # Short of room, ComfyUI is asked to unload what this run does not use (this model stays) ...
+    asked = []
+    with monkeypatch.context() as patch:
+        patch.setattr(mm, "get_free_memory", lambda device=None, torch_free_too=False: mm.minimum_inference_memory() + room)
+        patch.setattr(mm, "free_memory", lambda need, device, keep_loaded=(): asked.append((need, keep_loaded)) or [])
+        assert comfy_glue._room_for_fp8_copies(lynx_fp8.load_device, sum(sizes)) == room
+        assert comfy_glue._room_for_fp8_copies(lynx_fp8.load_device, room) == room   # fits: nothing asked
+    assert len(asked) == 1 and asked[0][0] == sum(sizes) + mm.minimum_inference_memory()
+    assert any(loaded.model is lynx_fp8 for loaded in asked[0][1])
+    # ... and the layers whose copies still do not fit quantise their weight per call.
+    monkeypatch.setattr(comfy_glue, "_room_for_fp8_copies", lambda device, needed: room)
+    with_copies = watch_each_step(lynx_fp8, lambda: sum(f.fp8_weight is not None for f in forwards.values()))
+    tight = sample(lynx_fp8)
+    assert with_copies and all(0 < n < len(forwards) for n in with_copies)
+    assert torch.equal(tight, roomy)   # the same e4m3 weights, made per call
+
+
 def test_compiled_fp8_model_samples_again_without_compiling_again(flux):
     # Each sampling run makes its e4m3 weights anew (and drops them after): new tensors of the
     # same kind must not make torch.compile compile the model again.
