@@ -16,10 +16,11 @@
   reuses weights already in place), again when hook LoRAs rewrite weights (ON_APPLY_HOOKS), and
   dropped when the model is detached (ON_DETACH): the Lynx LoRA factors on the compute device,
   and with fp8 precision each layer's quantised weight, made after ComfyUI has loaded and
-  LoRA-patched it and dropped again when the run ends (ON_CLEANUP: the next run makes them anew
-  anyway, and the VAE decode and other nodes get that VRAM back) (an fp8 checkpoint's e4m3 weight is taken as stored once a check on three rows
-  shows its scale is complete; layers offloaded by lowvram or patched per call quantise per
-  call). Made in eager code, so a compiled model only reads them.
+  LoRA-patched it (an fp8 checkpoint's e4m3 weight is taken as stored once a check on three rows
+  shows its scale is complete; layers offloaded by lowvram or patched per call, and layers whose
+  copy finds no room, quantise per call). The quantised weights are dropped again when the run
+  ends (ON_CLEANUP): the next run makes them anew anyway, and the VAE decode and the nodes after
+  it get that VRAM back. Made in eager code, so a compiled model only reads them.
 
 ComfyUI is imported only inside functions: importing the pack must not need it.
 """
@@ -106,31 +107,34 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
         for forward in plan.installed_forwards.values():
             forward.release_fp8()  # the copies of a previous preparation are replaced, not added to
         in_place = [f for f in plan.installed_forwards.values() if _weight_in_place(f.module, patcher.load_device)]
-        budget = _room_for_fp8_copies(patcher.load_device, sum(
+        room = _room_for_fp8_copies(patcher.load_device, sum(
             _fp8_copy_bytes(f.module) for f in in_place if f.module.weight.dtype != torch.float8_e4m3fn))
         left_out = 0
+
+        def take_room(module) -> bool:
+            nonlocal room, left_out
+            if _fp8_copy_bytes(module) > room:
+                left_out += 1
+                return False
+            room -= _fp8_copy_bytes(module)
+            return True
+
         for forward in in_place:
             module = forward.module
             scale = getattr(module, "scale_weight", None)
             if module.weight.dtype != torch.float8_e4m3fn:
-                if _fp8_copy_bytes(module) > budget:
-                    left_out += 1
-                    continue
-                budget -= _fp8_copy_bytes(module)
-                forward.prepare_fp8(module.weight, scale)
+                if take_room(module):
+                    forward.prepare_fp8(module.weight, scale)
                 continue
             computed, _, release = comfy_linear_weights(module, _probe(module, compute_dtype))
             if _stored_scale_is_complete(module.weight, scale, computed):
                 forward.prepare_fp8(module.weight, scale)
-            elif _fp8_copy_bytes(module) <= budget:
+            elif take_room(module):
                 # Stored fp8 with a scale kept elsewhere than scale_weight: quantise what the layer
                 # computes with instead of trusting the stored bytes.
                 log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; "
                          f"requantising it")
-                budget -= _fp8_copy_bytes(module)
                 forward.prepare_fp8(computed)
-            else:
-                left_out += 1
             if release is not None:
                 release()
         if left_out:
