@@ -102,10 +102,13 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
     """The callbacks that make and drop the per-run state, by ComfyUI call type."""
     from comfy.patcher_extension import CallbacksMP
 
+    def drop_fp8_weights(*args, **kwargs):
+        for forward in plan.installed_forwards.values():
+            forward.release_fp8()
+
     def prepare_fp8_weights(patcher):
         compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
-        for forward in plan.installed_forwards.values():
-            forward.release_fp8()  # the copies of a previous preparation are replaced, not added to
+        drop_fp8_weights()  # the copies of a previous preparation are replaced, not added to
         in_place = [f for f in plan.installed_forwards.values() if _weight_in_place(f.module, patcher.load_device)]
         room = _room_for_fp8_copies(patcher.load_device, sum(
             _fp8_copy_bytes(f.module) for f in in_place if f.module.weight.dtype != torch.float8_e4m3fn))
@@ -154,17 +157,13 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
         if plan.config.precision == "fp8":
             prepare_fp8_weights(patcher)
 
-    def on_cleanup(patcher, *args, **kwargs):
-        for forward in plan.installed_forwards.values():
-            forward.release_fp8()
-
     def on_detach(patcher, *args, **kwargs):
-        on_cleanup(patcher)
+        drop_fp8_weights()
         for forward in plan.installed_forwards.values():
             if forward.lora is not None:
                 forward.lora.release()
     return {CallbacksMP.ON_PRE_RUN: on_pre_run, CallbacksMP.ON_APPLY_HOOKS: on_apply_hooks,
-            CallbacksMP.ON_CLEANUP: on_cleanup, CallbacksMP.ON_DETACH: on_detach}
+            CallbacksMP.ON_CLEANUP: drop_fp8_weights, CallbacksMP.ON_DETACH: on_detach}
 
 
 def _fp8_copy_bytes(module) -> int:
