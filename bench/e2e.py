@@ -244,6 +244,8 @@ def profile_steps(forward, dev, iters):
 
 
 def time_sample(patcher, arch, resolution, dev, dtype, steps):
+    """(seconds, peak GB during the sample, GB allocated before it, GB allocated after it returns): the
+    last two show whether what a run makes for itself (fp8 weight copies) is given back."""
     import comfy.model_management
     import nodes
     import torch
@@ -253,13 +255,17 @@ def time_sample(patcher, arch, resolution, dev, dtype, steps):
     tokens = CONTEXT_TOKENS[arch] if resolution > 128 else 40
     with torch.inference_mode():
         dev.sync()
+        dev.reset_peak()
+        before = dev.allocated_gb()
         start = time.perf_counter()
         (out,) = nodes.common_ksampler(patcher, seed=0, steps=steps, cfg=1.0, sampler_name="euler", scheduler="simple",
                                        positive=conditioning(arch, tokens), negative=conditioning(arch, tokens, seed=1),
                                        latent=latent)
         dev.sync()
+        seconds = time.perf_counter() - start
     assert torch.isfinite(out["samples"]).all(), "non-finite sample"
-    return time.perf_counter() - start
+    del out
+    return seconds, dev.peak_gb(), before, dev.allocated_gb()
 
 
 def lynx_clone(patcher, precision: str, fp8_dense_layers: bool = True, fused_blocks: bool = True,
@@ -334,10 +340,14 @@ def run_model(arch, args, dev, rows, samples, notes):
                                        f"{side}_warmup_peak_gb": round(first_peak, 3)})
                         if (((arch, resolution) == SAMPLE_RESOLUTION or args.tiny and arch == "flux")
                                 and mode in args.sample_modes and args.steps > 0 and side in ("dense", "lynx")):
-                            seconds = time_sample(patcher, arch, resolution, dev, dtype, args.steps)
+                            seconds, peak, before, after = time_sample(patcher, arch, resolution, dev, dtype,
+                                                                       args.steps)
                             samples.append({"model": arch, "resolution": resolution, "mode": mode, "side": side,
-                                            "steps": args.steps, "seconds": round(seconds, 3)})
-                            log(f"[{arch} {resolution}px {mode} {side}] {args.steps}-step sample {seconds:.2f} s")
+                                            "steps": args.steps, "seconds": round(seconds, 3), "peak_gb": round(peak, 3),
+                                            "allocated_before_gb": round(before, 3),
+                                            "allocated_after_gb": round(after, 3)})
+                            log(f"[{arch} {resolution}px {mode} {side}] {args.steps}-step sample {seconds:.2f} s, "
+                                f"peak {peak:.2f} GB, allocated {before:.2f} GB before, {after:.2f} GB after")
                     del patcher
                     comfy.model_management.unload_all_models()
             for side, times in all_times.items():
@@ -431,13 +441,16 @@ def markdown(meta, rows, samples, notes, calibrations=()):
             lines.append(f"| {r['model']} | {r['resolution']} | {r['mode']} | {side} | {prof['wall_ms']:.1f} | "
                          f"{prof['busy_ms']:.1f} | " + " | ".join(f"{prof['kernel_ms'][k]:.1f}" for k in PROFILE_KINDS) + " |")
     if samples:
-        lines += ["", "| whole sample | res | mode | steps | dense s | Lynx s | speed-up |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| whole sample | res | mode | steps | dense s | Lynx s | speed-up | dense peak GB | Lynx peak GB "
+                  "| Lynx allocated before / after GB |", "|---|---|---|---|---|---|---|---|---|---|"]
         keyed = {(s["model"], s["resolution"], s["mode"], s["side"]): s for s in samples}
         for (model, res, mode, side), s in keyed.items():
             if side == "dense" and (model, res, mode, "lynx") in keyed:
                 lynx = keyed[(model, res, mode, "lynx")]
                 lines.append(f"| {model} | {res} | {mode} | {s['steps']} | {s['seconds']:.2f} | {lynx['seconds']:.2f} | "
-                             f"{s['seconds'] / lynx['seconds']:.3f}x |")
+                             f"{s['seconds'] / lynx['seconds']:.3f}x | {s.get('peak_gb', float('nan')):.2f} | "
+                             f"{lynx.get('peak_gb', float('nan')):.2f} | {lynx.get('allocated_before_gb', float('nan')):.2f}"
+                             f" / {lynx.get('allocated_after_gb', float('nan')):.2f} |")
     if calibrations:
         lines += ["", "| calibration (node defaults) | res | seconds | peak GB | dense ms/step | Lynx ms/step | "
                   "Lynx + LoRA ms/step | LoRA cost | Lynx + LoRA peak GB |", "|---|---|---|---|---|---|---|---|---|"]
