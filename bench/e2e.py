@@ -247,23 +247,25 @@ def time_sample(patcher, arch, resolution, dev, dtype, steps):
     """(seconds, peak GB during the sample, GB allocated before it, GB allocated after it returns): the
     last two show whether what a run makes for itself (fp8 weight copies) is given back."""
     import comfy.model_management
-    import nodes
+    import comfy.sample
     import torch
     from comfy_models import conditioning, empty_latent
     comfy.model_management.load_models_gpu([patcher])
-    latent = {"samples": empty_latent(arch, 1, resolution // 8, resolution // 8)}  # FLUX: CFG 1, batch 1
+    latent = empty_latent(arch, 1, resolution // 8, resolution // 8)  # FLUX: CFG 1, batch 1
     tokens = CONTEXT_TOKENS[arch] if resolution > 128 else 40
+    # KSampler's own call (nodes.common_ksampler without the preview callback): importing ComfyUI's
+    # nodes module needs its video dependency, which the GPU machine lacks.
+    noise = comfy.sample.prepare_noise(latent, 0)
     with torch.inference_mode():
         dev.sync()
         dev.reset_peak()
         before = dev.allocated_gb()
         start = time.perf_counter()
-        (out,) = nodes.common_ksampler(patcher, seed=0, steps=steps, cfg=1.0, sampler_name="euler", scheduler="simple",
-                                       positive=conditioning(arch, tokens), negative=conditioning(arch, tokens, seed=1),
-                                       latent=latent)
+        out = comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "simple", conditioning(arch, tokens),
+                                  conditioning(arch, tokens, seed=1), latent, seed=0)
         dev.sync()
         seconds = time.perf_counter() - start
-    assert torch.isfinite(out["samples"]).all(), "non-finite sample"
+    assert torch.isfinite(out).all(), "non-finite sample"
     del out
     return seconds, dev.peak_gb(), before, dev.allocated_gb()
 
