@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: build, GPU tests, kernel benchmarks; results to $OUT.
-# Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|producer|profile|ncu], or stages joined by commas
+# Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|producer|profile|ncu|passes|ncu-passes], or stages joined by commas
 #   (test,bench,fp8) to run several after one set-up   (OUT defaults to ./device-out)
 #   test: tests/gpu (the sm90 tests first; TEST_PATHS=tests/gpu for plain file order); bench: bench/kernels.py $BENCH_ARGS; fp8: bench/kernels.py --fp8;
 #   lora: bench/lora_branch.py; producer: bench/producer_fusion.py, bf16 (+ LoRA r32) and fp8; profile:
 #   bench/profile_linear.py (kernel by kernel); ncu: Nsight Compute on the dense and sparse GEMM of one
-#   shape ($NCU_SHAPES); all: test, bench, fp8, lora and producer.
+#   shape ($NCU_SHAPES); passes: bench/passes.py (the elementwise passes against their memory floor);
+#   ncu-passes: Nsight Compute on those passes; all: test, bench, fp8, lora and producer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/device_setup.sh
@@ -37,19 +38,18 @@ if [ "$STAGE" = all ] || runs producer; then
     record "${PIPESTATUS[0]}"
   done
 fi
-if runs ncu; then
-  # GEMM and sparsify kernels of one shape under Nsight Compute: tensor-pipe, shared-memory and warp-stall
-  # figures, to see which unit bounds each. Launch order is profile_linear.py's case order (dense, full linear,
-  # two ops, GEMM alone, sparsify alone, + LoRA, + LoRA with down in the sparsify pass).
-  NCU_SHAPES="${NCU_SHAPES:-0}"
+# Nsight Compute over one program's kernels: throughput, shared-memory and warp-stall figures, to see which
+# unit bounds each (NCU_LAUNCHES kernels matching NCU_KERNELS), summarised into $OUT/<name>.csv's log.
+run_ncu() {
+  local name=$1 kernels=$2; shift 2
   timeout "${BENCH_TIMEOUT:-240}" ncu --clock-control none --profile-from-start off --launch-count "${NCU_LAUNCHES:-4}" \
-    --kernel-name "${NCU_KERNELS:-regex:device_kernel|nvjet|xmma|gemm}" --section SpeedOfLight \
+    --kernel-name "$kernels" --section SpeedOfLight \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
     --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" --csv --page details \
-    python3 bench/profile_linear.py --shapes "$NCU_SHAPES" --single-calls > "$OUT/ncu-gemm.csv" 2> "$OUT/ncu.log"
+    "$@" > "$OUT/$name.csv" 2> "$OUT/$name.log"
   record $?
-  python3 - "$OUT/ncu-gemm.csv" <<'PY'
+  python3 - "$OUT/$name.csv" <<'PY'
 import csv, re, sys
 wanted = re.compile(r"Duration|SM Frequency|Throughput|Shared|Tensor|Max Bandwidth|Mem Pipes|Issue Slots|Executed Ipc|"
                     r"Bank|Stall|stalled|Warp Cycles|Eligible|Active Warps|Occupancy|Registers|Grid Size|Block Size|Issued Warp")
@@ -59,6 +59,21 @@ for row in csv.DictReader(lines):
         print(row["ID"], row["Kernel Name"][:40], "|", row["Section Name"], "|", row["Metric Name"], row["Metric Unit"],
               row["Metric Value"])
 PY
+}
+if runs ncu; then
+  # GEMM and sparsify kernels of one shape. Launch order is profile_linear.py's case order (dense, full linear,
+  # two ops, GEMM alone, sparsify alone, + LoRA, + LoRA with down in the sparsify pass).
+  run_ncu ncu-gemm "${NCU_KERNELS:-regex:device_kernel|nvjet|xmma|gemm}" \
+    python3 bench/profile_linear.py --shapes "${NCU_SHAPES:-0}" --single-calls
+fi
+if runs passes; then
+  timeout "${BENCH_TIMEOUT:-240}" python3 bench/passes.py --out "$OUT" 2>&1 | tee "$OUT/bench-passes.log"
+  record "${PIPESTATUS[0]}"
+fi
+if runs ncu-passes; then
+  # bench/passes.py's passes, once each (exact GELU), in its table's order.
+  NCU_LAUNCHES="${NCU_LAUNCHES:-4}" run_ncu ncu-passes "${NCU_KERNELS:-regex:quantize|cat_gelu|qk_norm}" \
+    python3 bench/passes.py --single-calls
 fi
 if runs profile; then
   timeout "${BENCH_TIMEOUT:-240}" python3 bench/profile_linear.py --out "$OUT" 2>&1 | tee "$OUT/profile.log"

@@ -1,0 +1,120 @@
+"""RT-Lynx's memory-bound passes at FLUX.1-dev 1024² shapes against their memory floor.
+
+Each pass's kernel time (CUDA-graph replays, the variants in turns) beside the time its bytes
+(read once + written once) take at the copy bandwidth measured in the same run (a device-to-device
+copy of 1 GiB): "x floor" says how far the pass is from being memory-bound. The GELU passes run
+with torch's tanhf GELU and with the fast one (sm90.fast_gelu).
+
+Usage (GPU): python bench/passes.py [--out bench/results]
+             python bench/passes.py --single-calls   (each pass once, for `ncu --profile-from-start off`;
+                                                     bench/run_device.sh ncu-passes)
+"""
+import argparse
+import datetime
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from standalone import load_pack  # noqa: E402
+
+load_pack()
+sys.path.insert(0, str(ROOT / "bench"))
+from common import git_commit, interleaved_kernel_us  # noqa: E402
+
+IMG, TXT, HIDDEN, MLP = 4096, 512, 3072, 12288   # FLUX.1-dev at 1024²: image and text tokens, widths
+HEADS, HEAD_DIM = 24, 128
+
+
+def passes(torch, dev="cuda"):
+    """{name: (fn, bytes moved, fast GELU or None)}: each pass with inputs made once."""
+    from rt_lynx_pack.kernels import block_ops, fp8_dense  # noqa: F401  (defines the ops)
+    bf16 = torch.bfloat16
+    tokens = IMG + TXT
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def randn(*shape, dtype=bf16):
+        return torch.randn(*shape, generator=gen, device=dev, dtype=torch.float32).to(dtype)
+
+    # Single block: linear1's output (q, k, v | MLP hidden) and the attention output.
+    linear1_out = randn(tokens, 3 * HIDDEN + MLP)
+    mlp_hidden = linear1_out[:, 3 * HIDDEN:]
+    attention = randn(tokens, HIDDEN)
+    linear2_in = randn(tokens, HIDDEN + MLP)
+    # Double block: img and txt qkv projections, their q/k norm weights, and the RoPE table.
+    qkv_img, qkv_txt = randn(1, IMG, 3 * HIDDEN), randn(1, TXT, 3 * HIDDEN)
+    norm_w = [randn(HEAD_DIM).abs() for _ in range(4)]
+    angles = torch.rand(1, 1, tokens, HEAD_DIM // 2, generator=gen, device=dev) * 1000
+    pe = torch.stack([angles.cos(), -angles.sin(), angles.sin(), angles.cos()], -1).reshape(
+        1, 1, tokens, HEAD_DIM // 2, 2, 2)
+
+    elems = tokens * (HIDDEN + MLP)
+    gelu_bytes = elems * 2                                # attention + MLP hidden, 16-bit
+    rope_bytes = 2 * tokens * 3 * HIDDEN * 2 + pe.numel() * 4
+    ops = torch.ops.rt_lynx
+    table = {
+        "quantise fp8, GELU tail (single linear2)": (lambda: ops.quantize_rows_fp8(attention, mlp_hidden),
+                                                     gelu_bytes + elems + tokens * 4, True),
+        "quantise fp8, no GELU (15360 columns)": (lambda: ops.quantize_rows_fp8(linear2_in),
+                                                  gelu_bytes + elems + tokens * 4, None),
+        "cat + GELU (single linear2 input, bf16)": (lambda: ops.cat_gelu_tanh(attention, mlp_hidden),
+                                                    2 * gelu_bytes, True),
+        "q/k norm + RoPE (double block)": (lambda: ops.qk_norm_rope(qkv_txt, norm_w[0], norm_w[1], qkv_img, norm_w[2],
+                                                                    norm_w[3], pe, HEADS, 1e-6), rope_bytes, None),
+    }
+    return table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--single-calls", action="store_true", help="each pass once (exact GELU), for Nsight Compute")
+    args = p.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        sys.exit("bench/passes.py needs a CUDA GPU")
+    from rt_lynx_pack.kernels import sm90
+    table = passes(torch)
+    if args.single_calls:
+        for fn, _, _ in table.values():
+            fn()   # warm: the profiled calls find everything loaded
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()   # what `ncu --profile-from-start off` sees
+        for fn, _, _ in table.values():
+            fn()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        return
+    copy_src = torch.empty(2**29, dtype=torch.float16, device="cuda")
+    copy_dst = torch.empty_like(copy_src)
+    fns = {"copy 1 GiB": lambda: copy_dst.copy_(copy_src)}
+    contexts = {}
+    for name, (fn, _, fast) in table.items():
+        fns[name] = fn
+        if fast:
+            fns[name + " (fast GELU)"] = fn
+            contexts[name + " (fast GELU)"] = lambda: sm90.fast_gelu(True)
+    us = interleaved_kernel_us(fns, args.calls, args.repeats, contexts)
+    bandwidth = 2 * copy_src.numel() * 2 / (us["copy 1 GiB"] * 1e-6)   # bytes read + written per second
+    gpu = torch.cuda.get_device_name()
+    lines = [f"# RT-Lynx passes against their memory floor ({datetime.date.today()}, {gpu})", "",
+             f"torch {torch.__version__}, commit {git_commit()}; FLUX.1-dev 1024² shapes ({IMG} + {TXT} tokens); "
+             f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write of a 1 GiB copy); kernel time from CUDA-graph "
+             f"replays, {args.calls} calls x {args.repeats} repeats, variants in turns.", "",
+             "| pass | MB moved | us | floor us | x floor |", "|---|---|---|---|---|"]
+    for name, (_, moved, fast) in table.items():
+        for label in [name] + ([name + " (fast GELU)"] if fast else []):
+            floor = moved / bandwidth * 1e6
+            lines.append(f"| {label} | {moved / 1e6:.0f} | {us[label]:.1f} | {floor:.1f} | {us[label] / floor:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        path = pathlib.Path(args.out) / f"passes-{datetime.date.today()}-{gpu.replace(' ', '_')}.md"
+        path.write_text(text)
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
