@@ -30,6 +30,10 @@ def passes(torch, dev="cuda"):
     """{name: (fn, bytes moved, fast GELU or None)}: each pass with inputs made once."""
     from rt_lynx_pack.kernels import block_ops, fp8_dense  # noqa: F401  (defines the ops)
     bf16 = torch.bfloat16
+    for name, check in (("fp8 dense", fp8_dense.availability_fp8_dense), ("block ops", block_ops.availability_block_ops)):
+        ok, info = check(torch.device(dev))   # loads the extension, whose kernels the ops run
+        if not ok:
+            sys.exit(f"{name}: {info}")
     tokens = IMG + TXT
     gen = torch.Generator(device=dev).manual_seed(0)
 

@@ -309,7 +309,9 @@ def _fused_block_patch(kind: str, block, runtime: LynxRuntime | None):
     def patch(args, extra):
         if runs_original(args):
             return extra["original_block"](args)
-        options = args.get("transformer_options") or {}
+        options = args.get("transformer_options")
+        if options is None:   # not `or {}`: its truth test makes Dynamo guard on every value (sample_sigmas' length)
+            options = {}
         if kind == "double":
             img, txt = flux_double_block(block, args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"),
                                          options, attention)

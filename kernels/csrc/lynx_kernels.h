@@ -154,8 +154,9 @@ void launch_fp8_epilogue(const void* d, void* y, int64_t rows, int64_t cols,
 
 // Dense e4m3 rows (the layers an fp8 model keeps dense): q (rows x cols bytes, contiguous) =
 // e4m3(x * (448 / max|x|)) per row, dequant_scale[r] = max|x| / 448 (0 for a zero row). x is read
-// once: a block per row holds it in registers, so cols <= kQuantizeMaxCols. With gelu_tail, each
-// row is [x row, gelu_tanh(gelu_tail row)] (cols + tail_cols columns in all).
+// once: a block holds the row it works on in registers (and the next one in shared memory), so
+// cols <= kQuantizeMaxCols. With gelu_tail, each row is [x row, gelu_tanh(gelu_tail row)] (cols +
+// tail_cols columns in all).
 constexpr int kQuantizeVecsPerThread = 8;    // 16-byte vectors of x a thread holds
 constexpr int kQuantizeMaxThreads = 512;     // 128 registers a thread: no spills
 constexpr int64_t kQuantizeMaxCols = int64_t(kQuantizeMaxThreads) * kQuantizeVecsPerThread * 8;

@@ -176,6 +176,28 @@ def test_compiled_fp8_model_samples_again_without_compiling_again(flux):
     assert torch.equal(first, second)
 
 
+def test_compiled_model_samples_another_step_count_without_compiling_again(flux, monkeypatch):
+    # The sampler hands every block its schedule (transformer_options["sample_sigmas"], one longer
+    # than the steps): the fused blocks must not make torch.compile guard on it, or a run with a new
+    # step count compiles the whole model again (25 s for FLUX on a GPU), which the dense model does not.
+    import comfy.ldm.flux.math as flux_math
+    import comfy.ldm.modules.attention as comfy_attention
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+    # ComfyUI's CPU attention asks psutil for free memory, a graph break that splits the model into
+    # frames whose inputs are guarded whatever the blocks do; GPUs run SDPA, one frame.
+    monkeypatch.setattr(flux_math, "optimized_attention", comfy_attention.attention_pytorch)
+    compiled = sparsify(flux).clone()
+    set_torch_compile_wrapper(compiled, backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    sample(compiled, steps=2)
+    graphs = counters["stats"]["unique_graphs"]
+    sample(compiled, steps=3)
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
 def test_lynx_lora_node_loads_a_file_and_refuses_others(flux, tmp_path):
     from rt_lynx_pack.lynx import LynxLoRA
     lynx = sparsify(flux)
