@@ -248,6 +248,7 @@ def time_sample(patcher, arch, resolution, dev, dtype, steps):
     last two show whether what a run makes for itself (fp8 weight copies) is given back."""
     import comfy.model_management
     import comfy.sample
+    import comfy.utils
     import torch
     from comfy_models import conditioning, empty_latent
     comfy.model_management.load_models_gpu([patcher])
@@ -259,7 +260,8 @@ def time_sample(patcher, arch, resolution, dev, dtype, steps):
 
     def sample(steps):
         return comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "simple", conditioning(arch, tokens),
-                                   conditioning(arch, tokens, seed=1), latent, seed=0)
+                                   conditioning(arch, tokens, seed=1), latent, seed=0,
+                                   disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
 
     with torch.inference_mode():
         # A short sample first: the sampler's calls differ from time_steps' (a compiled model compiles

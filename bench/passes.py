@@ -25,7 +25,8 @@ from common import git_commit, interleaved_kernel_us  # noqa: E402
 
 IMG, TXT, HIDDEN, MLP = 4096, 512, 3072, 12288   # FLUX.1-dev at 1024²: image and text tokens, widths
 HEADS, HEAD_DIM = 24, 128
-HBM_TB_PER_S = {"H100": 3.35, "H200": 4.8}   # data-sheet bandwidth (SXM), by a word of the device name
+# Data-sheet HBM bandwidth by the part of torch.cuda.get_device_name() that tells the boards apart.
+HBM_TB_PER_S = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H200": 4.8}
 
 
 def passes(torch, dev="cuda"):

@@ -1879,7 +1879,9 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads)
   __shared__ uint32_t warp_max[2][kQuantizeMaxThreads / 32];
   const uint4 zero = make_uint4(0, 0, 0, 0);
   // This thread's vectors of `row` into `buffer`: one commit group (empty past the last row). A
-  // thread later reads only the vectors it copied itself, so no barrier guards the buffers.
+  // thread reads only the vectors it copied itself, so their landing needs no barrier; refilling a
+  // buffer the turn after it was read is safe because the row's barrier below comes between (the
+  // reads feed the row's max before it).
   auto stage = [&](int64_t row, int buffer) {
     if (row < rows) {
       const uint4* x_row = x + row * ld_vecs;
@@ -1942,9 +1944,11 @@ void launch_quantize_rows_variant(const uint4* x, int64_t ld_vecs, int head_vecs
   // of shared memory (at most 128 KB); as many blocks as fit on the chip, each walking its rows.
   const int threads = std::max(32, (vecs + kQuantizeVecsPerThread * 32 - 1) / (kQuantizeVecsPerThread * 32) * 32);
   const int smem = 2 * vecs * static_cast<int>(sizeof(uint4));
-  // Idempotent, per device: set on every launch rather than cached per process.
-  const cudaError_t configured = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  require(configured == cudaSuccess, "quantize_rows_fp8: ", smem, " bytes of shared memory refused: ",
+  // The widest row's two buffers, the same on every launch (per device, and no race between host
+  // threads quantising rows of different widths).
+  constexpr int kMaxSmem = 2 * static_cast<int>(kQuantizeMaxCols / 8 * sizeof(uint4));
+  const cudaError_t configured = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem);
+  require(configured == cudaSuccess, "quantize_rows_fp8: ", kMaxSmem, " bytes of shared memory refused: ",
           cudaGetErrorString(configured));
   int per_sm = 0;
   require(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) == cudaSuccess,

@@ -214,7 +214,8 @@ def test_compiled_lynx_model_compiles_no_more_often_than_the_dense_one(flux, den
     # sampler hands every block its schedule (transformer_options["sample_sigmas"], one longer than
     # the steps): a guard on it would compile the whole model again for a new step count (25 s for
     # FLUX on a GPU).
-    assert dense_graph_counts[0] > 0
+    # ComfyUI's own model does not compile again for a new step count (else this test could not see it).
+    assert dense_graph_counts[0] > 0 and dense_graph_counts[1] == dense_graph_counts[0]
     assert graphs_after_each_run(sparsify(flux, precision=precision)) == dense_graph_counts
 
 
