@@ -10,7 +10,8 @@ import_comfyui()
 
 import comfy.model_management  # noqa: E402
 
-from comfyui_models import build_model, load_model, sample, state_dict, watch_each_step  # noqa: E402
+from comfyui_models import (build_model, graphs_after_each_run, load_model, sample, state_dict,  # noqa: E402
+                            watch_each_step)
 from rt_lynx_pack.nodes import RTLynxSparsifyModel  # noqa: E402
 from rt_lynx_pack.nodes.comfy_glue import installed_plan  # noqa: E402
 
@@ -68,6 +69,14 @@ def test_qwen_image_patched_and_sampled_with_cfg_batch_2_and_changing_resolution
         assert not torch.equal(out, dense)
         assert relative_error(out, dense) < 0.5
         assert torch.equal(sample(qwen, **kwargs), dense)  # the loaded model is not changed
+
+
+def test_compiled_qwen_image_compiles_no_more_often_than_comfyuis_own(qwen):
+    # As test_compiled_lynx_model_compiles_no_more_often_than_the_dense_one, for Qwen-Image's
+    # fused blocks (CFG 2 in the last run doubles the batch).
+    dense = graphs_after_each_run(qwen, "qwen_image", tokens=40)
+    assert dense[0] > 0 and dense[1] == dense[0]
+    assert graphs_after_each_run(sparsify(qwen), "qwen_image", tokens=40) == dense
 
 
 def test_lumina2_nextdit_gets_the_z_image_policy_on_its_real_module_names(lumina2, capsys):

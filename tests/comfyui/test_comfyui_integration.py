@@ -14,7 +14,7 @@ import comfy.model_management  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 
-from comfyui_models import load_flux, sample, watch_each_step  # noqa: E402
+from comfyui_models import graphs_after_each_run, load_flux, sample, watch_each_step  # noqa: E402
 from rt_lynx_pack.kernels import sparse_linear_reference  # noqa: E402
 from rt_lynx_pack.lynx import LynxLinearForward, LynxLoRAMismatch, save_lynx_lora  # noqa: E402
 from rt_lynx_pack.lynx.tiny_dit import TinyFluxDiT  # noqa: E402
@@ -174,33 +174,6 @@ def test_compiled_fp8_model_samples_again_without_compiling_again(flux):
     second = sample(compiled)
     assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
     assert torch.equal(first, second)
-
-
-# A user's runs change the step count, the resolution and CFG.
-COMPILED_RUNS = [dict(steps=2), dict(steps=3), dict(steps=2, size=(16, 24)), dict(steps=2, cfg=2.0)]
-
-
-def graphs_after_each_run(model):
-    """Dynamo's count of distinct graphs after each of COMPILED_RUNS sampled through ComfyUI's
-    torch.compile wrapper (aot_eager) on a clone of `model`."""
-    import comfy.ldm.flux.math as flux_math
-    import comfy.ldm.modules.attention as comfy_attention
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
-    from torch._dynamo.utils import counters
-    compiled = model.clone()
-    set_torch_compile_wrapper(compiled, backend="aot_eager")
-    torch._dynamo.reset()
-    counters.clear()
-    counts = []
-    with pytest.MonkeyPatch.context() as patch:
-        # ComfyUI's CPU attention asks psutil for free memory, a graph break that splits the model
-        # into frames whose inputs are guarded whatever the blocks do; GPUs run SDPA, one frame.
-        patch.setattr(flux_math, "optimized_attention", comfy_attention.attention_pytorch)
-        for run in COMPILED_RUNS:
-            sample(compiled, **run)
-            counts.append(counters["stats"]["unique_graphs"])
-    torch._dynamo.reset()
-    return counts
 
 
 @pytest.fixture(scope="module")
