@@ -5,7 +5,8 @@ Measures, per model/resolution/mode and for both sides in the same process:
 - time per denoising step: median of several synchronised diffusion-model forwards through
   ComfyUI's BaseModel.apply_model (its wrappers included, so the compile wrapper applies);
 - peak GPU memory around those forwards (torch.cuda.max_memory_allocated);
-- for FLUX at 1024 only: a whole sample (nodes.common_ksampler, euler, --steps steps);
+- for FLUX at 1024 only: a whole sample (KSampler's comfy.sample call, euler, --steps steps, after
+  an untimed 2-step one), its peak and the memory allocated before and after it;
 - with --profile: where each side's GPU time per step goes (torch.profiler over a few more calls:
   kernel time by kind, sparse and dense GEMM, attention, the pack's own passes, Inductor's fused
   kernels, other), and how much of the step the GPU is busy at all;
@@ -16,6 +17,8 @@ Measures, per model/resolution/mode and for both sides in the same process:
 Usage (GPU): COMFYUI_PATH=.comfyui python bench/e2e.py [--models flux,qwen_image] [--resolutions 1024,768,1536]
              [--no-compile | --modes compile] [--steps 28] [--out bench/results]
 CPU check of the logic: COMFYUI_PATH=... python bench/e2e.py --tiny
+The results (e2e-<start time>-<gpu>-<models>.md and .json) are written again after every row, so a
+run stopped early keeps what it measured (marked partial).
 """
 import argparse
 import contextlib
@@ -292,7 +295,7 @@ def lynx_clone(patcher, precision: str, fp8_dense_layers: bool = True, fused_blo
     return patched
 
 
-def run_model(arch, args, dev, rows, samples, notes):
+def run_model(arch, args, dev, rows, samples, notes, save):
     import comfy.model_management
     import torch
     from comfy_models import TINY_BLOCKS, build_model
@@ -374,12 +377,13 @@ def run_model(arch, args, dev, rows, samples, notes):
                 result["fused_vs_dense_rel_error"] = round(
                     ((outputs["fused"] - dense_out).norm() / dense_out.norm()).item(), 4)
             rows.append(result)
+            save()   # a call that runs out of time keeps the rows measured so far
     del dense, lynx, attribution
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()
 
 
-def run_calibration(arch, args, dev, calibrations, notes):
+def run_calibration(arch, args, dev, calibrations, notes, save):
     """The Calibrate LoRA node as a user runs it (its defaults), then the step with the LoRA."""
     import comfy.model_management
     import torch
@@ -415,13 +419,15 @@ def run_calibration(arch, args, dev, calibrations, notes):
         del patcher
         comfy.model_management.unload_all_models()
     calibrations.append(result)
+    save()
     del dense, lynx, with_lora
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()
 
 
 def markdown(meta, rows, samples, notes, calibrations=()):
-    lines = [f"# RT-Lynx end to end in ComfyUI ({meta['date']}, {meta['gpu']})", "",
+    partial = "" if meta.get("complete", True) else " (partial: the rows done when the run stopped)"
+    lines = [f"# RT-Lynx end to end in ComfyUI ({meta['date']}, {meta['gpu']}){partial}", "",
              f"torch {meta['torch']}, ComfyUI {meta['comfyui']}, commit {meta['commit']}, weights {meta['dtype']} "
              f"(random), compile backend {meta['compile_backend']}{', TINY models' if meta['tiny'] else ''}"
              f"{', fast GELU in the kernels' if meta['args'].get('fast_gelu') else ''}", ""]
@@ -500,28 +506,33 @@ def main(argv=None):
         gelu = sm90.fast_gelu(True)   # process-wide; the dense side runs none of these kernels
     elif args.fast_gelu:
         log("--fast-gelu ignored: no CUDA device, the reference path has no kernels")
-    with gelu:
-        for arch in args.models:
-            if args.calibrate:
-                run_calibration(arch, args, dev, calibrations, notes)
-            else:
-                run_model(arch, args, dev, rows, samples, notes)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    meta = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "gpu": dev.name, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "comfyui": comfyui_version.__version__, "commit": git_commit(),
-            "dtype": args.weights if dev.cuda else "fp32", "compile_backend": args.compile_backend, "tiny": args.tiny,
-            "args": {k: v for k, v in vars(args).items() if k != "out"}}
-    text = markdown(meta, rows, samples, notes, calibrations)
-    log("\n" + text)
+    started = datetime.datetime.now(datetime.timezone.utc)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = "".join(c if c.isalnum() else "-" for c in dev.name).strip("-").lower()
     # The models in the name: two runs in one minute (one model each) must not overwrite each other.
-    stem = out / f"e2e-{now.strftime('%Y%m%d-%H%M')}-{gpu}-{'-'.join(args.models)}{'-tiny' if args.tiny else ''}"
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "steps": rows, "samples": samples,
-                                                     "calibrations": calibrations, "lynx_plans": notes},
-                                                    indent=1) + "\n")
+    stem = out / f"e2e-{started.strftime('%Y%m%d-%H%M')}-{gpu}-{'-'.join(args.models)}{'-tiny' if args.tiny else ''}"
+
+    def save(complete=False):
+        """The results so far as <stem>.md and .json; the markdown text."""
+        meta = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "gpu": dev.name, "torch": torch.__version__,
+                "cuda": torch.version.cuda, "comfyui": comfyui_version.__version__, "commit": git_commit(),
+                "dtype": args.weights if dev.cuda else "fp32", "compile_backend": args.compile_backend,
+                "tiny": args.tiny, "complete": complete, "args": {k: v for k, v in vars(args).items() if k != "out"}}
+        text = markdown(meta, rows, samples, notes, calibrations)
+        stem.with_suffix(".md").write_text(text)
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "steps": rows, "samples": samples,
+                                                         "calibrations": calibrations, "lynx_plans": notes},
+                                                        indent=1) + "\n")
+        return text
+
+    with gelu:
+        for arch in args.models:
+            if args.calibrate:
+                run_calibration(arch, args, dev, calibrations, notes, save)
+            else:
+                run_model(arch, args, dev, rows, samples, notes, save)
+    log("\n" + save(complete=True))
     log(f"wrote {stem}.md and .json")
 
 

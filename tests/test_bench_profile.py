@@ -1,5 +1,6 @@
-"""The end-to-end benchmark's step profile sorts kernels by kind from their names: the names below
-are the ones a FLUX step ran on the H200 (torch 2.11, cuDNN attention, Inductor, our kernels)."""
+"""The end-to-end benchmark's logic on the CPU: its step profile sorts kernels by kind from their
+names (the names below are the ones a FLUX step ran on the H200: torch 2.11, cuDNN attention,
+Inductor, our kernels), its options, and its results files."""
 import importlib.util
 import pathlib
 
@@ -38,3 +39,11 @@ def test_modes_choose_the_rows_and_refuse_unknown_ones(e2e):
     assert e2e.parse_args(["--modes", "compile"]).modes == ["compile"]
     with pytest.raises(SystemExit):
         e2e.parse_args(["--modes", "compiled"])
+
+
+def test_results_saved_before_the_run_ends_say_they_are_partial(e2e):
+    # e2e.py saves after every row, so a device call that runs out of time keeps what it measured.
+    meta = {"date": "2026-12-04 20:00 UTC", "gpu": "NVIDIA H200", "torch": "2.11", "comfyui": "0.3.64",
+            "commit": "abc", "dtype": "bf16", "compile_backend": "inductor", "tiny": False, "args": {}}
+    assert "(partial" in e2e.markdown({**meta, "complete": False}, [], [], {}).splitlines()[0]
+    assert "(partial" not in e2e.markdown({**meta, "complete": True}, [], [], {}).splitlines()[0]
