@@ -56,16 +56,16 @@ def passes(torch, dev="cuda"):
         1, 1, tokens, HEAD_DIM // 2, 2, 2)
 
     elems = tokens * (HIDDEN + MLP)
-    gelu_bytes = elems * 2                                # attention + MLP hidden, 16-bit
+    input_bytes = elems * 2                               # attention + MLP hidden (or linear2_in), 16-bit
     rope_bytes = 2 * tokens * 3 * HIDDEN * 2 + pe.numel() * 4
     ops = torch.ops.rt_lynx
     table = {
         "quantise fp8, GELU tail (single linear2)": (lambda: ops.quantize_rows_fp8(attention, mlp_hidden),
-                                                     gelu_bytes + elems + tokens * 4, True),
+                                                     input_bytes + elems + tokens * 4, True),
         "quantise fp8, no GELU (15360 columns)": (lambda: ops.quantize_rows_fp8(linear2_in),
-                                                  gelu_bytes + elems + tokens * 4, None),
+                                                  input_bytes + elems + tokens * 4, None),
         "cat + GELU (single linear2 input, bf16)": (lambda: ops.cat_gelu_tanh(attention, mlp_hidden),
-                                                    2 * gelu_bytes, True),
+                                                    2 * input_bytes, True),
         "q/k norm + RoPE (double block)": (lambda: ops.qk_norm_rope(qkv_txt, norm_w[0], norm_w[1], qkv_img, norm_w[2],
                                                                     norm_w[3], pe, HEADS, 1e-6), rope_bytes, None),
     }
