@@ -24,6 +24,7 @@
 
 ComfyUI is imported only inside functions: importing the pack must not need it.
 """
+import contextlib
 import inspect
 import logging
 
@@ -110,36 +111,37 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
         compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
         drop_fp8_weights()  # the copies of a previous preparation are replaced, not added to
         in_place = [f for f in plan.installed_forwards.values() if _weight_in_place(f.module, patcher.load_device)]
-        room = _room_for_fp8_copies(patcher.load_device, sum(
-            _fp8_copy_bytes(f.module) for f in in_place if f.module.weight.dtype != torch.float8_e4m3fn))
-        left_out = 0
-
-        def take_room(module) -> bool:
-            nonlocal room, left_out
-            if _fp8_copy_bytes(module) > room:
-                left_out += 1
-                return False
-            room -= _fp8_copy_bytes(module)
-            return True
-
+        # Stored e4m3 weights whose scale is what ComfyUI applies are used as they are; every other
+        # layer needs a copy, and the room is asked for all of those copies at once.
+        copies = []
         for forward in in_place:
             module = forward.module
-            scale = getattr(module, "scale_weight", None)
             if module.weight.dtype != torch.float8_e4m3fn:
-                if take_room(module):
-                    forward.prepare_fp8(module.weight, scale)
+                copies.append(forward)
                 continue
-            computed, _, release = comfy_linear_weights(module, _probe(module, compute_dtype))
-            if _stored_scale_is_complete(module.weight, scale, computed):
+            scale = getattr(module, "scale_weight", None)
+            with _weight_as_computed(module, compute_dtype) as computed:
+                complete = _stored_scale_is_complete(module.weight, scale, computed)
+            if complete:
                 forward.prepare_fp8(module.weight, scale)
-            elif take_room(module):
-                # Stored fp8 with a scale kept elsewhere than scale_weight: quantise what the layer
-                # computes with instead of trusting the stored bytes.
-                log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; "
-                         f"requantising it")
+            else:
+                copies.append(forward)
+        room = _room_for_fp8_copies(patcher.load_device, sum(_fp8_copy_bytes(f.module) for f in copies))
+        left_out = 0
+        for forward in copies:
+            module = forward.module
+            if _fp8_copy_bytes(module) > room:
+                left_out += 1
+                continue
+            room -= _fp8_copy_bytes(module)
+            if module.weight.dtype != torch.float8_e4m3fn:
+                forward.prepare_fp8(module.weight, getattr(module, "scale_weight", None))
+                continue
+            # Stored fp8 with a scale kept elsewhere than scale_weight: quantise what the layer
+            # computes with instead of trusting the stored bytes.
+            log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; requantising it")
+            with _weight_as_computed(module, compute_dtype) as computed:
                 forward.prepare_fp8(computed)
-            if release is not None:
-                release()
         if left_out:
             log.warning("RT-Lynx: no room in %s memory for the fp8 weights of %d layers; they quantise their "
                         "weight on every call (slower) this run", patcher.load_device, left_out)
@@ -181,6 +183,18 @@ def _room_for_fp8_copies(device, needed: int) -> float:
         in_use = [m for m in mm.current_loaded_models if getattr(m, "currently_used", True)]
         mm.free_memory(needed + reserve, device, keep_loaded=in_use)
     return mm.get_free_memory(device) - reserve
+
+
+@contextlib.contextmanager
+def _weight_as_computed(module, dtype):
+    """The weight ComfyUI computes this layer with (its casts, scale and weight functions), given
+    back to ComfyUI when the block ends."""
+    computed, _, release = comfy_linear_weights(module, _probe(module, dtype))
+    try:
+        yield computed
+    finally:
+        if release is not None:
+            release()
 
 
 def _probe(module, dtype):

@@ -155,3 +155,28 @@ def test_fp8_weights_sample_with_lynx_close_to_dense():
     assert _stored_scale_is_complete(qkv.weight, None, computed)
     assert not _stored_scale_is_complete(qkv.weight, torch.tensor(2.0), computed)
     assert not _stored_scale_is_complete(qkv.weight, torch.ones(5), computed)
+
+
+def test_stored_fp8_layer_with_a_scale_kept_elsewhere_is_requantised_within_the_room_asked(monkeypatch):
+    # A stored e4m3 layer whose bytes times scale_weight are not what ComfyUI computes with gets a
+    # copy of what it computes with; its bytes are part of the room asked of ComfyUI up front.
+    from rt_lynx_pack.nodes import comfy_glue
+    fp8 = load_model("flux", dtype=torch.float8_e4m3fn, sd=state_dict("flux", (1, 1)))
+    odd = fp8.model.diffusion_model.get_submodule("double_blocks.0.img_attn.qkv")
+    trusts = comfy_glue._stored_scale_is_complete
+    monkeypatch.setattr(comfy_glue, "_stored_scale_is_complete",
+                        lambda stored, scale, computed: stored is not odd.weight and trusts(stored, scale, computed))
+    asked = []
+    room_for = comfy_glue._room_for_fp8_copies
+    monkeypatch.setattr(comfy_glue, "_room_for_fp8_copies", lambda device, needed: asked.append(needed) or
+                        room_for(device, needed))
+    lynx = sparsify(fp8, precision="fp8")
+    forwards = installed_plan(lynx).installed_forwards
+    odd_forward = next(f for f in forwards.values() if f.module is odd)
+    copied = watch_each_step(lynx, lambda: {
+        name for name, f in forwards.items()
+        if f.fp8_weight is not None and f.fp8_weight[0].data_ptr() != f.module.weight.data_ptr()})
+    out = sample(lynx, size=(18, 18), tokens=40, steps=2)
+    assert torch.isfinite(out).all()
+    assert asked and all(needed == comfy_glue._fp8_copy_bytes(odd) for needed in asked)
+    assert copied and all(names == {odd_forward.name} for names in copied)
