@@ -158,25 +158,31 @@ def test_fp8_weights_sample_with_lynx_close_to_dense():
 
 
 def test_stored_fp8_layer_with_a_scale_kept_elsewhere_is_requantised_within_the_room_asked(monkeypatch):
-    # A stored e4m3 layer whose bytes times scale_weight are not what ComfyUI computes with gets a
-    # copy of what it computes with; its bytes are part of the room asked of ComfyUI up front.
+    # A stored e4m3 layer whose bytes times scale_weight are not what ComfyUI computes with (here its
+    # cast doubles them, as a scale kept elsewhere would) gets a copy of what it computes with; the
+    # copy's bytes are part of the room asked of ComfyUI up front.
     from rt_lynx_pack.nodes import comfy_glue
     fp8 = load_model("flux", dtype=torch.float8_e4m3fn, sd=state_dict("flux", (1, 1)))
     odd = fp8.model.diffusion_model.get_submodule("double_blocks.0.img_attn.qkv")
-    trusts = comfy_glue._stored_scale_is_complete
-    monkeypatch.setattr(comfy_glue, "_stored_scale_is_complete",
-                        lambda stored, scale, computed: stored is not odd.weight and trusts(stored, scale, computed))
+    cast = comfy_glue.comfy_linear_weights
+
+    def cast_doubling_odd(module, x):
+        weight, bias, release = cast(module, x)
+        return (weight * 2 if module is odd else weight), bias, release
+    monkeypatch.setattr(comfy_glue, "comfy_linear_weights", cast_doubling_odd)
     asked = []
     room_for = comfy_glue._room_for_fp8_copies
     monkeypatch.setattr(comfy_glue, "_room_for_fp8_copies", lambda device, needed: asked.append(needed) or
                         room_for(device, needed))
     lynx = sparsify(fp8, precision="fp8")
     forwards = installed_plan(lynx).installed_forwards
-    odd_forward = next(f for f in forwards.values() if f.module is odd)
-    copied = watch_each_step(lynx, lambda: {
-        name for name, f in forwards.items()
+    odd_name = next(name for name, f in forwards.items() if f.module is odd)
+    copies = watch_each_step(lynx, lambda: {
+        name: (f.fp8_weight[0].float() * f.fp8_weight[1][:, None]).clone() for name, f in forwards.items()
         if f.fp8_weight is not None and f.fp8_weight[0].data_ptr() != f.module.weight.data_ptr()})
     out = sample(lynx, size=(18, 18), tokens=40, steps=2)
     assert torch.isfinite(out).all()
     assert asked and all(needed == comfy_glue._fp8_copy_bytes(odd) for needed in asked)
-    assert copied and all(names == {odd_forward.name} for names in copied)
+    assert copies and all(set(step) == {odd_name} for step in copies)
+    # Made from what ComfyUI computes with, not from the stored bytes.
+    assert relative_error(copies[0][odd_name], 2 * odd.weight.float()) < 0.07
