@@ -15,21 +15,8 @@ fi
   nvcc --version | tail -2; which ninja; nproc
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cusparselt', torch.backends.cusparselt.version())"
 } 2>&1 | tee "$OUT/env.log"
-# A carried build folder is kept when its kernel sources are byte-equal to the work tree's: a copy or a
-# git checkout gives unchanged files new times, and ninja, which compares them with the output times
-# it recorded, would rebuild the extension (110 s). The stamp holds the digest of the sources, build.py,
-# torch and nvcc, and a time older than every object; matching sources are set back to that time.
-kernel_sources_digest() {
-  { sha256sum kernels/csrc/* kernels/build.py
-    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-    nvcc --version | tail -1; } | sha256sum | cut -d' ' -f1
-}
-stamp="$RT_LYNX_BUILD_DIR/sources.stamp"
-digest=$(kernel_sources_digest)
-if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$digest" ]; then
-  touch -d "@$(cut -d' ' -f2 "$stamp")" kernels/csrc/*
-fi
-rm -f "$stamp"   # written again only after a build that succeeds
+source bench/build_stamp.sh
+reuse_carried_build "$RT_LYNX_BUILD_DIR"
 python3 - <<'PY' 2>&1 | tee "$OUT/build.log"
 import logging, sys, time
 sys.path.insert(0, "."); logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -41,10 +28,7 @@ for name, check in (("cuSPARSELt", cusparselt.availability), ("cuSPARSELt fp8", 
                     ("sm90", sm90.availability_sm90), ("fused block ops", block_ops.availability_block_ops)):
     t = time.monotonic(); print(f"{name}:", check(torch.device("cuda")), f"{time.monotonic() - t:.1f} s")
 PY
-if grep -q "^build: (True" "$OUT/build.log"; then
-  oldest=$(find "$RT_LYNX_BUILD_DIR" -maxdepth 1 \( -name '*.o' -o -name '*.so' \) -printf '%T@\n' | sort -n | head -1)
-  [ -n "$oldest" ] && echo "$digest $(( ${oldest%.*} - 1 ))" > "$stamp"
-fi
+grep -q "^build: (True" "$OUT/build.log" && stamp_build "$RT_LYNX_BUILD_DIR"
 # PACK_BUILD=1: the build folder comes back as $OUT/device_build.tgz, objects included (without them
 # ninja rebuilds the extension, ~110 s); unpack it in the checkout and carry it on later calls.
 if [ -n "${PACK_BUILD:-}" ]; then

@@ -1,0 +1,31 @@
+# Sourced by bench/device_setup.sh: keeps a carried build folder whose kernel sources are byte-equal
+# to the work tree's. A copy or a git checkout gives unchanged files new times, and ninja, which
+# compares them with the output times it recorded in .ninja_log, would rebuild the extension (110 s);
+# touching the objects does not help. The stamp holds the digest of the sources, build.py, torch and
+# nvcc, and a time older than every object: matching sources are set back to that time.
+# Run from the repository root.
+
+kernel_sources_digest() {
+  { sha256sum kernels/csrc/* kernels/build.py
+    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>/dev/null
+    nvcc --version 2>/dev/null | tail -1; } | sha256sum | cut -d' ' -f1
+}
+
+# reuse_carried_build <build folder>: before building. The stamp goes either way; stamp_build
+# writes it again once a build succeeds.
+reuse_carried_build() {
+  local stamp="$1/sources.stamp"
+  if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$(kernel_sources_digest)" ]; then
+    touch -d "@$(cut -d' ' -f2 "$stamp")" kernels/csrc/*
+  fi
+  rm -f "$stamp"
+}
+
+# stamp_build <build folder>: after a build that succeeded.
+stamp_build() {
+  local oldest
+  oldest=$(find "$1" -maxdepth 1 \( -name '*.o' -o -name '*.so' \) -printf '%T@\n' | sort -n | head -1)
+  if [ -n "$oldest" ]; then
+    echo "$(kernel_sources_digest) $(( ${oldest%.*} - 1 ))" > "$1/sources.stamp"
+  fi
+}
