@@ -242,7 +242,7 @@ def test_prologue_with_a_low_rank_branch_matches_fp32_math(sm90, generator, dtyp
     want = lynx + low_rank_reference(rows.float(), LowRankOperands(down.float(), up.float(), scale))
     on_raw_x = lynx + low_rank_reference(x.float(), LowRankOperands(down.float(), up.float(), scale))
     # The branch taken of the raw x must fail the check below (heavy-tailed rows through a GELU can
-    # bring it within 0.07 of the wanted output: a margin over the tolerance, not a fixed 0.1).
+    # bring it within 0.065 of the wanted output: a margin over the tolerance, not a fixed 0.1).
     assert relative_error(on_raw_x, want) > 3 * TOLERANCE, "test setup: the branch of the raw x must differ"
     poison_allocator(x.numel() * 4 + x.shape[0] * n * 2)
     y = fused(sm90.k_extension_up(up, scale))
