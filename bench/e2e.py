@@ -68,6 +68,9 @@ def parse_args(argv=None):
                         "node's default_dense_layers off)")
     p.add_argument("--fast-gelu", action="store_true",
                    help="the kernels' GELU as x / (1 + exp(-2u)) on the hardware exp2 (sm90.fast_gelu), not torch's tanhf")
+    p.add_argument("--programmatic-launch", action="store_true",
+                   help="launch the sparse GEMM and the sparsify passes with programmatic dependent launch "
+                        "(sm90.programmatic_launch)")
     p.add_argument("--attribution", action="store_true",
                    help="eager also: dense with fused blocks only, and Lynx without fused blocks (where the speed-up comes from)")
     p.add_argument("--profile", action="store_true",
@@ -430,7 +433,9 @@ def markdown(meta, rows, samples, notes, calibrations=()):
     lines = [f"# RT-Lynx end to end in ComfyUI ({meta['date']}, {meta['gpu']}){partial}", "",
              f"torch {meta['torch']}, ComfyUI {meta['comfyui']}, commit {meta['commit']}, weights {meta['dtype']} "
              f"(random), compile backend {meta['compile_backend']}{', TINY models' if meta['tiny'] else ''}"
-             f"{', fast GELU in the kernels' if meta['args'].get('fast_gelu') else ''}", ""]
+             f"{', fast GELU in the kernels' if meta['args'].get('fast_gelu') else ''}"
+             f"{', programmatic dependent launch' if meta['args'].get('programmatic_launch') else ''}",
+             ""]
     lines += [f"- {arch}: {text}" for arch, text in notes.items()]
     if rows:
         lines += ["", "| model | res | batch | mode | dense ms/step | Lynx ms/step | speed-up | dense peak GB | "
@@ -500,12 +505,15 @@ def main(argv=None):
     log(f"device {dev.name}, torch {torch.__version__}, models {args.models}, resolutions {args.resolutions}, "
         f"compile {'off' if args.no_compile else args.compile_backend + ' at ' + str(args.compile_resolutions)}")
     rows, samples, notes, calibrations = [], [], {}, []
-    gelu = contextlib.nullcontext()
-    if args.fast_gelu and dev.cuda:
+    switches = contextlib.ExitStack()   # process-wide; the dense side runs none of these kernels
+    if dev.cuda and (args.fast_gelu or args.programmatic_launch):
         from rt_lynx_pack.kernels import sm90
-        gelu = sm90.fast_gelu(True)   # process-wide; the dense side runs none of these kernels
-    elif args.fast_gelu:
-        log("--fast-gelu ignored: no CUDA device, the reference path has no kernels")
+        if args.fast_gelu:
+            switches.enter_context(sm90.fast_gelu(True))
+        if args.programmatic_launch:
+            switches.enter_context(sm90.programmatic_launch(True))
+    elif args.fast_gelu or args.programmatic_launch:
+        log("--fast-gelu / --programmatic-launch ignored: no CUDA device, the reference path has no kernels")
     started = datetime.datetime.now(datetime.timezone.utc)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -526,7 +534,7 @@ def main(argv=None):
                                                         indent=1) + "\n")
         return text
 
-    with gelu:
+    with switches:
         for arch in args.models:
             if args.calibrate:
                 run_calibration(arch, args, dev, calibrations, notes, save)

@@ -4,12 +4,15 @@ the FLUX.1-dev shapes at 1024² (H100 target: the branch adds at most 5% at rank
 Side by side in one run: the plain Lynx linear, the branch inside the sparse GEMM (sm90 K
 extension) with down(x) by cuBLAS before the sparsify pass, the same with down(x) computed inside
 the sparsify pass on tensor cores (sm90.low_rank_fusion; the default for ranks up to 32), and the
-branch added after as two small products (the path of the other backends). Eager wall time per call
+branch added after as two small products (the path of the other backends); and, for what each gives,
+the plain and fused-down linears with programmatic dependent launch (sm90.programmatic_launch) and the
+fused-down one finishing its rows in the pass (sm90.low_rank_finish_in_pass). Eager wall time per call
 (median over repeats, synchronised) and CUDA-graph kernel time, the variants taking turns within
 every repeat so a clock drift shifts them alike. Results go to
 bench/results/lora-branch-<date>-<gpu>.md.
 """
 import argparse
+import contextlib
 import datetime
 import pathlib
 import statistics
@@ -25,6 +28,23 @@ BRANCH_VARIANTS = ("in_gemm", "in_gemm_fused_down", "added_after")
 
 SHAPES = [(4096, 3072, 9216), (4096, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072),
           (4608, 3072, 21504), (512, 3072, 9216)]
+
+
+# (variant, programmatic launch, fused down pass finishing in the pass); "plain" and
+# "in_gemm_fused_down" are the defaults' variants above.
+LAUNCH_MODES = [("plain", False, False), ("plain_programmatic", True, False),
+                ("in_gemm_fused_down", False, False), ("fused_down_programmatic", True, False),
+                ("fused_down_in_pass", False, True), ("fused_down_in_pass_programmatic", True, True)]
+LAUNCH_LABELS = {"plain": "Lynx us", "plain_programmatic": "Lynx, programmatic",
+                 "in_gemm_fused_down": "fused down", "fused_down_programmatic": "fused down, programmatic",
+                 "fused_down_in_pass": "fused down, in pass", "fused_down_in_pass_programmatic":
+                 "fused down, in pass, programmatic"}
+
+
+@contextlib.contextmanager
+def _modes(sm90, programmatic, in_pass):
+    with sm90.programmatic_launch(programmatic), sm90.low_rank_fusion(True), sm90.low_rank_finish_in_pass(in_pass):
+        yield
 
 
 def main():
@@ -59,6 +79,13 @@ def main():
                  "down_transposed": lambda: torch.mm(down, next_x().t())}
         contexts = {"in_gemm": lambda: sm90.low_rank_fusion(False),
                     "in_gemm_fused_down": lambda: sm90.low_rank_fusion(True)}
+        # Launch and finishing modes: (programmatic launch, finish in the pass) for each variant name.
+        for name, programmatic, in_pass in LAUNCH_MODES:
+            if name in variants:
+                continue   # a default's own variant
+            variants[name] = variants["plain" if name.startswith("plain") else "in_gemm_fused_down"]
+            contexts[name] = (lambda programmatic=programmatic, in_pass=in_pass:
+                              _modes(sm90, programmatic, in_pass))
         with sm90.low_rank_fusion(True):
             fusable = backend == "sm90" and sm90.low_rank_fused(args.rank)
         row = {"shape": (m, k, n), "backend": backend, "branch_in_gemm": in_gemm.up_k_extension is not None,
@@ -71,13 +98,23 @@ def main():
         for timing in ("eager", "kernel"):
             for name in BRANCH_VARIANTS:
                 row[f"{timing}_{name}_overhead"] = row[f"{timing}_{name}_us"] / row[f"{timing}_plain_us"] - 1
+            for name, programmatic, _ in LAUNCH_MODES:
+                if not name.startswith("plain"):
+                    base = "plain_programmatic" if programmatic else "plain"
+                    row[f"{timing}_{name}_overhead"] = row[f"{timing}_{name}_us"] / row[f"{timing}_{base}_us"] - 1
         rows.append(row)
         print(row, flush=True)
 
     gpu = torch.cuda.get_device_name()
-    commit = git_commit()
-    lines = [f"# Lynx LoRA branch cost, rank {args.rank} ({datetime.date.today()}, {gpu}, torch {torch.__version__}, "
-             f"commit {commit})", "",
+    text = markdown(rows, args.rank, f"{datetime.date.today()}, {gpu}, torch {torch.__version__}, commit {git_commit()}")
+    print(text)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"lora-branch-{datetime.date.today()}-{gpu.replace(' ', '_')}{args.suffix}.md").write_text(text)
+
+
+def markdown(rows, rank, about):
+    lines = [f"# Lynx LoRA branch cost, rank {rank} ({about})", "",
              "In GEMM: the branch in the sparse GEMM, down(x) by cuBLAS before the sparsify pass; "
              "fused down (the default): the same with down(x) inside the sparsify pass (column 'fused runs': the "
              "rank allows it); K ext: the logical columns the branch adds to the sparse GEMM (one k-tile of the "
@@ -103,11 +140,27 @@ def main():
         eager = statistics.mean(r[f"eager_{name}_overhead"] for r in rows)
         lines.append(f"\nMean overhead of the branch {label}: {kernel:+.1%} kernel time, {eager:+.1%} eager "
                      f"(target: at most +5% at rank 32).")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"lora-branch-{datetime.date.today()}-{gpu.replace(' ', '_')}{args.suffix}.md").write_text(text)
+    modes = [name for name, _, _ in LAUNCH_MODES]
+    lines += ["", "Launch and finishing modes, timed in the same turns: programmatic = programmatic dependent launch "
+              "(sm90.programmatic_launch); in pass = the fused down pass's last K slice to arrive adds the slices' "
+              "sums (sm90.low_rank_finish_in_pass), else a second kernel does. Overheads against the Lynx linear "
+              "without a branch in the same launch mode.", "",
+              "| M,K,N | timing | " + " | ".join(LAUNCH_LABELS[name] for name in modes) + " |",
+              "|" + "---|" * (2 + len(modes))]
+    for r in rows:
+        for timing in ("kernel", "eager"):
+            cells = [",".join(map(str, r["shape"])), timing]
+            for name in modes:
+                overhead = r.get(f"{timing}_{name}_overhead")
+                cells.append(f"{r[f'{timing}_{name}_us']:.1f}" + ("" if overhead is None else f" ({overhead:+.1%})"))
+            lines.append("| " + " | ".join(cells) + " |")
+    for timing in ("kernel", "eager"):
+        means = [f"{LAUNCH_LABELS[name]} {statistics.mean(r[f'{timing}_{name}_overhead'] for r in rows):+.1%}"
+                 for name in modes if not name.startswith("plain")]
+        speedup = statistics.mean(r[f"{timing}_plain_us"] / r[f"{timing}_plain_programmatic_us"] for r in rows)
+        lines.append(f"\nMean branch overhead, {timing} time: {'; '.join(means)}. Lynx linear without a branch, "
+                     f"plain launch over programmatic: x{speedup:.3f}.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

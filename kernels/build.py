@@ -37,7 +37,9 @@ SM90_HEADERS = [CSRC / "sm90_sparse_gemm.h", CSRC / "sm90_sparse_gemm_impl.cuh",
                 CSRC / "sm90_overlapped_sparse_mma.cuh",
                 CSRC / "sm90_metadata_layout.h"]
 SM90_NVCC_FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a",
-                   "--expt-relaxed-constexpr", "-Xcompiler=-fPIC", "-lineinfo"]
+                   "--expt-relaxed-constexpr", "-Xcompiler=-fPIC", "-lineinfo",
+                   # griddepcontrol in CUTLASS's kernels: a programmatic launch waits before its loads
+                   "-DCUTLASS_ENABLE_GDC_FOR_SM90"]
 SM90_EXPECTED_BUILD_MINUTES = 4
 
 _lock = threading.Lock()

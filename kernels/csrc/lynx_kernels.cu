@@ -21,6 +21,41 @@
 namespace rt_lynx {
 namespace {
 
+// Programmatic dependent launch (sm90; see set_programmatic_launch). A sparsify pass lets the next
+// launch (the GEMM's) begin at its own start, so the GEMM's blocks take each SM as the pass's blocks
+// leave it and set up there; a kernel launched with launch_after_previous may run before the
+// previous kernel in the stream has finished, so it waits here before it touches global memory.
+// Both are no-ops otherwise.
+__device__ __forceinline__ void allow_next_grid_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Launches kernel behind the previous work in the stream, programmatically when switched on: it may
+// then start while that work ends, so it must wait_for_previous_grid() before touching memory.
+template <typename... Params, typename... Args>
+void launch_after_previous(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                           Args... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = programmatic_launch() ? 1 : 0;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+  require(launched == cudaSuccess, "sparsify: launch failed: ", cudaGetErrorString(launched));
+}
+
 template <bool kBf16>
 __device__ __forceinline__ float bits_to_float(uint32_t bits16) {
   if constexpr (kBf16) {
@@ -213,6 +248,8 @@ __global__ void __launch_bounds__(256) sparsify_compress_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
     uint16_t* __restrict__ values, int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ scale,
     const uint16_t* __restrict__ u, int64_t rank, int64_t k_ext) {
+  allow_next_grid_launch();
+  wait_for_previous_grid();
   constexpr int kPairsPerBlock = 8 / kSplit;
   const int lane = threadIdx.x;
   const int warp = threadIdx.y;                 // 0..7
@@ -516,12 +553,88 @@ __device__ __forceinline__ void prologue_on_tile(uint16_t* stage, int64_t first_
   }
 }
 
+// What finishing a row needs beyond the partial sums: the K extension's place and the token scale.
+struct LowRankFinish {
+  int64_t rows, cols, rank, k_ext;
+  uint16_t* values;
+  int64_t ld_values;
+  uint8_t* meta;
+  float* scale;  // nullptr: no compensation, s = 1
+};
+
+// What low_rank_extension_kernel does, for the kFusedRows rows of one row block, done by the block
+// that finished the row block's last slice: 4 threads a row load every slice's partial sums at
+// once (added in slice order: that kernel's results bit for bit), u / s goes through shared memory
+// (`staging`, kFusedRows x kRankPadded floats) to be written as K-extension pieces.
+template <bool kBf16, int kCutlassBlockK, int kRankTiles>
+__device__ __forceinline__ void finish_low_rank_rows(const float* partial, int64_t slices, int64_t block_row,
+                                                     int64_t padded_rows, const LowRankFinish& f, float* staging) {
+  constexpr int kRankPadded = kRankTiles * 8;
+  constexpr int kStride = FusedSmem<kRankTiles>::kPartialStride;
+  constexpr int kThreadsPerRow = kFusedThreads / kFusedRows;
+  constexpr int kPer = kRankPadded / kThreadsPerRow;  // u columns a thread adds
+  static_assert(kThreadsPerRow == 4 && kPer % 2 == 0, "float2 loads of whole u columns");
+  const int local = int(threadIdx.x) / kThreadsPerRow;
+  const int part = int(threadIdx.x) % kThreadsPerRow;
+  const int64_t row = block_row + local;
+  const float* row_partial = partial + row * kStride;
+  const int64_t slice_step = padded_rows * kStride;
+  float u[kPer] = {}, dense_sq = 0.f, kept_sq = 0.f;
+  constexpr int kInFlight = 4;  // slices loaded before any is added
+  for (int64_t first = 0; first < slices; first += kInFlight) {
+    float2 part_u[kInFlight][kPer / 2], part_norms[kInFlight];
+#pragma unroll
+    for (int i = 0; i < kInFlight; ++i) {
+      const bool real = first + i < slices;
+      const float* q = row_partial + (real ? first + i : 0) * slice_step;
+#pragma unroll
+      for (int v = 0; v < kPer / 2; ++v) {
+        part_u[i][v] = real ? __ldcg(reinterpret_cast<const float2*>(q + part * kPer) + v) : make_float2(0.f, 0.f);
+      }
+      part_norms[i] =
+          real && part == 0 ? __ldcg(reinterpret_cast<const float2*>(q + kRankPadded)) : make_float2(0.f, 0.f);
+    }
+#pragma unroll
+    for (int i = 0; i < kInFlight; ++i) {  // in slice order, as low_rank_extension_kernel adds them
+#pragma unroll
+      for (int v = 0; v < kPer / 2; ++v) {
+        u[2 * v] += part_u[i][v].x;
+        u[2 * v + 1] += part_u[i][v].y;
+      }
+      dense_sq += part_norms[i].x;
+      kept_sq += part_norms[i].y;
+    }
+  }
+  float s = f.scale != nullptr ? token_scale_of(dense_sq, kept_sq) : 1.f;
+  // The row's first thread holds its norms.
+  s = __shfl_sync(0xffffffffu, s, int(threadIdx.x % 32) & ~(kThreadsPerRow - 1));
+  if (f.scale != nullptr && part == 0) f.scale[row] = s;
+#pragma unroll
+  for (int v = 0; v < kPer; ++v) staging[local * kRankPadded + part * kPer + v] = __fdiv_rn(u[v], s);
+  __syncthreads();
+  // Piece j of a row: logical columns cols + 8 j .. + 8, i.e. u[4 j .. 4 j + 3] (zero past the rank).
+  const int pieces = int(f.k_ext / 8);
+  for (int item = int(threadIdx.x); item < kFusedRows * pieces; item += kFusedThreads) {
+    const int piece_row = item / pieces, piece = item % pieces;
+    const int64_t out_row = block_row + piece_row;
+    uint32_t out[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = 4 * piece + i;
+      out[i] = out_row < f.rows && j < f.rank ? float_to_bits<kBf16>(staging[piece_row * kRankPadded + j]) : 0u;
+    }
+    store_k_extension_piece<kCutlassBlockK>(out, out_row, piece, f.cols, padded_rows, f.values, f.ld_values, f.meta);
+  }
+}
+
 template <bool kBf16, int kCutlassBlockK, int kRankTiles, int kPrologue>
 __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
     const uint16_t* __restrict__ down, int64_t rank, int64_t tiles_per_slice, uint16_t* __restrict__ values,
     int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ partial, PrologueArgs mod,
-    const float2* __restrict__ row_stats) {
+    const float2* __restrict__ row_stats, int* __restrict__ arrivals, LowRankFinish finish) {
+  allow_next_grid_launch();
+  wait_for_previous_grid();
   constexpr int kRankPadded = kRankTiles * 8;
   constexpr int kStride = FusedSmem<kRankTiles>::kPartialStride;
   constexpr int kStage = FusedSmem<kRankTiles>::kStageElements;
@@ -652,6 +765,19 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
       }
     }
   }
+  if (arrivals == nullptr) return;  // low_rank_extension_kernel adds the slices
+  __shared__ bool last_to_arrive;
+  __threadfence();  // this block's partial sums are visible before its arrival counts
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last_to_arrive = atomicAdd(arrivals + blockIdx.x, 1) == int(gridDim.y) - 1;
+    __threadfence();  // and the other slices' sums are read after it
+  }
+  __syncthreads();
+  if (last_to_arrive) {
+    finish_low_rank_rows<kBf16, kCutlassBlockK, kRankTiles>(partial, int64_t(gridDim.y), block_row, padded_rows,
+                                                            finish, reinterpret_cast<float*>(stages));
+  }
 }
 
 // (mean, rstd) of each row for the fused pass's LayerNorm: a warp per row, the mean first, then
@@ -659,6 +785,8 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
 template <bool kBf16>
 __global__ void __launch_bounds__(256) row_stats_kernel(const uint4* __restrict__ x, int64_t rows, int64_t ld_vecs,
                                                         int vecs, float eps, float2* __restrict__ stats) {
+  allow_next_grid_launch();
+  wait_for_previous_grid();
   const int lane = threadIdx.x % 32;
   const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
   if (row >= rows) return;  // warp-uniform
@@ -683,6 +811,8 @@ __global__ void __launch_bounds__(256) low_rank_extension_kernel(
     const float* __restrict__ partial, int64_t slices, int64_t rows, int64_t padded_rows, int64_t cols,
     int64_t rank, int64_t k_ext, uint16_t* __restrict__ values, int64_t ld_values, uint8_t* __restrict__ meta,
     float* __restrict__ scale) {
+  allow_next_grid_launch();
+  wait_for_previous_grid();
   constexpr int kRankPadded = kRankTiles * 8;
   constexpr int kStride = FusedSmem<kRankTiles>::kPartialStride;
   const int lane = threadIdx.x % 32;
@@ -828,10 +958,10 @@ void launch_sparsify_variant(const void* x, int64_t rows, int64_t padded_rows, i
                              const SparsifyExtension& ext, cudaStream_t stream) {
   const int64_t blocks = padded_rows / 16 * kSplit;
   require(blocks <= 0x7fffffff, "sparsify: too many rows for one launch");
-  sparsify_compress_kernel<kBf16, kFold, kSplit, kCutlassBlockK>
-      <<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
-          static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, values, ld_values, meta, scale,
-          static_cast<const uint16_t*>(ext.u), ext.rank, ext.k_ext);
+  launch_after_previous(sparsify_compress_kernel<kBf16, kFold, kSplit, kCutlassBlockK>,
+                        dim3(static_cast<unsigned>(blocks)), dim3(32, 8), 0, stream, static_cast<const uint16_t*>(x),
+                        rows, padded_rows, cols, ld_x, values, ld_values, meta, scale,
+                        static_cast<const uint16_t*>(ext.u), ext.rank, ext.k_ext);
 }
 
 template <bool kBf16, bool kFold, int kCutlassBlockK>
@@ -894,21 +1024,31 @@ void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int
   const FusedSlicing slicing = fused_slicing(padded_rows, cols);
   PrologueArgs mod{static_cast<const uint16_t*>(l.prologue->shift), static_cast<const uint16_t*>(l.prologue->scale1p),
                    l.prologue->tokens, l.prologue->eps, fast_gelu()};
+  const int64_t partial_floats = slicing.slices * padded_rows * FusedSmem<kMaxFusedRank / 8>::kPartialStride;
   float2* row_stats = nullptr;
   if constexpr (kPrologue == kPrologueLayerNormModulation) {
-    row_stats = reinterpret_cast<float2*>(l.workspace + slicing.slices * padded_rows *
-                                                            FusedSmem<kMaxFusedRank / 8>::kPartialStride);
-    row_stats_kernel<kBf16><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
-        static_cast<const uint4*>(x), rows, ld_x / 8, static_cast<int>(cols / 8), mod.eps, row_stats);
+    row_stats = reinterpret_cast<float2*>(l.workspace + partial_floats);
+    launch_after_previous(row_stats_kernel<kBf16>, dim3(static_cast<unsigned>((rows + 7) / 8)), dim3(256), 0, stream,
+                          static_cast<const uint4*>(x), rows, ld_x / 8, static_cast<int>(cols / 8), mod.eps, row_stats);
   }
-  const dim3 grid(static_cast<unsigned>(padded_rows / kFusedRows), static_cast<unsigned>(slicing.slices));
-  kernel<<<grid, kFusedThreads, kSmem, stream>>>(static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x,
-                                                 static_cast<const uint16_t*>(l.down), l.rank, slicing.tiles_per_slice,
-                                                 l.values, l.ld_values, l.meta, l.workspace, mod, row_stats);
-  low_rank_extension_kernel<kBf16, kCutlassBlockK, kRankTiles>
-      <<<static_cast<unsigned>(padded_rows / 8), 256, 0, stream>>>(l.workspace, slicing.slices, rows, padded_rows,
-                                                                  cols, l.rank, l.k_ext, l.values, l.ld_values, l.meta,
-                                                                  l.scale);
+  const int64_t row_blocks = padded_rows / kFusedRows;
+  int* arrivals = nullptr;
+  if (low_rank_finish_in_pass()) {
+    arrivals = reinterpret_cast<int*>(l.workspace + partial_floats + 2 * padded_rows);
+    const cudaError_t zeroed = cudaMemsetAsync(arrivals, 0, row_blocks * sizeof(int), stream);
+    require(zeroed == cudaSuccess, "sparsify: cannot zero the arrival counters: ", cudaGetErrorString(zeroed));
+  }
+  const LowRankFinish finish{rows, cols, l.rank, l.k_ext, l.values, l.ld_values, l.meta, l.scale};
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(slicing.slices));
+  launch_after_previous(kernel, grid, dim3(kFusedThreads), kSmem, stream, static_cast<const uint16_t*>(x), rows,
+                        padded_rows, cols, ld_x, static_cast<const uint16_t*>(l.down), l.rank,
+                        slicing.tiles_per_slice, l.values, l.ld_values, l.meta, l.workspace, mod,
+                        static_cast<const float2*>(row_stats), arrivals, finish);
+  if (arrivals != nullptr) return;  // the last slice of each row block finished its rows
+  launch_after_previous(low_rank_extension_kernel<kBf16, kCutlassBlockK, kRankTiles>,
+                        dim3(static_cast<unsigned>(padded_rows / 8)), dim3(256), 0, stream,
+                        static_cast<const float*>(l.workspace), slicing.slices, rows, padded_rows, cols, l.rank,
+                        l.k_ext, l.values, l.ld_values, l.meta, l.scale);
 }
 
 template <bool kBf16, int kCutlassBlockK, int kRankTiles>
@@ -1051,6 +1191,28 @@ bool fast_gelu() { return fast_gelu_enabled().load(); }
 
 void set_fast_gelu(bool enabled) { fast_gelu_enabled().store(enabled); }
 
+namespace {
+std::atomic<bool>& programmatic_launch_enabled() {
+  static std::atomic<bool> enabled{false};
+  return enabled;
+}
+}  // namespace
+
+bool programmatic_launch() { return programmatic_launch_enabled().load(); }
+
+void set_programmatic_launch(bool enabled) { programmatic_launch_enabled().store(enabled); }
+
+namespace {
+std::atomic<bool>& low_rank_finish_in_pass_enabled() {
+  static std::atomic<bool> enabled{false};
+  return enabled;
+}
+}  // namespace
+
+bool low_rank_finish_in_pass() { return low_rank_finish_in_pass_enabled().load(); }
+
+void set_low_rank_finish_in_pass(bool enabled) { low_rank_finish_in_pass_enabled().store(enabled); }
+
 void set_sparsify_staged_pass(bool enabled) { staged_pass_enabled().store(enabled); }
 
 bool sparsify_prologue_supported(int64_t padded_rows, int64_t cols) {
@@ -1066,9 +1228,10 @@ bool sparsify_low_rank_fused(int64_t rank) {
 }
 
 int64_t sparsify_low_rank_workspace_floats(int64_t padded_rows, int64_t cols) {
-  // The slices' partial sums, then a (mean, rstd) pair per row for a LayerNorm prologue.
+  // The slices' partial sums, a (mean, rstd) pair per row for a LayerNorm prologue, then an arrival
+  // counter per row block (int) when the last slice finishes the rows.
   return fused_slicing(padded_rows, cols).slices * padded_rows * FusedSmem<kMaxFusedRank / 8>::kPartialStride +
-         2 * padded_rows;
+         2 * padded_rows + padded_rows / kFusedRows;
 }
 
 void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
@@ -1388,6 +1551,8 @@ __global__ void __launch_bounds__(kStagedThreads, 2) sparsify_staged_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
     void* __restrict__ values, int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ scale,
     bool compensate, const uint16_t* __restrict__ u, int64_t rank, int64_t k_ext, PrologueArgs prologue) {
+  allow_next_grid_launch();
+  wait_for_previous_grid();
   static_assert(kThreadsPerPair % 32 == 0 && kStagedThreads % kThreadsPerPair == 0, "whole warps per pair");
   static_assert(!kE4m3 || kBlockK == 128, "the e4m3 GEMM's metadata atom is 128 columns");
   constexpr int kPairsPerBlock = kStagedThreads / kThreadsPerPair;
@@ -1516,10 +1681,10 @@ void launch_staged_variant(const void* x, int64_t rows, int64_t padded_rows, int
                            cudaStream_t stream) {
   const int64_t blocks = padded_rows / 2 / (kStagedThreads / kThreadsPerPair);
   require(blocks <= 0x7fffffff, "sparsify: too many rows for one launch");
-  sparsify_staged_kernel<kBf16, kE4m3, kBlockK, kThreadsPerPair, kPrologue>
-      <<<static_cast<unsigned>(blocks), kStagedThreads, 0, stream>>>(
-          static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, values, ld_values, meta, scale, compensate,
-          static_cast<const uint16_t*>(u), rank, k_ext, prologue);
+  launch_after_previous(sparsify_staged_kernel<kBf16, kE4m3, kBlockK, kThreadsPerPair, kPrologue>,
+                        dim3(static_cast<unsigned>(blocks)), dim3(kStagedThreads), 0, stream,
+                        static_cast<const uint16_t*>(x), rows, padded_rows, cols, ld_x, values, ld_values, meta, scale,
+                        compensate, static_cast<const uint16_t*>(u), rank, k_ext, prologue);
 }
 
 template <bool kBf16, bool kE4m3, int kBlockK, int kPrologue>
@@ -1596,6 +1761,8 @@ __global__ void __launch_bounds__(256, 2) sparsify_fp8_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
     uint8_t* __restrict__ values, uint8_t* __restrict__ meta, float* __restrict__ token_scale,
     bool compensate) {
+  allow_next_grid_launch();
+  wait_for_previous_grid();
   extern __shared__ uint4 fp8_staged_kept[];
   const Fp8RowPair<kSplit> pair(x, rows, cols, ld_x, values, meta);
   const int chunks = int(cols / 64);  // small: the staged rows fit in shared memory
@@ -1640,6 +1807,8 @@ __global__ void __launch_bounds__(256) sparsify_fp8_two_pass_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
     uint8_t* __restrict__ values, uint8_t* __restrict__ meta, float* __restrict__ token_scale,
     bool compensate) {
+  allow_next_grid_launch();
+  wait_for_previous_grid();
   const Fp8RowPair<kSplit> pair(x, rows, cols, ld_x, values, meta);
   const int64_t chunks = cols / 64;
   constexpr int64_t kStride = Fp8RowPair<kSplit>::kStride;
@@ -1711,11 +1880,11 @@ void launch_fp8_variant(const void* x, int64_t rows, int64_t padded_rows, int64_
   auto* one_pass = sparsify_fp8_kernel<kBf16, kSplit, kCutlass>;
   const int64_t staged = fp8_staged_bytes(cols, kSplit);
   if (reserve_dynamic_smem(one_pass, staged)) {
-    one_pass<<<grid, dim3(32, 8), static_cast<size_t>(staged), stream>>>(
-        xs, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate);
+    launch_after_previous(one_pass, grid, dim3(32, 8), static_cast<size_t>(staged), stream, xs, rows, padded_rows,
+                          cols, ld_x, values, meta, token_scale, compensate);
   } else {
-    sparsify_fp8_two_pass_kernel<kBf16, kSplit, kCutlass><<<grid, dim3(32, 8), 0, stream>>>(
-        xs, rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate);
+    launch_after_previous(sparsify_fp8_two_pass_kernel<kBf16, kSplit, kCutlass>, grid, dim3(32, 8), 0, stream, xs,
+                          rows, padded_rows, cols, ld_x, values, meta, token_scale, compensate);
   }
 }
 

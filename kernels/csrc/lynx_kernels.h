@@ -90,7 +90,9 @@ int sparsify_split_for(int64_t padded_rows, int64_t cols);
 // K extension (compressed_cols - cols columns), as launch_sparsify_compress does with a given u.
 // The token scale goes to `scale` when compensating (nullptr: s = 1). rank <= kMaxFusedRank.
 // Two kernels: the pass over slices of K, then the sum of the slices' partial sums
-// (workspace: sparsify_low_rank_workspace_floats floats, no initialisation needed). A prologue
+// (workspace: sparsify_low_rank_workspace_floats floats, no initialisation needed); or, with
+// set_low_rank_finish_in_pass, the pass alone, the last slice of each row block to finish adding
+// them (arrival counters in the workspace, zeroed first; the same sums bit for bit). A prologue
 // applies to x's tiles before both the selection and the down projection; a LayerNorm one first
 // takes each row's mean and rstd in a small kernel of its own (the slices need them up front).
 constexpr int64_t kMaxFusedRank = 32;  // two 16-column rank halves a block
@@ -117,6 +119,21 @@ void set_sparsify_low_rank_fusion(bool enabled);
 // process-wide, for benchmarks and tests that compare both on the same data.
 bool fast_gelu();
 void set_fast_gelu(bool enabled);
+
+// Programmatic dependent launch (sm90; off by default until measured): the sparse GEMM (RtLynxSm90Gemm.
+// programmatic_launch) and the sparsify passes' kernels are launched so that they may start while
+// the kernel before them in the stream ends (each waits for it before touching memory), and every
+// sparsify pass lets the next launch begin at its own start: the GEMM's set-up overlaps the pass's
+// last blocks instead of following them. Read at each launch (a captured CUDA graph keeps what it
+// was captured with); process-wide, for benchmarks and tests that compare both.
+bool programmatic_launch();
+void set_programmatic_launch(bool enabled);
+
+// Whether the fused down pass finishes its rows in the pass (the last K slice of each row block to
+// arrive adds the slices' sums; no second kernel) or in low_rank_extension_kernel (the default).
+// Read at each launch; process-wide, for benchmarks and tests that compare both.
+bool low_rank_finish_in_pass();
+void set_low_rank_finish_in_pass(bool enabled);
 
 // The sm90 layouts' pass (launch_sparsify_compress without a split, launch_sparsify_fp8 with
 // kMetadataSm90Block128) keeps each row pair in registers, loaded all at once, when the row

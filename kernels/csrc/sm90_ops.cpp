@@ -279,6 +279,7 @@ void run_gemm(const Sm90Library& lib, int config, const Compressed& a, bool e4m3
   g.bias = bias.defined() ? bias.data_ptr() : nullptr;
   g.sm_count = sm_count(y.get_device());
   g.stream = at::cuda::getCurrentCUDAStream();
+  g.programmatic_launch = programmatic_launch() ? 1 : 0;
   const size_t workspace_bytes = lib.workspace_bytes(&g);
   at::Tensor workspace;
   if (workspace_bytes > 0) {
@@ -710,6 +711,16 @@ void register_sm90_functions(pybind11::module& m) {
   m.def("set_fast_gelu", &rt_lynx::set_fast_gelu,
         "the kernels' GELU: x / (1 + exp(-2u)) on the fast hardware exp2 and division (True) or torch's bit for bit (False, the default)");
   m.def("fast_gelu", &rt_lynx::fast_gelu, "whether the kernels compute the GELU the fast way");
+  m.def("set_programmatic_launch", &rt_lynx::set_programmatic_launch,
+        "launch the sm90 GEMM and the sparsify passes with programmatic dependent launch (True) or plainly (False, "
+        "the default)");
+  m.def("programmatic_launch", &rt_lynx::programmatic_launch,
+        "whether the sm90 GEMM and the sparsify passes are launched with programmatic dependent launch");
+  m.def("set_low_rank_finish_in_pass", &rt_lynx::set_low_rank_finish_in_pass,
+        "the fused down pass adds its K slices' sums in its last slice to arrive (True) or in a second kernel "
+        "(False, the default)");
+  m.def("low_rank_finish_in_pass", &rt_lynx::low_rank_finish_in_pass,
+        "whether the fused down pass adds its K slices' sums itself");
   m.def("sparsify_low_rank_fused", &rt_lynx::sparsify_low_rank_fused,
         "whether the sparsify pass computes down(x) for this rank");
   m.def("set_sparsify_staged_pass", &rt_lynx::set_sparsify_staged_pass,

@@ -22,7 +22,7 @@
 extern "C" {
 #endif
 
-#define RT_LYNX_SM90_API_VERSION 3
+#define RT_LYNX_SM90_API_VERSION 4
 
 enum RtLynxElement { RT_LYNX_BF16 = 0, RT_LYNX_FP16 = 1, RT_LYNX_E4M3 = 2 };
 
@@ -52,6 +52,8 @@ typedef struct {
   void* workspace;              // rt_lynx_sm90_workspace_bytes(...) bytes
   int sm_count;                 // multiprocessors of the device (0: queried)
   cudaStream_t stream;
+  int programmatic_launch;      // 1: may start while the previous kernel in the stream ends (it waits
+                                // for that kernel before its first load), 0: a plain launch
 } RtLynxSm90Gemm;
 
 int rt_lynx_sm90_api_version(void);

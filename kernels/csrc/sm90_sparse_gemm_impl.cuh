@@ -180,7 +180,7 @@ struct SparseGemm {
       write_error(error, error_size, cutlassGetStatusString(status));
       return 2;
     }
-    status = gemm.run(g.stream);
+    status = gemm.run(g.stream, nullptr, g.programmatic_launch != 0);
     const cudaError_t launch = cudaGetLastError();
     if (status != cutlass::Status::kSuccess || launch != cudaSuccess) {
       write_error(error, error_size, launch != cudaSuccess ? cudaGetErrorString(launch)
