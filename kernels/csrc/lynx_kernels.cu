@@ -53,6 +53,7 @@ void launch_after_previous(void (*kernel)(Params...), dim3 grid, dim3 block, siz
   config.attrs = &attribute;
   config.numAttrs = 1;
   const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+  if (launched != cudaSuccess) (void)cudaGetLastError();  // not left for the next op's check to report
   require(launched == cudaSuccess, "sparsify: launch failed: ", cudaGetErrorString(launched));
 }
 

@@ -12,15 +12,17 @@ be bit for bit those of plain launches, which in turn must match fp32 math.
 import pytest
 import torch
 
-from rt_lynx_pack.kernels.reference import gelu_tanh_reference, quantize_weight_fp8
+from rt_lynx_pack.kernels.reference import (gelu_tanh_reference, modulated_layer_norm_reference, quantize_weight_fp8,
+                                            sparse_linear_fp8_reference)
 
 from kernel_helpers import DTYPES, fp32_lynx, make_input, poison_allocator, relative_error, require_fast_path
 
 WIDTH = 3072        # every linear of a chain is WIDTH x WIDTH, so each output is the next input
 LINKS = 6
 TOLERANCE = 1e-2
+EPS = 1e-6
 PATHS = ["plain", "chunked_pass", "lora_fused_down", "lora_finish_in_pass", "lora_cublas_down", "modulated_lora",
-         "gelu_lora", "fp8"]
+         "modulated_lora_finish_in_pass", "gelu_lora", "fp8"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def _link(sm90, path, x, link, tokens):
         return sm90.sparse_linear_gelu_sm90(x, weight, None, bias, True, link["down"], up_ext)
     images = x.shape[0] // tokens
     shift, scale1p = link["shift"][:images], link["scale1p"][:images]
-    return sm90.sparse_linear_modulated_sm90(x, shift, scale1p, tokens, 1e-6, weight, None, bias, True,
+    return sm90.sparse_linear_modulated_sm90(x, shift, scale1p, tokens, EPS, weight, None, bias, True,
                                              link["down"], up_ext)
 
 
@@ -69,7 +71,7 @@ def _switches(sm90, path, programmatic):
     stack.enter_context(sm90.programmatic_launch(programmatic))
     stack.enter_context(sm90.staged_sparsify(path != "chunked_pass"))
     stack.enter_context(sm90.low_rank_fusion(path != "lora_cublas_down"))
-    stack.enter_context(sm90.low_rank_finish_in_pass(path == "lora_finish_in_pass"))
+    stack.enter_context(sm90.low_rank_finish_in_pass(path.endswith("finish_in_pass")))
     return stack
 
 
@@ -132,19 +134,35 @@ def test_chained_linears_in_a_cuda_graph_give_the_plain_launches_bytes(sm90, gen
         assert torch.equal(y, plain[turn % len(inputs)]), "programmatic launch in a CUDA graph changed the result"
 
 
+def _want(path, x, link, tokens):
+    """fp32 math of one link on the same sparsified input (the branch of the prepared input)."""
+    weight, bias = link["weight"].float(), link["bias"].float()
+    if path == "fp8":
+        return sparse_linear_fp8_reference(x.float(), link["wq"], link["w_scale"], bias, True)
+    rows = x
+    if path.startswith("modulated"):
+        images = x.shape[0] // tokens
+        rows = modulated_layer_norm_reference(x, link["shift"][:images], link["scale1p"][:images], tokens, EPS)
+    elif path == "gelu_lora":
+        rows = gelu_tanh_reference(x)
+    want = fp32_lynx(rows, weight, bias, True)
+    if "lora" in path:
+        want = want + (rows.float() @ link["down"].float().t()) @ (0.5 * link["up"].float()).t()
+    return want
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_one_link_of_each_path_matches_fp32_math(sm90, generator, dtype):
+@pytest.mark.parametrize("path", PATHS)
+def test_one_link_of_each_path_matches_fp32_math(sm90, generator, dtype, path):
     # The bitwise comparisons above would pass if both launch modes were wrong alike.
-    tokens = 333
-    x = make_input("randn", tokens, WIDTH, dtype, generator)
-    link = _prepared(sm90, "plain", _weights(generator, dtype), generator, dtype, 1)[0]
-    want = fp32_lynx(x, link["weight"], link["bias"], True)
-    y = _link(sm90, "plain", x, link, tokens)
-    assert relative_error(y, want) < TOLERANCE
-    gelu_input = gelu_tanh_reference(x)
-    branch = (gelu_input.float() @ link["down"].float().t()) @ (0.5 * link["up"].float()).t()
-    want = fp32_lynx(gelu_input, link["weight"], link["bias"], True) + branch
-    assert relative_error(_link(sm90, "gelu_lora", x, link, tokens), want) < TOLERANCE
+    images, tokens = 2, 333
+    x = make_input("randn", images * tokens, WIDTH, dtype, generator)
+    link = _prepared(sm90, path, _weights(generator, dtype), generator, dtype, images)[0]
+    with _switches(sm90, path, True):
+        poison_allocator(64 * images * tokens * WIDTH)
+        y = _link(sm90, path, x, link, tokens)
+    assert not y.isnan().any()
+    assert relative_error(y, _want(path, x, link, tokens)) < TOLERANCE
 
 
 def test_the_switches_are_off_by_default_and_come_back(sm90):

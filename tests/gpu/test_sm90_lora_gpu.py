@@ -63,7 +63,7 @@ def test_branch_in_the_gemm_matches_fp32_math(sm90, generator, dtype, rows, rank
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ODD_ROWS + [512])
-@pytest.mark.parametrize("k", [384, 3072, 12288])   # 1 to 24 K slices, the last tile partly full
+@pytest.mark.parametrize("k", [256, 384, 3072, 12288])   # 1 to 48 K slices; at 384 the last tile partly full
 @pytest.mark.parametrize("rank", [1, 16, 17, 32])
 @pytest.mark.parametrize("compensate", [True, False])
 def test_finishing_in_the_pass_gives_the_second_kernels_bytes(sm90, generator, dtype, rows, k, rank, compensate):
