@@ -943,11 +943,6 @@ bool launch_sparsify_staged(bool is_bf16, bool e4m3, int metadata_layout, const 
                             int64_t k_ext, const SparsifyPrologue& prologue, cudaStream_t stream);
 int staged_threads_per_pair(int64_t padded_rows, int64_t cols);
 
-std::atomic<bool>& staged_pass_enabled() {
-  static std::atomic<bool> enabled{true};
-  return enabled;
-}
-
 struct SparsifyExtension {
   const void* u;    // rows x rank or nullptr
   int64_t rank, k_ext;
@@ -1172,60 +1167,34 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
   }
 }
 
+// The process-wide switches (see lynx_kernels.h), read at each launch.
 namespace {
-std::atomic<bool>& low_rank_fusion_enabled() {
-  static std::atomic<bool> enabled{true};
-  return enabled;
-}
+std::atomic<bool> low_rank_fusion_switch{true};
+std::atomic<bool> staged_pass_switch{true};
+std::atomic<bool> fast_gelu_switch{false};
+std::atomic<bool> programmatic_launch_switch{false};
+std::atomic<bool> finish_in_pass_switch{false};
 }  // namespace
 
-void set_sparsify_low_rank_fusion(bool enabled) { low_rank_fusion_enabled().store(enabled); }
-
-namespace {
-std::atomic<bool>& fast_gelu_enabled() {
-  static std::atomic<bool> enabled{false};
-  return enabled;
-}
-}  // namespace
-
-bool fast_gelu() { return fast_gelu_enabled().load(); }
-
-void set_fast_gelu(bool enabled) { fast_gelu_enabled().store(enabled); }
-
-namespace {
-std::atomic<bool>& programmatic_launch_enabled() {
-  static std::atomic<bool> enabled{false};
-  return enabled;
-}
-}  // namespace
-
-bool programmatic_launch() { return programmatic_launch_enabled().load(); }
-
-void set_programmatic_launch(bool enabled) { programmatic_launch_enabled().store(enabled); }
-
-namespace {
-std::atomic<bool>& low_rank_finish_in_pass_enabled() {
-  static std::atomic<bool> enabled{false};
-  return enabled;
-}
-}  // namespace
-
-bool low_rank_finish_in_pass() { return low_rank_finish_in_pass_enabled().load(); }
-
-void set_low_rank_finish_in_pass(bool enabled) { low_rank_finish_in_pass_enabled().store(enabled); }
-
-void set_sparsify_staged_pass(bool enabled) { staged_pass_enabled().store(enabled); }
+void set_sparsify_low_rank_fusion(bool enabled) { low_rank_fusion_switch.store(enabled); }
+bool fast_gelu() { return fast_gelu_switch.load(); }
+void set_fast_gelu(bool enabled) { fast_gelu_switch.store(enabled); }
+bool programmatic_launch() { return programmatic_launch_switch.load(); }
+void set_programmatic_launch(bool enabled) { programmatic_launch_switch.store(enabled); }
+bool low_rank_finish_in_pass() { return finish_in_pass_switch.load(); }
+void set_low_rank_finish_in_pass(bool enabled) { finish_in_pass_switch.store(enabled); }
+void set_sparsify_staged_pass(bool enabled) { staged_pass_switch.store(enabled); }
 
 bool sparsify_prologue_supported(int64_t padded_rows, int64_t cols) {
   return staged_threads_per_pair(padded_rows, cols) != 0;
 }
 
 bool sparsify_staged_pass(int64_t padded_rows, int64_t cols) {
-  return staged_pass_enabled().load() && staged_threads_per_pair(padded_rows, cols) != 0;
+  return staged_pass_switch.load() && staged_threads_per_pair(padded_rows, cols) != 0;
 }
 
 bool sparsify_low_rank_fused(int64_t rank) {
-  return low_rank_fusion_enabled().load() && rank >= 1 && rank <= kMaxFusedRank;
+  return low_rank_fusion_switch.load() && rank >= 1 && rank <= kMaxFusedRank;
 }
 
 int64_t sparsify_low_rank_workspace_floats(int64_t padded_rows, int64_t cols) {
@@ -1735,7 +1704,7 @@ bool launch_sparsify_staged(bool is_bf16, bool e4m3, int metadata_layout, const 
             "sparsify: unknown prologue ", prologue.kind);
     require(threads != 0, "sparsify: a row of ", cols, " columns with a prologue is longer than the staged pass holds");
     require(u == nullptr, "sparsify: a pass with a prologue takes no low-rank extension");
-  } else if (!staged_pass_enabled().load() || threads == 0) {
+  } else if (!staged_pass_switch.load() || threads == 0) {
     return false;
   }
   if (e4m3) {
