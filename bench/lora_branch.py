@@ -5,8 +5,9 @@ Side by side in one run: the plain Lynx linear, the branch inside the sparse GEM
 extension) with down(x) by cuBLAS before the sparsify pass, the same with down(x) computed inside
 the sparsify pass on tensor cores (sm90.low_rank_fusion; the default for ranks up to 32), and the
 branch added after as two small products (the path of the other backends); and, for what each gives,
-the plain and fused-down linears with programmatic dependent launch (sm90.programmatic_launch) and the
-fused-down one finishing its rows in the pass (sm90.low_rank_finish_in_pass). Eager wall time per call
+the plain and fused-down linears with programmatic dependent launch (sm90.programmatic_launch), the
+fused-down one finishing its rows in the pass (sm90.low_rank_finish_in_pass) and prefetching its
+slices' later tiles into L2 (sm90.fused_pass_prefetch). Eager wall time per call
 (median over repeats, synchronised) and CUDA-graph kernel time, the variants taking turns within
 every repeat so a clock drift shifts them alike. Results go to
 bench/results/lora-branch-<date>-<gpu>.md.
@@ -30,20 +31,22 @@ SHAPES = [(4096, 3072, 9216), (4096, 3072, 3072), (4096, 3072, 12288), (4096, 12
           (4608, 3072, 21504), (512, 3072, 9216)]
 
 
-# (variant, programmatic launch, fused down pass finishing in the pass); "plain" and
+# (variant, (programmatic launch, fused down pass finishing in the pass, its L2 prefetch)); "plain" and
 # "in_gemm_fused_down" are the defaults' variants above.
-LAUNCH_MODES = [("plain", False, False), ("plain_programmatic", True, False),
-                ("in_gemm_fused_down", False, False), ("fused_down_programmatic", True, False),
-                ("fused_down_in_pass", False, True), ("fused_down_in_pass_programmatic", True, True)]
+LAUNCH_MODES = [("plain", (False, False, False)), ("plain_programmatic", (True, False, False)),
+                ("in_gemm_fused_down", (False, False, False)), ("fused_down_programmatic", (True, False, False)),
+                ("fused_down_in_pass", (False, True, False)), ("fused_down_prefetch", (False, False, True)),
+                ("fused_down_all", (True, True, True))]
 LAUNCH_LABELS = {"plain": "Lynx us", "plain_programmatic": "Lynx, programmatic",
                  "in_gemm_fused_down": "fused down", "fused_down_programmatic": "fused down, programmatic",
-                 "fused_down_in_pass": "fused down, in pass", "fused_down_in_pass_programmatic":
-                 "fused down, in pass, programmatic"}
+                 "fused_down_in_pass": "fused down, in pass", "fused_down_prefetch": "fused down, prefetch",
+                 "fused_down_all": "fused down, all three"}
 
 
 @contextlib.contextmanager
-def _modes(sm90, programmatic, in_pass):
-    with sm90.programmatic_launch(programmatic), sm90.low_rank_fusion(True), sm90.low_rank_finish_in_pass(in_pass):
+def _modes(sm90, programmatic, in_pass, prefetch):
+    with (sm90.programmatic_launch(programmatic), sm90.low_rank_fusion(True), sm90.low_rank_finish_in_pass(in_pass),
+          sm90.fused_pass_prefetch(prefetch)):
         yield
 
 
@@ -80,12 +83,11 @@ def main():
         contexts = {"in_gemm": lambda: sm90.low_rank_fusion(False),
                     "in_gemm_fused_down": lambda: sm90.low_rank_fusion(True)}
         # Launch and finishing modes: (programmatic launch, finish in the pass) for each variant name.
-        for name, programmatic, in_pass in LAUNCH_MODES:
+        for name, modes in LAUNCH_MODES:
             if name in variants:
                 continue   # a default's own variant
             variants[name] = variants["plain" if name.startswith("plain") else "in_gemm_fused_down"]
-            contexts[name] = (lambda programmatic=programmatic, in_pass=in_pass:
-                              _modes(sm90, programmatic, in_pass))
+            contexts[name] = lambda modes=modes: _modes(sm90, *modes)
         with sm90.low_rank_fusion(True):
             fusable = backend == "sm90" and sm90.low_rank_fused(args.rank)
         row = {"shape": (m, k, n), "backend": backend, "branch_in_gemm": in_gemm.up_k_extension is not None,
@@ -98,7 +100,7 @@ def main():
         for timing in ("eager", "kernel"):
             for name in BRANCH_VARIANTS:
                 row[f"{timing}_{name}_overhead"] = row[f"{timing}_{name}_us"] / row[f"{timing}_plain_us"] - 1
-            for name, programmatic, _ in LAUNCH_MODES:
+            for name, (programmatic, _, _) in LAUNCH_MODES:
                 if not name.startswith("plain"):
                     base = "plain_programmatic" if programmatic else "plain"
                     row[f"{timing}_{name}_overhead"] = row[f"{timing}_{name}_us"] / row[f"{timing}_{base}_us"] - 1
@@ -140,10 +142,11 @@ def markdown(rows, rank, about):
         eager = statistics.mean(r[f"eager_{name}_overhead"] for r in rows)
         lines.append(f"\nMean overhead of the branch {label}: {kernel:+.1%} kernel time, {eager:+.1%} eager "
                      f"(target: at most +5% at rank 32).")
-    modes = [name for name, _, _ in LAUNCH_MODES]
+    modes = [name for name, _ in LAUNCH_MODES]
     lines += ["", "Launch and finishing modes, timed in the same turns: programmatic = programmatic dependent launch "
               "(sm90.programmatic_launch); in pass = the fused down pass's last K slice to arrive adds the slices' "
-              "sums (sm90.low_rank_finish_in_pass), else a second kernel does. Overheads against the Lynx linear "
+              "sums (sm90.low_rank_finish_in_pass), else a second kernel does; prefetch = its blocks first prefetch "
+              "their slice's later tiles into L2 (sm90.fused_pass_prefetch). Overheads against the Lynx linear "
               "without a branch in the same launch mode.", "",
               "| M,K,N | timing | " + " | ".join(LAUNCH_LABELS[name] for name in modes) + " |",
               "|" + "---|" * (2 + len(modes))]

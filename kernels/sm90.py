@@ -407,6 +407,17 @@ def low_rank_finish_in_pass(enabled: bool):
 
 
 @contextlib.contextmanager
+def fused_pass_prefetch(enabled: bool):
+    """Within the block, each block of the fused down pass first prefetches the later tiles of its
+    K slice into L2 (enabled) or not (the default, until it is measured); a hint, the results are
+    the same. The previous setting comes back on leaving it. Process-wide like low_rank_fusion; for
+    benchmarks and tests."""
+    ext = _cusparselt.extension()
+    with _switched(bool(ext.fused_pass_prefetch()), ext.set_fused_pass_prefetch, enabled):
+        yield
+
+
+@contextlib.contextmanager
 def _switched(previous: bool, set_switch, enabled: bool):
     """A process-wide switch of the extension set to `enabled` within the block, back to `previous` after."""
     set_switch(bool(enabled))

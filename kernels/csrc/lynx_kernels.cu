@@ -512,6 +512,10 @@ __device__ __forceinline__ void cp_async_16(uint16_t* smem, const uint16_t* glob
   const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0));
 }
+// bytes (a multiple of 16) from a 16-byte aligned global address into L2, no destination.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* global, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(global), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>  // "memory": the compiler must not move reads of the landed bytes above the wait
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"); }
@@ -633,7 +637,7 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
     const uint16_t* __restrict__ down, int64_t rank, int64_t tiles_per_slice, uint16_t* __restrict__ values,
     int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ partial, PrologueArgs mod,
-    const float2* __restrict__ row_stats, int* __restrict__ arrivals, LowRankFinish finish) {
+    const float2* __restrict__ row_stats, int* __restrict__ arrivals, LowRankFinish finish, bool prefetch_l2) {
   allow_next_grid_launch();
   wait_for_previous_grid();
   constexpr int kRankPadded = kRankTiles * 8;
@@ -651,6 +655,18 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
   const int64_t slice = blockIdx.y;
   const int64_t first_col = slice * tiles_per_slice * kFusedTileK;
   const int64_t tiles = min(tiles_per_slice, (cols - first_col + kFusedTileK - 1) / kFusedTileK);
+  if (prefetch_l2 && tiles > 1) {
+    // The slice's later tiles (x rows, down rows) into L2 at once, a bulk prefetch per row: their
+    // copies then wait on L2 instead of one DRAM latency after another through the 2-stage pipeline.
+    const int64_t later = first_col + kFusedTileK;
+    const uint32_t bytes = static_cast<uint32_t>((min(cols, first_col + tiles * kFusedTileK) - later) * 2);
+    const int64_t r = threadIdx.x;
+    if (r < kFusedRows && block_row + r < rows) {
+      prefetch_l2_bulk(x + (block_row + r) * ld_x + later, bytes);
+    } else if (r >= kFusedRows && r - kFusedRows < rank) {
+      prefetch_l2_bulk(down + (r - kFusedRows) * cols + later, bytes);
+    }
+  }
 
   // This thread's copies: tile rows copy_row + kFusedRowsPerCopy * i, 8 columns at copy_col.
   const int copy_row = int(threadIdx.x) / kFusedPieces;
@@ -1039,7 +1055,7 @@ void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int
   launch_after_previous(kernel, grid, dim3(kFusedThreads), kSmem, stream, static_cast<const uint16_t*>(x), rows,
                         padded_rows, cols, ld_x, static_cast<const uint16_t*>(l.down), l.rank,
                         slicing.tiles_per_slice, l.values, l.ld_values, l.meta, l.workspace, mod,
-                        static_cast<const float2*>(row_stats), arrivals, finish);
+                        static_cast<const float2*>(row_stats), arrivals, finish, fused_pass_prefetch());
   if (arrivals != nullptr) return;  // the last slice of each row block finished its rows
   launch_after_previous(low_rank_extension_kernel<kBf16, kCutlassBlockK, kRankTiles>,
                         dim3(static_cast<unsigned>(padded_rows / 8)), dim3(256), 0, stream,
@@ -1174,6 +1190,7 @@ std::atomic<bool> staged_pass_switch{true};
 std::atomic<bool> fast_gelu_switch{false};
 std::atomic<bool> programmatic_launch_switch{false};
 std::atomic<bool> finish_in_pass_switch{false};
+std::atomic<bool> fused_pass_prefetch_switch{false};
 }  // namespace
 
 void set_sparsify_low_rank_fusion(bool enabled) { low_rank_fusion_switch.store(enabled); }
@@ -1183,6 +1200,8 @@ bool programmatic_launch() { return programmatic_launch_switch.load(); }
 void set_programmatic_launch(bool enabled) { programmatic_launch_switch.store(enabled); }
 bool low_rank_finish_in_pass() { return finish_in_pass_switch.load(); }
 void set_low_rank_finish_in_pass(bool enabled) { finish_in_pass_switch.store(enabled); }
+bool fused_pass_prefetch() { return fused_pass_prefetch_switch.load(); }
+void set_fused_pass_prefetch(bool enabled) { fused_pass_prefetch_switch.store(enabled); }
 void set_sparsify_staged_pass(bool enabled) { staged_pass_switch.store(enabled); }
 
 bool sparsify_prologue_supported(int64_t padded_rows, int64_t cols) {

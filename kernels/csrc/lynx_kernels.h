@@ -135,6 +135,13 @@ void set_programmatic_launch(bool enabled);
 bool low_rank_finish_in_pass();
 void set_low_rank_finish_in_pass(bool enabled);
 
+// Whether each block of the fused down pass first asks L2 for the later tiles of its K slice (a
+// bulk prefetch per x and down row), so that the 2-stage pipeline's copies of them wait on L2
+// rather than on one DRAM latency after another (a slice is 1-12 tiles of 256 columns). Off by
+// default until measured; read at each launch, process-wide, for benchmarks and tests.
+bool fused_pass_prefetch();
+void set_fused_pass_prefetch(bool enabled);
+
 // The sm90 layouts' pass (launch_sparsify_compress without a split, launch_sparsify_fp8 with
 // kMetadataSm90Block128) keeps each row pair in registers, loaded all at once, when the row
 // fits (cols <= 16384); else, or when switched off, it loops over 32/64-column chunks (e4m3:

@@ -721,6 +721,11 @@ void register_sm90_functions(pybind11::module& m) {
         "(False, the default)");
   m.def("low_rank_finish_in_pass", &rt_lynx::low_rank_finish_in_pass,
         "whether the fused down pass adds its K slices' sums itself");
+  m.def("set_fused_pass_prefetch", &rt_lynx::set_fused_pass_prefetch,
+        "each block of the fused down pass prefetches the later tiles of its K slice into L2 (True) or not (False, "
+        "the default)");
+  m.def("fused_pass_prefetch", &rt_lynx::fused_pass_prefetch,
+        "whether the fused down pass prefetches its later tiles into L2");
   m.def("sparsify_low_rank_fused", &rt_lynx::sparsify_low_rank_fused,
         "whether the sparsify pass computes down(x) for this rank");
   m.def("set_sparsify_staged_pass", &rt_lynx::set_sparsify_staged_pass,

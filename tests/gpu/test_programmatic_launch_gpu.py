@@ -2,7 +2,8 @@
 sparsify passes may start while the kernel before them in the stream ends, so each must wait for
 it before touching memory. A missing wait is a race, seen here as outputs that differ from the
 plain launches' or NaN from poisoned memory. The fused down pass is chained both with its second
-kernel and finishing in the pass (sm90.low_rank_finish_in_pass: a memset, then the pass).
+kernel and finishing in the pass (sm90.low_rank_finish_in_pass: a memset, then the pass), and with
+its L2 prefetch (sm90.fused_pass_prefetch).
 
 Each case chains Lynx linears so that every pass reads what the GEMM just before it wrote (the GEMM
 lets the next launch begin at its last tiles) and every GEMM reads what its pass just wrote, over
@@ -21,8 +22,8 @@ WIDTH = 3072        # every linear of a chain is WIDTH x WIDTH, so each output i
 LINKS = 6
 TOLERANCE = 1e-2
 EPS = 1e-6
-PATHS = ["plain", "chunked_pass", "lora_fused_down", "lora_finish_in_pass", "lora_cublas_down", "modulated_lora",
-         "modulated_lora_finish_in_pass", "gelu_lora", "fp8"]
+PATHS = ["plain", "chunked_pass", "lora_fused_down", "lora_finish_in_pass", "lora_prefetch", "lora_cublas_down",
+         "modulated_lora", "modulated_lora_finish_in_pass", "gelu_lora", "fp8"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def _link(sm90, path, x, link, tokens):
     if path == "fp8":
         return sm90.sparse_linear_fp8_sm90(x, link["wq"], link["w_scale"], bias, True)
     up_ext = link["up_ext"]
-    if path in ("lora_fused_down", "lora_finish_in_pass", "lora_cublas_down"):
+    if path in ("lora_fused_down", "lora_finish_in_pass", "lora_prefetch", "lora_cublas_down"):
         return sm90.sparse_linear_lora_sm90(x, weight, bias, True, link["down"], up_ext)
     if path == "gelu_lora":
         return sm90.sparse_linear_gelu_sm90(x, weight, None, bias, True, link["down"], up_ext)
@@ -72,6 +73,7 @@ def _switches(sm90, path, programmatic):
     stack.enter_context(sm90.staged_sparsify(path != "chunked_pass"))
     stack.enter_context(sm90.low_rank_fusion(path != "lora_cublas_down"))
     stack.enter_context(sm90.low_rank_finish_in_pass(path.endswith("finish_in_pass")))
+    stack.enter_context(sm90.fused_pass_prefetch(path == "lora_prefetch"))
     return stack
 
 
@@ -168,7 +170,8 @@ def test_one_link_of_each_path_matches_fp32_math(sm90, generator, dtype, path):
 def test_the_switches_are_off_by_default_and_come_back(sm90):
     extension = sm90._cusparselt.extension()
     for switch, current in ((sm90.programmatic_launch, extension.programmatic_launch),
-                            (sm90.low_rank_finish_in_pass, extension.low_rank_finish_in_pass)):
+                            (sm90.low_rank_finish_in_pass, extension.low_rank_finish_in_pass),
+                            (sm90.fused_pass_prefetch, extension.fused_pass_prefetch)):
         assert not current()
         with switch(True):
             assert current()

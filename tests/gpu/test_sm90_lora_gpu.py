@@ -66,13 +66,15 @@ def test_branch_in_the_gemm_matches_fp32_math(sm90, generator, dtype, rows, rank
 @pytest.mark.parametrize("k", [256, 384, 3072, 12288])   # 1 to 48 K slices; at 384 the last tile partly full
 @pytest.mark.parametrize("rank", [1, 16, 17, 32])
 @pytest.mark.parametrize("compensate", [True, False])
-def test_finishing_in_the_pass_gives_the_second_kernels_bytes(sm90, generator, dtype, rows, k, rank, compensate):
-    # The last K slice of each row block to arrive adds the slices' partial sums: what the second
-    # kernel makes, bit for bit, in any arrival order; and it must match fp32 math.
+@pytest.mark.parametrize("in_pass,prefetch", [(True, False), (False, True), (True, True)])
+def test_fused_pass_options_give_the_default_bytes(sm90, generator, dtype, rows, k, rank, compensate, in_pass,
+                                                    prefetch):
+    # in_pass: the last K slice of each row block to arrive adds the slices' partial sums (what the
+    # second kernel makes, bit for bit, in any arrival order); prefetch: an L2 hint, no change.
     x, weight, bias, down, up = _problem(generator, rows, k, 1024, rank, dtype, "student_t")
     with sm90.low_rank_fusion(True):
         want = _fused(sm90, x, weight, bias, down, up, 0.5, compensate)
-        with sm90.low_rank_finish_in_pass(True):
+        with sm90.low_rank_finish_in_pass(in_pass), sm90.fused_pass_prefetch(prefetch):
             for _ in range(3):
                 assert torch.equal(_fused(sm90, x, weight, bias, down, up, 0.5, compensate), want)
     assert relative_error(want, _want(x, weight, bias, down, up, 0.5, compensate)) < TOLERANCE
