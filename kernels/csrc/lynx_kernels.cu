@@ -17,6 +17,9 @@
 #include <algorithm>
 #include <cfloat>
 #include <atomic>
+#include <map>
+#include <mutex>
+#include <utility>
 
 namespace rt_lynx {
 namespace {
@@ -788,6 +791,7 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
   __syncthreads();
   if (threadIdx.x == 0) {
     last_to_arrive = atomicAdd(arrivals + blockIdx.x, 1) == int(gridDim.y) - 1;
+    if (last_to_arrive) arrivals[blockIdx.x] = 0;  // every slice has arrived: ready for the next launch
     __threadfence();  // and the other slices' sums are read after it
   }
   __syncthreads();
@@ -1004,6 +1008,41 @@ void launch_sparsify_layout(int layout, bool fold_scale, int split, const void* 
   }
 }
 
+// The fused pass's arrival counters kept per stream: each launch's finishing blocks set theirs back to
+// 0, so the next launch in the stream (which starts after this one ends, or waits for it before
+// touching memory) finds them at 0 with no memset. Keyed by the stream's process-unique id, so a
+// new stream never inherits a destroyed one's. nullptr while the stream is being captured (a graph
+// keeps its own, zeroed in the graph: its replays may run beside eager work of the capturing
+// stream) or past kStreamArrivalCounters row blocks; the caller then zeroes counters of its own.
+constexpr int64_t kStreamArrivalCounters = 16384;  // 64-row blocks: a million rows
+int* stream_arrival_counters(cudaStream_t stream, int64_t row_blocks) {
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  int device = 0;
+  if (row_blocks > kStreamArrivalCounters || cudaStreamIsCapturing(stream, &capturing) != cudaSuccess ||
+      capturing != cudaStreamCaptureStatusNone || cudaStreamGetId(stream, &id) != cudaSuccess ||
+      cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  static std::mutex mutex;
+  static std::map<std::pair<int, unsigned long long>, int*> counters;  // never freed: 64 KB a stream
+  const std::lock_guard<std::mutex> lock(mutex);
+  int*& set = counters[{device, id}];
+  if (set == nullptr) {
+    int* fresh = nullptr;
+    if (cudaMalloc(&fresh, kStreamArrivalCounters * sizeof(int)) != cudaSuccess) {
+      (void)cudaGetLastError();
+      counters.erase({device, id});
+      return nullptr;
+    }
+    require(cudaMemsetAsync(fresh, 0, kStreamArrivalCounters * sizeof(int), stream) == cudaSuccess,
+            "sparsify: cannot zero the arrival counters");
+    set = fresh;
+  }
+  return set;
+}
+
 // K slices of the fused pass: the fewest that keep the chip's block slots (two per SM) busy,
 // counting tail waves (a slice's time ~ its tiles).
 struct FusedSlicing {
@@ -1046,9 +1085,12 @@ void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int
   const int64_t row_blocks = padded_rows / kFusedRows;
   int* arrivals = nullptr;
   if (low_rank_finish_in_pass()) {
-    arrivals = reinterpret_cast<int*>(l.workspace + partial_floats + 2 * padded_rows);
-    const cudaError_t zeroed = cudaMemsetAsync(arrivals, 0, row_blocks * sizeof(int), stream);
-    require(zeroed == cudaSuccess, "sparsify: cannot zero the arrival counters: ", cudaGetErrorString(zeroed));
+    arrivals = stream_arrival_counters(stream, row_blocks);
+    if (arrivals == nullptr) {  // zeroed here: a graph being captured, or more row blocks than the stream's set
+      arrivals = reinterpret_cast<int*>(l.workspace + partial_floats + 2 * padded_rows);
+      const cudaError_t zeroed = cudaMemsetAsync(arrivals, 0, row_blocks * sizeof(int), stream);
+      require(zeroed == cudaSuccess, "sparsify: cannot zero the arrival counters: ", cudaGetErrorString(zeroed));
+    }
   }
   const LowRankFinish finish{rows, cols, l.rank, l.k_ext, l.values, l.ld_values, l.meta, l.scale};
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(slicing.slices));
