@@ -1059,7 +1059,9 @@ struct LowRankLaunch {
   int64_t ld_values;
   uint8_t* meta;
   float* scale;
-  float* workspace;  // the slices' partial sums, then (LayerNorm prologue) the rows' (mean, rstd)
+  // The slices' partial sums, (LayerNorm prologue) the rows' (mean, rstd), then arrival counters for a
+  // launch that finishes in the pass and zeroes its own (stream_arrival_counters).
+  float* workspace;
   const SparsifyPrologue* prologue;
 };
 
