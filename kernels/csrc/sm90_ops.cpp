@@ -708,24 +708,21 @@ void register_sm90_functions(pybind11::module& m) {
   m.def("sm90_clear_plans", &rt_lynx::sm90_clear_plans, "forget the chosen configs");
   m.def("set_sparsify_low_rank_fusion", &rt_lynx::set_sparsify_low_rank_fusion,
         "compute a LoRA's down(x) inside the sparsify pass (True, the default) or with cuBLAS before it (False)");
-  m.def("set_fast_gelu", &rt_lynx::set_fast_gelu,
-        "the kernels' GELU: x / (1 + exp(-2u)) on the fast hardware exp2 and division (True) or torch's bit for bit (False, the default)");
-  m.def("fast_gelu", &rt_lynx::fast_gelu, "whether the kernels compute the GELU the fast way");
-  m.def("set_programmatic_launch", &rt_lynx::set_programmatic_launch,
-        "launch the sm90 GEMM and the sparsify passes with programmatic dependent launch (True) or plainly (False, "
-        "the default)");
-  m.def("programmatic_launch", &rt_lynx::programmatic_launch,
-        "whether the sm90 GEMM and the sparsify passes are launched with programmatic dependent launch");
-  m.def("set_low_rank_finish_in_pass", &rt_lynx::set_low_rank_finish_in_pass,
-        "the fused down pass adds its K slices' sums in its last slice to arrive (True) or in a second kernel "
-        "(False, the default)");
-  m.def("low_rank_finish_in_pass", &rt_lynx::low_rank_finish_in_pass,
-        "whether the fused down pass adds its K slices' sums itself");
-  m.def("set_fused_pass_prefetch", &rt_lynx::set_fused_pass_prefetch,
-        "each block of the fused down pass prefetches the later tiles of its K slice into L2 (True) or not (False, "
-        "the default)");
-  m.def("fused_pass_prefetch", &rt_lynx::fused_pass_prefetch,
-        "whether the fused down pass prefetches its later tiles into L2");
+  // Process-wide switches, read at each launch: set_<name>(bool) and <name>() -> bool.
+  auto def_switch = [&m](const char* name, void (*set)(bool), bool (*get)(), const std::string& what) {
+    m.def(("set_" + std::string(name)).c_str(), set, ("on or off: " + what).c_str());
+    m.def(name, get, ("whether on: " + what).c_str());
+  };
+  def_switch("fast_gelu", &rt_lynx::set_fast_gelu, &rt_lynx::fast_gelu,
+             "the kernels' GELU as x / (1 + exp(-2u)) on the fast hardware exp2 and division; off (the default): "
+             "torch's bit for bit");
+  def_switch("programmatic_launch", &rt_lynx::set_programmatic_launch, &rt_lynx::programmatic_launch,
+             "the sm90 GEMM and the sparsify passes launched with programmatic dependent launch (off by default)");
+  def_switch("low_rank_finish_in_pass", &rt_lynx::set_low_rank_finish_in_pass, &rt_lynx::low_rank_finish_in_pass,
+             "the fused down pass's last K slice to arrive adds the slices' sums; off (the default): a second "
+             "kernel does");
+  def_switch("fused_pass_prefetch", &rt_lynx::set_fused_pass_prefetch, &rt_lynx::fused_pass_prefetch,
+             "each block of the fused down pass prefetches the later tiles of its K slice into L2 (off by default)");
   m.def("sparsify_low_rank_fused", &rt_lynx::sparsify_low_rank_fused,
         "whether the sparsify pass computes down(x) for this rank");
   m.def("set_sparsify_staged_pass", &rt_lynx::set_sparsify_staged_pass,
