@@ -1,4 +1,5 @@
-"""What the benchmarks share: timing (eager wall and CUDA-graph kernel time) and the commit stamp."""
+"""What the benchmarks share: timing (eager wall, CUDA-graph kernel time, queued eager device time) and the
+commit stamp."""
 import contextlib
 import os
 import pathlib
@@ -76,6 +77,68 @@ def interleaved_eager_us(fns, calls, repeats, contexts=None):
                 torch.cuda.synchronize()
                 samples[name].append((time.perf_counter() - start) / calls * 1e6)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+QUEUE_MARGIN = 2.0   # the queueing kernel runs this many times the host's launch time
+
+
+def interleaved_queued_us(fns, calls, repeats, contexts=None):
+    """{name: median device time per call (us)} of eager launches queued behind a long kernel, so
+    they run back to back as launched, with no host gap between them: the path eager ComfyUI and
+    Inductor's code take (each call's own launches, workspaces and stream state, programmatic
+    launch edges between kernels), which CUDA-graph replays (interleaved_kernel_us) capture once.
+    The variants take turns as in interleaved_eager_us. A call whose host launches outlast the
+    queueing kernel is timed again behind a longer one."""
+    import torch
+    names, contexts = list(fns), contexts or {}
+    launch_s = {}
+    for name in names:
+        with contexts.get(name, contextlib.nullcontext)():
+            for _ in range(3):
+                fns[name]()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fns[name]()
+            launch_s[name] = time.perf_counter() - start   # an upper bound: includes any blocking
+            torch.cuda.synchronize()
+    cycles_per_s = _sleep_cycles_per_second(torch)
+    samples = {name: [] for name in names}
+    for turn in range(repeats):
+        for name in _rotated(names, turn):
+            with contexts.get(name, contextlib.nullcontext)():
+                samples[name].append(_queued_sample_us(torch, fns[name], calls, launch_s[name], cycles_per_s))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _sleep_cycles_per_second(torch):
+    queued, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 20_000_000
+    queued.record()
+    torch.cuda._sleep(cycles)
+    done.record()
+    done.synchronize()
+    return cycles / (queued.elapsed_time(done) * 1e-3)
+
+
+def _queued_sample_us(torch, fn, calls, launch_s, cycles_per_s, attempts=4):
+    for _ in range(attempts):
+        torch.cuda.synchronize()
+        queued, start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        host_start = time.perf_counter()   # the queueing kernel starts after this
+        queued.record()
+        torch.cuda._sleep(int(QUEUE_MARGIN * launch_s * cycles_per_s) + 1)
+        start.record()
+        for _ in range(calls):
+            fn()
+        launched = time.perf_counter() - host_start
+        stop.record()
+        stop.synchronize()
+        if launched * 1e3 < queued.elapsed_time(start):   # every call was queued before the first ran
+            return start.elapsed_time(stop) * 1e3 / calls
+        launch_s = max(launched, 2 * launch_s)
+    raise RuntimeError(f"the host took {launched * 1e6:.0f} us to launch {calls} calls, longer than the "
+                       "queueing kernel ran: no queued time")
 
 
 def interleaved_kernel_us(fns, calls, repeats, contexts=None):

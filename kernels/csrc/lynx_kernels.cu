@@ -1016,31 +1016,46 @@ void launch_sparsify_layout(int layout, bool fold_scale, int split, const void* 
 // stream) or past kStreamArrivalCounters row blocks; the caller then zeroes counters of its own.
 constexpr int64_t kStreamArrivalCounters = 16384;  // 64-row blocks: a million rows
 int* stream_arrival_counters(cudaStream_t stream, int64_t row_blocks) {
+  if (row_blocks > kStreamArrivalCounters) return nullptr;
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
   unsigned long long id = 0;
   int device = 0;
-  if (row_blocks > kStreamArrivalCounters || cudaStreamIsCapturing(stream, &capturing) != cudaSuccess ||
-      capturing != cudaStreamCaptureStatusNone || cudaStreamGetId(stream, &id) != cudaSuccess ||
-      cudaGetDevice(&device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return nullptr;
-  }
+  const bool queried = cudaStreamIsCapturing(stream, &capturing) == cudaSuccess &&
+                       cudaStreamGetId(stream, &id) == cudaSuccess && cudaGetDevice(&device) == cudaSuccess;
+  if (!queried) (void)cudaGetLastError();  // only our own failed query's error, not an earlier one
+  if (!queried || capturing != cudaStreamCaptureStatusNone) return nullptr;
   static std::mutex mutex;
   static std::map<std::pair<int, unsigned long long>, int*> counters;  // never freed: 64 KB a stream
   const std::lock_guard<std::mutex> lock(mutex);
-  int*& set = counters[{device, id}];
-  if (set == nullptr) {
-    int* fresh = nullptr;
-    if (cudaMalloc(&fresh, kStreamArrivalCounters * sizeof(int)) != cudaSuccess) {
-      (void)cudaGetLastError();
-      counters.erase({device, id});
-      return nullptr;
-    }
-    require(cudaMemsetAsync(fresh, 0, kStreamArrivalCounters * sizeof(int), stream) == cudaSuccess,
-            "sparsify: cannot zero the arrival counters");
-    set = fresh;
+  const auto found = counters.find({device, id});
+  if (found != counters.end()) return found->second;
+  // Relaxed: cudaMalloc is refused while another thread captures a graph in global mode.
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  int* fresh = nullptr;
+  const bool allocated = cudaMalloc(&fresh, kStreamArrivalCounters * sizeof(int)) == cudaSuccess;
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  if (!allocated) {
+    (void)cudaGetLastError();
+    return nullptr;  // the caller's own counters
   }
-  return set;
+  const cudaError_t zeroed = cudaMemsetAsync(fresh, 0, kStreamArrivalCounters * sizeof(int), stream);
+  if (zeroed != cudaSuccess) {
+    (void)cudaGetLastError();
+    cudaFree(fresh);
+    require(false, "sparsify: cannot zero the arrival counters: ", cudaGetErrorString(zeroed));
+  }
+  counters.emplace(std::make_pair(device, id), fresh);
+  return fresh;
+}
+
+// Zeroes the arrival counters of a fused pass being captured into a graph, on every replay. A kernel
+// rather than a memset node: with programmatic launch it keeps the chain of kernels that may start
+// as the one before them ends (a memset node would make the pass wait for the previous GEMM's end).
+__global__ void __launch_bounds__(256) zero_arrival_counters_kernel(int* __restrict__ counters, int64_t count) {
+  allow_next_grid_launch();
+  wait_for_previous_grid();
+  for (int64_t i = int64_t(blockIdx.x) * 256 + threadIdx.x; i < count; i += int64_t(gridDim.x) * 256) counters[i] = 0;
 }
 
 // K slices of the fused pass: the fewest that keep the chip's block slots (two per SM) busy,
@@ -1090,8 +1105,8 @@ void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int
     arrivals = stream_arrival_counters(stream, row_blocks);
     if (arrivals == nullptr) {  // zeroed here: a graph being captured, or more row blocks than the stream's set
       arrivals = reinterpret_cast<int*>(l.workspace + partial_floats + 2 * padded_rows);
-      const cudaError_t zeroed = cudaMemsetAsync(arrivals, 0, row_blocks * sizeof(int), stream);
-      require(zeroed == cudaSuccess, "sparsify: cannot zero the arrival counters: ", cudaGetErrorString(zeroed));
+      const auto blocks = static_cast<unsigned>(std::min<int64_t>((row_blocks + 255) / 256, 64));
+      launch_after_previous(zero_arrival_counters_kernel, dim3(blocks), dim3(256), 0, stream, arrivals, row_blocks);
     }
   }
   const LowRankFinish finish{rows, cols, l.rank, l.k_ext, l.values, l.ld_values, l.meta, l.scale};

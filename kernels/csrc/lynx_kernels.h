@@ -92,7 +92,8 @@ int sparsify_split_for(int64_t padded_rows, int64_t cols);
 // Two kernels: the pass over slices of K, then the sum of the slices' partial sums
 // (workspace: sparsify_low_rank_workspace_floats floats, no initialisation needed); or, with
 // set_low_rank_finish_in_pass, the pass alone, the last slice of each row block to finish adding
-// them (arrival counters in the workspace, zeroed first; the same sums bit for bit). A prologue
+// them (the same sums bit for bit; arrival counters kept per stream, which the finishing blocks
+// leave at 0, or, in a graph capture, in the workspace, zeroed by a small kernel first). A prologue
 // applies to x's tiles before both the selection and the down projection; a LayerNorm one first
 // takes each row's mean and rstd in a small kernel of its own (the slices need them up front).
 constexpr int64_t kMaxFusedRank = 32;  // two 16-column rank halves a block

@@ -2,14 +2,19 @@
 sparsify passes may start while the kernel before them in the stream ends, so each must wait for
 it before touching memory. A missing wait is a race, seen here as outputs that differ from the
 plain launches' or NaN from poisoned memory. The fused down pass is chained both with its second
-kernel and finishing in the pass (sm90.low_rank_finish_in_pass: a memset, then the pass), and with
-its L2 prefetch (sm90.fused_pass_prefetch).
+kernel and finishing in the pass (sm90.low_rank_finish_in_pass: eager launches use the stream's
+arrival counters, a graph zeroes its own in a small kernel before the pass), and with its L2
+prefetch (sm90.fused_pass_prefetch).
 
 Each case chains Lynx linears so that every pass reads what the GEMM just before it wrote (the GEMM
 lets the next launch begin at its last tiles) and every GEMM reads what its pass just wrote, over
-NaN-poisoned memory, eagerly and in a CUDA graph. The kernels are deterministic, so the outputs must
-be bit for bit those of plain launches, which in turn must match fp32 math.
+NaN-poisoned memory, eagerly and in a CUDA graph. An eager chain is queued behind a long kernel, so
+every launch is waiting in the stream when the one before it ends (else the host's launch time can
+leave nothing to overlap). The kernels are deterministic, so the outputs must be bit for bit those
+of plain launches, which in turn must match fp32 math.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -22,6 +27,7 @@ WIDTH = 3072        # every linear of a chain is WIDTH x WIDTH, so each output i
 LINKS = 6
 TOLERANCE = 1e-2
 EPS = 1e-6
+QUEUE_CYCLES = 20_000_000   # about 10 ms of GPU clock: longer than the host takes to launch a chain
 PATHS = ["plain", "chunked_pass", "lora_fused_down", "lora_finish_in_pass", "lora_prefetch", "lora_cublas_down",
          "modulated_lora", "modulated_lora_finish_in_pass", "gelu_lora", "fp8"]
 
@@ -67,14 +73,13 @@ def _chain(sm90, path, x, links, tokens):
 
 
 def _switches(sm90, path, programmatic):
-    import contextlib
-    stack = contextlib.ExitStack()
-    stack.enter_context(sm90.programmatic_launch(programmatic))
-    stack.enter_context(sm90.staged_sparsify(path != "chunked_pass"))
-    stack.enter_context(sm90.low_rank_fusion(path != "lora_cublas_down"))
-    stack.enter_context(sm90.low_rank_finish_in_pass(path.endswith("finish_in_pass")))
-    stack.enter_context(sm90.fused_pass_prefetch(path == "lora_prefetch"))
-    return stack
+    with contextlib.ExitStack() as stack:   # a switch entered before a failing one is set back
+        stack.enter_context(sm90.programmatic_launch(programmatic))
+        stack.enter_context(sm90.staged_sparsify(path != "chunked_pass"))
+        stack.enter_context(sm90.low_rank_fusion(path != "lora_cublas_down"))
+        stack.enter_context(sm90.low_rank_finish_in_pass(path.endswith("finish_in_pass")))
+        stack.enter_context(sm90.fused_pass_prefetch(path == "lora_prefetch"))
+        return stack.pop_all()
 
 
 def _prepared(sm90, path, links, generator, dtype, images):
@@ -100,6 +105,7 @@ def test_chained_linears_give_the_plain_launches_bytes(sm90, generator, dtype, p
     for programmatic in (False, True, False, True):   # in turns: a race need not show every time
         with _switches(sm90, path, programmatic):
             poison_allocator(64 * rows * WIDTH)
+            torch.cuda._sleep(QUEUE_CYCLES)
             y = _chain(sm90, path, x, links, tokens)
             torch.cuda.synchronize()
         assert not y.isnan().any(), f"programmatic={programmatic}: poisoned memory read or left"
