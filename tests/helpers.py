@@ -1,6 +1,22 @@
 """Shared test helpers: module trees named like the real models, brute-force references."""
+import importlib.util
+import pathlib
+import sys
+
 import torch
 import torch.nn as nn
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is not a package; its scripts import each other by name)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tree_from_linears(shapes: dict[str, tuple[int, int]]) -> nn.Module:

@@ -1,20 +1,14 @@
 """The end-to-end benchmark's logic on the CPU: its step profile sorts kernels by kind from their
 names (the names below are the ones a FLUX step ran on the H200: torch 2.11, cuDNN attention,
 Inductor, our kernels), its options, and its results files."""
-import importlib.util
-import pathlib
-
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def e2e():
-    spec = importlib.util.spec_from_file_location("e2e_bench", ROOT / "bench" / "e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("e2e")
 
 
 @pytest.mark.parametrize("name, kind", [

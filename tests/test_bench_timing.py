@@ -1,21 +1,11 @@
 """The kernel benchmarks' timing and tables on the CPU: the queued timing against a simulated GPU
 stream (host launches, a queue, events), and the LoRA branch benchmark's tables from made-up rows."""
-import importlib.util
-import pathlib
 import sys
 import types
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_bench
 
 
 class SimulatedStream:
@@ -59,7 +49,7 @@ class SimulatedStream:
 
 @pytest.fixture
 def common(monkeypatch):
-    module = _load("common")
+    module = load_bench("common")
     stream = SimulatedStream()
     monkeypatch.setitem(sys.modules, "torch", stream.torch())
     monkeypatch.setattr(module.time, "perf_counter", lambda: stream.host)
@@ -94,7 +84,7 @@ def test_queued_time_says_so_when_the_host_never_keeps_up(common, monkeypatch):
 
 
 def test_lora_branch_tables_from_made_up_rows():
-    lora_branch = _load("lora_branch")
+    lora_branch = load_bench("lora_branch")
     names = [*lora_branch.BRANCH_VARIANTS, "plain", *(name for name, _ in lora_branch.LAUNCH_MODES)]
     rows = []
     for shape, base in (((4096, 3072, 9216), 233.0), ((512, 3072, 9216), 40.0)):
