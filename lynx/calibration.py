@@ -19,6 +19,15 @@ mean eigenvalue of C_xx) is added before the Cholesky factorisation: directions 
 data never excites get no correction instead of an arbitrary one. Factors split sqrt(S) to each
 side so both stay well scaled in bf16; alpha = rank, so the branch scale is 1.
 
+A folded branch (lynx/lora.py) acts on the sparse input instead, M added to W^T beforehand:
+
+    || x W^T - S(x) (W^T + M) ||^2  =  || d W^T - S(x) M ||^2,
+
+the same least squares with S(x) in place of x (statistics C_ss = sum S^T S, C_sd = sum S^T d), so
+`fit_low_rank` serves both. It cannot see the dropped values d, only predict them from the kept
+ones, so at equal rank it cancels less than the runtime branch (bench/quality.py measures both),
+but it costs nothing at run time: the sparse GEMM multiplies W + M^T instead of W.
+
 Choices:
 - Statistics are captured on the layer inputs of the *sparse* model (every planned layer computes
   as the plan says while capturing), which is what each layer sees at inference. All layers are
@@ -88,13 +97,14 @@ def sparse_input(x: torch.Tensor, n: int, m: int, compensate: bool) -> torch.Ten
 
 
 class _StatisticsCapture(LynxLinearForward):
-    """A Lynx forward that first adds its input's C_xx, C_xd to running sums, then computes as
-    the forward it stands in for."""
+    """A Lynx forward that first adds its input's C_xx, C_xd (folded: C_ss, C_sd, the branch's
+    input being S(x)) to running sums, then computes as the forward it stands in for."""
 
-    def __init__(self, forward: LynxLinearForward, stats_dtype: torch.dtype | None):
+    def __init__(self, forward: LynxLinearForward, stats_dtype: torch.dtype | None, folded: bool = False):
         super().__init__(forward.module, forward.name, forward.config, forward.runtime, forward.weights,
-                         forward.lora)
+                         forward.lora, forward.sparse, forward.folded)
         self.stats_dtype = stats_dtype
+        self.folded_branch = folded
         self.c_xx: torch.Tensor | None = None
         self.c_xd: torch.Tensor | None = None
         self.tokens = 0
@@ -105,7 +115,7 @@ class _StatisticsCapture(LynxLinearForward):
             self._accumulate(x.detach().reshape(-1, x.shape[-1]))
         return super().__call__(x)
 
-    def _takes_prologue(self) -> bool:
+    def _takes_prologue(self, x: torch.Tensor) -> bool:
         # The layer's input must exist to be recorded: a fused block's LayerNorm + modulation or
         # GELU is computed first, then the call comes through __call__.
         return False
@@ -124,13 +134,15 @@ class _StatisticsCapture(LynxLinearForward):
         # fp64 GEMMs are slow on most GPUs: fp32 there, fp64 on the CPU, unless told.
         dtype = self.stats_dtype or (torch.float64 if x.device.type == "cpu" else torch.float32)
         x = x.to(dtype)
-        d = x - sparse_input(x, self.config.n, self.config.m, self.config.compensate)
+        kept = sparse_input(x, self.config.n, self.config.m, self.config.compensate)
+        d = x - kept
+        seen = kept if self.folded_branch else x   # what the branch multiplies
         if self.c_xx is None:
             k = x.shape[-1]
             self.c_xx = torch.zeros(k, k, dtype=dtype, device=x.device)
             self.c_xd = torch.zeros(k, k, dtype=dtype, device=x.device)
-        self.c_xx.addmm_(x.T, x)
-        self.c_xd.addmm_(x.T, d)
+        self.c_xx.addmm_(seen.T, seen)
+        self.c_xd.addmm_(seen.T, d)
         self.tokens += x.shape[0]
 
 
@@ -196,7 +208,8 @@ def calibrate_lynx_lora(model: nn.Module, plan: LynxPlan, inputs: Iterable, rank
                         install: Callable[[LynxPlan], ContextManager] | None = None,
                         memory_budget_bytes: int | None = None, stats_dtype: torch.dtype | None = None,
                         ridge: float = 1e-6,
-                        progress: Callable[[CalibrationProgress], None] | None = None) -> LynxLoRA:
+                        progress: Callable[[CalibrationProgress], None] | None = None,
+                        folded: bool = False) -> LynxLoRA:
     """Fit a rank-`rank` Lynx LoRA for every sparsified layer of `plan` on `model`.
 
     inputs: model inputs, iterated once per pass (so a re-iterable sequence when the budget needs
@@ -205,10 +218,15 @@ def calibrate_lynx_lora(model: nn.Module, plan: LynxPlan, inputs: Iterable, rank
     default `installed(model, plan)` (ComfyUI passes one that installs them on a ModelPatcher clone).
     memory_budget_bytes: bound on the statistics held at once (None: all layers in one pass).
     stats_dtype: accumulator dtype (default fp64 on the CPU, fp32 on accelerators).
+    folded: fit the branch on the sparse input, to be added to the weights (module docstring).
     Layers no input reached sparse (e.g. always below min_tokens) are left out of the file.
     """
     if rank < 1:
         raise ValueError("rank must be at least 1")
+    if plan.lora_note:
+        # The statistics would measure the error left by that branch against a wrong reference.
+        raise ValueError(f"this model already carries a Lynx LoRA ({plan.lora_note}); calibrate on the model "
+                         f"straight from the sparsify step")
     too_small = [name for name, (k, n) in plan.sparse_layer_shapes.items() if rank > min(k, n)]
     if too_small:
         raise ValueError(f"rank {rank} exceeds the in- or out-features of {', '.join(too_small[:4])}")
@@ -223,7 +241,7 @@ def calibrate_lynx_lora(model: nn.Module, plan: LynxPlan, inputs: Iterable, rank
     layers = {}
     fitted = 0
     for pass_index, group in enumerate(groups):
-        captures = {name: _StatisticsCapture(plan.forwards[name], stats_dtype) for name in group}
+        captures = {name: _StatisticsCapture(plan.forwards[name], stats_dtype, folded) for name in group}
         capture_plan = replace(plan, forwards={**plan.forwards, **captures})
         samples = 0
         with torch.no_grad(), install(capture_plan) as target:
@@ -244,4 +262,4 @@ def calibrate_lynx_lora(model: nn.Module, plan: LynxPlan, inputs: Iterable, rank
         raise ValueError(f"no calibration input ran a sparsified layer sparse (inputs below "
                          f"{plan.config.min_tokens} tokens compute dense): nothing to fit")
     return LynxLoRA(architecture=plan.policy.name, rank=rank, alpha=float(rank), pattern=plan.config.pattern,
-                    compensation=plan.config.compensate, layers=layers)
+                    compensation=plan.config.compensate, layers=layers, folded=folded)

@@ -5,7 +5,9 @@
                                             |-- optional Lynx LoRA, on the DENSE x --|
 
 The LoRA branch is computed by the kernels too: on the sm90 backend inside the sparse GEMM (one
-k-tile more), elsewhere as two small products added after.
+k-tile more), elsewhere as two small products added after. A *folded* Lynx LoRA is not computed
+at all: its up @ down is added to W beforehand (lynx/lora.py), so it acts on sparse(x) at no cost;
+the calls that compute dense take it back off (`folded=`).
 
 With precision "fp8" the product runs on e4m3 operands: sparse(x) quantised per token (the
 compensation folded into its scale) and W per output channel, quantised once per weight
@@ -75,6 +77,10 @@ class LynxConfig:
         return self.precision == "fp8" and self.fp8_dense_layers
 
 
+# A folded branch computes only on dense calls, as two small products (no K-extension form).
+FOLDED_BRANCH_CONFIG = LynxConfig(backend="reference")
+
+
 @dataclass
 class LowRankBranch:
     """x -> up(down(x)) * scale; down is (rank, in_features), up is (out_features, rank)."""
@@ -118,22 +124,29 @@ class LowRankBranch:
             self.prepare(x.device, x.dtype, config)
         return self._device_copy[1]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The branch alone, up(down(x)) * scale (calibration, comparisons)."""
-        return low_rank_reference(x, self.operands_for(x))
+    def __call__(self, x: torch.Tensor, config: LynxConfig | None = None) -> torch.Tensor:
+        """The branch alone, up(down(x)) * scale (calibration, comparisons, a folded branch taken off)."""
+        return low_rank_reference(x, self.operands_for(x, config))
+
+    def weight_delta(self) -> torch.Tensor:
+        """scale * up @ down (out_features x in_features, fp32): the branch as a change of the weight."""
+        return (self.up.float() @ self.down.float()) * self.scale
 
 
 def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
                 lora: LowRankBranch | None = None, dense: bool = False,
-                fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None,
+                folded: LowRankBranch | None = None) -> torch.Tensor:
     """The Lynx product for x of shape (..., in_features); `dense=True` gives plain F.linear
     (plus the LoRA branch, which only makes sense with the sparse product, so it is skipped).
     `fp8_weight` is quantize_weight_fp8(weight) made ahead of time; without it an fp8 config
-    quantises the weight in the call."""
+    quantises the weight in the call. `folded`: a branch already added to `weight` for the
+    sparse product; a call that computes dense subtracts it (x W^T up to W's rounding)."""
     in_features = x.shape[-1]
     bias = _checked_bias(x, weight, bias)
     if dense or not config.runs_sparse(x):
-        return _model_dtype_linear(x, weight, bias, config, dense)
+        y = _model_dtype_linear(x, weight, bias, config, dense)
+        return y if folded is None else y - folded(x, FOLDED_BRANCH_CONFIG)
     if in_features % config.m:
         raise ValueError(f"in_features={in_features} is not a multiple of {config.m}: "
                          f"this layer cannot be {config.pattern} sparse")

@@ -3,10 +3,17 @@
 A `.safetensors` file. Per sparsified layer (name relative to the diffusion model):
     "<layer>.lynx_down"   (rank, in_features)    x -> down(x)
     "<layer>.lynx_up"     (out_features, rank)   -> up(down(x))
-The branch adds up(down(x)) * alpha / rank * strength to the layer output, on the dense input.
+with scale = alpha / rank * strength, the file holds one of two kinds of branch:
+    runtime  up(down(x)) * scale is added to the layer output, computed on the DENSE input at run
+             time (the paper's Lynx LoRA; format version 1, no rt_lynx.branch key);
+    folded   scale * up @ down is added to the weight, so it acts on the SPARSE input that the
+             product already multiplies: y = S(x) (W + scale up down)^T, no cost at run time
+             (format version 2, rt_lynx.branch "folded"). Calls that compute dense (warm-up
+             steps, short sequences) take it back off: x W'^T - up(down(x)) * scale.
 Metadata (all strings):
     rt_lynx.format          "lynx_lora"
-    rt_lynx.format_version  "1"
+    rt_lynx.format_version  "1" (runtime) or "2" (any kind, named by rt_lynx.branch)
+    rt_lynx.branch          "runtime" or "folded" (version 2)
     rt_lynx.architecture    policy name the file was made for ("flux", "qwen_image", "z_image")
     rt_lynx.rank, rt_lynx.alpha
     rt_lynx.pattern         "2:4"
@@ -24,7 +31,9 @@ from .linear import LowRankBranch
 from .version import PACK_VERSION
 
 FORMAT = "lynx_lora"
-FORMAT_VERSION = "1"
+RUNTIME_FORMAT_VERSION = "1"   # written for runtime branches, so packs that predate folded ones read them
+FORMAT_VERSION = "2"
+BRANCH_KINDS = ("runtime", "folded")
 DOWN_SUFFIX = ".lynx_down"
 UP_SUFFIX = ".lynx_up"
 
@@ -37,6 +46,11 @@ class LynxLoRA:
     pattern: str
     compensation: bool
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]   # name -> (down, up)
+    folded: bool = False   # the branch acts on the sparse input, added to the weight (module docstring)
+
+    @property
+    def kind(self) -> str:
+        return "folded" if self.folded else "runtime"
 
     def branch(self, layer: str, strength: float) -> LowRankBranch:
         down, up = self.layers[layer]
@@ -48,9 +62,11 @@ class LynxLoRAMismatch(ValueError):
 
 
 def _metadata(lora: LynxLoRA) -> dict[str, str]:
+    kind = {"rt_lynx.format_version": FORMAT_VERSION, "rt_lynx.branch": "folded"} if lora.folded else \
+        {"rt_lynx.format_version": RUNTIME_FORMAT_VERSION}
     return {
         "rt_lynx.format": FORMAT,
-        "rt_lynx.format_version": FORMAT_VERSION,
+        **kind,
         "rt_lynx.architecture": lora.architecture,
         "rt_lynx.rank": str(lora.rank),
         "rt_lynx.alpha": repr(float(lora.alpha)),
@@ -80,9 +96,13 @@ def load_lynx_lora(path: str) -> LynxLoRA:
         if meta.get("rt_lynx.format") != FORMAT:
             raise LynxLoRAMismatch(f"{path} is not a Lynx LoRA (metadata rt_lynx.format is "
                                    f"{meta.get('rt_lynx.format')!r}); ordinary LoRAs go through ComfyUI's LoraLoader")
-        if meta.get("rt_lynx.format_version") != FORMAT_VERSION:
-            raise LynxLoRAMismatch(f"{path}: format version {meta.get('rt_lynx.format_version')!r}, "
-                                   f"this pack reads {FORMAT_VERSION!r}")
+        version = meta.get("rt_lynx.format_version")
+        if version not in (RUNTIME_FORMAT_VERSION, FORMAT_VERSION):
+            raise LynxLoRAMismatch(f"{path}: format version {version!r}, this pack reads "
+                                   f"{RUNTIME_FORMAT_VERSION!r} and {FORMAT_VERSION!r}")
+        kind = meta.get("rt_lynx.branch", "runtime") if version == FORMAT_VERSION else "runtime"
+        if kind not in BRANCH_KINDS:
+            raise LynxLoRAMismatch(f"{path}: branch kind {kind!r}, this pack knows {', '.join(BRANCH_KINDS)}")
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     layers, stray = {}, []
     for key in tensors:
@@ -99,7 +119,7 @@ def load_lynx_lora(path: str) -> LynxLoRA:
     return LynxLoRA(
         architecture=meta["rt_lynx.architecture"], rank=int(meta["rt_lynx.rank"]),
         alpha=float(meta["rt_lynx.alpha"]), pattern=meta["rt_lynx.pattern"],
-        compensation=meta["rt_lynx.compensation"] == "norm", layers=layers)
+        compensation=meta["rt_lynx.compensation"] == "norm", layers=layers, folded=kind == "folded")
 
 
 def _listing(keys: list[str], limit: int = 12) -> str:

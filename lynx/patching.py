@@ -5,6 +5,8 @@ module's `forward` and computes with the module's own weight and bias. With prec
 layers the selection keeps dense get one too, computing the dense e4m3 product. ComfyUI
 installs these through ModelPatcher object patches (so they live on a clone and are undone on
 unpatch); outside ComfyUI `installed(plan)` installs them for the duration of a `with` block.
+A folded Lynx LoRA is a weight patch: ComfyUI adds it through ModelPatcher weight patches (its
+LoRA mechanism), `installed` adds it to the weights and restores them from a copy on exit.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -15,8 +17,8 @@ import torch.nn as nn
 
 from ..kernels import (cat_gelu_tanh, fast_path_availability, fp8_dense_availability, fp8_dense_shape_supported,
                        gelu_tanh_reference, quantize_weight_fp8)
-from .linear import (LowRankBranch, LynxConfig, fp8_dense_linear, lynx_linear, lynx_linear_after_gelu,
-                     lynx_linear_modulated, modulated_layer_norm)
+from .linear import (FOLDED_BRANCH_CONFIG, LowRankBranch, LynxConfig, fp8_dense_linear, lynx_linear,
+                     lynx_linear_after_gelu, lynx_linear_modulated, modulated_layer_norm)
 from .lora import LynxLoRA, check_fits
 from .policies import ArchitecturePolicy, LayerDecision, SelectionOptions, detect_architecture, select_layers
 
@@ -57,15 +59,21 @@ class LynxLinearForward:
     a layer an fp8 model keeps dense (sparse=False) y = fp8_dense_linear(...)."""
 
     def __init__(self, module: nn.Linear, name: str, config: LynxConfig, runtime: LynxRuntime,
-                 weights: WeightProvider = module_weights, lora: LowRankBranch | None = None, sparse: bool = True):
-        if not sparse and (lora is not None or not config.quantizes_dense_layers):
+                 weights: WeightProvider = module_weights, lora: LowRankBranch | None = None, sparse: bool = True,
+                 folded: LowRankBranch | None = None):
+        if not sparse and (lora is not None or folded is not None or not config.quantizes_dense_layers):
             raise ValueError(f"{name}: a dense layer is only patched for its fp8 product, without a LoRA branch")
+        if lora is not None and folded is not None:
+            raise ValueError(f"{name}: a runtime and a folded Lynx LoRA at once; attach one per model")
         self.module = module
         self.name = name
         self.config = config
         self.runtime = runtime
         self.weights = weights
         self.lora = lora
+        # A folded branch: already in the weight the provider gives (a weight patch), taken back off
+        # where a call computes dense.
+        self.folded = folded
         self.sparse = sparse
         # fp8 precision: the e4m3 weight, made once while the weight stays put (prepare_fp8) and
         # dropped when the model is unloaded; without it each call quantises its weight.
@@ -86,14 +94,14 @@ class LynxLinearForward:
         computes that input where it must be written (the linears of one input share it)."""
         if modulated_input is None:   # `is None`, not `or`: torch 2.11's Dynamo cannot branch on a function
             modulated_input = lambda: modulated_layer_norm(x, shift, scale1p, eps)  # noqa: E731
-        if x.dim() != 3 or not self._takes_prologue():
+        if x.dim() != 3 or not self._takes_prologue(x):
             return self(modulated_input())
         return self._with_weights(x, lambda weight, bias: lynx_linear_modulated(
             x, shift, scale1p, eps, weight, bias, self.config, self.fp8_weight, modulated_input, self.lora))
 
     def after_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """self(gelu(x, approximate="tanh")): an MLP's down projection of its up projection's output x."""
-        if not self._takes_prologue():
+        if not self._takes_prologue(x):
             return self(gelu_tanh_reference(x))
         return self._with_weights(x, lambda weight, bias: lynx_linear_after_gelu(
             x, weight, bias, self.config, self.fp8_weight, self.lora))
@@ -107,9 +115,11 @@ class LynxLinearForward:
         return self._with_weights(first, lambda weight, bias: fp8_dense_linear(
             first, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight, gelu_tail=second))
 
-    def _takes_prologue(self) -> bool:
-        # An fp8 layer adds its LoRA branch after the product, from the input written out.
-        return self.sparse and not self.runtime.dense and (self.lora is None or self.config.precision == "bf16")
+    def _takes_prologue(self, x: torch.Tensor) -> bool:
+        # An fp8 layer adds its LoRA branch after the product, from the input written out; a call
+        # that computes dense goes through __call__ with its input (a folded branch comes off there).
+        return (self.sparse and not self.runtime.dense and self.config.runs_sparse(x)
+                and (self.lora is None or self.config.precision == "bf16"))
 
     def _with_weights(self, x: torch.Tensor, product) -> torch.Tensor:
         weight, bias, release = self._weights_for(x)
@@ -130,7 +140,7 @@ class LynxLinearForward:
     def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.sparse:
             return lynx_linear(x, weight, bias, self.config, self.lora, dense=self.runtime.dense,
-                               fp8_weight=self.fp8_weight)
+                               fp8_weight=self.fp8_weight, folded=self.folded)
         return fp8_dense_linear(x, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight)
 
     def prepare_fp8(self, weight: torch.Tensor, weight_scale: torch.Tensor | None = None) -> None:
@@ -155,8 +165,23 @@ class LynxLinearForward:
     def release_fp8(self) -> None:
         self.fp8_weight = None
 
-    def with_lora(self, lora: LowRankBranch | None) -> "LynxLinearForward":
-        return LynxLinearForward(self.module, self.name, self.config, self.runtime, self.weights, lora, self.sparse)
+    def with_lora(self, lora: LowRankBranch | None, folded: bool = False) -> "LynxLinearForward":
+        """This layer with a Lynx LoRA branch: computed at run time, or `folded` into the weight."""
+        runtime_branch, folded_branch = (None, lora) if folded else (lora, None)
+        return LynxLinearForward(self.module, self.name, self.config, self.runtime, self.weights, runtime_branch,
+                                 self.sparse, folded_branch)
+
+    def prepare_branches(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Put the Lynx LoRA's factors on the compute device ahead of a run, in the form its calls take."""
+        if self.lora is not None:
+            self.lora.prepare(device, dtype, self.config)
+        if self.folded is not None:
+            self.folded.prepare(device, dtype, FOLDED_BRANCH_CONFIG)
+
+    def release_branches(self) -> None:
+        for branch in (self.lora, self.folded):
+            if branch is not None:
+                branch.release()
 
 
 @dataclass
@@ -235,18 +260,30 @@ def attach_lora(plan: LynxPlan, lora: LynxLoRA, strength: float) -> LynxPlan:
     if plan.lora_note:
         raise ValueError(f"this model already carries a Lynx LoRA ({plan.lora_note}); attach one per model")
     check_fits(lora, plan.policy.name, plan.config.pattern, plan.config.compensate, plan.sparse_layer_shapes)
-    forwards = {name: fwd.with_lora(lora.branch(name, strength) if name in lora.layers else None)
+    forwards = {name: fwd.with_lora(lora.branch(name, strength) if name in lora.layers else None, lora.folded)
                 for name, fwd in plan.forwards.items()}
-    note = (f"Lynx LoRA rank {lora.rank} x{strength:g} on {len(lora.layers)}/{len(plan.forwards)} layers")
+    note = (f"Lynx LoRA rank {lora.rank} x{strength:g}{' folded into the weights' if lora.folded else ''} "
+            f"on {len(lora.layers)}/{len(plan.forwards)} layers")
     return replace(plan, forwards=forwards, lora_note=note)
+
+
+def folded_weight_patches(plan: LynxPlan) -> dict[str, LowRankBranch]:
+    """Layer name -> the folded branch to add to its weight (scale * up @ down)."""
+    return {name: fwd.folded for name, fwd in plan.forwards.items() if fwd.folded is not None}
 
 
 @contextmanager
 def installed(model: nn.Module, plan: LynxPlan):
-    """Run `model` with the plan's forwards in place; restores the modules on exit."""
+    """Run `model` with the plan's forwards in place, a folded Lynx LoRA added to its weights;
+    restores the modules (and those weights, from a copy) on exit."""
     modules = dict(model.named_modules())
-    previous = {}
+    previous, saved_weights = {}, {}
     try:
+        for name, branch in folded_weight_patches(plan).items():
+            weight = modules[name].weight
+            saved_weights[name] = weight.detach().clone()
+            with torch.no_grad():   # in fp32, then rounded once to the weight's dtype, as ComfyUI patches
+                weight.copy_(weight.float() + branch.weight_delta().to(weight.device))
         forwards = plan.installed_forwards
         for name, forward in forwards.items():
             module = modules[name]
@@ -255,6 +292,9 @@ def installed(model: nn.Module, plan: LynxPlan):
             forward.prepare_fp8(module.weight)
         yield model
     finally:
+        with torch.no_grad():
+            for name, weight in saved_weights.items():
+                modules[name].weight.copy_(weight)
         for name, old in previous.items():
             forwards[name].release_fp8()
             if old is None:

@@ -5,6 +5,7 @@ import re
 from contextlib import contextmanager
 
 from ..lynx import attach_lora, load_lynx_lora, save_lynx_lora
+from ..lynx.lora import BRANCH_KINDS
 from ..lynx.calibration import calibrate_lynx_lora, uncalibrated_layers
 from .comfy_glue import install_plan, installed_plan, lynx_lora_folder
 
@@ -23,7 +24,10 @@ class RTLynxCalibrateLoRA:
     RETURN_NAMES = ("model", "lora_name")
     DESCRIPTION = ("Fits a Lynx LoRA that cancels the 2:4 sparsification error of each sparsified layer, from the "
                    "layer inputs the sparse model sees while sampling the given conditioning (closed-form least "
-                   "squares, no training). Writes it to models/loras/lynx and returns the model with it attached.")
+                   "squares, no training). Writes it to models/loras/lynx and returns the model with it attached. "
+                   "branch 'runtime' computes it on the dense input at run time (the paper's, best quality, a few "
+                   "percent slower); 'folded' adds it to the weights, acting on the sparse input (free at run time, "
+                   "cancels less at equal rank).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -42,19 +46,22 @@ class RTLynxCalibrateLoRA:
                                 "Bound on the statistics held at once (2 K^2 per layer); more layers than fit "
                                 "take more sampling passes."}),
             "filename": ("STRING", {"default": "lynx_lora"}),
+            "branch": (list(BRANCH_KINDS), {"default": "runtime", "tooltip":
+                       "runtime: a low-rank branch on the dense input, computed with every sparse product. "
+                       "folded: a low-rank change of the weights, acting on the sparse input: no run-time cost."}),
         }, "optional": {
             "negative": ("CONDITIONING",),
         }}
 
     def calibrate(self, model, positive, latent_image, rank, samples, timesteps, seed, cfg, stats_memory_gb,
-                  filename, negative=None):
+                  filename, branch="runtime", negative=None):
         import comfy.utils
         import nodes
 
         plan = installed_plan(model)
         if plan is None:
             raise ValueError("RT-Lynx Calibrate LoRA needs a model from RT-Lynx Sparsify Model: connect that node first")
-        if any(fwd.lora is not None for fwd in plan.forwards.values()):
+        if plan.lora_note:
             raise ValueError("this model already carries a Lynx LoRA; calibrate on the model straight from "
                              "RT-Lynx Sparsify Model")
         if negative is None and cfg != 1.0:
@@ -79,7 +86,8 @@ class RTLynxCalibrateLoRA:
 
         lora = calibrate_lynx_lora(model.get_model_object("diffusion_model"), plan,
                                    [seed + i for i in range(samples)], rank=rank, run=sample_once, install=on_clone,
-                                   memory_budget_bytes=int(stats_memory_gb * 1024 ** 3), progress=progress)
+                                   memory_budget_bytes=int(stats_memory_gb * 1024 ** 3), progress=progress,
+                                   folded=branch == "folded")
         name = safe_file_name(filename)
         folder = lynx_lora_folder()
         os.makedirs(folder, exist_ok=True)

@@ -7,6 +7,9 @@
   casting and ComfyUI's own LoRA weight patches stay as they are; the new forward asks ComfyUI
   for the weight exactly as the original forward would.
 - The plan rides along as a ModelPatcher attachment, so "Load Lynx LoRA" can find it.
+- A folded Lynx LoRA is a low-rank weight patch on the clone (ModelPatcher.add_patches with
+  ComfyUI's own LoRA adapter), applied and undone by ComfyUI like any LoRA; the Lynx forwards then
+  receive the patched weight and take the branch back off where they compute dense.
 - Dense warm-up steps need the step index: an APPLY_MODEL wrapper reads it off the schedule.
 - FLUX and Qwen-Image blocks can compute their elementwise work fused (lynx/fused_blocks.py):
   installed as ComfyUI's own block-replace patches ("dit" double_block / single_block), which
@@ -32,6 +35,7 @@ import torch
 
 from ..kernels import block_ops_availability, log_once
 from ..lynx import LynxPlan, LynxRuntime, sampling_step_index
+from ..lynx.patching import folded_weight_patches
 from ..lynx.fused_blocks import flux_double_block, flux_single_block, fusable_call, fused_block_kind, qwen_image_block
 
 log = logging.getLogger("rt_lynx")
@@ -149,8 +153,7 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
     def on_pre_run(patcher, *args, **kwargs):
         compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
         for forward in plan.installed_forwards.values():
-            if forward.lora is not None:
-                forward.lora.prepare(patcher.load_device, compute_dtype, plan.config)
+            forward.prepare_branches(patcher.load_device, compute_dtype)
         if plan.config.precision == "fp8":
             prepare_fp8_weights(patcher)
 
@@ -162,8 +165,7 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
     def on_detach(patcher, *args, **kwargs):
         drop_fp8_weights()
         for forward in plan.installed_forwards.values():
-            if forward.lora is not None:
-                forward.lora.release()
+            forward.release_branches()
     return {CallbacksMP.ON_PRE_RUN: on_pre_run, CallbacksMP.ON_APPLY_HOOKS: on_apply_hooks,
             CallbacksMP.ON_CLEANUP: drop_fp8_weights, CallbacksMP.ON_DETACH: on_detach}
 
@@ -243,6 +245,7 @@ def install_plan(model, plan: LynxPlan):
     patched = model.clone()
     for name, forward in plan.installed_forwards.items():
         patched.add_object_patch(f"diffusion_model.{name}.forward", forward)
+    _add_folded_weight_patches(patched, plan)
     patched.set_attachments(ATTACHMENT_KEY, plan)
     patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     if plan.runtime.dense_warmup_steps:
@@ -250,10 +253,37 @@ def install_plan(model, plan: LynxPlan):
     callbacks = _run_state_callbacks(plan)
     for call_type in callbacks:
         patched.remove_callbacks_with_key(call_type, CALLBACK_KEY)
-    if plan.config.precision == "fp8" or any(f.lora is not None for f in plan.forwards.values()):
+    if plan.config.precision == "fp8" or plan.lora_note:
         for call_type, callback in callbacks.items():
             patched.add_callback_with_key(call_type, CALLBACK_KEY, callback)
     return patched
+
+
+def _add_folded_weight_patches(patched, plan: LynxPlan) -> None:
+    folds = folded_weight_patches(plan)
+    if not folds:
+        return
+    try:
+        from comfy.weight_adapter import LoRAAdapter
+    except ImportError as error:
+        raise RuntimeError(f"a folded Lynx LoRA needs ComfyUI's weight adapters (comfy.weight_adapter): {error}; "
+                           f"update ComfyUI or use a runtime Lynx LoRA") from error
+    diffusion_model = patched.get_model_object("diffusion_model")
+    added = []
+    for name, branch in folds.items():
+        key = f"diffusion_model.{name}.weight"
+        # alpha None: ComfyUI scales up @ down by the patch strength alone, which is the branch's scale.
+        patch = LoRAAdapter({key}, (branch.up, branch.down, None, None, None, None))
+        added += patched.add_patches({key: patch}, strength_patch=branch.scale)
+    missing = sorted(set(f"diffusion_model.{name}.weight" for name in folds) - set(added))
+    if missing:
+        raise RuntimeError(f"ComfyUI took no weight patch for {len(missing)} layers: {', '.join(missing[:4])}")
+    stored_fp8 = [name for name in folds
+                  if diffusion_model.get_submodule(name).weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
+    if stored_fp8:
+        log.warning("RT-Lynx: %d layers with a folded Lynx LoRA store their weights in fp8: ComfyUI rounds the "
+                    "patched weights to fp8, which blurs the correction (a runtime Lynx LoRA keeps it exact)",
+                    len(stored_fp8))
 
 
 # Per model class (the forward that calls the blocks): its block lists and the names it looks up

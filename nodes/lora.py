@@ -12,8 +12,10 @@ class RTLynxLoadLoRA:
     CATEGORY = "RT-Lynx"
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL",)
-    DESCRIPTION = ("Adds a Lynx compensation LoRA (a low-rank branch on the dense input of each sparsified layer) "
-                   "to a model patched by RT-Lynx Sparsify Model. Files live in models/loras/lynx.")
+    DESCRIPTION = ("Adds a Lynx compensation LoRA to a model patched by RT-Lynx Sparsify Model: a low-rank branch on "
+                   "the dense input of each sparsified layer, or, for a file calibrated 'folded', a low-rank change "
+                   "of those layers' weights (a ComfyUI weight patch, no run-time cost). Files live in "
+                   "models/loras/lynx.")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -264,3 +264,38 @@ def test_a_capture_records_the_inputs_a_fused_block_would_compute_in_the_sparsif
     assert capture.tokens == 2 * 80
     inputs = torch.cat([modulated_layer_norm(x, shift, 1 + scale, 1e-6), F.gelu(x, approximate="tanh")]).reshape(-1, 64)
     torch.testing.assert_close(capture.c_xx, inputs.double().T @ inputs.double())
+
+
+def test_folded_full_rank_equals_brute_force_least_squares_on_the_sparse_input():
+    """A folded branch multiplies S(x): its fit is least squares of d W^T on S(x), not on x."""
+    k, n = 64, 80
+    model, plan = single_layer_model(k, n)
+    g = torch.Generator().manual_seed(2)
+    inputs = [(torch.randn(100, k, generator=g, dtype=torch.float64),) for _ in range(3)]
+    lora = calibrate_lynx_lora(model, plan, inputs, rank=min(k, n), run=run_layer, ridge=0.0, folded=True)
+    assert lora.folded
+    down, up = lora.layers[LAYER]
+    x = torch.cat([x for (x,) in inputs])
+    kept = sparse_input(x, 2, 4, True)
+    weight = dict(model.named_modules())[LAYER].weight.detach()
+    brute_force = torch.linalg.lstsq(kept, (x - kept) @ weight.T).solution
+    assert torch.allclose(down.double().T @ up.double().T, brute_force, atol=1e-4, rtol=1e-4)
+    runtime = calibrate_lynx_lora(model, plan, inputs, rank=min(k, n), run=run_layer, ridge=0.0)
+    assert not torch.allclose(runtime.layers[LAYER][0].double().T @ runtime.layers[LAYER][1].double().T,
+                              brute_force, atol=1e-2)
+
+
+def test_folded_lora_reduces_tiny_dit_output_error_with_the_weights_restored():
+    config, model = outlier_tiny_dit()
+    plan = plan_model(model)
+    g = torch.Generator().manual_seed(5)
+    calibration = [random_inputs(config, 2, 64, 32, g) for _ in range(8)]
+    held_out = [random_inputs(config, 2, 64, 32, g) for _ in range(3)]
+    weights = {name: p.clone() for name, p in model.state_dict().items()}
+    lora = calibrate_lynx_lora(model, plan, calibration, rank=8, folded=True)
+    folded = attach_lora(plan, lora, 1.0)
+    sparse_error, calibrated_error = output_error(model, plan, held_out), output_error(model, folded, held_out)
+    assert calibrated_error < 0.9 * sparse_error, (sparse_error, calibrated_error)
+    assert all(torch.equal(weights[name], p) for name, p in model.state_dict().items())
+    with pytest.raises(ValueError, match="already carries a Lynx LoRA"):
+        calibrate_lynx_lora(model, folded, calibration, rank=8)

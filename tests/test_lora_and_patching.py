@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from helpers import flux_like_shapes, qwen_image_like_shapes, tree_from_linears
-from rt_lynx_pack.lynx import (LynxConfig, LynxLinearForward, LynxLoRA, LynxLoRAMismatch, LynxRuntime, PACK_VERSION,
-                               attach_lora, installed, load_lynx_lora, plan_model, save_lynx_lora)
+from rt_lynx_pack.lynx import (PACK_VERSION, LowRankBranch, LynxConfig, LynxLinearForward, LynxLoRA, LynxLoRAMismatch,
+                               LynxRuntime, attach_lora, installed, load_lynx_lora, plan_model, save_lynx_lora)
 from rt_lynx_pack.kernels import quantize_weight_fp8
 from rt_lynx_pack.lynx.tiny_dit import TinyDiTConfig, TinyFluxDiT, random_inputs
 
@@ -246,3 +246,110 @@ def test_fp8_dense_layers_need_a_shape_the_fp8_gemm_takes():
                                "double_blocks.0.img_attn.qkv": (64, 48)})
     plan = plan_model(model, LynxConfig(precision="fp8"))
     assert "single_blocks.0.linear2" not in plan.fp8_dense_forwards   # 40 outputs: stays in the model dtype
+
+
+def test_folded_files_are_format_version_2_and_runtime_files_stay_version_1(tmp_path, tiny):
+    from safetensors import safe_open
+    plan = plan_model(tiny[0])
+    runtime, folded = random_lora(plan), random_lora(plan, seed=1)
+    folded.folded = True
+    for lora, version, kind in ((runtime, "1", None), (folded, "2", "folded")):
+        path = str(tmp_path / f"{lora.kind}.safetensors")
+        save_lynx_lora(lora, path)
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        assert (meta["rt_lynx.format_version"], meta.get("rt_lynx.branch")) == (version, kind)
+        assert load_lynx_lora(path).folded == lora.folded
+    # Version 2 names its kind; a kind or version this pack does not know is refused, not guessed.
+    from safetensors.torch import load_file
+    tensors = load_file(path)
+    for changes, message in (({"rt_lynx.branch": "runtime"}, None), ({"rt_lynx.branch": "sideways"}, "branch kind"),
+                             ({"rt_lynx.format_version": "3"}, "format version '3'")):
+        save_file(tensors, path, metadata={**meta, **changes})
+        if message is None:
+            assert not load_lynx_lora(path).folded
+        else:
+            with pytest.raises(LynxLoRAMismatch, match=message):
+                load_lynx_lora(path)
+
+
+def folded_lora(plan, seed=0):
+    lora = random_lora(plan, seed=seed)
+    lora.folded = True
+    return lora
+
+
+def test_folded_branch_changes_the_weight_of_sparse_calls_and_comes_off_dense_ones(tiny):
+    model, inputs = tiny
+    runtime = LynxRuntime()
+    plan = plan_model(model, LynxConfig(min_tokens=32), runtime=runtime)
+    lora = folded_lora(plan)
+    folded = attach_lora(plan, lora, 0.5)
+    assert "folded into the weights" in folded.summary()
+    name = "double_blocks.0.img_attn.qkv"
+    layer = dict(model.named_modules())[name]
+    weight = layer.weight.detach().clone()
+    down, up = lora.layers[name]
+    delta = up @ down * (8.0 / 4 * 0.5)
+    x = torch.randn(2, 40, layer.in_features)
+    short = torch.randn(2, 8, layer.in_features)   # below min_tokens: computed dense
+    with torch.no_grad(), installed(model, folded):
+        torch.testing.assert_close(layer.weight, weight + delta)
+        sparse_call = layer(x)
+        short_call = layer(short)
+        runtime.dense = True
+        dense_call = layer(x)
+        runtime.dense = False
+    assert torch.equal(layer.weight, weight)
+    reference = LynxLinearForward(layer, name, plan.config, LynxRuntime())
+    with torch.no_grad():
+        layer.weight.add_(delta)
+        expected_sparse = reference(x)
+        layer.weight.copy_(weight)
+    torch.testing.assert_close(sparse_call, expected_sparse)
+    torch.testing.assert_close(short_call, F.linear(short, weight, layer.bias))
+    torch.testing.assert_close(dense_call, F.linear(x, weight, layer.bias))
+    assert not torch.allclose(sparse_call, reference(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("warmup, tokens", [(True, 40), (False, 8)])
+def test_folded_branch_comes_off_dense_calls_through_the_block_prologues(tiny, warmup, tokens):
+    """A fused block hands a layer its LayerNorm + modulation or GELU; a call that computes dense
+    (a warm-up step, or fewer tokens than min_tokens) must still see W."""
+    from rt_lynx_pack.kernels import gelu_tanh_reference
+    from rt_lynx_pack.lynx.linear import modulated_layer_norm
+    model, _ = tiny
+    plan = plan_model(model, runtime=LynxRuntime(dense=warmup))
+    folded = attach_lora(plan, folded_lora(plan), 1.0)
+    name = "double_blocks.0.img_attn.qkv"
+    layer = dict(model.named_modules())[name]
+    weight = layer.weight.detach().clone()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, tokens, layer.in_features, generator=g)
+    shift = torch.randn(2, 1, layer.in_features, generator=g)
+    scale1p = 1 + torch.randn(2, 1, layer.in_features, generator=g)
+    with torch.no_grad(), installed(model, folded):
+        forward = folded.forwards[name]
+        modulated = forward.modulated(x, shift, scale1p, 1e-6)
+        after_gelu = forward.after_gelu(x)
+    torch.testing.assert_close(modulated, F.linear(modulated_layer_norm(x, shift, scale1p, 1e-6), weight, layer.bias))
+    torch.testing.assert_close(after_gelu, F.linear(gelu_tanh_reference(x), weight, layer.bias))
+
+
+def test_installed_restores_folded_weights_after_an_error(tiny):
+    model, inputs = tiny
+    plan = plan_model(model)
+    weights = {name: p.clone() for name, p in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with installed(model, attach_lora(plan, folded_lora(plan), 1.0)):
+            assert not all(torch.equal(weights[n], p) for n, p in model.state_dict().items())
+            raise RuntimeError("inside")
+    assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_layer_takes_one_kind_of_lynx_lora():
+    layer = torch.nn.Linear(16, 8)
+    branch = LowRankBranch(torch.randn(2, 16), torch.randn(8, 2), 1.0)
+    with pytest.raises(ValueError, match="a runtime and a folded"):
+        LynxLinearForward(layer, "layer", LynxConfig(), LynxRuntime(), lora=branch, folded=branch)

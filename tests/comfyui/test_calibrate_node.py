@@ -53,7 +53,8 @@ def test_refuses_a_model_not_sparsified(flux, loras_folder):
                                         0, 1.0, 16.0, "x")
 
 
-def test_calibrated_file_loads_and_reduces_the_sparse_error(flux, loras_folder, caplog):
+@pytest.mark.parametrize("branch", ["runtime", "folded"])
+def test_calibrated_file_loads_and_reduces_the_sparse_error(flux, loras_folder, caplog, branch):
     lynx = sparsified(flux)
     plan = installed_plan(lynx)
     assert sorted(plan.forwards) == ["double_blocks.0.img_attn.proj", "double_blocks.0.img_attn.qkv",
@@ -64,16 +65,18 @@ def test_calibrated_file_loads_and_reduces_the_sparse_error(flux, loras_folder, 
     with caplog.at_level("WARNING", logger="rt_lynx"):
         model, name = RTLynxCalibrateLoRA().calibrate(lynx, flux_conditioning(), latent, rank=16, samples=2,
                                                       timesteps=STEPS, seed=0, cfg=1.0, stats_memory_gb=0.2,
-                                                      filename="flux test")
+                                                      filename="flux test", branch=branch)
     assert name == "lynx/flux_test.safetensors"
     path = os.path.join(lynx_lora_folder(), "flux_test.safetensors")
     assert os.path.isfile(path) and path.startswith(str(loras_folder))
     lora = load_lynx_lora(path)
     # 8 prompt tokens < min_tokens: the text stream ran dense, so only the image stream is fitted.
     assert sorted(lora.layers) == ["double_blocks.0.img_attn.proj", "double_blocks.0.img_attn.qkv"]
-    assert lora.rank == 16
+    assert lora.rank == 16 and lora.kind == branch
     assert "2 of 4 sparsified layers never ran sparse" in caplog.text
-    assert all((fwd.lora is None) == (".txt_" in name) for name, fwd in installed_plan(model).forwards.items())
+    attached = {name: fwd.folded if branch == "folded" else fwd.lora
+                for name, fwd in installed_plan(model).forwards.items()}
+    assert all((branch_ is None) == (".txt_" in name) for name, branch_ in attached.items())
     assert all(torch.isfinite(t).all() for pair in lora.layers.values() for t in pair)
 
     loaded = RTLynxLoadLoRA().load(lynx, name, 1.0)[0]

@@ -112,7 +112,8 @@ def test_layer_uses_the_weight_comfyui_would_use_with_a_lora_patch_and_lowvram(f
 
 
 @pytest.mark.parametrize("warmup", [0, 1])
-def test_comfyui_torch_compile_wrapper_runs_the_lynx_layers_without_graph_breaks(flux, warmup):
+def test_comfyui_torch_compile_wrapper_runs_the_lynx_layers_without_graph_breaks(flux, warmup, tmp_path,
+                                                                                   monkeypatch):
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from torch._dynamo.utils import counters
 
@@ -133,6 +134,12 @@ def test_comfyui_torch_compile_wrapper_runs_the_lynx_layers_without_graph_breaks
     assert set(lynx_breaks) <= set(dense_breaks), lynx_breaks
     if not warmup:
         assert lynx_breaks == dense_breaks
+    if warmup:   # a folded Lynx LoRA: its dense steps subtract the branch, inside the compiled graph too
+        save_folded_lora(installed_plan(lynx), tmp_path, monkeypatch)
+        folded = RTLynxLoadLoRA().load(lynx, "lynx/folded.safetensors", 1.0)[0]
+        out, folded_breaks = compiled_sample(folded)
+        torch.testing.assert_close(out, sample(folded), rtol=1e-4, atol=1e-4)
+        assert set(folded_breaks) <= set(dense_breaks), folded_breaks
 
 
 def test_fp8_copies_that_do_not_fit_leave_their_layers_quantising_per_call(flux, monkeypatch):
@@ -216,6 +223,51 @@ def test_lynx_lora_node_loads_a_file_and_refuses_others(flux, tmp_path):
         RTLynxLoadLoRA().load(lynx, "lynx/qwen.safetensors", 1.0)
     with pytest.raises(ValueError, match="connect that node first"):
         RTLynxLoadLoRA().load(flux, "lynx/tiny_flux.safetensors", 1.0)
+
+
+def save_folded_lora(plan, folder, monkeypatch) -> dict:
+    """A random folded Lynx LoRA for `plan` as lynx/folded.safetensors under `folder`, which is
+    ComfyUI's loras folder for the rest of the test."""
+    from rt_lynx_pack.lynx import LynxLoRA
+    g = torch.Generator().manual_seed(4)
+    layers = {n: (torch.randn(4, k, generator=g) * 0.05, torch.randn(o, 4, generator=g) * 0.05)
+              for n, (k, o) in plan.sparse_layer_shapes.items()}
+    (folder / "lynx").mkdir(exist_ok=True)
+    save_lynx_lora(LynxLoRA("flux", 4, 4.0, "2:4", True, layers, folded=True),
+                   str(folder / "lynx" / "folded.safetensors"))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(folder)], folder_paths.supported_pt_extensions))
+    return layers
+
+
+def test_folded_lynx_lora_is_a_comfyui_weight_patch_that_dense_steps_take_back_off(flux, tmp_path, monkeypatch):
+    dense = sample(flux)
+    lynx = sparsify(flux)
+    layers = save_folded_lora(installed_plan(lynx), tmp_path, monkeypatch)
+    module = flux.model.diffusion_model.get_submodule(QKV)
+    original = module.weight.detach().clone()
+    down, up = (t.float() for t in layers[QKV])
+
+    folded = RTLynxLoadLoRA().load(lynx, "lynx/folded.safetensors", 0.5)[0]
+    assert f"diffusion_model.{QKV}.weight" in folded.patches and not lynx.patches   # on the clone only
+    weights_seen = watch_each_step(folded, lambda: module.weight.detach().clone())
+    base, out = sample(lynx), sample(folded)
+    assert torch.isfinite(out).all() and not torch.equal(base, out)
+    # ComfyUI patched the weight while sampling (scale alpha / rank * strength = 0.5) ...
+    torch.testing.assert_close(weights_seen[0], original + 0.5 * (up.bfloat16().float() @ down.bfloat16().float()),
+                               rtol=1e-5, atol=1e-6)
+    # ... and undid it: the loaded model is what it was.
+    assert torch.equal(sample(flux), dense) and torch.equal(module.weight, original)
+    # Dense steps (here every step) compute with the unpatched weight: the branch comes back off.
+    all_dense = RTLynxLoadLoRA().load(sparsify(flux, dense_warmup_steps=100), "lynx/folded.safetensors", 0.5)[0]
+    torch.testing.assert_close(sample(all_dense), dense, rtol=1e-4, atol=1e-4)
+    # With fp8 precision the e4m3 weight is made from the patched one.
+    fp8 = RTLynxLoadLoRA().load(sparsify(flux, precision="fp8"), "lynx/folded.safetensors", 0.5)[0]
+    qkv = installed_plan(fp8).forwards[QKV]
+    fp8_weights = watch_each_step(fp8, lambda: qkv.fp8_weight[0].float() * qkv.fp8_weight[1][:, None])
+    sample(fp8)
+    torch.testing.assert_close(fp8_weights[0], weights_seen[0], rtol=2 ** -3, atol=1e-3)
+    assert not torch.allclose(fp8_weights[0], original, rtol=2 ** -3, atol=1e-3)
 
 
 def test_bad_requests_are_refused_clearly(flux):

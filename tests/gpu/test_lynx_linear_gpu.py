@@ -92,3 +92,36 @@ def test_fp8_precision_takes_the_fp8_fast_path_eager_and_compiled():
     assert relative_error(eager, want) < 5e-3  # only the accumulation order and y's rounding differ
     compiled = torch.compile(lambda x: lynx_linear(x, w, b, config, fp8_weight=(wq, w_scale)), fullgraph=True)
     assert relative_error(compiled(x), eager) < 1e-3
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_folded_lynx_lora_on_the_gpu_matches_the_reference_backend_sparse_and_dense(precision):
+    """A folded branch is in the weight the fast GEMM multiplies; warm-up (dense) steps take it off."""
+    from rt_lynx_pack.lynx import LynxLoRA, LynxRuntime, attach_lora
+    torch.manual_seed(0)
+    config = TinyDiTConfig(hidden=512, heads=8)
+    model = TinyFluxDiT(config).cuda().to(torch.bfloat16).eval()
+    inputs = random_inputs(config, 2, 1024, 64, torch.Generator().manual_seed(1), "cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    weights = {name: p.clone() for name, p in model.state_dict().items()}
+    outputs = {}
+    with torch.inference_mode():
+        dense = model(*inputs)
+        for backend in ("auto", "reference"):
+            runtime = LynxRuntime()
+            plan = plan_model(model, LynxConfig(backend=backend, precision=precision), runtime=runtime)
+            g.manual_seed(2)
+            layers = {n: (torch.randn(16, k, generator=g) * 0.02, torch.randn(o, 16, generator=g) * 0.02)
+                      for n, (k, o) in plan.sparse_layer_shapes.items()}
+            folded = attach_lora(plan, LynxLoRA("flux", 16, 16.0, "2:4", True, layers, folded=True), 1.0)
+            with installed(model, folded):
+                sparse = model(*inputs)
+                runtime.dense = True
+                outputs[backend] = sparse, model(*inputs)
+    assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items())
+    (fast, fast_dense), (reference, reference_dense) = outputs["auto"], outputs["reference"]
+    assert torch.isfinite(fast).all()
+    assert relative_error(fast, reference) < 2e-2
+    assert relative_error(fast_dense, reference_dense) < 2e-3
+    # The dense step is the dense model up to the patched weight's bf16 rounding.
+    assert relative_error(fast_dense, dense) < 2e-2
