@@ -169,16 +169,21 @@ def output_error(model, active_plan, inputs):
     return total / reference
 
 
-def test_calibrated_lora_reduces_tiny_dit_output_error():
+@pytest.mark.parametrize("folded, bound", [(False, 0.8), (True, 0.9)])
+def test_calibrated_lora_reduces_tiny_dit_output_error_with_the_weights_restored(folded, bound):
     config, model = outlier_tiny_dit()
     plan = plan_model(model)
     g = torch.Generator().manual_seed(5)
     calibration = [random_inputs(config, 2, 64, 32, g) for _ in range(8)]
     held_out = [random_inputs(config, 2, 64, 32, g) for _ in range(3)]
-    lora = calibrate_lynx_lora(model, plan, calibration, rank=8)
+    weights = {name: p.clone() for name, p in model.state_dict().items()}
+    lora = calibrate_lynx_lora(model, plan, calibration, rank=8, folded=folded)
     with_lora = attach_lora(plan, lora, 1.0)
     sparse_error, calibrated_error = output_error(model, plan, held_out), output_error(model, with_lora, held_out)
-    assert calibrated_error < 0.8 * sparse_error, (sparse_error, calibrated_error)
+    assert calibrated_error < bound * sparse_error, (sparse_error, calibrated_error)
+    assert all(torch.equal(weights[name], p) for name, p in model.state_dict().items())
+    with pytest.raises(ValueError, match="already carries a Lynx LoRA"):
+        calibrate_lynx_lora(model, with_lora, calibration, rank=8)
 
 
 def test_layers_below_min_tokens_and_bad_rank():
@@ -283,19 +288,3 @@ def test_folded_full_rank_equals_brute_force_least_squares_on_the_sparse_input()
     runtime = calibrate_lynx_lora(model, plan, inputs, rank=min(k, n), run=run_layer, ridge=0.0)
     assert not torch.allclose(runtime.layers[LAYER][0].double().T @ runtime.layers[LAYER][1].double().T,
                               brute_force, atol=1e-2)
-
-
-def test_folded_lora_reduces_tiny_dit_output_error_with_the_weights_restored():
-    config, model = outlier_tiny_dit()
-    plan = plan_model(model)
-    g = torch.Generator().manual_seed(5)
-    calibration = [random_inputs(config, 2, 64, 32, g) for _ in range(8)]
-    held_out = [random_inputs(config, 2, 64, 32, g) for _ in range(3)]
-    weights = {name: p.clone() for name, p in model.state_dict().items()}
-    lora = calibrate_lynx_lora(model, plan, calibration, rank=8, folded=True)
-    folded = attach_lora(plan, lora, 1.0)
-    sparse_error, calibrated_error = output_error(model, plan, held_out), output_error(model, folded, held_out)
-    assert calibrated_error < 0.9 * sparse_error, (sparse_error, calibrated_error)
-    assert all(torch.equal(weights[name], p) for name, p in model.state_dict().items())
-    with pytest.raises(ValueError, match="already carries a Lynx LoRA"):
-        calibrate_lynx_lora(model, folded, calibration, rank=8)
