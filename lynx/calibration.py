@@ -19,20 +19,25 @@ mean eigenvalue of C_xx) is added before the Cholesky factorisation: directions 
 data never excites get no correction instead of an arbitrary one. Factors split sqrt(S) to each
 side so both stay well scaled in bf16; alpha = rank, so the branch scale is 1.
 
-A folded branch (lynx/lora.py) acts on the sparse input instead, M added to W^T beforehand:
+A folded part (lynx/lora.py) acts on the sparse input instead, F added to W^T beforehand:
 
-    || x W^T - S(x) (W^T + M) ||^2  =  || d W^T - S(x) M ||^2,
+    || x W^T - S(x) (W^T + F) ||^2  =  || d W^T - S(x) F ||^2,
 
 the same least squares with S(x) in place of x (statistics C_ss = sum S^T S, C_sd = sum S^T d), so
 `fit_low_rank` serves both. It cannot see the dropped values d, only predict them from the kept
 ones, so at equal rank it cancels less than the runtime branch (bench/quality.py measures both),
-but it costs nothing at run time: the sparse GEMM multiplies W + M^T instead of W.
+but it costs nothing at run time: the sparse GEMM multiplies W + F^T instead of W. Both together:
+the folded part is fitted first, then the runtime branch on the model with it in place, against
+the original weight W = W' - F^T (W' the patched weight the layer computes with):
+
+    || x W^T - S(x) W'^T - x M ||^2  =  || d W'^T - x F - x M ||^2,  cross term C_xd W'^T - C_xx F.
 
 Choices:
 - Statistics are captured on the layer inputs of the *sparse* model (every planned layer computes
   as the plan says while capturing), which is what each layer sees at inference. All layers are
   fitted against the same sparse model, not sequentially, so the result does not depend on how
   the layers are grouped into passes.
+- Each part takes its own passes over the inputs (the runtime one must see the folded model).
 - Memory: each layer holds 2 K^2 accumulators. `memory_budget_bytes` packs layers into groups
   whose statistics fit it, one pass over the inputs per group. FLUX.1-dev with the default plan
   (190 sparsified layers: 152 double-block, K = 3072 except img/txt mlp.2 with K = 12288, and 38
@@ -50,7 +55,7 @@ import torch.nn as nn
 
 from ..kernels import norm_compensation_scale, sparsify_nm
 from .lora import LynxLoRA
-from .patching import LynxLinearForward, LynxPlan, installed
+from .patching import LynxLinearForward, LynxPlan, attach_lora, installed
 
 log = logging.getLogger("rt_lynx")
 
@@ -97,14 +102,14 @@ def sparse_input(x: torch.Tensor, n: int, m: int, compensate: bool) -> torch.Ten
 
 
 class _StatisticsCapture(LynxLinearForward):
-    """A Lynx forward that first adds its input's C_xx, C_xd (folded: C_ss, C_sd, the branch's
-    input being S(x)) to running sums, then computes as the forward it stands in for."""
+    """A Lynx forward that first adds its input's C_xx, C_xd (for a folded part: C_ss, C_sd, that
+    part multiplying S(x)) to running sums, then computes as the forward it stands in for."""
 
-    def __init__(self, forward: LynxLinearForward, stats_dtype: torch.dtype | None, folded: bool = False):
+    def __init__(self, forward: LynxLinearForward, stats_dtype: torch.dtype | None, for_folded_part: bool = False):
         super().__init__(forward.module, forward.name, forward.config, forward.runtime, forward.weights,
                          forward.lora, forward.sparse, forward.folded)
         self.stats_dtype = stats_dtype
-        self.folded_branch = folded
+        self.for_folded_part = for_folded_part
         self.c_xx: torch.Tensor | None = None
         self.c_xd: torch.Tensor | None = None
         self.tokens = 0
@@ -136,7 +141,7 @@ class _StatisticsCapture(LynxLinearForward):
         x = x.to(dtype)
         kept = sparse_input(x, self.config.n, self.config.m, self.config.compensate)
         d = x - kept
-        seen = kept if self.folded_branch else x   # what the branch multiplies
+        seen = kept if self.for_folded_part else x   # what the part being fitted multiplies
         if self.c_xx is None:
             k = x.shape[-1]
             self.c_xx = torch.zeros(k, k, dtype=dtype, device=x.device)
@@ -145,16 +150,25 @@ class _StatisticsCapture(LynxLinearForward):
         self.c_xd.addmm_(seen.T, d)
         self.tokens += x.shape[0]
 
+    def fit(self, rank: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part's factors from the statistics and the weight the layer computes with, which
+        includes a folded part already in place (then fitted against the weight without it)."""
+        folded_delta = None if self.folded is None else self.folded.weight_delta().to(self.c_xx.device)
+        return fit_low_rank(self.c_xx, self.c_xd, self.layer_weight(), rank, ridge, folded_delta)
+
 
 def fit_low_rank(c_xx: torch.Tensor, c_xd: torch.Tensor, weight: torch.Tensor, rank: int,
-                 ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                 ridge: float = 1e-6, folded_delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(down (r x K), up (N x r)) minimising sum ||d W^T - x down^T up^T||^2 given the statistics
-    (see the module docstring). Computed in fp64 on the statistics' device."""
+    (see the module docstring). `folded_delta` (N x K): a folded part included in `weight`; the
+    error is then measured against weight - folded_delta. Computed in fp64 on the statistics' device."""
     c_xx = c_xx.double()
     k = c_xx.shape[0]
     rank = min(rank, k, weight.shape[0])
     chol = _damped_cholesky(c_xx, ridge)
     target = c_xd.double() @ weight.to(c_xx.device, torch.float64).T               # C_xd W^T, K x N
+    if folded_delta is not None:
+        target -= c_xx @ folded_delta.to(c_xx.device, torch.float64).T             # - C_xx F
     whitened = torch.linalg.solve_triangular(chol, target, upper=False)            # L^T M* = L^-1 C_xd W^T
     u, root, v = _top_singular(whitened, rank)
     down_t = torch.linalg.solve_triangular(chol.T, u * root, upper=True)           # L^-T U_r sqrt(S_r)
@@ -200,7 +214,7 @@ def _top_singular(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 def uncalibrated_layers(plan: LynxPlan, lora: LynxLoRA) -> list[str]:
     """Sparsified layers of `plan` the file has no branch for: no calibration input reached them
     sparse (e.g. FLUX's text stream with fewer than min_tokens prompt tokens)."""
-    return [name for name in plan.forwards if name not in lora.layers]
+    return [name for name in plan.forwards if name not in lora.layers and name not in lora.folded_layers]
 
 
 def calibrate_lynx_lora(model: nn.Module, plan: LynxPlan, inputs: Iterable, rank: int = 32,
@@ -209,57 +223,97 @@ def calibrate_lynx_lora(model: nn.Module, plan: LynxPlan, inputs: Iterable, rank
                         memory_budget_bytes: int | None = None, stats_dtype: torch.dtype | None = None,
                         ridge: float = 1e-6,
                         progress: Callable[[CalibrationProgress], None] | None = None,
-                        folded: bool = False) -> LynxLoRA:
-    """Fit a rank-`rank` Lynx LoRA for every sparsified layer of `plan` on `model`.
+                        folded_rank: int = 0) -> LynxLoRA:
+    """Fit a Lynx LoRA for every sparsified layer of `plan` on `model`: a runtime branch of rank
+    `rank` and / or a part of rank `folded_rank` folded into the weights (0: none).
 
     inputs: model inputs, iterated once per pass (so a re-iterable sequence when the budget needs
-    more than one pass); each goes through `run(target, input)`, by default `target(*input)`.
+    more than one pass, or both parts are fitted); each goes through `run(target, input)`, by
+    default `target(*input)`.
     install: puts a plan's forwards in place for a pass and yields the `target` for `run`; by
     default `installed(model, plan)` (ComfyUI passes one that installs them on a ModelPatcher clone).
     memory_budget_bytes: bound on the statistics held at once (None: all layers in one pass).
     stats_dtype: accumulator dtype (default fp64 on the CPU, fp32 on accelerators).
-    folded: fit the branch on the sparse input, to be added to the weights (module docstring).
     Layers no input reached sparse (e.g. always below min_tokens) are left out of the file.
     """
-    if rank < 1:
-        raise ValueError("rank must be at least 1")
+    if rank < 0 or folded_rank < 0 or rank == folded_rank == 0:
+        raise ValueError(f"ranks {rank} (runtime) and {folded_rank} (folded): at least one must be positive, "
+                         f"neither negative")
     if plan.lora_note:
         # The statistics would measure the error left by that branch against a wrong reference.
         raise ValueError(f"this model already carries a Lynx LoRA ({plan.lora_note}); calibrate on the model "
                          f"straight from the sparsify step")
-    too_small = [name for name, (k, n) in plan.sparse_layer_shapes.items() if rank > min(k, n)]
-    if too_small:
-        raise ValueError(f"rank {rank} exceeds the in- or out-features of {', '.join(too_small[:4])}")
+    for part_rank in (rank, folded_rank):
+        too_small = [name for name, (k, n) in plan.sparse_layer_shapes.items() if part_rank > min(k, n)]
+        if too_small:
+            raise ValueError(f"rank {part_rank} exceeds the in- or out-features of {', '.join(too_small[:4])}")
     run = run or (lambda module, item: module(*item) if isinstance(item, (tuple, list)) else module(item))
     install = install or (lambda capture_plan: installed(model, capture_plan))
     in_features = {name: fwd.module.in_features for name, fwd in plan.forwards.items()}
-    budget_dtype = stats_dtype or torch.float32
-    groups = plan_groups(in_features, memory_budget_bytes, budget_dtype)
-    if len(groups) > 1 and iter(inputs) is inputs:
-        raise ValueError(f"the memory budget needs {len(groups)} passes over the inputs: "
-                         f"pass a sequence, not a one-shot iterator")
+    groups = plan_groups(in_features, memory_budget_bytes, stats_dtype or torch.float32)
+    parts = [(folded, part_rank) for folded, part_rank in ((True, folded_rank), (False, rank)) if part_rank]
+    passes = len(parts) * len(groups)
+    if passes > 1 and iter(inputs) is inputs:
+        raise ValueError(f"the calibration needs {passes} passes over the inputs: pass a sequence, not a one-shot "
+                         f"iterator")
+    lora = LynxLoRA(architecture=plan.policy.name, rank=0, alpha=0.0, pattern=plan.config.pattern,
+                    compensation=plan.config.compensate, layers={})
+    counter = _PassCounter(passes, len(parts) * len(in_features), progress)
+    for folded, part_rank in parts:
+        # The runtime branch is fitted on the model with the folded part in place.
+        fitting_plan = attach_lora(plan, lora, 1.0) if lora.folded_layers else plan
+        layers = _fit_part(fitting_plan, groups, inputs, run, install, folded, part_rank, stats_dtype, ridge, counter)
+        if folded:
+            lora = replace(lora, folded_rank=part_rank, folded_alpha=float(part_rank), folded_layers=layers)
+        else:
+            lora = replace(lora, rank=part_rank, alpha=float(part_rank), layers=layers)
+    if not lora.layers and not lora.folded_layers:
+        raise ValueError(f"no calibration input ran a sparsified layer sparse (inputs below "
+                         f"{plan.config.min_tokens} tokens compute dense): nothing to fit")
+    return lora
+
+
+class _PassCounter:
+    """Progress over all passes of all parts."""
+
+    def __init__(self, passes: int, layers_total: int, report: Callable[[CalibrationProgress], None] | None):
+        self.passes, self.layers_total, self.report = passes, layers_total, report
+        self.pass_index, self.samples, self.fitted = -1, 0, 0
+
+    def next_pass(self) -> None:
+        self.pass_index += 1
+        self.samples = 0
+
+    def sample_done(self) -> None:
+        self.samples += 1
+        self._report()
+
+    def layer_fitted(self) -> None:
+        self.fitted += 1
+        self._report()
+
+    def _report(self) -> None:
+        if self.report:
+            self.report(CalibrationProgress(self.pass_index, self.passes, self.samples, self.fitted,
+                                            self.layers_total))
+
+
+def _fit_part(plan: LynxPlan, groups: list[list[str]], inputs: Iterable, run, install, folded: bool, rank: int,
+              stats_dtype, ridge: float, counter: _PassCounter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     layers = {}
-    fitted = 0
-    for pass_index, group in enumerate(groups):
+    for group in groups:
+        counter.next_pass()
         captures = {name: _StatisticsCapture(plan.forwards[name], stats_dtype, folded) for name in group}
         capture_plan = replace(plan, forwards={**plan.forwards, **captures})
-        samples = 0
         with torch.no_grad(), install(capture_plan) as target:
             for item in inputs:
                 run(target, item)
-                samples += 1
-                if progress:
-                    progress(CalibrationProgress(pass_index, len(groups), samples, fitted, len(in_features)))
-        for name, capture in captures.items():
-            if capture.c_xx is not None:
-                down, up = fit_low_rank(capture.c_xx, capture.c_xd, capture.layer_weight(), rank, ridge)
-                layers[name] = (down.float().cpu(), up.float().cpu())
-            capture.c_xx = capture.c_xd = None  # release before the next group's pass
-            fitted += 1
-            if progress:
-                progress(CalibrationProgress(pass_index, len(groups), samples, fitted, len(in_features)))
-    if not layers:
-        raise ValueError(f"no calibration input ran a sparsified layer sparse (inputs below "
-                         f"{plan.config.min_tokens} tokens compute dense): nothing to fit")
-    return LynxLoRA(architecture=plan.policy.name, rank=rank, alpha=float(rank), pattern=plan.config.pattern,
-                    compensation=plan.config.compensate, layers=layers, folded=folded)
+                counter.sample_done()
+            # Fitted while the plan is in place: the layer's weight is then the one it computed with.
+            for name, capture in captures.items():
+                if capture.c_xx is not None:
+                    down, up = capture.fit(rank, ridge)
+                    layers[name] = (down.float().cpu(), up.float().cpu())
+                capture.c_xx = capture.c_xd = None  # release before the next group's pass
+                counter.layer_fitted()
+    return layers

@@ -5,9 +5,9 @@
                                             |-- optional Lynx LoRA, on the DENSE x --|
 
 The LoRA branch is computed by the kernels too: on the sm90 backend inside the sparse GEMM (one
-k-tile more), elsewhere as two small products added after. A *folded* Lynx LoRA is not computed
-at all: its up @ down is added to W beforehand (lynx/lora.py), so it acts on sparse(x) at no cost;
-the calls that compute dense take it back off (`folded=`).
+k-tile more), elsewhere as two small products added after. A Lynx LoRA's *folded* part is not
+computed at all: its up @ down is added to W beforehand (lynx/lora.py), so it acts on sparse(x)
+at no cost; the calls that compute dense take it back off (`folded=`).
 
 With precision "fp8" the product runs on e4m3 operands: sparse(x) quantised per token (the
 compensation folded into its scale) and W per output channel, quantised once per weight

@@ -1,29 +1,32 @@
 """The Lynx LoRA file format: the single definition of how a compensation branch is stored.
 
-A `.safetensors` file. Per sparsified layer (name relative to the diffusion model):
-    "<layer>.lynx_down"   (rank, in_features)    x -> down(x)
-    "<layer>.lynx_up"     (out_features, rank)   -> up(down(x))
-with scale = alpha / rank * strength, the file holds one of two kinds of branch:
-    runtime  up(down(x)) * scale is added to the layer output, computed on the DENSE input at run
-             time (the paper's Lynx LoRA; format version 1, no rt_lynx.branch key);
-    folded   scale * up @ down is added to the weight, so it acts on the SPARSE input that the
-             product already multiplies: y = S(x) (W + scale up down)^T, no cost at run time
-             (format version 2, rt_lynx.branch "folded"). Calls that compute dense (warm-up
-             steps, short sequences) take it back off: x W'^T - up(down(x)) * scale.
+A `.safetensors` file with up to two low-rank parts per sparsified layer (name relative to the
+diffusion model), each with scale = alpha / rank * strength:
+    runtime  "<layer>.lynx_down" (rank, in_features), "<layer>.lynx_up" (out_features, rank):
+             up(down(x)) * scale is added to the layer output, computed on the DENSE input at run
+             time (the paper's Lynx LoRA).
+    folded   "<layer>.lynx_folded_down" (folded_rank, in_features), "<layer>.lynx_folded_up"
+             (out_features, folded_rank): scale * up @ down is added to the WEIGHT beforehand, so
+             it acts on the sparse input the product already multiplies, y = S(x) (W + scale up
+             down)^T, at no run-time cost. Calls that compute dense (warm-up steps, short
+             sequences) take it back off: x W'^T - up(down(x)) * scale.
+A file with both is fitted in that order: the folded part first, the runtime part on the
+model with the folded part in place (lynx/calibration.py).
 Metadata (all strings):
     rt_lynx.format          "lynx_lora"
-    rt_lynx.format_version  "1" (runtime) or "2" (any kind, named by rt_lynx.branch)
-    rt_lynx.branch          "runtime" or "folded" (version 2)
+    rt_lynx.format_version  "1": runtime part only (what packs before the folded part read);
+                            "2": a folded part, maybe a runtime one
     rt_lynx.architecture    policy name the file was made for ("flux", "qwen_image", "z_image")
-    rt_lynx.rank, rt_lynx.alpha
+    rt_lynx.rank, rt_lynx.alpha                  the runtime part ("0" when it has none)
+    rt_lynx.folded_rank, rt_lynx.folded_alpha    the folded part (version 2)
     rt_lynx.pattern         "2:4"
     rt_lynx.compensation    "norm" or "none": the sparsify variant whose error the branch cancels
     rt_lynx.pack_version    the pack version that wrote it
 A file is refused when its architecture, pattern or compensation differ from the patched model's,
-or a layer is not sparsified there or has other shapes (the rank fixes them); the error lists
+or a layer is not sparsified there or has other shapes (the ranks fix them); the error lists
 the keys. rank and alpha scale the branch; pack_version is informational.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,30 +34,41 @@ from .linear import LowRankBranch
 from .version import PACK_VERSION
 
 FORMAT = "lynx_lora"
-RUNTIME_FORMAT_VERSION = "1"   # written for runtime branches, so packs that predate folded ones read them
+RUNTIME_FORMAT_VERSION = "1"
 FORMAT_VERSION = "2"
-BRANCH_KINDS = ("runtime", "folded")
-DOWN_SUFFIX = ".lynx_down"
-UP_SUFFIX = ".lynx_up"
+# (down suffix, up suffix) of each part.
+RUNTIME_SUFFIXES = (".lynx_down", ".lynx_up")
+FOLDED_SUFFIXES = (".lynx_folded_down", ".lynx_folded_up")
+
+LayerFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]   # layer name -> (down, up)
 
 
 @dataclass
 class LynxLoRA:
     architecture: str
-    rank: int
+    rank: int                 # the runtime part (0: none)
     alpha: float
     pattern: str
     compensation: bool
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]   # name -> (down, up)
-    folded: bool = False   # the branch acts on the sparse input, added to the weight (module docstring)
+    layers: LayerFactors      # the runtime part
+    folded_rank: int = 0      # the folded part (0: none)
+    folded_alpha: float = 0.0
+    folded_layers: LayerFactors = field(default_factory=dict)
 
-    @property
-    def kind(self) -> str:
-        return "folded" if self.folded else "runtime"
+    def branch(self, layer: str, strength: float) -> LowRankBranch | None:
+        """The runtime branch of `layer`, if the file has one."""
+        return _branch(self.layers, layer, self.alpha, self.rank, strength)
 
-    def branch(self, layer: str, strength: float) -> LowRankBranch:
-        down, up = self.layers[layer]
-        return LowRankBranch(down, up, scale=self.alpha / self.rank * strength)
+    def folded_branch(self, layer: str, strength: float) -> LowRankBranch | None:
+        """The folded branch of `layer` (to be added to its weight), if the file has one."""
+        return _branch(self.folded_layers, layer, self.folded_alpha, self.folded_rank, strength)
+
+
+def _branch(layers: LayerFactors, layer: str, alpha: float, rank: int, strength: float) -> LowRankBranch | None:
+    if layer not in layers:
+        return None
+    down, up = layers[layer]
+    return LowRankBranch(down, up, scale=alpha / rank * strength)
 
 
 class LynxLoRAMismatch(ValueError):
@@ -62,11 +76,9 @@ class LynxLoRAMismatch(ValueError):
 
 
 def _metadata(lora: LynxLoRA) -> dict[str, str]:
-    kind = {"rt_lynx.format_version": FORMAT_VERSION, "rt_lynx.branch": "folded"} if lora.folded else \
-        {"rt_lynx.format_version": RUNTIME_FORMAT_VERSION}
-    return {
+    meta = {
         "rt_lynx.format": FORMAT,
-        **kind,
+        "rt_lynx.format_version": FORMAT_VERSION if lora.folded_layers else RUNTIME_FORMAT_VERSION,
         "rt_lynx.architecture": lora.architecture,
         "rt_lynx.rank": str(lora.rank),
         "rt_lynx.alpha": repr(float(lora.alpha)),
@@ -74,17 +86,22 @@ def _metadata(lora: LynxLoRA) -> dict[str, str]:
         "rt_lynx.compensation": "norm" if lora.compensation else "none",
         "rt_lynx.pack_version": PACK_VERSION,
     }
+    if lora.folded_layers:
+        meta |= {"rt_lynx.folded_rank": str(lora.folded_rank), "rt_lynx.folded_alpha": repr(float(lora.folded_alpha))}
+    return meta
 
 
 def save_lynx_lora(lora: LynxLoRA, path: str, dtype: torch.dtype = torch.bfloat16) -> None:
     from safetensors.torch import save_file
 
     tensors = {}
-    for name, (down, up) in lora.layers.items():
-        if down.shape[0] != lora.rank or up.shape[1] != lora.rank:
-            raise ValueError(f"{name}: rank {down.shape[0]}/{up.shape[1]} differs from the file's {lora.rank}")
-        tensors[name + DOWN_SUFFIX] = down.detach().to("cpu", dtype).contiguous()
-        tensors[name + UP_SUFFIX] = up.detach().to("cpu", dtype).contiguous()
+    for layers, rank, (down_suffix, up_suffix) in ((lora.layers, lora.rank, RUNTIME_SUFFIXES),
+                                                   (lora.folded_layers, lora.folded_rank, FOLDED_SUFFIXES)):
+        for name, (down, up) in layers.items():
+            if down.shape[0] != rank or up.shape[1] != rank:
+                raise ValueError(f"{name}: rank {down.shape[0]}/{up.shape[1]} differs from the file's {rank}")
+            tensors[name + down_suffix] = down.detach().to("cpu", dtype).contiguous()
+            tensors[name + up_suffix] = up.detach().to("cpu", dtype).contiguous()
     save_file(tensors, path, metadata=_metadata(lora))
 
 
@@ -100,26 +117,24 @@ def load_lynx_lora(path: str) -> LynxLoRA:
         if version not in (RUNTIME_FORMAT_VERSION, FORMAT_VERSION):
             raise LynxLoRAMismatch(f"{path}: format version {version!r}, this pack reads "
                                    f"{RUNTIME_FORMAT_VERSION!r} and {FORMAT_VERSION!r}")
-        kind = meta.get("rt_lynx.branch", "runtime") if version == FORMAT_VERSION else "runtime"
-        if kind not in BRANCH_KINDS:
-            raise LynxLoRAMismatch(f"{path}: branch kind {kind!r}, this pack knows {', '.join(BRANCH_KINDS)}")
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    layers, stray = {}, []
-    for key in tensors:
-        if key.endswith(DOWN_SUFFIX):
-            name = key[:-len(DOWN_SUFFIX)]
-            if name + UP_SUFFIX not in tensors:
-                stray.append(key)
-                continue
-            layers[name] = (tensors[key], tensors[name + UP_SUFFIX])
-        elif not (key.endswith(UP_SUFFIX) and key[:-len(UP_SUFFIX)] + DOWN_SUFFIX in tensors):
-            stray.append(key)
+    parts = [RUNTIME_SUFFIXES] + ([FOLDED_SUFFIXES] if version == FORMAT_VERSION else [])
+    claimed, (layers, folded_layers) = set(), ({}, {})
+    for (down_suffix, up_suffix), found in zip(parts, (layers, folded_layers)):
+        for key in tensors:
+            if key.endswith(down_suffix) and key[:-len(down_suffix)] + up_suffix in tensors:
+                name = key[:-len(down_suffix)]
+                found[name] = (tensors[key], tensors[name + up_suffix])
+                claimed |= {key, name + up_suffix}
+    stray = [key for key in tensors if key not in claimed]
     if stray:
         raise LynxLoRAMismatch(f"{path}: keys without their pair or of unknown kind: {_listing(stray)}")
+    folded = {"folded_rank": int(meta["rt_lynx.folded_rank"]), "folded_alpha": float(meta["rt_lynx.folded_alpha"]),
+              "folded_layers": folded_layers} if folded_layers else {}
     return LynxLoRA(
         architecture=meta["rt_lynx.architecture"], rank=int(meta["rt_lynx.rank"]),
         alpha=float(meta["rt_lynx.alpha"]), pattern=meta["rt_lynx.pattern"],
-        compensation=meta["rt_lynx.compensation"] == "norm", layers=layers, folded=kind == "folded")
+        compensation=meta["rt_lynx.compensation"] == "norm", layers=layers, **folded)
 
 
 def _listing(keys: list[str], limit: int = 12) -> str:
@@ -140,19 +155,20 @@ def check_fits(lora: LynxLoRA, architecture: str, pattern: str, compensation: bo
         problems.append(f"made {'with' if lora.compensation else 'without'} norm compensation, "
                         f"the model is patched {'with' if compensation else 'without'} it")
     unknown, wrong_shape = [], []
-    for name, (down, up) in lora.layers.items():
-        if name not in sparse_layer_shapes:
-            unknown.append(name)
-            continue
-        in_features, out_features = sparse_layer_shapes[name]
-        if down.shape != (lora.rank, in_features) or up.shape != (out_features, lora.rank):
-            wrong_shape.append(f"{name} (file down {tuple(down.shape)} up {tuple(up.shape)}, "
-                               f"layer {in_features}->{out_features} at rank {lora.rank})")
+    for layers, rank, part in ((lora.layers, lora.rank, ""), (lora.folded_layers, lora.folded_rank, "folded ")):
+        for name, (down, up) in layers.items():
+            if name not in sparse_layer_shapes:
+                unknown.append(part + name)
+                continue
+            in_features, out_features = sparse_layer_shapes[name]
+            if down.shape != (rank, in_features) or up.shape != (out_features, rank):
+                wrong_shape.append(f"{part}{name} (file down {tuple(down.shape)} up {tuple(up.shape)}, "
+                                   f"layer {in_features}->{out_features} at rank {rank})")
     if unknown:
         problems.append(f"{len(unknown)} keys are not sparsified layers of this model: {_listing(unknown)}")
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} keys have the wrong shape: {_listing(wrong_shape, 6)}")
-    if not lora.layers:
+    if not lora.layers and not lora.folded_layers:
         problems.append("the file holds no layers")
     if problems:
         raise LynxLoRAMismatch("Lynx LoRA does not fit this model: " + "; ".join(problems))

@@ -5,8 +5,8 @@ module's `forward` and computes with the module's own weight and bias. With prec
 layers the selection keeps dense get one too, computing the dense e4m3 product. ComfyUI
 installs these through ModelPatcher object patches (so they live on a clone and are undone on
 unpatch); outside ComfyUI `installed(plan)` installs them for the duration of a `with` block.
-A folded Lynx LoRA is a weight patch: ComfyUI adds it through ModelPatcher weight patches (its
-LoRA mechanism), `installed` adds it to the weights and restores them from a copy on exit.
+A Lynx LoRA's folded part is a weight patch: ComfyUI adds it through ModelPatcher weight patches
+(its LoRA mechanism), `installed` adds it to the weights and restores them from a copy on exit.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -63,8 +63,6 @@ class LynxLinearForward:
                  folded: LowRankBranch | None = None):
         if not sparse and (lora is not None or folded is not None or not config.quantizes_dense_layers):
             raise ValueError(f"{name}: a dense layer is only patched for its fp8 product, without a LoRA branch")
-        if lora is not None and folded is not None:
-            raise ValueError(f"{name}: a runtime and a folded Lynx LoRA at once; attach one per model")
         self.module = module
         self.name = name
         self.config = config
@@ -165,11 +163,10 @@ class LynxLinearForward:
     def release_fp8(self) -> None:
         self.fp8_weight = None
 
-    def with_lora(self, lora: LowRankBranch | None, folded: bool = False) -> "LynxLinearForward":
-        """This layer with a Lynx LoRA branch: computed at run time, or `folded` into the weight."""
-        runtime_branch, folded_branch = (None, lora) if folded else (lora, None)
-        return LynxLinearForward(self.module, self.name, self.config, self.runtime, self.weights, runtime_branch,
-                                 self.sparse, folded_branch)
+    def with_lora(self, lora: LowRankBranch | None, folded: LowRankBranch | None = None) -> "LynxLinearForward":
+        """This layer with a Lynx LoRA: a branch computed at run time and / or one folded into the weight."""
+        return LynxLinearForward(self.module, self.name, self.config, self.runtime, self.weights, lora, self.sparse,
+                                 folded)
 
     def prepare_branches(self, device: torch.device, dtype: torch.dtype) -> None:
         """Put the Lynx LoRA's factors on the compute device ahead of a run, in the form its calls take."""
@@ -260,11 +257,13 @@ def attach_lora(plan: LynxPlan, lora: LynxLoRA, strength: float) -> LynxPlan:
     if plan.lora_note:
         raise ValueError(f"this model already carries a Lynx LoRA ({plan.lora_note}); attach one per model")
     check_fits(lora, plan.policy.name, plan.config.pattern, plan.config.compensate, plan.sparse_layer_shapes)
-    forwards = {name: fwd.with_lora(lora.branch(name, strength) if name in lora.layers else None, lora.folded)
+    forwards = {name: fwd.with_lora(lora.branch(name, strength), lora.folded_branch(name, strength))
                 for name, fwd in plan.forwards.items()}
-    note = (f"Lynx LoRA rank {lora.rank} x{strength:g}{' folded into the weights' if lora.folded else ''} "
-            f"on {len(lora.layers)}/{len(plan.forwards)} layers")
-    return replace(plan, forwards=forwards, lora_note=note)
+    total = len(plan.forwards)
+    parts = [f"rank {lora.rank} on {len(lora.layers)}/{total} layers"] if lora.layers else []
+    if lora.folded_layers:
+        parts.append(f"rank {lora.folded_rank} folded into the weights of {len(lora.folded_layers)}/{total} layers")
+    return replace(plan, forwards=forwards, lora_note=f"Lynx LoRA x{strength:g}: {' + '.join(parts)}")
 
 
 def folded_weight_patches(plan: LynxPlan) -> dict[str, LowRankBranch]:
@@ -274,7 +273,7 @@ def folded_weight_patches(plan: LynxPlan) -> dict[str, LowRankBranch]:
 
 @contextmanager
 def installed(model: nn.Module, plan: LynxPlan):
-    """Run `model` with the plan's forwards in place, a folded Lynx LoRA added to its weights;
+    """Run `model` with the plan's forwards in place, a Lynx LoRA's folded part added to its weights;
     restores the modules (and those weights, from a copy) on exit."""
     modules = dict(model.named_modules())
     previous, saved_weights = {}, {}

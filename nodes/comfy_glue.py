@@ -7,7 +7,7 @@
   casting and ComfyUI's own LoRA weight patches stay as they are; the new forward asks ComfyUI
   for the weight exactly as the original forward would.
 - The plan rides along as a ModelPatcher attachment, so "Load Lynx LoRA" can find it.
-- A folded Lynx LoRA is a low-rank weight patch on the clone (ModelPatcher.add_patches with
+- A Lynx LoRA's folded part is a low-rank weight patch on the clone (ModelPatcher.add_patches with
   ComfyUI's own LoRA adapter), applied and undone by ComfyUI like any LoRA; the Lynx forwards then
   receive the patched weight and take the branch back off where they compute dense.
 - Dense warm-up steps need the step index: an APPLY_MODEL wrapper reads it off the schedule.
@@ -266,8 +266,8 @@ def _add_folded_weight_patches(patched, plan: LynxPlan) -> None:
     try:
         from comfy.weight_adapter import LoRAAdapter
     except ImportError as error:
-        raise RuntimeError(f"a folded Lynx LoRA needs ComfyUI's weight adapters (comfy.weight_adapter): {error}; "
-                           f"update ComfyUI or use a runtime Lynx LoRA") from error
+        raise RuntimeError(f"a Lynx LoRA with a folded part needs ComfyUI's weight adapters (comfy.weight_adapter): "
+                           f"{error}; update ComfyUI or calibrate with folded_rank 0") from error
     diffusion_model = patched.get_model_object("diffusion_model")
     added = []
     for name, branch in folds.items():
@@ -281,8 +281,8 @@ def _add_folded_weight_patches(patched, plan: LynxPlan) -> None:
     stored_fp8 = [name for name in folds
                   if diffusion_model.get_submodule(name).weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
     if stored_fp8:
-        log.warning("RT-Lynx: %d layers with a folded Lynx LoRA store their weights in fp8: ComfyUI rounds the "
-                    "patched weights to fp8, which blurs the correction (a runtime Lynx LoRA keeps it exact)",
+        log.warning("RT-Lynx: %d layers with a folded Lynx LoRA part store their weights in fp8: ComfyUI rounds "
+                    "the patched weights to fp8, which blurs that part (the runtime branch stays exact)",
                     len(stored_fp8))
 
 

@@ -13,9 +13,8 @@ class RTLynxLoadLoRA:
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL",)
     DESCRIPTION = ("Adds a Lynx compensation LoRA to a model patched by RT-Lynx Sparsify Model: a low-rank branch on "
-                   "the dense input of each sparsified layer, or, for a file calibrated 'folded', a low-rank change "
-                   "of those layers' weights (a ComfyUI weight patch, no run-time cost). Files live in "
-                   "models/loras/lynx.")
+                   "the dense input of each sparsified layer, and / or a folded part, a low-rank change of those "
+                   "layers' weights (a ComfyUI weight patch, no run-time cost). Files live in models/loras/lynx.")
 
     @classmethod
     def INPUT_TYPES(cls):

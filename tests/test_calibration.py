@@ -169,21 +169,26 @@ def output_error(model, active_plan, inputs):
     return total / reference
 
 
-@pytest.mark.parametrize("folded, bound", [(False, 0.8), (True, 0.9)])
-def test_calibrated_lora_reduces_tiny_dit_output_error_with_the_weights_restored(folded, bound):
+def test_calibrated_lora_reduces_tiny_dit_output_error_with_the_weights_restored():
     config, model = outlier_tiny_dit()
     plan = plan_model(model)
     g = torch.Generator().manual_seed(5)
     calibration = [random_inputs(config, 2, 64, 32, g) for _ in range(8)]
     held_out = [random_inputs(config, 2, 64, 32, g) for _ in range(3)]
     weights = {name: p.clone() for name, p in model.state_dict().items()}
-    lora = calibrate_lynx_lora(model, plan, calibration, rank=8, folded=folded)
-    with_lora = attach_lora(plan, lora, 1.0)
-    sparse_error, calibrated_error = output_error(model, plan, held_out), output_error(model, with_lora, held_out)
-    assert calibrated_error < bound * sparse_error, (sparse_error, calibrated_error)
-    assert all(torch.equal(weights[name], p) for name, p in model.state_dict().items())
+    errors = {}
+    for ranks in ((8, 0), (0, 8), (8, 8)):
+        lora = calibrate_lynx_lora(model, plan, calibration, rank=ranks[0], folded_rank=ranks[1])
+        assert (len(lora.layers) > 0, len(lora.folded_layers) > 0) == (ranks[0] > 0, ranks[1] > 0)
+        errors[ranks] = output_error(model, attach_lora(plan, lora, 1.0), held_out)
+        assert all(torch.equal(weights[name], p) for name, p in model.state_dict().items())
+    sparse_error = output_error(model, plan, held_out)
+    assert errors[8, 0] < 0.8 * sparse_error and errors[0, 8] < 0.9 * sparse_error, (sparse_error, errors)
+    assert errors[8, 8] < min(errors[8, 0], errors[0, 8]), errors   # the runtime part adds to the folded one
     with pytest.raises(ValueError, match="already carries a Lynx LoRA"):
-        calibrate_lynx_lora(model, with_lora, calibration, rank=8)
+        calibrate_lynx_lora(model, attach_lora(plan, lora, 1.0), calibration, rank=8)
+    with pytest.raises(ValueError, match="at least one must be positive"):
+        calibrate_lynx_lora(model, plan, calibration, rank=0)
 
 
 def test_layers_below_min_tokens_and_bad_rank():
@@ -277,9 +282,9 @@ def test_folded_full_rank_equals_brute_force_least_squares_on_the_sparse_input()
     model, plan = single_layer_model(k, n)
     g = torch.Generator().manual_seed(2)
     inputs = [(torch.randn(100, k, generator=g, dtype=torch.float64),) for _ in range(3)]
-    lora = calibrate_lynx_lora(model, plan, inputs, rank=min(k, n), run=run_layer, ridge=0.0, folded=True)
-    assert lora.folded
-    down, up = lora.layers[LAYER]
+    lora = calibrate_lynx_lora(model, plan, inputs, rank=0, folded_rank=min(k, n), run=run_layer, ridge=0.0)
+    assert not lora.layers
+    down, up = lora.folded_layers[LAYER]
     x = torch.cat([x for (x,) in inputs])
     kept = sparse_input(x, 2, 4, True)
     weight = dict(model.named_modules())[LAYER].weight.detach()
@@ -288,3 +293,21 @@ def test_folded_full_rank_equals_brute_force_least_squares_on_the_sparse_input()
     runtime = calibrate_lynx_lora(model, plan, inputs, rank=min(k, n), run=run_layer, ridge=0.0)
     assert not torch.allclose(runtime.layers[LAYER][0].double().T @ runtime.layers[LAYER][1].double().T,
                               brute_force, atol=1e-2)
+
+
+def test_the_runtime_part_is_fitted_on_the_folded_model_against_the_original_weight():
+    """Both parts, the runtime one at full rank: least squares of x W^T - S(x) (W + F^T)^T on x,
+    with W the weight before the folded part went in (the layer computes with W + F^T meanwhile)."""
+    k, n = 64, 80
+    model, plan = single_layer_model(k, n)
+    g = torch.Generator().manual_seed(6)
+    inputs = [(torch.randn(100, k, generator=g, dtype=torch.float64) ** 3,) for _ in range(3)]
+    lora = calibrate_lynx_lora(model, plan, inputs, rank=min(k, n), folded_rank=8, run=run_layer, ridge=0.0)
+    fold_down, fold_up = (t.double() for t in lora.folded_layers[LAYER])
+    fold = fold_down.T @ fold_up.T * (lora.folded_alpha / lora.folded_rank)       # F, K x N
+    down, up = (t.double() for t in lora.layers[LAYER])
+    x = torch.cat([x for (x,) in inputs])
+    weight = dict(model.named_modules())[LAYER].weight.detach()
+    error = x @ weight.T - sparse_input(x, 2, 4, True) @ (weight.T + fold)
+    brute_force = torch.linalg.lstsq(x, error).solution
+    assert torch.allclose(down.T @ up.T, brute_force, atol=1e-4, rtol=1e-4)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,7 +91,7 @@ def test_attached_branch_adds_scaled_low_rank_term(tiny):
     base = plan.forwards[name](x)
     down, up = lora.layers[name]
     torch.testing.assert_close(with_lora.forwards[name](x), base + F.linear(F.linear(x, down), up) * (8.0 / 4 * 0.5))
-    assert "Lynx LoRA rank 4 x0.5" in with_lora.summary()
+    assert "Lynx LoRA x0.5: rank 4 on 20/20 layers" in with_lora.summary()
     with pytest.raises(ValueError, match="already carries a Lynx LoRA"):
         attach_lora(with_lora, lora, 1.0)
 
@@ -248,35 +250,37 @@ def test_fp8_dense_layers_need_a_shape_the_fp8_gemm_takes():
     assert "single_blocks.0.linear2" not in plan.fp8_dense_forwards   # 40 outputs: stays in the model dtype
 
 
-def test_folded_files_are_format_version_2_and_runtime_files_stay_version_1(tmp_path, tiny):
+def folded_lora(plan, seed=0, with_runtime_part=False):
+    """A file with a random folded part (rank 4, alpha 8), and a random runtime part if asked."""
+    runtime, folded = random_lora(plan, seed=seed), random_lora(plan, seed=seed + 1)
+    keep = runtime if with_runtime_part else LynxLoRA(runtime.architecture, 0, 0.0, "2:4", True, {})
+    return replace(keep, folded_rank=folded.rank, folded_alpha=folded.alpha, folded_layers=folded.layers)
+
+
+def test_files_with_a_folded_part_are_format_version_2_and_others_stay_version_1(tmp_path, tiny):
     from safetensors import safe_open
+    from safetensors.torch import load_file
     plan = plan_model(tiny[0])
-    runtime, folded = random_lora(plan), random_lora(plan, seed=1)
-    folded.folded = True
-    for lora, version, kind in ((runtime, "1", None), (folded, "2", "folded")):
-        path = str(tmp_path / f"{lora.kind}.safetensors")
-        save_lynx_lora(lora, path)
+    for lora, version in ((random_lora(plan), "1"), (folded_lora(plan), "2"),
+                          (folded_lora(plan, with_runtime_part=True), "2")):
+        path = str(tmp_path / "file.safetensors")
+        save_lynx_lora(lora, path, dtype=torch.float32)
         with safe_open(path, "pt") as f:
             meta = f.metadata()
-        assert (meta["rt_lynx.format_version"], meta.get("rt_lynx.branch")) == (version, kind)
-        assert load_lynx_lora(path).folded == lora.folded
-    # Version 2 names its kind; a kind or version this pack does not know is refused, not guessed.
-    from safetensors.torch import load_file
+        assert meta["rt_lynx.format_version"] == version
+        loaded = load_lynx_lora(path)
+        for mine, theirs in ((lora.layers, loaded.layers), (lora.folded_layers, loaded.folded_layers)):
+            assert mine.keys() == theirs.keys()
+            assert all(torch.equal(mine[n][0], theirs[n][0]) and torch.equal(mine[n][1], theirs[n][1]) for n in mine)
+        assert (loaded.rank, loaded.alpha, loaded.folded_rank, loaded.folded_alpha) == \
+            (lora.rank, lora.alpha, lora.folded_rank, lora.folded_alpha)
+    # A version this pack does not know is refused; folded keys in a version-1 file are not guessed at.
     tensors = load_file(path)
-    for changes, message in (({"rt_lynx.branch": "runtime"}, None), ({"rt_lynx.branch": "sideways"}, "branch kind"),
-                             ({"rt_lynx.format_version": "3"}, "format version '3'")):
+    for changes, message in (({"rt_lynx.format_version": "3"}, "format version '3'"),
+                             ({"rt_lynx.format_version": "1"}, "without their pair or of unknown kind: .*lynx_folded")):
         save_file(tensors, path, metadata={**meta, **changes})
-        if message is None:
-            assert not load_lynx_lora(path).folded
-        else:
-            with pytest.raises(LynxLoRAMismatch, match=message):
-                load_lynx_lora(path)
-
-
-def folded_lora(plan, seed=0):
-    lora = random_lora(plan, seed=seed)
-    lora.folded = True
-    return lora
+        with pytest.raises(LynxLoRAMismatch, match=message):
+            load_lynx_lora(path)
 
 
 def test_folded_branch_changes_the_weight_of_sparse_calls_and_comes_off_dense_ones(tiny):
@@ -285,11 +289,11 @@ def test_folded_branch_changes_the_weight_of_sparse_calls_and_comes_off_dense_on
     plan = plan_model(model, LynxConfig(min_tokens=32), runtime=runtime)
     lora = folded_lora(plan)
     folded = attach_lora(plan, lora, 0.5)
-    assert "folded into the weights" in folded.summary()
+    assert "Lynx LoRA x0.5: rank 4 folded into the weights of 20/20 layers" in folded.summary()
     name = "double_blocks.0.img_attn.qkv"
     layer = dict(model.named_modules())[name]
     weight = layer.weight.detach().clone()
-    down, up = lora.layers[name]
+    down, up = lora.folded_layers[name]
     delta = up @ down * (8.0 / 4 * 0.5)
     x = torch.randn(2, 40, layer.in_features)
     short = torch.randn(2, 8, layer.in_features)   # below min_tokens: computed dense
@@ -348,8 +352,23 @@ def test_installed_restores_folded_weights_after_an_error(tiny):
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_a_layer_takes_one_kind_of_lynx_lora():
+def test_both_parts_together_sparse_and_dense():
+    """Sparse: S(x) (W + folded)^T + the runtime branch of the dense x. Dense: x W^T, neither part."""
+    from rt_lynx_pack.kernels import sparse_linear_reference
+    g = torch.Generator().manual_seed(5)
     layer = torch.nn.Linear(16, 8)
-    branch = LowRankBranch(torch.randn(2, 16), torch.randn(8, 2), 1.0)
-    with pytest.raises(ValueError, match="a runtime and a folded"):
-        LynxLinearForward(layer, "layer", LynxConfig(), LynxRuntime(), lora=branch, folded=branch)
+    runtime_branch = LowRankBranch(torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g), 0.5)
+    folded_branch = LowRankBranch(torch.randn(3, 16, generator=g), torch.randn(8, 3, generator=g), 0.25)
+    config, runtime = LynxConfig(min_tokens=1), LynxRuntime()
+    forward = LynxLinearForward(layer, "layer", config, runtime, lora=runtime_branch, folded=folded_branch)
+    x = torch.randn(5, 16, generator=g)
+    weight = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(folded_branch.weight_delta())   # where ComfyUI's weight patch puts it
+        sparse = forward(x)
+        runtime.dense = True
+        dense = forward(x)
+        layer.weight.copy_(weight)
+        want = sparse_linear_reference(x, weight + folded_branch.weight_delta(), layer.bias, True) + runtime_branch(x)
+    torch.testing.assert_close(sparse, want)
+    torch.testing.assert_close(dense, F.linear(x, weight, layer.bias))

@@ -53,8 +53,8 @@ def test_refuses_a_model_not_sparsified(flux, loras_folder):
                                         0, 1.0, 16.0, "x")
 
 
-@pytest.mark.parametrize("branch", ["runtime", "folded"])
-def test_calibrated_file_loads_and_reduces_the_sparse_error(flux, loras_folder, caplog, branch):
+@pytest.mark.parametrize("folded_rank", [0, 8])
+def test_calibrated_file_loads_and_reduces_the_sparse_error(flux, loras_folder, caplog, folded_rank):
     lynx = sparsified(flux)
     plan = installed_plan(lynx)
     assert sorted(plan.forwards) == ["double_blocks.0.img_attn.proj", "double_blocks.0.img_attn.qkv",
@@ -65,18 +65,18 @@ def test_calibrated_file_loads_and_reduces_the_sparse_error(flux, loras_folder, 
     with caplog.at_level("WARNING", logger="rt_lynx"):
         model, name = RTLynxCalibrateLoRA().calibrate(lynx, flux_conditioning(), latent, rank=16, samples=2,
                                                       timesteps=STEPS, seed=0, cfg=1.0, stats_memory_gb=0.2,
-                                                      filename="flux test", branch=branch)
+                                                      filename="flux test", folded_rank=folded_rank)
     assert name == "lynx/flux_test.safetensors"
     path = os.path.join(lynx_lora_folder(), "flux_test.safetensors")
     assert os.path.isfile(path) and path.startswith(str(loras_folder))
     lora = load_lynx_lora(path)
     # 8 prompt tokens < min_tokens: the text stream ran dense, so only the image stream is fitted.
-    assert sorted(lora.layers) == ["double_blocks.0.img_attn.proj", "double_blocks.0.img_attn.qkv"]
-    assert lora.rank == 16 and lora.kind == branch
+    image_stream = ["double_blocks.0.img_attn.proj", "double_blocks.0.img_attn.qkv"]
+    assert sorted(lora.layers) == image_stream and sorted(lora.folded_layers) == image_stream[:2 * (folded_rank > 0)]
+    assert (lora.rank, lora.folded_rank) == (16, folded_rank)
     assert "2 of 4 sparsified layers never ran sparse" in caplog.text
-    attached = {name: fwd.folded if branch == "folded" else fwd.lora
-                for name, fwd in installed_plan(model).forwards.items()}
-    assert all((branch_ is None) == (".txt_" in name) for name, branch_ in attached.items())
+    for layer, fwd in installed_plan(model).forwards.items():
+        assert (fwd.lora is None, fwd.folded is None) == (".txt_" in layer, ".txt_" in layer or not folded_rank)
     assert all(torch.isfinite(t).all() for pair in lora.layers.values() for t in pair)
 
     loaded = RTLynxLoadLoRA().load(lynx, name, 1.0)[0]

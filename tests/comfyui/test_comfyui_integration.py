@@ -233,7 +233,8 @@ def save_folded_lora(plan, folder, monkeypatch) -> dict:
     layers = {n: (torch.randn(4, k, generator=g) * 0.05, torch.randn(o, 4, generator=g) * 0.05)
               for n, (k, o) in plan.sparse_layer_shapes.items()}
     (folder / "lynx").mkdir(exist_ok=True)
-    save_lynx_lora(LynxLoRA("flux", 4, 4.0, "2:4", True, layers, folded=True),
+    save_lynx_lora(LynxLoRA("flux", 0, 0.0, "2:4", True, {}, folded_rank=4, folded_alpha=4.0,
+                            folded_layers=layers),
                    str(folder / "lynx" / "folded.safetensors"))
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
                         ([str(folder)], folder_paths.supported_pt_extensions))

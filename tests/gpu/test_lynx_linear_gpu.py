@@ -95,8 +95,9 @@ def test_fp8_precision_takes_the_fp8_fast_path_eager_and_compiled():
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_folded_lynx_lora_on_the_gpu_matches_the_reference_backend_sparse_and_dense(precision):
-    """A folded branch is in the weight the fast GEMM multiplies; warm-up (dense) steps take it off."""
+def test_lynx_lora_with_both_parts_on_the_gpu_matches_the_reference_backend(precision):
+    """A folded part is in the weight the fast GEMM multiplies, the runtime branch in its K extension
+    (bf16); warm-up (dense) steps take the folded part off and skip the branch."""
     from rt_lynx_pack.lynx import LynxLoRA, LynxRuntime, attach_lora
     torch.manual_seed(0)
     config = TinyDiTConfig(hidden=512, heads=8)
@@ -111,9 +112,13 @@ def test_folded_lynx_lora_on_the_gpu_matches_the_reference_backend_sparse_and_de
             runtime = LynxRuntime()
             plan = plan_model(model, LynxConfig(backend=backend, precision=precision), runtime=runtime)
             g.manual_seed(2)
-            layers = {n: (torch.randn(16, k, generator=g) * 0.02, torch.randn(o, 16, generator=g) * 0.02)
-                      for n, (k, o) in plan.sparse_layer_shapes.items()}
-            folded = attach_lora(plan, LynxLoRA("flux", 16, 16.0, "2:4", True, layers, folded=True), 1.0)
+            shapes = plan.sparse_layer_shapes
+            runtime_part, folded_part = ({n: (torch.randn(16, k, generator=g) * 0.02,
+                                              torch.randn(o, 16, generator=g) * 0.02) for n, (k, o) in shapes.items()}
+                                         for _ in range(2))
+            lora = LynxLoRA("flux", 16, 16.0, "2:4", True, runtime_part, folded_rank=16, folded_alpha=16.0,
+                            folded_layers=folded_part)
+            folded = attach_lora(plan, lora, 1.0)
             with installed(model, folded):
                 sparse = model(*inputs)
                 runtime.dense = True
