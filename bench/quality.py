@@ -64,10 +64,12 @@ class LayerErrors:
 
 @contextmanager
 def measured_plan(dit, plan, errors: LayerErrors):
-    """The plan installed, each layer also reporting its error vs the dense product."""
+    """The plan installed, each layer also reporting its error vs the dense product (with the weight
+    as it was before a Lynx LoRA's folded part went into it)."""
     modules = dict(dit.named_modules())
+    dense_weights = {name: modules[name].weight.detach().clone() for name in plan.installed_forwards}
     hooks = [modules[name].register_forward_hook(
-        lambda module, args, y, name=name: errors.add(name, y, F.linear(args[0], module.weight, module.bias)))
+        lambda module, args, y, name=name: errors.add(name, y, F.linear(args[0], dense_weights[name], module.bias)))
         for name in plan.installed_forwards]
     try:
         with installed(dit, plan):

@@ -173,7 +173,7 @@ def lynx_linear_modulated(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.T
                           weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
                           fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None,
                           modulated_input: Callable[[], torch.Tensor] | None = None,
-                          lora: LowRankBranch | None = None) -> torch.Tensor:
+                          lora: LowRankBranch | None = None, folded: LowRankBranch | None = None) -> torch.Tensor:
     """lynx_linear(modulated_layer_norm(x, shift, scale1p, eps), ..., lora) with the normalisation
     and modulation inside the kernels' sparsify pass where they can, so the block's modulated
     activations are never written; where they cannot (among others: a LoRA branch outside the
@@ -187,25 +187,25 @@ def lynx_linear_modulated(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.T
         return sparse_linear_modulated(x2d, shift.reshape(images, features), scale1p.reshape(images, features), tokens,
                                        eps, *product, modulated_input=lambda: modulated_input().reshape(-1, features),
                                        low_rank=low_rank)
-    return _lynx_linear_after(x, modulated_input, fused, weight, bias, config, fp8_weight, lora)
+    return _lynx_linear_after(x, modulated_input, fused, weight, bias, config, fp8_weight, lora, folded)
 
 
 def lynx_linear_after_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
                            fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None,
-                           lora: LowRankBranch | None = None) -> torch.Tensor:
+                           lora: LowRankBranch | None = None, folded: LowRankBranch | None = None) -> torch.Tensor:
     """lynx_linear(gelu(x, approximate="tanh"), ..., lora), an MLP's down projection, with the GELU
     inside the kernels' sparsify pass where it can be, so the activation is never written."""
     return _lynx_linear_after(x, lambda: gelu_tanh_reference(x), sparse_linear_gelu, weight, bias, config,
-                              fp8_weight, lora)
+                              fp8_weight, lora, folded)
 
 
 def _lynx_linear_after(x, prepared_input, fused, weight, bias, config: LynxConfig, fp8_weight,
-                       lora: LowRankBranch | None) -> torch.Tensor:
+                       lora: LowRankBranch | None, folded: LowRankBranch | None) -> torch.Tensor:
     """The Lynx product of prepared_input() (elementwise work on x): fused(x2d, weight, bias,
     compensate, backend[, w_scale], low_rank=) computes it from x itself; patterns other than 2:4
     and inputs that run dense take prepared_input() through lynx_linear."""
     if (config.n, config.m) != (2, 4) or not config.runs_sparse(x):
-        return lynx_linear(prepared_input(), weight, bias, config, lora, fp8_weight=fp8_weight)
+        return lynx_linear(prepared_input(), weight, bias, config, lora, fp8_weight=fp8_weight, folded=folded)
     bias = _checked_bias(x, weight, bias)
     x2d = x.reshape(-1, x.shape[-1])
     low_rank = lora.operands_for(x, config) if lora is not None else None

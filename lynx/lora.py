@@ -129,6 +129,11 @@ def load_lynx_lora(path: str) -> LynxLoRA:
     stray = [key for key in tensors if key not in claimed]
     if stray:
         raise LynxLoRAMismatch(f"{path}: keys without their pair or of unknown kind: {_listing(stray)}")
+    missing = [key for key in ("rt_lynx.architecture", "rt_lynx.rank", "rt_lynx.alpha", "rt_lynx.pattern",
+                               "rt_lynx.compensation") + (("rt_lynx.folded_rank", "rt_lynx.folded_alpha")
+                                                          if folded_layers else ()) if key not in meta]
+    if missing:
+        raise LynxLoRAMismatch(f"{path}: metadata without {', '.join(missing)}")
     folded = {"folded_rank": int(meta["rt_lynx.folded_rank"]), "folded_alpha": float(meta["rt_lynx.folded_alpha"]),
               "folded_layers": folded_layers} if folded_layers else {}
     return LynxLoRA(

@@ -95,14 +95,15 @@ class LynxLinearForward:
         if x.dim() != 3 or not self._takes_prologue(x):
             return self(modulated_input())
         return self._with_weights(x, lambda weight, bias: lynx_linear_modulated(
-            x, shift, scale1p, eps, weight, bias, self.config, self.fp8_weight, modulated_input, self.lora))
+            x, shift, scale1p, eps, weight, bias, self.config, self.fp8_weight, modulated_input, self.lora,
+            self.folded))
 
     def after_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """self(gelu(x, approximate="tanh")): an MLP's down projection of its up projection's output x."""
         if not self._takes_prologue(x):
             return self(gelu_tanh_reference(x))
         return self._with_weights(x, lambda weight, bias: lynx_linear_after_gelu(
-            x, weight, bias, self.config, self.fp8_weight, self.lora))
+            x, weight, bias, self.config, self.fp8_weight, self.lora, self.folded))
 
     def after_cat_gelu(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """self(cat((first, gelu(second, approximate="tanh")), -1)): FLUX's single-block linear2 of
@@ -280,7 +281,7 @@ def installed(model: nn.Module, plan: LynxPlan):
     try:
         for name, branch in folded_weight_patches(plan).items():
             weight = modules[name].weight
-            saved_weights[name] = weight.detach().clone()
+            saved_weights[name] = weight.detach().to("cpu", copy=True)   # off the GPU, as ComfyUI's backups
             with torch.no_grad():   # in fp32, then rounded once to the weight's dtype, as ComfyUI patches
                 weight.copy_(weight.float() + branch.weight_delta().to(weight.device))
         forwards = plan.installed_forwards

@@ -58,7 +58,7 @@ class RTLynxCalibrateLoRA:
         }}
 
     def calibrate(self, model, positive, latent_image, rank, samples, timesteps, seed, cfg, stats_memory_gb,
-                  filename, folded_rank=0, negative=None):
+                  filename, folded_rank=FOLDED_RANK_DEFAULT, negative=None):
         import comfy.utils
         import nodes
 

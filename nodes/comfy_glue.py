@@ -269,13 +269,14 @@ def _add_folded_weight_patches(patched, plan: LynxPlan) -> None:
         raise RuntimeError(f"a Lynx LoRA with a folded part needs ComfyUI's weight adapters (comfy.weight_adapter): "
                            f"{error}; update ComfyUI or calibrate with folded_rank 0") from error
     diffusion_model = patched.get_model_object("diffusion_model")
-    added = []
-    for name, branch in folds.items():
-        key = f"diffusion_model.{name}.weight"
-        # alpha None: ComfyUI scales up @ down by the patch strength alone, which is the branch's scale.
-        patch = LoRAAdapter({key}, (branch.up, branch.down, None, None, None, None))
-        added += patched.add_patches({key: patch}, strength_patch=branch.scale)
-    missing = sorted(set(f"diffusion_model.{name}.weight" for name in folds) - set(added))
+    keys = {name: f"diffusion_model.{name}.weight" for name in folds}
+    # alpha None: ComfyUI scales up @ down by the patch strength alone (1 here), so the branch's own
+    # scale (alpha / rank * strength) goes into up.
+    patches = {keys[name]: LoRAAdapter({keys[name]}, (branch.up.float() * branch.scale, branch.down,
+                                                      None, None, None, None))
+               for name, branch in folds.items()}
+    added = patched.add_patches(patches, strength_patch=1.0)
+    missing = sorted(set(keys.values()) - set(added))
     if missing:
         raise RuntimeError(f"ComfyUI took no weight patch for {len(missing)} layers: {', '.join(missing[:4])}")
     stored_fp8 = [name for name in folds

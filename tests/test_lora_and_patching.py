@@ -276,9 +276,12 @@ def test_files_with_a_folded_part_are_format_version_2_and_others_stay_version_1
             (lora.rank, lora.alpha, lora.folded_rank, lora.folded_alpha)
     # A version this pack does not know is refused; folded keys in a version-1 file are not guessed at.
     tensors = load_file(path)
-    for changes, message in (({"rt_lynx.format_version": "3"}, "format version '3'"),
-                             ({"rt_lynx.format_version": "1"}, "without their pair or of unknown kind: .*lynx_folded")):
-        save_file(tensors, path, metadata={**meta, **changes})
+    without_folded_rank = {k: v for k, v in meta.items() if k != "rt_lynx.folded_rank"}
+    for metadata, message in (({**meta, "rt_lynx.format_version": "3"}, "format version '3'"),
+                              ({**meta, "rt_lynx.format_version": "1"},
+                               "without their pair or of unknown kind: .*lynx_folded"),
+                              (without_folded_rank, "metadata without rt_lynx.folded_rank")):
+        save_file(tensors, path, metadata=metadata)
         with pytest.raises(LynxLoRAMismatch, match=message):
             load_lynx_lora(path)
 
@@ -372,3 +375,21 @@ def test_both_parts_together_sparse_and_dense():
         want = sparse_linear_reference(x, weight + folded_branch.weight_delta(), layer.bias, True) + runtime_branch(x)
     torch.testing.assert_close(sparse, want)
     torch.testing.assert_close(dense, F.linear(x, weight, layer.bias))
+
+
+def test_the_block_prologue_products_take_a_folded_part_off_when_they_compute_dense():
+    """lynx_linear_modulated / lynx_linear_after_gelu called directly (not through a layer) with
+    an input below min_tokens: x W^T with W the weight before the folded part went in."""
+    from rt_lynx_pack.kernels import gelu_tanh_reference
+    from rt_lynx_pack.lynx.linear import lynx_linear_after_gelu, lynx_linear_modulated, modulated_layer_norm
+    g = torch.Generator().manual_seed(9)
+    weight, bias = torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    folded = LowRankBranch(torch.randn(3, 16, generator=g), torch.randn(8, 3, generator=g), 0.5)
+    patched = weight + folded.weight_delta()
+    x = torch.randn(2, 5, 16, generator=g)
+    shift, scale1p = torch.randn(2, 1, 16, generator=g), 1 + torch.randn(2, 1, 16, generator=g)
+    config = LynxConfig(min_tokens=32)
+    torch.testing.assert_close(lynx_linear_modulated(x, shift, scale1p, 1e-6, patched, bias, config, folded=folded),
+                               F.linear(modulated_layer_norm(x, shift, scale1p, 1e-6), weight, bias))
+    torch.testing.assert_close(lynx_linear_after_gelu(x, patched, bias, config, folded=folded),
+                               F.linear(gelu_tanh_reference(x), weight, bias))

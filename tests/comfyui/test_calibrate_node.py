@@ -13,6 +13,7 @@ import folder_paths  # noqa: E402
 
 from comfyui_models import flux_conditioning, load_flux, sample  # noqa: E402
 from rt_lynx_pack.lynx import load_lynx_lora  # noqa: E402
+from rt_lynx_pack.lynx.calibration import _StatisticsCapture  # noqa: E402
 from rt_lynx_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, RTLynxLoadLoRA, RTLynxSparsifyModel  # noqa: E402
 from rt_lynx_pack.nodes.calibrate import RTLynxCalibrateLoRA  # noqa: E402
 from rt_lynx_pack.nodes.comfy_glue import installed_plan, lynx_lora_folder  # noqa: E402
@@ -54,7 +55,7 @@ def test_refuses_a_model_not_sparsified(flux, loras_folder):
 
 
 @pytest.mark.parametrize("folded_rank", [0, 8])
-def test_calibrated_file_loads_and_reduces_the_sparse_error(flux, loras_folder, caplog, folded_rank):
+def test_calibrated_file_loads_and_reduces_the_sparse_error(flux, loras_folder, caplog, monkeypatch, folded_rank):
     lynx = sparsified(flux)
     plan = installed_plan(lynx)
     assert sorted(plan.forwards) == ["double_blocks.0.img_attn.proj", "double_blocks.0.img_attn.qkv",
@@ -62,6 +63,15 @@ def test_calibrated_file_loads_and_reduces_the_sparse_error(flux, loras_folder, 
     # Sampled before calibrating: ComfyUI has the Lynx object patches applied to the loaded model.
     dense, sparse = (sample(m, steps=STEPS, seed=0) for m in (flux, lynx))
     latent = {"samples": torch.zeros(1, 16, 16, 16)}
+    # Each fit's view of its layer: the runtime branch must be fitted with the folded part in the weight.
+    fits, fit = [], _StatisticsCapture.fit
+
+    def recording_fit(capture, rank, ridge):
+        folded = None if capture.folded is None else capture.folded.weight_delta()
+        fits.append((capture.name, capture.for_folded_part, capture.layer_weight(), folded))
+        return fit(capture, rank, ridge)
+    monkeypatch.setattr(_StatisticsCapture, "fit", recording_fit)
+    original = {n: flux.model.diffusion_model.get_submodule(n).weight.detach().clone() for n in plan.forwards}
     with caplog.at_level("WARNING", logger="rt_lynx"):
         model, name = RTLynxCalibrateLoRA().calibrate(lynx, flux_conditioning(), latent, rank=16, samples=2,
                                                       timesteps=STEPS, seed=0, cfg=1.0, stats_memory_gb=0.2,
@@ -77,7 +87,15 @@ def test_calibrated_file_loads_and_reduces_the_sparse_error(flux, loras_folder, 
     assert "2 of 4 sparsified layers never ran sparse" in caplog.text
     for layer, fwd in installed_plan(model).forwards.items():
         assert (fwd.lora is None, fwd.folded is None) == (".txt_" in layer, ".txt_" in layer or not folded_rank)
-    assert all(torch.isfinite(t).all() for pair in lora.layers.values() for t in pair)
+    assert all(torch.isfinite(t).all() for part in (lora.layers, lora.folded_layers) for pair in part.values()
+               for t in pair)
+    # The folded part's fits first, then the runtime branch's.
+    assert [for_folded for _, for_folded, _, _ in fits] == [True] * 2 * (folded_rank > 0) + [False] * 2
+    assert sorted(n for n, _, _, _ in fits) == sorted(image_stream * (1 + (folded_rank > 0)))
+    for layer, for_folded, weight, folded in fits:
+        want = original[layer] if for_folded or folded is None else original[layer] + folded
+        torch.testing.assert_close(weight, want, rtol=1e-5, atol=1e-6)
+        assert (folded is not None) == (not for_folded and folded_rank > 0)
 
     loaded = RTLynxLoadLoRA().load(lynx, name, 1.0)[0]
     calibrated = sample(loaded, steps=STEPS, seed=0)

@@ -233,7 +233,7 @@ def save_folded_lora(plan, folder, monkeypatch) -> dict:
     layers = {n: (torch.randn(4, k, generator=g) * 0.05, torch.randn(o, 4, generator=g) * 0.05)
               for n, (k, o) in plan.sparse_layer_shapes.items()}
     (folder / "lynx").mkdir(exist_ok=True)
-    save_lynx_lora(LynxLoRA("flux", 0, 0.0, "2:4", True, {}, folded_rank=4, folded_alpha=4.0,
+    save_lynx_lora(LynxLoRA("flux", 0, 0.0, "2:4", True, {}, folded_rank=4, folded_alpha=8.0,
                             folded_layers=layers),
                    str(folder / "lynx" / "folded.safetensors"))
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
@@ -254,8 +254,8 @@ def test_folded_lynx_lora_is_a_comfyui_weight_patch_that_dense_steps_take_back_o
     weights_seen = watch_each_step(folded, lambda: module.weight.detach().clone())
     base, out = sample(lynx), sample(folded)
     assert torch.isfinite(out).all() and not torch.equal(base, out)
-    # ComfyUI patched the weight while sampling (scale alpha / rank * strength = 0.5) ...
-    torch.testing.assert_close(weights_seen[0], original + 0.5 * (up.bfloat16().float() @ down.bfloat16().float()),
+    # ComfyUI patched the weight while sampling (scale alpha / rank * strength = 8 / 4 * 0.5) ...
+    torch.testing.assert_close(weights_seen[0], original + (up.bfloat16().float() @ down.bfloat16().float()),
                                rtol=1e-5, atol=1e-6)
     # ... and undid it: the loaded model is what it was.
     assert torch.equal(sample(flux), dense) and torch.equal(module.weight, original)
