@@ -120,7 +120,7 @@ class _StatisticsCapture(LynxLinearForward):
             self._accumulate(x.detach().reshape(-1, x.shape[-1]))
         return super().__call__(x)
 
-    def _takes_prologue(self, x: torch.Tensor) -> bool:
+    def _takes_prologue(self) -> bool:
         # The layer's input must exist to be recorded: a fused block's LayerNorm + modulation or
         # GELU is computed first, then the call comes through __call__.
         return False

@@ -92,7 +92,7 @@ class LynxLinearForward:
         computes that input where it must be written (the linears of one input share it)."""
         if modulated_input is None:   # `is None`, not `or`: torch 2.11's Dynamo cannot branch on a function
             modulated_input = lambda: modulated_layer_norm(x, shift, scale1p, eps)  # noqa: E731
-        if x.dim() != 3 or not self._takes_prologue(x):
+        if x.dim() != 3 or not self._takes_prologue():
             return self(modulated_input())
         return self._with_weights(x, lambda weight, bias: lynx_linear_modulated(
             x, shift, scale1p, eps, weight, bias, self.config, self.fp8_weight, modulated_input, self.lora,
@@ -100,7 +100,7 @@ class LynxLinearForward:
 
     def after_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """self(gelu(x, approximate="tanh")): an MLP's down projection of its up projection's output x."""
-        if not self._takes_prologue(x):
+        if not self._takes_prologue():
             return self(gelu_tanh_reference(x))
         return self._with_weights(x, lambda weight, bias: lynx_linear_after_gelu(
             x, weight, bias, self.config, self.fp8_weight, self.lora, self.folded))
@@ -114,11 +114,9 @@ class LynxLinearForward:
         return self._with_weights(first, lambda weight, bias: fp8_dense_linear(
             first, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight, gelu_tail=second))
 
-    def _takes_prologue(self, x: torch.Tensor) -> bool:
-        # An fp8 layer adds its LoRA branch after the product, from the input written out; a call
-        # that computes dense goes through __call__ with its input (a folded branch comes off there).
-        return (self.sparse and not self.runtime.dense and self.config.runs_sparse(x)
-                and (self.lora is None or self.config.precision == "bf16"))
+    def _takes_prologue(self) -> bool:
+        # An fp8 layer adds its LoRA branch after the product, from the input written out.
+        return self.sparse and not self.runtime.dense and (self.lora is None or self.config.precision == "bf16")
 
     def _with_weights(self, x: torch.Tensor, product) -> torch.Tensor:
         weight, bias, release = self._weights_for(x)
