@@ -134,15 +134,15 @@ def dit_benchmark(steps, rank, folded_rank, sweep_ranks, eval_seeds, calibration
     states = []
     cal_labels, cal_noise = evaluation_batch(calibration_seeds)
     euler_sample(flow, cal_labels, cal_noise, steps, on_step=lambda x, y, t: states.append((x, y, t)))
-    calibration_seconds = {}
+    calibrations = {}   # (rank, folded_rank) -> (seconds, LynxLoRA), each fitted once
 
     def calibrated(runtime_rank, part_folded_rank):
-        if (runtime_rank, part_folded_rank) not in calibration_seconds:
+        if (runtime_rank, part_folded_rank) not in calibrations:
             start = time.time()
             lora = calibrate_lynx_lora(dit, plan_comp, states, rank=runtime_rank, folded_rank=part_folded_rank,
                                        run=lambda _, item: flow(*item))
-            calibration_seconds[runtime_rank, part_folded_rank] = time.time() - start, lora
-        return calibration_seconds[runtime_rank, part_folded_rank][1]
+            calibrations[runtime_rank, part_folded_rank] = time.time() - start, lora
+        return calibrations[runtime_rank, part_folded_rank][1]
     both = f"folded r{folded_rank} + LoRA r{rank}"
     plan_lora = attach_lora(plan_comp, calibrated(rank, 0), 1.0)
 
@@ -192,7 +192,7 @@ def dit_benchmark(steps, rank, folded_rank, sweep_ranks, eval_seeds, calibration
             with installed(dit, attach_lora(plan_comp, calibrated(*ranks), 1.0)):
                 images = euler_sample(flow, labels, noise, steps)
             row[kind] = (psnr(to_unit(images), to_unit(dense)), ssim(to_unit(images), to_unit(dense)),
-                         calibration_seconds[ranks][0])
+                         calibrations[ranks][0])
         sweep.append(row)
 
     kinds = []
@@ -205,7 +205,7 @@ def dit_benchmark(steps, rank, folded_rank, sweep_ranks, eval_seeds, calibration
         kinds.append({"kind": kind, "layers": len(rel), "mean_err": sum(rel.values()) / len(rel),
                       "worst_err": max(rel.values()), "psnr": psnr(to_unit(images), to_unit(dense)),
                       "ssim": ssim(to_unit(images), to_unit(dense))})
-    return rows, sweep, kinds, grid_rows, len(plan_comp.forwards), calibration_seconds[rank, 0][0], len(states)
+    return rows, sweep, kinds, grid_rows, len(plan_comp.forwards), calibrations[rank, 0][0], len(states)
 
 
 SENTENCES = [
@@ -395,7 +395,8 @@ def main():
         lines.append(f"| {name} | {cos['everyday'].mean():.4f} | {cos['everyday'].min():.4f} | "
                      f"{cos['docs'].mean():.4f} | {cos['docs'].min():.4f} |")
     labels = [label.format(rank=args.rank, folded_rank=args.folded_rank) for label in GRID_LABELS]
-    lines += ["", f"Grid (bench/results/quality-grid.png), rows (labelled): {', '.join(label.replace(chr(10), ' ') for label in labels)}; "
+    one_line = ", ".join(label.replace("\n", " ") for label in labels)
+    lines += ["", f"Grid (bench/results/quality-grid.png), rows (labelled): {one_line}; "
               "columns: digits 0-9, seed 0."]
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"quality-{today}.md"
