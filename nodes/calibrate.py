@@ -11,15 +11,34 @@ from .comfy_glue import install_plan, installed_plan, lynx_lora_folder
 log = logging.getLogger("rt_lynx")
 
 # Off by default: in bench/quality.py a folded part helps where the calibration data is like what the
-# model later sees (digits DiT: +1.2 dB under the runtime branch; MiniLM on held-out sentences of the
-# calibration's domain) but hurts in another domain (MiniLM's everyday sentences), where the runtime
-# branch alone still helps.
+# model later sees (digits DiT: +0.6 dB under the runtime branch; MiniLM on held-out sentences of the
+# calibration's domain) but costs in another domain (DiT calibrated on one digit, MiniLM's everyday
+# sentences), where the runtime branch alone helps most.
 FOLDED_RANK_DEFAULT = 0
 
 
 def safe_file_name(name: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._") or "lynx_lora"
     return stem if stem.endswith(".safetensors") else stem + ".safetensors"
+
+
+def calibration_prompts(positive, clip, more_prompts: str) -> list:
+    """The positive conditioning, then one per line of more_prompts, encoded by `clip` and given the
+    positive one's options that encoding does not set (FluxGuidance's guidance, for one)."""
+    lines = [line.strip() for line in more_prompts.splitlines() if line.strip()]
+    if not lines:
+        return [positive]
+    if clip is None:
+        raise ValueError("more_prompts needs the clip input to encode them: connect the model's CLIP")
+    import node_helpers
+    import nodes
+
+    prompts = [positive]
+    for line in lines:
+        encoded = nodes.CLIPTextEncode().encode(clip, line)[0]
+        options = {key: value for key, value in positive[0][1].items() if key not in encoded[0][1]}
+        prompts.append(node_helpers.conditioning_set_values(encoded, options))
+    return prompts
 
 
 class RTLynxCalibrateLoRA:
@@ -32,7 +51,8 @@ class RTLynxCalibrateLoRA:
                    "squares, no training). Writes it to models/loras/lynx and returns the model with it attached. "
                    "Two parts: a branch of rank `rank` computed on the dense input at run time (the paper's; a few "
                    "percent slower), and one of rank `folded_rank` added to the weights, acting on the sparse input "
-                   "(free at run time; cancels less at equal rank). Either may be 0.")
+                   "(free at run time; cancels less at equal rank). Either may be 0. Calibrate on prompts like those "
+                   "you will generate (more_prompts): a LoRA fitted on one kind of image cancels less on others.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -42,8 +62,9 @@ class RTLynxCalibrateLoRA:
             "latent_image": ("LATENT", {"tooltip": "Sets the image size the calibration samples at."}),
             "rank": ("INT", {"default": 32, "min": 0, "max": 512, "tooltip":
                      "Rank of the branch computed on the dense input at run time (0: none)."}),
-            "samples": ("INT", {"default": 4, "min": 1, "max": 256,
-                        "tooltip": "Sampling runs (seeds seed, seed+1, ...) whose layer inputs are collected."}),
+            "samples": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip":
+                        "Sampling runs (seeds seed, seed+1, ...) whose layer inputs are collected; they take the "
+                        "prompts in turn, so at least one per prompt."}),
             "timesteps": ("INT", {"default": 8, "min": 1, "max": 100,
                           "tooltip": "Steps of each run: the sigmas of the model's schedule it visits."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
@@ -58,10 +79,14 @@ class RTLynxCalibrateLoRA:
                             "Helps when calibrating on prompts like those you will generate; can hurt on others."}),
         }, "optional": {
             "negative": ("CONDITIONING",),
+            "clip": ("CLIP", {"tooltip": "Encodes more_prompts."}),
+            "more_prompts": ("STRING", {"multiline": True, "default": "", "tooltip":
+                             "More calibration prompts, one per line (needs clip), sampled after the positive one; "
+                             "they take its options (e.g. FluxGuidance)."}),
         }}
 
     def calibrate(self, model, positive, latent_image, rank, samples, timesteps, seed, cfg, stats_memory_gb,
-                  filename, folded_rank=FOLDED_RANK_DEFAULT, negative=None):
+                  filename, folded_rank=FOLDED_RANK_DEFAULT, negative=None, clip=None, more_prompts=""):
         import comfy.utils
         import nodes
 
@@ -74,14 +99,19 @@ class RTLynxCalibrateLoRA:
         if negative is None and cfg != 1.0:
             raise ValueError("cfg other than 1 needs the negative conditioning")
         negative = negative if negative is not None else []
+        prompts = calibration_prompts(positive, clip, more_prompts)
+        if samples < len(prompts):
+            raise ValueError(f"{len(prompts)} calibration prompts but samples is {samples}: set samples to at least "
+                             f"{len(prompts)} so that each prompt is sampled")
 
         @contextmanager
         def on_clone(capture_plan):
             # ComfyUI's object patches put the capturing forwards in place, as for any Lynx plan.
             yield install_plan(model, capture_plan)
 
-        def sample_once(patched, run_seed):
-            nodes.common_ksampler(patched, run_seed, timesteps, cfg, "euler", "simple", positive, negative,
+        def sample_once(patched, run):
+            run_seed, run_positive = run
+            nodes.common_ksampler(patched, run_seed, timesteps, cfg, "euler", "simple", run_positive, negative,
                                   latent_image, denoise=1.0)
 
         bar = comfy.utils.ProgressBar(samples + len(plan.forwards))
@@ -91,7 +121,8 @@ class RTLynxCalibrateLoRA:
             bar.update_absolute(state.pass_index * samples + state.samples_done + state.layers_fitted, total)
 
         lora = calibrate_lynx_lora(model.get_model_object("diffusion_model"), plan,
-                                   [seed + i for i in range(samples)], rank=rank, run=sample_once, install=on_clone,
+                                   [(seed + i, prompts[i % len(prompts)]) for i in range(samples)], rank=rank,
+                                   run=sample_once, install=on_clone,
                                    memory_budget_bytes=int(stats_memory_gb * 1024 ** 3), progress=progress,
                                    folded_rank=folded_rank)
         name = safe_file_name(filename)

@@ -213,7 +213,7 @@ def test_fit_matches_the_truncated_svd_of_the_whitened_target(k, n):
     reference = torch.linalg.solve_triangular(chol.T, u[:, :5] * s[:5], upper=True) @ vh[:5]
     assert torch.allclose(down.T @ up.T, reference, atol=1e-8, rtol=1e-6)
     # A target of rank below r: the extra directions get a zero branch, not NaN.
-    down, up = fit_low_rank(c_xx, torch.zeros_like(c_xd), weight, 5)
+    down, up = fit_low_rank(c_xx, torch.zeros_like(c_xd), weight, 5, ridge=0.0)
     assert torch.isfinite(down).all() and torch.isfinite(up).all() and (down.T @ up.T).abs().max() == 0
 
 
@@ -258,7 +258,7 @@ def test_fit_survives_statistics_made_indefinite_by_rounding():
     c_xx = x.T @ x
     c_xx -= 1e-3 * torch.eye(32, dtype=torch.float64) * c_xx.diagonal().mean()   # slightly indefinite
     c_xd = x.T @ torch.randn(400, 32, generator=g, dtype=torch.float64)
-    down, up = fit_low_rank(c_xx, c_xd, torch.randn(16, 32, generator=g), rank=4)
+    down, up = fit_low_rank(c_xx, c_xd, torch.randn(16, 32, generator=g), rank=4, ridge=1e-6)
     assert down.shape == (4, 32) and up.shape == (16, 4)
     assert torch.isfinite(down).all() and torch.isfinite(up).all()
 
@@ -282,7 +282,8 @@ def test_folded_full_rank_equals_brute_force_least_squares_on_the_sparse_input()
     model, plan = single_layer_model(k, n)
     g = torch.Generator().manual_seed(2)
     inputs = [(torch.randn(100, k, generator=g, dtype=torch.float64),) for _ in range(3)]
-    lora = calibrate_lynx_lora(model, plan, inputs, rank=0, folded_rank=min(k, n), run=run_layer, ridge=0.0)
+    lora = calibrate_lynx_lora(model, plan, inputs, rank=0, folded_rank=min(k, n), run=run_layer, ridge=0.0,
+                               folded_ridge=0.0)
     assert not lora.layers
     down, up = lora.folded_layers[LAYER]
     x = torch.cat([x for (x,) in inputs])
@@ -302,7 +303,8 @@ def test_the_runtime_part_is_fitted_on_the_folded_model_against_the_original_wei
     model, plan = single_layer_model(k, n)
     g = torch.Generator().manual_seed(6)
     inputs = [(torch.randn(100, k, generator=g, dtype=torch.float64) ** 3,) for _ in range(3)]
-    lora = calibrate_lynx_lora(model, plan, inputs, rank=min(k, n), folded_rank=8, run=run_layer, ridge=0.0)
+    lora = calibrate_lynx_lora(model, plan, inputs, rank=min(k, n), folded_rank=8, run=run_layer, ridge=0.0,
+                               folded_ridge=0.0)
     fold_down, fold_up = (t.double() for t in lora.folded_layers[LAYER])
     fold = fold_down.T @ fold_up.T * (lora.folded_alpha / lora.folded_rank)       # F, K x N
     down, up = (t.double() for t in lora.layers[LAYER])
@@ -311,3 +313,33 @@ def test_the_runtime_part_is_fitted_on_the_folded_model_against_the_original_wei
     error = x @ weight.T - sparse_input(x, 2, 4, True) @ (weight.T + fold)
     brute_force = torch.linalg.lstsq(x, error).solution
     assert torch.allclose(down.T @ up.T, brute_force, atol=1e-4, rtol=1e-4)
+
+
+def test_default_ridges_keep_a_lora_fitted_on_one_kind_of_input_from_hurting_another():
+    """Calibration inputs near an 8-dimensional subspace (one prompt), used on another subspace:
+    a near-zero ridge fits the runtime branch to the calibration's weak directions and multiplies
+    the error elsewhere; with the default ridges no part leaves it much above compensation alone."""
+    k, n = 64, 48
+    model, plan = single_layer_model(k, n)
+    layer = dict(model.named_modules())[LAYER]
+    g = torch.Generator().manual_seed(8)
+
+    def inputs_of_one_kind():
+        basis = torch.randn(8, k, generator=g, dtype=torch.float64)
+        return [(torch.randn(500, 8, generator=g, dtype=torch.float64) @ basis
+                 + 0.05 * torch.randn(500, k, generator=g, dtype=torch.float64),) for _ in range(4)]
+    calibration, other = inputs_of_one_kind(), inputs_of_one_kind()
+
+    def error(lora=None):
+        active = attach_lora(plan, lora, 1.0) if lora is not None else plan
+        total = 0.0
+        with torch.no_grad(), installed(model, active):
+            for (x,) in other:
+                total += (layer(x) - F.linear(x, layer.weight, layer.bias)).square().sum().item()
+        return total
+    compensation_only = error()
+    fitted_closely = calibrate_lynx_lora(model, plan, calibration, rank=8, run=run_layer, ridge=1e-6)
+    assert error(fitted_closely) > 5 * compensation_only
+    for ranks in ({"rank": 8}, {"rank": 0, "folded_rank": 8}, {"rank": 8, "folded_rank": 8}):
+        lora = calibrate_lynx_lora(model, plan, calibration, run=run_layer, **ranks)
+        assert error(lora) < 1.1 * compensation_only, ranks

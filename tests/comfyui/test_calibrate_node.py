@@ -1,5 +1,6 @@
 """RT-Lynx Calibrate LoRA inside ComfyUI on a real-width FLUX (1 double + 1 single block, CPU)."""
 import os
+import zlib
 
 import pytest
 import torch
@@ -106,3 +107,46 @@ def test_calibrated_file_loads_and_reduces_the_sparse_error(flux, loras_folder, 
     assert torch.equal(sample(model, steps=STEPS, seed=0), calibrated)
     # Sampling the sparse model again after all that gives what it gave before: nothing leaked.
     assert torch.equal(sample(lynx, steps=STEPS, seed=0), sparse)
+
+
+class PromptEncoder:
+    """Stands in for a model's CLIP: a prompt's conditioning is random, seeded by its text."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, text):
+        ctx, extra = flux_conditioning(seed=zlib.crc32(text.encode()))[0]
+        return [[ctx, {"pooled_output": extra["pooled_output"]}]]
+
+
+def test_more_prompts_are_sampled_in_turn_with_the_positive_options(flux, loras_folder, monkeypatch):
+    import nodes
+
+    runs, ksampler = [], nodes.common_ksampler
+
+    def recording_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, *args, **kwargs):
+        runs.append((seed, positive))
+        return ksampler(model, seed, steps, cfg, sampler, scheduler, positive, *args, **kwargs)
+    monkeypatch.setattr(nodes, "common_ksampler", recording_ksampler)
+    positive = flux_conditioning()
+    positive[0][1]["guidance"] = 2.5
+    RTLynxCalibrateLoRA().calibrate(sparsified(flux), positive, {"samples": torch.zeros(1, 16, 16, 16)}, rank=4,
+                                    samples=4, timesteps=1, seed=7, cfg=1.0, stats_memory_gb=16.0, filename="prompts",
+                                    clip=PromptEncoder(), more_prompts="a red cat\n\n  a blue dog  \n")
+    assert [seed for seed, _ in runs] == [7, 8, 9, 10]
+    assert runs[0][1] is positive and runs[3][1] is positive
+    for (_, run_positive), prompt in zip(runs[1:3], ["a red cat", "a blue dog"]):
+        encoded = PromptEncoder().encode_from_tokens_scheduled(prompt)[0]
+        assert torch.equal(run_positive[0][0], encoded[0])
+        assert torch.equal(run_positive[0][1]["pooled_output"], encoded[1]["pooled_output"])
+        assert run_positive[0][1]["guidance"] == 2.5   # carried over from the positive conditioning
+
+
+@pytest.mark.parametrize("clip, samples, message", [(None, 4, "needs the clip input"),
+                                                    (PromptEncoder(), 2, "3 calibration prompts but samples is 2")])
+def test_more_prompts_refused_without_their_encoder_or_enough_samples(flux, loras_folder, clip, samples, message):
+    with pytest.raises(ValueError, match=message):
+        RTLynxCalibrateLoRA().calibrate(sparsified(flux), flux_conditioning(), {"samples": torch.zeros(1, 16, 16, 16)},
+                                        rank=4, samples=samples, timesteps=1, seed=0, cfg=1.0, stats_memory_gb=16.0,
+                                        filename="x", clip=clip, more_prompts="one\ntwo")

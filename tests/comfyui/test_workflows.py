@@ -136,7 +136,9 @@ def test_workflow_uses_rt_lynx_and_says_what_to_download(path, node_classes):
     workflow = json.loads(path.read_text(encoding="utf-8"))
     modes = {n["type"]: n["mode"] for n in workflow["nodes"]}
     assert modes["RTLynxSparsifyModel"] == 0
-    assert modes["RTLynxLoadLoRA"] == BYPASS  # users have no Lynx LoRA yet
+    # Users have no Lynx LoRA yet: it is loaded bypassed, or made by the calibration in the graph.
+    lora_node = "RTLynxCalibrateLoRA" if "RTLynxCalibrateLoRA" in modes else "RTLynxLoadLoRA"
+    assert modes[lora_node] == (0 if lora_node == "RTLynxCalibrateLoRA" else BYPASS)
     notes = " ".join(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] in FRONTEND_ONLY)
     assert "RT-Lynx Sparsify Model" in notes
     for node in workflow["nodes"]:
@@ -153,7 +155,7 @@ def test_workflow_uses_rt_lynx_and_says_what_to_download(path, node_classes):
     while node in links:
         node = links[node]
         chain.append(by_id[node])
-    assert chain[-1] == "UNETLoader" and {"RTLynxSparsifyModel", "RTLynxLoadLoRA"} <= set(chain)
+    assert chain[-1] == "UNETLoader" and {"RTLynxSparsifyModel", lora_node} <= set(chain)
 
 
 def test_the_check_catches_a_typo_a_wrong_widget_count_and_a_wrong_link(node_classes, tmp_path):
@@ -199,3 +201,17 @@ def test_the_check_catches_a_typo_a_wrong_widget_count_and_a_wrong_link(node_cla
     assert any("node 999 does not exist" in p for p in broken(dangling))
 
     assert broken(lambda w: None) == []
+
+
+def test_calibration_workflow_prompts_fit_its_samples(node_classes):
+    """Each calibration prompt is sampled (the node refuses fewer samples than prompts), and the
+    file it writes is the one the FLUX workflow's Load Lynx LoRA names."""
+    workflow = json.loads((ROOT / "workflows" / "flux1_dev_rt_lynx_calibrate.json").read_text(encoding="utf-8"))
+    calibrate = next(n for n in workflow["nodes"] if n["type"] == "RTLynxCalibrateLoRA")
+    values = dict(zip((w[0] for w in widget_inputs(node_classes["RTLynxCalibrateLoRA"])), calibrate["widgets_values"]))
+    prompts = 1 + len([line for line in values["more_prompts"].splitlines() if line.strip()])
+    assert values["samples"] >= prompts > 1
+    assert any(i["name"] == "clip" and i["link"] is not None for i in calibrate["inputs"])
+    flux = json.loads((ROOT / "workflows" / "flux1_dev_rt_lynx.json").read_text(encoding="utf-8"))
+    load = next(n for n in flux["nodes"] if n["type"] == "RTLynxLoadLoRA")
+    assert load["widgets_values"][0] == f"lynx/{values['filename']}.safetensors"
