@@ -17,16 +17,15 @@ the calibration tokens, activations never kept):
 L^T M* = L^-1 C_xd W^T needs one triangular solve and no inverse. Factors split sqrt(S) to each
 side so both stay well scaled in bf16; alpha = rank, so the branch scale is 1.
 
-A ridge, a fraction of C_xx's diagonal (each feature's own scale), is added before the Cholesky
-factorisation. Its size matters when the calibration inputs are all of one kind and the model is
-then used on others, as with a LoRA calibrated on one prompt: a near-zero ridge also fits the
-directions the calibration data barely excites, and on inputs that do excite them the branch adds
-error instead of cancelling it. bench/quality.py, digits DiT, PSNR against dense (compensation
-alone 25.5 dB), the runtime branch of rank 16 calibrated on one digit and used on all ten: 16.7 dB
-with a ridge of 1e-6, 26.7 dB with 0.03 (calibrated on all digits: 28.9 and 28.7 dB). The folded
-part, predicting the dropped values from the kept ones, leans on the calibration data more: rank 64
-on one digit 19.6 dB at 1e-6, 25.9 dB at 0.3 (on all digits: 29.0 and 28.5 dB), hence its larger
-default.
+A ridge, a fraction of the mean eigenvalue of C_xx, is added before the Cholesky factorisation. Its
+size matters when the calibration inputs are all of one kind and the model is then used on others,
+as with a LoRA calibrated on one prompt: a near-zero ridge also fits the directions the calibration
+data barely excites, and on inputs that do excite them the branch adds error instead of cancelling
+it. bench/quality.py, digits DiT, PSNR against dense (compensation alone 25.5 dB), the runtime
+branch of rank 16 calibrated on one digit and used on all ten: 16.8 dB with a ridge of 1e-6, 26.9
+dB with 0.03 (calibrated on all digits: 28.9 and 28.7 dB). The folded part, predicting the dropped
+values from the kept ones, leans on the calibration data more: rank 64 on one digit 19.7 dB at
+1e-6, 26.4 dB at 0.3 (on all digits: 29.0 and 28.4 dB), hence its larger default.
 
 A folded part (lynx/lora.py) acts on the sparse input instead, F added to W^T beforehand:
 
@@ -68,7 +67,7 @@ from .patching import LynxLinearForward, LynxPlan, attach_lora, installed
 
 log = logging.getLogger("rt_lynx")
 
-# Fractions of each feature's variance (module docstring: calibrating on one kind of input).
+# Fractions of the mean eigenvalue (module docstring: calibrating on one kind of input).
 RUNTIME_RIDGE = 0.03
 FOLDED_RIDGE = 0.3
 
@@ -189,20 +188,23 @@ def fit_low_rank(c_xx: torch.Tensor, c_xd: torch.Tensor, weight: torch.Tensor, r
 
 
 def _damped_cholesky(c_xx: torch.Tensor, ridge: float, attempts: int = 8) -> torch.Tensor:
-    """Cholesky factor of C_xx + ridge * diag(C_xx): each input feature is damped in proportion to
-    its own variance, so rescaling a feature does not change the fit and a few outlier features (as
-    in DiT activations) do not set the damping of all the others (the diagonal is floored at 1e-6
-    of its mean for dead features). Statistics accumulated in fp32 over many tokens can be
-    indefinite (rounding relative to the largest eigenvalue, when a few channels dominate, as in
-    full-size FLUX): a jitter of 1e-6 of the mean diagonal, growing tenfold, is then added until
-    the factorisation succeeds."""
-    diagonal = c_xx.diagonal()
-    mean = diagonal.mean().clamp_min(torch.finfo(torch.float64).tiny)
-    damped = c_xx + torch.diag(ridge * diagonal.clamp_min(mean * 1e-6))
-    eye = torch.eye(c_xx.shape[0], dtype=c_xx.dtype, device=c_xx.device)
+    """Cholesky factor of C_xx + ridge * mean(diag) * I. One scale for all features: a feature the
+    calibration data barely excites gets the full damping, so the branch cannot blow up on inputs
+    that excite it (a ridge scaled per feature lets it: a channel silent in calibration got a
+    branch hundreds of times the error it should cancel in a synthetic test). Statistics
+    accumulated in fp32 over many tokens can be indefinite (rounding, relative to the largest
+    eigenvalue, when a few channels dominate, as in full-size FLUX): a jitter of 1e-6 of the mean
+    diagonal, growing tenfold, is then added until the factorisation succeeds. The diagonal is
+    damped in place on one copy: a K = 12288 fp64 matrix is 1.2 GB."""
+    mean = c_xx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    damped = c_xx.clone()
+    damped.diagonal().add_(ridge * mean)
+    added = 0.0
     for attempt in range(attempts):
         jitter = 0.0 if attempt == 0 else 10.0 ** (attempt - attempts + 1)
-        chol, info = torch.linalg.cholesky_ex(damped + jitter * mean * eye)
+        damped.diagonal().add_((jitter - added) * mean)
+        added = jitter
+        chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             if attempt:
                 log.info("RT-Lynx calibration: a %d-feature layer needed a jitter of %.0e x its mean diagonal",
@@ -252,7 +254,7 @@ def calibrate_lynx_lora(model: nn.Module, plan: LynxPlan, inputs: Iterable, rank
     default `installed(model, plan)` (ComfyUI passes one that installs them on a ModelPatcher clone).
     memory_budget_bytes: bound on the statistics held at once (None: all layers in one pass).
     stats_dtype: accumulator dtype (default fp64 on the CPU, fp32 on accelerators).
-    ridge, folded_ridge: each part's ridge, a fraction of its statistics' diagonal
+    ridge, folded_ridge: each part's ridge, a fraction of the mean eigenvalue of its statistics
     (the module docstring says why these defaults).
     Layers no input reached sparse (e.g. always below min_tokens) are left out of the file.
     """

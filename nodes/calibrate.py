@@ -10,10 +10,10 @@ from .comfy_glue import install_plan, installed_plan, lynx_lora_folder
 
 log = logging.getLogger("rt_lynx")
 
-# Off by default: in bench/quality.py a folded part helps where the calibration data is like what the
-# model later sees (digits DiT: +0.6 dB under the runtime branch; MiniLM on held-out sentences of the
-# calibration's domain) but costs in another domain (DiT calibrated on one digit, MiniLM's everyday
-# sentences), where the runtime branch alone helps most.
+# Off by default: in bench/quality.py a folded part helps where the calibration data is like what
+# the model later sees (digits DiT: +0.5-0.9 dB under the runtime branch; MiniLM on held-out
+# sentences of the calibration's domain) but costs in another domain (DiT calibrated on one digit,
+# MiniLM's everyday sentences), where the runtime branch alone helps most.
 FOLDED_RANK_DEFAULT = 0
 
 
@@ -22,21 +22,34 @@ def safe_file_name(name: str) -> str:
     return stem if stem.endswith(".safetensors") else stem + ".safetensors"
 
 
-def calibration_prompts(positive, clip, more_prompts: str) -> list:
-    """The positive conditioning, then one per line of more_prompts, encoded by `clip` and given the
-    positive one's options that encoding does not set (FluxGuidance's guidance, for one)."""
-    lines = [line.strip() for line in more_prompts.splitlines() if line.strip()]
+# Options that tie a conditioning to its own region or part of the schedule, or to its own tokens:
+# the other calibration prompts do not take them from the positive one.
+PROMPT_OWN_OPTIONS = {"area", "mask", "mask_strength", "set_area_to_bounds", "strength", "start_percent",
+                      "end_percent", "attention_mask"}
+
+
+def prompt_lines(more_prompts: str) -> list[str]:
+    return [line.strip() for line in more_prompts.splitlines() if line.strip()]
+
+
+def calibration_prompts(positive, clip, lines: list[str]) -> list:
+    """The positive conditioning, then one per line, encoded by `clip` and given the positive one's
+    options that encoding does not set (FluxGuidance's guidance, a ControlNet, reference latents)."""
     if not lines:
         return [positive]
     if clip is None:
         raise ValueError("more_prompts needs the clip input to encode them: connect the model's CLIP")
+    if len(positive) != 1:
+        raise ValueError(f"more_prompts needs a positive conditioning of one prompt (this one combines "
+                         f"{len(positive)}): the others would not know which one's options to take")
     import node_helpers
     import nodes
 
     prompts = [positive]
     for line in lines:
         encoded = nodes.CLIPTextEncode().encode(clip, line)[0]
-        options = {key: value for key, value in positive[0][1].items() if key not in encoded[0][1]}
+        options = {key: value for key, value in positive[0][1].items()
+                   if key not in encoded[0][1] and key not in PROMPT_OWN_OPTIONS}
         prompts.append(node_helpers.conditioning_set_values(encoded, options))
     return prompts
 
@@ -67,7 +80,9 @@ class RTLynxCalibrateLoRA:
                         "prompts in turn, so at least one per prompt."}),
             "timesteps": ("INT", {"default": 8, "min": 1, "max": 100,
                           "tooltip": "Steps of each run: the sigmas of the model's schedule it visits."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip":
+                     "Seed of the first run (run i: seed + i). Set the control after it to fixed: another seed "
+                     "calibrates anew each time the graph is queued."}),
             "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1}),
             "stats_memory_gb": ("FLOAT", {"default": 16.0, "min": 0.1, "max": 1024.0, "step": 0.5, "tooltip":
                                 "Bound on the statistics held at once (2 K^2 per layer); more layers than fit "
@@ -99,10 +114,11 @@ class RTLynxCalibrateLoRA:
         if negative is None and cfg != 1.0:
             raise ValueError("cfg other than 1 needs the negative conditioning")
         negative = negative if negative is not None else []
-        prompts = calibration_prompts(positive, clip, more_prompts)
-        if samples < len(prompts):
-            raise ValueError(f"{len(prompts)} calibration prompts but samples is {samples}: set samples to at least "
-                             f"{len(prompts)} so that each prompt is sampled")
+        lines = prompt_lines(more_prompts)
+        if samples < 1 + len(lines):
+            raise ValueError(f"{1 + len(lines)} calibration prompts but samples is {samples}: set samples to at "
+                             f"least {1 + len(lines)} so that each prompt is sampled")
+        prompts = calibration_prompts(positive, clip, lines)
 
         @contextmanager
         def on_clone(capture_plan):

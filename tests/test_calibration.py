@@ -315,20 +315,27 @@ def test_the_runtime_part_is_fitted_on_the_folded_model_against_the_original_wei
     assert torch.allclose(down.T @ up.T, brute_force, atol=1e-4, rtol=1e-4)
 
 
-def test_default_ridges_keep_a_lora_fitted_on_one_kind_of_input_from_hurting_another():
-    """Calibration inputs near an 8-dimensional subspace (one prompt), used on another subspace:
-    a near-zero ridge fits the runtime branch to the calibration's weak directions and multiplies
-    the error elsewhere; with the default ridges no part leaves it much above compensation alone."""
+@pytest.mark.parametrize("narrow", ["subspace", "quiet channels"])
+def test_default_ridges_keep_a_lora_fitted_on_one_kind_of_input_from_hurting_another(narrow):
+    """Calibration inputs narrower than the ones the layer then sees (one prompt): near an
+    8-dimensional subspace, used near another; or with every fourth channel near silent, used with
+    all channels active. A near-zero ridge fits the runtime branch to the calibration's weak
+    directions and multiplies the error elsewhere; with the default ridges no part leaves it much
+    above compensation alone. (A ridge scaled per feature fails the quiet channels: 400x.)"""
     k, n = 64, 48
     model, plan = single_layer_model(k, n)
     layer = dict(model.named_modules())[LAYER]
     g = torch.Generator().manual_seed(8)
 
-    def inputs_of_one_kind():
+    def inputs(kind):
+        if narrow == "quiet channels":
+            scale = torch.ones(k, dtype=torch.float64)
+            scale[::4] = 1e-3 if kind == "calibration" else 1.0
+            return [(torch.randn(500, k, generator=g, dtype=torch.float64) * scale,) for _ in range(4)]
         basis = torch.randn(8, k, generator=g, dtype=torch.float64)
         return [(torch.randn(500, 8, generator=g, dtype=torch.float64) @ basis
                  + 0.05 * torch.randn(500, k, generator=g, dtype=torch.float64),) for _ in range(4)]
-    calibration, other = inputs_of_one_kind(), inputs_of_one_kind()
+    calibration, other = inputs("calibration"), inputs("use")
 
     def error(lora=None):
         active = attach_lora(plan, lora, 1.0) if lora is not None else plan

@@ -130,7 +130,7 @@ def test_more_prompts_are_sampled_in_turn_with_the_positive_options(flux, loras_
         return ksampler(model, seed, steps, cfg, sampler, scheduler, positive, *args, **kwargs)
     monkeypatch.setattr(nodes, "common_ksampler", recording_ksampler)
     positive = flux_conditioning()
-    positive[0][1]["guidance"] = 2.5
+    positive[0][1] |= {"guidance": 2.5, "start_percent": 0.5, "end_percent": 1.0}   # the last two its own
     RTLynxCalibrateLoRA().calibrate(sparsified(flux), positive, {"samples": torch.zeros(1, 16, 16, 16)}, rank=4,
                                     samples=4, timesteps=1, seed=7, cfg=1.0, stats_memory_gb=16.0, filename="prompts",
                                     clip=PromptEncoder(), more_prompts="a red cat\n\n  a blue dog  \n")
@@ -141,12 +141,16 @@ def test_more_prompts_are_sampled_in_turn_with_the_positive_options(flux, loras_
         assert torch.equal(run_positive[0][0], encoded[0])
         assert torch.equal(run_positive[0][1]["pooled_output"], encoded[1]["pooled_output"])
         assert run_positive[0][1]["guidance"] == 2.5   # carried over from the positive conditioning
+        assert "start_percent" not in run_positive[0][1] and "end_percent" not in run_positive[0][1]
 
 
-@pytest.mark.parametrize("clip, samples, message", [(None, 4, "needs the clip input"),
-                                                    (PromptEncoder(), 2, "3 calibration prompts but samples is 2")])
-def test_more_prompts_refused_without_their_encoder_or_enough_samples(flux, loras_folder, clip, samples, message):
+@pytest.mark.parametrize("clip, samples, combined, message", [
+    (None, 4, False, "needs the clip input"), (PromptEncoder(), 2, False, "3 calibration prompts but samples is 2"),
+    (PromptEncoder(), 4, True, "one prompt \\(this one combines 2\\)")])
+def test_more_prompts_refused_without_their_encoder_enough_samples_or_one_positive(flux, loras_folder, clip, samples,
+                                                                                   combined, message):
+    positive = flux_conditioning() + (flux_conditioning(seed=5) if combined else [])
     with pytest.raises(ValueError, match=message):
-        RTLynxCalibrateLoRA().calibrate(sparsified(flux), flux_conditioning(), {"samples": torch.zeros(1, 16, 16, 16)},
+        RTLynxCalibrateLoRA().calibrate(sparsified(flux), positive, {"samples": torch.zeros(1, 16, 16, 16)},
                                         rank=4, samples=samples, timesteps=1, seed=0, cfg=1.0, stats_memory_gb=16.0,
                                         filename="x", clip=clip, more_prompts="one\ntwo")

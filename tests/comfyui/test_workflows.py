@@ -35,7 +35,8 @@ def node_classes():
 
 def widget_inputs(cls):
     """(name, type, options, spec) of the node's widget inputs, in the order the UI stores them,
-    plus the UI-only control_after_generate value after a seed."""
+    plus the UI-only control_after_generate value after a seed: the frontend adds one where the
+    input asks for it and, where it says nothing, to an INT named seed or noise_seed."""
     spec = cls.INPUT_TYPES()
     out = []
     for section in ("required", "optional"):
@@ -45,7 +46,7 @@ def widget_inputs(cls):
                 out.append((name, "COMBO", list(kind), opts))
             elif kind in WIDGET_TYPES and not opts.get("forceInput"):
                 out.append((name, kind, opts.get("options"), opts))
-                if opts.get("control_after_generate"):
+                if opts.get("control_after_generate", kind == "INT" and name in ("seed", "noise_seed")):
                     out.append(("control_after_generate", "COMBO", ["fixed", "increment", "decrement", "randomize"], {}))
     return out
 
@@ -215,3 +216,15 @@ def test_calibration_workflow_prompts_fit_its_samples(node_classes):
     flux = json.loads((ROOT / "workflows" / "flux1_dev_rt_lynx.json").read_text(encoding="utf-8"))
     load = next(n for n in flux["nodes"] if n["type"] == "RTLynxLoadLoRA")
     assert load["widgets_values"][0] == f"lynx/{values['filename']}.safetensors"
+
+
+def test_seed_control_widgets_follow_the_frontend_rule(node_classes):
+    """The pack's seeds (nothing said) and KSampler's (asked for) get the UI's control value after
+    them; the calibration template keeps its seed fixed, so queueing again does not calibrate anew."""
+    def names(node_type):
+        return [w[0] for w in widget_inputs(node_classes[node_type])]
+    for node_type in ("RTLynxCompare", "RTLynxCalibrateLoRA", "KSampler"):
+        assert names(node_type)[names(node_type).index("seed") + 1] == "control_after_generate", node_type
+    workflow = json.loads((ROOT / "workflows" / "flux1_dev_rt_lynx_calibrate.json").read_text(encoding="utf-8"))
+    calibrate = next(n for n in workflow["nodes"] if n["type"] == "RTLynxCalibrateLoRA")
+    assert dict(zip(names("RTLynxCalibrateLoRA"), calibrate["widgets_values"]))["control_after_generate"] == "fixed"
