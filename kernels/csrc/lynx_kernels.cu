@@ -1018,12 +1018,18 @@ constexpr int64_t kStreamArrivalCounters = 16384;  // 64-row blocks: a million r
 int* stream_arrival_counters(cudaStream_t stream, int64_t row_blocks) {
   if (row_blocks > kStreamArrivalCounters) return nullptr;
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess) {
+    (void)cudaGetLastError();  // only our own failed query's error, not an earlier one
+    return nullptr;
+  }
+  // Nothing else is asked while capturing: a call the capture mode counts as unsafe invalidates it.
+  if (capturing != cudaStreamCaptureStatusNone) return nullptr;
   unsigned long long id = 0;
   int device = 0;
-  const bool queried = cudaStreamIsCapturing(stream, &capturing) == cudaSuccess &&
-                       cudaStreamGetId(stream, &id) == cudaSuccess && cudaGetDevice(&device) == cudaSuccess;
-  if (!queried) (void)cudaGetLastError();  // only our own failed query's error, not an earlier one
-  if (!queried || capturing != cudaStreamCaptureStatusNone) return nullptr;
+  if (cudaStreamGetId(stream, &id) != cudaSuccess || cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
   static std::mutex mutex;
   static std::map<std::pair<int, unsigned long long>, int*> counters;  // never freed: 64 KB a stream
   const std::lock_guard<std::mutex> lock(mutex);
