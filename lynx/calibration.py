@@ -62,7 +62,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import norm_compensation_scale, sparsify_nm
-from .lora import LynxLoRA
+from .lora import LayerFactors, LynxLoRA
 from .patching import LynxLinearForward, LynxPlan, attach_lora, installed
 
 log = logging.getLogger("rt_lynx")
@@ -323,7 +323,7 @@ class _PassCounter:
 
 
 def _fit_part(plan: LynxPlan, groups: list[list[str]], inputs: Iterable, run, install, folded: bool, rank: int,
-              stats_dtype, ridge: float, counter: _PassCounter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+              stats_dtype, ridge: float, counter: _PassCounter) -> LayerFactors:
     layers = {}
     for group in groups:
         counter.next_pass()

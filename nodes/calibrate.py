@@ -108,9 +108,6 @@ class RTLynxCalibrateLoRA:
         plan = installed_plan(model)
         if plan is None:
             raise ValueError("RT-Lynx Calibrate LoRA needs a model from RT-Lynx Sparsify Model: connect that node first")
-        if plan.lora_note:
-            raise ValueError("this model already carries a Lynx LoRA; calibrate on the model straight from "
-                             "RT-Lynx Sparsify Model")
         if negative is None and cfg != 1.0:
             raise ValueError("cfg other than 1 needs the negative conditioning")
         negative = negative if negative is not None else []
