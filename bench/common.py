@@ -1,6 +1,7 @@
 """What the benchmarks share: timing (eager wall, CUDA-graph kernel time, queued eager device time) and the
 commit stamp."""
 import contextlib
+import math
 import os
 import pathlib
 import statistics
@@ -144,7 +145,8 @@ def _queued_sample_us(torch, fn, calls, launch_s, cycles_per_s, attempts=4):
 def interleaved_kernel_us(fns, calls, repeats, contexts=None):
     """{name: median device time per call (us)} from CUDA-graph replays (kernels only, no launch
     gaps), each variant's graph replayed in turn within every repeat (see interleaved_eager_us);
-    a variant's context is entered around its capture."""
+    a variant's context is entered around its capture. A variant whose capture fails is NaN (the
+    error printed), so the others are still timed."""
     import torch
     names, contexts = list(fns), contexts or {}
     graphs = {}
@@ -156,17 +158,22 @@ def interleaved_kernel_us(fns, calls, repeats, contexts=None):
                 for _ in range(3):
                     fns[name]()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=stream):
-                    for _ in range(calls):
-                        fns[name]()
+                try:
+                    with torch.cuda.graph(graph, stream=stream):
+                        for _ in range(calls):
+                            fns[name]()
+                except RuntimeError as exc:
+                    print(f"{name}: no CUDA-graph time, its capture failed: {exc}", flush=True)
+                    torch.cuda.synchronize()
+                    continue
             graphs[name] = graph
     torch.cuda.current_stream().wait_stream(stream)
     for graph in graphs.values():
         graph.replay()
     torch.cuda.synchronize()
-    samples = {name: [] for name in names}
+    samples = {name: [] if name in graphs else [math.nan] for name in names}
     for turn in range(repeats):
-        for name in _rotated(names, turn):
+        for name in _rotated(list(graphs), turn):
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             graphs[name].replay()

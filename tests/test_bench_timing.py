@@ -1,5 +1,7 @@
 """The kernel benchmarks' timing and tables on the CPU: the queued timing against a simulated GPU
 stream (host launches, a queue, events), and the LoRA branch benchmark's tables from made-up rows."""
+import contextlib
+import math
 import sys
 import types
 
@@ -16,8 +18,12 @@ class SimulatedStream:
     def __init__(self):
         self.host = 0.0
         self.gpu_free = 0.0
+        self.captured = None   # the kernel times of a CUDA graph being captured
 
     def launch(self, seconds, host_seconds=2e-6):
+        if self.captured is not None:
+            self.captured.append(seconds)
+            return
         self.host += host_seconds
         start = max(self.host, self.gpu_free)
         self.gpu_free = start + seconds
@@ -42,7 +48,25 @@ class SimulatedStream:
         def synchronize():
             stream.host = max(stream.host, stream.gpu_free)
 
-        cuda = types.SimpleNamespace(Event=Event, synchronize=synchronize,
+        class CUDAGraph:
+            def replay(self):   # one launch of all its kernels, back to back
+                stream.launch(sum(self.kernels), host_seconds=0.0)
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, stream=None):
+            self.captured = []
+            try:
+                yield
+            finally:
+                cuda_graph.kernels, self.captured = self.captured, None
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        cuda = types.SimpleNamespace(Event=Event, synchronize=synchronize, CUDAGraph=CUDAGraph, graph=graph,
+                                     Stream=Stream, current_stream=Stream,
+                                     stream=lambda s: contextlib.nullcontext(),
                                      _sleep=lambda cycles: stream.launch(cycles / stream.CYCLES_PER_S))
         return types.SimpleNamespace(cuda=cuda)
 
@@ -81,6 +105,18 @@ def test_queued_time_says_so_when_the_host_never_keeps_up(common, monkeypatch):
     monkeypatch.setattr(module, "QUEUE_MARGIN", 0.0)   # a queueing kernel of one cycle can never cover the launches
     with pytest.raises(RuntimeError, match="longer than the queueing kernel ran"):
         module.interleaved_queued_us({"fn": lambda: stream.launch(10e-6, host_seconds=50e-6)}, calls=20, repeats=1)
+
+
+def test_graph_time_of_a_variant_whose_capture_fails_is_nan_and_the_others_are_timed(common):
+    module, stream = common
+    def breaks_its_capture():
+        if stream.captured is not None:
+            raise RuntimeError("operation failed due to a previous error during capture")
+        stream.launch(30e-6)
+    result = module.interleaved_kernel_us({"fine": lambda: stream.launch(10e-6, host_seconds=50e-6),
+                                           "broken": breaks_its_capture}, calls=20, repeats=3)
+    assert result["fine"] == pytest.approx(10, rel=1e-6)   # kernel time: the host's 50 us do not count
+    assert math.isnan(result["broken"])
 
 
 def test_lora_branch_tables_from_made_up_rows():
