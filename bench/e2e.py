@@ -114,12 +114,46 @@ def import_comfyui(tiny: bool):
         comfy_args.highvram = True
     import comfy.model_management  # noqa: F401  (reads the args above)
     import comfy.utils
+    stand_in_for_missing_pyav()
     comfy.utils.PROGRESS_BAR_ENABLED = False
     import importlib.util
     spec = importlib.util.spec_from_file_location("rt_lynx_standalone", ROOT / "standalone.py")
     standalone = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(standalone)
     standalone.load_pack()
+
+
+def stand_in_for_missing_pyav():
+    """ComfyUI's nodes.py (which the Calibrate node samples through) imports comfy_api, whose video
+    types import PyAV at module level. The GPU machine has no PyAV and this benchmark reads or writes
+    no video, so where it is missing, empty modules take its names (any attribute is a placeholder
+    class); a real install is left as it is."""
+    import importlib.abc
+    import importlib.machinery
+    import importlib.util
+    import types
+    if importlib.util.find_spec("av") is not None:
+        return
+
+    class Placeholder:
+        pass
+
+    class EmptyModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            if name == "av" or name.startswith("av."):
+                return importlib.machinery.ModuleSpec(name, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            module = types.ModuleType(spec.name)
+            module.__path__ = []
+            module.__getattr__ = lambda attribute: Placeholder
+            return module
+
+        def exec_module(self, module):
+            pass
+    sys.meta_path.append(EmptyModules())
+    log("no PyAV here: empty modules stand in for it (ComfyUI's video types; nothing here uses them)")
 
 
 class Device:
