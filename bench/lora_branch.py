@@ -5,14 +5,10 @@ Side by side in one run: the plain Lynx linear, the branch inside the sparse GEM
 extension) with down(x) by cuBLAS before the sparsify pass, the same with down(x) computed inside
 the sparsify pass on tensor cores (sm90.low_rank_fusion; the default for ranks up to 32), and the
 branch added after as two small products (the path of the other backends); and, for what each gives,
-the plain and fused-down linears with programmatic dependent launch (sm90.programmatic_launch), the
-fused-down one finishing its rows in the pass (sm90.low_rank_finish_in_pass) and prefetching its
-slices' later tiles into L2 (sm90.fused_pass_prefetch). Eager wall time per call
-(median over repeats, synchronised), CUDA-graph kernel time, and for the launch modes also the
-device time of eager launches queued behind a long kernel (what eager ComfyUI runs: a graph
-captures a finishing-in-pass launch with a kernel zeroing its counters first, an eager launch uses
-its stream's counters), the variants taking turns within every repeat so a clock drift shifts them
-alike. Results go to
+the plain and fused-down linears with programmatic dependent launch (sm90.programmatic_launch).
+Eager wall time per call (median over repeats, synchronised), CUDA-graph kernel time, and the device
+time of eager launches queued behind a long kernel (what eager ComfyUI runs, without host gaps), the
+variants taking turns within every repeat so a clock drift shifts them alike. Results go to
 bench/results/lora-branch-<date>-<gpu>.md.
 """
 import argparse
@@ -36,22 +32,16 @@ SHAPES = [(4096, 3072, 9216), (4096, 3072, 3072), (4096, 3072, 12288), (4096, 12
           (4608, 3072, 21504), (512, 3072, 9216)]
 
 
-# (variant, (programmatic launch, fused down pass finishing in the pass, its L2 prefetch)); "plain" and
-# "in_gemm_fused_down" are the defaults' variants above.
-LAUNCH_MODES = [("plain", (False, False, False)), ("plain_programmatic", (True, False, False)),
-                ("in_gemm_fused_down", (False, False, False)), ("fused_down_programmatic", (True, False, False)),
-                ("fused_down_in_pass", (False, True, False)), ("fused_down_prefetch", (False, False, True)),
-                ("fused_down_all", (True, True, True))]
+# (variant, programmatic launch); "plain" and "in_gemm_fused_down" are the defaults' variants above.
+LAUNCH_MODES = [("plain", False), ("plain_programmatic", True),
+                ("in_gemm_fused_down", False), ("fused_down_programmatic", True)]
 LAUNCH_LABELS = {"plain": "Lynx us", "plain_programmatic": "Lynx, programmatic",
-                 "in_gemm_fused_down": "fused down", "fused_down_programmatic": "fused down, programmatic",
-                 "fused_down_in_pass": "fused down, in pass", "fused_down_prefetch": "fused down, prefetch",
-                 "fused_down_all": "fused down, all three"}
+                 "in_gemm_fused_down": "fused down", "fused_down_programmatic": "fused down, programmatic"}
 
 
 @contextlib.contextmanager
-def _modes(sm90, programmatic, in_pass, prefetch):
-    with (sm90.programmatic_launch(programmatic), sm90.low_rank_fusion(True), sm90.low_rank_finish_in_pass(in_pass),
-          sm90.fused_pass_prefetch(prefetch)):
+def _modes(sm90, programmatic):
+    with sm90.programmatic_launch(programmatic), sm90.low_rank_fusion(True):
         yield
 
 
@@ -87,12 +77,12 @@ def main():
                  "down_transposed": lambda: torch.mm(down, next_x().t())}
         contexts = {"in_gemm": lambda: sm90.low_rank_fusion(False),
                     "in_gemm_fused_down": lambda: sm90.low_rank_fusion(True)}
-        # Launch and finishing modes: the switches of LAUNCH_MODES around their variant's turns.
-        for name, modes in LAUNCH_MODES:
+        # Launch modes: the switch of LAUNCH_MODES around its variant's turns.
+        for name, programmatic in LAUNCH_MODES:
             if name in variants:
                 continue   # a default's own variant
             variants[name] = variants["plain" if name.startswith("plain") else "in_gemm_fused_down"]
-            contexts[name] = lambda modes=modes: _modes(sm90, *modes)
+            contexts[name] = lambda programmatic=programmatic: _modes(sm90, programmatic)
         with sm90.low_rank_fusion(True):
             fusable = backend == "sm90" and sm90.low_rank_fused(args.rank)
         row = {"shape": (m, k, n), "backend": backend, "branch_in_gemm": in_gemm.up_k_extension is not None,
@@ -107,7 +97,7 @@ def main():
         for timing in TIMINGS:
             for name in BRANCH_VARIANTS:
                 row[f"{timing}_{name}_overhead"] = row[f"{timing}_{name}_us"] / row[f"{timing}_plain_us"] - 1
-            for name, (programmatic, _, _) in LAUNCH_MODES:
+            for name, programmatic in LAUNCH_MODES:
                 if not name.startswith("plain"):
                     base = "plain_programmatic" if programmatic else "plain"
                     row[f"{timing}_{name}_overhead"] = row[f"{timing}_{name}_us"] / row[f"{timing}_{base}_us"] - 1
@@ -149,11 +139,9 @@ def markdown(rows, rank, about):
         lines.append(f"\nMean overhead of the branch {label}: {kernel:+.1%} kernel time, {queued:+.1%} queued, "
                      f"{eager:+.1%} eager (target: at most +5% at rank 32).")
     modes = [name for name, _ in LAUNCH_MODES]
-    lines += ["", "Launch and finishing modes, timed in the same turns: programmatic = programmatic dependent launch "
-              "(sm90.programmatic_launch); in pass = the fused down pass's last K slice to arrive adds the slices' "
-              "sums (sm90.low_rank_finish_in_pass), else a second kernel does; prefetch = its blocks first prefetch "
-              "their slice's later tiles into L2 (sm90.fused_pass_prefetch). Overheads against the Lynx linear "
-              "without a branch in the same launch mode. Timing: kernel = CUDA-graph replays, queued = eager launches "
+    lines += ["", "Launch modes, timed in the same turns: programmatic = programmatic dependent launch "
+              "(sm90.programmatic_launch). Overheads against the Lynx linear without a branch in the same launch "
+              "mode. Timing: kernel = CUDA-graph replays, queued = eager launches "
               "queued behind a long kernel (device time, no host gaps), eager = wall time.", "",
               "| M,K,N | timing | " + " | ".join(LAUNCH_LABELS[name] for name in modes) + " |",
               "|" + "---|" * (2 + len(modes))]

@@ -387,33 +387,12 @@ def programmatic_launch(enabled: bool):
     """Within the block, the sparse GEMM and the sparsify passes are launched with programmatic
     dependent launch (enabled: each may start while the kernel before it ends and waits for it
     before touching memory, so the GEMM sets up while the sparsify pass's last blocks run) or
-    plainly (the default, until it is measured). The previous setting comes back on leaving it.
+    plainly (the default: 1-3% on the Lynx linear's time, nothing measurable in a FLUX step; H200,
+    bench/NOTES.md). The previous setting comes back on leaving it.
     Read at each launch: a CUDA graph keeps what it was captured with. Process-wide like
     low_rank_fusion; for benchmarks and tests."""
     ext = _cusparselt.extension()
     with _switched(bool(ext.programmatic_launch()), ext.set_programmatic_launch, enabled):
-        yield
-
-
-@contextlib.contextmanager
-def low_rank_finish_in_pass(enabled: bool):
-    """Within the block, the fused down pass adds its K slices' partial sums of u and the norms in
-    the last slice of each row block to arrive (enabled: arrival counters, no second kernel) or in
-    a second kernel (the default); both give the same bits. The previous setting comes back on
-    leaving it. Process-wide like low_rank_fusion; for benchmarks and tests."""
-    ext = _cusparselt.extension()
-    with _switched(bool(ext.low_rank_finish_in_pass()), ext.set_low_rank_finish_in_pass, enabled):
-        yield
-
-
-@contextlib.contextmanager
-def fused_pass_prefetch(enabled: bool):
-    """Within the block, each block of the fused down pass first prefetches the later tiles of its
-    K slice into L2 (enabled) or not (the default, until it is measured); a hint, the results are
-    the same. The previous setting comes back on leaving it. Process-wide like low_rank_fusion; for
-    benchmarks and tests."""
-    ext = _cusparselt.extension()
-    with _switched(bool(ext.fused_pass_prefetch()), ext.set_fused_pass_prefetch, enabled):
         yield
 
 

@@ -131,7 +131,7 @@ def test_lora_branch_tables_from_made_up_rows():
                 row[f"{timing}_{name}_us"] = base if name == "plain" else base * (1.02 + 0.01 * i)
             for name in lora_branch.BRANCH_VARIANTS:
                 row[f"{timing}_{name}_overhead"] = row[f"{timing}_{name}_us"] / row[f"{timing}_plain_us"] - 1
-            for name, (programmatic, _, _) in lora_branch.LAUNCH_MODES:
+            for name, programmatic in lora_branch.LAUNCH_MODES:
                 if not name.startswith("plain"):
                     base_name = "plain_programmatic" if programmatic else "plain"
                     row[f"{timing}_{name}_overhead"] = row[f"{timing}_{name}_us"] / row[f"{timing}_{base_name}_us"] - 1

@@ -17,8 +17,6 @@
 #include <algorithm>
 #include <cfloat>
 #include <atomic>
-#include <map>
-#include <mutex>
 #include <utility>
 
 namespace rt_lynx {
@@ -515,10 +513,6 @@ __device__ __forceinline__ void cp_async_16(uint16_t* smem, const uint16_t* glob
   const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0));
 }
-// bytes (a multiple of 16) from a 16-byte aligned global address into L2, no destination.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* global, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(global), "r"(bytes) : "memory");
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>  // "memory": the compiler must not move reads of the landed bytes above the wait
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"); }
@@ -561,86 +555,12 @@ __device__ __forceinline__ void prologue_on_tile(uint16_t* stage, int64_t first_
   }
 }
 
-// What finishing a row needs beyond the partial sums: the K extension's place and the token scale.
-struct LowRankFinish {
-  int64_t rows, cols, rank, k_ext;
-  uint16_t* values;
-  int64_t ld_values;
-  uint8_t* meta;
-  float* scale;  // nullptr: no compensation, s = 1
-};
-
-// What low_rank_extension_kernel does, for the kFusedRows rows of one row block, done by the block
-// that finished the row block's last slice: 4 threads a row load every slice's partial sums at
-// once (added in slice order: that kernel's results bit for bit), u / s goes through shared memory
-// (`staging`, kFusedRows x kRankPadded floats) to be written as K-extension pieces.
-template <bool kBf16, int kCutlassBlockK, int kRankTiles>
-__device__ __forceinline__ void finish_low_rank_rows(const float* partial, int64_t slices, int64_t block_row,
-                                                     int64_t padded_rows, const LowRankFinish& f, float* staging) {
-  constexpr int kRankPadded = kRankTiles * 8;
-  constexpr int kStride = FusedSmem<kRankTiles>::kPartialStride;
-  constexpr int kThreadsPerRow = kFusedThreads / kFusedRows;
-  constexpr int kPer = kRankPadded / kThreadsPerRow;  // u columns a thread adds
-  static_assert(kThreadsPerRow == 4 && kPer % 2 == 0, "float2 loads of whole u columns");
-  const int local = int(threadIdx.x) / kThreadsPerRow;
-  const int part = int(threadIdx.x) % kThreadsPerRow;
-  const int64_t row = block_row + local;
-  const float* row_partial = partial + row * kStride;
-  const int64_t slice_step = padded_rows * kStride;
-  float u[kPer] = {}, dense_sq = 0.f, kept_sq = 0.f;
-  constexpr int kInFlight = 4;  // slices loaded before any is added
-  for (int64_t first = 0; first < slices; first += kInFlight) {
-    float2 part_u[kInFlight][kPer / 2], part_norms[kInFlight];
-#pragma unroll
-    for (int i = 0; i < kInFlight; ++i) {
-      const bool real = first + i < slices;
-      const float* q = row_partial + (real ? first + i : 0) * slice_step;
-#pragma unroll
-      for (int v = 0; v < kPer / 2; ++v) {
-        part_u[i][v] = real ? __ldcg(reinterpret_cast<const float2*>(q + part * kPer) + v) : make_float2(0.f, 0.f);
-      }
-      part_norms[i] =
-          real && part == 0 ? __ldcg(reinterpret_cast<const float2*>(q + kRankPadded)) : make_float2(0.f, 0.f);
-    }
-#pragma unroll
-    for (int i = 0; i < kInFlight; ++i) {  // in slice order, as low_rank_extension_kernel adds them
-#pragma unroll
-      for (int v = 0; v < kPer / 2; ++v) {
-        u[2 * v] += part_u[i][v].x;
-        u[2 * v + 1] += part_u[i][v].y;
-      }
-      dense_sq += part_norms[i].x;
-      kept_sq += part_norms[i].y;
-    }
-  }
-  float s = f.scale != nullptr ? token_scale_of(dense_sq, kept_sq) : 1.f;
-  // The row's first thread holds its norms.
-  s = __shfl_sync(0xffffffffu, s, int(threadIdx.x % 32) & ~(kThreadsPerRow - 1));
-  if (f.scale != nullptr && part == 0) f.scale[row] = s;
-#pragma unroll
-  for (int v = 0; v < kPer; ++v) staging[local * kRankPadded + part * kPer + v] = __fdiv_rn(u[v], s);
-  __syncthreads();
-  // Piece j of a row: logical columns cols + 8 j .. + 8, i.e. u[4 j .. 4 j + 3] (zero past the rank).
-  const int pieces = int(f.k_ext / 8);
-  for (int item = int(threadIdx.x); item < kFusedRows * pieces; item += kFusedThreads) {
-    const int piece_row = item / pieces, piece = item % pieces;
-    const int64_t out_row = block_row + piece_row;
-    uint32_t out[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int j = 4 * piece + i;
-      out[i] = out_row < f.rows && j < f.rank ? float_to_bits<kBf16>(staging[piece_row * kRankPadded + j]) : 0u;
-    }
-    store_k_extension_piece<kCutlassBlockK>(out, out_row, piece, f.cols, padded_rows, f.values, f.ld_values, f.meta);
-  }
-}
-
 template <bool kBf16, int kCutlassBlockK, int kRankTiles, int kPrologue>
 __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
     const uint16_t* __restrict__ x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,
     const uint16_t* __restrict__ down, int64_t rank, int64_t tiles_per_slice, uint16_t* __restrict__ values,
     int64_t ld_values, uint8_t* __restrict__ meta, float* __restrict__ partial, PrologueArgs mod,
-    const float2* __restrict__ row_stats, int* __restrict__ arrivals, LowRankFinish finish, bool prefetch_l2) {
+    const float2* __restrict__ row_stats) {
   allow_next_grid_launch();
   wait_for_previous_grid();
   constexpr int kRankPadded = kRankTiles * 8;
@@ -658,19 +578,6 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
   const int64_t slice = blockIdx.y;
   const int64_t first_col = slice * tiles_per_slice * kFusedTileK;
   const int64_t tiles = min(tiles_per_slice, (cols - first_col + kFusedTileK - 1) / kFusedTileK);
-  if (prefetch_l2 && tiles > 1) {
-    // The slice's later tiles (x rows, down rows) into L2 at once, a bulk prefetch per row: their
-    // copies then wait on L2 instead of one DRAM latency after another through the 2-stage pipeline.
-    const int64_t later = first_col + kFusedTileK;
-    const uint32_t bytes = static_cast<uint32_t>((min(cols, first_col + tiles * kFusedTileK) - later) * 2);
-    const int64_t r = threadIdx.x;
-    if (r < kFusedRows && block_row + r < rows) {
-      prefetch_l2_bulk(x + (block_row + r) * ld_x + later, bytes);
-    } else if (r >= kFusedRows && r - kFusedRows < rank) {
-      prefetch_l2_bulk(down + (r - kFusedRows) * cols + later, bytes);
-    }
-  }
-
   // This thread's copies: tile rows copy_row + kFusedRowsPerCopy * i, 8 columns at copy_col.
   const int copy_row = int(threadIdx.x) / kFusedPieces;
   const int copy_col = (int(threadIdx.x) % kFusedPieces) * 8;
@@ -784,20 +691,6 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
             make_float2(dense[p][h], kept[p][h]);
       }
     }
-  }
-  if (arrivals == nullptr) return;  // low_rank_extension_kernel adds the slices
-  __shared__ bool last_to_arrive;
-  __threadfence();  // this block's partial sums are visible before its arrival counts
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last_to_arrive = atomicAdd(arrivals + blockIdx.x, 1) == int(gridDim.y) - 1;
-    if (last_to_arrive) arrivals[blockIdx.x] = 0;  // every slice has arrived: ready for the next launch
-    __threadfence();  // and the other slices' sums are read after it
-  }
-  __syncthreads();
-  if (last_to_arrive) {
-    finish_low_rank_rows<kBf16, kCutlassBlockK, kRankTiles>(partial, int64_t(gridDim.y), block_row, padded_rows,
-                                                            finish, reinterpret_cast<float*>(stages));
   }
 }
 
@@ -1008,62 +901,6 @@ void launch_sparsify_layout(int layout, bool fold_scale, int split, const void* 
   }
 }
 
-// The fused pass's arrival counters kept per stream: each launch's finishing blocks set theirs back to
-// 0, so the next launch in the stream (which starts after this one ends, or waits for it before
-// touching memory) finds them at 0 with no memset. Keyed by the stream's process-unique id, so a
-// new stream never inherits a destroyed one's. nullptr while the stream is being captured (a graph
-// keeps its own, zeroed in the graph: its replays may run beside eager work of the capturing
-// stream) or past kStreamArrivalCounters row blocks; the caller then zeroes counters of its own.
-constexpr int64_t kStreamArrivalCounters = 16384;  // 64-row blocks: a million rows
-int* stream_arrival_counters(cudaStream_t stream, int64_t row_blocks) {
-  if (row_blocks > kStreamArrivalCounters) return nullptr;
-  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess) {
-    (void)cudaGetLastError();  // only our own failed query's error, not an earlier one
-    return nullptr;
-  }
-  // Nothing else is asked while capturing: a call the capture mode counts as unsafe invalidates it.
-  if (capturing != cudaStreamCaptureStatusNone) return nullptr;
-  unsigned long long id = 0;
-  int device = 0;
-  if (cudaStreamGetId(stream, &id) != cudaSuccess || cudaGetDevice(&device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return nullptr;
-  }
-  static std::mutex mutex;
-  static std::map<std::pair<int, unsigned long long>, int*> counters;  // never freed: 64 KB a stream
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto found = counters.find({device, id});
-  if (found != counters.end()) return found->second;
-  // Relaxed: cudaMalloc is refused while another thread captures a graph in global mode.
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  cudaThreadExchangeStreamCaptureMode(&mode);
-  int* fresh = nullptr;
-  const bool allocated = cudaMalloc(&fresh, kStreamArrivalCounters * sizeof(int)) == cudaSuccess;
-  cudaThreadExchangeStreamCaptureMode(&mode);
-  if (!allocated) {
-    (void)cudaGetLastError();
-    return nullptr;  // the caller's own counters
-  }
-  const cudaError_t zeroed = cudaMemsetAsync(fresh, 0, kStreamArrivalCounters * sizeof(int), stream);
-  if (zeroed != cudaSuccess) {
-    (void)cudaGetLastError();
-    cudaFree(fresh);
-    require(false, "sparsify: cannot zero the arrival counters: ", cudaGetErrorString(zeroed));
-  }
-  counters.emplace(std::make_pair(device, id), fresh);
-  return fresh;
-}
-
-// Zeroes the arrival counters of a fused pass being captured into a graph, on every replay. A kernel
-// rather than a memset node: with programmatic launch it keeps the chain of kernels that may start
-// as the one before them ends (a memset node would make the pass wait for the previous GEMM's end).
-__global__ void __launch_bounds__(256) zero_arrival_counters_kernel(int* __restrict__ counters, int64_t count) {
-  allow_next_grid_launch();
-  wait_for_previous_grid();
-  for (int64_t i = int64_t(blockIdx.x) * 256 + threadIdx.x; i < count; i += int64_t(gridDim.x) * 256) counters[i] = 0;
-}
-
 // K slices of the fused pass: the fewest that keep the chip's block slots (two per SM) busy,
 // counting tail waves (a slice's time ~ its tiles).
 struct FusedSlicing {
@@ -1080,9 +917,7 @@ struct LowRankLaunch {
   int64_t ld_values;
   uint8_t* meta;
   float* scale;
-  // The slices' partial sums, (LayerNorm prologue) the rows' (mean, rstd), then arrival counters for a
-  // launch that finishes in the pass and zeroes its own (stream_arrival_counters).
-  float* workspace;
+  float* workspace;  // the slices' partial sums, then (LayerNorm prologue) the rows' (mean, rstd)
   const SparsifyPrologue* prologue;
 };
 
@@ -1105,23 +940,11 @@ void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int
     launch_after_previous(row_stats_kernel<kBf16>, dim3(static_cast<unsigned>((rows + 7) / 8)), dim3(256), 0, stream,
                           static_cast<const uint4*>(x), rows, ld_x / 8, static_cast<int>(cols / 8), mod.eps, row_stats);
   }
-  const int64_t row_blocks = padded_rows / kFusedRows;
-  int* arrivals = nullptr;
-  if (low_rank_finish_in_pass()) {
-    arrivals = stream_arrival_counters(stream, row_blocks);
-    if (arrivals == nullptr) {  // zeroed here: a graph being captured, or more row blocks than the stream's set
-      arrivals = reinterpret_cast<int*>(l.workspace + partial_floats + 2 * padded_rows);
-      const auto blocks = static_cast<unsigned>(std::min<int64_t>((row_blocks + 255) / 256, 64));
-      launch_after_previous(zero_arrival_counters_kernel, dim3(blocks), dim3(256), 0, stream, arrivals, row_blocks);
-    }
-  }
-  const LowRankFinish finish{rows, cols, l.rank, l.k_ext, l.values, l.ld_values, l.meta, l.scale};
-  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(slicing.slices));
+  const dim3 grid(static_cast<unsigned>(padded_rows / kFusedRows), static_cast<unsigned>(slicing.slices));
   launch_after_previous(kernel, grid, dim3(kFusedThreads), kSmem, stream, static_cast<const uint16_t*>(x), rows,
                         padded_rows, cols, ld_x, static_cast<const uint16_t*>(l.down), l.rank,
                         slicing.tiles_per_slice, l.values, l.ld_values, l.meta, l.workspace, mod,
-                        static_cast<const float2*>(row_stats), arrivals, finish, fused_pass_prefetch());
-  if (arrivals != nullptr) return;  // the last slice of each row block finished its rows
+                        static_cast<const float2*>(row_stats));
   launch_after_previous(low_rank_extension_kernel<kBf16, kCutlassBlockK, kRankTiles>,
                         dim3(static_cast<unsigned>(padded_rows / 8)), dim3(256), 0, stream,
                         static_cast<const float*>(l.workspace), slicing.slices, rows, padded_rows, cols, l.rank,
@@ -1254,8 +1077,6 @@ std::atomic<bool> low_rank_fusion_switch{true};
 std::atomic<bool> staged_pass_switch{true};
 std::atomic<bool> fast_gelu_switch{false};
 std::atomic<bool> programmatic_launch_switch{false};
-std::atomic<bool> finish_in_pass_switch{false};
-std::atomic<bool> fused_pass_prefetch_switch{false};
 }  // namespace
 
 void set_sparsify_low_rank_fusion(bool enabled) { low_rank_fusion_switch.store(enabled); }
@@ -1263,10 +1084,6 @@ bool fast_gelu() { return fast_gelu_switch.load(); }
 void set_fast_gelu(bool enabled) { fast_gelu_switch.store(enabled); }
 bool programmatic_launch() { return programmatic_launch_switch.load(); }
 void set_programmatic_launch(bool enabled) { programmatic_launch_switch.store(enabled); }
-bool low_rank_finish_in_pass() { return finish_in_pass_switch.load(); }
-void set_low_rank_finish_in_pass(bool enabled) { finish_in_pass_switch.store(enabled); }
-bool fused_pass_prefetch() { return fused_pass_prefetch_switch.load(); }
-void set_fused_pass_prefetch(bool enabled) { fused_pass_prefetch_switch.store(enabled); }
 void set_sparsify_staged_pass(bool enabled) { staged_pass_switch.store(enabled); }
 
 bool sparsify_prologue_supported(int64_t padded_rows, int64_t cols) {
@@ -1282,10 +1099,9 @@ bool sparsify_low_rank_fused(int64_t rank) {
 }
 
 int64_t sparsify_low_rank_workspace_floats(int64_t padded_rows, int64_t cols) {
-  // The slices' partial sums, a (mean, rstd) pair per row for a LayerNorm prologue, then an arrival
-  // counter per row block (int) when the last slice finishes the rows.
+  // The slices' partial sums, then a (mean, rstd) pair per row for a LayerNorm prologue.
   return fused_slicing(padded_rows, cols).slices * padded_rows * FusedSmem<kMaxFusedRank / 8>::kPartialStride +
-         2 * padded_rows + padded_rows / kFusedRows;
+         2 * padded_rows;
 }
 
 void launch_sparsify_low_rank(const void* x, int64_t rows, int64_t padded_rows, int64_t cols, int64_t ld_x,

@@ -90,10 +90,7 @@ int sparsify_split_for(int64_t padded_rows, int64_t cols);
 // K extension (compressed_cols - cols columns), as launch_sparsify_compress does with a given u.
 // The token scale goes to `scale` when compensating (nullptr: s = 1). rank <= kMaxFusedRank.
 // Two kernels: the pass over slices of K, then the sum of the slices' partial sums
-// (workspace: sparsify_low_rank_workspace_floats floats, no initialisation needed); or, with
-// set_low_rank_finish_in_pass, the pass alone, the last slice of each row block to finish adding
-// them (the same sums bit for bit; arrival counters kept per stream, which the finishing blocks
-// leave at 0, or, in a graph capture, in the workspace, zeroed by a small kernel first). A prologue
+// (workspace: sparsify_low_rank_workspace_floats floats, no initialisation needed). A prologue
 // applies to x's tiles before both the selection and the down projection; a LayerNorm one first
 // takes each row's mean and rstd in a small kernel of its own (the slices need them up front).
 constexpr int64_t kMaxFusedRank = 32;  // two 16-column rank halves a block
@@ -121,7 +118,7 @@ void set_sparsify_low_rank_fusion(bool enabled);
 bool fast_gelu();
 void set_fast_gelu(bool enabled);
 
-// Programmatic dependent launch (sm90; off by default until measured): the sparse GEMM (RtLynxSm90Gemm.
+// Programmatic dependent launch (sm90; off by default, see sm90.programmatic_launch): the sparse GEMM (RtLynxSm90Gemm.
 // programmatic_launch) and the sparsify passes' kernels are launched so that they may start while
 // the kernel before them in the stream ends (each waits for it before touching memory), and every
 // sparsify pass lets the next launch begin at its own start: the GEMM's set-up overlaps the pass's
@@ -129,19 +126,6 @@ void set_fast_gelu(bool enabled);
 // was captured with); process-wide, for benchmarks and tests that compare both.
 bool programmatic_launch();
 void set_programmatic_launch(bool enabled);
-
-// Whether the fused down pass finishes its rows in the pass (the last K slice of each row block to
-// arrive adds the slices' sums; no second kernel) or in low_rank_extension_kernel (the default).
-// Read at each launch; process-wide, for benchmarks and tests that compare both.
-bool low_rank_finish_in_pass();
-void set_low_rank_finish_in_pass(bool enabled);
-
-// Whether each block of the fused down pass first asks L2 for the later tiles of its K slice (a
-// bulk prefetch per x and down row), so that the 2-stage pipeline's copies of them wait on L2
-// rather than on one DRAM latency after another (a slice is 1-12 tiles of 256 columns). Off by
-// default until measured; read at each launch, process-wide, for benchmarks and tests.
-bool fused_pass_prefetch();
-void set_fused_pass_prefetch(bool enabled);
 
 // The sm90 layouts' pass (launch_sparsify_compress without a split, launch_sparsify_fp8 with
 // kMetadataSm90Block128) keeps each row pair in registers, loaded all at once, when the row

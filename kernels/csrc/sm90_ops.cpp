@@ -718,11 +718,6 @@ void register_sm90_functions(pybind11::module& m) {
              "torch's bit for bit");
   def_switch("programmatic_launch", &rt_lynx::set_programmatic_launch, &rt_lynx::programmatic_launch,
              "the sm90 GEMM and the sparsify passes launched with programmatic dependent launch (off by default)");
-  def_switch("low_rank_finish_in_pass", &rt_lynx::set_low_rank_finish_in_pass, &rt_lynx::low_rank_finish_in_pass,
-             "the fused down pass's last K slice to arrive adds the slices' sums; off (the default): a second "
-             "kernel does");
-  def_switch("fused_pass_prefetch", &rt_lynx::set_fused_pass_prefetch, &rt_lynx::fused_pass_prefetch,
-             "each block of the fused down pass prefetches the later tiles of its K slice into L2 (off by default)");
   m.def("sparsify_low_rank_fused", &rt_lynx::sparsify_low_rank_fused,
         "whether the sparsify pass computes down(x) for this rank");
   m.def("set_sparsify_staged_pass", &rt_lynx::set_sparsify_staged_pass,

@@ -1,10 +1,7 @@
 """GPU tests of programmatic dependent launch (sm90.programmatic_launch): the sparse GEMM and the
 sparsify passes may start while the kernel before them in the stream ends, so each must wait for
 it before touching memory. A missing wait is a race, seen here as outputs that differ from the
-plain launches' or NaN from poisoned memory. The fused down pass is chained both with its second
-kernel and finishing in the pass (sm90.low_rank_finish_in_pass: eager launches use the stream's
-arrival counters, a graph zeroes its own in a small kernel before the pass), and with its L2
-prefetch (sm90.fused_pass_prefetch).
+plain launches' or NaN from poisoned memory.
 
 Each case chains Lynx linears so that every pass reads what the GEMM just before it wrote (the GEMM
 lets the next launch begin at its last tiles) and every GEMM reads what its pass just wrote, over
@@ -28,8 +25,7 @@ LINKS = 6
 TOLERANCE = 1e-2
 EPS = 1e-6
 QUEUE_CYCLES = 20_000_000   # about 10 ms of GPU clock: longer than the host takes to launch a chain
-PATHS = ["plain", "chunked_pass", "lora_fused_down", "lora_finish_in_pass", "lora_prefetch", "lora_cublas_down",
-         "modulated_lora", "modulated_lora_finish_in_pass", "gelu_lora", "fp8"]
+PATHS = ["plain", "chunked_pass", "lora_fused_down", "lora_cublas_down", "modulated_lora", "gelu_lora", "fp8"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +52,7 @@ def _link(sm90, path, x, link, tokens):
     if path == "fp8":
         return sm90.sparse_linear_fp8_sm90(x, link["wq"], link["w_scale"], bias, True)
     up_ext = link["up_ext"]
-    if path in ("lora_fused_down", "lora_finish_in_pass", "lora_prefetch", "lora_cublas_down"):
+    if path in ("lora_fused_down", "lora_cublas_down"):
         return sm90.sparse_linear_lora_sm90(x, weight, bias, True, link["down"], up_ext)
     if path == "gelu_lora":
         return sm90.sparse_linear_gelu_sm90(x, weight, None, bias, True, link["down"], up_ext)
@@ -77,8 +73,6 @@ def _switches(sm90, path, programmatic):
         stack.enter_context(sm90.programmatic_launch(programmatic))
         stack.enter_context(sm90.staged_sparsify(path != "chunked_pass"))
         stack.enter_context(sm90.low_rank_fusion(path != "lora_cublas_down"))
-        stack.enter_context(sm90.low_rank_finish_in_pass(path.endswith("finish_in_pass")))
-        stack.enter_context(sm90.fused_pass_prefetch(path == "lora_prefetch"))
         return stack.pop_all()
 
 
@@ -173,12 +167,9 @@ def test_one_link_of_each_path_matches_fp32_math(sm90, generator, dtype, path):
     assert relative_error(y, _want(path, x, link, tokens)) < TOLERANCE
 
 
-def test_the_switches_are_off_by_default_and_come_back(sm90):
-    extension = sm90._cusparselt.extension()
-    for switch, current in ((sm90.programmatic_launch, extension.programmatic_launch),
-                            (sm90.low_rank_finish_in_pass, extension.low_rank_finish_in_pass),
-                            (sm90.fused_pass_prefetch, extension.fused_pass_prefetch)):
-        assert not current()
-        with switch(True):
-            assert current()
-        assert not current()
+def test_the_switch_is_off_by_default_and_comes_back(sm90):
+    current = sm90._cusparselt.extension().programmatic_launch
+    assert not current()
+    with sm90.programmatic_launch(True):
+        assert current()
+    assert not current()

@@ -62,28 +62,6 @@ def test_branch_in_the_gemm_matches_fp32_math(sm90, generator, dtype, rows, rank
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", ODD_ROWS + [512])
-# 1 to 48 tiles of 256 columns, at 384 the last one partly full; a K slice has more than one tile (what the
-# prefetch is for) where rows x tiles outgrow the chip's block slots: 4097 rows at K 3072 and 12288, 512 at 12288.
-@pytest.mark.parametrize("k", [256, 384, 3072, 12288])
-@pytest.mark.parametrize("rank", [1, 16, 17, 32])
-@pytest.mark.parametrize("compensate", [True, False])
-@pytest.mark.parametrize("in_pass,prefetch", [(True, False), (False, True), (True, True)])
-def test_fused_pass_options_give_the_default_bytes(sm90, generator, dtype, rows, k, rank, compensate, in_pass,
-                                                    prefetch):
-    # in_pass: the last K slice of each row block to arrive adds the slices' partial sums (what the
-    # second kernel makes, bit for bit, in any arrival order); prefetch: an L2 hint, no change.
-    x, weight, bias, down, up = _problem(generator, rows, k, 1024, rank, dtype, "student_t")
-    with sm90.low_rank_fusion(True):
-        with sm90.low_rank_finish_in_pass(False), sm90.fused_pass_prefetch(False):
-            want = _fused(sm90, x, weight, bias, down, up, 0.5, compensate)
-        with sm90.low_rank_finish_in_pass(in_pass), sm90.fused_pass_prefetch(prefetch):
-            for _ in range(3):
-                assert torch.equal(_fused(sm90, x, weight, bias, down, up, 0.5, compensate), want)
-    assert relative_error(want, _want(x, weight, bias, down, up, 0.5, compensate)) < TOLERANCE
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", INPUT_KINDS)
 @pytest.mark.parametrize("fusion,staged", [(True, True), (False, True), (False, False)])
 def test_input_families_and_zero_tokens(sm90, generator, dtype, kind, fusion, staged):
