@@ -147,7 +147,11 @@ def stand_in_for_missing_pyav():
         def create_module(self, spec):
             module = types.ModuleType(spec.name)
             module.__path__ = []
-            module.__getattr__ = lambda attribute: Placeholder
+            def placeholder(attribute):
+                if attribute.startswith("__"):   # module dunders (__file__, __all__, ...) stay missing
+                    raise AttributeError(attribute)
+                return Placeholder
+            module.__getattr__ = placeholder
             return module
 
         def exec_module(self, module):

@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cfloat>
 #include <atomic>
-#include <utility>
 
 namespace rt_lynx {
 namespace {

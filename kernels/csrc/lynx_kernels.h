@@ -118,12 +118,12 @@ void set_sparsify_low_rank_fusion(bool enabled);
 bool fast_gelu();
 void set_fast_gelu(bool enabled);
 
-// Programmatic dependent launch (sm90; off by default, see sm90.programmatic_launch): the sparse GEMM (RtLynxSm90Gemm.
-// programmatic_launch) and the sparsify passes' kernels are launched so that they may start while
-// the kernel before them in the stream ends (each waits for it before touching memory), and every
-// sparsify pass lets the next launch begin at its own start: the GEMM's set-up overlaps the pass's
-// last blocks instead of following them. Read at each launch (a captured CUDA graph keeps what it
-// was captured with); process-wide, for benchmarks and tests that compare both.
+// Programmatic dependent launch (sm90; off by default, see sm90.programmatic_launch): the sparse
+// GEMM (RtLynxSm90Gemm.programmatic_launch) and the sparsify passes' kernels are launched so that
+// they may start while the kernel before them in the stream ends (each waits for it before touching
+// memory), and every sparsify pass lets the next launch begin at its own start: the GEMM's set-up
+// overlaps the pass's last blocks instead of following them. Read at each launch (a captured CUDA
+// graph keeps what it was captured with); process-wide, for benchmarks and tests that compare both.
 bool programmatic_launch();
 void set_programmatic_launch(bool enabled);
 
