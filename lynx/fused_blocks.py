@@ -13,7 +13,8 @@ after the MLP's GELU (LynxLinearForward.after_gelu), so the block's modulated ac
 MLP's activation are never written. FLUX's single-block linear2 input, the attention output and
 the GELU of the MLP's hidden state side by side, is made in one pass (kernels.cat_gelu_tanh), or
 inside an fp8 dense layer's quantise pass (LynxLinearForward.after_cat_gelu). Attention itself is
-the caller's (ComfyUI's optimized_attention).
+the caller's (ComfyUI's optimized_attention). The models' RoPE table (EmbedND) is computed by one
+op that torch.compile keeps whole (`rope_table_forward`; kernels/rope.py says why).
 
 Only blocks whose structure and forward signatures are the ones written against here are taken
 (`fused_block_kind`); any other keeps its own forward.
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import cat_gelu_tanh, qk_norm_rope, qk_norm_rope_split
+from ..kernels import cat_gelu_tanh, qk_norm_rope, qk_norm_rope_split, rope_table
 
 # attention(q, k, v, heads, mask, transformer_options) -> (batch, tokens, heads * head_dim), taking
 # q, k, v as the model's own attention call does: (batch, heads, tokens, head_dim) for FLUX,
@@ -76,6 +77,31 @@ def fused_block_kind(block: nn.Module) -> tuple[str | None, str]:
         if len(eps) != 1 or None in eps or any(getattr(present[n], "weight", None) is None for n in _QWEN_NORMS):
             problem = problem or f"{name}'s q/k norms differ in eps or have no weight"
     return (None, problem) if problem else (kind, "")
+
+
+def rope_table_forward(embedder: nn.Module) -> tuple[Callable | None, str]:
+    """(forward, "") computing `embedder`, ComfyUI's EmbedND (the RoPE table of FLUX, Qwen-Image and
+    Lumina 2 / Z-Image), through the rope_table op, once its output matched the module's own on a
+    small CPU input bit for bit; else (None, why not). Ids of another rank take the module's own
+    forward."""
+    if type(embedder).__name__ != "EmbedND" or not hasattr(embedder, "theta") or not hasattr(embedder, "axes_dim"):
+        return None, f"{type(embedder).__name__} is not ComfyUI's EmbedND"
+    problem = _signature_problem(type(embedder), {"self", "ids"})
+    if problem:
+        return None, problem
+    theta, axes_dim = embedder.theta, tuple(int(d) for d in embedder.axes_dim)
+    own_forward = type(embedder).forward.__get__(embedder)
+    probe = torch.arange(7 * len(axes_dim), dtype=torch.float32).reshape(1, 7, len(axes_dim)) * 1.75 - 3
+    try:
+        same = torch.equal(rope_table(probe, theta, axes_dim), own_forward(probe))
+    except Exception as error:   # a module this op does not reproduce keeps its forward
+        return None, f"the RoPE table op does not take this EmbedND ({error})"
+    if not same:
+        return None, "the RoPE table op differs from this EmbedND's output"
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return rope_table(ids, theta, axes_dim) if ids.dim() == 3 else own_forward(ids)
+    return forward, ""
 
 
 def _signature_problem(cls, parameters: set[str]) -> str:

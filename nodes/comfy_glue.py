@@ -36,7 +36,8 @@ import torch
 from ..kernels import block_ops_availability, log_once
 from ..lynx import LynxPlan, LynxRuntime, sampling_step_index
 from ..lynx.patching import folded_weight_patches
-from ..lynx.fused_blocks import flux_double_block, flux_single_block, fusable_call, fused_block_kind, qwen_image_block
+from ..lynx.fused_blocks import (flux_double_block, flux_single_block, fusable_call, fused_block_kind, qwen_image_block,
+                                 rope_table_forward)
 
 log = logging.getLogger("rt_lynx")
 
@@ -239,7 +240,7 @@ def _sampling_step_wrapper(runtime: LynxRuntime):
 
 def install_plan(model, plan: LynxPlan):
     """A clone of the ModelPatcher `model` that computes with `plan`."""
-    from comfy.patcher_extension import CallbacksMP, WrappersMP
+    from comfy.patcher_extension import WrappersMP
 
     _cast_api()
     patched = model.clone()
@@ -314,11 +315,37 @@ def install_fused_blocks(patched, diffusion_model, runtime: LynxRuntime | None =
                 continue
             patched.set_model_patch_replace(_fused_block_patch(kind, block, runtime), "dit", patch_name, index)
             fused += 1
-    if not fused and not kept:
+    parts = []
+    if fused or kept:
+        available, why_not = block_ops_availability(patched.load_device)
+        parts.append(f"{fused} blocks with fused q/k norm + RoPE" + ("" if available else f" (reference path: {why_not})")
+                     + "".join(f", {count} kept as they are ({why})" for why, count in kept.items()))
+    rope_tables = install_rope_tables(patched, diffusion_model)
+    return ", ".join(parts + ([rope_tables] if rope_tables else []))
+
+
+def install_rope_tables(patched, diffusion_model) -> str:
+    """Compute each EmbedND of `diffusion_model` (the RoPE table of FLUX, Qwen-Image, Lumina 2 /
+    Z-Image) through the rope_table op, bit for bit its own output, on the clone `patched`; a phrase
+    for the summary line, "" when there is none. On devices where ComfyUI computes the table on the
+    CPU (MPS, XPU, DirectML) the modules keep their forward."""
+    if torch.device(patched.load_device).type not in ("cuda", "cpu"):
         return ""
-    available, why_not = block_ops_availability(patched.load_device)
-    text = f"{fused} blocks with fused q/k norm + RoPE" + ("" if available else f" (reference path: {why_not})")
-    return text + "".join(f", {count} kept as they are ({why})" for why, count in kept.items())
+    installed, kept = 0, []
+    for name, module in diffusion_model.named_modules():
+        if type(module).__name__ != "EmbedND":
+            continue
+        key = f"diffusion_model.{name}.forward"
+        forward, why_not = (None, "replaced by another node") if key in patched.object_patches else \
+            rope_table_forward(module)
+        if forward is None:
+            kept.append(why_not)
+            continue
+        patched.add_object_patch(key, forward)
+        installed += 1
+    if not installed and not kept:
+        return ""
+    return "RoPE table in one op" if not kept else f"RoPE table kept as it is ({kept[0]})"
 
 
 def _comfy_attention(kind: str):

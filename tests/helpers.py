@@ -89,3 +89,21 @@ def z_image_like_shapes(hidden: int = 64, blocks: int = 3) -> dict[str, tuple[in
                        f"{b}.feed_forward.w1": (h, ff), f"{b}.feed_forward.w3": (h, ff),
                        f"{b}.feed_forward.w2": (ff, h), f"{b}.adaLN_modulation.1": (h, 4 * h)}
     return shapes
+
+
+def comfyui_embed_nd(ids, theta, axes_dim):
+    """comfy.ldm.flux.layers.EmbedND.forward with comfy.ldm.flux.math.rope (ComfyUI 0.3.64), for a
+    device that computes in place (CUDA, CPU)."""
+    def rope(pos, dim):
+        scale = torch.linspace(0, (dim - 2) / dim, steps=dim // 2, dtype=torch.float64, device=pos.device)
+        omega = 1.0 / (theta ** scale)
+        out = torch.einsum("...n,d->...nd", pos.to(dtype=torch.float32), omega)
+        out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
+        out = out.reshape(*out.shape[:-1], 2, 2)
+        return out.to(dtype=torch.float32)
+    return torch.cat([rope(ids[..., i], axes_dim[i]) for i in range(ids.shape[-1])], dim=-3).unsqueeze(1)
+
+
+def flux_ids(batch, text_tokens, height, width, **options):
+    """bench/rope_table.py's: FLUX's ids as Flux._forward builds them."""
+    return load_bench("rope_table").flux_ids(batch, text_tokens, height, width, **options)

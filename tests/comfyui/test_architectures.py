@@ -186,3 +186,26 @@ def test_stored_fp8_layer_with_a_scale_kept_elsewhere_is_requantised_within_the_
     assert copies and all(set(step) == {odd_name} for step in copies)
     # Made from what ComfyUI computes with, not from the stored bytes.
     assert relative_error(copies[0][odd_name], 2 * odd.weight.float()) < 0.07
+
+
+@pytest.mark.parametrize("arch", ["flux", "qwen_image", "lumina2"])
+def test_rope_table_op_gives_each_models_own_table_while_sampling_on_the_clone_only(arch, capsys):
+    model = load_model(arch)
+    lynx = sparsify(model)
+    assert "RoPE table in one op" in capsys.readouterr().out
+    (key,) = [k for k in lynx.object_patches if k.endswith("embedder.forward")]
+    embedder = model.model.diffusion_model.get_submodule(key.removeprefix("diffusion_model.").removesuffix(".forward"))
+    installed_forward = lynx.object_patches[key]
+    calls = []
+
+    def comparing(ids):
+        got = installed_forward(ids)
+        calls.append((ids.dtype, torch.equal(got, type(embedder).forward(embedder, ids))))
+        return got
+    lynx.object_patches[key] = comparing
+    sample(lynx, arch=arch, size=(18, 14), batch=2, cfg=2.0, tokens=40, steps=2)
+    assert calls and all(same for _, same in calls), calls
+    assert key not in model.object_patches
+    comfy.model_management.unload_all_models()   # ComfyUI's unpatching puts the module's own forward back
+    assert getattr(embedder.forward, "__func__", None) is type(embedder).forward
+    assert key not in sparsify(model, fused_blocks=False).object_patches

@@ -251,3 +251,21 @@ def test_cat_gelu_tanh_dispatch_under_torch_compile(block_ops, generator):
     compiled = torch.compile(linear2_input, fullgraph=True)
     assert torch.equal(compiled(attn, projected), linear2_input(attn, projected))
     assert torch.equal(linear2_input(attn, projected), cat_gelu_tanh_reference(attn, projected[..., 3 * 512:]) * 2)
+
+
+@pytest.mark.parametrize("theta, axes_dim", [(10000, (16, 56, 56)), (256.0, (32, 48, 48))])
+@pytest.mark.parametrize("ids_kind", ["flux_1024", "fractional", "large"])
+def test_rope_table_is_comfyuis_table_bit_for_bit_on_the_gpu(block_ops, generator, theta, axes_dim, ids_kind):
+    from helpers import comfyui_embed_nd, flux_ids
+    from rt_lynx_pack.kernels import rope_table
+    if ids_kind == "flux_1024":   # FLUX.1 at 1024²: 512 text tokens, 64 x 64 patches, bf16 ids
+        ids = flux_ids(1, 512, 64, 64, device="cuda")
+    elif ids_kind == "fractional":
+        ids = torch.rand(2, 999, 3, generator=generator, device="cuda") * 128
+    else:
+        ids = torch.randint(0, 50000, (1, 4096, 3), generator=generator, device="cuda").float() * 0.73
+    got = rope_table(ids, theta, axes_dim)
+    want = comfyui_embed_nd(ids, theta, axes_dim)
+    assert got.shape == want.shape and got.stride() == want.stride() and torch.equal(got, want)
+    compiled = torch.compile(lambda i: rope_table(i, theta, axes_dim), fullgraph=True)
+    assert torch.equal(compiled(ids), want)

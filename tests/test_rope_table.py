@@ -1,0 +1,56 @@
+"""The RoPE table op: bit for bit ComfyUI's EmbedND (its formula copied in helpers, ComfyUI not needed),
+and whole under torch.compile."""
+import pytest
+import torch
+
+from helpers import comfyui_embed_nd, flux_ids
+from rt_lynx_pack.kernels import rope_table
+
+# (theta, axes_dim): FLUX.1 and Qwen-Image (an int theta), Lumina 2 (ComfyUI 0.3.64), Z-Image.
+ARCHITECTURES = {"flux": (10000, (16, 56, 56)), "lumina2": (10000.0, (32, 32, 32)), "z_image": (256.0, (32, 48, 48))}
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("ids_kind", ["flux_bf16", "fractional_fp32", "large_fp32"])
+def test_rope_table_is_comfyui_embed_nd_bit_for_bit(architecture, ids_kind):
+    theta, axes_dim = ARCHITECTURES[architecture]
+    generator = torch.Generator().manual_seed(len(ids_kind))
+    if ids_kind == "flux_bf16":
+        ids = flux_ids(2, 7, 12, 9, offset=3.0)
+    elif ids_kind == "fractional_fp32":   # positions scaled by a RoPE-scaling node, say
+        ids = torch.rand(1, 33, 3, generator=generator) * 64
+    else:
+        ids = torch.randint(0, 20000, (2, 17, 3), generator=generator).float() * 1.37
+    want = comfyui_embed_nd(ids, theta, axes_dim)
+    got = rope_table(ids, theta, axes_dim)
+    assert got.shape == want.shape and got.dtype == want.dtype and got.stride() == want.stride()
+    assert torch.equal(got, want)
+
+
+def test_rope_table_compiles_as_one_op_with_the_same_bits():
+    from torch._dynamo.backends.common import aot_autograd
+    theta, axes_dim = ARCHITECTURES["flux"]
+    ids = flux_ids(1, 5, 6, 7)
+
+    def table(ids):
+        return rope_table(ids, theta, axes_dim) * 1.0   # a neighbour Inductor could fuse with
+
+    compiled = torch.compile(table, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(ids), comfyui_embed_nd(ids, theta, axes_dim), rtol=0, atol=0)
+
+    graphs = []   # the ATen graph that Inductor would get
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    torch._dynamo.reset()
+    torch.compile(table, fullgraph=True, backend=aot_autograd(fw_compiler=record))(ids)
+    calls = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert torch.ops.rt_lynx.rope_table.default in calls and torch.ops.aten.cos.default not in calls
+
+
+@pytest.mark.parametrize("shape, axes_dim, message", [((2, 5), (16, 56, 56), "must be"),
+                                                      ((1, 5, 2), (16, 56, 56), "must be"),
+                                                      ((1, 5, 3), (16, 55, 56), "even")])
+def test_rope_table_refuses_ids_or_axes_it_cannot_take(shape, axes_dim, message):
+    with pytest.raises(ValueError, match=message):
+        rope_table(torch.zeros(shape), 10000, axes_dim)
