@@ -71,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--programmatic-launch", action="store_true",
                    help="launch the sparse GEMM and the sparsify passes with programmatic dependent launch "
                         "(sm90.programmatic_launch)")
+    p.add_argument("--dense-rope-op", action="store_true",
+                   help="the dense side computes its RoPE table through the pack's op too (as the Lynx side does), "
+                        "so a compiled speed-up leaves out what that op saves")
     p.add_argument("--attribution", action="store_true",
                    help="eager also: dense with fused blocks only, and Lynx without fused blocks (where the speed-up comes from)")
     p.add_argument("--profile", action="store_true",
@@ -355,6 +358,10 @@ def run_model(arch, args, dev, rows, samples, notes, save):
     layers = {"fp8_dense_layers": not args.no_fp8_dense_layers, "default_dense_layers": not args.no_default_dense_layers}
     lynx = lynx_clone(dense, args.precision, **layers)
     notes[arch] = installed_plan(lynx).summary(dev.device)
+    if args.dense_rope_op:
+        from rt_lynx_pack.nodes.comfy_glue import install_rope_tables
+        dense = dense.clone()
+        notes[arch] += f"; dense side: {install_rope_tables(dense, dense.get_model_object('diffusion_model'))}"
     log(f"[{arch}] {notes[arch]}")
     attribution = {}
     if args.attribution:

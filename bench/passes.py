@@ -4,7 +4,8 @@ Each pass's kernel time (CUDA-graph replays, the variants in turns), the bandwid
 its bytes (read once + written once), and how far that is from the GPU's HBM bandwidth (its data
 sheet's figure; a device-to-device copy of 1 GiB in the same run shows what torch's copy reaches,
 2.77 TB/s read + write on an H200, below what these passes reach). The GELU passes run with
-torch's tanhf GELU and with the fast one (sm90.fast_gelu).
+torch's tanhf GELU and with the fast one (sm90.fast_gelu). The blocks' modulation linears (one or
+two rows: a read of the weight) run as bf16 F.linear and with the e4m3 weight of fp8 models.
 
 Usage (GPU): python bench/passes.py [--out bench/results]
              python bench/passes.py --single-calls   (each pass once, for `ncu --profile-from-start off`;
@@ -59,6 +60,22 @@ def passes(torch, dev="cuda"):
     input_bytes = elems * 2                               # attention + MLP hidden (or linear2_in), 16-bit
     rope_bytes = 2 * tokens * 3 * HIDDEN * 2 + pe.numel() * 4
     ops = torch.ops.rt_lynx
+    # The blocks' modulation linears (one row per image): a read of the weight, bf16 or e4m3 (fp8 models).
+    from rt_lynx_pack.kernels import quantize_weight_fp8
+    modulation = {}
+    for out_features in (6 * HIDDEN, 3 * HIDDEN):   # double-block img/txt_mod, single-block modulation
+        w16 = randn(out_features, HIDDEN) * 0.02
+        wq, w_scale = quantize_weight_fp8(w16)
+        bias = randn(out_features)
+        for rows in (1, 2):
+            vec = randn(rows, HIDDEN)
+            shape = f"{rows} x {HIDDEN} -> {out_features}"
+            modulation[f"modulation {shape}, bf16 F.linear"] = (
+                lambda vec=vec, w16=w16, bias=bias: torch.nn.functional.linear(vec, w16, bias),
+                2 * out_features * HIDDEN, None)
+            modulation[f"modulation {shape}, e4m3 weight"] = (
+                lambda vec=vec, wq=wq, w_scale=w_scale, bias=bias: ops.linear_e4m3_weight(vec, wq, w_scale, bias),
+                out_features * HIDDEN + 4 * out_features, None)
     table = {
         "quantise fp8, GELU tail (single linear2)": (lambda: ops.quantize_rows_fp8(attention, mlp_hidden),
                                                      input_bytes + elems + tokens * 4, True),
@@ -68,6 +85,7 @@ def passes(torch, dev="cuda"):
                                                     2 * input_bytes, True),
         "q/k norm + RoPE (double block)": (lambda: ops.qk_norm_rope(qkv_txt, norm_w[0], norm_w[1], qkv_img, norm_w[2],
                                                                     norm_w[3], pe, HEADS, 1e-6), rope_bytes, None),
+        **modulation,
     }
     return table
 

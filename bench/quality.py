@@ -20,6 +20,7 @@
 import argparse
 import contextlib
 import copy
+import dataclasses
 import datetime
 import pathlib
 import random
@@ -28,7 +29,6 @@ import time
 from contextlib import contextmanager
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 BENCH = pathlib.Path(__file__).resolve().parent
@@ -174,7 +174,10 @@ def dit_benchmark(steps, rank, folded_rank, sweep_ranks, eval_seeds, calibration
     no_layer_sparse = SelectionOptions(include="^$")   # every block linear kept dense, so all in fp8
     for name, plan in (("Lynx 2:4 fp8 + norm compensation, kept-dense layers in bf16",
                         plan_model(dit, COMPENSATED_FP8_SPARSE_ONLY)),
-                       ("Lynx 2:4 fp8 + norm compensation, kept-dense layers in fp8 (the default)", plan_fp8),
+                       ("Lynx 2:4 fp8 + norm compensation, kept-dense layers in fp8, modulation linears with "
+                        "their weights in bf16", dataclasses.replace(plan_fp8, per_image_forwards={})),
+                       ("Lynx 2:4 fp8 + norm compensation, kept-dense layers in fp8, modulation weights in e4m3 "
+                        "(the default)", plan_fp8),
                        (f"Lynx 2:4 fp8 (default) + compensation + LoRA r{rank} (calibrated in bf16)",
                         attach_lora(plan_fp8, calibrated(rank, 0), 1.0)),
                        (f"Lynx 2:4 fp8 (default) + compensation + {both} (calibrated in bf16)",

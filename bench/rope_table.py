@@ -80,6 +80,8 @@ def main(argv=None):
     if args.out:
         meta = {"date": str(datetime.date.today()), "gpu": gpu, "torch": torch.__version__, "commit": git_commit()}
         write_results(args.out, "rope-table-{tag}", meta, rows, text)
+    if not all(row["same_bits"] for row in rows if row["variant"].startswith("rope_table")):
+        sys.exit("the rope_table op gave other bits than ComfyUI's eager EmbedND")
 
 
 if __name__ == "__main__":

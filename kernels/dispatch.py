@@ -164,7 +164,8 @@ def _report(choice: BackendChoice, x2d: torch.Tensor, weight: torch.Tensor) -> N
     key = (x2d.shape, weight.shape, x2d.dtype, choice)
     if key not in _reported:  # checked before formatting: this runs on every call
         _reported.add(key)
-        where = {"reference": "reference PyTorch path", "fp8_dense": "dense fp8 tensor cores"}.get(
+        where = {"reference": "reference PyTorch path", "fp8_dense": "dense fp8 tensor cores",
+                 "fp8_weight": "e4m3-weight kernel"}.get(
             choice.name, "sparse tensor cores")
         log_once(f"{_describe(x2d, weight)}: {where} ({choice.reason})")
 
@@ -326,6 +327,27 @@ def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
         return _fp8_dense.dense_linear_fp8(x2d, wq, w_scale, bias, gelu_tail)
     x = x2d if gelu_tail is None else reference.cat_gelu_tanh_reference(x2d, gelu_tail)
     return reference.dense_linear_fp8_reference(x, wq, w_scale, bias)
+
+
+def linear_fp8_weight(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                      requested: str = "auto") -> torch.Tensor:
+    """A per-image linear of an fp8 model (a block's modulation): reference.linear_e4m3_weight_reference,
+    the e4m3 weight read once by one kernel for 1-8 rows where the fast kernels run, else (more
+    rows, no kernels) on the reference path."""
+    if requested not in REQUESTS:
+        raise ValueError(f"unknown backend {requested!r}; choose one of {REQUESTS}")
+    if requested == "reference":
+        choice = BackendChoice("reference", "reference backend requested")
+    else:
+        available, why_not = fp8_dense_availability(x2d.device)
+        if available:
+            available, why_not = _fp8_dense.supports_linear_e4m3_weight(x2d, wq)
+        choice = (BackendChoice("fp8_weight", "the weight read in e4m3") if available
+                  else BackendChoice("reference", why_not))
+    _report(_fast_or_raise(choice, requested, x2d, wq), x2d, wq)
+    if choice.name == "fp8_weight":
+        return _fp8_dense.linear_e4m3_weight(x2d, wq, w_scale, bias)
+    return reference.linear_e4m3_weight_reference(x2d, wq, w_scale, bias)
 
 
 def block_ops_availability(device: torch.device) -> tuple[bool, str]:

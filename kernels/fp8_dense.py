@@ -12,16 +12,26 @@ Computes `reference.dense_linear_fp8_reference` in two kernels:
 
 (wq, w_scale) come from `quantize_weight_fp8`, once per weight. torch's row-wise scaled GEMM
 writes bf16; an fp16 model gets that cast to fp16 (one pass over y).
+
+The per-image linears of an fp8 model (block modulations: one or two input rows per step) read
+their e4m3 weight once and keep x in 16 bits, `reference.linear_e4m3_weight_reference`:
+
+  torch.ops.rt_lynx.linear_e4m3_weight(x, wq, w_scale, bias) -> y   one kernel (csrc/e4m3_weight_gemv.cu)
+                                                     for 1-8 rows: a read of the weight at half
+                                                     the bytes of the 16-bit one
 """
 import torch
 
 from . import cusparselt as _cusparselt
-from .reference import cat_gelu_tanh_reference, dense_linear_fp8_reference, quantize_rows_fp8, quantize_weight_fp8
+from .reference import (cat_gelu_tanh_reference, dense_linear_fp8_reference, linear_e4m3_weight_reference,
+                        quantize_rows_fp8, quantize_weight_fp8)
 
 K_MULTIPLE = 16        # torch._scaled_mm's e4m3 operands
 N_MULTIPLE = 16
 MAX_IN_FEATURES = 32768   # the quantise pass holds a row in one block's registers (kQuantizeMaxCols)
 SELF_TEST_TOLERANCE = 1e-2
+GEMV_MAX_ROWS = 8                 # kGemvMaxRows: x is held in shared memory,
+GEMV_MAX_SHARED_BYTES = 48 * 1024  # kGemvMaxSharedBytes, 16-bit values
 
 
 def _define_ops():
@@ -35,6 +45,12 @@ def _define_ops():
         columns = x.shape[1] + (0 if gelu_tail is None else gelu_tail.shape[1])
         return (x.new_empty((x.shape[0], columns), dtype=torch.float8_e4m3fn),
                 x.new_empty((x.shape[0], 1), dtype=torch.float32))
+
+    lib.define("linear_e4m3_weight(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias) -> Tensor")
+
+    @torch.library.register_fake("rt_lynx::linear_e4m3_weight", lib=lib)
+    def _(x, wq, w_scale, bias):
+        return x.new_empty((x.shape[0], wq.shape[0]))
 
     _define_ops.library = lib
 
@@ -84,6 +100,13 @@ def self_test_fp8_dense(device: torch.device) -> str:
         error = ((got.float() - want).norm() / want.norm()).item()
         if got.dtype != dtype or not error < SELF_TEST_TOLERANCE:
             return f"fp8 dense GEMM check failed ({dtype}): relative error {error:.2e}, out {got.dtype}"
+        for rows in (1, 3, GEMV_MAX_ROWS):   # the per-image product, an odd channel count, with and without bias
+            for with_bias in (bias[: n - 7], None):
+                got = linear_e4m3_weight(x[:rows], wq[: n - 7], w_scale[: n - 7], with_bias)
+                want = linear_e4m3_weight_reference(x[:rows].float(), wq[: n - 7], w_scale[: n - 7],
+                                                    None if with_bias is None else with_bias.float())
+                if got.dtype != dtype or not torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
+                    return f"e4m3-weight linear of {rows} rows differs from the reference ({dtype})"
     torch.cuda.synchronize(device)
     return ""
 
@@ -106,6 +129,31 @@ def supports_fp8_dense(x2d: torch.Tensor, wq: torch.Tensor,
     if supported and in_features > MAX_IN_FEATURES:
         return False, f"in_features {in_features} > {MAX_IN_FEATURES} (the quantise pass holds a row in registers)"
     return supported, why_not
+
+
+def supports_linear_e4m3_weight(x2d: torch.Tensor, wq: torch.Tensor) -> tuple[bool, str]:
+    """Whether linear_e4m3_weight takes (x2d, wq): 1-8 rows of 16-bit x that fit shared memory, a
+    contiguous e4m3 weight of x's columns (a multiple of 16). Never raises."""
+    rows, k = x2d.shape if x2d.dim() == 2 else (0, 0)
+    if x2d.dim() != 2 or not 1 <= rows <= GEMV_MAX_ROWS:
+        return False, f"{rows} rows (1 to {GEMV_MAX_ROWS})"
+    if x2d.dtype not in _cusparselt.SUPPORTED_DTYPES:
+        return False, f"dtype {x2d.dtype} (bfloat16/float16)"
+    if wq.dtype != torch.float8_e4m3fn or wq.dim() != 2 or wq.shape[1] != k or not wq.is_contiguous():
+        return False, "the weight must be a contiguous e4m3 (out_features, in_features) tensor"
+    if k % K_MULTIPLE or rows * k * 2 > GEMV_MAX_SHARED_BYTES:
+        return False, (f"in_features {k} (a multiple of {K_MULTIPLE}, rows x in_features up to "
+                       f"{GEMV_MAX_SHARED_BYTES // 2})")
+    if x2d.device != wq.device:
+        return False, "x and the weight on different devices"
+    return True, ""
+
+
+def linear_e4m3_weight(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """x2d @ (wq * w_scale)^T + bias in x's dtype (supports_linear_e4m3_weight first)."""
+    return torch.ops.rt_lynx.linear_e4m3_weight(x2d, wq, w_scale.float().contiguous(),
+                                               None if bias is None else bias.to(x2d.dtype).contiguous())
 
 
 def fp8_dense_shape_supported(in_features: int, out_features: int) -> bool:

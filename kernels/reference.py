@@ -179,6 +179,15 @@ def dense_linear_fp8_reference(x: torch.Tensor, wq: torch.Tensor, w_scale: torch
     return _scaled_product_fp8(q, a, wq, w_scale, bias).to(x.dtype)
 
 
+def linear_e4m3_weight_reference(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                                 bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ (wq * w_scale[:, None])^T + b in fp32, x's dtype out: an e4m3 weight (from
+    `quantize_weight_fp8`), x unquantised. What the per-image linears (modulation) of an fp8 model
+    compute."""
+    y = (x.float() @ wq.float().t()) * w_scale.float()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
 def _scaled_product_fp8(q, a, wq, w_scale, bias) -> torch.Tensor:
     # The quantised operands are exact in fp32; only the accumulation rounds.
     y = (q.float() @ wq.float().t()) * a * w_scale.float()

@@ -7,15 +7,13 @@ frequencies 1 / theta^linspace(0, (d - 2) / d, d / 2) in fp64, the angles positi
 fp64, and [[cos, -sin], [sin, cos]] rounded to fp32. Under torch.compile Inductor fuses EmbedND into
 one kernel that recomputes the fp64 power and both trigonometric functions for every output
 element: 1.3 ms of every FLUX 1024² step on an H200 (bench/results/e2e-20261204-1646-*). As an op
-with its own eager implementation it is about ten small launches; the frequencies, which depend
-only on (theta, axes_dim, device), are computed once per device with ComfyUI's own steps.
-Elementwise ops only, so the values do not depend on how the tensors are laid out.
+with its own eager implementation it is about twenty small launches (ComfyUI's eager EmbedND about
+forty). Elementwise ops only, so the values do not depend on how the tensors are laid out. Nothing
+is cached between calls: an allocation kept from a call would outlive a CUDA-graph warm-up's pool.
 """
 import torch
 
 from . import cusparselt as _cusparselt
-
-_frequencies: dict[tuple[float, tuple[int, ...], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _define_op():
@@ -40,28 +38,19 @@ def _check(ids: torch.Tensor, axes_dim) -> None:
         raise ValueError(f"rope_table: every axis dim must be even and positive, got {list(axes_dim)}")
 
 
-def _axis_frequencies(theta: float, axes_dim, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(frequency of each table column, fp64; the position axis it multiplies), as ComfyUI's rope
-    computes them on `device`."""
-    key = (float(theta), tuple(axes_dim), device)
-    if key not in _frequencies:
-        omegas = []
-        for dim in axes_dim:
-            scale = torch.linspace(0, (dim - 2) / dim, steps=dim // 2, dtype=torch.float64, device=device)
-            omegas.append(1.0 / (theta ** scale))
-        axis = torch.cat([torch.full((dim // 2,), i, dtype=torch.long, device=device) for i, dim in enumerate(axes_dim)])
-        _frequencies[key] = (torch.cat(omegas), axis)
-    return _frequencies[key]
-
-
 def rope_table_eager(ids: torch.Tensor, theta: float, axes_dim) -> torch.Tensor:
     _check(ids, axes_dim)
-    omega, axis = _axis_frequencies(theta, axes_dim, ids.device)
-    # fp32 positions times fp64 frequencies: the product in fp64, as ComfyUI's einsum promotes it
-    angles = ids.to(torch.float32)[..., axis] * omega
-    cos, sin = torch.cos(angles).to(torch.float32), torch.sin(angles).to(torch.float32)
+    positions = ids.to(torch.float32)
+    angles = []
+    for i, dim in enumerate(axes_dim):   # ComfyUI's rope, per position axis
+        scale = torch.linspace(0, (dim - 2) / dim, steps=dim // 2, dtype=torch.float64, device=ids.device)
+        omega = 1.0 / (theta ** scale)
+        # fp32 positions times fp64 frequencies: the product in fp64, as ComfyUI's einsum promotes it
+        angles.append(positions[..., i:i + 1] * omega)
+    angle = torch.cat(angles, dim=-1)
+    cos, sin = torch.cos(angle).to(torch.float32), torch.sin(angle).to(torch.float32)
     table = torch.stack([cos, -sin, sin, cos], dim=-1)   # rounding commutes with negation
-    return table.view(*angles.shape, 2, 2).unsqueeze(1)
+    return table.view(*angle.shape, 2, 2).unsqueeze(1)
 
 
 _define_op()

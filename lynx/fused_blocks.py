@@ -82,8 +82,8 @@ def fused_block_kind(block: nn.Module) -> tuple[str | None, str]:
 def rope_table_forward(embedder: nn.Module) -> tuple[Callable | None, str]:
     """(forward, "") computing `embedder`, ComfyUI's EmbedND (the RoPE table of FLUX, Qwen-Image and
     Lumina 2 / Z-Image), through the rope_table op, once its output matched the module's own on a
-    small CPU input bit for bit; else (None, why not). Ids of another rank take the module's own
-    forward."""
+    small CPU input bit for bit; else (None, why not). Ids of another shape than (batch, tokens,
+    axes) take the module's own forward. theta and axes_dim are read here, once."""
     if type(embedder).__name__ != "EmbedND" or not hasattr(embedder, "theta") or not hasattr(embedder, "axes_dim"):
         return None, f"{type(embedder).__name__} is not ComfyUI's EmbedND"
     problem = _signature_problem(type(embedder), {"self", "ids"})
@@ -100,7 +100,9 @@ def rope_table_forward(embedder: nn.Module) -> tuple[Callable | None, str]:
         return None, "the RoPE table op differs from this EmbedND's output"
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
-        return rope_table(ids, theta, axes_dim) if ids.dim() == 3 else own_forward(ids)
+        if ids.dim() == 3 and ids.shape[-1] == len(axes_dim):
+            return rope_table(ids, theta, axes_dim)
+        return own_forward(ids)
     return forward, ""
 
 

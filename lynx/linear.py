@@ -13,7 +13,8 @@ With precision "fp8" the product runs on e4m3 operands: sparse(x) quantised per 
 compensation folded into its scale) and W per output channel, quantised once per weight
 (kernels.sparse_linear_fp8; kernels/reference.py defines the math). The layers such a model keeps
 dense (for quality, or by the user's filters) run the same quantisation without the sparsity on
-dense e4m3 tensor cores (`fp8_dense_linear`), unless `fp8_dense_layers` is off.
+dense e4m3 tensor cores (`fp8_dense_linear`), unless `fp8_dense_layers` is off; so do the blocks'
+per-image linears (modulation), with the weight alone in e4m3 (`fp8_weight_linear`).
 
 A DiT block may hand a layer the elementwise work that makes its input rather than the input:
 `lynx_linear_modulated` (the block's LayerNorm + modulation) and `lynx_linear_after_gelu` (the
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import (PRECISIONS, REQUESTS, LowRankOperands, cat_gelu_tanh, dense_linear_fp8, gelu_tanh_reference,
-                       log_once, low_rank_reference, modulated_layer_norm_reference, prepare_low_rank,
+                       linear_fp8_weight, log_once, low_rank_reference, modulated_layer_norm_reference, prepare_low_rank,
                        quantize_weight_fp8, sparse_linear, sparse_linear_fp8, sparse_linear_gelu, sparse_linear_modulated)
 
 
@@ -235,6 +236,21 @@ def fp8_dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     tail2d = None if gelu_tail is None else gelu_tail.reshape(-1, tail_features)
     y = dense_linear_fp8(x.reshape(-1, x.shape[-1]), wq, w_scale, bias, config.backend, tail2d)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
+                      dense: bool = False, fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """A per-image linear of an fp8 model (a block's modulation: one input row per image and step):
+    y = x @ (wq * w_scale)^T + b, the weight in e4m3 per output channel (`fp8_weight`, else quantised
+    in the call, so the numbers do not depend on whether a copy was made), x kept in its dtype: the
+    product is a read of the weight, and e4m3 halves it. `dense=True` (dense warm-up steps) gives
+    plain F.linear."""
+    bias = _checked_bias(x, weight, bias)
+    if dense:
+        return F.linear(x, weight.to(x.dtype), bias)
+    wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight)
+    y = linear_fp8_weight(x.reshape(-1, x.shape[-1]), wq, w_scale, bias, config.backend)
+    return y.reshape(*x.shape[:-1], wq.shape[0])
 
 
 def _checked_bias(x, weight, bias, tail_features: int = 0):

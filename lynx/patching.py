@@ -2,12 +2,14 @@
 
 A `LynxPlan` holds, per selected layer, a `LynxLinearForward`: a callable that replaces that
 module's `forward` and computes with the module's own weight and bias. With precision fp8 the
-layers the selection keeps dense get one too, computing the dense e4m3 product. ComfyUI
+layers the selection keeps dense get one too, computing the dense e4m3 product, and so do the
+blocks' modulation linears (the policy's per-image layers), reading their weight in e4m3. ComfyUI
 installs these through ModelPatcher object patches (so they live on a clone and are undone on
 unpatch); outside ComfyUI `installed(plan)` installs them for the duration of a `with` block.
 A Lynx LoRA's folded part is a weight patch: ComfyUI adds it through ModelPatcher weight patches
 (its LoRA mechanism), `installed` adds it to the weights and restores them from a copy on exit.
 """
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -17,7 +19,7 @@ import torch.nn as nn
 
 from ..kernels import (cat_gelu_tanh, fast_path_availability, fp8_dense_availability, fp8_dense_shape_supported,
                        gelu_tanh_reference, quantize_weight_fp8)
-from .linear import (FOLDED_BRANCH_CONFIG, LowRankBranch, LynxConfig, fp8_dense_linear, lynx_linear,
+from .linear import (FOLDED_BRANCH_CONFIG, LowRankBranch, LynxConfig, fp8_dense_linear, fp8_weight_linear, lynx_linear,
                      lynx_linear_after_gelu, lynx_linear_modulated, modulated_layer_norm)
 from .lora import LynxLoRA, check_fits
 from .policies import ArchitecturePolicy, LayerDecision, SelectionOptions, detect_architecture, select_layers
@@ -125,8 +127,11 @@ class LynxLinearForward:
             release()
         return y
 
+    def _computes_in_fp8(self, x: torch.Tensor) -> bool:
+        return self.config.runs_sparse(x)   # shorter inputs compute dense, in the model's dtype
+
     def _weights_for(self, x: torch.Tensor):
-        if (self.fp8_weight is not None and not self.runtime.dense and self.config.runs_sparse(x)
+        if (self.fp8_weight is not None and not self.runtime.dense and self._computes_in_fp8(x)
                 and self.module.weight.device == x.device):
             # The e4m3 weight is ready: only the bias is needed, not the provider's cast of the weight
             # (an fp8 checkpoint's weight would be cast to 16 bits on every call for nothing). A
@@ -180,6 +185,22 @@ class LynxLinearForward:
                 branch.release()
 
 
+class PerImageFp8Forward(LynxLinearForward):
+    """The forward of a block's modulation linear in an fp8 model (one input row per image): the
+    weight read in e4m3, x kept in its dtype (fp8_weight_linear); dense warm-up steps compute it as
+    the original layer does."""
+
+    def __init__(self, module: nn.Linear, name: str, config: LynxConfig, runtime: LynxRuntime,
+                 weights: WeightProvider = module_weights):
+        super().__init__(module, name, config, runtime, weights, sparse=False)
+
+    def _computes_in_fp8(self, x: torch.Tensor) -> bool:
+        return True
+
+    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return fp8_weight_linear(x, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight)
+
+
 @dataclass
 class LynxPlan:
     policy: ArchitecturePolicy
@@ -192,11 +213,14 @@ class LynxPlan:
     fp8_dense_forwards: dict[str, LynxLinearForward] = field(default_factory=dict)
     # What else computes differently around the linears (ComfyUI: FLUX blocks with fused elementwise work).
     block_note: str = ""
+    # With precision fp8 (and fp8_dense_layers): the blocks' modulation linears, e4m3 weights.
+    per_image_forwards: dict[str, LynxLinearForward] = field(default_factory=dict)
 
     @property
     def installed_forwards(self) -> dict[str, LynxLinearForward]:
-        """Every forward the plan puts in place: the sparsified layers and the fp8 dense ones."""
-        return {**self.forwards, **self.fp8_dense_forwards}
+        """Every forward the plan puts in place: the sparsified layers, the fp8 dense ones and the
+        fp8 modulation linears."""
+        return {**self.forwards, **self.fp8_dense_forwards, **self.per_image_forwards}
 
     @property
     def sparse_layer_shapes(self) -> dict[str, tuple[int, int]]:
@@ -215,6 +239,8 @@ class LynxPlan:
                 f"{len(dense)} kept dense{f' ({kept})' if kept else ''}")
         if self.fp8_dense_forwards:
             text += f", {len(self.fp8_dense_forwards)} of them in fp8"
+        if self.per_image_forwards:
+            text += f", {len(self.per_image_forwards)} modulation linears with e4m3 weights"
         if self.runtime.dense_warmup_steps:
             text += f", first {self.runtime.dense_warmup_steps} steps dense"
         if self.lora_note:
@@ -225,7 +251,7 @@ class LynxPlan:
         if device is not None and self.config.backend != "reference":
             available, why_not = fast_path_availability(device, self.config.precision)
             text += f" -> {why_not}" if available else f" -> reference ({why_not})"
-            if self.fp8_dense_forwards:
+            if self.fp8_dense_forwards or self.per_image_forwards:
                 available, why_not = fp8_dense_availability(device)
                 text += "; fp8 dense layers -> " + ("e4m3 dense GEMM" if available else f"reference ({why_not})")
         return text
@@ -245,11 +271,20 @@ def plan_model(model: nn.Module, config: LynxConfig = LynxConfig(),
     modules = dict(model.named_modules())
     forwards = {d.name: LynxLinearForward(modules[d.name], d.name, config, runtime, weights)
                 for d in decisions if d.sparse}
-    fp8_dense = {}
+    fp8_dense, per_image = {}, {}
     if config.quantizes_dense_layers:
         fp8_dense = {d.name: LynxLinearForward(modules[d.name], d.name, config, runtime, weights, sparse=False)
                      for d in decisions if not d.sparse and fp8_dense_shape_supported(d.in_features, d.out_features)}
-    return LynxPlan(policy, config, runtime, decisions, forwards, fp8_dense_forwards=fp8_dense)
+        per_image = {name: PerImageFp8Forward(module, name, config, runtime, weights)
+                     for name, module in modules.items() if _is_per_image_layer(policy, name, module)}
+    return LynxPlan(policy, config, runtime, decisions, forwards, fp8_dense_forwards=fp8_dense,
+                    per_image_forwards=per_image)
+
+
+def _is_per_image_layer(policy: ArchitecturePolicy, name: str, module: nn.Module) -> bool:
+    # in_features a multiple of 16: the e4m3-weight kernel's 16-byte loads (every model here has it)
+    return (policy.per_image_layers is not None and isinstance(module, nn.Linear)
+            and re.fullmatch(policy.per_image_layers, name) is not None and module.in_features % 16 == 0)
 
 
 def attach_lora(plan: LynxPlan, lora: LynxLoRA, strength: float) -> LynxPlan:

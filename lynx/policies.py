@@ -2,7 +2,7 @@
 
 A policy lists the transformer blocks of an architecture and, inside a block, the linears whose
 inputs are sparsified. Everything not listed (embedders, modulation/adaLN, final layer, norms)
-stays dense. Layer names are relative to the diffusion model (ComfyUI's `diffusion_model`).
+stays dense; the blocks' modulation linears are listed apart, for fp8 precision's e4m3 weights. Layer names are relative to the diffusion model (ComfyUI's `diffusion_model`).
 """
 import re
 from dataclasses import dataclass
@@ -22,6 +22,9 @@ class ArchitecturePolicy:
     # Layer names whose presence identifies the architecture.
     signature: tuple[str, ...]
     notes: str = ""
+    # Full names of the linears applied once per image and step (the blocks' modulation / adaLN):
+    # never sparsified; with fp8 precision their weights are read in e4m3 (lynx.linear.fp8_weight_linear).
+    per_image_layers: str | None = None
 
 
 FLUX = ArchitecturePolicy(
@@ -33,6 +36,7 @@ FLUX = ArchitecturePolicy(
     default_dense_layers=r"linear2",
     signature=("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"),
     notes="FLUX.1 (ComfyUI comfy.ldm.flux.model.Flux)",
+    per_image_layers=r"(double_blocks\.\d+\.(img|txt)_mod|single_blocks\.\d+\.modulation)\.lin",
 )
 
 QWEN_IMAGE = ArchitecturePolicy(
@@ -43,6 +47,7 @@ QWEN_IMAGE = ArchitecturePolicy(
     default_dense_layers=None,
     signature=("transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.img_mlp.net.2"),
     notes="Qwen-Image (ComfyUI comfy.ldm.qwen_image.model.QwenImageTransformer2DModel)",
+    per_image_layers=r"transformer_blocks\.\d+\.(img|txt)_mod\.1",
 )
 
 Z_IMAGE = ArchitecturePolicy(
@@ -53,6 +58,7 @@ Z_IMAGE = ArchitecturePolicy(
     default_dense_layers=r"attention\.out|feed_forward\.(w1|w3)",
     signature=("layers.0.attention.qkv", "layers.0.feed_forward.w2"),
     notes="Z-Image / Lumina 2 NextDiT (ComfyUI comfy.ldm.lumina.model.NextDiT); refiner blocks stay dense",
+    per_image_layers=r"(layers|noise_refiner)\.\d+\.adaLN_modulation\.1",
 )
 
 POLICIES = {p.name: p for p in (FLUX, QWEN_IMAGE, Z_IMAGE)}

@@ -325,19 +325,23 @@ def install_fused_blocks(patched, diffusion_model, runtime: LynxRuntime | None =
 
 
 def install_rope_tables(patched, diffusion_model) -> str:
-    """Compute each EmbedND of `diffusion_model` (the RoPE table of FLUX, Qwen-Image, Lumina 2 /
-    Z-Image) through the rope_table op, bit for bit its own output, on the clone `patched`; a phrase
-    for the summary line, "" when there is none. On devices where ComfyUI computes the table on the
-    CPU (MPS, XPU, DirectML) the modules keep their forward."""
+    """Compute each of ComfyUI's EmbedND modules in `diffusion_model` (the RoPE table of FLUX,
+    Qwen-Image, Lumina 2 / Z-Image, and of other models built on it) through the rope_table op, bit
+    for bit its own output, on the clone `patched`; a phrase for the summary line, "" when there is
+    none. An embedder another node patches keeps that patch; on devices where ComfyUI computes the
+    table on the CPU (MPS, XPU, DirectML) the modules keep their forward."""
     if torch.device(patched.load_device).type not in ("cuda", "cpu"):
         return ""
     installed, kept = 0, []
     for name, module in diffusion_model.named_modules():
-        if type(module).__name__ != "EmbedND":
+        if (type(module).__module__, type(module).__name__) != ("comfy.ldm.flux.layers", "EmbedND"):
             continue
-        key = f"diffusion_model.{name}.forward"
-        forward, why_not = (None, "replaced by another node") if key in patched.object_patches else \
-            rope_table_forward(module)
+        path = f"diffusion_model.{name}"
+        # Another node's object patch of the module, its forward or attributes, or of a module above it.
+        patched_by_another = any(key == path or key.startswith(path + ".") or path.startswith(key + ".")
+                                 for key in patched.object_patches)
+        key = f"{path}.forward"
+        forward, why_not = (None, "patched by another node") if patched_by_another else rope_table_forward(module)
         if forward is None:
             kept.append(why_not)
             continue

@@ -47,13 +47,14 @@ class RTLynxSparsifyModel:
             "fp8_dense_layers": ("BOOLEAN", {"default": True, "tooltip":
                                  "With precision fp8: the layers kept dense (not sparsified) compute in fp8 too, "
                                  "on dense e4m3 tensor cores with the same per-token / per-channel scales (and an "
-                                 "fp8 copy of their weights). Off: they stay in the model's dtype. Ignored for bf16."}),
+                                 "fp8 copy of their weights), and the blocks' modulation linears read an e4m3 copy "
+                                 "of their weight. Off: they stay in the model's dtype. Ignored for bf16."}),
             "fused_blocks": ("BOOLEAN", {"default": True, "tooltip":
                              "FLUX, Qwen-Image: compute each block's q/k norm, RoPE and gated residuals in fused "
                              "kernels, and the LayerNorm + modulation and GELU before a sparsified linear inside its "
                              "sparsify pass, and FLUX's linear2 input in one pass (same math, fewer passes; helps with "
-                             "and without torch.compile). Dense warm-up steps keep the original blocks. All three "
-                             "(Z-Image too): the RoPE table in one op, the same bits, which torch.compile leaves "
+                             "and without torch.compile). Dense warm-up steps keep the original blocks. FLUX, Qwen-Image "
+                             "and Z-Image: the RoPE table in one op, the same bits, which torch.compile leaves "
                              "whole (its fused version takes 1.3 ms of a FLUX step)."}),
         }}
 

@@ -42,3 +42,31 @@ def test_the_best_backends_failure_is_logged_when_the_next_one_takes_over(monkey
     with caplog.at_level(logging.INFO, logger="rt_lynx"):
         assert dispatch._choose(x, w, "auto", 2, 4, "bf16").name == "cusparselt"
     assert "self-test differs" in caplog.text
+
+
+def test_modulation_product_with_an_e4m3_weight_on_the_cpu_is_the_reference_and_its_fake_has_the_cuda_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from rt_lynx_pack.kernels import fp8_dense, linear_e4m3_weight_reference, linear_fp8_weight, quantize_weight_fp8
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(2, 256, generator=g), torch.randn(96, 256, generator=g), torch.randn(96, generator=g)
+    wq, w_scale = quantize_weight_fp8(weight)
+    want = linear_e4m3_weight_reference(x, wq, w_scale, bias)
+    # The reference: x times the dequantised weight, x itself not quantised.
+    torch.testing.assert_close(want, x @ (wq.float() * w_scale[:, None]).t() + bias, rtol=1e-6, atol=1e-5)
+    assert torch.equal(linear_fp8_weight(x, wq, w_scale, bias), want)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        linear_fp8_weight(x, wq, w_scale, bias, "cuda")
+    with FakeTensorMode():
+        y = torch.ops.rt_lynx.linear_e4m3_weight(torch.empty(2, 3072, dtype=torch.bfloat16),
+                                                 torch.empty(18432, 3072, dtype=torch.float8_e4m3fn),
+                                                 torch.empty(18432), None)
+    assert y.shape == (2, 18432) and y.dtype == torch.bfloat16
+
+    bf16 = x.to(torch.bfloat16)
+    assert fp8_dense.supports_linear_e4m3_weight(bf16, wq) == (True, "")
+    for x2d, w8, why in ((bf16[:1].expand(9, -1), wq, "9 rows"), (x, wq, "dtype"), (bf16, weight, "e4m3"),
+                         (bf16[:, :248], wq[:, :248].contiguous(), "multiple of 16"),
+                         (torch.zeros(8, 4096, dtype=torch.bfloat16), torch.zeros(8, 4096).to(torch.float8_e4m3fn),
+                          "rows x in_features up to 24576")):
+        supported, reason = fp8_dense.supports_linear_e4m3_weight(x2d, w8)
+        assert not supported and why in reason, reason

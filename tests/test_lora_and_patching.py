@@ -195,6 +195,35 @@ def test_fp8_plan_runs_the_layers_it_keeps_dense_in_fp8(tiny):
         LynxLinearForward(module, name, LynxConfig(), LynxRuntime(), sparse=False)
 
 
+def test_fp8_plan_reads_the_modulation_weights_in_e4m3_with_x_unquantised(tiny):
+    from rt_lynx_pack.kernels import linear_e4m3_weight_reference, quantize_weight_fp8
+    model, inputs = tiny
+    plan = plan_model(model, LynxConfig(precision="fp8"))
+    modulations = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith("mod.lin")}
+    modulations |= {n for n in dict(model.named_modules()) if n.endswith("modulation.lin")}
+    assert modulations and set(plan.per_image_forwards) == modulations
+    assert f"{len(modulations)} modulation linears with e4m3 weights" in plan.summary()
+
+    module = dict(model.named_modules())["double_blocks.0.img_mod.lin"]
+    seen = []
+    hook = module.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    try:
+        with torch.no_grad(), installed(model, plan):
+            model(*inputs)
+            plan.runtime.dense = True   # a dense warm-up step: the layer's own product
+            model(*inputs)
+            plan.runtime.dense = False
+    finally:
+        hook.remove()
+    (x, fp8_out), (x_dense, dense_out) = seen
+    wq, w_scale = quantize_weight_fp8(module.weight)
+    assert x.shape[0] == inputs[0].shape[0]   # one row per image
+    assert torch.equal(fp8_out, linear_e4m3_weight_reference(x, wq, w_scale, module.bias))
+    assert torch.equal(dense_out, torch.nn.functional.linear(x_dense, module.weight, module.bias))
+    relative = ((fp8_out - dense_out).norm() / dense_out.norm()).item()
+    assert 0 < relative < 0.05   # the weight's e4m3 rounding, x unquantised
+
+
 def test_fp8_weight_stored_in_e4m3_is_taken_as_is_and_not_cast_per_call():
     from rt_lynx_pack.kernels import sparse_linear_fp8_reference
     g = torch.Generator().manual_seed(4)

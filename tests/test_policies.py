@@ -83,3 +83,24 @@ def test_tiny_dit_is_named_like_flux():
     assert tiny_names <= flux_names
     assert flux_names - tiny_names == {"vector_in.in_layer", "vector_in.out_layer",
                                        "guidance_in.in_layer", "guidance_in.out_layer"}
+
+
+def test_fp8_reads_each_architectures_block_modulation_weights_in_e4m3_and_nothing_else():
+    from rt_lynx_pack.lynx import LynxConfig, plan_model
+    expected = {
+        "flux": {f"double_blocks.{i}.{s}_mod.lin" for i in range(2) for s in ("img", "txt")}
+        | {f"single_blocks.{i}.modulation.lin" for i in range(2)},
+        "qwen_image": {f"transformer_blocks.{i}.{s}_mod.1" for i in range(2) for s in ("img", "txt")},
+        "z_image": {"layers.0.adaLN_modulation.1", "layers.1.adaLN_modulation.1", "noise_refiner.0.adaLN_modulation.1"},
+    }
+    for shapes in (flux_like_shapes(), qwen_image_like_shapes(), z_image_like_shapes(blocks=2)):
+        model = tree_from_linears(shapes)
+        plan = plan_model(model, LynxConfig(precision="fp8"))
+        assert set(plan.per_image_forwards) == expected[plan.policy.name], plan.policy.name
+        assert not set(plan.per_image_forwards) & (set(plan.forwards) | set(plan.fp8_dense_forwards))
+        assert not plan_model(model, LynxConfig()).per_image_forwards
+        assert not plan_model(model, LynxConfig(precision="fp8", fp8_dense_layers=False)).per_image_forwards
+    # A modulation whose in_features the kernel cannot take keeps its own forward.
+    shapes = flux_like_shapes() | {"double_blocks.0.img_mod.lin": (72, 6 * 64)}
+    assert "double_blocks.0.img_mod.lin" not in plan_model(tree_from_linears(shapes),
+                                                           LynxConfig(precision="fp8")).per_image_forwards

@@ -54,3 +54,42 @@ def test_rope_table_compiles_as_one_op_with_the_same_bits():
 def test_rope_table_refuses_ids_or_axes_it_cannot_take(shape, axes_dim, message):
     with pytest.raises(ValueError, match=message):
         rope_table(torch.zeros(shape), 10000, axes_dim)
+
+
+class EmbedND(torch.nn.Module):
+    """ComfyUI's EmbedND's interface, its forward the copied formula (or another one)."""
+
+    def __init__(self, theta, axes_dim, formula=comfyui_embed_nd):
+        super().__init__()
+        self.theta, self.axes_dim, self.formula = theta, list(axes_dim), formula
+
+    def forward(self, ids):
+        return self.formula(ids, self.theta, self.axes_dim)
+
+
+def test_rope_table_forward_takes_only_an_embedder_it_reproduces_and_leaves_other_ids_to_it():
+    from rt_lynx_pack.lynx.fused_blocks import rope_table_forward
+    theta, axes_dim = ARCHITECTURES["flux"]
+    embedder = EmbedND(theta, axes_dim)
+    forward, why_not = rope_table_forward(embedder)
+    assert why_not == "" and forward is not None
+    ids = flux_ids(2, 3, 4, 5)
+    assert torch.equal(forward(ids), embedder(ids))
+
+    calls = []
+    def counting(ids, theta, axes_dim):
+        calls.append(tuple(ids.shape))
+        return comfyui_embed_nd(ids, theta, axes_dim)
+    counted = EmbedND(theta, axes_dim, counting)
+    forward, _ = rope_table_forward(counted)
+    calls.clear()
+    forward(ids)
+    forward(ids[..., :2])          # two position axes for three dims: the module's own (and its error)
+    forward(ids[0])                # no batch dim
+    assert calls == [(2, 23, 2), (23, 3)]
+
+    def scaled(ids, theta, axes_dim):   # a formula the op does not compute
+        return comfyui_embed_nd(ids * 0.5, theta, axes_dim)
+    assert rope_table_forward(EmbedND(theta, axes_dim, scaled)) == (None, "the RoPE table op differs from this "
+                                                                          "EmbedND's output")
+    assert rope_table_forward(torch.nn.Identity())[0] is None

@@ -699,6 +699,40 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_fp8_op(const at::Tensor& x_in,
   return {q, scale};
 }
 
+// y = x @ (wq * w_scale)^T + bias for the few rows of a per-image linear (kernels/fp8_dense.py): the
+// weight read in e4m3, x kept in 16 bits.
+at::Tensor linear_e4m3_weight_op(const at::Tensor& x_in, const at::Tensor& wq, const at::Tensor& w_scale,
+                                 const std::optional<at::Tensor>& bias_in) {
+  const char* op = "rt_lynx::linear_e4m3_weight";
+  require(x_in.is_cuda() && x_in.dim() == 2 && is_supported_dtype(x_in.scalar_type()) && x_in.size(0) >= 1 &&
+              x_in.size(0) <= kGemvMaxRows,
+          op, ": x must be a 2-D bfloat16/float16 CUDA tensor of 1 to ", kGemvMaxRows, " rows");
+  const int64_t k = x_in.size(1), n = wq.size(0);
+  require(wq.device() == x_in.device() && wq.scalar_type() == at::kFloat8_e4m3fn && wq.dim() == 2 &&
+              wq.size(1) == k && wq.is_contiguous() && n >= 1,
+          op, ": wq must be a contiguous e4m3 (out_features, ", k, ") tensor on x's device");
+  require(k >= 16 && k % 16 == 0 && x_in.size(0) * k * 2 <= kGemvMaxSharedBytes, op,
+          ": in_features must be a multiple of 16 with rows * in_features <= ", kGemvMaxSharedBytes / 2, ", got ",
+          x_in.size(0), " x ", k);
+  require(w_scale.device() == x_in.device() && w_scale.scalar_type() == at::kFloat && w_scale.numel() == n &&
+              w_scale.is_contiguous(),
+          op, ": w_scale must be a contiguous fp32 tensor of one value per output channel");
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  if (has_bias) {
+    require(bias_in->device() == x_in.device() && bias_in->scalar_type() == x_in.scalar_type() &&
+                bias_in->numel() == n && bias_in->is_contiguous(),
+            op, ": bias must be a contiguous tensor of out_features values in x's dtype, on its device");
+  }
+  const auto x = with_aligned_rows(x_in);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty({x.size(0), n}, x.options());
+  launch_e4m3_weight_gemv(x.data_ptr(), x.size(0), x.stride(0), x.scalar_type() == at::kBFloat16, wq.data_ptr(),
+                          k, n, w_scale.data_ptr<float>(), has_bias ? bias_in->data_ptr() : nullptr, y.data_ptr(),
+                          y.stride(0), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
 // cat((a, gelu_tanh(b)), -1) for 2-D 16-bit a, b of the same rows (kernels/block_ops.py).
 at::Tensor cat_gelu_tanh_op(const at::Tensor& a_in, const at::Tensor& b_in) {
   const char* op = "rt_lynx::cat_gelu_tanh";
@@ -856,6 +890,7 @@ TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) {
   m.impl("sparse_linear_fp8", &rt_lynx::sparse_linear_fp8_op);
   m.impl("fp8_epilogue", &rt_lynx::fp8_epilogue_op);
   m.impl("quantize_rows_fp8", &rt_lynx::quantize_rows_fp8_op);
+  m.impl("linear_e4m3_weight", &rt_lynx::linear_e4m3_weight_op);
   m.impl("cat_gelu_tanh", &rt_lynx::cat_gelu_tanh_op);
 }
 

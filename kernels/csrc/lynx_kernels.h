@@ -173,6 +173,16 @@ void launch_quantize_rows_fp8(const void* x, int64_t rows, int64_t cols, int64_t
                               float* dequant_scale, cudaStream_t stream, const void* gelu_tail = nullptr,
                               int64_t tail_cols = 0, int64_t ld_tail = 0);
 
+// y (rows x n, row stride ld_y) = x @ (w * w_scale)^T + bias for 16-bit x (rows x k, rows 16-byte aligned,
+// stride ld_x) and an e4m3 weight w (n x k, contiguous) with one fp32 scale per output channel; bias
+// (n, x's dtype) or null. 1 <= rows <= kGemvMaxRows, k a multiple of 16, rows * k * 2 <= kGemvMaxSharedBytes
+// (x is held in shared memory). The per-image linears (modulation) of an fp8 model.
+constexpr int kGemvMaxRows = 8;
+constexpr int64_t kGemvMaxSharedBytes = 48 * 1024;
+void launch_e4m3_weight_gemv(const void* x, int64_t rows, int64_t ld_x, bool is_bf16, const void* w, int64_t k,
+                             int64_t n, const float* w_scale, const void* bias, void* y, int64_t ld_y,
+                             cudaStream_t stream);
+
 // out (rows x (a_cols + b_cols), contiguous) = [a row, gelu_tanh(b row)], 16-bit, GELU rounded as
 // torch's (FLUX's single-block linear2 input; see set_fast_gelu). Rows of a and b may be strided (16-byte aligned).
 void launch_cat_gelu_tanh(const void* a, int64_t ld_a, int64_t a_cols, const void* b, int64_t ld_b, int64_t b_cols,

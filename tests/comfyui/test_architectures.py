@@ -209,3 +209,19 @@ def test_rope_table_op_gives_each_models_own_table_while_sampling_on_the_clone_o
     comfy.model_management.unload_all_models()   # ComfyUI's unpatching puts the module's own forward back
     assert getattr(embedder.forward, "__func__", None) is type(embedder).forward
     assert key not in sparsify(model, fused_blocks=False).object_patches
+
+
+def test_an_embedder_another_node_patches_keeps_that_patch_and_other_devices_keep_comfyuis_table():
+    from rt_lynx_pack.nodes.comfy_glue import install_rope_tables
+    model = load_model("flux")
+    diffusion_model = model.get_model_object("diffusion_model")
+    for key, value in (("diffusion_model.pe_embedder", torch.nn.Identity()), ("diffusion_model.pe_embedder.theta", 5),
+                       ("diffusion_model.pe_embedder.forward", lambda ids: ids)):
+        other = model.clone()
+        other.add_object_patch(key, value)
+        assert install_rope_tables(other, diffusion_model) == "RoPE table kept as it is (patched by another node)"
+        assert other.object_patches == {key: value}
+    elsewhere = model.clone()
+    elsewhere.load_device = torch.device("mps")   # ComfyUI computes the table on the CPU there
+    assert install_rope_tables(elsewhere, diffusion_model) == "" and not elsewhere.object_patches
+    assert install_rope_tables(model.clone(), diffusion_model) == "RoPE table in one op"

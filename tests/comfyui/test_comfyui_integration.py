@@ -285,8 +285,12 @@ def test_fp8_precision_quantises_weights_for_each_run_and_drops_them_after_it(fl
     lynx_bf16 = sparsify(flux)
     lynx_fp8 = sparsify(flux, precision="fp8")
     plan = installed_plan(lynx_fp8)
-    # The layers kept dense (FLUX single-block linear2) run the dense fp8 product.
+    # The layers kept dense (FLUX single-block linear2) run the dense fp8 product, and the blocks'
+    # modulation linears read their weights in e4m3.
     assert plan.fp8_dense_forwards.keys() == {d.name for d in plan.decisions if not d.sparse} != set()
+    assert set(plan.per_image_forwards) == {"double_blocks.0.img_mod.lin", "double_blocks.0.txt_mod.lin",
+                                            "single_blocks.0.modulation.lin"}
+    assert not installed_plan(lynx_bf16).per_image_forwards
     forwards = plan.installed_forwards.values()
     made_at_each_step = watch_each_step(lynx_fp8, lambda: all(f.fp8_weight is not None for f in forwards))
     bf16_out = sample(lynx_bf16)

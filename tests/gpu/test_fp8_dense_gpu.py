@@ -216,3 +216,76 @@ def test_a_gelu_tail_the_pass_cannot_take_falls_back_or_fails_clearly(fp8_dense,
     _, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 1, 3072 + 1024, 64, generator)
     want = dense_linear_fp8(cat_gelu_tanh_reference(x, strided), wq, w_scale, b, "cuda")
     assert torch.equal(dense_linear_fp8(x, wq, w_scale, b, "cuda", strided), want)
+
+
+# The modulation product (linear_e4m3_weight): x unquantised times the e4m3 weight. Every product of
+# an e4m3 and a 16-bit value is exact in fp32, so kernel and reference differ only in the order of
+# the fp32 sum, then round once to the output dtype: one output ulp at most.
+OUTPUT_ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def _check_modulation(x, w, bias):
+    from rt_lynx_pack.kernels import linear_fp8_weight, quantize_weight_fp8
+    from rt_lynx_pack.kernels.reference import linear_e4m3_weight_reference
+    wq, w_scale = quantize_weight_fp8(w)
+    poison_allocator(x.shape[0] * w.shape[0] * 2)
+    y = linear_fp8_weight(x, wq, w_scale, bias, "cuda")
+    want = linear_e4m3_weight_reference(x.float(), wq, w_scale, None if bias is None else bias.float())
+    assert y.shape == want.shape and y.dtype == x.dtype and not y.isnan().any()
+    bound = OUTPUT_ULP[x.dtype] * want.abs() + 1e-5 * want.abs().max()
+    assert ((y.float() - want).abs() <= bound).all(), f"max excess {((y.float() - want).abs() - bound).max():.3g}"
+    error = relative_error(y, F.linear(x.float(), w.float(), None if bias is None else bias.float()))
+    assert error < VS_16BIT_TOLERANCE, f"vs the unquantised weight {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("k,n", [(3072, 18432), (3072, 9216), (1024, 9216), (16, 77), (4096, 1), (2064, 333)])
+def test_modulation_product_reads_the_e4m3_weight_within_an_ulp_of_the_reference(fp8_dense, generator, dtype, kind,
+                                                                                  rows, k, n):
+    if rows * k > 24576:
+        pytest.skip("more than the kernel holds in shared memory (the dispatch takes the reference)")
+    x = make_input(kind, rows, k, dtype, generator)
+    w = make_input("student_t", n, k, torch.float32, generator) * 0.02   # a trained layer's scale: fp16 y stays finite
+    bias = make_input("randn", 1, n, dtype, generator)[0] if rows % 2 else None
+    _check_modulation(x, w, bias)
+
+
+def test_modulation_product_takes_strided_rows_and_refuses_what_it_cannot_hold(fp8_dense, generator):
+    from rt_lynx_pack.kernels import linear_fp8_weight, quantize_weight_fp8
+    from rt_lynx_pack.kernels.reference import linear_e4m3_weight_reference
+    wide = make_input("cubed", 3, 3072 + 64, torch.bfloat16, generator)
+    w = make_input("randn", 6144, 3072, torch.float32, generator)
+    _check_modulation(wide[:, :3072], w, None)                          # rows strided past K: read in place
+    _check_modulation(wide.view(-1)[1:1 + 2 * 3072].view(2, 3072), w, None)   # misaligned: copied first
+    wq, w_scale = quantize_weight_fp8(w)
+    many = make_input("randn", 9, 3072, torch.bfloat16, generator)
+    assert torch.equal(linear_fp8_weight(many, wq, w_scale, None), linear_e4m3_weight_reference(many, wq, w_scale, None))
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        linear_fp8_weight(many, wq, w_scale, None, "cuda")
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        torch.ops.rt_lynx.linear_e4m3_weight(many, wq, w_scale, None)
+
+
+def test_modulation_linear_compiles_without_graph_break_and_takes_the_kernel(fp8_dense, generator, monkeypatch):
+    from rt_lynx_pack.kernels import fp8_dense as fp8_dense_module
+    from rt_lynx_pack.kernels import quantize_weight_fp8
+    from rt_lynx_pack.lynx.linear import fp8_weight_linear
+    vec = make_input("randn", 2, 3072, torch.bfloat16, generator)
+    w = make_input("randn", 18432, 3072, torch.float32, generator) * 0.02
+    b = make_input("randn", 1, 18432, torch.bfloat16, generator)[0]
+    wq, w_scale = quantize_weight_fp8(w)
+    config = LynxConfig(precision="fp8", backend="cuda")
+
+    def modulation(t):
+        return fp8_weight_linear(F.silu(t), w, b, config, fp8_weight=(wq, w_scale))[:, None, :].chunk(6, dim=-1)
+
+    calls = []
+    kernel = fp8_dense_module.linear_e4m3_weight
+    monkeypatch.setattr(fp8_dense_module, "linear_e4m3_weight", lambda *a: calls.append(1) or kernel(*a))
+    torch._dynamo.reset()
+    compiled = torch.compile(modulation, fullgraph=True)(vec)
+    eager = modulation(vec)
+    # Inductor may round the SiLU differently from eager (one bf16 ulp of the input).
+    assert calls and all(relative_error(c, e) < 1e-2 for c, e in zip(compiled, eager))

@@ -1,0 +1,193 @@
+// y = x @ (w * w_scale)^T + bias for a few rows of 16-bit x and an e4m3 weight (N x K, one fp32
+// scale per output channel): the per-image linears of an fp8 model (FLUX's and Qwen-Image's block
+// modulations, Z-Image's adaLN), whose one or two input rows make the product a read of the weight.
+// Reading it in e4m3 halves that read; x stays in 16 bits (no activation quantisation).
+//
+// A block copies x (rows x K, at most 8 rows and kGemvMaxSharedBytes) into shared memory once and its warps each
+// compute kGemvChannelsPerWarp consecutive output channels: every lane reads 16 weight bytes per
+// step, kGemvUnroll steps in flight, converts them to fp32 (cvt e4m3x2 -> f16x2, exact), and keeps
+// one fp32 sum per row; the warp's sums reduce by shuffles in a fixed order (deterministic), then
+// y[r, n] = sum * w_scale[n] + bias[n], rounded once to x's dtype.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "lynx_kernels.h"
+
+namespace rt_lynx {
+namespace {
+
+// 8 loads of 16 bytes a lane cover a 4096-column row in one go, so a warp has its whole channel (FLUX,
+// Qwen-Image: 3072 bytes) in flight; two channels a warp make enough warps for a 9216-channel layer to
+// keep about 35 per SM reading.
+constexpr int kGemvWarps = 8;
+constexpr int kGemvChannelsPerWarp = 2;
+constexpr int kGemvUnroll = 8;        // 16-byte weight loads a lane has in flight per channel
+constexpr int kGemvStep = 32 * 16;    // weight columns a warp reads per step
+
+template <typename T>
+__device__ __forceinline__ float2 to_float2(uint32_t bits);
+
+template <>
+__device__ __forceinline__ float2 to_float2<__nv_bfloat16>(uint32_t bits) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
+}
+
+template <>
+__device__ __forceinline__ float2 to_float2<__half>(uint32_t bits) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&bits));
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+// Two e4m3 bytes (the low 16 bits of `pair`) as two floats: e4m3 -> f16 is exact.
+__device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t pair) {
+  const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair & 0xffffu), __NV_E4M3);
+  return __half22float2(*reinterpret_cast<const __half2*>(&raw));
+}
+
+// sum[r] += dot(16 weights in `w`, x_shared row r at column k) for every row.
+template <typename T, int kRows>
+__device__ __forceinline__ void accumulate16(const uint4& w, const T* x_shared, int k_stride, int k, float (&sum)[kRows]) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  float wf[16];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 lo = e4m3x2_to_float2(words[i]);
+    const float2 hi = e4m3x2_to_float2(words[i] >> 16);
+    wf[4 * i] = lo.x, wf[4 * i + 1] = lo.y, wf[4 * i + 2] = hi.x, wf[4 * i + 3] = hi.y;
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const uint4* xr = reinterpret_cast<const uint4*>(x_shared + r * k_stride + k);
+    const uint4 a = xr[0], b = xr[1];
+    const uint32_t xw[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    float s = sum[r];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float2 xv = to_float2<T>(xw[i]);
+      s = fmaf(wf[2 * i], xv.x, s);
+      s = fmaf(wf[2 * i + 1], xv.y, s);
+    }
+    sum[r] = s;
+  }
+}
+
+template <typename T, int kRows>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+e4m3_weight_gemv_kernel(const T* __restrict__ x, int64_t ld_x, const uint8_t* __restrict__ w, int64_t k,
+                        int64_t n, const float* __restrict__ w_scale, const T* __restrict__ bias,
+                        T* __restrict__ y, int64_t ld_y) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  T* x_shared = reinterpret_cast<T*>(shared_bytes);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // x into shared memory, 16 bytes at a time (rows 16-byte aligned: the op checks).
+  const int64_t vectors_per_row = k / 8;
+  for (int64_t i = threadIdx.x; i < kRows * vectors_per_row; i += blockDim.x) {
+    const int64_t r = i / vectors_per_row, v = i % vectors_per_row;
+    reinterpret_cast<uint4*>(x_shared + r * k)[v] = reinterpret_cast<const uint4*>(x + r * ld_x)[v];
+  }
+  __syncthreads();
+
+  const int64_t first_channel = (int64_t(blockIdx.x) * kGemvWarps + warp) * kGemvChannelsPerWarp;
+  for (int c = 0; c < kGemvChannelsPerWarp; ++c) {
+    const int64_t channel = first_channel + c;
+    if (channel >= n) {
+      break;
+    }
+    const uint8_t* w_row = w + channel * k;
+    float sum[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      sum[r] = 0.f;
+    }
+    for (int64_t base = 0; base < k; base += int64_t(kGemvStep) * kGemvUnroll) {
+      uint4 loaded[kGemvUnroll];
+#pragma unroll
+      for (int u = 0; u < kGemvUnroll; ++u) {   // every load issued before the first is used
+        const int64_t col = base + int64_t(u) * kGemvStep + lane * 16;
+        loaded[u] = col < k ? __ldcs(reinterpret_cast<const uint4*>(w_row + col)) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < kGemvUnroll; ++u) {
+        const int64_t col = base + int64_t(u) * kGemvStep + lane * 16;
+        if (col < k) {
+          accumulate16<T, kRows>(loaded[u], x_shared, static_cast<int>(k), static_cast<int>(col), sum);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) {
+        sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], offset);
+      }
+    }
+    if (lane < kRows) {
+      float value = 0.f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {   // lane r writes row r (a register array, read by a constant index)
+        value = lane == r ? sum[r] : value;
+      }
+      float out = value * w_scale[channel];
+      if (bias != nullptr) {
+        out += static_cast<float>(bias[channel]);
+      }
+      y[lane * ld_y + channel] = from_float<T>(out);
+    }
+  }
+}
+
+template <typename T, int kRows>
+void launch_rows(const void* x, int64_t ld_x, const void* w, int64_t k, int64_t n, const float* w_scale,
+                 const void* bias, void* y, int64_t ld_y, cudaStream_t stream) {
+  const int64_t channels_per_block = int64_t(kGemvWarps) * kGemvChannelsPerWarp;
+  const dim3 grid(static_cast<unsigned>((n + channels_per_block - 1) / channels_per_block));
+  const size_t shared = size_t(kRows) * size_t(k) * sizeof(T);
+  e4m3_weight_gemv_kernel<T, kRows><<<grid, kGemvWarps * 32, shared, stream>>>(
+      static_cast<const T*>(x), ld_x, static_cast<const uint8_t*>(w), k, n, w_scale, static_cast<const T*>(bias),
+      static_cast<T*>(y), ld_y);
+}
+
+template <typename T>
+void launch_typed(int rows, const void* x, int64_t ld_x, const void* w, int64_t k, int64_t n, const float* w_scale,
+                  const void* bias, void* y, int64_t ld_y, cudaStream_t stream) {
+  switch (rows) {
+    case 1: return launch_rows<T, 1>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 2: return launch_rows<T, 2>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 3: return launch_rows<T, 3>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 4: return launch_rows<T, 4>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 5: return launch_rows<T, 5>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 6: return launch_rows<T, 6>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 7: return launch_rows<T, 7>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    default: return launch_rows<T, 8>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+  }
+}
+
+}  // namespace
+
+void launch_e4m3_weight_gemv(const void* x, int64_t rows, int64_t ld_x, bool is_bf16, const void* w, int64_t k,
+                             int64_t n, const float* w_scale, const void* bias, void* y, int64_t ld_y,
+                             cudaStream_t stream) {
+  const int r = static_cast<int>(rows);
+  if (is_bf16) {
+    launch_typed<__nv_bfloat16>(r, x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+  } else {
+    launch_typed<__half>(r, x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+  }
+}
+
+}  // namespace rt_lynx
