@@ -332,8 +332,8 @@ def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
 def linear_fp8_weight(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                       requested: str = "auto") -> torch.Tensor:
     """A per-image linear of an fp8 model (a block's modulation): reference.linear_e4m3_weight_reference,
-    the e4m3 weight read once by one kernel for 1-8 rows where the fast kernels run, else (more
-    rows, no kernels) on the reference path."""
+    the e4m3 weight read by one kernel per 8 rows where the fast kernels run, else on the reference
+    path."""
     if requested not in REQUESTS:
         raise ValueError(f"unknown backend {requested!r}; choose one of {REQUESTS}")
     if requested == "reference":

@@ -17,8 +17,8 @@ The per-image linears of an fp8 model (block modulations: one or two input rows 
 their e4m3 weight once and keep x in 16 bits, `reference.linear_e4m3_weight_reference`:
 
   torch.ops.rt_lynx.linear_e4m3_weight(x, wq, w_scale, bias) -> y   one kernel (csrc/e4m3_weight_gemv.cu)
-                                                     for 1-8 rows: a read of the weight at half
-                                                     the bytes of the 16-bit one
+                                                     for 1-8 rows (more: one launch per 8): a read
+                                                     of the weight at half the bytes of the 16-bit one
 """
 import torch
 
@@ -100,13 +100,13 @@ def self_test_fp8_dense(device: torch.device) -> str:
         error = ((got.float() - want).norm() / want.norm()).item()
         if got.dtype != dtype or not error < SELF_TEST_TOLERANCE:
             return f"fp8 dense GEMM check failed ({dtype}): relative error {error:.2e}, out {got.dtype}"
-        for rows in (1, 3, GEMV_MAX_ROWS):   # the per-image product, an odd channel count, with and without bias
+        for image_rows in (1, 3, GEMV_MAX_ROWS + 3):   # one launch, and two; an odd channel count; bias or none
             for with_bias in (bias[: n - 7], None):
-                got = linear_e4m3_weight(x[:rows], wq[: n - 7], w_scale[: n - 7], with_bias)
-                want = linear_e4m3_weight_reference(x[:rows].float(), wq[: n - 7], w_scale[: n - 7],
+                got = linear_e4m3_weight(x[:image_rows], wq[: n - 7], w_scale[: n - 7], with_bias)
+                want = linear_e4m3_weight_reference(x[:image_rows].float(), wq[: n - 7], w_scale[: n - 7],
                                                     None if with_bias is None else with_bias.float())
                 if got.dtype != dtype or not torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
-                    return f"e4m3-weight linear of {rows} rows differs from the reference ({dtype})"
+                    return f"e4m3-weight linear of {image_rows} rows differs from the reference ({dtype})"
     torch.cuda.synchronize(device)
     return ""
 
@@ -132,18 +132,19 @@ def supports_fp8_dense(x2d: torch.Tensor, wq: torch.Tensor,
 
 
 def supports_linear_e4m3_weight(x2d: torch.Tensor, wq: torch.Tensor) -> tuple[bool, str]:
-    """Whether linear_e4m3_weight takes (x2d, wq): 1-8 rows of 16-bit x that fit shared memory, a
-    contiguous e4m3 weight of x's columns (a multiple of 16). Never raises."""
-    rows, k = x2d.shape if x2d.dim() == 2 else (0, 0)
-    if x2d.dim() != 2 or not 1 <= rows <= GEMV_MAX_ROWS:
-        return False, f"{rows} rows (1 to {GEMV_MAX_ROWS})"
+    """Whether linear_e4m3_weight takes (x2d, wq): 16-bit x (any rows: the kernel takes them in
+    chunks) whose row fits shared memory, a contiguous, 16-byte aligned e4m3 weight of x's columns
+    (a multiple of 16). Never raises."""
+    if x2d.dim() != 2 or x2d.shape[0] < 1:
+        return False, f"x of shape {tuple(x2d.shape)} (2-D, at least one row)"
+    k = x2d.shape[1]
     if x2d.dtype not in _cusparselt.SUPPORTED_DTYPES:
         return False, f"dtype {x2d.dtype} (bfloat16/float16)"
-    if wq.dtype != torch.float8_e4m3fn or wq.dim() != 2 or wq.shape[1] != k or not wq.is_contiguous():
-        return False, "the weight must be a contiguous e4m3 (out_features, in_features) tensor"
-    if k % K_MULTIPLE or rows * k * 2 > GEMV_MAX_SHARED_BYTES:
-        return False, (f"in_features {k} (a multiple of {K_MULTIPLE}, rows x in_features up to "
-                       f"{GEMV_MAX_SHARED_BYTES // 2})")
+    if (wq.dtype != torch.float8_e4m3fn or wq.dim() != 2 or wq.shape[1] != k or not wq.is_contiguous()
+            or wq.data_ptr() % 16):
+        return False, "the weight must be a contiguous, 16-byte aligned e4m3 (out_features, in_features) tensor"
+    if k < K_MULTIPLE or k % K_MULTIPLE or k * 2 > GEMV_MAX_SHARED_BYTES:
+        return False, f"in_features {k} (a multiple of {K_MULTIPLE} up to {GEMV_MAX_SHARED_BYTES // 2})"
     if x2d.device != wq.device:
         return False, "x and the weight on different devices"
     return True, ""
@@ -151,9 +152,16 @@ def supports_linear_e4m3_weight(x2d: torch.Tensor, wq: torch.Tensor) -> tuple[bo
 
 def linear_e4m3_weight(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                        bias: torch.Tensor | None) -> torch.Tensor:
-    """x2d @ (wq * w_scale)^T + bias in x's dtype (supports_linear_e4m3_weight first)."""
-    return torch.ops.rt_lynx.linear_e4m3_weight(x2d, wq, w_scale.float().contiguous(),
-                                               None if bias is None else bias.to(x2d.dtype).contiguous())
+    """x2d @ (wq * w_scale)^T + bias in x's dtype (supports_linear_e4m3_weight first). Rows beyond
+    what one launch holds in shared memory go in further launches: each row's sum is its own, so the
+    result is the same bits."""
+    w_scale = w_scale.float().contiguous()
+    bias = None if bias is None else bias.to(x2d.dtype).contiguous()
+    rows_per_launch = min(GEMV_MAX_ROWS, GEMV_MAX_SHARED_BYTES // (2 * x2d.shape[1]))
+    if x2d.shape[0] <= rows_per_launch:
+        return torch.ops.rt_lynx.linear_e4m3_weight(x2d, wq, w_scale, bias)
+    return torch.cat([torch.ops.rt_lynx.linear_e4m3_weight(part, wq, w_scale, bias)
+                      for part in x2d.split(rows_per_launch)])
 
 
 def fp8_dense_shape_supported(in_features: int, out_features: int) -> bool:

@@ -241,14 +241,14 @@ def fp8_dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def fp8_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
                       dense: bool = False, fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """A per-image linear of an fp8 model (a block's modulation: one input row per image and step):
-    y = x @ (wq * w_scale)^T + b, the weight in e4m3 per output channel (`fp8_weight`, else quantised
-    in the call, so the numbers do not depend on whether a copy was made), x kept in its dtype: the
-    product is a read of the weight, and e4m3 halves it. `dense=True` (dense warm-up steps) gives
-    plain F.linear."""
+    y = x @ (wq * w_scale)^T + b with the e4m3 weight made ahead of the run (`fp8_weight`), x kept in
+    its dtype: the product is a read of the weight, and e4m3 halves it. Without that weight (no room
+    for the copy, an offloaded layer) and in dense warm-up steps (`dense=True`): plain F.linear, as
+    the original layer; quantising the weight in every call would cost more than the read it saves."""
     bias = _checked_bias(x, weight, bias)
-    if dense:
+    if dense or fp8_weight is None:
         return F.linear(x, weight.to(x.dtype), bias)
-    wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight)
+    wq, w_scale = fp8_weight
     y = linear_fp8_weight(x.reshape(-1, x.shape[-1]), wq, w_scale, bias, config.backend)
     return y.reshape(*x.shape[:-1], wq.shape[0])
 

@@ -64,9 +64,32 @@ def test_modulation_product_with_an_e4m3_weight_on_the_cpu_is_the_reference_and_
 
     bf16 = x.to(torch.bfloat16)
     assert fp8_dense.supports_linear_e4m3_weight(bf16, wq) == (True, "")
-    for x2d, w8, why in ((bf16[:1].expand(9, -1), wq, "9 rows"), (x, wq, "dtype"), (bf16, weight, "e4m3"),
+    assert fp8_dense.supports_linear_e4m3_weight(bf16[:1].expand(20, -1), wq) == (True, "")   # launches of 8 rows
+    misaligned = torch.zeros(96 * 256 + 1, dtype=torch.uint8)[1:].view(torch.float8_e4m3fn).view(96, 256)
+    for x2d, w8, why in ((x, wq, "dtype"), (bf16, weight, "e4m3"), (bf16, misaligned, "16-byte aligned"),
                          (bf16[:, :248], wq[:, :248].contiguous(), "multiple of 16"),
-                         (torch.zeros(8, 4096, dtype=torch.bfloat16), torch.zeros(8, 4096).to(torch.float8_e4m3fn),
-                          "rows x in_features up to 24576")):
+                         (torch.zeros(1, 32768, dtype=torch.bfloat16), torch.zeros(8, 32768).to(torch.float8_e4m3fn),
+                          "up to 24576"), (bf16[0], wq, "2-D")):
         supported, reason = fp8_dense.supports_linear_e4m3_weight(x2d, w8)
         assert not supported and why in reason, reason
+
+
+def test_modulation_rows_beyond_one_launch_go_in_launches_of_what_shared_memory_holds():
+    from rt_lynx_pack.kernels import fp8_dense, linear_e4m3_weight_reference, quantize_weight_fp8
+    launches = []
+
+    def kernel(x, wq, w_scale, bias):   # the CUDA op's contract, on the CPU
+        assert 1 <= x.shape[0] <= fp8_dense.GEMV_MAX_ROWS and x.shape[0] * x.shape[1] * 2 <= fp8_dense.GEMV_MAX_SHARED_BYTES
+        launches.append(x.shape[0])
+        return linear_e4m3_weight_reference(x, wq, w_scale, bias)
+    g = torch.Generator().manual_seed(1)
+    with torch.library._scoped_library("rt_lynx", "IMPL") as lib:
+        lib.impl("linear_e4m3_weight", kernel, "CPU")
+        for rows, k, expected in ((20, 3072, [8, 8, 4]), (13, 4096, [6, 6, 1]), (3, 256, [3])):
+            x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+            wq, w_scale = quantize_weight_fp8(torch.randn(48, k, generator=g))
+            bias = torch.randn(48, generator=g)
+            launches.clear()
+            got = fp8_dense.linear_e4m3_weight(x, wq, w_scale, bias)
+            assert launches == expected
+            assert torch.equal(got, linear_e4m3_weight_reference(x, wq, w_scale, bias.to(torch.bfloat16)))

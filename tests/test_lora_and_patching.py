@@ -154,10 +154,15 @@ def test_fp8_plan_quantises_weights_once_while_installed(tiny):
             assert all(f.fp8_weight is not None and f.fp8_weight[0].dtype == torch.float8_e4m3fn
                        for f in plan.installed_forwards.values())
             fp8 = model(*inputs)
-            # Quantising in the call gives the same result as the weight made ahead of time.
-            for forward in plan.installed_forwards.values():
+            # Quantising in the call gives the same result as the weight made ahead of time (the
+            # modulation linears, whose weight alone is in e4m3, keep theirs: without it they compute
+            # as the original layer).
+            for forward in (plan.forwards | plan.fp8_dense_forwards).values():
                 forward.release_fp8()
             assert torch.equal(model(*inputs), fp8)
+            for forward in plan.per_image_forwards.values():
+                forward.release_fp8()
+            assert not torch.equal(model(*inputs), fp8)
     assert all(f.fp8_weight is None for f in plan.installed_forwards.values())
     assert torch.isfinite(fp8).all() and not torch.equal(fp8, bf16)
 
@@ -222,6 +227,10 @@ def test_fp8_plan_reads_the_modulation_weights_in_e4m3_with_x_unquantised(tiny):
     assert torch.equal(dense_out, torch.nn.functional.linear(x_dense, module.weight, module.bias))
     relative = ((fp8_out - dense_out).norm() / dense_out.norm()).item()
     assert 0 < relative < 0.05   # the weight's e4m3 rounding, x unquantised
+    # Without its e4m3 copy (no room for it, offloaded) the layer computes as the original one.
+    forward = plan.per_image_forwards["double_blocks.0.img_mod.lin"]
+    assert forward.fp8_weight is None   # released when `installed` ended
+    torch.testing.assert_close(forward(x), torch.nn.functional.linear(x, module.weight, module.bias), rtol=0, atol=0)
 
 
 def test_fp8_weight_stored_in_e4m3_is_taken_as_is_and_not_cast_per_call():

@@ -709,8 +709,8 @@ at::Tensor linear_e4m3_weight_op(const at::Tensor& x_in, const at::Tensor& wq, c
           op, ": x must be a 2-D bfloat16/float16 CUDA tensor of 1 to ", kGemvMaxRows, " rows");
   const int64_t k = x_in.size(1), n = wq.size(0);
   require(wq.device() == x_in.device() && wq.scalar_type() == at::kFloat8_e4m3fn && wq.dim() == 2 &&
-              wq.size(1) == k && wq.is_contiguous() && n >= 1,
-          op, ": wq must be a contiguous e4m3 (out_features, ", k, ") tensor on x's device");
+              wq.size(1) == k && wq.is_contiguous() && n >= 1 && reinterpret_cast<uintptr_t>(wq.data_ptr()) % 16 == 0,
+          op, ": wq must be a contiguous, 16-byte aligned e4m3 (out_features, ", k, ") tensor on x's device");
   require(k >= 16 && k % 16 == 0 && x_in.size(0) * k * 2 <= kGemvMaxSharedBytes, op,
           ": in_features must be a multiple of 16 with rows * in_features <= ", kGemvMaxSharedBytes / 2, ", got ",
           x_in.size(0), " x ", k);

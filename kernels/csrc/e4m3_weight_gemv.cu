@@ -20,8 +20,9 @@ namespace rt_lynx {
 namespace {
 
 // 8 loads of 16 bytes a lane cover a 4096-column row in one go, so a warp has its whole channel (FLUX,
-// Qwen-Image: 3072 bytes) in flight; two channels a warp make enough warps for a 9216-channel layer to
-// keep about 35 per SM reading.
+// Qwen-Image: 3072 bytes) in flight; two channels a warp give a 9216-channel layer 288 blocks, about
+// two per SM. Registers (56 at one row, 93 at eight) allow 4 or 2 blocks of 8 warps per SM. Each block
+// copies x again (from L2): at one row 6 KB against its 48 KB of weight.
 constexpr int kGemvWarps = 8;
 constexpr int kGemvChannelsPerWarp = 2;
 constexpr int kGemvUnroll = 8;        // 16-byte weight loads a lane has in flight per channel

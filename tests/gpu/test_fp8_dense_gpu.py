@@ -98,7 +98,7 @@ def test_dense_linear_fp8_odd_rows_heavy_tails_and_dtypes(fp8_dense, generator, 
 
 def test_lynx_layer_compiles_without_graph_break(fp8_dense, generator):
     x, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 300, 3072, 3072, generator)
-    config = LynxConfig(precision="fp8", backend="cuda")
+    config = LynxConfig(precision="fp8", backend="cuda")   # "cuda": the reference would raise
 
     def block(t):
         return F.gelu(fp8_dense_linear(t.view(2, 150, 3072), w, b, config, fp8_weight=(wq, w_scale))) * 2
@@ -188,7 +188,7 @@ def test_dense_linear_fp8_of_a_gelu_tail_is_the_linear_of_the_concatenation(fp8_
 def test_lynx_layer_with_a_gelu_tail_compiles_without_graph_break(fp8_dense, generator):
     x, gelu_tail = _tail_case("randn", 300, 512, 2048, torch.bfloat16, generator)
     _, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 1, 512 + 2048, 512, generator)
-    config = LynxConfig(precision="fp8", backend="cuda")
+    config = LynxConfig(precision="fp8", backend="cuda")   # "cuda": the reference would raise
 
     def block(attn, mlp):
         return fp8_dense_linear(attn.view(2, 150, -1), w, b, config, fp8_weight=(wq, w_scale),
@@ -234,18 +234,17 @@ def _check_modulation(x, w, bias):
     assert y.shape == want.shape and y.dtype == x.dtype and not y.isnan().any()
     bound = OUTPUT_ULP[x.dtype] * want.abs() + 1e-5 * want.abs().max()
     assert ((y.float() - want).abs() <= bound).all(), f"max excess {((y.float() - want).abs() - bound).max():.3g}"
-    error = relative_error(y, F.linear(x.float(), w.float(), None if bias is None else bias.float()))
-    assert error < VS_16BIT_TOLERANCE, f"vs the unquantised weight {error:.2e}"
+    if w.shape[0] >= 64:   # a norm over a few outputs only is one heavy-tailed ratio, not an average
+        error = relative_error(y, F.linear(x.float(), w.float(), None if bias is None else bias.float()))
+        assert error < VS_16BIT_TOLERANCE, f"vs the unquantised weight {error:.2e}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", INPUT_KINDS)
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 11])   # 11: two launches (8 + 3 rows; 6 + 5 at k = 4096)
 @pytest.mark.parametrize("k,n", [(3072, 18432), (3072, 9216), (1024, 9216), (16, 77), (4096, 1), (2064, 333)])
 def test_modulation_product_reads_the_e4m3_weight_within_an_ulp_of_the_reference(fp8_dense, generator, dtype, kind,
                                                                                   rows, k, n):
-    if rows * k > 24576:
-        pytest.skip("more than the kernel holds in shared memory (the dispatch takes the reference)")
     x = make_input(kind, rows, k, dtype, generator)
     w = make_input("student_t", n, k, torch.float32, generator) * 0.02   # a trained layer's scale: fp16 y stays finite
     bias = make_input("randn", 1, n, dtype, generator)[0] if rows % 2 else None
@@ -261,31 +260,31 @@ def test_modulation_product_takes_strided_rows_and_refuses_what_it_cannot_hold(f
     _check_modulation(wide.view(-1)[1:1 + 2 * 3072].view(2, 3072), w, None)   # misaligned: copied first
     wq, w_scale = quantize_weight_fp8(w)
     many = make_input("randn", 9, 3072, torch.bfloat16, generator)
-    assert torch.equal(linear_fp8_weight(many, wq, w_scale, None), linear_e4m3_weight_reference(many, wq, w_scale, None))
-    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
-        linear_fp8_weight(many, wq, w_scale, None, "cuda")
-    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):   # the op itself; linear_fp8_weight splits them
         torch.ops.rt_lynx.linear_e4m3_weight(many, wq, w_scale, None)
+    # Rows longer than shared memory holds: the reference on "auto", an error on "cuda".
+    long_x = make_input("randn", 1, 32768, torch.bfloat16, generator)
+    long_wq, long_scale = quantize_weight_fp8(make_input("randn", 64, 32768, torch.float32, generator))
+    assert torch.equal(linear_fp8_weight(long_x, long_wq, long_scale, None),
+                       linear_e4m3_weight_reference(long_x, long_wq, long_scale, None))
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        linear_fp8_weight(long_x, long_wq, long_scale, None, "cuda")
 
 
-def test_modulation_linear_compiles_without_graph_break_and_takes_the_kernel(fp8_dense, generator, monkeypatch):
-    from rt_lynx_pack.kernels import fp8_dense as fp8_dense_module
+def test_modulation_linear_compiles_without_graph_break_and_takes_the_kernel(fp8_dense, generator):
     from rt_lynx_pack.kernels import quantize_weight_fp8
     from rt_lynx_pack.lynx.linear import fp8_weight_linear
     vec = make_input("randn", 2, 3072, torch.bfloat16, generator)
     w = make_input("randn", 18432, 3072, torch.float32, generator) * 0.02
     b = make_input("randn", 1, 18432, torch.bfloat16, generator)[0]
     wq, w_scale = quantize_weight_fp8(w)
-    config = LynxConfig(precision="fp8", backend="cuda")
+    config = LynxConfig(precision="fp8", backend="cuda")   # "cuda": the reference would raise
 
     def modulation(t):
         return fp8_weight_linear(F.silu(t), w, b, config, fp8_weight=(wq, w_scale))[:, None, :].chunk(6, dim=-1)
 
-    calls = []
-    kernel = fp8_dense_module.linear_e4m3_weight
-    monkeypatch.setattr(fp8_dense_module, "linear_e4m3_weight", lambda *a: calls.append(1) or kernel(*a))
     torch._dynamo.reset()
     compiled = torch.compile(modulation, fullgraph=True)(vec)
     eager = modulation(vec)
     # Inductor may round the SiLU differently from eager (one bf16 ulp of the input).
-    assert calls and all(relative_error(c, e) < 1e-2 for c, e in zip(compiled, eager))
+    assert all(relative_error(c, e) < 1e-2 for c, e in zip(compiled, eager))
