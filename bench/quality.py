@@ -69,13 +69,15 @@ class LayerErrors:
 
 @contextmanager
 def measured_plan(dit, plan, errors: LayerErrors):
-    """The plan installed, each layer also reporting its error vs the dense product (with the weight
-    as it was before a Lynx LoRA's folded part went into it)."""
+    """The plan installed, each block linear it covers (sparsified, or kept dense in fp8) also reporting
+    its error vs the dense product (with the weight as it was before a Lynx LoRA's folded part went
+    into it). fp8's modulation linears are not counted, so the mean is over the same layers in every row."""
     modules = dict(dit.named_modules())
-    dense_weights = {name: modules[name].weight.detach().clone() for name in plan.installed_forwards}
+    measured = [*plan.forwards, *plan.fp8_dense_forwards]
+    dense_weights = {name: modules[name].weight.detach().clone() for name in measured}
     hooks = [modules[name].register_forward_hook(
         lambda module, args, y, name=name: errors.add(name, y, F.linear(args[0], dense_weights[name], module.bias)))
-        for name in plan.installed_forwards]
+        for name in measured]
     try:
         with installed(dit, plan):
             yield

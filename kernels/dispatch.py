@@ -303,25 +303,29 @@ def fp8_dense_shape_supported(in_features: int, out_features: int) -> bool:
     return _fp8_dense is not None and _fp8_dense.fp8_dense_shape_supported(in_features, out_features)
 
 
+def _fp8_dense_kernels_for(requested: str, device: torch.device) -> tuple[bool, str]:
+    """(whether a call with backend `requested` may use the fp8 dense kernels on `device`, why not)."""
+    if requested not in REQUESTS:
+        raise ValueError(f"unknown backend {requested!r}; choose one of {REQUESTS}")
+    if requested == "reference":
+        return False, "reference backend requested"
+    return fp8_dense_availability(device)
+
+
 def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                      requested: str = "auto", gelu_tail: torch.Tensor | None = None) -> torch.Tensor:
     """A layer an fp8 model keeps dense: reference.dense_linear_fp8_reference with (wq, w_scale)
     from quantize_weight_fp8, on dense e4m3 tensor cores where the fast kernels run, else on the
     reference path. With gelu_tail (2-D, x2d's rows) the input is cat((x2d, gelu_tanh(gelu_tail)),
     -1): on the fast path the quantise pass makes it from both, and it is never written."""
-    if requested not in REQUESTS:
-        raise ValueError(f"unknown backend {requested!r}; choose one of {REQUESTS}")
-    if requested == "reference":
-        choice = BackendChoice("reference", "reference backend requested")
-    else:
-        available, why_not = fp8_dense_availability(x2d.device)
-        if available:
-            available, why_not = _fp8_dense.supports_fp8_dense(x2d, wq, gelu_tail)
-            if not available and gelu_tail is not None:
-                # A tail the quantise pass cannot read (strided columns, another device): written first.
-                x2d, gelu_tail = cat_gelu_tanh(x2d, gelu_tail), None
-                available, why_not = _fp8_dense.supports_fp8_dense(x2d, wq)
-        choice = BackendChoice("fp8_dense", "e4m3 dense GEMM") if available else BackendChoice("reference", why_not)
+    available, why_not = _fp8_dense_kernels_for(requested, x2d.device)
+    if available:
+        available, why_not = _fp8_dense.supports_fp8_dense(x2d, wq, gelu_tail)
+        if not available and gelu_tail is not None:
+            # A tail the quantise pass cannot read (strided columns, another device): written first.
+            x2d, gelu_tail = cat_gelu_tanh(x2d, gelu_tail), None
+            available, why_not = _fp8_dense.supports_fp8_dense(x2d, wq)
+    choice = BackendChoice("fp8_dense", "e4m3 dense GEMM") if available else BackendChoice("reference", why_not)
     _report(_fast_or_raise(choice, requested, x2d, wq), x2d, wq)
     if choice.name == "fp8_dense":
         return _fp8_dense.dense_linear_fp8(x2d, wq, w_scale, bias, gelu_tail)
@@ -334,16 +338,11 @@ def linear_fp8_weight(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor
     """A per-image linear of an fp8 model (a block's modulation): reference.linear_e4m3_weight_reference,
     the e4m3 weight read by one kernel per 8 rows where the fast kernels run, else on the reference
     path."""
-    if requested not in REQUESTS:
-        raise ValueError(f"unknown backend {requested!r}; choose one of {REQUESTS}")
-    if requested == "reference":
-        choice = BackendChoice("reference", "reference backend requested")
-    else:
-        available, why_not = fp8_dense_availability(x2d.device)
-        if available:
-            available, why_not = _fp8_dense.supports_linear_e4m3_weight(x2d, wq)
-        choice = (BackendChoice("fp8_weight", "the weight read in e4m3") if available
-                  else BackendChoice("reference", why_not))
+    available, why_not = _fp8_dense_kernels_for(requested, x2d.device)
+    if available:
+        available, why_not = _fp8_dense.supports_linear_e4m3_weight(x2d, wq)
+    choice = (BackendChoice("fp8_weight", "the weight read in e4m3") if available
+              else BackendChoice("reference", why_not))
     _report(_fast_or_raise(choice, requested, x2d, wq), x2d, wq)
     if choice.name == "fp8_weight":
         return _fp8_dense.linear_e4m3_weight(x2d, wq, w_scale, bias)

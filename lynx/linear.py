@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import (PRECISIONS, REQUESTS, LowRankOperands, cat_gelu_tanh, dense_linear_fp8, gelu_tanh_reference,
-                       linear_fp8_weight, log_once, low_rank_reference, modulated_layer_norm_reference, prepare_low_rank,
-                       quantize_weight_fp8, sparse_linear, sparse_linear_fp8, sparse_linear_gelu, sparse_linear_modulated)
+                       linear_fp8_weight, log_once, low_rank_reference, modulated_layer_norm_reference,
+                       prepare_low_rank, quantize_weight_fp8, sparse_linear, sparse_linear_fp8, sparse_linear_gelu,
+                       sparse_linear_modulated)
 
 
 @dataclass(frozen=True)

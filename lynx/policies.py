@@ -2,7 +2,8 @@
 
 A policy lists the transformer blocks of an architecture and, inside a block, the linears whose
 inputs are sparsified. Everything not listed (embedders, modulation/adaLN, final layer, norms)
-stays dense; the blocks' modulation linears are listed apart, for fp8 precision's e4m3 weights. Layer names are relative to the diffusion model (ComfyUI's `diffusion_model`).
+stays dense; the blocks' modulation linears are listed apart, for fp8 precision's e4m3 weights.
+Layer names are relative to the diffusion model (ComfyUI's `diffusion_model`).
 """
 import re
 from dataclasses import dataclass

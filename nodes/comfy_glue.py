@@ -318,7 +318,8 @@ def install_fused_blocks(patched, diffusion_model, runtime: LynxRuntime | None =
     parts = []
     if fused or kept:
         available, why_not = block_ops_availability(patched.load_device)
-        parts.append(f"{fused} blocks with fused q/k norm + RoPE" + ("" if available else f" (reference path: {why_not})")
+        where = "" if available else f" (reference path: {why_not})"
+        parts.append(f"{fused} blocks with fused q/k norm + RoPE{where}"
                      + "".join(f", {count} kept as they are ({why})" for why, count in kept.items()))
     rope_tables = install_rope_tables(patched, diffusion_model)
     return ", ".join(parts + ([rope_tables] if rope_tables else []))

@@ -53,9 +53,9 @@ class RTLynxSparsifyModel:
                              "FLUX, Qwen-Image: compute each block's q/k norm, RoPE and gated residuals in fused "
                              "kernels, and the LayerNorm + modulation and GELU before a sparsified linear inside its "
                              "sparsify pass, and FLUX's linear2 input in one pass (same math, fewer passes; helps with "
-                             "and without torch.compile). Dense warm-up steps keep the original blocks. FLUX, Qwen-Image "
-                             "and Z-Image: the RoPE table in one op, the same bits, which torch.compile leaves "
-                             "whole (its fused version takes 1.3 ms of a FLUX step)."}),
+                             "and without torch.compile). Dense warm-up steps keep the original blocks. FLUX, "
+                             "Qwen-Image and Z-Image: the RoPE table in one op, the same bits, which torch.compile "
+                             "leaves whole (its fused version takes 1.3 ms of a FLUX step)."}),
         }}
 
     def patch(self, model, pattern, compensation, skip_first_blocks, skip_last_blocks, dense_warmup_steps,

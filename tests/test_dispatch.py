@@ -79,7 +79,8 @@ def test_modulation_rows_beyond_one_launch_go_in_launches_of_what_shared_memory_
     launches = []
 
     def kernel(x, wq, w_scale, bias):   # the CUDA op's contract, on the CPU
-        assert 1 <= x.shape[0] <= fp8_dense.GEMV_MAX_ROWS and x.shape[0] * x.shape[1] * 2 <= fp8_dense.GEMV_MAX_SHARED_BYTES
+        assert 1 <= x.shape[0] <= fp8_dense.GEMV_MAX_ROWS
+        assert x.shape[0] * x.shape[1] * 2 <= fp8_dense.GEMV_MAX_SHARED_BYTES
         launches.append(x.shape[0])
         return linear_e4m3_weight_reference(x, wq, w_scale, bias)
     g = torch.Generator().manual_seed(1)
