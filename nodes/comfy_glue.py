@@ -132,24 +132,38 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
             else:
                 copies.append(forward)
         room = _room_for_fp8_copies(patcher.load_device, sum(_fp8_copy_bytes(f.module) for f in copies))
-        left_out = 0
-        for forward in copies:
+
+        def make_copy(forward):
             module = forward.module
-            if _fp8_copy_bytes(module) > room:
-                left_out += 1
-                continue
-            room -= _fp8_copy_bytes(module)
             if module.weight.dtype != torch.float8_e4m3fn:
                 forward.prepare_fp8(module.weight, getattr(module, "scale_weight", None))
-                continue
+                return
             # Stored fp8 with a scale kept elsewhere than scale_weight: quantise what the layer
             # computes with instead of trusting the stored bytes.
             log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; requantising it")
             with _weight_as_computed(module, compute_dtype) as computed:
                 forward.prepare_fp8(computed)
+        # A layer without its copy quantises its weight on every call (the same numbers, slower); a
+        # modulation linear computes as the original layer instead, so theirs come last and all or none.
+        modulation = [f for f in copies if f.name in plan.per_image_forwards]
+        left_out = 0
+        for forward in copies:
+            if forward.name in plan.per_image_forwards:
+                continue
+            if _fp8_copy_bytes(forward.module) > room:
+                left_out += 1
+                continue
+            room -= _fp8_copy_bytes(forward.module)
+            make_copy(forward)
         if left_out:
             log.warning("RT-Lynx: no room in %s memory for the fp8 weights of %d layers; they quantise their "
                         "weight on every call (slower) this run", patcher.load_device, left_out)
+        if sum(_fp8_copy_bytes(f.module) for f in modulation) <= room:
+            for forward in modulation:
+                make_copy(forward)
+        else:
+            log.warning("RT-Lynx: no room in %s memory for the e4m3 weights of the %d modulation linears; they "
+                        "compute in the model's dtype this run", patcher.load_device, len(modulation))
 
     def on_pre_run(patcher, *args, **kwargs):
         compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()

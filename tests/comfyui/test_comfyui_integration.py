@@ -159,12 +159,25 @@ def test_fp8_copies_that_do_not_fit_leave_their_layers_quantising_per_call(flux,
         assert comfy_glue._room_for_fp8_copies(lynx_fp8.load_device, room) == room   # fits: nothing asked
     assert len(asked) == 1 and asked[0][0] == sum(sizes) + mm.minimum_inference_memory()
     assert any(loaded.model is lynx_fp8 for loaded in asked[0][1])
-    # ... and the layers whose copies still do not fit quantise their weight per call.
+    # ... and the layers whose copies still do not fit quantise their weight per call. The modulation
+    # linears' copies come after all others, all or none; without them those compute as the original
+    # layers.
     monkeypatch.setattr(comfy_glue, "_room_for_fp8_copies", lambda device, needed: room)
-    with_copies = watch_each_step(lynx_fp8, lambda: sum(f.fp8_weight is not None for f in forwards.values()))
+    modulation = installed_plan(lynx_fp8).per_image_forwards
+    with_copies = watch_each_step(lynx_fp8, lambda: {n for n, f in forwards.items() if f.fp8_weight is not None})
     tight = sample(lynx_fp8)
-    assert with_copies and all(0 < n < len(forwards) for n in with_copies)
-    assert torch.equal(tight, roomy)   # the same e4m3 weights, made per call
+    assert with_copies and all(0 < len(made) < len(forwards) and not made & modulation.keys() for made in with_copies)
+    with monkeypatch.context() as patch:   # room for every copy but the modulation linears'
+        patch.setattr(type(next(iter(modulation.values()))), "prepare_fp8", lambda self, *args: None)
+        roomy_without_modulation_copies = sample(lynx_fp8)
+    assert torch.equal(tight, roomy_without_modulation_copies)   # the same e4m3 weights, made per call
+    assert not torch.equal(tight, roomy)
+    # Room for every other copy and all but a little of the modulation linears': none of theirs.
+    modulation_bytes = sum(comfy_glue._fp8_copy_bytes(f.module) for f in modulation.values())
+    monkeypatch.setattr(comfy_glue, "_room_for_fp8_copies", lambda device, needed: needed - modulation_bytes // 2)
+    made = watch_each_step(lynx_fp8, lambda: {n for n, f in forwards.items() if f.fp8_weight is not None})
+    sample(lynx_fp8)
+    assert made and all(m == forwards.keys() - modulation.keys() for m in made)
 
 
 def test_compiled_fp8_model_samples_again_without_compiling_again(flux):
