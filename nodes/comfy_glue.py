@@ -161,7 +161,7 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
         if sum(_fp8_copy_bytes(f.module) for f in modulation) <= room:
             for forward in modulation:
                 make_copy(forward)
-        else:
+        elif modulation:
             log.warning("RT-Lynx: no room in %s memory for the e4m3 weights of the %d modulation linears; they "
                         "compute in the model's dtype this run", patcher.load_device, len(modulation))
 
