@@ -28,7 +28,8 @@ EXTENSION_NAME = "rt_lynx_ext"
 CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / "cusparselt_ext.cpp", CSRC / "sm90_ops.cpp", CSRC / "lynx_kernels.cu", CSRC / "block_ops.cpp",
            CSRC / "block_elementwise.cu", CSRC / "e4m3_weight_gemv.cu"]
-HEADERS = [CSRC / "lynx_kernels.h", CSRC / "op_checks.h", CSRC / "block_elementwise.h", CSRC / "sm90_metadata_layout.h",
+HEADERS = [CSRC / "lynx_kernels.h", CSRC / "half_words.cuh", CSRC / "op_checks.h", CSRC / "block_elementwise.h",
+           CSRC / "sm90_metadata_layout.h",
            CSRC / "sm90_sparse_gemm.h"]
 EXPECTED_BUILD_SECONDS = 60
 # One translation unit per input element, so ninja compiles the CUTLASS instances in parallel.

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "half_words.cuh"
 #include "lynx_kernels.h"
 
 namespace rt_lynx {
@@ -28,32 +29,6 @@ constexpr int kGemvChannelsPerWarp = 2;
 constexpr int kGemvUnroll = 8;        // 16-byte weight loads a lane has in flight per channel
 constexpr int kGemvStep = 32 * 16;    // weight columns a warp reads per step
 
-template <typename T>
-__device__ __forceinline__ float2 to_float2(uint32_t bits);
-
-template <>
-__device__ __forceinline__ float2 to_float2<__nv_bfloat16>(uint32_t bits) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
-}
-
-template <>
-__device__ __forceinline__ float2 to_float2<__half>(uint32_t bits) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&bits));
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-
 // Two e4m3 bytes (the low 16 bits of `pair`) as two floats: e4m3 -> f16 is exact.
 __device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t pair) {
   const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair & 0xffffu), __NV_E4M3);
@@ -61,8 +36,9 @@ __device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t pair) {
 }
 
 // sum[r] += dot(16 weights in `w`, x_shared row r at column k) for every row.
-template <typename T, int kRows>
-__device__ __forceinline__ void accumulate16(const uint4& w, const T* x_shared, int k_stride, int k, float (&sum)[kRows]) {
+template <bool kBf16, int kRows>
+__device__ __forceinline__ void accumulate16(const uint4& w, const uint16_t* x_shared, int k_stride, int k,
+                                             float (&sum)[kRows]) {
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
   float wf[16];
 #pragma unroll
@@ -79,7 +55,7 @@ __device__ __forceinline__ void accumulate16(const uint4& w, const T* x_shared, 
     float s = sum[r];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const float2 xv = to_float2<T>(xw[i]);
+      const float2 xv = word_to_floats<kBf16>(xw[i]);
       s = fmaf(wf[2 * i], xv.x, s);
       s = fmaf(wf[2 * i + 1], xv.y, s);
     }
@@ -87,13 +63,13 @@ __device__ __forceinline__ void accumulate16(const uint4& w, const T* x_shared, 
   }
 }
 
-template <typename T, int kRows>
+template <bool kBf16, int kRows>
 __global__ void __launch_bounds__(kGemvWarps * 32)
-e4m3_weight_gemv_kernel(const T* __restrict__ x, int64_t ld_x, const uint8_t* __restrict__ w, int64_t k,
-                        int64_t n, const float* __restrict__ w_scale, const T* __restrict__ bias,
-                        T* __restrict__ y, int64_t ld_y) {
+e4m3_weight_gemv_kernel(const uint16_t* __restrict__ x, int64_t ld_x, const uint8_t* __restrict__ w, int64_t k,
+                        int64_t n, const float* __restrict__ w_scale, const uint16_t* __restrict__ bias,
+                        uint16_t* __restrict__ y, int64_t ld_y) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  T* x_shared = reinterpret_cast<T*>(shared_bytes);
+  uint16_t* x_shared = reinterpret_cast<uint16_t*>(shared_bytes);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   // x into shared memory, 16 bytes at a time (rows 16-byte aligned: the op checks).
   const int64_t vectors_per_row = k / 8;
@@ -126,7 +102,7 @@ e4m3_weight_gemv_kernel(const T* __restrict__ x, int64_t ld_x, const uint8_t* __
       for (int u = 0; u < kGemvUnroll; ++u) {
         const int64_t col = base + int64_t(u) * kGemvStep + lane * 16;
         if (col < k) {
-          accumulate16<T, kRows>(loaded[u], x_shared, static_cast<int>(k), static_cast<int>(col), sum);
+          accumulate16<kBf16, kRows>(loaded[u], x_shared, static_cast<int>(k), static_cast<int>(col), sum);
         }
       }
     }
@@ -145,36 +121,36 @@ e4m3_weight_gemv_kernel(const T* __restrict__ x, int64_t ld_x, const uint8_t* __
       }
       float out = value * w_scale[channel];
       if (bias != nullptr) {
-        out += static_cast<float>(bias[channel]);
+        out += bits_to_float<kBf16>(bias[channel]);
       }
-      y[lane * ld_y + channel] = from_float<T>(out);
+      y[lane * ld_y + channel] = static_cast<uint16_t>(float_to_bits<kBf16>(out));
     }
   }
 }
 
-template <typename T, int kRows>
+template <bool kBf16, int kRows>
 void launch_rows(const void* x, int64_t ld_x, const void* w, int64_t k, int64_t n, const float* w_scale,
                  const void* bias, void* y, int64_t ld_y, cudaStream_t stream) {
   const int64_t channels_per_block = int64_t(kGemvWarps) * kGemvChannelsPerWarp;
   const dim3 grid(static_cast<unsigned>((n + channels_per_block - 1) / channels_per_block));
-  const size_t shared = size_t(kRows) * size_t(k) * sizeof(T);
-  e4m3_weight_gemv_kernel<T, kRows><<<grid, kGemvWarps * 32, shared, stream>>>(
-      static_cast<const T*>(x), ld_x, static_cast<const uint8_t*>(w), k, n, w_scale, static_cast<const T*>(bias),
-      static_cast<T*>(y), ld_y);
+  const size_t shared = size_t(kRows) * size_t(k) * sizeof(uint16_t);
+  e4m3_weight_gemv_kernel<kBf16, kRows><<<grid, kGemvWarps * 32, shared, stream>>>(
+      static_cast<const uint16_t*>(x), ld_x, static_cast<const uint8_t*>(w), k, n, w_scale,
+      static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), ld_y);
 }
 
-template <typename T>
+template <bool kBf16>
 void launch_typed(int rows, const void* x, int64_t ld_x, const void* w, int64_t k, int64_t n, const float* w_scale,
                   const void* bias, void* y, int64_t ld_y, cudaStream_t stream) {
   switch (rows) {
-    case 1: return launch_rows<T, 1>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
-    case 2: return launch_rows<T, 2>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
-    case 3: return launch_rows<T, 3>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
-    case 4: return launch_rows<T, 4>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
-    case 5: return launch_rows<T, 5>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
-    case 6: return launch_rows<T, 6>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
-    case 7: return launch_rows<T, 7>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
-    default: return launch_rows<T, 8>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 1: return launch_rows<kBf16, 1>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 2: return launch_rows<kBf16, 2>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 3: return launch_rows<kBf16, 3>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 4: return launch_rows<kBf16, 4>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 5: return launch_rows<kBf16, 5>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 6: return launch_rows<kBf16, 6>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    case 7: return launch_rows<kBf16, 7>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    default: return launch_rows<kBf16, 8>(x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
   }
 }
 
@@ -185,9 +161,9 @@ void launch_e4m3_weight_gemv(const void* x, int64_t rows, int64_t ld_x, bool is_
                              cudaStream_t stream) {
   const int r = static_cast<int>(rows);
   if (is_bf16) {
-    launch_typed<__nv_bfloat16>(r, x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    launch_typed<true>(r, x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
   } else {
-    launch_typed<__half>(r, x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
+    launch_typed<false>(r, x, ld_x, w, k, n, w_scale, bias, y, ld_y, stream);
   }
 }
 

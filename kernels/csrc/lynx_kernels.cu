@@ -7,6 +7,7 @@
 // (row r, group g) is i0 | i1 << 2 (kept positions, i0 < i1); it sits in byte
 //   (r/64)*8*cols + (g/8)*256 + ((r%64)/16)*64 + (r%8)*8 + 2*(g%4) + (g%8)/4,
 // low nibble for r%16 < 8, high nibble for row r+8.
+#include "half_words.cuh"
 #include "lynx_kernels.h"
 #include "sm90_metadata_layout.h"
 
@@ -55,34 +56,6 @@ void launch_after_previous(void (*kernel)(Params...), dim3 grid, dim3 block, siz
   const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
   if (launched != cudaSuccess) (void)cudaGetLastError();  // not left for the next op's check to report
   require(launched == cudaSuccess, "sparsify: launch failed: ", cudaGetErrorString(launched));
-}
-
-template <bool kBf16>
-__device__ __forceinline__ float bits_to_float(uint32_t bits16) {
-  if constexpr (kBf16) {
-    return __uint_as_float(bits16 << 16);
-  } else {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits16)));
-  }
-}
-
-template <bool kBf16>
-__device__ __forceinline__ uint32_t float_to_bits(float v) {
-  if constexpr (kBf16) {
-    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v)));
-  } else {
-    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(v)));
-  }
-}
-
-// The two 16-bit floats of a 32-bit word as floats (bf16: the halves' bits moved into place).
-template <bool kBf16>
-__device__ __forceinline__ float2 word_to_floats(uint32_t word) {
-  if constexpr (kBf16) {
-    return make_float2(__uint_as_float(word << 16), __uint_as_float(word & 0xffff0000u));
-  } else {
-    return make_float2(bits_to_float<false>(word & 0xffffu), bits_to_float<false>(word >> 16));
-  }
 }
 
 // One group of 4 (two 32-bit words, two values each). Keeps the 2 largest |x|, ties to the lower
