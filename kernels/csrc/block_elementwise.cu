@@ -1,29 +1,12 @@
 // Elementwise work of a DiT block around its linears, fused (block_elementwise.h).
 #include "block_elementwise.h"
+#include "half_words.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 namespace rt_lynx {
 namespace {
-
-template <bool kBf16>
-__device__ __forceinline__ float half_to_float(uint16_t bits) {
-  if constexpr (kBf16) {
-    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
-  } else {
-    return __half2float(__ushort_as_half(bits));
-  }
-}
-
-template <bool kBf16>
-__device__ __forceinline__ uint16_t float_to_half(float v) {
-  if constexpr (kBf16) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  } else {
-    return __half_as_ushort(__float2half_rn(v));
-  }
-}
 
 // kPerLane 16-bit values of one lane, as 32-bit words (one vector load/store; no byte-addressed
 // union, which the compiler would put in local memory).
@@ -70,7 +53,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 template <bool kBf16>
 __device__ __forceinline__ float round_to_half(float v) {
-  return half_to_float<kBf16>(float_to_half<kBf16>(v));
+  return bits_to_float<kBf16>(float_to_bits<kBf16>(v));
 }
 
 // One head of q or k: x * rsqrt(mean(x^2) + eps) * weight rounded to the 16-bit dtype (as
@@ -84,14 +67,14 @@ __device__ __forceinline__ LaneValues<kPerLane> norm_rope(const LaneValues<kPerL
   float sum_sq = 0.f;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
-    x[i] = half_to_float<kBf16>(in.get(i));
+    x[i] = bits_to_float<kBf16>(in.get(i));
     sum_sq += x[i] * x[i];
   }
   const float rstd = rsqrtf(warp_sum(sum_sq) / (32 * kPerLane) + eps);
   const LaneValues<kPerLane> w = load_lane<kPerLane>(weight);
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
-    x[i] = round_to_half<kBf16>(x[i] * rstd * half_to_float<kBf16>(w.get(i)));
+    x[i] = round_to_half<kBf16>(x[i] * rstd * bits_to_float<kBf16>(w.get(i)));
   }
   LaneValues<kPerLane> out;
 #pragma unroll
@@ -99,14 +82,14 @@ __device__ __forceinline__ LaneValues<kPerLane> norm_rope(const LaneValues<kPerL
     const float x0 = x[2 * pair], x1 = x[2 * pair + 1];
     if constexpr (kRope16) {
       const LaneValues<4> r = load_lane<4>(static_cast<const uint16_t*>(pe) + 4 * pair);
-      const float r00 = half_to_float<kBf16>(r.get(0)), r01 = half_to_float<kBf16>(r.get(1));
-      const float r10 = half_to_float<kBf16>(r.get(2)), r11 = half_to_float<kBf16>(r.get(3));
-      out.set_pair(pair, float_to_half<kBf16>(round_to_half<kBf16>(r00 * x0) + round_to_half<kBf16>(r01 * x1)),
-                   float_to_half<kBf16>(round_to_half<kBf16>(r10 * x0) + round_to_half<kBf16>(r11 * x1)));
+      const float r00 = bits_to_float<kBf16>(r.get(0)), r01 = bits_to_float<kBf16>(r.get(1));
+      const float r10 = bits_to_float<kBf16>(r.get(2)), r11 = bits_to_float<kBf16>(r.get(3));
+      out.set_pair(pair, float_to_bits<kBf16>(round_to_half<kBf16>(r00 * x0) + round_to_half<kBf16>(r01 * x1)),
+                   float_to_bits<kBf16>(round_to_half<kBf16>(r10 * x0) + round_to_half<kBf16>(r11 * x1)));
     } else {
       const float4 r = static_cast<const float4*>(pe)[pair];  // {pe[i][0][0], pe[i][0][1], pe[i][1][0], pe[i][1][1]}
-      out.set_pair(pair, float_to_half<kBf16>(__fadd_rn(__fmul_rn(r.x, x0), __fmul_rn(r.y, x1))),
-                   float_to_half<kBf16>(__fadd_rn(__fmul_rn(r.z, x0), __fmul_rn(r.w, x1))));
+      out.set_pair(pair, float_to_bits<kBf16>(__fadd_rn(__fmul_rn(r.x, x0), __fmul_rn(r.y, x1))),
+                   float_to_bits<kBf16>(__fadd_rn(__fmul_rn(r.z, x0), __fmul_rn(r.w, x1))));
     }
   }
   return out;
