@@ -59,7 +59,8 @@ Z_IMAGE = ArchitecturePolicy(
     default_dense_layers=r"attention\.out|feed_forward\.(w1|w3)",
     signature=("layers.0.attention.qkv", "layers.0.feed_forward.w2"),
     notes="Z-Image / Lumina 2 NextDiT (ComfyUI comfy.ldm.lumina.model.NextDiT); refiner blocks stay dense",
-    per_image_layers=r"(layers|noise_refiner)\.\d+\.adaLN_modulation\.1",
+    # Lumina 2: Sequential(SiLU, Linear) -> ".1"; Z-Image (z_image_modulation): Sequential(Linear) -> ".0".
+    per_image_layers=r"(layers|noise_refiner)\.\d+\.adaLN_modulation\.[01]",
 )
 
 POLICIES = {p.name: p for p in (FLUX, QWEN_IMAGE, Z_IMAGE)}

@@ -78,8 +78,10 @@ def qwen_image_like_shapes(hidden: int = 64, blocks: int = 2) -> dict[str, tuple
     return shapes
 
 
-def z_image_like_shapes(hidden: int = 64, blocks: int = 3) -> dict[str, tuple[int, int]]:
+def z_image_like_shapes(hidden: int = 64, blocks: int = 3, z_image_modulation: bool = False) -> dict[str, tuple[int, int]]:
+    """Lumina 2's NextDiT; with z_image_modulation, Z-Image's: adaLN_modulation is Sequential(Linear(256, 4h))."""
     h, ff = hidden, 3 * hidden
+    modulation = ("adaLN_modulation.0", (256, 4 * h)) if z_image_modulation else ("adaLN_modulation.1", (h, 4 * h))
     shapes = {"x_embedder": (64, h), "t_embedder.mlp.0": (256, h), "t_embedder.mlp.2": (h, h),
               "cap_embedder.1": (96, h), "final_layer.linear": (h, 64), "final_layer.adaLN_modulation.1": (h, h)}
     for group, count in (("noise_refiner", 1), ("context_refiner", 1), ("layers", blocks)):
@@ -87,7 +89,9 @@ def z_image_like_shapes(hidden: int = 64, blocks: int = 3) -> dict[str, tuple[in
             b = f"{group}.{i}"
             shapes |= {f"{b}.attention.qkv": (h, 3 * h), f"{b}.attention.out": (h, h),
                        f"{b}.feed_forward.w1": (h, ff), f"{b}.feed_forward.w3": (h, ff),
-                       f"{b}.feed_forward.w2": (ff, h), f"{b}.adaLN_modulation.1": (h, 4 * h)}
+                       f"{b}.feed_forward.w2": (ff, h)}
+            if group != "context_refiner":   # ComfyUI builds the caption refiner without modulation
+                shapes[f"{b}.{modulation[0]}"] = modulation[1]
     return shapes
 
 

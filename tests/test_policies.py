@@ -91,12 +91,15 @@ def test_fp8_reads_each_architectures_block_modulation_weights_in_e4m3_and_nothi
         "flux": {f"double_blocks.{i}.{s}_mod.lin" for i in range(2) for s in ("img", "txt")}
         | {f"single_blocks.{i}.modulation.lin" for i in range(2)},
         "qwen_image": {f"transformer_blocks.{i}.{s}_mod.1" for i in range(2) for s in ("img", "txt")},
-        "z_image": {"layers.0.adaLN_modulation.1", "layers.1.adaLN_modulation.1", "noise_refiner.0.adaLN_modulation.1"},
+        "lumina2": {"layers.0.adaLN_modulation.1", "layers.1.adaLN_modulation.1", "noise_refiner.0.adaLN_modulation.1"},
+        "z_image": {"layers.0.adaLN_modulation.0", "layers.1.adaLN_modulation.0", "noise_refiner.0.adaLN_modulation.0"},
     }
-    for shapes in (flux_like_shapes(), qwen_image_like_shapes(), z_image_like_shapes(blocks=2)):
+    for kind, shapes in (("flux", flux_like_shapes()), ("qwen_image", qwen_image_like_shapes()),
+                         ("lumina2", z_image_like_shapes(blocks=2)),
+                         ("z_image", z_image_like_shapes(blocks=2, z_image_modulation=True))):
         model = tree_from_linears(shapes)
         plan = plan_model(model, LynxConfig(precision="fp8"))
-        assert set(plan.per_image_forwards) == expected[plan.policy.name], plan.policy.name
+        assert set(plan.per_image_forwards) == expected[kind], kind
         assert not set(plan.per_image_forwards) & (set(plan.forwards) | set(plan.fp8_dense_forwards))
         assert not plan_model(model, LynxConfig()).per_image_forwards
         assert not plan_model(model, LynxConfig(precision="fp8", fp8_dense_layers=False)).per_image_forwards
