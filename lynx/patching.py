@@ -251,9 +251,15 @@ class LynxPlan:
         if device is not None and self.config.backend != "reference":
             available, why_not = fast_path_availability(device, self.config.precision)
             text += f" -> {why_not}" if available else f" -> reference ({why_not})"
-            if self.fp8_dense_forwards or self.per_image_forwards:
+            kinds = [(label, kernel) for label, kernel, present in (
+                ("fp8 dense layers", "e4m3 dense GEMM", self.fp8_dense_forwards),
+                ("modulation", "e4m3-weight kernel", self.per_image_forwards)) if present]
+            if kinds:
                 available, why_not = fp8_dense_availability(device)
-                text += "; fp8 dense layers -> " + ("e4m3 dense GEMM" if available else f"reference ({why_not})")
+                if available:
+                    text += "".join(f"; {label} -> {kernel}" for label, kernel in kinds)
+                else:
+                    text += f"; {' and '.join(label for label, _ in kinds)} -> reference ({why_not})"
         return text
 
 

@@ -208,6 +208,7 @@ def test_fp8_plan_reads_the_modulation_weights_in_e4m3_with_x_unquantised(tiny):
     modulations |= {n for n in dict(model.named_modules()) if n.endswith("modulation.lin")}
     assert modulations and set(plan.per_image_forwards) == modulations
     assert f"{len(modulations)} modulation linears with e4m3 weights" in plan.summary()
+    assert "; fp8 dense layers and modulation -> reference (cpu device" in plan.summary(torch.device("cpu"))
 
     module = dict(model.named_modules())["double_blocks.0.img_mod.lin"]
     seen = []
