@@ -29,6 +29,9 @@ class Arch:
     config: Callable[[tuple], dict]   # blocks -> constructor kwargs (real width)
     full_blocks: tuple
     context_dim: int
+    # True where ComfyUI's detection cannot tell these sizes from another model's with the same
+    # keys: build_model then gives the detected config these sizes (no state dict load).
+    sizes_over_detection: bool = False
 
 
 def _flux_config(blocks):
@@ -49,13 +52,36 @@ def _lumina2_config(blocks):
                 qk_norm=True, cap_feat_dim=2304, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512])
 
 
+def _nextdit_mlp_base():
+    """The hidden size NextDiT's blocks hand FeedForward before its multiplier, per dim: 4 in
+    ComfyUI 0.3.64, 1 in releases that load Z-Image."""
+    import comfy.ldm.lumina.model as lumina
+    import comfy.ops
+    block = lumina.JointTransformerBlock(0, 64, 1, 1, 1, 1.0, 1e-5, False, operation_settings={
+        "operations": comfy.ops.disable_weight_init, "device": "meta", "dtype": torch.float32})
+    return block.feed_forward.w1.out_features // 64
+
+
+def _z_image_config(blocks):
+    # Z-Image's sizes (dim 3840, 30 heads of 128, SwiGLU hidden 10240, 2560-wide captions, RoPE axes
+    # 32/48/48) on the NextDiT class it shares with Lumina 2. ComfyUI 0.3.64 has no Z-Image
+    # detection: its NextDiT builds the blocks' linears and attention at Z-Image's shapes, but the
+    # blocks' modulation reads 1024 features after a SiLU (Z-Image: 256) and RoPE's theta is 10000
+    # (Z-Image: 256), which changes values, not costs.
+    return dict(patch_size=2, in_channels=16, dim=3840, n_layers=blocks[0], n_heads=30, n_kv_heads=30,
+                multiple_of=256, ffn_dim_multiplier=10240 / 3840 / _nextdit_mlp_base(), qk_norm=True,
+                cap_feat_dim=2560, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
+
+
 ARCHS = {
     "flux": Arch("flux", "comfy.ldm.flux.model", "Flux", _flux_config, (19, 38), 4096),
     "qwen_image": Arch("qwen_image", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel",
                        _qwen_config, (60,), 3584),
     "lumina2": Arch("lumina2", "comfy.ldm.lumina.model", "NextDiT", _lumina2_config, (26,), 2304),
+    "z_image": Arch("z_image", "comfy.ldm.lumina.model", "NextDiT", _z_image_config, (30,), 2560,
+                    sizes_over_detection=True),
 }
-TINY_BLOCKS = {"flux": (1, 1), "qwen_image": (1,), "lumina2": (1,)}
+TINY_BLOCKS = {"flux": (1, 1), "qwen_image": (1,), "lumina2": (1,), "z_image": (1,)}
 
 
 def _network(arch: Arch, blocks, device, dtype):
@@ -95,6 +121,9 @@ def load_model(arch: str, blocks=None, dtype=torch.float32, seed: int = 0, sd: d
     `dtype` is the weight dtype (model_options "dtype", as UNETLoader's weight_dtype sets it)."""
     import comfy.sd
 
+    if ARCHS[arch].sizes_over_detection:
+        raise ValueError(f"{arch}: ComfyUI's detection would load these weights at another model's sizes; "
+                         "use build_model")
     # The loader empties the dict it is given: hand it a shallow copy.
     sd = dict(sd) if sd is not None else state_dict(arch, blocks, seed)
     patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
@@ -114,6 +143,8 @@ def build_model(arch: str, blocks=None, device="cuda", dtype=torch.bfloat16, see
         meta_sd = _network(spec, blocks or spec.full_blocks, "meta", dtype).state_dict()
     model_config = comfy.model_detection.model_config_from_unet(meta_sd, "")
     assert model_config is not None, f"ComfyUI did not detect the {arch} layout"
+    if spec.sizes_over_detection:
+        model_config.unet_config.update(spec.config(blocks or spec.full_blocks))
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:   # as ComfyUI names its load device: cuda:<index>
         device = torch.device("cuda", torch.cuda.current_device())
@@ -136,7 +167,7 @@ def conditioning(arch: str, tokens: int = 8, seed: int = 0, batch: int = 1, devi
     ctx = torch.randn(batch, tokens, ARCHS[arch].context_dim, generator=g).to(device, dtype)
     if arch == "flux":
         extra = {"pooled_output": torch.randn(batch, 768, generator=g).to(device, dtype), "guidance": 3.5}
-    elif arch == "lumina2":
+    elif arch in ("lumina2", "z_image"):
         # Lumina2.extra_conds only passes num_tokens when a mask is given; NextDiT needs it.
         extra = {"attention_mask": torch.ones(batch, tokens, dtype=torch.long, device=device)}
     else:

@@ -1,5 +1,7 @@
 """End-to-end benchmark inside ComfyUI: FLUX.1-dev and Qwen-Image at full size (random bf16 weights
-built on the GPU), dense vs RT-Lynx, eager and under ComfyUI's torch.compile wrapper.
+built on the GPU), dense vs RT-Lynx, eager and under ComfyUI's torch.compile wrapper; `--models
+z_image`: Z-Image's sizes on ComfyUI's NextDiT (bench/comfy_models.py says what differs on a
+ComfyUI without Z-Image's detection).
 
 Measures, per model/resolution/mode and for both sides in the same process:
 - time per denoising step: median of several synchronised diffusion-model forwards through
@@ -14,7 +16,7 @@ Measures, per model/resolution/mode and for both sides in the same process:
   (wall time, peak memory), then the step time with the calibrated Lynx LoRA attached, next to
   dense and Lynx without the LoRA.
 
-Usage (GPU): COMFYUI_PATH=.comfyui python bench/e2e.py [--models flux,qwen_image] [--resolutions 1024,768,1536]
+Usage (GPU): COMFYUI_PATH=.comfyui python bench/e2e.py [--models flux,qwen_image,z_image] [--resolutions 1024,768,1536]
              [--no-compile | --modes compile] [--steps 28] [--out bench/results]
 CPU check of the logic: COMFYUI_PATH=... python bench/e2e.py --tiny
 The results (e2e-<start time>-<gpu>-<models>.md and .json) are written again after every row, so a
@@ -35,8 +37,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import git_commit  # noqa: E402
 # Text tokens per prompt: FLUX's T5 context is padded to 512 in ComfyUI; a long Qwen-Image prompt.
-CONTEXT_TOKENS = {"flux": 512, "qwen_image": 256}
-BATCH = {"flux": 1, "qwen_image": 2}  # Qwen-Image runs with CFG: cond and uncond in one batch
+CONTEXT_TOKENS = {"flux": 512, "qwen_image": 256, "z_image": 256}
+# Qwen-Image runs with CFG: cond and uncond in one batch; Z-Image (Turbo) samples at CFG 1.
+BATCH = {"flux": 1, "qwen_image": 2, "z_image": 1}
 SAMPLE_RESOLUTION = ("flux", 1024)    # whole-sample timing only here, to bound the run time
 
 
@@ -198,6 +201,8 @@ def step_inputs(arch, resolution, dev, dtype):
     kwargs = {}
     if arch == "flux":
         kwargs = {"y": extra["pooled_output"], "guidance": torch.full((batch,), 3.5, device=dev.device)}
+    elif arch == "z_image":
+        kwargs = {"num_tokens": ctx.shape[1]}   # what Lumina2.extra_conds makes of a full attention mask
     sigma = torch.full((batch,), 0.6, device=dev.device)
     return x, sigma, ctx, kwargs
 
