@@ -35,10 +35,16 @@ class Arch:
 
 
 def _flux_config(blocks):
+    import dataclasses
+
+    import comfy.ldm.flux.model as flux
     double, single = blocks
-    return dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
-                mlp_ratio=4.0, num_heads=24, depth=double, depth_single_blocks=single, axes_dim=[16, 56, 56],
-                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+    config = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                  mlp_ratio=4.0, num_heads=24, depth=double, depth_single_blocks=single, axes_dim=[16, 56, 56],
+                  theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(flux.FluxParams)}:
+        config["txt_ids_dims"] = []   # later ComfyUI releases: FLUX.1's text positions are all zero
+    return config
 
 
 def _qwen_config(blocks):

@@ -33,7 +33,7 @@ from ..kernels import cat_gelu_tanh, qk_norm_rope, qk_norm_rope_split, rope_tabl
 # (batch, tokens, heads * head_dim) for Qwen-Image.
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None, dict], torch.Tensor]
 
-QK_NORM_EPS = 1e-6   # comfy.ldm.flux.layers.RMSNorm's
+QK_NORM_EPS = 1e-6   # comfy.ldm.flux.layers.RMSNorm's (ComfyUI 0.3.x), fixed in its forward
 FP16_MAX = 65504.0
 
 # The forward parameters of the block classes these forwards reproduce (ComfyUI 0.3.x). A block
@@ -45,8 +45,14 @@ _DOUBLE_MODULES = ("img_mod", "txt_mod", "img_norm1", "img_norm2", "txt_norm1", 
                    "img_attn.proj", "img_attn.norm.query_norm", "img_attn.norm.key_norm", "txt_attn.qkv",
                    "txt_attn.proj", "txt_attn.norm.query_norm", "txt_attn.norm.key_norm", "img_mlp", "txt_mlp")
 _SINGLE_MODULES = ("modulation", "pre_norm", "linear1", "linear2", "norm.query_norm", "norm.key_norm", "mlp_act")
+_FLUX_QK_NORMS = {"double": ("img_attn.norm.query_norm", "img_attn.norm.key_norm", "txt_attn.norm.query_norm",
+                             "txt_attn.norm.key_norm"),
+                  "single": ("norm.query_norm", "norm.key_norm")}
 _QWEN_PARAMETERS = {"self", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb",
                     "image_rotary_emb", "transformer_options"}
+# Later ComfyUI releases add a per-call parameter the block-replace arguments do not carry; the
+# glue sends calls that set it to the block's own forward.
+_QWEN_LATER_PARAMETERS = _QWEN_PARAMETERS | {"timestep_zero_index"}
 _QWEN_ATTENTION_PARAMETERS = {"self", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask",
                               "attention_mask", "image_rotary_emb", "transformer_options"}
 _QWEN_NORMS = ("attn.norm_added_q", "attn.norm_added_k", "attn.norm_q", "attn.norm_k")   # text stream first
@@ -58,25 +64,60 @@ _QWEN_MODULES = ("img_mod", "txt_mod", "img_norm1", "img_norm2", "txt_norm1", "t
 def fused_block_kind(block: nn.Module) -> tuple[str | None, str]:
     """("double" | "single" | "qwen_image", "") when `block` is a block these forwards compute, else
     (None, why not)."""
-    kinds = {"DoubleStreamBlock": ("double", _DOUBLE_PARAMETERS, _DOUBLE_MODULES, ("num_heads", "flipped_img_txt")),
-             "SingleStreamBlock": ("single", _SINGLE_PARAMETERS, _SINGLE_MODULES,
+    kinds = {"DoubleStreamBlock": ("double", (_DOUBLE_PARAMETERS,), _DOUBLE_MODULES, ("num_heads",)),
+             "SingleStreamBlock": ("single", (_SINGLE_PARAMETERS,), _SINGLE_MODULES,
                                    ("num_heads", "hidden_size", "mlp_hidden_dim")),
-             "QwenImageTransformerBlock": ("qwen_image", _QWEN_PARAMETERS, _QWEN_MODULES, ("_modulate", "attn.heads"))}
+             "QwenImageTransformerBlock": ("qwen_image", (_QWEN_PARAMETERS, _QWEN_LATER_PARAMETERS), _QWEN_MODULES,
+                                           ("_modulate", "attn.heads"))}
     name = type(block).__name__
     if name not in kinds:
         return None, f"{name} is not a FLUX or Qwen-Image transformer block"
-    kind, parameters, modules, attributes = kinds[name]
-    problem = _signature_problem(type(block), parameters)
+    kind, parameter_sets, modules, attributes = kinds[name]
+    problems = [_signature_problem(type(block), parameters) for parameters in parameter_sets]
+    problem = "" if "" in problems else problems[0]
     present = dict(block.named_modules())
     missing = [m for m in modules if m not in present] + [a for a in attributes if not _has_path(block, a)]
     if missing:
         problem = problem or f"{name} lacks {missing}"
+    if kind in _FLUX_QK_NORMS and not problem:
+        head_dim = block.hidden_size // block.num_heads if kind == "single" else block.img_attn.qkv.out_features // (
+            3 * block.num_heads)
+        problem = next((f"{name}'s {n}: {p}" for n in _FLUX_QK_NORMS[kind]
+                        for p in [_qk_norm_problem(present[n], head_dim)] if p), "")
+    if kind == "single" and not problem:
+        # Later FLUX-class models (SiLU-gated or "yak" MLPs) widen linear1's MLP part or change its activation.
+        if (getattr(block, "mlp_hidden_dim_first", block.mlp_hidden_dim) != block.mlp_hidden_dim
+                or getattr(block, "yak_mlp", False) or not isinstance(block.modulation, nn.Module)):
+            problem = f"{name} has another MLP or no modulation of its own"
     if kind == "qwen_image" and not problem:
         problem = _signature_problem(type(block.attn), _QWEN_ATTENTION_PARAMETERS)
         eps = {getattr(present[norm], "eps", None) for norm in _QWEN_NORMS}
         if len(eps) != 1 or None in eps or any(getattr(present[n], "weight", None) is None for n in _QWEN_NORMS):
             problem = problem or f"{name}'s q/k norms differ in eps or have no weight"
     return (None, problem) if problem else (kind, "")
+
+
+def _qk_norm_problem(norm: nn.Module, head_dim: int) -> str:
+    """"" when `norm` is a FLUX q/k RMSNorm the fused pass computes: ComfyUI's own RMSNorm class
+    (weight `scale`, eps 1e-6; ComfyUI 0.3.x) or torch.nn.RMSNorm (ComfyUI's ops.RMSNorm later) with
+    a weight per feature of the head."""
+    if (type(norm).__module__, type(norm).__name__) == ("comfy.ldm.flux.layers", "RMSNorm"):
+        weight = getattr(norm, "scale", None)
+    elif isinstance(norm, nn.RMSNorm) and tuple(norm.normalized_shape) == (head_dim,):
+        weight = norm.weight
+    else:
+        return f"{type(norm).__name__} is not an RMSNorm the fused pass knows"
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (head_dim,) or "forward" in norm.__dict__:
+        return "its weight is not one per head feature, or its forward is patched"
+    return ""
+
+
+def qk_norm_parameters(norm: nn.Module) -> tuple[torch.Tensor, float]:
+    """(weight, eps) of a q/k norm `_qk_norm_problem` accepted. torch.nn.RMSNorm without an eps
+    uses torch's default, the fp32 epsilon for 16-bit and fp32 inputs (the input's opmath type)."""
+    if isinstance(norm, nn.RMSNorm):
+        return norm.weight, torch.finfo(torch.float32).eps if norm.eps is None else float(norm.eps)
+    return norm.scale, QK_NORM_EPS
 
 
 def rope_table_forward(embedder: nn.Module) -> tuple[Callable | None, str]:
@@ -203,15 +244,19 @@ def flux_double_block(block: nn.Module, img: torch.Tensor, txt: torch.Tensor, ve
     txt_mod1, txt_mod2 = block.txt_mod(vec)
     (img_qkv,) = _modulated_linears((block.img_attn.qkv,), block.img_norm1, img, img_mod1.shift, img_mod1.scale)
     (txt_qkv,) = _modulated_linears((block.txt_attn.qkv,), block.txt_norm1, txt, txt_mod1.shift, txt_mod1.scale)
-    # Attention runs over the concatenated streams, text first unless the block is flipped.
-    first, second = ((img_qkv, block.img_attn), (txt_qkv, block.txt_attn)) if block.flipped_img_txt else \
+    # Attention runs over the concatenated streams, text first unless the block is flipped (a
+    # ComfyUI 0.3.x attribute; later releases always put the text first).
+    flipped = getattr(block, "flipped_img_txt", False)
+    first, second = ((img_qkv, block.img_attn), (txt_qkv, block.txt_attn)) if flipped else \
         ((txt_qkv, block.txt_attn), (img_qkv, block.img_attn))
-    q, k, v = qk_norm_rope(first[0], first[1].norm.query_norm.scale, first[1].norm.key_norm.scale,
-                           second[0], second[1].norm.query_norm.scale, second[1].norm.key_norm.scale,
-                           pe, block.num_heads, QK_NORM_EPS)
+    (q_weight_a, eps), (k_weight_a, _) = (qk_norm_parameters(n) for n in (first[1].norm.query_norm,
+                                                                           first[1].norm.key_norm))
+    q_weight_b, k_weight_b = (qk_norm_parameters(n)[0] for n in (second[1].norm.query_norm, second[1].norm.key_norm))
+    q, k, v = qk_norm_rope(first[0], q_weight_a, k_weight_a, second[0], q_weight_b, k_weight_b,
+                           pe, block.num_heads, eps)
     attn = attention(q, k, v, block.num_heads, attn_mask, transformer_options)
     attn_first, attn_second = attn[:, :first[0].shape[1]], attn[:, first[0].shape[1]:]
-    img_attn, txt_attn = (attn_first, attn_second) if block.flipped_img_txt else (attn_second, attn_first)
+    img_attn, txt_attn = (attn_first, attn_second) if flipped else (attn_second, attn_first)
 
     img = torch.addcmul(img, img_mod1.gate, block.img_attn.proj(img_attn))
     img = torch.addcmul(img, img_mod2.gate, _modulated_mlp(block.img_mlp, block.img_norm2, img, img_mod2.shift,
@@ -228,8 +273,8 @@ def flux_single_block(block: nn.Module, x: torch.Tensor, vec: torch.Tensor, pe: 
     mod, _ = block.modulation(vec)
     (projected,) = _modulated_linears((block.linear1,), block.pre_norm, x, mod.shift, mod.scale)
     qkv, mlp = torch.split(projected, [3 * block.hidden_size, block.mlp_hidden_dim], dim=-1)
-    q, k, v = qk_norm_rope(qkv, block.norm.query_norm.scale, block.norm.key_norm.scale, None, None, None,
-                           pe, block.num_heads, QK_NORM_EPS)
+    (q_weight, eps), (k_weight, _) = (qk_norm_parameters(n) for n in (block.norm.query_norm, block.norm.key_norm))
+    q, k, v = qk_norm_rope(qkv, q_weight, k_weight, None, None, None, pe, block.num_heads, eps)
     attn = attention(q, k, v, block.num_heads, attn_mask, transformer_options)
     out = _linear_of_cat_activation(block.linear2, attn, mlp, block.mlp_act)
     return _clamp_fp16(torch.addcmul(x, mod.gate, out))
@@ -265,14 +310,15 @@ def qwen_image_block(block: nn.Module, hidden_states: torch.Tensor, encoder_hidd
     return encoder_hidden_states, hidden_states
 
 
-def fusable_call(block: nn.Module, pe: torch.Tensor | None, hidden: torch.Tensor) -> bool:
+def fusable_call(block: nn.Module, pe: torch.Tensor | None, hidden: torch.Tensor, tokens: int) -> bool:
     """Whether one call is what the fused forwards compute: a RoPE table (FLUX's fp32, Qwen-Image's in
-    the activations' dtype), and Qwen-Image q/k norm weights not patched per call by ComfyUI (a LoRA
-    weight function the fused forward would not see; a plain cast to the activations' device and
-    dtype it makes itself); otherwise the block's own forward runs."""
-    if pe is None or pe.dim() != 6 or hidden.dim() != 3 or pe.dtype not in (torch.float32, hidden.dtype):
+    the activations' dtype) for the `tokens` attention runs over, and q/k norm weights not patched per call by ComfyUI (a LoRA weight
+    function the fused forward would not see; a plain cast to the activations' device and dtype it
+    makes itself); otherwise the block's own forward runs."""
+    if (pe is None or pe.dim() != 6 or hidden.dim() != 3 or pe.dtype not in (torch.float32, hidden.dtype)
+            or 1 not in pe.shape[1:3] or pe.shape[1] * pe.shape[2] != tokens):
         return False
-    if type(block).__name__ == "QwenImageTransformerBlock":
-        norms = [block.get_submodule(name) for name in _QWEN_NORMS]
-        return not any(getattr(n, "weight_function", None) or getattr(n, "bias_function", None) for n in norms)
-    return True
+    kind = {"QwenImageTransformerBlock": "qwen_image", "DoubleStreamBlock": "double",
+            "SingleStreamBlock": "single"}.get(type(block).__name__)
+    norms = [block.get_submodule(name) for name in (_QWEN_NORMS if kind == "qwen_image" else _FLUX_QK_NORMS.get(kind, ()))]
+    return not any(getattr(n, "weight_function", None) or getattr(n, "bias_function", None) for n in norms)

@@ -22,7 +22,8 @@ from ..kernels import (cat_gelu_tanh, fast_path_availability, fp8_dense_availabi
 from .linear import (FOLDED_BRANCH_CONFIG, LowRankBranch, LynxConfig, fp8_dense_linear, fp8_weight_linear, lynx_linear,
                      lynx_linear_after_gelu, lynx_linear_modulated, modulated_layer_norm)
 from .lora import LynxLoRA, check_fits
-from .policies import ArchitecturePolicy, LayerDecision, SelectionOptions, detect_architecture, select_layers
+from .policies import (ArchitecturePolicy, LayerDecision, SelectionOptions, detect_architecture, is_linear,
+                       select_layers)
 
 # (module, input) -> (weight, bias, release): the weight and bias to compute with, and a callback
 # (or None) to run once the product is done. ComfyUI supplies one that casts/offloads as it would.
@@ -289,7 +290,7 @@ def plan_model(model: nn.Module, config: LynxConfig = LynxConfig(),
 
 def _is_per_image_layer(policy: ArchitecturePolicy, name: str, module: nn.Module) -> bool:
     # in_features a multiple of 16: the e4m3-weight kernel's 16-byte loads (every model here has it)
-    return (policy.per_image_layers is not None and isinstance(module, nn.Linear)
+    return (policy.per_image_layers is not None and is_linear(module)
             and re.fullmatch(policy.per_image_layers, name) is not None and module.in_features % 16 == 0)
 
 

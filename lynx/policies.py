@@ -8,6 +8,7 @@ Layer names are relative to the diffusion model (ComfyUI's `diffusion_model`).
 import re
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 
@@ -105,6 +106,18 @@ def detect_architecture(model: nn.Module) -> ArchitecturePolicy:
     raise ValueError(f"unsupported diffusion model {type(model).__name__}: RT-Lynx knows {known}")
 
 
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or a module that is one in all but class: in_features, out_features and a weight of
+    (out_features, in_features), as the linears of ComfyUI's quantized checkpoints (weights held
+    in a quantized tensor class, the module not an nn.Linear subclass)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    in_features, out_features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    return (isinstance(weight, torch.Tensor) and isinstance(in_features, int) and isinstance(out_features, int)
+            and tuple(weight.shape) == (out_features, in_features))
+
+
 def _block_of(policy: ArchitecturePolicy, name: str):
     """(list index, block index, in-block name) of a layer inside a block, else None."""
     for list_index, pattern in enumerate(policy.block_lists):
@@ -119,7 +132,7 @@ def select_layers(model: nn.Module, policy: ArchitecturePolicy,
     """Every linear layer that the policy covers, each with its decision and reason."""
     in_blocks = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not is_linear(module):
             continue
         where = _block_of(policy, name)
         if where is not None and re.fullmatch(policy.sparse_layers, where[2]):

@@ -51,20 +51,34 @@ _CAST_API = None
 
 
 def _cast_api():
-    """ComfyUI's weight-cast function and whether it takes `offloadable` (newer versions, which
-    then return an offload stream that must be handed back through uncast_bias_weight). Looked up
-    once, in eager code (install_plan), so torch.compile only ever reads the stored pair."""
+    """ComfyUI's weight-cast module, whether its cast takes `offloadable` (newer versions, which
+    then return an offload stream that must be handed back through uncast_bias_weight), and the
+    class of its quantized weights (later releases; None before). Looked up once, in eager code
+    (install_plan), so torch.compile only ever reads the stored values."""
     global _CAST_API
     if _CAST_API is None:
+        import importlib.util
+
         import comfy.ops
-        _CAST_API = comfy.ops, "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
+        quantized = None
+        if importlib.util.find_spec("comfy.quant_ops") is not None:
+            import comfy.quant_ops
+            quantized = getattr(comfy.quant_ops, "QuantizedTensor", None)
+        _CAST_API = (comfy.ops, "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters,
+                     quantized)
     return _CAST_API
+
+
+def _is_quantized(weight) -> bool:
+    quantized = _cast_api()[2]
+    return quantized is not None and isinstance(weight, quantized)
 
 
 def comfy_linear_weights(module, x):
     """The weight and bias a ComfyUI Linear would compute with for input x (lowvram casting,
-    weight functions of LoRA patches, scaled fp8 weights), plus the callback that finishes."""
-    ops, offloadable = _cast_api()
+    weight functions of LoRA patches, scaled fp8 weights, quantized weights as plain tensors of
+    their logical dtype), plus the callback that finishes."""
+    ops, offloadable, _ = _cast_api()
     release = None
     if _casts_per_call(module):
         if offloadable:
@@ -74,7 +88,28 @@ def comfy_linear_weights(module, x):
             weight, bias = ops.cast_bias_weight(module, x)
     else:
         weight, bias = module.weight, module.bias
+    if _is_quantized(weight):
+        weight = weight.dequantize()
     return _apply_weight_scale(module, weight, x.dtype), bias, release
+
+
+def _stored_e4m3(module):
+    """(e4m3 weight, its scale or None) as the layer stores them, or None: an e4m3 weight (ComfyUI's
+    fp8 checkpoints; scale_weight where scaled), or a quantized weight of one e4m3 tensor and one
+    scale (later releases' per-tensor fp8 layout, which their scaled fp8 checkpoints load into)."""
+    weight = module.weight
+    if _is_quantized(weight):
+        plain_tensors = getattr(weight.layout_cls, "get_plain_tensors", None)
+        if getattr(weight, "storage_dtype", None) != torch.float8_e4m3fn or plain_tensors is None:
+            return None
+        data, scale = plain_tensors(weight)
+        if (not torch.is_tensor(data) or tuple(data.shape) != tuple(weight.shape)
+                or (torch.is_tensor(scale) and scale.numel() != 1)):
+            return None
+        return data, scale
+    if weight.dtype == torch.float8_e4m3fn:
+        return weight, getattr(module, "scale_weight", None)
+    return None
 
 
 def _apply_weight_scale(module, weight, dtype):
@@ -89,7 +124,8 @@ def _weight_in_place(module, device) -> bool:
     loaded there (not offloaded by lowvram) and not patched per call (LoRA weight functions). ComfyUI
     may still cast it per call (an fp8 checkpoint computed in bf16); the fp8 product does not need that."""
     return (_same_device(module.weight.device, torch.device(device)) and len(module.weight_function) == 0
-            and len(module.bias_function) == 0)
+            and len(module.bias_function) == 0 and getattr(module, "weight_lowvram_function", None) is None
+            and getattr(module, "bias_lowvram_function", None) is None)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -121,26 +157,28 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
         copies = []
         for forward in in_place:
             module = forward.module
-            if module.weight.dtype != torch.float8_e4m3fn:
+            stored = _stored_e4m3(module)
+            if stored is None:
                 copies.append(forward)
                 continue
-            scale = getattr(module, "scale_weight", None)
             with _weight_as_computed(module, compute_dtype) as computed:
-                complete = _stored_scale_is_complete(module.weight, scale, computed)
+                complete = _stored_scale_is_complete(stored[0], stored[1], computed)
             if complete:
-                forward.prepare_fp8(module.weight, scale)
+                forward.prepare_fp8(*stored)
             else:
                 copies.append(forward)
         room = _room_for_fp8_copies(patcher.load_device, sum(_fp8_copy_bytes(f.module) for f in copies))
 
         def make_copy(forward):
             module = forward.module
-            if module.weight.dtype != torch.float8_e4m3fn:
+            stored = _stored_e4m3(module)
+            if stored is None and not _is_quantized(module.weight):
                 forward.prepare_fp8(module.weight, getattr(module, "scale_weight", None))
                 return
-            # Stored fp8 with a scale kept elsewhere than scale_weight: quantise what the layer
-            # computes with instead of trusting the stored bytes.
-            log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; requantising it")
+            # Stored fp8 with a scale kept elsewhere than where it is read, or a weight in another
+            # quantized format: quantise what the layer computes with.
+            if stored is not None:
+                log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; requantising it")
             with _weight_as_computed(module, compute_dtype) as computed:
                 forward.prepare_fp8(computed)
         # A layer without its copy quantises its weight on every call (the same numbers, slower); a
@@ -294,11 +332,13 @@ def _add_folded_weight_patches(patched, plan: LynxPlan) -> None:
     missing = sorted(set(keys.values()) - set(added))
     if missing:
         raise RuntimeError(f"ComfyUI took no weight patch for {len(missing)} layers: {', '.join(missing[:4])}")
-    stored_fp8 = [name for name in folds
-                  if diffusion_model.get_submodule(name).weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
+    stored_fp8 = [name for name in folds if _stored_e4m3(diffusion_model.get_submodule(name)) is not None
+                  or _is_quantized(diffusion_model.get_submodule(name).weight)
+                  or diffusion_model.get_submodule(name).weight.dtype == torch.float8_e5m2]
     if stored_fp8:
-        log.warning("RT-Lynx: %d layers with a folded Lynx LoRA part store their weights in fp8: ComfyUI rounds "
-                    "the patched weights to fp8, which blurs that part (the runtime branch stays exact)",
+        log.warning("RT-Lynx: %d layers with a folded Lynx LoRA part store their weights in fp8 or another "
+                    "quantized format: ComfyUI rounds the patched weights to it, which blurs that part (the "
+                    "runtime branch stays exact)",
                     len(stored_fp8))
 
 
@@ -385,20 +425,56 @@ def _comfy_attention(kind: str):
     return attention
 
 
+def _patches_attention(transformer_options) -> bool:
+    # Later ComfyUI releases run these patches inside the FLUX and Qwen-Image blocks (earlier ones
+    # skip them there, so the block's own forward is right either way).
+    patches = (transformer_options or {}).get("patches", {})
+    return "attn1_patch" in patches or "attn1_output_patch" in patches
+
+
+# What a model's call of a block may set beside the block-replace arguments (later ComfyUI
+# releases): Qwen-Image's text attention mask and reference tokens at timestep zero, FLUX's
+# modulation per token range. The model's own wrapper of the block (extra["original_block"])
+# holds them in its closure.
+_OUTSIDE_ARGUMENTS = ("encoder_hidden_states_mask", "timestep_zero_index", "extra_kwargs")
+
+
+def _sets_what_the_arguments_do_not_carry(original_block) -> bool:
+    code, cells = getattr(original_block, "__code__", None), getattr(original_block, "__closure__", None)
+    if code is None or cells is None:
+        return False
+    for name, cell in zip(code.co_freevars, cells):
+        if name in _OUTSIDE_ARGUMENTS:
+            try:
+                value = cell.cell_contents
+            except ValueError:   # not bound yet
+                continue
+            if value is not None and not (isinstance(value, dict) and not value):
+                return True
+    return False
+
+
 def _fused_block_patch(kind: str, block, runtime: LynxRuntime | None):
     # A plain function: ComfyUI deep-copies model_options when it clones, and copies functions by
     # reference (an object holding the block would have the block deep-copied).
     attention = _comfy_attention(kind)
 
-    def runs_original(args) -> bool:
+    def runs_original(args, original_block) -> bool:
         # Arguments the fused forwards do not take (a newer caller's attention mask or per-token
-        # modulation) send the call to the block's own forward.
+        # modulation: a vec with a row per token group, or modulation for the whole model), patches
+        # of the attention they would skip, and what the model's call sets outside these arguments
+        # send the call to the block's own forward.
         unknown = set(args) - {"img", "txt", "vec", "pe", "attn_mask", "transformer_options"}
+        vec, img = args.get("vec"), args["img"]
+        tokens = img.shape[1] + (args["txt"].shape[1] if kind != "single" else 0)
         return ((runtime is not None and runtime.dense) or bool(unknown)
-                or not fusable_call(block, args["pe"], args["img"]))
+                or not isinstance(vec, torch.Tensor) or vec.dim() != 2 or vec.shape[0] != img.shape[0]
+                or _patches_attention(args.get("transformer_options"))
+                or _sets_what_the_arguments_do_not_carry(original_block)
+                or not fusable_call(block, args["pe"], img, tokens))
 
     def patch(args, extra):
-        if runs_original(args):
+        if runs_original(args, extra["original_block"]):
             return extra["original_block"](args)
         options = args.get("transformer_options")
         if options is None:   # not `or {}`: its truth test makes Dynamo guard on every value (sample_sigmas' length)

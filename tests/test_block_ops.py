@@ -81,13 +81,15 @@ def test_blocks_other_than_comfyui_flux_blocks_keep_their_own_forward():
     assert kind is None and "new_option" in why_not
 
 
-def test_calls_without_a_rope_table_of_a_known_dtype_take_the_original_block():
+def test_calls_without_a_rope_table_of_a_known_dtype_for_their_tokens_take_the_original_block():
     block = nn.Identity()
     hidden = torch.zeros(1, 4, 8, dtype=torch.bfloat16)
-    assert fusable_call(block, torch.zeros(1, 1, 4, 4, 2, 2), hidden)
-    assert fusable_call(block, torch.zeros(1, 4, 1, 4, 2, 2, dtype=torch.bfloat16), hidden)
-    assert not fusable_call(block, None, hidden)
-    assert not fusable_call(block, torch.zeros(1, 1, 4, 4, 2, 2, dtype=torch.float16), hidden)
+    assert fusable_call(block, torch.zeros(1, 1, 4, 4, 2, 2), hidden, 4)
+    assert fusable_call(block, torch.zeros(1, 4, 1, 4, 2, 2, dtype=torch.bfloat16), hidden, 4)
+    assert not fusable_call(block, None, hidden, 4)
+    assert not fusable_call(block, torch.zeros(1, 1, 4, 4, 2, 2, dtype=torch.float16), hidden, 4)
+    # A table for more tokens than attention runs over (a later ComfyUI's cached reference tokens).
+    assert not fusable_call(block, torch.zeros(1, 1, 6, 4, 2, 2), hidden, 4)
 
 
 def test_a_gpu_other_than_hopper_gets_the_reference_path_without_a_build(monkeypatch):

@@ -117,7 +117,9 @@ def test_build_model_makes_the_model_comfyui_detects_without_a_real_state_dict()
     built_sd = built.model.diffusion_model.state_dict()
     assert {k: v.shape for k, v in built_sd.items()} == {k: v.shape for k, v in loaded_sd.items()}
     assert all(v.device.type == "cpu" and not v.is_meta for v in built_sd.values())
-    assert built_sd["double_blocks.0.img_attn.norm.key_norm.scale"].eq(1).all()
+    # The q/k norm's weight: `scale` in ComfyUI 0.3.x, `weight` (torch.nn.RMSNorm) later.
+    norm_weight = next(v for k, v in built_sd.items() if k.startswith("double_blocks.0.img_attn.norm.key_norm."))
+    assert norm_weight.eq(1).all()
     out = sample(sparsify(built), size=(10, 14), batch=2)
     assert torch.isfinite(out).all() and out.abs().sum() > 0
 
@@ -155,6 +157,50 @@ def test_fp8_weights_sample_with_lynx_close_to_dense():
     assert _stored_scale_is_complete(qkv.weight, None, computed)
     assert not _stored_scale_is_complete(qkv.weight, torch.tensor(2.0), computed)
     assert not _stored_scale_is_complete(qkv.weight, torch.ones(5), computed)
+
+
+def scaled_fp8_state_dict(sd):
+    """ComfyUI's scaled fp8 checkpoint format: every linear weight in e4m3 with its per-tensor
+    scale_weight, and the scaled_fp8 marker (later releases load it into quantized linears that
+    are not nn.Linear subclasses)."""
+    out = dict(sd)
+    for key, weight in sd.items():
+        if key.endswith(".weight") and weight.dim() == 2:
+            scale = weight.abs().amax().float() / 448
+            out[key] = (weight.float() / scale).to(torch.float8_e4m3fn)
+            out[key[:-len("weight")] + "scale_weight"] = scale.reshape(())
+    out["scaled_fp8"] = torch.tensor([], dtype=torch.float8_e4m3fn)
+    return out
+
+
+def test_scaled_fp8_checkpoint_is_sparsified_like_the_full_one_and_its_e4m3_weights_are_used_as_stored(capsys):
+    from rt_lynx_pack.nodes.comfy_glue import _stored_e4m3
+    sd = state_dict("flux", (1, 1))
+    full = load_model("flux", sd=sd)
+    scaled = load_model("flux", sd=scaled_fp8_state_dict(sd))
+    capsys.readouterr()
+    lynx = sparsify(scaled)
+    summary = capsys.readouterr().out
+    plan = installed_plan(lynx)
+    sparse = {d.name for d in plan.decisions if d.sparse}
+    assert sparse and sparse == {d.name for d in installed_plan(sparsify(full)).decisions if d.sparse}
+    assert f"RT-Lynx: flux, {len(sparse)} linears sparsified" in summary, summary
+    kwargs = dict(size=(18, 18), tokens=40, steps=2)
+    dense, dense_full = sample(scaled, **kwargs), sample(full, **kwargs)
+    out = sample(lynx, **kwargs)
+    assert torch.isfinite(out).all() and not torch.equal(out, dense)
+    assert relative_error(dense, dense_full) < 0.2 and relative_error(out, dense) < 0.5
+    # fp8 precision: each layer's stored e4m3 bytes with their scale, no copy.
+    lynx8 = sparsify(scaled, precision="fp8")
+    forwards = installed_plan(lynx8).installed_forwards
+    stored = {name: _stored_e4m3(f.module) for name, f in forwards.items()}
+    assert all(s is not None for s in stored.values())
+    taken_as_stored = watch_each_step(lynx8, lambda: {
+        name for name, f in forwards.items()
+        if f.fp8_weight is not None and f.fp8_weight[0].data_ptr() == stored[name][0].data_ptr()})
+    out8 = sample(lynx8, **kwargs)
+    assert taken_as_stored and all(names == forwards.keys() for names in taken_as_stored)
+    assert torch.isfinite(out8).all() and relative_error(out8, dense) < 0.5
 
 
 def test_stored_fp8_layer_with_a_scale_kept_elsewhere_is_requantised_within_the_room_asked(monkeypatch):

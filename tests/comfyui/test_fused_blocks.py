@@ -91,7 +91,10 @@ def test_fused_double_block_computes_comfyuis_double_block(flux, dtype, flipped)
     block = own_copy(model.double_blocks[0], dtype)
     assert fused_block_kind(block) == ("double", "")
     img, txt, vec, pe = block_inputs(model, dtype=dtype)
-    block.flipped_img_txt = flipped
+    if flipped and not hasattr(block, "flipped_img_txt"):
+        pytest.skip("this ComfyUI's DoubleStreamBlock always puts the text first (no flipped_img_txt)")
+    if hasattr(block, "flipped_img_txt"):
+        block.flipped_img_txt = flipped
     # ComfyUI's forward adds into txt in place: it gets copies.
     want_img, want_txt = block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe)
     got_img, got_txt = flux_double_block(block, img, txt, vec, pe, None, {}, attention)
@@ -158,6 +161,32 @@ def qwen_attention(q, k, v, heads, mask, transformer_options):
     return qwen_image_model.optimized_attention_masked(q, k, v, heads, mask, transformer_options=transformer_options)
 
 
+class _BlockReached(Exception):
+    pass
+
+
+def qwen_block_rope_table(model, batch, txt_tokens, img_tokens):
+    """The RoPE table this ComfyUI's Qwen-Image model hands its first block for a prompt of
+    `txt_tokens` and a latent of `img_tokens` patches (its layout differs between releases)."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["pe"] = kwargs["image_rotary_emb"]
+        raise _BlockReached
+
+    handle = model.transformer_blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(batch, 16, 1, 2, 2 * img_tokens, generator=generator)   # 1 x img_tokens patches
+    context = torch.randn(batch, txt_tokens, 3584, generator=generator)
+    try:
+        model(x, torch.full((batch,), 0.5), context)
+    except _BlockReached:
+        pass
+    finally:
+        handle.remove()
+    return seen["pe"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_qwen_image_block_computes_comfyuis_block(qwen, dtype):
     model = qwen.model.diffusion_model
@@ -165,8 +194,7 @@ def test_fused_qwen_image_block_computes_comfyuis_block(qwen, dtype):
     assert fused_block_kind(block) == ("qwen_image", "")
     generator = torch.Generator().manual_seed(4)
     batch, txt_tokens, img_tokens, hidden = 2, 6, 10, model.inner_dim
-    ids = torch.randint(0, 64, (batch, txt_tokens + img_tokens, 3), generator=generator).float()
-    pe = model.pe_embedder(ids).squeeze(1).unsqueeze(2).to(dtype)   # as QwenImageTransformer2DModel makes it
+    pe = qwen_block_rope_table(model, batch, txt_tokens, img_tokens).to(dtype)
     img, txt, temb = (torch.randn(batch, *shape, generator=generator).to(dtype)
                       for shape in ((img_tokens, hidden), (txt_tokens, hidden), (hidden,)))
     want_txt, want_img = block(hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=None,
@@ -301,8 +329,7 @@ def test_fused_qwen_image_block_hands_its_lynx_layers_the_work_that_makes_their_
     block = model.transformer_blocks[0]
     generator = torch.Generator().manual_seed(5)
     batch, txt_tokens, img_tokens, hidden = 2, 6, 10, model.inner_dim
-    ids = torch.randint(0, 64, (batch, txt_tokens + img_tokens, 3), generator=generator).float()
-    pe = model.pe_embedder(ids).squeeze(1).unsqueeze(2)
+    pe = qwen_block_rope_table(model, batch, txt_tokens, img_tokens)
     img, txt, temb = (torch.randn(batch, *shape, generator=generator)
                       for shape in ((img_tokens, hidden), (txt_tokens, hidden), (hidden,)))
     calls, after_gelu = counting_prologue_products(monkeypatch)
