@@ -133,11 +133,14 @@ class LynxLinearForward:
 
     def _weights_for(self, x: torch.Tensor):
         if (self.fp8_weight is not None and not self.runtime.dense and self._computes_in_fp8(x)
-                and self.module.weight.device == x.device):
+                and self.fp8_weight[0].device == x.device):
             # The e4m3 weight is ready: only the bias is needed, not the provider's cast of the weight
-            # (an fp8 checkpoint's weight would be cast to 16 bits on every call for nothing). A
-            # weight moved off the device since (offloaded) goes through the provider, bias and all.
-            return self.module.weight, self.module.bias, None
+            # (an fp8 checkpoint's weight would be cast to 16 bits on every call for nothing, a weight
+            # kept off the device streamed in).
+            bias = self.module.bias
+            if bias is not None and bias.device != x.device:
+                bias = bias.to(x.device)
+            return self.module.weight, bias, None
         return self.weights(self.module, x)
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -151,17 +151,22 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
     def prepare_fp8_weights(patcher):
         compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
         drop_fp8_weights()  # the copies of a previous preparation are replaced, not added to
-        in_place = [f for f in plan.installed_forwards.values() if _weight_in_place(f.module, patcher.load_device)]
+        # Later ComfyUI releases' dynamic VRAM keeps the weights where they were loaded and casts each
+        # into GPU memory it manages per call (LoRA patches applied there): every layer then gets a
+        # copy of what its cast gives, made once per run.
+        dynamic = bool(getattr(patcher, "is_dynamic", lambda: False)())
+        in_place = [f for f in plan.installed_forwards.values()
+                    if dynamic or _weight_in_place(f.module, patcher.load_device)]
         # Stored e4m3 weights whose scale is what ComfyUI applies are used as they are; every other
         # layer needs a copy, and the room is asked for all of those copies at once.
         copies = []
         for forward in in_place:
             module = forward.module
-            stored = _stored_e4m3(module)
+            stored = None if dynamic else _stored_e4m3(module)
             if stored is None:
                 copies.append(forward)
                 continue
-            with _weight_as_computed(module, compute_dtype) as computed:
+            with _weight_as_computed(module, compute_dtype, patcher.load_device) as computed:
                 complete = _stored_scale_is_complete(stored[0], stored[1], computed)
             if complete:
                 forward.prepare_fp8(*stored)
@@ -172,14 +177,14 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
         def make_copy(forward):
             module = forward.module
             stored = _stored_e4m3(module)
-            if stored is None and not _is_quantized(module.weight):
+            if not dynamic and stored is None and not _is_quantized(module.weight):
                 forward.prepare_fp8(module.weight, getattr(module, "scale_weight", None))
                 return
             # Stored fp8 with a scale kept elsewhere than where it is read, or a weight in another
             # quantized format: quantise what the layer computes with.
-            if stored is not None:
+            if stored is not None and not dynamic:
                 log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; requantising it")
-            with _weight_as_computed(module, compute_dtype) as computed:
+            with _weight_as_computed(module, compute_dtype, patcher.load_device) as computed:
                 forward.prepare_fp8(computed)
         # A layer without its copy quantises its weight on every call (the same numbers, slower); a
         # modulation linear computes as the original layer instead, so theirs come last and all or none.
@@ -204,6 +209,7 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
                         "compute in the model's dtype this run", patcher.load_device, len(modulation))
 
     def on_pre_run(patcher, *args, **kwargs):
+        _refuse_a_copy_of_the_model(patcher, plan)
         compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
         for forward in plan.installed_forwards.values():
             forward.prepare_branches(patcher.load_device, compute_dtype)
@@ -221,6 +227,19 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
             forward.release_branches()
     return {CallbacksMP.ON_PRE_RUN: on_pre_run, CallbacksMP.ON_APPLY_HOOKS: on_apply_hooks,
             CallbacksMP.ON_CLEANUP: drop_fp8_weights, CallbacksMP.ON_DETACH: on_detach}
+
+
+def _refuse_a_copy_of_the_model(patcher, plan: LynxPlan) -> None:
+    """Later ComfyUI releases sample some runs on a new copy of the model (multi-GPU work units,
+    hooked conditioning with dynamic VRAM), carrying the object patches over: the Lynx layers would
+    compute with the original model's modules, not the copy's weights and device."""
+    diffusion_model = patcher.get_model_object("diffusion_model")
+    for name, forward in plan.installed_forwards.items():
+        if diffusion_model.get_submodule(name) is not forward.module:
+            raise RuntimeError("RT-Lynx: ComfyUI is sampling a copy it made of the patched model (multi-GPU work "
+                               "units, or hooked conditioning with dynamic VRAM), which the Lynx layers do not "
+                               "follow. Sample without those, or run ComfyUI with --disable-dynamic-vram for hooks.")
+        break   # one layer tells: a copy replaces every module
 
 
 def _fp8_copy_bytes(module) -> int:
@@ -241,10 +260,10 @@ def _room_for_fp8_copies(device, needed: int) -> float:
 
 
 @contextlib.contextmanager
-def _weight_as_computed(module, dtype):
-    """The weight ComfyUI computes this layer with (its casts, scale and weight functions), given
-    back to ComfyUI when the block ends."""
-    computed, _, release = comfy_linear_weights(module, _probe(module, dtype))
+def _weight_as_computed(module, dtype, device):
+    """The weight ComfyUI computes this layer with on `device` (its casts, scale and weight
+    functions), given back to ComfyUI when the block ends."""
+    computed, _, release = comfy_linear_weights(module, _probe(module, dtype, device))
     try:
         yield computed
     finally:
@@ -252,8 +271,10 @@ def _weight_as_computed(module, dtype):
             release()
 
 
-def _probe(module, dtype):
-    return torch.zeros(1, module.in_features, dtype=dtype, device=module.weight.device)
+def _probe(module, dtype, device=None):
+    # An input on the compute device: a cast to the CPU (dynamic VRAM's weights stay there) skips
+    # the LoRA patches ComfyUI applies on the way to the GPU.
+    return torch.zeros(1, module.in_features, dtype=dtype, device=module.weight.device if device is None else device)
 
 
 def _stored_scale_is_complete(stored: torch.Tensor, scale, computed: torch.Tensor) -> bool:
@@ -306,9 +327,8 @@ def install_plan(model, plan: LynxPlan):
     callbacks = _run_state_callbacks(plan)
     for call_type in callbacks:
         patched.remove_callbacks_with_key(call_type, CALLBACK_KEY)
-    if plan.config.precision == "fp8" or plan.lora_note:
-        for call_type, callback in callbacks.items():
-            patched.add_callback_with_key(call_type, CALLBACK_KEY, callback)
+    for call_type, callback in callbacks.items():
+        patched.add_callback_with_key(call_type, CALLBACK_KEY, callback)
     return patched
 
 
@@ -428,7 +448,9 @@ def _comfy_attention(kind: str):
 def _patches_attention(transformer_options) -> bool:
     # Later ComfyUI releases run these patches inside the FLUX and Qwen-Image blocks (earlier ones
     # skip them there, so the block's own forward is right either way).
-    patches = (transformer_options or {}).get("patches", {})
+    if transformer_options is None:   # not `or {}`: a dict's truth test makes Dynamo guard on its values
+        return False
+    patches = transformer_options.get("patches", {})
     return "attn1_patch" in patches or "attn1_output_patch" in patches
 
 

@@ -74,8 +74,10 @@ def test_qwen_image_patched_and_sampled_with_cfg_batch_2_and_changing_resolution
 def test_compiled_qwen_image_compiles_no_more_often_than_comfyuis_own(qwen):
     # As test_compiled_lynx_model_compiles_no_more_often_than_the_dense_one, for Qwen-Image's
     # fused blocks (CFG 2 in the last run doubles the batch).
+    # ComfyUI 0.33.0's own Qwen-Image compiles again for a new step count (0.3.64's does not): there
+    # only the FLUX test can see a guard of ours on the schedule; the counts must match on both.
     dense = graphs_after_each_run(qwen, "qwen_image", tokens=40)
-    assert dense[0] > 0 and dense[1] == dense[0]
+    assert dense[0] > 0
     assert graphs_after_each_run(sparsify(qwen), "qwen_image", tokens=40) == dense
 
 

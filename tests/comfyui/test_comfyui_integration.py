@@ -84,6 +84,19 @@ def test_two_patched_clones_do_not_interfere(flux):
     assert torch.equal(a1, a2) and not torch.equal(a1, b1)
 
 
+def test_sampling_a_copy_comfyui_made_of_the_patched_model_is_refused_clearly(flux):
+    import inspect
+    if "model_override" not in inspect.signature(flux.clone).parameters:
+        pytest.skip("this ComfyUI's ModelPatcher.clone makes no copies of the model")
+    lynx = sparsify(flux)
+    other = load_flux()   # what a later ComfyUI's copy (multi-GPU work units, hooks with dynamic VRAM) gives
+    copy = lynx.clone(model_override=other.get_clone_model_override())
+    assert copy.model is not lynx.model
+    with pytest.raises(RuntimeError, match="copy it made of the patched model"):
+        sample(copy)
+    assert torch.isfinite(sample(lynx)).all()
+
+
 def test_dense_warmup_covering_all_steps_is_dense(flux):
     dense = sample(flux, steps=2)
     assert torch.equal(sample(sparsify(flux, dense_warmup_steps=2), steps=2), dense)
@@ -178,6 +191,38 @@ def test_fp8_copies_that_do_not_fit_leave_their_layers_quantising_per_call(flux,
     made = watch_each_step(lynx_fp8, lambda: {n for n, f in forwards.items() if f.fp8_weight is not None})
     sample(lynx_fp8)
     assert made and all(m == forwards.keys() - modulation.keys() for m in made)
+
+
+def test_fp8_under_dynamic_vram_copies_what_each_layer_casts_once_per_run(flux, monkeypatch):
+    # Later ComfyUI releases' dynamic VRAM (CUDA only) keeps the weights where they were loaded and
+    # casts each per call: the run's preparation is called here as it would be for such a patcher.
+    import types
+
+    from comfy.patcher_extension import CallbacksMP
+    from rt_lynx_pack.nodes import comfy_glue
+    lynx = sparsify(flux, precision="fp8")
+    forwards = installed_plan(lynx).installed_forwards
+    cast = comfy_glue.comfy_linear_weights
+    casts = []
+    monkeypatch.setattr(comfy_glue, "comfy_linear_weights",
+                        lambda module, x: casts.append(module) or cast(module, x))
+    monkeypatch.setattr(comfy_glue, "_weight_in_place", lambda module, device: False)   # not on the GPU
+    dynamic = types.SimpleNamespace(model=lynx.model, load_device=lynx.load_device, get_model_object=lynx.get_model_object,
+                                    is_dynamic=lambda: True)
+    for callback in lynx.callbacks[CallbacksMP.ON_PRE_RUN].values():
+        for function in callback:
+            function(dynamic)
+    try:
+        assert all(f.fp8_weight is not None for f in forwards.values())
+        assert {id(m) for m in casts} == {id(f.module) for f in forwards.values()}   # each from its cast weight
+        x = torch.randn(1, 40, 64 * 48)   # a call after it: the product, not a cast
+        casts.clear()
+        forwards["double_blocks.0.img_attn.qkv"](x)
+        assert not casts
+    finally:
+        for callback in lynx.callbacks[CallbacksMP.ON_DETACH].values():
+            for function in callback:
+                function(lynx)
 
 
 def test_compiled_fp8_model_samples_again_without_compiling_again(flux):

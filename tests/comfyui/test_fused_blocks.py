@@ -150,6 +150,43 @@ def test_a_block_another_node_replaces_is_left_to_it(flux, capsys):
     assert replaced[("double_block", 0)] is other_nodes_block and ("single_block", 0) in replaced
 
 
+def test_calls_the_fused_forward_cannot_compute_go_to_the_blocks_own_forward(flux):
+    from rt_lynx_pack.nodes.comfy_glue import _fused_block_patch
+    model = flux.model.diffusion_model
+    patch = _fused_block_patch("double", model.double_blocks[0], None)
+    img, txt, vec, pe = block_inputs(model)
+    calls = []
+
+    def own_forward(args):
+        calls.append("own")
+        return {"img": args["img"], "txt": args["txt"]}
+
+    def call(extra=own_forward, **changes):
+        calls.clear()
+        patch({"img": img, "txt": txt, "vec": vec, "pe": pe, "attn_mask": None, "transformer_options": {}, **changes},
+              {"original_block": extra})
+        return calls == ["own"]
+
+    assert not call()   # fused
+    # Later ComfyUI releases: attention patches run inside the block, a vec per token group (reference
+    # tokens at timestep zero) or for the whole model (global modulation), a RoPE table for cached tokens.
+    assert call(transformer_options={"patches": {"attn1_patch": [lambda q, k, v, **kwargs: {}]}})
+    assert call(transformer_options={"patches": {"attn1_output_patch": [lambda attn, extra: attn]}})
+    assert call(vec=torch.cat((vec, vec)))
+    assert call(vec=(vec, vec))
+    assert call(pe=torch.cat((pe, pe[:, :, :3]), 2))
+    # What the model's call sets outside the replace arguments: its wrapper of the block holds it.
+    encoder_hidden_states_mask = torch.ones(2, 7)
+
+    def own_forward_with_a_text_mask(args):
+        calls.append("own")
+        assert encoder_hidden_states_mask is not None
+        return {"img": args["img"], "txt": args["txt"]}
+    assert call(extra=own_forward_with_a_text_mask)
+    encoder_hidden_states_mask = None
+    assert not call(extra=own_forward_with_a_text_mask)
+
+
 @pytest.fixture(scope="module")
 def qwen():
     patcher = load_model("qwen_image")
