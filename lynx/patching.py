@@ -23,7 +23,7 @@ from .linear import (FOLDED_BRANCH_CONFIG, LowRankBranch, LynxConfig, fp8_dense_
                      lynx_linear_after_gelu, lynx_linear_modulated, modulated_layer_norm)
 from .lora import LynxLoRA, check_fits
 from .policies import (ArchitecturePolicy, LayerDecision, SelectionOptions, detect_architecture, is_linear,
-                       select_layers)
+                       select_layers, unmeasured_build)
 
 # (module, input) -> (weight, bias, release): the weight and bias to compute with, and a callback
 # (or None) to run once the product is done. ComfyUI supplies one that casts/offloads as it would.
@@ -219,6 +219,8 @@ class LynxPlan:
     block_note: str = ""
     # With precision fp8 (and fp8_dense_layers): the blocks' modulation linears, e4m3 weights.
     per_image_forwards: dict[str, LynxLinearForward] = field(default_factory=dict)
+    # Said when the model is built otherwise than those the policy's layer choice was measured on.
+    build_note: str = ""
 
     @property
     def installed_forwards(self) -> dict[str, LynxLinearForward]:
@@ -241,6 +243,8 @@ class LynxPlan:
         text = (f"RT-Lynx: {self.policy.name}, {len(sparse)} linears sparsified {self.config.pattern}{precision}"
                 f"{' + norm compensation' if self.config.compensate else ''}, "
                 f"{len(dense)} kept dense{f' ({kept})' if kept else ''}")
+        if self.build_note:
+            text += f" ({self.build_note})"
         if self.fp8_dense_forwards:
             text += f", {len(self.fp8_dense_forwards)} of them in fp8"
         if self.per_image_forwards:
@@ -288,7 +292,7 @@ def plan_model(model: nn.Module, config: LynxConfig = LynxConfig(),
         per_image = {name: PerImageFp8Forward(module, name, config, runtime, weights)
                      for name, module in modules.items() if _is_per_image_layer(policy, name, module)}
     return LynxPlan(policy, config, runtime, decisions, forwards, fp8_dense_forwards=fp8_dense,
-                    per_image_forwards=per_image)
+                    per_image_forwards=per_image, build_note=unmeasured_build(model, policy))
 
 
 def _is_per_image_layer(policy: ArchitecturePolicy, name: str, module: nn.Module) -> bool:

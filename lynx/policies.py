@@ -27,6 +27,10 @@ class ArchitecturePolicy:
     # Full names of the linears applied once per image and step (the blocks' modulation / adaLN):
     # never sparsified; with fp8 precision their weights are read in e4m3 (lynx.linear.fp8_weight_linear).
     per_image_layers: str | None = None
+    # Layers of the models the layer choice was measured on, beyond the signature: a model with the
+    # signature but not these is built otherwise (FLUX.2's shared modulation, Chroma's) and gets the
+    # same choice, unmeasured.
+    measured_layers: tuple[str, ...] = ()
 
 
 FLUX = ArchitecturePolicy(
@@ -39,6 +43,7 @@ FLUX = ArchitecturePolicy(
     signature=("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"),
     notes="FLUX.1 (ComfyUI comfy.ldm.flux.model.Flux)",
     per_image_layers=r"(double_blocks\.\d+\.(img|txt)_mod|single_blocks\.\d+\.modulation)\.lin",
+    measured_layers=("double_blocks.0.img_mod.lin", "single_blocks.0.modulation.lin"),
 )
 
 QWEN_IMAGE = ArchitecturePolicy(
@@ -50,6 +55,7 @@ QWEN_IMAGE = ArchitecturePolicy(
     signature=("transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.img_mlp.net.2"),
     notes="Qwen-Image (ComfyUI comfy.ldm.qwen_image.model.QwenImageTransformer2DModel)",
     per_image_layers=r"transformer_blocks\.\d+\.(img|txt)_mod\.1",
+    measured_layers=("transformer_blocks.0.img_mod.1",),
 )
 
 Z_IMAGE = ArchitecturePolicy(
@@ -116,6 +122,15 @@ def is_linear(module: nn.Module) -> bool:
     in_features, out_features = getattr(module, "in_features", None), getattr(module, "out_features", None)
     return (isinstance(weight, torch.Tensor) and isinstance(in_features, int) and isinstance(out_features, int)
             and tuple(weight.shape) == (out_features, in_features))
+
+
+def unmeasured_build(model: nn.Module, policy: ArchitecturePolicy) -> str:
+    """"" when `model` is built as the models `policy`'s layer choice was measured on, else a phrase
+    saying it is not."""
+    names = {name for name, _ in model.named_modules()}
+    if all(name in names for name in policy.measured_layers):
+        return ""
+    return f"{policy.name} layer choice on a model built otherwise ({type(model).__name__}): its quality is not measured"
 
 
 def _block_of(policy: ArchitecturePolicy, name: str):

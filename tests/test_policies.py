@@ -107,3 +107,14 @@ def test_fp8_reads_each_architectures_block_modulation_weights_in_e4m3_and_nothi
     shapes = flux_like_shapes() | {"double_blocks.0.img_mod.lin": (72, 6 * 64)}
     assert "double_blocks.0.img_mod.lin" not in plan_model(tree_from_linears(shapes),
                                                            LynxConfig(precision="fp8")).per_image_forwards
+
+
+def test_a_model_built_otherwise_than_those_measured_gets_the_choice_with_a_note():
+    from rt_lynx_pack.lynx import LynxConfig, plan_model
+    assert plan_model(tree_from_linears(flux_like_shapes())).build_note == ""
+    assert plan_model(tree_from_linears(qwen_image_like_shapes())).build_note == ""
+    # FLUX.2 / Chroma: FLUX's block names, the modulation outside the blocks.
+    shapes = {n: s for n, s in flux_like_shapes().items() if "_mod" not in n and "modulation" not in n}
+    plan = plan_model(tree_from_linears(shapes), LynxConfig())
+    assert plan.forwards and "flux layer choice on a model built otherwise" in plan.build_note
+    assert f"({plan.build_note})" in plan.summary()
