@@ -9,6 +9,7 @@ unpatch); outside ComfyUI `installed(plan)` installs them for the duration of a 
 A Lynx LoRA's folded part is a weight patch: ComfyUI adds it through ModelPatcher weight patches
 (its LoRA mechanism), `installed` adds it to the weights and restores them from a copy on exit.
 """
+import copy
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,9 @@ class LynxRuntime:
     # Whether the step being computed is a dense warm-up step. A plain bool, set once per model
     # call by the sampler-side wrapper, so torch.compile sees at most two variants of the graph.
     dense: bool = False
+    # Whether the model call carries inputs the fused blocks do not compute (a text attention mask),
+    # set per call by the host's wrapper: those calls run the blocks' own forwards.
+    blocks_as_they_are: bool = False
 
     def set_step(self, step_index: int | None) -> None:
         self.dense = step_index is not None and step_index < self.dense_warmup_steps
@@ -77,8 +81,10 @@ class LynxLinearForward:
         self.folded = folded
         self.sparse = sparse
         # fp8 precision: the e4m3 weight, made once while the weight stays put (prepare_fp8) and
-        # dropped when the model is unloaded; without it each call quantises its weight.
+        # dropped when the model is unloaded; without it each call quantises its weight. The bias
+        # the layer computes with beside it, where that is not the module's own (cast per call).
         self.fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fp8_bias: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._with_weights(x, lambda weight, bias: self._product(x, weight, bias))
@@ -137,7 +143,7 @@ class LynxLinearForward:
             # The e4m3 weight is ready: only the bias is needed, not the provider's cast of the weight
             # (an fp8 checkpoint's weight would be cast to 16 bits on every call for nothing, a weight
             # kept off the device streamed in).
-            bias = self.module.bias
+            bias = self.module.bias if self.fp8_bias is None else self.fp8_bias
             if bias is not None and bias.device != x.device:
                 bias = bias.to(x.device)
             return self.module.weight, bias, None
@@ -149,12 +155,15 @@ class LynxLinearForward:
                                fp8_weight=self.fp8_weight, folded=self.folded)
         return fp8_dense_linear(x, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight)
 
-    def prepare_fp8(self, weight: torch.Tensor, weight_scale: torch.Tensor | None = None) -> None:
+    def prepare_fp8(self, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None) -> None:
         """Make the e4m3 weight ahead of time from what this layer computes with, weight * weight_scale
         (one scale for the tensor, as scaled fp8 checkpoints store, or one per output channel), on its
-        compute device. A weight stored in e4m3 is taken as it is: no copy, no second rounding."""
+        compute device. A weight stored in e4m3 is taken as it is: no copy, no second rounding.
+        `bias`: the bias the layer computes with, where its host casts or patches it per call."""
         if self.config.precision != "fp8":
             return
+        self.fp8_bias = None if bias is None else bias.detach()
         weight = weight.detach()
         out_features = weight.shape[0]
         scale = torch.ones((), device=weight.device) if weight_scale is None else weight_scale.detach().float()
@@ -169,7 +178,14 @@ class LynxLinearForward:
             self.fp8_weight = quantize_weight_fp8(scaled)
 
     def release_fp8(self) -> None:
-        self.fp8_weight = None
+        self.fp8_weight = self.fp8_bias = None
+
+    def rebound(self, module: nn.Module) -> "LynxLinearForward":
+        """This forward for `module`, the same layer of a copy of the model (no per-run state)."""
+        forward = copy.copy(self)
+        forward.module = module
+        forward.release_fp8()
+        return forward
 
     def with_lora(self, lora: LowRankBranch | None, folded: LowRankBranch | None = None) -> "LynxLinearForward":
         """This layer with a Lynx LoRA: a branch computed at run time and / or one folded into the weight."""
@@ -222,6 +238,16 @@ class LynxPlan:
     # Said when the model is built otherwise than those the policy's layer choice was measured on.
     build_note: str = ""
 
+    def rebound(self, model: nn.Module) -> "LynxPlan":
+        """This plan for `model`, a copy of the model it was made for (the same layer names); the
+        runtime is shared, so the host's wrappers of the original still drive it."""
+        modules = dict(model.named_modules())
+
+        def rebind(forwards):
+            return {name: forward.rebound(modules[name]) for name, forward in forwards.items()}
+        return replace(self, forwards=rebind(self.forwards), fp8_dense_forwards=rebind(self.fp8_dense_forwards),
+                       per_image_forwards=rebind(self.per_image_forwards))
+
     @property
     def installed_forwards(self) -> dict[str, LynxLinearForward]:
         """Every forward the plan puts in place: the sparsified layers, the fp8 dense ones and the
@@ -243,8 +269,6 @@ class LynxPlan:
         text = (f"RT-Lynx: {self.policy.name}, {len(sparse)} linears sparsified {self.config.pattern}{precision}"
                 f"{' + norm compensation' if self.config.compensate else ''}, "
                 f"{len(dense)} kept dense{f' ({kept})' if kept else ''}")
-        if self.build_note:
-            text += f" ({self.build_note})"
         if self.fp8_dense_forwards:
             text += f", {len(self.fp8_dense_forwards)} of them in fp8"
         if self.per_image_forwards:
@@ -255,6 +279,8 @@ class LynxPlan:
             text += f", {self.lora_note}"
         if self.block_note:
             text += f", {self.block_note}"
+        if self.build_note:
+            text += f", {self.build_note}"
         text += f", backend {self.config.backend}"
         if device is not None and self.config.backend != "reference":
             available, why_not = fast_path_availability(device, self.config.precision)

@@ -115,7 +115,11 @@ def detect_architecture(model: nn.Module) -> ArchitecturePolicy:
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or a module that is one in all but class: in_features, out_features and a weight of
     (out_features, in_features), as the linears of ComfyUI's quantized checkpoints (weights held
-    in a quantized tensor class, the module not an nn.Linear subclass)."""
+    in a quantized tensor class, the module not an nn.Linear subclass). Not a layer that scales its
+    input before the product (`pre_quant_scale`, AWQ-style smoothing of quantized checkpoints):
+    replacing its forward would drop that scale."""
+    if getattr(module, "pre_quant_scale", None) is not None:
+        return False
     if isinstance(module, nn.Linear):
         return True
     weight = getattr(module, "weight", None)

@@ -184,8 +184,8 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
             # quantized format: quantise what the layer computes with.
             if stored is not None and not dynamic:
                 log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; requantising it")
-            with _weight_as_computed(module, compute_dtype, patcher.load_device) as computed:
-                forward.prepare_fp8(computed)
+            with _weight_as_computed(module, compute_dtype, patcher.load_device, with_bias=True) as (computed, bias):
+                forward.prepare_fp8(computed, bias=None if bias is None else bias.clone())
         # A layer without its copy quantises its weight on every call (the same numbers, slower); a
         # modulation linear computes as the original layer instead, so theirs come last and all or none.
         modulation = [f for f in copies if f.name in plan.per_image_forwards]
@@ -226,20 +226,18 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
         for forward in plan.installed_forwards.values():
             forward.release_branches()
     return {CallbacksMP.ON_PRE_RUN: on_pre_run, CallbacksMP.ON_APPLY_HOOKS: on_apply_hooks,
-            CallbacksMP.ON_CLEANUP: drop_fp8_weights, CallbacksMP.ON_DETACH: on_detach}
+            CallbacksMP.ON_CLEANUP: drop_fp8_weights, CallbacksMP.ON_DETACH: on_detach,
+            CallbacksMP.ON_CLONE: _follow_a_copy}
 
 
 def _refuse_a_copy_of_the_model(patcher, plan: LynxPlan) -> None:
-    """Later ComfyUI releases sample some runs on a new copy of the model (multi-GPU work units,
-    hooked conditioning with dynamic VRAM), carrying the object patches over: the Lynx layers would
-    compute with the original model's modules, not the copy's weights and device."""
-    diffusion_model = patcher.get_model_object("diffusion_model")
-    for name, forward in plan.installed_forwards.items():
-        if diffusion_model.get_submodule(name) is not forward.module:
-            raise RuntimeError("RT-Lynx: ComfyUI is sampling a copy it made of the patched model (multi-GPU work "
-                               "units, or hooked conditioning with dynamic VRAM), which the Lynx layers do not "
-                               "follow. Sample without those, or run ComfyUI with --disable-dynamic-vram for hooks.")
-        break   # one layer tells: a copy replaces every module
+    """A copy of the model that _follow_a_copy did not see (made other than by ModelPatcher.clone):
+    the Lynx layers would compute with the original model's modules, not the copy's weights and
+    device."""
+    if _bound_elsewhere(plan, patcher.get_model_object("diffusion_model")):
+        raise RuntimeError("RT-Lynx: ComfyUI is sampling a copy of the patched model made without a clone the "
+                           "pack could follow, so the Lynx layers would compute with the original's modules. "
+                           "Apply RT-Lynx Sparsify Model after the node that copies the model.")
 
 
 def _fp8_copy_bytes(module) -> int:
@@ -260,12 +258,12 @@ def _room_for_fp8_copies(device, needed: int) -> float:
 
 
 @contextlib.contextmanager
-def _weight_as_computed(module, dtype, device):
+def _weight_as_computed(module, dtype, device, with_bias: bool = False):
     """The weight ComfyUI computes this layer with on `device` (its casts, scale and weight
-    functions), given back to ComfyUI when the block ends."""
-    computed, _, release = comfy_linear_weights(module, _probe(module, dtype, device))
+    functions), and with `with_bias` its bias too, given back to ComfyUI when the block ends."""
+    computed, bias, release = comfy_linear_weights(module, _probe(module, dtype, device))
     try:
-        yield computed
+        yield (computed, bias) if with_bias else computed
     finally:
         if release is not None:
             release()
@@ -294,20 +292,27 @@ def _stored_scale_is_complete(stored: torch.Tensor, scale, computed: torch.Tenso
 
 
 def _sampling_step_wrapper(runtime: LynxRuntime):
+    """The per-call state of `runtime`, set in eager code around the model call (torch.compile's
+    region is inside): whether this step is a dense warm-up step, and whether the call carries a
+    text attention mask (later ComfyUI releases' Qwen-Image applies it inside its blocks, which
+    the fused forwards do not)."""
     def wrapper(executor, *args, **kwargs):
         # BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...)
-        sigma = args[1] if len(args) > 1 else kwargs["t"]
-        options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
-        # sample_sigmas is the schedule of this sampling run: a second KSamplerAdvanced stage
-        # counts its steps from 0 again and so runs its own first steps dense.
-        step = sampling_step_index(options.get("sample_sigmas"), sigma)
-        if step is None:
-            log_once("the sampler gave no schedule; dense warm-up steps are ignored")
-        runtime.set_step(step)
+        if runtime.dense_warmup_steps:
+            sigma = args[1] if len(args) > 1 else kwargs["t"]
+            options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+            # sample_sigmas is the schedule of this sampling run: a second KSamplerAdvanced stage
+            # counts its steps from 0 again and so runs its own first steps dense.
+            step = sampling_step_index(options.get("sample_sigmas"), sigma)
+            if step is None:
+                log_once("the sampler gave no schedule; dense warm-up steps are ignored")
+            runtime.set_step(step)
+        runtime.blocks_as_they_are = kwargs.get("attention_mask") is not None
         try:
             return executor(*args, **kwargs)
         finally:
             runtime.set_step(None)
+            runtime.blocks_as_they_are = False
     return wrapper
 
 
@@ -317,19 +322,50 @@ def install_plan(model, plan: LynxPlan):
 
     _cast_api()
     patched = model.clone()
+    _add_folded_weight_patches(patched, plan)
+    _install_layers(patched, plan)
+    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, _sampling_step_wrapper(plan.runtime))
+    return patched
+
+
+def _install_layers(patched, plan: LynxPlan) -> None:
+    """The plan's forwards as object patches of `patched`, the plan as its attachment, and the
+    run-state callbacks made for this plan."""
     for name, forward in plan.installed_forwards.items():
         patched.add_object_patch(f"diffusion_model.{name}.forward", forward)
-    _add_folded_weight_patches(patched, plan)
     patched.set_attachments(ATTACHMENT_KEY, plan)
-    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
-    if plan.runtime.dense_warmup_steps:
-        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, _sampling_step_wrapper(plan.runtime))
     callbacks = _run_state_callbacks(plan)
     for call_type in callbacks:
         patched.remove_callbacks_with_key(call_type, CALLBACK_KEY)
     for call_type, callback in callbacks.items():
         patched.add_callback_with_key(call_type, CALLBACK_KEY, callback)
-    return patched
+
+
+def _follow_a_copy(original, copy) -> None:
+    """ON_CLONE: a clone on a new copy of the model (later ComfyUI releases: TorchCompileModel and
+    hooked conditioning under dynamic VRAM, multi-GPU work units) gets the plan's forwards and
+    fused blocks bound to the copy's own modules; the object patches it carried over held the
+    original's."""
+    plan = installed_plan(copy)
+    diffusion_model = copy.get_model_object("diffusion_model")
+    if plan is None or not _bound_elsewhere(plan, diffusion_model):
+        return
+    _install_layers(copy, plan.rebound(diffusion_model))
+    replaced = copy.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for (patch_name, index), patch in list(replaced.items()):
+        where = getattr(patch, "rt_lynx_block", None)
+        if where is not None:
+            kind, list_name, block_index = where
+            block = getattr(diffusion_model, list_name)[block_index]
+            copy.set_model_patch_replace(_fused_block_patch(kind, block, plan.runtime, list_name, block_index), "dit",
+                                         patch_name, index)
+
+
+def _bound_elsewhere(plan: LynxPlan, diffusion_model) -> bool:
+    for name, forward in plan.installed_forwards.items():
+        return diffusion_model.get_submodule(name) is not forward.module   # one layer tells: a copy replaces all
+    return False
 
 
 def _add_folded_weight_patches(patched, plan: LynxPlan) -> None:
@@ -387,7 +423,8 @@ def install_fused_blocks(patched, diffusion_model, runtime: LynxRuntime | None =
             if why_not:
                 kept[why_not] = kept.get(why_not, 0) + 1
                 continue
-            patched.set_model_patch_replace(_fused_block_patch(kind, block, runtime), "dit", patch_name, index)
+            patched.set_model_patch_replace(_fused_block_patch(kind, block, runtime, list_name, index), "dit",
+                                            patch_name, index)
             fused += 1
     parts = []
     if fused or kept:
@@ -454,49 +491,27 @@ def _patches_attention(transformer_options) -> bool:
     return "attn1_patch" in patches or "attn1_output_patch" in patches
 
 
-# What a model's call of a block may set beside the block-replace arguments (later ComfyUI
-# releases): Qwen-Image's text attention mask and reference tokens at timestep zero, FLUX's
-# modulation per token range. The model's own wrapper of the block (extra["original_block"])
-# holds them in its closure.
-_OUTSIDE_ARGUMENTS = ("encoder_hidden_states_mask", "timestep_zero_index", "extra_kwargs")
-
-
-def _sets_what_the_arguments_do_not_carry(original_block) -> bool:
-    code, cells = getattr(original_block, "__code__", None), getattr(original_block, "__closure__", None)
-    if code is None or cells is None:
-        return False
-    for name, cell in zip(code.co_freevars, cells):
-        if name in _OUTSIDE_ARGUMENTS:
-            try:
-                value = cell.cell_contents
-            except ValueError:   # not bound yet
-                continue
-            if value is not None and not (isinstance(value, dict) and not value):
-                return True
-    return False
-
-
-def _fused_block_patch(kind: str, block, runtime: LynxRuntime | None):
+def _fused_block_patch(kind: str, block, runtime: LynxRuntime | None, list_name: str, index: int):
     # A plain function: ComfyUI deep-copies model_options when it clones, and copies functions by
     # reference (an object holding the block would have the block deep-copied).
     attention = _comfy_attention(kind)
 
-    def runs_original(args, original_block) -> bool:
+    def runs_original(args) -> bool:
         # Arguments the fused forwards do not take (a newer caller's attention mask or per-token
         # modulation: a vec with a row per token group, or modulation for the whole model), patches
-        # of the attention they would skip, and what the model's call sets outside these arguments
-        # send the call to the block's own forward.
+        # of the attention they would skip, and inputs the model's call sets outside these
+        # arguments (a text mask: the sampler-side wrapper sees it) send the call to the block's
+        # own forward.
         unknown = set(args) - {"img", "txt", "vec", "pe", "attn_mask", "transformer_options"}
         vec, img = args.get("vec"), args["img"]
         tokens = img.shape[1] + (args["txt"].shape[1] if kind != "single" else 0)
-        return ((runtime is not None and runtime.dense) or bool(unknown)
+        return ((runtime is not None and (runtime.dense or runtime.blocks_as_they_are)) or bool(unknown)
                 or not isinstance(vec, torch.Tensor) or vec.dim() != 2 or vec.shape[0] != img.shape[0]
                 or _patches_attention(args.get("transformer_options"))
-                or _sets_what_the_arguments_do_not_carry(original_block)
                 or not fusable_call(block, args["pe"], img, tokens))
 
     def patch(args, extra):
-        if runs_original(args, extra["original_block"]):
+        if runs_original(args):
             return extra["original_block"](args)
         options = args.get("transformer_options")
         if options is None:   # not `or {}`: its truth test makes Dynamo guard on every value (sample_sigmas' length)
@@ -510,6 +525,7 @@ def _fused_block_patch(kind: str, block, runtime: LynxRuntime | None):
                                              options, attention)}
         txt, img = qwen_image_block(block, args["img"], args["txt"], args["vec"], args["pe"], options, attention)
         return {"img": img, "txt": txt}
+    patch.rt_lynx_block = (kind, list_name, index)   # where the block sits, for a copy of the model
     return patch
 
 

@@ -165,3 +165,24 @@ def test_single_block_linear2_input_goes_to_a_lynx_layer_as_its_two_parts():
     got = _linear_of_cat_activation(linear, attn, mlp, nn.GELU())
     torch.testing.assert_close(got, linear(torch.cat((attn, F.gelu(mlp)), -1)), rtol=0, atol=0)
     assert len(parts) == 1
+
+
+def test_qk_norm_parameters_are_each_norms_weight_and_the_eps_it_computes_with():
+    from rt_lynx_pack.lynx.fused_blocks import _qk_norm_problem, qk_norm_parameters
+    norm = nn.RMSNorm(8)   # eps None: torch's default, the fp32 epsilon for 16-bit and fp32 inputs
+    weight, eps = qk_norm_parameters(norm)
+    assert weight is norm.weight and eps == torch.finfo(torch.float32).eps
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.full((2, 8), 1e-3, dtype=dtype)   # small enough that eps shows
+        want = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+        torch.testing.assert_close(norm(x), want, rtol=0, atol=0)
+    assert qk_norm_parameters(nn.RMSNorm(8, eps=1e-5))[1] == 1e-5
+
+    class RMSNorm(nn.Module):   # ComfyUI 0.3.x's FLUX norm: weight `scale`, eps 1e-6 in its forward
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(8))
+    RMSNorm.__module__ = "comfy.ldm.flux.layers"
+    old = RMSNorm()
+    assert _qk_norm_problem(old, 8) == "" and qk_norm_parameters(old) == (old.scale, 1e-6)
+    assert _qk_norm_problem(nn.RMSNorm(16), 8) and _qk_norm_problem(nn.LayerNorm(8), 8)

@@ -117,4 +117,21 @@ def test_a_model_built_otherwise_than_those_measured_gets_the_choice_with_a_note
     shapes = {n: s for n, s in flux_like_shapes().items() if "_mod" not in n and "modulation" not in n}
     plan = plan_model(tree_from_linears(shapes), LynxConfig())
     assert plan.forwards and "flux layer choice on a model built otherwise" in plan.build_note
-    assert f"({plan.build_note})" in plan.summary()
+    assert f", {plan.build_note}" in plan.summary()
+
+
+def test_linears_are_recognised_by_shape_and_input_scaled_ones_are_left_alone():
+    import torch
+    from rt_lynx_pack.lynx.policies import is_linear
+
+    class QuantizedLinear(nn.Module):   # ComfyUI's quantized layers: a linear in all but class
+        def __init__(self, in_features, out_features):
+            super().__init__()
+            self.in_features, self.out_features = in_features, out_features
+            self.weight = nn.Parameter(torch.zeros(out_features, in_features))
+
+    assert is_linear(nn.Linear(8, 4)) and is_linear(QuantizedLinear(8, 4))
+    assert not is_linear(nn.LayerNorm(8)) and not is_linear(nn.Conv1d(8, 4, 1))
+    scaled = QuantizedLinear(8, 4)
+    scaled.pre_quant_scale = torch.ones(8)
+    assert not is_linear(scaled)

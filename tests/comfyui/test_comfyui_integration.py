@@ -84,17 +84,27 @@ def test_two_patched_clones_do_not_interfere(flux):
     assert torch.equal(a1, a2) and not torch.equal(a1, b1)
 
 
-def test_sampling_a_copy_comfyui_made_of_the_patched_model_is_refused_clearly(flux):
+def test_a_clone_on_a_copy_of_the_model_computes_with_the_copys_own_layers(flux):
     import inspect
     if "model_override" not in inspect.signature(flux.clone).parameters:
         pytest.skip("this ComfyUI's ModelPatcher.clone makes no copies of the model")
-    lynx = sparsify(flux)
-    other = load_flux()   # what a later ComfyUI's copy (multi-GPU work units, hooks with dynamic VRAM) gives
-    copy = lynx.clone(model_override=other.get_clone_model_override())
-    assert copy.model is not lynx.model
-    with pytest.raises(RuntimeError, match="copy it made of the patched model"):
-        sample(copy)
-    assert torch.isfinite(sample(lynx)).all()
+    from rt_lynx_pack.nodes.comfy_glue import _refuse_a_copy_of_the_model
+    lynx = sparsify(flux, dense_warmup_steps=1)
+    # What a later ComfyUI's TorchCompileModel or hooks under dynamic VRAM, or its multi-GPU work
+    # units, do: a clone on a newly loaded copy (here the same weights).
+    copy = lynx.clone(model_override=load_flux().get_clone_model_override())
+    copied = copy.get_model_object("diffusion_model")
+    assert copied is not lynx.get_model_object("diffusion_model")
+    plan = installed_plan(copy)
+    assert plan is not installed_plan(lynx) and plan.runtime is installed_plan(lynx).runtime
+    assert all(copied.get_submodule(name) is f.module for name, f in plan.installed_forwards.items())
+    assert all(copy.object_patches[f"diffusion_model.{name}.forward"] is f for name, f in plan.installed_forwards.items())
+    blocks = [p.rt_lynx_block for p in copy.model_options["transformer_options"]["patches_replace"]["dit"].values()]
+    assert sorted(blocks) == [("double", "double_blocks", 0), ("single", "single_blocks", 0)]
+    assert torch.equal(sample(copy, steps=2), sample(lynx, steps=2))
+    # A copy made some other way is refused at the run's start, not computed with the wrong modules.
+    with pytest.raises(RuntimeError, match="copy of the patched model"):
+        _refuse_a_copy_of_the_model(copy, installed_plan(lynx))
 
 
 def test_dense_warmup_covering_all_steps_is_dense(flux):
@@ -215,6 +225,8 @@ def test_fp8_under_dynamic_vram_copies_what_each_layer_casts_once_per_run(flux, 
     try:
         assert all(f.fp8_weight is not None for f in forwards.values())
         assert {id(m) for m in casts} == {id(f.module) for f in forwards.values()}   # each from its cast weight
+        # ... and the bias it casts beside it (where ComfyUI patches biases per call, only that one has them)
+        assert all((f.fp8_bias is None) == (f.module.bias is None) for f in forwards.values())
         x = torch.randn(1, 40, 64 * 48)   # a call after it: the product, not a cast
         casts.clear()
         forwards["double_blocks.0.img_attn.qkv"](x)

@@ -151,9 +151,11 @@ def test_a_block_another_node_replaces_is_left_to_it(flux, capsys):
 
 
 def test_calls_the_fused_forward_cannot_compute_go_to_the_blocks_own_forward(flux):
-    from rt_lynx_pack.nodes.comfy_glue import _fused_block_patch
+    from rt_lynx_pack.lynx import LynxRuntime
+    from rt_lynx_pack.nodes.comfy_glue import _fused_block_patch, _sampling_step_wrapper
     model = flux.model.diffusion_model
-    patch = _fused_block_patch("double", model.double_blocks[0], None)
+    runtime = LynxRuntime()
+    patch = _fused_block_patch("double", model.double_blocks[0], runtime, "double_blocks", 0)
     img, txt, vec, pe = block_inputs(model)
     calls = []
 
@@ -161,10 +163,10 @@ def test_calls_the_fused_forward_cannot_compute_go_to_the_blocks_own_forward(flu
         calls.append("own")
         return {"img": args["img"], "txt": args["txt"]}
 
-    def call(extra=own_forward, **changes):
+    def call(**changes):
         calls.clear()
         patch({"img": img, "txt": txt, "vec": vec, "pe": pe, "attn_mask": None, "transformer_options": {}, **changes},
-              {"original_block": extra})
+              {"original_block": own_forward})
         return calls == ["own"]
 
     assert not call()   # fused
@@ -175,16 +177,13 @@ def test_calls_the_fused_forward_cannot_compute_go_to_the_blocks_own_forward(flu
     assert call(vec=torch.cat((vec, vec)))
     assert call(vec=(vec, vec))
     assert call(pe=torch.cat((pe, pe[:, :, :3]), 2))
-    # What the model's call sets outside the replace arguments: its wrapper of the block holds it.
-    encoder_hidden_states_mask = torch.ones(2, 7)
-
-    def own_forward_with_a_text_mask(args):
-        calls.append("own")
-        assert encoder_hidden_states_mask is not None
-        return {"img": args["img"], "txt": args["txt"]}
-    assert call(extra=own_forward_with_a_text_mask)
-    encoder_hidden_states_mask = None
-    assert not call(extra=own_forward_with_a_text_mask)
+    # A model call with a text attention mask (which later releases' Qwen-Image applies inside its
+    # blocks, outside the replace arguments): the sampler-side wrapper tells the blocks, in eager code.
+    seen = []
+    wrapper = _sampling_step_wrapper(runtime)
+    wrapper(lambda *args, **kwargs: seen.append(call()), None, None, attention_mask=torch.ones(1, 7))
+    wrapper(lambda *args, **kwargs: seen.append(call()), None, None)
+    assert seen == [True, False] and not runtime.blocks_as_they_are
 
 
 @pytest.fixture(scope="module")
