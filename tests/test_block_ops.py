@@ -175,7 +175,8 @@ def test_qk_norm_parameters_are_each_norms_weight_and_the_eps_it_computes_with()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.full((2, 8), 1e-3, dtype=dtype)   # small enough that eps shows
         want = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-        torch.testing.assert_close(norm(x), want, rtol=0, atol=0)
+        got = torch.nn.functional.rms_norm(x, (8,), norm.weight.to(dtype), norm.eps)   # as ComfyUI casts it
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert qk_norm_parameters(nn.RMSNorm(8, eps=1e-5))[1] == 1e-5
 
     class RMSNorm(nn.Module):   # ComfyUI 0.3.x's FLUX norm: weight `scale`, eps 1e-6 in its forward
