@@ -185,6 +185,9 @@ class LynxLinearForward:
         forward = copy.copy(self)
         forward.module = module
         forward.release_fp8()
+        # Branches of their own: a copy on another device (multi-GPU) keeps its prepared factors.
+        forward.lora = None if self.lora is None else replace(self.lora, _device_copy=())
+        forward.folded = None if self.folded is None else replace(self.folded, _device_copy=())
         return forward
 
     def with_lora(self, lora: LowRankBranch | None, folded: LowRankBranch | None = None) -> "LynxLinearForward":

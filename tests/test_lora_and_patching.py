@@ -432,3 +432,26 @@ def test_the_block_prologue_products_take_a_folded_part_off_when_they_compute_de
                                F.linear(modulated_layer_norm(x, shift, scale1p, 1e-6), weight, bias))
     torch.testing.assert_close(lynx_linear_after_gelu(x, patched, bias, config, folded=folded),
                                F.linear(gelu_tanh_reference(x), weight, bias))
+
+
+def test_a_plan_rebound_to_a_copy_of_the_model_computes_with_the_copys_layers(tiny):
+    import copy
+    model, inputs = tiny
+    plan = plan_model(model)
+    g = torch.Generator().manual_seed(5)
+    lora = LynxLoRA("flux", 4, 4.0, "2:4", True, {n: (torch.randn(4, k, generator=g) * 0.01,
+                                                   torch.randn(o, 4, generator=g) * 0.01)
+                                               for n, (k, o) in plan.sparse_layer_shapes.items()})
+    plan = attach_lora(plan, lora, 1.0)
+    twin = copy.deepcopy(model)
+    rebound = plan.rebound(twin)
+    modules = dict(twin.named_modules())
+    assert rebound.runtime is plan.runtime and rebound.decisions == plan.decisions
+    for name, forward in rebound.installed_forwards.items():
+        assert forward.module is modules[name] and type(forward) is type(plan.installed_forwards[name])
+        assert forward.lora is not plan.installed_forwards[name].lora   # its own prepared factors
+    with installed(model, plan):
+        want = model(*inputs)
+    with installed(twin, rebound):
+        got = twin(*inputs)
+    assert torch.equal(got, want)
