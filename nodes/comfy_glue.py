@@ -348,9 +348,9 @@ def _follow_a_copy(original, copy) -> None:
     fused blocks bound to the copy's own modules; the object patches it carried over held the
     original's."""
     plan = installed_plan(copy)
-    diffusion_model = copy.get_model_object("diffusion_model")
-    if plan is None or not _bound_elsewhere(plan, diffusion_model):
+    if plan is None or copy.model is original.model:
         return
+    diffusion_model = copy.get_model_object("diffusion_model")
     _install_layers(copy, plan.rebound(diffusion_model))
     replaced = copy.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     for (patch_name, index), patch in list(replaced.items()):
