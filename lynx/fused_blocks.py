@@ -84,6 +84,8 @@ def fused_block_kind(block: nn.Module) -> tuple[str | None, str]:
             3 * block.num_heads)
         problem = next((f"{name}'s {n}: {p}" for n in _FLUX_QK_NORMS[kind]
                         for p in [_qk_norm_problem(present[n], head_dim)] if p), "")
+        if not problem and len({qk_norm_parameters(present[n])[1] for n in _FLUX_QK_NORMS[kind]}) != 1:
+            problem = f"{name}'s q/k norms differ in eps"   # the fused pass takes one
     if kind == "single" and not problem:
         # Later FLUX-class models (SiLU-gated or "yak" MLPs) widen linear1's MLP part or change its activation.
         if (getattr(block, "mlp_hidden_dim_first", block.mlp_hidden_dim) != block.mlp_hidden_dim
@@ -312,9 +314,9 @@ def qwen_image_block(block: nn.Module, hidden_states: torch.Tensor, encoder_hidd
 
 def fusable_call(block: nn.Module, pe: torch.Tensor | None, hidden: torch.Tensor, tokens: int) -> bool:
     """Whether one call is what the fused forwards compute: a RoPE table (FLUX's fp32, Qwen-Image's in
-    the activations' dtype) for the `tokens` attention runs over, and q/k norm weights not patched per call by ComfyUI (a LoRA weight
-    function the fused forward would not see; a plain cast to the activations' device and dtype it
-    makes itself); otherwise the block's own forward runs."""
+    the activations' dtype) for the `tokens` attention runs over, and q/k norm weights not patched
+    per call by ComfyUI (a LoRA weight function the fused forward would not see; a plain cast to the
+    activations' device and dtype it makes itself); otherwise the block's own forward runs."""
     if (pe is None or pe.dim() != 6 or hidden.dim() != 3 or pe.dtype not in (torch.float32, hidden.dtype)
             or 1 not in pe.shape[1:3] or pe.shape[1] * pe.shape[2] != tokens):
         return False
