@@ -140,8 +140,9 @@ def supports_linear_e4m3_weight(x2d: torch.Tensor, wq: torch.Tensor) -> tuple[bo
     k = x2d.shape[1]
     if x2d.dtype not in _cusparselt.SUPPORTED_DTYPES:
         return False, f"dtype {x2d.dtype} (bfloat16/float16)"
+    # The address only in eager code (Dynamo cannot trace it; the op checks it again and raises).
     if (wq.dtype != torch.float8_e4m3fn or wq.dim() != 2 or wq.shape[1] != k or not wq.is_contiguous()
-            or wq.data_ptr() % 16):
+            or (not torch.compiler.is_compiling() and wq.data_ptr() % 16)):
         return False, "the weight must be a contiguous, 16-byte aligned e4m3 (out_features, in_features) tensor"
     if k < K_MULTIPLE or k % K_MULTIPLE or k * 2 > GEMV_MAX_SHARED_BYTES:
         return False, f"in_features {k} (a multiple of {K_MULTIPLE} up to {GEMV_MAX_SHARED_BYTES // 2})"
