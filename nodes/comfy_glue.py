@@ -166,7 +166,7 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
             if stored is None:
                 copies.append(forward)
                 continue
-            with _weight_as_computed(module, compute_dtype, patcher.load_device) as computed:
+            with _weight_as_computed(module, compute_dtype, patcher.load_device) as (computed, _):
                 complete = _stored_scale_is_complete(stored[0], stored[1], computed)
             if complete:
                 forward.prepare_fp8(*stored)
@@ -184,7 +184,7 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
             # quantized format: quantise what the layer computes with.
             if stored is not None and not dynamic:
                 log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; requantising it")
-            with _weight_as_computed(module, compute_dtype, patcher.load_device, with_bias=True) as (computed, bias):
+            with _weight_as_computed(module, compute_dtype, patcher.load_device) as (computed, bias):
                 forward.prepare_fp8(computed, bias=None if bias is None else bias.clone())
         # A layer without its copy quantises its weight on every call (the same numbers, slower); a
         # modulation linear computes as the original layer instead, so theirs come last and all or none.
@@ -258,12 +258,12 @@ def _room_for_fp8_copies(device, needed: int) -> float:
 
 
 @contextlib.contextmanager
-def _weight_as_computed(module, dtype, device, with_bias: bool = False):
-    """The weight ComfyUI computes this layer with on `device` (its casts, scale and weight
-    functions), and with `with_bias` its bias too, given back to ComfyUI when the block ends."""
+def _weight_as_computed(module, dtype, device):
+    """The weight and bias ComfyUI computes this layer with on `device` (its casts, scale and weight
+    functions), given back to ComfyUI when the block ends."""
     computed, bias, release = comfy_linear_weights(module, _probe(module, dtype, device))
     try:
-        yield (computed, bias) if with_bias else computed
+        yield computed, bias
     finally:
         if release is not None:
             release()
