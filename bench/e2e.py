@@ -12,6 +12,9 @@ Measures, per model/resolution/mode and for both sides in the same process:
 - with --profile: where each side's GPU time per step goes (torch.profiler over a few more calls:
   kernel time by kind, sparse and dense GEMM, attention, the pack's own passes, Inductor's fused
   kernels, other), and how much of the step the GPU is busy at all;
+- with --lynx-switches: the Lynx step again with each kernel switch on (sm90.fast_gelu, ...), in
+  turns with it off on the same compiled model, so a change of a millisecond is not lost in the
+  drift between runs;
 - with --calibrate: the "RT-Lynx Calibrate LoRA" node with its defaults on the full-size model
   (wall time, peak memory), then the step time with the calibrated Lynx LoRA attached, next to
   dense and Lynx without the LoRA.
@@ -41,6 +44,7 @@ CONTEXT_TOKENS = {"flux": 512, "qwen_image": 256, "z_image": 256}
 # Qwen-Image runs with CFG: cond and uncond in one batch; Z-Image (Turbo) samples at CFG 1.
 BATCH = {"flux": 1, "qwen_image": 2, "z_image": 1}
 SAMPLE_RESOLUTION = ("flux", 1024)    # whole-sample timing only here, to bound the run time
+KERNEL_SWITCHES = ("fast_gelu", "programmatic_launch")   # sm90's process-wide switches, read at each launch
 
 
 def log(*parts):
@@ -74,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--programmatic-launch", action="store_true",
                    help="launch the sparse GEMM and the sparsify passes with programmatic dependent launch "
                         "(sm90.programmatic_launch)")
+    p.add_argument("--lynx-switches", default="",
+                   help="comma list of kernel switches (fast_gelu, programmatic_launch): each also times the Lynx "
+                        "side with that switch on, in turns with it off on the same (compiled) model")
     p.add_argument("--dense-rope-op", action="store_true",
                    help="the dense side computes its RoPE table through the pack's op too (as the Lynx side does), "
                         "so a compiled speed-up leaves out what that op saves")
@@ -92,6 +99,9 @@ def parse_args(argv=None):
     args.models = [m for m in args.models.split(",") if m]
     args.sample_modes = [m for m in args.sample_modes.split(",") if m]
     args.modes = [m for m in args.modes.split(",") if m]
+    args.lynx_switches = [m for m in args.lynx_switches.split(",") if m]
+    if set(args.lynx_switches) - set(KERNEL_SWITCHES):
+        p.error(f"--lynx-switches takes {', '.join(KERNEL_SWITCHES)}, not {','.join(args.lynx_switches)}")
     if not args.modes or set(args.modes) - {"eager", "compile"}:
         p.error(f"--modes takes eager and/or compile, not {','.join(args.modes) or 'nothing'}")
     args.resolutions = [int(r) for r in args.resolutions.split(",") if r]
@@ -207,7 +217,7 @@ def step_inputs(arch, resolution, dev, dtype):
     return x, sigma, ctx, kwargs
 
 
-def time_steps(patcher, arch, resolution, dev, dtype, args):
+def time_steps(patcher, arch, resolution, dev, dtype, args, profile=True):
     """(median ms, all ms, first-call s, peak GB over the warm-up calls, peak GB over the timed
     calls, output, profile_steps' result or None) of apply_model forwards."""
     import comfy.model_management
@@ -240,9 +250,27 @@ def time_steps(patcher, arch, resolution, dev, dtype, args):
             dev.sync()
             times.append((time.perf_counter() - start) * 1000)
         peak = dev.peak_gb()
-        profiled = profile_steps(forward, dev, args.profile_iters) if args.profile and dev.cuda else None
+        profiled = profile_steps(forward, dev, args.profile_iters) if args.profile and profile and dev.cuda else None
     assert torch.isfinite(out).all(), "non-finite denoiser output"
     return statistics.median(times), times, first, first_peak, peak, out.float().cpu(), profiled
+
+
+def time_switched(patcher, arch, resolution, dev, dtype, args, lynx_out):
+    """({"lynx+<switch>": (ms with the switch on, rel. diff of its output to lynx_out)}, ms with all
+    off) on the same patcher (compiled graphs are kept: the switches are read at launch), in turns: each switch
+    on, then in reverse order again, then all off, so a clock drift shifts both alike."""
+    from rt_lynx_pack.kernels import sm90
+    on = {f"lynx+{name}": [] for name in args.lynx_switches}
+    diffs = {}
+    for name in args.lynx_switches + args.lynx_switches[::-1]:
+        with getattr(sm90, name)(True):
+            _, times, _, _, _, out, _ = time_steps(patcher, arch, resolution, dev, dtype, args, profile=False)
+        on[f"lynx+{name}"] += times
+        diffs[f"lynx+{name}"] = round(((out - lynx_out).norm() / lynx_out.norm()).item(), 6)
+        log(f"[{arch} {resolution}px lynx+{name}] {statistics.median(times):.2f} ms/step")
+    _, off, _, _, _, _, _ = time_steps(patcher, arch, resolution, dev, dtype, args, profile=False)
+    log(f"[{arch} {resolution}px lynx, switches off again] {statistics.median(off):.2f} ms/step")
+    return {name: (times, diffs[name]) for name, times in on.items()}, off
 
 
 @contextlib.contextmanager
@@ -395,6 +423,12 @@ def run_model(arch, args, dev, rows, samples, notes, save):
                     median, times, first, first_peak, peak, out, profiled = time_steps(patcher, arch, resolution, dev,
                                                                                        dtype, args)
                     all_times[side] += times
+                    if side == "lynx" and args.lynx_switches and dev.cuda:
+                        switched, times_off = time_switched(patcher, arch, resolution, dev, dtype, args, out)
+                        for name, (times_on, diff) in switched.items():
+                            all_times.setdefault(name, []).extend(times_on)
+                            result[f"{name}_vs_lynx_rel_diff"] = diff
+                        all_times["lynx"] += times_off
                     log(f"[{arch} {resolution}px {mode} {side} round {round_index + 1}/{rounds}] {median:.2f} ms/step "
                         f"(first call {first:.1f} s), peak {peak:.2f} GB (warm-up {first_peak:.2f} GB)")
                     if profiled is not None and round_index == 0:
@@ -428,6 +462,7 @@ def run_model(arch, args, dev, rows, samples, notes, save):
             dense_out = outputs["dense"]
             result["lynx_vs_dense_rel_error"] = round(((outputs["lynx"] - dense_out).norm() / dense_out.norm()).item(), 4)
             result["speedup"] = round(result["dense_ms"] / result["lynx_ms"], 3)
+            result["lynx_switches"] = [f"lynx+{name}" for name in args.lynx_switches if dev.cuda]
             if "fused" in outputs:
                 result["fused_vs_dense_rel_error"] = round(
                     ((outputs["fused"] - dense_out).norm() / dense_out.norm()).item(), 4)
@@ -510,6 +545,15 @@ def markdown(meta, rows, samples, notes, calibrations=()):
             cells = [f"{r[f'{side}_ms']:.2f} ms ({r['dense_ms'] / r[f'{side}_ms']:.3f}x)" for side in ("fused", "sparse", "lynx")]
             lines.append(f"| {r['model']} | {r['resolution']} | {r['mode']} | {r['dense_ms']:.2f} ms | {' | '.join(cells)} | "
                          f"{r['fused_vs_dense_rel_error']:.4f} |")
+    switched = [(r, side) for r in rows for side in r.get("lynx_switches", ()) if f"{side}_ms" in r]
+    if switched:
+        lines += ["", "| kernel switch (same run, in turns on the same model) | res | mode | Lynx ms/step | "
+                  "switch on ms/step | on / off | speed-up over dense | output rel. diff to Lynx |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r, side in switched:
+            lines.append(f"| {r['model']} {side} | {r['resolution']} | {r['mode']} | {r['lynx_ms']:.2f} | "
+                         f"{r[f'{side}_ms']:.2f} | {r[f'{side}_ms'] / r['lynx_ms']:.4f} | "
+                         f"{r['dense_ms'] / r[f'{side}_ms']:.3f}x | {r[f'{side}_vs_lynx_rel_diff']:.2e} |")
     profiled = [(r, side) for r in rows for side in ("dense", "lynx", "fused", "sparse") if f"{side}_profile" in r]
     if profiled:
         lines += ["", "| GPU time per step (ms) | res | mode | side | wall | GPU busy | "
@@ -566,8 +610,9 @@ def main(argv=None):
             switches.enter_context(sm90.fast_gelu(True))
         if args.programmatic_launch:
             switches.enter_context(sm90.programmatic_launch(True))
-    elif args.fast_gelu or args.programmatic_launch:
-        log("--fast-gelu / --programmatic-launch ignored: no CUDA device, the reference path has no kernels")
+    elif args.fast_gelu or args.programmatic_launch or args.lynx_switches:
+        log("--fast-gelu / --programmatic-launch / --lynx-switches ignored: no CUDA device, the reference path "
+            "has no kernels")
     started = datetime.datetime.now(datetime.timezone.utc)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

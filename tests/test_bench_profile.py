@@ -41,3 +41,47 @@ def test_results_saved_before_the_run_ends_say_they_are_partial(e2e):
             "commit": "abc", "dtype": "bf16", "compile_backend": "inductor", "tiny": False, "args": {}}
     assert "(partial" in e2e.markdown({**meta, "complete": False}, [], [], {}).splitlines()[0]
     assert "(partial" not in e2e.markdown({**meta, "complete": True}, [], [], {}).splitlines()[0]
+
+
+def test_switched_lynx_times_are_taken_in_turns_and_tabled(e2e, monkeypatch):
+    import contextlib
+
+    import torch
+    from rt_lynx_pack.kernels import sm90
+    state, calls = {"fast_gelu": False, "programmatic_launch": False}, []
+
+    def switch(name):
+        @contextlib.contextmanager
+        def entered(enabled):
+            state[name] = enabled
+            try:
+                yield
+            finally:
+                state[name] = False
+        return entered
+
+    def fake_time_steps(patcher, arch, resolution, dev, dtype, args, profile=True):
+        assert not profile
+        on = tuple(name for name, enabled in state.items() if enabled)
+        calls.append(on)
+        ms = 90.0 - 1.0 * state["fast_gelu"] - 0.5 * state["programmatic_launch"]
+        return ms, [ms, ms], 0.0, 0.0, 0.0, torch.full((4,), 1.0 + 0.01 * len(on)), None
+
+    for name in state:
+        monkeypatch.setattr(sm90, name, switch(name))
+    monkeypatch.setattr(e2e, "time_steps", fake_time_steps)
+    args = e2e.parse_args(["--lynx-switches", "fast_gelu,programmatic_launch"])
+    switched, off = e2e.time_switched(None, "flux", 1024, None, None, args, torch.ones(4))
+    assert calls == [("fast_gelu",), ("programmatic_launch",), ("programmatic_launch",), ("fast_gelu",), ()]
+    assert off == [90.0, 90.0]
+    assert switched["lynx+fast_gelu"] == ([89.0] * 4, 0.01)
+    assert switched["lynx+programmatic_launch"][0] == [89.5] * 4
+    row = {"model": "flux", "resolution": 1024, "batch": 1, "mode": "compile", "dense_ms": 144.0, "lynx_ms": 90.0,
+           "speedup": 1.6, "dense_peak_gb": 22.0, "lynx_peak_gb": 30.0, "lynx_vs_dense_rel_error": 0.28,
+           "lynx_switches": ["lynx+fast_gelu"], "lynx+fast_gelu_ms": 89.0, "lynx+fast_gelu_vs_lynx_rel_diff": 0.01}
+    meta = {"date": "2026-12-05 12:00 UTC", "gpu": "NVIDIA H200", "torch": "2.11", "comfyui": "0.3.64",
+            "commit": "abc", "dtype": "bf16", "compile_backend": "inductor", "tiny": False, "args": {}}
+    text = e2e.markdown(meta, [row], [], {})
+    assert "| flux lynx+fast_gelu | 1024 | compile | 90.00 | 89.00 | 0.9889 | 1.618x | 1.00e-02 |" in text
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--lynx-switches", "fast_gelus"])
