@@ -12,8 +12,8 @@ Measures, per model/resolution/mode and for both sides in the same process:
 - with --profile: where each side's GPU time per step goes (torch.profiler over a few more calls:
   kernel time by kind, sparse and dense GEMM, attention, the pack's own passes, Inductor's fused
   kernels, other), and how much of the step the GPU is busy at all;
-- with --lynx-switches: the Lynx step again with each kernel switch on (sm90.fast_gelu, ...), in
-  turns with it off on the same compiled model, so a change of a millisecond is not lost in the
+- with --lynx-switches: the Lynx step again with each kernel switch turned from its default
+  (torch's exact GELU, programmatic launch), in turns with the defaults on the same compiled model, so a change of a millisecond is not lost in the
   drift between runs;
 - with --calibrate: the "RT-Lynx Calibrate LoRA" node with its defaults on the full-size model
   (wall time, peak memory), then the step time with the calibrated Lynx LoRA attached, next to
@@ -44,7 +44,9 @@ CONTEXT_TOKENS = {"flux": 512, "qwen_image": 256, "z_image": 256}
 # Qwen-Image runs with CFG: cond and uncond in one batch; Z-Image (Turbo) samples at CFG 1.
 BATCH = {"flux": 1, "qwen_image": 2, "z_image": 1}
 SAMPLE_RESOLUTION = ("flux", 1024)    # whole-sample timing only here, to bound the run time
-KERNEL_SWITCHES = ("fast_gelu", "programmatic_launch")   # sm90's process-wide switches, read at each launch
+# sm90's process-wide switches (read at each launch) as --lynx-switches names them: (switch, setting
+# other than its default).
+KERNEL_SWITCHES = {"exact_gelu": ("fast_gelu", False), "programmatic_launch": ("programmatic_launch", True)}
 
 
 def log(*parts):
@@ -73,14 +75,16 @@ def parse_args(argv=None):
     p.add_argument("--no-default-dense-layers", action="store_true",
                    help="sparsify the layers the architecture keeps dense for quality too (FLUX: linear2; the "
                         "node's default_dense_layers off)")
-    p.add_argument("--fast-gelu", action="store_true",
-                   help="the kernels' GELU as x / (1 + exp(-2u)) on the hardware exp2 (sm90.fast_gelu), not torch's tanhf")
+    p.add_argument("--exact-gelu", action="store_true",
+                   help="the kernels' GELU as torch computes it, bit for bit (sm90.fast_gelu(False)), not the fast "
+                        "x / (1 + exp(-2u)) on the hardware exp2")
     p.add_argument("--programmatic-launch", action="store_true",
                    help="launch the sparse GEMM and the sparsify passes with programmatic dependent launch "
                         "(sm90.programmatic_launch)")
     p.add_argument("--lynx-switches", default="",
-                   help="comma list of kernel switches (fast_gelu, programmatic_launch): each also times the Lynx "
-                        "side with that switch on, in turns with it off on the same (compiled) model")
+                   help="comma list of kernel switches (exact_gelu, programmatic_launch): each also times the Lynx "
+                        "side with that switch turned from its default, in turns with the defaults on the same "
+                        "(compiled) model")
     p.add_argument("--dense-rope-op", action="store_true",
                    help="the dense side computes its RoPE table through the pack's op too (as the Lynx side does), "
                         "so a compiled speed-up leaves out what that op saves")
@@ -256,14 +260,15 @@ def time_steps(patcher, arch, resolution, dev, dtype, args, profile=True):
 
 
 def time_switched(patcher, arch, resolution, dev, dtype, args, lynx_out):
-    """({"lynx+<switch>": (ms with the switch on, rel. diff of its output to lynx_out)}, ms with all
-    off) on the same patcher (compiled graphs are kept: the switches are read at launch), in turns: each switch
-    on, then in reverse order again, then all off, so a clock drift shifts both alike."""
+    """({"lynx+<name>": (ms with that switch turned, rel. diff of its output to lynx_out)}, ms with
+    the defaults) on the same patcher (compiled graphs are kept: the switches are read at launch), in
+    turns: each switch turned, then in reverse order again, then none, so a clock drift shifts both alike."""
     from rt_lynx_pack.kernels import sm90
     on = {f"lynx+{name}": [] for name in args.lynx_switches}
     diffs = {}
     for name in args.lynx_switches + args.lynx_switches[::-1]:
-        with getattr(sm90, name)(True):
+        switch, setting = KERNEL_SWITCHES[name]
+        with getattr(sm90, switch)(setting):
             _, times, _, _, _, out, _ = time_steps(patcher, arch, resolution, dev, dtype, args, profile=False)
         on[f"lynx+{name}"] += times
         diffs[f"lynx+{name}"] = round(((out - lynx_out).norm() / lynx_out.norm()).item(), 6)
@@ -522,7 +527,7 @@ def markdown(meta, rows, samples, notes, calibrations=()):
     lines = [f"# RT-Lynx end to end in ComfyUI ({meta['date']}, {meta['gpu']}){partial}", "",
              f"torch {meta['torch']}, ComfyUI {meta['comfyui']}, commit {meta['commit']}, weights {meta['dtype']} "
              f"(random), compile backend {meta['compile_backend']}{', TINY models' if meta['tiny'] else ''}"
-             f"{', fast GELU in the kernels' if meta['args'].get('fast_gelu') else ''}"
+             f"{', exact GELU in the kernels' if meta['args'].get('exact_gelu') else ''}"
              f"{', programmatic dependent launch' if meta['args'].get('programmatic_launch') else ''}",
              ""]
     lines += [f"- {arch}: {text}" for arch, text in notes.items()]
@@ -547,8 +552,8 @@ def markdown(meta, rows, samples, notes, calibrations=()):
                          f"{r['fused_vs_dense_rel_error']:.4f} |")
     switched = [(r, side) for r in rows for side in r.get("lynx_switches", ()) if f"{side}_ms" in r]
     if switched:
-        lines += ["", "| kernel switch (same run, in turns on the same model) | res | mode | Lynx ms/step | "
-                  "switch on ms/step | on / off | speed-up over dense | output rel. diff to Lynx |",
+        lines += ["", "| kernel switch turned from its default (same run, in turns on the same model) | res | mode | "
+                  "Lynx ms/step | turned ms/step | turned / default | speed-up over dense | output rel. diff to Lynx |",
                   "|---|---|---|---|---|---|---|---|"]
         for r, side in switched:
             lines.append(f"| {r['model']} {side} | {r['resolution']} | {r['mode']} | {r['lynx_ms']:.2f} | "
@@ -604,14 +609,14 @@ def main(argv=None):
         f"compile {'off' if args.no_compile else args.compile_backend + ' at ' + str(args.compile_resolutions)}")
     rows, samples, notes, calibrations = [], [], {}, []
     switches = contextlib.ExitStack()   # process-wide; the dense side runs none of these kernels
-    if dev.cuda and (args.fast_gelu or args.programmatic_launch):
+    if dev.cuda and (args.exact_gelu or args.programmatic_launch):
         from rt_lynx_pack.kernels import sm90
-        if args.fast_gelu:
-            switches.enter_context(sm90.fast_gelu(True))
+        if args.exact_gelu:
+            switches.enter_context(sm90.fast_gelu(False))
         if args.programmatic_launch:
             switches.enter_context(sm90.programmatic_launch(True))
-    elif args.fast_gelu or args.programmatic_launch or args.lynx_switches:
-        log("--fast-gelu / --programmatic-launch / --lynx-switches ignored: no CUDA device, the reference path "
+    elif args.exact_gelu or args.programmatic_launch or args.lynx_switches:
+        log("--exact-gelu / --programmatic-launch / --lynx-switches ignored: no CUDA device, the reference path "
             "has no kernels")
     started = datetime.datetime.now(datetime.timezone.utc)
     out = pathlib.Path(args.out)

@@ -4,8 +4,9 @@ Each pass's kernel time (CUDA-graph replays, the variants in turns), the bandwid
 its bytes (read once + written once), and how far that is from the GPU's HBM bandwidth (its data
 sheet's figure; a device-to-device copy of 1 GiB in the same run shows what torch's copy reaches,
 2.77 TB/s read + write on an H200, below what these passes reach). The GELU passes run with
-torch's tanhf GELU and with the fast one (sm90.fast_gelu). The blocks' modulation linears (one or
-two rows: a read of the weight) run as bf16 F.linear and with the e4m3 weight of fp8 models.
+the fast GELU (the default) and with torch's tanhf one (sm90.fast_gelu(False)). The blocks'
+modulation linears (one or two rows: a read of the weight) run as bf16 F.linear and with the
+e4m3 weight of fp8 models.
 
 Usage (GPU): python bench/passes.py [--out bench/results]
              python bench/passes.py --single-calls   (each pass once, for `ncu --profile-from-start off`;
@@ -31,7 +32,7 @@ HBM_TB_PER_S = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H200
 
 
 def passes(torch, dev="cuda"):
-    """{name: (fn, bytes moved, fast GELU or None)}: each pass with inputs made once."""
+    """{name: (fn, bytes moved, whether it has a GELU)}: each pass with inputs made once."""
     from rt_lynx_pack.kernels import block_ops, fp8_dense  # noqa: F401  (defines the ops)
     bf16 = torch.bfloat16
     for name, check in (("fp8 dense", fp8_dense.availability_fp8_dense), ("block ops", block_ops.availability_block_ops)):
@@ -116,11 +117,11 @@ def main(argv=None):
     copy_dst = torch.empty_like(copy_src)
     fns = {"copy 1 GiB": lambda: copy_dst.copy_(copy_src)}
     contexts = {}
-    for name, (fn, _, fast) in table.items():
+    for name, (fn, _, gelu) in table.items():
         fns[name] = fn
-        if fast:
-            fns[name + " (fast GELU)"] = fn
-            contexts[name + " (fast GELU)"] = lambda: sm90.fast_gelu(True)
+        if gelu:
+            fns[name + " (exact GELU)"] = fn
+            contexts[name + " (exact GELU)"] = lambda: sm90.fast_gelu(False)
     us = interleaved_kernel_us(fns, args.calls, args.repeats, contexts)
     copy_tb = 2 * copy_src.numel() * 2 / (us["copy 1 GiB"] * 1e-6) / 1e12   # read + written
     gpu = torch.cuda.get_device_name()
@@ -130,8 +131,8 @@ def main(argv=None):
              f"kernel time from CUDA-graph replays, {args.calls} calls x {args.repeats} repeats, variants in turns. "
              f"HBM {hbm or '?'} TB/s (data sheet); torch's 1 GiB copy reached {copy_tb:.2f} TB/s (read + write).", "",
              "| pass | MB moved | us | TB/s | x HBM time |", "|---|---|---|---|---|"]
-    for name, (_, moved, fast) in table.items():
-        for label in [name] + ([name + " (fast GELU)"] if fast else []):
+    for name, (_, moved, gelu) in table.items():
+        for label in [name] + ([name + " (exact GELU)"] if gelu else []):
             tb = moved / (us[label] * 1e-6) / 1e12
             versus = f"{hbm / tb:.2f}" if hbm else "-"
             lines.append(f"| {label} | {moved / 1e6:.0f} | {us[label]:.1f} | {tb:.2f} | {versus} |")

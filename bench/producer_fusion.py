@@ -10,8 +10,9 @@ projection's output x), at 1024², bf16, bias and compensation on:
                sm90.sparse_linear_sm90: what a torch.compile'd model without the fusion runs
   lynx_fused   sm90.sparse_linear_modulated_sm90 / sparse_linear_gelu_sm90 (the prologue in the
                sparsify pass)
-  lynx_fast    (GELU rows) lynx_fused with the kernels' fast GELU (sm90.fast_gelu: x / (1 + exp(-2u))
-               on the hardware exp2 and a fast division instead of torch's tanhf)
+  lynx_fast    (GELU rows) lynx_fused with the kernels' fast GELU (their default, sm90.fast_gelu:
+               x / (1 + exp(-2u)) on the hardware exp2 and a fast division); every other variant
+               computes torch's tanhf GELU bit for bit
 and with --fp8 the same Lynx variants on the e4m3 product (lynx8, lynx8_ind, lynx8_fused, lynx8_fast).
 FLUX's single-block linear2 ("cat gelu") is kept dense: its input is cat((attention output,
 gelu(MLP part of linear1's output))), and its "lynx" columns are the layer as the precision runs
@@ -227,8 +228,9 @@ def main():
             "lora": 0 if args.fp8 else args.lora}
     rows = []
     for model, layer, prologue, images, tokens, k, n, linears, per_step in SHAPES:
-        row = {"model": model, "layer": layer, "prologue": prologue, "per_flux_step": per_step,
-               **bench_shape(prologue, images, tokens, k, n, linears, args.fp8, calls, repeats, meta["lora"])}
+        with sm90.fast_gelu(False):   # the fused passes compute torch's GELU bits; {prefix}_fast the default one
+            measured = bench_shape(prologue, images, tokens, k, n, linears, args.fp8, calls, repeats, meta["lora"])
+        row = {"model": model, "layer": layer, "prologue": prologue, "per_flux_step": per_step, **measured}
         rows.append(row)
         print(model, layer, {key: round(value, 1) for key, value in row.items() if key.endswith("_us")},
               f"error {row['fused_vs_unfused_error']:.1e}", flush=True)

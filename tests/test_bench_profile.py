@@ -48,40 +48,41 @@ def test_switched_lynx_times_are_taken_in_turns_and_tabled(e2e, monkeypatch):
 
     import torch
     from rt_lynx_pack.kernels import sm90
-    state, calls = {"fast_gelu": False, "programmatic_launch": False}, []
+    state, calls = {"fast_gelu": True, "programmatic_launch": False}, []
 
     def switch(name):
         @contextlib.contextmanager
         def entered(enabled):
-            state[name] = enabled
+            previous, state[name] = state[name], enabled
             try:
                 yield
             finally:
-                state[name] = False
+                state[name] = previous
         return entered
 
     def fake_time_steps(patcher, arch, resolution, dev, dtype, args, profile=True):
         assert not profile
-        on = tuple(name for name, enabled in state.items() if enabled)
-        calls.append(on)
-        ms = 90.0 - 1.0 * state["fast_gelu"] - 0.5 * state["programmatic_launch"]
-        return ms, [ms, ms], 0.0, 0.0, 0.0, torch.full((4,), 1.0 + 0.01 * len(on)), None
+        turned = ("exact_gelu",) * (not state["fast_gelu"]) + ("programmatic_launch",) * state["programmatic_launch"]
+        calls.append(turned)
+        ms = 90.0 + 1.0 * (not state["fast_gelu"]) - 0.5 * state["programmatic_launch"]
+        return ms, [ms, ms], 0.0, 0.0, 0.0, torch.full((4,), 1.0 + 0.01 * len(turned)), None
 
     for name in state:
         monkeypatch.setattr(sm90, name, switch(name))
     monkeypatch.setattr(e2e, "time_steps", fake_time_steps)
-    args = e2e.parse_args(["--lynx-switches", "fast_gelu,programmatic_launch"])
+    args = e2e.parse_args(["--lynx-switches", "exact_gelu,programmatic_launch"])
     switched, off = e2e.time_switched(None, "flux", 1024, None, None, args, torch.ones(4))
-    assert calls == [("fast_gelu",), ("programmatic_launch",), ("programmatic_launch",), ("fast_gelu",), ()]
+    assert calls == [("exact_gelu",), ("programmatic_launch",), ("programmatic_launch",), ("exact_gelu",), ()]
     assert off == [90.0, 90.0]
-    assert switched["lynx+fast_gelu"] == ([89.0] * 4, 0.01)
+    assert switched["lynx+exact_gelu"] == ([91.0] * 4, 0.01)
     assert switched["lynx+programmatic_launch"][0] == [89.5] * 4
+    assert state == {"fast_gelu": True, "programmatic_launch": False}
     row = {"model": "flux", "resolution": 1024, "batch": 1, "mode": "compile", "dense_ms": 144.0, "lynx_ms": 90.0,
            "speedup": 1.6, "dense_peak_gb": 22.0, "lynx_peak_gb": 30.0, "lynx_vs_dense_rel_error": 0.28,
-           "lynx_switches": ["lynx+fast_gelu"], "lynx+fast_gelu_ms": 89.0, "lynx+fast_gelu_vs_lynx_rel_diff": 0.01}
+           "lynx_switches": ["lynx+exact_gelu"], "lynx+exact_gelu_ms": 91.0, "lynx+exact_gelu_vs_lynx_rel_diff": 0.01}
     meta = {"date": "2026-12-05 12:00 UTC", "gpu": "NVIDIA H200", "torch": "2.11", "comfyui": "0.3.64",
             "commit": "abc", "dtype": "bf16", "compile_backend": "inductor", "tiny": False, "args": {}}
     text = e2e.markdown(meta, [row], [], {})
-    assert "| flux lynx+fast_gelu | 1024 | compile | 90.00 | 89.00 | 0.9889 | 1.618x | 1.00e-02 |" in text
+    assert "| flux lynx+exact_gelu | 1024 | compile | 90.00 | 91.00 | 1.0111 | 1.582x | 1.00e-02 |" in text
     with pytest.raises(SystemExit):
         e2e.parse_args(["--lynx-switches", "fast_gelus"])

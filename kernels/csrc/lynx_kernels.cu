@@ -1047,7 +1047,7 @@ void launch_sparsify_compress(const void* x, int64_t rows, int64_t padded_rows, 
 namespace {
 std::atomic<bool> low_rank_fusion_switch{true};
 std::atomic<bool> staged_pass_switch{true};
-std::atomic<bool> fast_gelu_switch{false};
+std::atomic<bool> fast_gelu_switch{true};
 std::atomic<bool> programmatic_launch_switch{false};
 }  // namespace
 

@@ -50,7 +50,7 @@ constexpr int kMetadataSm90Block128 = 128;
 //   one fp32 multiply-add rounded once (torch.addcmul). shift and scale1p: (rows / tokens) x cols
 //   in x's dtype, contiguous, 16-byte aligned; row r uses their row r / tokens.
 // - kPrologueGeluTanh, an MLP's activation before its down projection: x' = gelu(x) with the tanh
-//   approximation, in fp32 as torch computes it (or fast, see set_fast_gelu), rounded to x's dtype.
+//   approximation (see set_fast_gelu for how), rounded to x's dtype.
 // Rows must fit the staged pass (sparsify_prologue_supported); no low-rank extension.
 constexpr int kPrologueNone = 0;
 constexpr int kPrologueLayerNormModulation = 1;
@@ -108,13 +108,13 @@ bool sparsify_low_rank_fused(int64_t rank);
 void set_sparsify_low_rank_fusion(bool enabled);
 
 // How every GELU of these kernels (the sparsify prologue, the quantise pass's tail, cat_gelu_tanh)
-// is computed. Off (the default): in fp32 in torch's order with its accurate tanhf, so the result
-// is torch's bit for bit; that costs about 37 instructions an element, more than these passes'
-// memory time. On: the same function as x / (1 + exp(-2u)) on the hardware exp2 and a fast
-// division (about a third of the instructions): within one 16-bit ulp of torch's result, plus
-// up to |x| 2^-21 in the negative tail where torch's 1 + tanh(u) cancels (see gelu_tanh_bits).
-// Read at each launch (a captured CUDA graph keeps the setting it was captured with);
-// process-wide, for benchmarks and tests that compare both on the same data.
+// is computed. On (the default): as x / (1 + exp(-2u)) on the hardware exp2 and a fast division:
+// within one 16-bit ulp of torch's result, plus up to |x| 2^-21 in the negative tail where torch's
+// 1 + tanh(u) cancels (see gelu_tanh_bits); a 2:4 selection or an e4m3 rounding follows it, each
+// far coarser. Off: in fp32 in torch's order with its accurate tanhf, torch's result bit for bit,
+// at about three times the instructions, more than these passes' memory time. Read at each launch
+// (a captured CUDA graph keeps the setting it was captured with); process-wide, for benchmarks and
+// tests that compare with torch's bits.
 bool fast_gelu();
 void set_fast_gelu(bool enabled);
 
@@ -184,7 +184,7 @@ void launch_e4m3_weight_gemv(const void* x, int64_t rows, int64_t ld_x, bool is_
                              cudaStream_t stream);
 
 // out (rows x (a_cols + b_cols), contiguous) = [a row, gelu_tanh(b row)], 16-bit, GELU rounded as
-// torch's (FLUX's single-block linear2 input; see set_fast_gelu). Rows of a and b may be strided (16-byte aligned).
+// set_fast_gelu says (FLUX's single-block linear2 input). Rows of a and b may be strided (16-byte aligned).
 void launch_cat_gelu_tanh(const void* a, int64_t ld_a, int64_t a_cols, const void* b, int64_t ld_b, int64_t b_cols,
                           int64_t rows, bool is_bf16, void* out, cudaStream_t stream);
 

@@ -714,7 +714,7 @@ void register_sm90_functions(pybind11::module& m) {
     m.def(name, get, ("whether on: " + what).c_str());
   };
   def_switch("fast_gelu", &rt_lynx::set_fast_gelu, &rt_lynx::fast_gelu,
-             "the kernels' GELU as x / (1 + exp(-2u)) on the fast hardware exp2 and division; off (the default): "
+             "the kernels' GELU as x / (1 + exp(-2u)) on the fast hardware exp2 and division (the default); off: "
              "torch's bit for bit");
   def_switch("programmatic_launch", &rt_lynx::set_programmatic_launch, &rt_lynx::programmatic_launch,
              "the sm90 GEMM and the sparsify passes launched with programmatic dependent launch (off by default)");

@@ -211,6 +211,16 @@ def test_cat_gelu_tanh_equals_the_reference(block_ops, generator, dtype, kind, r
     check_cat_gelu(a, b.contiguous())
 
 
+def test_the_kernels_gelu_is_the_fast_one_by_default(block_ops, default_fast_gelu, generator):
+    # conftest's fixture puts torch's bits in place for every test; outside tests the fast one runs.
+    assert default_fast_gelu is True
+    with fast_gelu(True):
+        a, b = (make_input("randn", 64, cols, torch.bfloat16, generator) for cols in (32, 4096))
+        fast = torch.ops.rt_lynx.cat_gelu_tanh(a, b)
+    assert not torch.equal(fast, cat_gelu_tanh_reference(a, b)), "the fast GELU equals torch's on 262k values"
+    assert_gelu_close(fast[:, 32:], cat_gelu_tanh_reference(a, b)[:, 32:], b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", INPUT_KINDS)
 @pytest.mark.parametrize("rows,a_cols,b_cols", [(4608, 3072, 12288), (37, 3072, 64), (4097, 24, 40)])
