@@ -77,7 +77,7 @@ if runs rope; then
   record "${PIPESTATUS[0]}"
 fi
 if runs ncu-passes; then
-  # bench/passes.py's passes, once each (exact GELU), in its table's order.
+  # bench/passes.py's passes, once each (the default, fast GELU), in its table's order.
   NCU_LAUNCHES="${NCU_LAUNCHES:-4}" run_ncu ncu-passes "${NCU_KERNELS:-regex:quantize|cat_gelu|qk_norm}" \
     python3 bench/passes.py --single-calls
 fi
