@@ -45,6 +45,9 @@ class LynxRuntime:
     # Whether the model call carries inputs the fused blocks do not compute (a text attention mask),
     # set per call by the host's wrapper: those calls run the blocks' own forwards.
     blocks_as_they_are: bool = False
+    # The host's check before each layer computes, which its own layers run (ComfyUI: run_every_op,
+    # where Cancel takes effect); None: none.
+    before_each_call: Callable[[], None] | None = None
 
     def set_step(self, step_index: int | None) -> None:
         self.dense = step_index is not None and step_index < self.dense_warmup_steps
@@ -128,6 +131,8 @@ class LynxLinearForward:
         return self.sparse and not self.runtime.dense and (self.lora is None or self.config.precision == "bf16")
 
     def _with_weights(self, x: torch.Tensor, product) -> torch.Tensor:
+        if self.runtime.before_each_call is not None:
+            self.runtime.before_each_call()
         weight, bias, release = self._weights_for(x)
         y = product(weight, bias)
         if release is not None:

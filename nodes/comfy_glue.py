@@ -69,6 +69,12 @@ def _cast_api():
     return _CAST_API
 
 
+def comfy_per_op_check():
+    """ComfyUI's check before each op of its layers (later releases: run_every_op, where Cancel takes
+    effect; a no-op under torch.compile), or None where its layers run none."""
+    return getattr(_cast_api()[0], "run_every_op", None)
+
+
 def _is_quantized(weight) -> bool:
     quantized = _cast_api()[2]
     return quantized is not None and isinstance(weight, quantized)

@@ -3,7 +3,7 @@ import logging
 
 from ..kernels import PRECISIONS, REQUESTS, fast_path_availability, fp8_dense_availability
 from ..lynx import LynxConfig, LynxRuntime, SelectionOptions, plan_model
-from .comfy_glue import comfy_linear_weights, install_fused_blocks, install_plan, installed_plan
+from .comfy_glue import comfy_linear_weights, comfy_per_op_check, install_fused_blocks, install_plan, installed_plan
 
 log = logging.getLogger("rt_lynx")
 
@@ -77,8 +77,8 @@ class RTLynxSparsifyModel:
                 raise RuntimeError(f"RT-Lynx backend 'cuda' cannot run here: {why_not}. "
                                    f"Choose 'auto' to fall back to the PyTorch reference path.")
         diffusion_model = model.get_model_object("diffusion_model")
-        plan = plan_model(diffusion_model, config, selection, LynxRuntime(dense_warmup_steps=dense_warmup_steps),
-                          weights=comfy_linear_weights)
+        runtime = LynxRuntime(dense_warmup_steps=dense_warmup_steps, before_each_call=comfy_per_op_check())
+        plan = plan_model(diffusion_model, config, selection, runtime, weights=comfy_linear_weights)
         patched = install_plan(model, plan)
         if fused_blocks:
             plan.block_note = install_fused_blocks(patched, diffusion_model, plan.runtime)

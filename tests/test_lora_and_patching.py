@@ -129,6 +129,27 @@ def test_dense_warmup_steps_give_the_dense_output(tiny):
     assert "first 2 steps dense" in plan.summary()
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_the_hosts_check_runs_before_every_patched_layer_and_can_stop_the_call(tiny, precision):
+    model, inputs = tiny
+    calls = []
+    runtime = LynxRuntime(before_each_call=lambda: calls.append(1))
+    plan = plan_model(model, LynxConfig(precision=precision), runtime=runtime)
+    with torch.no_grad(), installed(model, plan):
+        model(*inputs)
+        # every layer the plan patched: sparse, fp8 dense and fp8 modulation linears alike
+        assert len(calls) == len(plan.installed_forwards) > len(plan.forwards) * (precision == "fp8")
+
+        class Cancelled(Exception):
+            pass
+
+        def cancel():
+            raise Cancelled
+        runtime.before_each_call = cancel
+        with pytest.raises(Cancelled):
+            model(*inputs)
+
+
 def test_summary_counts_layers_and_reasons():
     plan = plan_model(tree_from_linears(flux_like_shapes()))
     text = plan.summary(torch.device("cpu"))

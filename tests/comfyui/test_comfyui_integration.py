@@ -341,6 +341,24 @@ def test_folded_lynx_lora_is_a_comfyui_weight_patch_that_dense_steps_take_back_o
     assert not torch.allclose(fp8_weights[0], original, rtol=2 ** -3, atol=1e-3)
 
 
+def test_cancel_takes_effect_in_every_patched_layer_as_in_comfyuis_own(flux):
+    import comfy.ops
+    if not hasattr(comfy.ops, "run_every_op"):
+        pytest.skip("this ComfyUI's layers check for Cancel nowhere per op (run_every_op came later)")
+    plan = installed_plan(sparsify(flux, precision="fp8"))
+    kinds = (plan.forwards, plan.fp8_dense_forwards, plan.per_image_forwards)
+    assert all(kinds), "the fp8 plan has sparse, fp8 dense and modulation layers"
+    for forward in (next(iter(forwards.values())) for forwards in kinds):
+        x = torch.randn(1, 16, forward.module.in_features)
+        comfy.model_management.interrupt_current_processing(True)
+        try:
+            with pytest.raises(comfy.model_management.InterruptProcessingException):
+                forward(x)
+        finally:
+            comfy.model_management.interrupt_current_processing(False)
+        assert forward(x).shape == (1, 16, forward.module.out_features)
+
+
 def test_bad_requests_are_refused_clearly(flux):
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here"):
         sparsify(flux, backend="cuda")
