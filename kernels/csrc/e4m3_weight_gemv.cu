@@ -7,7 +7,9 @@
 // compute kGemvChannelsPerWarp consecutive output channels: every lane reads 16 weight bytes per
 // step, kGemvUnroll steps in flight, converts them to fp32 (cvt e4m3x2 -> f16x2, exact), and keeps
 // one fp32 sum per row; the warp's sums reduce by shuffles in a fixed order (deterministic), then
-// y[r, n] = sum * w_scale[n] + bias[n], rounded once to x's dtype.
+// y[r, n] = sum * w_scale[n] + bias[n], rounded once to x's dtype. A warp's first weight loads of
+// all its channels are issued before x is staged, so a block waits one memory latency, not one
+// for x and one per channel after it (with one or two input rows the product is that read).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -20,14 +22,26 @@
 namespace rt_lynx {
 namespace {
 
-// 8 loads of 16 bytes a lane cover a 4096-column row in one go, so a warp has its whole channel (FLUX,
-// Qwen-Image: 3072 bytes) in flight; two channels a warp give a 9216-channel layer 288 blocks, about
-// two per SM. Registers (56 at one row, 93 at eight) allow 4 or 2 blocks of 8 warps per SM. Each block
-// copies x again (from L2): at one row 6 KB against its 48 KB of weight.
+// 6 loads of 16 bytes a lane cover a 3072-column row (FLUX's, Qwen-Image's) in one turn, so a warp has
+// both its channels (6 KB) in flight at once; a 9216-channel layer makes 576 blocks. Registers (74 at
+// one row, 80 at two, 124 at eight; no spills, ptxas sm_90a) allow 3 blocks of 8 warps per SM at one
+// or two rows: 144 KB of weight in flight per SM. Each block copies x again (from L2): at one row 6 KB
+// against its 48 KB of weight.
 constexpr int kGemvWarps = 8;
 constexpr int kGemvChannelsPerWarp = 2;
-constexpr int kGemvUnroll = 8;        // 16-byte weight loads a lane has in flight per channel
+constexpr int kGemvUnroll = 6;        // 16-byte weight loads a lane has in flight per channel
 constexpr int kGemvStep = 32 * 16;    // weight columns a warp reads per step
+constexpr int64_t kGemvColumnsPerTurn = int64_t(kGemvStep) * kGemvUnroll;
+
+// A lane's kGemvUnroll 16-byte weight loads of one turn (columns from `base`), zeros past k.
+__device__ __forceinline__ void load_turn(const uint8_t* w_row, int64_t base, int64_t k, int lane,
+                                          uint4 (&loaded)[kGemvUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kGemvUnroll; ++u) {   // every load issued before the first is used
+    const int64_t col = base + int64_t(u) * kGemvStep + lane * 16;
+    loaded[u] = col < k ? __ldcs(reinterpret_cast<const uint4*>(w_row + col)) : make_uint4(0, 0, 0, 0);
+  }
+}
 
 // Two e4m3 bytes (the low 16 bits of `pair`) as two floats: e4m3 -> f16 is exact.
 __device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t pair) {
@@ -71,6 +85,14 @@ e4m3_weight_gemv_kernel(const uint16_t* __restrict__ x, int64_t ld_x, const uint
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   uint16_t* x_shared = reinterpret_cast<uint16_t*>(shared_bytes);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t first_channel = (int64_t(blockIdx.x) * kGemvWarps + warp) * kGemvChannelsPerWarp;
+  // The first turn of every channel of this warp in flight while x is staged.
+  uint4 loaded[kGemvChannelsPerWarp][kGemvUnroll];
+#pragma unroll
+  for (int c = 0; c < kGemvChannelsPerWarp; ++c) {
+    const int64_t channel = first_channel + c;
+    load_turn(w + (channel < n ? channel : 0) * k, 0, channel < n ? k : 0, lane, loaded[c]);
+  }
   // x into shared memory, 16 bytes at a time (rows 16-byte aligned: the op checks).
   const int64_t vectors_per_row = k / 8;
   for (int64_t i = threadIdx.x; i < kRows * vectors_per_row; i += blockDim.x) {
@@ -79,7 +101,7 @@ e4m3_weight_gemv_kernel(const uint16_t* __restrict__ x, int64_t ld_x, const uint
   }
   __syncthreads();
 
-  const int64_t first_channel = (int64_t(blockIdx.x) * kGemvWarps + warp) * kGemvChannelsPerWarp;
+#pragma unroll
   for (int c = 0; c < kGemvChannelsPerWarp; ++c) {
     const int64_t channel = first_channel + c;
     if (channel >= n) {
@@ -91,18 +113,15 @@ e4m3_weight_gemv_kernel(const uint16_t* __restrict__ x, int64_t ld_x, const uint
     for (int r = 0; r < kRows; ++r) {
       sum[r] = 0.f;
     }
-    for (int64_t base = 0; base < k; base += int64_t(kGemvStep) * kGemvUnroll) {
-      uint4 loaded[kGemvUnroll];
-#pragma unroll
-      for (int u = 0; u < kGemvUnroll; ++u) {   // every load issued before the first is used
-        const int64_t col = base + int64_t(u) * kGemvStep + lane * 16;
-        loaded[u] = col < k ? __ldcs(reinterpret_cast<const uint4*>(w_row + col)) : make_uint4(0, 0, 0, 0);
+    for (int64_t base = 0; base < k; base += kGemvColumnsPerTurn) {
+      if (base > 0) {   // rows past one turn (K > 3072): the later turns load here
+        load_turn(w_row, base, k, lane, loaded[c]);
       }
 #pragma unroll
       for (int u = 0; u < kGemvUnroll; ++u) {
         const int64_t col = base + int64_t(u) * kGemvStep + lane * 16;
         if (col < k) {
-          accumulate16<kBf16, kRows>(loaded[u], x_shared, static_cast<int>(k), static_cast<int>(col), sum);
+          accumulate16<kBf16, kRows>(loaded[c][u], x_shared, static_cast<int>(k), static_cast<int>(col), sum);
         }
       }
     }
