@@ -376,8 +376,9 @@ def fast_gelu(enabled: bool):
     plus up to |x| 2^-21 in the negative tail where torch's own 1 + tanh(u) cancels; the 2:4
     selection or e4m3 rounding after it is far coarser) or torch's bit for bit (its accurate tanhf
     costs more than these passes' memory time: 0.8 ms of kernel time per FLUX 1024² step in bf16,
-    1.0 ms in fp8, H200). The previous setting comes back on leaving it. Read at each kernel launch: a CUDA graph keeps the setting
-    it was captured with. Process-wide like low_rank_fusion; for benchmarks and tests."""
+    1.0 ms in fp8, H200). The previous setting comes back on leaving it. Read at each kernel
+    launch: a CUDA graph keeps the setting it was captured with. Process-wide like
+    low_rank_fusion; for benchmarks and tests."""
     ext = _cusparselt.extension()
     with _switched(bool(ext.fast_gelu()), ext.set_fast_gelu, enabled):
         yield
