@@ -274,7 +274,7 @@ def time_switched(patcher, arch, resolution, dev, dtype, args, lynx_out):
         diffs[f"lynx+{name}"] = round(((out - lynx_out).norm() / lynx_out.norm()).item(), 6)
         log(f"[{arch} {resolution}px lynx+{name}] {statistics.median(times):.2f} ms/step")
     _, off, _, _, _, _, _ = time_steps(patcher, arch, resolution, dev, dtype, args, profile=False)
-    log(f"[{arch} {resolution}px lynx, switches off again] {statistics.median(off):.2f} ms/step")
+    log(f"[{arch} {resolution}px lynx, switches at their defaults again] {statistics.median(off):.2f} ms/step")
     return {name: (times, diffs[name]) for name, times in on.items()}, off
 
 
