@@ -49,6 +49,13 @@ SAMPLE_RESOLUTION = ("flux", 1024)    # whole-sample timing only here, to bound 
 KERNEL_SWITCHES = {"exact_gelu": ("fast_gelu", False), "programmatic_launch": ("programmatic_launch", True)}
 
 
+def kernel_switch(name: str):
+    """The context in which KERNEL_SWITCHES[name] is turned from its default."""
+    from rt_lynx_pack.kernels import sm90
+    switch, setting = KERNEL_SWITCHES[name]
+    return getattr(sm90, switch)(setting)
+
+
 def log(*parts):
     print(*parts, flush=True)
 
@@ -263,12 +270,10 @@ def time_switched(patcher, arch, resolution, dev, dtype, args, lynx_out):
     """({"lynx+<name>": (ms with that switch turned, rel. diff of its output to lynx_out)}, ms with
     the defaults) on the same patcher (compiled graphs are kept: the switches are read at launch), in
     turns: each switch turned, then in reverse order again, then none, so a clock drift shifts both alike."""
-    from rt_lynx_pack.kernels import sm90
     on = {f"lynx+{name}": [] for name in args.lynx_switches}
     diffs = {}
     for name in args.lynx_switches + args.lynx_switches[::-1]:
-        switch, setting = KERNEL_SWITCHES[name]
-        with getattr(sm90, switch)(setting):
+        with kernel_switch(name):
             _, times, _, _, _, out, _ = time_steps(patcher, arch, resolution, dev, dtype, args, profile=False)
         on[f"lynx+{name}"] += times
         diffs[f"lynx+{name}"] = round(((out - lynx_out).norm() / lynx_out.norm()).item(), 6)
@@ -609,13 +614,11 @@ def main(argv=None):
         f"compile {'off' if args.no_compile else args.compile_backend + ' at ' + str(args.compile_resolutions)}")
     rows, samples, notes, calibrations = [], [], {}, []
     switches = contextlib.ExitStack()   # process-wide; the dense side runs none of these kernels
-    if dev.cuda and (args.exact_gelu or args.programmatic_launch):
-        from rt_lynx_pack.kernels import sm90
-        if args.exact_gelu:
-            switches.enter_context(sm90.fast_gelu(False))
-        if args.programmatic_launch:
-            switches.enter_context(sm90.programmatic_launch(True))
-    elif args.exact_gelu or args.programmatic_launch or args.lynx_switches:
+    whole_run = [name for name in KERNEL_SWITCHES if getattr(args, name)]   # --exact-gelu, --programmatic-launch
+    if dev.cuda:
+        for name in whole_run:
+            switches.enter_context(kernel_switch(name))
+    elif whole_run or args.lynx_switches:
         log("--exact-gelu / --programmatic-launch / --lynx-switches ignored: no CUDA device, the reference path "
             "has no kernels")
     started = datetime.datetime.now(datetime.timezone.utc)
