@@ -22,7 +22,10 @@ that file's.
 With --fp8 (a separate table, file suffix -fp8), per shape, bf16 x, bias, compensation on:
   dense       F.linear (bf16 cuBLAS)
   fp8d_gemm   torch._scaled_mm, e4m3 x per token + W per channel (rowwise scales), bias, bf16
-              out; inputs quantised beforehand (the dense fp8 GEMM alone)
+              out; inputs quantised beforehand (the dense fp8 GEMM alone), accumulating as the
+              product does (fp8_dense.FAST_ACCUMULATION)
+  fp8d_gemm_promoting  the same with torch's default accumulation (sums moved to fp32 registers
+              every few k-steps), kernel time only
   fp8d_linear the same with x's per-token quantisation in the timed call (plain torch ops)
   fp8d_ours   fp8_dense.dense_linear_fp8: our one-read quantise pass + that GEMM (what the layers an
               fp8 model keeps dense run)
@@ -222,9 +225,10 @@ def bench_shape_fp8(M, K, N, calls, repeats):
     compressed = [torch.ops.rt_lynx.sparsify_sm90(x, 128, True, True) for x in xs]
     next_c = rotating(compressed)
 
-    def scaled_mm(xq, sx):
+    def scaled_mm(xq, sx, fast_accumulation=fp8_dense.FAST_ACCUMULATION):
         return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=w_scale_row,
-                                bias=bias if row["fp8d_bias"] else None, out_dtype=dtype)
+                                bias=bias if row["fp8d_bias"] else None, out_dtype=dtype,
+                                use_fast_accum=fast_accumulation)
 
     try:  # bias fused into the rowwise-scaled GEMM where this torch allows it
         row["fp8d_bias"] = True
@@ -236,6 +240,10 @@ def bench_shape_fp8(M, K, N, calls, repeats):
     def fp8d_gemm():
         xq, sx = next_q()
         return scaled_mm(xq, sx)
+
+    def fp8d_gemm_promoting():
+        xq, sx = next_q()
+        return scaled_mm(xq, sx, fast_accumulation=False)
 
     def fp8d_linear():
         return scaled_mm(*quantize_rows_fp8(next_x()))
@@ -254,6 +262,7 @@ def bench_shape_fp8(M, K, N, calls, repeats):
     }
     kernel_only = {
         "sp8_gemm": sp8_gemm,
+        "fp8d_gemm_promoting": fp8d_gemm_promoting,
         "sparsify8": lambda: torch.ops.rt_lynx.sparsify_sm90(next_x(), 128, True, True),
         "quant8": lambda: torch.ops.rt_lynx.quantize_rows_fp8(next_x()),
         "sparsify8_chunks": lambda: torch.ops.rt_lynx.sparsify_sm90(next_x(), 128, True, True),
@@ -274,7 +283,10 @@ def markdown_fp8(rows, meta):
         f"fp8 path: {meta['availability']}.",
         "Times in us; eager = host clock over back-to-back calls + sync (median), kernel = CUDA "
         "graph replay (median), the variants taking turns within every repeat. dense = bf16 F.linear; fp8d gemm = "
-        "torch._scaled_mm rowwise (x per token, W per channel, bias fused) on pre-quantised x; fp8d lin = "
+        "torch._scaled_mm rowwise (x per token, W per channel, bias fused) on pre-quantised x, accumulating "
+        f"{'in the tensor cores (use_fast_accum)' if meta['fp8d_fast_accumulation'] else 'as torch does by default'}; "
+        "promoting = the same with torch's default accumulation (sums moved to fp32 registers every few "
+        "k-steps); fp8d lin = "
         "the same with x's quantisation (plain torch ops) in the call; fp8d ours = our one-read quantise pass "
         "(quant8) + that GEMM, what layers an fp8 model keeps dense run; lynx8 = full fp8 Lynx linear "
         "(sparsify+quantise pass, CUTLASS sm90 e4m3 2:4 GEMM with scales and bias in its epilogue); "
@@ -283,17 +295,18 @@ def markdown_fp8(rows, meta):
         "the column-chunk loop; lynx8 chunks = lynx8 with the chunk-loop pass. x = other time / lynx8 time (same clock).",
         "",
         "| layer | M | K | N | dense eager | fp8d lin eager | fp8d ours eager | lynx8 eager | x dense eager"
-        " | x fp8d lin eager | dense kernel | fp8d gemm kernel | fp8d ours kernel | quant8 kernel | sp8 gemm kernel | sparsify8 staged / chunks | lynx8 kernel | x dense kernel"
+        " | x fp8d lin eager | dense kernel | fp8d gemm kernel | promoting | fp8d ours kernel | quant8 kernel | sp8 gemm kernel | sparsify8 staged / chunks | lynx8 kernel | x dense kernel"
         " | x fp8d gemm kernel | lynx8 chunks kernel | lynx8 cslt kernel | lynx16 kernel | config | err vs fp8 ref"
         " | err vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {r['dense_eager_us']:.0f} | "
             f"{r['fp8d_linear_eager_us']:.0f} | {r['fp8d_ours_eager_us']:.0f} | {r['lynx8_eager_us']:.0f} | "
             f"{r['dense_eager_us'] / r['lynx8_eager_us']:.2f} | {r['fp8d_linear_eager_us'] / r['lynx8_eager_us']:.2f} | "
-            f"{r['dense_kernel_us']:.0f} | {r['fp8d_gemm_kernel_us']:.0f} | {r['fp8d_ours_kernel_us']:.0f} | "
+            f"{r['dense_kernel_us']:.0f} | {r['fp8d_gemm_kernel_us']:.0f} | {r['fp8d_gemm_promoting_kernel_us']:.0f} | "
+            f"{r['fp8d_ours_kernel_us']:.0f} | "
             f"{r['quant8_kernel_us']:.1f} | {r['sp8_gemm_kernel_us']:.0f} | {r['sparsify8_kernel_us']:.1f} / {r['sparsify8_chunks_kernel_us']:.1f} | "
             f"{r['lynx8_kernel_us']:.0f} | "
             f"{r['dense_kernel_us'] / r['lynx8_kernel_us']:.2f} | {r['fp8d_gemm_kernel_us'] / r['lynx8_kernel_us']:.2f} | "
@@ -316,7 +329,8 @@ def markdown_fp8(rows, meta):
             f"x{mean('lynx8_chunks_kernel_us', 'lynx8_kernel_us'):.2f} (kernel means); fp8 dense linear (ours) vs "
             f"bf16 F.linear: eager x{mean('dense_eager_us', 'fp8d_ours_eager_us'):.2f}, kernel "
             f"x{mean('dense_kernel_us', 'fp8d_ours_kernel_us'):.2f}; vs its quantisation in torch ops: eager "
-            f"x{mean('fp8d_linear_eager_us', 'fp8d_ours_eager_us'):.2f}")
+            f"x{mean('fp8d_linear_eager_us', 'fp8d_ours_eager_us'):.2f}; fp8 dense GEMM, tensor-core accumulation "
+            f"vs promoting: x{mean('fp8d_gemm_promoting_kernel_us', 'fp8d_gemm_kernel_us'):.2f} (kernel mean)")
     lines.append(f"- max rel err vs the fp8 reference: {max(r['err_vs_fp8_ref'] for r in rows):.1e} (fp8 dense "
                  f"linear, ours: {max(r['fp8d_ours_err_vs_fp8_ref'] for r in rows):.1e}); "
                  f"vs fp32 math on the unquantised sparsified input: {max(r['err_vs_fp32'] for r in rows):.1e}")
@@ -485,13 +499,14 @@ def main_fp8(args, calls, repeats):
         "commit": git_commit(),
         "availability": reason,
         "calls": calls, "repeats": repeats,
+        "fp8d_fast_accumulation": fp8_dense.FAST_ACCUMULATION,
     }
     rows = []
     for model, layer, M, K, N in SHAPES:
         row = {"model": model, "layer": layer, **bench_shape_fp8(M, K, N, calls, repeats)}
         rows.append(row)
         print(f"{model} {layer} {M}x{K}x{N}: dense {row['dense_eager_us']:.0f}/{row['dense_kernel_us']:.0f},"
-              f" fp8d gemm {row['fp8d_gemm_kernel_us']:.0f}, sp8 gemm {row['sp8_gemm_kernel_us']:.0f} ({row['sm90_config']}),"
+              f" fp8d gemm {row['fp8d_gemm_kernel_us']:.0f} (promoting {row['fp8d_gemm_promoting_kernel_us']:.0f}), sp8 gemm {row['sp8_gemm_kernel_us']:.0f} ({row['sm90_config']}),"
               f" sparsify8 {row['sparsify8_kernel_us']:.1f} (chunks {row['sparsify8_chunks_kernel_us']:.1f}), lynx8 {row['lynx8_eager_us']:.0f}/{row['lynx8_kernel_us']:.0f},"
               f" lynx8 cslt {row['lynx8_cslt_kernel_us']:.0f}, lynx16 {row['lynx16_kernel_us']:.0f},"
               f" err {row['err_vs_fp8_ref']:.1e}/{row['err_vs_fp32']:.1e}; configs {row['sm90_configs_us']}", flush=True)

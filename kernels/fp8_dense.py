@@ -8,7 +8,8 @@ Computes `reference.dense_linear_fp8_reference` in two kernels:
                                                      with gelu_tail the rows are
                                                      cat((x, gelu_tanh(gelu_tail)), -1), never written
   torch._scaled_mm(q, wq^T, scale_a=a, scale_b=w_scale, bias)   dense e4m3 tensor cores, row-wise
-                                                     scales and the bias in torch's GEMM epilogue
+                                                     scales and the bias in torch's GEMM epilogue,
+                                                     accumulating in the tensor cores (FAST_ACCUMULATION)
 
 (wq, w_scale) come from `quantize_weight_fp8`, once per weight. torch's row-wise scaled GEMM
 writes bf16; an fp16 model gets that cast to fp16 (one pass over y).
@@ -30,6 +31,12 @@ K_MULTIPLE = 16        # torch._scaled_mm's e4m3 operands
 N_MULTIPLE = 16
 MAX_IN_FEATURES = 32768   # the quantise pass holds a row in one block's registers (kQuantizeMaxCols)
 SELF_TEST_TOLERANCE = 1e-2
+# torch's row-wise GEMM on Hopper moves the MMA sums into fp32 registers every few k-steps unless
+# told otherwise (CUTLASS's promoting schedules). Left in the tensor cores' accumulator (its
+# FP8FastAccum schedules, which the sparse e4m3 GEMM runs too) the sums keep fewer bits, still far
+# more than the operands' 3-bit mantissas, and the MMAs issue back to back. bench/kernels.py --fp8
+# times both (fp8d gemm / fp8d gemm promoting).
+FAST_ACCUMULATION = True
 GEMV_MAX_ROWS = 8                 # kGemvMaxRows: x is held in shared memory,
 GEMV_MAX_SHARED_BYTES = 48 * 1024  # kGemvMaxSharedBytes, 16-bit values
 
@@ -178,5 +185,6 @@ def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     supports_fp8_dense first."""
     q, a = torch.ops.rt_lynx.quantize_rows_fp8(x2d, gelu_tail)
     y = torch._scaled_mm(q, wq.t(), scale_a=a, scale_b=w_scale.view(1, -1),
-                         bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+                         bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
+                         use_fast_accum=FAST_ACCUMULATION)
     return y if x2d.dtype == torch.bfloat16 else y.to(x2d.dtype)
