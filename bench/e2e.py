@@ -13,7 +13,7 @@ Measures, per model/resolution/mode and for both sides in the same process:
   kernel time by kind, sparse and dense GEMM, attention, the pack's own passes, Inductor's fused
   kernels, other), and how much of the step the GPU is busy at all;
 - with --lynx-switches: the Lynx step again with each kernel switch turned from its default
-  (torch's exact GELU, programmatic launch), in turns with the defaults on the same compiled
+  (torch's exact GELU, programmatic launch, the packed GELU of e4m3 passes), in turns with the defaults on the same compiled
   model, so a change of a millisecond is not lost in the drift between runs;
 - with --calibrate: the "RT-Lynx Calibrate LoRA" node with its defaults on the full-size model
   (wall time, peak memory), then the step time with the calibrated Lynx LoRA attached, next to
@@ -46,7 +46,8 @@ BATCH = {"flux": 1, "qwen_image": 2, "z_image": 1}
 SAMPLE_RESOLUTION = ("flux", 1024)    # whole-sample timing only here, to bound the run time
 # sm90's process-wide switches (read at each launch) as --lynx-switches names them: (switch, setting
 # other than its default).
-KERNEL_SWITCHES = {"exact_gelu": ("fast_gelu", False), "programmatic_launch": ("programmatic_launch", True)}
+KERNEL_SWITCHES = {"exact_gelu": ("fast_gelu", False), "programmatic_launch": ("programmatic_launch", True),
+                   "packed_e4m3_gelu": ("packed_e4m3_gelu", True)}
 
 
 def kernel_switch(name: str):
@@ -88,8 +89,11 @@ def parse_args(argv=None):
     p.add_argument("--programmatic-launch", action="store_true",
                    help="launch the sparse GEMM and the sparsify passes with programmatic dependent launch "
                         "(sm90.programmatic_launch)")
+    p.add_argument("--packed-e4m3-gelu", action="store_true",
+                   help="the GELU of the passes whose output is e4m3 in packed 16-bit math with the hardware's "
+                        "packed tanh (sm90.packed_e4m3_gelu)")
     p.add_argument("--lynx-switches", default="",
-                   help="comma list of kernel switches (exact_gelu, programmatic_launch): each also times the Lynx "
+                   help=f"comma list of kernel switches ({', '.join(KERNEL_SWITCHES)}): each also times the Lynx "
                         "side with that switch turned from its default, in turns with the defaults on the same "
                         "(compiled) model")
     p.add_argument("--dense-rope-op", action="store_true",
@@ -533,7 +537,8 @@ def markdown(meta, rows, samples, notes, calibrations=()):
              f"torch {meta['torch']}, ComfyUI {meta['comfyui']}, commit {meta['commit']}, weights {meta['dtype']} "
              f"(random), compile backend {meta['compile_backend']}{', TINY models' if meta['tiny'] else ''}"
              f"{', exact GELU in the kernels' if meta['args'].get('exact_gelu') else ''}"
-             f"{', programmatic dependent launch' if meta['args'].get('programmatic_launch') else ''}",
+             f"{', programmatic dependent launch' if meta['args'].get('programmatic_launch') else ''}"
+             f"{', packed GELU in the e4m3 passes' if meta['args'].get('packed_e4m3_gelu') else ''}",
              ""]
     lines += [f"- {arch}: {text}" for arch, text in notes.items()]
     if rows:
@@ -614,12 +619,12 @@ def main(argv=None):
         f"compile {'off' if args.no_compile else args.compile_backend + ' at ' + str(args.compile_resolutions)}")
     rows, samples, notes, calibrations = [], [], {}, []
     switches = contextlib.ExitStack()   # process-wide; the dense side runs none of these kernels
-    whole_run = [name for name in KERNEL_SWITCHES if getattr(args, name)]   # --exact-gelu, --programmatic-launch
+    whole_run = [name for name in KERNEL_SWITCHES if getattr(args, name)]   # --exact-gelu, --packed-e4m3-gelu, ...
     if dev.cuda:
         for name in whole_run:
             switches.enter_context(kernel_switch(name))
     elif whole_run or args.lynx_switches:
-        log("--exact-gelu / --programmatic-launch / --lynx-switches ignored: no CUDA device, the reference path "
+        log("--exact-gelu / --programmatic-launch / --packed-e4m3-gelu / --lynx-switches ignored: no CUDA device, the reference path "
             "has no kernels")
     started = datetime.datetime.now(datetime.timezone.utc)
     out = pathlib.Path(args.out)

@@ -4,7 +4,8 @@ Each pass's kernel time (CUDA-graph replays, the variants in turns), the bandwid
 its bytes (read once + written once), and how far that is from the GPU's HBM bandwidth (its data
 sheet's figure; a device-to-device copy of 1 GiB in the same run shows what torch's copy reaches,
 2.77 TB/s read + write on an H200, below what these passes reach). The GELU passes run with
-the fast GELU (the default) and with torch's tanhf one (sm90.fast_gelu(False)). The blocks'
+the fast GELU (the default) and with torch's tanhf one (sm90.fast_gelu(False)); those whose output
+is e4m3 also with the packed GELU (sm90.packed_e4m3_gelu(True)). The blocks'
 modulation linears (one or two rows: a read of the weight) run as bf16 F.linear and with the
 e4m3 weight of fp8 models.
 
@@ -32,7 +33,8 @@ HBM_TB_PER_S = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H200
 
 
 def passes(torch, dev="cuda"):
-    """{name: (fn, bytes moved, whether it has a GELU)}: each pass with inputs made once."""
+    """{name: (fn, bytes moved, its GELU's output: None, "16-bit" or "e4m3")}: each pass with inputs
+    made once."""
     from rt_lynx_pack.kernels import block_ops, fp8_dense  # noqa: F401  (defines the ops)
     bf16 = torch.bfloat16
     for name, check in (("fp8 dense", fp8_dense.availability_fp8_dense), ("block ops", block_ops.availability_block_ops)):
@@ -50,6 +52,8 @@ def passes(torch, dev="cuda"):
     mlp_hidden = linear1_out[:, 3 * HIDDEN:]
     attention = randn(tokens, HIDDEN)
     linear2_in = randn(tokens, HIDDEN + MLP)
+    # Double block: the image MLP's up projection output, the input of its down projection.
+    mlp_up_out = randn(IMG, MLP)
     # Double block: img and txt qkv projections, their q/k norm weights, and the RoPE table.
     qkv_img, qkv_txt = randn(1, IMG, 3 * HIDDEN), randn(1, TXT, 3 * HIDDEN)
     norm_w = [randn(HEAD_DIM).abs() for _ in range(4)]
@@ -79,16 +83,28 @@ def passes(torch, dev="cuda"):
                 out_features * HIDDEN + 4 * out_features, None)
     table = {
         "quantise fp8, GELU tail (single linear2)": (lambda: ops.quantize_rows_fp8(attention, mlp_hidden),
-                                                     input_bytes + elems + tokens * 4, True),
+                                                     input_bytes + elems + tokens * 4, "e4m3"),
+        # 2:4 values in e4m3 (half the columns, a byte each), 4-bit metadata per kept pair, a scale a row.
+        "sparsify fp8, GELU prologue (double img mlp down)": (
+            lambda: ops.sparsify_sm90(mlp_up_out, 128, True, True, gelu=True),
+            IMG * MLP * 2 + IMG * MLP // 2 + IMG * MLP // 8 + IMG * 4, "e4m3"),
         "quantise fp8, no GELU (15360 columns)": (lambda: ops.quantize_rows_fp8(linear2_in),
                                                   input_bytes + elems + tokens * 4, None),
         "cat + GELU (single linear2 input, bf16)": (lambda: ops.cat_gelu_tanh(attention, mlp_hidden),
-                                                    2 * input_bytes, True),
+                                                    2 * input_bytes, "16-bit"),
         "q/k norm + RoPE (double block)": (lambda: ops.qk_norm_rope(qkv_txt, norm_w[0], norm_w[1], qkv_img, norm_w[2],
                                                                     norm_w[3], pe, HEADS, 1e-6), rope_bytes, None),
         **modulation,
     }
     return table
+
+
+def gelu_variants(name, gelu, sm90):
+    """(label, context) of the variants a pass with this GELU is also timed in."""
+    variants = [(name + " (exact GELU)", lambda: sm90.fast_gelu(False))] if gelu else []
+    if gelu == "e4m3":
+        variants.append((name + " (packed GELU)", lambda: sm90.packed_e4m3_gelu(True)))
+    return variants
 
 
 def main(argv=None):
@@ -119,9 +135,8 @@ def main(argv=None):
     contexts = {}
     for name, (fn, _, gelu) in table.items():
         fns[name] = fn
-        if gelu:
-            fns[name + " (exact GELU)"] = fn
-            contexts[name + " (exact GELU)"] = lambda: sm90.fast_gelu(False)
+        for label, context in gelu_variants(name, gelu, sm90):
+            fns[label], contexts[label] = fn, context
     us = interleaved_kernel_us(fns, args.calls, args.repeats, contexts)
     copy_tb = 2 * copy_src.numel() * 2 / (us["copy 1 GiB"] * 1e-6) / 1e12   # read + written
     gpu = torch.cuda.get_device_name()
@@ -132,7 +147,7 @@ def main(argv=None):
              f"HBM {hbm or '?'} TB/s (data sheet); torch's 1 GiB copy reached {copy_tb:.2f} TB/s (read + write).", "",
              "| pass | MB moved | us | TB/s | x HBM time |", "|---|---|---|---|---|"]
     for name, (_, moved, gelu) in table.items():
-        for label in [name] + ([name + " (exact GELU)"] if gelu else []):
+        for label in [name] + [label for label, _ in gelu_variants(name, gelu, sm90)]:
             tb = moved / (us[label] * 1e-6) / 1e12
             versus = f"{hbm / tb:.2f}" if hbm else "-"
             lines.append(f"| {label} | {moved / 1e6:.0f} | {us[label]:.1f} | {tb:.2f} | {versus} |")

@@ -385,6 +385,20 @@ def fast_gelu(enabled: bool):
 
 
 @contextlib.contextmanager
+def packed_e4m3_gelu(enabled: bool):
+    """Within the block, the GELUs of the passes whose output is e4m3 (the fp8 sparsify pass's
+    prologue, the fp8 quantise pass's tail) are computed on two 16-bit values at once in x's type,
+    with the hardware's packed tanh (enabled: one special-function operation per two values, where
+    the fast GELU takes two per value; within 2% of the value, |x| 2^-8 where 1 + tanh(u) cancels,
+    under e4m3's rounding of up to 6%) or as the fast GELU (the default). Needs the fast GELU: with
+    fast_gelu(False) torch's bits win. Read at each launch; process-wide like low_rank_fusion; for
+    benchmarks and tests until measured."""
+    ext = _cusparselt.extension()
+    with _switched(bool(ext.packed_e4m3_gelu()), ext.set_packed_e4m3_gelu, enabled):
+        yield
+
+
+@contextlib.contextmanager
 def programmatic_launch(enabled: bool):
     """Within the block, the sparse GEMM and the sparsify passes are launched with programmatic
     dependent launch (enabled: each may start while the kernel before it ends and waits for it

@@ -346,7 +346,7 @@ struct PrologueArgs {
   const uint16_t* scale1p;  // 1 + scale, (images, cols)
   int64_t tokens;           // rows per image
   float eps;
-  bool fast_gelu;           // set_fast_gelu at launch
+  int gelu_mode;            // GeluMode: gelu_mode_for at launch
 };
 
 template <bool kBf16>
@@ -410,6 +410,43 @@ __device__ __forceinline__ uint32_t gelu_tanh_bits(uint32_t bits16) {
   }
 }
 
+// The same gelu on two 16-bit values at once, in x's packed type (bf16x2 or f16x2): u, the
+// hardware's packed tanh (one special-function operation per two values, where the fast GELU takes
+// two per value) and 0.5 x (1 + t) as one fused multiply-add, each rounded to 16 bits. Only for
+// passes whose output is e4m3 (GeluMode kGeluPackedForE4m3), whose rounding is up to 6%: this is
+// within 2% of the value (bf16, x > -1; 1% in f16) and |x| 2^-8 in the negative tail, where 1 + t
+// cancels (a CPU emulation with a 2^-8 tanh). x^2 past f16's range gives t = +-1, so large |x|
+// give x or 0 as the true gelu does.
+template <bool kBf16>
+__device__ __forceinline__ uint32_t gelu_tanh_packed_word(uint32_t word) {
+  constexpr float kBeta = 0.7978845608028654f;
+  constexpr float kBetaKappa = 0.7978845608028654f * 0.044715f;
+  uint32_t inner, t, out;
+  if constexpr (kBf16) {
+    const __nv_bfloat162 x = *reinterpret_cast<const __nv_bfloat162*>(&word);
+    const __nv_bfloat162 u = __hmul2(x, __hfma2(__hmul2(x, x), __float2bfloat162_rn(kBetaKappa),
+                                                __float2bfloat162_rn(kBeta)));
+    inner = *reinterpret_cast<const uint32_t*>(&u);
+    asm("tanh.approx.bf16x2 %0, %1;" : "=r"(t) : "r"(inner));
+    const __nv_bfloat162 half_x = __hmul2(x, __float2bfloat162_rn(0.5f));
+    const __nv_bfloat162 y = __hfma2(half_x, *reinterpret_cast<const __nv_bfloat162*>(&t), half_x);
+    out = *reinterpret_cast<const uint32_t*>(&y);
+  } else {
+    const __half2 x = *reinterpret_cast<const __half2*>(&word);
+    const __half2 u = __hmul2(x, __hfma2(__hmul2(x, x), __float2half2_rn(kBetaKappa), __float2half2_rn(kBeta)));
+    inner = *reinterpret_cast<const uint32_t*>(&u);
+    asm("tanh.approx.f16x2 %0, %1;" : "=r"(t) : "r"(inner));
+    const __half2 half_x = __hmul2(x, __float2half2_rn(0.5f));
+    const __half2 y = __hfma2(half_x, *reinterpret_cast<const __half2*>(&t), half_x);
+    out = *reinterpret_cast<const uint32_t*>(&y);
+  }
+  return out;
+}
+
+// How a launch computes its GELUs (gelu_mode_for): torch's bits, the fast fp32 form, or the packed
+// form where the output is e4m3.
+enum GeluMode : int { kGeluExact = 0, kGeluFast = 1, kGeluPackedForE4m3 = 2 };
+
 template <bool kBf16, bool kFast>
 __device__ __forceinline__ uint4 gelu_tanh_8_as(const uint4& v) {
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
@@ -423,8 +460,19 @@ __device__ __forceinline__ uint4 gelu_tanh_8_as(const uint4& v) {
 
 // One uniform branch per 8 values: the launch's setting, the same for every thread.
 template <bool kBf16>
-__device__ __forceinline__ uint4 gelu_tanh_8(const uint4& v, bool fast) {
-  return fast ? gelu_tanh_8_as<kBf16, true>(v) : gelu_tanh_8_as<kBf16, false>(v);
+__device__ __forceinline__ uint4 gelu_tanh_8(const uint4& v, int mode) {
+  if (mode == kGeluPackedForE4m3) {
+    return make_uint4(gelu_tanh_packed_word<kBf16>(v.x), gelu_tanh_packed_word<kBf16>(v.y),
+                      gelu_tanh_packed_word<kBf16>(v.z), gelu_tanh_packed_word<kBf16>(v.w));
+  }
+  return mode == kGeluFast ? gelu_tanh_8_as<kBf16, true>(v) : gelu_tanh_8_as<kBf16, false>(v);
+}
+
+// The GELU mode of a launch whose output is e4m3 or 16-bit: torch's bits when the fast GELU is off,
+// else the packed form where the output is e4m3 and set_packed_e4m3_gelu is on, else the fast one.
+int gelu_mode_for(bool e4m3_output) {
+  if (!fast_gelu()) return kGeluExact;
+  return e4m3_output && packed_e4m3_gelu() ? kGeluPackedForE4m3 : kGeluFast;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -515,7 +563,7 @@ __device__ __forceinline__ void prologue_on_tile(uint16_t* stage, int64_t first_
       if (kFusedRowsPerCopy * i >= rows_left) break;
       uint4* v = reinterpret_cast<uint4*>(stage + i * kFusedRowsPerCopy * kFusedPitch);
       if constexpr (kPrologue == kPrologueGeluTanh) {
-        *v = gelu_tanh_8<kBf16>(*v, mod.fast_gelu);
+        *v = gelu_tanh_8<kBf16>(*v, mod.gelu_mode);
       } else {
         const int64_t row = first_row + kFusedRowsPerCopy * i;
         const float2 stats = __ldg(row_stats + row);
@@ -904,7 +952,7 @@ void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int
           cudaGetErrorString(configured));
   const FusedSlicing slicing = fused_slicing(padded_rows, cols);
   PrologueArgs mod{static_cast<const uint16_t*>(l.prologue->shift), static_cast<const uint16_t*>(l.prologue->scale1p),
-                   l.prologue->tokens, l.prologue->eps, fast_gelu()};
+                   l.prologue->tokens, l.prologue->eps, gelu_mode_for(false)};
   const int64_t partial_floats = slicing.slices * padded_rows * FusedSmem<kMaxFusedRank / 8>::kPartialStride;
   float2* row_stats = nullptr;
   if constexpr (kPrologue == kPrologueLayerNormModulation) {
@@ -1048,12 +1096,15 @@ namespace {
 std::atomic<bool> low_rank_fusion_switch{true};
 std::atomic<bool> staged_pass_switch{true};
 std::atomic<bool> fast_gelu_switch{true};
+std::atomic<bool> packed_e4m3_gelu_switch{false};
 std::atomic<bool> programmatic_launch_switch{false};
 }  // namespace
 
 void set_sparsify_low_rank_fusion(bool enabled) { low_rank_fusion_switch.store(enabled); }
 bool fast_gelu() { return fast_gelu_switch.load(); }
 void set_fast_gelu(bool enabled) { fast_gelu_switch.store(enabled); }
+bool packed_e4m3_gelu() { return packed_e4m3_gelu_switch.load(); }
+void set_packed_e4m3_gelu(bool enabled) { packed_e4m3_gelu_switch.store(enabled); }
 bool programmatic_launch() { return programmatic_launch_switch.load(); }
 void set_programmatic_launch(bool enabled) { programmatic_launch_switch.store(enabled); }
 void set_sparsify_staged_pass(bool enabled) { staged_pass_switch.store(enabled); }
@@ -1441,8 +1492,8 @@ __global__ void __launch_bounds__(kStagedThreads, 2) sparsify_staged_kernel(
       // Unit by unit, as it is selected: all units at once keep too many tanh in flight (spills).
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        in0[j][h] = gelu_tanh_8<kBf16>(in0[j][h], prologue.fast_gelu);
-        in1[j][h] = gelu_tanh_8<kBf16>(in1[j][h], prologue.fast_gelu);
+        in0[j][h] = gelu_tanh_8<kBf16>(in0[j][h], prologue.gelu_mode);
+        in1[j][h] = gelu_tanh_8<kBf16>(in1[j][h], prologue.gelu_mode);
       }
     }
     const uint32_t codes0 = select_16<kBf16>(in0[j], v0, stats.dense0, stats.kept0);
@@ -1548,7 +1599,7 @@ void launch_staged(int threads_per_pair, const void* x, int64_t rows, int64_t pa
                    const void* u, int64_t rank, int64_t k_ext, const SparsifyPrologue& prologue,
                    cudaStream_t stream) {
   const PrologueArgs args{static_cast<const uint16_t*>(prologue.shift), static_cast<const uint16_t*>(prologue.scale1p),
-                          prologue.tokens, prologue.eps, fast_gelu()};
+                          prologue.tokens, prologue.eps, gelu_mode_for(kE4m3)};
   switch (prologue.kind) {
     case kPrologueLayerNormModulation:
       return launch_staged_threads<kBf16, kE4m3, kBlockK, kPrologueLayerNormModulation>(
@@ -1885,7 +1936,7 @@ template <bool kBf16, bool kGeluTail>
 __global__ void __launch_bounds__(kQuantizeMaxThreads)
     quantize_rows_e4m3_kernel(const uint4* __restrict__ x, int64_t ld_vecs, int head_vecs,
                               const uint4* __restrict__ tail, int64_t ld_tail_vecs, int vecs_per_row, int64_t rows,
-                              uint2* __restrict__ q, float* __restrict__ dequant_scale, bool fast_gelu) {
+                              uint2* __restrict__ q, float* __restrict__ dequant_scale, int gelu_mode) {
   extern __shared__ uint4 staged_rows[];   // two rows: [buffer * vecs_per_row + vector]
   __shared__ uint32_t warp_max[2][kQuantizeMaxThreads / 32];
   const uint4 zero = make_uint4(0, 0, 0, 0);
@@ -1921,7 +1972,7 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads)
     for (int i = 0; i < kQuantizeVecsPerThread; ++i) {
       const int c = threadIdx.x + i * blockDim.x;
       v[i] = c < vecs_per_row ? staged_rows[buffer * vecs_per_row + c] : zero;
-      if (kGeluTail && c >= head_vecs && c < vecs_per_row) v[i] = gelu_tanh_8<kBf16>(v[i], fast_gelu);
+      if (kGeluTail && c >= head_vecs && c < vecs_per_row) v[i] = gelu_tanh_8<kBf16>(v[i], gelu_mode);
       amax = max(amax, max_abs_bits(v[i], zero));
     }
     // The row's max over its warps: every thread reads all warps' maxima. warp_max alternates with
@@ -1966,7 +2017,7 @@ void launch_quantize_rows_variant(const uint4* x, int64_t ld_vecs, int head_vecs
           "quantize_rows_fp8: cannot query the occupancy");
   const int64_t blocks = std::min<int64_t>(rows, int64_t(std::max(per_sm, 1)) * device_shape().sms);
   kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(x, ld_vecs, head_vecs, tail, ld_tail_vecs, vecs,
-                                                                   rows, q, dequant_scale, kGeluTail && fast_gelu());
+                                                                   rows, q, dequant_scale, gelu_mode_for(true));
 }
 
 template <bool kBf16>
@@ -1992,7 +2043,7 @@ template <bool kBf16>
 __global__ void __launch_bounds__(kCatThreads)
     cat_gelu_tanh_kernel(const uint4* __restrict__ a, int64_t ld_a_vecs, int a_vecs, const uint4* __restrict__ b,
                          int64_t ld_b_vecs, int row_vecs, int64_t total_vecs, uint4* __restrict__ out,
-                         bool fast_gelu) {
+                         int gelu_mode) {
   const int64_t stride = int64_t(gridDim.x) * kCatThreads;
   for (int64_t first = int64_t(blockIdx.x) * kCatThreads + threadIdx.x; first < total_vecs;
        first += stride * kCatVecsPerThread) {
@@ -2012,7 +2063,7 @@ __global__ void __launch_bounds__(kCatThreads)
 #pragma unroll
     for (int j = 0; j < kCatVecsPerThread; ++j) {
       const int64_t i = first + j * stride;
-      if (i < total_vecs) out[i] = activated[j] ? gelu_tanh_8<kBf16>(v[j], fast_gelu) : v[j];
+      if (i < total_vecs) out[i] = activated[j] ? gelu_tanh_8<kBf16>(v[j], gelu_mode) : v[j];
     }
   }
 }
@@ -2063,10 +2114,10 @@ void launch_cat_gelu_tanh(const void* a, int64_t ld_a, int64_t a_cols, const voi
   const int a_vecs = static_cast<int>(a_cols / 8);
   if (is_bf16) {
     cat_gelu_tanh_kernel<true><<<blocks, kCatThreads, 0, stream>>>(av, ld_a / 8, a_vecs, bv, ld_b / 8, row_vecs, total, ov,
-                                                                    fast_gelu());
+                                                                    gelu_mode_for(false));
   } else {
     cat_gelu_tanh_kernel<false><<<blocks, kCatThreads, 0, stream>>>(av, ld_a / 8, a_vecs, bv, ld_b / 8, row_vecs, total, ov,
-                                                                     fast_gelu());
+                                                                     gelu_mode_for(false));
   }
 }
 

@@ -118,6 +118,15 @@ void set_sparsify_low_rank_fusion(bool enabled);
 bool fast_gelu();
 void set_fast_gelu(bool enabled);
 
+// The GELUs of the passes whose output is e4m3 (the fp8 sparsify pass's prologue, the fp8 quantise
+// pass's tail) in x's packed 16-bit type with the hardware's packed tanh: one special-function
+// operation per two values instead of two per value, for passes whose GELU costs more than their
+// memory time. Within 2% of the value (bf16; 1% in f16), |x| 2^-8 where 1 + tanh(u) cancels, against
+// e4m3's rounding of up to 6% (gelu_tanh_packed_word). Off by default; needs the fast GELU (off,
+// torch's bits win). Read at each launch like set_fast_gelu.
+bool packed_e4m3_gelu();
+void set_packed_e4m3_gelu(bool enabled);
+
 // Programmatic dependent launch (sm90; off by default, see sm90.programmatic_launch): the sparse
 // GEMM (RtLynxSm90Gemm.programmatic_launch) and the sparsify passes' kernels are launched so that
 // they may start while the kernel before them in the stream ends (each waits for it before touching

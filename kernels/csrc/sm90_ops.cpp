@@ -716,6 +716,9 @@ void register_sm90_functions(pybind11::module& m) {
   def_switch("fast_gelu", &rt_lynx::set_fast_gelu, &rt_lynx::fast_gelu,
              "the kernels' GELU as x / (1 + exp(-2u)) on the fast hardware exp2 and division (the default); off: "
              "torch's bit for bit");
+  def_switch("packed_e4m3_gelu", &rt_lynx::set_packed_e4m3_gelu, &rt_lynx::packed_e4m3_gelu,
+             "the GELU of passes whose output is e4m3 in packed 16-bit math with the packed tanh (off by default; "
+             "needs fast_gelu)");
   def_switch("programmatic_launch", &rt_lynx::set_programmatic_launch, &rt_lynx::programmatic_launch,
              "the sm90 GEMM and the sparsify passes launched with programmatic dependent launch (off by default)");
   m.def("sparsify_low_rank_fused", &rt_lynx::sparsify_low_rank_fused,
