@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="eager,compile",
                    help="eager and/or compile (compile only: the compiled rows without the eager rounds, to save time)")
     p.add_argument("--compile-backend", default=None, help="inductor (default; aot_eager with --tiny)")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode for both sides, as ComfyUI's set_torch_compile_wrapper takes it "
+                        "(reduce-overhead: Inductor replays CUDA graphs); none: torch's default")
     p.add_argument("--steps", type=int, default=28, help="steps of the whole-sample timing (0: skip it)")
     p.add_argument("--sample-modes", default="eager,compile", help="modes that also time a whole sample")
     p.add_argument("--iters", type=int, default=7, help="timed forwards per measurement")
@@ -433,7 +436,7 @@ def run_model(arch, args, dev, rows, samples, notes, save):
                     patcher = base.clone()
                     if mode == "compile":
                         torch._dynamo.reset()  # dense and Lynx share the module: compile each from scratch
-                        set_torch_compile_wrapper(patcher, backend=args.compile_backend)
+                        set_torch_compile_wrapper(patcher, backend=args.compile_backend, mode=args.compile_mode)
                     median, times, first, first_peak, peak, out, profiled = time_steps(patcher, arch, resolution, dev,
                                                                                        dtype, args)
                     all_times[side] += times
@@ -535,7 +538,9 @@ def markdown(meta, rows, samples, notes, calibrations=()):
     partial = "" if meta.get("complete", True) else " (partial: the rows done when the run stopped)"
     lines = [f"# RT-Lynx end to end in ComfyUI ({meta['date']}, {meta['gpu']}){partial}", "",
              f"torch {meta['torch']}, ComfyUI {meta['comfyui']}, commit {meta['commit']}, weights {meta['dtype']} "
-             f"(random), compile backend {meta['compile_backend']}{', TINY models' if meta['tiny'] else ''}"
+             f"(random), compile backend {meta['compile_backend']}"
+             f"{', mode ' + meta['args']['compile_mode'] if meta['args'].get('compile_mode') else ''}"
+             f"{', TINY models' if meta['tiny'] else ''}"
              f"{', exact GELU in the kernels' if meta['args'].get('exact_gelu') else ''}"
              f"{', programmatic dependent launch' if meta['args'].get('programmatic_launch') else ''}"
              f"{', packed GELU in the e4m3 passes' if meta['args'].get('packed_e4m3_gelu') else ''}",

@@ -35,6 +35,18 @@ def test_modes_choose_the_rows_and_refuse_unknown_ones(e2e):
         e2e.parse_args(["--modes", "compiled"])
 
 
+def test_the_compile_mode_is_an_option_and_named_in_the_results(e2e):
+    assert e2e.parse_args([]).compile_mode is None
+    assert e2e.parse_args(["--compile-mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--compile-mode", "cudagraphs"])
+    meta = {"date": "2026-12-05 20:00 UTC", "gpu": "NVIDIA H200", "torch": "2.11", "comfyui": "0.3.64",
+            "commit": "abc", "dtype": "bf16", "compile_backend": "inductor", "tiny": False, "complete": True}
+    header = "\n".join(e2e.markdown({**meta, "args": {"compile_mode": "reduce-overhead"}}, [], [], {}).splitlines()[:3])
+    assert "compile backend inductor, mode reduce-overhead" in header
+    assert "mode" not in "\n".join(e2e.markdown({**meta, "args": {}}, [], [], {}).splitlines()[:3])
+
+
 def test_results_saved_before_the_run_ends_say_they_are_partial(e2e):
     # e2e.py saves after every row, so a device call that runs out of time keeps what it measured.
     meta = {"date": "2026-12-04 20:00 UTC", "gpu": "NVIDIA H200", "torch": "2.11", "comfyui": "0.3.64",
