@@ -13,8 +13,9 @@ Measures, per model/resolution/mode and for both sides in the same process:
   kernel time by kind, sparse and dense GEMM, attention, the pack's own passes, Inductor's fused
   kernels, other), and how much of the step the GPU is busy at all;
 - with --lynx-switches: the Lynx step again with each kernel switch turned from its default
-  (torch's exact GELU, programmatic launch, the packed GELU of e4m3 passes), in turns with the defaults on the same compiled
-  model, so a change of a millisecond is not lost in the drift between runs;
+  (torch's exact GELU, programmatic launch, the packed GELU of e4m3 passes), in turns with the
+  defaults on the same compiled model, so a change of a millisecond is not lost in the drift
+  between runs;
 - with --calibrate: the "RT-Lynx Calibrate LoRA" node with its defaults on the full-size model
   (wall time, peak memory), then the step time with the calibrated Lynx LoRA attached, next to
   dense and Lynx without the LoRA.
@@ -629,8 +630,8 @@ def main(argv=None):
         for name in whole_run:
             switches.enter_context(kernel_switch(name))
     elif whole_run or args.lynx_switches:
-        log("--exact-gelu / --programmatic-launch / --packed-e4m3-gelu / --lynx-switches ignored: no CUDA device, the reference path "
-            "has no kernels")
+        log("--exact-gelu / --programmatic-launch / --packed-e4m3-gelu / --lynx-switches ignored: no CUDA device, "
+            "the reference path has no kernels")
     started = datetime.datetime.now(datetime.timezone.utc)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

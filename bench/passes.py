@@ -84,7 +84,7 @@ def passes(torch, dev="cuda"):
     table = {
         "quantise fp8, GELU tail (single linear2)": (lambda: ops.quantize_rows_fp8(attention, mlp_hidden),
                                                      input_bytes + elems + tokens * 4, "e4m3"),
-        # 2:4 values in e4m3 (half the columns, a byte each), 4-bit metadata per kept pair, a scale a row.
+        # 2:4 values in e4m3 (half the columns, a byte each), metadata of K/8 bytes a row, a scale a row.
         "sparsify fp8, GELU prologue (double img mlp down)": (
             lambda: ops.sparsify_sm90(mlp_up_out, 128, True, True, gelu=True),
             IMG * MLP * 2 + IMG * MLP // 2 + IMG * MLP // 8 + IMG * 4, "e4m3"),
