@@ -38,6 +38,10 @@ SELF_TEST_TOLERANCE = 1e-2
 # 1.16x faster on FLUX's shapes, 1.25x on Qwen-Image's (H100; bench/kernels.py --fp8 times both,
 # fp8d gemm / promoting), 2.7e-3 at most from the fp8 reference (1.7e-3 promoting; tests: 5e-3).
 FAST_ACCUMULATION = True
+# Below this many rows the weight read bounds the GEMM, so the fast accumulation gains nothing there,
+# and cuBLASLt has no fast-accumulating algorithm for some such shapes (1 x 15360 -> 3072 on an H100:
+# CUBLAS_STATUS_NOT_SUPPORTED). Fewer rows promote.
+FAST_ACCUMULATION_MIN_ROWS = 64
 GEMV_MAX_ROWS = 8                 # kGemvMaxRows: x is held in shared memory,
 GEMV_MAX_SHARED_BYTES = 48 * 1024  # kGemvMaxSharedBytes, 16-bit values
 
@@ -187,5 +191,5 @@ def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     q, a = torch.ops.rt_lynx.quantize_rows_fp8(x2d, gelu_tail)
     y = torch._scaled_mm(q, wq.t(), scale_a=a, scale_b=w_scale.view(1, -1),
                          bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
-                         use_fast_accum=FAST_ACCUMULATION)
+                         use_fast_accum=FAST_ACCUMULATION and x2d.shape[0] >= FAST_ACCUMULATION_MIN_ROWS)
     return y if x2d.dtype == torch.bfloat16 else y.to(x2d.dtype)

@@ -97,6 +97,14 @@ def test_dense_linear_fp8_odd_rows_heavy_tails_and_dtypes(fp8_dense, generator, 
     _check_linear(fp8_dense, *fp8_linear_case(dtype, kind, rows, 3072, 3072, generator, bias))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 33, 63, 64, 65, 100, 257])
+@pytest.mark.parametrize("k,n", [(15360, 3072), (16384, 3072), (12288, 3072), (3072, 12288), (3072, 64)])
+def test_dense_linear_fp8_runs_every_row_count_on_long_and_wide_layers(fp8_dense, generator, rows, k, n):
+    # cuBLASLt's algorithm choice depends on M, K and N: few rows of a long row had none with the fast
+    # accumulation; whichever accumulation a shape gets, it must run and be right.
+    _check_linear(fp8_dense, *fp8_linear_case(torch.bfloat16, "student_t", rows, k, n, generator))
+
+
 def test_lynx_layer_compiles_without_graph_break(fp8_dense, generator):
     x, w, b, wq, w_scale = fp8_linear_case(torch.bfloat16, "randn", 300, 3072, 3072, generator)
     config = LynxConfig(precision="fp8", backend="cuda")   # "cuda": the reference would raise

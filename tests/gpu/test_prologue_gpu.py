@@ -28,6 +28,17 @@ TOLERANCE = 1e-2
 # Prologue outputs rounded the other way than torch rounds them change a kept value by one ulp,
 # rarely which value is kept.
 DIFFERING_BYTES = 1e-3
+# A token's scale comes from its largest kept value and its norms: one of those rounded the other way
+# moves that token's scale by up to one ulp of the input dtype, and only a few tokens' scales move.
+DIFFERING_SCALES = 2e-2
+
+
+def assert_scales_match(got_scale, want_scale, dtype):
+    assert not got_scale.isnan().any()
+    moved = (got_scale - want_scale).abs() / want_scale.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert moved.max().item() <= torch.finfo(dtype).eps, f"a token's scale moved by {moved.max().item():.2e}"
+    share = (moved > 0).float().mean().item()
+    assert share <= max(DIFFERING_SCALES, 1 / moved.numel()), f"{share:.2e} of the token scales moved"
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +81,7 @@ def test_prologue_pass_writes_what_the_plain_pass_makes_of_the_reference_rows(sm
     assert got.shape == want.shape and got_scale.shape == want_scale.shape
     differing = (got.view(torch.uint8) != want.view(torch.uint8)).float().mean().item()
     assert differing < DIFFERING_BYTES, f"{differing:.2e} of the compressed bytes differ"
-    assert not got_scale.isnan().any()
-    assert relative_error(got_scale, want_scale) < 1e-4
+    assert_scales_match(got_scale, want_scale, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -117,7 +127,7 @@ def test_fast_gelu_prologue_pass_writes_what_the_plain_pass_makes_of_the_fast_ge
         got, got_scale = torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, True, gelu=True)
     differing = (got.view(torch.uint8) != want.view(torch.uint8)).float().mean().item()
     assert differing < DIFFERING_BYTES, f"{differing:.2e} of the compressed bytes differ"
-    assert relative_error(got_scale, want_scale) < 1e-4
+    assert_scales_match(got_scale, want_scale, dtype)
     if kind == "negative tail":   # where the two GELUs part: the switch reached this pass
         exact, _ = torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, True, gelu=True)
         parted = (exact.view(torch.uint8) != got.view(torch.uint8)).float().mean().item()
