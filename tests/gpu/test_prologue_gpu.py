@@ -29,15 +29,17 @@ TOLERANCE = 1e-2
 # rarely which value is kept.
 DIFFERING_BYTES = 1e-3
 # A token's scale comes from its largest kept value and its norms: one of those rounded the other way
-# moves that token's scale by up to one ulp of the input dtype, and only a few tokens' scales move.
+# moves that token's scale by up to one ulp of the input dtype, and only a few tokens' scales move so
+# far (beyond SUMMATION_NOISE: fp32 sums in another order move many scales by a few fp32 ulps).
 DIFFERING_SCALES = 2e-2
+SUMMATION_NOISE = 1e-5
 
 
 def assert_scales_match(got_scale, want_scale, dtype):
     assert not got_scale.isnan().any()
     moved = (got_scale - want_scale).abs() / want_scale.abs().clamp_min(torch.finfo(torch.float32).tiny)
     assert moved.max().item() <= torch.finfo(dtype).eps, f"a token's scale moved by {moved.max().item():.2e}"
-    share = (moved > 0).float().mean().item()
+    share = (moved > SUMMATION_NOISE).float().mean().item()
     assert share <= max(DIFFERING_SCALES, 1 / moved.numel()), f"{share:.2e} of the token scales moved"
 
 
