@@ -16,7 +16,8 @@ kernel_sources_digest() {
 reuse_carried_build() {
   local stamp="$1/sources.stamp"
   if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$(kernel_sources_digest)" ]; then
-    touch -d "@$(cut -d' ' -f2 "$stamp")" kernels/csrc/*
+    # The cuSPARSELt headers staged inside the folder are inputs too: carried, they arrive with new times.
+    touch -d "@$(cut -d' ' -f2 "$stamp")" kernels/csrc/* $(find "$1/cusparselt_include" -type f 2>/dev/null)
   fi
   rm -f "$stamp"
 }

@@ -38,10 +38,12 @@ def tree(tmp_path):
     (csrc / "kernel.h").write_text("header\n")
     (tmp_path / "kernels" / "build.py").write_text("flags\n")
     build = tmp_path / "build"
-    build.mkdir()
+    (build / "cusparselt_include").mkdir(parents=True)
+    staged = build / "cusparselt_include" / "cusparseLt.h"   # kernels/build.py stages torch's copy here
+    staged.write_text("staged header\n")
     (build / "build.ninja").write_text(f"rule cat\n  command = cat $in > $out\n"
-                                       f"build kernel.o: cat {csrc / 'kernel.cu'} {csrc / 'kernel.h'}\n")
-    for path in (csrc / "kernel.cu", csrc / "kernel.h"):
+                                       f"build kernel.o: cat {csrc / 'kernel.cu'} {csrc / 'kernel.h'} {staged}\n")
+    for path in (csrc / "kernel.cu", csrc / "kernel.h", staged):
         os.utime(path, (1_700_000_000, 1_700_000_000))   # sources older than the build, as when it was made
     subprocess.run([NINJA, "-C", "build"], cwd=tmp_path, check=True, capture_output=True, timeout=60)
     assert not ninja_has_work(tmp_path)
@@ -53,6 +55,7 @@ def test_byte_equal_sources_with_new_times_keep_the_carried_build(tree):
     _, when = (tree / "build" / "sources.stamp").read_text().split()
     assert int(when) < (tree / "build" / "kernel.o").stat().st_mtime
     (tree / "kernels" / "csrc" / "kernel.cu").touch()   # what a copy or a checkout does
+    (tree / "build" / "cusparselt_include" / "cusparseLt.h").touch()   # and carrying the folder
     assert ninja_has_work(tree)
     run(tree, "reuse_carried_build build")
     assert not ninja_has_work(tree)
