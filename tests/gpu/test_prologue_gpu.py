@@ -38,7 +38,8 @@ SUMMATION_NOISE = 1e-5
 def assert_scales_match(got_scale, want_scale, dtype):
     assert not got_scale.isnan().any()
     moved = (got_scale - want_scale).abs() / want_scale.abs().clamp_min(torch.finfo(torch.float32).tiny)
-    assert moved.max().item() <= torch.finfo(dtype).eps, f"a token's scale moved by {moved.max().item():.2e}"
+    assert moved.max().item() <= torch.finfo(dtype).eps + SUMMATION_NOISE, \
+        f"a token's scale moved by {moved.max().item():.2e}"
     share = (moved > SUMMATION_NOISE).float().mean().item()
     assert share <= max(DIFFERING_SCALES, 1 / moved.numel()), f"{share:.2e} of the token scales moved"
 
