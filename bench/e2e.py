@@ -274,6 +274,15 @@ def time_steps(patcher, arch, resolution, dev, dtype, args, profile=True):
     return statistics.median(times), times, first, first_peak, peak, out.float().cpu(), profiled
 
 
+def compile_counts() -> tuple[int, int]:
+    """(graphs Dynamo compiled, of those the ones Inductor will not capture as CUDA graphs) so far:
+    torch's own counters, which torch._dynamo.reset() keeps, so a side's are the difference around its
+    calls. A graph break shows as more than one graph; a skip, under reduce-overhead, as a graph that
+    runs its kernels one launch at a time (torch logs why only with TORCH_LOGS=cudagraphs)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
+
+
 def time_switched(patcher, arch, resolution, dev, dtype, args, lynx_out):
     """({"lynx+<name>": (ms with that switch turned, rel. diff of its output to lynx_out)}, ms with
     the defaults) on the same patcher (compiled graphs are kept: the switches are read at launch), in
@@ -438,9 +447,15 @@ def run_model(arch, args, dev, rows, samples, notes, save):
                     if mode == "compile":
                         torch._dynamo.reset()  # dense and Lynx share the module: compile each from scratch
                         set_torch_compile_wrapper(patcher, backend=args.compile_backend, mode=args.compile_mode)
+                    counts_before = compile_counts()
                     median, times, first, first_peak, peak, out, profiled = time_steps(patcher, arch, resolution, dev,
                                                                                        dtype, args)
                     all_times[side] += times
+                    if mode == "compile" and round_index == 0:
+                        graphs, skips = (after - before for after, before in zip(compile_counts(), counts_before))
+                        result.update({f"{side}_compiled_graphs": graphs, f"{side}_cudagraph_skips": skips})
+                        log(f"[{arch} {resolution}px compile {side}] {graphs} graph(s) compiled, "
+                            f"{skips} of them not captured as CUDA graphs")
                     if side == "lynx" and args.lynx_switches and dev.cuda:
                         switched, times_off = time_switched(patcher, arch, resolution, dev, dtype, args, out)
                         for name, (times_on, diff) in switched.items():
@@ -558,6 +573,12 @@ def markdown(meta, rows, samples, notes, calibrations=()):
         lines.append(f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['mode']} | {r['dense_ms']:.2f} | "
                      f"{r['lynx_ms']:.2f} | {r['speedup']:.3f}x | {r['dense_peak_gb']:.2f} | {r['lynx_peak_gb']:.2f} | "
                      f"{mem:.3f} | {warmup} | {r['lynx_vs_dense_rel_error']:.4f} |")
+    counted = [r for r in rows if "lynx_compiled_graphs" in r]
+    if counted:
+        lines += [""] + [f"Compiled ({r['model']} {r['resolution']}): graphs dense {r['dense_compiled_graphs']} / Lynx "
+                         f"{r['lynx_compiled_graphs']} (more than one: a graph break or a recompilation), of them not captured as CUDA "
+                         f"graphs dense {r['dense_cudagraph_skips']} / Lynx {r['lynx_cudagraph_skips']}."
+                         for r in counted]
     attributed = [r for r in rows if "fused_ms" in r]
     if attributed:
         lines += ["", "| where the speed-up comes from | res | mode | dense | fused blocks, dense GEMMs | "

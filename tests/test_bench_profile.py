@@ -47,6 +47,27 @@ def test_the_compile_mode_is_an_option_and_named_in_the_results(e2e):
     assert "mode" not in "\n".join(e2e.markdown({**meta, "args": {}}, [], [], {}).splitlines()[:3])
 
 
+def test_compile_counts_show_a_graph_break_and_are_tabled(e2e):
+    import torch
+
+    def broken(x):
+        x = x.sin()
+        torch._dynamo.graph_break()
+        return x.cos()
+
+    torch._dynamo.reset()
+    graphs, skips = e2e.compile_counts()
+    torch.compile(broken, backend="eager")(torch.ones(3))
+    assert e2e.compile_counts() == (graphs + 2, skips)   # no CUDA graphs asked for: nothing skipped
+    meta = {"date": "2026-12-05 20:00 UTC", "gpu": "NVIDIA H100", "torch": "2.11", "comfyui": "0.3.64", "commit": "abc",
+            "dtype": "bf16", "compile_backend": "inductor", "tiny": False, "complete": True, "args": {}}
+    row = {"model": "flux", "resolution": 1024, "batch": 1, "mode": "compile", "dense_ms": 140.0, "lynx_ms": 85.0,
+           "speedup": 1.647, "dense_peak_gb": 22.0, "lynx_peak_gb": 33.0, "lynx_vs_dense_rel_error": 0.28,
+           "dense_compiled_graphs": 1, "lynx_compiled_graphs": 3, "dense_cudagraph_skips": 0, "lynx_cudagraph_skips": 1}
+    text = e2e.markdown(meta, [row], [], {})
+    assert "graphs dense 1 / Lynx 3" in text and "CUDA graphs dense 0 / Lynx 1" in text
+
+
 def test_results_saved_before_the_run_ends_say_they_are_partial(e2e):
     # e2e.py saves after every row, so a device call that runs out of time keeps what it measured.
     meta = {"date": "2026-12-04 20:00 UTC", "gpu": "NVIDIA H200", "torch": "2.11", "comfyui": "0.3.64",
