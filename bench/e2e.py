@@ -575,10 +575,10 @@ def markdown(meta, rows, samples, notes, calibrations=()):
                      f"{mem:.3f} | {warmup} | {r['lynx_vs_dense_rel_error']:.4f} |")
     counted = [r for r in rows if "lynx_compiled_graphs" in r]
     if counted:
-        lines += [""] + [f"Compiled ({r['model']} {r['resolution']}): graphs dense {r['dense_compiled_graphs']} / Lynx "
-                         f"{r['lynx_compiled_graphs']} (more than one: a graph break or a recompilation), of them not captured as CUDA "
-                         f"graphs dense {r['dense_cudagraph_skips']} / Lynx {r['lynx_cudagraph_skips']}."
-                         for r in counted]
+        lines += [""] + [f"Compiled ({r['model']} {r['resolution']}): graphs dense {r['dense_compiled_graphs']} / "
+                         f"Lynx {r['lynx_compiled_graphs']} (more than one: a graph break or a recompilation), of "
+                         f"them not captured as CUDA graphs dense {r['dense_cudagraph_skips']} / Lynx "
+                         f"{r['lynx_cudagraph_skips']}." for r in counted]
     attributed = [r for r in rows if "fused_ms" in r]
     if attributed:
         lines += ["", "| where the speed-up comes from | res | mode | dense | fused blocks, dense GEMMs | "
