@@ -6,6 +6,12 @@ import pytest
 from helpers import load_bench
 
 
+# A results file's header fields, as e2e.py's save() writes them.
+RESULTS_META = {"date": "2026-12-05 20:00 UTC", "gpu": "NVIDIA H200", "torch": "2.11", "comfyui": "0.3.64",
+                "commit": "abc", "dtype": "bf16", "compile_backend": "inductor", "tiny": False, "complete": True,
+                "args": {}}
+
+
 @pytest.fixture(scope="module")
 def e2e():
     return load_bench("e2e")
@@ -40,11 +46,10 @@ def test_the_compile_mode_is_an_option_and_named_in_the_results(e2e):
     assert e2e.parse_args(["--compile-mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
     with pytest.raises(SystemExit):
         e2e.parse_args(["--compile-mode", "cudagraphs"])
-    meta = {"date": "2026-12-05 20:00 UTC", "gpu": "NVIDIA H200", "torch": "2.11", "comfyui": "0.3.64",
-            "commit": "abc", "dtype": "bf16", "compile_backend": "inductor", "tiny": False, "complete": True}
-    header = "\n".join(e2e.markdown({**meta, "args": {"compile_mode": "reduce-overhead"}}, [], [], {}).splitlines()[:3])
+    header = "\n".join(e2e.markdown({**RESULTS_META, "args": {"compile_mode": "reduce-overhead"}}, [], [], {})
+                       .splitlines()[:3])
     assert "compile backend inductor, mode reduce-overhead" in header
-    assert "mode" not in "\n".join(e2e.markdown({**meta, "args": {}}, [], [], {}).splitlines()[:3])
+    assert "mode" not in "\n".join(e2e.markdown(RESULTS_META, [], [], {}).splitlines()[:3])
 
 
 def test_compile_counts_show_a_graph_break_and_are_tabled(e2e):
@@ -59,21 +64,17 @@ def test_compile_counts_show_a_graph_break_and_are_tabled(e2e):
     graphs, skips = e2e.compile_counts()
     torch.compile(broken, backend="eager")(torch.ones(3))
     assert e2e.compile_counts() == (graphs + 2, skips)   # no CUDA graphs asked for: nothing skipped
-    meta = {"date": "2026-12-05 20:00 UTC", "gpu": "NVIDIA H100", "torch": "2.11", "comfyui": "0.3.64", "commit": "abc",
-            "dtype": "bf16", "compile_backend": "inductor", "tiny": False, "complete": True, "args": {}}
     row = {"model": "flux", "resolution": 1024, "batch": 1, "mode": "compile", "dense_ms": 140.0, "lynx_ms": 85.0,
            "speedup": 1.647, "dense_peak_gb": 22.0, "lynx_peak_gb": 33.0, "lynx_vs_dense_rel_error": 0.28,
            "dense_compiled_graphs": 1, "lynx_compiled_graphs": 3, "dense_cudagraph_skips": 0, "lynx_cudagraph_skips": 1}
-    text = e2e.markdown(meta, [row], [], {})
+    text = e2e.markdown(RESULTS_META, [row], [], {})
     assert "graphs dense 1 / Lynx 3" in text and "CUDA graphs dense 0 / Lynx 1" in text
 
 
 def test_results_saved_before_the_run_ends_say_they_are_partial(e2e):
     # e2e.py saves after every row, so a device call that runs out of time keeps what it measured.
-    meta = {"date": "2026-12-04 20:00 UTC", "gpu": "NVIDIA H200", "torch": "2.11", "comfyui": "0.3.64",
-            "commit": "abc", "dtype": "bf16", "compile_backend": "inductor", "tiny": False, "args": {}}
-    assert "(partial" in e2e.markdown({**meta, "complete": False}, [], [], {}).splitlines()[0]
-    assert "(partial" not in e2e.markdown({**meta, "complete": True}, [], [], {}).splitlines()[0]
+    assert "(partial" in e2e.markdown({**RESULTS_META, "complete": False}, [], [], {}).splitlines()[0]
+    assert "(partial" not in e2e.markdown(RESULTS_META, [], [], {}).splitlines()[0]
 
 
 def test_switched_lynx_times_are_taken_in_turns_and_tabled(e2e, monkeypatch):
@@ -113,9 +114,7 @@ def test_switched_lynx_times_are_taken_in_turns_and_tabled(e2e, monkeypatch):
     row = {"model": "flux", "resolution": 1024, "batch": 1, "mode": "compile", "dense_ms": 144.0, "lynx_ms": 90.0,
            "speedup": 1.6, "dense_peak_gb": 22.0, "lynx_peak_gb": 30.0, "lynx_vs_dense_rel_error": 0.28,
            "lynx_switches": ["lynx+exact_gelu"], "lynx+exact_gelu_ms": 91.0, "lynx+exact_gelu_vs_lynx_rel_diff": 0.01}
-    meta = {"date": "2026-12-05 12:00 UTC", "gpu": "NVIDIA H200", "torch": "2.11", "comfyui": "0.3.64",
-            "commit": "abc", "dtype": "bf16", "compile_backend": "inductor", "tiny": False, "args": {}}
-    text = e2e.markdown(meta, [row], [], {})
+    text = e2e.markdown(RESULTS_META, [row], [], {})
     assert "| flux lynx+exact_gelu | 1024 | compile | 90.00 | 91.00 | 1.0111 | 1.582x | 1.00e-02 |" in text
     with pytest.raises(SystemExit):
         e2e.parse_args(["--lynx-switches", "fast_gelus"])
