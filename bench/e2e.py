@@ -123,6 +123,11 @@ def parse_args(argv=None):
         p.error(f"--lynx-switches takes {', '.join(KERNEL_SWITCHES)}, not {','.join(args.lynx_switches)}")
     if not args.modes or set(args.modes) - {"eager", "compile"}:
         p.error(f"--modes takes eager and/or compile, not {','.join(args.modes) or 'nothing'}")
+    if args.lynx_switches and args.compile_mode == "reduce-overhead" and "compile" in args.modes:
+        # A replayed CUDA graph keeps the launches it recorded: a switch turned later changes nothing.
+        p.error("--lynx-switches cannot time switches under --compile-mode reduce-overhead (the CUDA graphs keep "
+                "the kernels recorded with the defaults); use the switch's own flag (--packed-e4m3-gelu, ...) "
+                "for a run of its own")
     args.resolutions = [int(r) for r in args.resolutions.split(",") if r]
     args.compile_resolutions = [int(r) for r in args.compile_resolutions.split(",") if r]
     if args.tiny:

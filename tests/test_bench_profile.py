@@ -118,3 +118,7 @@ def test_switched_lynx_times_are_taken_in_turns_and_tabled(e2e, monkeypatch):
     assert "| flux lynx+exact_gelu | 1024 | compile | 90.00 | 91.00 | 1.0111 | 1.582x | 1.00e-02 |" in text
     with pytest.raises(SystemExit):
         e2e.parse_args(["--lynx-switches", "fast_gelus"])
+    with pytest.raises(SystemExit):   # replayed CUDA graphs keep what they recorded
+        e2e.parse_args(["--lynx-switches", "exact_gelu", "--compile-mode", "reduce-overhead"])
+    assert e2e.parse_args(["--lynx-switches", "exact_gelu", "--compile-mode", "reduce-overhead",
+                           "--modes", "eager"]).lynx_switches == ["exact_gelu"]
