@@ -23,7 +23,7 @@ sys.path.insert(0, "."); logging.basicConfig(level=logging.INFO, format="%(messa
 from standalone import load_pack; load_pack()
 from rt_lynx_pack.kernels import block_ops, build, cusparselt, fp8, sm90
 import torch
-t = time.monotonic(); print("build:", build.build(verbose=False), f"{time.monotonic() - t:.0f} s")
+t = time.monotonic(); print("build:", build.build(verbose=True), f"{time.monotonic() - t:.0f} s")
 for name, check in (("cuSPARSELt", cusparselt.availability), ("cuSPARSELt fp8", fp8.availability_fp8),
                     ("sm90", sm90.availability_sm90), ("fused block ops", block_ops.availability_block_ops)):
     t = time.monotonic(); print(f"{name}:", check(torch.device("cuda")), f"{time.monotonic() - t:.1f} s")

@@ -81,7 +81,16 @@ def passes(torch, dev="cuda"):
             modulation[f"modulation {shape}, e4m3 weight"] = (
                 lambda vec=vec, wq=wq, w_scale=w_scale, bias=bias: ops.linear_e4m3_weight(vec, wq, w_scale, bias),
                 out_features * HIDDEN + 4 * out_features, None)
+    # An fp8 model's weights are quantised at the start of every sampling run: the largest, linear1's.
+    from rt_lynx_pack.kernels import reference
+    linear1_weight = randn(3 * HIDDEN + MLP, HIDDEN) * 0.02
+    weight_bytes = linear1_weight.numel() * 3 + linear1_weight.shape[0] * 4   # 16-bit in, e4m3 + a scale out
+    weight_shape = f"single linear1 ({linear1_weight.shape[0]} x {HIDDEN})"
     table = {
+        f"weight quantisation, {weight_shape}, torch ops": (
+            lambda: reference.quantize_weight_fp8(linear1_weight), weight_bytes, None),
+        f"weight quantisation, {weight_shape}, quantise pass": (
+            lambda: quantize_weight_fp8(linear1_weight), weight_bytes, None),
         "quantise fp8, GELU tail (single linear2)": (lambda: ops.quantize_rows_fp8(attention, mlp_hidden),
                                                      input_bytes + elems + tokens * 4, "e4m3"),
         # 2:4 values in e4m3 (half the columns, a byte each), metadata of K/8 bytes a row, a scale a row.

@@ -312,6 +312,21 @@ def _fp8_dense_kernels_for(requested: str, device: torch.device) -> tuple[bool, 
     return fp8_dense_availability(device)
 
 
+def quantize_weight_fp8(weight: torch.Tensor, requested: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.quantize_weight_fp8, the same bits: in one read of the weight by the fp8 dense
+    quantise pass where it runs (a 16-bit CUDA weight with rows of a multiple of 8, at most
+    MAX_IN_FEATURES, values); torch's fp32 ops pass over a FLUX.1-dev's weights about six times, and
+    an fp8 model quantises them at the start of every sampling run."""
+    available, _ = _fp8_dense_kernels_for(requested, weight.device)
+    if (available and weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.float16)
+            and weight.shape[1] % 8 == 0 and weight.shape[1] <= _fp8_dense.MAX_IN_FEATURES):
+        weight = weight.contiguous()
+        if weight.data_ptr() % 16 == 0:
+            wq, dequant_scale = torch.ops.rt_lynx.quantize_rows_fp8(weight)
+            return wq, dequant_scale.reshape(-1)
+    return reference.quantize_weight_fp8(weight)
+
+
 def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                      requested: str = "auto", gelu_tail: torch.Tensor | None = None) -> torch.Tensor:
     """A layer an fp8 model keeps dense: reference.dense_linear_fp8_reference with (wq, w_scale)

@@ -180,7 +180,7 @@ class LynxLinearForward:
             self.fp8_weight = weight, per_channel.contiguous()
         else:
             scaled = weight if weight_scale is None else weight.float() * per_channel[:, None]
-            self.fp8_weight = quantize_weight_fp8(scaled)
+            self.fp8_weight = quantize_weight_fp8(scaled, self.config.backend)
 
     def release_fp8(self) -> None:
         self.fp8_weight = self.fp8_bias = None

@@ -94,3 +94,13 @@ def test_modulation_rows_beyond_one_launch_go_in_launches_of_what_shared_memory_
             got = fp8_dense.linear_e4m3_weight(x, wq, w_scale, bias)
             assert launches == expected
             assert torch.equal(got, linear_e4m3_weight_reference(x, wq, w_scale, bias.to(torch.bfloat16)))
+
+
+def test_weight_quantisation_on_the_cpu_is_the_reference_and_checks_the_backend():
+    from rt_lynx_pack.kernels import quantize_weight_fp8, reference
+    weight = torch.randn(40, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    wq, w_scale = quantize_weight_fp8(weight)
+    want_q, want_scale = reference.quantize_weight_fp8(weight)
+    assert torch.equal(wq.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(w_scale, want_scale)
+    with pytest.raises(ValueError, match="unknown backend 'triton'"):
+        quantize_weight_fp8(weight, "triton")

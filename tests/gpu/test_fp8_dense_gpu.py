@@ -297,3 +297,51 @@ def test_modulation_linear_compiles_without_graph_break_and_takes_the_kernel(fp8
     eager = modulation(vec)
     # Inductor may round the SiLU differently from eager (one bf16 ulp of the input).
     assert all(relative_error(c, e) < 1e-2 for c, e in zip(compiled, eager))
+
+
+# FLUX's and Qwen-Image's weight shapes, odd row counts, the widest rows the pass holds.
+WEIGHT_SHAPES = [(21504, 3072), (3072, 15360), (37, 8), (9, 32768), (18432, 3072)]
+
+
+@pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_quantisation_takes_the_quantise_pass_with_the_reference_bits(fp8_dense, generator, monkeypatch,
+                                                                             shape, kind, dtype):
+    from rt_lynx_pack.kernels import dispatch, quantize_weight_fp8, reference
+    weight = make_input(kind, *shape, dtype, generator) * 0.05
+    weight[min(1, shape[0] - 1)] = 0   # an all-zero output channel: scale 0, codes 0
+    want_q, want_scale = reference.quantize_weight_fp8(weight)
+
+    def not_the_pass(*args, **kwargs):
+        raise AssertionError("the reference ran where the quantise pass should have")
+    with monkeypatch.context() as patch:
+        patch.setattr(dispatch.reference, "quantize_weight_fp8", not_the_pass)
+        poison_allocator(weight.numel() + shape[0] * 4)
+        wq, w_scale = quantize_weight_fp8(weight)
+    assert wq.dtype == torch.float8_e4m3fn and wq.shape == weight.shape and w_scale.shape == (shape[0],)
+    assert torch.equal(wq.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(w_scale, want_scale)
+
+
+def test_weight_quantisation_falls_back_where_the_pass_cannot_read_the_weight(fp8_dense, generator, monkeypatch):
+    from rt_lynx_pack.kernels import dispatch, quantize_weight_fp8, reference
+    weight = make_input("randn", 64, 3072, torch.bfloat16, generator)
+    storage = torch.empty(64 * 3072 + 1, dtype=torch.bfloat16, device="cuda")
+    misaligned = storage[1:].view(64, 3072)   # contiguous, 2 bytes off the pass's 16-byte loads
+    misaligned.copy_(weight)
+    calls = []
+    original = reference.quantize_weight_fp8
+
+    def counted(w):
+        calls.append(w)
+        return original(w)
+    monkeypatch.setattr(dispatch.reference, "quantize_weight_fp8", counted)
+    cases = {"fp32": (weight.float(), "auto"), "12 columns": (weight[:, :12].contiguous(), "auto"),
+             "misaligned": (misaligned, "auto"), "reference requested": (weight, "reference")}
+    for name, (w, requested) in cases.items():
+        before = len(calls)
+        wq, w_scale = quantize_weight_fp8(w, requested)
+        want_q, want_scale = original(w)
+        assert len(calls) == before + 1, name
+        assert torch.equal(wq.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(w_scale, want_scale), name
