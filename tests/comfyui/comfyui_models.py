@@ -11,6 +11,15 @@ from comfy_models import (ARCHS, build_model, conditioning, empty_latent, flux_c
                           load_flux, load_model, randomize_, sample, state_dict)
 
 
+def sparsify(model, **overrides):
+    """RT-Lynx Sparsify Model on `model` with the node's defaults (backend auto), `overrides` applied."""
+    from rt_lynx_pack.nodes import RTLynxSparsifyModel
+    options = dict(pattern="2:4", compensation=True, skip_first_blocks=0, skip_last_blocks=0, dense_warmup_steps=0,
+                   default_dense_layers=True, include_layers="", exclude_layers="", backend="auto")
+    options.update(overrides)
+    return RTLynxSparsifyModel().patch(model, **options)[0]
+
+
 def watch_each_step(patcher, probe):
     """A list that gets probe()'s value at every denoising step of `patcher`'s sampling runs (an
     APPLY_MODEL wrapper on that clone), to see the per-run state while it exists."""

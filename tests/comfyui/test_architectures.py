@@ -10,17 +10,9 @@ import_comfyui()
 
 import comfy.model_management  # noqa: E402
 
-from comfyui_models import (build_model, graphs_after_each_run, load_model, sample, state_dict,  # noqa: E402
-                            watch_each_step)
-from rt_lynx_pack.nodes import RTLynxSparsifyModel  # noqa: E402
+from comfyui_models import (build_model, graphs_after_each_run, load_model, sample, sparsify,  # noqa: E402
+                            state_dict, watch_each_step)
 from rt_lynx_pack.nodes.comfy_glue import installed_plan  # noqa: E402
-
-
-def sparsify(model, **overrides):
-    options = dict(pattern="2:4", compensation=True, skip_first_blocks=0, skip_last_blocks=0, dense_warmup_steps=0,
-                   default_dense_layers=True, include_layers="", exclude_layers="", backend="auto")
-    options.update(overrides)
-    return RTLynxSparsifyModel().patch(model, **options)[0]
 
 
 def relative_error(a, b):

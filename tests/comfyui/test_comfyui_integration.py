@@ -14,22 +14,15 @@ import comfy.model_management  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 
-from comfyui_models import graphs_after_each_run, load_flux, sample, watch_each_step  # noqa: E402
+from comfyui_models import graphs_after_each_run, load_flux, sample, sparsify, watch_each_step  # noqa: E402
 from rt_lynx_pack.kernels import sparse_linear_reference  # noqa: E402
 from rt_lynx_pack.lynx import LynxLinearForward, LynxLoRAMismatch, save_lynx_lora  # noqa: E402
 from rt_lynx_pack.lynx.tiny_dit import TinyFluxDiT  # noqa: E402
-from rt_lynx_pack.nodes import RTLynxLoadLoRA, RTLynxSparsifyModel  # noqa: E402
+from rt_lynx_pack.nodes import RTLynxLoadLoRA  # noqa: E402
 from rt_lynx_pack.nodes.comfy_glue import installed_plan  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 QKV = "double_blocks.0.img_attn.qkv"
-
-
-def sparsify(model, **overrides):
-    options = dict(pattern="2:4", compensation=True, skip_first_blocks=0, skip_last_blocks=0, dense_warmup_steps=0,
-                   default_dense_layers=True, include_layers="", exclude_layers="", backend="auto")
-    options.update(overrides)
-    return RTLynxSparsifyModel().patch(model, **options)[0]
 
 
 @pytest.fixture(scope="module")

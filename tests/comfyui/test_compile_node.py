@@ -13,8 +13,8 @@ import comfy.model_management  # noqa: E402
 from comfy_api.torch_helpers.torch_compile import COMPILE_KEY, TORCH_COMPILE_KWARGS  # noqa: E402
 from comfy.patcher_extension import WrappersMP  # noqa: E402
 
-from comfyui_models import load_flux, sample  # noqa: E402
-from rt_lynx_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, RTLynxSparsifyModel  # noqa: E402
+from comfyui_models import load_flux, sample, sparsify  # noqa: E402
+from rt_lynx_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 from rt_lynx_pack.nodes.compile_model import COMPILE_MODES, RTLynxCompileModel  # noqa: E402
 
 
@@ -26,9 +26,7 @@ def flux():
 
 
 def lynx(model):
-    return RTLynxSparsifyModel().patch(model, pattern="2:4", compensation=True, skip_first_blocks=0,
-                                       skip_last_blocks=0, dense_warmup_steps=0, default_dense_layers=True,
-                                       include_layers="", exclude_layers="", backend="reference")[0]
+    return sparsify(model, backend="reference")
 
 
 def compile_wrappers(model):

@@ -15,20 +15,12 @@ import comfy.ldm.flux.math as flux_math  # noqa: E402
 import comfy.ldm.qwen_image.model as qwen_image_model  # noqa: E402
 import comfy.model_management  # noqa: E402
 
-from comfyui_models import load_flux, load_model, sample  # noqa: E402
+from comfyui_models import load_flux, load_model, sample, sparsify  # noqa: E402
 from rt_lynx_pack.lynx import LynxConfig, installed, plan_model  # noqa: E402
 from rt_lynx_pack.lynx import patching  # noqa: E402
 from rt_lynx_pack.lynx.fused_blocks import (flux_double_block, flux_single_block, fused_block_kind,  # noqa: E402
                                             qwen_image_block)
 from rt_lynx_pack.lynx.linear import fp8_dense_linear, lynx_linear_after_gelu, lynx_linear_modulated  # noqa: E402
-from rt_lynx_pack.nodes import RTLynxSparsifyModel  # noqa: E402
-
-
-def sparsify(model, **overrides):
-    options = dict(pattern="2:4", compensation=True, skip_first_blocks=0, skip_last_blocks=0, dense_warmup_steps=0,
-                   default_dense_layers=True, include_layers="", exclude_layers="", backend="auto")
-    options.update(overrides)
-    return RTLynxSparsifyModel().patch(model, **options)[0]
 
 
 def attention(q, k, v, heads, mask, transformer_options):
