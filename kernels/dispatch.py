@@ -313,10 +313,10 @@ def _fp8_dense_kernels_for(requested: str, device: torch.device) -> tuple[bool, 
 
 
 def quantize_weight_fp8(weight: torch.Tensor, requested: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.quantize_weight_fp8, the same bits: in one read of the weight by the fp8 dense
-    quantise pass where it runs (a 16-bit CUDA weight with rows of a multiple of 8, at most
-    MAX_IN_FEATURES, values); torch's fp32 ops pass over a FLUX.1-dev's weights about six times, and
-    an fp8 model quantises them at the start of every sampling run."""
+    """reference.quantize_weight_fp8, the same bits, in one read of the weight by the fp8 dense
+    quantise pass where it runs: a 16-bit CUDA weight whose rows hold a multiple of 8 values, at most
+    MAX_IN_FEATURES. An fp8 model quantises its weights at the start of every sampling run, and
+    torch's fp32 ops pass over them about six times."""
     available, _ = _fp8_dense_kernels_for(requested, weight.device)
     if (available and weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.float16)
             and weight.shape[1] % 8 == 0 and weight.shape[1] <= _fp8_dense.MAX_IN_FEATURES):

@@ -9,10 +9,9 @@ from comfyui_env import import_comfyui
 
 import_comfyui()
 
-import comfy.model_management  # noqa: E402
 import folder_paths  # noqa: E402
 
-from comfyui_models import flux_conditioning, load_flux, sample  # noqa: E402
+from comfyui_models import flux_conditioning, sample  # noqa: E402
 from rt_lynx_pack.lynx import load_lynx_lora  # noqa: E402
 from rt_lynx_pack.lynx.calibration import _StatisticsCapture  # noqa: E402
 from rt_lynx_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, RTLynxLoadLoRA, RTLynxSparsifyModel  # noqa: E402
@@ -20,13 +19,6 @@ from rt_lynx_pack.nodes.calibrate import RTLynxCalibrateLoRA  # noqa: E402
 from rt_lynx_pack.nodes.comfy_glue import installed_plan, lynx_lora_folder  # noqa: E402
 
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def flux():
-    patcher = load_flux()
-    yield patcher
-    comfy.model_management.unload_all_models()
 
 
 @pytest.fixture

@@ -25,13 +25,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 QKV = "double_blocks.0.img_attn.qkv"
 
 
-@pytest.fixture(scope="module")
-def flux():
-    patcher = load_flux()
-    yield patcher
-    comfy.model_management.unload_all_models()
-
-
 def lynx_forwards_installed(patcher):
     return [n for n, m in patcher.model.diffusion_model.named_modules()
             if isinstance(m.__dict__.get("forward"), LynxLinearForward)]

@@ -13,22 +13,14 @@ from comfyui_env import import_comfyui
 
 import_comfyui()
 
-import comfy.model_management  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.sd  # noqa: E402
 
-from comfyui_models import conditioning, load_flux, randomize_  # noqa: E402
+from comfyui_models import conditioning, randomize_  # noqa: E402
 from rt_lynx_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, RTLynxSparsifyModel  # noqa: E402
 from rt_lynx_pack.nodes.compare import RTLynxCompare  # noqa: E402
 
 LATENT = 16   # latent pixels per side (128 x 128 images): 64 image tokens, above min_tokens
-
-
-@pytest.fixture(scope="module")
-def flux():
-    patcher = load_flux()
-    yield patcher
-    comfy.model_management.unload_all_models()
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,12 @@ import_comfyui()
 
 import comfy.ldm.flux.math as flux_math  # noqa: E402
 import comfy.ldm.modules.attention as comfy_attention  # noqa: E402
-import comfy.model_management  # noqa: E402
 from comfy_api.torch_helpers.torch_compile import COMPILE_KEY, TORCH_COMPILE_KWARGS  # noqa: E402
 from comfy.patcher_extension import WrappersMP  # noqa: E402
 
-from comfyui_models import load_flux, sample, sparsify  # noqa: E402
+from comfyui_models import sample, sparsify  # noqa: E402
 from rt_lynx_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 from rt_lynx_pack.nodes.compile_model import COMPILE_MODES, RTLynxCompileModel  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def flux():
-    patcher = load_flux()
-    yield patcher
-    comfy.model_management.unload_all_models()
 
 
 def lynx(model):

@@ -15,7 +15,7 @@ import comfy.ldm.flux.math as flux_math  # noqa: E402
 import comfy.ldm.qwen_image.model as qwen_image_model  # noqa: E402
 import comfy.model_management  # noqa: E402
 
-from comfyui_models import load_flux, load_model, sample, sparsify  # noqa: E402
+from comfyui_models import load_model, sample, sparsify  # noqa: E402
 from rt_lynx_pack.lynx import LynxConfig, installed, plan_model  # noqa: E402
 from rt_lynx_pack.lynx import patching  # noqa: E402
 from rt_lynx_pack.lynx.fused_blocks import (flux_double_block, flux_single_block, fused_block_kind,  # noqa: E402
@@ -58,13 +58,6 @@ def assert_same_sample(got, want, sparse=True):
 
 # The sampling tests' selection that sparsifies no layer: the blocks alone.
 NO_LAYER = "^no_such_layer$"
-
-
-@pytest.fixture(scope="module")
-def flux():
-    patcher = load_flux()
-    yield patcher
-    comfy.model_management.unload_all_models()
 
 
 def block_inputs(model, txt_tokens=7, img_tokens=12, batch=2, dtype=torch.float32):
