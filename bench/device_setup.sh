@@ -17,6 +17,10 @@ fi
 } 2>&1 | tee "$OUT/env.log"
 source bench/build_stamp.sh
 reuse_carried_build "$RT_LYNX_BUILD_DIR"
+# Why ninja would rebuild the carried extension (a dry run): what it names dirty, and the first reason.
+if [ -f "$RT_LYNX_BUILD_DIR/build.ninja" ]; then
+  ninja -C "$RT_LYNX_BUILD_DIR" -n -d explain 2>&1 | head -12 > "$OUT/ninja-explain.log"
+fi
 python3 - <<'PY' 2>&1 | tee "$OUT/build.log"
 import logging, sys, time
 sys.path.insert(0, "."); logging.basicConfig(level=logging.INFO, format="%(message)s")
