@@ -358,8 +358,10 @@ def profile_steps(forward, dev, iters):
 
 
 def time_sample(patcher, arch, resolution, dev, dtype, steps):
-    """(seconds, peak GB during the sample, GB allocated before it, GB allocated after it returns): the
-    last two show whether what a run makes for itself (fp8 weight copies) is given back."""
+    """(seconds, peak GB during the sample, GB allocated before it, GB allocated after it returns,
+    seconds of a run's preparation alone): the allocations show whether what a run makes for itself
+    (fp8 weight copies) is given back; the preparation (ComfyUI's ON_PRE_RUN callbacks: an fp8
+    model quantises its weights there) is part of every sample's time."""
     import comfy.model_management
     import comfy.sample
     import comfy.utils
@@ -384,6 +386,11 @@ def time_sample(patcher, arch, resolution, dev, dtype, steps):
         sample(2)
         dev.sync()
         log(f"    untimed 2-step sample first: {time.perf_counter() - start:.1f} s")
+        dev.sync()
+        start = time.perf_counter()
+        with run_state(patcher):
+            dev.sync()
+            preparation = time.perf_counter() - start
         dev.reset_peak()
         before = dev.allocated_gb()
         start = time.perf_counter()
@@ -392,7 +399,7 @@ def time_sample(patcher, arch, resolution, dev, dtype, steps):
         seconds = time.perf_counter() - start
     assert torch.isfinite(out).all(), "non-finite sample"
     del out
-    return seconds, dev.peak_gb(), before, dev.allocated_gb()
+    return seconds, dev.peak_gb(), before, dev.allocated_gb(), preparation
 
 
 def lynx_clone(patcher, precision: str, fp8_dense_layers: bool = True, fused_blocks: bool = True,
@@ -483,14 +490,16 @@ def run_model(arch, args, dev, rows, samples, notes, save):
                                        f"{side}_warmup_peak_gb": round(first_peak, 3)})
                         if (((arch, resolution) == SAMPLE_RESOLUTION or args.tiny and arch == "flux")
                                 and mode in args.sample_modes and args.steps > 0 and side in ("dense", "lynx")):
-                            seconds, peak, before, after = time_sample(patcher, arch, resolution, dev, dtype,
-                                                                       args.steps)
+                            seconds, peak, before, after, preparation = time_sample(patcher, arch, resolution,
+                                                                                    dev, dtype, args.steps)
                             samples.append({"model": arch, "resolution": resolution, "mode": mode, "side": side,
                                             "steps": args.steps, "seconds": round(seconds, 3), "peak_gb": round(peak, 3),
                                             "allocated_before_gb": round(before, 3),
-                                            "allocated_after_gb": round(after, 3)})
+                                            "allocated_after_gb": round(after, 3),
+                                            "run_preparation_s": round(preparation, 4)})
                             log(f"[{arch} {resolution}px {mode} {side}] {args.steps}-step sample {seconds:.2f} s, "
-                                f"peak {peak:.2f} GB, allocated {before:.2f} GB before, {after:.2f} GB after")
+                                f"peak {peak:.2f} GB, allocated {before:.2f} GB before, {after:.2f} GB after, "
+                                f"a run's preparation alone {preparation:.3f} s")
                     del patcher
                     comfy.model_management.unload_all_models()
             for side, times in all_times.items():
@@ -611,7 +620,8 @@ def markdown(meta, rows, samples, notes, calibrations=()):
                          f"{prof['busy_ms']:.1f} | " + " | ".join(f"{prof['kernel_ms'][k]:.1f}" for k in PROFILE_KINDS) + " |")
     if samples:
         lines += ["", "| whole sample | res | mode | steps | dense s | Lynx s | speed-up | dense peak GB | Lynx peak GB "
-                  "| Lynx allocated before / after GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| Lynx allocated before / after GB | run preparation dense / Lynx s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         keyed = {(s["model"], s["resolution"], s["mode"], s["side"]): s for s in samples}
         for (model, res, mode, side), s in keyed.items():
             if side == "dense" and (model, res, mode, "lynx") in keyed:
@@ -619,7 +629,9 @@ def markdown(meta, rows, samples, notes, calibrations=()):
                 lines.append(f"| {model} | {res} | {mode} | {s['steps']} | {s['seconds']:.2f} | {lynx['seconds']:.2f} | "
                              f"{s['seconds'] / lynx['seconds']:.3f}x | {s.get('peak_gb', float('nan')):.2f} | "
                              f"{lynx.get('peak_gb', float('nan')):.2f} | {lynx.get('allocated_before_gb', float('nan')):.2f}"
-                             f" / {lynx.get('allocated_after_gb', float('nan')):.2f} |")
+                             f" / {lynx.get('allocated_after_gb', float('nan')):.2f} | "
+                             f"{s.get('run_preparation_s', float('nan')):.3f} / "
+                             f"{lynx.get('run_preparation_s', float('nan')):.3f} |")
     if calibrations:
         lines += ["", "| calibration (node defaults) | res | seconds | peak GB | dense ms/step | Lynx ms/step | "
                   "Lynx + LoRA ms/step | LoRA cost | Lynx + LoRA peak GB |", "|---|---|---|---|---|---|---|---|---|"]
