@@ -318,12 +318,10 @@ def quantize_weight_fp8(weight: torch.Tensor, requested: str = "auto") -> tuple[
     MAX_IN_FEATURES. An fp8 model quantises its weights at the start of every sampling run, and
     torch's fp32 ops pass over them about six times."""
     available, _ = _fp8_dense_kernels_for(requested, weight.device)
-    if (available and weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.float16)
-            and weight.shape[1] % 8 == 0 and weight.shape[1] <= _fp8_dense.MAX_IN_FEATURES):
-        weight = weight.contiguous()
-        if weight.data_ptr() % 16 == 0:
-            wq, dequant_scale = torch.ops.rt_lynx.quantize_rows_fp8(weight)
-            return wq, dequant_scale.reshape(-1)
+    rows = weight.contiguous() if available else weight
+    if available and _fp8_dense.supports_quantize_rows(rows)[0]:
+        wq, dequant_scale = torch.ops.rt_lynx.quantize_rows_fp8(rows)
+        return wq, dequant_scale.reshape(-1)
     return reference.quantize_weight_fp8(weight)
 
 

@@ -104,3 +104,15 @@ def test_weight_quantisation_on_the_cpu_is_the_reference_and_checks_the_backend(
     assert torch.equal(wq.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(w_scale, want_scale)
     with pytest.raises(ValueError, match="unknown backend 'triton'"):
         quantize_weight_fp8(weight, "triton")
+
+
+def test_quantise_pass_input_check_names_what_it_cannot_read():
+    from rt_lynx_pack.kernels import fp8_dense
+    rows = torch.zeros(4, 64, dtype=torch.bfloat16)
+    assert fp8_dense.supports_quantize_rows(rows) == (True, "")
+    misaligned = torch.zeros(4 * 64 + 1, dtype=torch.bfloat16)[1:].view(4, 64)
+    for x, why in ((rows.float(), "bfloat16/float16"), (rows[:, :12], "multiple of 8"),
+                   (torch.zeros(1, 40000, dtype=torch.bfloat16), "at most 32768"), (rows[0], "2-D"),
+                   (torch.zeros(4, 16, dtype=torch.bfloat16)[:, :8], "contiguous"), (misaligned, "16-byte aligned")):
+        supported, reason = fp8_dense.supports_quantize_rows(x)
+        assert not supported and why in reason, reason
