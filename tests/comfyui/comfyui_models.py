@@ -20,6 +20,11 @@ def sparsify(model, **overrides):
     return RTLynxSparsifyModel().patch(model, **options)[0]
 
 
+def relative_error(a, b):
+    """||a - b|| / ||b|| (Frobenius)."""
+    return ((a - b).norm() / b.norm()).item()
+
+
 def watch_each_step(patcher, probe):
     """A list that gets probe()'s value at every denoising step of `patcher`'s sampling runs (an
     APPLY_MODEL wrapper on that clone), to see the per-run state while it exists."""

@@ -10,13 +10,9 @@ import_comfyui()
 
 import comfy.model_management  # noqa: E402
 
-from comfyui_models import (build_model, graphs_after_each_run, load_model, sample, sparsify,  # noqa: E402
-                            state_dict, watch_each_step)
+from comfyui_models import (build_model, graphs_after_each_run, load_model, relative_error, sample,  # noqa: E402
+                            sparsify, state_dict, watch_each_step)
 from rt_lynx_pack.nodes.comfy_glue import installed_plan  # noqa: E402
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def linears(patcher):

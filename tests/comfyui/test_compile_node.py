@@ -12,7 +12,7 @@ import comfy.ldm.modules.attention as comfy_attention  # noqa: E402
 from comfy_api.torch_helpers.torch_compile import COMPILE_KEY, TORCH_COMPILE_KWARGS  # noqa: E402
 from comfy.patcher_extension import WrappersMP  # noqa: E402
 
-from comfyui_models import sample, sparsify  # noqa: E402
+from comfyui_models import relative_error, sample, sparsify  # noqa: E402
 from rt_lynx_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 from rt_lynx_pack.nodes.compile_model import COMPILE_MODES, RTLynxCompileModel  # noqa: E402
 
@@ -47,10 +47,6 @@ def test_unknown_mode_is_refused(flux):
         RTLynxCompileModel().compile(flux, "max-autotune")
 
 
-def relative(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("compile_first", [False, True], ids=["after-sparsify", "before-sparsify"])
 def test_inductor_compiled_lynx_model_samples_the_lynx_image(flux, monkeypatch, compile_first):
     # GPUs run ComfyUI's PyTorch attention; the CPU one's free-memory query would split the graph.
@@ -74,6 +70,6 @@ def test_inductor_compiled_lynx_model_samples_the_lynx_image(flux, monkeypatch, 
     # moves this model's output 175x more than the dense model's). Measured: 0.03 from eager,
     # against the Lynx model's 0.14 from dense; a model compiled without its Lynx layers would be
     # 0.14 from eager and 0 from dense.
-    lynx_change = relative(eager, dense)
-    assert relative(got, eager) < 0.5 * lynx_change
-    assert 0.5 * lynx_change < relative(got, dense) < 1.5 * lynx_change
+    lynx_change = relative_error(eager, dense)
+    assert relative_error(got, eager) < 0.5 * lynx_change
+    assert 0.5 * lynx_change < relative_error(got, dense) < 1.5 * lynx_change
