@@ -357,11 +357,31 @@ def profile_steps(forward, dev, iters):
     return {k: round(v, 3) for k, v in per_kind.items()}, round(busy / 1000 / iters, 3), round(wall, 3), top
 
 
-def time_sample(patcher, arch, resolution, dev, dtype, steps):
-    """(seconds, peak GB during the sample, GB allocated before it, GB allocated after it returns,
-    seconds of a run's preparation alone): the allocations show whether what a run makes for itself
-    (fp8 weight copies) is given back; the preparation (ComfyUI's ON_PRE_RUN callbacks: an fp8
-    model quantises its weights there) is part of every sample's time."""
+@contextlib.contextmanager
+def counting_cudagraph_recordings():
+    """Yields a list whose length, on exit, is how many CUDA graphs Inductor recorded inside (torch's
+    compilation callbacks). Under reduce-overhead a run that records again has paid for a capture: a
+    static input (a weight) moved since the last recording."""
+    import torch._dynamo
+    from torch._dynamo.callback import CallbackTrigger
+    recorded = []
+
+    def on_start(args):
+        if args.callback_trigger == CallbackTrigger.CUDAGRAPH_RECORDING:
+            recorded.append(args.compile_id)
+    torch._dynamo.callback_handler.register_start_callback(on_start)
+    try:
+        yield recorded
+    finally:
+        torch._dynamo.callback_handler.remove_start_callback(on_start)
+
+
+def time_sample(patcher, arch, resolution, dev, dtype, steps) -> dict:
+    """The whole sample's seconds, peak GB, GB allocated before it and after it returns, the seconds
+    of a run's preparation alone and the CUDA graphs recorded during it. The allocations show whether
+    what a run makes for itself (fp8 weight copies) is given back; the preparation (ComfyUI's
+    ON_PRE_RUN callbacks: an fp8 model quantises its weights there) is part of every sample's time;
+    a recording in a second run is a capture a user pays on every queue."""
     import comfy.model_management
     import comfy.sample
     import comfy.utils
@@ -394,12 +414,15 @@ def time_sample(patcher, arch, resolution, dev, dtype, steps):
         dev.reset_peak()
         before = dev.allocated_gb()
         start = time.perf_counter()
-        out = sample(steps)
-        dev.sync()
+        with counting_cudagraph_recordings() as recorded:
+            out = sample(steps)
+            dev.sync()
         seconds = time.perf_counter() - start
     assert torch.isfinite(out).all(), "non-finite sample"
     del out
-    return seconds, dev.peak_gb(), before, dev.allocated_gb(), preparation
+    return {"seconds": round(seconds, 3), "peak_gb": round(dev.peak_gb(), 3), "allocated_before_gb": round(before, 3),
+            "allocated_after_gb": round(dev.allocated_gb(), 3), "run_preparation_s": round(preparation, 4),
+            "cudagraphs_recorded": len(recorded)}
 
 
 def lynx_clone(patcher, precision: str, fp8_dense_layers: bool = True, fused_blocks: bool = True,
@@ -490,16 +513,14 @@ def run_model(arch, args, dev, rows, samples, notes, save):
                                        f"{side}_warmup_peak_gb": round(first_peak, 3)})
                         if (((arch, resolution) == SAMPLE_RESOLUTION or args.tiny and arch == "flux")
                                 and mode in args.sample_modes and args.steps > 0 and side in ("dense", "lynx")):
-                            seconds, peak, before, after, preparation = time_sample(patcher, arch, resolution,
-                                                                                    dev, dtype, args.steps)
+                            sample = time_sample(patcher, arch, resolution, dev, dtype, args.steps)
                             samples.append({"model": arch, "resolution": resolution, "mode": mode, "side": side,
-                                            "steps": args.steps, "seconds": round(seconds, 3), "peak_gb": round(peak, 3),
-                                            "allocated_before_gb": round(before, 3),
-                                            "allocated_after_gb": round(after, 3),
-                                            "run_preparation_s": round(preparation, 4)})
-                            log(f"[{arch} {resolution}px {mode} {side}] {args.steps}-step sample {seconds:.2f} s, "
-                                f"peak {peak:.2f} GB, allocated {before:.2f} GB before, {after:.2f} GB after, "
-                                f"a run's preparation alone {preparation:.3f} s")
+                                            "steps": args.steps} | sample)
+                            log(f"[{arch} {resolution}px {mode} {side}] {args.steps}-step sample {sample['seconds']:.2f}"
+                                f" s, peak {sample['peak_gb']:.2f} GB, allocated {sample['allocated_before_gb']:.2f} GB "
+                                f"before, {sample['allocated_after_gb']:.2f} GB after, a run's preparation alone "
+                                f"{sample['run_preparation_s']:.3f} s, CUDA graphs recorded "
+                                f"{sample['cudagraphs_recorded']}")
                     del patcher
                     comfy.model_management.unload_all_models()
             for side, times in all_times.items():
@@ -620,8 +641,9 @@ def markdown(meta, rows, samples, notes, calibrations=()):
                          f"{prof['busy_ms']:.1f} | " + " | ".join(f"{prof['kernel_ms'][k]:.1f}" for k in PROFILE_KINDS) + " |")
     if samples:
         lines += ["", "| whole sample | res | mode | steps | dense s | Lynx s | speed-up | dense peak GB | Lynx peak GB "
-                  "| Lynx allocated before / after GB | run preparation dense / Lynx s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| Lynx allocated before / after GB | run preparation dense / Lynx s "
+                  "| CUDA graphs recorded dense / Lynx |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         keyed = {(s["model"], s["resolution"], s["mode"], s["side"]): s for s in samples}
         for (model, res, mode, side), s in keyed.items():
             if side == "dense" and (model, res, mode, "lynx") in keyed:
@@ -631,7 +653,8 @@ def markdown(meta, rows, samples, notes, calibrations=()):
                              f"{lynx.get('peak_gb', float('nan')):.2f} | {lynx.get('allocated_before_gb', float('nan')):.2f}"
                              f" / {lynx.get('allocated_after_gb', float('nan')):.2f} | "
                              f"{s.get('run_preparation_s', float('nan')):.3f} / "
-                             f"{lynx.get('run_preparation_s', float('nan')):.3f} |")
+                             f"{lynx.get('run_preparation_s', float('nan')):.3f} | "
+                             f"{s.get('cudagraphs_recorded', '-')} / {lynx.get('cudagraphs_recorded', '-')} |")
     if calibrations:
         lines += ["", "| calibration (node defaults) | res | seconds | peak GB | dense ms/step | Lynx ms/step | "
                   "Lynx + LoRA ms/step | LoRA cost | Lynx + LoRA peak GB |", "|---|---|---|---|---|---|---|---|---|"]

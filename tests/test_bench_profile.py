@@ -71,6 +71,24 @@ def test_compile_counts_show_a_graph_break_and_are_tabled(e2e):
     assert "graphs dense 1 / Lynx 3" in text and "CUDA graphs dense 0 / Lynx 1" in text
 
 
+def test_cudagraph_recordings_are_counted_inside_and_tabled(e2e):
+    import torch._dynamo
+    from torch._dynamo.callback import CallbackTrigger
+
+    def trigger(kind):   # what torch's CUDA graph trees and Dynamo announce when they start
+        with torch._dynamo.callback_handler.install_callbacks(kind, "0/0"):
+            pass
+    with e2e.counting_cudagraph_recordings() as recorded:
+        trigger(CallbackTrigger.CUDAGRAPH_RECORDING)
+        trigger(CallbackTrigger.DYNAMO)
+        trigger(CallbackTrigger.CUDAGRAPH_RECORDING)
+    trigger(CallbackTrigger.CUDAGRAPH_RECORDING)   # after the block: neither counted nor still registered
+    assert len(recorded) == 2
+    samples = [{"model": "flux", "resolution": 1024, "mode": "compile", "side": side, "steps": 28, "seconds": s,
+                "cudagraphs_recorded": n} for side, s, n in (("dense", 4.0, 0), ("lynx", 2.66, 1))]
+    assert "| 0 / 1 |" in e2e.markdown(RESULTS_META, [], samples, {})
+
+
 def test_results_saved_before_the_run_ends_say_they_are_partial(e2e):
     # e2e.py saves after every row, so a device call that runs out of time keeps what it measured.
     assert "(partial" in e2e.markdown({**RESULTS_META, "complete": False}, [], [], {}).splitlines()[0]
