@@ -107,9 +107,11 @@ class LowRankBranch:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
         config = config or LynxConfig()
-        self._device_copy = (self._copy_key(device, dtype, config),
-                             prepare_low_rank(self.down, self.up, self.scale, device, dtype, config.backend,
-                                              config.precision))
+        key = self._copy_key(device, dtype, config)
+        if self._device_copy and self._device_copy[0] == key:
+            return   # kept where it is: a model replaying CUDA graphs reads it at the recorded addresses
+        self._device_copy = (key, prepare_low_rank(self.down, self.up, self.scale, device, dtype, config.backend,
+                                                   config.precision))
 
     @staticmethod
     def _copy_key(device: torch.device, dtype: torch.dtype, config: LynxConfig) -> tuple:

@@ -64,6 +64,15 @@ def sampling_step_index(sample_sigmas: torch.Tensor | None, sigma: torch.Tensor)
     return max(int(at_or_above) - 1, 0)
 
 
+def _written_into(previous: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+    """`new`'s values in `previous`'s memory where that has its shape, dtype and device; else `new`."""
+    if (previous is None or new is None or previous is new or previous.shape != new.shape
+            or previous.dtype != new.dtype or previous.device != new.device or not previous.is_contiguous()):
+        return new
+    previous.copy_(new)
+    return previous
+
+
 class LynxLinearForward:
     """The forward of one patched linear: y = lynx_linear(x, module's weight, module's bias), or for
     a layer an fp8 model keeps dense (sparse=False) y = fp8_dense_linear(...)."""
@@ -88,6 +97,7 @@ class LynxLinearForward:
         # the layer computes with beside it, where that is not the module's own (cast per call).
         self.fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fp8_bias: torch.Tensor | None = None
+        self._owns_fp8_weight = False   # a copy made here, not the layer's stored e4m3 weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._with_weights(x, lambda weight, bias: self._product(x, weight, bias))
@@ -161,14 +171,17 @@ class LynxLinearForward:
         return fp8_dense_linear(x, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight)
 
     def prepare_fp8(self, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None) -> None:
+                    bias: torch.Tensor | None = None, keep_addresses: bool = False) -> None:
         """Make the e4m3 weight ahead of time from what this layer computes with, weight * weight_scale
         (one scale for the tensor, as scaled fp8 checkpoints store, or one per output channel), on its
         compute device. A weight stored in e4m3 is taken as it is: no copy, no second rounding.
-        `bias`: the bias the layer computes with, where its host casts or patches it per call."""
+        `bias`: the bias the layer computes with, where its host casts or patches it per call (kept
+        as a copy).
+        `keep_addresses`: write the new values into the tensors a previous call made where they fit
+        (a model replaying CUDA graphs reads its weights where the graphs were recorded; new
+        addresses would make it record again)."""
         if self.config.precision != "fp8":
             return
-        self.fp8_bias = None if bias is None else bias.detach()
         weight = weight.detach()
         out_features = weight.shape[0]
         scale = torch.ones((), device=weight.device) if weight_scale is None else weight_scale.detach().float()
@@ -176,14 +189,29 @@ class LynxLinearForward:
             raise ValueError(f"{self.name}: a weight scale of {scale.numel()} values for {out_features} output "
                              f"channels; expected one, or one per channel")
         per_channel = scale.to(weight.device).reshape(-1).expand(out_features)
-        if weight.dtype == torch.float8_e4m3fn and weight.is_contiguous():
-            self.fp8_weight = weight, per_channel.contiguous()
+        stored = weight.dtype == torch.float8_e4m3fn and weight.is_contiguous()
+        if stored:
+            new_weight, new_scale = weight, per_channel.clone()   # the scale always a tensor of our own
         else:
             scaled = weight if weight_scale is None else weight.float() * per_channel[:, None]
-            self.fp8_weight = quantize_weight_fp8(scaled, self.config.backend)
+            new_weight, new_scale = quantize_weight_fp8(scaled, self.config.backend)
+        new_bias = None if bias is None else bias.detach().clone()
+        previous_weight, previous_scale = self.fp8_weight or (None, None)
+        if keep_addresses:
+            if not stored and self._owns_fp8_weight:   # never written into: a stored weight is the model's
+                new_weight = _written_into(previous_weight, new_weight)
+            new_scale = _written_into(previous_scale, new_scale)
+            new_bias = _written_into(self.fp8_bias, new_bias)
+        self.fp8_weight, self.fp8_bias, self._owns_fp8_weight = (new_weight, new_scale), new_bias, not stored
 
     def release_fp8(self) -> None:
         self.fp8_weight = self.fp8_bias = None
+        self._owns_fp8_weight = False
+
+    def holds_fp8_copy(self) -> bool:
+        """Whether an e4m3 copy of this layer's weight, made here, is held (prepare_fp8 with
+        keep_addresses writes a new one into it)."""
+        return self._owns_fp8_weight and self.fp8_weight[0].shape == self.module.weight.shape
 
     def rebound(self, module: nn.Module) -> "LynxLinearForward":
         """This forward for `module`, the same layer of a copy of the model (no per-run state)."""

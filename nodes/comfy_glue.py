@@ -23,7 +23,11 @@
   shows its scale is complete; layers offloaded by lowvram or patched per call, and layers whose
   copy finds no room, quantise per call). The quantised weights are dropped again when the run
   ends (ON_CLEANUP): the next run makes them anew anyway, and the VAE decode and the nodes after
-  it get that VRAM back. Made in eager code, so a compiled model only reads them.
+  it get that VRAM back. Made in eager code, so a compiled model only reads them. A model compiled
+  with CUDA graphs (reduce-overhead) keeps them, and each run writes them again where they are:
+  its graphs read every weight at the address they were recorded with, and a weight that moves
+  makes Inductor record the graph again (a capture per run; past 128, no graphs at all). The Lynx
+  LoRA factors stay where they were put for the same reason.
 
 ComfyUI is imported only inside functions: importing the pack must not need it.
 """
@@ -156,13 +160,21 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
 
     def prepare_fp8_weights(patcher):
         compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
-        drop_fp8_weights()  # the copies of a previous preparation are replaced, not added to
+        # Under CUDA graphs the copies of the previous run are written again where they are; otherwise
+        # they are replaced, not added to.
+        keep = replays_cuda_graphs(patcher)
+        if not keep:
+            drop_fp8_weights()
+        prepared = set()
         # Later ComfyUI releases' dynamic VRAM keeps the weights where they were loaded and casts each
         # into GPU memory it manages per call (LoRA patches applied there): every layer then gets a
         # copy of what its cast gives, made once per run.
         dynamic = bool(getattr(patcher, "is_dynamic", lambda: False)())
         in_place = [f for f in plan.installed_forwards.values()
                     if dynamic or _weight_in_place(f.module, patcher.load_device)]
+        if keep:   # the copy of a layer no longer in place goes before the room is measured
+            for name in plan.installed_forwards.keys() - {f.name for f in in_place}:
+                plan.installed_forwards[name].release_fp8()
         # Stored e4m3 weights whose scale is what ComfyUI applies are used as they are; every other
         # layer needs a copy, and the room is asked for all of those copies at once.
         copies = []
@@ -175,23 +187,28 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
             with _weight_as_computed(module, compute_dtype, patcher.load_device) as (computed, _):
                 complete = _stored_scale_is_complete(stored[0], stored[1], computed)
             if complete:
-                forward.prepare_fp8(*stored)
+                forward.prepare_fp8(*stored, keep_addresses=keep)
+                prepared.add(forward.name)
             else:
                 copies.append(forward)
-        room = _room_for_fp8_copies(patcher.load_device, sum(_fp8_copy_bytes(f.module) for f in copies))
+
+        def new_bytes(forward):   # a copy written again where it is takes no new room
+            return 0 if keep and forward.holds_fp8_copy() else _fp8_copy_bytes(forward.module)
+        room = _room_for_fp8_copies(patcher.load_device, sum(new_bytes(f) for f in copies))
 
         def make_copy(forward):
             module = forward.module
             stored = _stored_e4m3(module)
+            prepared.add(forward.name)
             if not dynamic and stored is None and not _is_quantized(module.weight):
-                forward.prepare_fp8(module.weight, getattr(module, "scale_weight", None))
+                forward.prepare_fp8(module.weight, getattr(module, "scale_weight", None), keep_addresses=keep)
                 return
             # Stored fp8 with a scale kept elsewhere than where it is read, or a weight in another
             # quantized format: quantise what the layer computes with.
             if stored is not None and not dynamic:
                 log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; requantising it")
             with _weight_as_computed(module, compute_dtype, patcher.load_device) as (computed, bias):
-                forward.prepare_fp8(computed, bias=None if bias is None else bias.clone())
+                forward.prepare_fp8(computed, bias=bias, keep_addresses=keep)
         # A layer without its copy quantises its weight on every call (the same numbers, slower); a
         # modulation linear computes as the original layer instead, so theirs come last and all or none.
         modulation = [f for f in copies if f.name in plan.per_image_forwards]
@@ -199,20 +216,23 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
         for forward in copies:
             if forward.name in plan.per_image_forwards:
                 continue
-            if _fp8_copy_bytes(forward.module) > room:
+            if new_bytes(forward) > room:
                 left_out += 1
                 continue
-            room -= _fp8_copy_bytes(forward.module)
+            room -= new_bytes(forward)
             make_copy(forward)
         if left_out:
             log.warning("RT-Lynx: no room in %s memory for the fp8 weights of %d layers; they quantise their "
                         "weight on every call (slower) this run", patcher.load_device, left_out)
-        if sum(_fp8_copy_bytes(f.module) for f in modulation) <= room:
+        if sum(new_bytes(f) for f in modulation) <= room:
             for forward in modulation:
                 make_copy(forward)
         elif modulation:
             log.warning("RT-Lynx: no room in %s memory for the e4m3 weights of the %d modulation linears; they "
                         "compute in the model's dtype this run", patcher.load_device, len(modulation))
+        for forward in plan.installed_forwards.values():   # kept from a run where the layer had its copy
+            if forward.name not in prepared:
+                forward.release_fp8()
 
     def on_pre_run(patcher, *args, **kwargs):
         _refuse_a_copy_of_the_model(patcher, plan)
@@ -231,9 +251,23 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
         drop_fp8_weights()
         for forward in plan.installed_forwards.values():
             forward.release_branches()
+    def on_cleanup(patcher, *args, **kwargs):
+        # The next run makes them again; under CUDA graphs it writes them where they are instead.
+        if not replays_cuda_graphs(patcher):
+            drop_fp8_weights()
     return {CallbacksMP.ON_PRE_RUN: on_pre_run, CallbacksMP.ON_APPLY_HOOKS: on_apply_hooks,
-            CallbacksMP.ON_CLEANUP: drop_fp8_weights, CallbacksMP.ON_DETACH: on_detach,
+            CallbacksMP.ON_CLEANUP: on_cleanup, CallbacksMP.ON_DETACH: on_detach,
             CallbacksMP.ON_CLONE: _follow_a_copy}
+
+
+def replays_cuda_graphs(patcher) -> bool:
+    """Whether the model runs compiled by Inductor with CUDA graphs (reduce-overhead, max-autotune;
+    the compile options ComfyUI's set_torch_compile_wrapper keeps in the model options). Its graphs
+    hold the addresses of every weight they read and are recorded again when one moves."""
+    kwargs = patcher.model_options.get("torch_compile_kwargs") or {}
+    options = kwargs.get("options") or {}
+    return (kwargs.get("backend") == "inductor"
+            and (kwargs.get("mode") in ("reduce-overhead", "max-autotune") or bool(options.get("triton.cudagraphs"))))
 
 
 def _refuse_a_copy_of_the_model(patcher, plan: LynxPlan) -> None:

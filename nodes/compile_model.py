@@ -35,7 +35,8 @@ class RTLynxCompileModel:
                      "reduce-overhead: Inductor replays each step as CUDA graphs, which removes the launch gaps "
                      "between the many short kernels of a Lynx step (FLUX.1-dev 1024² fp8 on an H100: 1.64-1.66x a "
                      "step over the compiled dense model, against 1.58x in default mode). It keeps a memory pool per "
-                     "resolution and needs the model's weights resident in VRAM; choose default when ComfyUI "
+                     "resolution and needs the model's weights resident in VRAM (an fp8 Lynx model keeps its e4m3 "
+                     "weight copies between runs, where the graphs read them); choose default when ComfyUI "
                      "offloads weights (low VRAM)."}),
         }}
 

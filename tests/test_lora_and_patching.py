@@ -287,6 +287,49 @@ def test_fp8_weight_stored_in_e4m3_is_taken_as_is_and_not_cast_per_call():
                        quantize_weight_fp8(module.weight.detach().float() * 0.02)[0].view(torch.uint8))
 
 
+def test_fp8_weights_made_again_keep_their_addresses_and_never_write_a_stored_weight():
+    # A model replaying CUDA graphs reads its weights where the graphs were recorded.
+    g = torch.Generator().manual_seed(5)
+    module = torch.nn.Linear(128, 64)
+    forward = LynxLinearForward(module, "layer", LynxConfig(precision="fp8"), LynxRuntime())
+    bias = torch.randn(64, generator=g)
+    forward.prepare_fp8(module.weight, bias=bias)
+    first = forward.fp8_weight, forward.fp8_bias   # held, so a new tensor could not take their memory
+    assert forward.holds_fp8_copy() and forward.fp8_bias is not bias and torch.equal(forward.fp8_bias, bias)
+    with torch.no_grad():
+        module.weight.mul_(3)   # a LoRA patched the weight between runs
+    forward.prepare_fp8(module.weight, bias=2 * bias, keep_addresses=True)
+    assert [t.data_ptr() for t in (*forward.fp8_weight, forward.fp8_bias)] == \
+        [t.data_ptr() for t in (*first[0], first[1])]
+    want = quantize_weight_fp8(module.weight)
+    assert torch.equal(forward.fp8_weight[0].view(torch.uint8), want[0].view(torch.uint8))
+    assert torch.equal(forward.fp8_weight[1], want[1]) and torch.equal(forward.fp8_bias, 2 * bias)
+    forward.prepare_fp8(module.weight)   # without keep_addresses: new tensors
+    assert forward.fp8_weight[0].data_ptr() != first[0][0].data_ptr() and forward.fp8_bias is None
+
+    # A stored e4m3 weight is the model's own: taken as it is, and a later copy is never written into it.
+    weight8 = (torch.randn(64, 128, generator=g) * 40).to(torch.float8_e4m3fn)
+    stored = weight8.clone()
+    forward.prepare_fp8(weight8, torch.tensor(0.5), keep_addresses=True)
+    assert forward.fp8_weight[0].data_ptr() == weight8.data_ptr() and not forward.holds_fp8_copy()
+    forward.prepare_fp8(module.weight, keep_addresses=True)
+    assert forward.fp8_weight[0].data_ptr() != weight8.data_ptr()
+    assert torch.equal(weight8.view(torch.uint8), stored.view(torch.uint8))
+    assert forward.holds_fp8_copy()
+    forward.release_fp8()
+    assert forward.fp8_weight is None and not forward.holds_fp8_copy()
+
+
+def test_a_low_rank_branch_prepared_again_stays_where_it_is():
+    branch = LowRankBranch(torch.randn(8, 64), torch.randn(32, 8), 0.5)
+    branch.prepare(torch.device("cpu"), torch.float32)
+    first = branch.operands_for(torch.zeros(1, 64))
+    branch.prepare(torch.device("cpu"), torch.float32)
+    assert branch.operands_for(torch.zeros(1, 64)) is first
+    branch.prepare(torch.device("cpu"), torch.float64)   # another form: made anew
+    assert branch.operands_for(torch.zeros(1, 64, dtype=torch.float64)) is not first
+
+
 def test_fp8_weight_scales_are_one_per_tensor_or_per_channel():
     module = torch.nn.Linear(64, 32)
     forward = LynxLinearForward(module, "layer", LynxConfig(precision="fp8"), LynxRuntime())

@@ -354,6 +354,42 @@ def test_bad_requests_are_refused_clearly(flux):
         sparsify(flux, include_layers="(")
 
 
+def test_a_model_replaying_cuda_graphs_writes_its_fp8_weights_again_where_they_are(flux):
+    # Inductor's CUDA graphs read every weight at its recorded address; a moved one is recorded again.
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from rt_lynx_pack.nodes.comfy_glue import replays_cuda_graphs
+    lynx = sparsify(flux, precision="fp8")
+    compiled = lynx.clone()
+    set_torch_compile_wrapper(model=compiled, backend="inductor", mode="reduce-overhead")   # not run here
+    assert replays_cuda_graphs(compiled) and not replays_cuda_graphs(lynx)
+    default_mode = lynx.clone()
+    set_torch_compile_wrapper(model=default_mode, backend="inductor")
+    assert not replays_cuda_graphs(default_mode)
+    forwards = installed_plan(compiled).installed_forwards
+    qkv = forwards[QKV]
+    original = qkv.module.weight.detach().clone()
+    comfy.model_management.load_models_gpu([compiled])
+    try:
+        compiled.pre_run()
+        first = {name: (*f.fp8_weight, f.fp8_bias) for name, f in forwards.items()}   # held: no reuse
+        scale_before = qkv.fp8_weight[1].clone()
+        compiled.cleanup()
+        assert all(f.fp8_weight is not None for f in forwards.values())   # kept between runs
+        qkv.module.weight.data.mul_(2)   # changed between runs (a LoRA patched it)
+        compiled.pre_run()
+        addresses = lambda tensors: [None if t is None else t.data_ptr() for t in tensors]  # noqa: E731
+        assert all(addresses((*f.fp8_weight, f.fp8_bias)) == addresses(first[name]) for name, f in forwards.items())
+        assert torch.allclose(qkv.fp8_weight[1], 2 * scale_before)   # with the new values
+        compiled.cleanup()
+        lynx.pre_run()   # the same layers sampled without CUDA graphs: made anew, dropped after
+        assert qkv.fp8_weight[0].data_ptr() != first[QKV][0].data_ptr()
+        lynx.cleanup()
+        assert all(f.fp8_weight is None for f in forwards.values())
+    finally:
+        qkv.module.weight.data.copy_(original)
+        comfy.model_management.unload_all_models()
+
+
 def test_fp8_precision_quantises_weights_for_each_run_and_drops_them_after_it(flux):
     from comfy.patcher_extension import CallbacksMP
     lynx_bf16 = sparsify(flux)
