@@ -320,6 +320,29 @@ def test_fp8_weights_made_again_keep_their_addresses_and_never_write_a_stored_we
     assert forward.fp8_weight is None and not forward.holds_fp8_copy()
 
 
+def test_a_compiled_fp8_plan_takes_its_e4m3_weights_as_static_inputs(tiny):
+    # Why the copies keep their addresses under CUDA graphs: Inductor's graphs take static inputs
+    # (weights) at their recorded addresses and record again when one moves.
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext
+    model, inputs = tiny
+    plan = plan_model(model, LynxConfig(precision="fp8"))
+    seen = []
+
+    def forward_compiler(graph, example_inputs):
+        metadata = getattr(TracingContext.try_get(), "fw_metadata", None)
+        if metadata is None or not hasattr(metadata, "static_input_indices"):
+            pytest.skip("this torch's AOT metadata does not say which inputs are static")
+        e4m3 = {i for i, t in enumerate(example_inputs) if torch.is_tensor(t) and t.dtype == torch.float8_e4m3fn}
+        seen.append((e4m3, set(metadata.static_input_indices)))
+        return graph
+    torch._dynamo.reset()
+    with torch.inference_mode(), installed(model, plan):
+        torch.compile(model, backend=aot_autograd(fw_compiler=forward_compiler))(*inputs)
+    ((e4m3, static),) = seen
+    assert e4m3 and e4m3 <= static
+
+
 def test_a_low_rank_branch_prepared_again_stays_where_it_is():
     branch = LowRankBranch(torch.randn(8, 64), torch.randn(32, 8), 0.5)
     branch.prepare(torch.device("cpu"), torch.float32)
