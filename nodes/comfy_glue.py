@@ -251,6 +251,7 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
         drop_fp8_weights()
         for forward in plan.installed_forwards.values():
             forward.release_branches()
+
     def on_cleanup(patcher, *args, **kwargs):
         # The next run makes them again; under CUDA graphs it writes them where they are instead.
         if not replays_cuda_graphs(patcher):
