@@ -2,7 +2,7 @@
 # to the work tree's. A copy or a git checkout gives unchanged files new times, and ninja, which
 # compares them with the output times it recorded in .ninja_log, would rebuild the extension (110 s);
 # touching the objects does not help. The stamp holds the digest of the sources, build.py, torch and
-# nvcc; matching sources are set back to a time older than any build (ninja 1.11 and later record a
+# nvcc; matching sources are set back to a time older than any build (ninja 1.13, pip's, records a
 # command's start, not its output's time, so the objects' own times are too late).
 # Run from the repository root.
 

@@ -42,8 +42,8 @@ def tree(tmp_path):
     (build / "cusparselt_include").mkdir(parents=True)
     staged = build / "cusparselt_include" / "cusparseLt.h"   # kernels/build.py stages torch's copy here
     staged.write_text("staged header\n")
-    # The output is written two seconds after its command starts, as a compile does: ninja 1.11 and
-    # later record the command's start time in .ninja_log, not the output's time.
+    # The output is written two seconds after its command starts, as a compile does: ninja 1.13
+    # (pip's) records the command's start in .ninja_log (1.11 recorded the output's time).
     (build / "build.ninja").write_text(f"rule cat\n  command = sleep 2 && cat $in > $out\n"
                                        f"build kernel.o: cat {csrc / 'kernel.cu'} {csrc / 'kernel.h'} {staged}\n")
     for path in (csrc / "kernel.cu", csrc / "kernel.h", staged):
