@@ -265,7 +265,7 @@ def replays_cuda_graphs(patcher) -> bool:
     """Whether the model runs compiled by Inductor with CUDA graphs (reduce-overhead, max-autotune;
     the compile options ComfyUI's set_torch_compile_wrapper keeps in the model options). Its graphs
     hold the addresses of every weight they read and are recorded again when one moves."""
-    kwargs = getattr(patcher, "model_options", {}).get("torch_compile_kwargs") or {}
+    kwargs = patcher.model_options.get("torch_compile_kwargs") or {}
     options = kwargs.get("options") or {}
     return (kwargs.get("backend") == "inductor"
             and (kwargs.get("mode") in ("reduce-overhead", "max-autotune") or bool(options.get("triton.cudagraphs"))))

@@ -204,7 +204,7 @@ def test_fp8_under_dynamic_vram_copies_what_each_layer_casts_once_per_run(flux, 
                         lambda module, x: casts.append(module) or cast(module, x))
     monkeypatch.setattr(comfy_glue, "_weight_in_place", lambda module, device: False)   # not on the GPU
     dynamic = types.SimpleNamespace(model=lynx.model, load_device=lynx.load_device, get_model_object=lynx.get_model_object,
-                                    is_dynamic=lambda: True)
+                                    model_options=lynx.model_options, is_dynamic=lambda: True)
     for callback in lynx.callbacks[CallbacksMP.ON_PRE_RUN].values():
         for function in callback:
             function(dynamic)
