@@ -314,7 +314,7 @@ def _fp8_dense_kernels_for(requested: str, device: torch.device) -> tuple[bool, 
 
 def quantize_weight_fp8(weight: torch.Tensor, requested: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """reference.quantize_weight_fp8, the same bits, in one read of the weight by the fp8 dense
-    quantise pass where it runs: a 16-bit CUDA weight whose rows hold a multiple of 8 values, at most
+    quantise pass where it runs: a 16-bit CUDA weight whose rows hold a multiple of 16 values, at most
     MAX_IN_FEATURES. An fp8 model quantises its weights at the start of every sampling run, and
     torch's fp32 ops pass over them about six times."""
     available, _ = _fp8_dense_kernels_for(requested, weight.device)

@@ -144,12 +144,13 @@ def supports_fp8_dense(x2d: torch.Tensor, wq: torch.Tensor,
 
 
 def supports_quantize_rows(x2d: torch.Tensor) -> tuple[bool, str]:
-    """Whether the quantise pass reads x2d's rows as they are (16-byte loads: 16-bit values, rows of
-    a multiple of 8 of them, contiguous and aligned; at most MAX_IN_FEATURES). Never raises."""
+    """Whether the quantise pass reads x2d's rows as they are (16-bit values, rows of a multiple of
+    K_MULTIPLE of them, as the e4m3 GEMM reads its operands; contiguous, 16-byte aligned; at most
+    MAX_IN_FEATURES). Never raises."""
     if x2d.dim() != 2 or x2d.dtype not in _cusparselt.SUPPORTED_DTYPES:
         return False, "the quantise pass takes 2-D bfloat16/float16 rows"
-    if x2d.shape[1] % 8 or x2d.shape[1] > MAX_IN_FEATURES:
-        return False, f"rows of {x2d.shape[1]} values: a multiple of 8, at most {MAX_IN_FEATURES}"
+    if x2d.shape[1] % K_MULTIPLE or x2d.shape[1] > MAX_IN_FEATURES:
+        return False, f"rows of {x2d.shape[1]} values: a multiple of {K_MULTIPLE}, at most {MAX_IN_FEATURES}"
     if not x2d.is_contiguous() or x2d.data_ptr() % 16:
         return False, "the quantise pass needs contiguous, 16-byte aligned rows"
     return True, ""

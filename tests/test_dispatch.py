@@ -111,8 +111,8 @@ def test_quantise_pass_input_check_names_what_it_cannot_read():
     rows = torch.zeros(4, 64, dtype=torch.bfloat16)
     assert fp8_dense.supports_quantize_rows(rows) == (True, "")
     misaligned = torch.zeros(4 * 64 + 1, dtype=torch.bfloat16)[1:].view(4, 64)
-    for x, why in ((rows.float(), "bfloat16/float16"), (rows[:, :12], "multiple of 8"),
+    for x, why in ((rows.float(), "bfloat16/float16"), (rows[:, :8].contiguous(), "multiple of 16"),
                    (torch.zeros(1, 40000, dtype=torch.bfloat16), "at most 32768"), (rows[0], "2-D"),
-                   (torch.zeros(4, 16, dtype=torch.bfloat16)[:, :8], "contiguous"), (misaligned, "16-byte aligned")):
+                   (torch.zeros(4, 32, dtype=torch.bfloat16)[:, :16], "contiguous"), (misaligned, "16-byte aligned")):
         supported, reason = fp8_dense.supports_quantize_rows(x)
         assert not supported and why in reason, reason

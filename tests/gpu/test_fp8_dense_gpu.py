@@ -300,7 +300,7 @@ def test_modulation_linear_compiles_without_graph_break_and_takes_the_kernel(fp8
 
 
 # FLUX's and Qwen-Image's weight shapes, odd row counts, the widest rows the pass holds.
-WEIGHT_SHAPES = [(21504, 3072), (3072, 15360), (37, 8), (9, 32768), (18432, 3072)]
+WEIGHT_SHAPES = [(21504, 3072), (3072, 15360), (37, 16), (9, 32768), (18432, 3072)]
 
 
 @pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -338,6 +338,7 @@ def test_weight_quantisation_falls_back_where_the_pass_cannot_read_the_weight(fp
         return original(w)
     monkeypatch.setattr(dispatch.reference, "quantize_weight_fp8", counted)
     cases = {"fp32": (weight.float(), "auto"), "12 columns": (weight[:, :12].contiguous(), "auto"),
+             "8 columns": (weight[:, :8].contiguous(), "auto"),
              "misaligned": (misaligned, "auto"), "reference requested": (weight, "reference")}
     for name, (w, requested) in cases.items():
         before = len(calls)
