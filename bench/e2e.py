@@ -91,8 +91,8 @@ def parse_args(argv=None):
                    help="the kernels' GELU as torch computes it, bit for bit (sm90.fast_gelu(False)), not the fast "
                         "x / (1 + exp(-2u)) on the hardware exp2")
     p.add_argument("--programmatic-launch", action="store_true",
-                   help="launch the sparse GEMM and the sparsify passes with programmatic dependent launch "
-                        "(sm90.programmatic_launch)")
+                   help="launch the sparse GEMM, the sparsify passes and the pack's other kernels with programmatic "
+                        "dependent launch (sm90.programmatic_launch)")
     p.add_argument("--packed-e4m3-gelu", action="store_true",
                    help="the GELU of the passes whose output is e4m3 in packed 16-bit math with the hardware's "
                         "packed tanh (sm90.packed_e4m3_gelu)")

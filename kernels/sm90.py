@@ -401,7 +401,8 @@ def packed_e4m3_gelu(enabled: bool):
 
 @contextlib.contextmanager
 def programmatic_launch(enabled: bool):
-    """Within the block, the sparse GEMM and the sparsify passes are launched with programmatic
+    """Within the block, the sparse GEMM, the sparsify passes and our other kernels of a Lynx step
+    (the quantise pass, the e4m3-weight GEMV, q/k norm + RoPE) are launched with programmatic
     dependent launch (enabled: each may start while the kernel before it ends and waits for it
     before touching memory, so the GEMM sets up while the sparsify pass's last blocks run) or
     plainly (the default: 1-3% on the Lynx linear's time, nothing measurable in a FLUX step; H200,

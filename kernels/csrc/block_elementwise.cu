@@ -1,6 +1,7 @@
 // Elementwise work of a DiT block around its linears, fused (block_elementwise.h).
 #include "block_elementwise.h"
 #include "half_words.cuh"
+#include "programmatic_launch.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -102,6 +103,8 @@ __global__ void __launch_bounds__(256) qk_norm_rope_kernel(QkNormRopeParams p) {
   constexpr int kHeadDim = 32 * kPerLane;
   const int lane = threadIdx.x % 32;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  allow_next_grid_launch();
+  wait_for_previous_grid();
   if (item >= p.batch * p.tokens * p.heads) return;
   const int64_t head = item % p.heads;
   const int64_t token = (item / p.heads) % p.tokens;
@@ -136,9 +139,9 @@ __global__ void __launch_bounds__(256) qk_norm_rope_kernel(QkNormRopeParams p) {
 template <bool kBf16, bool kRope16>
 void launch_variant(const QkNormRopeParams& p, int head_dim, unsigned blocks, cudaStream_t stream) {
   switch (head_dim) {
-    case 64: qk_norm_rope_kernel<kBf16, 2, kRope16><<<blocks, 256, 0, stream>>>(p); break;
-    case 128: qk_norm_rope_kernel<kBf16, 4, kRope16><<<blocks, 256, 0, stream>>>(p); break;
-    default: qk_norm_rope_kernel<kBf16, 8, kRope16><<<blocks, 256, 0, stream>>>(p); break;
+    case 64: return launch_after_previous(qk_norm_rope_kernel<kBf16, 2, kRope16>, dim3(blocks), dim3(256), 0, stream, p);
+    case 128: return launch_after_previous(qk_norm_rope_kernel<kBf16, 4, kRope16>, dim3(blocks), dim3(256), 0, stream, p);
+    default: return launch_after_previous(qk_norm_rope_kernel<kBf16, 8, kRope16>, dim3(blocks), dim3(256), 0, stream, p);
   }
 }
 

@@ -18,6 +18,7 @@
 
 #include "half_words.cuh"
 #include "lynx_kernels.h"
+#include "programmatic_launch.cuh"
 
 namespace rt_lynx {
 namespace {
@@ -86,6 +87,8 @@ e4m3_weight_gemv_kernel(const uint16_t* __restrict__ x, int64_t ld_x, const uint
   uint16_t* x_shared = reinterpret_cast<uint16_t*>(shared_bytes);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t first_channel = (int64_t(blockIdx.x) * kGemvWarps + warp) * kGemvChannelsPerWarp;
+  allow_next_grid_launch();
+  wait_for_previous_grid();
   // The first turn of every channel of this warp in flight while x is staged.
   uint4 loaded[kGemvChannelsPerWarp][kGemvUnroll];
 #pragma unroll
@@ -153,9 +156,9 @@ void launch_rows(const void* x, int64_t ld_x, const void* w, int64_t k, int64_t 
   const int64_t channels_per_block = int64_t(kGemvWarps) * kGemvChannelsPerWarp;
   const dim3 grid(static_cast<unsigned>((n + channels_per_block - 1) / channels_per_block));
   const size_t shared = size_t(kRows) * size_t(k) * sizeof(uint16_t);
-  e4m3_weight_gemv_kernel<kBf16, kRows><<<grid, kGemvWarps * 32, shared, stream>>>(
-      static_cast<const uint16_t*>(x), ld_x, static_cast<const uint8_t*>(w), k, n, w_scale,
-      static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), ld_y);
+  launch_after_previous(e4m3_weight_gemv_kernel<kBf16, kRows>, grid, dim3(kGemvWarps * 32), shared, stream,
+                        static_cast<const uint16_t*>(x), ld_x, static_cast<const uint8_t*>(w), k, n, w_scale,
+                        static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), ld_y);
 }
 
 template <bool kBf16>

@@ -9,6 +9,7 @@
 // low nibble for r%16 < 8, high nibble for row r+8.
 #include "half_words.cuh"
 #include "lynx_kernels.h"
+#include "programmatic_launch.cuh"
 #include "sm90_metadata_layout.h"
 
 #include <cuda_bf16.h>
@@ -21,42 +22,6 @@
 
 namespace rt_lynx {
 namespace {
-
-// Programmatic dependent launch (sm90; see set_programmatic_launch). A sparsify pass lets the next
-// launch (the GEMM's) begin at its own start, so the GEMM's blocks take each SM as the pass's blocks
-// leave it and set up there; a kernel launched with launch_after_previous may run before the
-// previous kernel in the stream has finished, so it waits here before it touches global memory.
-// Both are no-ops otherwise.
-__device__ __forceinline__ void allow_next_grid_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::);
-#endif
-}
-__device__ __forceinline__ void wait_for_previous_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-// Launches kernel behind the previous work in the stream, programmatically when switched on: it may
-// then start while that work ends, so it must wait_for_previous_grid() before touching memory.
-template <typename... Params, typename... Args>
-void launch_after_previous(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                           Args... args) {
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = programmatic_launch() ? 1 : 0;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
-  if (launched != cudaSuccess) (void)cudaGetLastError();  // not left for the next op's check to report
-  require(launched == cudaSuccess, "sparsify: launch failed: ", cudaGetErrorString(launched));
-}
 
 // One group of 4 (two 32-bit words, two values each). Keeps the 2 largest |x|, ties to the lower
 // index: key = |x| bits << 2 | (3 - position) makes every key distinct and orders exactly as the
@@ -1940,6 +1905,8 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads)
                               uint2* __restrict__ q, float* __restrict__ dequant_scale, int gelu_mode) {
   extern __shared__ uint4 staged_rows[];   // two rows: [buffer * vecs_per_row + vector]
   __shared__ uint32_t warp_max[2][kQuantizeMaxThreads / 32];
+  allow_next_grid_launch();
+  wait_for_previous_grid();
   const uint4 zero = make_uint4(0, 0, 0, 0);
   // This thread's vectors of `row` into `buffer`: one commit group (empty past the last row). A
   // thread reads only the vectors it copied itself, so their landing needs no barrier; refilling a
@@ -2017,8 +1984,8 @@ void launch_quantize_rows_variant(const uint4* x, int64_t ld_vecs, int head_vecs
   require(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) == cudaSuccess,
           "quantize_rows_fp8: cannot query the occupancy");
   const int64_t blocks = std::min<int64_t>(rows, int64_t(std::max(per_sm, 1)) * device_shape().sms);
-  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(x, ld_vecs, head_vecs, tail, ld_tail_vecs, vecs,
-                                                                   rows, q, dequant_scale, gelu_mode_for(true));
+  launch_after_previous(kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), static_cast<size_t>(smem), stream, x,
+                        ld_vecs, head_vecs, tail, ld_tail_vecs, vecs, rows, q, dequant_scale, gelu_mode_for(true));
 }
 
 template <bool kBf16>

@@ -131,10 +131,11 @@ bool packed_e4m3_gelu();
 void set_packed_e4m3_gelu(bool enabled);
 
 // Programmatic dependent launch (sm90; off by default, see sm90.programmatic_launch): the sparse
-// GEMM (RtLynxSm90Gemm.programmatic_launch) and the sparsify passes' kernels are launched so that
-// they may start while the kernel before them in the stream ends (each waits for it before touching
-// memory), and every sparsify pass lets the next launch begin at its own start: the GEMM's set-up
-// overlaps the pass's last blocks instead of following them. Read at each launch (a captured CUDA
+// GEMM (RtLynxSm90Gemm.programmatic_launch), the sparsify passes, the quantise pass, the e4m3-weight
+// GEMV and the q/k norm + RoPE pass are launched so that they may start while the kernel before them
+// in the stream ends (each waits for it before touching memory), and each of ours lets the next
+// launch begin at its own start: the GEMM's set-up overlaps the pass's last blocks instead of
+// following them (programmatic_launch.cuh). Read at each launch (a captured CUDA
 // graph keeps what it was captured with); process-wide, for benchmarks and tests that compare both.
 bool programmatic_launch();
 void set_programmatic_launch(bool enabled);
