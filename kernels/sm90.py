@@ -405,8 +405,8 @@ def programmatic_launch(enabled: bool):
     (the quantise pass, the e4m3-weight GEMV, q/k norm + RoPE) are launched with programmatic
     dependent launch (enabled: each may start while the kernel before it ends and waits for it
     before touching memory, so the GEMM sets up while the sparsify pass's last blocks run) or
-    plainly (the default: 1-3% on the Lynx linear's time, nothing measurable in a FLUX step; H200,
-    bench/NOTES.md). The previous setting comes back on leaving it.
+    plainly (the default: 1-3% on the Lynx linear's time, nothing measurable in a FLUX step, with
+    or without CUDA graphs; bench/NOTES.md). The previous setting comes back on leaving it.
     Read at each launch: a CUDA graph keeps what it was captured with. Process-wide like
     low_rank_fusion; for benchmarks and tests."""
     ext = _cusparselt.extension()
