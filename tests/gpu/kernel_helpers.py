@@ -123,6 +123,29 @@ def poison_allocator(numel_bytes: int, device="cuda"):
     del block
 
 
+QUEUE_CYCLES = 20_000_000   # about 10 ms of GPU clock: longer than the host takes to launch a chain
+
+
+def assert_launch_modes_give_the_same_bytes(run, switched, poison_bytes: int):
+    """run() under switched(False) and switched(True) (context managers: plain and programmatic
+    launches) in turns, as a race need not show every time; each over NaN-poisoned memory and queued
+    behind a long kernel, so every launch is waiting in the stream when the one before it ends (else
+    the host's launch time can leave nothing to overlap). The outputs must be the plain launches'
+    bytes: the kernels are deterministic."""
+    outputs = {}
+    for programmatic in (False, True, False, True):
+        with switched(programmatic):
+            poison_allocator(poison_bytes)
+            torch.cuda._sleep(QUEUE_CYCLES)
+            y = run()
+            torch.cuda.synchronize()
+        assert not y.isnan().any(), f"programmatic={programmatic}: poisoned memory read or left"
+        outputs.setdefault(programmatic, []).append(y)
+    plain = outputs[False][0]
+    for y in outputs[False][1:] + outputs[True]:
+        assert torch.equal(y, plain), "programmatic launch changed the result"
+
+
 def padded(rows: int) -> int:
     """Rows padded to the compressed layout's 64-row tiles."""
     return (rows + 63) // 64 * 64

@@ -15,13 +15,13 @@ from rt_lynx_pack.kernels import fp8_dense, quantize_weight_fp8
 from rt_lynx_pack.kernels.reference import (dense_linear_fp8_reference, linear_e4m3_weight_reference,
                                             qk_norm_rope_reference)
 
-from kernel_helpers import DTYPES, make_input, poison_allocator, relative_error, require_fast_path
+from kernel_helpers import (DTYPES, assert_launch_modes_give_the_same_bytes, make_input, poison_allocator,
+                            relative_error, require_fast_path)
 
 HEADS, HEAD_DIM = 24, 128
 WIDTH = HEADS * HEAD_DIM   # a block's input and each of q, k, v
 LINKS = 4
 EPS = 1e-6
-QUEUE_CYCLES = 20_000_000   # about 10 ms of GPU clock: longer than the host takes to launch a chain
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +84,8 @@ def _chain(x, links, reference=False):
 def test_chained_blocks_give_the_plain_launches_bytes(kernels, generator, dtype, tokens):
     links = _links(generator, dtype, tokens)
     x = make_input("student_t", tokens, WIDTH, dtype, generator)
-    outputs = {}
-    for programmatic in (False, True, False, True):   # in turns: a race need not show every time
-        with kernels.programmatic_launch(programmatic):
-            poison_allocator(64 * tokens * WIDTH)
-            torch.cuda._sleep(QUEUE_CYCLES)
-            y = _chain(x, links)
-            torch.cuda.synchronize()
-        assert not y.isnan().any(), f"programmatic={programmatic}: poisoned memory read or left"
-        outputs.setdefault(programmatic, []).append(y)
-    plain = outputs[False][0]
-    for y in outputs[False][1:] + outputs[True]:
-        assert torch.equal(y, plain), "programmatic launch changed the result"
+    assert_launch_modes_give_the_same_bytes(lambda: _chain(x, links), kernels.programmatic_launch,
+                                            64 * tokens * WIDTH)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
