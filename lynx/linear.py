@@ -137,6 +137,12 @@ class LowRankBranch:
         return (self.up.float() @ self.down.float()) * self.scale
 
 
+def _e4m3_weight(weight: torch.Tensor, fp8_weight: tuple[torch.Tensor, torch.Tensor] | None,
+                 config: LynxConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(wq, w_scale): the copy made ahead of time, else the weight quantised on this call."""
+    return fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight, config.backend)
+
+
 def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
                 lora: LowRankBranch | None = None, dense: bool = False,
                 fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -157,7 +163,7 @@ def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x2d = x.reshape(-1, in_features)
     low_rank = lora.operands_for(x, config) if lora is not None else None
     if config.precision == "fp8":
-        wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight, config.backend)
+        wq, w_scale = _e4m3_weight(weight, fp8_weight, config)
         y = sparse_linear_fp8(x2d, wq, w_scale, bias, config.compensate, config.backend, low_rank)
     else:
         y = sparse_linear(x2d, weight.to(x.dtype), bias, config.compensate, config.backend, config.n, config.m,
@@ -214,7 +220,7 @@ def _lynx_linear_after(x, prepared_input, fused, weight, bias, config: LynxConfi
     x2d = x.reshape(-1, x.shape[-1])
     low_rank = lora.operands_for(x, config) if lora is not None else None
     if config.precision == "fp8":
-        wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight, config.backend)
+        wq, w_scale = _e4m3_weight(weight, fp8_weight, config)
         y = fused(x2d, wq, bias, config.compensate, config.backend, w_scale, low_rank=low_rank)
     else:
         y = fused(x2d, weight.to(x.dtype), bias, config.compensate, config.backend, low_rank=low_rank)
@@ -235,7 +241,7 @@ def fp8_dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     bias = _checked_bias(x, weight, bias, tail_features)
     if dense or not config.runs_sparse(x):
         return _model_dtype_linear(x, weight, bias, config, dense)
-    wq, w_scale = fp8_weight if fp8_weight is not None else quantize_weight_fp8(weight, config.backend)
+    wq, w_scale = _e4m3_weight(weight, fp8_weight, config)
     tail2d = None if gelu_tail is None else gelu_tail.reshape(-1, tail_features)
     y = dense_linear_fp8(x.reshape(-1, x.shape[-1]), wq, w_scale, bias, config.backend, tail2d)
     return y.reshape(*x.shape[:-1], weight.shape[0])
