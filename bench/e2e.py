@@ -96,6 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--packed-e4m3-gelu", action="store_true",
                    help="the GELU of the passes whose output is e4m3 in packed 16-bit math with the hardware's "
                         "packed tanh (sm90.packed_e4m3_gelu)")
+    p.add_argument("--unfused-residual", action="store_true",
+                   help="the blocks' gated residuals added by torch after the sparse GEMM, not in its epilogue "
+                        "(dispatch.residual_epilogue(False); read when the model compiles)")
     p.add_argument("--lynx-switches", default="",
                    help=f"comma list of kernel switches ({', '.join(KERNEL_SWITCHES)}): each also times the Lynx "
                         "side with that switch turned from its default, in turns with the defaults on the same "
@@ -702,7 +705,10 @@ def main(argv=None):
     if dev.cuda:
         for name in whole_run:
             switches.enter_context(kernel_switch(name))
-    elif whole_run or args.lynx_switches:
+    if args.unfused_residual:
+        from rt_lynx_pack.kernels import dispatch
+        switches.enter_context(dispatch.residual_epilogue(False))
+    if not dev.cuda and (whole_run or args.lynx_switches):
         log("--exact-gelu / --programmatic-launch / --packed-e4m3-gelu / --lynx-switches ignored: no CUDA device, "
             "the reference path has no kernels")
     started = datetime.datetime.now(datetime.timezone.utc)

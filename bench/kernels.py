@@ -123,8 +123,8 @@ def sm90_config_times(x, weight, bias, e4m3, calls, repeats, w_scale=None):
 
 
 def chosen_sm90_config(M, K, N, element):
-    for rows, k, n, name, config, _, k_ext in sm90.plan_info():
-        if (rows, k, n, name, k_ext) == (M, K, N, element, 0):
+    for rows, k, n, name, config, _, k_ext, residual in sm90.plan_info():
+        if (rows, k, n, name, k_ext, residual) == (M, K, N, element, 0, False):
             return config
     raise RuntimeError(f"no sm90 plan for {M}x{K}x{N} {element}")
 

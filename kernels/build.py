@@ -32,8 +32,10 @@ HEADERS = [CSRC / "lynx_kernels.h", CSRC / "half_words.cuh", CSRC / "op_checks.h
            CSRC / "sm90_metadata_layout.h",
            CSRC / "sm90_sparse_gemm.h"]
 EXPECTED_BUILD_SECONDS = 60
-# One translation unit per input element, so ninja compiles the CUTLASS instances in parallel.
-SM90_SOURCES = [CSRC / f"sm90_sparse_gemm_{part}.cu" for part in ("api", "bf16_bf16", "fp16_fp16", "e4m3_bf16", "e4m3_fp16")]
+# One translation unit per pair of elements and epilogue, so ninja compiles the CUTLASS instances in parallel.
+SM90_SOURCES = [CSRC / f"sm90_sparse_gemm_{part}.cu" for part in (
+    "api", "bf16_bf16", "fp16_fp16", "e4m3_bf16", "e4m3_fp16",
+    "bf16_bf16_residual", "fp16_fp16_residual", "e4m3_bf16_residual", "e4m3_fp16_residual")]
 SM90_HEADERS = [CSRC / "sm90_sparse_gemm.h", CSRC / "sm90_sparse_gemm_impl.cuh", CSRC / "sm90_k_extended_mainloop.cuh",
                 CSRC / "sm90_overlapped_sparse_mma.cuh",
                 CSRC / "sm90_metadata_layout.h"]

@@ -3,6 +3,7 @@
 Backends never change the math (kernels/reference.py defines it), only where and how fast it
 runs. The reason for each choice is logged once per distinct reason.
 """
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Callable
 import torch
 
 from . import reference
-from .reference import LowRankOperands, low_rank_reference
+from .reference import GatedResidual, LowRankOperands, gated_residual_reference, low_rank_reference
 
 log = logging.getLogger("rt_lynx")
 
@@ -187,6 +188,45 @@ def _with_low_rank(y: torch.Tensor, x2d: torch.Tensor, low_rank: LowRankOperands
     return y if low_rank is None else y + low_rank_reference(x2d, low_rank)
 
 
+# Whether a gated residual goes into the sm90 GEMM's epilogue (the default) or is added by torch after
+# the product (`residual_epilogue(False)`, for benchmarks that compare both). Read where a call is
+# traced: a compiled model keeps the choice it was compiled with (Dynamo guards on it).
+_residual_in_epilogue = True
+
+
+@contextlib.contextmanager
+def residual_epilogue(enabled: bool):
+    """Within the block, gated residuals are added in the sm90 GEMM's epilogue (enabled, the default)
+    or by torch after the product; the previous setting comes back on leaving it. Process-wide."""
+    global _residual_in_epilogue
+    previous, _residual_in_epilogue = _residual_in_epilogue, bool(enabled)
+    try:
+        yield
+    finally:
+        _residual_in_epilogue = previous
+
+
+def _epilogue_residual(residual: GatedResidual | None, x2d: torch.Tensor) -> dict:
+    """The sm90 GEMM's residual and gate arguments for `residual` around a product of x2d's rows: one
+    image's (a gate of one row; several images have a gate each, which the epilogue does not take),
+    in x's dtype. Empty where there is none or it is added after the product."""
+    if residual is None or not _residual_in_epilogue:
+        return {}
+    out_features = residual.residual.shape[-1]
+    if (residual.gate.numel() != out_features or residual.residual.numel() != x2d.shape[0] * out_features
+            or residual.residual.dtype != x2d.dtype or residual.gate.dtype != x2d.dtype):
+        return {}
+    return {"residual": residual.residual.reshape(-1, out_features), "gate": residual.gate.reshape(out_features)}
+
+
+def _finish(y: torch.Tensor, x2d: torch.Tensor, low_rank: LowRankOperands | None, residual: GatedResidual | None,
+            residual_added: bool) -> torch.Tensor:
+    """y plus what the product's kernel did not compute: the low-rank branch, then the gated residual
+    (unless the GEMM's epilogue added it: `residual_added`)."""
+    y = _with_low_rank(y, x2d, low_rank)
+    return y if residual is None or residual_added else gated_residual_reference(y, residual)
+
+
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # cuSPARSELt cannot add a per-feature bias, so it is added outside its op: under torch.compile
     # Inductor fuses it into the next elementwise work (activation, gate, residual).
@@ -194,40 +234,51 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 def sparse_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compensate: bool,
-                  requested: str = "auto", n: int = 2, m: int = 4,
-                  low_rank: LowRankOperands | None = None) -> torch.Tensor:
+                  requested: str = "auto", n: int = 2, m: int = 4, low_rank: LowRankOperands | None = None,
+                  residual: GatedResidual | None = None) -> torch.Tensor:
     """y = s * (sparse_n:m(x) @ W^T) + b [+ the low-rank branch on the dense x] on the best
     backend for this call (x2d is M x K). The sm90 backend runs the branch inside its GEMM when
-    low_rank carries the form it needs (prepare_low_rank); elsewhere it is added after."""
+    low_rank carries the form it needs (prepare_low_rank); elsewhere it is added after. With
+    `residual`: residual + gate * y, in the sm90 GEMM's epilogue where it takes it (one image, the
+    branch inside the GEMM or none), else after."""
     choice = select_backend(x2d, weight, requested, n, m)
     _report(choice, x2d, weight)
+    epilogue = {}
     if choice.name == "sm90":
-        if low_rank is not None and low_rank.up_k_extension is not None:
-            return _sm90.sparse_linear_lora_sm90(x2d, weight, bias, compensate, low_rank.down,
-                                                 low_rank.up_k_extension)
-        y = _sm90.sparse_linear_sm90(x2d, weight, bias, compensate)
+        branch_in_gemm = low_rank is not None and low_rank.up_k_extension is not None
+        if low_rank is None or branch_in_gemm:
+            epilogue = _epilogue_residual(residual, x2d)
+        if branch_in_gemm:
+            y = _sm90.sparse_linear_lora_sm90(x2d, weight, bias, compensate, low_rank.down, low_rank.up_k_extension,
+                                              **epilogue)
+            low_rank = None
+        else:
+            y = _sm90.sparse_linear_sm90(x2d, weight, bias, compensate, **epilogue)
     elif choice.name == "cusparselt":
         y = _add_bias(_fast.sparse_linear(x2d, weight, None, compensate), bias)
     else:
         y = reference.sparse_linear_reference(x2d, weight, bias, compensate, n, m)
-    return _with_low_rank(y, x2d, low_rank)
+    return _finish(y, x2d, low_rank, residual, len(epilogue) > 0)
 
 
 def sparse_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                      compensate: bool, requested: str = "auto",
-                      low_rank: LowRankOperands | None = None) -> torch.Tensor:
+                      compensate: bool, requested: str = "auto", low_rank: LowRankOperands | None = None,
+                      residual: GatedResidual | None = None) -> torch.Tensor:
     """The fp8 Lynx product (reference.sparse_linear_fp8_reference) with (wq, w_scale) from
     quantize_weight_fp8, on the best backend for this call; a low-rank branch is added after
-    in x's dtype (the e4m3 GEMM takes no K extension)."""
+    in x's dtype (the e4m3 GEMM takes no K extension). `residual` as in sparse_linear (in the
+    epilogue without a branch)."""
     choice = select_backend(x2d, wq, requested, 2, 4, "fp8")
     _report(choice, x2d, wq)
+    epilogue = {}
     if choice.name == "sm90":
-        y = _sm90.sparse_linear_fp8_sm90(x2d, wq, w_scale, bias, compensate)
+        epilogue = _epilogue_residual(residual, x2d) if low_rank is None else {}
+        y = _sm90.sparse_linear_fp8_sm90(x2d, wq, w_scale, bias, compensate, **epilogue)
     elif choice.name == "cusparselt":
         y = _add_bias(_fast_fp8.sparse_linear_fp8(x2d, wq, w_scale, None, compensate), bias)
     else:
         y = reference.sparse_linear_fp8_reference(x2d, wq, w_scale, bias, compensate)
-    return _with_low_rank(y, x2d, low_rank)
+    return _finish(y, x2d, low_rank, residual, len(epilogue) > 0)
 
 
 def sparse_linear_modulated(x2d: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, tokens: int, eps: float,
@@ -255,26 +306,29 @@ def sparse_linear_modulated(x2d: torch.Tensor, shift: torch.Tensor, scale1p: tor
 
 def sparse_linear_gelu(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compensate: bool,
                        requested: str = "auto", w_scale: torch.Tensor | None = None,
-                       low_rank: LowRankOperands | None = None) -> torch.Tensor:
+                       low_rank: LowRankOperands | None = None, residual: GatedResidual | None = None) -> torch.Tensor:
     """sparse_linear (or sparse_linear_fp8 with w_scale) of reference.gelu_tanh_reference(x2d):
-    an MLP's GELU and its down projection (with `low_rank`, plus the LoRA branch of the activation).
-    On the sm90 backend the GELU runs inside the sparsify pass (the activation is never written);
-    otherwise it is computed first."""
+    an MLP's GELU and its down projection (with `low_rank`, plus the LoRA branch of the activation;
+    with `residual`, residual + gate * that, as in sparse_linear). On the sm90 backend the GELU runs
+    inside the sparsify pass (the activation is never written); otherwise it is computed first."""
+    epilogue = _epilogue_residual(residual, x2d)
     return _sparse_linear_after(
         "GELU", (),
-        lambda *branch: _sm90.sparse_linear_gelu_sm90(x2d, weight, w_scale, bias, compensate, *branch),
+        lambda *branch: _sm90.sparse_linear_gelu_sm90(x2d, weight, w_scale, bias, compensate, *branch, **epilogue),
         lambda: reference.gelu_tanh_reference(x2d),
-        x2d, weight, bias, compensate, requested, w_scale, low_rank)
+        x2d, weight, bias, compensate, requested, w_scale, low_rank, residual, len(epilogue) > 0)
 
 
 def _sparse_linear_after(prologue_label: str, modulation: tuple, fused, prepared_input, x2d: torch.Tensor,
                          weight: torch.Tensor, bias: torch.Tensor | None, compensate: bool, requested: str,
-                         w_scale: torch.Tensor | None, low_rank: LowRankOperands | None) -> torch.Tensor:
-    """The 2:4 product of what `prepared_input()` computes from x2d, plus `low_rank`'s branch of it:
-    fused(*branch) where the sm90 backend runs this call and its sparsify pass takes the prologue
-    (`modulation`: (shift, tokens) of a LayerNorm + modulation, () for the GELU) and the branch
-    (16-bit product, the sm90 form of the up factor, a rank the fused down pass takes), else the
-    prologue in torch ops and the product after it."""
+                         w_scale: torch.Tensor | None, low_rank: LowRankOperands | None,
+                         residual: GatedResidual | None = None, fused_adds_residual: bool = False) -> torch.Tensor:
+    """The 2:4 product of what `prepared_input()` computes from x2d, plus `low_rank`'s branch of it
+    (and `residual`): fused(*branch) where the sm90 backend runs this call and its sparsify pass
+    takes the prologue (`modulation`: (shift, tokens) of a LayerNorm + modulation, () for the GELU)
+    and the branch (16-bit product, the sm90 form of the up factor, a rank the fused down pass
+    takes), else the prologue in torch ops and the product after it. `fused_adds_residual`: fused
+    computes the residual in its epilogue (else it is added to its output here)."""
     choice = select_backend(x2d, weight, requested, 2, 4, "fp8" if w_scale is not None else "bf16")
     if choice.name == "sm90":
         branch = () if low_rank is None else (low_rank.down, low_rank.up_k_extension)
@@ -284,12 +338,12 @@ def _sparse_linear_after(prologue_label: str, modulation: tuple, fused, prepared
             supported, why_not = False, "the Lynx LoRA branch is added after this product"
         if supported:
             _report(choice, x2d, weight)
-            return fused(*branch)
+            return _finish(fused(*branch), x2d, None, residual, fused_adds_residual)
         log_once(f"{prologue_label} before the sparsify pass ({why_not})")
     x = prepared_input()
     if w_scale is not None:
-        return sparse_linear_fp8(x, weight, w_scale, bias, compensate, requested, low_rank)
-    return sparse_linear(x, weight, bias, compensate, requested, low_rank=low_rank)
+        return sparse_linear_fp8(x, weight, w_scale, bias, compensate, requested, low_rank, residual)
+    return sparse_linear(x, weight, bias, compensate, requested, low_rank=low_rank, residual=residual)
 
 
 def fp8_dense_availability(device: torch.device) -> tuple[bool, str]:

@@ -113,6 +113,20 @@ def low_rank_reference(x: torch.Tensor, low_rank: LowRankOperands) -> torch.Tens
     return F.linear(F.linear(x, low_rank.down), low_rank.up) * low_rank.scale
 
 
+@dataclass(frozen=True, eq=False)   # holds tensors: identity, not element-wise ==
+class GatedResidual:
+    """A DiT block's gated residual around one of its linears: out = residual + gate * y, as the
+    block's addcmul computes it. residual is shaped as y (images, tokens, out_features), gate holds one
+    row per image (images, 1, out_features), as FLUX's and Qwen-Image's modulations hold it."""
+    residual: torch.Tensor
+    gate: torch.Tensor
+
+
+def gated_residual_reference(y: torch.Tensor, gated: GatedResidual) -> torch.Tensor:
+    """residual + gate * y, shaped as y (2-D y: the rows of the residual's images in order)."""
+    return torch.addcmul(gated.residual, gated.gate, y.reshape(gated.residual.shape)).reshape(y.shape)
+
+
 # ---- fp8 e4m3 path (W8A8 with 2:4 activations) ----
 E4M3_MAX = 448.0
 

@@ -69,31 +69,34 @@ def _define_ops():
     if _cusparselt.op_defined("sparse_linear_sm90"):
         return
     lib = torch.library.Library("rt_lynx", "FRAGMENT")
-    lib.define("sparse_linear_sm90(Tensor x, Tensor weight, Tensor? bias, bool compensate) -> Tensor")
+    # residual, gate: y = residual + gate * the product, in the GEMM's epilogue (one image's gate).
+    lib.define("sparse_linear_sm90(Tensor x, Tensor weight, Tensor? bias, bool compensate, Tensor? residual=None, "
+               "Tensor? gate=None) -> Tensor")
     lib.define("sparse_linear_lora_sm90(Tensor x, Tensor weight, Tensor? bias, bool compensate, Tensor down, "
-               "Tensor up_ext) -> Tensor")
-    lib.define("sparse_linear_fp8_sm90(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, bool compensate) "
-               "-> Tensor")
+               "Tensor up_ext, Tensor? residual=None, Tensor? gate=None) -> Tensor")
+    lib.define("sparse_linear_fp8_sm90(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, bool compensate, "
+               "Tensor? residual=None, Tensor? gate=None) -> Tensor")
     lib.define("sparse_linear_modulated_sm90(Tensor x, Tensor shift, Tensor scale1p, int tokens, float eps, "
                "Tensor weight, Tensor? w_scale, Tensor? bias, bool compensate, Tensor? down=None, "
                "Tensor? up_ext=None) -> Tensor")
     lib.define("sparse_linear_gelu_sm90(Tensor x, Tensor weight, Tensor? w_scale, Tensor? bias, bool compensate, "
-               "Tensor? down=None, Tensor? up_ext=None) -> Tensor")
+               "Tensor? down=None, Tensor? up_ext=None, Tensor? residual=None, Tensor? gate=None) -> Tensor")
     lib.define("sparsify_sm90(Tensor x, int metadata_block, bool e4m3, bool compensate, Tensor? shift=None, "
                "Tensor? scale1p=None, int tokens=1, float eps=0.0, bool gelu=False) -> (Tensor, Tensor)")
     lib.define("sparse_mm_sm90(Tensor compressed, Tensor weight, Tensor? row_scale, Tensor? col_scale, "
-               "Tensor? bias, int rows, int config, ScalarType out_dtype) -> Tensor")
+               "Tensor? bias, int rows, int config, ScalarType out_dtype, Tensor? residual=None, "
+               "Tensor? gate=None) -> Tensor")
 
     @torch.library.register_fake("rt_lynx::sparse_linear_sm90", lib=lib)
-    def _(x, weight, bias, compensate):
+    def _(x, weight, bias, compensate, residual=None, gate=None):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("rt_lynx::sparse_linear_lora_sm90", lib=lib)
-    def _(x, weight, bias, compensate, down, up_ext):
+    def _(x, weight, bias, compensate, down, up_ext, residual=None, gate=None):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("rt_lynx::sparse_linear_fp8_sm90", lib=lib)
-    def _(x, wq, w_scale, bias, compensate):
+    def _(x, wq, w_scale, bias, compensate, residual=None, gate=None):
         return x.new_empty((x.shape[0], wq.shape[0]))
 
     @torch.library.register_fake("rt_lynx::sparse_linear_modulated_sm90", lib=lib)
@@ -101,7 +104,7 @@ def _define_ops():
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("rt_lynx::sparse_linear_gelu_sm90", lib=lib)
-    def _(x, weight, w_scale, bias, compensate, down=None, up_ext=None):
+    def _(x, weight, w_scale, bias, compensate, down=None, up_ext=None, residual=None, gate=None):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("rt_lynx::sparsify_sm90", lib=lib)
@@ -111,7 +114,7 @@ def _define_ops():
                 x.new_empty((_cusparselt.padded_rows(x.shape[0]),), dtype=torch.float32))
 
     @torch.library.register_fake("rt_lynx::sparse_mm_sm90", lib=lib)
-    def _(compressed, weight, row_scale, col_scale, bias, rows, config, out_dtype):
+    def _(compressed, weight, row_scale, col_scale, bias, rows, config, out_dtype, residual=None, gate=None):
         return weight.new_empty((rows, weight.shape[0]), dtype=out_dtype)
 
     _define_ops.library = lib
@@ -253,9 +256,12 @@ def supports_sm90(x2d: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
 
 
 def sparse_linear_sm90(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       compensate: bool) -> torch.Tensor:
-    """s * (sparse(x2d) @ weight^T) + bias, M x N in x's dtype, bias in the GEMM epilogue."""
-    return torch.ops.rt_lynx.sparse_linear_sm90(x2d, weight, bias, bool(compensate))
+                       compensate: bool, residual: torch.Tensor | None = None,
+                       gate: torch.Tensor | None = None) -> torch.Tensor:
+    """s * (sparse(x2d) @ weight^T) + bias, M x N in x's dtype, bias in the GEMM epilogue. With
+    `residual` (M x N, x's dtype) and `gate` (N values, x's dtype; None: 1), residual + gate * that,
+    in the epilogue too, before the one rounding to x's dtype (the same for every op below)."""
+    return torch.ops.rt_lynx.sparse_linear_sm90(x2d, weight, bias, bool(compensate), residual, gate)
 
 
 def supports_prologue(x2d: torch.Tensor, shift: torch.Tensor | None = None, tokens: int = 1,
@@ -300,11 +306,13 @@ def sparse_linear_modulated_sm90(x2d: torch.Tensor, shift: torch.Tensor, scale1p
 
 def sparse_linear_gelu_sm90(x2d: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor | None,
                             bias: torch.Tensor | None, compensate: bool, down: torch.Tensor | None = None,
-                            up_ext: torch.Tensor | None = None) -> torch.Tensor:
+                            up_ext: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                            gate: torch.Tensor | None = None) -> torch.Tensor:
     """sparse_linear_sm90 (w_scale None) or sparse_linear_fp8_sm90 (weight e4m3) of
     gelu_tanh_reference(x2d), the GELU done inside the sparsify pass; down and up_ext as in
-    sparse_linear_modulated_sm90."""
-    return torch.ops.rt_lynx.sparse_linear_gelu_sm90(x2d, weight, w_scale, bias, bool(compensate), down, up_ext)
+    sparse_linear_modulated_sm90, residual and gate as in sparse_linear_sm90."""
+    return torch.ops.rt_lynx.sparse_linear_gelu_sm90(x2d, weight, w_scale, bias, bool(compensate), down, up_ext,
+                                                     residual, gate)
 
 
 def k_extension_up(up: torch.Tensor, scale: float) -> torch.Tensor:
@@ -321,17 +329,21 @@ def k_extension_up(up: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def sparse_linear_lora_sm90(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            compensate: bool, down: torch.Tensor, up_ext: torch.Tensor) -> torch.Tensor:
+                            compensate: bool, down: torch.Tensor, up_ext: torch.Tensor,
+                            residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
     """s * (sparse(x2d) @ weight^T) + bias + up(down(x2d)) * scale in one sparse GEMM, with
-    up_ext = k_extension_up(up, scale) and down in x's dtype."""
-    return torch.ops.rt_lynx.sparse_linear_lora_sm90(x2d, weight, bias, bool(compensate), down, up_ext)
+    up_ext = k_extension_up(up, scale) and down in x's dtype; residual and gate as in
+    sparse_linear_sm90."""
+    return torch.ops.rt_lynx.sparse_linear_lora_sm90(x2d, weight, bias, bool(compensate), down, up_ext, residual,
+                                                     gate)
 
 
 def sparse_linear_fp8_sm90(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-                           bias: torch.Tensor | None, compensate: bool) -> torch.Tensor:
+                           bias: torch.Tensor | None, compensate: bool, residual: torch.Tensor | None = None,
+                           gate: torch.Tensor | None = None) -> torch.Tensor:
     """a[m] * w_scale[n] * (e4m3 2:4 x) @ wq^T + bias, M x N in x's dtype, scales and bias in the
-    GEMM epilogue."""
-    return torch.ops.rt_lynx.sparse_linear_fp8_sm90(x2d, wq, w_scale, bias, bool(compensate))
+    GEMM epilogue; residual and gate as in sparse_linear_sm90."""
+    return torch.ops.rt_lynx.sparse_linear_fp8_sm90(x2d, wq, w_scale, bias, bool(compensate), residual, gate)
 
 
 def clear_plans() -> None:
@@ -341,7 +353,7 @@ def clear_plans() -> None:
 
 def plan_info() -> list[tuple]:
     """Chosen configs: (M, K, N, element, config, time per candidate config in us, the chosen
-    config's K extension columns for a low-rank branch, or 0)."""
+    config's K extension columns for a low-rank branch, or 0, whether the GEMM adds a residual)."""
     return list(_cusparselt.extension().sm90_plan_info())
 
 

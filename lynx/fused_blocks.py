@@ -10,10 +10,11 @@ norms and modulations are still the block's own modules, so the Lynx forwards, C
 casts and LoRA patches apply unchanged. A Lynx layer takes the elementwise work that produces its
 input into its sparsify pass: after a LayerNorm + modulation (LynxLinearForward.modulated) and
 after the MLP's GELU (LynxLinearForward.after_gelu), so the block's modulated activations and the
-MLP's activation are never written. FLUX's single-block linear2 input, the attention output and
-the GELU of the MLP's hidden state side by side, is made in one pass (kernels.cat_gelu_tanh), or
-inside an fp8 dense layer's quantise pass (LynxLinearForward.after_cat_gelu). Attention itself is
-the caller's (ComfyUI's optimized_attention). The models' RoPE table (EmbedND) is computed by one
+MLP's activation are never written; and the gated residual after it into its GEMM's epilogue
+(LynxLinearForward.gated_residual), so its own output is not written either. FLUX's single-block
+linear2 input, the attention output and the GELU of the MLP's hidden state side by side, is made
+in one pass (kernels.cat_gelu_tanh), or inside an fp8 dense layer's quantise pass
+(LynxLinearForward.after_cat_gelu). Attention itself is the caller's (ComfyUI's optimized_attention). The models' RoPE table (EmbedND) is computed by one
 op that torch.compile keeps whole (`rope_table_forward`; kernels/rope.py says why).
 
 Only blocks whose structure and forward signatures are the ones written against here are taken
@@ -204,24 +205,34 @@ def _lynx_forward_method(linear: nn.Module, name: str):
     return getattr(linear.__dict__.get("forward"), name, None)
 
 
-def _modulated_mlp(mlp: nn.Module, norm: nn.Module, x: torch.Tensor, shift: torch.Tensor,
-                   scale: torch.Tensor) -> torch.Tensor:
-    """mlp(addcmul(shift, norm(x), 1 + scale)) for FLUX's Sequential(Linear, GELU, Linear) and
-    Qwen-Image's FeedForward(GELU(proj), Dropout, Linear): the up projection through
-    _modulated_linears, the down projection through a Lynx layer's `after_gelu` (the GELU in its
-    sparsify pass) where it has one."""
+def _gated_residual(linear: nn.Module, residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """addcmul(residual, gate, linear(x)), in a Lynx layer's GEMM epilogue where it has one."""
+    fused = _lynx_forward_method(linear, "gated_residual")
+    return fused(residual, gate, x) if fused is not None else torch.addcmul(residual, gate, linear(x))
+
+
+def _is_identity_dropout(module: nn.Module) -> bool:
+    return isinstance(module, nn.Dropout) and not (module.training and module.p > 0)
+
+
+def _mlp_with_residual(mlp: nn.Module, norm: nn.Module, x: torch.Tensor, mod) -> torch.Tensor:
+    """addcmul(x, mod.gate, mlp(addcmul(mod.shift, norm(x), 1 + mod.scale))), a block's MLP and its
+    gated residual, for FLUX's Sequential(Linear, GELU, Linear) and Qwen-Image's FeedForward(GELU(proj),
+    Dropout, Linear): the up projection through _modulated_linears, the down projection through a Lynx
+    layer's `gated_residual` with the GELU in its sparsify pass (and the residual in its GEMM's
+    epilogue) where it has one."""
     if isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(mlp[1], nn.GELU):
         up, approximate, down = mlp[0], mlp[1].approximate, mlp[2]
     elif (type(mlp).__name__ == "FeedForward" and len(mlp.net) == 3 and type(mlp.net[0]).__name__ == "GELU"
-          and isinstance(mlp.net[1], nn.Dropout) and not (mlp.net[1].training and mlp.net[1].p > 0)):
+          and _is_identity_dropout(mlp.net[1])):
         up, approximate, down = mlp.net[0].proj, mlp.net[0].approximate, mlp.net[2]
     else:
-        return mlp(torch.addcmul(shift, norm(x), 1 + scale))
-    (hidden,) = _modulated_linears((up,), norm, x, shift, scale)
-    after_gelu = _lynx_forward_method(down, "after_gelu") if approximate == "tanh" else None
-    if after_gelu is not None:
-        return after_gelu(hidden)
-    return down(F.gelu(hidden, approximate=approximate))
+        return torch.addcmul(x, mod.gate, mlp(torch.addcmul(mod.shift, norm(x), 1 + mod.scale)))
+    (hidden,) = _modulated_linears((up,), norm, x, mod.shift, mod.scale)
+    fused = _lynx_forward_method(down, "gated_residual") if approximate == "tanh" else None
+    if fused is not None:
+        return fused(x, mod.gate, hidden, after_gelu=True)
+    return torch.addcmul(x, mod.gate, down(F.gelu(hidden, approximate=approximate)))
 
 
 def _linear_of_cat_activation(linear: nn.Module, first: torch.Tensor, second: torch.Tensor,
@@ -260,12 +271,10 @@ def flux_double_block(block: nn.Module, img: torch.Tensor, txt: torch.Tensor, ve
     attn_first, attn_second = attn[:, :first[0].shape[1]], attn[:, first[0].shape[1]:]
     img_attn, txt_attn = (attn_first, attn_second) if flipped else (attn_second, attn_first)
 
-    img = torch.addcmul(img, img_mod1.gate, block.img_attn.proj(img_attn))
-    img = torch.addcmul(img, img_mod2.gate, _modulated_mlp(block.img_mlp, block.img_norm2, img, img_mod2.shift,
-                                                           img_mod2.scale))
-    txt = torch.addcmul(txt, txt_mod1.gate, block.txt_attn.proj(txt_attn))
-    txt = torch.addcmul(txt, txt_mod2.gate, _modulated_mlp(block.txt_mlp, block.txt_norm2, txt, txt_mod2.shift,
-                                                           txt_mod2.scale))
+    img = _gated_residual(block.img_attn.proj, img, img_mod1.gate, img_attn)
+    img = _mlp_with_residual(block.img_mlp, block.img_norm2, img, img_mod2)
+    txt = _gated_residual(block.txt_attn.proj, txt, txt_mod1.gate, txt_attn)
+    txt = _mlp_with_residual(block.txt_mlp, block.txt_norm2, txt, txt_mod2)
     return img, _clamp_fp16(txt)
 
 
@@ -300,15 +309,15 @@ def qwen_image_block(block: nn.Module, hidden_states: torch.Tensor, encoder_hidd
                                  attn.norm_q.eps)
     joint = attention(q, k, v, attn.heads, None, transformer_options)
     text_tokens = encoder_hidden_states.shape[1]
-    img_attn_output = attn.to_out[1](attn.to_out[0](joint[:, text_tokens:]))
-    txt_attn_output = attn.to_add_out(joint[:, :text_tokens])
-
-    hidden_states = torch.addcmul(hidden_states, img_mod1.gate, img_attn_output)
-    encoder_hidden_states = torch.addcmul(encoder_hidden_states, txt_mod1.gate, txt_attn_output)
-    hidden_states = torch.addcmul(hidden_states, img_mod2.gate, _modulated_mlp(
-        block.img_mlp, block.img_norm2, hidden_states, img_mod2.shift, img_mod2.scale))
-    encoder_hidden_states = torch.addcmul(encoder_hidden_states, txt_mod2.gate, _modulated_mlp(
-        block.txt_mlp, block.txt_norm2, encoder_hidden_states, txt_mod2.shift, txt_mod2.scale))
+    if _is_identity_dropout(attn.to_out[1]):
+        hidden_states = _gated_residual(attn.to_out[0], hidden_states, img_mod1.gate, joint[:, text_tokens:])
+    else:
+        hidden_states = torch.addcmul(hidden_states, img_mod1.gate,
+                                      attn.to_out[1](attn.to_out[0](joint[:, text_tokens:])))
+    encoder_hidden_states = _gated_residual(attn.to_add_out, encoder_hidden_states, txt_mod1.gate,
+                                            joint[:, :text_tokens])
+    hidden_states = _mlp_with_residual(block.img_mlp, block.img_norm2, hidden_states, img_mod2)
+    encoder_hidden_states = _mlp_with_residual(block.txt_mlp, block.txt_norm2, encoder_hidden_states, txt_mod2)
     return encoder_hidden_states, hidden_states
 
 

@@ -21,7 +21,9 @@ A DiT block may hand a layer the elementwise work that makes its input rather th
 MLP's GELU) compute that work followed by `lynx_linear`, with the work inside the kernels'
 sparsify pass, so the input is never written (the same math up to rare one-ulp roundings). A
 layer an fp8 model keeps dense may take its input as cat((first, gelu(second))) (FLUX's
-single-block linear2: `fp8_dense_linear(..., gelu_tail=)`), made inside the quantise pass.
+single-block linear2: `fp8_dense_linear(..., gelu_tail=)`), made inside the quantise pass. The
+block's gated residual after a layer, residual + gate * y (`residual=`), is added in the sparse
+GEMM's epilogue where the kernels take it, so y is never written.
 
 sparse(x) keeps the n largest |x| of each m consecutive input features (2:4 by default); s is
 the per-token norm compensation ||x|| / ||sparse(x)|| (or 1 when switched off). Inputs with
@@ -34,10 +36,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..kernels import (PRECISIONS, REQUESTS, LowRankOperands, cat_gelu_tanh, dense_linear_fp8, gelu_tanh_reference,
-                       linear_fp8_weight, log_once, low_rank_reference, modulated_layer_norm_reference,
-                       prepare_low_rank, quantize_weight_fp8, sparse_linear, sparse_linear_fp8, sparse_linear_gelu,
-                       sparse_linear_modulated)
+from ..kernels import (PRECISIONS, REQUESTS, GatedResidual, LowRankOperands, cat_gelu_tanh, dense_linear_fp8,
+                       gated_residual_reference, gelu_tanh_reference, linear_fp8_weight, log_once, low_rank_reference,
+                       modulated_layer_norm_reference, prepare_low_rank, quantize_weight_fp8, sparse_linear,
+                       sparse_linear_fp8, sparse_linear_gelu, sparse_linear_modulated)
 
 
 @dataclass(frozen=True)
@@ -146,17 +148,18 @@ def _e4m3_weight(weight: torch.Tensor, fp8_weight: tuple[torch.Tensor, torch.Ten
 def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
                 lora: LowRankBranch | None = None, dense: bool = False,
                 fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None,
-                folded: LowRankBranch | None = None) -> torch.Tensor:
+                folded: LowRankBranch | None = None, residual: GatedResidual | None = None) -> torch.Tensor:
     """The Lynx product for x of shape (..., in_features); `dense=True` gives plain F.linear
     (plus the LoRA branch, which only makes sense with the sparse product, so it is skipped).
     `fp8_weight` is quantize_weight_fp8(weight) made ahead of time; without it an fp8 config
     quantises the weight in the call. `folded`: a branch already added to `weight` for the
-    sparse product; a call that computes dense subtracts it (x W^T up to W's rounding)."""
+    sparse product; a call that computes dense subtracts it (x W^T up to W's rounding).
+    `residual`: the result is residual + gate * y (a block's gated residual; y shaped as x's)."""
     in_features = x.shape[-1]
     bias = _checked_bias(x, weight, bias)
     if dense or not config.runs_sparse(x):
         y = _model_dtype_linear(x, weight, bias, config, dense)
-        return y if folded is None else y - folded(x, FOLDED_BRANCH_CONFIG)
+        return _with_residual(y if folded is None else y - folded(x, FOLDED_BRANCH_CONFIG), residual)
     if in_features % config.m:
         raise ValueError(f"in_features={in_features} is not a multiple of {config.m}: "
                          f"this layer cannot be {config.pattern} sparse")
@@ -164,11 +167,15 @@ def lynx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     low_rank = lora.operands_for(x, config) if lora is not None else None
     if config.precision == "fp8":
         wq, w_scale = _e4m3_weight(weight, fp8_weight, config)
-        y = sparse_linear_fp8(x2d, wq, w_scale, bias, config.compensate, config.backend, low_rank)
+        y = sparse_linear_fp8(x2d, wq, w_scale, bias, config.compensate, config.backend, low_rank, residual)
     else:
         y = sparse_linear(x2d, weight.to(x.dtype), bias, config.compensate, config.backend, config.n, config.m,
-                          low_rank)
+                          low_rank, residual)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _with_residual(y: torch.Tensor, residual: GatedResidual | None) -> torch.Tensor:
+    return y if residual is None else gated_residual_reference(y, residual)
 
 
 def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float) -> torch.Tensor:
@@ -202,28 +209,33 @@ def lynx_linear_modulated(x: torch.Tensor, shift: torch.Tensor, scale1p: torch.T
 
 def lynx_linear_after_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
                            fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None,
-                           lora: LowRankBranch | None = None, folded: LowRankBranch | None = None) -> torch.Tensor:
-    """lynx_linear(gelu(x, approximate="tanh"), ..., lora), an MLP's down projection, with the GELU
-    inside the kernels' sparsify pass where it can be, so the activation is never written."""
+                           lora: LowRankBranch | None = None, folded: LowRankBranch | None = None,
+                           residual: GatedResidual | None = None) -> torch.Tensor:
+    """lynx_linear(gelu(x, approximate="tanh"), ..., lora, residual=residual), an MLP's down
+    projection, with the GELU inside the kernels' sparsify pass where it can be, so the activation is
+    never written."""
     return _lynx_linear_after(x, lambda: gelu_tanh_reference(x), sparse_linear_gelu, weight, bias, config,
-                              fp8_weight, lora, folded)
+                              fp8_weight, lora, folded, residual)
 
 
 def _lynx_linear_after(x, prepared_input, fused, weight, bias, config: LynxConfig, fp8_weight,
-                       lora: LowRankBranch | None, folded: LowRankBranch | None) -> torch.Tensor:
+                       lora: LowRankBranch | None, folded: LowRankBranch | None,
+                       residual: GatedResidual | None = None) -> torch.Tensor:
     """The Lynx product of prepared_input() (elementwise work on x): fused(x2d, weight, bias,
-    compensate, backend[, w_scale], low_rank=) computes it from x itself; patterns other than 2:4
-    and inputs that run dense take prepared_input() through lynx_linear."""
+    compensate, backend[, w_scale], low_rank=[, residual=]) computes it from x itself; patterns other
+    than 2:4 and inputs that run dense take prepared_input() through lynx_linear."""
     if (config.n, config.m) != (2, 4) or not config.runs_sparse(x):
-        return lynx_linear(prepared_input(), weight, bias, config, lora, fp8_weight=fp8_weight, folded=folded)
+        return lynx_linear(prepared_input(), weight, bias, config, lora, fp8_weight=fp8_weight, folded=folded,
+                           residual=residual)
     bias = _checked_bias(x, weight, bias)
     x2d = x.reshape(-1, x.shape[-1])
     low_rank = lora.operands_for(x, config) if lora is not None else None
+    gated = {} if residual is None else {"residual": residual}   # the modulated op takes none
     if config.precision == "fp8":
         wq, w_scale = _e4m3_weight(weight, fp8_weight, config)
-        y = fused(x2d, wq, bias, config.compensate, config.backend, w_scale, low_rank=low_rank)
+        y = fused(x2d, wq, bias, config.compensate, config.backend, w_scale, low_rank=low_rank, **gated)
     else:
-        y = fused(x2d, weight.to(x.dtype), bias, config.compensate, config.backend, low_rank=low_rank)
+        y = fused(x2d, weight.to(x.dtype), bias, config.compensate, config.backend, low_rank=low_rank, **gated)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..kernels import (cat_gelu_tanh, fast_path_availability, fp8_dense_availability, fp8_dense_shape_supported,
-                       gelu_tanh_reference, quantize_weight_fp8)
+from ..kernels import (GatedResidual, cat_gelu_tanh, fast_path_availability, fp8_dense_availability,
+                       fp8_dense_shape_supported, gelu_tanh_reference, quantize_weight_fp8)
 from .linear import (FOLDED_BRANCH_CONFIG, LowRankBranch, LynxConfig, fp8_dense_linear, fp8_weight_linear, lynx_linear,
                      lynx_linear_after_gelu, lynx_linear_modulated, modulated_layer_norm)
 from .lora import LynxLoRA, check_fits
@@ -127,6 +127,20 @@ class LynxLinearForward:
         return self._with_weights(x, lambda weight, bias: lynx_linear_after_gelu(
             x, weight, bias, self.config, self.fp8_weight, self.lora, self.folded))
 
+    def gated_residual(self, residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor,
+                       after_gelu: bool = False) -> torch.Tensor:
+        """addcmul(residual, gate, self(x)) (self.after_gelu(x) with `after_gelu`): a DiT block's gated
+        residual around this layer, residual shaped as the output, gate one row per image. The sparse
+        product adds it in its GEMM's epilogue where the kernels take it (one image), so the layer's
+        output is never written; every other case computes the layer, then the addcmul."""
+        if not self.sparse or (after_gelu and not self._takes_prologue()):
+            return torch.addcmul(residual, gate, self.after_gelu(x) if after_gelu else self(x))
+        gated = GatedResidual(residual, gate)
+        if after_gelu:
+            return self._with_weights(x, lambda weight, bias: lynx_linear_after_gelu(
+                x, weight, bias, self.config, self.fp8_weight, self.lora, self.folded, residual=gated))
+        return self._with_weights(x, lambda weight, bias: self._product(x, weight, bias, gated))
+
     def after_cat_gelu(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """self(cat((first, gelu(second, approximate="tanh")), -1)): FLUX's single-block linear2 of
         the attention output and the MLP's up projection. A layer an fp8 model keeps dense (the
@@ -164,10 +178,11 @@ class LynxLinearForward:
             return self.module.weight, bias, None
         return self.weights(self.module, x)
 
-    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 residual: GatedResidual | None = None) -> torch.Tensor:
         if self.sparse:
             return lynx_linear(x, weight, bias, self.config, self.lora, dense=self.runtime.dense,
-                               fp8_weight=self.fp8_weight, folded=self.folded)
+                               fp8_weight=self.fp8_weight, folded=self.folded, residual=residual)
         return fp8_dense_linear(x, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight)
 
     def prepare_fp8(self, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,

@@ -190,8 +190,8 @@ def sm90_on_the_cpu(monkeypatch):
     """The sm90 path taken on the CPU: the dispatch sees the backend available, and the ops' CPU
     kernels (for this test only) compute the reference math of their arguments. The Python between
     a block and the kernels then runs, and compiles, as it does on a GPU; a wrong argument on the
-    way (shift, tokens, the branch's factors, the GELU tail) changes the numbers. Returns the names
-    of the ops called."""
+    way (shift, tokens, the branch's factors, the GELU tail, a gated residual) changes the numbers.
+    Returns the names of the ops called, with " + residual" where the call took a gated residual."""
     from rt_lynx_pack.kernels import fp8_dense, reference
     calls = []
 
@@ -209,14 +209,26 @@ def sm90_on_the_cpu(monkeypatch):
     def counted(name, fn):
         return lambda *args: calls.append(name) or fn(*args)
 
+    def gated(name, y, residual, gate):
+        # The unfused ops' roundings (the GEMM adds it before rounding y): the same bits as they make.
+        if residual is None:
+            return y
+        calls.append(f"{name} + residual")
+        return torch.addcmul(residual, gate.reshape(1, -1), y)
+
     kernels = {
         "sparse_linear_modulated_sm90": lambda x, shift, scale1p, tokens, eps, *rest: product(
             reference.modulated_layer_norm_reference(x, shift, scale1p, tokens, eps), *rest),
-        "sparse_linear_gelu_sm90": lambda x, *rest: product(reference.gelu_tanh_reference(x), *rest),
-        "sparse_linear_sm90": lambda x, weight, bias, compensate: product(x, weight, None, bias, compensate),
-        "sparse_linear_lora_sm90": lambda x, weight, bias, compensate, down, up_ext: product(
-            x, weight, None, bias, compensate, down, up_ext),
-        "sparse_linear_fp8_sm90": lambda x, wq, w_scale, bias, compensate: product(x, wq, w_scale, bias, compensate),
+        "sparse_linear_gelu_sm90": lambda x, weight, w_scale, bias, compensate, down=None, up_ext=None, residual=None,
+        gate=None: gated(
+            "sparse_linear_gelu_sm90", product(reference.gelu_tanh_reference(x), weight, w_scale, bias, compensate,
+                                               down, up_ext), residual, gate),
+        "sparse_linear_sm90": lambda x, weight, bias, compensate, residual=None, gate=None: gated(
+            "sparse_linear_sm90", product(x, weight, None, bias, compensate), residual, gate),
+        "sparse_linear_lora_sm90": lambda x, weight, bias, compensate, down, up_ext, residual=None, gate=None: gated(
+            "sparse_linear_lora_sm90", product(x, weight, None, bias, compensate, down, up_ext), residual, gate),
+        "sparse_linear_fp8_sm90": lambda x, wq, w_scale, bias, compensate, residual=None, gate=None: gated(
+            "sparse_linear_fp8_sm90", product(x, wq, w_scale, bias, compensate), residual, gate),
         "quantize_rows_fp8": lambda x, tail=None: reference.quantize_rows_fp8(
             x if tail is None else reference.cat_gelu_tanh_reference(x, tail)),
         "cat_gelu_tanh": reference.cat_gelu_tanh_reference,
@@ -239,11 +251,13 @@ def sm90_on_the_cpu(monkeypatch):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 @pytest.mark.parametrize("with_lora", [False, True])
-def test_fused_block_parts_reach_the_fast_ops_and_compile_in_one_graph(sm90_on_the_cpu, precision, with_lora):
+@pytest.mark.parametrize("images", [1, 2])
+def test_fused_block_parts_reach_the_fast_ops_and_compile_in_one_graph(sm90_on_the_cpu, precision, with_lora, images):
     from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, LynxLinearForward, LynxRuntime
-    from rt_lynx_pack.lynx.fused_blocks import _linear_of_cat_activation, _modulated_linears, _modulated_mlp
+    from rt_lynx_pack.lynx.fused_blocks import (_gated_residual, _linear_of_cat_activation, _mlp_with_residual,
+                                                _modulated_linears, _Modulation)
     g = torch.Generator().manual_seed(11)
-    dtype, images, tokens, hidden = torch.bfloat16, 2, 24, 64
+    dtype, tokens, hidden = torch.bfloat16, 24, 64
     runtime = LynxRuntime()
 
     def patched(module, config, sparse=True):
@@ -266,27 +280,33 @@ def test_fused_block_parts_reach_the_fast_ops_and_compile_in_one_graph(sm90_on_t
                                     patched(torch.nn.Linear(4 * hidden, hidden), config)),
                 # linear2 stays dense: a plain layer in bf16, the e4m3 dense product in fp8
                 patched(torch.nn.Linear(5 * hidden, hidden), config, sparse=False) if precision == "fp8"
-                else torch.nn.Linear(5 * hidden, hidden).to(dtype))
+                else torch.nn.Linear(5 * hidden, hidden).to(dtype),
+                patched(torch.nn.Linear(hidden, hidden), config))   # an attention output projection
     norm = torch.nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
     x = (torch.randn(images, tokens, hidden, generator=g) * 3 + 1).to(dtype)
-    shift, scale = (torch.randn(images, 1, hidden, generator=g).to(dtype) / 4 for _ in range(2))
+    shift, scale, gate = (torch.randn(images, 1, hidden, generator=g).to(dtype) / 4 for _ in range(3))
     projected = torch.randn(images, tokens, 7 * hidden, generator=g).to(dtype)
 
     def block(parts, x, projected):
-        qkv, mlp, linear2 = parts
+        qkv, mlp, linear2, proj = parts
         (a,) = _modulated_linears((qkv,), norm, x, shift, scale)
-        b = _modulated_mlp(mlp, norm, x, shift, scale)
+        b = _mlp_with_residual(mlp, norm, x, _Modulation(shift, scale, gate))
         c = _linear_of_cat_activation(linear2, projected[..., :hidden], projected[..., 3 * hidden:],
                                       torch.nn.GELU(approximate="tanh"))
-        return a, b, c
+        d = _gated_residual(proj, x, gate, projected[..., :hidden])
+        return a, b, c, d
     fast = layers(LynxConfig(precision=precision, min_tokens=1))
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, p: block(fast, x, p), backend="eager", fullgraph=True)(x, projected)
     called = set(sm90_on_the_cpu)
-    want = {"sparse_linear_modulated_sm90", "sparse_linear_gelu_sm90"}
+    proj_op = {"bf16": "sparse_linear_lora_sm90" if with_lora else "sparse_linear_sm90",
+               "fp8": "sparse_linear_fp8_sm90"}[precision]
+    want = {"sparse_linear_modulated_sm90", "sparse_linear_gelu_sm90", proj_op}
     want |= {"quantize_rows_fp8"} if precision == "fp8" else {"cat_gelu_tanh"}
     if precision == "fp8" and with_lora:   # the fp8 product adds its branch after, from the input written out
         want = {"sparse_linear_fp8_sm90", "quantize_rows_fp8"}
+    elif images == 1:   # one gate row: the residual goes into the GEMM's epilogue
+        want |= {"sparse_linear_gelu_sm90 + residual", f"{proj_op} + residual"}
     assert called == want
     slow = layers(LynxConfig(precision=precision, min_tokens=1, backend="reference"))
     for got, expected in zip(compiled, block(slow, x, projected)):

@@ -252,10 +252,40 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
   return c;
 }
 
+// What the GEMM's epilogue applies besides the per-token scale: the e4m3 channel scale, the bias
+// (x's dtype) and a DiT block's gated residual, y = residual + gate * product (residual rows x N
+// and gate N values, both x's dtype, contiguous and 16-byte aligned; undefined: none).
+struct Epilogue {
+  at::Tensor col_scale, bias, residual, gate;
+  bool has_residual() const { return residual.defined(); }
+};
+
+// Residual and gate checked against x (rows x K) and a product of n features; copied where
+// not contiguous or not 16-byte aligned (TMA reads the residual).
+void check_gated_residual(Epilogue& epilogue, const at::Tensor& x, int64_t n, const c10::optional<at::Tensor>& residual,
+                          const c10::optional<at::Tensor>& gate, const char* op) {
+  const bool has_residual = residual.has_value() && residual->defined();
+  const bool has_gate = gate.has_value() && gate->defined();
+  require(has_residual || !has_gate, op, ": gate is given only with a residual");
+  if (!has_residual) return;
+  require(residual->dim() == 2 && residual->size(0) == x.size(0) && residual->size(1) == n &&
+              residual->scalar_type() == x.scalar_type() && residual->device() == x.device(),
+          op, ": residual must be ", x.size(0), " x ", n, " in x's dtype on x's device");
+  auto aligned = [](const at::Tensor& t) {
+    at::Tensor c = t.contiguous();
+    return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+  };
+  epilogue.residual = aligned(*residual);
+  if (has_gate) {
+    require(gate->numel() == n && gate->scalar_type() == x.scalar_type() && gate->device() == x.device(), op,
+            ": gate must hold ", n, " values (one image's) in x's dtype on x's device");
+    epilogue.gate = aligned(gate->reshape({n}));
+  }
+}
+
 // Runs the GEMM of one config into y (rows x N, out dtype); a.cols - K columns of a multiply up_ext.
 void run_gemm(const Sm90Library& lib, int config, const Compressed& a, bool e4m3, const at::Tensor& weight,
-              const at::Tensor& col_scale, const at::Tensor& bias, const at::Tensor& y, const char* op,
-              const at::Tensor& up_ext = {}) {
+              const Epilogue& epilogue, const at::Tensor& y, const char* op, const at::Tensor& up_ext = {}) {
   const int in_element = element_of(weight.scalar_type());
   RtLynxSm90Gemm g{};
   g.in_element = in_element;
@@ -275,8 +305,10 @@ void run_gemm(const Sm90Library& lib, int config, const Compressed& a, bool e4m3
   g.b_ext_cols = g.k_ext > 0 ? up_ext.size(1) : 0;
   g.d = y.data_ptr();
   g.row_scale = a.scale.defined() ? a.scale.data_ptr<float>() : nullptr;
-  g.col_scale = col_scale.defined() ? col_scale.data_ptr<float>() : nullptr;
-  g.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  g.col_scale = epilogue.col_scale.defined() ? epilogue.col_scale.data_ptr<float>() : nullptr;
+  g.bias = epilogue.bias.defined() ? epilogue.bias.data_ptr() : nullptr;
+  g.residual = epilogue.residual.defined() ? epilogue.residual.data_ptr() : nullptr;
+  g.gate = epilogue.gate.defined() ? epilogue.gate.data_ptr() : nullptr;
   g.sm_count = sm_count(y.get_device());
   g.stream = at::cuda::getCurrentCUDAStream();
   g.programmatic_launch = programmatic_launch() ? 1 : 0;
@@ -288,17 +320,18 @@ void run_gemm(const Sm90Library& lib, int config, const Compressed& a, bool e4m3
   }
   char error[512] = {0};
   const int status = lib.gemm(&g, error, sizeof(error));
-  require(status == 0, op, ": sm90 sparse GEMM (config ", config, ", ", g.m, "x", g.k, "x", g.n, ") failed: ",
-          error);
+  require(status == 0, op, ": sm90 sparse GEMM (config ", config, ", ", g.m, "x", g.k, "x", g.n,
+          epilogue.has_residual() ? ", residual" : "", ") failed: ", error);
 }
 
 struct PlanKey {
   int device;
   int64_t rows, k, n, up_ext_cols;  // up_ext_cols: stored columns of a low-rank branch's up_ext, 0 for none
   int in_element, out_element;
+  bool residual;                     // the residual instance (its own kernels, timed apart)
   bool operator==(const PlanKey& o) const {
     return device == o.device && rows == o.rows && k == o.k && n == o.n && up_ext_cols == o.up_ext_cols &&
-           in_element == o.in_element && out_element == o.out_element;
+           in_element == o.in_element && out_element == o.out_element && residual == o.residual;
   }
 };
 
@@ -308,7 +341,7 @@ struct PlanKeyHash {
     h = h * 1000003u ^ std::hash<int64_t>()(key.k);
     h = h * 1000003u ^ std::hash<int64_t>()(key.n);
     h = h * 1000003u ^ std::hash<int64_t>()(key.up_ext_cols);
-    return h * 1000003u ^ size_t(key.device * 16 + key.in_element * 4 + key.out_element);
+    return h * 1000003u ^ size_t(key.device * 32 + key.in_element * 8 + key.out_element * 2 + key.residual);
   }
 };
 
@@ -366,8 +399,7 @@ float relative_difference(const at::Tensor& a, const at::Tensor& b) {
 // one untimed launch, so the GPU is busy when the start event is recorded: the host's launch
 // time (several us for a CUTLASS launch) stays out of the time of short GEMMs.
 Plan tune(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensate, const at::Tensor& weight,
-          const at::Tensor& col_scale, const at::Tensor& bias, at::ScalarType out_dtype, const char* op,
-          const LowRankOperands& low_rank) {
+          const Epilogue& epilogue, at::ScalarType out_dtype, const char* op, const LowRankOperands& low_rank) {
   const int element = element_of(weight.scalar_type());
   const int count = lib.config_count(element);
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -381,7 +413,7 @@ Plan tune(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensat
       by_block.emplace(info.metadata_block_k, sparsify(x, e4m3, compensate, info.metadata_block_k, low_rank));
     }
     try {
-      run_gemm(lib, c, by_block.at(info.metadata_block_k), e4m3, weight, col_scale, bias, y, op, low_rank.up_ext);
+      run_gemm(lib, c, by_block.at(info.metadata_block_k), e4m3, weight, epilogue, y, op, low_rank.up_ext);
     } catch (const std::exception&) {
       continue;  // this config cannot take the shape
     }
@@ -406,10 +438,10 @@ Plan tune(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensat
       const auto& a = by_block.at(config_info(lib, element, c, op).metadata_block_k);
       float best_ms = std::numeric_limits<float>::infinity();
       for (int r = 0; r < kRepeats; ++r) {
-        run_gemm(lib, c, a, e4m3, weight, col_scale, bias, y, op, low_rank.up_ext);
+        run_gemm(lib, c, a, e4m3, weight, epilogue, y, op, low_rank.up_ext);
         C10_CUDA_CHECK(cudaEventRecord(start, stream));
         for (int l = 0; l < kLaunches; ++l) {
-          run_gemm(lib, c, a, e4m3, weight, col_scale, bias, y, op, low_rank.up_ext);
+          run_gemm(lib, c, a, e4m3, weight, epilogue, y, op, low_rank.up_ext);
         }
         C10_CUDA_CHECK(cudaEventRecord(stop, stream));
         C10_CUDA_CHECK(cudaEventSynchronize(stop));
@@ -432,10 +464,9 @@ Plan tune(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensat
 }
 
 int config_for(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool compensate, const at::Tensor& weight,
-               const at::Tensor& col_scale, const at::Tensor& bias, at::ScalarType out_dtype, const char* op,
-               const LowRankOperands& low_rank) {
+               const Epilogue& epilogue, at::ScalarType out_dtype, const char* op, const LowRankOperands& low_rank) {
   const PlanKey key{x.get_device(), x.size(0), x.size(1), weight.size(0), stored_columns(low_rank.up_ext),
-                    element_of(weight.scalar_type()), element_of(out_dtype)};
+                    element_of(weight.scalar_type()), element_of(out_dtype), epilogue.has_residual()};
   {
     std::lock_guard<std::mutex> lock(plan_mutex());
     auto hit = plans().find(key);
@@ -447,7 +478,7 @@ int config_for(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool comp
     // No timing (it synchronises) inside a CUDA graph capture: a fixed choice, not cached.
     return heuristic_config(lib, key.in_element, key.rows, key.n, key.device);
   }
-  Plan plan = tune(lib, x, e4m3, compensate, weight, col_scale, bias, out_dtype, op, low_rank);
+  Plan plan = tune(lib, x, e4m3, compensate, weight, epilogue, out_dtype, op, low_rank);
   std::lock_guard<std::mutex> lock(plan_mutex());
   return plans().emplace(key, std::move(plan)).first->second.config;
 }
@@ -456,31 +487,39 @@ int config_for(const Sm90Library& lib, const at::Tensor& x, bool e4m3, bool comp
 // layout (plus the low-rank branch's columns), then the GEMM with scale(s) and bias in its
 // epilogue. e4m3 when the weight is.
 // With a prologue, the config is chosen on x as it comes (the GEMM's time does not depend on the
-// values) and the sparsify pass applies the prologue.
+// values) and the sparsify pass applies the prologue. With a residual (and gate), y is
+// residual + gate * the product, in the GEMM's epilogue.
 at::Tensor sparse_linear_checked(const Sm90Library& lib, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& col_scale, const c10::optional<at::Tensor>& bias_in,
                                  bool compensate, const char* op, const LowRankOperands& low_rank = {},
-                                 const Prologue& prologue = {}) {
+                                 const Prologue& prologue = {}, const c10::optional<at::Tensor>& residual = {},
+                                 const c10::optional<at::Tensor>& gate = {}) {
   require(x.size(1) % 128 == 0, op, ": in_features must be a multiple of 128, got ", x.size(1));
   const c10::cuda::CUDAGuard guard(x.device());
   const bool e4m3 = weight.scalar_type() == at::kFloat8_e4m3fn;
-  at::Tensor bias = checked_bias(bias_in, x, weight.size(0), op);
-  if (bias.defined() && bias.scalar_type() != x.scalar_type()) bias = bias.to(x.scalar_type());
-  const int config = config_for(lib, x, e4m3, compensate, weight, col_scale, bias, x.scalar_type(), op, low_rank);
+  Epilogue epilogue;
+  epilogue.col_scale = col_scale;
+  epilogue.bias = checked_bias(bias_in, x, weight.size(0), op);
+  if (epilogue.bias.defined() && epilogue.bias.scalar_type() != x.scalar_type()) {
+    epilogue.bias = epilogue.bias.to(x.scalar_type());
+  }
+  check_gated_residual(epilogue, x, weight.size(0), residual, gate, op);
+  const int config = config_for(lib, x, e4m3, compensate, weight, epilogue, x.scalar_type(), op, low_rank);
   const auto info = config_info(lib, element_of(weight.scalar_type()), config, op);
   const Compressed a = sparsify(x, e4m3, compensate, info.metadata_block_k, low_rank, prologue);
   auto y = at::empty({x.size(0), weight.size(0)}, x.options());
-  run_gemm(lib, config, a, e4m3, weight, col_scale, bias, y, op, low_rank.up_ext);
+  run_gemm(lib, config, a, e4m3, weight, epilogue, y, op, low_rank.up_ext);
   return y;
 }
 
 at::Tensor sparse_linear_sm90_op(const at::Tensor& x_in, const at::Tensor& weight,
-                                 const c10::optional<at::Tensor>& bias_in, bool compensate) {
+                                 const c10::optional<at::Tensor>& bias_in, bool compensate,
+                                 const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& gate) {
   const char* op = "rt_lynx::sparse_linear_sm90";
   const auto& lib = library(op);
   const auto x = checked_activation(x_in, op);
   check_weight(weight, x, op);
-  return sparse_linear_checked(lib, x, weight, at::Tensor(), bias_in, compensate, op);
+  return sparse_linear_checked(lib, x, weight, at::Tensor(), bias_in, compensate, op, {}, {}, residual, gate);
 }
 
 // The Lynx linear plus its low-rank branch up(down(x)) in one GEMM: down is rank x K, up_ext the
@@ -514,22 +553,24 @@ LowRankOperands checked_optional_low_rank(const at::Tensor& x, const at::Tensor&
 
 at::Tensor sparse_linear_lora_sm90_op(const at::Tensor& x_in, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& bias_in, bool compensate,
-                                      const at::Tensor& down, const at::Tensor& up_ext) {
+                                      const at::Tensor& down, const at::Tensor& up_ext,
+                                      const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& gate) {
   const char* op = "rt_lynx::sparse_linear_lora_sm90";
   const auto& lib = library(op);
   const auto x = checked_activation(x_in, op);
   check_weight(weight, x, op);
   return sparse_linear_checked(lib, x, weight, at::Tensor(), bias_in, compensate, op,
-                               checked_low_rank(x, weight, down, up_ext, op));
+                               checked_low_rank(x, weight, down, up_ext, op), {}, residual, gate);
 }
 
 at::Tensor sparse_linear_fp8_sm90_op(const at::Tensor& x_in, const at::Tensor& wq, const at::Tensor& w_scale,
-                                     const c10::optional<at::Tensor>& bias_in, bool compensate) {
+                                     const c10::optional<at::Tensor>& bias_in, bool compensate,
+                                     const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& gate) {
   const char* op = "rt_lynx::sparse_linear_fp8_sm90";
   const auto& lib = library(op);
   const auto x = checked_activation(x_in, op);
   check_fp8_weight(wq, w_scale, x.size(1), x.device(), op);
-  return sparse_linear_checked(lib, x, wq, w_scale, bias_in, compensate, op);
+  return sparse_linear_checked(lib, x, wq, w_scale, bias_in, compensate, op, {}, {}, residual, gate);
 }
 
 // The bf16/fp16 product's weight, or the e4m3 one with its channel scale (returned).
@@ -566,19 +607,22 @@ at::Tensor sparse_linear_modulated_sm90_op(const at::Tensor& x_in, const at::Ten
 }
 
 // The Lynx linear of an MLP's activation gelu(x) (tanh approximation), computed inside the
-// sparsify pass from x, the up projection's output; down and up_ext as above.
+// sparsify pass from x, the up projection's output; down and up_ext as above; residual and gate
+// as in sparse_linear_checked.
 at::Tensor sparse_linear_gelu_sm90_op(const at::Tensor& x_in, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& w_scale,
                                       const c10::optional<at::Tensor>& bias_in, bool compensate,
                                       const c10::optional<at::Tensor>& down,
-                                      const c10::optional<at::Tensor>& up_ext) {
+                                      const c10::optional<at::Tensor>& up_ext,
+                                      const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& gate) {
   const char* op = "rt_lynx::sparse_linear_gelu_sm90";
   const auto& lib = library(op);
   const auto x = checked_activation(x_in, op);
   const at::Tensor col_scale = checked_weight_scale(x, weight, w_scale, op);
   const c10::cuda::CUDAGuard guard(x.device());
   return sparse_linear_checked(lib, x, weight, col_scale, bias_in, compensate, op,
-                               checked_optional_low_rank(x, weight, down, up_ext, op), checked_gelu(x, op));
+                               checked_optional_low_rank(x, weight, down, up_ext, op), checked_gelu(x, op), residual,
+                               gate);
 }
 
 // Pieces for tests and benchmarks: the sparsify pass for one metadata layout (with the optional
@@ -607,7 +651,8 @@ std::tuple<at::Tensor, at::Tensor> sparsify_sm90_op(const at::Tensor& x_in, int6
 at::Tensor sparse_mm_sm90_op(const at::Tensor& compressed, const at::Tensor& weight,
                              const c10::optional<at::Tensor>& row_scale, const c10::optional<at::Tensor>& col_scale,
                              const c10::optional<at::Tensor>& bias_in, int64_t rows, int64_t config,
-                             at::ScalarType out_dtype) {
+                             at::ScalarType out_dtype, const c10::optional<at::Tensor>& residual,
+                             const c10::optional<at::Tensor>& gate) {
   const char* op = "rt_lynx::sparse_mm_sm90";
   const auto& lib = library(op);
   const bool e4m3 = weight.scalar_type() == at::kFloat8_e4m3fn;
@@ -628,11 +673,13 @@ at::Tensor sparse_mm_sm90_op(const at::Tensor& compressed, const at::Tensor& wei
   a.buffer = compressed;
   a.padded_rows = padded;
   if (row_scale.has_value() && row_scale->defined()) a.scale = row_scale->to(at::kFloat).contiguous();
-  at::Tensor cs = col_scale.has_value() && col_scale->defined() ? col_scale->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor bias = bias_in.has_value() && bias_in->defined() ? bias_in->to(out_dtype).contiguous() : at::Tensor();
+  Epilogue epilogue;
+  if (col_scale.has_value() && col_scale->defined()) epilogue.col_scale = col_scale->to(at::kFloat).contiguous();
+  if (bias_in.has_value() && bias_in->defined()) epilogue.bias = bias_in->to(out_dtype).contiguous();
   auto y = at::empty({rows, n}, weight.options().dtype(out_dtype));
+  check_gated_residual(epilogue, y, n, residual, gate, op);
   a.cols = k;
-  run_gemm(lib, static_cast<int>(config), a, e4m3, weight, cs, bias, y, op);
+  run_gemm(lib, static_cast<int>(config), a, e4m3, weight, epilogue, y, op);
   return y;
 }
 
@@ -659,7 +706,7 @@ std::string sm90_check_metadata_layout(int64_t element, int64_t config, int64_t 
   return "";
 }
 
-using PlanRow = std::tuple<int64_t, int64_t, int64_t, std::string, int64_t, std::vector<float>, int64_t>;
+using PlanRow = std::tuple<int64_t, int64_t, int64_t, std::string, int64_t, std::vector<float>, int64_t, bool>;
 
 std::vector<PlanRow> sm90_plan_info() {
   std::lock_guard<std::mutex> lock(plan_mutex());
@@ -672,7 +719,7 @@ std::vector<PlanRow> sm90_plan_info() {
                                                            entry.second.config, "rt_lynx.sm90_plan_info").metadata_block_k)
         : 0;
     rows.emplace_back(key.rows, key.k, key.n, names[key.in_element], entry.second.config, entry.second.candidate_us,
-                      k_ext);
+                      k_ext, key.residual);
   }
   return rows;
 }
@@ -704,7 +751,7 @@ void register_sm90_functions(pybind11::module& m) {
   m.def("sm90_check_metadata_layout", &rt_lynx::sm90_check_metadata_layout,
         "'' if the sparsify kernels' metadata layout equals CUTLASS's for (element, config, m, k)");
   m.def("sm90_plan_info", &rt_lynx::sm90_plan_info,
-        "chosen configs: (M, K, N, element, config, time per candidate in us, K extension)");
+        "chosen configs: (M, K, N, element, config, time per candidate in us, K extension, residual)");
   m.def("sm90_clear_plans", &rt_lynx::sm90_clear_plans, "forget the chosen configs");
   m.def("set_sparsify_low_rank_fusion", &rt_lynx::set_sparsify_low_rank_fusion,
         "compute a LoRA's down(x) inside the sparsify pass (True, the default) or with cuBLAS before it (False)");

@@ -12,7 +12,11 @@
 // written once. The optional K extension (k_ext more columns of A times B_ext) is how a low-rank
 // branch joins the same accumulators (sm90_k_extended_mainloop.cuh). row_scale == nullptr means
 // 1; col_scale is for e4m3 inputs only (per output channel weight scale), nullptr means 1;
-// bias == nullptr means 0.
+// bias == nullptr means 0. With a residual (a DiT block's gated residual around the linear):
+//
+//   D[m, n] = out( residual[m, n] + gate[n] * (the product above before its rounding) )
+//
+// gate == nullptr means 1.
 #pragma once
 #include <cuda_runtime.h>
 #include <stddef.h>
@@ -22,7 +26,7 @@
 extern "C" {
 #endif
 
-#define RT_LYNX_SM90_API_VERSION 4
+#define RT_LYNX_SM90_API_VERSION 5
 
 enum RtLynxElement { RT_LYNX_BF16 = 0, RT_LYNX_FP16 = 1, RT_LYNX_E4M3 = 2 };
 
@@ -54,6 +58,8 @@ typedef struct {
   cudaStream_t stream;
   int programmatic_launch;      // 1: may start while the previous kernel in the stream ends (it waits
                                 // for that kernel before its first load), 0: a plain launch
+  const void* residual;         // m x n row-major out_element, 16-byte aligned, or nullptr (none)
+  const void* gate;             // n values of out_element or nullptr (only with a residual)
 } RtLynxSm90Gemm;
 
 int rt_lynx_sm90_api_version(void);

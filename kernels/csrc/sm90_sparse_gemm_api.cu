@@ -4,14 +4,21 @@
 namespace rt_lynx::sm90 {
 namespace {
 
-const ElementEntry* entry_for(int in_element, int out_element) {
+const ElementEntry* entry_for(int in_element, int out_element, bool residual = false) {
   static const ElementEntry bf16 = entry_bf16_bf16(), fp16 = entry_fp16_fp16();
   static const ElementEntry e4m3_bf16 = entry_e4m3_bf16(), e4m3_fp16 = entry_e4m3_fp16();
-  if (in_element == RT_LYNX_BF16 && out_element == RT_LYNX_BF16) return &bf16;
-  if (in_element == RT_LYNX_FP16 && out_element == RT_LYNX_FP16) return &fp16;
-  if (in_element == RT_LYNX_E4M3 && out_element == RT_LYNX_BF16) return &e4m3_bf16;
-  if (in_element == RT_LYNX_E4M3 && out_element == RT_LYNX_FP16) return &e4m3_fp16;
+  static const ElementEntry bf16_residual = entry_bf16_bf16_residual(), fp16_residual = entry_fp16_fp16_residual();
+  static const ElementEntry e4m3_bf16_residual = entry_e4m3_bf16_residual();
+  static const ElementEntry e4m3_fp16_residual = entry_e4m3_fp16_residual();
+  if (in_element == RT_LYNX_BF16 && out_element == RT_LYNX_BF16) return residual ? &bf16_residual : &bf16;
+  if (in_element == RT_LYNX_FP16 && out_element == RT_LYNX_FP16) return residual ? &fp16_residual : &fp16;
+  if (in_element == RT_LYNX_E4M3 && out_element == RT_LYNX_BF16) return residual ? &e4m3_bf16_residual : &e4m3_bf16;
+  if (in_element == RT_LYNX_E4M3 && out_element == RT_LYNX_FP16) return residual ? &e4m3_fp16_residual : &e4m3_fp16;
   return nullptr;
+}
+
+const ElementEntry* entry_for(const RtLynxSm90Gemm* gemm) {
+  return gemm == nullptr ? nullptr : entry_for(gemm->in_element, gemm->out_element, gemm->residual != nullptr);
 }
 
 // The output element a layout check uses (every output shares its input's layout).
@@ -31,6 +38,8 @@ const char* shape_problem(const RtLynxSm90Gemm& g) {
   }
   if (g.m > 0x7fffffff || g.n > 0x7fffffff || g.k + g.k_ext > 0x7fffffff) return "sparse GEMM extent over 2^31";
   if (g.in_element != RT_LYNX_E4M3 && g.col_scale != nullptr) return "col_scale is for e4m3 inputs only";
+  if (g.gate != nullptr && g.residual == nullptr) return "gate is given only with a residual";
+  if (reinterpret_cast<uintptr_t>(g.residual) % 16) return "the residual must be 16-byte aligned (TMA)";
   return nullptr;
 }
 
@@ -57,13 +66,13 @@ int rt_lynx_sm90_config_info(int in_element, int config, RtLynxSm90Config* info)
 }
 
 size_t rt_lynx_sm90_workspace_bytes(const RtLynxSm90Gemm* gemm) {
-  const ElementEntry* entry = gemm == nullptr ? nullptr : entry_for(gemm->in_element, gemm->out_element);
+  const ElementEntry* entry = entry_for(gemm);
   if (entry == nullptr || shape_problem(*gemm) != nullptr) return 0;
   return entry->workspace_bytes(*gemm);
 }
 
 int rt_lynx_sm90_gemm(const RtLynxSm90Gemm* gemm, char* error, size_t error_size) {
-  const ElementEntry* entry = gemm == nullptr ? nullptr : entry_for(gemm->in_element, gemm->out_element);
+  const ElementEntry* entry = entry_for(gemm);
   if (entry == nullptr) {
     write_error(error, error_size, "unsupported pair of input and output elements");
     return 5;

@@ -2,5 +2,5 @@
 #include "sm90_sparse_gemm_impl.cuh"
 
 namespace rt_lynx::sm90 {
-ElementEntry entry_e4m3_bf16() { return make_entry<cutlass::float_e4m3_t, cutlass::bfloat16_t>(); }
+ElementEntry entry_e4m3_bf16() { return make_entry<cutlass::float_e4m3_t, cutlass::bfloat16_t, false>(); }
 }  // namespace rt_lynx::sm90

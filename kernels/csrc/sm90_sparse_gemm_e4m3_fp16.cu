@@ -2,5 +2,5 @@
 #include "sm90_sparse_gemm_impl.cuh"
 
 namespace rt_lynx::sm90 {
-ElementEntry entry_e4m3_fp16() { return make_entry<cutlass::float_e4m3_t, cutlass::half_t>(); }
+ElementEntry entry_e4m3_fp16() { return make_entry<cutlass::float_e4m3_t, cutlass::half_t, false>(); }
 }  // namespace rt_lynx::sm90

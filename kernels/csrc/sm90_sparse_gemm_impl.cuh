@@ -6,7 +6,10 @@
 // activations (the only operand sm90 sparse tensor cores take as sparse), B = the weight as
 // stored (N x K, i.e. a K-major "column-major" B). Epilogue (EVT): the per-token scale, the
 // per-channel weight scale (e4m3) and the bias are applied to the fp32 accumulators before the
-// single write of D.
+// single write of D. A residual instance (kResidual) also reads C, a DiT block's residual stream,
+// and writes D = C + gate[n] * (that product) still in fp32: the block's gated residual without a
+// pass of its own. It is a separate instantiation because CUTLASS allocates C's shared-memory
+// stages at compile time, which would take mainloop stages from every plain GEMM.
 #pragma once
 
 #include <cstdio>
@@ -60,7 +63,7 @@ inline void write_error(char* error, size_t size, const char* text) {
   if (error != nullptr && size > 0) std::snprintf(error, size, "%s", text);
 }
 
-template <class ElementIn, class ElementOut, int kConfig>
+template <class ElementIn, class ElementOut, int kConfig, bool kResidual>
 struct SparseGemm {
   static constexpr bool kE4m3 = std::is_same_v<ElementIn, cutlass::float_e4m3_t>;
   static constexpr ConfigSpec kSpec = kE4m3 ? kConfigs8[kConfig] : kConfigs16[kConfig];
@@ -94,7 +97,22 @@ struct SparseGemm {
   using Fusion8 = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementOut, float, kRound>,
       ChannelScale, ScaledAcc, Bias>;
-  using Fusion = std::conditional_t<kE4m3, Fusion8, Fusion16>;
+  // Residual: D = gate[n] * (the product above, kept in fp32) + C[m, n].
+  using ProductF32 = std::conditional_t<
+      kE4m3,
+      cutlass::epilogue::fusion::Sm90EVT<
+          cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, float, float, kRound>,
+          ChannelScale, ScaledAcc, Bias>,
+      cutlass::epilogue::fusion::Sm90EVT<
+          cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, float, float, kRound>,
+          TokenScale, Acc, Bias>>;
+  using Gate = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, ElementOut, float,
+                                                           cute::Stride<cute::_0, cute::_1, int64_t>>;
+  using FusionResidual = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementOut, float, kRound>,
+      Gate, ProductF32, cutlass::epilogue::fusion::Sm90SrcFetch<ElementOut>>;
+  using Fusion = std::conditional_t<kResidual, FusionResidual, std::conditional_t<kE4m3, Fusion8, Fusion16>>;
+  using ElementC = std::conditional_t<kResidual, ElementOut, void>;
 
   static constexpr int kAlignIn = 128 / cutlass::sizeof_bits<ElementIn>::value;
   static constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;
@@ -102,7 +120,7 @@ struct SparseGemm {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-      void, cutlass::layout::RowMajor, kAlignOut,
+      ElementC, cutlass::layout::RowMajor, kAlignOut,
       ElementOut, cutlass::layout::RowMajor, kAlignOut,
       EpilogueSchedule, Fusion>::CollectiveOp;
 
@@ -152,11 +170,19 @@ struct SparseGemm {
         cutlass::gemm::GemmUniversalMode::kGemm,
         problem,
         mainloop,
-        {{}, nullptr, stride_d, static_cast<ElementOut*>(g.d), stride_d},
+        {{}, static_cast<const ElementOut*>(g.residual), stride_d, static_cast<ElementOut*>(g.d), stride_d},
         hw_info};
     const typename TokenScale::Arguments token{g.row_scale, 1.f, {}};
     const typename Bias::Arguments bias{static_cast<const ElementOut*>(g.bias), ElementOut(0.f), {}};
-    if constexpr (kE4m3) {
+    if constexpr (kResidual) {
+      const typename Gate::Arguments gate{static_cast<const ElementOut*>(g.gate), ElementOut(1.f), {}};
+      if constexpr (kE4m3) {
+        const typename ChannelScale::Arguments channel{g.col_scale, 1.f, {}};
+        args.epilogue.thread = {gate, {channel, {token, {}, {}}, bias, {}}, {}, {}};
+      } else {
+        args.epilogue.thread = {gate, {token, {}, bias, {}}, {}, {}};
+      }
+    } else if constexpr (kE4m3) {
       const typename ChannelScale::Arguments channel{g.col_scale, 1.f, {}};
       args.epilogue.thread = {channel, {token, {}, {}}, bias, {}};
     } else {
@@ -226,12 +252,12 @@ struct ElementEntry {
 };
 
 // Run-time config index -> template instance.
-template <class ElementIn, class ElementOut, int kIndex = 0>
+template <class ElementIn, class ElementOut, bool kResidual, int kIndex = 0>
 struct Dispatch {
   static constexpr int kCount =
       std::is_same_v<ElementIn, cutlass::float_e4m3_t> ? kConfigCount8 : kConfigCount16;
-  using Gemm = SparseGemm<ElementIn, ElementOut, kIndex>;
-  using Next = Dispatch<ElementIn, ElementOut, kIndex + 1>;
+  using Gemm = SparseGemm<ElementIn, ElementOut, kIndex, kResidual>;
+  using Next = Dispatch<ElementIn, ElementOut, kResidual, kIndex + 1>;
 
   static int run(const RtLynxSm90Gemm& g, char* error, size_t size) {
     if constexpr (kIndex >= kCount) {
@@ -259,16 +285,21 @@ struct Dispatch {
   }
 };
 
-template <class ElementIn, class ElementOut>
+template <class ElementIn, class ElementOut, bool kResidual>
 ElementEntry make_entry() {
-  using D = Dispatch<ElementIn, ElementOut>;
+  using D = Dispatch<ElementIn, ElementOut, kResidual>;
   return {&D::run, &D::workspace_bytes, &D::check_metadata_layout};
 }
 
-// 16-bit inputs write their own type; e4m3 inputs write bf16 or fp16.
+// 16-bit inputs write their own type; e4m3 inputs write bf16 or fp16. Each pair also in a
+// residual instance (its own file: the CUTLASS compiles run in parallel).
 ElementEntry entry_bf16_bf16();
 ElementEntry entry_fp16_fp16();
 ElementEntry entry_e4m3_bf16();
 ElementEntry entry_e4m3_fp16();
+ElementEntry entry_bf16_bf16_residual();
+ElementEntry entry_fp16_fp16_residual();
+ElementEntry entry_e4m3_bf16_residual();
+ElementEntry entry_e4m3_fp16_residual();
 
 }  // namespace rt_lynx::sm90

@@ -322,12 +322,14 @@ def test_prologue_with_a_branch_compiles_without_graph_breaks(sm90, generator):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 @pytest.mark.parametrize("with_lora", [False, True])
-def test_fused_block_parts_with_patched_layers_compile_in_one_graph(sm90, generator, precision, with_lora):
+@pytest.mark.parametrize("images", [1, 2])   # one image: the gated residuals go into the GEMMs' epilogues
+def test_fused_block_parts_with_patched_layers_compile_in_one_graph(sm90, generator, precision, with_lora, images):
     # The block code path itself (fused_blocks' helpers handing Lynx layers their input's work),
     # not just the dispatch: a graph break there splits every block into recompiled pieces.
     from rt_lynx_pack.lynx import LowRankBranch, LynxConfig, LynxLinearForward, LynxRuntime
-    from rt_lynx_pack.lynx.fused_blocks import _linear_of_cat_activation, _modulated_linears, _modulated_mlp
-    dtype, images, tokens, hidden = torch.bfloat16, 2, 256, 512
+    from rt_lynx_pack.lynx.fused_blocks import (_gated_residual, _linear_of_cat_activation, _mlp_with_residual,
+                                                _modulated_linears, _Modulation)
+    dtype, tokens, hidden = torch.bfloat16, 256, 512
     torch.manual_seed(7)
     runtime, config = LynxRuntime(), LynxConfig(precision=precision)
 
@@ -349,6 +351,7 @@ def test_fused_block_parts_with_patched_layers_compile_in_one_graph(sm90, genera
                               torch.nn.GELU(approximate="tanh"),
                               patched(torch.nn.Linear(4 * hidden, hidden)))
     linear2 = patched(torch.nn.Linear(5 * hidden, hidden), sparse=precision != "fp8")
+    proj = patched(torch.nn.Linear(hidden, hidden))
     norm = torch.nn.LayerNorm(hidden, elementwise_affine=False, eps=EPS)
     # Inputs whose LayerNorm + modulation is exact in bf16: where a layer needs that input written
     # (fp8 with a LoRA), Inductor computes it in fp32 and rounds once where eager rounds each op,
@@ -358,18 +361,19 @@ def test_fused_block_parts_with_patched_layers_compile_in_one_graph(sm90, genera
     signs[:, hidden // 2:] = -1
     order = torch.rand(images * tokens, hidden, generator=generator, device="cuda").argsort(1)
     x = signs.gather(1, order).view(images, tokens, hidden).to(dtype)
-    shift, scale = (torch.randint(-limit, limit + 1, (images, 1, hidden), generator=generator, device="cuda")
-                    .to(dtype) / 64 for limit in (32, 16))
+    shift, scale, gate = (torch.randint(-limit, limit + 1, (images, 1, hidden), generator=generator, device="cuda")
+                          .to(dtype) / 64 for limit in (32, 16, 48))
     projected = make_input("randn", images * tokens, 3 * hidden + 4 * hidden, dtype, generator).view(images, tokens, -1)
 
     def block(x, projected):
         (a,) = _modulated_linears((qkv,), norm, x, shift, scale)
-        b = _modulated_mlp(mlp, norm, x, shift, scale)
+        b = _mlp_with_residual(mlp, norm, x, _Modulation(shift, scale, gate))
         c = _linear_of_cat_activation(linear2, projected[..., :hidden], projected[..., 3 * hidden:],
                                       torch.nn.GELU(approximate="tanh"))
-        return a * 2, b * 2, c * 2
+        d = _gated_residual(proj, x, gate, projected[..., :hidden])
+        return a * 2, b * 2, c * 2, d * 2
     torch._dynamo.reset()
     with torch.inference_mode():   # as ComfyUI samples: no autograd graph (fp8's _scaled_mm has no derivative)
         compiled = torch.compile(block, fullgraph=True)(x, projected)
-        for name, got, want in zip("abc", compiled, block(x, projected)):
+        for name, got, want in zip("abcd", compiled, block(x, projected)):
             assert relative_error(got, want) < 1e-3, name

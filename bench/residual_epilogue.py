@@ -1,0 +1,126 @@
+"""A DiT block's gated residual in the sparse GEMM's epilogue against the same residual added after.
+
+At FLUX.1-dev 1024² double-block shapes (4096 image / 512 text tokens; the attention output
+projection 3072 -> 3072 and the MLP's down projection 12288 -> 3072 with its GELU in the sparsify
+pass), bf16 and fp8: the Lynx linear, then torch.addcmul(residual, gate, y) (what the blocks ran
+before), against the same op given the residual and the gate (one write of the result, no pass
+over y). Kernel time from CUDA-graph replays and eager wall time, the variants in turns in one
+run; and each variant's error against fp32 math on the same sparsified (and quantised) input.
+
+Usage (GPU): python bench/residual_epilogue.py [--out bench/results]
+"""
+import argparse
+import datetime
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from standalone import load_pack  # noqa: E402
+
+load_pack()
+sys.path.insert(0, str(ROOT / "bench"))
+from common import git_commit, interleaved_eager_us, interleaved_kernel_us  # noqa: E402
+
+HIDDEN, MLP = 3072, 12288
+SHAPES = [("img attn proj", 4096, HIDDEN, False), ("img mlp down", 4096, MLP, True),
+          ("txt attn proj", 512, HIDDEN, False), ("txt mlp down", 512, MLP, True)]
+
+
+def cases(torch, precision, tokens, k, gelu):
+    """(unfused fn, fused fn, fp32 want, the two outputs) for one shape: x, residual and gate rotate
+    through three sets, so no call re-reads the last one's data from L2."""
+    from rt_lynx_pack.kernels import quantize_weight_fp8, reference, sm90
+    gen = torch.Generator(device="cuda").manual_seed(tokens + k)
+    dtype = torch.bfloat16
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+    xs = [randn(tokens, k) for _ in range(3)]
+    residuals = [randn(tokens, HIDDEN) for _ in range(3)]
+    gates = [randn(HIDDEN, scale=0.3) for _ in range(3)]
+    weight = randn(HIDDEN, k, scale=k ** -0.5)
+    bias = randn(HIDDEN, scale=0.1)
+    if precision == "fp8":
+        wq, w_scale = quantize_weight_fp8(weight)
+        product = (wq, w_scale, bias, True)
+        op = sm90.sparse_linear_gelu_sm90 if gelu else sm90.sparse_linear_fp8_sm90
+    else:
+        product = (weight, None, bias, True) if gelu else (weight, bias, True)
+        op = sm90.sparse_linear_gelu_sm90 if gelu else sm90.sparse_linear_sm90
+    state = {"i": 0}
+
+    def operands():
+        state["i"] = (state["i"] + 1) % 3
+        return xs[state["i"]], residuals[state["i"]], gates[state["i"]]
+
+    def unfused():
+        x, residual, gate = operands()
+        return torch.addcmul(residual, gate, op(x, *product))
+
+    def fused():
+        x, residual, gate = operands()
+        return op(x, *product, residual=residual, gate=gate)
+
+    state["i"] = -1
+    got_unfused = unfused()
+    state["i"] = -1
+    got_fused = fused()
+    x0 = reference.gelu_tanh_reference(xs[0]) if gelu else xs[0]
+    if precision == "fp8":
+        y = reference.sparse_linear_fp8_reference(x0.float(), wq, w_scale, bias.float(), True)
+    else:
+        y = reference.sparse_linear_reference(x0.float(), weight.float(), bias.float(), True)
+    want = residuals[0].float() + gates[0].float() * y
+    return unfused, fused, want, got_unfused, got_fused
+
+
+def relative_error(got, want):
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        sys.exit("bench/residual_epilogue.py needs a CUDA GPU")
+    from rt_lynx_pack.kernels import sm90
+    available, info = sm90.availability_sm90(torch.device("cuda"))
+    if not available:
+        sys.exit(f"sm90 path unavailable: {info}")
+    gpu = torch.cuda.get_device_name()
+    lines = [f"# Gated residual in the sparse GEMM's epilogue ({datetime.date.today()}, {gpu})", "",
+             f"torch {torch.__version__}, commit {git_commit()}; FLUX.1-dev 1024² double-block shapes, bf16 "
+             f"activations; unfused = the Lynx linear, then torch.addcmul(residual, gate, y); fused = the op with "
+             f"residual and gate (one write). Kernel time: CUDA-graph replays; eager: synchronised wall time; "
+             f"{args.calls} calls x {args.repeats} repeats, the two in turns. Errors against fp32 math on the same "
+             f"sparsified (fp8: and quantised) input.", "",
+             "| precision | layer | M x K -> N | unfused kernel us | fused kernel us | x kernel | unfused eager us "
+             "| fused eager us | x eager | err unfused | err fused |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for precision in ("fp8", "bf16"):
+        for name, tokens, k, gelu in SHAPES:
+            unfused, fused, want, got_unfused, got_fused = cases(torch, precision, tokens, k, gelu)
+            fns = {"unfused": unfused, "fused": fused}
+            kernel = interleaved_kernel_us(fns, args.calls, args.repeats)
+            eager = interleaved_eager_us(fns, args.calls, args.repeats)
+            row = (f"| {precision} | {name} | {tokens} x {k} -> {HIDDEN} | {kernel['unfused']:.1f} | "
+                   f"{kernel['fused']:.1f} | {kernel['unfused'] / kernel['fused']:.3f} | {eager['unfused']:.1f} | "
+                   f"{eager['fused']:.1f} | {eager['unfused'] / eager['fused']:.3f} | "
+                   f"{relative_error(got_unfused, want):.2e} | {relative_error(got_fused, want):.2e} |")
+            print(row, flush=True)
+            lines.append(row)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        slug = "".join(c if c.isalnum() else "_" for c in gpu)
+        path = pathlib.Path(args.out) / f"residual-epilogue-{datetime.date.today()}-{slug}.md"
+        path.write_text(text)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+// bf16 x bf16 -> bf16 residual instances of the sm90 sparse GEMM (see sm90_sparse_gemm_impl.cuh).
+#include "sm90_sparse_gemm_impl.cuh"
+
+namespace rt_lynx::sm90 {
+ElementEntry entry_bf16_bf16_residual() { return make_entry<cutlass::bfloat16_t, cutlass::bfloat16_t, true>(); }
+}  // namespace rt_lynx::sm90
