@@ -27,7 +27,7 @@ log = logging.getLogger("rt_lynx")
 EXTENSION_NAME = "rt_lynx_ext"
 CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / "cusparselt_ext.cpp", CSRC / "sm90_ops.cpp", CSRC / "lynx_kernels.cu", CSRC / "block_ops.cpp",
-           CSRC / "block_elementwise.cu", CSRC / "e4m3_weight_gemv.cu"]
+           CSRC / "block_elementwise.cu", CSRC / "e4m3_weight_gemv.cu", CSRC / "e4m3_gemm_residual.cpp"]
 HEADERS = [CSRC / "lynx_kernels.h", CSRC / "half_words.cuh", CSRC / "op_checks.h", CSRC / "block_elementwise.h",
            CSRC / "sm90_metadata_layout.h",
            CSRC / "sm90_sparse_gemm.h"]
@@ -89,6 +89,16 @@ def find_cusparselt() -> tuple[pathlib.Path, pathlib.Path]:
                 return include_dir, lib_dir
     raise BuildError("cuSPARSELt not found: no nvidia/*/include/cusparseLt.h with "
                      "lib/libcusparseLt.so.0 beside it (pip install nvidia-cusparselt-cu13)")
+
+
+def find_cublaslt() -> tuple[pathlib.Path, str]:
+    """(folder, file name) of the cuBLASLt library torch's CUDA wheels bring (nvidia/cu13/lib, or
+    nvidia/cublas/lib in older layouts): the dense e4m3 GEMM with a residual calls it directly."""
+    import nvidia
+    for root in list(getattr(nvidia, "__path__", [])):
+        for library in sorted(glob.glob(os.path.join(root, "*", "lib", "libcublasLt.so.*"))):
+            return pathlib.Path(library).parent, pathlib.Path(library).name
+    raise BuildError("cuBLASLt not found: no nvidia/*/lib/libcublasLt.so.* (the CUDA wheels torch depends on)")
 
 
 def _stage_headers(include_dir: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
@@ -267,6 +277,7 @@ def _build_and_load(verbose: bool):
     if shutil.which("ninja") is None:
         raise BuildError("ninja not found (pip install ninja)")
     include_dir, lib_dir = find_cusparselt()
+    cublaslt_dir, cublaslt_name = find_cublaslt()
     target = build_dir()
     target.mkdir(parents=True, exist_ok=True)
     staged = _stage_headers(include_dir, target)
@@ -286,7 +297,8 @@ def _build_and_load(verbose: bool):
             # RT_LYNX_DEBUG_BUILD=1 adds host debug info (readable backtraces in cuda-gdb).
             extra_cflags=["-O3"] + (["-g"] if os.environ.get("RT_LYNX_DEBUG_BUILD") else []),
             extra_cuda_cflags=["-O3", "-lineinfo"],
-            extra_ldflags=[f"-L{lib_dir}", "-l:libcusparseLt.so.0", f"-Wl,-rpath,{lib_dir}", "-ldl"],
+            extra_ldflags=[f"-L{lib_dir}", "-l:libcusparseLt.so.0", f"-Wl,-rpath,{lib_dir}",
+                           f"-L{cublaslt_dir}", f"-l:{cublaslt_name}", f"-Wl,-rpath,{cublaslt_dir}", "-ldl"],
             build_directory=str(target),
             verbose=verbose,
             is_python_module=True,

@@ -76,9 +76,9 @@ def fast_backends() -> tuple[str, ...]:
 @torch.compiler.assume_constant_result
 def backend_availability(device: torch.device, precision: str, backend: str) -> tuple[bool, str]:
     """Whether one fast backend runs `precision` on `device` (built, Hopper, self-test); backend
-    "fp8_dense" is the dense e4m3 product of the layers an fp8 model keeps dense, "block_ops" the
-    fused elementwise kernels of DiT blocks. A constant for torch.compile: decided once per
-    device, outside the traced graph."""
+    "fp8_dense" is the dense e4m3 product of the layers an fp8 model keeps dense ("fp8_dense_residual":
+    that product with a residual in its epilogue), "block_ops" the fused elementwise kernels of DiT
+    blocks. A constant for torch.compile: decided once per device, outside the traced graph."""
     if device.type != "cuda":
         return False, f"{device.type} device: the fast kernels need a CUDA GPU"
     if _fast is None:
@@ -87,6 +87,8 @@ def backend_availability(device: torch.device, precision: str, backend: str) -> 
         return _block_ops.availability_block_ops(device)
     if backend == "fp8_dense":
         return _fp8_dense.availability_fp8_dense(device)
+    if backend == "fp8_dense_residual":
+        return _fp8_dense.availability_residual_epilogue(device)
     if backend == "sm90":
         return _sm90.availability_sm90(device)
     return _fast_fp8.availability_fp8(device) if precision == "fp8" else _fast.availability(device)
@@ -380,11 +382,14 @@ def quantize_weight_fp8(weight: torch.Tensor, requested: str = "auto") -> tuple[
 
 
 def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                     requested: str = "auto", gelu_tail: torch.Tensor | None = None) -> torch.Tensor:
+                     requested: str = "auto", gelu_tail: torch.Tensor | None = None,
+                     residual: GatedResidual | None = None) -> torch.Tensor:
     """A layer an fp8 model keeps dense: reference.dense_linear_fp8_reference with (wq, w_scale)
     from quantize_weight_fp8, on dense e4m3 tensor cores where the fast kernels run, else on the
     reference path. With gelu_tail (2-D, x2d's rows) the input is cat((x2d, gelu_tanh(gelu_tail)),
-    -1): on the fast path the quantise pass makes it from both, and it is never written."""
+    -1): on the fast path the quantise pass makes it from both, and it is never written. With
+    `residual`: residual + gate * y, in the GEMM's epilogue where it takes it (one image, bf16),
+    else after."""
     available, why_not = _fp8_dense_kernels_for(requested, x2d.device)
     if available:
         available, why_not = _fp8_dense.supports_fp8_dense(x2d, wq, gelu_tail)
@@ -395,9 +400,13 @@ def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     choice = BackendChoice("fp8_dense", "e4m3 dense GEMM") if available else BackendChoice("reference", why_not)
     _report(_fast_or_raise(choice, requested, x2d, wq), x2d, wq)
     if choice.name == "fp8_dense":
-        return _fp8_dense.dense_linear_fp8(x2d, wq, w_scale, bias, gelu_tail)
+        epilogue = {}
+        if x2d.dtype == torch.bfloat16 and backend_availability(x2d.device, "fp8", "fp8_dense_residual")[0]:
+            epilogue = _epilogue_residual(residual, x2d)
+        y = _fp8_dense.dense_linear_fp8(x2d, wq, w_scale, bias, gelu_tail, **epilogue)
+        return _finish(y, x2d, None, residual, len(epilogue) > 0)
     x = x2d if gelu_tail is None else reference.cat_gelu_tanh_reference(x2d, gelu_tail)
-    return reference.dense_linear_fp8_reference(x, wq, w_scale, bias)
+    return _finish(reference.dense_linear_fp8_reference(x, wq, w_scale, bias), x2d, None, residual, False)
 
 
 def linear_fp8_weight(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

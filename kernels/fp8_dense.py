@@ -13,6 +13,10 @@ Computes `reference.dense_linear_fp8_reference` in two kernels:
 
 (wq, w_scale) come from `quantize_weight_fp8`, once per weight. torch's row-wise scaled GEMM
 writes bf16; an fp16 model gets that cast to fp16 (one pass over y).
+A block's gated residual after the layer, residual + gate * y (bf16, one image's gate), goes into
+the GEMM's epilogue instead of a pass over y (torch's op takes no C, so cuBLASLt is called directly;
+csrc/e4m3_gemm_residual.cpp):
+  torch.ops.rt_lynx.scaled_mm_residual(q, a, wq, gate * w_scale, gate * bias, residual, fast_accumulation)
 
 The per-image linears of an fp8 model (block modulations: one or two input rows per step) read
 their e4m3 weight once and keep x in 16 bits, `reference.linear_e4m3_weight_reference`:
@@ -58,6 +62,13 @@ def _define_ops():
         return (x.new_empty((x.shape[0], columns), dtype=torch.float8_e4m3fn),
                 x.new_empty((x.shape[0], 1), dtype=torch.float32))
 
+    lib.define("scaled_mm_residual(Tensor q, Tensor a, Tensor wq, Tensor w_scale, Tensor? bias, Tensor residual, "
+               "bool fast_accumulation) -> Tensor")
+
+    @torch.library.register_fake("rt_lynx::scaled_mm_residual", lib=lib)
+    def _(q, a, wq, w_scale, bias, residual, fast_accumulation):
+        return torch.empty_like(residual)
+
     lib.define("linear_e4m3_weight(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias) -> Tensor")
 
     @torch.library.register_fake("rt_lynx::linear_e4m3_weight", lib=lib)
@@ -83,6 +94,38 @@ def _check_device(index: int) -> tuple[bool, str]:
 
 
 _availability = _cusparselt.PerDeviceCheck(_check_device, _cusparselt.availability)
+
+
+def availability_residual_epilogue(device: torch.device) -> tuple[bool, str]:
+    """(True, info) when the dense e4m3 GEMM adds a residual in its epilogue on `device` (cuBLASLt
+    takes the row-wise scaled GEMM with C; checked against the product then the sum). Cached."""
+    return _residual_availability(device)
+
+
+def _check_residual_device(index: int) -> tuple[bool, str]:
+    return _cusparselt.checked_on_device(index, self_test_residual_epilogue, "residual epilogue unavailable",
+                                         "cuBLASLt row-wise scaled e4m3 GEMM with a residual, self-test passed")
+
+
+def self_test_residual_epilogue(device: torch.device) -> str:
+    """'' when the GEMM with a residual and a gate matches the product followed by the gated sum."""
+    generator = torch.Generator(device=device).manual_seed(2468)
+    rows, k, n = 37, 3072, 64
+    x = torch.randn(rows, k, generator=generator, device=device).to(torch.bfloat16)
+    wq, w_scale = quantize_weight_fp8(torch.randn(n, k, generator=generator, device=device))
+    bias = torch.randn(n, generator=generator, device=device).to(torch.bfloat16)
+    residual = torch.randn(rows, n, generator=generator, device=device).to(torch.bfloat16) * 30
+    gate = torch.randn(n, generator=generator, device=device).to(torch.bfloat16)
+    want = residual.float() + gate.float() * dense_linear_fp8(x, wq, w_scale, bias).float()
+    got = dense_linear_fp8(x, wq, w_scale, bias, residual=residual, gate=gate)
+    error = ((got.float() - want).norm() / want.norm()).item()
+    torch.cuda.synchronize(device)
+    if got.dtype != torch.bfloat16 or not error < SELF_TEST_TOLERANCE:
+        return f"the GEMM with a residual is {error:.2e} from the product then the sum"
+    return ""
+
+
+_residual_availability = _cusparselt.PerDeviceCheck(_check_residual_device, availability_fp8_dense)
 
 
 def self_test_fp8_dense(device: torch.device) -> str:
@@ -197,12 +240,22 @@ def fp8_dense_shape_supported(in_features: int, out_features: int) -> bool:
 
 
 def dense_linear_fp8(x2d: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-                     bias: torch.Tensor | None, gelu_tail: torch.Tensor | None = None) -> torch.Tensor:
+                     bias: torch.Tensor | None, gelu_tail: torch.Tensor | None = None,
+                     residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
     """a[m] * w_scale[n] * (e4m3(x) @ wq^T) + bias, M x N in x's dtype, x being x2d or, with
-    gelu_tail, cat((x2d, gelu_tanh(gelu_tail)), -1). Call availability_fp8_dense and
-    supports_fp8_dense first."""
+    gelu_tail, cat((x2d, gelu_tanh(gelu_tail)), -1). With `residual` (M x N bf16, x bf16;
+    availability_residual_epilogue first) and `gate` (N values; None: 1): residual + gate * that, in
+    the GEMM's epilogue (the gate folded into the channel scale and the bias, the bias rounded to
+    bf16 after it, as torch's GEMM takes it). Call availability_fp8_dense and supports_fp8_dense first."""
     q, a = torch.ops.rt_lynx.quantize_rows_fp8(x2d, gelu_tail)
+    fast_accumulation = FAST_ACCUMULATION and x2d.shape[0] >= FAST_ACCUMULATION_MIN_ROWS
+    if residual is not None:
+        if gate is not None:
+            gate = gate.reshape(-1).float()
+            w_scale = w_scale * gate
+            bias = None if bias is None else bias.float() * gate
+        return torch.ops.rt_lynx.scaled_mm_residual(q, a, wq, w_scale, bias, residual, fast_accumulation)
     y = torch._scaled_mm(q, wq.t(), scale_a=a, scale_b=w_scale.view(1, -1),
                          bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
-                         use_fast_accum=FAST_ACCUMULATION and x2d.shape[0] >= FAST_ACCUMULATION_MIN_ROWS)
+                         use_fast_accum=fast_accumulation)
     return y if x2d.dtype == torch.bfloat16 else y.to(x2d.dtype)

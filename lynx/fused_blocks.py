@@ -236,13 +236,16 @@ def _mlp_with_residual(mlp: nn.Module, norm: nn.Module, x: torch.Tensor, mod) ->
 
 
 def _linear_of_cat_activation(linear: nn.Module, first: torch.Tensor, second: torch.Tensor,
-                              activation: nn.Module) -> torch.Tensor:
-    """linear(cat((first, activation(second)), -1)), the concatenation and a tanh GELU in one pass,
-    or inside a Lynx layer's own pass where it has one (`after_cat_gelu`)."""
+                              activation: nn.Module, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """addcmul(residual, gate, linear(cat((first, activation(second)), -1))), the concatenation and a
+    tanh GELU in one pass, or inside a Lynx layer's own pass where it has one (`after_cat_gelu`,
+    which adds the gated residual in its GEMM's epilogue where it can)."""
     if not (isinstance(activation, nn.GELU) and activation.approximate == "tanh" and "forward" not in activation.__dict__):
-        return linear(torch.cat((first, activation(second)), -1))
+        return torch.addcmul(residual, gate, linear(torch.cat((first, activation(second)), -1)))
     fused = _lynx_forward_method(linear, "after_cat_gelu")
-    return fused(first, second) if fused is not None else linear(cat_gelu_tanh(first, second))
+    if fused is not None:
+        return fused(first, second, residual, gate)
+    return torch.addcmul(residual, gate, linear(cat_gelu_tanh(first, second)))
 
 
 def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -287,8 +290,7 @@ def flux_single_block(block: nn.Module, x: torch.Tensor, vec: torch.Tensor, pe: 
     (q_weight, eps), (k_weight, _) = (qk_norm_parameters(n) for n in (block.norm.query_norm, block.norm.key_norm))
     q, k, v = qk_norm_rope(qkv, q_weight, k_weight, None, None, None, pe, block.num_heads, eps)
     attn = attention(q, k, v, block.num_heads, attn_mask, transformer_options)
-    out = _linear_of_cat_activation(block.linear2, attn, mlp, block.mlp_act)
-    return _clamp_fp16(torch.addcmul(x, mod.gate, out))
+    return _clamp_fp16(_linear_of_cat_activation(block.linear2, attn, mlp, block.mlp_act, x, mod.gate))
 
 
 def qwen_image_block(block: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,

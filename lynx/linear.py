@@ -241,21 +241,21 @@ def _lynx_linear_after(x, prepared_input, fused, weight, bias, config: LynxConfi
 
 def fp8_dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: LynxConfig,
                      dense: bool = False, fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     gelu_tail: torch.Tensor | None = None) -> torch.Tensor:
+                     gelu_tail: torch.Tensor | None = None, residual: GatedResidual | None = None) -> torch.Tensor:
     """A layer an fp8 model keeps dense: y = a * w_scale * (e4m3(x) @ wq^T) + b, x quantised per
     token, the weight per output channel (`fp8_weight`, else quantised in the call).
     `dense=True` (dense warm-up steps) and short inputs give plain F.linear, as in lynx_linear.
     With `gelu_tail` (x's leading dims) the input is cat((x, gelu_tanh(gelu_tail)), -1), which the
-    quantise pass makes from both without writing it."""
+    quantise pass makes from both without writing it. `residual` as in lynx_linear."""
     if gelu_tail is not None and (dense or not config.runs_sparse(x) or gelu_tail.shape[:-1] != x.shape[:-1]):
         x, gelu_tail = cat_gelu_tanh(x, gelu_tail), None   # (which refuses mismatched leading dims)
     tail_features = 0 if gelu_tail is None else gelu_tail.shape[-1]
     bias = _checked_bias(x, weight, bias, tail_features)
     if dense or not config.runs_sparse(x):
-        return _model_dtype_linear(x, weight, bias, config, dense)
+        return _with_residual(_model_dtype_linear(x, weight, bias, config, dense), residual)
     wq, w_scale = _e4m3_weight(weight, fp8_weight, config)
     tail2d = None if gelu_tail is None else gelu_tail.reshape(-1, tail_features)
-    y = dense_linear_fp8(x.reshape(-1, x.shape[-1]), wq, w_scale, bias, config.backend, tail2d)
+    y = dense_linear_fp8(x.reshape(-1, x.shape[-1]), wq, w_scale, bias, config.backend, tail2d, residual)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

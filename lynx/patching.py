@@ -141,14 +141,19 @@ class LynxLinearForward:
                 x, weight, bias, self.config, self.fp8_weight, self.lora, self.folded, residual=gated))
         return self._with_weights(x, lambda weight, bias: self._product(x, weight, bias, gated))
 
-    def after_cat_gelu(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    def after_cat_gelu(self, first: torch.Tensor, second: torch.Tensor, residual: torch.Tensor | None = None,
+                       gate: torch.Tensor | None = None) -> torch.Tensor:
         """self(cat((first, gelu(second, approximate="tanh")), -1)): FLUX's single-block linear2 of
         the attention output and the MLP's up projection. A layer an fp8 model keeps dense (the
-        default for linear2) makes that input inside its quantise pass; others get it written once."""
+        default for linear2) makes that input inside its quantise pass; others get it written once.
+        With `residual` and `gate`: addcmul(residual, gate, that), as gated_residual."""
         if self.sparse:
-            return self(cat_gelu_tanh(first, second))
+            joined = cat_gelu_tanh(first, second)
+            return self(joined) if residual is None else self.gated_residual(residual, gate, joined)
+        gated = None if residual is None else GatedResidual(residual, gate)
         return self._with_weights(first, lambda weight, bias: fp8_dense_linear(
-            first, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight, gelu_tail=second))
+            first, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight, gelu_tail=second,
+            residual=gated))
 
     def _takes_prologue(self) -> bool:
         # An fp8 layer adds its LoRA branch after the product, from the input written out.

@@ -151,19 +151,21 @@ def test_cat_gelu_tanh_on_the_cpu_is_the_reference_and_its_fake_kernel_has_the_c
 def test_single_block_linear2_input_goes_to_a_lynx_layer_as_its_two_parts():
     g = torch.Generator().manual_seed(4)
     attn, mlp = torch.randn(2, 40, 16, generator=g), torch.randn(2, 40, 48, generator=g)
+    residual, gate = torch.randn(2, 40, 32, generator=g), torch.randn(2, 1, 32, generator=g)
     linear = torch.nn.Linear(64, 32)
-    want = linear(torch.cat((attn, F.gelu(mlp, approximate="tanh")), -1))
-    torch.testing.assert_close(_linear_of_cat_activation(linear, attn, mlp, nn.GELU(approximate="tanh")), want,
-                               rtol=0, atol=0)
+    want = torch.addcmul(residual, gate, linear(torch.cat((attn, F.gelu(mlp, approximate="tanh")), -1)))
+    torch.testing.assert_close(_linear_of_cat_activation(linear, attn, mlp, nn.GELU(approximate="tanh"), residual,
+                                                         gate), want, rtol=0, atol=0)
     parts = []
     forward = LynxLinearForward(linear, "linear2", LynxConfig(backend="reference", min_tokens=1), LynxRuntime())
     linear.forward = forward
-    forward.after_cat_gelu = lambda first, second: parts.append((first, second)) or want
-    assert _linear_of_cat_activation(linear, attn, mlp, nn.GELU(approximate="tanh")) is want
-    assert len(parts) == 1 and parts[0][0] is attn and parts[0][1] is mlp
+    forward.after_cat_gelu = lambda *args: parts.append(args) or want
+    assert _linear_of_cat_activation(linear, attn, mlp, nn.GELU(approximate="tanh"), residual, gate) is want
+    assert len(parts) == 1 and all(a is b for a, b in zip(parts[0], (attn, mlp, residual, gate), strict=True))
     # Any other activation: the block's own concatenation, through the layer's plain forward.
-    got = _linear_of_cat_activation(linear, attn, mlp, nn.GELU())
-    torch.testing.assert_close(got, linear(torch.cat((attn, F.gelu(mlp)), -1)), rtol=0, atol=0)
+    got = _linear_of_cat_activation(linear, attn, mlp, nn.GELU(), residual, gate)
+    torch.testing.assert_close(got, torch.addcmul(residual, gate, linear(torch.cat((attn, F.gelu(mlp)), -1))),
+                               rtol=0, atol=0)
     assert len(parts) == 1
 
 

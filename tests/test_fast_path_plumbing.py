@@ -216,7 +216,12 @@ def sm90_on_the_cpu(monkeypatch):
         calls.append(f"{name} + residual")
         return torch.addcmul(residual, gate.reshape(1, -1), y)
 
+    def dense_residual(y, residual, gate):
+        return y if residual is None else torch.ops.rt_lynx.scaled_mm_residual(y, gate, y, gate, None, residual, True)
+
     kernels = {
+        "scaled_mm_residual": lambda y, gate, _y, _gate, bias, residual, fast: torch.addcmul(
+            residual, gate.reshape(1, -1), y),
         "sparse_linear_modulated_sm90": lambda x, shift, scale1p, tokens, eps, *rest: product(
             reference.modulated_layer_norm_reference(x, shift, scale1p, tokens, eps), *rest),
         "sparse_linear_gelu_sm90": lambda x, weight, w_scale, bias, compensate, down=None, up_ext=None, residual=None,
@@ -243,9 +248,12 @@ def sm90_on_the_cpu(monkeypatch):
         monkeypatch.setattr(sm90, "_low_rank_fused_constant", lambda rank: rank <= 32)
         monkeypatch.setattr(fp8_dense, "supports_fp8_dense", lambda x2d, wq, gelu_tail=None: (True, ""))
         # The fp8 dense product: the quantise op, then torch._scaled_mm's math (no CPU kernel here).
-        monkeypatch.setattr(fp8_dense, "dense_linear_fp8", lambda x2d, wq, w_scale, bias, gelu_tail=None: (
-            reference._scaled_product_fp8(*torch.ops.rt_lynx.quantize_rows_fp8(x2d, gelu_tail), wq, w_scale,
-                                          None if bias is None else bias.float()).to(x2d.dtype)))
+        # With a residual, the sum runs in the residual GEMM's op (its CPU kernel here takes y and the gate
+        # in place of q and a): recorded at run time like the others, with the unfused roundings.
+        monkeypatch.setattr(fp8_dense, "dense_linear_fp8", lambda x2d, wq, w_scale, bias, gelu_tail=None,
+                            residual=None, gate=None: dense_residual(reference._scaled_product_fp8(
+                                *torch.ops.rt_lynx.quantize_rows_fp8(x2d, gelu_tail), wq, w_scale,
+                                None if bias is None else bias.float()).to(x2d.dtype), residual, gate))
         yield calls
 
 
@@ -292,7 +300,7 @@ def test_fused_block_parts_reach_the_fast_ops_and_compile_in_one_graph(sm90_on_t
         (a,) = _modulated_linears((qkv,), norm, x, shift, scale)
         b = _mlp_with_residual(mlp, norm, x, _Modulation(shift, scale, gate))
         c = _linear_of_cat_activation(linear2, projected[..., :hidden], projected[..., 3 * hidden:],
-                                      torch.nn.GELU(approximate="tanh"))
+                                      torch.nn.GELU(approximate="tanh"), x, gate)
         d = _gated_residual(proj, x, gate, projected[..., :hidden])
         return a, b, c, d
     fast = layers(LynxConfig(precision=precision, min_tokens=1))
@@ -307,6 +315,8 @@ def test_fused_block_parts_reach_the_fast_ops_and_compile_in_one_graph(sm90_on_t
         want = {"sparse_linear_fp8_sm90", "quantize_rows_fp8"}
     elif images == 1:   # one gate row: the residual goes into the GEMM's epilogue
         want |= {"sparse_linear_gelu_sm90 + residual", f"{proj_op} + residual"}
+    if precision == "fp8" and images == 1:   # linear2, the dense e4m3 GEMM
+        want |= {"scaled_mm_residual"}
     assert called == want
     slow = layers(LynxConfig(precision=precision, min_tokens=1, backend="reference"))
     for got, expected in zip(compiled, block(slow, x, projected)):

@@ -369,7 +369,7 @@ def test_fused_block_parts_with_patched_layers_compile_in_one_graph(sm90, genera
         (a,) = _modulated_linears((qkv,), norm, x, shift, scale)
         b = _mlp_with_residual(mlp, norm, x, _Modulation(shift, scale, gate))
         c = _linear_of_cat_activation(linear2, projected[..., :hidden], projected[..., 3 * hidden:],
-                                      torch.nn.GELU(approximate="tanh"))
+                                      torch.nn.GELU(approximate="tanh"), x, gate)
         d = _gated_residual(proj, x, gate, projected[..., :hidden])
         return a * 2, b * 2, c * 2, d * 2
     torch._dynamo.reset()

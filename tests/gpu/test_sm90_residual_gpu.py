@@ -3,7 +3,8 @@ product, csrc/sm90_sparse_gemm_impl.cuh's residual instances): every config agai
 same sparsified (and quantised) input, at least as close as the product followed by torch's addcmul,
 over poisoned outputs, odd rows, heavy tails, bf16/fp16/e4m3; the ops a block calls (plain, fp8,
 GELU prologue, LoRA in the GEMM) at FLUX shapes; the dispatch (one image fused, several added
-after, the switch off giving the unfused bits); torch.compile and CUDA graphs; refusals.
+after, the switch off giving the unfused bits); torch.compile and CUDA graphs; refusals. And the
+same for the dense e4m3 GEMM of the layers an fp8 model keeps dense (cuBLASLt with C, FLUX's linear2).
 """
 import pytest
 import torch
@@ -204,3 +205,72 @@ def test_bad_residuals_are_refused_with_a_reason(sm90, generator):
     wide[:, 1:n + 1] = residual
     torch.testing.assert_close(sm90.sparse_linear_sm90(x, weight, None, True, wide[:, 1:n + 1], gate),
                                sm90.sparse_linear_sm90(x, weight, None, True, residual, gate), rtol=0, atol=0)
+
+
+# ---- the dense e4m3 GEMM (layers an fp8 model keeps dense: FLUX's linear2) with a residual ----
+
+@pytest.fixture(scope="module")
+def fp8_dense():
+    module = require_fast_path("fp8_dense")
+    available, reason = module.availability_residual_epilogue(torch.device("cuda"))
+    assert available, f"the dense e4m3 GEMM with a residual is unavailable on a Hopper GPU: {reason}"
+    return module
+
+
+@pytest.mark.parametrize("rows", ODD_ROWS + [4608])
+@pytest.mark.parametrize("with_tail,with_bias", [(True, True), (False, True), (True, False)])
+def test_dense_e4m3_gemm_with_a_residual_matches_fp32_math(fp8_dense, generator, rows, with_tail, with_bias):
+    from rt_lynx_pack.kernels.reference import cat_gelu_tanh_reference, dense_linear_fp8_reference
+    k_head, k_tail, n, dtype = 3072, 12288, 3072, torch.bfloat16   # FLUX's single-block linear2
+    x = make_input("randn", rows, k_head, dtype, generator)
+    tail = make_input("cubed", rows, k_tail, dtype, generator) if with_tail else None
+    weight = torch.randn(n, k_head + (k_tail if with_tail else 0), generator=generator, device="cuda")
+    wq, w_scale = quantize_weight_fp8(weight / weight.shape[1] ** 0.5)
+    bias = torch.randn(n, generator=generator, device="cuda").to(dtype) if with_bias else None
+    joined = cat_gelu_tanh_reference(x, tail) if with_tail else x
+    product = dense_linear_fp8_reference(joined.float(), wq, w_scale, None if bias is None else bias.float())
+    residual, gate = _residual_and_gate(generator, rows, n, dtype, product.norm().item() / (rows * n) ** 0.5)
+    before = residual.clone()
+    unfused = torch.addcmul(residual, gate, fp8_dense.dense_linear_fp8(x, wq, w_scale, bias, tail))
+    poison_allocator(rows * n * 2 + (32 << 20))
+    out = fp8_dense.dense_linear_fp8(x, wq, w_scale, bias, tail, residual=residual, gate=gate)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    _check_against_unfused(out, unfused, residual.float() + gate.float() * product, residual, before)
+
+
+@pytest.mark.parametrize("images", [1, 2])
+def test_dense_dispatch_fuses_one_image_and_adds_several_after(fp8_dense, generator, images):
+    dtype, tokens, k, n = torch.bfloat16, 300, 3072, 1024
+    x = make_input("randn", images * tokens, k, dtype, generator)
+    wq, w_scale = quantize_weight_fp8(torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5)
+    residual = make_input("randn", images * tokens, n, dtype, generator).reshape(images, tokens, n)
+    gate = (torch.randn(images, 1, n, generator=generator, device="cuda") * 0.5).to(dtype)
+    run = lambda **kw: dispatch.dense_linear_fp8(x, wq, w_scale, None, "cuda", **kw)  # noqa: E731
+    unfused = torch.addcmul(residual, gate, run().reshape(images, tokens, n)).reshape(-1, n)
+    with dispatch.residual_epilogue(False):
+        assert torch.equal(run(residual=GatedResidual(residual, gate)), unfused)
+    out = run(residual=GatedResidual(residual, gate))
+    if images == 1:
+        assert not torch.equal(out, unfused) and relative_error(out, unfused) < TOLERANCE
+    else:
+        assert torch.equal(out, unfused)
+
+
+def test_dense_residual_op_in_a_cuda_graph(fp8_dense, generator):
+    dtype, rows, k, n = torch.bfloat16, 4608, 15360, 3072
+    x = make_input("randn", rows, k, dtype, generator)
+    wq, w_scale = quantize_weight_fp8(torch.randn(n, k, generator=generator, device="cuda") / k ** 0.5)
+    residual, gate = _residual_and_gate(generator, rows, n, dtype, 1.0)
+    static_x, static_residual = x.clone(), residual.clone()
+    fp8_dense.dense_linear_fp8(static_x, wq, w_scale, None, residual=static_residual, gate=gate)   # the algo chosen
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fp8_dense.dense_linear_fp8(static_x, wq, w_scale, None, residual=static_residual, gate=gate)
+    fresh_x = make_input("cubed", rows, k, dtype, generator)
+    fresh_residual, _ = _residual_and_gate(generator, rows, n, dtype, 1.0)
+    static_x.copy_(fresh_x)
+    static_residual.copy_(fresh_residual)
+    graph.replay()
+    torch.testing.assert_close(static_out, fp8_dense.dense_linear_fp8(fresh_x, wq, w_scale, None,
+                                                                      residual=fresh_residual, gate=gate),
+                               rtol=0, atol=0)
