@@ -4,7 +4,9 @@ At FLUX.1-dev 1024² double-block shapes (4096 image / 512 text tokens; the atte
 projection 3072 -> 3072 and the MLP's down projection 12288 -> 3072 with its GELU in the sparsify
 pass), bf16 and fp8: the Lynx linear, then torch.addcmul(residual, gate, y) (what the blocks ran
 before), against the same op given the residual and the gate (one write of the result, no pass
-over y). Kernel time from CUDA-graph replays and eager wall time, the variants in turns in one
+over y). In fp8 also the single block's linear2, kept dense (4608 tokens, the attention output and
+the GELU of the MLP's 12288 columns -> 3072): torch._scaled_mm then the addcmul, against cuBLASLt's
+GEMM with the residual as C. Kernel time from CUDA-graph replays and eager wall time, the variants in turns in one
 run; and each variant's error against fp32 math on the same sparsified (and quantised) input.
 
 Usage (GPU): python bench/residual_epilogue.py [--out bench/results]
@@ -75,6 +77,42 @@ def cases(torch, precision, tokens, k, gelu):
     return unfused, fused, want, got_unfused, got_fused
 
 
+def dense_linear2_case(torch):
+    """cases() for the single block's linear2 in fp8 (a dense e4m3 GEMM after the quantise pass)."""
+    from rt_lynx_pack.kernels import fp8_dense, quantize_weight_fp8, reference
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    tokens, k = 4608, HIDDEN + MLP
+    dtype = torch.bfloat16
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+    heads, tails = [randn(tokens, HIDDEN) for _ in range(3)], [randn(tokens, MLP) for _ in range(3)]
+    residuals, gates = [randn(tokens, HIDDEN) for _ in range(3)], [randn(HIDDEN, scale=0.3) for _ in range(3)]
+    wq, w_scale = quantize_weight_fp8(randn(HIDDEN, k, scale=k ** -0.5))
+    bias = randn(HIDDEN, scale=0.1)
+    state = {"i": 0}
+
+    def operands():
+        state["i"] = (state["i"] + 1) % 3
+        return heads[state["i"]], tails[state["i"]], residuals[state["i"]], gates[state["i"]]
+
+    def unfused():
+        head, tail, residual, gate = operands()
+        return torch.addcmul(residual, gate, fp8_dense.dense_linear_fp8(head, wq, w_scale, bias, tail))
+
+    def fused():
+        head, tail, residual, gate = operands()
+        return fp8_dense.dense_linear_fp8(head, wq, w_scale, bias, tail, residual=residual, gate=gate)
+
+    state["i"] = -1
+    got_unfused = unfused()
+    state["i"] = -1
+    got_fused = fused()
+    joined = reference.cat_gelu_tanh_reference(heads[0], tails[0])
+    y = reference.dense_linear_fp8_reference(joined.float(), wq, w_scale, bias.float())
+    return unfused, fused, residuals[0].float() + gates[0].float() * y, got_unfused, got_fused
+
+
 def relative_error(got, want):
     return ((got.float() - want).norm() / want.norm()).item()
 
@@ -93,26 +131,30 @@ def main(argv=None):
     if not available:
         sys.exit(f"sm90 path unavailable: {info}")
     gpu = torch.cuda.get_device_name()
-    lines = [f"# Gated residual in the sparse GEMM's epilogue ({datetime.date.today()}, {gpu})", "",
-             f"torch {torch.__version__}, commit {git_commit()}; FLUX.1-dev 1024² double-block shapes, bf16 "
-             f"activations; unfused = the Lynx linear, then torch.addcmul(residual, gate, y); fused = the op with "
+    lines = [f"# Gated residual in the GEMM's epilogue ({datetime.date.today()}, {gpu})", "",
+             f"torch {torch.__version__}, commit {git_commit()}; FLUX.1-dev 1024² double-block shapes and the "
+             f"single block's dense linear2, bf16 activations; unfused = the linear, then torch.addcmul(residual, gate, y); fused = the op with "
              f"residual and gate (one write). Kernel time: CUDA-graph replays; eager: synchronised wall time; "
              f"{args.calls} calls x {args.repeats} repeats, the two in turns. Errors against fp32 math on the same "
              f"sparsified (fp8: and quantised) input.", "",
              "| precision | layer | M x K -> N | unfused kernel us | fused kernel us | x kernel | unfused eager us "
              "| fused eager us | x eager | err unfused | err fused |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for precision in ("fp8", "bf16"):
-        for name, tokens, k, gelu in SHAPES:
-            unfused, fused, want, got_unfused, got_fused = cases(torch, precision, tokens, k, gelu)
-            fns = {"unfused": unfused, "fused": fused}
-            kernel = interleaved_kernel_us(fns, args.calls, args.repeats)
-            eager = interleaved_eager_us(fns, args.calls, args.repeats)
-            row = (f"| {precision} | {name} | {tokens} x {k} -> {HIDDEN} | {kernel['unfused']:.1f} | "
-                   f"{kernel['fused']:.1f} | {kernel['unfused'] / kernel['fused']:.3f} | {eager['unfused']:.1f} | "
-                   f"{eager['fused']:.1f} | {eager['unfused'] / eager['fused']:.3f} | "
-                   f"{relative_error(got_unfused, want):.2e} | {relative_error(got_fused, want):.2e} |")
-            print(row, flush=True)
-            lines.append(row)
+    rows = [("fp8", name, tokens, k, lambda tokens=tokens, k=k, gelu=gelu: cases(torch, "fp8", tokens, k, gelu))
+            for name, tokens, k, gelu in SHAPES]
+    rows.append(("fp8", "single linear2 (dense)", 4608, HIDDEN + MLP, lambda: dense_linear2_case(torch)))
+    rows += [("bf16", name, tokens, k, lambda tokens=tokens, k=k, gelu=gelu: cases(torch, "bf16", tokens, k, gelu))
+             for name, tokens, k, gelu in SHAPES]
+    for precision, name, tokens, k, make in rows:
+        unfused, fused, want, got_unfused, got_fused = make()
+        fns = {"unfused": unfused, "fused": fused}
+        kernel = interleaved_kernel_us(fns, args.calls, args.repeats)
+        eager = interleaved_eager_us(fns, args.calls, args.repeats)
+        row = (f"| {precision} | {name} | {tokens} x {k} -> {HIDDEN} | {kernel['unfused']:.1f} | "
+               f"{kernel['fused']:.1f} | {kernel['unfused'] / kernel['fused']:.3f} | {eager['unfused']:.1f} | "
+               f"{eager['fused']:.1f} | {eager['unfused'] / eager['fused']:.3f} | "
+               f"{relative_error(got_unfused, want):.2e} | {relative_error(got_fused, want):.2e} |")
+        print(row, flush=True)
+        lines.append(row)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
