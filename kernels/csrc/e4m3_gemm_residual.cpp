@@ -5,7 +5,9 @@
 //
 // cuBLASLt's row-wise (outer-vector) scaled e4m3 GEMM, the one torch._scaled_mm runs, called here
 // because torch's op takes no C: with beta = 1 and C = the residual, the product is never written
-// and read back. A block's gate folds into w_scale and bias before the call.
+// and read back. A block's gate folds into w_scale and bias before the call. Where cuBLASLt has no
+// such kernel for a shape (it lacks some fast-accumulating ones with C at odd row counts), the
+// product is computed as torch._scaled_mm does and the residual added after: the same math.
 #include <torch/extension.h>
 
 #include <ATen/cuda/CUDAContext.h>
@@ -55,14 +57,20 @@ struct ProblemHash {
   }
 };
 
-// The heuristic's first algorithm per problem, asked once (the call is host time a step repeats).
+// The heuristic's first algorithm per problem, asked once (the call is host time a step repeats);
+// found == false: none, the product and the sum run apart.
+struct Choice {
+  bool found = false;
+  cublasLtMatmulAlgo_t algo{};
+};
+
 std::mutex& algo_mutex() {
   static std::mutex mutex;
   return mutex;
 }
 
-std::unordered_map<Problem, cublasLtMatmulAlgo_t, ProblemHash>& algos() {
-  static std::unordered_map<Problem, cublasLtMatmulAlgo_t, ProblemHash> cache;
+std::unordered_map<Problem, Choice, ProblemHash>& algos() {
+  static std::unordered_map<Problem, Choice, ProblemHash> cache;
   return cache;
 }
 
@@ -100,7 +108,6 @@ at::Tensor scaled_mm_residual_op(const at::Tensor& q, const at::Tensor& a, const
     require(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, kOp, ": operands must be 16-byte aligned");
   }
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = at::empty_like(residual);
 
   // Column-major, as cuBLASLt reads: out^T (n x m) = wq (k x n stored, transposed) times q^T (k x m).
   Owned<cublasLtMatmulDesc_t, cublasLtMatmulDescDestroy> desc;
@@ -132,7 +139,7 @@ at::Tensor scaled_mm_residual_op(const at::Tensor& q, const at::Tensor& a, const
 
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const Problem problem{q.get_device(), m, n, k, bias.defined(), fast_accumulation};
-  cublasLtMatmulAlgo_t algo;
+  Choice choice;
   {
     std::lock_guard<std::mutex> lock(algo_mutex());
     auto hit = algos().find(problem);
@@ -145,19 +152,28 @@ at::Tensor scaled_mm_residual_op(const at::Tensor& q, const at::Tensor& a, const
             "cublasLtMatmulPreferenceSetAttribute");
       cublasLtMatmulHeuristicResult_t result{};
       int found = 0;
-      check(cublasLtMatmulAlgoGetHeuristic(handle, desc.handle, a_layout.handle, b_layout.handle, c_layout.handle,
-                                           c_layout.handle, preference.handle, 1, &result, &found),
-            "cublasLtMatmulAlgoGetHeuristic");
-      require(found > 0, kOp, ": cuBLASLt has no row-wise scaled e4m3 GEMM with a residual for ", m, " x ", k, " x ",
-              n);
-      hit = algos().emplace(problem, result.algo).first;
+      const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
+          handle, desc.handle, a_layout.handle, b_layout.handle, c_layout.handle, c_layout.handle, preference.handle,
+          1, &result, &found);
+      if (status != CUBLAS_STATUS_NOT_SUPPORTED) check(status, "cublasLtMatmulAlgoGetHeuristic");
+      Choice made;
+      made.found = status == CUBLAS_STATUS_SUCCESS && found > 0;
+      if (made.found) made.algo = result.algo;
+      hit = algos().emplace(problem, made).first;
     }
-    algo = hit->second;
+    choice = hit->second;
   }
+  if (!choice.found) {
+    const at::Tensor product = at::_scaled_mm(q, wq.t(), a.reshape({m, 1}), w_scale.reshape({1, n}),
+                                              bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt,
+                                              c10::nullopt, at::kBFloat16, fast_accumulation);
+    return at::add(residual, product);
+  }
+  at::Tensor out = at::empty_like(residual);
   const at::Tensor workspace = at::empty({kWorkspaceBytes}, q.options().dtype(at::kByte));
   const float alpha = 1.f, beta = 1.f;
   check(cublasLtMatmul(handle, desc.handle, &alpha, wq.data_ptr(), a_layout.handle, q.data_ptr(), b_layout.handle,
-                       &beta, residual.data_ptr(), c_layout.handle, out.data_ptr(), c_layout.handle, &algo,
+                       &beta, residual.data_ptr(), c_layout.handle, out.data_ptr(), c_layout.handle, &choice.algo,
                        workspace.data_ptr(), kWorkspaceBytes, at::cuda::getCurrentCUDAStream()),
         "cublasLtMatmul");
   return out;
