@@ -190,16 +190,17 @@ def _with_low_rank(y: torch.Tensor, x2d: torch.Tensor, low_rank: LowRankOperands
     return y if low_rank is None else y + low_rank_reference(x2d, low_rank)
 
 
-# Whether a gated residual goes into the sm90 GEMM's epilogue (the default) or is added by torch after
-# the product (`residual_epilogue(False)`, for benchmarks that compare both). Read where a call is
+# Whether a gated residual goes into the GEMM's epilogue (the sm90 sparse one, the dense e4m3 one; the
+# default) or is added by torch after the product (`residual_epilogue(False)`, for benchmarks that
+# compare both). Read where a call is
 # traced: a compiled model keeps the choice it was compiled with (Dynamo guards on it).
 _residual_in_epilogue = True
 
 
 @contextlib.contextmanager
 def residual_epilogue(enabled: bool):
-    """Within the block, gated residuals are added in the sm90 GEMM's epilogue (enabled, the default)
-    or by torch after the product; the previous setting comes back on leaving it. Process-wide."""
+    """Within the block, gated residuals are added in the GEMMs' epilogues (enabled, the default) or by
+    torch after the product; the previous setting comes back on leaving it. Process-wide."""
     global _residual_in_epilogue
     previous, _residual_in_epilogue = _residual_in_epilogue, bool(enabled)
     try:
@@ -209,7 +210,7 @@ def residual_epilogue(enabled: bool):
 
 
 def _epilogue_residual(residual: GatedResidual | None, x2d: torch.Tensor) -> dict:
-    """The sm90 GEMM's residual and gate arguments for `residual` around a product of x2d's rows: one
+    """A GEMM op's residual and gate arguments for `residual` around a product of x2d's rows: one
     image's (a gate of one row; several images have a gate each, which the epilogue does not take),
     in x's dtype. Empty where there is none or it is added after the product."""
     if residual is None or not _residual_in_epilogue:

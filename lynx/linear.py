@@ -22,8 +22,9 @@ MLP's GELU) compute that work followed by `lynx_linear`, with the work inside th
 sparsify pass, so the input is never written (the same math up to rare one-ulp roundings). A
 layer an fp8 model keeps dense may take its input as cat((first, gelu(second))) (FLUX's
 single-block linear2: `fp8_dense_linear(..., gelu_tail=)`), made inside the quantise pass. The
-block's gated residual after a layer, residual + gate * y (`residual=`), is added in the sparse
-GEMM's epilogue where the kernels take it, so y is never written.
+block's gated residual after a layer, residual + gate * y (`residual=`), is added in the GEMM's
+epilogue (the sparse one, or the dense e4m3 one of a layer kept dense) where the kernels take it, so
+y is never written.
 
 sparse(x) keeps the n largest |x| of each m consecutive input features (2:4 by default); s is
 the per-token norm compensation ||x|| / ||sparse(x)|| (or 1 when switched off). Inputs with

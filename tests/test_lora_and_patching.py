@@ -542,3 +542,33 @@ def test_a_plan_rebound_to_a_copy_of_the_model_computes_with_the_copys_layers(ti
     with installed(twin, rebound):
         got = twin(*inputs)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("warmup", [False, True])
+def test_gated_residual_is_the_layer_then_the_blocks_addcmul(precision, warmup):
+    # The reference path takes no residual in a kernel: every route must give addcmul(residual, gate,
+    # layer(x)) bit for bit, sparse or dense, after a GELU, with a branch, in a dense warm-up step.
+    g = torch.Generator().manual_seed(9)
+    runtime = LynxRuntime()
+    runtime.dense = warmup
+    config = LynxConfig(backend="reference", precision=precision, min_tokens=1)
+    x = torch.randn(2, 40, 64, generator=g).to(torch.bfloat16)
+    residual = torch.randn(2, 40, 32, generator=g).to(torch.bfloat16)
+    gate = torch.randn(2, 1, 32, generator=g).to(torch.bfloat16)
+    linear = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    branch = LowRankBranch(torch.randn(4, 64, generator=g) / 8, torch.randn(32, 4, generator=g) / 8, 1.0)
+    for forward in (LynxLinearForward(linear, "proj", config, runtime),
+                    LynxLinearForward(linear, "proj", config, runtime, lora=branch)):
+        if precision == "fp8":
+            forward.prepare_fp8(linear.weight)
+        assert torch.equal(forward.gated_residual(residual, gate, x), torch.addcmul(residual, gate, forward(x)))
+        assert torch.equal(forward.gated_residual(residual, gate, x, after_gelu=True),
+                           torch.addcmul(residual, gate, forward.after_gelu(x)))
+    if precision == "fp8":   # a layer kept dense: FLUX's linear2 of its two input parts
+        wide = torch.nn.Linear(96, 32).to(torch.bfloat16)
+        dense = LynxLinearForward(wide, "linear2", config, runtime, sparse=False)
+        dense.prepare_fp8(wide.weight)
+        tail = torch.randn(2, 40, 32, generator=g).to(torch.bfloat16)
+        assert torch.equal(dense.after_cat_gelu(x, tail, residual, gate),
+                           torch.addcmul(residual, gate, dense.after_cat_gelu(x, tail)))
