@@ -14,8 +14,9 @@ MLP's activation are never written; and the gated residual after it into its GEM
 (LynxLinearForward.gated_residual), so its own output is not written either. FLUX's single-block
 linear2 input, the attention output and the GELU of the MLP's hidden state side by side, is made
 in one pass (kernels.cat_gelu_tanh), or inside an fp8 dense layer's quantise pass
-(LynxLinearForward.after_cat_gelu). Attention itself is the caller's (ComfyUI's optimized_attention). The models' RoPE table (EmbedND) is computed by one
-op that torch.compile keeps whole (`rope_table_forward`; kernels/rope.py says why).
+(LynxLinearForward.after_cat_gelu). Attention itself is the caller's (ComfyUI's
+optimized_attention). The models' RoPE table (EmbedND) is computed by one op that torch.compile
+keeps whole (`rope_table_forward`; kernels/rope.py says why).
 
 Only blocks whose structure and forward signatures are the ones written against here are taken
 (`fused_block_kind`); any other keeps its own forward.
