@@ -137,6 +137,10 @@ class _StatisticsCapture(LynxLinearForward):
         # GELU is computed first, then the call comes through __call__.
         return False
 
+    def _takes_epilogue(self) -> bool:
+        # Likewise a gated residual: the layer's call comes through __call__, then the addcmul.
+        return False
+
     def layer_weight(self) -> torch.Tensor:
         """The weight the layer computes with (its weight provider: casts, LoRA patches, fp8
         scales), on the statistics' device."""

@@ -133,7 +133,7 @@ class LynxLinearForward:
         residual around this layer, residual shaped as the output, gate one row per image. The sparse
         product adds it in its GEMM's epilogue where the kernels take it (one image), so the layer's
         output is never written; every other case computes the layer, then the addcmul."""
-        if not self.sparse or (after_gelu and not self._takes_prologue()):
+        if not self._takes_epilogue() or (after_gelu and not self._takes_prologue()):
             return torch.addcmul(residual, gate, self.after_gelu(x) if after_gelu else self(x))
         gated = GatedResidual(residual, gate)
         if after_gelu:
@@ -158,6 +158,10 @@ class LynxLinearForward:
     def _takes_prologue(self) -> bool:
         # An fp8 layer adds its LoRA branch after the product, from the input written out.
         return self.sparse and not self.runtime.dense and (self.lora is None or self.config.precision == "bf16")
+
+    def _takes_epilogue(self) -> bool:
+        # The sparse product's call takes the residual (and adds it after where its kernel cannot).
+        return self.sparse
 
     def _with_weights(self, x: torch.Tensor, product) -> torch.Tensor:
         if self.runtime.before_each_call is not None:

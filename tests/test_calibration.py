@@ -271,8 +271,14 @@ def test_a_capture_records_the_inputs_a_fused_block_would_compute_in_the_sparsif
     shift, scale = torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 64, generator=g) / 4
     capture.modulated(x, shift, 1 + scale, 1e-6)
     capture.after_gelu(x)
-    assert capture.tokens == 2 * 80
-    inputs = torch.cat([modulated_layer_norm(x, shift, 1 + scale, 1e-6), F.gelu(x, approximate="tanh")]).reshape(-1, 64)
+    # A gated residual after the layer (its GEMM's epilogue in a fused block): the input is recorded too.
+    residual, gate = torch.randn(2, 40, 48, generator=g), torch.randn(2, 1, 48, generator=g)
+    out = capture.gated_residual(residual, gate, x)
+    torch.testing.assert_close(out, torch.addcmul(residual, gate, capture(x)), rtol=0, atol=0)
+    capture.gated_residual(residual, gate, x, after_gelu=True)
+    assert capture.tokens == 2 * 80 + 2 * 80 + 80   # (and the check's own call above)
+    inputs = torch.cat([modulated_layer_norm(x, shift, 1 + scale, 1e-6), F.gelu(x, approximate="tanh"), x, x,
+                        F.gelu(x, approximate="tanh")]).reshape(-1, 64)
     torch.testing.assert_close(capture.c_xx, inputs.double().T @ inputs.double())
 
 
