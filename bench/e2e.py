@@ -97,8 +97,8 @@ def parse_args(argv=None):
                    help="the GELU of the passes whose output is e4m3 in packed 16-bit math with the hardware's "
                         "packed tanh (sm90.packed_e4m3_gelu)")
     p.add_argument("--unfused-residual", action="store_true",
-                   help="the blocks' gated residuals added by torch after the GEMM (sparse, or the dense e4m3 linear2), not in its epilogue "
-                        "(dispatch.residual_epilogue(False); read when the model compiles)")
+                   help="the blocks' gated residuals added by torch after the GEMM (sparse, or the dense e4m3 "
+                        "linear2), not in its epilogue (dispatch.residual_epilogue(False); read when the model compiles)")
     p.add_argument("--lynx-switches", default="",
                    help=f"comma list of kernel switches ({', '.join(KERNEL_SWITCHES)}): each also times the Lynx "
                         "side with that switch turned from its default, in turns with the defaults on the same "
