@@ -174,6 +174,12 @@ struct Prologue {
   }
 };
 
+// t itself when contiguous and 16-byte aligned (the kernels' vector loads, TMA), else such a copy.
+at::Tensor contiguous_aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
 void check_prologue_fits(const at::Tensor& x, const char* op) {
   require(sparsify_prologue_supported(round_up_rows(x.size(0)), x.size(1)), op, ": rows of ", x.size(1),
           " columns are too long for a sparsify pass with a prologue");
@@ -192,11 +198,7 @@ Prologue checked_modulation(const at::Tensor& x, const at::Tensor& shift, const 
   }
   require(eps > 0.0, op, ": eps must be positive");
   check_prologue_fits(x, op);
-  auto aligned = [](const at::Tensor& t) {
-    at::Tensor c = t.contiguous();
-    return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
-  };
-  return {kPrologueLayerNormModulation, aligned(shift), aligned(scale1p), tokens, eps};
+  return {kPrologueLayerNormModulation, contiguous_aligned(shift), contiguous_aligned(scale1p), tokens, eps};
 }
 
 Prologue checked_gelu(const at::Tensor& x, const char* op) {
@@ -231,8 +233,7 @@ Compressed sparsify(const at::Tensor& x, bool e4m3, bool compensate, int metadat
     float* scale = compensate ? c.scale.data_ptr<float>() : nullptr;
     if (fused_down) {
       // down(x) on tensor cores in the same pass over x (its tiles are copied 16 bytes at a time).
-      at::Tensor down = low_rank.down.contiguous();
-      if (reinterpret_cast<uintptr_t>(down.data_ptr()) % 16 != 0) down = down.clone();
+      const at::Tensor down = contiguous_aligned(low_rank.down);
       const at::Tensor workspace =
           at::empty({sparsify_low_rank_workspace_floats(c.padded_rows, k)}, x.options().dtype(at::kFloat));
       launch_sparsify_low_rank(x.data_ptr(), x.size(0), c.padded_rows, k, x.stride(0), is_bf16, down.data_ptr(),
@@ -271,15 +272,11 @@ void check_gated_residual(Epilogue& epilogue, const at::Tensor& x, int64_t n, co
   require(residual->dim() == 2 && residual->size(0) == x.size(0) && residual->size(1) == n &&
               residual->scalar_type() == x.scalar_type() && residual->device() == x.device(),
           op, ": residual must be ", x.size(0), " x ", n, " in x's dtype on x's device");
-  auto aligned = [](const at::Tensor& t) {
-    at::Tensor c = t.contiguous();
-    return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
-  };
-  epilogue.residual = aligned(*residual);
+  epilogue.residual = contiguous_aligned(*residual);
   if (has_gate) {
     require(gate->numel() == n && gate->scalar_type() == x.scalar_type() && gate->device() == x.device(), op,
             ": gate must hold ", n, " values (one image's) in x's dtype on x's device");
-    epilogue.gate = aligned(gate->reshape({n}));
+    epilogue.gate = contiguous_aligned(gate->reshape({n}));
   }
 }
 
