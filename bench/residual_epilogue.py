@@ -22,25 +22,36 @@ from standalone import load_pack  # noqa: E402
 
 load_pack()
 sys.path.insert(0, str(ROOT / "bench"))
-from common import git_commit, interleaved_eager_us, interleaved_kernel_us  # noqa: E402
+from common import INPUT_SETS, git_commit, interleaved_eager_us, interleaved_kernel_us  # noqa: E402
 
 HIDDEN, MLP = 3072, 12288
 SHAPES = [("img attn proj", 4096, HIDDEN, False), ("img mlp down", 4096, MLP, True),
           ("txt attn proj", 512, HIDDEN, False), ("txt mlp down", 512, MLP, True)]
 
 
-def cases(torch, precision, tokens, k, gelu):
-    """(unfused fn, fused fn, fp32 want, the two outputs) for one shape: x, residual and gate rotate
-    through three sets, so no call re-reads the last one's data from L2."""
-    from rt_lynx_pack.kernels import quantize_weight_fp8, reference, sm90
-    gen = torch.Generator(device="cuda").manual_seed(tokens + k)
-    dtype = torch.bfloat16
+def rotated_pair(operand_sets, unfused, fused):
+    """(unfused fn, fused fn) that each call theirs on the next operand set, and what each gives for
+    the first set."""
+    state = {"i": 0}
 
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
-    xs = [randn(tokens, k) for _ in range(3)]
-    residuals = [randn(tokens, HIDDEN) for _ in range(3)]
-    gates = [randn(HIDDEN, scale=0.3) for _ in range(3)]
+    def rotating(fn):
+        def call():
+            state["i"] = (state["i"] + 1) % len(operand_sets)
+            return fn(*operand_sets[state["i"]])
+        return call
+    return rotating(unfused), rotating(fused), unfused(*operand_sets[0]), fused(*operand_sets[0])
+
+
+def random_bf16(torch, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen, device="cuda") * scale).to(torch.bfloat16)
+
+
+def cases(torch, precision, tokens, k, gelu):
+    """(unfused fn, fused fn, fp32 want, the two outputs on the first operand set) for one shape."""
+    from rt_lynx_pack.kernels import quantize_weight_fp8, reference, sm90
+    randn = random_bf16(torch, tokens + k)
+    sets = [(randn(tokens, k), randn(tokens, HIDDEN), randn(HIDDEN, scale=0.3)) for _ in range(INPUT_SETS)]
     weight = randn(HIDDEN, k, scale=k ** -0.5)
     bias = randn(HIDDEN, scale=0.1)
     if precision == "fp8":
@@ -50,67 +61,36 @@ def cases(torch, precision, tokens, k, gelu):
     else:
         product = (weight, None, bias, True) if gelu else (weight, bias, True)
         op = sm90.sparse_linear_gelu_sm90 if gelu else sm90.sparse_linear_sm90
-    state = {"i": 0}
-
-    def operands():
-        state["i"] = (state["i"] + 1) % 3
-        return xs[state["i"]], residuals[state["i"]], gates[state["i"]]
-
-    def unfused():
-        x, residual, gate = operands()
-        return torch.addcmul(residual, gate, op(x, *product))
-
-    def fused():
-        x, residual, gate = operands()
-        return op(x, *product, residual=residual, gate=gate)
-
-    state["i"] = -1
-    got_unfused = unfused()
-    state["i"] = -1
-    got_fused = fused()
-    x0 = reference.gelu_tanh_reference(xs[0]) if gelu else xs[0]
+    unfused, fused, got_unfused, got_fused = rotated_pair(
+        sets, lambda x, residual, gate: torch.addcmul(residual, gate, op(x, *product)),
+        lambda x, residual, gate: op(x, *product, residual=residual, gate=gate))
+    x0, residual0, gate0 = sets[0]
+    x0 = reference.gelu_tanh_reference(x0) if gelu else x0
     if precision == "fp8":
         y = reference.sparse_linear_fp8_reference(x0.float(), wq, w_scale, bias.float(), True)
     else:
         y = reference.sparse_linear_reference(x0.float(), weight.float(), bias.float(), True)
-    want = residuals[0].float() + gates[0].float() * y
-    return unfused, fused, want, got_unfused, got_fused
+    return unfused, fused, residual0.float() + gate0.float() * y, got_unfused, got_fused
 
 
 def dense_linear2_case(torch):
     """cases() for the single block's linear2 in fp8 (a dense e4m3 GEMM after the quantise pass)."""
     from rt_lynx_pack.kernels import fp8_dense, quantize_weight_fp8, reference
-    gen = torch.Generator(device="cuda").manual_seed(7)
+    randn = random_bf16(torch, 7)
     tokens, k = 4608, HIDDEN + MLP
-    dtype = torch.bfloat16
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
-    heads, tails = [randn(tokens, HIDDEN) for _ in range(3)], [randn(tokens, MLP) for _ in range(3)]
-    residuals, gates = [randn(tokens, HIDDEN) for _ in range(3)], [randn(HIDDEN, scale=0.3) for _ in range(3)]
+    sets = [(randn(tokens, HIDDEN), randn(tokens, MLP), randn(tokens, HIDDEN), randn(HIDDEN, scale=0.3))
+            for _ in range(INPUT_SETS)]
     wq, w_scale = quantize_weight_fp8(randn(HIDDEN, k, scale=k ** -0.5))
     bias = randn(HIDDEN, scale=0.1)
-    state = {"i": 0}
-
-    def operands():
-        state["i"] = (state["i"] + 1) % 3
-        return heads[state["i"]], tails[state["i"]], residuals[state["i"]], gates[state["i"]]
-
-    def unfused():
-        head, tail, residual, gate = operands()
-        return torch.addcmul(residual, gate, fp8_dense.dense_linear_fp8(head, wq, w_scale, bias, tail))
-
-    def fused():
-        head, tail, residual, gate = operands()
-        return fp8_dense.dense_linear_fp8(head, wq, w_scale, bias, tail, residual=residual, gate=gate)
-
-    state["i"] = -1
-    got_unfused = unfused()
-    state["i"] = -1
-    got_fused = fused()
-    joined = reference.cat_gelu_tanh_reference(heads[0], tails[0])
-    y = reference.dense_linear_fp8_reference(joined.float(), wq, w_scale, bias.float())
-    return unfused, fused, residuals[0].float() + gates[0].float() * y, got_unfused, got_fused
+    unfused, fused, got_unfused, got_fused = rotated_pair(
+        sets, lambda head, tail, residual, gate: torch.addcmul(
+            residual, gate, fp8_dense.dense_linear_fp8(head, wq, w_scale, bias, tail)),
+        lambda head, tail, residual, gate: fp8_dense.dense_linear_fp8(head, wq, w_scale, bias, tail,
+                                                                       residual=residual, gate=gate))
+    head0, tail0, residual0, gate0 = sets[0]
+    y = reference.dense_linear_fp8_reference(reference.cat_gelu_tanh_reference(head0, tail0).float(), wq, w_scale,
+                                             bias.float())
+    return unfused, fused, residual0.float() + gate0.float() * y, got_unfused, got_fused
 
 
 def relative_error(got, want):
@@ -133,8 +113,9 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name()
     lines = [f"# Gated residual in the GEMM's epilogue ({datetime.date.today()}, {gpu})", "",
              f"torch {torch.__version__}, commit {git_commit()}; FLUX.1-dev 1024² double-block shapes and the "
-             f"single block's dense linear2, bf16 activations; unfused = the linear, then torch.addcmul(residual, gate, y); fused = the op with "
-             f"residual and gate (one write). Kernel time: CUDA-graph replays; eager: synchronised wall time; "
+             f"single block's dense linear2, bf16 activations; unfused = the linear, then "
+             f"torch.addcmul(residual, gate, y); fused = the op with residual and gate (one write). Kernel time: "
+             f"CUDA-graph replays; eager: synchronised wall time; "
              f"{args.calls} calls x {args.repeats} repeats, the two in turns. Errors against fp32 math on the same "
              f"sparsified (fp8: and quantised) input.", "",
              "| precision | layer | M x K -> N | unfused kernel us | fused kernel us | x kernel | unfused eager us "
