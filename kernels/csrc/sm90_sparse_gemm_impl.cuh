@@ -88,30 +88,25 @@ struct SparseGemm {
   using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, ElementOut, float,
                                                            cute::Stride<cute::_0, cute::_1, int64_t>>;
   using Acc = cutlass::epilogue::fusion::Sm90AccFetch;
-  // 16-bit: D = s[m] * acc + b[n]. e4m3: D = w[n] * (a[m] * acc) + b[n].
   using ScaledAcc = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>, TokenScale, Acc>;
-  using Fusion16 = cutlass::epilogue::fusion::Sm90EVT<
-      cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementOut, float, kRound>,
-      TokenScale, Acc, Bias>;
-  using Fusion8 = cutlass::epilogue::fusion::Sm90EVT<
-      cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementOut, float, kRound>,
-      ChannelScale, ScaledAcc, Bias>;
-  // Residual: D = gate[n] * (the product above, kept in fp32) + C[m, n].
-  using ProductF32 = std::conditional_t<
+  // The product, written as Out: 16-bit D = s[m] * acc + b[n]; e4m3 D = w[n] * (a[m] * acc) + b[n].
+  template <class Out>
+  using Product = std::conditional_t<
       kE4m3,
       cutlass::epilogue::fusion::Sm90EVT<
-          cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, float, float, kRound>,
+          cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, Out, float, kRound>,
           ChannelScale, ScaledAcc, Bias>,
       cutlass::epilogue::fusion::Sm90EVT<
-          cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, float, float, kRound>,
+          cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, Out, float, kRound>,
           TokenScale, Acc, Bias>>;
+  // Residual: D = gate[n] * (the product, kept in fp32) + C[m, n].
   using Gate = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, ElementOut, float,
                                                            cute::Stride<cute::_0, cute::_1, int64_t>>;
   using FusionResidual = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementOut, float, kRound>,
-      Gate, ProductF32, cutlass::epilogue::fusion::Sm90SrcFetch<ElementOut>>;
-  using Fusion = std::conditional_t<kResidual, FusionResidual, std::conditional_t<kE4m3, Fusion8, Fusion16>>;
+      Gate, Product<float>, cutlass::epilogue::fusion::Sm90SrcFetch<ElementOut>>;
+  using Fusion = std::conditional_t<kResidual, FusionResidual, Product<ElementOut>>;
   using ElementC = std::conditional_t<kResidual, ElementOut, void>;
 
   static constexpr int kAlignIn = 128 / cutlass::sizeof_bits<ElementIn>::value;
