@@ -357,7 +357,35 @@ def profile_steps(forward, dev, iters):
         busy += max(0.0, end - max(begin, reach))
         reach = max(reach, end)
     top = sorted(((ms, name) for name, ms in per_kernel.items()), reverse=True)[:12]
-    return {k: round(v, 3) for k, v in per_kind.items()}, round(busy / 1000 / iters, 3), round(wall, 3), top
+    return ({k: round(v, 3) for k, v in per_kind.items()}, round(busy / 1000 / iters, 3), round(wall, 3), top,
+            host_profile(forward, dev, iters))
+
+
+def host_profile(forward, dev, iters, functions=12):
+    """What the host does in a call while the GPU waits for it: the call's host time (from a synchronised
+    start to its return; under CUDA graphs the replay is queued, not waited for) and, under cProfile, the
+    Python functions that take the most of it, own time first: [own ms, cumulative ms, where] per call."""
+    import cProfile
+    import pstats
+    launch = []
+    for _ in range(iters):
+        dev.sync()
+        start = time.perf_counter()
+        forward()
+        launch.append((time.perf_counter() - start) * 1000)
+        dev.sync()
+    profiler = cProfile.Profile()
+    for _ in range(iters):
+        dev.sync()
+        profiler.enable()
+        forward()
+        profiler.disable()
+        dev.sync()
+    entries = pstats.Stats(profiler).stats.items()   # {(file, line, name): (calls, primitive, own s, cumulative s, ...)}
+    top = sorted(entries, key=lambda kv: kv[1][2], reverse=True)[:functions]
+    return {"call_ms": round(statistics.median(launch), 3),
+            "top_functions": [[round(v[2] * 1000 / iters, 3), round(v[3] * 1000 / iters, 3),
+                               f"{pathlib.Path(k[0]).name}:{k[1]}({k[2]})"] for k, v in top]}
 
 
 @contextlib.contextmanager
@@ -515,13 +543,17 @@ def run_model(arch, args, dev, rows, samples, notes, save):
                     log(f"[{arch} {resolution}px {mode} {side} round {round_index + 1}/{rounds}] {median:.2f} ms/step "
                         f"(first call {first:.1f} s), peak {peak:.2f} GB (warm-up {first_peak:.2f} GB)")
                     if profiled is not None and round_index == 0:
-                        kinds, busy, wall, top = profiled
+                        kinds, busy, wall, top, host = profiled
                         result[f"{side}_profile"] = {"kernel_ms": kinds, "busy_ms": busy, "wall_ms": wall,
-                                                     "top_kernels": [[round(ms, 3), name[:160]] for ms, name in top]}
+                                                     "top_kernels": [[round(ms, 3), name[:160]] for ms, name in top],
+                                                     "host": host}
                         log(f"[{arch} {resolution}px {mode} {side} profile] GPU busy {busy:.1f} of {wall:.1f} ms: "
                             + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
                         for ms, name in top:
                             log(f"    {ms:8.3f} ms  {name[:150]}")
+                        log(f"    host: {host['call_ms']:.2f} ms a call before it returns; own / cumulative ms:")
+                        for own, cumulative, where in host["top_functions"]:
+                            log(f"    {own:8.3f} {cumulative:8.3f}  {where}")
                     if round_index == 0:
                         outputs[side] = out
                         result.update({f"{side}_first_call_s": round(first, 2), f"{side}_peak_gb": round(peak, 3),
@@ -649,11 +681,19 @@ def markdown(meta, rows, samples, notes, calibrations=()):
     profiled = [(r, side) for r in rows for side in ("dense", "lynx", "fused", "sparse") if f"{side}_profile" in r]
     if profiled:
         lines += ["", "| GPU time per step (ms) | res | mode | side | wall | GPU busy | "
-                  + " | ".join(PROFILE_KINDS) + " |", "|---" * (6 + len(PROFILE_KINDS)) + "|"]
+                  + " | ".join(PROFILE_KINDS) + " | host time of a call |", "|---" * (7 + len(PROFILE_KINDS)) + "|"]
         for r, side in profiled:
             prof = r[f"{side}_profile"]
+            host = prof.get("host", {}).get("call_ms", float("nan"))
             lines.append(f"| {r['model']} | {r['resolution']} | {r['mode']} | {side} | {prof['wall_ms']:.1f} | "
-                         f"{prof['busy_ms']:.1f} | " + " | ".join(f"{prof['kernel_ms'][k]:.1f}" for k in PROFILE_KINDS) + " |")
+                         f"{prof['busy_ms']:.1f} | " + " | ".join(f"{prof['kernel_ms'][k]:.1f}" for k in PROFILE_KINDS)
+                         + f" | {host:.2f} |")
+        for r, side in profiled:
+            functions = r[f"{side}_profile"].get("host", {}).get("top_functions", ())
+            if functions:
+                lines += ["", f"Host functions of a {r['model']} {r['resolution']} {r['mode']} {side} call "
+                          "(cProfile; own ms / cumulative ms): "
+                          + "; ".join(f"{where} {own:.2f} / {cumulative:.2f}" for own, cumulative, where in functions)]
     if samples:
         lines += ["", "| whole sample | res | mode | steps | dense s | Lynx s | speed-up | dense peak GB | Lynx peak GB "
                   "| Lynx allocated before / after GB | run preparation dense / Lynx s "
@@ -685,7 +725,9 @@ def markdown(meta, rows, samples, notes, calibrations=()):
     if profiled:
         lines += ["", "GPU time per step: torch.profiler over a few calls after the timed ones; kernel time by kind "
                   "(the kernel's name decides), GPU busy: the union of kernel intervals, wall: the profiled calls' "
-                  "own time (profiling adds host overhead)."]
+                  "own time (profiling adds host overhead); host time of a call: from a synchronised start until "
+                  "apply_model returns, while the GPU waits for its first launch (under CUDA graphs the replay is "
+                  "queued, not waited for)."]
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,9 @@
   torch.ops.rt_lynx.qk_norm_rope(qkv_a, q_weight_a, k_weight_a, qkv_b, q_weight_b, k_weight_b, pe, heads, eps)
       -> (q, k, v)   FLUX: one pass over the qkv projections of one or two token streams: per-head
                      RMSNorm of q and k, RoPE, and q, k, v written as (batch, heads, tokens, head_dim)
+  torch.ops.rt_lynx.qk_norm_rope_qk(qkv, q_weight, k_weight, pe, heads, eps) -> (q, k)
+                     FLUX, one stream (single blocks): q and k as above; v stays in the projection,
+                     which attention reads as a heads-major view (`heads_major_v`) as fast as a copy
   torch.ops.rt_lynx.qk_norm_rope_split(q_a, k_a, v_a, q_weight_a, k_weight_a, q_b, k_b, v_b, q_weight_b,
                                        k_weight_b, pe, heads, eps) -> (q, k, v)
                      Qwen-Image: the same from separate q, k, v projections, written token-major
@@ -34,6 +37,9 @@ def _define_ops():
     lib.define("qk_norm_rope(Tensor qkv_a, Tensor q_weight_a, Tensor k_weight_a, Tensor? qkv_b, Tensor? q_weight_b, "
                "Tensor? k_weight_b, Tensor pe, int heads, float eps) -> (Tensor, Tensor, Tensor)")
 
+    lib.define("qk_norm_rope_qk(Tensor qkv, Tensor q_weight, Tensor k_weight, Tensor pe, int heads, float eps) "
+               "-> (Tensor, Tensor)")
+
     lib.define("qk_norm_rope_split(Tensor q_a, Tensor k_a, Tensor v_a, Tensor q_weight_a, Tensor k_weight_a, "
                "Tensor? q_b, Tensor? k_b, Tensor? v_b, Tensor? q_weight_b, Tensor? k_weight_b, Tensor pe, int heads, "
                "float eps) -> (Tensor, Tensor, Tensor)")
@@ -45,6 +51,11 @@ def _define_ops():
         tokens = qkv_a.shape[1] + (0 if qkv_b is None else qkv_b.shape[1])
         shape = (qkv_a.shape[0], heads, tokens, qkv_a.shape[2] // (3 * heads))
         return tuple(qkv_a.new_empty(shape) for _ in range(3))
+
+    @torch.library.register_fake("rt_lynx::qk_norm_rope_qk", lib=lib)
+    def _(qkv, q_weight, k_weight, pe, heads, eps):
+        shape = (qkv.shape[0], heads, qkv.shape[1], qkv.shape[2] // (3 * heads))
+        return qkv.new_empty(shape), qkv.new_empty(shape)
 
     @torch.library.register_fake("rt_lynx::qk_norm_rope_split", lib=lib)
     def _(q_a, k_a, v_a, q_weight_a, k_weight_a, q_b, k_b, v_b, q_weight_b, k_weight_b, pe, heads, eps):
@@ -59,6 +70,13 @@ def _define_ops():
 
 
 _define_ops()
+
+
+def heads_major_v(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """v of a FLUX qkv projection (batch, tokens, 3 * heads * head_dim) as (batch, heads, tokens,
+    head_dim), a view: what ComfyUI's own FLUX blocks hand attention."""
+    width = qkv.shape[-1] // 3
+    return qkv[..., 2 * width:].unflatten(-1, (heads, width // heads)).transpose(1, 2)
 
 
 def availability_block_ops(device: torch.device) -> tuple[bool, str]:
@@ -81,8 +99,8 @@ _availability = _cusparselt.PerDeviceCheck(_check_device)
 
 def self_test_block_ops(device: torch.device) -> str:
     """'' when the ops match the reference (two streams, a strided one, batch 2, an fp32 and a
-    16-bit RoPE table, both 16-bit dtypes; cat_gelu_tanh with a strided b); else the first
-    problem, one line."""
+    16-bit RoPE table, both 16-bit dtypes; q and k alone of the strided stream; cat_gelu_tanh with a
+    strided b); else the first problem, one line."""
     _cusparselt.extension()   # builds it first time; a build error is the problem reported
     generator = torch.Generator(device=device).manual_seed(2468)
     batch, heads, head_dim, tokens_a, tokens_b = 2, 3, 128, 5, 7
@@ -99,6 +117,12 @@ def self_test_block_ops(device: torch.device) -> str:
         fused = (qkv_a, weights[0], weights[1], qkv_b, weights[2], weights[3], pe, heads, 1e-6)
         split = (*qkv_a.chunk(3, dim=-1), weights[0], weights[1], *qkv_b.chunk(3, dim=-1), weights[2], weights[3],
                  pe.transpose(1, 2).to(dtype), heads, 1e-6)
+        one_stream = (qkv_a, weights[0], weights[1], pe[:, :, :tokens_a], heads, 1e-6)
+        q, k = torch.ops.rt_lynx.qk_norm_rope_qk(*one_stream)
+        problem = _compare((q, k, heads_major_v(qkv_a, heads)),
+                           qk_norm_rope_reference(qkv_a, weights[0], weights[1], None, None, None, *one_stream[3:]))
+        if problem:
+            return f"qk_norm_rope_qk ({dtype}): {problem}"
         for name, op, reference, args in (("qk_norm_rope", torch.ops.rt_lynx.qk_norm_rope, qk_norm_rope_reference,
                                            fused),
                                           ("qk_norm_rope_split", torch.ops.rt_lynx.qk_norm_rope_split,

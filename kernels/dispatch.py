@@ -435,10 +435,14 @@ def qk_norm_rope(qkv_a: torch.Tensor, q_weight_a: torch.Tensor, k_weight_a: torc
                  qkv_b: torch.Tensor | None, q_weight_b: torch.Tensor | None, k_weight_b: torch.Tensor | None,
                  pe: torch.Tensor, heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reference.qk_norm_rope_reference (FLUX), in one fused pass where the kernels run, else on the
-    reference path. The norm weights are taken in qkv's dtype, as ComfyUI casts them."""
+    reference path. The norm weights are taken in qkv's dtype, as ComfyUI casts them. For one
+    stream the kernels leave v where it is: v is then a heads-major view of qkv_a."""
     weights = _in_dtype_of(qkv_a, q_weight_a, k_weight_a, q_weight_b, k_weight_b)
     args = (qkv_a, weights[0], weights[1], qkv_b, weights[2], weights[3], pe, heads, eps)
     if _runs_fused_block_ops(qkv_a, qkv_a.shape[-1] // (3 * heads), pe):
+        if qkv_b is None:
+            q, k = torch.ops.rt_lynx.qk_norm_rope_qk(qkv_a, weights[0], weights[1], pe, heads, eps)
+            return q, k, _block_ops.heads_major_v(qkv_a, heads)
         return torch.ops.rt_lynx.qk_norm_rope(*args)
     return reference.qk_norm_rope_reference(*args)
 

@@ -140,3 +140,24 @@ def test_switched_lynx_times_are_taken_in_turns_and_tabled(e2e, monkeypatch):
         e2e.parse_args(["--lynx-switches", "exact_gelu", "--compile-mode", "reduce-overhead"])
     assert e2e.parse_args(["--lynx-switches", "exact_gelu", "--compile-mode", "reduce-overhead",
                            "--modes", "eager"]).lynx_switches == ["exact_gelu"]
+
+
+def test_host_profile_times_a_call_and_names_the_functions_that_take_its_host_time(e2e):
+    import time
+
+    class NoDevice:
+        def sync(self):
+            pass
+
+    def guard_checks():
+        time.sleep(0.004)
+
+    def forward():
+        guard_checks()
+        return sum(range(100))
+
+    host = e2e.host_profile(forward, NoDevice(), iters=3)
+    assert host["call_ms"] >= 4
+    own, cumulative, where = host["top_functions"][0]
+    assert "sleep" in where or "guard_checks" in where, host["top_functions"]
+    assert own >= 3.5 and cumulative >= own

@@ -65,6 +65,9 @@ def test_qk_norm_rope_fake_kernel_gives_the_shapes_the_cuda_op_returns(tokens_b)
         pe = torch.empty(1, 1, 512 + (tokens_b or 0), 64, 2, 2, device="cuda")
         outputs = torch.ops.rt_lynx.qk_norm_rope(a, w, w, b, w if b is not None else None,
                                                  w if b is not None else None, pe, 24, 1e-6)
+        if b is None:
+            outputs += torch.ops.rt_lynx.qk_norm_rope_qk(a, w, w, pe, 24, 1e-6)
+    assert len(outputs) == (5 if b is None else 3)
     for out in outputs:
         assert out.shape == (2, 24, 512 + (tokens_b or 0), 128) and out.dtype == torch.bfloat16
 

@@ -126,14 +126,15 @@ __global__ void __launch_bounds__(256) qk_norm_rope_kernel(QkNormRopeParams p) {
 
   const LaneValues<kPerLane> q = load_lane<kPerLane>(q_src);
   const LaneValues<kPerLane> k = load_lane<kPerLane>(k_src);
-  const LaneValues<kPerLane> v = load_lane<kPerLane>(v_src);
   const int64_t out = (p.heads_major_out ? (batch * p.heads + head) * p.tokens + token
                                          : (batch * p.tokens + token) * p.heads + head) * kHeadDim + lane * kPerLane;
+  if (p.v_out != nullptr) {   // else attention reads v where the projection wrote it
+    store_lane<kPerLane>(static_cast<uint16_t*>(p.v_out) + out, load_lane<kPerLane>(v_src));
+  }
   store_lane<kPerLane>(static_cast<uint16_t*>(p.q_out) + out,
                        norm_rope<kBf16, kPerLane, kRope16>(q, weights_q, pe, p.eps));
   store_lane<kPerLane>(static_cast<uint16_t*>(p.k_out) + out,
                        norm_rope<kBf16, kPerLane, kRope16>(k, weights_k, pe, p.eps));
-  store_lane<kPerLane>(static_cast<uint16_t*>(p.v_out) + out, v);
 }
 
 template <bool kBf16, bool kRope16>

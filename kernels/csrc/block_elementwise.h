@@ -28,7 +28,7 @@ struct QkNormRopeParams {
   int64_t pe_batch_stride;      // elements; 0 when one table serves every batch entry
   void* q_out;
   void* k_out;
-  void* v_out;
+  void* v_out;                  // null: v is not written (one stream, read by attention in place)
   bool heads_major_out;         // (batch, heads, tokens, head_dim), else (batch, tokens, heads * head_dim)
   int64_t batch, tokens, heads;
   float eps;

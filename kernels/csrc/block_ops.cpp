@@ -78,7 +78,7 @@ at::Tensor checked_pe(const at::Tensor& pe, const at::Tensor& first, int64_t tok
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_qk_norm_rope(Stream (&streams)[2], int stream_count,
                                                                 const at::Tensor& pe_in, int64_t heads,
                                                                 int64_t head_dim, double eps, bool heads_major_out,
-                                                                const char* op) {
+                                                                bool write_v, const char* op) {
   const at::Tensor& first = streams[0].q;
   const int64_t batch = first.size(0);
   const int64_t tokens = first.size(1) + (stream_count == 2 ? streams[1].q.size(1) : 0);
@@ -88,14 +88,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_qk_norm_rope(Stream (&streams
                                                      : std::vector<int64_t>{batch, tokens, heads * head_dim};
   auto q = at::empty(shape, first.options());
   auto k = at::empty(shape, first.options());
-  auto v = at::empty(shape, first.options());
+  auto v = write_v ? at::empty(shape, first.options()) : at::Tensor();
 
   QkNormRopeParams p{};
   for (int i = 0; i < stream_count; ++i) {
     const Stream& s = streams[i];
     p.q_src[i] = s.q.data_ptr();
     p.k_src[i] = s.k.data_ptr();
-    p.v_src[i] = s.v.data_ptr();
+    p.v_src[i] = write_v ? s.v.data_ptr() : nullptr;
     p.batch_stride[i] = s.q.stride(0);
     p.row_stride[i] = s.q.stride(1);
     p.part_tokens[i] = s.q.size(1);
@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_qk_norm_rope(Stream (&streams
   p.pe_batch_stride = pe.size(0) == 1 ? 0 : pe.stride(0);
   p.q_out = q.data_ptr();
   p.k_out = k.data_ptr();
-  p.v_out = v.data_ptr();
+  p.v_out = write_v ? v.data_ptr() : nullptr;
   p.heads_major_out = heads_major_out;
   p.batch = batch;
   p.tokens = tokens;
@@ -122,12 +122,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_qk_norm_rope(Stream (&streams
 bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // FLUX: each stream's q, k, v side by side in one projection (batch, tokens, 3 * heads * head_dim);
-// out (batch, heads, tokens, head_dim). Stream b, when given, follows stream a's tokens.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_op(
+// out (batch, heads, tokens, head_dim). Stream b, when given, follows stream a's tokens. With
+// write_v false v is left where it is (returned undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_side_by_side(
     const at::Tensor& qkv_a, const at::Tensor& q_weight_a, const at::Tensor& k_weight_a,
     const c10::optional<at::Tensor>& qkv_b, const c10::optional<at::Tensor>& q_weight_b,
-    const c10::optional<at::Tensor>& k_weight_b, const at::Tensor& pe, int64_t heads, double eps) {
-  const char* op = "rt_lynx::qk_norm_rope";
+    const c10::optional<at::Tensor>& k_weight_b, const at::Tensor& pe, int64_t heads, double eps, bool write_v,
+    const char* op) {
   require(qkv_a.dim() == 3 && qkv_a.size(2) % 3 == 0, op, ": qkv must be (batch, tokens, 3 * heads * head_dim)");
   const int64_t width = qkv_a.size(2) / 3;
   const int64_t head_dim = checked_head_dim(qkv_a, width, heads, op);
@@ -147,7 +148,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_op(
     check_stream(streams[i], qkv_a, width, head_dim, op);
     streams[i] = readable(streams[i], head_dim);
   }
-  return run_qk_norm_rope(streams, count, pe, heads, head_dim, eps, /*heads_major_out=*/true, op);
+  return run_qk_norm_rope(streams, count, pe, heads, head_dim, eps, /*heads_major_out=*/true, write_v, op);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_op(
+    const at::Tensor& qkv_a, const at::Tensor& q_weight_a, const at::Tensor& k_weight_a,
+    const c10::optional<at::Tensor>& qkv_b, const c10::optional<at::Tensor>& q_weight_b,
+    const c10::optional<at::Tensor>& k_weight_b, const at::Tensor& pe, int64_t heads, double eps) {
+  return run_side_by_side(qkv_a, q_weight_a, k_weight_a, qkv_b, q_weight_b, k_weight_b, pe, heads, eps,
+                          /*write_v=*/true, "rt_lynx::qk_norm_rope");
+}
+
+// One stream's q and k only: attention reads v in place, a heads-major view of the projection
+// (FLUX's single blocks; the copy would be a read and a write of v for nothing).
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope_qk_op(const at::Tensor& qkv, const at::Tensor& q_weight,
+                                                      const at::Tensor& k_weight, const at::Tensor& pe, int64_t heads,
+                                                      double eps) {
+  auto [q, k, v] = run_side_by_side(qkv, q_weight, k_weight, c10::nullopt, c10::nullopt, c10::nullopt, pe, heads,
+                                    eps, /*write_v=*/false, "rt_lynx::qk_norm_rope_qk");
+  return {q, k};
 }
 
 // Qwen-Image: q, k, v from separate projections (batch, tokens, heads * head_dim each); out in the
@@ -173,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_split_op(
     check_stream(streams[i], q_a, width, head_dim, op);
     streams[i] = readable(streams[i], head_dim);
   }
-  return run_qk_norm_rope(streams, count, pe, heads, head_dim, eps, /*heads_major_out=*/false, op);
+  return run_qk_norm_rope(streams, count, pe, heads, head_dim, eps, /*heads_major_out=*/false, /*write_v=*/true, op);
 }
 
 }  // namespace
@@ -181,5 +200,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_split_op(
 
 TORCH_LIBRARY_IMPL(rt_lynx, CUDA, m) {
   m.impl("qk_norm_rope", &rt_lynx::qk_norm_rope_op);
+  m.impl("qk_norm_rope_qk", &rt_lynx::qk_norm_rope_qk_op);
   m.impl("qk_norm_rope_split", &rt_lynx::qk_norm_rope_split_op);
 }

@@ -47,7 +47,7 @@ def check_against_reference(args, op=None, reference=qk_norm_rope_reference, out
     got = (op or torch.ops.rt_lynx.qk_norm_rope)(*args)
     want = reference(*args)
     dtype = args[0].dtype
-    for name, g, w in zip("qkv", got, want):
+    for name, g, w in zip("qkv", got, want):   # q and k alone from qk_norm_rope_qk
         assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous(), name
         assert not g.isnan().any() or w.isnan().any(), f"{name}: unwritten (NaN) elements"
         if name == "v":
@@ -57,6 +57,20 @@ def check_against_reference(args, op=None, reference=qk_norm_rope_reference, out
         pair_norm = w.float().unflatten(-1, (-1, 2)).norm(dim=-1, keepdim=True).expand(*w.shape[:-1], -1, 2)
         bound = 4 * ULP[dtype] * (pair_norm.flatten(-2) + 1e-3)
         assert (error <= bound).all(), f"{name}: max error {error.max():.3g}, {(error > bound).sum()} elements over"
+
+
+def q_and_k_alone(qkv, q_weight, k_weight, qkv_b, q_weight_b, k_weight_b, pe, heads, eps):
+    assert qkv_b is None
+    return torch.ops.rt_lynx.qk_norm_rope_qk(qkv, q_weight, k_weight, pe, heads, eps)
+
+
+def check_one_stream(args):
+    """Both ops on one stream; and the dispatch, whose v is then the projection's own memory."""
+    check_against_reference(args)
+    check_against_reference(args, q_and_k_alone, out_numel=2 * args[0].numel() // 3)
+    q, k, v = qk_norm_rope(*args)
+    assert v.untyped_storage().data_ptr() == args[0].untyped_storage().data_ptr(), "v was copied"
+    assert torch.equal(v, qk_norm_rope_reference(*args)[2])
 
 
 def weights(dtype, head_dim, generator, count):
@@ -83,7 +97,7 @@ def test_flux_single_block_split_of_linear1(block_ops, generator, dtype, kind):
     width = 3 * heads * head_dim
     qkv = qkv_input(kind, 1, 4608, width, dtype, generator, pad=21504 - width)
     w = weights(dtype, head_dim, generator, 2)
-    check_against_reference((qkv, w[0], w[1], None, None, None, flux_pe(1, 4608, head_dim, generator), heads, 1e-6))
+    check_one_stream((qkv, w[0], w[1], None, None, None, flux_pe(1, 4608, head_dim, generator), heads, 1e-6))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -98,7 +112,7 @@ def test_odd_shapes_batches_and_head_dims(block_ops, generator, dtype, head_dim,
     tokens = tokens_a + (tokens_b or 0)
     pe = flux_pe(pe_batch, tokens, head_dim, generator)
     args = (a, w[0], w[1], b, w[2] if b is not None else None, w[3] if b is not None else None, pe, heads, 1e-6)
-    check_against_reference(args)
+    check_one_stream(args) if b is None else check_against_reference(args)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -173,13 +187,14 @@ def test_bad_operands_raise_clear_errors(block_ops, generator):
                                        2, 1e-6)
 
 
-def test_dispatch_runs_the_kernel_under_torch_compile_without_graph_breaks(block_ops, generator):
+@pytest.mark.parametrize("two_streams", [True, False])
+def test_dispatch_runs_the_kernel_under_torch_compile_without_graph_breaks(block_ops, generator, two_streams):
     heads, head_dim = 4, 128
     width = 3 * heads * head_dim
-    a = qkv_input("randn", 1, 64, width, torch.bfloat16, generator)
-    b = qkv_input("randn", 1, 192, width, torch.bfloat16, generator)
+    a = qkv_input("randn", 1, 64, width, torch.bfloat16, generator, pad=64)
+    b = qkv_input("randn", 1, 192, width, torch.bfloat16, generator) if two_streams else None
     w = weights(torch.float32, head_dim, generator, 4)  # cast to qkv's dtype by the dispatch, as ComfyUI does
-    pe = flux_pe(1, 256, head_dim, generator)
+    pe = flux_pe(1, 256 if two_streams else 64, head_dim, generator)
 
     def attention_inputs(a, b, pe):
         return qk_norm_rope(a, w[0], w[1], b, w[2], w[3], pe, heads, 1e-6)
