@@ -46,21 +46,23 @@ class Holder:
         self.weight = weight
 
 
-def chain_of_products(torch, inputs, on_python_objects=False, device="cuda"):
-    class Chain(torch.nn.Module):
-        def __init__(self):
+def chain_of_products(torch, inputs, on_python_objects=False, device="cuda", depth=1):
+    """N weights, each `depth` modules down (FLUX's are 3-4: double_blocks.0.img_attn.qkv.weight)."""
+    class Leaf(torch.nn.Module):
+        def __init__(self, weight):
             super().__init__()
-            weights = [torch.eye(16, device=device, dtype=torch.bfloat16) for _ in range(inputs)]
             if on_python_objects:
-                self.holders = [Holder(w) for w in weights]
+                self.holder = Holder(weight)
             else:
-                self.weights = torch.nn.ParameterList(torch.nn.Parameter(w) for w in weights)
+                self.weight = torch.nn.Parameter(weight)
 
         def forward(self, x):
-            for w in ([h.weight for h in self.holders] if on_python_objects else self.weights):
-                x = x @ w
-            return x
-    return Chain().eval()
+            return x @ (self.holder.weight if on_python_objects else self.weight)
+
+    def nested(weight, levels):
+        return Leaf(weight) if levels <= 1 else torch.nn.Sequential(nested(weight, levels - 1))
+    return torch.nn.Sequential(*(nested(torch.eye(16, device=device, dtype=torch.bfloat16), depth)
+                                 for _ in range(inputs))).eval()
 
 
 def packed_layer(torch, n=3072, k=3072, tokens=512):
@@ -104,12 +106,14 @@ def main(argv=None):
              "| tensor inputs | weights held by | host ms a call |", "|---|---|---|"]
     x = torch.randn(16, 16, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
-        for on_python_objects in (False, True):
-            holder = "plain Python objects" if on_python_objects else "nn.Module parameters"
+        for on_python_objects, depth in ((False, 1), (True, 1), (False, 4), (True, 4)):
+            holder = (f"{'plain Python objects' if on_python_objects else 'nn.Module parameters'}, "
+                      f"{depth} module(s) down")
             points = []
             for inputs in INPUT_COUNTS:
                 torch._dynamo.reset()
-                compiled = torch.compile(chain_of_products(torch, inputs, on_python_objects), mode="reduce-overhead")
+                compiled = torch.compile(chain_of_products(torch, inputs, on_python_objects, depth=depth),
+                                         mode="reduce-overhead")
                 for _ in range(3):
                     compiled(x)
                 ms = host_ms(torch, lambda: compiled(x))
