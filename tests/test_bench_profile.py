@@ -161,3 +161,17 @@ def test_host_profile_times_a_call_and_names_the_functions_that_take_its_host_ti
     own, cumulative, where = host["top_functions"][0]
     assert "sleep" in where or "guard_checks" in where, host["top_functions"]
     assert own >= 3.5 and cumulative >= own
+
+
+def test_guard_kinds_count_one_per_layer_as_one_kind():
+    guard_time = load_bench("guard_time")
+    listing = "\n".join([
+        "| +- LAMBDA_GUARD: L['self']._modules['double_blocks']._modules['0']._modules['img_mlp']._modules['0'] is "
+        "L['self']._modules['double_blocks']._modules['0']._modules['img_mlp']._modules['0'].forward.module  # bias",
+        "+- LAMBDA_GUARD: L['self']._modules['single_blocks']._modules['7']._modules['linear1'] is "
+        "L['self']._modules['single_blocks']._modules['7']._modules['linear1'].forward.module  # bias",
+        "+- TENSOR_MATCH: L['img']",
+        "+- LAMBDA_GUARD: G['torch'] is G['__import_torch_dot_nn_dot_functional'].torch  # return"])
+    kinds = guard_time.python_guard_kinds(listing)
+    assert kinds == {"L['self'] is L['self'].forward.module": 2,
+                     "G['torch'] is G['__import_torch_dot_nn_dot_functional'].torch": 1}
