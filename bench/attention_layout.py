@@ -10,14 +10,14 @@ and the copy the pass spends on v (read and write 28 MB).
 
 Usage (GPU): python bench/attention_layout.py [--out bench/results]
 """
-import argparse
 import datetime
 import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import INPUT_SETS, git_commit, interleaved_eager_us, interleaved_kernel_us  # noqa: E402
+from common import (INPUT_SETS, OperandRotation, git_commit, interleaved_eager_us,  # noqa: E402
+                    interleaved_kernel_us, kernel_names, timed_gpu_bench_args, write_markdown)
 
 TOKENS, HEADS, HEAD_DIM, LINEAR1_OUT = 4608, 24, 128, 21504
 WIDTH = HEADS * HEAD_DIM
@@ -27,26 +27,11 @@ def heads_major(t):
     return t.view(1, TOKENS, HEADS, HEAD_DIM).transpose(1, 2)
 
 
-def kernel_names(torch, fn):
-    """The CUDA kernels one call launches, in order."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=None)
-    p.add_argument("--calls", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args(argv)
+    args = timed_gpu_bench_args(__doc__, "attention_layout.py", argv, calls=10)
     import torch
     import torch.nn.functional as F
-    if not torch.cuda.is_available():
-        sys.exit("bench/attention_layout.py needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(0)
     sets = []
     for _ in range(INPUT_SETS):
@@ -54,13 +39,7 @@ def main(argv=None):
         q = heads_major(projected[..., :WIDTH]).contiguous()
         k = heads_major(projected[..., WIDTH:2 * WIDTH]).contiguous()
         sets.append((q, k, projected))
-    state = {"i": 0}
-
-    def rotating(fn):
-        def call():
-            state["i"] = (state["i"] + 1) % len(sets)
-            return fn(*sets[state["i"]])
-        return call
+    rotating = OperandRotation(sets)
 
     def v_view(projected):
         return heads_major(projected[..., 2 * WIDTH:3 * WIDTH])
@@ -79,14 +58,14 @@ def main(argv=None):
 
     copies = [v_view(projected).contiguous() for _, _, projected in sets]
     fns = {"attention, v copied (copy excluded)": rotating(lambda q, k, projected: attention_on_copy(
-               q, k, copies[state["i"]])),
+               q, k, copies[rotating.index])),
            "attention, v strided view": rotating(strided),
            "v copy alone": rotating(copy_only),
            "compiled: copy + attention": rotating(torch.compile(copied)),
            "compiled: attention on the view": rotating(torch.compile(strided))}
     q0, k0, projected0 = sets[0]
     same = torch.equal(attention_on_copy(q0, k0, copies[0]), strided(q0, k0, projected0))
-    kernels = {name: kernel_names(torch, fn) for name, fn in fns.items()}
+    kernels = {name: kernel_names(fn) for name, fn in fns.items()}
     kernel = interleaved_kernel_us(fns, args.calls, args.repeats)
     eager = interleaved_eager_us(fns, args.calls, args.repeats)
     gpu = torch.cuda.get_device_name()
@@ -97,14 +76,11 @@ def main(argv=None):
              f"{args.calls} calls x {args.repeats} repeats, in turns. Outputs bit-equal (eager): {same}.", "",
              "| variant | kernel us | eager us | kernels launched |", "|---|---|---|---|"]
     for name in fns:
-        lines.append(f"| {name} | {kernel[name]:.1f} | {eager[name]:.1f} | {'; '.join(n[:70] for n in kernels[name])} |")
+        launched = "; ".join(n[:70] for n in kernels[name])
+        lines.append(f"| {name} | {kernel[name]:.1f} | {eager[name]:.1f} | {launched} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        out = pathlib.Path(args.out) / f"attention-layout-{datetime.date.today()}-{gpu.replace(' ', '_')}.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+    write_markdown(args.out, f"attention-layout-{datetime.date.today()}-{gpu.replace(' ', '_')}", text)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,20 @@ def rotating(tensors):
     return next_tensor
 
 
+class OperandRotation:
+    """Wraps functions of an operand set into calls that each take the next of `operand_sets`, round
+    and round (shared by all the wrapped calls; `index` is the set the last call took)."""
+
+    def __init__(self, operand_sets):
+        self.operand_sets, self.index = operand_sets, 0
+
+    def __call__(self, fn):
+        def call():
+            self.index = (self.index + 1) % len(self.operand_sets)
+            return fn(*self.operand_sets[self.index])
+        return call
+
+
 def git_commit() -> str:
     """The commit measured: $RT_LYNX_COMMIT when set (the GPU machine gets the work tree without
     .git), else git's short hash, marked when kernels/ or bench/ differ from it."""
@@ -182,6 +196,43 @@ def interleaved_kernel_us(fns, calls, repeats, contexts=None):
             samples[name].append(start.elapsed_time(stop) * 1e3 / calls)
     del graphs
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def timed_gpu_bench_args(doc: str, script: str, argv=None, calls: int = 10):
+    """The arguments of a benchmark that times variants in turns on a GPU (--out, --calls, --repeats);
+    exits with a message where there is no CUDA device."""
+    import argparse
+    import sys
+
+    import torch
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--calls", type=int, default=calls)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit(f"bench/{script} needs a CUDA GPU")
+    return args
+
+
+def kernel_names(fn) -> list:
+    """The CUDA kernels one call of `fn` launches, in order (after one call to warm it up)."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def write_markdown(out_dir: str | None, stem: str, text: str) -> None:
+    """`text` as <out_dir>/<stem>.md when out_dir is given (benchmarks whose result is one table)."""
+    if out_dir:
+        out = pathlib.Path(out_dir) / f"{stem}.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
 
 
 def write_results(out_dir: str, name: str, meta: dict, rows: list, text: str) -> None:

@@ -25,7 +25,7 @@ from standalone import load_pack  # noqa: E402
 
 load_pack()
 sys.path.insert(0, str(ROOT / "bench"))
-from common import git_commit  # noqa: E402
+from common import git_commit, write_markdown  # noqa: E402
 
 
 def guard_check_ms(torch, model, inputs, checks):
@@ -95,11 +95,7 @@ def main(argv=None):
     lines += [f"- {count} x `{kind}`" for kind, count in python_guard_kinds(listings["Lynx fp8"]).most_common(6)]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        out = pathlib.Path(args.out) / f"guard-time-{datetime.date.today()}-cpu.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+    write_markdown(args.out, f"guard-time-{datetime.date.today()}-cpu", text)
 
 
 if __name__ == "__main__":

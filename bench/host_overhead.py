@@ -24,7 +24,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import git_commit  # noqa: E402
+from common import git_commit, kernel_names, write_markdown  # noqa: E402
 
 INPUT_COUNTS = (250, 1000)
 
@@ -83,14 +83,6 @@ def packed_layer(torch, n=3072, k=3072, tokens=512):
     return (lambda: compiled(x8, scale_x, packed)), (lambda: linear(x8, scale_x, packed))
 
 
-def kernel_names(torch, fn):
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -124,16 +116,12 @@ def main(argv=None):
             lines.append(f"| slope | {holder} | {(t1 - t0) / (n1 - n0) * 1000:.2f} us per input |")
         compiled, eager = packed_layer(torch)
         same = torch.equal(compiled(), eager())
-        names = kernel_names(torch, compiled)
+        names = kernel_names(compiled)
         lines += ["", "One fp8 linear's weight, scale and bias in one uint8 buffer, viewed by dtype in the compiled "
                   f"graph: outputs equal to eager: {same}; kernels launched: " + "; ".join(n[:80] for n in names)]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        out = pathlib.Path(args.out) / f"host-overhead-{datetime.date.today()}-{gpu.replace(' ', '_')}.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+    write_markdown(args.out, f"host-overhead-{datetime.date.today()}-{gpu.replace(' ', '_')}", text)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ run; and each variant's error against fp32 math on the same sparsified (and quan
 
 Usage (GPU): python bench/residual_epilogue.py [--out bench/results]
 """
-import argparse
 import datetime
 import pathlib
 import sys
@@ -22,7 +21,8 @@ from standalone import load_pack  # noqa: E402
 
 load_pack()
 sys.path.insert(0, str(ROOT / "bench"))
-from common import INPUT_SETS, git_commit, interleaved_eager_us, interleaved_kernel_us  # noqa: E402
+from common import (INPUT_SETS, OperandRotation, git_commit, interleaved_eager_us,  # noqa: E402
+                    interleaved_kernel_us, timed_gpu_bench_args)
 
 HIDDEN, MLP = 3072, 12288
 SHAPES = [("img attn proj", 4096, HIDDEN, False), ("img mlp down", 4096, MLP, True),
@@ -32,13 +32,7 @@ SHAPES = [("img attn proj", 4096, HIDDEN, False), ("img mlp down", 4096, MLP, Tr
 def rotated_pair(operand_sets, unfused, fused):
     """(unfused fn, fused fn) that each call theirs on the next operand set, and what each gives for
     the first set."""
-    state = {"i": 0}
-
-    def rotating(fn):
-        def call():
-            state["i"] = (state["i"] + 1) % len(operand_sets)
-            return fn(*operand_sets[state["i"]])
-        return call
+    rotating = OperandRotation(operand_sets)
     return rotating(unfused), rotating(fused), unfused(*operand_sets[0]), fused(*operand_sets[0])
 
 
@@ -98,14 +92,8 @@ def relative_error(got, want):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=None)
-    p.add_argument("--calls", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args(argv)
+    args = timed_gpu_bench_args(__doc__, "residual_epilogue.py", argv, calls=20)
     import torch
-    if not torch.cuda.is_available():
-        sys.exit("bench/residual_epilogue.py needs a CUDA GPU")
     from rt_lynx_pack.kernels import sm90
     available, info = sm90.availability_sm90(torch.device("cuda"))
     if not available:

@@ -8,14 +8,14 @@ the four variants in turns, and the ratios against the compiled EmbedND.
 
 Usage (GPU): COMFYUI_PATH=.comfyui python bench/rope_table.py [--out bench/results]
 """
-import argparse
 import datetime
 import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import git_commit, interleaved_eager_us, interleaved_kernel_us, write_results  # noqa: E402
+from common import (git_commit, interleaved_eager_us, interleaved_kernel_us, timed_gpu_bench_args,  # noqa: E402
+                    write_results)
 from e2e import import_comfyui  # noqa: E402
 
 # (name, batch, text tokens, latent patches per side): FLUX's ids as Flux._forward builds them.
@@ -36,14 +36,8 @@ def flux_ids(batch, text_tokens, height, width, device="cpu", offset=0.0, dtype=
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=None)
-    p.add_argument("--calls", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args(argv)
+    args = timed_gpu_bench_args(__doc__, "rope_table.py", argv, calls=10)
     import torch
-    if not torch.cuda.is_available():
-        sys.exit("bench/rope_table.py needs a CUDA GPU")
     import_comfyui(tiny=False)
     from comfy.ldm.flux.layers import EmbedND
     from rt_lynx_pack.kernels import rope_table
