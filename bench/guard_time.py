@@ -6,7 +6,9 @@ for each step, so that time adds to every step. Part of it is the guards Dynamo 
 one per Python value the trace read. This compiles the pack's FLUX-structured DiT with FLUX.1-dev's
 block count (19 double, 38 single; small width: guards do not depend on it), dense and with a Lynx plan
 installed (bf16 and fp8, the reference path), and times the compiled frame's guard check alone, with
-how many guards there are and how many of them Python evaluates (LAMBDA_GUARD), by kind.
+how many guards there are and how many of them Python evaluates (LAMBDA_GUARD), by kind. Then, on a
+stack of linears, the same for ways a replaced forward can reach its state: guards on nn.Modules are
+skipped while the modules' dicts are unchanged, guards on other Python objects are evaluated each call.
 
 Usage (no GPU needed): python bench/guard_time.py [--out bench/results]
 """
@@ -28,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import git_commit, write_markdown  # noqa: E402
 
 
-def guard_check_ms(torch, model, inputs, checks):
+def guard_check_ms(torch, model, inputs, checks, argument_names=("img", "txt", "timesteps")):
     """(median ms of the compiled frame's guard check, guard listing) for `model` compiled afresh."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     torch._dynamo.reset()
@@ -37,7 +39,7 @@ def guard_check_ms(torch, model, inputs, checks):
         return graph.forward
     torch.compile(model, backend=backend)(*inputs)
     (entry,) = _debug_get_cache_entry_list(type(model).forward.__code__)
-    frame_locals = dict(zip(("self", "img", "txt", "timesteps"), (model, *inputs)))
+    frame_locals = dict(zip(("self", *argument_names), (model, *inputs)))
     if not entry.guard_manager.check(frame_locals):
         raise RuntimeError("the guards fail on the inputs they were made for")
     times = []
@@ -56,6 +58,84 @@ def python_guard_kinds(listing: str) -> collections.Counter:
             text = re.sub(r"\._modules\['[^']*'\]|\[\d+\]", "", line.split("LAMBDA_GUARD:")[1].split("#")[0]).strip()
             kinds[text] += 1
     return kinds
+
+
+# How a layer's replaced forward reaches its state: a stack of linears, each forward replaced.
+class _SharedSetting:
+    scale = 2.0
+
+
+class _ForwardHoldingItsModule:   # as the pack installs its layers today
+    def __init__(self, module, setting):
+        self.module, self.setting = module, setting
+
+    def __call__(self, x):
+        return x @ self.module.weight.t() * self.setting.scale
+
+
+class _StateObject:
+    def __init__(self, setting):
+        self.setting = setting
+
+
+def _bound_state_object(module, x):
+    return x @ module.weight.t() * module.rt_state.setting.scale
+
+
+def _bound_module_attributes(module, x):
+    y = x @ module.weight.t()
+    return y if module.rt_dense else y * module.rt_scale
+
+
+def _bound_state_module(module, x):
+    y = x @ module.weight.t()
+    return y if module.rt_state.dense else y * module.rt_state.scale
+
+
+def forward_installations(torch, layers=200):
+    """{name: a stack of `layers` 8 x 8 linears with its forward replaced that way}."""
+    import types
+
+    class StateModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.scale = False, 2.0
+
+    class Stack(torch.nn.Module):
+        def __init__(self, linears):
+            super().__init__()
+            self.linears = linears
+
+        def forward(self, x):
+            for linear in self.linears:
+                x = linear(x)
+            return x
+
+    def stack(install):
+        linears = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(layers))
+        setting = _SharedSetting()
+        for linear in linears:
+            install(linear, setting)
+        return Stack(linears)
+
+    def holding(linear, setting):
+        linear.forward = _ForwardHoldingItsModule(linear, setting)
+
+    def bound(function, state):
+        def install(linear, setting):
+            state(linear, setting)
+            linear.forward = types.MethodType(function, linear)
+        return install
+    return {
+        "Linear's own forward": stack(lambda linear, setting: None),
+        "an object holding its module and a shared setting (the pack's layers now)": stack(holding),
+        "a method bound to the module, state in a plain object": stack(bound(
+            _bound_state_object, lambda linear, setting: setattr(linear, "rt_state", _StateObject(setting)))),
+        "a method bound to the module, state in the module's attributes": stack(bound(
+            _bound_module_attributes, lambda linear, setting: linear.__dict__.update(rt_dense=False, rt_scale=2.0))),
+        "a method bound to the module, state in a child nn.Module": stack(bound(
+            _bound_state_module, lambda linear, setting: setattr(linear, "rt_state", StateModule()))),
+    }
 
 
 def main(argv=None):
@@ -93,6 +173,14 @@ def main(argv=None):
             print(lines[-1], flush=True)
     lines += ["", "Guards evaluated in Python, Lynx fp8, by kind (count):", ""]
     lines += [f"- {count} x `{kind}`" for kind, count in python_guard_kinds(listings["Lynx fp8"]).most_common(6)]
+    lines += ["", "How a replaced forward reaches its state, 200 linears (8 x 8) in a stack:", "",
+              "| forward | guard check ms | guards (lines) | evaluated in Python |", "|---|---|---|---|"]
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        for name, stack in forward_installations(torch).items():
+            ms, listing = guard_check_ms(torch, stack, (x,), args.checks, argument_names=("x",))
+            lines.append(f"| {name} | {ms:.4f} | {len(listing.splitlines())} | {listing.count('LAMBDA_GUARD')} |")
+            print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
     write_markdown(args.out, f"guard-time-{datetime.date.today()}-cpu", text)
