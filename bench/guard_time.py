@@ -92,14 +92,24 @@ def _bound_state_module(module, x):
     return y if module.rt_state.dense else y * module.rt_state.scale
 
 
+def _bound_state_module_shared(module, x):
+    y = x @ module.weight.t()
+    return y if module.rt_state.runtime.dense else y * module.rt_state.setting.scale
+
+
 def forward_installations(torch, layers=200):
     """{name: a stack of `layers` 8 x 8 linears with its forward replaced that way}."""
     import types
 
     class StateModule(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, setting=None, runtime=None):
             super().__init__()
             self.dense, self.scale = False, 2.0
+            self.setting, self.runtime = setting, runtime
+
+    class Runtime:
+        dense = False
+    runtime = Runtime()
 
     class Stack(torch.nn.Module):
         def __init__(self, linears):
@@ -135,6 +145,9 @@ def forward_installations(torch, layers=200):
             _bound_module_attributes, lambda linear, setting: linear.__dict__.update(rt_dense=False, rt_scale=2.0))),
         "a method bound to the module, state in a child nn.Module": stack(bound(
             _bound_state_module, lambda linear, setting: setattr(linear, "rt_state", StateModule()))),
+        "the same, the child reading a setting and a runtime object all layers share": stack(bound(
+            _bound_state_module_shared,
+            lambda linear, setting: setattr(linear, "rt_state", StateModule(setting, runtime)))),
     }
 
 
