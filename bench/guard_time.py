@@ -138,7 +138,7 @@ def forward_installations(torch, layers=200):
         return install
     return {
         "Linear's own forward": stack(lambda linear, setting: None),
-        "an object holding its module and a shared setting (the pack's layers now)": stack(holding),
+        "an object holding its module and a shared setting (the pack's layers until 2026-12-06)": stack(holding),
         "a method bound to the module, state in a plain object": stack(bound(
             _bound_state_object, lambda linear, setting: setattr(linear, "rt_state", _StateObject(setting)))),
         "a method bound to the module, state in the module's attributes": stack(bound(

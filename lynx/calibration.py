@@ -126,11 +126,11 @@ class _StatisticsCapture(LynxLinearForward):
         self.c_xd: torch.Tensor | None = None
         self.tokens = 0
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         # Only calls the Lynx linear computes sparse have an error to cancel.
         if self.config.runs_sparse(x) and not self.runtime.dense:
             self._accumulate(x.detach().reshape(-1, x.shape[-1]))
-        return super().__call__(x)
+        return super().__call__(x, module)
 
     def _takes_prologue(self) -> bool:
         # The layer's input must exist to be recorded: a fused block's LayerNorm + modulation or

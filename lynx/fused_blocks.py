@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import cat_gelu_tanh, qk_norm_rope, qk_norm_rope_split, rope_table
+from .patching import lynx_layer
 
 # attention(q, k, v, heads, mask, transformer_options) -> (batch, tokens, heads * head_dim), taking
 # q, k, v as the model's own attention call does: (batch, heads, tokens, head_dim) for FLUX,
@@ -202,8 +203,13 @@ def _modulated_linears(linears: tuple[nn.Module, ...], norm: nn.Module, x: torch
 
 
 def _lynx_forward_method(linear: nn.Module, name: str):
-    # The object patch ComfyUI (or `installed`) put on the module; a plain layer has none.
-    return getattr(linear.__dict__.get("forward"), name, None)
+    # The Lynx forward ComfyUI's object patch (or `installed`) put on the module, its method `name`
+    # computing for this linear; None for a plain layer.
+    layer = lynx_layer(linear)
+    if layer is None:
+        return None
+    method = getattr(layer, name)
+    return lambda *args, **kwargs: method(*args, module=linear, **kwargs)
 
 
 def _gated_residual(linear: nn.Module, residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

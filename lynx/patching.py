@@ -1,9 +1,10 @@
 """Turning a diffusion model's selected linears into Lynx linears without touching its weights.
 
-A `LynxPlan` holds, per selected layer, a `LynxLinearForward`: a callable that replaces that
-module's `forward` and computes with the module's own weight and bias. With precision fp8 the
-layers the selection keeps dense get one too, computing the dense e4m3 product, and so do the
-blocks' modulation linears (the policy's per-image layers), reading their weight in e4m3. ComfyUI
+A `LynxPlan` holds, per selected layer, a `LynxLinearForward`: an nn.Module that a method bound to
+that linear (`bound_to`), installed as the linear's `forward`, calls; it computes with the linear's
+own weight and bias. With precision fp8 the layers the selection keeps dense get one too, computing
+the dense e4m3 product, and so do the blocks' modulation linears (the policy's per-image layers),
+reading their weight in e4m3. ComfyUI
 installs these through ModelPatcher object patches (so they live on a clone and are undone on
 unpatch); outside ComfyUI `installed(plan)` installs them for the duration of a `with` block.
 A Lynx LoRA's folded part is a weight patch: ComfyUI adds it through ModelPatcher weight patches
@@ -11,6 +12,7 @@ A Lynx LoRA's folded part is a weight patch: ComfyUI adds it through ModelPatche
 """
 import copy
 import re
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -73,15 +75,44 @@ def _written_into(previous: torch.Tensor | None, new: torch.Tensor | None) -> to
     return previous
 
 
-class LynxLinearForward:
+def _forward_calling(layer: "LynxLinearForward"):
+    # A function of its own per layer (the layer in its closure), bound to the linear by bound_to.
+    def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer(x, module=module)
+    forward.rt_lynx_layer = layer
+    return forward
+
+
+def lynx_layer(module: nn.Module) -> "LynxLinearForward | None":
+    """The Lynx forward installed on `module` (as `module.forward = layer.bound_to(module)`), or None."""
+    if isinstance(module._modules.get("forward"), LynxLinearForward):
+        # `module.forward = layer` makes it a child module, and module(x) still runs the class's forward.
+        raise TypeError(f"a LynxLinearForward was set as {type(module).__name__}.forward itself; install "
+                        "layer.bound_to(module) instead")
+    forward = module.__dict__.get("forward")
+    if not isinstance(forward, types.MethodType):   # (Dynamo reads getattr(forward, "__func__", None) as None)
+        return None
+    return getattr(forward.__func__, "rt_lynx_layer", None)
+
+
+class LynxLinearForward(nn.Module):
     """The forward of one patched linear: y = lynx_linear(x, module's weight, module's bias), or for
-    a layer an fp8 model keeps dense (sparse=False) y = fp8_dense_linear(...)."""
+    a layer an fp8 model keeps dense (sparse=False) y = fp8_dense_linear(...).
+
+    Installed as `bound_to(module)`, a method bound to the linear that calls this object with the
+    linear as `module=`. Why an nn.Module reached that way: torch.compile guards on every Python value
+    a compiled call read, on every call, except that it skips the guards under nn.Modules whose
+    dicts did not change; an object of another type as the forward (holding its module) made a
+    compiled FLUX model's guard check 10x longer than the dense one's (bench/guard_time.py). Calls
+    from a compiled region pass `module=` and never read `self.module`, so the linear is reached by
+    one path only (two would add a guard that they are the same object)."""
 
     def __init__(self, module: nn.Linear, name: str, config: LynxConfig, runtime: LynxRuntime,
                  weights: WeightProvider = module_weights, lora: LowRankBranch | None = None, sparse: bool = True,
                  folded: LowRankBranch | None = None):
         if not sparse and (lora is not None or folded is not None or not config.quantizes_dense_layers):
             raise ValueError(f"{name}: a dense layer is only patched for its fp8 product, without a LoRA branch")
+        super().__init__()
         self.module = module
         self.name = name
         self.config = config
@@ -99,8 +130,23 @@ class LynxLinearForward:
         self.fp8_bias: torch.Tensor | None = None
         self._owns_fp8_weight = False   # a copy made here, not the layer's stored e4m3 weight
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._with_weights(x, lambda weight, bias: self._product(x, weight, bias))
+    @property
+    def module(self) -> nn.Module:
+        """The linear this forward computes for."""
+        return self.__dict__["_linear"]
+
+    def __setattr__(self, name, value):
+        if name == "module":   # kept past nn.Module's registration: the linear is the parent, not a child
+            self.__dict__["_linear"] = value
+        else:
+            super().__setattr__(name, value)
+
+    def bound_to(self, module: nn.Module):
+        """What to install as `module.forward`: a method bound to the linear that calls this object."""
+        return types.MethodType(_forward_calling(self), module)
+
+    def __call__(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        return self._with_weights(x, lambda weight, bias: self._product(x, weight, bias), module)
 
     # The producer's elementwise work taken into the sparsify pass (lynx_linear_modulated,
     # lynx_linear_after_gelu): for the sparse product, with a LoRA branch in bf16 (the kernels take
@@ -108,52 +154,54 @@ class LynxLinearForward:
     # the layer.
 
     def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale1p: torch.Tensor, eps: float,
-                  modulated_input: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+                  modulated_input: Callable[[], torch.Tensor] | None = None,
+                  module: nn.Module | None = None) -> torch.Tensor:
         """self(modulated_layer_norm(x, shift, scale1p, eps)) for a DiT block's input x (images,
         tokens, features), shift and scale1p one row per image. `modulated_input()`, when given,
         computes that input where it must be written (the linears of one input share it)."""
         if modulated_input is None:   # `is None`, not `or`: torch 2.11's Dynamo cannot branch on a function
             modulated_input = lambda: modulated_layer_norm(x, shift, scale1p, eps)  # noqa: E731
         if x.dim() != 3 or not self._takes_prologue():
-            return self(modulated_input())
+            return self(modulated_input(), module)
         return self._with_weights(x, lambda weight, bias: lynx_linear_modulated(
             x, shift, scale1p, eps, weight, bias, self.config, self.fp8_weight, modulated_input, self.lora,
-            self.folded))
+            self.folded), module)
 
-    def after_gelu(self, x: torch.Tensor) -> torch.Tensor:
+    def after_gelu(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         """self(gelu(x, approximate="tanh")): an MLP's down projection of its up projection's output x."""
         if not self._takes_prologue():
-            return self(gelu_tanh_reference(x))
+            return self(gelu_tanh_reference(x), module)
         return self._with_weights(x, lambda weight, bias: lynx_linear_after_gelu(
-            x, weight, bias, self.config, self.fp8_weight, self.lora, self.folded))
+            x, weight, bias, self.config, self.fp8_weight, self.lora, self.folded), module)
 
     def gated_residual(self, residual: torch.Tensor, gate: torch.Tensor, x: torch.Tensor,
-                       after_gelu: bool = False) -> torch.Tensor:
+                       after_gelu: bool = False, module: nn.Module | None = None) -> torch.Tensor:
         """addcmul(residual, gate, self(x)) (self.after_gelu(x) with `after_gelu`): a DiT block's gated
         residual around this layer, residual shaped as the output, gate one row per image. The sparse
         product adds it in its GEMM's epilogue where the kernels take it (one image), so the layer's
         output is never written; every other case computes the layer, then the addcmul."""
         if not self._takes_epilogue() or (after_gelu and not self._takes_prologue()):
-            return torch.addcmul(residual, gate, self.after_gelu(x) if after_gelu else self(x))
+            return torch.addcmul(residual, gate, self.after_gelu(x, module) if after_gelu else self(x, module))
         gated = GatedResidual(residual, gate)
         if after_gelu:
             return self._with_weights(x, lambda weight, bias: lynx_linear_after_gelu(
-                x, weight, bias, self.config, self.fp8_weight, self.lora, self.folded, residual=gated))
-        return self._with_weights(x, lambda weight, bias: self._product(x, weight, bias, gated))
+                x, weight, bias, self.config, self.fp8_weight, self.lora, self.folded, residual=gated), module)
+        return self._with_weights(x, lambda weight, bias: self._product(x, weight, bias, gated), module)
 
     def after_cat_gelu(self, first: torch.Tensor, second: torch.Tensor, residual: torch.Tensor | None = None,
-                       gate: torch.Tensor | None = None) -> torch.Tensor:
+                       gate: torch.Tensor | None = None, module: nn.Module | None = None) -> torch.Tensor:
         """self(cat((first, gelu(second, approximate="tanh")), -1)): FLUX's single-block linear2 of
         the attention output and the MLP's up projection. A layer an fp8 model keeps dense (the
         default for linear2) makes that input inside its quantise pass; others get it written once.
         With `residual` and `gate`: addcmul(residual, gate, that), as gated_residual."""
         if self.sparse:
             joined = cat_gelu_tanh(first, second)
-            return self(joined) if residual is None else self.gated_residual(residual, gate, joined)
+            return self(joined, module) if residual is None else self.gated_residual(residual, gate, joined,
+                                                                                     module=module)
         gated = None if residual is None else GatedResidual(residual, gate)
         return self._with_weights(first, lambda weight, bias: fp8_dense_linear(
             first, weight, bias, self.config, dense=self.runtime.dense, fp8_weight=self.fp8_weight, gelu_tail=second,
-            residual=gated))
+            residual=gated), module)
 
     def _takes_prologue(self) -> bool:
         # An fp8 layer adds its LoRA branch after the product, from the input written out.
@@ -163,10 +211,10 @@ class LynxLinearForward:
         # The sparse product's call takes the residual (and adds it after where its kernel cannot).
         return self.sparse
 
-    def _with_weights(self, x: torch.Tensor, product) -> torch.Tensor:
+    def _with_weights(self, x: torch.Tensor, product, module: nn.Module | None) -> torch.Tensor:
         if self.runtime.before_each_call is not None:
             self.runtime.before_each_call()
-        weight, bias, release = self._weights_for(x)
+        weight, bias, release = self._weights_for(x, self.module if module is None else module)
         y = product(weight, bias)
         if release is not None:
             release()
@@ -175,17 +223,17 @@ class LynxLinearForward:
     def _computes_in_fp8(self, x: torch.Tensor) -> bool:
         return self.config.runs_sparse(x)   # shorter inputs compute dense, in the model's dtype
 
-    def _weights_for(self, x: torch.Tensor):
+    def _weights_for(self, x: torch.Tensor, module: nn.Module):
         if (self.fp8_weight is not None and not self.runtime.dense and self._computes_in_fp8(x)
                 and self.fp8_weight[0].device == x.device):
             # The e4m3 weight is ready: only the bias is needed, not the provider's cast of the weight
             # (an fp8 checkpoint's weight would be cast to 16 bits on every call for nothing, a weight
             # kept off the device streamed in).
-            bias = self.module.bias if self.fp8_bias is None else self.fp8_bias
+            bias = module.bias if self.fp8_bias is None else self.fp8_bias
             if bias is not None and bias.device != x.device:
                 bias = bias.to(x.device)
-            return self.module.weight, bias, None
-        return self.weights(self.module, x)
+            return module.weight, bias, None
+        return self.weights(module, x)
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  residual: GatedResidual | None = None) -> torch.Tensor:
@@ -422,7 +470,7 @@ def installed(model: nn.Module, plan: LynxPlan):
         for name, forward in forwards.items():
             module = modules[name]
             previous[name] = module.__dict__.get("forward")
-            module.forward = forward
+            module.forward = forward.bound_to(module)
             forward.prepare_fp8(module.weight)
         yield model
     finally:

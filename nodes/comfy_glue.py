@@ -374,7 +374,7 @@ def _install_layers(patched, plan: LynxPlan) -> None:
     """The plan's forwards as object patches of `patched`, the plan as its attachment, and the
     run-state callbacks made for this plan."""
     for name, forward in plan.installed_forwards.items():
-        patched.add_object_patch(f"diffusion_model.{name}.forward", forward)
+        patched.add_object_patch(f"diffusion_model.{name}.forward", forward.bound_to(forward.module))
     patched.set_attachments(ATTACHMENT_KEY, plan)
     callbacks = _run_state_callbacks(plan)
     for call_type in callbacks:

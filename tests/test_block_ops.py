@@ -125,7 +125,8 @@ def test_linears_of_one_modulated_input_share_it_where_it_must_be_written():
     linears = [torch.nn.Linear(64, 32) for _ in range(4)]
     runtime = LynxRuntime()
     for index, linear in enumerate(linears[:3]):
-        linear.forward = LynxLinearForward(linear, f"l{index}", LynxConfig(backend="reference", min_tokens=1), runtime)
+        layer = LynxLinearForward(linear, f"l{index}", LynxConfig(backend="reference", min_tokens=1), runtime)
+        linear.forward = layer.bound_to(linear)
     x = torch.randn(2, 40, 64, generator=g)
     shift, scale = torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 64, generator=g) / 4
     CountingLayerNorm.calls = 0
@@ -161,8 +162,8 @@ def test_single_block_linear2_input_goes_to_a_lynx_layer_as_its_two_parts():
                                                          gate), want, rtol=0, atol=0)
     parts = []
     forward = LynxLinearForward(linear, "linear2", LynxConfig(backend="reference", min_tokens=1), LynxRuntime())
-    linear.forward = forward
-    forward.after_cat_gelu = lambda *args: parts.append(args) or want
+    linear.forward = forward.bound_to(linear)
+    forward.after_cat_gelu = lambda *args, module: parts.append(args) or want
     assert _linear_of_cat_activation(linear, attn, mlp, nn.GELU(approximate="tanh"), residual, gate) is want
     assert len(parts) == 1 and all(a is b for a, b in zip(parts[0], (attn, mlp, residual, gate), strict=True))
     # Any other activation: the block's own concatenation, through the layer's plain forward.

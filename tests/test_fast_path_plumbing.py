@@ -277,7 +277,7 @@ def test_fused_block_parts_reach_the_fast_ops_and_compile_in_one_graph(sm90_on_t
             forward = forward.with_lora(branch)
         if precision == "fp8":
             forward.prepare_fp8(module.weight)
-        module.forward = forward
+        module.forward = forward.bound_to(module)
         return module
 
     def layers(config):

@@ -10,6 +10,7 @@ from rt_lynx_pack.lynx import (PACK_VERSION, LowRankBranch, LynxConfig, LynxLine
                                LynxRuntime, attach_lora, installed, load_lynx_lora, plan_model, save_lynx_lora)
 from rt_lynx_pack.kernels import quantize_weight_fp8
 from rt_lynx_pack.lynx.tiny_dit import TinyDiTConfig, TinyFluxDiT, random_inputs
+from rt_lynx_pack.lynx.patching import lynx_layer
 
 
 def random_lora(plan, rank=4, seed=0, architecture=None, compensation=True):
@@ -572,3 +573,30 @@ def test_gated_residual_is_the_layer_then_the_blocks_addcmul(precision, warmup):
         tail = torch.randn(2, 40, 32, generator=g).to(torch.bfloat16)
         assert torch.equal(dense.after_cat_gelu(x, tail, residual, gate),
                            torch.addcmul(residual, gate, dense.after_cat_gelu(x, tail)))
+
+
+def test_an_installed_layer_is_reached_through_its_module_only(tiny):
+    # torch.compile evaluates, on every call, the guards on Python objects its trace read, except
+    # under nn.Modules whose dicts did not change. An installed layer is a method bound to its linear
+    # calling an nn.Module: no per-layer guard that the forward's module is the linear.
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    model, inputs = tiny
+    plan = plan_model(model, LynxConfig(precision="fp8", backend="reference", min_tokens=1))
+    torch._dynamo.reset()
+    with torch.inference_mode(), installed(model, plan):
+        compiled = torch.compile(model, backend=lambda graph, example_inputs: graph.forward)
+        torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=0, atol=0)
+    (entry,) = _debug_get_cache_entry_list(type(model).forward.__code__)
+    guards = str(entry.guard_manager)
+    assert ".forward.module" not in guards and ".forward.__func__.__closure__" in guards   # the layer, read
+
+
+def test_a_layer_set_as_the_forward_itself_is_refused_where_it_would_not_run():
+    linear = torch.nn.Linear(8, 8)
+    layer = LynxLinearForward(linear, "layer", LynxConfig(), LynxRuntime())
+    linear.forward = layer   # nn.Module makes it a child: linear(x) would still run Linear.forward
+    with pytest.raises(TypeError, match="install layer.bound_to"):
+        lynx_layer(linear)
+    del linear.forward
+    linear.forward = layer.bound_to(linear)
+    assert lynx_layer(linear) is layer and layer.module is linear and "module" not in layer._modules

@@ -17,6 +17,7 @@ import nodes  # noqa: E402
 from comfyui_models import graphs_after_each_run, load_flux, sample, sparsify, watch_each_step  # noqa: E402
 from rt_lynx_pack.kernels import sparse_linear_reference  # noqa: E402
 from rt_lynx_pack.lynx import LynxLinearForward, LynxLoRAMismatch, save_lynx_lora  # noqa: E402
+from rt_lynx_pack.lynx.patching import lynx_layer  # noqa: E402
 from rt_lynx_pack.lynx.tiny_dit import TinyFluxDiT  # noqa: E402
 from rt_lynx_pack.nodes import RTLynxLoadLoRA  # noqa: E402
 from rt_lynx_pack.nodes.comfy_glue import installed_plan  # noqa: E402
@@ -27,7 +28,7 @@ QKV = "double_blocks.0.img_attn.qkv"
 
 def lynx_forwards_installed(patcher):
     return [n for n, m in patcher.model.diffusion_model.named_modules()
-            if isinstance(m.__dict__.get("forward"), LynxLinearForward)]
+            if lynx_layer(m) is not None]
 
 
 def test_comfyui_loads_the_pack_as_a_custom_node():
@@ -112,7 +113,7 @@ def test_layer_uses_the_weight_comfyui_would_use_with_a_lora_patch_and_lowvram(f
     for lowvram_bytes in (0, 1):  # full load merges the patch; lowvram casts it per call
         lynx.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=lowvram_bytes)
         try:
-            assert isinstance(layer.__dict__.get("forward"), LynxLinearForward)
+            assert isinstance(lynx_layer(layer), LynxLinearForward)
             assert layer.comfy_cast_weights == bool(lowvram_bytes)
             torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
         finally:

@@ -335,13 +335,14 @@ def test_fused_block_parts_with_patched_layers_compile_in_one_graph(sm90, genera
 
     def patched(module, sparse=True, lora=with_lora):
         module = module.to("cuda", dtype)
-        module.forward = LynxLinearForward(module, "layer", config, runtime, sparse=sparse)
+        layer = LynxLinearForward(module, "layer", config, runtime, sparse=sparse)
         if lora and sparse:
             branch = LowRankBranch(torch.randn(8, module.in_features) / 30, torch.randn(module.out_features, 8) / 30, 1.0)
             branch.prepare(torch.device("cuda"), dtype, config)   # as ComfyUI's patching does, outside the graph
-            module.forward = module.forward.with_lora(branch)
+            layer = layer.with_lora(branch)
         if precision == "fp8":
-            module.forward.prepare_fp8(module.weight)
+            layer.prepare_fp8(module.weight)
+        module.forward = layer.bound_to(module)
         return module
     qkv = patched(torch.nn.Linear(hidden, 3 * hidden))
     # In fp8 a branch is added after the product: on the MLP's up projection Inductor would fuse
