@@ -177,7 +177,7 @@ def dit_benchmark(steps, rank, folded_rank, sweep_ranks, eval_seeds, calibration
     for name, plan in (("Lynx 2:4 fp8 + norm compensation, kept-dense layers in bf16",
                         plan_model(dit, COMPENSATED_FP8_SPARSE_ONLY)),
                        ("Lynx 2:4 fp8 + norm compensation, kept-dense layers in fp8, modulation linears with "
-                        "their weights in bf16", dataclasses.replace(plan_fp8, per_image_forwards={})),
+                        "their weights in bf16", dataclasses.replace(plan_fp8, per_image_forwards={}, modulation_batch=None)),
                        ("Lynx 2:4 fp8 + norm compensation, kept-dense layers in fp8, modulation weights in e4m3 "
                         "(the default)", plan_fp8),
                        (f"Lynx 2:4 fp8 (default) + compensation + LoRA r{rank} (calibrated in bf16)",

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import cat_gelu_tanh, qk_norm_rope, qk_norm_rope_split, rope_table
+from .batched_modulation import modulation_output
 from .patching import lynx_layer
 
 # attention(q, k, v, heads, mask, transformer_options) -> (batch, tokens, heads * head_dim), taking
@@ -173,6 +174,31 @@ class _Modulation(NamedTuple):
     gate: torch.Tensor
 
 
+def _flux_modulation(modulation: nn.Module, vec: torch.Tensor):
+    """modulation(vec) for ComfyUI's FLUX Modulation (lin(silu(vec)) in 6 or 3 chunks): the first and
+    second (shift, scale, gate), the second None for a single block; its product taken from the
+    model call's one modulation product where its linear is in one (batched_modulation)."""
+    multiplier, double = getattr(modulation, "multiplier", None), getattr(modulation, "is_double", None)
+    own = (type(modulation).__name__ == "Modulation" and "forward" not in modulation.__dict__
+           and multiplier == (6 if double else 3))
+    y = modulation_output(lynx_layer(modulation.lin), vec) if own else None
+    if y is None:
+        return modulation(vec)
+    parts = y[:, None, :].chunk(multiplier, dim=-1)
+    return _Modulation(*parts[:3]), _Modulation(*parts[3:]) if double else None
+
+
+def _qwen_modulation_parameters(modulation: nn.Module, temb: torch.Tensor) -> torch.Tensor:
+    """modulation(temb) for Qwen-Image's Sequential(SiLU, Linear), from the model call's one
+    modulation product where its linear is in one."""
+    if (isinstance(modulation, nn.Sequential) and len(modulation) == 2 and type(modulation[0]) is nn.SiLU
+            and "forward" not in modulation.__dict__ and "forward" not in modulation[0].__dict__):
+        y = modulation_output(lynx_layer(modulation[1]), temb)
+        if y is not None:
+            return y
+    return modulation(temb)
+
+
 def _qwen_modulation(params: torch.Tensor) -> _Modulation:
     # The split QwenImageTransformerBlock._modulate makes of its (batch, 3 * features) parameters
     # (ComfyUI 0.3.64); its addcmul is _modulated_linears'.
@@ -263,8 +289,8 @@ def flux_double_block(block: nn.Module, img: torch.Tensor, txt: torch.Tensor, ve
                       attn_mask: torch.Tensor | None, transformer_options: dict,
                       attention: Attention) -> tuple[torch.Tensor, torch.Tensor]:
     """DoubleStreamBlock.forward (no modulation_dims) with fused q/k norm + RoPE and gated residuals."""
-    img_mod1, img_mod2 = block.img_mod(vec)
-    txt_mod1, txt_mod2 = block.txt_mod(vec)
+    img_mod1, img_mod2 = _flux_modulation(block.img_mod, vec)
+    txt_mod1, txt_mod2 = _flux_modulation(block.txt_mod, vec)
     (img_qkv,) = _modulated_linears((block.img_attn.qkv,), block.img_norm1, img, img_mod1.shift, img_mod1.scale)
     (txt_qkv,) = _modulated_linears((block.txt_attn.qkv,), block.txt_norm1, txt, txt_mod1.shift, txt_mod1.scale)
     # Attention runs over the concatenated streams, text first unless the block is flipped (a
@@ -291,7 +317,7 @@ def flux_double_block(block: nn.Module, img: torch.Tensor, txt: torch.Tensor, ve
 def flux_single_block(block: nn.Module, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
                       attn_mask: torch.Tensor | None, transformer_options: dict, attention: Attention) -> torch.Tensor:
     """SingleStreamBlock.forward (no modulation_dims) with fused q/k norm + RoPE and gated residual."""
-    mod, _ = block.modulation(vec)
+    mod, _ = _flux_modulation(block.modulation, vec)
     (projected,) = _modulated_linears((block.linear1,), block.pre_norm, x, mod.shift, mod.scale)
     qkv, mlp = torch.split(projected, [3 * block.hidden_size, block.mlp_hidden_dim], dim=-1)
     (q_weight, eps), (k_weight, _) = (qk_norm_parameters(n) for n in (block.norm.query_norm, block.norm.key_norm))
@@ -305,8 +331,8 @@ def qwen_image_block(block: nn.Module, hidden_states: torch.Tensor, encoder_hidd
                      attention: Attention) -> tuple[torch.Tensor, torch.Tensor]:
     """QwenImageTransformerBlock.forward with fused q/k norm + RoPE and gated residuals; returns
     (encoder_hidden_states, hidden_states) as the block does."""
-    img_mod1, img_mod2 = [_qwen_modulation(m) for m in block.img_mod(temb).chunk(2, dim=-1)]
-    txt_mod1, txt_mod2 = [_qwen_modulation(m) for m in block.txt_mod(temb).chunk(2, dim=-1)]
+    img_mod1, img_mod2 = [_qwen_modulation(m) for m in _qwen_modulation_parameters(block.img_mod, temb).chunk(2, dim=-1)]
+    txt_mod1, txt_mod2 = [_qwen_modulation(m) for m in _qwen_modulation_parameters(block.txt_mod, temb).chunk(2, dim=-1)]
     attn = block.attn
     txt_q, txt_k, txt_v = _modulated_linears((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), block.txt_norm1,
                                              encoder_hidden_states, txt_mod1.shift, txt_mod1.scale)

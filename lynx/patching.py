@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..kernels import (GatedResidual, cat_gelu_tanh, fast_path_availability, fp8_dense_availability,
                        fp8_dense_shape_supported, gelu_tanh_reference, quantize_weight_fp8)
+from .batched_modulation import BatchedModulation
 from .linear import (FOLDED_BRANCH_CONFIG, LowRankBranch, LynxConfig, fp8_dense_linear, fp8_weight_linear, lynx_linear,
                      lynx_linear_after_gelu, lynx_linear_modulated, modulated_layer_norm)
 from .lora import LynxLoRA, check_fits
@@ -50,6 +51,9 @@ class LynxRuntime:
     # The host's check before each layer computes, which its own layers run (ComfyUI: run_every_op,
     # where Cancel takes effect); None: none.
     before_each_call: Callable[[], None] | None = None
+    # (vec, product): the model call's one modulation product (batched_modulation), made by its
+    # first block; the host's wrapper sets None before and after each call.
+    modulation_product: tuple | None = None
 
     def set_step(self, step_index: int | None) -> None:
         self.dense = step_index is not None and step_index < self.dense_warmup_steps
@@ -129,6 +133,10 @@ class LynxLinearForward(nn.Module):
         self.fp8_weight: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fp8_bias: torch.Tensor | None = None
         self._owns_fp8_weight = False   # a copy made here, not the layer's stored e4m3 weight
+        # A modulation linear's place in its plan's one modulation product (batched_modulation): the
+        # BatchedModulation and this layer's output columns there; None for every other layer.
+        self.batch: BatchedModulation | None = None
+        self.batch_columns: tuple[int, int] | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -276,6 +284,11 @@ class LynxLinearForward(nn.Module):
             new_bias = _written_into(self.fp8_bias, new_bias)
         self.fp8_weight, self.fp8_bias, self._owns_fp8_weight = (new_weight, new_scale), new_bias, not stored
 
+    def write_fp8_into(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        """Have the next prepare_fp8 with keep_addresses write the e4m3 weight and its scale into these
+        tensors (this layer's rows of a BatchedModulation)."""
+        self.fp8_weight, self._owns_fp8_weight = (weight, scale), True
+
     def release_fp8(self) -> None:
         self.fp8_weight = self.fp8_bias = None
         self._owns_fp8_weight = False
@@ -345,6 +358,13 @@ class LynxPlan:
     per_image_forwards: dict[str, LynxLinearForward] = field(default_factory=dict)
     # Said when the model is built otherwise than those the policy's layer choice was measured on.
     build_note: str = ""
+    # The per-image forwards' e4m3 weights side by side, for one modulation product per model call.
+    modulation_batch: BatchedModulation | None = None
+
+    def __post_init__(self):
+        if self.modulation_batch is not None and any(self.per_image_forwards.get(f.name) is not f
+                                                     for f in self.modulation_batch.forwards):
+            raise ValueError("the plan's modulation batch holds other forwards than its per-image forwards")
 
     def rebound(self, model: nn.Module) -> "LynxPlan":
         """This plan for `model`, a copy of the model it was made for (the same layer names); the
@@ -353,8 +373,10 @@ class LynxPlan:
 
         def rebind(forwards):
             return {name: forward.rebound(modules[name]) for name, forward in forwards.items()}
+        per_image = rebind(self.per_image_forwards)
         return replace(self, forwards=rebind(self.forwards), fp8_dense_forwards=rebind(self.fp8_dense_forwards),
-                       per_image_forwards=rebind(self.per_image_forwards))
+                       per_image_forwards=per_image,
+                       modulation_batch=None if self.modulation_batch is None else BatchedModulation.of(per_image.values()))
 
     @property
     def installed_forwards(self) -> dict[str, LynxLinearForward]:
@@ -381,6 +403,8 @@ class LynxPlan:
             text += f", {len(self.fp8_dense_forwards)} of them in fp8"
         if self.per_image_forwards:
             text += f", {len(self.per_image_forwards)} modulation linears with e4m3 weights"
+            if self.modulation_batch is not None:
+                text += " (in fused blocks: one product per call)"
         if self.runtime.dense_warmup_steps:
             text += f", first {self.runtime.dense_warmup_steps} steps dense"
         if self.lora_note:
@@ -426,7 +450,8 @@ def plan_model(model: nn.Module, config: LynxConfig = LynxConfig(),
         per_image = {name: PerImageFp8Forward(module, name, config, runtime, weights)
                      for name, module in modules.items() if _is_per_image_layer(policy, name, module)}
     return LynxPlan(policy, config, runtime, decisions, forwards, fp8_dense_forwards=fp8_dense,
-                    per_image_forwards=per_image, build_note=unmeasured_build(model, policy))
+                    per_image_forwards=per_image, build_note=unmeasured_build(model, policy),
+                    modulation_batch=BatchedModulation.of(per_image.values()))
 
 
 def _is_per_image_layer(policy: ArchitecturePolicy, name: str, module: nn.Module) -> bool:
@@ -467,16 +492,24 @@ def installed(model: nn.Module, plan: LynxPlan):
             with torch.no_grad():   # in fp32, then rounded once to the weight's dtype, as ComfyUI patches
                 weight.copy_(weight.float() + branch.weight_delta().to(weight.device))
         forwards = plan.installed_forwards
+        batch = plan.modulation_batch
         for name, forward in forwards.items():
             module = modules[name]
             previous[name] = module.__dict__.get("forward")
             module.forward = forward.bound_to(module)
-            forward.prepare_fp8(module.weight)
+            if forward.batch is None or batch is None:
+                forward.prepare_fp8(module.weight)
+        if batch is not None:
+            first = batch.forwards[0].module
+            batch.write(first.weight.device, first.bias.dtype if first.bias is not None else first.weight.dtype,
+                        lambda forward: forward.prepare_fp8(forward.module.weight, keep_addresses=True))
         yield model
     finally:
         with torch.no_grad():
             for name, weight in saved_weights.items():
                 modules[name].weight.copy_(weight)
+        if plan.modulation_batch is not None:
+            plan.modulation_batch.release()
         for name, old in previous.items():
             forwards[name].release_fp8()
             if old is None:

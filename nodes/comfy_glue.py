@@ -157,6 +157,8 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
     def drop_fp8_weights(*args, **kwargs):
         for forward in plan.installed_forwards.values():
             forward.release_fp8()
+        if plan.modulation_batch is not None:
+            plan.modulation_batch.release()
 
     def prepare_fp8_weights(patcher):
         compute_dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
@@ -196,19 +198,19 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
             return 0 if keep and forward.holds_fp8_copy() else _fp8_copy_bytes(forward.module)
         room = _room_for_fp8_copies(patcher.load_device, sum(new_bytes(f) for f in copies))
 
-        def make_copy(forward):
+        def make_copy(forward, keep_addresses=keep):
             module = forward.module
             stored = _stored_e4m3(module)
             prepared.add(forward.name)
             if not dynamic and stored is None and not _is_quantized(module.weight):
-                forward.prepare_fp8(module.weight, getattr(module, "scale_weight", None), keep_addresses=keep)
+                forward.prepare_fp8(module.weight, getattr(module, "scale_weight", None), keep_addresses=keep_addresses)
                 return
             # Stored fp8 with a scale kept elsewhere than where it is read, or a weight in another
             # quantized format: quantise what the layer computes with.
             if stored is not None and not dynamic:
                 log_once(f"{forward.name}: the stored fp8 weight is not what ComfyUI computes with; requantising it")
             with _weight_as_computed(module, compute_dtype, patcher.load_device) as (computed, bias):
-                forward.prepare_fp8(computed, bias=bias, keep_addresses=keep)
+                forward.prepare_fp8(computed, bias=bias, keep_addresses=keep_addresses)
         # A layer without its copy quantises its weight on every call (the same numbers, slower); a
         # modulation linear computes as the original layer instead, so theirs come last and all or none.
         modulation = [f for f in copies if f.name in plan.per_image_forwards]
@@ -224,15 +226,23 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
         if left_out:
             log.warning("RT-Lynx: no room in %s memory for the fp8 weights of %d layers; they quantise their "
                         "weight on every call (slower) this run", patcher.load_device, left_out)
+        # Where every modulation linear gets a copy, the copies are one tensor's rows (one product per call).
+        batch = plan.modulation_batch
+        batched = batch is not None and {f.name for f in modulation} == {f.name for f in batch.forwards}
         if sum(new_bytes(f) for f in modulation) <= room:
-            for forward in modulation:
-                make_copy(forward)
+            if batched:
+                batch.write(patcher.load_device, compute_dtype, lambda forward: make_copy(forward, keep_addresses=True))
+            else:
+                for forward in modulation:
+                    make_copy(forward)
         elif modulation:
             log.warning("RT-Lynx: no room in %s memory for the e4m3 weights of the %d modulation linears; they "
                         "compute in the model's dtype this run", patcher.load_device, len(modulation))
         for forward in plan.installed_forwards.values():   # kept from a run where the layer had its copy
             if forward.name not in prepared:
                 forward.release_fp8()
+        if batch is not None and not (batched and batch.ready):
+            batch.release()
 
     def on_pre_run(patcher, *args, **kwargs):
         _refuse_a_copy_of_the_model(patcher, plan)
@@ -334,9 +344,9 @@ def _stored_scale_is_complete(stored: torch.Tensor, scale, computed: torch.Tenso
 
 def _sampling_step_wrapper(runtime: LynxRuntime):
     """The per-call state of `runtime`, set in eager code around the model call (torch.compile's
-    region is inside): whether this step is a dense warm-up step, and whether the call carries a
+    region is inside): whether this step is a dense warm-up step, whether the call carries a
     text attention mask (later ComfyUI releases' Qwen-Image applies it inside its blocks, which
-    the fused forwards do not)."""
+    the fused forwards do not), and no modulation product yet (its blocks make one)."""
     def wrapper(executor, *args, **kwargs):
         # BaseModel.apply_model(x, t, c_concat, c_crossattn, control, transformer_options, ...)
         if runtime.dense_warmup_steps:
@@ -349,11 +359,13 @@ def _sampling_step_wrapper(runtime: LynxRuntime):
                 log_once("the sampler gave no schedule; dense warm-up steps are ignored")
             runtime.set_step(step)
         runtime.blocks_as_they_are = kwargs.get("attention_mask") is not None
+        runtime.modulation_product = None
         try:
             return executor(*args, **kwargs)
         finally:
             runtime.set_step(None)
             runtime.blocks_as_they_are = False
+            runtime.modulation_product = None
     return wrapper
 
 

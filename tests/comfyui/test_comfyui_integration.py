@@ -373,6 +373,9 @@ def test_a_model_replaying_cuda_graphs_writes_its_fp8_weights_again_where_they_a
     try:
         compiled.pre_run()
         first = {name: (*f.fp8_weight, f.fp8_bias) for name, f in forwards.items()}   # held: no reuse
+        batch = installed_plan(compiled).modulation_batch   # the modulation linears' one e4m3 tensor
+        batch_first = [t.data_ptr() for t in (batch.weight, batch.scale, batch.bias)]
+        assert batch.ready
         scale_before = qkv.fp8_weight[1].clone()
         compiled.cleanup()
         assert all(f.fp8_weight is not None for f in forwards.values())   # kept between runs
@@ -380,12 +383,14 @@ def test_a_model_replaying_cuda_graphs_writes_its_fp8_weights_again_where_they_a
         compiled.pre_run()
         addresses = lambda tensors: [None if t is None else t.data_ptr() for t in tensors]  # noqa: E731
         assert all(addresses((*f.fp8_weight, f.fp8_bias)) == addresses(first[name]) for name, f in forwards.items())
+        assert batch.ready and addresses((batch.weight, batch.scale, batch.bias)) == batch_first
         assert torch.allclose(qkv.fp8_weight[1], 2 * scale_before)   # with the new values
         compiled.cleanup()
         lynx.pre_run()   # the same layers sampled without CUDA graphs: made anew, dropped after
         assert qkv.fp8_weight[0].data_ptr() != first[QKV][0].data_ptr()
         lynx.cleanup()
         assert all(f.fp8_weight is None for f in forwards.values())
+        assert not batch.ready and batch.weight is None
     finally:
         qkv.module.weight.data.copy_(original)
         comfy.model_management.unload_all_models()

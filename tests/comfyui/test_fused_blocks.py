@@ -15,9 +15,11 @@ import comfy.ldm.flux.math as flux_math  # noqa: E402
 import comfy.ldm.qwen_image.model as qwen_image_model  # noqa: E402
 import comfy.model_management  # noqa: E402
 
-from comfyui_models import load_model, sample, sparsify  # noqa: E402
+from comfyui_models import load_model, sample, sparsify, watch_each_step  # noqa: E402
 from rt_lynx_pack.lynx import LynxConfig, installed, plan_model  # noqa: E402
-from rt_lynx_pack.lynx import patching  # noqa: E402
+from rt_lynx_pack.lynx import fused_blocks, patching  # noqa: E402
+from rt_lynx_pack.lynx.batched_modulation import BatchedModulation  # noqa: E402
+from rt_lynx_pack.nodes.comfy_glue import installed_plan  # noqa: E402
 from rt_lynx_pack.lynx.fused_blocks import (flux_double_block, flux_single_block, fused_block_kind,  # noqa: E402
                                             qwen_image_block)
 from rt_lynx_pack.lynx.linear import fp8_dense_linear, lynx_linear_after_gelu, lynx_linear_modulated  # noqa: E402
@@ -363,3 +365,23 @@ def test_fused_qwen_image_block_hands_its_lynx_layers_the_work_that_makes_their_
     assert len(calls) == 8 and len(after_gelu) == 2
     torch.testing.assert_close(got_img, want_img, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_txt, want_txt, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_blocks_take_their_modulation_from_one_product_per_model_call(flux, monkeypatch):
+    lynx = sparsify(flux, precision="fp8")
+    batch = installed_plan(lynx).modulation_batch
+    assert [f.name for f in batch.forwards] == ["double_blocks.0.img_mod.lin", "double_blocks.0.txt_mod.lin",
+                                                "single_blocks.0.modulation.lin"]
+    ready = watch_each_step(lynx, lambda: batch.ready)
+    products = []
+    product = BatchedModulation.product
+    monkeypatch.setattr(BatchedModulation, "product", lambda self, vec: products.append(vec) or product(self, vec))
+    batched = sample(lynx)
+    calls = len(ready)
+    assert calls and all(ready) and len(products) == calls   # one product per model call
+    assert not batch.ready and batch.weight is None   # dropped with the run's other e4m3 weights
+    # Each block computing its own modulation from the same e4m3 weights gives the same sample.
+    monkeypatch.setattr(fused_blocks, "modulation_output", lambda *args: None)
+    per_block = sample(lynx)
+    assert len(products) == calls and len(ready) == 2 * calls
+    assert_same_sample(batched, per_block)
