@@ -56,6 +56,8 @@ class BatchedModulation:
         `prepare(forward)` write each layer's weight there (prepare_fp8 with keep_addresses); then the
         biases, in `dtype`. Returns `ready`."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:   # "cuda": the current GPU, as tensors report it
+            device = torch.device("cuda", torch.cuda.current_device())
         if self.weight is None or self.weight.device != device:
             self.weight = torch.empty(self.out_features, self.in_features, dtype=torch.float8_e4m3fn, device=device)
             self.scale = torch.empty(self.out_features, dtype=torch.float32, device=device)

@@ -367,21 +367,25 @@ def test_fused_qwen_image_block_hands_its_lynx_layers_the_work_that_makes_their_
     torch.testing.assert_close(got_txt, want_txt, rtol=1e-5, atol=1e-5)
 
 
-def test_fp8_blocks_take_their_modulation_from_one_product_per_model_call(flux, monkeypatch):
-    lynx = sparsify(flux, precision="fp8")
+@pytest.mark.parametrize("arch", ["flux", "qwen_image"])
+def test_fp8_blocks_take_their_modulation_from_one_product_per_model_call(arch, request, monkeypatch):
+    model = request.getfixturevalue("flux" if arch == "flux" else "qwen")
+    lynx = sparsify(model, precision="fp8")
     batch = installed_plan(lynx).modulation_batch
-    assert [f.name for f in batch.forwards] == ["double_blocks.0.img_mod.lin", "double_blocks.0.txt_mod.lin",
-                                                "single_blocks.0.modulation.lin"]
+    blocks = {"flux": ["double_blocks.0.img_mod.lin", "double_blocks.0.txt_mod.lin", "single_blocks.0.modulation.lin"],
+              "qwen_image": ["transformer_blocks.0.img_mod.1", "transformer_blocks.0.txt_mod.1"]}
+    assert [f.name for f in batch.forwards] == blocks[arch]
     ready = watch_each_step(lynx, lambda: batch.ready)
     products = []
     product = BatchedModulation.product
     monkeypatch.setattr(BatchedModulation, "product", lambda self, vec: products.append(vec) or product(self, vec))
-    batched = sample(lynx)
+    options = dict(arch=arch, cfg=2.0 if arch == "qwen_image" else 1.0)   # Qwen-Image: cond and uncond in one call
+    batched = sample(lynx, **options)
     calls = len(ready)
     assert calls and all(ready) and len(products) == calls   # one product per model call
     assert not batch.ready and batch.weight is None   # dropped with the run's other e4m3 weights
     # Each block computing its own modulation from the same e4m3 weights gives the same sample.
     monkeypatch.setattr(fused_blocks, "modulation_output", lambda *args: None)
-    per_block = sample(lynx)
+    per_block = sample(lynx, **options)
     assert len(products) == calls and len(ready) == 2 * calls
     assert_same_sample(batched, per_block)
