@@ -7,8 +7,9 @@ same vec (the timestep and guidance embedding): 76 linears in FLUX.1-dev (3072 -
 pays its own ramp-up and last partial wave. Here the e4m3 weights of all of them lie side by side
 in one tensor, and each layer's own e4m3 weight is a view of its rows (no second copy): the fused
 block forwards take each block's parameters as columns of one product of the model call,
-computed by the first block that needs it and kept for the others (`modulation_output`). The columns of a layer are those its own product would
-give, channel for channel: the kernel computes each output channel alone.
+computed by the first block that needs it and kept for the others (`modulation_output`). A
+layer's columns are what its own product gives, channel for channel: the kernel computes each
+output channel alone.
 
 The one tensor is used only while every layer's e4m3 weight is still its rows there (`ready`):
 layers whose weight is stored in e4m3 (fp8 checkpoints) keep computing from the stored weight,
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import linear_fp8_weight
+
 
 class BatchedModulation:
     """The e4m3 weights, per-channel scales and biases of per-image fp8 forwards (the plan's

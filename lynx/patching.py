@@ -403,8 +403,6 @@ class LynxPlan:
             text += f", {len(self.fp8_dense_forwards)} of them in fp8"
         if self.per_image_forwards:
             text += f", {len(self.per_image_forwards)} modulation linears with e4m3 weights"
-            if self.modulation_batch is not None:
-                text += " (in fused blocks: one product per call)"
         if self.runtime.dense_warmup_steps:
             text += f", first {self.runtime.dense_warmup_steps} steps dense"
         if self.lora_note:

@@ -460,11 +460,13 @@ _BLOCK_LISTS = {
 }
 
 
-def install_fused_blocks(patched, diffusion_model, runtime: LynxRuntime | None = None) -> str:
+def install_fused_blocks(patched, diffusion_model, runtime: LynxRuntime | None = None,
+                         batched_modulation: bool = False) -> str:
     """Route each FLUX / Qwen-Image block of `diffusion_model` through its fused forward, on the
     ModelPatcher `patched` (a clone: the patches live in its model_options). During the dense
     warm-up steps of `runtime` the blocks run their own forward, so those steps are the original
-    model's exactly. Returns a phrase for the summary line, "" when the model has no such blocks."""
+    model's exactly. Returns a phrase for the summary line, "" when the model has no such blocks;
+    `batched_modulation`: the plan has a modulation batch, which the fused blocks read."""
     block_lists = _BLOCK_LISTS.get((type(diffusion_model).__module__, type(diffusion_model).__name__), ())
     taken = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     fused, kept = 0, {}
@@ -484,6 +486,7 @@ def install_fused_blocks(patched, diffusion_model, runtime: LynxRuntime | None =
         available, why_not = block_ops_availability(patched.load_device)
         where = "" if available else f" (reference path: {why_not})"
         parts.append(f"{fused} blocks with fused q/k norm + RoPE{where}"
+                     + (" and their modulations in one product per call" if fused and batched_modulation else "")
                      + "".join(f", {count} kept as they are ({why})" for why, count in kept.items()))
     rope_tables = install_rope_tables(patched, diffusion_model)
     return ", ".join(parts + ([rope_tables] if rope_tables else []))

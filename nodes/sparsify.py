@@ -81,7 +81,8 @@ class RTLynxSparsifyModel:
         plan = plan_model(diffusion_model, config, selection, runtime, weights=comfy_linear_weights)
         patched = install_plan(model, plan)
         if fused_blocks:
-            plan.block_note = install_fused_blocks(patched, diffusion_model, plan.runtime)
+            plan.block_note = install_fused_blocks(patched, diffusion_model, plan.runtime,
+                                                   plan.modulation_batch is not None)
         summary = plan.summary(model.load_device)
         log.info(summary)
         print(summary)

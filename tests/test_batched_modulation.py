@@ -32,7 +32,6 @@ def test_the_plan_puts_every_modulation_linear_in_one_batch_in_block_order(shape
     assert batch.out_features == stops[-1][1] == sum(f.module.out_features for f in batch.forwards)
     assert all(f.batch is batch for f in batch.forwards)
     assert all(f.batch is None and f.batch_columns is None for f in plan.forwards.values())
-    assert "one product per call" in plan.summary()
     assert plan_model(model, LynxConfig()).modulation_batch is None   # bf16: the modulation keeps its layers
     # A copy of the model gets a batch of its own, over its own layers' forwards.
     copy = tree_from_linears(shapes)

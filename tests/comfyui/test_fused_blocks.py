@@ -368,9 +368,12 @@ def test_fused_qwen_image_block_hands_its_lynx_layers_the_work_that_makes_their_
 
 
 @pytest.mark.parametrize("arch", ["flux", "qwen_image"])
-def test_fp8_blocks_take_their_modulation_from_one_product_per_model_call(arch, request, monkeypatch):
+def test_fp8_blocks_take_their_modulation_from_one_product_per_model_call(arch, request, monkeypatch, capsys):
     model = request.getfixturevalue("flux" if arch == "flux" else "qwen")
     lynx = sparsify(model, precision="fp8")
+    assert "and their modulations in one product per call" in capsys.readouterr().out
+    sparsify(model, precision="bf16")
+    assert "one product" not in capsys.readouterr().out
     batch = installed_plan(lynx).modulation_batch
     blocks = {"flux": ["double_blocks.0.img_mod.lin", "double_blocks.0.txt_mod.lin", "single_blocks.0.modulation.lin"],
               "qwen_image": ["transformer_blocks.0.img_mod.1", "transformer_blocks.0.txt_mod.1"]}
