@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Sourced by the device scripts: environment, carried wheels, build, availability of each path.
 # The GPU machine has no registry: wheels travel in .whl/ (nvidia-cutlass for the sm90 GEMM).
-# RT_LYNX_BUILD_DIR may point at a carried build folder, so a prebuilt sm90 library is reused.
+# RT_LYNX_BUILD_DIR (default .device_build) may hold carried libraries: kernels/build.py reuses the
+# sm90 library under its sources' digest and the extension whose digest file matches its inputs.
 export PYTHONUNBUFFERED=1
-export RT_LYNX_BUILD_DIR="${RT_LYNX_BUILD_DIR:-/tmp/rt_lynx_build}"
+export RT_LYNX_BUILD_DIR="${RT_LYNX_BUILD_DIR:-$PWD/.device_build}"
 OUT="${OUT:-$PWD/device-out}"; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -15,12 +16,6 @@ fi
   nvcc --version | tail -2; which ninja; nproc
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cusparselt', torch.backends.cusparselt.version())"
 } 2>&1 | tee "$OUT/env.log"
-source bench/build_stamp.sh
-reuse_carried_build "$RT_LYNX_BUILD_DIR"
-# Why ninja would rebuild the carried extension (a dry run): what it names dirty, and the first reason.
-if [ -f "$RT_LYNX_BUILD_DIR/build.ninja" ]; then
-  ninja -C "$RT_LYNX_BUILD_DIR" -n -d explain 2>&1 | head -12 > "$OUT/ninja-explain.log"
-fi
 python3 - <<'PY' 2>&1 | tee "$OUT/build.log"
 import logging, sys, time
 sys.path.insert(0, "."); logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -32,11 +27,11 @@ for name, check in (("cuSPARSELt", cusparselt.availability), ("cuSPARSELt fp8", 
                     ("sm90", sm90.availability_sm90), ("fused block ops", block_ops.availability_block_ops)):
     t = time.monotonic(); print(f"{name}:", check(torch.device("cuda")), f"{time.monotonic() - t:.1f} s")
 PY
-grep -q "^build: (True" "$OUT/build.log" && stamp_build "$RT_LYNX_BUILD_DIR"
-# PACK_BUILD=1: the build folder comes back as $OUT/device_build.tgz, objects included (without them
-# ninja rebuilds the extension, ~110 s); unpack it in the checkout and carry it on later calls.
-if [ -n "${PACK_BUILD:-}" ]; then
-  tar czf "$OUT/device_build.tgz" -C "$(dirname "$RT_LYNX_BUILD_DIR")" "$(basename "$RT_LYNX_BUILD_DIR")"
+# PACK_BUILD=1: the built libraries come back as $OUT/device_build.tgz (the extension with its digest,
+# the sm90 library in its digest folder; the objects would be over a returned file's size limit). Unpack
+# it into the checkout's .device_build and carry that: a fresh machine then builds nothing (77 + 172 s).
+if [ -n "${PACK_BUILD:-}" ] && grep -q "^build: (True" "$OUT/build.log"; then
+  (cd "$RT_LYNX_BUILD_DIR" && tar czf "$OUT/device_build.tgz" rt_lynx_ext.so rt_lynx_ext.digest sm90-*/librt_lynx_sm90.so)
   ls -l "$OUT/device_build.tgz"
 fi
 

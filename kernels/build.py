@@ -5,7 +5,8 @@ Two artefacts, both built with ninja for sm_90a and cached:
   minutes to compile and torch-independent, so it is keyed by its sources, the CUTLASS headers
   (PyPI `nvidia-cutlass`) and the nvcc version, in <cache>/sm90-<hash>/ (a torch upgrade keeps it);
 - the torch extension (ops, sparsify kernels, cuSPARSELt binding) in <build dir>, which loads
-  the library with dlopen. Without the library (no CUTLASS headers, a failed build) the extension
+  the library with dlopen; imported as built while the digest of its inputs beside it matches
+  (a copied build folder, sources checked out anew with the same bytes), else built by ninja. Without the library (no CUTLASS headers, a failed build) the extension
   still serves the cuSPARSELt path and the log says why.
 <cache> is $RT_LYNX_BUILD_DIR or ~/.cache/rt_lynx; <build dir> is $RT_LYNX_BUILD_DIR or
 <cache>/<torch>-<cuda>. cuSPARSELt's header and library come from the nvidia-cusparselt wheel that
@@ -32,6 +33,7 @@ HEADERS = [CSRC / "lynx_kernels.h", CSRC / "half_words.cuh", CSRC / "op_checks.h
            CSRC / "sm90_metadata_layout.h",
            CSRC / "sm90_sparse_gemm.h"]
 EXPECTED_BUILD_SECONDS = 60
+DIGEST_FILE = f"{EXTENSION_NAME}.digest"   # beside the built library: extension_digest of its inputs
 # One translation unit per pair of elements and epilogue, so ninja compiles the CUTLASS instances in parallel.
 SM90_SOURCES = [CSRC / f"sm90_sparse_gemm_{part}.cu" for part in (
     "api", "bf16_bf16", "fp16_fp16", "e4m3_bf16", "e4m3_fp16",
@@ -113,12 +115,41 @@ def _stage_headers(include_dir: pathlib.Path, target: pathlib.Path) -> pathlib.P
     return staged
 
 
-def _needs_compile(target: pathlib.Path) -> bool:
-    built = target / f"{EXTENSION_NAME}.so"
-    if not built.exists():
-        return True
-    newest_source = max(p.stat().st_mtime for p in SOURCES + HEADERS)
-    return built.stat().st_mtime < newest_source
+def extension_digest(staged_headers: pathlib.Path, flags: list[str]) -> str:
+    """What the built extension is made of: every file in csrc/ and this file, cuSPARSELt's staged
+    headers, torch's, CUDA's and Python's versions, nvcc's and the build flags."""
+    import sys
+
+    import torch
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()) + [pathlib.Path(__file__).resolve()] + sorted(staged_headers.glob("*.h")):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(repr((torch.__version__, torch.version.cuda, tuple(sys.version_info[:2]), flags)).encode())
+    digest.update(subprocess.run([_nvcc(), "--version"], capture_output=True, text=True).stdout.encode())
+    return digest.hexdigest()
+
+
+def _built_from(target: pathlib.Path, digest: str):
+    """The extension in `target`, imported, where it was built from inputs of this digest; else None
+    (and no digest left there until a build writes it)."""
+    built, stamp = target / f"{EXTENSION_NAME}.so", target / DIGEST_FILE
+    if built.exists() and stamp.exists() and stamp.read_text().strip() == digest:
+        try:
+            return _import_built(built)
+        except Exception as exc:   # built again
+            log.warning("RT-Lynx: the built kernels in %s did not load (%s); building them again", target,
+                        _first_error_line(str(exc)))
+    stamp.unlink(missing_ok=True)
+    return None
+
+
+def _import_built(path: pathlib.Path):
+    # What torch.utils.cpp_extension does with the library it built.
+    spec = importlib.util.spec_from_file_location(EXTENSION_NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _first_error_line(text: str) -> str:
@@ -281,10 +312,18 @@ def _build_and_load(verbose: bool):
     target = build_dir()
     target.mkdir(parents=True, exist_ok=True)
     staged = _stage_headers(include_dir, target)
-    compiling = _needs_compile(target)
-    if compiling:
-        log.warning("building RT-Lynx CUDA kernels (one time, ~%d s) in %s ...",
-                    EXPECTED_BUILD_SECONDS, target)
+    # RT_LYNX_DEBUG_BUILD=1 adds host debug info (readable backtraces in cuda-gdb).
+    cflags = ["-O3"] + (["-g"] if os.environ.get("RT_LYNX_DEBUG_BUILD") else [])
+    cuda_cflags = ["-O3", "-lineinfo"]
+    ldflags = [f"-L{lib_dir}", "-l:libcusparseLt.so.0", f"-Wl,-rpath,{lib_dir}",
+               f"-L{cublaslt_dir}", f"-l:{cublaslt_name}", f"-Wl,-rpath,{cublaslt_dir}", "-ldl"]
+    # A library built from these very inputs is imported as it is: ninja, which compares times, would
+    # rebuild it for sources copied anew with the same bytes (a fresh checkout, a copied build folder).
+    digest = extension_digest(staged, cflags + cuda_cflags + ldflags)
+    module = _built_from(target, digest)
+    if module is not None:
+        return module
+    log.warning("building RT-Lynx CUDA kernels (~%d s) in %s ...", EXPECTED_BUILD_SECONDS, target)
     started = time.monotonic()
     previous_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     # cpp_extension turns "9.0a" into -gencode=arch=compute_90a,code=sm_90a.
@@ -294,11 +333,9 @@ def _build_and_load(verbose: bool):
             name=EXTENSION_NAME,
             sources=[str(s) for s in SOURCES],
             extra_include_paths=[str(staged), str(CSRC)],
-            # RT_LYNX_DEBUG_BUILD=1 adds host debug info (readable backtraces in cuda-gdb).
-            extra_cflags=["-O3"] + (["-g"] if os.environ.get("RT_LYNX_DEBUG_BUILD") else []),
-            extra_cuda_cflags=["-O3", "-lineinfo"],
-            extra_ldflags=[f"-L{lib_dir}", "-l:libcusparseLt.so.0", f"-Wl,-rpath,{lib_dir}",
-                           f"-L{cublaslt_dir}", f"-l:{cublaslt_name}", f"-Wl,-rpath,{cublaslt_dir}", "-ldl"],
+            extra_cflags=cflags,
+            extra_cuda_cflags=cuda_cflags,
+            extra_ldflags=ldflags,
             build_directory=str(target),
             verbose=verbose,
             is_python_module=True,
@@ -308,8 +345,8 @@ def _build_and_load(verbose: bool):
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = previous_arch
-    if compiling:
-        log.warning("RT-Lynx CUDA kernels built in %.0f s", time.monotonic() - started)
+    (target / DIGEST_FILE).write_text(digest + "\n")
+    log.warning("RT-Lynx CUDA kernels built in %.0f s", time.monotonic() - started)
     return module
 
 
