@@ -115,24 +115,31 @@ def _stage_headers(include_dir: pathlib.Path, target: pathlib.Path) -> pathlib.P
     return staged
 
 
+def extension_inputs(staged_headers: pathlib.Path) -> list[pathlib.Path]:
+    """The files the extension is built from: every file in csrc/, this file, cuSPARSELt's staged headers."""
+    paths = sorted(CSRC.iterdir()) + [pathlib.Path(__file__).resolve()] + sorted(staged_headers.glob("*.h"))
+    return [path for path in paths if path.is_file()]
+
+
 def extension_digest(staged_headers: pathlib.Path, flags: list[str]) -> str:
-    """What the built extension is made of: every file in csrc/ and this file, cuSPARSELt's staged
-    headers, torch's, CUDA's and Python's versions, nvcc's and the build flags."""
+    """What the built extension is made of: `extension_inputs`, torch's, CUDA's and Python's
+    versions, nvcc's and the build flags."""
     import sys
 
     import torch
     digest = hashlib.sha256()
-    for path in sorted(CSRC.iterdir()) + [pathlib.Path(__file__).resolve()] + sorted(staged_headers.glob("*.h")):
-        if path.is_file():
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in extension_inputs(staged_headers):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update(repr((torch.__version__, torch.version.cuda, tuple(sys.version_info[:2]), flags)).encode())
     digest.update(subprocess.run([_nvcc(), "--version"], capture_output=True, text=True).stdout.encode())
     return digest.hexdigest()
 
 
-def _built_from(target: pathlib.Path, digest: str):
-    """The extension in `target`, imported, where it was built from inputs of this digest; else None
-    (and no digest left there until a build writes it)."""
+def _built_from(target: pathlib.Path, digest: str, inputs: list[pathlib.Path]):
+    """The extension in `target`, imported, where it was built from inputs of this digest; else None,
+    no digest left there until a build writes it, and no library or objects where ninja, which
+    compares times, would keep them: one that did not load, or inputs whose bytes changed but not
+    their times (files copied with their times)."""
     built, stamp = target / f"{EXTENSION_NAME}.so", target / DIGEST_FILE
     if built.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         try:
@@ -140,8 +147,17 @@ def _built_from(target: pathlib.Path, digest: str):
         except Exception as exc:   # built again
             log.warning("RT-Lynx: the built kernels in %s did not load (%s); building them again", target,
                         _first_error_line(str(exc)))
+            _remove_outputs(target)
+    elif built.exists() and built.stat().st_mtime >= max(path.stat().st_mtime for path in inputs):
+        _remove_outputs(target)
     stamp.unlink(missing_ok=True)
     return None
+
+
+def _remove_outputs(target: pathlib.Path) -> None:
+    # The extension's objects and library (the sm90 library lives in a folder of its own).
+    for path in list(target.glob("*.o")) + [target / f"{EXTENSION_NAME}.so"]:
+        path.unlink(missing_ok=True)
 
 
 def _import_built(path: pathlib.Path):
@@ -320,7 +336,7 @@ def _build_and_load(verbose: bool):
     # A library built from these very inputs is imported as it is: ninja, which compares times, would
     # rebuild it for sources copied anew with the same bytes (a fresh checkout, a copied build folder).
     digest = extension_digest(staged, cflags + cuda_cflags + ldflags)
-    module = _built_from(target, digest)
+    module = _built_from(target, digest, extension_inputs(staged))
     if module is not None:
         return module
     log.warning("building RT-Lynx CUDA kernels (~%d s) in %s ...", EXPECTED_BUILD_SECONDS, target)

@@ -193,12 +193,22 @@ def dense_linear_fp8_reference(x: torch.Tensor, wq: torch.Tensor, w_scale: torch
     return _scaled_product_fp8(q, a, wq, w_scale, bias).to(x.dtype)
 
 
+# The fp32 copy of an e4m3 weight is made this many elements at a time: a model's modulation linears
+# as one weight (FLUX.1: 3.2 G) would otherwise take four times its bytes at once.
+E4M3_WEIGHT_CHUNK_ELEMENTS = 1 << 26
+
+
 def linear_e4m3_weight_reference(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                                  bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ (wq * w_scale[:, None])^T + b in fp32, x's dtype out: an e4m3 weight (from
     `quantize_weight_fp8`), x unquantised. What the per-image linears (modulation) of an fp8 model
     compute."""
-    y = (x.float() @ wq.float().t()) * w_scale.float()
+    rows = max(1, E4M3_WEIGHT_CHUNK_ELEMENTS // max(wq.shape[1], 1))
+    if wq.shape[0] <= rows:
+        y = x.float() @ wq.float().t()
+    else:
+        y = torch.cat([x.float() @ part.float().t() for part in wq.split(rows)], dim=-1)
+    y = y * w_scale.float()
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 

@@ -7,8 +7,8 @@ same vec (the timestep and guidance embedding): 76 linears in FLUX.1-dev (3072 -
 pays its own ramp-up and last partial wave. Here the e4m3 weights of all of them lie side by side
 in one tensor, and each layer's own e4m3 weight is a view of its rows (no second copy): the fused
 block forwards take each block's parameters as columns of one product of the model call,
-computed by the first block that needs it and kept for the others (`modulation_output`). A
-layer's columns are what its own product gives, channel for channel: the kernel computes each
+computed by the first block that needs it and kept for the others (`modulation_output`). On the
+GPU a layer's columns are what its own product gives, byte for byte: the kernel computes each
 output channel alone.
 
 The one tensor is used only while every layer's e4m3 weight is still its rows there (`ready`):
@@ -57,16 +57,18 @@ class BatchedModulation:
         reads it where they were recorded), point each layer's e4m3 weight at its rows, and let
         `prepare(forward)` write each layer's weight there (prepare_fp8 with keep_addresses); then the
         biases, in `dtype`. Returns `ready`."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:   # "cuda": the current GPU, as tensors report it
-            device = torch.device("cuda", torch.cuda.current_device())
-        if self.weight is None or self.weight.device != device:
+        self.ready = False
+        if not self.holds_tensor_on(device):
+            # The layers' own copies go first: with the new tensor beside them the peak would be two copies.
+            for forward in self.forwards:
+                forward.release_fp8()
+            self.release()
+            device = _indexed(device)
             self.weight = torch.empty(self.out_features, self.in_features, dtype=torch.float8_e4m3fn, device=device)
             self.scale = torch.empty(self.out_features, dtype=torch.float32, device=device)
         for forward in self.forwards:
             start, stop = forward.batch_columns
             forward.write_fp8_into(self.weight[start:stop], self.scale[start:stop])
-        self.ready = False
         try:
             for forward in self.forwards:
                 prepare(forward)
@@ -75,8 +77,8 @@ class BatchedModulation:
                 forward.release_fp8()
             self.release()
             raise
-        if self.bias is None or self.bias.device != device or self.bias.dtype != dtype:
-            self.bias = torch.empty(self.out_features, dtype=dtype, device=device)
+        if self.bias is None or self.bias.device != self.weight.device or self.bias.dtype != dtype:
+            self.bias = torch.empty(self.out_features, dtype=dtype, device=self.weight.device)
         with torch.no_grad():
             for forward in self.forwards:
                 start, stop = forward.batch_columns
@@ -87,6 +89,10 @@ class BatchedModulation:
                     self.bias[start:stop].copy_(bias.detach())
         self.ready = all(self._holds_rows_of(forward) for forward in self.forwards)
         return self.ready
+
+    def holds_tensor_on(self, device: torch.device) -> bool:
+        """Whether the one tensor exists on `device` (a write there makes no new one)."""
+        return self.weight is not None and self.weight.device == _indexed(device)
 
     def _holds_rows_of(self, forward) -> bool:
         start, _ = forward.batch_columns
@@ -104,6 +110,14 @@ class BatchedModulation:
         x = F.silu(vec)
         bias = self.bias if self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         return linear_fp8_weight(x, self.weight, self.scale, bias, self.backend)
+
+
+def _indexed(device) -> torch.device:
+    # "cuda" without an index is the current GPU, as the tensors made there report it.
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def modulation_output(layer, vec: torch.Tensor) -> torch.Tensor | None:

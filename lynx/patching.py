@@ -483,6 +483,9 @@ def installed(model: nn.Module, plan: LynxPlan):
     restores the modules (and those weights, from a copy) on exit."""
     modules = dict(model.named_modules())
     previous, saved_weights = {}, {}
+    batch = plan.modulation_batch
+    if batch is not None and any(f.module.weight.dtype == torch.float8_e4m3fn for f in batch.forwards):
+        batch = None   # a weight stored in e4m3 is taken as it is: the one tensor would be a second copy
     try:
         for name, branch in folded_weight_patches(plan).items():
             weight = modules[name].weight
@@ -490,7 +493,6 @@ def installed(model: nn.Module, plan: LynxPlan):
             with torch.no_grad():   # in fp32, then rounded once to the weight's dtype, as ComfyUI patches
                 weight.copy_(weight.float() + branch.weight_delta().to(weight.device))
         forwards = plan.installed_forwards
-        batch = plan.modulation_batch
         for name, forward in forwards.items():
             module = modules[name]
             previous[name] = module.__dict__.get("forward")
@@ -506,8 +508,8 @@ def installed(model: nn.Module, plan: LynxPlan):
         with torch.no_grad():
             for name, weight in saved_weights.items():
                 modules[name].weight.copy_(weight)
-        if plan.modulation_batch is not None:
-            plan.modulation_batch.release()
+        if batch is not None:
+            batch.release()
         for name, old in previous.items():
             forwards[name].release_fp8()
             if old is None:

@@ -194,8 +194,16 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
             else:
                 copies.append(forward)
 
+        # Where every modulation linear gets a copy, the copies are one tensor's rows (one product per call).
+        modulation = [f for f in copies if f.name in plan.per_image_forwards]
+        batch = plan.modulation_batch
+        batched = batch is not None and {f.name for f in modulation} == {f.name for f in batch.forwards}
+        new_batch = batched and not batch.holds_tensor_on(patcher.load_device)
+
         def new_bytes(forward):   # a copy written again where it is takes no new room
-            return 0 if keep and forward.holds_fp8_copy() else _fp8_copy_bytes(forward.module)
+            if keep and forward.holds_fp8_copy() and not (new_batch and forward.batch is batch):
+                return 0
+            return _fp8_copy_bytes(forward.module)
         room = _room_for_fp8_copies(patcher.load_device, sum(new_bytes(f) for f in copies))
 
         def make_copy(forward, keep_addresses=keep):
@@ -213,7 +221,6 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
                 forward.prepare_fp8(computed, bias=bias, keep_addresses=keep_addresses)
         # A layer without its copy quantises its weight on every call (the same numbers, slower); a
         # modulation linear computes as the original layer instead, so theirs come last and all or none.
-        modulation = [f for f in copies if f.name in plan.per_image_forwards]
         left_out = 0
         for forward in copies:
             if forward.name in plan.per_image_forwards:
@@ -226,9 +233,6 @@ def _run_state_callbacks(plan: LynxPlan) -> dict:
         if left_out:
             log.warning("RT-Lynx: no room in %s memory for the fp8 weights of %d layers; they quantise their "
                         "weight on every call (slower) this run", patcher.load_device, left_out)
-        # Where every modulation linear gets a copy, the copies are one tensor's rows (one product per call).
-        batch = plan.modulation_batch
-        batched = batch is not None and {f.name for f in modulation} == {f.name for f in batch.forwards}
         if sum(new_bytes(f) for f in modulation) <= room:
             if batched:
                 batch.write(patcher.load_device, compute_dtype, lambda forward: make_copy(forward, keep_addresses=True))
@@ -486,7 +490,8 @@ def install_fused_blocks(patched, diffusion_model, runtime: LynxRuntime | None =
         available, why_not = block_ops_availability(patched.load_device)
         where = "" if available else f" (reference path: {why_not})"
         parts.append(f"{fused} blocks with fused q/k norm + RoPE{where}"
-                     + (" and their modulations in one product per call" if fused and batched_modulation else "")
+                     + (" (with e4m3 copies of the modulation weights: one modulation product per call)"
+                        if fused and batched_modulation else "")
                      + "".join(f", {count} kept as they are ({why})" for why, count in kept.items()))
     rope_tables = install_rope_tables(patched, diffusion_model)
     return ", ".join(parts + ([rope_tables] if rope_tables else []))

@@ -77,7 +77,7 @@ def test_a_weight_stored_in_e4m3_keeps_its_layer_and_the_batch_is_not_used():
     stored.weight = nn.Parameter(stored.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
     plan = plan_model(model, FP8)
     with torch.no_grad(), installed(model, plan):
-        assert not plan.modulation_batch.ready
+        assert not plan.modulation_batch.ready and plan.modulation_batch.weight is None   # no second copy
         assert plan.per_image_forwards[name].fp8_weight[0].data_ptr() == stored.weight.data_ptr()   # not copied
         layer = plan.per_image_forwards[name]
         assert modulation_output(layer, torch.randn(1, 64)) is None
@@ -97,6 +97,58 @@ def test_a_failed_write_leaves_no_layer_reading_half_written_rows():
         batch.write(torch.device("cpu"), torch.float32, prepare)
     assert batch.weight is None and not batch.ready
     assert all(f.fp8_weight is None for f in batch.forwards)
+
+
+def test_a_new_tensor_takes_the_place_of_the_layers_own_copies():
+    plan = plan_model(tree_from_linears(flux_like_shapes()), FP8)
+    batch = plan.modulation_batch
+    for forward in batch.forwards:   # a run without the batch: each layer its own copy
+        forward.prepare_fp8(forward.module.weight)
+    own = [forward.fp8_weight[0] for forward in batch.forwards]
+    released = []
+    original = type(batch.forwards[0]).release_fp8
+
+    def release(forward):
+        released.append(forward.fp8_weight is not None and forward.fp8_weight[0] is own[batch.forwards.index(forward)])
+        original(forward)
+    for forward in batch.forwards:
+        forward.release_fp8 = lambda forward=forward: release(forward)
+    assert batch.write(torch.device("cpu"), torch.float32,
+                       lambda f: f.prepare_fp8(f.module.weight, keep_addresses=True))
+    assert released == [True] * len(own)   # dropped before the new tensor was made
+    for forward, copy in zip(batch.forwards, own):
+        torch.testing.assert_close(forward.fp8_weight[0].float(), copy.float(), rtol=0, atol=0)
+
+
+def test_a_failed_allocation_leaves_the_batch_not_ready(monkeypatch):
+    plan = plan_model(tree_from_linears(flux_like_shapes()), FP8)
+    batch = plan.modulation_batch
+    prepare = lambda f: f.prepare_fp8(f.module.weight, keep_addresses=True)  # noqa: E731
+    assert batch.write(torch.device("cpu"), torch.float32, prepare)
+    batch.weight = batch.weight.to("meta")   # as if it were on another device: a new tensor is made
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room")
+    monkeypatch.setattr(torch, "empty", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        batch.write(torch.device("cpu"), torch.float32, prepare)
+    assert not batch.ready
+
+
+def test_the_reference_product_of_a_wide_e4m3_weight_makes_its_fp32_copy_in_parts(monkeypatch):
+    from rt_lynx_pack.kernels import quantize_weight_fp8, reference
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    wq, scale = quantize_weight_fp8(torch.randn(300, 64))
+    bias = torch.randn(300, dtype=torch.bfloat16)
+    whole = linear_e4m3_weight_reference(x, wq, scale, bias)
+    monkeypatch.setattr(reference, "E4M3_WEIGHT_CHUNK_ELEMENTS", 64 * 7)   # 7 rows at a time, 43 parts
+    floats = []
+    real_float = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda t: floats.append(t.numel()) or real_float(t))
+    parts = linear_e4m3_weight_reference(x, wq, scale, bias)
+    monkeypatch.undo()
+    assert max(floats) <= 64 * 7   # no fp32 copy of the whole weight
+    torch.testing.assert_close(parts, whole, rtol=0, atol=0)
 
 
 class Modulation(nn.Module):   # comfy.ldm.flux.layers.Modulation (ComfyUI 0.3.x), the class the fused forwards know
