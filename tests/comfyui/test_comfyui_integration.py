@@ -396,6 +396,38 @@ def test_a_model_replaying_cuda_graphs_writes_its_fp8_weights_again_where_they_a
         comfy.model_management.unload_all_models()
 
 
+def test_under_cuda_graphs_the_room_asked_counts_a_modulation_tensor_that_must_be_made(flux, monkeypatch):
+    # A run where one modulation linear was patched per call (no batch: each layer its own copy),
+    # then a run where the batch can be made: its whole tensor is new memory, not a rewrite.
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from rt_lynx_pack.nodes import comfy_glue
+    compiled = sparsify(flux, precision="fp8").clone()
+    set_torch_compile_wrapper(model=compiled, backend="inductor", mode="reduce-overhead")   # not run here
+    plan = installed_plan(compiled)
+    batch = plan.modulation_batch
+    asked = []
+    room_for = comfy_glue._room_for_fp8_copies
+    monkeypatch.setattr(comfy_glue, "_room_for_fp8_copies", lambda device, needed: asked.append(needed) or
+                        room_for(device, needed))
+    patched_per_call = batch.forwards[0].module
+    modulation_bytes = sum(comfy_glue._fp8_copy_bytes(f.module) for f in batch.forwards)
+    comfy.model_management.load_models_gpu([compiled])
+    try:
+        patched_per_call.weight_function.append(lambda weight: weight)
+        compiled.pre_run()
+        assert not batch.ready and all(f.fp8_weight is not None for f in batch.forwards[1:])
+        patched_per_call.weight_function.clear()
+        compiled.pre_run()
+        assert batch.ready
+        assert asked[-1] == modulation_bytes   # every other layer's copy is written again where it is
+        compiled.pre_run()
+        assert asked[-1] == 0   # the tensor written again where it is
+    finally:
+        patched_per_call.weight_function.clear()
+        compiled.cleanup()
+        comfy.model_management.unload_all_models()
+
+
 def test_fp8_precision_quantises_weights_for_each_run_and_drops_them_after_it(flux):
     from comfy.patcher_extension import CallbacksMP
     lynx_bf16 = sparsify(flux)
