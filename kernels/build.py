@@ -6,8 +6,9 @@ Two artefacts, both built with ninja for sm_90a and cached:
   (PyPI `nvidia-cutlass`) and the nvcc version, in <cache>/sm90-<hash>/ (a torch upgrade keeps it);
 - the torch extension (ops, sparsify kernels, cuSPARSELt binding) in <build dir>, which loads
   the library with dlopen; imported as built while the digest of its inputs beside it matches
-  (a copied build folder, sources checked out anew with the same bytes), else built by ninja. Without the library (no CUTLASS headers, a failed build) the extension
-  still serves the cuSPARSELt path and the log says why.
+  (a copied build folder, sources checked out anew with the same bytes), else built by ninja.
+  Without the library (no CUTLASS headers, a failed build) the extension still serves the
+  cuSPARSELt path and the log says why.
 <cache> is $RT_LYNX_BUILD_DIR or ~/.cache/rt_lynx; <build dir> is $RT_LYNX_BUILD_DIR or
 <cache>/<torch>-<cuda>. cuSPARSELt's header and library come from the nvidia-cusparselt wheel that
 CUDA builds of torch depend on.
@@ -121,14 +122,14 @@ def extension_inputs(staged_headers: pathlib.Path) -> list[pathlib.Path]:
     return [path for path in paths if path.is_file()]
 
 
-def extension_digest(staged_headers: pathlib.Path, flags: list[str]) -> str:
-    """What the built extension is made of: `extension_inputs`, torch's, CUDA's and Python's
-    versions, nvcc's and the build flags."""
+def extension_digest(inputs: list[pathlib.Path], flags: list[str]) -> str:
+    """What the built extension is made of: the bytes of its `inputs` (extension_inputs), torch's,
+    CUDA's and Python's versions, nvcc's and the build flags."""
     import sys
 
     import torch
     digest = hashlib.sha256()
-    for path in extension_inputs(staged_headers):
+    for path in inputs:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update(repr((torch.__version__, torch.version.cuda, tuple(sys.version_info[:2]), flags)).encode())
     digest.update(subprocess.run([_nvcc(), "--version"], capture_output=True, text=True).stdout.encode())
@@ -335,8 +336,9 @@ def _build_and_load(verbose: bool):
                f"-L{cublaslt_dir}", f"-l:{cublaslt_name}", f"-Wl,-rpath,{cublaslt_dir}", "-ldl"]
     # A library built from these very inputs is imported as it is: ninja, which compares times, would
     # rebuild it for sources copied anew with the same bytes (a fresh checkout, a copied build folder).
-    digest = extension_digest(staged, cflags + cuda_cflags + ldflags)
-    module = _built_from(target, digest, extension_inputs(staged))
+    inputs = extension_inputs(staged)
+    digest = extension_digest(inputs, cflags + cuda_cflags + ldflags)
+    module = _built_from(target, digest, inputs)
     if module is not None:
         return module
     log.warning("building RT-Lynx CUDA kernels (~%d s) in %s ...", EXPECTED_BUILD_SECONDS, target)

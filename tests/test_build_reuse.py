@@ -24,17 +24,17 @@ def sources(tmp_path, monkeypatch):
 
 def test_the_digest_follows_every_source_header_staged_header_and_flag(sources):
     csrc, staged = sources
-    first = build.extension_digest(staged, ["-O3"])
+    first = build.extension_digest(build.extension_inputs(staged), ["-O3"])
     (csrc / "kernel.cu").touch()   # new time, same bytes
-    assert build.extension_digest(staged, ["-O3"]) == first
-    assert build.extension_digest(staged, ["-O3", "-g"]) != first
+    assert build.extension_digest(build.extension_inputs(staged), ["-O3"]) == first
+    assert build.extension_digest(build.extension_inputs(staged), ["-O3", "-g"]) != first
     for path in (csrc / "kernel.cuh", staged / "cusparseLt.h"):
         original = path.read_text()
         path.write_text(original + "changed\n")
-        assert build.extension_digest(staged, ["-O3"]) != first, path.name
+        assert build.extension_digest(build.extension_inputs(staged), ["-O3"]) != first, path.name
         path.write_text(original)
     (csrc / "programmatic_launch.cuh").write_text("a header no list names\n")
-    assert build.extension_digest(staged, ["-O3"]) != first
+    assert build.extension_digest(build.extension_inputs(staged), ["-O3"]) != first
 
 
 def _built(target, source, library_time, source_time):
