@@ -164,18 +164,23 @@ class Modulation(nn.Module):   # comfy.ldm.flux.layers.Modulation (ComfyUI 0.3.x
         return out[:3], out[3:] if self.is_double else None
 
 
+def _batch_over(linears, dtype) -> BatchedModulation:
+    """Per-image fp8 forwards installed on `linears`, their batch written on the CPU."""
+    runtime = LynxRuntime()
+    forwards = [PerImageFp8Forward(linear, f"m{i}", FP8, runtime) for i, linear in enumerate(linears)]
+    for forward in forwards:
+        forward.module.forward = forward.bound_to(forward.module)
+    batch = BatchedModulation(forwards)
+    batch.write(torch.device("cpu"), dtype, lambda f: f.prepare_fp8(f.module.weight, keep_addresses=True))
+    return batch
+
+
 def _blocks_modulations(dim=64, dtype=torch.bfloat16):
     torch.manual_seed(3)
     modulations = [Modulation(dim, True), Modulation(dim, True), Modulation(dim, False)]
     for m in modulations:
         m.to(dtype)
-    runtime = LynxRuntime()
-    forwards = [PerImageFp8Forward(m.lin, f"m{i}", FP8, runtime) for i, m in enumerate(modulations)]
-    for forward in forwards:
-        forward.module.forward = forward.bound_to(forward.module)
-    batch = BatchedModulation(forwards)
-    batch.write(torch.device("cpu"), dtype, lambda f: f.prepare_fp8(f.module.weight, keep_addresses=True))
-    return modulations, batch
+    return modulations, _batch_over([m.lin for m in modulations], dtype)
 
 
 def _as_tensors(mod):
@@ -217,17 +222,12 @@ def test_flux_modulations_of_one_call_are_columns_of_one_product_made_by_the_fir
 def test_qwen_image_modulation_parameters_come_from_the_product_too():
     torch.manual_seed(4)
     mods = [nn.Sequential(nn.SiLU(), nn.Linear(64, 6 * 64)) for _ in range(2)]
-    runtime = LynxRuntime()
-    forwards = [PerImageFp8Forward(m[1], f"q{i}", FP8, runtime) for i, m in enumerate(mods)]
-    for forward in forwards:
-        forward.module.forward = forward.bound_to(forward.module)
-    batch = BatchedModulation(forwards)
-    batch.write(torch.device("cpu"), torch.float32, lambda f: f.prepare_fp8(f.module.weight, keep_addresses=True))
+    batch = _batch_over([m[1] for m in mods], torch.float32)
     temb = torch.randn(2, 64)
     for m in mods:
         _close(_qwen_modulation_parameters(m, temb), m(temb))
-    start, stop = forwards[1].batch_columns
-    assert torch.equal(_qwen_modulation_parameters(mods[1], temb), runtime.modulation_product[1][:, start:stop])
+    start, stop = batch.forwards[1].batch_columns
+    assert torch.equal(_qwen_modulation_parameters(mods[1], temb), batch.runtime.modulation_product[1][:, start:stop])
 
 
 def test_compiled_the_modulations_of_a_call_are_one_product_without_graph_breaks():
