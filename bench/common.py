@@ -226,6 +226,29 @@ def kernel_names(fn) -> list:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+def kernel_means(fn, calls: int) -> tuple:
+    """({kernel name, 90 characters: mean device us per call}, device span per call in us) over
+    `calls` back-to-back calls of `fn` (CUPTI through torch.profiler, after three warm-up calls)."""
+    import collections
+    import torch
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    totals = collections.defaultdict(float)
+    starts, ends = [], []
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name[:90]] += event.time_range.elapsed_us()
+            starts.append(event.time_range.start)
+            ends.append(event.time_range.end)
+    span = (max(ends) - min(starts)) / calls if starts else 0.0
+    return {name: us / calls for name, us in totals.items()}, span
+
+
 def write_markdown(out_dir: str | None, stem: str, text: str) -> None:
     """`text` as <out_dir>/<stem>.md when out_dir is given (benchmarks whose result is one table)."""
     if out_dir:

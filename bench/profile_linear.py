@@ -14,7 +14,6 @@ Usage: python bench/profile_linear.py [--out DIR] [--rank 32] [--shapes 0,2]
   `ncu --profile-from-start off --clock-control none` to wrap; bench/run_device.sh ncu does).
 """
 import argparse
-import collections
 import datetime
 import pathlib
 import sys
@@ -24,7 +23,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import eager_us, git_commit, graph_us  # noqa: E402
+from common import eager_us, git_commit, graph_us, kernel_means  # noqa: E402
 from standalone import load_pack  # noqa: E402
 
 load_pack()
@@ -33,29 +32,10 @@ from rt_lynx_pack.kernels.sm90 import low_rank_fusion  # noqa: E402
 
 SHAPES = [("flux double img qkv", 4096, 3072, 9216), ("flux double img mlp down", 4096, 12288, 3072),
           ("flux single linear1", 4608, 3072, 21504), ("flux single linear2", 4608, 15360, 3072),
-          ("qwen img mlp down", 8192, 12288, 3072)]
+          ("qwen img mlp down", 8192, 12288, 3072), ("flux double img proj", 4096, 3072, 3072),
+          ("flux double txt qkv", 512, 3072, 9216)]
 CALLS = 20
 INPUT_SETS = 3
-
-
-def kernel_means(fn, calls=CALLS):
-    """({short kernel name: mean device us per call}, device span per call in us)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    totals = collections.defaultdict(float)
-    starts, ends = [], []
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name[:90]] += event.time_range.elapsed_us()
-            starts.append(event.time_range.start)
-            ends.append(event.time_range.end)
-    span = (max(ends) - min(starts)) / calls if starts else 0.0
-    return {name: us / calls for name, us in totals.items()}, span
 
 
 def main():
@@ -65,6 +45,8 @@ def main():
     parser.add_argument("--shapes", default="", help="indices into SHAPES (default: all)")
     parser.add_argument("--single-calls", action="store_true")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
     lines = [f"# Lynx linear, kernel by kernel, {torch.cuda.get_device_name()}, {datetime.date.today()}", "",
              f"torch {torch.__version__}, commit {git_commit()}. Mean device us per call over {CALLS} calls "
@@ -117,7 +99,7 @@ def main():
         lines += [f"## {layer} {m}x{k}x{n} (config {sm90.config_info(torch.bfloat16)[config][5]})", "",
                   "| case | kernel | us/call |", "|---|---|---|"]
         for case, fn in cases.items():
-            means, span = kernel_means(fn)
+            means, span = kernel_means(fn, CALLS)
             for name, us in sorted(means.items(), key=lambda item: -item[1]):
                 lines.append(f"| {case} | `{name}` | {us:.1f} |")
             lines.append(f"| {case} | **sum** / span / graph / eager | **{sum(means.values()):.1f}** / {span:.1f} / "
