@@ -79,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=7, help="timed forwards per measurement")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="eager: rounds in which dense and Lynx take turns")
+    p.add_argument("--compile-rounds", type=int, default=1,
+                   help="compiled: rounds in which dense and Lynx take turns, each turn compiling its side again "
+                        "(about a minute a turn for FLUX 1024²); 2 or more when the two sides' GPU state may differ")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="RT-Lynx Sparsify Model precision")
     p.add_argument("--weights", default="bf16", choices=["bf16", "fp8_e4m3fn"],
                    help="stored weight dtype (UNETLoader's weight_dtype); fp8 weights compute in bf16 (ComfyUI casts)")
@@ -514,9 +517,10 @@ def run_model(arch, args, dev, rows, samples, notes, save):
             m == "eager" or not args.no_compile and resolution in args.compile_resolutions)]
         for mode in modes:
             result = {"model": arch, "resolution": resolution, "batch": BATCH[arch], "mode": mode}
-            # Eager: the sides take turns over several rounds (dense, Lynx, Lynx, dense, ...), so a
-            # clock drift during the run shifts both alike. Compiled: one round (a switch recompiles).
-            rounds = args.rounds if mode == "eager" else 1
+            # The sides take turns over several rounds (dense, Lynx, Lynx, dense, ...), so a clock drift
+            # during the run shifts both alike. Compiled: --compile-rounds (default one; each turn
+            # compiles its side again, since the two share the module).
+            rounds = args.rounds if mode == "eager" else args.compile_rounds
             order = (("dense", dense), ("lynx", lynx)) + (tuple(attribution.items()) if mode == "eager" else ())
             outputs, all_times = {}, {side: [] for side, _ in order}
             for round_index in range(rounds):
@@ -526,8 +530,8 @@ def run_model(arch, args, dev, rows, samples, notes, save):
                         torch._dynamo.reset()  # dense and Lynx share the module: compile each from scratch
                         set_torch_compile_wrapper(patcher, backend=args.compile_backend, mode=args.compile_mode)
                     counts_before = compile_counts()
-                    median, times, first, first_peak, peak, out, profiled = time_steps(patcher, arch, resolution, dev,
-                                                                                       dtype, args)
+                    median, times, first, first_peak, peak, out, profiled = time_steps(
+                        patcher, arch, resolution, dev, dtype, args, profile=round_index == 0)
                     all_times[side] += times
                     if mode == "compile" and round_index == 0:
                         graphs, skips = (after - before for after, before in zip(compile_counts(), counts_before))
@@ -719,7 +723,8 @@ def markdown(meta, rows, samples, notes, calibrations=()):
                          f"{c['lynx_ms']:.2f} | {c['lynx_lora_ms']:.2f} | {c['lynx_lora_ms'] / c['lynx_ms'] - 1:+.1%} | "
                          f"{c['lynx_lora_peak_gb']:.2f} |")
     lines += ["", "ms/step: median of synchronised BaseModel.apply_model calls (first calls, incl. compilation, "
-              "excluded); eager: over rounds in which dense and Lynx take turns (column rounds in the JSON). "
+              "excluded); eager, and compiled with --compile-rounds above 1: over rounds in which dense and Lynx take "
+              "turns, a compiled side compiled again at each turn (column rounds in the JSON). "
               "Peak: torch.cuda.max_memory_allocated during those calls, weights included; warm-up peak: "
               "the same over the first calls (one-time kernel config search, compilation)."]
     if profiled:
