@@ -129,6 +129,8 @@ def parse_args(argv=None):
         p.error(f"--lynx-switches takes {', '.join(KERNEL_SWITCHES)}, not {','.join(args.lynx_switches)}")
     if not args.modes or set(args.modes) - {"eager", "compile"}:
         p.error(f"--modes takes eager and/or compile, not {','.join(args.modes) or 'nothing'}")
+    if args.rounds < 1 or args.compile_rounds < 1:
+        p.error("--rounds and --compile-rounds take 1 or more")
     if args.lynx_switches and args.compile_mode == "reduce-overhead" and "compile" in args.modes:
         # A replayed CUDA graph keeps the launches it recorded: a switch turned later changes nothing.
         p.error("--lynx-switches cannot time switches under --compile-mode reduce-overhead (the CUDA graphs keep "
@@ -533,11 +535,13 @@ def run_model(arch, args, dev, rows, samples, notes, save):
                     median, times, first, first_peak, peak, out, profiled = time_steps(
                         patcher, arch, resolution, dev, dtype, args, profile=round_index == 0)
                     all_times[side] += times
-                    if mode == "compile" and round_index == 0:
+                    if mode == "compile":   # every round compiles its side again: each round's counts
                         graphs, skips = (after - before for after, before in zip(compile_counts(), counts_before))
-                        result.update({f"{side}_compiled_graphs": graphs, f"{side}_cudagraph_skips": skips})
-                        log(f"[{arch} {resolution}px compile {side}] {graphs} graph(s) compiled, "
-                            f"{skips} of them not captured as CUDA graphs")
+                        if round_index == 0:
+                            result.update({f"{side}_compiled_graphs": graphs, f"{side}_cudagraph_skips": skips})
+                        result.setdefault(f"{side}_compiled_graphs_per_round", []).append(graphs)
+                        log(f"[{arch} {resolution}px compile {side} round {round_index + 1}] {graphs} graph(s) "
+                            f"compiled, {skips} of them not captured as CUDA graphs")
                     if side == "lynx" and args.lynx_switches and dev.cuda:
                         switched, times_off = time_switched(patcher, arch, resolution, dev, dtype, args, out)
                         for name, (times_on, diff) in switched.items():
@@ -664,7 +668,10 @@ def markdown(meta, rows, samples, notes, calibrations=()):
         lines += [""] + [f"Compiled ({r['model']} {r['resolution']}): graphs dense {r['dense_compiled_graphs']} / "
                          f"Lynx {r['lynx_compiled_graphs']} (more than one: a graph break or a recompilation), of "
                          f"them not captured as CUDA graphs dense {r['dense_cudagraph_skips']} / Lynx "
-                         f"{r['lynx_cudagraph_skips']}." for r in counted]
+                         f"{r['lynx_cudagraph_skips']} (first round)"
+                         + (f"; graphs per round dense {r['dense_compiled_graphs_per_round']} / Lynx "
+                            f"{r['lynx_compiled_graphs_per_round']}" if r.get("rounds", 1) > 1 else "") + "."
+                         for r in counted]
     attributed = [r for r in rows if "fused_ms" in r]
     if attributed:
         lines += ["", "| where the speed-up comes from | res | mode | dense | fused blocks, dense GEMMs | "

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: build, GPU tests, kernel benchmarks; results to $OUT.
-# Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|producer|profile|ncu|passes|ncu-passes|rope], or stages joined by commas
+# Usage: bash bench/run_device.sh [all|test|bench|fp8|lora|producer|profile|ncu|passes|ncu-passes|context|rope], or stages joined by commas
 #   (test,bench,fp8) to run several after one set-up   (OUT defaults to ./device-out)
 #   test: tests/gpu (the sm90 tests first; TEST_PATHS=tests/gpu for plain file order); bench: bench/kernels.py $BENCH_ARGS; fp8: bench/kernels.py --fp8;
 #   lora: bench/lora_branch.py; producer: bench/producer_fusion.py, bf16 (+ LoRA r32) and fp8; profile:
 #   bench/profile_linear.py (kernel by kernel); ncu: Nsight Compute on the dense and sparse GEMM of one
 #   shape ($NCU_SHAPES); passes: bench/passes.py (the elementwise passes against their memory floor);
-#   ncu-passes: Nsight Compute on those passes; rope: bench/rope_table.py (ComfyUI's RoPE table against the
+#   ncu-passes: Nsight Compute on those passes; context: bench/pass_context.py (the linear2 input pass alone and
+#   after its block's kernels); rope: bench/rope_table.py (ComfyUI's RoPE table against the
 #   pack's op; needs .comfyui); all: test, bench, fp8, lora and producer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +70,10 @@ if runs ncu; then
 fi
 if runs passes; then
   timeout "${BENCH_TIMEOUT:-240}" python3 bench/passes.py --out "$OUT" 2>&1 | tee "$OUT/bench-passes.log"
+  record "${PIPESTATUS[0]}"
+fi
+if runs context; then
+  timeout "${BENCH_TIMEOUT:-240}" python3 bench/pass_context.py --out "$OUT" 2>&1 | tee "$OUT/bench-context.log"
   record "${PIPESTATUS[0]}"
 fi
 if runs rope; then
