@@ -47,14 +47,15 @@ run_ncu() {
   timeout "${BENCH_TIMEOUT:-240}" ncu --clock-control none --profile-from-start off --launch-count "${NCU_LAUNCHES:-4}" \
     --kernel-name "$kernels" --section SpeedOfLight \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
-    --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats --section InstructionStats \
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" --csv --page details \
     "$@" > "$OUT/$name.csv" 2> "$OUT/$name.log"
   record $?
   python3 - "$OUT/$name.csv" <<'PY'
 import csv, re, sys
 wanted = re.compile(r"Duration|SM Frequency|Throughput|Shared|Tensor|Max Bandwidth|Mem Pipes|Issue Slots|Executed Ipc|"
-                    r"Bank|Stall|stalled|Warp Cycles|Eligible|Active Warps|Occupancy|Registers|Grid Size|Block Size|Issued Warp")
+                    r"Bank|Stall|stalled|Warp Cycles|Eligible|Active Warps|Occupancy|Registers|Grid Size|Block Size|Issued Warp|"
+                    r"Executed Instructions|Issued Instructions")
 lines = [line for line in open(sys.argv[1]) if line.startswith('"')]
 for row in csv.DictReader(lines):
     if wanted.search(row.get("Metric Name", "")):
