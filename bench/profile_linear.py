@@ -23,7 +23,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import eager_us, git_commit, graph_us, kernel_means  # noqa: E402
+from common import eager_us, git_commit, graph_us, kernel_means, write_markdown  # noqa: E402
 from standalone import load_pack  # noqa: E402
 
 load_pack()
@@ -109,12 +109,9 @@ def main():
     if args.single_calls:
         return 0
     text = "\n".join(lines) + "\n"
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"profile-linear-{datetime.date.today()}-{torch.cuda.get_device_name().replace(' ', '_')}.md"
-    path.write_text(text)
     print(text)
-    print(f"wrote {path}")
+    write_markdown(args.out, f"profile-linear-{datetime.date.today()}-{torch.cuda.get_device_name().replace(' ', '_')}",
+                   text)
     return 0
 
 
