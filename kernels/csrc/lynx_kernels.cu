@@ -494,18 +494,25 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* smem) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+__device__ __forceinline__ uint32_t shared_address(const void* smem) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+}
+
+// address: in the shared window (shared_address), so that a constant offset folds into the instruction.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
 }
 
 // 16 bytes global -> shared, bypassing L1; zero-filled when !valid (rows past M, columns past K,
-// rank rows past the rank).
-__device__ __forceinline__ void cp_async_16(uint16_t* smem, const uint16_t* global, bool valid) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+// rank rows past the rank). A copy of 0 source bytes reads nothing, so `global` may then point
+// past the tensor (CUTLASS's cp_async_zfill relies on the same).
+__device__ __forceinline__ void cp_async_16(uint32_t address, const uint16_t* global, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_16(uint16_t* smem, const uint16_t* global, bool valid) {
+  cp_async_16(shared_address(smem), global, valid);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>  // "memory": the compiler must not move reads of the landed bytes above the wait
@@ -572,66 +579,101 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
   const int64_t slice = blockIdx.y;
   const int64_t first_col = slice * tiles_per_slice * kFusedTileK;
   const int64_t tiles = min(tiles_per_slice, (cols - first_col + kFusedTileK - 1) / kFusedTileK);
-  // This thread's copies: tile rows copy_row + kFusedRowsPerCopy * i, 8 columns at copy_col.
+  // This thread's copies: tile rows copy_row + kFusedRowsPerCopy * i, 8 columns at copy_col. Which
+  // of them are real rows (not past M, not past the rank) is the same for every tile: a bit each.
   const int copy_row = int(threadIdx.x) / kFusedPieces;
   const int copy_col = (int(threadIdx.x) % kFusedPieces) * 8;
-  const uint16_t* x_source = x + (block_row + copy_row) * ld_x + first_col + copy_col;
-  const uint16_t* down_source = down + int64_t(copy_row) * cols + first_col + copy_col;
-  const int64_t x_rows_left = rows - block_row - copy_row;   // copy i is a real row if 8i < this
-  const int64_t down_rows_left = rank - copy_row;
-  auto load_tile = [&](int64_t tile) {
-    uint16_t* stage = stages + (tile % kFusedStages) * kStage + copy_row * kFusedPitch + copy_col;
-    const int64_t offset = tile * kFusedTileK;
-    const bool col_ok = first_col + offset + copy_col < cols;
+  const int64_t x_copy_step = kFusedRowsPerCopy * ld_x, down_copy_step = kFusedRowsPerCopy * cols;
+  uint32_t x_rows_real = 0, down_rows_real = 0;
 #pragma unroll
-    for (int i = 0; i < kXCopies; ++i) {
-      const bool valid = col_ok && kFusedRowsPerCopy * i < x_rows_left;
-      cp_async_16(stage + i * kFusedRowsPerCopy * kFusedPitch,
-                  valid ? x_source + i * kFusedRowsPerCopy * ld_x + offset : x, valid);
-    }
+  for (int i = 0; i < kXCopies; ++i) x_rows_real |= uint32_t(kFusedRowsPerCopy * i < rows - block_row - copy_row) << i;
 #pragma unroll
-    for (int i = 0; i < kDownCopies; ++i) {
-      const bool valid = col_ok && kFusedRowsPerCopy * i < down_rows_left;
-      cp_async_16(stage + (kFusedRows + i * kFusedRowsPerCopy) * kFusedPitch,
-                  valid ? down_source + i * kFusedRowsPerCopy * cols + offset : down, valid);
+  for (int i = 0; i < kDownCopies; ++i) down_rows_real |= uint32_t(kFusedRowsPerCopy * i < rank - copy_row) << i;
+  asm("" : "+r"(x_rows_real), "+r"(down_rows_real));  // kept in registers, not recomputed at every tile
+  const int64_t x_rows_left = rows - block_row - copy_row;  // for the prologue
+  // 32-bit shared addresses: this thread's copy target and ldmatrix rows in stage 0.
+  const uint32_t stages_address = shared_address(stages);
+  const uint32_t copy_address = stages_address + 2 * (copy_row * kFusedPitch + copy_col);
+  constexpr uint32_t kStageBytes = 2 * kStage;
+  // Tiles are loaded in order: the next one's sources and column move on by a tile at each load.
+  const uint16_t* x_next = x + (block_row + copy_row) * ld_x + first_col + copy_col;
+  const uint16_t* down_next = down + int64_t(copy_row) * cols + first_col + copy_col;
+  int64_t next_col = first_col + copy_col;
+  auto load_tile = [&](int tile) {
+    const uint32_t stage = copy_address + (tile % kFusedStages) * kStageBytes;
+    const bool col_ok = next_col < cols;
+    const uint32_t x_real = col_ok ? x_rows_real : 0u, down_real = col_ok ? down_rows_real : 0u;
+    const uint16_t* source = x_next;
+#pragma unroll
+    for (int i = 0; i < kXCopies; ++i, source += x_copy_step) {
+      cp_async_16(stage + 2 * i * kFusedRowsPerCopy * kFusedPitch, source, (x_real >> i) & 1u);
     }
+    source = down_next;
+#pragma unroll
+    for (int i = 0; i < kDownCopies; ++i, source += down_copy_step) {
+      cp_async_16(stage + 2 * (kFusedRows + i * kFusedRowsPerCopy) * kFusedPitch, source, (down_real >> i) & 1u);
+    }
+    x_next += kFusedTileK;
+    down_next += kFusedTileK;
+    next_col += kFusedTileK;
   };
 
-  // Selection: row pairs pair0 + 2p (p = 0, 1), columns [16 piece, + 16) of each tile.
+  // Selection: row pairs pair0 + 2p (p = 0, 1), columns [16 piece, + 16) of each tile. The stores of
+  // a pair move by a fixed step a tile: 256 columns are 128 values and, since 256 is a whole number
+  // of metadata atoms, 32 * padded_rows metadata bytes.
   const int piece = lane % 16;
   const int pair0 = warp * 4 + (lane / 16) * 2;
   int local[2][2];
+  uint16_t* pair_values[2];
+  uint8_t* pair_meta[2];
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
     local[p][0] = ((pair0 + p) / 8) * 16 + (pair0 + p) % 8;
     local[p][1] = local[p][0] + 8;
+    const int64_t r0 = block_row + local[p][0], col0 = first_col + piece * 16;
+    pair_values[p] = values + r0 * ld_values + col0 / 2;
+    pair_meta[p] = meta + sm90_metadata_byte_16bit(r0, col0, padded_rows, kCutlassBlockK);
   }
+  const int64_t meta_tile_step = 32 * padded_rows;
+  static_assert(kFusedTileK % kCutlassBlockK == 0, "a tile is whole metadata atoms");
   // MMA: rows [16 m_tile, + 16), rank tiles 2 n_half and 2 n_half + 1.
   const int m_tile = warp % 4;
   const int n_half = warp / 4;
   const bool runs_mma = 2 * n_half < kRankTiles;  // warp-uniform
+  const uint32_t a_address = stages_address + 2 * ((m_tile * 16 + lane % 16) * kFusedPitch + (lane / 16) * 8);
+  // b[0], b[1]: rank tile 2 n_half (columns k..k+7, k+8..k+15); b[2], b[3]: the next tile.
+  const uint32_t b_address =
+      stages_address + 2 * ((kFusedRows + n_half * 16 + (lane / 16) * 8 + lane % 8) * kFusedPitch + ((lane / 8) % 2) * 8);
 
   float dense[2][2] = {}, kept[2][2] = {};
   float acc[2][4] = {};
+  auto mma_step = [&](uint32_t stage, int k) {
+    uint32_t a[4], b[4];
+    ldmatrix_x4(a, a_address + stage + 2 * k);
+    ldmatrix_x4(b, b_address + stage + 2 * k);
+    mma_16816<kBf16>(acc[0], a, b[0], b[1]);
+    mma_16816<kBf16>(acc[1], a, b[2], b[3]);
+  };
+  const int tile_count = static_cast<int>(tiles);
 #pragma unroll
   for (int s = 0; s < kFusedStages - 1; ++s) {
-    if (s < tiles) load_tile(s);
+    if (s < tile_count) load_tile(s);
     cp_async_commit();
   }
-  for (int64_t tile = 0; tile < tiles; ++tile) {
+  for (int tile = 0; tile < tile_count; ++tile) {
     cp_async_wait<kFusedStages - 2>();
     prologue_on_tile<kBf16, kPrologue>(stages + (tile % kFusedStages) * kStage + copy_row * kFusedPitch + copy_col,
                                        block_row + copy_row, x_rows_left,
                                        first_col + tile * kFusedTileK + copy_col < cols,
                                        first_col + tile * kFusedTileK + copy_col, cols, mod, row_stats);
     __syncthreads();  // this tile is in (and prepared); every thread is done with the stage refilled next
-    if (tile + kFusedStages - 1 < tiles) load_tile(tile + kFusedStages - 1);
+    if (tile + kFusedStages - 1 < tile_count) load_tile(tile + kFusedStages - 1);
     cp_async_commit();
     const uint16_t* x_tile = stages + (tile % kFusedStages) * kStage;
-    const uint16_t* down_tile = x_tile + kFusedRows * kFusedPitch;
-    const int64_t tile_col = first_col + tile * kFusedTileK;
-    const int64_t col = tile_col + piece * 16;
-    if (col < cols) {
+    const int64_t tile_col = first_col + int64_t(tile) * kFusedTileK;
+    // Columns of this tile inside K: cols is a multiple of 64, so whole 16-column steps.
+    const int tile_cols = static_cast<int>(min(int64_t(kFusedTileK), cols - tile_col));
+    if (piece * 16 < tile_cols) {
 #pragma unroll
       for (int p = 0; p < 2; ++p) {
         const uint4* row0 = reinterpret_cast<const uint4*>(x_tile + local[p][0] * kFusedPitch + piece * 16);
@@ -640,25 +682,20 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
         uint4 kept_row0, kept_row1;
         const uint32_t codes0 = select_16<kBf16>(in0, kept_row0, dense[p][0], kept[p][0]);
         const uint32_t codes1 = select_16<kBf16>(in1, kept_row1, dense[p][1], kept[p][1]);
-        const int64_t r0 = block_row + local[p][0];
-        *reinterpret_cast<uint4*>(values + r0 * ld_values + col / 2) = kept_row0;
-        *reinterpret_cast<uint4*>(values + (r0 + 8) * ld_values + col / 2) = kept_row1;
+        uint16_t* tile_values = pair_values[p] + tile * (kFusedTileK / 2);
+        *reinterpret_cast<uint4*>(tile_values) = kept_row0;
+        *reinterpret_cast<uint4*>(tile_values + 8 * ld_values) = kept_row1;
         // Columns col..col + 15 of rows r0 and r0 + 8 are four neighbouring metadata bytes.
-        *reinterpret_cast<uint32_t*>(meta + sm90_metadata_byte_16bit(r0, col, padded_rows, kCutlassBlockK)) =
-            (codes0 & 0xffffu) | (codes1 << 16);
+        *reinterpret_cast<uint32_t*>(pair_meta[p] + tile * meta_tile_step) = (codes0 & 0xffffu) | (codes1 << 16);
       }
     }
     if (runs_mma) {
-#pragma unroll 4
-      for (int k = 0; k < kFusedTileK; k += 16) {
-        if (tile_col + k >= cols) break;  // warp-uniform; cols is a multiple of 64
-        uint32_t a[4], b[4];
-        ldmatrix_x4(a, x_tile + (m_tile * 16 + lane % 16) * kFusedPitch + k + (lane / 16) * 8);
-        // b[0], b[1]: rank tile 2 n_half (columns k..k+7, k+8..k+15); b[2], b[3]: the next tile.
-        ldmatrix_x4(b, down_tile + (n_half * 16 + (lane / 16) * 8 + lane % 8) * kFusedPitch + k +
-                           ((lane / 8) % 2) * 8);
-        mma_16816<kBf16>(acc[0], a, b[0], b[1]);
-        mma_16816<kBf16>(acc[1], a, b[2], b[3]);
+      const uint32_t stage = (tile % kFusedStages) * kStageBytes;
+      if (tile_cols == kFusedTileK) {
+#pragma unroll
+        for (int k = 0; k < kFusedTileK; k += 16) mma_step(stage, k);
+      } else {
+        for (int k = 0; k < tile_cols; k += 16) mma_step(stage, k);
       }
     }
   }
