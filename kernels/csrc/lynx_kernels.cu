@@ -358,8 +358,8 @@ __device__ __forceinline__ uint4 modulate_8(const uint4& x, const uint4& shift, 
 // rounded to the 16-bit type (set_fast_gelu). Exact: in fp32 in the order torch's CUDA kernel
 // computes it, with tanhf: torch's result bit for bit. Fast: the same function as x / (1 +
 // exp(-2u)), with -2u log2(e) = x (c1 + c2 x^2) (the constants folded: five fp32 operations and
-// two special-function ones a value, three fewer than computing u first; on every bf16 input the
-// same bf16 result, and on two fp16 inputs one ulp apart, in an fp32 emulation), on ex2.approx
+// two special-function ones a value, three fewer than computing u first; against that, in an fp32
+// emulation, the same bf16 result on every bf16 input and one ulp apart on two fp16 inputs), on ex2.approx
 // and a fast division, no cancellation: a few fp32 ulps from the true
 // value, so within a 16-bit ulp of torch's, except in the negative tail (x < about -3), where
 // torch's 1 + tanh(u) cancels and its result is off by up to |x| 2^-23 (-0 below about -5.6, where
@@ -685,7 +685,7 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
         uint16_t* tile_values = pair_values[p] + tile * (kFusedTileK / 2);
         *reinterpret_cast<uint4*>(tile_values) = kept_row0;
         *reinterpret_cast<uint4*>(tile_values + 8 * ld_values) = kept_row1;
-        // Columns col..col + 15 of rows r0 and r0 + 8 are four neighbouring metadata bytes.
+        // Columns 16 piece .. + 15 of the pair's two rows are four neighbouring metadata bytes.
         *reinterpret_cast<uint32_t*>(pair_meta[p] + tile * meta_tile_step) = (codes0 & 0xffffu) | (codes1 << 16);
       }
     }
