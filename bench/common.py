@@ -11,6 +11,25 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 INPUT_SETS = 3  # activations the timed calls rotate through, so they do not just re-read L2
 
+# (model, layer, M, K, N). FLUX.1-dev 1024x1024: 4096 image + 512 text tokens, single blocks
+# 4608. Qwen-Image 1024x1024 with CFG batch 2: 8192 image tokens; text assumed 256 tokens x 2 =
+# 512, whose shapes equal the FLUX text rows below.
+LINEAR_SHAPES = [
+    ("flux", "double img qkv", 4096, 3072, 9216),
+    ("flux", "double img proj", 4096, 3072, 3072),
+    ("flux", "double img mlp up", 4096, 3072, 12288),
+    ("flux", "double img mlp down", 4096, 12288, 3072),
+    ("flux", "double txt qkv", 512, 3072, 9216),
+    ("flux", "double txt proj", 512, 3072, 3072),
+    ("flux", "double txt mlp up", 512, 3072, 12288),
+    ("flux", "double txt mlp down", 512, 12288, 3072),
+    ("flux", "single linear1", 4608, 3072, 21504),
+    ("flux", "single linear2", 4608, 15360, 3072),
+    ("qwen", "img attn q/k/v/out", 8192, 3072, 3072),
+    ("qwen", "img mlp up", 8192, 3072, 12288),
+    ("qwen", "img mlp down", 8192, 12288, 3072),
+]
+
 
 def rotating(tensors):
     """A function returning the next of `tensors` on each call, round and round."""

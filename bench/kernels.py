@@ -57,8 +57,8 @@ sys.path.insert(0, str(ROOT))
 from standalone import load_pack  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from common import (INPUT_SETS, eager_us, git_commit, graph_us, interleaved_eager_us,  # noqa: E402
-                    interleaved_kernel_us, rotating, write_results)
+from common import (INPUT_SETS, LINEAR_SHAPES as SHAPES, eager_us, git_commit, graph_us,  # noqa: E402
+                    interleaved_eager_us, interleaved_kernel_us, rotating, write_results)
 
 load_pack()
 from rt_lynx_pack.kernels import cusparselt  # noqa: E402
@@ -68,24 +68,6 @@ from rt_lynx_pack.kernels import sm90  # noqa: E402
 from rt_lynx_pack.kernels.reference import (dense_linear_fp8_reference, quantize_weight_fp8,  # noqa: E402
                                             sparse_linear_fp8_reference, sparse_linear_reference)
 
-# (model, layer, M, K, N). FLUX.1-dev 1024x1024: 4096 image + 512 text tokens, single blocks
-# 4608. Qwen-Image 1024x1024 with CFG batch 2: 8192 image tokens; text assumed 256 tokens x 2 =
-# 512, whose shapes equal the FLUX text rows below.
-SHAPES = [
-    ("flux", "double img qkv", 4096, 3072, 9216),
-    ("flux", "double img proj", 4096, 3072, 3072),
-    ("flux", "double img mlp up", 4096, 3072, 12288),
-    ("flux", "double img mlp down", 4096, 12288, 3072),
-    ("flux", "double txt qkv", 512, 3072, 9216),
-    ("flux", "double txt proj", 512, 3072, 3072),
-    ("flux", "double txt mlp up", 512, 3072, 12288),
-    ("flux", "double txt mlp down", 512, 12288, 3072),
-    ("flux", "single linear1", 4608, 3072, 21504),
-    ("flux", "single linear2", 4608, 15360, 3072),
-    ("qwen", "img attn q/k/v/out", 8192, 3072, 3072),
-    ("qwen", "img mlp up", 8192, 3072, 12288),
-    ("qwen", "img mlp down", 8192, 12288, 3072),
-]
 
 
 def copy_bandwidth_tbs():

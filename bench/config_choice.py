@@ -1,0 +1,153 @@
+"""Which sm90 GEMM config the tuner picks, against which config is fastest where the GEMM runs in
+a model. Per shape (FLUX.1-dev / Qwen-Image at 1024², bf16 and e4m3), configs timed in turns:
+  tuner     the pick and the candidate times of the tuner (sm90.plan_info: tuned on the first
+            call's data, as in use)
+  warm      CUDA-graph replays of one GEMM on the same input and weight (bench/kernels.py's
+            per-config table): the weight partly stays in the L2 between calls
+  in model  a CUDA graph of one GEMM per weight over distinct weights holding more bytes than
+            twice the L2, on one compressed input (it stays in the L2 after the first, as a
+            layer's input just written by its sparsify pass does): each weight comes from memory,
+            as each layer's does in a model step
+  scrubbed  one GEMM after a memset of twice the L2 (input and weight from memory), device events
+            around the GEMM only: what a tuner can measure with the one weight it has
+Prints per shape the config each setting finds fastest and what the tuner's pick loses in the
+model setting. Results go to bench/results/config-choice-<date>-<gpu>.md.
+"""
+import argparse
+import datetime
+import pathlib
+import statistics
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import LINEAR_SHAPES, git_commit, interleaved_kernel_us  # noqa: E402
+from standalone import load_pack  # noqa: E402
+
+CALLS, REPEATS = 10, 5
+SCRUB_REPEATS = 9
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--elements", default="e4m3,bf16", help="comma-separated: e4m3, bf16")
+    parser.add_argument("--suffix", default="", help="appended to the results file name")
+    args = parser.parse_args()
+    import torch
+    load_pack()
+    from rt_lynx_pack.kernels import sm90
+    from rt_lynx_pack.kernels.reference import quantize_weight_fp8
+
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    scratch = torch.empty(2 * l2_bytes, dtype=torch.uint8, device="cuda")
+    rows = []
+    for element in args.elements.split(","):
+        e4m3 = element == "e4m3"
+        for model, layer, m, k, n in LINEAR_SHAPES:
+            g = torch.Generator(device="cuda").manual_seed(m + 3 * k + 7 * n)
+            x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+            bias = torch.randn(n, generator=g, device="cuda").to(torch.bfloat16)
+            weight_bytes = n * k * (1 if e4m3 else 2)
+            count = max(2, min(24, -(-2 * l2_bytes // weight_bytes)))
+            weights = []
+            for _ in range(count):
+                w = (torch.randn(n, k, generator=g, device="cuda") / k ** 0.5).to(torch.bfloat16)
+                weights.append(quantize_weight_fp8(w) if e4m3 else (w, None))
+                del w
+            first_w, first_scale = weights[0]
+            sm90.clear_plans()
+            if e4m3:
+                sm90.sparse_linear_fp8_sm90(x, first_w, first_scale, bias, True)
+            else:
+                sm90.sparse_linear_sm90(x, first_w, bias, True)
+            plan = next(p for p in sm90.plan_info() if p[:3] == (m, k, n) and p[6] == 0 and not p[7])
+            configs = sm90.config_info(first_w.dtype)
+            names = {index: name for *_, index, name in configs}
+            inputs = {block: torch.ops.rt_lynx.sparsify_sm90(x, block, e4m3, True) for _, _, _, block, _, _ in configs}
+
+            def gemm(index, block, w, w_scale):
+                compressed, scale = inputs[block]
+                return torch.ops.rt_lynx.sparse_mm_sm90(compressed, w, scale, w_scale, bias, m, index, torch.bfloat16)
+
+            warm, in_model = {}, {}
+            for _, _, _, block, index, name in configs:
+                try:
+                    gemm(index, block, first_w, first_scale)
+                except RuntimeError as exc:
+                    print(f"{layer} {element} {name}: {str(exc)[:120]}", flush=True)
+                    continue
+                warm[name] = lambda i=index, b=block: gemm(i, b, first_w, first_scale)
+                in_model[name] = lambda i=index, b=block: [gemm(i, b, w, s) for w, s in weights]
+            warm_us = interleaved_kernel_us(warm, CALLS, REPEATS)
+            model_us = {name: us / count for name, us in interleaved_kernel_us(in_model, 1, REPEATS).items()}
+            scrubbed = {name: [] for name in warm}
+            for _ in range(SCRUB_REPEATS):
+                for name, fn in warm.items():
+                    scratch.fill_(1)
+                    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    stop.record()
+                    stop.synchronize()
+                    scrubbed[name].append(start.elapsed_time(stop) * 1e3)
+            row = {"model": model, "layer": layer, "M": m, "K": k, "N": n, "element": element, "weights": count,
+                   "tuner_pick": names[plan[4]],
+                   "tuner_us": {names[i]: us for i, us in enumerate(plan[5])},
+                   "warm_us": warm_us, "model_us": model_us,
+                   "scrubbed_us": {name: statistics.median(v) for name, v in scrubbed.items()}}
+            rows.append(row)
+            print(row, flush=True)
+            del weights, inputs, warm, in_model
+            torch.cuda.empty_cache()
+
+    gpu = torch.cuda.get_device_name()
+    about = f"{datetime.date.today()}, {gpu}, torch {torch.__version__}, commit {git_commit()}"
+    text = markdown(rows, about)
+    print(text)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"config-choice-{datetime.date.today()}-{gpu.replace(' ', '_')}{args.suffix}.md").write_text(text)
+
+
+def fastest(times):
+    finite = {name: us for name, us in times.items() if us == us and us != float("inf")}
+    return min(finite, key=finite.get)
+
+
+def markdown(rows, about):
+    lines = [f"# sm90 GEMM config choice ({about})", "",
+             "Per shape: the tuner's pick; the fastest config when warm (one weight replayed), in the model setting "
+             "(distinct weights from memory, the input in the L2) and scrubbed (L2 overwritten before each timed "
+             "GEMM); the pick's time in the model setting against the fastest there. Times in us per GEMM.", "",
+             "| element | layer | M,K,N | tuner pick | fastest warm | fastest in model | fastest scrubbed | "
+             "pick in model | best in model | pick loses |",
+             "|" + "---|" * 10]
+    losses = {}
+    for r in rows:
+        model_us = r["model_us"]
+        best = fastest(model_us)
+        pick_us = model_us.get(r["tuner_pick"], float("nan"))
+        loss = pick_us / model_us[best] - 1
+        losses.setdefault(r["element"], []).append(loss)
+        lines.append(f"| {r['element']} | {r['model']} {r['layer']} | {r['M']},{r['K']},{r['N']} | {r['tuner_pick']} | "
+                     f"{fastest(r['warm_us'])} | {best} | {fastest(r['scrubbed_us'])} | {pick_us:.1f} | "
+                     f"{model_us[best]:.1f} | {loss:+.1%} |")
+    for element, values in losses.items():
+        lines.append(f"\n{element}: the tuner's pick is {statistics.mean(values):+.2%} slower on average than the "
+                     f"fastest config in the model setting (worst {max(values):+.1%}).")
+    lines += ["", "Every config, us per GEMM (tuner / warm / in model / scrubbed):", ""]
+    names = list(dict.fromkeys(name for r in rows for name in r["model_us"]))
+    lines += ["| element | layer | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
+    for r in rows:
+        cells = []
+        for name in names:
+            values = [r[key].get(name, float("nan")) for key in ("tuner_us", "warm_us", "model_us", "scrubbed_us")]
+            cells.append(" / ".join(f"{v:.1f}" for v in values))
+        lines.append(f"| {r['element']} | {r['model']} {r['layer']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
