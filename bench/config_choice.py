@@ -10,6 +10,9 @@ a model. Per shape (FLUX.1-dev / Qwen-Image at 1024², bf16 and e4m3), configs t
             as each layer's does in a model step
   scrubbed  one GEMM after a memset of twice the L2 (input and weight from memory), device events
             around the GEMM only: what a tuner can measure with the one weight it has
+and, in the model setting, in the same turns: bf16 F.linear over the same weights (the dense
+baseline) and the sparsify pass alone, so the table bounds the Lynx linear's speed-up over bf16
+with these kernels (pass + fastest GEMM; the linear runs the tuner's pick).
 Prints per shape the config each setting finds fastest and what the tuner's pick loses in the
 model setting. Results go to bench/results/config-choice-<date>-<gpu>.md.
 """
@@ -51,11 +54,11 @@ def main():
             bias = torch.randn(n, generator=g, device="cuda").to(torch.bfloat16)
             weight_bytes = n * k * (1 if e4m3 else 2)
             count = max(2, min(24, -(-2 * l2_bytes // weight_bytes)))
-            weights = []
+            dense_weights, weights = [], []
             for _ in range(count):
                 w = (torch.randn(n, k, generator=g, device="cuda") / k ** 0.5).to(torch.bfloat16)
+                dense_weights.append(w)
                 weights.append(quantize_weight_fp8(w) if e4m3 else (w, None))
-                del w
             first_w, first_scale = weights[0]
             sm90.clear_plans()
             if e4m3:
@@ -81,7 +84,14 @@ def main():
                 warm[name] = lambda i=index, b=block: gemm(i, b, first_w, first_scale)
                 in_model[name] = lambda i=index, b=block: [gemm(i, b, w, s) for w, s in weights]
             warm_us = interleaved_kernel_us(warm, CALLS, REPEATS)
-            model_us = {name: us / count for name, us in interleaved_kernel_us(in_model, 1, REPEATS).items()}
+            # The dense bf16 linear over the same weights and the pick's sparsify pass, in the same turns:
+            # what bounds the Lynx linear's speed-up with these kernels (pass + fastest GEMM).
+            pick_block = next(block for _, _, _, block, index, _ in configs if index == plan[4])
+            others = {"dense": lambda: [torch.nn.functional.linear(x, w, bias) for w in dense_weights],
+                      "pass": lambda: [torch.ops.rt_lynx.sparsify_sm90(x, pick_block, e4m3, True) for _ in weights]}
+            model_us = {name: us / count
+                        for name, us in interleaved_kernel_us({**in_model, **others}, 1, REPEATS).items()}
+            dense_us, pass_us = model_us.pop("dense"), model_us.pop("pass")
             scrubbed = {name: [] for name in warm}
             for _ in range(SCRUB_REPEATS):
                 for name, fn in warm.items():
@@ -93,13 +103,13 @@ def main():
                     stop.synchronize()
                     scrubbed[name].append(start.elapsed_time(stop) * 1e3)
             row = {"model": model, "layer": layer, "M": m, "K": k, "N": n, "element": element, "weights": count,
-                   "tuner_pick": names[plan[4]],
+                   "tuner_pick": names[plan[4]], "dense_us": dense_us, "pass_us": pass_us,
                    "tuner_us": {names[i]: us for i, us in enumerate(plan[5])},
                    "warm_us": warm_us, "model_us": model_us,
                    "scrubbed_us": {name: statistics.median(v) for name, v in scrubbed.items()}}
             rows.append(row)
             print(row, flush=True)
-            del weights, inputs, warm, in_model
+            del weights, dense_weights, inputs, warm, in_model, others
             torch.cuda.empty_cache()
 
     gpu = torch.cuda.get_device_name()
@@ -122,21 +132,29 @@ def markdown(rows, about):
              "(distinct weights from memory, the input in the L2) and scrubbed (L2 overwritten before each timed "
              "GEMM); the pick's time in the model setting against the fastest there. Times in us per GEMM.", "",
              "| element | layer | M,K,N | tuner pick | fastest warm | fastest in model | fastest scrubbed | "
-             "pick in model | best in model | pick loses |",
-             "|" + "---|" * 10]
-    losses = {}
+             "pick in model | best in model | pick loses | dense bf16 | pass | x dense, best GEMM | "
+             "x dense, pass + best GEMM |",
+             "|" + "---|" * 14]
+    losses, bounds = {}, {}
     for r in rows:
         model_us = r["model_us"]
         best = fastest(model_us)
         pick_us = model_us.get(r["tuner_pick"], float("nan"))
         loss = pick_us / model_us[best] - 1
         losses.setdefault(r["element"], []).append(loss)
+        gemm_x, linear_x = r["dense_us"] / model_us[best], r["dense_us"] / (r["pass_us"] + model_us[best])
+        bounds.setdefault((r["element"], r["model"]), []).append((gemm_x, linear_x))
         lines.append(f"| {r['element']} | {r['model']} {r['layer']} | {r['M']},{r['K']},{r['N']} | {r['tuner_pick']} | "
                      f"{fastest(r['warm_us'])} | {best} | {fastest(r['scrubbed_us'])} | {pick_us:.1f} | "
-                     f"{model_us[best]:.1f} | {loss:+.1%} |")
+                     f"{model_us[best]:.1f} | {loss:+.1%} | {r['dense_us']:.1f} | {r['pass_us']:.1f} | "
+                     f"x{gemm_x:.2f} | x{linear_x:.2f} |")
     for element, values in losses.items():
         lines.append(f"\n{element}: the tuner's pick is {statistics.mean(values):+.2%} slower on average than the "
                      f"fastest config in the model setting (worst {max(values):+.1%}).")
+    for (element, model), values in bounds.items():
+        lines.append(f"\n{element}, {model} shapes, mean over shapes in the model setting: bf16 F.linear / fastest GEMM "
+                     f"x{statistics.mean(v[0] for v in values):.2f}, bf16 F.linear / (the pass + fastest GEMM) "
+                     f"x{statistics.mean(v[1] for v in values):.2f}.")
     lines += ["", "Every config, us per GEMM (tuner / warm / in model / scrubbed):", ""]
     names = list(dict.fromkeys(name for r in rows for name in r["model_us"]))
     lines += ["| element | layer | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
