@@ -4,17 +4,16 @@ a model. Per shape (FLUX.1-dev / Qwen-Image at 1024², bf16 and e4m3), configs t
             call's data, as in use)
   warm      CUDA-graph replays of one GEMM on the same input and weight (bench/kernels.py's
             per-config table): the weight partly stays in the L2 between calls
-  in model  a CUDA graph of one GEMM per weight over distinct weights holding more bytes than
-            twice the L2, on one compressed input (it stays in the L2 after the first, as a
-            layer's input just written by its sparsify pass does): each weight comes from memory,
-            as each layer's does in a model step
-  scrubbed  one GEMM after a memset of twice the L2 (input and weight from memory), device events
-            around the GEMM only: what a tuner can measure with the one weight it has
-and, in the model setting, in the same turns: bf16 F.linear over the same weights (the dense
-baseline) and the sparsify pass alone, so the table bounds the Lynx linear's speed-up over bf16
-with these kernels (pass + fastest GEMM; the linear runs the tuner's pick).
-Prints per shape the config each setting finds fastest and what the tuner's pick loses in the
-model setting. Results go to bench/results/config-choice-<date>-<gpu>.md.
+  in model  a CUDA graph of one GEMM per weight over distinct weights holding at least twice the
+            L2, all on one compressed input (kept in the L2 where it fits, as a layer's input just
+            written by its sparsify pass is): each weight comes from memory, as each layer's does
+            in a model step
+and, in the model setting and the same turns, bf16 F.linear over the same weights (the dense
+baseline) and the sparsify pass alone (for the pick's metadata layout), which bound the Lynx
+linear's speed-up over bf16 with these kernels (pass + fastest GEMM). Prints per shape the config
+each setting finds fastest and what the tuner's pick loses in the model setting; means per model
+both over shapes and weighted by how often a FLUX.1-dev step runs each shape. Results go to
+bench/results/config-choice-<date>-<gpu>.md.
 """
 import argparse
 import datetime
@@ -29,24 +28,31 @@ from common import LINEAR_SHAPES, git_commit, interleaved_kernel_us  # noqa: E40
 from standalone import load_pack  # noqa: E402
 
 CALLS, REPEATS = 10, 5
-SCRUB_REPEATS = 9
+ELEMENTS = ("e4m3", "bf16")
+# How often a FLUX.1-dev step runs each shape among its sparsified linears: 19 double blocks with
+# four image and four text linears, 38 single blocks with linear1 (linear2 is kept dense).
+FLUX_STEP_COUNTS = {"double img qkv": 19, "double img proj": 19, "double img mlp up": 19, "double img mlp down": 19,
+                    "double txt qkv": 19, "double txt proj": 19, "double txt mlp up": 19, "double txt mlp down": 19,
+                    "single linear1": 38}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--elements", default="e4m3,bf16", help="comma-separated: e4m3, bf16")
+    parser.add_argument("--elements", default=",".join(ELEMENTS), help=f"comma-separated, of {ELEMENTS}")
     parser.add_argument("--suffix", default="", help="appended to the results file name")
     args = parser.parse_args()
+    elements = args.elements.split(",")
+    if not set(elements) <= set(ELEMENTS):
+        parser.error(f"--elements: choose from {ELEMENTS}")
     import torch
     load_pack()
     from rt_lynx_pack.kernels import sm90
     from rt_lynx_pack.kernels.reference import quantize_weight_fp8
 
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
-    scratch = torch.empty(2 * l2_bytes, dtype=torch.uint8, device="cuda")
     rows = []
-    for element in args.elements.split(","):
+    for element in elements:
         e4m3 = element == "e4m3"
         for model, layer, m, k, n in LINEAR_SHAPES:
             g = torch.Generator(device="cuda").manual_seed(m + 3 * k + 7 * n)
@@ -65,6 +71,7 @@ def main():
                 sm90.sparse_linear_fp8_sm90(x, first_w, first_scale, bias, True)
             else:
                 sm90.sparse_linear_sm90(x, first_w, bias, True)
+            # The only plan of this shape: the plans were cleared before the call.
             plan = next(p for p in sm90.plan_info() if p[:3] == (m, k, n) and p[6] == 0 and not p[7])
             configs = sm90.config_info(first_w.dtype)
             names = {index: name for *_, index, name in configs}
@@ -92,21 +99,10 @@ def main():
             model_us = {name: us / count
                         for name, us in interleaved_kernel_us({**in_model, **others}, 1, REPEATS).items()}
             dense_us, pass_us = model_us.pop("dense"), model_us.pop("pass")
-            scrubbed = {name: [] for name in warm}
-            for _ in range(SCRUB_REPEATS):
-                for name, fn in warm.items():
-                    scratch.fill_(1)
-                    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    stop.record()
-                    stop.synchronize()
-                    scrubbed[name].append(start.elapsed_time(stop) * 1e3)
             row = {"model": model, "layer": layer, "M": m, "K": k, "N": n, "element": element, "weights": count,
                    "tuner_pick": names[plan[4]], "dense_us": dense_us, "pass_us": pass_us,
                    "tuner_us": {names[i]: us for i, us in enumerate(plan[5])},
-                   "warm_us": warm_us, "model_us": model_us,
-                   "scrubbed_us": {name: statistics.median(v) for name, v in scrubbed.items()}}
+                   "warm_us": warm_us, "model_us": model_us}
             rows.append(row)
             print(row, flush=True)
             del weights, dense_weights, inputs, warm, in_model, others
@@ -128,44 +124,56 @@ def fastest(times):
 
 def markdown(rows, about):
     lines = [f"# sm90 GEMM config choice ({about})", "",
-             "Per shape: the tuner's pick; the fastest config when warm (one weight replayed), in the model setting "
-             "(distinct weights from memory, the input in the L2) and scrubbed (L2 overwritten before each timed "
-             "GEMM); the pick's time in the model setting against the fastest there. Times in us per GEMM.", "",
-             "| element | layer | M,K,N | tuner pick | fastest warm | fastest in model | fastest scrubbed | "
-             "pick in model | best in model | pick loses | dense bf16 | pass | x dense, best GEMM | "
-             "x dense, pass + best GEMM |",
-             "|" + "---|" * 14]
-    losses, bounds = {}, {}
+             "Per shape: the tuner's pick; the fastest config when warm (one weight replayed) and in the model "
+             "setting (distinct weights from memory, one input); the pick's time in the model setting against the "
+             "fastest there; bf16 F.linear over the same weights and the sparsify pass (for the pick's metadata "
+             "layout) in the same turns, and the speed-up over bf16 of the fastest GEMM alone and of the pass plus "
+             "it. Times in us per call.", "",
+             "| element | layer | M,K,N | tuner pick | fastest warm | fastest in model | pick in model | "
+             "best in model | pick loses | dense bf16 | pass | x dense, best GEMM | x dense, pass + best GEMM |",
+             "|" + "---|" * 13]
+    losses = {}
     for r in rows:
         model_us = r["model_us"]
         best = fastest(model_us)
         pick_us = model_us.get(r["tuner_pick"], float("nan"))
         loss = pick_us / model_us[best] - 1
         losses.setdefault(r["element"], []).append(loss)
-        gemm_x, linear_x = r["dense_us"] / model_us[best], r["dense_us"] / (r["pass_us"] + model_us[best])
-        bounds.setdefault((r["element"], r["model"]), []).append((gemm_x, linear_x))
         lines.append(f"| {r['element']} | {r['model']} {r['layer']} | {r['M']},{r['K']},{r['N']} | {r['tuner_pick']} | "
-                     f"{fastest(r['warm_us'])} | {best} | {fastest(r['scrubbed_us'])} | {pick_us:.1f} | "
-                     f"{model_us[best]:.1f} | {loss:+.1%} | {r['dense_us']:.1f} | {r['pass_us']:.1f} | "
-                     f"x{gemm_x:.2f} | x{linear_x:.2f} |")
+                     f"{fastest(r['warm_us'])} | {best} | {pick_us:.1f} | {model_us[best]:.1f} | {loss:+.1%} | "
+                     f"{r['dense_us']:.1f} | {r['pass_us']:.1f} | x{r['dense_us'] / model_us[best]:.2f} | "
+                     f"x{r['dense_us'] / (r['pass_us'] + model_us[best]):.2f} |")
     for element, values in losses.items():
         lines.append(f"\n{element}: the tuner's pick is {statistics.mean(values):+.2%} slower on average than the "
                      f"fastest config in the model setting (worst {max(values):+.1%}).")
-    for (element, model), values in bounds.items():
-        lines.append(f"\n{element}, {model} shapes, mean over shapes in the model setting: bf16 F.linear / fastest GEMM "
-                     f"x{statistics.mean(v[0] for v in values):.2f}, bf16 F.linear / (the pass + fastest GEMM) "
-                     f"x{statistics.mean(v[1] for v in values):.2f}.")
-    lines += ["", "Every config, us per GEMM (tuner / warm / in model / scrubbed):", ""]
+    for element in dict.fromkeys(r["element"] for r in rows):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            sub = [r for r in rows if (r["element"], r["model"]) == (element, model)]
+            gemm = [r["dense_us"] / min(r["model_us"].values()) for r in sub]
+            linear = [r["dense_us"] / (r["pass_us"] + min(r["model_us"].values())) for r in sub]
+            lines.append(f"\n{element}, {model} shapes, speed-up over bf16 F.linear in the model setting, mean over "
+                         f"shapes: fastest GEMM alone x{statistics.mean(gemm):.2f}, pass + fastest GEMM "
+                         f"x{statistics.mean(linear):.2f}.")
+            step = [r for r in sub if model == "flux" and r["layer"] in FLUX_STEP_COUNTS]
+            if step:
+                weight = {id(r): FLUX_STEP_COUNTS[r["layer"]] for r in step}
+                dense = sum(weight[id(r)] * r["dense_us"] for r in step)
+                gemm_sum = sum(weight[id(r)] * min(r["model_us"].values()) for r in step)
+                pass_sum = sum(weight[id(r)] * r["pass_us"] for r in step)
+                lines.append(f"Over a FLUX.1-dev step's sparsified linears (each shape as often as a step runs it, "
+                             f"linear2 kept dense): bf16 F.linear {dense / 1000:.1f} ms, fastest GEMMs "
+                             f"{gemm_sum / 1000:.1f} ms (x{dense / gemm_sum:.2f}), passes {pass_sum / 1000:.2f} ms "
+                             f"(with them x{dense / (gemm_sum + pass_sum):.2f}).")
+    lines += ["", "Every config, us per GEMM (tuner / warm / in model):", ""]
     names = list(dict.fromkeys(name for r in rows for name in r["model_us"]))
     lines += ["| element | layer | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
     for r in rows:
         cells = []
         for name in names:
-            values = [r[key].get(name, float("nan")) for key in ("tuner_us", "warm_us", "model_us", "scrubbed_us")]
+            values = [r[key].get(name, float("nan")) for key in ("tuner_us", "warm_us", "model_us")]
             cells.append(" / ".join(f"{v:.1f}" for v in values))
         lines.append(f"| {r['element']} | {r['model']} {r['layer']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     main()

@@ -69,7 +69,6 @@ from rt_lynx_pack.kernels.reference import (dense_linear_fp8_reference, quantize
                                             sparse_linear_fp8_reference, sparse_linear_reference)
 
 
-
 def copy_bandwidth_tbs():
     """Device-to-device copy, bytes read + written per second (the practical memory ceiling)."""
     src = torch.randn(256 * 1024 * 1024, device="cuda", dtype=torch.float16)

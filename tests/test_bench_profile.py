@@ -1,6 +1,7 @@
 """The end-to-end benchmark's logic on the CPU: its step profile sorts kernels by kind from their
 names (the names below are the ones a FLUX step ran on the H200: torch 2.11, cuDNN attention,
-Inductor, our kernels), its options, and its results files."""
+Inductor, our kernels), its options, and its results files; and the config-choice benchmark's
+summary of what bounds the Lynx linear."""
 import pytest
 
 from helpers import load_bench
@@ -175,3 +176,18 @@ def test_guard_kinds_count_one_per_layer_as_one_kind():
     kinds = guard_time.python_guard_kinds(listing)
     assert kinds == {"L['self'] is L['self'].forward.module": 2,
                      "G['torch'] is G['__import_torch_dot_nn_dot_functional'].torch": 1}
+
+
+def test_config_choice_weights_a_flux_step_by_how_often_it_runs_each_shape():
+    # Two FLUX shapes: qkv (19 a step) 100 us dense, 40 us GEMM, 10 us pass; linear1 (38 a step)
+    # 300 us dense, 100 us GEMM, 20 us pass. Per step: 13.3 ms dense, 4.56 ms GEMMs, 0.95 ms passes.
+    config_choice = load_bench("config_choice")
+    rows = [dict(model="flux", layer=layer, M=1, K=1, N=1, element="e4m3", weights=2, tuner_pick="a",
+                 dense_us=dense, pass_us=pass_us, tuner_us={"a": gemm, "b": gemm + 5},
+                 warm_us={"a": gemm, "b": gemm + 5}, model_us={"a": gemm + 2, "b": gemm})
+            for layer, dense, gemm, pass_us in (("double img qkv", 100.0, 40.0, 10.0),
+                                                ("single linear1", 300.0, 100.0, 20.0))]
+    text = config_choice.markdown(rows, "test")
+    assert "bf16 F.linear 13.3 ms, fastest GEMMs 4.6 ms (x2.92), passes 0.95 ms (with them x2.41)" in text
+    assert "mean over shapes: fastest GEMM alone x2.75, pass + fastest GEMM x2.25" in text
+    assert "the tuner's pick is +3.50% slower on average" in text   # the pick: 42 against 40, 102 against 100
