@@ -122,6 +122,10 @@ def fastest(times):
     return min(finite, key=finite.get)
 
 
+def best_us(times):
+    return times[fastest(times)]
+
+
 def markdown(rows, about):
     lines = [f"# sm90 GEMM config choice ({about})", "",
              "Per shape: the tuner's pick; the fastest config when warm (one weight replayed) and in the model "
@@ -149,17 +153,16 @@ def markdown(rows, about):
     for element in dict.fromkeys(r["element"] for r in rows):
         for model in dict.fromkeys(r["model"] for r in rows):
             sub = [r for r in rows if (r["element"], r["model"]) == (element, model)]
-            gemm = [r["dense_us"] / min(r["model_us"].values()) for r in sub]
-            linear = [r["dense_us"] / (r["pass_us"] + min(r["model_us"].values())) for r in sub]
+            gemm = [r["dense_us"] / best_us(r["model_us"]) for r in sub]
+            linear = [r["dense_us"] / (r["pass_us"] + best_us(r["model_us"])) for r in sub]
             lines.append(f"\n{element}, {model} shapes, speed-up over bf16 F.linear in the model setting, mean over "
                          f"shapes: fastest GEMM alone x{statistics.mean(gemm):.2f}, pass + fastest GEMM "
                          f"x{statistics.mean(linear):.2f}.")
             step = [r for r in sub if model == "flux" and r["layer"] in FLUX_STEP_COUNTS]
             if step:
-                weight = {id(r): FLUX_STEP_COUNTS[r["layer"]] for r in step}
-                dense = sum(weight[id(r)] * r["dense_us"] for r in step)
-                gemm_sum = sum(weight[id(r)] * min(r["model_us"].values()) for r in step)
-                pass_sum = sum(weight[id(r)] * r["pass_us"] for r in step)
+                dense = sum(FLUX_STEP_COUNTS[r["layer"]] * r["dense_us"] for r in step)
+                gemm_sum = sum(FLUX_STEP_COUNTS[r["layer"]] * best_us(r["model_us"]) for r in step)
+                pass_sum = sum(FLUX_STEP_COUNTS[r["layer"]] * r["pass_us"] for r in step)
                 lines.append(f"Over a FLUX.1-dev step's sparsified linears (each shape as often as a step runs it, "
                              f"linear2 kept dense): bf16 F.linear {dense / 1000:.1f} ms, fastest GEMMs "
                              f"{gemm_sum / 1000:.1f} ms (x{dense / gemm_sum:.2f}), passes {pass_sum / 1000:.2f} ms "
@@ -174,6 +177,7 @@ def markdown(rows, about):
             cells.append(" / ".join(f"{v:.1f}" for v in values))
         lines.append(f"| {r['element']} | {r['model']} {r['layer']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
 
 if __name__ == "__main__":
     main()
