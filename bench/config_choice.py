@@ -24,7 +24,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import LINEAR_SHAPES, git_commit, interleaved_kernel_us  # noqa: E402
+from common import LINEAR_SHAPES, git_commit, interleaved_kernel_us, write_markdown  # noqa: E402
 from standalone import load_pack  # noqa: E402
 
 CALLS, REPEATS = 10, 5
@@ -112,9 +112,7 @@ def main():
     about = f"{datetime.date.today()}, {gpu}, torch {torch.__version__}, commit {git_commit()}"
     text = markdown(rows, about)
     print(text)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"config-choice-{datetime.date.today()}-{gpu.replace(' ', '_')}{args.suffix}.md").write_text(text)
+    write_markdown(args.out, f"config-choice-{datetime.date.today()}-{gpu.replace(' ', '_')}{args.suffix}", text)
 
 
 def fastest(times):
