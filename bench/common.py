@@ -29,6 +29,17 @@ LINEAR_SHAPES = [
     ("qwen", "img mlp up", 8192, 3072, 12288),
     ("qwen", "img mlp down", 8192, 12288, 3072),
 ]
+# How often a FLUX.1-dev step runs each shape among its sparsified linears: 19 double blocks with
+# four image and four text linears, 38 single blocks with linear1 (linear2 is kept dense).
+FLUX_STEP_COUNTS = {"double img qkv": 19, "double img proj": 19, "double img mlp up": 19, "double img mlp down": 19,
+                    "double txt qkv": 19, "double txt proj": 19, "double txt mlp up": 19, "double txt mlp down": 19,
+                    "single linear1": 38}
+
+
+def flux_step_count(m: int, k: int, n: int) -> int:
+    """How often a FLUX.1-dev step runs a sparsified linear of this shape (0: none does)."""
+    return next((FLUX_STEP_COUNTS.get(layer, 0) for model, layer, *shape in LINEAR_SHAPES
+                 if model == "flux" and tuple(shape) == (m, k, n)), 0)
 
 
 def rotating(tensors):

@@ -24,16 +24,11 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import LINEAR_SHAPES, git_commit, interleaved_kernel_us, write_markdown  # noqa: E402
+from common import FLUX_STEP_COUNTS, LINEAR_SHAPES, git_commit, interleaved_kernel_us, write_markdown  # noqa: E402
 from standalone import load_pack  # noqa: E402
 
 CALLS, REPEATS = 10, 5
 ELEMENTS = ("e4m3", "bf16")
-# How often a FLUX.1-dev step runs each shape among its sparsified linears: 19 double blocks with
-# four image and four text linears, 38 single blocks with linear1 (linear2 is kept dense).
-FLUX_STEP_COUNTS = {"double img qkv": 19, "double img proj": 19, "double img mlp up": 19, "double img mlp down": 19,
-                    "double txt qkv": 19, "double txt proj": 19, "double txt mlp up": 19, "double txt mlp down": 19,
-                    "single linear1": 38}
 
 
 def main():

@@ -21,8 +21,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import (INPUT_SETS, git_commit, interleaved_eager_us, interleaved_kernel_us,  # noqa: E402
-                    interleaved_queued_us, rotating)
+from common import (INPUT_SETS, flux_step_count, git_commit, interleaved_eager_us,  # noqa: E402
+                    interleaved_kernel_us, interleaved_queued_us, rotating)
 
 CALLS, REPEATS = 20, 5
 BRANCH_VARIANTS = ("in_gemm", "in_gemm_fused_down", "added_after")
@@ -112,6 +112,16 @@ def main():
     (out / f"lora-branch-{datetime.date.today()}-{gpu.replace(' ', '_')}{args.suffix}.md").write_text(text)
 
 
+def step_weighted_overhead(rows, column):
+    """The branch's added time over the Lynx linear's, each shape counted as often as a FLUX.1-dev step
+    runs it (None: no FLUX shape among the rows)."""
+    counted = [(flux_step_count(*r["shape"]), r) for r in rows]
+    base = sum(count * r["kernel_plain_us"] for count, r in counted)
+    if base == 0:
+        return None
+    return sum(count * (r[column] - r["kernel_plain_us"]) for count, r in counted) / base
+
+
 def markdown(rows, rank, about):
     lines = [f"# Lynx LoRA branch cost, rank {rank} ({about})", "",
              "In GEMM: the branch in the sparse GEMM, down(x) by cuBLAS before the sparsify pass; "
@@ -138,6 +148,10 @@ def markdown(rows, rank, about):
         kernel, queued, eager = (statistics.mean(r[f"{timing}_{name}_overhead"] for r in rows) for timing in TIMINGS)
         lines.append(f"\nMean overhead of the branch {label}: {kernel:+.1%} kernel time, {queued:+.1%} queued, "
                      f"{eager:+.1%} eager (target: at most +5% at rank 32).")
+    weighted = step_weighted_overhead(rows, "kernel_in_gemm_fused_down_us")
+    if weighted is not None:
+        lines.append(f"\nThe default's branch over a FLUX.1-dev step (each shape's kernel time times how often a step "
+                     f"runs it; the shapes above only): {weighted:+.1%}.")
     modes = [name for name, _ in LAUNCH_MODES]
     lines += ["", "Launch modes, timed in the same turns: programmatic = programmatic dependent launch "
               "(sm90.programmatic_launch). Overheads against the Lynx linear without a branch in the same launch "

@@ -191,3 +191,15 @@ def test_config_choice_weights_a_flux_step_by_how_often_it_runs_each_shape():
     assert "bf16 F.linear 13.3 ms, fastest GEMMs 4.6 ms (x2.92), passes 0.95 ms (with them x2.41)" in text
     assert "mean over shapes: fastest GEMM alone x2.75, pass + fastest GEMM x2.25" in text
     assert "the tuner's pick is +3.50% slower on average" in text   # the pick: 42 against 40, 102 against 100
+
+
+def test_lora_branch_weights_a_flux_step_by_how_often_it_runs_each_shape():
+    # qkv (19 a step) 100 -> 110 us, linear1 (38 a step) 300 -> 303 us: 304 us added to 13.3 ms; a
+    # Qwen-Image shape counts for nothing in a FLUX step.
+    lora_branch = load_bench("lora_branch")
+    rows = [{"shape": shape, "kernel_plain_us": plain, "kernel_in_gemm_fused_down_us": fused}
+            for shape, plain, fused in (((4096, 3072, 9216), 100.0, 110.0), ((4608, 3072, 21504), 300.0, 303.0),
+                                        ((8192, 3072, 3072), 50.0, 90.0))]
+    weighted = lora_branch.step_weighted_overhead(rows, "kernel_in_gemm_fused_down_us")
+    assert weighted == pytest.approx(304 / 13300)
+    assert lora_branch.step_weighted_overhead(rows[2:], "kernel_in_gemm_fused_down_us") is None
