@@ -150,8 +150,8 @@ def markdown(rows, rank, about):
                      f"{eager:+.1%} eager (target: at most +5% at rank 32).")
     weighted = step_weighted_overhead(rows, "kernel_in_gemm_fused_down_us")
     if weighted is not None:
-        lines.append(f"\nThe default's branch over a FLUX.1-dev step (each shape's kernel time times how often a step "
-                     f"runs it; the shapes above only): {weighted:+.1%}.")
+        lines.append(f"\nOverhead of the branch with down(x) in the sparsify pass over a FLUX.1-dev step (each shape's "
+                     f"kernel time times how often a step runs it; the shapes above only): {weighted:+.1%} kernel time.")
     modes = [name for name, _ in LAUNCH_MODES]
     lines += ["", "Launch modes, timed in the same turns: programmatic = programmatic dependent launch "
               "(sm90.programmatic_launch). Overheads against the Lynx linear without a branch in the same launch "
