@@ -10,10 +10,12 @@ a model. Per shape (FLUX.1-dev / Qwen-Image at 1024², bf16 and e4m3), configs t
             in a model step
 and, in the model setting and the same turns, bf16 F.linear over the same weights (the dense
 baseline) and the sparsify pass alone (for the pick's metadata layout), which bound the Lynx
-linear's speed-up over bf16 with these kernels (pass + fastest GEMM). Prints per shape the config
-each setting finds fastest and what the tuner's pick loses in the model setting; means per model
-both over shapes and weighted by how often a FLUX.1-dev step runs each shape. Results go to
-bench/results/config-choice-<date>-<gpu>.md.
+linear's speed-up over bf16 with these kernels (pass + fastest GEMM). For e4m3 also the dense
+e4m3 GEMM (torch._scaled_mm row-wise), its quantise pass and cuSPARSELt's sparse e4m3 GEMM alone
+over the same weights in the same turns: what any sparse e4m3 GEMM on this GPU gains over the dense
+one. Prints per shape the config each setting finds fastest and what the tuner's pick loses in the
+model setting; means per model both over shapes and weighted by how often a FLUX.1-dev step runs
+each shape. Results go to bench/results/config-choice-<date>-<gpu>.md.
 """
 import argparse
 import datetime
@@ -29,6 +31,7 @@ from standalone import load_pack  # noqa: E402
 
 CALLS, REPEATS = 10, 5
 ELEMENTS = ("e4m3", "bf16")
+FP8_DENSE, FP8_QUANTISE, CUSPARSELT = "dense e4m3 GEMM", "e4m3 quantise pass", "cuSPARSELt e4m3 GEMM"
 
 
 def main():
@@ -42,10 +45,13 @@ def main():
         parser.error(f"--elements: choose from {ELEMENTS}")
     import torch
     load_pack()
-    from rt_lynx_pack.kernels import sm90
+    from rt_lynx_pack.kernels import fp8, sm90
     from rt_lynx_pack.kernels.reference import quantize_weight_fp8
 
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    cusparselt_fp8, why = fp8.availability_fp8(torch.device("cuda")) if "e4m3" in elements else (False, "")
+    if "e4m3" in elements and not cusparselt_fp8:
+        print(f"cuSPARSELt e4m3 GEMM left out: {why}", flush=True)
     rows = []
     for element in elements:
         e4m3 = element == "e4m3"
@@ -91,11 +97,14 @@ def main():
             pick_block = next(block for _, _, _, block, index, _ in configs if index == plan[4])
             others = {"dense": lambda: [torch.nn.functional.linear(x, w, bias) for w in dense_weights],
                       "pass": lambda: [torch.ops.rt_lynx.sparsify_sm90(x, pick_block, e4m3, True) for _ in weights]}
+            if e4m3:
+                others.update(fp8_baselines(x, bias, weights, cusparselt_fp8))
             model_us = {name: us / count
                         for name, us in interleaved_kernel_us({**in_model, **others}, 1, REPEATS).items()}
-            dense_us, pass_us = model_us.pop("dense"), model_us.pop("pass")
+            baseline_us = {name: model_us.pop(name) for name in others}
             row = {"model": model, "layer": layer, "M": m, "K": k, "N": n, "element": element, "weights": count,
-                   "tuner_pick": names[plan[4]], "dense_us": dense_us, "pass_us": pass_us,
+                   "tuner_pick": names[plan[4]], "dense_us": baseline_us.pop("dense"),
+                   "pass_us": baseline_us.pop("pass"), "fp8_baselines_us": baseline_us,
                    "tuner_us": {names[i]: us for i, us in enumerate(plan[5])},
                    "warm_us": warm_us, "model_us": model_us}
             rows.append(row)
@@ -108,6 +117,80 @@ def main():
     text = markdown(rows, about)
     print(text)
     write_markdown(args.out, f"config-choice-{datetime.date.today()}-{gpu.replace(' ', '_')}{args.suffix}", text)
+
+
+def fp8_baselines(x, bias, weights, with_cusparselt):
+    """The e4m3 baselines in the model setting, over the same weights: the dense e4m3 GEMM
+    (torch._scaled_mm row-wise, x quantised beforehand, bias fused), the dense path's quantise pass,
+    and, where its e4m3 path passed its self-test, cuSPARSELt's sparse e4m3 GEMM alone (no scales,
+    no bias: a lower bound for a sparse e4m3 GEMM from that library)."""
+    import torch
+    from rt_lynx_pack.kernels import fp8_dense
+    q, a = torch.ops.rt_lynx.quantize_rows_fp8(x)
+    fast = fp8_dense.FAST_ACCUMULATION and x.shape[0] >= fp8_dense.FAST_ACCUMULATION_MIN_ROWS
+
+    def dense_gemms():
+        return [torch._scaled_mm(q, w.t(), scale_a=a, scale_b=w_scale.view(1, -1), bias=bias,
+                                 out_dtype=torch.bfloat16, use_fast_accum=fast) for w, w_scale in weights]
+    fns = {FP8_DENSE: dense_gemms, FP8_QUANTISE: lambda: [torch.ops.rt_lynx.quantize_rows_fp8(x) for _ in weights]}
+    if with_cusparselt:
+        m_padded = -(-x.shape[0] // 64) * 64
+        compressed, _ = torch.ops.rt_lynx.sparsify_fp8(x, m_padded, True, 0)
+        torch.ops.rt_lynx.sparse_mm_fp8(compressed, weights[0][0], m_padded)  # its plan search, before timing
+        fns[CUSPARSELT] = lambda: [torch.ops.rt_lynx.sparse_mm_fp8(compressed, w, m_padded) for w, _ in weights]
+    return fns
+
+
+def fp8_bound_lines(rows):
+    """The e4m3 rows against the dense e4m3 GEMM: what the fastest sparse e4m3 GEMM (ours or
+    cuSPARSELt's) gains alone, and what the Lynx linear (pass + our fastest GEMM) can gain."""
+    rows = [r for r in rows if r.get("fp8_baselines_us")]
+    if not rows:
+        return []
+    lines = ["", "e4m3 against the dense e4m3 GEMM (torch._scaled_mm row-wise, bias fused, x quantised beforehand) "
+             "over the same weights in the same turns; fp8 dense linear = our quantise pass + that GEMM; cuSPARSELt = "
+             "its sparse e4m3 GEMM alone (no scales or bias, which it cannot apply on this GPU). Times in us per call.", "",
+             "| layer | M,K,N | dense e4m3 GEMM | quantise pass | our sparse GEMM | cuSPARSELt GEMM | "
+             "x ours vs dense e4m3 | x cuSPARSELt vs dense e4m3 | x Lynx (pass + GEMM) vs dense e4m3 GEMM | "
+             "x Lynx vs fp8 dense linear |", "|" + "---|" * 10]
+    for r in rows:
+        base = r["fp8_baselines_us"]
+        dense, ours = base[FP8_DENSE], best_us(r["model_us"])
+        cslt = base.get(CUSPARSELT, float("nan"))
+        lynx = r["pass_us"] + ours
+        lines.append(f"| {r['model']} {r['layer']} | {r['M']},{r['K']},{r['N']} | {dense:.1f} | {base[FP8_QUANTISE]:.1f} | "
+                     f"{ours:.1f} | {cslt:.1f} | x{dense / ours:.2f} | x{dense / cslt:.2f} | x{dense / lynx:.2f} | "
+                     f"x{(dense + base[FP8_QUANTISE]) / lynx:.2f} |")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        sub = [r for r in rows if r["model"] == model]
+
+        def ratios(sparse_us, dense_us=lambda r: r["fp8_baselines_us"][FP8_DENSE]):
+            return [dense_us(r) / sparse_us(r) for r in sub]
+        fastest_sparse = [min(best_us(r["model_us"]), r["fp8_baselines_us"].get(CUSPARSELT, float("inf"))) for r in sub]
+        lines.append(
+            f"\ne4m3, {model} shapes, mean over shapes against the dense e4m3 GEMM: our fastest sparse GEMM alone "
+            f"x{statistics.mean(ratios(lambda r: best_us(r['model_us']))):.2f}; cuSPARSELt's alone "
+            f"x{statistics.mean(ratios(lambda r: r['fp8_baselines_us'].get(CUSPARSELT, float('nan')))):.2f}; the "
+            f"faster of the two per shape x{statistics.mean(r['fp8_baselines_us'][FP8_DENSE] / f for r, f in zip(sub, fastest_sparse)):.2f}; "
+            f"the Lynx linear (pass + our fastest GEMM) x{statistics.mean(ratios(lambda r: r['pass_us'] + best_us(r['model_us']))):.2f} "
+            f"against the GEMM, x{statistics.mean(ratios(lambda r: r['pass_us'] + best_us(r['model_us']), lambda r: r['fp8_baselines_us'][FP8_DENSE] + r['fp8_baselines_us'][FP8_QUANTISE])):.2f} "
+            f"against the fp8 dense linear.")
+        step = [r for r in sub if model == "flux" and r["layer"] in FLUX_STEP_COUNTS]
+        if step:
+            def total(us):
+                return sum(FLUX_STEP_COUNTS[r["layer"]] * us(r) for r in step)
+            dense = total(lambda r: r["fp8_baselines_us"][FP8_DENSE])
+            quantise = total(lambda r: r["fp8_baselines_us"][FP8_QUANTISE])
+            ours = total(lambda r: best_us(r["model_us"]))
+            faster = total(lambda r: min(best_us(r["model_us"]), r["fp8_baselines_us"].get(CUSPARSELT, float("inf"))))
+            passes = total(lambda r: r["pass_us"])
+            lines.append(f"Over a FLUX.1-dev step's sparsified linears: dense e4m3 GEMMs {dense / 1000:.2f} ms (with their "
+                         f"quantise passes {(dense + quantise) / 1000:.2f} ms), our fastest sparse GEMMs {ours / 1000:.2f} ms "
+                         f"(x{dense / ours:.2f}), the faster of ours and cuSPARSELt's per shape {faster / 1000:.2f} ms "
+                         f"(x{dense / faster:.2f}), Lynx linears (passes + our GEMMs) {(ours + passes) / 1000:.2f} ms "
+                         f"(x{dense / (ours + passes):.2f} against the GEMMs, x{(dense + quantise) / (ours + passes):.2f} "
+                         f"against the fp8 dense linears).")
+    return lines
 
 
 def fastest(times):
@@ -160,6 +243,7 @@ def markdown(rows, about):
                              f"linear2 kept dense): bf16 F.linear {dense / 1000:.1f} ms, fastest GEMMs "
                              f"{gemm_sum / 1000:.1f} ms (x{dense / gemm_sum:.2f}), passes {pass_sum / 1000:.2f} ms "
                              f"(with them x{dense / (gemm_sum + pass_sum):.2f}).")
+    lines += fp8_bound_lines(rows)
     lines += ["", "Every config, us per GEMM (tuner / warm / in model):", ""]
     names = list(dict.fromkeys(name for r in rows for name in r["model_us"]))
     lines += ["| element | layer | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]

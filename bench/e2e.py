@@ -18,7 +18,9 @@ Measures, per model/resolution/mode and for both sides in the same process:
   between runs;
 - with --calibrate: the "RT-Lynx Calibrate LoRA" node with its defaults on the full-size model
   (wall time, peak memory), then the step time with the calibrated Lynx LoRA attached, next to
-  dense and Lynx without the LoRA.
+  dense and Lynx without the LoRA (the three in turns); with --lora-rank R the same for a LoRA of
+  runtime rank R with random factors loaded by "Load Lynx LoRA" (its cost, not its quality); with
+  --profile also the kernel time per step of the sparsified linears with and without it.
 
 Usage (GPU): COMFYUI_PATH=.comfyui python bench/e2e.py [--models flux,qwen_image,z_image] [--resolutions 1024,768,1536]
              [--no-compile | --modes compile] [--steps 28] [--out bench/results]
@@ -119,8 +121,15 @@ def parse_args(argv=None):
                    help="only the calibration node's cost and the step with its LoRA (first resolution, eager)")
     p.add_argument("--calibrate-folded-rank", type=int, default=None,
                    help="with --calibrate: the node's folded_rank instead of its default (a folded part first)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="only the step with a Lynx LoRA of this runtime rank, random factors (its cost, not its "
+                        "quality), loaded by Load Lynx LoRA, next to dense and Lynx (first resolution, eager)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
+    if args.calibrate and args.lora_rank is not None:
+        p.error("--calibrate and --lora-rank each make the LoRA: choose one")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        p.error("--lora-rank: at least 1")
     args.models = [m for m in args.models.split(",") if m]
     args.sample_modes = [m for m in args.sample_modes.split(",") if m]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -340,7 +349,8 @@ def kernel_kind(name: str) -> str:
 
 def profile_steps(forward, dev, iters):
     """({kind: kernel ms per step}, busy ms per step, wall ms per step, [(ms per step, kernel name)] of the
-    largest kernels) over `iters` calls after the timed ones (same inputs, already warm)."""
+    largest kernels, host_profile's result, kernel ms per step of the sparsified linears) over `iters` calls
+    after the timed ones (same inputs, already warm)."""
     from torch.profiler import ProfilerActivity, profile
     dev.sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -363,7 +373,7 @@ def profile_steps(forward, dev, iters):
         reach = max(reach, end)
     top = sorted(((ms, name) for name, ms in per_kernel.items()), reverse=True)[:12]
     return ({k: round(v, 3) for k, v in per_kind.items()}, round(busy / 1000 / iters, 3), round(wall, 3), top,
-            host_profile(forward, dev, iters))
+            host_profile(forward, dev, iters), lynx_linear_ms(per_kernel))
 
 
 def host_profile(forward, dev, iters, functions=12):
@@ -551,10 +561,10 @@ def run_model(arch, args, dev, rows, samples, notes, save):
                     log(f"[{arch} {resolution}px {mode} {side} round {round_index + 1}/{rounds}] {median:.2f} ms/step "
                         f"(first call {first:.1f} s), peak {peak:.2f} GB (warm-up {first_peak:.2f} GB)")
                     if profiled is not None and round_index == 0:
-                        kinds, busy, wall, top, host = profiled
+                        kinds, busy, wall, top, host, linears = profiled
                         result[f"{side}_profile"] = {"kernel_ms": kinds, "busy_ms": busy, "wall_ms": wall,
                                                      "top_kernels": [[round(ms, 3), name[:160]] for ms, name in top],
-                                                     "host": host}
+                                                     "host": host, "linear_kernel_ms": linears}
                         log(f"[{arch} {resolution}px {mode} {side} profile] GPU busy {busy:.1f} of {wall:.1f} ms: "
                             + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
                         for ms, name in top:
@@ -596,48 +606,112 @@ def run_model(arch, args, dev, rows, samples, notes, save):
     comfy.model_management.soft_empty_cache()
 
 
-def run_calibration(arch, args, dev, calibrations, notes, save):
-    """The Calibrate LoRA node as a user runs it (its defaults), then the step with the LoRA."""
+def run_lora_cost(arch, args, dev, calibrations, notes, save):
+    """The step with a Lynx LoRA next to dense and Lynx (eager, first resolution, the three in turns
+    over --rounds): with --calibrate the LoRA the Calibrate LoRA node makes as a user runs it (its
+    defaults; its wall time and peak memory recorded), with --lora-rank one of that runtime rank with
+    random factors (its cost, not its quality) written as a Lynx LoRA file and loaded by Load Lynx LoRA."""
     import comfy.model_management
     import torch
-    from comfy_models import TINY_BLOCKS, build_model, conditioning, empty_latent
-    from rt_lynx_pack.nodes import RTLynxCalibrateLoRA
-    from rt_lynx_pack.nodes.comfy_glue import installed_plan, lynx_lora_folder
+    from comfy_models import TINY_BLOCKS, build_model
+    from rt_lynx_pack.nodes.comfy_glue import installed_plan
 
     dtype = torch.bfloat16 if dev.cuda else torch.float32
     dense = build_model(arch, blocks=TINY_BLOCKS[arch] if args.tiny else None, device=dev.device, dtype=dtype)
     lynx = lynx_clone(dense, "bf16")
     resolution = args.resolutions[0]
-    spec = RTLynxCalibrateLoRA.INPUT_TYPES()["required"]
-    widgets = {name: v[1]["default"] for name, v in spec.items() if len(v) > 1 and "default" in v[1]}
-    tokens = CONTEXT_TOKENS[arch] if resolution > 128 else 40
-    latent = {"samples": empty_latent(arch, 1, resolution // 8, resolution // 8)}
+    make = calibrated_lora if args.calibrate else random_lora
     dev.reset_peak()
     start = time.perf_counter()
-    widgets["filename"] = "rt_lynx_e2e_calibration"
-    if args.calibrate_folded_rank is not None:
-        widgets["folded_rank"] = args.calibrate_folded_rank
-    with_lora, lora_name = RTLynxCalibrateLoRA().calibrate(lynx, positive=conditioning(arch, tokens),
-                                                           latent_image=latent, **widgets)
+    with_lora, result = make(arch, lynx, resolution, args, dev)
     dev.sync()
-    seconds = time.perf_counter() - start
-    os.remove(os.path.join(lynx_lora_folder(), os.path.basename(lora_name)))  # the run leaves no file behind
-    result = {"model": arch, "resolution": resolution, "widgets": widgets, "seconds": round(seconds, 1),
-              "peak_gb": round(dev.peak_gb(), 2)}
-    log(f"[{arch} {resolution}px] calibration ({widgets}) {seconds:.1f} s, peak {dev.peak_gb():.2f} GB")
+    result.update({"model": arch, "resolution": resolution, "seconds": round(time.perf_counter() - start, 1),
+                   "peak_gb": round(dev.peak_gb(), 2)})
+    log(f"[{arch} {resolution}px] {result['source']} LoRA ({result['widgets']}) {result['seconds']:.1f} s, "
+        f"peak {result['peak_gb']:.2f} GB")
     notes[arch + " + LoRA"] = installed_plan(with_lora).summary(dev.device)
-    for side, base in (("dense", dense), ("lynx", lynx), ("lynx_lora", with_lora)):
-        patcher = base.clone()
-        median, _, _, _, peak, _, _ = time_steps(patcher, arch, resolution, dev, dtype, args)
-        result[f"{side}_ms"], result[f"{side}_peak_gb"] = round(median, 3), round(peak, 3)
-        log(f"[{arch} {resolution}px eager {side}] {median:.2f} ms/step, peak {peak:.2f} GB")
-        del patcher
-        comfy.model_management.unload_all_models()
+    order = (("dense", dense), ("lynx", lynx), ("lynx_lora", with_lora))
+    all_times, peaks = {side: [] for side, _ in order}, {}
+    for round_index in range(args.rounds):
+        for side, base in order if round_index % 2 == 0 else order[::-1]:
+            patcher = base.clone()
+            _, times, _, _, peak, _, profiled = time_steps(patcher, arch, resolution, dev, dtype, args,
+                                                           profile=round_index == 0)
+            all_times[side] += times
+            peaks[side] = max(peaks.get(side, 0.0), peak)
+            if profiled is not None:
+                result[f"{side}_kernel_ms"], result[f"{side}_linear_kernel_ms"] = profiled[0], profiled[5]
+            del patcher
+            comfy.model_management.unload_all_models()
+    for side, times in all_times.items():
+        result[f"{side}_ms"], result[f"{side}_peak_gb"] = round(statistics.median(times), 3), round(peaks[side], 3)
+        log(f"[{arch} {resolution}px eager {side}] {result[f'{side}_ms']:.2f} ms/step, peak {peaks[side]:.2f} GB")
     calibrations.append(result)
     save()
     del dense, lynx, with_lora
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()
+
+
+def calibrated_lora(arch, lynx, resolution, args, dev):
+    """(model with the LoRA, result fields): the Calibrate LoRA node with its defaults; the file it
+    writes is removed again."""
+    from comfy_models import conditioning, empty_latent
+    from rt_lynx_pack.nodes import RTLynxCalibrateLoRA
+    from rt_lynx_pack.nodes.comfy_glue import lynx_lora_folder
+
+    spec = RTLynxCalibrateLoRA.INPUT_TYPES()["required"]
+    widgets = {name: v[1]["default"] for name, v in spec.items() if len(v) > 1 and "default" in v[1]}
+    tokens = CONTEXT_TOKENS[arch] if resolution > 128 else 40
+    latent = {"samples": empty_latent(arch, 1, resolution // 8, resolution // 8)}
+    widgets["filename"] = "rt_lynx_e2e_calibration"
+    if args.calibrate_folded_rank is not None:
+        widgets["folded_rank"] = args.calibrate_folded_rank
+    with_lora, lora_name = RTLynxCalibrateLoRA().calibrate(lynx, positive=conditioning(arch, tokens),
+                                                           latent_image=latent, **widgets)
+    os.remove(os.path.join(lynx_lora_folder(), os.path.basename(lora_name)))  # the run leaves no file behind
+    return with_lora, {"source": "calibrated", "widgets": {k: v for k, v in widgets.items() if k != "filename"}}
+
+
+def random_lora(arch, lynx, resolution, args, dev):
+    """(model with the LoRA, result fields): a Lynx LoRA file of runtime rank --lora-rank for every
+    sparsified layer, random factors, loaded by the Load Lynx LoRA node (the time counted includes
+    writing the file); the file is removed again."""
+    import torch
+    from rt_lynx_pack.lynx import LynxLoRA, save_lynx_lora
+    from rt_lynx_pack.nodes import RTLynxLoadLoRA
+    from rt_lynx_pack.nodes.comfy_glue import LYNX_LORA_SUBFOLDER, installed_plan, lynx_lora_folder
+
+    plan = installed_plan(lynx)
+    rank = args.lora_rank
+    generator = torch.Generator().manual_seed(0)
+    layers = {name: (torch.randn(rank, k, generator=generator) / k ** 0.5,
+                     torch.randn(n, rank, generator=generator) * (0.01 / rank ** 0.5))
+              for name, (k, n) in plan.sparse_layer_shapes.items()}
+    lora = LynxLoRA(architecture=plan.policy.name, rank=rank, alpha=float(rank), pattern=plan.config.pattern,
+                    compensation=plan.config.compensate, layers=layers)
+    file_name = "rt_lynx_e2e_random.safetensors"
+    os.makedirs(lynx_lora_folder(), exist_ok=True)
+    path = os.path.join(lynx_lora_folder(), file_name)
+    save_lynx_lora(lora, path)
+    try:
+        (with_lora,) = RTLynxLoadLoRA().load(lynx, f"{LYNX_LORA_SUBFOLDER}/{file_name}", 1.0)
+    finally:
+        os.remove(path)
+    return with_lora, {"source": "random", "widgets": {"rank": rank}}
+
+
+# The kernels of the sparsified linears themselves: the sparse GEMM, the sparsify passes (with the
+# producer's work they fuse), a LoRA's down pass and slice sum, a LayerNorm's row statistics for it,
+# and the cuSPARSELt path's epilogue.
+LYNX_LINEAR_KERNEL_MARKS = ("sparsify", "low_rank", "row_stats", "scale_bias_epilogue", "fp8_epilogue")
+
+
+def lynx_linear_ms(per_kernel):
+    """Kernel ms of the sparsified linears in {kernel name: ms}: the sparse GEMMs and the kernels
+    whose name marks them as a linear's pass."""
+    return round(sum(ms for name, ms in per_kernel.items() if kernel_kind(name) == "sparse GEMM"
+                     or any(mark in name for mark in LYNX_LINEAR_KERNEL_MARKS)), 3)
 
 
 def markdown(meta, rows, samples, notes, calibrations=()):
@@ -722,13 +796,22 @@ def markdown(meta, rows, samples, notes, calibrations=()):
                              f"{lynx.get('run_preparation_s', float('nan')):.3f} | "
                              f"{s.get('cudagraphs_recorded', '-')} / {lynx.get('cudagraphs_recorded', '-')} |")
     if calibrations:
-        lines += ["", "| calibration (node defaults) | res | seconds | peak GB | dense ms/step | Lynx ms/step | "
-                  "Lynx + LoRA ms/step | LoRA cost | Lynx + LoRA peak GB |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| Lynx LoRA | res | seconds to make it | peak GB | dense ms/step | Lynx ms/step | "
+                  "Lynx + LoRA ms/step | LoRA cost, step | sparsified linears' kernels, Lynx / + LoRA ms | "
+                  "LoRA cost, those kernels | Lynx + LoRA peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in calibrations:
-            lines.append(f"| {c['model']} ({', '.join(f'{k} {v}' for k, v in c['widgets'].items() if k != 'filename')}) "
+            what = {"calibrated": "Calibrate LoRA node", "random": "random factors, Load Lynx LoRA"}[
+                c.get("source", "calibrated")]
+            plain, with_lora = c.get("lynx_linear_kernel_ms"), c.get("lynx_lora_linear_kernel_ms")
+            linears = (f"{plain:.2f} / {with_lora:.2f} | {with_lora / plain - 1:+.1%}" if plain and with_lora
+                       else "- | -")
+            lines.append(f"| {c['model']}, {what} ({', '.join(f'{k} {v}' for k, v in c['widgets'].items())}) "
                          f"| {c['resolution']} | {c['seconds']:.1f} | {c['peak_gb']:.2f} | {c['dense_ms']:.2f} | "
                          f"{c['lynx_ms']:.2f} | {c['lynx_lora_ms']:.2f} | {c['lynx_lora_ms'] / c['lynx_ms'] - 1:+.1%} | "
-                         f"{c['lynx_lora_peak_gb']:.2f} |")
+                         f"{linears} | {c['lynx_lora_peak_gb']:.2f} |")
+        lines += ["", "Sparsified linears' kernels: kernel time per step (--profile, first round) of the sparse "
+                  "GEMMs and of the passes that feed them (the sparsify passes with the work they fuse, a LoRA's "
+                  "down pass, slice sum and row statistics): what a LoRA adds to the Lynx linears in a step."]
     lines += ["", "ms/step: median of synchronised BaseModel.apply_model calls (first calls, incl. compilation, "
               "excluded); eager, and compiled with --compile-rounds above 1: over rounds in which dense and Lynx take "
               "turns, a compiled side compiled again at each turn (column rounds in the JSON). "
@@ -787,8 +870,8 @@ def main(argv=None):
 
     with switches:
         for arch in args.models:
-            if args.calibrate:
-                run_calibration(arch, args, dev, calibrations, notes, save)
+            if args.calibrate or args.lora_rank:
+                run_lora_cost(arch, args, dev, calibrations, notes, save)
             else:
                 run_model(arch, args, dev, rows, samples, notes, save)
     log("\n" + save(complete=True))

@@ -35,6 +35,36 @@ def test_kernel_kinds(e2e, name, kind):
     assert kind in e2e.PROFILE_KINDS
 
 
+def test_sparsified_linears_kernel_time_counts_the_sparse_gemm_and_the_passes_that_feed_it(e2e):
+    per_kernel = {
+        "_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalIN4cute5tupleIJiiiiEEEN7rt_lynx4sm9023"
+        "KExtendedSparseMainloopINS8_19OverlappedSparseMmaINS1_1": 20.0,
+        "void rt_lynx::(anonymous namespace)::sparsify_staged_kernel<true, 128, 1>(...)": 2.0,
+        "void rt_lynx::(anonymous namespace)::sparsify_low_rank_kernel<true, 64, 4, 1>(...)": 1.5,
+        "void rt_lynx::(anonymous namespace)::low_rank_extension_kernel<true, 64, 4>(...)": 0.25,
+        "void rt_lynx::(anonymous namespace)::row_stats_kernel<true>(...)": 0.125,
+        "void rt_lynx::(anonymous namespace)::qk_norm_rope_kernel<true, 4, false>(rt_lynx::QkNormRopeParams)": 3.0,
+        "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN": 10.0,
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128": 30.0,
+    }
+    assert e2e.lynx_linear_ms(per_kernel) == 23.875
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--calibrate", "--lora-rank", "32"])
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--lora-rank", "0"])
+
+
+def test_lora_cost_table_shows_the_step_and_the_sparsified_linears(e2e):
+    cost = {"model": "flux", "resolution": 1024, "source": "random", "widgets": {"rank": 32}, "seconds": 1.5,
+            "peak_gb": 30.0, "dense_ms": 180.0, "lynx_ms": 120.0, "lynx_lora_ms": 123.0, "lynx_lora_peak_gb": 31.0,
+            "lynx_linear_kernel_ms": 40.0, "lynx_lora_linear_kernel_ms": 42.0}
+    text = e2e.markdown(RESULTS_META, [], [], {}, [cost])
+    assert ("| flux, random factors, Load Lynx LoRA (rank 32) | 1024 | 1.5 | 30.00 | 180.00 | 120.00 | 123.00 | "
+            "+2.5% | 40.00 / 42.00 | +5.0% | 31.00 |") in text
+    unprofiled = {k: v for k, v in cost.items() if "linear_kernel" not in k}
+    assert "| +2.5% | - | - | 31.00 |" in e2e.markdown(RESULTS_META, [], [], {}, [unprofiled])
+
+
 def test_modes_choose_the_rows_and_refuse_unknown_ones(e2e):
     assert e2e.parse_args([]).modes == ["eager", "compile"]
     assert e2e.parse_args(["--modes", "compile"]).modes == ["compile"]
@@ -191,6 +221,33 @@ def test_config_choice_weights_a_flux_step_by_how_often_it_runs_each_shape():
     assert "bf16 F.linear 13.3 ms, fastest GEMMs 4.6 ms (x2.92), passes 0.95 ms (with them x2.41)" in text
     assert "mean over shapes: fastest GEMM alone x2.75, pass + fastest GEMM x2.25" in text
     assert "the tuner's pick is +3.50% slower on average" in text   # the pick: 42 against 40, 102 against 100
+
+
+def test_config_choice_sets_e4m3_against_the_dense_e4m3_gemm():
+    # qkv (19 a step): dense e4m3 60 us + 5 us quantise, ours 40 us (+ 10 us pass), cuSPARSELt 30 us;
+    # linear1 (38 a step): 150 + 6, ours 100 (+ 20), no cuSPARSELt time (its path unavailable).
+    config_choice = load_bench("config_choice")
+    rows = [dict(model="flux", layer=layer, M=1, K=1, N=1, element="e4m3", weights=2, tuner_pick="a",
+                 dense_us=2 * fp8_dense, pass_us=pass_us, tuner_us={"a": gemm}, warm_us={"a": gemm},
+                 model_us={"a": gemm}, fp8_baselines_us=baselines)
+            for layer, fp8_dense, gemm, pass_us, baselines in (
+                ("double img qkv", 60.0, 40.0, 10.0,
+                 {config_choice.FP8_DENSE: 60.0, config_choice.FP8_QUANTISE: 5.0, config_choice.CUSPARSELT: 30.0}),
+                ("single linear1", 150.0, 100.0, 20.0,
+                 {config_choice.FP8_DENSE: 150.0, config_choice.FP8_QUANTISE: 6.0}))]
+    text = config_choice.markdown(rows, "test")
+    assert "| flux double img qkv | 1,1,1 | 60.0 | 5.0 | 40.0 | 30.0 | x1.50 | x2.00 | x1.20 | x1.30 |" in text
+    # Means over the two shapes: ours (1.5 + 1.5) / 2; the faster per shape (2.0 + 1.5) / 2; Lynx
+    # (1.2 + 1.25) / 2 against the GEMM, (1.3 + 1.3) / 2 against the linear.
+    assert ("our fastest sparse GEMM alone x1.50; cuSPARSELt's alone xnan; the faster of the two per shape x1.75; "
+            "the Lynx linear (pass + our fastest GEMM) x1.23 against the GEMM, x1.30 against the fp8 dense linear") in text
+    # Per step: dense 19*60 + 38*150 = 6840 us (+ 19*5 + 38*6 = 323), ours 19*40 + 38*100 = 4560, the
+    # faster 19*30 + 3800 = 4370, Lynx 4560 + 19*10 + 38*20 = 5510.
+    assert ("dense e4m3 GEMMs 6.84 ms (with their quantise passes 7.16 ms), our fastest sparse GEMMs 4.56 ms (x1.50), "
+            "the faster of ours and cuSPARSELt's per shape 4.37 ms (x1.57), Lynx linears (passes + our GEMMs) 5.51 ms "
+            "(x1.24 against the GEMMs, x1.30 against the fp8 dense linears)") in text
+    assert "e4m3 against the dense e4m3 GEMM" not in config_choice.markdown(
+        [{**row, "fp8_baselines_us": {}} for row in rows], "test")
 
 
 def test_lora_branch_weights_a_flux_step_by_how_often_it_runs_each_shape():
