@@ -35,6 +35,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
@@ -349,8 +350,8 @@ def kernel_kind(name: str) -> str:
 
 def profile_steps(forward, dev, iters):
     """({kind: kernel ms per step}, busy ms per step, wall ms per step, [(ms per step, kernel name)] of the
-    largest kernels, host_profile's result, kernel ms per step of the sparsified linears) over `iters` calls
-    after the timed ones (same inputs, already warm)."""
+    largest kernels, host_profile's result, lynx_linear_kernels' result) over `iters` calls after the timed
+    ones (same inputs, already warm)."""
     from torch.profiler import ProfilerActivity, profile
     dev.sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -373,7 +374,7 @@ def profile_steps(forward, dev, iters):
         reach = max(reach, end)
     top = sorted(((ms, name) for name, ms in per_kernel.items()), reverse=True)[:12]
     return ({k: round(v, 3) for k, v in per_kind.items()}, round(busy / 1000 / iters, 3), round(wall, 3), top,
-            host_profile(forward, dev, iters), lynx_linear_ms(per_kernel))
+            host_profile(forward, dev, iters), lynx_linear_kernels(per_kernel))
 
 
 def host_profile(forward, dev, iters, functions=12):
@@ -564,7 +565,7 @@ def run_model(arch, args, dev, rows, samples, notes, save):
                         kinds, busy, wall, top, host, linears = profiled
                         result[f"{side}_profile"] = {"kernel_ms": kinds, "busy_ms": busy, "wall_ms": wall,
                                                      "top_kernels": [[round(ms, 3), name[:160]] for ms, name in top],
-                                                     "host": host, "linear_kernel_ms": linears}
+                                                     "host": host, "linear_kernel_ms": linears["ms"]}
                         log(f"[{arch} {resolution}px {mode} {side} profile] GPU busy {busy:.1f} of {wall:.1f} ms: "
                             + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
                         for ms, name in top:
@@ -640,7 +641,9 @@ def run_lora_cost(arch, args, dev, calibrations, notes, save):
             all_times[side] += times
             peaks[side] = max(peaks.get(side, 0.0), peak)
             if profiled is not None:
-                result[f"{side}_kernel_ms"], result[f"{side}_linear_kernel_ms"] = profiled[0], profiled[5]
+                result[f"{side}_kernel_ms"] = profiled[0]
+                result[f"{side}_linear_kernel_ms"] = profiled[5]["ms"]
+                result[f"{side}_linear_passes_ms"] = profiled[5]["passes"]
             del patcher
             comfy.model_management.unload_all_models()
     for side, times in all_times.items():
@@ -707,11 +710,17 @@ def random_lora(arch, lynx, resolution, args, dev):
 LYNX_LINEAR_KERNEL_MARKS = ("sparsify", "low_rank", "row_stats", "scale_bias_epilogue", "fp8_epilogue")
 
 
-def lynx_linear_ms(per_kernel):
-    """Kernel ms of the sparsified linears in {kernel name: ms}: the sparse GEMMs and the kernels
-    whose name marks them as a linear's pass."""
-    return round(sum(ms for name, ms in per_kernel.items() if kernel_kind(name) == "sparse GEMM"
-                     or any(mark in name for mark in LYNX_LINEAR_KERNEL_MARKS)), 3)
+def lynx_linear_kernels(per_kernel):
+    """The sparsified linears' kernels in {kernel name: ms}: {"ms": their total, "passes": {short name:
+    ms} of those other than the sparse GEMM}, the GEMMs being the kind "sparse GEMM" and the passes the
+    kernels whose name marks them as a linear's."""
+    passes = {}
+    for name, ms in per_kernel.items():
+        if kernel_kind(name) != "sparse GEMM" and any(mark in name for mark in LYNX_LINEAR_KERNEL_MARKS):
+            short = re.sub(r"^void |\(.*$", "", name.replace("rt_lynx::(anonymous namespace)::", ""))
+            passes[short] = round(passes.get(short, 0.0) + ms, 3)
+    gemms = sum(ms for name, ms in per_kernel.items() if kernel_kind(name) == "sparse GEMM")
+    return {"ms": round(gemms + sum(passes.values()), 3), "passes": passes}
 
 
 def markdown(meta, rows, samples, notes, calibrations=()):

@@ -47,7 +47,10 @@ def test_sparsified_linears_kernel_time_counts_the_sparse_gemm_and_the_passes_th
         "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN": 10.0,
         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128": 30.0,
     }
-    assert e2e.lynx_linear_ms(per_kernel) == 23.875
+    assert e2e.lynx_linear_kernels(per_kernel) == {
+        "ms": 23.875, "passes": {"sparsify_staged_kernel<true, 128, 1>": 2.0,
+                                 "sparsify_low_rank_kernel<true, 64, 4, 1>": 1.5,
+                                 "low_rank_extension_kernel<true, 64, 4>": 0.25, "row_stats_kernel<true>": 0.125}}
     with pytest.raises(SystemExit):
         e2e.parse_args(["--calibrate", "--lora-rank", "32"])
     with pytest.raises(SystemExit):
