@@ -733,14 +733,9 @@ __global__ void __launch_bounds__(kFusedThreads, 2) sparsify_low_rank_kernel(
 }
 
 // (mean, rstd) of each row for the fused pass's LayerNorm: a warp per row, the mean first, then
-// the sum of squares about it, as modulate_staged_pair does. kHeld > 0: a lane holds its kHeld
-// 16-byte vectors of the row in registers (rows up to 32 kHeld vectors), all loaded at once and
-// summed in the loop's order (the same bits): one memory latency a row instead of one per few
-// vectors, and no second read. kHeld = 0: the loop, the squares from a second read (L1/L2).
-constexpr int kRowStatsHeld = 16;  // K up to 4096 (16-bit)
-
-template <bool kBf16, int kHeld>
-__global__ void __launch_bounds__(256, 1) row_stats_kernel(const uint4* __restrict__ x, int64_t rows, int64_t ld_vecs,
+// the sum of squares about it from a second read of the row (L1/L2), as modulate_staged_pair does.
+template <bool kBf16>
+__global__ void __launch_bounds__(256) row_stats_kernel(const uint4* __restrict__ x, int64_t rows, int64_t ld_vecs,
                                                         int vecs, float eps, float2* __restrict__ stats) {
   allow_next_grid_launch();
   wait_for_previous_grid();
@@ -748,34 +743,16 @@ __global__ void __launch_bounds__(256, 1) row_stats_kernel(const uint4* __restri
   const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
   if (row >= rows) return;  // warp-uniform
   const uint4* x_row = x + row * ld_vecs;
+  float sum = 0.f;
+  for (int c = lane; c < vecs; c += 32) sum += sum_of_8<kBf16>(x_row[c]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   const float n = float(vecs) * 8.f;
-  auto warp_sum = [](float v) {
+  const float mean = __fdiv_rn(sum, n);
+  float squares = 0.f;
+  for (int c = lane; c < vecs; c += 32) squares += centered_squares_of_8<kBf16>(x_row[c], mean);
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-  };
-  float mean, squares = 0.f;
-  if constexpr (kHeld > 0) {
-    uint4 held[kHeld];
-#pragma unroll
-    for (int i = 0; i < kHeld; ++i) held[i] = lane + 32 * i < vecs ? x_row[lane + 32 * i] : make_uint4(0u, 0u, 0u, 0u);
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < kHeld; ++i) {
-      if (lane + 32 * i < vecs) sum += sum_of_8<kBf16>(held[i]);
-    }
-    mean = __fdiv_rn(warp_sum(sum), n);
-#pragma unroll
-    for (int i = 0; i < kHeld; ++i) {
-      if (lane + 32 * i < vecs) squares += centered_squares_of_8<kBf16>(held[i], mean);
-    }
-  } else {
-    float sum = 0.f;
-    for (int c = lane; c < vecs; c += 32) sum += sum_of_8<kBf16>(x_row[c]);
-    mean = __fdiv_rn(warp_sum(sum), n);
-    for (int c = lane; c < vecs; c += 32) squares += centered_squares_of_8<kBf16>(x_row[c], mean);
-  }
-  squares = warp_sum(squares);
+  for (int offset = 16; offset > 0; offset >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
   if (lane == 0) stats[row] = make_float2(mean, rsqrtf(__fdiv_rn(squares, n) + eps));
 }
 
@@ -1008,9 +985,7 @@ void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int
   float2* row_stats = nullptr;
   if constexpr (kPrologue == kPrologueLayerNormModulation) {
     row_stats = reinterpret_cast<float2*>(l.workspace + partial_floats);
-    auto* stats_kernel = cols / 8 <= 32 * kRowStatsHeld ? row_stats_kernel<kBf16, kRowStatsHeld>
-                                                        : row_stats_kernel<kBf16, 0>;
-    launch_after_previous(stats_kernel, dim3(static_cast<unsigned>((rows + 7) / 8)), dim3(256), 0, stream,
+    launch_after_previous(row_stats_kernel<kBf16>, dim3(static_cast<unsigned>((rows + 7) / 8)), dim3(256), 0, stream,
                           static_cast<const uint4*>(x), rows, ld_x / 8, static_cast<int>(cols / 8), mod.eps, row_stats);
   }
   const dim3 grid(static_cast<unsigned>(padded_rows / kFusedRows), static_cast<unsigned>(slicing.slices));
