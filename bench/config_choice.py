@@ -164,32 +164,44 @@ def fp8_bound_lines(rows):
     for model in dict.fromkeys(r["model"] for r in rows):
         sub = [r for r in rows if r["model"] == model]
 
-        def ratios(sparse_us, dense_us=lambda r: r["fp8_baselines_us"][FP8_DENSE]):
-            return [dense_us(r) / sparse_us(r) for r in sub]
-        fastest_sparse = [min(best_us(r["model_us"]), r["fp8_baselines_us"].get(CUSPARSELT, float("inf"))) for r in sub]
+        def dense_us(r):
+            return r["fp8_baselines_us"][FP8_DENSE]
+
+        def dense_linear_us(r):
+            return dense_us(r) + r["fp8_baselines_us"][FP8_QUANTISE]
+
+        def ours_us(r):
+            return best_us(r["model_us"])
+
+        def cusparselt_us(r):
+            return r["fp8_baselines_us"].get(CUSPARSELT, float("nan"))
+
+        def faster_us(r):
+            return min(ours_us(r), r["fp8_baselines_us"].get(CUSPARSELT, float("inf")))
+
+        def lynx_us(r):
+            return r["pass_us"] + ours_us(r)
+
+        def mean_speedup(baseline, sparse):
+            return statistics.mean(baseline(r) / sparse(r) for r in sub)
         lines.append(
             f"\ne4m3, {model} shapes, mean over shapes against the dense e4m3 GEMM: our fastest sparse GEMM alone "
-            f"x{statistics.mean(ratios(lambda r: best_us(r['model_us']))):.2f}; cuSPARSELt's alone "
-            f"x{statistics.mean(ratios(lambda r: r['fp8_baselines_us'].get(CUSPARSELT, float('nan')))):.2f}; the "
-            f"faster of the two per shape x{statistics.mean(r['fp8_baselines_us'][FP8_DENSE] / f for r, f in zip(sub, fastest_sparse)):.2f}; "
-            f"the Lynx linear (pass + our fastest GEMM) x{statistics.mean(ratios(lambda r: r['pass_us'] + best_us(r['model_us']))):.2f} "
-            f"against the GEMM, x{statistics.mean(ratios(lambda r: r['pass_us'] + best_us(r['model_us']), lambda r: r['fp8_baselines_us'][FP8_DENSE] + r['fp8_baselines_us'][FP8_QUANTISE])):.2f} "
-            f"against the fp8 dense linear.")
+            f"x{mean_speedup(dense_us, ours_us):.2f}; cuSPARSELt's alone x{mean_speedup(dense_us, cusparselt_us):.2f}; "
+            f"the faster of the two per shape x{mean_speedup(dense_us, faster_us):.2f}; the Lynx linear (pass + our "
+            f"fastest GEMM) x{mean_speedup(dense_us, lynx_us):.2f} against the GEMM, "
+            f"x{mean_speedup(dense_linear_us, lynx_us):.2f} against the fp8 dense linear.")
         step = [r for r in sub if model == "flux" and r["layer"] in FLUX_STEP_COUNTS]
         if step:
             def total(us):
                 return sum(FLUX_STEP_COUNTS[r["layer"]] * us(r) for r in step)
-            dense = total(lambda r: r["fp8_baselines_us"][FP8_DENSE])
-            quantise = total(lambda r: r["fp8_baselines_us"][FP8_QUANTISE])
-            ours = total(lambda r: best_us(r["model_us"]))
-            faster = total(lambda r: min(best_us(r["model_us"]), r["fp8_baselines_us"].get(CUSPARSELT, float("inf"))))
-            passes = total(lambda r: r["pass_us"])
+            dense, dense_linears = total(dense_us), total(dense_linear_us)
+            ours, faster, lynx = total(ours_us), total(faster_us), total(lynx_us)
             lines.append(f"Over a FLUX.1-dev step's sparsified linears: dense e4m3 GEMMs {dense / 1000:.2f} ms (with their "
-                         f"quantise passes {(dense + quantise) / 1000:.2f} ms), our fastest sparse GEMMs {ours / 1000:.2f} ms "
+                         f"quantise passes {dense_linears / 1000:.2f} ms), our fastest sparse GEMMs {ours / 1000:.2f} ms "
                          f"(x{dense / ours:.2f}), the faster of ours and cuSPARSELt's per shape {faster / 1000:.2f} ms "
-                         f"(x{dense / faster:.2f}), Lynx linears (passes + our GEMMs) {(ours + passes) / 1000:.2f} ms "
-                         f"(x{dense / (ours + passes):.2f} against the GEMMs, x{(dense + quantise) / (ours + passes):.2f} "
-                         f"against the fp8 dense linears).")
+                         f"(x{dense / faster:.2f}), Lynx linears (passes + our GEMMs) {lynx / 1000:.2f} ms "
+                         f"(x{dense / lynx:.2f} against the GEMMs, x{dense_linears / lynx:.2f} against the fp8 dense "
+                         f"linears).")
     return lines
 
 

@@ -607,7 +607,7 @@ def run_model(arch, args, dev, rows, samples, notes, save):
     comfy.model_management.soft_empty_cache()
 
 
-def run_lora_cost(arch, args, dev, calibrations, notes, save):
+def run_lora_cost(arch, args, dev, lora_costs, notes, save):
     """The step with a Lynx LoRA next to dense and Lynx (eager, first resolution, the three in turns
     over --rounds): with --calibrate the LoRA the Calibrate LoRA node makes as a user runs it (its
     defaults; its wall time and peak memory recorded), with --lora-rank one of that runtime rank with
@@ -649,7 +649,7 @@ def run_lora_cost(arch, args, dev, calibrations, notes, save):
     for side, times in all_times.items():
         result[f"{side}_ms"], result[f"{side}_peak_gb"] = round(statistics.median(times), 3), round(peaks[side], 3)
         log(f"[{arch} {resolution}px eager {side}] {result[f'{side}_ms']:.2f} ms/step, peak {peaks[side]:.2f} GB")
-    calibrations.append(result)
+    lora_costs.append(result)
     save()
     del dense, lynx, with_lora
     comfy.model_management.unload_all_models()
@@ -723,7 +723,7 @@ def lynx_linear_kernels(per_kernel):
     return {"ms": round(gemms + sum(passes.values()), 3), "passes": passes}
 
 
-def markdown(meta, rows, samples, notes, calibrations=()):
+def markdown(meta, rows, samples, notes, lora_costs=()):
     partial = "" if meta.get("complete", True) else " (partial: the rows done when the run stopped)"
     lines = [f"# RT-Lynx end to end in ComfyUI ({meta['date']}, {meta['gpu']}){partial}", "",
              f"torch {meta['torch']}, ComfyUI {meta['comfyui']}, commit {meta['commit']}, weights {meta['dtype']} "
@@ -804,11 +804,11 @@ def markdown(meta, rows, samples, notes, calibrations=()):
                              f"{s.get('run_preparation_s', float('nan')):.3f} / "
                              f"{lynx.get('run_preparation_s', float('nan')):.3f} | "
                              f"{s.get('cudagraphs_recorded', '-')} / {lynx.get('cudagraphs_recorded', '-')} |")
-    if calibrations:
+    if lora_costs:
         lines += ["", "| Lynx LoRA | res | seconds to make it | peak GB | dense ms/step | Lynx ms/step | "
                   "Lynx + LoRA ms/step | LoRA cost, step | sparsified linears' kernels, Lynx / + LoRA ms | "
                   "LoRA cost, those kernels | Lynx + LoRA peak GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for c in calibrations:
+        for c in lora_costs:
             what = {"calibrated": "Calibrate LoRA node", "random": "random factors, Load Lynx LoRA"}[
                 c.get("source", "calibrated")]
             plain, with_lora = c.get("lynx_linear_kernel_ms"), c.get("lynx_lora_linear_kernel_ms")
@@ -845,7 +845,7 @@ def main(argv=None):
         sys.exit("no CUDA GPU: full-size models need one (use --tiny to check the script on the CPU)")
     log(f"device {dev.name}, torch {torch.__version__}, models {args.models}, resolutions {args.resolutions}, "
         f"compile {'off' if args.no_compile else args.compile_backend + ' at ' + str(args.compile_resolutions)}")
-    rows, samples, notes, calibrations = [], [], {}, []
+    rows, samples, notes, lora_costs = [], [], {}, []
     switches = contextlib.ExitStack()   # process-wide; the dense side runs none of these kernels
     whole_run = [name for name in KERNEL_SWITCHES if getattr(args, name)]   # --exact-gelu, --packed-e4m3-gelu, ...
     if dev.cuda:
@@ -870,17 +870,17 @@ def main(argv=None):
                 "cuda": torch.version.cuda, "comfyui": comfyui_version.__version__, "commit": git_commit(),
                 "dtype": args.weights if dev.cuda else "fp32", "compile_backend": args.compile_backend,
                 "tiny": args.tiny, "complete": complete, "args": {k: v for k, v in vars(args).items() if k != "out"}}
-        text = markdown(meta, rows, samples, notes, calibrations)
+        text = markdown(meta, rows, samples, notes, lora_costs)
         stem.with_suffix(".md").write_text(text)
         stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "steps": rows, "samples": samples,
-                                                         "calibrations": calibrations, "lynx_plans": notes},
+                                                         "lora_costs": lora_costs, "lynx_plans": notes},
                                                         indent=1) + "\n")
         return text
 
     with switches:
         for arch in args.models:
             if args.calibrate or args.lora_rank:
-                run_lora_cost(arch, args, dev, calibrations, notes, save)
+                run_lora_cost(arch, args, dev, lora_costs, notes, save)
             else:
                 run_model(arch, args, dev, rows, samples, notes, save)
     log("\n" + save(complete=True))
