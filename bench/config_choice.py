@@ -141,6 +141,38 @@ def fp8_baselines(x, bias, weights, with_cusparselt):
     return fns
 
 
+# The e4m3 rows' measures, us per call: the dense e4m3 GEMM, that GEMM with its quantise pass, our
+# fastest sparse GEMM, cuSPARSELt's (nan where it did not run), the faster of the two, the Lynx linear.
+def dense_e4m3_us(r):
+    return r["fp8_baselines_us"][FP8_DENSE]
+
+
+def dense_e4m3_linear_us(r):
+    return dense_e4m3_us(r) + r["fp8_baselines_us"][FP8_QUANTISE]
+
+
+def ours_us(r):
+    return best_us(r["model_us"])
+
+
+def cusparselt_us(r):
+    return r["fp8_baselines_us"].get(CUSPARSELT, float("nan"))
+
+
+def faster_sparse_us(r):
+    return min(ours_us(r), r["fp8_baselines_us"].get(CUSPARSELT, float("inf")))
+
+
+def lynx_us(r):
+    return r["pass_us"] + ours_us(r)
+
+
+def flux_step_total(rows, us):
+    """us(r) summed over the rows' FLUX.1-dev shapes, each as often as a step runs it (None: no such row)."""
+    step = [r for r in rows if r["model"] == "flux" and r["layer"] in FLUX_STEP_COUNTS]
+    return sum(FLUX_STEP_COUNTS[r["layer"]] * us(r) for r in step) if step else None
+
+
 def fp8_bound_lines(rows):
     """The e4m3 rows against the dense e4m3 GEMM: what the fastest sparse e4m3 GEMM (ours or
     cuSPARSELt's) gains alone, and what the Lynx linear (pass + our fastest GEMM) can gain."""
@@ -154,48 +186,27 @@ def fp8_bound_lines(rows):
              "x ours vs dense e4m3 | x cuSPARSELt vs dense e4m3 | x Lynx (pass + GEMM) vs dense e4m3 GEMM | "
              "x Lynx vs fp8 dense linear |", "|" + "---|" * 10]
     for r in rows:
-        base = r["fp8_baselines_us"]
-        dense, ours = base[FP8_DENSE], best_us(r["model_us"])
-        cslt = base.get(CUSPARSELT, float("nan"))
-        lynx = r["pass_us"] + ours
-        lines.append(f"| {r['model']} {r['layer']} | {r['M']},{r['K']},{r['N']} | {dense:.1f} | {base[FP8_QUANTISE]:.1f} | "
-                     f"{ours:.1f} | {cslt:.1f} | x{dense / ours:.2f} | x{dense / cslt:.2f} | x{dense / lynx:.2f} | "
-                     f"x{(dense + base[FP8_QUANTISE]) / lynx:.2f} |")
+        dense = dense_e4m3_us(r)
+        lines.append(f"| {r['model']} {r['layer']} | {r['M']},{r['K']},{r['N']} | {dense:.1f} | "
+                     f"{r['fp8_baselines_us'][FP8_QUANTISE]:.1f} | {ours_us(r):.1f} | {cusparselt_us(r):.1f} | "
+                     f"x{dense / ours_us(r):.2f} | x{dense / cusparselt_us(r):.2f} | x{dense / lynx_us(r):.2f} | "
+                     f"x{dense_e4m3_linear_us(r) / lynx_us(r):.2f} |")
     for model in dict.fromkeys(r["model"] for r in rows):
         sub = [r for r in rows if r["model"] == model]
-
-        def dense_us(r):
-            return r["fp8_baselines_us"][FP8_DENSE]
-
-        def dense_linear_us(r):
-            return dense_us(r) + r["fp8_baselines_us"][FP8_QUANTISE]
-
-        def ours_us(r):
-            return best_us(r["model_us"])
-
-        def cusparselt_us(r):
-            return r["fp8_baselines_us"].get(CUSPARSELT, float("nan"))
-
-        def faster_us(r):
-            return min(ours_us(r), r["fp8_baselines_us"].get(CUSPARSELT, float("inf")))
-
-        def lynx_us(r):
-            return r["pass_us"] + ours_us(r)
 
         def mean_speedup(baseline, sparse):
             return statistics.mean(baseline(r) / sparse(r) for r in sub)
         lines.append(
             f"\ne4m3, {model} shapes, mean over shapes against the dense e4m3 GEMM: our fastest sparse GEMM alone "
-            f"x{mean_speedup(dense_us, ours_us):.2f}; cuSPARSELt's alone x{mean_speedup(dense_us, cusparselt_us):.2f}; "
-            f"the faster of the two per shape x{mean_speedup(dense_us, faster_us):.2f}; the Lynx linear (pass + our "
-            f"fastest GEMM) x{mean_speedup(dense_us, lynx_us):.2f} against the GEMM, "
-            f"x{mean_speedup(dense_linear_us, lynx_us):.2f} against the fp8 dense linear.")
-        step = [r for r in sub if model == "flux" and r["layer"] in FLUX_STEP_COUNTS]
-        if step:
-            def total(us):
-                return sum(FLUX_STEP_COUNTS[r["layer"]] * us(r) for r in step)
-            dense, dense_linears = total(dense_us), total(dense_linear_us)
-            ours, faster, lynx = total(ours_us), total(faster_us), total(lynx_us)
+            f"x{mean_speedup(dense_e4m3_us, ours_us):.2f}; cuSPARSELt's alone "
+            f"x{mean_speedup(dense_e4m3_us, cusparselt_us):.2f}; the faster of the two per shape "
+            f"x{mean_speedup(dense_e4m3_us, faster_sparse_us):.2f}; the Lynx linear (pass + our fastest GEMM) "
+            f"x{mean_speedup(dense_e4m3_us, lynx_us):.2f} against the GEMM, "
+            f"x{mean_speedup(dense_e4m3_linear_us, lynx_us):.2f} against the fp8 dense linear.")
+        dense = flux_step_total(sub, dense_e4m3_us)
+        if dense is not None:
+            dense_linears = flux_step_total(sub, dense_e4m3_linear_us)
+            ours, faster, lynx = (flux_step_total(sub, us) for us in (ours_us, faster_sparse_us, lynx_us))
             lines.append(f"Over a FLUX.1-dev step's sparsified linears: dense e4m3 GEMMs {dense / 1000:.2f} ms (with their "
                          f"quantise passes {dense_linears / 1000:.2f} ms), our fastest sparse GEMMs {ours / 1000:.2f} ms "
                          f"(x{dense / ours:.2f}), the faster of ours and cuSPARSELt's per shape {faster / 1000:.2f} ms "
@@ -241,16 +252,15 @@ def markdown(rows, about):
     for element in dict.fromkeys(r["element"] for r in rows):
         for model in dict.fromkeys(r["model"] for r in rows):
             sub = [r for r in rows if (r["element"], r["model"]) == (element, model)]
-            gemm = [r["dense_us"] / best_us(r["model_us"]) for r in sub]
-            linear = [r["dense_us"] / (r["pass_us"] + best_us(r["model_us"])) for r in sub]
+            gemm = [r["dense_us"] / ours_us(r) for r in sub]
+            linear = [r["dense_us"] / lynx_us(r) for r in sub]
             lines.append(f"\n{element}, {model} shapes, speed-up over bf16 F.linear in the model setting, mean over "
                          f"shapes: fastest GEMM alone x{statistics.mean(gemm):.2f}, pass + fastest GEMM "
                          f"x{statistics.mean(linear):.2f}.")
-            step = [r for r in sub if model == "flux" and r["layer"] in FLUX_STEP_COUNTS]
-            if step:
-                dense = sum(FLUX_STEP_COUNTS[r["layer"]] * r["dense_us"] for r in step)
-                gemm_sum = sum(FLUX_STEP_COUNTS[r["layer"]] * best_us(r["model_us"]) for r in step)
-                pass_sum = sum(FLUX_STEP_COUNTS[r["layer"]] * r["pass_us"] for r in step)
+            dense = flux_step_total(sub, lambda r: r["dense_us"])
+            if dense is not None:
+                gemm_sum = flux_step_total(sub, ours_us)
+                pass_sum = flux_step_total(sub, lambda r: r["pass_us"])
                 lines.append(f"Over a FLUX.1-dev step's sparsified linears (each shape as often as a step runs it, "
                              f"linear2 kept dense): bf16 F.linear {dense / 1000:.1f} ms, fastest GEMMs "
                              f"{gemm_sum / 1000:.1f} ms (x{dense / gemm_sum:.2f}), passes {pass_sum / 1000:.2f} ms "

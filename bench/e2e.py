@@ -641,9 +641,9 @@ def run_lora_cost(arch, args, dev, lora_costs, notes, save):
             all_times[side] += times
             peaks[side] = max(peaks.get(side, 0.0), peak)
             if profiled is not None:
-                result[f"{side}_kernel_ms"] = profiled[0]
-                result[f"{side}_linear_kernel_ms"] = profiled[5]["ms"]
-                result[f"{side}_linear_passes_ms"] = profiled[5]["passes"]
+                kinds, _, _, _, _, linears = profiled
+                result[f"{side}_kernel_ms"] = kinds
+                result[f"{side}_linear_kernel_ms"], result[f"{side}_linear_passes_ms"] = linears["ms"], linears["passes"]
             del patcher
             comfy.model_management.unload_all_models()
     for side, times in all_times.items():
