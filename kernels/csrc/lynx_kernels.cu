@@ -486,6 +486,8 @@ struct FusedSmem {
 template <int kRankTiles>
 constexpr int kLowRankExtensionLanesPerRow = kRankTiles * 8 / 4;
 constexpr int kLowRankExtensionThreads = 64;
+template <int kRankTiles>
+constexpr int kLowRankExtensionRowsPerBlock = kLowRankExtensionThreads / kLowRankExtensionLanesPerRow<kRankTiles>;
 
 template <bool kBf16>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -774,8 +776,8 @@ __global__ void __launch_bounds__(kLowRankExtensionThreads) low_rank_extension_k
   constexpr int kLanesPerRow = kLowRankExtensionLanesPerRow<kRankTiles>;
   static_assert(kStride % 4 == 0, "16-byte aligned rows of partial sums");
   const int part = int(threadIdx.x) % kLanesPerRow;
-  constexpr int kRowsPerBlock = kLowRankExtensionThreads / kLanesPerRow;
-  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + int(threadIdx.x) / kLanesPerRow;
+  const int64_t row =
+      int64_t(blockIdx.x) * kLowRankExtensionRowsPerBlock<kRankTiles> + int(threadIdx.x) / kLanesPerRow;
   if (row >= padded_rows) return;
   float4 u = make_float4(0.f, 0.f, 0.f, 0.f);
   float dense_sq = 0.f, kept_sq = 0.f;
@@ -995,8 +997,7 @@ void launch_low_rank_tiles(const void* x, int64_t rows, int64_t padded_rows, int
                         slicing.tiles_per_slice, l.values, l.ld_values, l.meta, l.workspace, mod,
                         static_cast<const float2*>(row_stats));
   launch_after_previous(low_rank_extension_kernel<kBf16, kCutlassBlockK, kRankTiles>,
-                        dim3(static_cast<unsigned>(padded_rows /
-                                                   (kLowRankExtensionThreads / kLowRankExtensionLanesPerRow<kRankTiles>))),
+                        dim3(static_cast<unsigned>(padded_rows / kLowRankExtensionRowsPerBlock<kRankTiles>)),
                         dim3(kLowRankExtensionThreads), 0, stream,
                         static_cast<const float*>(l.workspace), slicing.slices, rows, padded_rows, cols, l.rank,
                         l.k_ext, l.values, l.ld_values, l.meta, l.scale);
