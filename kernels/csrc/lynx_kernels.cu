@@ -481,8 +481,9 @@ struct FusedSmem {
 };
 
 // Lanes of the second kernel (low_rank_extension_kernel) per row: 4 values of u each. 64-thread
-// blocks, so 512 rows still take 64 blocks (the 512-row text qkv ran 3.7 us with these and with
-// 256-thread blocks alike, against 2.9 us with a warp a row: latency-bound there).
+// blocks, so 512 rows still take 64 blocks (latency-bound there: the 512-row text qkv ran 3.7 us
+// with these and with 256-thread blocks alike, 2.9 with a warp a row, 2.8 once all 12 slices'
+// loads were in flight).
 template <int kRankTiles>
 constexpr int kLowRankExtensionLanesPerRow = kRankTiles * 8 / 4;
 constexpr int kLowRankExtensionThreads = 64;
