@@ -78,6 +78,19 @@ def test_input_families_and_zero_tokens(sm90, generator, dtype, kind, fusion, st
 @pytest.mark.parametrize("k", [384, 1152, 3072])   # the pass's last 256-column tile partly full; one or more tiles a K slice
 @pytest.mark.parametrize("rank", [1, 8, 16, 17, 31, 32])
 def test_down_projection_inside_the_sparsify_pass(sm90, generator, dtype, rows, k, rank):
+    _check_fused_down_projection(sm90, generator, dtype, rows, k, rank)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [7, 100])
+@pytest.mark.parametrize("k", [4608, 12288])
+def test_fused_down_projection_over_many_k_slices(sm90, generator, dtype, rows, k):
+    # One or two row blocks: a slice a 256-column tile, 18 or 48 slices, so the slice sum loads
+    # them in several rounds (12 at a time), the last one partly full at 4608.
+    _check_fused_down_projection(sm90, generator, dtype, rows, k, 32)
+
+
+def _check_fused_down_projection(sm90, generator, dtype, rows, k, rank):
     x, weight, bias, down, up = _problem(generator, rows, k, 512, rank, dtype, "student_t")
     want = _want(x, weight, bias, down, up, 0.5, True)
     assert sm90.low_rank_fused(rank), "the default for ranks up to 32: down(x) in the sparsify pass"
